@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# `make bench` (CPU): refdpo against PyTorch/transformers in one run, on the same pairs, the same
+# weights and the same number of threads, reported as ratios.
+#   stage one: refdpo's whole `precompute` process vs torch's forward + log-probs alone
+#   stage two: refdpo train step time and peak memory, cached reference vs `ref = "live"`
+# Knobs: THREADS (2), PAIRS (32 per split), MAXLEN (512), PROFILE (release).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS=${THREADS:-2}
+PAIRS=${PAIRS:-32}
+MAXLEN=${MAXLEN:-512}
+PROFILE=${PROFILE:-release}
+REAL=../shared/realdata
+if [ ! -d "$REAL" ]; then
+  echo "make bench needs ../shared/realdata (real UltraFeedback rows and the SmolLM2 tokenizer)" >&2
+  exit 1
+fi
+VENV=bench/.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r bench/requirements.txt
+fi
+PY="$VENV/bin/python"
+W=bench/work
+rm -rf "$W"
+mkdir -p "$W" bench/results
+export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+"$PY" bench/make_model.py "$W/model"
+cargo build --profile "$PROFILE" --quiet --bin refdpo
+REFDPO=(cargo run --profile "$PROFILE" --quiet --bin refdpo --)
+cat > "$W/bench.toml" <<TOML
+[dataset]
+id = "$REAL/ultrafeedback_binarized_sample"
+limit = $PAIRS
+[model]
+id = "$W/model"
+dtype = "f32"
+[tokenize]
+max_length = $MAXLEN
+[precompute]
+batch_size = 8
+out = "$W/cache"
+[train]
+out = "$W/run"
+learning_rate = 1e-5
+batch_size = 4
+max_steps = 6
+warmup_ratio = 0.0
+TOML
+echo "== stage one: refdpo precompute (whole process) vs torch forward + log-probs"
+ours=$("$PY" bench/measure.py -- "${REFDPO[@]}" precompute --config "$W/bench.toml" --quiet)
+peer_train=$("$PY" bench/peer_precompute.py "$W/model" "$W/cache/train_prefs.parquet" --threads "$THREADS" --batch 8)
+peer_test=$("$PY" bench/peer_precompute.py "$W/model" "$W/cache/test_prefs.parquet" --threads "$THREADS" --batch 8)
+echo "== stage two: refdpo train, cached vs live reference (6 steps, 4 pairs)"
+cached=$("$PY" bench/measure.py -- "${REFDPO[@]}" train --config "$W/bench.toml" --quiet)
+cp "$W/run/metrics.jsonl" "$W/metrics-cached.jsonl"
+live=$("$PY" bench/measure.py -- "${REFDPO[@]}" train --config "$W/bench.toml" --quiet --set train.ref=live --set train.out="$W/run-live")
+"$PY" - "$W" "$ours" "$peer_train" "$peer_test" "$cached" "$live" "$THREADS" "$PAIRS" "$MAXLEN" <<'PY'
+import json, statistics, sys, pathlib
+w, ours, pt, pe, cached, live = sys.argv[1], *map(json.loads, sys.argv[2:7])
+threads, pairs, maxlen = sys.argv[7:10]
+report = json.loads(pathlib.Path(w, "cache/report.json").read_text())
+tokens = sum(report[s]["tokens"] for s in report)
+peer_s = pt["seconds"] + pe["seconds"]
+def step_median(path):
+    lines = [json.loads(l) for l in pathlib.Path(path).read_text().splitlines()]
+    return statistics.median(l["step_seconds"] for l in lines if "step_seconds" in l)
+sc, sl = step_median(f"{w}/metrics-cached.jsonl"), step_median(f"{w}/run-live/metrics.jsonl")
+res = {
+    "setup": {"threads": int(threads), "pairs_per_split": int(pairs), "max_length": int(maxlen), "model": "random Llama, vocab 49152, 4 layers, hidden 256 (bench/make_model.py)"},
+    "precompute": {"tokens": tokens, "refdpo_process_seconds": ours["seconds"], "refdpo_peak_rss_mib": ours["peak_rss_mib"],
+                   "torch_forward_seconds": peer_s, "torch_tokens": pt["tokens"] + pe["tokens"],
+                   "max_rel_diff_vs_torch": max(pt["max_rel_diff"], pe["max_rel_diff"]),
+                   "ratio_torch_forward_over_refdpo_process": peer_s / ours["seconds"]},
+    "train": {"cached_step_median_s": sc, "live_step_median_s": sl, "cached_peak_rss_mib": cached["peak_rss_mib"],
+              "live_peak_rss_mib": live["peak_rss_mib"], "step_time_ratio_cached_over_live": sc / sl,
+              "peak_rss_ratio_cached_over_live": cached["peak_rss_mib"] / live["peak_rss_mib"]},
+}
+pathlib.Path("bench/results/cpu-latest.json").write_text(json.dumps(res, indent=1) + "\n")
+p, t = res["precompute"], res["train"]
+print(f"""
+| stage one ({tokens} tokens, {threads} threads) | seconds | tokens/s |
+|---|---|---|
+| refdpo precompute, whole process (load, tokenize, forward, write) | {p['refdpo_process_seconds']:.2f} | {tokens / p['refdpo_process_seconds']:.0f} |
+| PyTorch/transformers forward + log-probs alone | {peer_s:.2f} | {p['torch_tokens'] / peer_s:.0f} |
+| **ratio** (torch forward time / refdpo whole-process time; >= 1 means refdpo is faster) | **{p['ratio_torch_forward_over_refdpo_process']:.2f}x** | |
+max relative difference of the log-probs, refdpo vs torch: {p['max_rel_diff_vs_torch']:.2e}
+
+| stage two (4 pairs/step) | median step s | peak RSS MiB |
+|---|---|---|
+| refdpo, cached reference | {sc:.3f} | {cached['peak_rss_mib']:.0f} |
+| refdpo, live reference | {sl:.3f} | {live['peak_rss_mib']:.0f} |
+| **ratio cached / live** | **{sc / sl:.2f}x** | **{cached['peak_rss_mib'] / live['peak_rss_mib']:.2f}x** |
+(results also in bench/results/cpu-latest.json)""")
+PY

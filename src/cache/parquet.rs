@@ -1,0 +1,66 @@
+//! `<split>.parquet`: the user-facing copy of the cache (zstd), with the fingerprint in its key-value
+//! metadata. Writer and reader in one place.
+
+use super::fingerprint::Fingerprint;
+use super::schema::{self, CacheBatch, CacheRow, FINGERPRINT_KEY};
+use crate::error::{fs, Error, Result};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use std::path::Path;
+
+/// Writes `rows` to `path` (via a temporary name, renamed when complete).
+pub fn write(path: &Path, rows: &[CacheRow], fingerprint: &Fingerprint) -> Result<()> {
+    let tmp = fs::tmp_path(path);
+    let file = std::fs::File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_key_value_metadata(Some(vec![KeyValue::new(
+            FINGERPRINT_KEY.to_string(),
+            fingerprint.to_json(),
+        )]))
+        .build();
+    let schema = schema::schema();
+    let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
+    for chunk in rows.chunks(4096) {
+        writer.write(&schema::to_batch(chunk, schema.clone())?)?;
+    }
+    writer.close()?;
+    fs::rename(&tmp, path)
+}
+
+/// The fingerprint stored in a cache parquet file.
+pub fn read_fingerprint(path: &Path) -> Result<Fingerprint> {
+    let builder = open(path)?;
+    let meta = builder.metadata().file_metadata().key_value_metadata();
+    let text = meta
+        .and_then(|kv| kv.iter().find(|k| k.key == FINGERPRINT_KEY))
+        .and_then(|k| k.value.clone())
+        .ok_or_else(|| Error::StaleCache {
+            path: path.to_path_buf(),
+            msg: format!(
+                "no `{FINGERPRINT_KEY}` metadata: not a refdpo cache, re-run `refdpo precompute`"
+            ),
+        })?;
+    Fingerprint::from_json(&text, path)
+}
+
+fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<std::fs::File>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| Error::schema(path, format!("not a readable parquet file: {e}")))
+}
+
+/// Reads every row of a cache parquet file (schema checked).
+pub fn read(path: &Path) -> Result<Vec<CacheRow>> {
+    let builder = open(path)?;
+    schema::check(builder.schema(), path)?;
+    let mut rows = Vec::new();
+    for batch in builder.build()? {
+        let batch = CacheBatch::new(batch?);
+        rows.extend((0..batch.len()).map(|i| batch.to_row(i)));
+    }
+    Ok(rows)
+}

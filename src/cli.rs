@@ -1,0 +1,90 @@
+//! Command-line flags (clap derive; doc comments are the help text). Nothing here is validated.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Offline DPO: cache the reference model's log-probs once, then train only the policy.
+#[derive(Debug, Parser)]
+#[command(name = "refdpo", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stage one: tokenize the dataset and cache the frozen reference's log-probs.
+    Precompute(RunArgs),
+    /// Stage two: DPO-train the policy from the cached reference log-probs.
+    Train {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Continue from the last checkpoint in `train.out` (optimizer and data order included).
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Pair statistics and length bias over a cache.
+    Stats(StatsArgs),
+    /// Print one example as raw messages, rendered chat text and token counts.
+    Show {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Row index in the source split.
+        #[arg(long, default_value_t = 0)]
+        index: usize,
+        /// Which split (default: dataset.train_split).
+        #[arg(long)]
+        split: Option<String>,
+    },
+}
+
+/// `--config FILE` plus `--set section.key=value` overrides.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Pipeline file (TOML).
+    #[arg(long, short = 'c', default_value = "pipelines/demo.toml")]
+    pub config: PathBuf,
+    /// Override a config key, e.g. `--set dataset.limit=64` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// cpu, cuda or cuda:N (default: cuda if built with it and present, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// A cache directory (its train split) or one `<split>.parquet`.
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Or a pipeline file: its `precompute.out` and train split.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Overrides for `--config`.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Which split of a cache directory (default: the train split).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// A training run directory: score its final policy on the test split (length bias after training).
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Write SVG charts into this directory.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// cpu, cuda or cuda:N, for `--run`.
+    #[arg(long)]
+    pub device: Option<String>,
+}

@@ -1,0 +1,416 @@
+//! The embedded default: a deterministic preference dataset in the exact
+//! `HuggingFaceH4/ultrafeedback_binarized` layout, a word-level tokenizer with a ChatML template, and
+//! a tiny Llama in HF layout — generated with no network, then read through the same code as hub data.
+//!
+//! The preference is learnable by a tiny model: chosen answers are built from "helpful" words,
+//! rejected ones from "dismissive" words, so the policy can raise one vocabulary and lower the other;
+//! chosen answers are also longer on average (the length bias real data has), and a few rows are
+//! malformed on purpose so `report.json` shows counted skips.
+
+use crate::config::DemoConfig;
+use crate::error::{fs, Error, Result};
+use crate::model::{init, weights, TransformerConfig};
+use crate::rng::SplitMix;
+use arrow::array::{ArrayRef, Float64Array, ListArray, RecordBatch, StringArray, StructArray};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Fields, Schema};
+use parquet::arrow::ArrowWriter;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Bump when the generated assets change, so old demo directories are regenerated.
+const GENERATOR_VERSION: u32 = 1;
+
+const TOPICS: &[&str] = &[
+    "cats",
+    "rivers",
+    "bread",
+    "stars",
+    "trains",
+    "gardens",
+    "music",
+    "bridges",
+    "clouds",
+    "forests",
+    "oceans",
+    "coffee",
+    "books",
+    "mountains",
+    "bicycles",
+    "bees",
+    "glass",
+    "winter",
+    "maps",
+    "clocks",
+    "lamps",
+    "boats",
+    "tea",
+    "robots",
+    "islands",
+    "paint",
+    "wolves",
+    "honey",
+    "rain",
+    "chess",
+];
+const ASKS: &[&str] = &[
+    "tell me about",
+    "explain",
+    "what do you know about",
+    "describe",
+    "can you help me understand",
+    "give me facts about",
+    "write a note on",
+    "teach me about",
+];
+const GOOD: &[&str] = &[
+    "certainly",
+    "here",
+    "is",
+    "a",
+    "clear",
+    "answer",
+    "about",
+    "detail",
+    "helpful",
+    "step",
+    "first",
+    "second",
+    "example",
+    "because",
+    "useful",
+    "kindly",
+    "happy",
+    "to",
+    "help",
+    "careful",
+    "accurate",
+    "explained",
+    "together",
+    "learn",
+    "more",
+    "summary",
+    "good",
+    "question",
+    "thanks",
+];
+const BAD: &[&str] = &[
+    "whatever",
+    "no",
+    "idea",
+    "boring",
+    "not",
+    "my",
+    "problem",
+    "go",
+    "away",
+    "stop",
+    "asking",
+    "meh",
+    "ugh",
+    "dunno",
+    "nothing",
+    "pointless",
+    "later",
+    "busy",
+    "ignore",
+    "wrong",
+    "bad",
+    "lazy",
+    "skip",
+];
+const PUNCT: &[&str] = &[".", ",", "!", "?"];
+const SPECIAL: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"];
+const ROLES: &[&str] = &["system", "user", "assistant"];
+
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Every word the tokenizer knows, special tokens first.
+fn vocabulary() -> Vec<String> {
+    let mut words: Vec<String> = SPECIAL.iter().chain(ROLES).map(|s| s.to_string()).collect();
+    for w in TOPICS
+        .iter()
+        .chain(GOOD)
+        .chain(BAD)
+        .chain(PUNCT)
+        .flat_map(|s| s.split(' '))
+        .chain(ASKS.iter().flat_map(|s| s.split(' ')))
+    {
+        if !words.iter().any(|x| x == w) {
+            words.push(w.to_string());
+        }
+    }
+    words
+}
+
+fn sentence(rng: &mut SplitMix, topic: &str, words: &[&str], len: usize) -> String {
+    let mut out = vec![topic.to_string()];
+    for k in 0..len {
+        out.push(rng.pick(words).to_string());
+        if k % 6 == 5 {
+            out.push(rng.pick(PUNCT).to_string());
+        }
+    }
+    out.push(".".into());
+    out.join(" ")
+}
+
+struct Row {
+    prompt: String,
+    chosen: String,
+    rejected: String,
+    score_chosen: f64,
+    score_rejected: f64,
+}
+
+fn rows(seed: u64, n: usize) -> Vec<Row> {
+    let mut rng = SplitMix::new(seed);
+    (0..n)
+        .map(|i| {
+            let topic = rng.pick(TOPICS);
+            let prompt = format!("{} {topic} ?", rng.pick(ASKS));
+            let chosen_len = 6 + rng.below(14);
+            let rejected_len = 4 + rng.below(12);
+            let mut chosen = sentence(&mut rng, topic, GOOD, chosen_len);
+            let mut rejected = sentence(&mut rng, topic, BAD, rejected_len);
+            // A few malformed rows, so the report shows counted skips.
+            match i % 97 {
+                13 => chosen = " ".into(),
+                41 => rejected = chosen.clone(),
+                _ => {}
+            }
+            let score_chosen = 6.0 + rng.below(5) as f64;
+            let tie = rng.unit() < 0.05;
+            let score_rejected = if tie {
+                score_chosen
+            } else {
+                1.0 + rng.below(5) as f64
+            };
+            Row {
+                prompt,
+                chosen,
+                rejected,
+                score_chosen,
+                score_rejected,
+            }
+        })
+        .collect()
+}
+
+/// list<struct<content, role>> of [user, assistant] conversations.
+fn conversations(rows: &[Row], answer: impl Fn(&Row) -> &str) -> ArrayRef {
+    let fields = Fields::from(vec![
+        Field::new("content", DataType::Utf8, true),
+        Field::new("role", DataType::Utf8, true),
+    ]);
+    let contents: Vec<&str> = rows
+        .iter()
+        .flat_map(|r| [r.prompt.as_str(), answer(r)])
+        .collect();
+    let roles: Vec<&str> = rows.iter().flat_map(|_| ["user", "assistant"]).collect();
+    let values = StructArray::new(
+        fields.clone(),
+        vec![
+            Arc::new(StringArray::from(contents)) as ArrayRef,
+            Arc::new(StringArray::from(roles)) as ArrayRef,
+        ],
+        None,
+    );
+    let item = Arc::new(Field::new("item", DataType::Struct(fields), true));
+    Arc::new(ListArray::new(
+        item,
+        OffsetBuffer::from_lengths(std::iter::repeat_n(2, rows.len())),
+        Arc::new(values),
+        None,
+    ))
+}
+
+fn write_split(path: &Path, rows: &[Row]) -> Result<()> {
+    let prompt_ids: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{:x}", Sha256::digest(r.prompt.as_bytes())))
+        .collect();
+    let cols: Vec<(&str, ArrayRef)> = vec![
+        (
+            "prompt",
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.prompt.as_str()),
+            )),
+        ),
+        ("prompt_id", Arc::new(StringArray::from(prompt_ids))),
+        ("chosen", conversations(rows, |r| &r.chosen)),
+        ("rejected", conversations(rows, |r| &r.rejected)),
+        ("messages", conversations(rows, |r| &r.chosen)),
+        (
+            "score_chosen",
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.score_chosen),
+            )),
+        ),
+        (
+            "score_rejected",
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.score_rejected),
+            )),
+        ),
+    ];
+    let schema = Arc::new(Schema::new(
+        cols.iter()
+            .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    ));
+    let batch = RecordBatch::try_new(schema.clone(), cols.into_iter().map(|(_, a)| a).collect())?;
+    let file = std::fs::File::create(path).map_err(|e| Error::io("cannot create", path, e))?;
+    let mut w = ArrowWriter::try_new(file, schema, None)?;
+    w.write(&batch)?;
+    w.close()?;
+    Ok(())
+}
+
+fn tokenizer_json(vocab: &[String]) -> serde_json::Value {
+    let added: Vec<_> = SPECIAL
+        .iter()
+        .enumerate()
+        .map(|(id, t)| {
+            json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": true})
+        })
+        .collect();
+    let map: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.clone(), json!(i)))
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordLevel", "vocab": map, "unk_token": "[UNK]"}
+    })
+}
+
+/// The demo model's architecture (a tiny Llama).
+pub fn model_config(vocab_size: usize) -> serde_json::Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": false,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "torch_dtype": "float32"
+    })
+}
+
+/// Generates the demo assets into `cfg.dir` unless an identical generation is already there.
+pub fn ensure(cfg: &DemoConfig) -> Result<()> {
+    let stamp = json!({"generator": GENERATOR_VERSION, "seed": cfg.seed,
+                       "train_rows": cfg.train_rows, "test_rows": cfg.test_rows});
+    let stamp_path = cfg.dir.join("demo.json");
+    if std::fs::read_to_string(&stamp_path)
+        .is_ok_and(|t| serde_json::from_str::<serde_json::Value>(&t).ok() == Some(stamp.clone()))
+    {
+        return Ok(());
+    }
+    let tmp = fs::tmp_path(&cfg.dir);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("cannot remove", &tmp, e))?;
+    }
+    let (data, model) = (tmp.join("dataset/data"), tmp.join("model"));
+    fs::create_dir_all(&data)?;
+    fs::create_dir_all(&model)?;
+    write_split(
+        &data.join("train_prefs-00000-of-00001.parquet"),
+        &rows(cfg.seed, cfg.train_rows),
+    )?;
+    write_split(
+        &data.join("test_prefs-00000-of-00001.parquet"),
+        &rows(cfg.seed ^ 0x7e57, cfg.test_rows),
+    )?;
+
+    let vocab = vocabulary();
+    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("json");
+    fs::write_atomic(
+        &model.join("tokenizer.json"),
+        pretty(&tokenizer_json(&vocab)).as_bytes(),
+    )?;
+    let tok_cfg = json!({
+        "chat_template": CHATML,
+        "bos_token": null,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "[UNK]",
+        "model_max_length": 512,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": false
+    });
+    fs::write_atomic(
+        &model.join("tokenizer_config.json"),
+        pretty(&tok_cfg).as_bytes(),
+    )?;
+    let config = model_config(vocab.len());
+    fs::write_atomic(&model.join("config.json"), pretty(&config).as_bytes())?;
+    let tcfg = TransformerConfig::from_json(&config.to_string()).map_err(Error::Model)?;
+    let tensors = init::init_weights(&tcfg, cfg.seed, 0.02)?;
+    weights::save(&tensors, &model.join("model.safetensors"))?;
+    fs::write_atomic(&tmp.join("demo.json"), pretty(&stamp).as_bytes())?;
+    if cfg.dir.exists() {
+        std::fs::remove_dir_all(&cfg.dir).map_err(|e| Error::io("cannot replace", &cfg.dir, e))?;
+    }
+    if let Some(parent) = cfg.dir.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::rename(&tmp, &cfg.dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_deterministic_and_varied() {
+        let (a, b) = (rows(7, 50), rows(7, 50));
+        assert!(a
+            .iter()
+            .zip(&b)
+            .all(|(x, y)| x.chosen == y.chosen && x.prompt == y.prompt));
+        let mean =
+            |f: &dyn Fn(&Row) -> usize| a.iter().map(f).sum::<usize>() as f64 / a.len() as f64;
+        assert!(mean(&|r| r.chosen.split(' ').count()) > mean(&|r| r.rejected.split(' ').count()));
+    }
+
+    #[test]
+    fn every_demo_word_is_in_the_vocabulary() {
+        let vocab = vocabulary();
+        for r in rows(3, 40) {
+            for w in r
+                .prompt
+                .split(' ')
+                .chain(r.chosen.split(' '))
+                .chain(r.rejected.split(' '))
+            {
+                assert!(w.trim().is_empty() || vocab.iter().any(|v| v == w), "{w}");
+            }
+        }
+    }
+}

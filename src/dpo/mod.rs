@@ -1,0 +1,7 @@
+//! DPO objectives: the loss family and TRL-named metrics.
+
+pub mod loss;
+pub mod metrics;
+
+pub use loss::{dpo_loss, LossKind, LossOutput, LossParams, PairLogps};
+pub use metrics::MetricsAccumulator;

@@ -1,0 +1,26 @@
+//! refdpo: offline Direct Preference Optimization with a cached reference model.
+//!
+//! Data flows one way: [`data`] → [`tokenize`] → [`model`] → [`logprobs`] → [`cache`] →
+//! [`train`] / [`stats`]. Stage one ([`precompute`]) runs the frozen reference once and writes the
+//! cache; stage two ([`train`]) reads it through a memory map and trains only the policy.
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod dpo;
+pub mod error;
+pub mod hub;
+pub mod logprobs;
+pub mod model;
+pub mod precompute;
+pub mod progress;
+pub mod rng;
+pub mod run;
+pub mod show;
+pub mod stats;
+pub mod tokenize;
+pub mod train;
+
+pub use config::Config;
+pub use error::{Error, Result};

@@ -1,0 +1,228 @@
+//! `config.json` (Hugging Face layout) → [`TransformerConfig`] for the Llama and Qwen2 families.
+
+use crate::error::{fs, Error, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+/// Which decoder family; they differ only in biases and defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama, Llama-3, SmolLM2, TinyLlama, Mistral-style (no sliding window).
+    Llama,
+    /// Qwen2 / Qwen2.5: q/k/v biases.
+    Qwen2,
+}
+
+/// Llama-3 style RoPE frequency scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformerConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3Scaling>,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry a bias.
+    pub qkv_bias: bool,
+    /// o_proj carries a bias (Llama `attention_bias`).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// transformers builds the embedding with `padding_idx = pad_token_id`: that row gets no
+    /// gradient from the embedding lookup. The policy backward does the same.
+    pub pad_token_id: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+    use_sliding_window: Option<bool>,
+    pad_token_id: Option<serde_json::Value>,
+}
+
+impl TransformerConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = fs::read_to_string(path)?;
+        Self::from_json(&text).map_err(|e| Error::Model(format!("`{}`: {e}", path.display())))
+    }
+
+    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+        let raw: Raw = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let kind = raw
+            .model_type
+            .clone()
+            .or_else(|| raw.architectures.as_ref().and_then(|a| a.first().cloned()))
+            .unwrap_or_default()
+            .to_lowercase();
+        let arch = if kind.starts_with("qwen2") {
+            Arch::Qwen2
+        } else if kind.starts_with("llama") || kind.starts_with("mistral") {
+            Arch::Llama
+        } else {
+            return Err(format!(
+                "model_type {kind:?} is not supported: refdpo runs the llama and qwen2 families"
+            ));
+        };
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" {
+                return Err(format!("hidden_act {act:?} is not supported (only silu)"));
+            }
+        }
+        if raw.use_sliding_window == Some(true) {
+            return Err("use_sliding_window = true is not supported".into());
+        }
+        // transformers 5 nests RoPE settings under `rope_parameters`; 4.x used top-level keys.
+        let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+        let theta = raw
+            .rope_theta
+            .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
+            .unwrap_or(10_000.0);
+        let rope_scaling = match rope {
+            Some(v) if v.is_object() => parse_scaling(v)?,
+            _ => None,
+        };
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
+                raw.num_attention_heads
+            ));
+        }
+        Ok(Self {
+            arch,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_layers: raw.num_hidden_layers,
+            num_heads: raw.num_attention_heads,
+            num_kv_heads,
+            head_dim: raw
+                .head_dim
+                .unwrap_or(raw.hidden_size / raw.num_attention_heads),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: theta as f32,
+            rope_scaling,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: arch == Arch::Qwen2 || attention_bias,
+            o_bias: arch == Arch::Llama && attention_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            pad_token_id: raw
+                .pad_token_id
+                .as_ref()
+                .and_then(|v| v.as_u64())
+                .map(|v| v as u32),
+        })
+    }
+
+    /// Parameter count, for reports.
+    pub fn num_params(&self) -> usize {
+        let h = self.hidden_size;
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let attn = h * q + 2 * h * kv + q * h;
+        let mlp = 3 * h * self.intermediate_size;
+        let emb = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
+        emb + self.num_layers * (attn + mlp + 2 * h) + h
+    }
+}
+
+fn parse_scaling(v: &serde_json::Value) -> std::result::Result<Option<Llama3Scaling>, String> {
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let num = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_f64())
+            .map(|x| x as f32)
+            .ok_or_else(|| format!("rope scaling `llama3` lacks `{k}`"))
+    };
+    match kind {
+        "default" => Ok(None),
+        "llama3" => Ok(Some(Llama3Scaling {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        })),
+        other => Err(format!(
+            "rope scaling type {other:?} is not supported (default, llama3)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_explicit_head_dim() {
+        let c = TransformerConfig::from_json(
+            r#"{"model_type":"qwen2","vocab_size":512,"hidden_size":64,"intermediate_size":176,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":24,
+            "rope_theta":1000000.0,"tie_word_embeddings":true}"#,
+        )
+        .unwrap();
+        assert_eq!(c.arch, Arch::Qwen2);
+        assert!(c.qkv_bias && !c.o_bias);
+        assert_eq!(c.head_dim, 24);
+        assert_eq!(c.rope_theta, 1e6);
+    }
+
+    #[test]
+    fn llama3_scaling_and_rope_parameters() {
+        let c = TransformerConfig::from_json(
+            r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":2,
+            "rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rope_theta, 5e5);
+        assert_eq!(c.rope_scaling.unwrap().factor, 8.0);
+        assert_eq!(c.num_kv_heads, 2);
+    }
+
+    #[test]
+    fn unsupported_family_is_named() {
+        let e = TransformerConfig::from_json(
+            r#"{"model_type":"gpt2","vocab_size":8,"hidden_size":8,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":2}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("gpt2"), "{e}");
+    }
+}

@@ -1,0 +1,121 @@
+//! Deterministic weights from a formula any language can reproduce (splitmix64 keyed by the FNV-1a
+//! hash of each HF tensor name): the demo model and the test fixtures' model, with no binary committed.
+
+use super::config::{Arch, TransformerConfig};
+use crate::error::Result;
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+pub fn fnv1a64(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The i-th (1-based) splitmix64 output of `seed`, as f64 in [-1, 1).
+pub fn uniform(seed: u64, i: u64) -> f64 {
+    let mut z = seed.wrapping_add(i.wrapping_mul(GOLDEN));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+}
+
+/// Values of one tensor: norms 1 + 0.1u, biases 0.1u, everything else std·√3·u.
+pub fn tensor_values(name: &str, numel: usize, seed: u64, init_std: f64) -> Vec<f32> {
+    let key = fnv1a64(name) ^ seed;
+    let (offset, scale) = if name.ends_with("norm.weight") {
+        (1.0, 0.1)
+    } else if name.ends_with(".bias") {
+        (0.0, 0.1)
+    } else {
+        (0.0, init_std * 3f64.sqrt())
+    };
+    (1..=numel as u64)
+        .map(|i| (offset + scale * uniform(key, i)) as f32)
+        .collect()
+}
+
+/// Every HF tensor name of a config with its shape.
+pub fn tensor_shapes(cfg: &TransformerConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    )];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        for (name, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+            out.push((format!("{p}.self_attn.{name}.weight"), vec![rows, h]));
+            if cfg.qkv_bias {
+                out.push((format!("{p}.self_attn.{name}.bias"), vec![rows]));
+            }
+        }
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+        if cfg.o_bias {
+            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+        }
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    debug_assert!(cfg.arch == Arch::Llama || cfg.qkv_bias);
+    out
+}
+
+/// All tensors of a freshly initialized model, f32 on the CPU.
+pub fn init_weights(
+    cfg: &TransformerConfig,
+    seed: u64,
+    init_std: f64,
+) -> Result<HashMap<String, Tensor>> {
+    tensor_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let numel = shape.iter().product();
+            let values = tensor_values(&name, numel, seed, init_std);
+            let t = Tensor::from_vec(values, shape, &Device::Cpu)?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitmix_matches_reference_values() {
+        // splitmix64(seed=0) first output is 0xE220A8397B1DCDAF (Vigna's reference generator).
+        let z = 0xE220_A839_7B1D_CDAFu64;
+        let expected = (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+        assert_eq!(uniform(0, 1), expected);
+        assert_eq!(fnv1a64(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn values_are_in_range_and_norms_near_one() {
+        let v = tensor_values("model.norm.weight", 100, 1, 0.02);
+        assert!(v.iter().all(|x| (0.9..1.1).contains(x)));
+        let v = tensor_values("lm_head.weight", 1000, 1, 0.02);
+        let bound = (0.02 * 3f64.sqrt()) as f32;
+        assert!(v.iter().all(|x| x.abs() <= bound));
+        assert!(v.iter().any(|x| *x != v[0]));
+    }
+}

@@ -1,0 +1,91 @@
+//! Command dispatch: validated config + device → the stage that does the work.
+
+use crate::cli::{Cli, Command, ConfigArgs, StatsArgs};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use candle_core::Device;
+
+/// Parses `--device` (default: CUDA when built with it and present, else CPU).
+pub fn device(spec: Option<&str>) -> Result<Device> {
+    match spec {
+        None => Ok(Device::cuda_if_available(0)?),
+        Some("cpu") => Ok(Device::Cpu),
+        Some(s) if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = s.strip_prefix("cuda:").map_or(Ok(0), |n| {
+                n.parse::<usize>()
+                    .map_err(|_| Error::Config(format!("--device {s}: expected cuda:N")))
+            })?;
+            Device::new_cuda(ordinal).map_err(|e| {
+                Error::Config(format!(
+                    "--device {s}: {e}. Build with `--features cuda` and check the driver, or use --device cpu"
+                ))
+            })
+        }
+        Some(other) => Err(Error::Config(format!(
+            "--device {other}: use cpu, cuda or cuda:N"
+        ))),
+    }
+}
+
+fn load(args: &ConfigArgs) -> Result<Config> {
+    Config::load(&args.config, &args.overrides)
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Precompute(a) => {
+            let cfg = load(&a.config)?;
+            crate::precompute::run(&cfg, &device(a.device.as_deref())?, a.quiet)?;
+            println!("cache written to {}", cfg.precompute.out.display());
+        }
+        Command::Train { run, resume } => {
+            let cfg = load(&run.config)?;
+            let summary =
+                crate::train::run(&cfg, &device(run.device.as_deref())?, resume, run.quiet)?;
+            println!("{summary}");
+        }
+        Command::Stats(a) => stats(a)?,
+        Command::Show {
+            config,
+            index,
+            split,
+        } => {
+            let cfg = load(&config)?;
+            let split = split.unwrap_or_else(|| cfg.dataset.train_split.clone());
+            print!("{}", crate::show::show(&cfg, &split, index)?);
+        }
+    }
+    Ok(())
+}
+
+fn stats(a: StatsArgs) -> Result<()> {
+    let (cache, cfg) = match (&a.cache, &a.config) {
+        (Some(c), _) => (
+            c.clone(),
+            a.config
+                .as_ref()
+                .map(|p| Config::load(p, &a.overrides))
+                .transpose()?,
+        ),
+        (None, Some(p)) => {
+            let cfg = Config::load(p, &a.overrides)?;
+            (cfg.precompute.out.clone(), Some(cfg))
+        }
+        (None, None) => {
+            return Err(Error::Config(
+                "stats needs --cache DIR_OR_PARQUET or --config FILE".into(),
+            ))
+        }
+    };
+    let opts = crate::stats::StatsOptions {
+        cache,
+        split: a.split,
+        run: a.run,
+        json: a.json,
+        plot: a.plot,
+        config: cfg,
+        device: device(a.device.as_deref())?,
+    };
+    print!("{}", crate::stats::run(&opts)?);
+    Ok(())
+}

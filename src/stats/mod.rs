@@ -1,0 +1,127 @@
+//! `refdpo stats`: pair statistics and length bias over a cache, computed with polars LazyFrame
+//! queries; tables on stdout, `--json`, `--plot DIR` (SVG charts), and with `--run DIR` the trained
+//! policy's implicit reward margin against the length difference on the test split.
+
+pub mod plot;
+pub mod queries;
+
+use crate::cache;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use candle_core::Device;
+use queries::{Stats, Table};
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+pub struct StatsOptions {
+    /// A cache directory or one `<split>.parquet`.
+    pub cache: PathBuf,
+    pub split: Option<String>,
+    pub run: Option<PathBuf>,
+    pub json: bool,
+    pub plot: Option<PathBuf>,
+    pub config: Option<Config>,
+    pub device: Device,
+}
+
+/// The parquet file to analyse: the file itself, or `<dir>/<split>.parquet`.
+fn resolve_parquet(opts: &StatsOptions) -> Result<PathBuf> {
+    if opts.cache.is_file() {
+        return Ok(opts.cache.clone());
+    }
+    let split = opts
+        .split
+        .clone()
+        .or_else(|| opts.config.as_ref().map(|c| c.dataset.train_split.clone()))
+        .unwrap_or_else(|| "train_prefs".into());
+    let path = cache::parquet_path(&opts.cache, &split);
+    if !path.exists() {
+        return Err(Error::StaleCache {
+            path,
+            msg: "no such cache file: pass --cache DIR (with --split NAME) or a .parquet file, or run `refdpo precompute`".into(),
+        });
+    }
+    Ok(path)
+}
+
+pub fn run(opts: &StatsOptions) -> Result<String> {
+    let parquet = resolve_parquet(opts)?;
+    let mut stats = queries::compute(&parquet)?;
+    let report = parquet.with_file_name("report.json");
+    if let Some(split) = parquet.file_stem().and_then(|s| s.to_str()) {
+        stats.add_dropped(&report, split);
+    }
+    if let Some(run_dir) = &opts.run {
+        let policy = queries::policy_bias(run_dir, &parquet, opts, &opts.device)?;
+        stats.policy = Some(policy);
+    }
+    if let Some(dir) = &opts.plot {
+        plot::write_all(dir, &stats)?;
+    }
+    if opts.json {
+        return Ok(format!(
+            "{}\n",
+            serde_json::to_string_pretty(&stats.to_json())?
+        ));
+    }
+    Ok(render(&parquet, &stats, opts.plot.as_deref()))
+}
+
+fn render(parquet: &Path, s: &Stats, plots: Option<&Path>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "cache: {}\n", parquet.display());
+    out.push_str(&s.overview().render("pairs"));
+    out.push_str(
+        &s.lengths_table()
+            .render("completion tokens (after truncation)"),
+    );
+    out.push_str(&s.bias_table().render("length bias"));
+    out.push_str(
+        &s.deciles_table()
+            .render("win rate of the longer answer by |length difference| decile"),
+    );
+    if let Some(p) = &s.policy {
+        out.push_str(
+            &p.table()
+                .render("trained policy on this split (implicit reward margin)"),
+        );
+    }
+    if let Some(dir) = plots {
+        let _ = writeln!(out, "charts written to {}", dir.display());
+    }
+    out
+}
+
+impl Table {
+    /// Aligned text: a title line, then the header and rows padded per column.
+    pub fn render(&self, title: &str) -> String {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.len()).collect();
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        let line = |cells: &[String]| -> String {
+            let parts: Vec<String> = cells
+                .iter()
+                .zip(&widths)
+                .enumerate()
+                .map(|(i, (c, w))| {
+                    if i == 0 {
+                        format!("{c:<w$}")
+                    } else {
+                        format!("{c:>w$}")
+                    }
+                })
+                .collect();
+            format!("  {}\n", parts.join("  ").trim_end())
+        };
+        let mut out = format!("{title}\n");
+        out.push_str(&line(&self.header));
+        for row in &self.rows {
+            out.push_str(&line(row));
+        }
+        out.push('\n');
+        out
+    }
+}

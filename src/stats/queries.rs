@@ -1,0 +1,513 @@
+//! The statistics themselves, as polars LazyFrame queries over the cache parquet (the same
+//! definitions as the Python polars queries in the README's "Querying the cache").
+
+use super::StatsOptions;
+use crate::cache;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::logprobs;
+use crate::model::{weights, Transformer, TransformerConfig};
+use candle_core::{DType, Device};
+use polars::prelude::*;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A table for the terminal: header and string cells.
+pub struct Table {
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+/// One side's completion-length distribution.
+pub struct LengthRow {
+    pub side: &'static str,
+    pub mean: f64,
+    pub median: f64,
+    pub p10: f64,
+    pub p90: f64,
+    pub max: f64,
+}
+
+/// Pairs whose |length difference| falls in one decile, and how often the longer answer won.
+pub struct DecileRow {
+    pub decile: i64,
+    pub pairs: u64,
+    pub abs_diff_min: f64,
+    pub abs_diff_max: f64,
+    pub longer_wins: f64,
+}
+
+/// The trained policy's view of length (from `--run`).
+pub struct PolicyBias {
+    pub run: String,
+    pub pairs: usize,
+    pub beta: f64,
+    pub figures: Map<String, Value>,
+    /// (len_diff, implicit reward margin) per pair, for the chart.
+    pub points: Vec<(f64, f64)>,
+}
+
+pub struct Stats {
+    /// Scalar figures under their JSON names.
+    pub summary: Map<String, Value>,
+    pub lengths: Vec<LengthRow>,
+    pub deciles: Vec<DecileRow>,
+    pub dropped: BTreeMap<String, u64>,
+    pub chosen_len: Vec<f64>,
+    pub rejected_len: Vec<f64>,
+    pub len_diff: Vec<f64>,
+    pub ref_margin: Vec<f64>,
+    pub policy: Option<PolicyBias>,
+}
+
+fn f(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else if x.fract() == 0.0 && x.abs() < 1e9 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.4}")
+    }
+}
+
+/// The cache with derived columns: lengths, differences, margins.
+pub fn frame(parquet: &Path) -> Result<LazyFrame> {
+    let path = parquet
+        .to_str()
+        .ok_or_else(|| Error::Config(format!("`{}` is not valid UTF-8", parquet.display())))?;
+    let lf = LazyFrame::scan_parquet(PlRefPath::new(path), ScanArgsParquet::default())?;
+    let len = |c: &str| col(c).list().len().cast(DataType::Float64);
+    Ok(lf
+        .with_columns([
+            len(cache::schema::col::PROMPT_IDS).alias("prompt_len"),
+            len(cache::schema::col::CHOSEN_IDS).alias("chosen_len"),
+            len(cache::schema::col::REJECTED_IDS).alias("rejected_len"),
+            col("ref_chosen_logps")
+                .cast(DataType::Float64)
+                .alias("ref_chosen"),
+            col("ref_rejected_logps")
+                .cast(DataType::Float64)
+                .alias("ref_rejected"),
+        ])
+        .with_columns([
+            (col("chosen_len") - col("rejected_len")).alias("len_diff"),
+            (col("score_chosen") - col("score_rejected")).alias("score_diff"),
+            (col("ref_chosen") - col("ref_rejected")).alias("ref_margin"),
+        ]))
+}
+
+fn scalar(df: &DataFrame, name: &str) -> Result<f64> {
+    let c = df.column(name)?.cast(&DataType::Float64)?;
+    Ok(c.f64()?.get(0).unwrap_or(f64::NAN))
+}
+
+fn floats(df: &DataFrame, name: &str) -> Result<Vec<f64>> {
+    let c = df.column(name)?.cast(&DataType::Float64)?;
+    let ca = c.f64()?;
+    Ok((0..ca.len())
+        .map(|i| ca.get(i).unwrap_or(f64::NAN))
+        .collect())
+}
+
+fn q(name: &str, p: f64) -> Expr {
+    col(name).quantile(lit(p), QuantileMethod::Linear)
+}
+
+pub fn compute(parquet: &Path) -> Result<Stats> {
+    let lf = frame(parquet)?;
+    let frac = |e: Expr| e.cast(DataType::Float64).mean();
+    let mut exprs = vec![
+        len().cast(DataType::Float64).alias("pairs"),
+        col("chosen_len").mean().alias("chosen_tokens_mean"),
+        col("rejected_len").mean().alias("rejected_tokens_mean"),
+        col("prompt_len").mean().alias("prompt_tokens_mean"),
+        frac(col("chosen_len").gt(col("rejected_len"))).alias("chosen_longer_frac"),
+        frac(col("chosen_len").eq(col("rejected_len"))).alias("equal_length_frac"),
+        frac(col("score_chosen").eq(col("score_rejected"))).alias("ties_frac"),
+        col("score_diff").mean().alias("score_gap_mean"),
+        col("score_diff").median().alias("score_gap_median"),
+        q("score_diff", 0.1).alias("score_gap_p10"),
+        q("score_diff", 0.9).alias("score_gap_p90"),
+        col("score_diff").min().alias("score_gap_min"),
+        col("score_diff").max().alias("score_gap_max"),
+        frac(col("chosen_truncated")).alias("chosen_truncated_frac"),
+        frac(col("rejected_truncated")).alias("rejected_truncated_frac"),
+        spearman_rank_corr(col("len_diff"), col("score_diff"), false)
+            .alias("score_diff_len_diff_spearman"),
+        pearson_corr(col("len_diff"), col("score_diff")).alias("score_diff_len_diff_pearson"),
+        spearman_rank_corr(col("len_diff"), col("ref_margin"), false)
+            .alias("ref_margin_len_diff_spearman"),
+        pearson_corr(col("len_diff"), col("ref_margin")).alias("ref_margin_len_diff_pearson"),
+        col("ref_margin").mean().alias("ref_margin_mean"),
+        (col("ref_chosen") / col("chosen_len"))
+            .mean()
+            .alias("ref_chosen_logps_per_token_mean"),
+        (col("ref_rejected") / col("rejected_len"))
+            .mean()
+            .alias("ref_rejected_logps_per_token_mean"),
+    ];
+    for side in ["chosen", "rejected"] {
+        let c = format!("{side}_len");
+        exprs.push(col(&c).median().alias(format!("{side}_tokens_median")));
+        exprs.push(q(&c, 0.1).alias(format!("{side}_tokens_p10")));
+        exprs.push(q(&c, 0.9).alias(format!("{side}_tokens_p90")));
+        exprs.push(col(&c).max().alias(format!("{side}_tokens_max")));
+    }
+    let df = lf.clone().select(exprs).collect()?;
+    let mut summary = Map::new();
+    for c in df.get_column_names() {
+        let v = scalar(&df, c)?;
+        let v = if c.as_str() == "pairs" {
+            json!(v as u64)
+        } else {
+            json!(v)
+        };
+        summary.insert(c.to_string(), if v.is_null() { Value::Null } else { v });
+    }
+    let get = |k: &str| summary.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let lengths = ["chosen", "rejected"]
+        .into_iter()
+        .map(|side| LengthRow {
+            side,
+            mean: get(&format!("{side}_tokens_mean")),
+            median: get(&format!("{side}_tokens_median")),
+            p10: get(&format!("{side}_tokens_p10")),
+            p90: get(&format!("{side}_tokens_p90")),
+            max: get(&format!("{side}_tokens_max")),
+        })
+        .collect();
+    let deciles = deciles(lf.clone())?;
+    let cols = lf
+        .select([
+            col("chosen_len"),
+            col("rejected_len"),
+            col("len_diff"),
+            col("ref_margin"),
+        ])
+        .collect()?;
+    Ok(Stats {
+        summary,
+        lengths,
+        deciles,
+        dropped: BTreeMap::new(),
+        chosen_len: floats(&cols, "chosen_len")?,
+        rejected_len: floats(&cols, "rejected_len")?,
+        len_diff: floats(&cols, "len_diff")?,
+        ref_margin: floats(&cols, "ref_margin")?,
+        policy: None,
+    })
+}
+
+/// Pairs of unequal length, in deciles of |len_diff| (ordinal ranks, file order breaking ties):
+/// decile = floor((rank − 1) · 10 / n); per decile the share where the longer answer is chosen.
+fn deciles(lf: LazyFrame) -> Result<Vec<DecileRow>> {
+    let rank = RankOptions {
+        method: RankMethod::Ordinal,
+        descending: false,
+    };
+    let df = lf
+        .filter(col("len_diff").neq(lit(0.0)))
+        .with_column(col("len_diff").abs().alias("abs_diff"))
+        .with_column(
+            ((col("abs_diff").rank(rank, None).cast(DataType::Float64) - lit(1.0)) * lit(10.0)
+                / len().cast(DataType::Float64))
+            .cast(DataType::Int64) // truncation = floor: the value is never negative
+            .alias("decile"),
+        )
+        .group_by([col("decile")])
+        .agg([
+            len().cast(DataType::UInt64).alias("pairs"),
+            col("abs_diff").min().alias("abs_diff_min"),
+            col("abs_diff").max().alias("abs_diff_max"),
+            col("len_diff")
+                .gt(lit(0.0))
+                .cast(DataType::Float64)
+                .mean()
+                .alias("longer_wins"),
+        ])
+        .sort(["decile"], SortMultipleOptions::default())
+        .collect()?;
+    let d = df.column("decile")?.i64()?.clone();
+    let n = df.column("pairs")?.u64()?.clone();
+    let (lo, hi, w) = (
+        floats(&df, "abs_diff_min")?,
+        floats(&df, "abs_diff_max")?,
+        floats(&df, "longer_wins")?,
+    );
+    Ok((0..df.height())
+        .map(|i| DecileRow {
+            decile: d.get(i).unwrap_or(-1),
+            pairs: n.get(i).unwrap_or(0),
+            abs_diff_min: lo[i],
+            abs_diff_max: hi[i],
+            longer_wins: w[i],
+        })
+        .collect())
+}
+
+impl Stats {
+    /// Adds the split's drop counts from `report.json`, if the cache directory has one.
+    pub fn add_dropped(&mut self, report: &Path, split: &str) {
+        let Ok(text) = std::fs::read_to_string(report) else {
+            return;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            return;
+        };
+        if let Some(d) = v
+            .get(split)
+            .and_then(|s| s.get("dropped"))
+            .and_then(Value::as_object)
+        {
+            self.dropped = d
+                .iter()
+                .filter_map(|(k, n)| Some((k.clone(), n.as_u64()?)))
+                .collect();
+        }
+        if let Some(n) = v.get(split).and_then(|s| s.get("rows_read")) {
+            self.summary.insert("rows_read".into(), n.clone());
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut m = self.summary.clone();
+        m.insert("dropped".into(), json!(self.dropped));
+        m.insert(
+            "length_diff_deciles".into(),
+            Value::Array(
+                self.deciles
+                    .iter()
+                    .map(|d| {
+                        json!({"decile": d.decile, "pairs": d.pairs, "abs_diff_min": d.abs_diff_min,
+                                    "abs_diff_max": d.abs_diff_max, "longer_wins": d.longer_wins})
+                    })
+                    .collect(),
+            ),
+        );
+        if let Some(p) = &self.policy {
+            let mut pm = p.figures.clone();
+            pm.insert("run".into(), json!(p.run));
+            pm.insert("pairs".into(), json!(p.pairs));
+            pm.insert("beta".into(), json!(p.beta));
+            m.insert("policy".into(), Value::Object(pm));
+        }
+        Value::Object(m)
+    }
+
+    fn num(&self, k: &str) -> f64 {
+        self.summary
+            .get(k)
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN)
+    }
+
+    pub fn overview(&self) -> Table {
+        let mut rows: Vec<Vec<String>> = [
+            ("rows read", "rows_read"),
+            ("pairs kept", "pairs"),
+            ("chosen longer (strictly)", "chosen_longer_frac"),
+            ("equal length", "equal_length_frac"),
+            ("score ties", "ties_frac"),
+            ("score gap mean", "score_gap_mean"),
+            ("score gap median / p10 / p90", "score_gap_median"),
+            ("chosen truncated", "chosen_truncated_frac"),
+            ("rejected truncated", "rejected_truncated_frac"),
+            ("prompt tokens mean", "prompt_tokens_mean"),
+        ]
+        .into_iter()
+        .map(|(label, key)| {
+            let v = if key == "score_gap_median" {
+                format!(
+                    "{} / {} / {}",
+                    f(self.num(key)),
+                    f(self.num("score_gap_p10")),
+                    f(self.num("score_gap_p90"))
+                )
+            } else {
+                f(self.num(key))
+            };
+            vec![label.to_string(), v]
+        })
+        .collect();
+        for (reason, n) in &self.dropped {
+            rows.push(vec![format!("dropped: {reason}"), n.to_string()]);
+        }
+        Table {
+            header: vec!["".into(), "value".into()],
+            rows,
+        }
+    }
+
+    pub fn lengths_table(&self) -> Table {
+        Table {
+            header: [
+                "side",
+                "mean",
+                "median",
+                "p10",
+                "p90",
+                "max",
+                "ref logp/token",
+            ]
+            .map(String::from)
+            .to_vec(),
+            rows: self
+                .lengths
+                .iter()
+                .map(|l| {
+                    let per_token = self.num(&format!("ref_{}_logps_per_token_mean", l.side));
+                    vec![
+                        l.side.to_string(),
+                        f(l.mean),
+                        f(l.median),
+                        f(l.p10),
+                        f(l.p90),
+                        f(l.max),
+                        f(per_token),
+                    ]
+                })
+                .collect(),
+        }
+    }
+
+    pub fn bias_table(&self) -> Table {
+        let row = |what: &str, key: &str| {
+            vec![
+                what.to_string(),
+                f(self.num(&format!("{key}_spearman"))),
+                f(self.num(&format!("{key}_pearson"))),
+            ]
+        };
+        Table {
+            header: ["length difference vs", "spearman", "pearson"]
+                .map(String::from)
+                .to_vec(),
+            rows: vec![
+                row("score difference (annotators)", "score_diff_len_diff"),
+                row(
+                    "reference margin (ref_chosen - ref_rejected)",
+                    "ref_margin_len_diff",
+                ),
+            ],
+        }
+    }
+
+    pub fn deciles_table(&self) -> Table {
+        Table {
+            header: ["decile", "pairs", "|len diff|", "longer answer chosen"]
+                .map(String::from)
+                .to_vec(),
+            rows: self
+                .deciles
+                .iter()
+                .map(|d| {
+                    vec![
+                        (d.decile + 1).to_string(),
+                        d.pairs.to_string(),
+                        format!("{}-{}", f(d.abs_diff_min), f(d.abs_diff_max)),
+                        f(d.longer_wins),
+                    ]
+                })
+                .collect(),
+        }
+    }
+}
+
+impl PolicyBias {
+    pub fn table(&self) -> Table {
+        let rows = self
+            .figures
+            .iter()
+            .map(|(k, v)| vec![k.clone(), v.as_f64().map_or_else(|| v.to_string(), f)])
+            .collect();
+        Table {
+            header: vec![
+                format!("{} ({} pairs, beta {})", self.run, self.pairs, self.beta),
+                "value".into(),
+            ],
+            rows,
+        }
+    }
+}
+
+/// Scores the split with the run's final policy and relates its implicit reward margin
+/// β·[(π(c) − ref(c)) − (π(r) − ref(r))] to the length difference.
+pub fn policy_bias(
+    run_dir: &Path,
+    parquet: &Path,
+    opts: &StatsOptions,
+    device: &Device,
+) -> Result<PolicyBias> {
+    let final_dir = run_dir.join("final");
+    let run_cfg_path = run_dir.join("config.toml");
+    let run_cfg = Config::load(&run_cfg_path, &[])?;
+    let cfg = opts.config.as_ref().unwrap_or(&run_cfg);
+    let model_cfg = TransformerConfig::from_file(&final_dir.join("config.json"))?;
+    let tensors = weights::load(&weights::weight_files(&final_dir)?, DType::F32, device)?;
+    let model = Transformer::new(&model_cfg, &tensors)?;
+    let rows = cache::parquet::read(parquet)?;
+    let (l, t) = (cfg.tokenize.max_length, cfg.tokenize.truncation);
+    let mut margins = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(cfg.precompute.batch_size.max(1)) {
+        let ids: Vec<_> = chunk
+            .iter()
+            .map(|r| {
+                (
+                    r.prompt_ids.as_slice(),
+                    r.chosen_ids.as_slice(),
+                    r.rejected_ids.as_slice(),
+                )
+            })
+            .collect();
+        for (r, (pc, pr)) in chunk
+            .iter()
+            .zip(logprobs::score_pairs(&model, &ids, l, t, device)?)
+        {
+            let beta = run_cfg.train.beta;
+            margins.push(beta * ((pc - r.ref_chosen_logps) - (pr - r.ref_rejected_logps)));
+        }
+    }
+    let len_diff: Vec<f64> = rows
+        .iter()
+        .map(|r| r.chosen_ids.len() as f64 - r.rejected_ids.len() as f64)
+        .collect();
+    let df = df!("len_diff" => &len_diff, "margin" => &margins)?;
+    let out = df
+        .lazy()
+        .select([
+            spearman_rank_corr(col("len_diff"), col("margin"), false)
+                .alias("margin_len_diff_spearman"),
+            pearson_corr(col("len_diff"), col("margin")).alias("margin_len_diff_pearson"),
+            col("margin")
+                .gt(lit(0.0))
+                .cast(DataType::Float64)
+                .mean()
+                .alias("reward_accuracy"),
+            // Among pairs of unequal length: how often the policy's implicit reward favours the longer answer.
+            (col("margin").gt(lit(0.0)).eq(col("len_diff").gt(lit(0.0))))
+                .filter(col("len_diff").neq(lit(0.0)))
+                .cast(DataType::Float64)
+                .mean()
+                .alias("prefers_longer_frac"),
+            col("len_diff")
+                .gt(lit(0.0))
+                .filter(col("len_diff").neq(lit(0.0)))
+                .cast(DataType::Float64)
+                .mean()
+                .alias("data_longer_chosen_frac"),
+            col("margin").mean().alias("margin_mean"),
+        ])
+        .collect()?;
+    let mut figures = Map::new();
+    for c in out.get_column_names() {
+        figures.insert(c.to_string(), json!(scalar(&out, c)?));
+    }
+    Ok(PolicyBias {
+        run: run_dir.display().to_string(),
+        pairs: rows.len(),
+        beta: run_cfg.train.beta,
+        figures,
+        points: len_diff.into_iter().zip(margins).collect(),
+    })
+}

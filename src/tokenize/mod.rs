@@ -1,0 +1,8 @@
+//! The tokenize stage: chat templates (minijinja) and TRL's prompt/completion split and truncation.
+
+pub mod backend;
+pub mod pairs;
+pub mod template;
+
+pub use pairs::{window, PairTokenizer, SkipReason, TokenizedPair};
+pub use template::ChatTemplate;

@@ -1,0 +1,283 @@
+//! Chat templates as transformers renders them: jinja with `trim_blocks` and `lstrip_blocks`,
+//! Python string methods, `raise_exception`, `strftime_now` and a `tojson` that writes like
+//! Python's `json.dumps`. The template comes from `chat_template.jinja` if the model has one,
+//! else from `tokenizer_config.json`'s `chat_template`, as transformers picks it.
+
+use crate::data::Message;
+use crate::error::{fs, Error, Result};
+use minijinja::{Environment, ErrorKind, Value};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// A compiled chat template plus the special tokens it may reference.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("sha256", &self.sha256())
+            .finish()
+    }
+}
+
+/// A `tokenizer_config.json` special token: a string or `{"content": ...}`.
+fn token_string(v: Option<&serde_json::Value>) -> String {
+    match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+impl ChatTemplate {
+    /// Loads the template of a model/tokenizer directory.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = if cfg_path.exists() {
+            serde_json::from_str(&fs::read_to_string(&cfg_path)?)?
+        } else {
+            serde_json::Value::Null
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let source = if jinja.exists() {
+            fs::read_to_string(&jinja)?
+        } else {
+            match cfg.get("chat_template") {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                // A list of named templates: transformers uses the one named "default".
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template")?.as_str().map(String::from))
+                    .ok_or_else(|| {
+                        Error::Tokenize(format!("`{}` has no template named \"default\"", cfg_path.display()))
+                    })?,
+                _ => {
+                    return Err(Error::Tokenize(format!(
+                        "no chat template in `{}`: add chat_template.jinja or a `chat_template` key to \
+                         tokenizer_config.json (refdpo tokenizes conversations as TRL does)",
+                        dir.display()
+                    )))
+                }
+            }
+        };
+        Self::new(
+            &source,
+            &token_string(cfg.get("bos_token")),
+            &token_string(cfg.get("eos_token")),
+        )
+    }
+
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_function("strftime_now", |fmt: String| -> String {
+            strftime_now(&fmt)
+        });
+        env.add_filter("tojson", tojson);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| Error::Tokenize(format!("the chat template does not compile: {e:#}")))?;
+        Ok(Self {
+            env,
+            source: source.to_string(),
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
+    }
+
+    /// Renders `messages`; `add_generation_prompt` appends the assistant header.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self.env.get_template("chat").expect("template was added");
+        let ctx = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        };
+        tmpl.render(ctx)
+            .map_err(|e| Error::Tokenize(format!("rendering the chat template failed: {e:#}")))
+    }
+
+    /// SHA-256 of the template source (part of the cache fingerprint).
+    pub fn sha256(&self) -> String {
+        format!("{:x}", Sha256::digest(self.source.as_bytes()))
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+/// `json.dumps(value, ensure_ascii=False[, indent=N])`: separators `", "` and `": "` (`","` before a
+/// newline when indented), insertion order kept.
+fn tojson(
+    value: Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_py_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_py_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let (open, close, items): (char, char, Vec<(Option<&String>, &J)>) = match v {
+        J::Array(a) => ('[', ']', a.iter().map(|x| (None, x)).collect()),
+        J::Object(m) => ('{', '}', m.iter().map(|(k, x)| (Some(k), x)).collect()),
+        other => return out.push_str(&other.to_string()),
+    };
+    out.push(open);
+    if items.is_empty() {
+        out.push(close);
+        return;
+    }
+    let pad = |n: usize| " ".repeat(indent.unwrap_or(0) * n);
+    for (i, (key, item)) in items.into_iter().enumerate() {
+        match (i, indent) {
+            (0, None) => {}
+            (_, None) => out.push_str(", "),
+            (0, Some(_)) => out.push_str(&format!("\n{}", pad(level + 1))),
+            (_, Some(_)) => out.push_str(&format!(",\n{}", pad(level + 1))),
+        }
+        if let Some(k) = key {
+            out.push_str(&serde_json::to_string(k).unwrap_or_default());
+            out.push_str(": ");
+        }
+        write_py_json(item, indent, level + 1, out);
+    }
+    if indent.is_some() {
+        out.push_str(&format!("\n{}", pad(level)));
+    }
+    out.push(close);
+}
+
+/// `strftime_now` for templates that print today's date (Llama-3's "Today Date").
+fn strftime_now(fmt: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let month = MONTHS[(m - 1) as usize];
+    fmt.replace("%d", &format!("{d:02}"))
+        .replace("%m", &format!("{m:02}"))
+        .replace("%Y", &y.to_string())
+        .replace("%B", month)
+        .replace("%b", &month[..3])
+}
+
+/// Days since 1970-01-01 → (year, month, day) (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn chatml_renders_with_and_without_generation_prompt() {
+        let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
+        let msgs = [Message::new("user", "Hi")];
+        assert_eq!(
+            t.render(&msgs, false).unwrap(),
+            "<|im_start|>user\nHi<|im_end|>\n"
+        );
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn python_methods_and_exceptions_work() {
+        let t = ChatTemplate::new(
+            "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0].content.strip().upper() }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[Message::new("user", "  hey ")], false).unwrap(),
+            "HEY"
+        );
+        let err = t.render(&[Message::new("system", "x")], false).unwrap_err();
+        assert!(err.to_string().contains("first must be user"), "{err}");
+    }
+
+    #[test]
+    fn tojson_writes_like_python() {
+        let t = ChatTemplate::new(
+            "{{ {'a': [1, 'x<y'], 'b': none, 'c': {}} | tojson }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[], false).unwrap(),
+            r#"{"a": [1, "x<y"], "b": null, "c": {}}"#
+        );
+        // json.dumps({"a": [1, "é"], "b": {"c": None}}, indent=2, ensure_ascii=False)
+        let t = ChatTemplate::new(
+            "{{ {'a': [1, 'é'], 'b': {'c': none}} | tojson(indent=2) }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[], false).unwrap(),
+            "{\n  \"a\": [\n    1,\n    \"é\"\n  ],\n  \"b\": {\n    \"c\": null\n  }\n}"
+        );
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_418), (2025, 11, 26));
+    }
+}

@@ -1,0 +1,91 @@
+//! Checkpoints in HF layout (`model.safetensors` with HF tensor names, `config.json`, tokenizer
+//! files) plus `trainer_state.json` and `optimizer.safetensors` for `--resume`. A checkpoint is
+//! written into `<name>.tmp/` and renamed when complete, so a kill mid-save leaves the previous one.
+
+use super::optim::AdamW;
+use super::policy::Policy;
+use crate::error::{fs, Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where training stands: enough to continue with the same data order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub global_step: usize,
+    pub max_steps: usize,
+    /// Epoch and next micro-batch within it.
+    pub epoch: usize,
+    pub batch_in_epoch: usize,
+    pub seed: u64,
+}
+
+const MODEL_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+];
+
+/// Writes `dir` (atomically) from the policy, the optimizer and the model's own files.
+pub fn save(
+    dir: &Path,
+    policy: &Policy,
+    optim: &AdamW,
+    state: &TrainerState,
+    model_dir: &Path,
+) -> Result<()> {
+    let tmp = fs::tmp_path(dir);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("cannot remove", &tmp, e))?;
+    }
+    fs::create_dir_all(&tmp)?;
+    crate::model::weights::save(&policy.tensors(), &tmp.join("model.safetensors"))?;
+    // config.json as the model has it, with the dtype of the saved weights.
+    let mut config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&model_dir.join("config.json"))?)?;
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert("torch_dtype".into(), "float32".into());
+        if obj.contains_key("dtype") {
+            obj.insert("dtype".into(), "float32".into());
+        }
+    }
+    fs::write_atomic(
+        &tmp.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    for f in MODEL_FILES {
+        let src = model_dir.join(f);
+        if src.exists() {
+            std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io("cannot copy", &src, e))?;
+        }
+    }
+    optim.save(policy, &tmp.join("optimizer.safetensors"))?;
+    fs::write_atomic(
+        &tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io("cannot replace", dir, e))?;
+    }
+    fs::rename(&tmp, dir)
+}
+
+/// The complete checkpoint with the highest step under `out`, if any.
+pub fn latest(out: &Path) -> Option<(PathBuf, TrainerState)> {
+    let entries = std::fs::read_dir(out).ok()?;
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("checkpoint-") && !n.ends_with(".tmp"))
+        })
+        .filter_map(|p| {
+            let state: TrainerState =
+                serde_json::from_str(&std::fs::read_to_string(p.join("trainer_state.json")).ok()?)
+                    .ok()?;
+            Some((p, state))
+        })
+        .max_by_key(|(_, s)| s.global_step)
+}

@@ -1,0 +1,96 @@
+//! Shared helpers: paths, the refdpo binary, temporary pipelines.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared/realdata`, or None (and a message) where it is absent.
+pub fn realdata() -> Option<PathBuf> {
+    let p = repo().join("../shared/realdata");
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: ../shared/realdata is absent; this test needs the real-data sample");
+        None
+    }
+}
+
+pub fn refdpo(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_refdpo"))
+        .args(args)
+        .current_dir(cwd)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run refdpo")
+}
+
+/// Runs refdpo and asserts success, returning stdout.
+pub fn ok(args: &[&str], cwd: &Path) -> String {
+    let out = refdpo(args, cwd);
+    assert!(
+        out.status.success(),
+        "refdpo {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs refdpo expecting failure; returns stderr.
+pub fn fails(args: &[&str], cwd: &Path) -> String {
+    let out = refdpo(args, cwd);
+    assert!(
+        !out.status.success(),
+        "refdpo {args:?} unexpectedly succeeded"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A small demo pipeline rooted in `dir` (its own demo assets, cache and run directories).
+pub fn demo_config(dir: &Path, extra: &str) -> PathBuf {
+    let d = dir.display();
+    let text = format!(
+        r#"
+[demo]
+generate = true
+dir = "{d}/demo"
+train_rows = 160
+test_rows = 64
+
+[dataset]
+id = "{d}/demo/dataset"
+
+[model]
+id = "{d}/demo/model"
+dtype = "f32"
+
+[tokenize]
+max_length = 96
+
+[precompute]
+batch_size = 16
+chunk_pairs = 32
+out = "{d}/cache"
+
+[train]
+out = "{d}/run"
+learning_rate = 2e-3
+warmup_ratio = 0.1
+epochs = 1
+batch_size = 16
+{extra}
+"#
+    );
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}

@@ -1,0 +1,176 @@
+//! Stage one end to end on the embedded demo: outputs, report, fingerprint, kill -9 resume.
+
+use super::common::{demo_config, fails, ok, read_json, refdpo};
+use refdpo::cache::{self, MappedCache};
+use std::process::Command;
+use std::time::Duration;
+
+#[test]
+fn precompute_writes_a_cache_that_conforms_to_the_spec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let out = tmp.path().join("cache");
+    for split in ["train_prefs", "test_prefs"] {
+        let rows = cache::parquet::read(&cache::parquet_path(&out, split)).unwrap();
+        let mapped = MappedCache::open(&cache::arrow_path(&out, split)).unwrap();
+        assert_eq!(mapped.len(), rows.len());
+        assert_eq!(
+            (0..rows.len())
+                .map(|i| mapped.to_row(i))
+                .collect::<Vec<_>>(),
+            rows
+        );
+        let fp = cache::parquet::read_fingerprint(&cache::parquet_path(&out, split)).unwrap();
+        assert_eq!(fp.split, split);
+        assert_eq!(fp.max_length, 96);
+        assert_eq!(fp, mapped.fingerprint);
+        assert!(rows
+            .iter()
+            .all(|r| r.ref_chosen_logps < 0.0 && r.ref_rejected_logps < 0.0));
+        assert!(rows
+            .iter()
+            .all(|r| r.prompt_ids.len() + r.chosen_ids.len() <= 96));
+        assert!(
+            rows.windows(2).all(|w| w[0].row < w[1].row),
+            "rows stay in source order"
+        );
+    }
+    let report = read_json(&out.join("report.json"));
+    let train = &report["train_prefs"];
+    for key in [
+        "rows_read",
+        "rows_kept",
+        "dropped",
+        "tokens",
+        "seconds",
+        "tokens_per_second",
+    ] {
+        assert!(!train[key].is_null(), "report.json lacks {key}");
+    }
+    assert_eq!(train["rows_read"], 160);
+    // The demo contains one empty assistant turn and one identical pair per 97 rows.
+    assert_eq!(train["dropped"]["empty_assistant_turn"], 2);
+    assert_eq!(train["dropped"]["identical_responses"], 2);
+    assert_eq!(train["rows_kept"], 156);
+    // A second run finds the cache up to date.
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    assert_eq!(
+        read_json(&out.join("report.json"))["train_prefs"]["up_to_date"],
+        true
+    );
+    // show prints one example.
+    let shown = ok(&["show", "--config", cfg_s, "--index", "3"], tmp.path());
+    assert!(
+        shown.contains("<|im_start|>assistant") && shown.contains("chosen_ids"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn killed_precompute_resumes_to_identical_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let cfg_s = cfg.to_str().unwrap();
+    let out = tmp.path().join("cache");
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let files: Vec<_> = ["train_prefs", "test_prefs"]
+        .iter()
+        .flat_map(|s| [cache::parquet_path(&out, s), cache::arrow_path(&out, s)])
+        .collect();
+    let clean: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    std::fs::remove_dir_all(&out).unwrap();
+    // kill -9 at several moments, then let it finish: the result must be byte-identical.
+    for ms in [150u64, 400, 700, 1000, 1500, 2200] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_refdpo"))
+            .args(["precompute", "--config", cfg_s, "--quiet"])
+            .current_dir(tmp.path())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(ms));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    for (f, want) in files.iter().zip(&clean) {
+        assert!(
+            std::fs::read(f).unwrap() == *want,
+            "{} differs after resume",
+            f.display()
+        );
+    }
+    assert!(!out.join(".partial-train_prefs").exists());
+}
+
+#[test]
+fn bad_inputs_fail_fast_with_named_causes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let cfg_s = cfg.to_str().unwrap();
+    let err = fails(
+        &["precompute", "--config", cfg_s, "--set", "train.betta=0.2"],
+        tmp.path(),
+    );
+    assert!(err.contains("train.betta"), "{err}");
+    let err = fails(&["precompute", "--config", "no/such.toml"], tmp.path());
+    assert!(err.contains("no/such.toml"), "{err}");
+    let err = fails(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--set",
+            "demo.generate=false",
+            "--set",
+            "dataset.id=HuggingFaceH4/nope",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("HuggingFaceH4/nope") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+    // A parquet file with the wrong schema.
+    let bad = tmp.path().join("bad/data");
+    std::fs::create_dir_all(&bad).unwrap();
+    ok(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--set",
+            "dataset.limit=4",
+            "--quiet",
+        ],
+        tmp.path(),
+    );
+    std::fs::copy(
+        tmp.path().join("cache/train_prefs.parquet"),
+        bad.join("train_prefs-00000-of-00001.parquet"),
+    )
+    .unwrap();
+    let ds = tmp.path().join("bad");
+    let err = fails(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--set",
+            &format!("dataset.id={}", ds.display()),
+        ],
+        tmp.path(),
+    );
+    assert!(err.contains("column `chosen` is missing"), "{err}");
+    let out = refdpo(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--set",
+            "tokenize.truncation=middle",
+        ],
+        tmp.path(),
+    );
+    assert!(!out.status.success());
+}

@@ -1,0 +1,415 @@
+//! Stage two: gradients reach every parameter and match plain autograd; step-0 policy log-probs
+//! equal the cache (first loss ln 2); the demo learns; resume is exact; bad caches are refused.
+
+use super::common::{demo_config, fails, ok, read_json};
+use candle_core::{DType, Device, Tensor};
+use refdpo::cache::{self, MappedCache};
+use refdpo::logprobs::{self, SeqBatch};
+use refdpo::model::{init, OpMode, TransformerConfig};
+use refdpo::train::policy::Policy;
+
+fn tiny(arch: &str) -> TransformerConfig {
+    let tied = arch == "qwen2";
+    TransformerConfig::from_json(&format!(
+        r#"{{"model_type":"{arch}","vocab_size":37,"hidden_size":16,"intermediate_size":24,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,
+        "rope_theta":10000.0,"tie_word_embeddings":{tied}}}"#
+    ))
+    .unwrap()
+}
+
+fn batch(dev: &Device) -> SeqBatch {
+    let (p1, c1, r1) = (vec![1u32, 5, 7], vec![9u32, 3, 3, 4], vec![2u32, 8]);
+    let (p2, c2, r2) = (vec![4u32, 4], vec![30u32], vec![11u32, 12, 13, 14, 36]);
+    SeqBatch::pairs(
+        &[(&p1, &c1, &r1), (&p2, &c2, &r2)],
+        64,
+        refdpo::config::Truncation::KeepStart,
+        0,
+        dev,
+    )
+    .unwrap()
+}
+
+/// d loss/d sums fixed, so the reference gradient is one autograd pass through everything.
+const W: [f64; 4] = [0.7, -1.3, 0.4, 2.0];
+
+fn naive_grads(policy: &Policy, b: &SeqBatch) -> Vec<Tensor> {
+    let m = policy.tracked().unwrap();
+    let h = m
+        .forward_hidden(&b.input_ids, OpMode::Differentiable)
+        .unwrap();
+    let rows = b.gather_rows(&h).unwrap();
+    let lp = logprobs::token_logps(&rows, &m.lm_head, &b.targets).unwrap();
+    let w: Vec<f32> = b
+        .counts
+        .iter()
+        .zip(W)
+        .flat_map(|(&c, w)| std::iter::repeat_n(w as f32, c))
+        .collect();
+    let n = w.len();
+    let loss = (lp * Tensor::from_vec(w, n, &Device::Cpu).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let store = loss.backward().unwrap();
+    policy
+        .vars
+        .iter()
+        .map(|v| store.get(v.as_tensor()).unwrap().clone())
+        .collect()
+}
+
+#[test]
+fn blockwise_backward_matches_autograd_and_reaches_every_parameter() {
+    let dev = Device::Cpu;
+    for arch in ["llama", "qwen2"] {
+        let cfg = tiny(arch);
+        let policy = Policy::new(
+            &cfg,
+            init::init_weights(&cfg, 3, 0.3).unwrap(),
+            DType::F32,
+            &dev,
+        )
+        .unwrap();
+        let b = batch(&dev);
+        let want = naive_grads(&policy, &b);
+        for checkpointing in [true, false] {
+            let mut grads = policy.zero_grads();
+            policy
+                .forward_backward(&b, checkpointing, &mut grads, &mut |_| Ok(W.to_vec()))
+                .unwrap();
+            for ((name, g), w) in policy.names.iter().zip(&grads).zip(&want) {
+                let g = g
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
+                let norm = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt();
+                assert!(norm > 0.0, "{arch}: zero gradient for {name}");
+                let diff = (g - w)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = w
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff <= 1e-4 * scale.max(1e-3),
+                    "{arch} ckpt={checkpointing} {name}: {diff} vs {scale}"
+                );
+            }
+        }
+    }
+}
+
+fn final_weights(dir: &std::path::Path) -> Vec<u8> {
+    std::fs::read(dir.join("final/model.safetensors")).unwrap()
+}
+
+#[test]
+fn demo_trains_from_ln2_to_high_heldout_accuracy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(
+        tmp.path(),
+        "max_steps = 40\neval_every = 20\nsave_every = 20",
+    );
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+
+    // Step-0 policy log-probs equal the cached reference log-probs.
+    let mapped =
+        MappedCache::open(&cache::arrow_path(&tmp.path().join("cache"), "train_prefs")).unwrap();
+    let model_dir = tmp.path().join("demo/model");
+    let mcfg = TransformerConfig::from_file(&model_dir.join("config.json")).unwrap();
+    let files = refdpo::model::weights::weight_files(&model_dir).unwrap();
+    let w = refdpo::model::weights::load(&files, DType::F32, &Device::Cpu).unwrap();
+    let policy = Policy::new(&mcfg, w, DType::F32, &Device::Cpu).unwrap();
+    let rows: Vec<_> = (0..8).map(|i| mapped.to_row(i)).collect();
+    let ids: Vec<_> = rows
+        .iter()
+        .map(|r| (&r.prompt_ids[..], &r.chosen_ids[..], &r.rejected_ids[..]))
+        .collect();
+    let b = SeqBatch::pairs(
+        &ids,
+        96,
+        refdpo::config::Truncation::KeepStart,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let sums = policy.score(&b).unwrap();
+    for (i, r) in rows.iter().enumerate() {
+        for (got, want) in [
+            (sums[i], r.ref_chosen_logps),
+            (sums[8 + i], r.ref_rejected_logps),
+        ] {
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs(),
+                "row {i}: policy {got} vs cached {want}"
+            );
+        }
+    }
+
+    let summary = ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(tmp.path().join("run/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let first = &lines[0];
+    assert_eq!(first["step"], 1);
+    assert!(
+        (first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-3,
+        "{first}"
+    );
+    for key in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_second",
+    ] {
+        assert!(first[key].is_number(), "metrics.jsonl lacks {key}: {first}");
+    }
+    let eval = lines
+        .iter()
+        .rev()
+        .find(|l| l.get("eval/rewards/accuracies").is_some())
+        .unwrap();
+    assert!(
+        eval["eval/rewards/accuracies"].as_f64().unwrap() >= 0.8,
+        "{eval} / {summary}"
+    );
+    let run = tmp.path().join("run");
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "trainer_state.json",
+        "optimizer.safetensors",
+    ] {
+        assert!(run.join("final").join(f).exists(), "final/{f}");
+        assert!(
+            run.join("checkpoint-20").join(f).exists(),
+            "checkpoint-20/{f}"
+        );
+    }
+    assert_eq!(
+        read_json(&run.join("final/trainer_state.json"))["global_step"],
+        40
+    );
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "lr_schedule = \"constant\"\nsave_every = 3");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    ok(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--set",
+            "train.max_steps=6",
+            "--set",
+            "train.warmup_ratio=0",
+        ],
+        tmp.path(),
+    );
+    let full = final_weights(&tmp.path().join("run"));
+    let full_metrics = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+    std::fs::remove_dir_all(tmp.path().join("run")).unwrap();
+    ok(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "train.warmup_ratio=0",
+        ],
+        tmp.path(),
+    );
+    ok(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--resume",
+            "--set",
+            "train.max_steps=6",
+            "--set",
+            "train.warmup_ratio=0",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        final_weights(&tmp.path().join("run")) == full,
+        "resumed run ends with different weights"
+    );
+    let train_lines = |s: &str| {
+        s.lines()
+            .filter(|l| !l.contains("eval/"))
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                for k in ["tokens_per_second", "step_seconds"] {
+                    v.as_object_mut().unwrap().remove(k);
+                }
+                v
+            })
+            .collect::<Vec<_>>()
+    };
+    let resumed = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+    assert_eq!(train_lines(&resumed), train_lines(&full_metrics));
+}
+
+#[test]
+fn stale_corrupt_and_nonfinite_caches_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 2");
+    let cfg_s = cfg.to_str().unwrap();
+    let err = fails(&["train", "--config", cfg_s], tmp.path());
+    assert!(err.contains("refdpo precompute"), "{err}");
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let err = fails(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--set",
+            "tokenize.max_length=64",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("`max_length`") && err.contains("96") && err.contains("64"),
+        "{err}"
+    );
+    let err = fails(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--set",
+            "tokenize.truncation=keep_end",
+        ],
+        tmp.path(),
+    );
+    assert!(err.contains("`truncation`"), "{err}");
+
+    // Non-finite reference log-probs: the run stops with a clear message.
+    let arrow = cache::arrow_path(&tmp.path().join("cache"), "train_prefs");
+    let mapped = MappedCache::open(&arrow).unwrap();
+    let fp = mapped.fingerprint.clone();
+    let mut rows: Vec<_> = (0..mapped.len()).map(|i| mapped.to_row(i)).collect();
+    drop(mapped);
+    rows.iter_mut().for_each(|r| r.ref_chosen_logps = f64::NAN);
+    cache::ipc::write(&arrow, &rows, &fp).unwrap();
+    let err = fails(&["train", "--config", cfg_s], tmp.path());
+    assert!(err.contains("loss is NaN at step 1"), "{err}");
+
+    // A truncated file: an error that names it, not a panic.
+    let bytes = std::fs::read(&arrow).unwrap();
+    std::fs::write(&arrow, &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&["train", "--config", cfg_s], tmp.path());
+    assert!(
+        err.contains("train_prefs.arrow") && err.contains("corrupted"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `train.ref = "live"` runs the reference every step; on the same data it gives the cached run's losses.
+#[test]
+fn live_and_cached_reference_give_the_same_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 4");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
+    let live_out = tmp.path().join("live");
+    ok(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--set",
+            "train.ref=live",
+            "--set",
+            &format!("train.out={}", live_out.display()),
+        ],
+        tmp.path(),
+    );
+    let losses = |p: &std::path::Path| -> Vec<(String, f64)> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .flat_map(|v| {
+                ["loss", "eval/loss", "rewards/margins"]
+                    .into_iter()
+                    .filter_map(move |k| {
+                        v.get(k)
+                            .and_then(|x| x.as_f64())
+                            .map(|x| (k.to_string(), x))
+                    })
+            })
+            .collect()
+    };
+    let (cached, live) = (losses(&tmp.path().join("run")), losses(&live_out));
+    assert_eq!(cached.len(), live.len());
+    for ((k, a), (_, b)) in cached.iter().zip(&live) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+            "{k}: cached {a} vs live {b}"
+        );
+    }
+}
+
+/// The bf16 reference forward stays close to f32 (the cache stores f64 sums either way).
+#[test]
+fn bf16_reference_is_close_to_f32() {
+    let dev = Device::Cpu;
+    let cfg = tiny("llama");
+    let w = init::init_weights(&cfg, 5, 0.3).unwrap();
+    let model = |dt: DType| {
+        let t: std::collections::HashMap<String, Tensor> = w
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(dt).unwrap()))
+            .collect();
+        refdpo::model::Transformer::new(&cfg, &t).unwrap()
+    };
+    let b = batch(&dev);
+    let f32s = logprobs::score(&model(DType::F32), &b, OpMode::Fast).unwrap();
+    let bf16s = logprobs::score(&model(DType::BF16), &b, OpMode::Fast).unwrap();
+    for (a, c) in f32s.iter().zip(&bf16s) {
+        assert!((a - c).abs() <= 0.02 * a.abs(), "f32 {a} vs bf16 {c}");
+    }
+}
