@@ -3,24 +3,29 @@
 # weights and the same number of threads, reported as ratios.
 #   stage one: refdpo's whole `precompute` process vs torch's forward + log-probs alone
 #   stage two: refdpo train step time and peak memory, cached reference vs `ref = "live"`
-# Knobs: THREADS (2), PAIRS (32 per split), MAXLEN (512), PROFILE (release).
+# Knobs: THREADS (2), PAIRS (32 per split), MAXLEN (512), PROFILE (dev: dependencies — candle's
+# kernels included — are always optimized; `release` also optimizes refdpo's own crate),
+# PYTHON (an interpreter that already has bench/requirements.txt; else bench/.venv is made).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
 PAIRS=${PAIRS:-32}
 MAXLEN=${MAXLEN:-512}
-PROFILE=${PROFILE:-release}
+PROFILE=${PROFILE:-dev}
 REAL=../shared/realdata
 if [ ! -d "$REAL" ]; then
   echo "make bench needs ../shared/realdata (real UltraFeedback rows and the SmolLM2 tokenizer)" >&2
   exit 1
 fi
-VENV=bench/.venv
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q -r bench/requirements.txt
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  VENV=bench/.venv
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q -r bench/requirements.txt
+  fi
+  PY="$VENV/bin/python"
 fi
-PY="$VENV/bin/python"
 W=bench/work
 rm -rf "$W"
 mkdir -p "$W" bench/results
@@ -67,7 +72,7 @@ def step_median(path):
     return statistics.median(l["step_seconds"] for l in lines if "step_seconds" in l)
 sc, sl = step_median(f"{w}/metrics-cached.jsonl"), step_median(f"{w}/run-live/metrics.jsonl")
 res = {
-    "setup": {"threads": int(threads), "pairs_per_split": int(pairs), "max_length": int(maxlen), "model": "random Llama, vocab 49152, 4 layers, hidden 256 (bench/make_model.py)"},
+    "setup": {"profile": __import__("os").environ.get("PROFILE", "dev"), "threads": int(threads), "pairs_per_split": int(pairs), "max_length": int(maxlen), "model": "random Llama, vocab 49152, 4 layers, hidden 256 (bench/make_model.py)"},
     "precompute": {"tokens": tokens, "refdpo_process_seconds": ours["seconds"], "refdpo_peak_rss_mib": ours["peak_rss_mib"],
                    "torch_forward_seconds": peer_s, "torch_tokens": pt["tokens"] + pe["tokens"],
                    "max_rel_diff_vs_torch": max(pt["max_rel_diff"], pe["max_rel_diff"]),

@@ -143,14 +143,21 @@ pub fn token_logps(rows: &Tensor, lm_head: &Tensor, targets: &Tensor) -> Result<
     let mut parts = Vec::with_capacity(n.div_ceil(step));
     for start in (0..n).step_by(step) {
         let len = step.min(n - start);
-        // [len, V] logits in f32, log-softmax, pick the target column.
+        // [len, V] logits in f32; log p(target) = logit[target] − max − log Σ exp(logit − max),
+        // without writing a second [len, V] tensor for the log-softmax.
         let logits = rows
             .narrow(0, start, len)?
             .matmul(&lm_head.t()?)?
             .to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let tgt = targets.narrow(0, start, len)?.unsqueeze(1)?;
-        parts.push(logp.gather(&tgt, 1)?.squeeze(1)?);
+        let tgt = targets.narrow(0, start, len)?;
+        let max = logits.max_keepdim(D::Minus1)?; // [len, 1]
+        let lse = logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?; // [len, 1]
+        let picked = logits.gather(&tgt.unsqueeze(1)?, 1)?; // [len, 1]
+        parts.push(((picked - max)? - lse)?.squeeze(1)?);
     }
     if parts.is_empty() {
         return Ok(Tensor::zeros(0, DType::F32, rows.device())?);

@@ -71,6 +71,8 @@ fn lengths(path: &Path, s: &Stats) -> Res {
         .configure_mesh()
         .x_desc("completion tokens (after truncation)")
         .y_desc("pairs")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .axis_desc_style(("sans-serif", 16))
         .draw()
         .map_err(e)?;
@@ -116,6 +118,8 @@ fn win_rate(path: &Path, s: &Stats) -> Res {
     chart
         .configure_mesh()
         .x_desc("decile of |length difference| (1 = smallest)")
+        .x_labels(10)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("fraction of pairs where the longer answer won")
         .axis_desc_style(("sans-serif", 16))
         .draw()
@@ -194,6 +198,7 @@ fn margins(path: &Path, s: &Stats) -> Res {
     chart
         .configure_mesh()
         .x_desc("len(chosen) - len(rejected), tokens")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("margin (nats; policy: beta-scaled)")
         .axis_desc_style(("sans-serif", 16))
         .draw()
