@@ -3,6 +3,7 @@
 
 use super::queries::Stats;
 use crate::error::{fs, Error, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,20 @@ pub fn write_all(dir: &Path, s: &Stats) -> Result<Vec<PathBuf>> {
 }
 
 type Res = std::result::Result<(), String>;
+
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The boxed legend every chart draws.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition) -> Res {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .draw()
+        .map_err(e)
+}
 
 /// A labelled, coloured point cloud.
 type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
@@ -91,14 +106,7 @@ fn lengths(path: &Path, s: &Stats) -> Res {
                 Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.mix(0.6).filled())
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 16))
-        .draw()
-        .map_err(e)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(e)
 }
 
@@ -145,14 +153,7 @@ fn win_rate(path: &Path, s: &Stats) -> Res {
     chart
         .draw_series(pts.iter().map(|&p| Circle::new(p, 5, CHOSEN.filled())))
         .map_err(e)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 16))
-        .draw()
-        .map_err(e)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(e)
 }
 
@@ -213,13 +214,6 @@ fn margins(path: &Path, s: &Stats) -> Res {
             .label(label)
             .legend(move |(x, y)| Circle::new((x + 7, y), 4, color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 16))
-        .draw()
-        .map_err(e)?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(e)
 }

@@ -1,8 +1,8 @@
 //! The forward pass against transformers' fp32 goldens for the real tiny Llama and Qwen2
 //! checkpoints in ../shared/realdata (both the fast and the differentiable op sets).
 
-use super::common::realdata;
-use candle_core::{DType, Device, Tensor};
+use super::common::{max_abs, max_abs_diff, realdata};
+use candle_core::{DType, Device};
 use refdpo::model::{weights, OpMode, Transformer, TransformerConfig};
 
 fn check(name: &str) {
@@ -23,21 +23,8 @@ fn check(name: &str) {
     let want = &expected["logits"];
     for mode in [OpMode::Fast, OpMode::Differentiable] {
         let got = model.forward_logits(&ids, mode).unwrap();
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&got, want);
+        let scale = max_abs(want);
         assert!(
             diff <= 1e-4 * scale.max(1.0),
             "{name} {mode:?}: max |Δlogit| {diff} (scale {scale})"
@@ -45,16 +32,8 @@ fn check(name: &str) {
     }
     // The final hidden states too (final_norm), to localize any drift.
     let h = model.forward_hidden(&ids, OpMode::Fast).unwrap();
-    let d = (h - &expected["final_norm"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&h, &expected["final_norm"]);
     assert!(d < 1e-4, "{name}: final_norm differs by {d}");
-    let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Stage two: gradients reach every parameter and match plain autograd; step-0 policy log-probs
 //! equal the cache (first loss ln 2); the demo learns; resume is exact; bad caches are refused.
 
-use super::common::{demo_config, fails, ok, read_json};
+use super::common::{demo_config, fails, max_abs, max_abs_diff, ok, read_json};
 use candle_core::{DType, Device, Tensor};
 use refdpo::cache::{self, MappedCache};
 use refdpo::logprobs::{self, SeqBatch};
@@ -92,21 +92,8 @@ fn blockwise_backward_matches_autograd_and_reaches_every_parameter() {
                     .unwrap()
                     .sqrt();
                 assert!(norm > 0.0, "{arch}: zero gradient for {name}");
-                let diff = (g - w)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let scale = w
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = max_abs_diff(g, w);
+                let scale = max_abs(w);
                 assert!(
                     diff <= 1e-4 * scale.max(1e-3),
                     "{arch} ckpt={checkpointing} {name}: {diff} vs {scale}"
