@@ -101,11 +101,6 @@ impl SeqBatch {
             .collect();
         Self::new(&seqs, pad_id, device)
     }
-
-    /// Tokens the forward actually runs (excluding padding).
-    pub fn real_tokens(&self, contexts: usize) -> usize {
-        contexts + self.counts.iter().sum::<usize>()
-    }
 }
 
 /// Summed completion log-probs of each sequence under a frozen model (no graph is built).

@@ -258,7 +258,7 @@ fn score_chunk(
     let (l, t) = (cfg.tokenize.max_length, cfg.tokenize.truncation);
     let mut order: Vec<usize> = (0..pairs.len()).collect();
     // Longest first, so padding is small and the largest batch (peak memory) comes first.
-    order.sort_by_key(|&i| std::cmp::Reverse(sequence_tokens(&pairs[i], cfg)));
+    order.sort_by_cached_key(|&i| std::cmp::Reverse(sequence_tokens(&pairs[i], cfg)));
     let mut logps = vec![(0.0, 0.0); pairs.len()];
     for batch in order.chunks(cfg.precompute.batch_size) {
         let ids: Vec<_> = batch
