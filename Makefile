@@ -29,9 +29,18 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# CPU benchmark against PyTorch/transformers (installs the peer into bench/.venv on first use).
+# Benchmarks against PyTorch/transformers and TRL (BENCHMARKS.md). CPU: installs the peer into
+# bench/.venv on first use. DEVICE=cuda: one stage of bench/gpu.py, run on the GPU host
+# (STAGE=matmul|precompute|train, MODELS=qwen2-0.5b,qwen2-1.5b,smollm2-1.7b, REFDPO=binary).
+DEVICE ?= cpu
+STAGE ?= precompute
+MODELS ?= qwen2-0.5b,qwen2-1.5b,smollm2-1.7b
 bench:
+ifeq ($(DEVICE),cuda)
+	python3 bench/gpu.py $(STAGE) --models $(MODELS)
+else
 	bash bench/run.sh
+endif
 
 # Regenerate the TRL/transformers fixtures (needs pip; see tests/fixtures/README.md).
 fixtures:  # needs tests/fixtures/requirements.txt installed

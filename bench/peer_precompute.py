@@ -41,24 +41,31 @@ for c in range(0, len(t), a.chunk):
     for b in range(0, len(order), a.batch):
         batches.append([chunk[i] for i in order[b : b + a.batch]])
 
-tokens, max_rel, start = 0, 0.0, time.perf_counter()
+def forward(rows):
+    """Summed completion log-probs of the chosen then rejected sequences of `rows`."""
+    seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
+    starts = [len(r["prompt_ids"]) for r in rows] * 2
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), T), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    sums = [float(logp[i, starts[i] - 1 : len(s) - 1].double().sum()) for i, s in enumerate(seqs)]
+    return sums, sum(len(s) for s in seqs)
+
+
 with torch.inference_mode():
+    if dev.type == "cuda":
+        forward(batches[0])  # warm-up (cuBLAS handles, allocator), untimed
+        torch.cuda.synchronize()
+    tokens, max_rel, start = 0, 0.0, time.perf_counter()
     for rows in batches:
-        seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
-        starts = [len(r["prompt_ids"]) for r in rows] * 2
-        T = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), T), dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        sums = []
-        for i, s in enumerate(seqs):
-            sums.append(float(logp[i, starts[i] - 1 : len(s) - 1].double().sum()))
-            tokens += len(s)
+        sums, n_tokens = forward(rows)
+        tokens += n_tokens
         n = len(rows)
         for i, r in enumerate(rows):
             for got, want in ((sums[i], r["ref_chosen_logps"]), (sums[n + i], r["ref_rejected_logps"])):

@@ -2,7 +2,8 @@
 # `make bench` (CPU): refdpo against PyTorch/transformers in one run, on the same pairs, the same
 # weights and the same number of threads, reported as ratios.
 #   stage one: refdpo's whole `precompute` process vs torch's forward + log-probs alone
-#   stage two: refdpo train step time and peak memory, cached reference vs `ref = "live"`
+#   stage two: refdpo train step time and peak memory, cached reference vs `ref = "live"`, and
+#              the cached run with bf16 gradients and AdamW moments (`train.state_dtype`)
 # Knobs: THREADS (2), PAIRS (32 per split), MAXLEN (512), PROFILE (dev: dependencies — candle's
 # kernels included — are always optimized; `release` also optimizes refdpo's own crate),
 # PYTHON (an interpreter that already has bench/requirements.txt; else bench/.venv is made).
@@ -30,7 +31,7 @@ W=bench/work
 rm -rf "$W"
 mkdir -p "$W" bench/results
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
-"$PY" bench/make_model.py "$W/model"
+"$PY" bench/make_model.py "$W/model" --preset cpu-bench
 cargo build --profile "$PROFILE" --quiet --bin refdpo
 REFDPO=(cargo run --profile "$PROFILE" --quiet --bin refdpo --)
 cat > "$W/bench.toml" <<TOML
@@ -60,10 +61,11 @@ echo "== stage two: refdpo train, cached vs live reference (6 steps, 4 pairs)"
 cached=$("$PY" bench/measure.py -- "${REFDPO[@]}" train --config "$W/bench.toml" --quiet)
 cp "$W/run/metrics.jsonl" "$W/metrics-cached.jsonl"
 live=$("$PY" bench/measure.py -- "${REFDPO[@]}" train --config "$W/bench.toml" --quiet --set train.ref=live --set train.out="$W/run-live")
-"$PY" - "$W" "$ours" "$peer_train" "$peer_test" "$cached" "$live" "$THREADS" "$PAIRS" "$MAXLEN" <<'PY'
+lean=$("$PY" bench/measure.py -- "${REFDPO[@]}" train --config "$W/bench.toml" --quiet --set train.state_dtype=bf16 --set train.out="$W/run-bf16")
+"$PY" - "$W" "$ours" "$peer_train" "$peer_test" "$cached" "$live" "$lean" "$THREADS" "$PAIRS" "$MAXLEN" <<'PY'
 import json, statistics, sys, pathlib
-w, ours, pt, pe, cached, live = sys.argv[1], *map(json.loads, sys.argv[2:7])
-threads, pairs, maxlen = sys.argv[7:10]
+w, ours, pt, pe, cached, live, lean = sys.argv[1], *map(json.loads, sys.argv[2:8])
+threads, pairs, maxlen = sys.argv[8:11]
 report = json.loads(pathlib.Path(w, "cache/report.json").read_text())
 tokens = sum(report[s]["tokens"] for s in report)
 peer_s = pt["seconds"] + pe["seconds"]
@@ -71,6 +73,7 @@ def step_median(path):
     lines = [json.loads(l) for l in pathlib.Path(path).read_text().splitlines()]
     return statistics.median(l["step_seconds"] for l in lines if "step_seconds" in l)
 sc, sl = step_median(f"{w}/metrics-cached.jsonl"), step_median(f"{w}/run-live/metrics.jsonl")
+sb = step_median(f"{w}/run-bf16/metrics.jsonl")
 res = {
     "setup": {"profile": __import__("os").environ.get("PROFILE", "dev"), "threads": int(threads), "pairs_per_split": int(pairs), "max_length": int(maxlen), "model": "random Llama, vocab 49152, 4 layers, hidden 256 (bench/make_model.py)"},
     "precompute": {"tokens": tokens, "refdpo_process_seconds": ours["seconds"], "refdpo_peak_rss_mib": ours["peak_rss_mib"],
@@ -79,7 +82,9 @@ res = {
                    "ratio_torch_forward_over_refdpo_process": peer_s / ours["seconds"]},
     "train": {"cached_step_median_s": sc, "live_step_median_s": sl, "cached_peak_rss_mib": cached["peak_rss_mib"],
               "live_peak_rss_mib": live["peak_rss_mib"], "step_time_ratio_cached_over_live": sc / sl,
-              "peak_rss_ratio_cached_over_live": cached["peak_rss_mib"] / live["peak_rss_mib"]},
+              "peak_rss_ratio_cached_over_live": cached["peak_rss_mib"] / live["peak_rss_mib"],
+              "cached_bf16_state_step_median_s": sb, "cached_bf16_state_peak_rss_mib": lean["peak_rss_mib"],
+              "peak_rss_ratio_bf16_state_over_live": lean["peak_rss_mib"] / live["peak_rss_mib"]},
 }
 pathlib.Path("bench/results/cpu-latest.json").write_text(json.dumps(res, indent=1) + "\n")
 p, t = res["precompute"], res["train"]
@@ -95,6 +100,8 @@ max relative difference of the log-probs, refdpo vs torch: {p['max_rel_diff_vs_t
 |---|---|---|
 | refdpo, cached reference | {sc:.3f} | {cached['peak_rss_mib']:.0f} |
 | refdpo, live reference | {sl:.3f} | {live['peak_rss_mib']:.0f} |
+| refdpo, cached, bf16 gradients + moments | {sb:.3f} | {lean['peak_rss_mib']:.0f} |
 | **ratio cached / live** | **{sc / sl:.2f}x** | **{cached['peak_rss_mib'] / live['peak_rss_mib']:.2f}x** |
+| **ratio cached bf16 state / live** | **{sb / sl:.2f}x** | **{lean['peak_rss_mib'] / live['peak_rss_mib']:.2f}x** |
 (results also in bench/results/cpu-latest.json)""")
 PY

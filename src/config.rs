@@ -147,6 +147,9 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Recompute each block's activations during backward instead of keeping them.
     pub gradient_checkpointing: bool,
+    /// Storage dtype of the gradients and AdamW moments: f32 (torch's AdamW) or bf16 (half
+    /// their memory; moments rounded stochastically). Master weights stay f32 either way.
+    pub state_dtype: String,
 }
 
 impl Default for TrainConfig {
@@ -177,6 +180,7 @@ impl Default for TrainConfig {
             save_every: 0,
             log_every: 1,
             gradient_checkpointing: true,
+            state_dtype: "f32".into(),
         }
     }
 }
@@ -305,6 +309,12 @@ impl Config {
             return bad(
                 "train.label_smoothing",
                 format!("= {} must be in [0, 0.5)", t.label_smoothing),
+            );
+        }
+        if !matches!(t.state_dtype.as_str(), "f32" | "bf16") {
+            return bad(
+                "train.state_dtype",
+                format!("= {:?}: use f32 or bf16", t.state_dtype),
             );
         }
         if t.beta <= 0.0 {

@@ -22,5 +22,8 @@ pub mod stats;
 pub mod tokenize;
 pub mod train;
 
+#[cfg(test)]
+mod test_util;
+
 pub use config::Config;
 pub use error::{Error, Result};

@@ -133,66 +133,112 @@ fn chunk_rows(vocab: usize) -> usize {
 /// Differentiable when the inputs are tracked, but then each chunk's graph is kept: training uses
 /// [`token_logps_backward`] on detached inputs instead.
 pub fn token_logps(rows: &Tensor, lm_head: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    Ok(token_logps_lse(rows, lm_head, targets)?.0)
+}
+
+/// [`token_logps`] and each row's log-sum-exp over the vocabulary ([N] f32 each): the backward
+/// needs the latter to normalize one vocabulary chunk at a time.
+pub fn token_logps_lse(
+    rows: &Tensor,
+    lm_head: &Tensor,
+    targets: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let (n, _) = rows.dims2()?;
     let step = chunk_rows(lm_head.dim(0)?);
-    let mut parts = Vec::with_capacity(n.div_ceil(step));
+    let (mut logps, mut lses) = (Vec::new(), Vec::new());
     for start in (0..n).step_by(step) {
         let len = step.min(n - start);
-        // [len, V] logits in f32; log p(target) = logit[target] − max − log Σ exp(logit − max),
-        // without writing a second [len, V] tensor for the log-softmax.
+        // [len, V] logits in f32; log p(target) = logit[target] − lse, lse = max + log Σ
+        // exp(logit − max), without writing a second [len, V] tensor for the log-softmax.
         let logits = rows
             .narrow(0, start, len)?
             .matmul(&lm_head.t()?)?
             .to_dtype(DType::F32)?;
         let tgt = targets.narrow(0, start, len)?;
         let max = logits.max_keepdim(D::Minus1)?; // [len, 1]
-        let lse = logits
+        let lse = (logits
             .broadcast_sub(&max)?
             .exp()?
             .sum_keepdim(D::Minus1)?
-            .log()?; // [len, 1]
+            .log()?
+            + &max)?; // [len, 1]
         let picked = logits.gather(&tgt.unsqueeze(1)?, 1)?; // [len, 1]
-        parts.push(((picked - max)? - lse)?.squeeze(1)?);
+        logps.push((picked - &lse)?.squeeze(1)?);
+        lses.push(lse.squeeze(1)?);
     }
-    if parts.is_empty() {
-        return Ok(Tensor::zeros(0, DType::F32, rows.device())?);
+    if logps.is_empty() {
+        let empty = Tensor::zeros(0, DType::F32, rows.device())?;
+        return Ok((empty.clone(), empty));
     }
-    Ok(Tensor::cat(&parts, 0)?)
+    Ok((Tensor::cat(&logps, 0)?, Tensor::cat(&lses, 0)?))
 }
 
-/// Backward of [`token_logps`] for upstream gradient `g` [N] (f32): returns
-/// (d/d rows [N, H], d/d lm_head [V, H]) in the dtype of `rows`, recomputing each chunk's logits.
+/// Backward of [`token_logps`] for upstream gradient `g` [N] (f32), given each row's
+/// log-sum-exp `lse` [N] from [`token_logps_lse`]: returns (d/d rows [N, H] in the dtype of
+/// `rows`, d/d lm_head [V, H] in f32).
+///
+/// d logp/d logits · g = g·onehot(target) − g·softmax(logits). It goes one vocabulary chunk at
+/// a time, so each chunk's `lm_head` gradient is written once into its rows (no full-size
+/// [V, H] partial sums) and only [N, chunk] logits exist at once.
 pub fn token_logps_backward(
     rows: &Tensor,
     lm_head: &Tensor,
     targets: &Tensor,
     g: &Tensor,
+    lse: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let (n, _) = rows.dims2()?;
+    let step = LOGITS_BUDGET / rows.dim(0)?.max(1);
+    backward_by_vocab_chunks(rows, lm_head, targets, g, lse, step)
+}
+
+/// [`token_logps_backward`] with `step` vocabulary entries per chunk.
+fn backward_by_vocab_chunks(
+    rows: &Tensor,
+    lm_head: &Tensor,
+    targets: &Tensor,
+    g: &Tensor,
+    lse: &Tensor,
+    step: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (n, h) = rows.dims2()?;
+    let vocab = lm_head.dim(0)?;
     let dtype = rows.dtype();
-    let step = chunk_rows(lm_head.dim(0)?);
-    let mut grad_rows = Vec::with_capacity(n.div_ceil(step));
-    let mut grad_w = lm_head.zeros_like()?.to_dtype(DType::F32)?;
-    for start in (0..n).step_by(step) {
-        let len = step.min(n - start);
-        let h = rows.narrow(0, start, len)?;
-        let logits = h.matmul(&lm_head.t()?)?.to_dtype(DType::F32)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-        let g_chunk = g.narrow(0, start, len)?.unsqueeze(1)?; // [len, 1]
-        let tgt = targets.narrow(0, start, len)?.unsqueeze(1)?;
-        // d logp/d logits · g = g·onehot − g·p   [len, V]
-        let onehot_g = probs.zeros_like()?.scatter_add(&tgt, &g_chunk, 1)?;
-        let grad_logits = (onehot_g - probs.broadcast_mul(&g_chunk)?)?.to_dtype(dtype)?;
-        grad_rows.push(grad_logits.matmul(lm_head)?); // [len, H]
-        grad_w = (grad_w + grad_logits.t()?.matmul(&h)?.to_dtype(DType::F32)?)?;
-        // [V, H]
+    let dev = rows.device();
+    let grad_w = Tensor::zeros((vocab, h), DType::F32, dev)?;
+    if n == 0 {
+        return Ok((rows.zeros_like()?, grad_w));
     }
-    let grad_rows = if grad_rows.is_empty() {
-        rows.zeros_like()?
-    } else {
-        Tensor::cat(&grad_rows, 0)?
-    };
-    Ok((grad_rows, grad_w.to_dtype(dtype)?))
+    let step = step.clamp(1, vocab);
+    let tgt: Vec<u32> = targets.to_vec1()?;
+    let g_host: Vec<f32> = g.to_dtype(DType::F32)?.to_vec1()?;
+    let g_col = g.to_dtype(DType::F32)?.unsqueeze(1)?; // [N, 1]
+    let lse = lse.unsqueeze(1)?; // [N, 1]
+    let mut grad_rows = Tensor::zeros((n, h), DType::F32, dev)?;
+    for v0 in (0..vocab).step_by(step) {
+        let len = step.min(vocab - v0);
+        let w = lm_head.narrow(0, v0, len)?; // [len, H]
+        let logits = rows.matmul(&w.t()?)?.to_dtype(DType::F32)?; // [N, len]
+        let probs = logits.broadcast_sub(&lse)?.exp()?;
+        // g at each row's target column when the target falls in this chunk
+        let (mut idx, mut val) = (vec![0u32; n], vec![0f32; n]);
+        for (r, &t) in tgt.iter().enumerate() {
+            if (v0..v0 + len).contains(&(t as usize)) {
+                idx[r] = t - v0 as u32;
+                val[r] = g_host[r];
+            }
+        }
+        let idx = Tensor::from_vec(idx, (n, 1), dev)?;
+        let val = Tensor::from_vec(val, (n, 1), dev)?;
+        let onehot_g = probs.zeros_like()?.scatter_add(&idx, &val, 1)?;
+        let grad_logits = (onehot_g - probs.broadcast_mul(&g_col)?)?.to_dtype(dtype)?; // [N, len]
+        grad_w.slice_set(
+            &grad_logits.t()?.matmul(rows)?.to_dtype(DType::F32)?, // [len, H]
+            0,
+            v0,
+        )?;
+        grad_rows = (grad_rows + grad_logits.matmul(&w)?.to_dtype(DType::F32)?)?;
+    }
+    Ok((grad_rows.to_dtype(dtype)?, grad_w))
 }
 
 #[cfg(test)]
@@ -209,19 +255,16 @@ mod tests {
         let g = Tensor::new(&[0.5f32, -1.0, 2.0, 0.0, 1.5, -0.25, 3.0], &dev).unwrap();
         let lp = token_logps(rows.as_tensor(), w.as_tensor(), &targets).unwrap();
         let grads = (lp * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let (gr, gw) = token_logps_backward(rows.as_tensor(), w.as_tensor(), &targets, &g).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(diff(grads.get(rows.as_tensor()).unwrap(), &gr) < 1e-5);
-        assert!(diff(grads.get(w.as_tensor()).unwrap(), &gw) < 1e-5);
+        let (_, lse) = token_logps_lse(rows.as_tensor(), w.as_tensor(), &targets).unwrap();
+        let diff = crate::test_util::max_abs_diff;
+        // one vocabulary chunk, then chunks of 3 (the last one short: 11 = 3 + 3 + 3 + 2)
+        for step in [usize::MAX, 3] {
+            let (gr, gw) =
+                backward_by_vocab_chunks(rows.as_tensor(), w.as_tensor(), &targets, &g, &lse, step)
+                    .unwrap();
+            assert!(diff(grads.get(rows.as_tensor()).unwrap(), &gr) < 1e-5);
+            assert!(diff(grads.get(w.as_tensor()).unwrap(), &gw) < 1e-5);
+        }
     }
 
     #[test]

@@ -155,12 +155,14 @@ fn run_split(
         && cache::parquet::read_fingerprint(&pq).ok().as_ref() == Some(&fingerprint)
         && MappedCache::open(&arrow).is_ok_and(|m| m.fingerprint == fingerprint);
     let mut resumed = 0;
+    let mut score_seconds = 0.0;
     if up_to_date {
         if !quiet {
             eprintln!("{split}: cache is up to date ({})", pq.display());
         }
     } else {
         let partial = out.join(format!(".partial-{split}"));
+        let scoring = Instant::now();
         resumed = score_chunks(
             cfg,
             model,
@@ -171,6 +173,7 @@ fn run_split(
             quiet,
             split,
         )?;
+        score_seconds = scoring.elapsed().as_secs_f64();
         let mut cached = Vec::with_capacity(pairs.len());
         for c in 0..pairs.len().div_ceil(cfg.precompute.chunk_pairs) {
             let chunk = MappedCache::open(&chunk_path(&partial, c))?;
@@ -189,6 +192,8 @@ fn run_split(
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_second": tokens as f64 / seconds.max(1e-9),
+        // the reference forward + log-probs alone (0 when the cache was up to date)
+        "score_seconds": score_seconds,
         "resumed_chunks": resumed,
         "up_to_date": up_to_date,
         "parquet": pq,

@@ -5,8 +5,17 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use candle_core::Device;
 
-/// Parses `--device` (default: CUDA when built with it and present, else CPU).
+/// Parses `--device` (default: CUDA when built with it and present, else CPU). On CUDA, f32
+/// matmuls may use TF32 (as `torch.backends.cuda.matmul.allow_tf32`); bf16 ones are unchanged.
 pub fn device(spec: Option<&str>) -> Result<Device> {
+    let device = parse_device(spec)?;
+    if device.is_cuda() {
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
+    Ok(device)
+}
+
+fn parse_device(spec: Option<&str>) -> Result<Device> {
     match spec {
         None => Ok(Device::cuda_if_available(0)?),
         Some("cpu") => Ok(Device::Cpu),

@@ -39,6 +39,15 @@ fn linear(p: &dyn ParamSource, prefix: &str, bias: bool) -> Result<Linear> {
     Ok(Linear::new(w, b))
 }
 
+/// Upper bound on the elements of one chunk of attention scores (sequences × heads × T × T):
+/// bounds activation memory and stays far below candle's 32-bit CUDA element count.
+const SCORES_BUDGET: usize = 1 << 25;
+
+/// Sequences per attention chunk for `heads` heads over `seq_len` positions (at least one).
+pub fn attention_chunk(heads: usize, seq_len: usize) -> usize {
+    (SCORES_BUDGET / (heads * seq_len * seq_len).max(1)).max(1)
+}
+
 /// RMSNorm as in HF: normalize in f32, cast back, scale.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -47,6 +56,13 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            eps: eps as f32,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, mode: OpMode) -> Result<Tensor> {
         Ok(match mode {
             OpMode::Fast => candle_nn::ops::rms_norm(x, &self.weight, self.eps)?,
@@ -120,15 +136,9 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// x: [B, T, H]; cos/sin: [T, hd/2]; mask: [T, T] additive causal → [B, T, H]
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        mode: OpMode,
-    ) -> Result<Tensor> {
+    /// x: [B, T, H] → [B, T, H]
+    fn forward(&self, x: &Tensor, ctx: &SeqContext, mode: OpMode) -> Result<Tensor> {
+        let (cos, sin) = (&ctx.cos, &ctx.sin);
         let (b, t, _) = x.dims3()?;
         let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
             // [B, T, n*hd] → [B, n, T, hd]
@@ -154,8 +164,43 @@ impl Attention {
         let rep = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(k, rep)?;
         let v = repeat_kv(v, rep)?;
+        // Scores for all sequences at once would be [B, nh, T, T]: go a few sequences at a time.
+        let step = ctx.attn_seqs.max(1);
+        let mut outs = Vec::with_capacity(b.div_ceil(step));
+        for start in (0..b).step_by(step) {
+            let len = step.min(b - start);
+            outs.push(self.attend(
+                &q.narrow(0, start, len)?,
+                &k.narrow(0, start, len)?,
+                &v.narrow(0, start, len)?,
+                &ctx.mask,
+                mode,
+            )?);
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one chunk")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        // [B, nh, T, hd] → [B, T, nh*hd]
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
+        Ok(self.o.forward(&out)?)
+    }
+
+    /// q, k, v: [b, nh, T, hd]; mask [T, T] → [b, nh, T, hd]. Softmax in f32, as HF's eager
+    /// attention does.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        mode: OpMode,
+    ) -> Result<Tensor> {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // scores [B, nh, T, T], softmax in f32 as HF's eager attention does.
+        // scores [b, nh, T, T]
         let scores = (q.matmul(&k.t()?)? * scale)?
             .to_dtype(DType::F32)?
             .broadcast_add(mask)?;
@@ -164,13 +209,7 @@ impl Attention {
             OpMode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
         }
         .to_dtype(v.dtype())?;
-        // [B, nh, T, hd] → [B, T, nh*hd]
-        let out =
-            probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, self.num_heads * self.head_dim))?;
-        Ok(self.o.forward(&out)?)
+        Ok(probs.matmul(v)?)
     }
 }
 
@@ -209,14 +248,12 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(cfg: &TransformerConfig, p: &dyn ParamSource, i: usize) -> Result<Self> {
+    /// Layer `i`'s weights from `p` (the policy loads one block at a time this way).
+    pub fn load(cfg: &TransformerConfig, p: &dyn ParamSource, i: usize) -> Result<Self> {
         let pre = format!("model.layers.{i}");
-        let eps = cfg.rms_norm_eps as f32;
+        let eps = cfg.rms_norm_eps;
         let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm {
-                weight: p.get(&format!("{pre}.{name}.weight"))?,
-                eps,
-            })
+            Ok(RmsNorm::new(p.get(&format!("{pre}.{name}.weight"))?, eps))
         };
         Ok(Self {
             input_norm: norm("input_layernorm")?,
@@ -241,7 +278,7 @@ impl Block {
     /// x: [B, T, H] → [B, T, H]
     pub fn forward(&self, x: &Tensor, ctx: &SeqContext, mode: OpMode) -> Result<Tensor> {
         let h = self.input_norm.forward(x, mode)?;
-        let x = (x + self.attn.forward(&h, &ctx.cos, &ctx.sin, &ctx.mask, mode)?)?;
+        let x = (x + self.attn.forward(&h, ctx, mode)?)?;
         let h = self.post_norm.forward(&x, mode)?;
         Ok((&x + self.mlp.forward(&h)?)?)
     }
@@ -253,6 +290,8 @@ pub struct SeqContext {
     pub sin: Tensor,
     /// [T, T] additive causal mask in f32 (0 on and below the diagonal, -inf above).
     pub mask: Tensor,
+    /// Sequences per chunk of attention scores ([`attention_chunk`]).
+    pub attn_seqs: usize,
 }
 
 /// The whole decoder, with the `lm_head` weight kept apart for chunked log-probs.
@@ -271,6 +310,16 @@ pub struct Transformer {
 impl Transformer {
     /// Builds the model from HF-named tensors (already in the compute dtype).
     pub fn new(cfg: &TransformerConfig, p: &dyn ParamSource) -> Result<Self> {
+        let mut model = Self::shell(cfg, p)?;
+        model.blocks = (0..cfg.num_layers)
+            .map(|i| Block::load(cfg, p, i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(model)
+    }
+
+    /// Everything but the blocks (embedding, final norm, `lm_head`): the policy loads its blocks
+    /// one at a time with [`Block::load`], so only one block's compute copy exists at once.
+    pub fn shell(cfg: &TransformerConfig, p: &dyn ParamSource) -> Result<Self> {
         let embed_w = p.get("model.embed_tokens.weight")?;
         let dtype = embed_w.dtype();
         let lm_head = if cfg.tie_word_embeddings {
@@ -278,17 +327,11 @@ impl Transformer {
         } else {
             p.get("lm_head.weight")?
         };
-        let blocks = (0..cfg.num_layers)
-            .map(|i| Block::new(cfg, p, i))
-            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
             embed: Embedding::new(embed_w, cfg.hidden_size),
-            blocks,
-            final_norm: RmsNorm {
-                weight: p.get("model.norm.weight")?,
-                eps: cfg.rms_norm_eps as f32,
-            },
+            blocks: Vec::new(),
+            final_norm: RmsNorm::new(p.get("model.norm.weight")?, cfg.rms_norm_eps),
             lm_head,
             rope: Rope::new(cfg),
             dtype,
@@ -305,7 +348,12 @@ impl Transformer {
             .flat_map(|i| (0..seq_len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
         let mask = Tensor::from_vec(mask, (seq_len, seq_len), device)?;
-        Ok(SeqContext { cos, sin, mask })
+        Ok(SeqContext {
+            cos,
+            sin,
+            mask,
+            attn_seqs: attention_chunk(self.cfg.num_heads, seq_len),
+        })
     }
 
     /// input_ids [B, T] (u32) → embeddings [B, T, H]
@@ -323,9 +371,19 @@ impl Transformer {
     pub fn forward_hidden(&self, input_ids: &Tensor, mode: OpMode) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let ctx = self.context(t, input_ids.device())?;
+        self.forward_hidden_in(&ctx, input_ids, mode)
+    }
+
+    /// [`Self::forward_hidden`] with a given context (its attention chunking included).
+    pub fn forward_hidden_in(
+        &self,
+        ctx: &SeqContext,
+        input_ids: &Tensor,
+        mode: OpMode,
+    ) -> Result<Tensor> {
         let mut x = self.embed(input_ids)?;
         for block in &self.blocks {
-            x = block.forward(&x, &ctx, mode)?;
+            x = block.forward(&x, ctx, mode)?;
         }
         self.final_norm(&x, mode)
     }
@@ -334,5 +392,44 @@ impl Transformer {
     pub fn forward_logits(&self, input_ids: &Tensor, mode: OpMode) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, mode)?;
         Ok(h.broadcast_matmul(&self.lm_head.t()?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::init;
+
+    #[test]
+    fn chunked_attention_equals_one_chunk() {
+        let cfg = TransformerConfig::from_json(
+            r#"{"model_type":"qwen2","vocab_size":29,"hidden_size":16,"intermediate_size":24,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "rms_norm_eps":1e-6,"rope_theta":10000.0,"tie_word_embeddings":true}"#,
+        )
+        .unwrap();
+        let model = Transformer::new(&cfg, &init::init_weights(&cfg, 7, 0.3).unwrap()).unwrap();
+        let ids = Tensor::new(
+            &[[1u32, 5, 7, 2, 9], [3, 3, 8, 0, 0], [4, 1, 1, 6, 2]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut ctx = model.context(5, &Device::Cpu).unwrap();
+        assert!(ctx.attn_seqs >= 3, "one chunk for a tiny batch");
+        for mode in [OpMode::Fast, OpMode::Differentiable] {
+            ctx.attn_seqs = 3;
+            let whole = model.forward_hidden_in(&ctx, &ids, mode).unwrap();
+            for seqs in [1, 2] {
+                ctx.attn_seqs = seqs;
+                let chunked = model.forward_hidden_in(&ctx, &ids, mode).unwrap();
+                let diff = crate::test_util::max_abs_diff(&whole, &chunked);
+                assert!(
+                    diff < 1e-6,
+                    "{mode:?} with {seqs} sequences per chunk: {diff}"
+                );
+            }
+        }
+        assert_eq!(attention_chunk(32, 1024), 1);
+        assert_eq!(attention_chunk(14, 1024), 2);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod batches;
 pub mod checkpoint;
+pub mod grads;
 pub mod optim;
 pub mod policy;
 
@@ -136,7 +137,7 @@ impl Trainer<'_> {
     fn train_micro(
         &self,
         mb: &MicroBatch,
-        grads: &mut policy::Grads,
+        grads: &mut grads::Grads,
         scale: f64,
         metrics: &mut MetricsAccumulator,
     ) -> Result<f64> {
@@ -255,6 +256,10 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
     } else {
         parse_dtype(&cfg.model.dtype)?
     };
+    let state_dtype = match t.state_dtype.as_str() {
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    };
     let master = weights::load(&weight_files, DType::F32, device)?;
     let policy = Policy::new(&model_cfg, master, dtype, device)?;
     let reference = if t.r#ref == "live" {
@@ -287,6 +292,7 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
             eps: t.adam_epsilon,
             weight_decay: t.weight_decay,
         },
+        state_dtype,
     )?;
     let micro_per_epoch = train.cache.len().div_ceil(t.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(t.grad_accum).max(1);
@@ -343,9 +349,10 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
         batches::epoch_batches(&train.lengths, t.batch_size, t.seed, state.epoch);
     let mut last_ckpt: Option<PathBuf> = checkpoint::latest(out).map(|(p, _)| p);
     let mut last_train = MetricsAccumulator::default();
+    let mut grad_bytes = 0;
     while state.global_step < total {
         let started = Instant::now();
-        let mut grads = trainer.policy.zero_grads();
+        let mut grads = trainer.policy.zero_grads(state_dtype);
         let mut metrics = MetricsAccumulator::default();
         let mut tokens = 0;
         for _ in 0..t.grad_accum {
@@ -371,7 +378,7 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
                 )));
             }
         }
-        let grad_norm = optim::global_norm(&grads)?;
+        let grad_norm = grads.norm()?;
         if !grad_norm.is_finite() {
             return Err(Error::Train(format!(
                 "gradient norm is {grad_norm} at step {}: stopping; the last good checkpoint is {}",
@@ -381,7 +388,6 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
                     .map_or("none".into(), |p| p.display().to_string())
             )));
         }
-        optim::clip(&mut grads, grad_norm, t.max_grad_norm)?;
         let lr = optim::learning_rate(
             &t.lr_schedule,
             t.learning_rate,
@@ -389,7 +395,10 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
             total,
             t.warmup_ratio,
         );
-        optim.update(&trainer.policy, &grads, lr)?;
+        grad_bytes = grad_bytes.max(grads.bytes());
+        let coef = optim::clip_coefficient(grad_norm, t.max_grad_norm);
+        optim.update(&trainer.policy, &grads, lr, coef)?;
+        drop(grads);
         state.global_step += 1;
         let step = state.global_step;
         let secs = started.elapsed().as_secs_f64();
@@ -455,5 +464,15 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
     let final_dir = out.join("final");
     checkpoint::save(&final_dir, &trainer.policy, &optim, &state, &model_dir)?;
     summary.push_str(&format!("; final policy in {}", final_dir.display()));
+    let params = trainer.policy.num_params() as f64;
+    summary.push_str(&format!(
+        "; persistent training state {:.1} bytes/parameter (f32 weights 4.0, {} gradients {:.1}, \
+         {} AdamW moments {:.1})",
+        (params * 4.0 + (grad_bytes + optim.bytes()) as f64) / params,
+        t.state_dtype,
+        grad_bytes as f64 / params,
+        t.state_dtype,
+        optim.bytes() as f64 / params,
+    ));
     Ok(summary)
 }

@@ -1,10 +1,16 @@
-//! AdamW on f32 master weights (torch's update rule), global-norm clipping and the LR schedule.
+//! AdamW on f32 master weights (torch's update rule), its moments in the state dtype, global-norm
+//! clipping and the LR schedule.
 
-use super::policy::{Grads, Policy};
+use super::grads::Grads;
+use super::policy::Policy;
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
+
+/// Elements updated at once: large tensors (the embedding) are stepped in row slices, so the
+/// step's f32 temporaries stay small next to the weights.
+const UPDATE_CHUNK: usize = 1 << 24;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWParams {
@@ -14,9 +20,10 @@ pub struct AdamWParams {
     pub weight_decay: f64,
 }
 
-/// First and second moments per parameter, and the step count.
+/// First and second moments per parameter (stored in `dtype`), and the step count.
 pub struct AdamW {
     pub params: AdamWParams,
+    dtype: DType,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     pub step: u64,
@@ -27,11 +34,36 @@ fn decays(name: &str) -> bool {
     !(name.ends_with(".bias") || name.ends_with("norm.weight"))
 }
 
+/// Rounds f32 to bf16 stochastically: up with probability equal to the distance from the bf16
+/// value below (in bf16 spacings), so small EMA increments survive on average. Round-to-nearest
+/// would freeze a bf16 second moment: with β2 = 0.999 a step moves it by 0.1%, below half of
+/// bf16's 2^-8 relative spacing.
+pub fn round_bf16_stochastic(x: &Tensor) -> Result<Tensor> {
+    let ln2 = std::f64::consts::LN_2;
+    let mag = x.abs()?;
+    // bf16 keeps 8 significant bits: its spacing in the binade of |x| is 2^(floor(log2|x|) − 7).
+    // The offset keeps exact powers of two in their binade; 1e-30 keeps zero finite.
+    let exponent = ((((&mag + 1e-30)?.log()? / ln2)? + 1e-3)?.floor()? - 7.0)?;
+    // exp(k·ln 2) is within an ulp of 2^k: the bf16 cast makes it exact.
+    let spacing = (exponent * ln2)?
+        .exp()?
+        .to_dtype(DType::BF16)?
+        .to_dtype(DType::F32)?;
+    // floor(|x|/s + u)·s, u ~ U[0, 1): the grid point below, or the one above with
+    // probability equal to the fraction; exact values stay.
+    let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+    let rounded = ((mag / &spacing)? + u)?.floor()?.mul(&spacing)?;
+    Ok((x.sign()? * rounded)?.to_dtype(DType::BF16)?)
+}
+
 impl AdamW {
-    pub fn new(policy: &Policy, params: AdamWParams) -> Result<Self> {
-        let zeros = |v: &candle_core::Var| v.as_tensor().zeros_like();
+    /// Zero moments stored in `dtype` (f32: torch's AdamW; bf16: half the memory, rounded
+    /// stochastically).
+    pub fn new(policy: &Policy, params: AdamWParams, dtype: DType) -> Result<Self> {
+        let zeros = |v: &candle_core::Var| v.as_tensor().zeros_like()?.to_dtype(dtype);
         Ok(Self {
             params,
+            dtype,
             m: policy
                 .vars
                 .iter()
@@ -46,28 +78,97 @@ impl AdamW {
         })
     }
 
-    /// One update with learning rate `lr`; parameters without a gradient are left alone.
-    pub fn update(&mut self, policy: &Policy, grads: &Grads, lr: f64) -> Result<()> {
+    /// Bytes held by the moments.
+    pub fn bytes(&self) -> usize {
+        self.m
+            .iter()
+            .chain(&self.v)
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    fn store(&self, x: Tensor) -> Result<Tensor> {
+        match self.dtype {
+            DType::BF16 => round_bf16_stochastic(&x),
+            dtype => Ok(x.to_dtype(dtype)?),
+        }
+    }
+
+    /// One update with learning rate `lr` on the gradients times `grad_scale` (the clipping
+    /// coefficient); parameters without a gradient are left alone.
+    pub fn update(
+        &mut self,
+        policy: &Policy,
+        grads: &Grads,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.step += 1;
         let p = self.params;
-        let t = self.step as i32;
-        let (bc1, bc2) = (1.0 - p.beta1.powi(t), 1.0 - p.beta2.powi(t));
         for (i, var) in policy.vars.iter().enumerate() {
-            let Some(g) = &grads[i] else { continue };
-            let mut w = var.as_tensor().clone();
-            if p.weight_decay != 0.0 && decays(&policy.names[i]) {
-                w = (&w * (1.0 - lr * p.weight_decay))?;
+            let Some(g) = grads.get(i) else { continue };
+            let decay = if p.weight_decay != 0.0 && decays(&policy.names[i]) {
+                1.0 - lr * p.weight_decay
+            } else {
+                1.0
+            };
+            let w = var.as_tensor();
+            let rows = w.dim(0)?;
+            let row_len = w.elem_count() / rows.max(1);
+            let step_rows = (UPDATE_CHUNK / row_len.max(1)).max(1);
+            if step_rows >= rows {
+                let (w_new, m, v) =
+                    self.adam(w, &self.m[i], &self.v[i], g, lr, decay, grad_scale)?;
+                var.set(&w_new)?;
+                (self.m[i], self.v[i]) = (m, v);
+                continue;
             }
-            self.m[i] = ((&self.m[i] * p.beta1)? + (g * (1.0 - p.beta1))?)?;
-            self.v[i] = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let denom = ((self.v[i].sqrt()? / bc2.sqrt())? + p.eps)?;
-            let w = (w - ((&self.m[i] / denom)? * (lr / bc1))?)?;
-            var.set(&w)?;
+            for start in (0..rows).step_by(step_rows) {
+                let len = step_rows.min(rows - start);
+                let part = |t: &Tensor| t.narrow(0, start, len);
+                let (w_new, m, v) = self.adam(
+                    &part(w)?,
+                    &part(&self.m[i])?,
+                    &part(&self.v[i])?,
+                    &part(g)?,
+                    lr,
+                    decay,
+                    grad_scale,
+                )?;
+                w.slice_set(&w_new, 0, start)?;
+                self.m[i].slice_set(&m, 0, start)?;
+                self.v[i].slice_set(&v, 0, start)?;
+            }
         }
         Ok(())
     }
 
-    /// Writes the moments and step as safetensors (`m.<name>`, `v.<name>`, `step`).
+    /// torch's AdamW on one tensor (or row slice), in f32: returns (w, m, v), the moments in the
+    /// state dtype.
+    #[allow(clippy::too_many_arguments)]
+    fn adam(
+        &self,
+        w: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+        lr: f64,
+        decay: f64,
+        grad_scale: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let p = self.params;
+        let t = self.step as i32;
+        let (bc1, bc2) = (1.0 - p.beta1.powi(t), 1.0 - p.beta2.powi(t));
+        let g = (g.to_dtype(DType::F32)? * grad_scale)?;
+        let m = ((m.to_dtype(DType::F32)? * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
+        let v = ((v.to_dtype(DType::F32)? * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+        let denom = ((v.sqrt()? / bc2.sqrt())? + p.eps)?;
+        let w = ((w * decay)? - ((&m / denom)? * (lr / bc1))?)?;
+        Ok((w, self.store(m)?, self.store(v)?))
+    }
+
+    /// Writes the moments (in their state dtype) and step as safetensors (`m.<name>`,
+    /// `v.<name>`, `step`).
     pub fn save(&self, policy: &Policy, path: &Path) -> Result<()> {
         let mut t = HashMap::new();
         for (i, name) in policy.names.iter().enumerate() {
@@ -90,44 +191,23 @@ impl AdamW {
             })
         };
         for (i, name) in policy.names.iter().enumerate() {
-            self.m[i] = get(&format!("m.{name}"))?;
-            self.v[i] = get(&format!("v.{name}"))?;
+            self.m[i] = get(&format!("m.{name}"))?.to_dtype(self.dtype)?;
+            self.v[i] = get(&format!("v.{name}"))?.to_dtype(self.dtype)?;
         }
         self.step = get("step")?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
         Ok(())
     }
 }
 
-/// L2 norm over all gradients.
-pub fn global_norm(grads: &Grads) -> Result<f64> {
-    let mut sq = 0.0;
-    for g in grads.iter().flatten() {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-    }
-    Ok(sq.sqrt())
-}
-
-/// torch's `clip_grad_norm_`: scale by max_norm / (norm + 1e-6) when that is below 1.
-pub fn clip(grads: &mut Grads, norm: f64, max_norm: f64) -> Result<()> {
+/// torch's `clip_grad_norm_` coefficient: max_norm / (norm + 1e-6) when that is below 1, else 1
+/// (and 1 when clipping is off, max_norm <= 0).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     let coef = max_norm / (norm + 1e-6);
     if max_norm > 0.0 && coef < 1.0 {
-        for g in grads.iter_mut().flatten() {
-            *g = (&*g * coef)?;
-        }
+        coef
+    } else {
+        1.0
     }
-    Ok(())
-}
-
-/// Scales accumulated gradients (e.g. by 1 / grad_accum).
-pub fn scale(grads: &mut Grads, factor: f64) -> Result<()> {
-    for g in grads.iter_mut().flatten() {
-        *g = (&*g * factor)?;
-    }
-    Ok(())
 }
 
 /// transformers' schedules: linear warmup over ceil(ratio·total) steps, then constant, linear
@@ -154,6 +234,83 @@ pub fn learning_rate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stochastic_bf16_rounding_is_unbiased() {
+        let dev = candle_core::Device::Cpu;
+        // 1 + 2^-9 lies a quarter of the way from 1 to the next bf16, 1 + 2^-7: nearest rounding
+        // always gives 1; stochastic rounding averages to the value (σ of the mean 3.4e-6).
+        let x = 1.0f32 + 2f32.powi(-9);
+        let t = Tensor::full(x, 1_000_000, &dev).unwrap();
+        let r = round_bf16_stochastic(&t).unwrap();
+        let vals = r.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            vals.iter().all(|&v| v == 1.0 || v == 1.0 + 2f32.powi(-7)),
+            "{:?}",
+            &vals[..4]
+        );
+        let mean = vals.iter().map(|&v| f64::from(v)).sum::<f64>() / vals.len() as f64;
+        assert!((mean - f64::from(x)).abs() < 2e-5, "mean {mean} vs {x}");
+        let nearest = t
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(nearest.to_vec1::<f32>().unwrap()[0], 1.0);
+        // zeros, negatives and exact bf16 values are kept
+        let exact = Tensor::new(&[0f32, -2.5, 3.0, -0.0078125], &dev).unwrap();
+        let r = round_bf16_stochastic(&exact)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(
+            r.to_vec1::<f32>().unwrap(),
+            vec![0.0, -2.5, 3.0, -0.0078125]
+        );
+    }
+
+    /// The second moment's EMA under a constant g² = 1 (exact value 1 − 0.999^t): stored in
+    /// bf16 with round-to-nearest it stalls near 0.25; rounded stochastically it tracks f32.
+    #[test]
+    fn bf16_second_moment_tracks_f32_only_with_stochastic_rounding() {
+        let dev = candle_core::Device::Cpu;
+        let beta2 = 0.999f64;
+        let steps = 2000;
+        let mut nearest = Tensor::zeros(4096, DType::BF16, &dev).unwrap();
+        let mut stochastic = nearest.clone();
+        let ema = |v: &Tensor| -> Tensor {
+            ((v.to_dtype(DType::F32).unwrap() * beta2).unwrap() + (1.0 - beta2)).unwrap()
+        };
+        for _ in 0..steps {
+            nearest = ema(&nearest).to_dtype(DType::BF16).unwrap();
+            stochastic = round_bf16_stochastic(&ema(&stochastic)).unwrap();
+        }
+        let exact = 1.0 - beta2.powi(steps);
+        let mean = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let (n, s) = (mean(&nearest), mean(&stochastic));
+        assert!(
+            (s - exact).abs() < 0.01 * exact,
+            "stochastic {s} vs exact {exact}"
+        );
+        assert!(
+            n < 0.5 * exact,
+            "nearest rounding was expected to stall: {n} vs {exact}"
+        );
+    }
+
+    #[test]
+    fn clip_coefficients() {
+        assert_eq!(clip_coefficient(5.0, 10.0), 1.0);
+        assert!((clip_coefficient(20.0, 10.0) - 10.0 / (20.0 + 1e-6)).abs() < 1e-15);
+        assert_eq!(clip_coefficient(1e9, 0.0), 1.0);
+    }
 
     #[test]
     fn schedules() {

@@ -1,21 +1,24 @@
 //! The trainable policy: f32 master weights as candle `Var`s and a block-wise backward.
 //!
-//! One training forward/backward, for a batch of 2B sequences:
+//! Compute copies (in the compute dtype) exist for one block at a time, never for the whole
+//! model. One training forward/backward, for a batch of 2B sequences:
 //! 1. forward block by block, keeping each block's input (with `gradient_checkpointing`, and no
 //!    graph; without it, each block's graph too);
-//! 2. completion log-probs from the final hidden rows in vocabulary chunks, with no graph
-//!    ([`logprobs::token_logps`]), summed per sequence;
+//! 2. the final norm of the rows that predict completion tokens, and their log-probs in
+//!    vocabulary chunks with no graph ([`logprobs::token_logps`]), summed per sequence;
 //! 3. the loss's gradient with respect to those sums (small, on the host);
-//! 4. the chunked softmax backward into the hidden rows and `lm_head`
+//! 4. the chunked softmax backward into the rows and `lm_head`
 //!    ([`logprobs::token_logps_backward`]);
-//! 5. backward through the final norm, then each block in reverse (recomputed from its stored
-//!    input when checkpointing), then the embedding.
+//! 5. backward through the final norm, then each block in reverse — recomputed from its stored
+//!    input a few sequences at a time when checkpointing — then the embedding (a scatter-add).
 //!
-//! Peak activation memory is one block's graph plus the block inputs, and full-vocabulary logits
-//! never exist for more than one chunk of rows.
+//! Peak activation memory is the block inputs plus one sub-batch's graph of one block, and
+//! full-vocabulary logits never exist for more than one chunk of rows.
 
+use super::grads::Grads;
 use crate::error::{Error, Result};
 use crate::logprobs::{self, SeqBatch};
+use crate::model::transformer::{attention_chunk, Block, RmsNorm, SeqContext};
 use crate::model::{OpMode, ParamSource, Transformer, TransformerConfig};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use std::collections::HashMap;
@@ -27,13 +30,21 @@ pub struct Policy {
     pub vars: Vec<Var>,
     index: HashMap<String, usize>,
     pub compute_dtype: DType,
+    /// Sequences per recomputed sub-batch in the checkpointed backward; 0 = sized from the
+    /// attention-scores budget ([`attention_chunk`]).
+    pub backward_seqs: usize,
 }
-
-/// Per-parameter gradients (f32), accumulated over micro-batches.
-pub type Grads = Vec<Option<Tensor>>;
 
 struct Tracked<'a>(&'a Policy);
 struct Detached<'a>(&'a Policy);
+
+/// What the forward keeps of each block for the backward.
+enum Saved {
+    /// The block's input (checkpointing: the block is recomputed).
+    Input(Tensor),
+    /// The block's input variable and output, with the whole graph between them.
+    Graph { input: Var, out: Tensor },
+}
 
 impl ParamSource for Tracked<'_> {
     fn get(&self, name: &str) -> Result<Tensor> {
@@ -81,6 +92,7 @@ impl Policy {
             vars,
             index,
             compute_dtype,
+            backward_seqs: 0,
         })
     }
 
@@ -92,14 +104,23 @@ impl Policy {
         })
     }
 
-    /// The model on the tracked variables (gradients flow into the f32 masters).
+    /// The whole model on the tracked variables (tests: plain autograd through everything).
     pub fn tracked(&self) -> Result<Transformer> {
         Transformer::new(&self.cfg, &Tracked(self))
     }
 
-    /// The model on detached copies: no graph is built.
-    pub fn detached(&self) -> Result<Transformer> {
-        Transformer::new(&self.cfg, &Detached(self))
+    /// Layer `i` in the compute dtype: tracked (gradients flow into the f32 masters) or detached.
+    fn block(&self, i: usize, tracked: bool) -> Result<Block> {
+        if tracked {
+            Block::load(&self.cfg, &Tracked(self), i)
+        } else {
+            Block::load(&self.cfg, &Detached(self), i)
+        }
+    }
+
+    /// Embedding, final norm and `lm_head` in the compute dtype, detached.
+    fn head(&self) -> Result<Transformer> {
+        Transformer::shell(&self.cfg, &Detached(self))
     }
 
     /// The current weights (f32) under their HF names, for checkpoints.
@@ -109,6 +130,11 @@ impl Policy {
             .zip(&self.vars)
             .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
             .collect()
+    }
+
+    /// Parameters (a tied embedding counted once).
+    pub fn num_params(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
     }
 
     fn lm_head_index(&self) -> usize {
@@ -121,16 +147,17 @@ impl Policy {
     }
 
     fn accumulate(&self, grads: &mut Grads, store: &GradStore) -> Result<()> {
-        for (slot, var) in grads.iter_mut().zip(&self.vars) {
+        for (i, var) in self.vars.iter().enumerate() {
             if let Some(g) = store.get(var.as_tensor()) {
-                add_into(slot, g)?;
+                grads.add(i, g)?;
             }
         }
         Ok(())
     }
 
-    pub fn zero_grads(&self) -> Grads {
-        vec![None; self.vars.len()]
+    /// An empty gradient store for this policy, kept in `dtype`.
+    pub fn zero_grads(&self, dtype: DType) -> Grads {
+        Grads::new(self.vars.len(), dtype)
     }
 
     /// Forward + backward of one batch. `loss_grad` maps the per-sequence summed log-probs to
@@ -143,30 +170,36 @@ impl Policy {
         grads: &mut Grads,
         loss_grad: &mut dyn FnMut(&[f64]) -> Result<Vec<f64>>,
     ) -> Result<Vec<f64>> {
-        let tracked = self.tracked()?;
-        let detached = self.detached()?;
         let mode = OpMode::Differentiable;
-        let ctx = detached.context(batch.seq_len, batch.input_ids.device())?;
-        // 1. forward, block by block: x [2B, T, H]
-        let mut x = detached.embed(&batch.input_ids)?;
-        let mut saved: Vec<(Var, Option<Tensor>)> = Vec::with_capacity(tracked.blocks.len());
-        for (i, block) in tracked.blocks.iter().enumerate() {
-            let input = Var::from_tensor(&x)?;
+        let head = self.head()?;
+        let ctx = head.context(batch.seq_len, batch.input_ids.device())?;
+        // 1. forward, one block's compute copy at a time: x [2B, T, H]
+        let mut x = head.embed(&batch.input_ids)?;
+        let mut saved = Vec::with_capacity(self.cfg.num_layers);
+        for i in 0..self.cfg.num_layers {
             if checkpointing {
-                x = detached.blocks[i].forward(&x, &ctx, mode)?;
-                saved.push((input, None));
+                let next = self.block(i, false)?.forward(&x, &ctx, mode)?;
+                saved.push(Saved::Input(x));
+                x = next;
             } else {
-                let out = block.forward(input.as_tensor(), &ctx, mode)?;
+                let input = Var::from_tensor(&x)?;
+                let out = self
+                    .block(i, true)?
+                    .forward(input.as_tensor(), &ctx, mode)?;
                 x = out.detach();
-                saved.push((input, Some(out)));
+                saved.push(Saved::Graph { input, out });
             }
         }
-        // 2. final norm (tracked), rows that predict completion tokens: [N, H]
+        // 2. the rows that predict completion tokens, final-normed (tracked): [N, H]
         let last = Var::from_tensor(&x)?;
-        let rows = batch.gather_rows(&tracked.final_norm(last.as_tensor(), mode)?)?;
+        drop(x);
+        let norm = RmsNorm::new(
+            Tracked(self).get("model.norm.weight")?,
+            self.cfg.rms_norm_eps,
+        );
+        let rows = norm.forward(&batch.gather_rows(last.as_tensor())?, mode)?;
         let rows_d = rows.detach();
-        let lm_head = detached.lm_head.clone();
-        let tok = logprobs::token_logps(&rows_d, &lm_head, &batch.targets)?;
+        let (tok, lse) = logprobs::token_logps_lse(&rows_d, &head.lm_head, &batch.targets)?;
         let sums = batch.sequence_sums(&tok)?;
         // 3. d loss / d sums → per token [N]
         let g_seq = loss_grad(&sums)?;
@@ -178,55 +211,101 @@ impl Policy {
             .collect();
         let n = g_tok.len();
         let g_tok = Tensor::from_vec(g_tok, n, rows.device())?;
-        // 4. chunked softmax backward
+        // 4. chunked softmax backward: d rows [N, H], d lm_head [V, H] (f32)
         let (g_rows, g_lm) =
-            logprobs::token_logps_backward(&rows_d, &lm_head, &batch.targets, &g_tok)?;
-        add_into(
-            &mut grads[self.lm_head_index()],
-            &g_lm.to_dtype(DType::F32)?,
-        )?;
+            logprobs::token_logps_backward(&rows_d, &head.lm_head, &batch.targets, &g_tok, &lse)?;
+        grads.add(self.lm_head_index(), &g_lm)?;
+        drop((g_lm, head));
         // 5. back through the final norm, the blocks in reverse, the embedding
         let store = (rows * g_rows)?.sum_all()?.backward()?;
         self.accumulate(grads, &store)?;
-        let mut g = grad_of(&store, &last)?;
-        for (i, (input, out)) in saved.iter().enumerate().rev() {
-            let out = match out {
-                Some(out) => out.clone(),
-                None => tracked.blocks[i].forward(input.as_tensor(), &ctx, mode)?,
+        let mut g = grad_of(&store, &last)?; // [2B, T, H]
+        drop((store, last));
+        while let Some(s) = saved.pop() {
+            let i = saved.len();
+            g = match s {
+                Saved::Input(input) => self.block_backward(i, &input, &g, &ctx, grads)?,
+                Saved::Graph { input, out } => {
+                    let store = (out * &g)?.sum_all()?.backward()?;
+                    self.accumulate(grads, &store)?;
+                    grad_of(&store, &input)?
+                }
             };
-            let store = (out * &g)?.sum_all()?.backward()?;
-            self.accumulate(grads, &store)?;
-            g = grad_of(&store, input)?;
         }
-        if let Some(pad) = self.cfg.pad_token_id {
-            // nn.Embedding(padding_idx = pad_token_id): no gradient into that row from the lookup.
-            let keep = batch.input_ids.ne(pad)?.to_dtype(g.dtype())?.unsqueeze(2)?; // [2B, T, 1]
-            g = g.broadcast_mul(&keep)?;
-        }
-        let store = (tracked.embed(&batch.input_ids)? * &g)?
-            .sum_all()?
-            .backward()?;
-        self.accumulate(grads, &store)?;
+        self.embedding_backward(&batch.input_ids, &g, grads)?;
         Ok(sums)
     }
 
-    /// Summed completion log-probs without gradients (evaluation, step-0 checks).
+    /// Recomputes block `i` from its input x [2B, T, H] a few sequences at a time and
+    /// backpropagates the upstream gradient g [2B, T, H]; returns d input [2B, T, H].
+    fn block_backward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        g: &Tensor,
+        ctx: &SeqContext,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let block = self.block(i, true)?;
+        let (b, t, _) = x.dims3()?;
+        let step = match self.backward_seqs {
+            0 => attention_chunk(self.cfg.num_heads, t),
+            n => n,
+        };
+        // This block's gradients summed over sub-batches in f32, stored once.
+        let mut local = self.zero_grads(DType::F32);
+        let mut g_in = Vec::with_capacity(b.div_ceil(step));
+        for start in (0..b).step_by(step) {
+            let len = step.min(b - start);
+            let input = Var::from_tensor(&x.narrow(0, start, len)?)?;
+            let out = block.forward(input.as_tensor(), ctx, OpMode::Differentiable)?;
+            let store = (out * g.narrow(0, start, len)?)?.sum_all()?.backward()?;
+            self.accumulate(&mut local, &store)?;
+            g_in.push(grad_of(&store, &input)?);
+        }
+        grads.merge(local)?;
+        Ok(Tensor::cat(&g_in, 0)?)
+    }
+
+    /// The embedding's gradient as a scatter-add of g [2B, T, H] into its rows. As HF's
+    /// `nn.Embedding(padding_idx = pad_token_id)`, the pad row gets nothing from the lookup.
+    fn embedding_backward(&self, input_ids: &Tensor, g: &Tensor, grads: &mut Grads) -> Result<()> {
+        let (b, t, h) = g.dims3()?;
+        let ids = input_ids.flatten_all()?; // [2B·T]
+        let mut g = g.reshape((b * t, h))?.to_dtype(DType::F32)?;
+        if let Some(pad) = self.cfg.pad_token_id {
+            let keep = ids.ne(pad)?.to_dtype(DType::F32)?.unsqueeze(1)?; // [2B·T, 1]
+            g = g.broadcast_mul(&keep)?;
+        }
+        let i = self.index["model.embed_tokens.weight"];
+        grads.index_add(i, &ids, &g, (self.vars[i].dim(0)?, h))
+    }
+
+    /// Summed completion log-probs without gradients (evaluation, step-0 checks), one block's
+    /// compute copy at a time.
     pub fn score(&self, batch: &SeqBatch) -> Result<Vec<f64>> {
-        logprobs::score(&self.detached()?, batch, OpMode::Differentiable)
+        let mode = OpMode::Differentiable;
+        let head = self.head()?;
+        let ctx = head.context(batch.seq_len, batch.input_ids.device())?;
+        let mut x = head.embed(&batch.input_ids)?; // [2B, T, H]
+        for i in 0..self.cfg.num_layers {
+            x = self.block(i, false)?.forward(&x, &ctx, mode)?;
+        }
+        let rows = head.final_norm(&batch.gather_rows(&x)?, mode)?; // [N, H]
+        let lp = logprobs::token_logps(&rows, &head.lm_head, &batch.targets)?; // [N]
+        batch.sequence_sums(&lp)
     }
 }
 
+/// The gradient reaching a block input, detached: candle leaves a variable's gradient attached
+/// to the graph that produced it, which would chain every block's activations together.
 fn grad_of(store: &GradStore, var: &Var) -> Result<Tensor> {
-    store.get(var.as_tensor()).cloned().ok_or_else(|| {
-        Error::Train("no gradient reached a block input: the forward is not differentiable".into())
-    })
-}
-
-fn add_into(slot: &mut Option<Tensor>, g: &Tensor) -> Result<()> {
-    let g = g.to_dtype(DType::F32)?;
-    *slot = Some(match slot.take() {
-        Some(acc) => (acc + g)?,
-        None => g,
-    });
-    Ok(())
+    store
+        .get(var.as_tensor())
+        .map(Tensor::detach)
+        .ok_or_else(|| {
+            Error::Train(
+                "no gradient reached a block input: the forward is not differentiable".into(),
+            )
+        })
 }

@@ -41,6 +41,19 @@ pub fn ok(args: &[&str], cwd: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `refdpo train --config CFG --quiet`, each of `sets` as `--set KEY=VALUE` (a flag such as
+/// `--resume` passes as is), asserting success; returns stdout.
+pub fn train_with(cfg: &str, cwd: &Path, sets: &[&str]) -> String {
+    let mut args = vec!["train", "--config", cfg, "--quiet"];
+    for s in sets {
+        if !s.starts_with("--") {
+            args.push("--set");
+        }
+        args.push(s);
+    }
+    ok(&args, cwd)
+}
+
 /// Runs refdpo expecting failure; returns stderr.
 pub fn fails(args: &[&str], cwd: &Path) -> String {
     let out = refdpo(args, cwd);

@@ -1,7 +1,7 @@
 //! Stage two: gradients reach every parameter and match plain autograd; step-0 policy log-probs
 //! equal the cache (first loss ln 2); the demo learns; resume is exact; bad caches are refused.
 
-use super::common::{demo_config, fails, max_abs, max_abs_diff, ok, read_json};
+use super::common::{demo_config, fails, max_abs, max_abs_diff, ok, read_json, train_with};
 use candle_core::{DType, Device, Tensor};
 use refdpo::cache::{self, MappedCache};
 use refdpo::logprobs::{self, SeqBatch};
@@ -65,7 +65,7 @@ fn blockwise_backward_matches_autograd_and_reaches_every_parameter() {
     let dev = Device::Cpu;
     for arch in ["llama", "qwen2"] {
         let cfg = tiny(arch);
-        let policy = Policy::new(
+        let mut policy = Policy::new(
             &cfg,
             init::init_weights(&cfg, 3, 0.3).unwrap(),
             DType::F32,
@@ -74,15 +74,22 @@ fn blockwise_backward_matches_autograd_and_reaches_every_parameter() {
         .unwrap();
         let b = batch(&dev);
         let want = naive_grads(&policy, &b);
-        for checkpointing in [true, false] {
-            let mut grads = policy.zero_grads();
+        // checkpointed with the block recomputed for all sequences at once and one at a time,
+        // then with every block's graph kept
+        for (checkpointing, seqs) in [(true, 0), (true, 1), (false, 0)] {
+            policy.backward_seqs = seqs;
+            let mut grads = policy.zero_grads(DType::F32);
             policy
                 .forward_backward(&b, checkpointing, &mut grads, &mut |_| Ok(W.to_vec()))
                 .unwrap();
-            for ((name, g), w) in policy.names.iter().zip(&grads).zip(&want) {
-                let g = g
-                    .as_ref()
-                    .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
+            for ((name, g), w) in policy.names.iter().zip(grads.iter()).zip(&want) {
+                let g = g.unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
+                // A stored gradient that still carried candle's graph would keep every block's
+                // activations alive until the optimizer step (and chain into the moments).
+                assert!(
+                    !g.track_op(),
+                    "{arch}: the gradient of {name} holds its graph"
+                );
                 let norm = g
                     .sqr()
                     .unwrap()
@@ -96,7 +103,7 @@ fn blockwise_backward_matches_autograd_and_reaches_every_parameter() {
                 let scale = max_abs(w);
                 assert!(
                     diff <= 1e-4 * scale.max(1e-3),
-                    "{arch} ckpt={checkpointing} {name}: {diff} vs {scale}"
+                    "{arch} ckpt={checkpointing} seqs={seqs} {name}: {diff} vs {scale}"
                 );
             }
         }
@@ -213,48 +220,23 @@ fn resume_continues_exactly() {
     let cfg = demo_config(tmp.path(), "lr_schedule = \"constant\"\nsave_every = 3");
     let cfg_s = cfg.to_str().unwrap();
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
-    ok(
-        &[
-            "train",
-            "--config",
-            cfg_s,
-            "--quiet",
-            "--set",
-            "train.max_steps=6",
-            "--set",
-            "train.warmup_ratio=0",
-        ],
+    train_with(
+        cfg_s,
         tmp.path(),
+        &["train.max_steps=6", "train.warmup_ratio=0"],
     );
     let full = final_weights(&tmp.path().join("run"));
     let full_metrics = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
     std::fs::remove_dir_all(tmp.path().join("run")).unwrap();
-    ok(
-        &[
-            "train",
-            "--config",
-            cfg_s,
-            "--quiet",
-            "--set",
-            "train.max_steps=3",
-            "--set",
-            "train.warmup_ratio=0",
-        ],
+    train_with(
+        cfg_s,
         tmp.path(),
+        &["train.max_steps=3", "train.warmup_ratio=0"],
     );
-    ok(
-        &[
-            "train",
-            "--config",
-            cfg_s,
-            "--quiet",
-            "--resume",
-            "--set",
-            "train.max_steps=6",
-            "--set",
-            "train.warmup_ratio=0",
-        ],
+    train_with(
+        cfg_s,
         tmp.path(),
+        &["--resume", "train.max_steps=6", "train.warmup_ratio=0"],
     );
     assert!(
         final_weights(&tmp.path().join("run")) == full,
@@ -341,18 +323,13 @@ fn live_and_cached_reference_give_the_same_losses() {
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
     let live_out = tmp.path().join("live");
-    ok(
+    train_with(
+        cfg_s,
+        tmp.path(),
         &[
-            "train",
-            "--config",
-            cfg_s,
-            "--quiet",
-            "--set",
             "train.ref=live",
-            "--set",
             &format!("train.out={}", live_out.display()),
         ],
-        tmp.path(),
     );
     let losses = |p: &std::path::Path| -> Vec<(String, f64)> {
         std::fs::read_to_string(p.join("metrics.jsonl"))
@@ -399,4 +376,67 @@ fn bf16_reference_is_close_to_f32() {
     for (a, c) in f32s.iter().zip(&bf16s) {
         assert!((a - c).abs() <= 0.02 * a.abs(), "f32 {a} vs bf16 {c}");
     }
+}
+
+/// bf16 gradients and AdamW moments (stochastically rounded) against the f32 trainer: the same
+/// demo run, 200 steps at a small learning rate, gives the same loss curve within tolerance.
+#[test]
+fn bf16_optimizer_state_tracks_the_f32_trainer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 200");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let run = |state: &str| -> Vec<serde_json::Value> {
+        let out = tmp.path().join(format!("run-{state}"));
+        let out_set = format!("train.out=\"{}\"", out.display());
+        let state_set = format!("train.state_dtype=\"{state}\"");
+        train_with(
+            cfg_s,
+            tmp.path(),
+            &[
+                &out_set,
+                &state_set,
+                "train.batch_size=8",
+                "train.learning_rate=2e-4",
+            ],
+        );
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (f32s, bf16s) = (run("f32"), run("bf16"));
+    let train_losses = |lines: &[serde_json::Value]| -> Vec<f64> {
+        lines
+            .iter()
+            .filter_map(|l| l.get("loss").and_then(|v| v.as_f64()))
+            .collect()
+    };
+    let (a, b) = (train_losses(&f32s), train_losses(&bf16s));
+    assert_eq!(a.len(), 200);
+    assert_eq!(a.len(), b.len());
+    // Window means of 20 steps: the runs see the same batches, so their curves must coincide.
+    let mut report = Vec::new();
+    let mut worst = 0f64;
+    for (wa, wb) in a.chunks(20).zip(b.chunks(20)) {
+        let (ma, mb) = (
+            wa.iter().sum::<f64>() / wa.len() as f64,
+            wb.iter().sum::<f64>() / wb.len() as f64,
+        );
+        worst = worst.max((ma - mb).abs());
+        report.push(format!("{ma:.4}/{mb:.4}"));
+    }
+    eprintln!("train loss, 20-step means (f32/bf16): {}", report.join(" "));
+    let eval = |lines: &[serde_json::Value]| lines.last().unwrap()["eval/loss"].as_f64().unwrap();
+    let (ea, eb) = (eval(&f32s), eval(&bf16s));
+    eprintln!("worst window difference {worst:.4}; eval loss f32 {ea:.4}, bf16 {eb:.4}");
+    assert!(
+        a[0] > a[199] + 0.1,
+        "the f32 run did not learn: {} → {}",
+        a[0],
+        a[199]
+    );
+    assert!(worst < 0.02, "loss curves differ by {worst}");
+    assert!((ea - eb).abs() < 0.02, "eval loss f32 {ea} vs bf16 {eb}");
 }

@@ -467,7 +467,7 @@ fn one_training_step_matches_trl() {
         rpo_alpha: 0.0,
     };
     let mut loss = 0.0;
-    let mut grads = policy.zero_grads();
+    let mut grads = policy.zero_grads(DType::F32);
     let sums = policy
         .forward_backward(&batch, true, &mut grads, &mut |s| {
             let x = PairLogps {
@@ -509,8 +509,8 @@ fn one_training_step_matches_trl() {
     let mut report = Vec::new();
     for (name, want) in &l2_all {
         let i = policy.names.iter().position(|n| n == name).unwrap();
-        let got = grads[i]
-            .as_ref()
+        let got = grads
+            .get(i)
             .unwrap()
             .sqr()
             .unwrap()
@@ -527,7 +527,7 @@ fn one_training_step_matches_trl() {
     }
     eprintln!("{}", report.join("\n"));
     let _ = &l2_all;
-    let norm = refdpo::train::optim::global_norm(&grads).unwrap();
+    let norm = grads.norm().unwrap();
     assert!(
         close(norm, step["grad_norm"].as_f64().unwrap(), 1e-4),
         "grad norm {norm} vs {}",
@@ -535,8 +535,8 @@ fn one_training_step_matches_trl() {
     );
     for (name, want) in step["grad_tensors"].as_object().unwrap() {
         let i = policy.names.iter().position(|n| n == name).unwrap();
-        let g: Vec<f32> = grads[i]
-            .as_ref()
+        let g: Vec<f32> = grads
+            .get(i)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -565,9 +565,10 @@ fn one_training_step_matches_trl() {
             eps: 1e-8,
             weight_decay: 0.0,
         },
+        DType::F32,
     )
     .unwrap();
-    optim.update(&policy, &grads, 0.01).unwrap();
+    optim.update(&policy, &grads, 0.01, 1.0).unwrap();
     let after = policy.score(&batch).unwrap();
     let want: Vec<f64> = floats(&step["policy_chosen_logps_after"])
         .into_iter()

@@ -1,0 +1,244 @@
+"""The GPU benchmark (BENCHMARKS.md, "GPU"): refdpo against transformers / TRL on the same
+device, in one process tree, on random-init models of real architectures and real UltraFeedback
+rows. One stage per call of the device tool (each must end inside 10 minutes):
+
+  python3 bench/gpu.py matmul
+  python3 bench/gpu.py precompute --models qwen2-0.5b,qwen2-1.5b,smollm2-1.7b
+  python3 bench/gpu.py train --models smollm2-1.7b
+
+Environment: REFDPO (the refdpo command; default `.gpu/refdpo`), REAL (the real-data folder;
+default `.gpu/realdata`, else `../shared/realdata`), OUT (where results go; default
+bench/results). `--device cpu --models tiny` runs the same flow on a CPU (a dry run of the
+script, no figures). Results: OUT/gpu-<stage>.json, and a Markdown table on stdout.
+"""
+import argparse
+import json
+import os
+import pathlib
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+p = argparse.ArgumentParser()
+p.add_argument("stage", choices=["matmul", "precompute", "train"])
+p.add_argument("--models", default="qwen2-0.5b,qwen2-1.5b,smollm2-1.7b")
+p.add_argument("--device", default="cuda")
+p.add_argument("--pairs", type=int, default=256, help="precompute: train rows scored")
+p.add_argument("--steps", type=int, default=10, help="train: optimizer steps per setup")
+p.add_argument("--batch", type=int, default=8, help="train: pairs per step")
+p.add_argument("--max-length", type=int, default=1024)
+p.add_argument("--work", default="/tmp/refdpo-gpu-bench")
+a = p.parse_args()
+cuda = a.device == "cuda"
+REFDPO = shlex.split(os.environ.get("REFDPO", ".gpu/refdpo"))
+REAL = pathlib.Path(os.environ.get("REAL") or (".gpu/realdata" if pathlib.Path(".gpu/realdata").is_dir() else "../shared/realdata"))
+OUT = pathlib.Path(os.environ.get("OUT") or "bench/results")
+WORK = pathlib.Path(a.work)
+WORK.mkdir(parents=True, exist_ok=True)
+OUT.mkdir(parents=True, exist_ok=True)
+GIB = 2**30
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+class MemorySampler:
+    """Peak device memory in use (NVML, every 20 ms) above what was in use before the command:
+    one process runs at a time, so this is that process's footprint, CUDA context included."""
+
+    def __init__(self):
+        self.peak = 0
+        if not cuda:
+            return
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nvml, self.h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.base = self.used()
+
+    def used(self):
+        return self.nvml.nvmlDeviceGetMemoryInfo(self.h).used
+
+    def run(self, cmd, **kw):
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                self.peak = max(self.peak, self.used() - self.base)
+                time.sleep(0.02)
+
+        t = threading.Thread(target=sample)
+        if cuda:
+            t.start()
+        start = time.perf_counter()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+        finally:
+            done.set()
+            if cuda:
+                t.join()
+        if r.returncode != 0:
+            log(r.stdout[-4000:] + r.stderr[-4000:])
+            raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}")
+        return r.stdout, time.perf_counter() - start
+
+
+def make_model(preset):
+    d = WORK / f"model-{preset}"
+    if not (d / "config.json").exists():
+        subprocess.run([sys.executable, HERE / "make_model.py", d, "--preset", preset, "--dtype", "bfloat16",
+                        "--tokenizer", REAL / "tokenizers/smollm2-135m"], check=True, stdout=sys.stderr)
+    return d
+
+
+def params(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h, i, l, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    block = h * (2 * h + 2 * kv) + 3 * h * i
+    return cfg, block * l, v * h
+
+
+def pipeline(model_dir, name, limit, **train):
+    text = f"""
+[dataset]
+id = "{REAL / 'ultrafeedback_binarized_sample'}"
+limit = {limit}
+[model]
+id = "{model_dir}"
+dtype = "{'bf16' if cuda else 'f32'}"
+[tokenize]
+max_length = {a.max_length}
+[precompute]
+batch_size = 16
+out = "{WORK / ('cache-' + name)}"
+[train]
+out = "{WORK / ('run-' + name)}"
+""" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in train.items())
+    path = WORK / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def refdpo(*args):
+    return [*REFDPO, *map(str, args), "--device", a.device, "--quiet"]
+
+
+def matmul():
+    import torch
+
+    n, reps = 8192, 10
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ y
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        x @ y
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def stage_precompute():
+    res = {"setup": vars(a), "models": {}}
+    if cuda:
+        res["matmul_bf16_flops"] = matmul()
+    for preset in a.models.split(","):
+        model = make_model(preset)
+        cfg, block_params, head_params = params(model)
+        # warm-up: candle compiles its PTX at first use
+        MemorySampler().run(refdpo("precompute", "--config", pipeline(model, f"{preset}-warm", 16)))
+        toml = pipeline(model, preset, a.pairs)
+        _, wall = MemorySampler().run(refdpo("precompute", "--config", toml))
+        rep = json.loads((WORK / f"cache-{preset}" / "report.json").read_text())["train_prefs"]
+        peer_out, _ = MemorySampler().run([sys.executable, HERE / "peer_precompute.py", model,
+                                           WORK / f"cache-{preset}" / "train_prefs.parquet", "--batch", "16",
+                                           "--device", a.device, "--dtype", "bfloat16" if cuda else "float32"])
+        peer = json.loads(peer_out)
+        # forward FLOPs of the peer's work (every position through every block and lm_head), plus
+        # causal attention (QKᵀ and PV: 2·T²·H per layer per sequence, halved by the mask)
+        lens = json.loads(subprocess.run([sys.executable, "-c", (
+            "import pyarrow.parquet as pq,sys,json;t=pq.read_table(sys.argv[1]).to_pylist();"
+            "print(json.dumps([len(r['prompt_ids'])+len(r[k]) for r in t for k in ('chosen_ids','rejected_ids')]))"),
+            WORK / f"cache-{preset}" / "train_prefs.parquet"], capture_output=True, text=True, check=True).stdout)
+        flops = sum(2 * (block_params + head_params) * n + 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * n * n
+                    for n in lens)
+        ours_s = rep["score_seconds"]
+        res["models"][preset] = {
+            "tokens": rep["tokens"], "refdpo_score_seconds": ours_s, "refdpo_process_seconds": wall,
+            "refdpo_tokens_per_second": rep["tokens"] / ours_s, "peer_tokens_per_second": peer["tokens_per_second"],
+            "ratio": (rep["tokens"] / ours_s) / peer["tokens_per_second"], "max_rel_diff": peer["max_rel_diff"],
+            "refdpo_flops_per_second": flops / ours_s, "peer_flops_per_second": flops / peer["seconds"],
+        }
+        log(f"{preset}: {res['models'][preset]}")
+    (OUT / "gpu-precompute.json").write_text(json.dumps(res, indent=1) + "\n")
+    ceiling = res.get("matmul_bf16_flops")
+    print("| model | tokens | refdpo tok/s | transformers tok/s | ratio | refdpo TFLOP/s | % of bf16 matmul |")
+    print("|---|---|---|---|---|---|---|")
+    for m, r in res["models"].items():
+        pct = f"{100 * r['refdpo_flops_per_second'] / ceiling:.0f}%" if ceiling else "-"
+        print(f"| {m} | {r['tokens']} | {r['refdpo_tokens_per_second']:.0f} | {r['peer_tokens_per_second']:.0f} | "
+              f"**{r['ratio']:.2f}×** | {r['refdpo_flops_per_second'] / 1e12:.0f} | {pct} |")
+    if ceiling:
+        print(f"bf16 matmul ceiling (torch, 8192³): {ceiling / 1e12:.0f} TFLOP/s")
+
+
+def median_step(run_dir):
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    s = [l["step_seconds"] for l in lines if "step_seconds" in l]
+    return statistics.median(s[2:] or s), [l["loss"] for l in lines if "loss" in l and "eval/loss" not in l]
+
+
+def stage_train():
+    res = {"setup": vars(a), "models": {}}
+    pairs = a.batch * (a.steps + 1)
+    for preset in a.models.split(","):
+        model = make_model(preset)
+        cfg, block_params, head_params = params(model)
+        common = dict(batch_size=a.batch, max_steps=a.steps, learning_rate=5e-7, warmup_ratio=0.0, log_every=1)
+        base = pipeline(model, preset, pairs, **common)
+        MemorySampler().run(refdpo("precompute", "--config", base))
+        r = {"params": block_params + head_params}
+        for name, extra in [("refdpo_cached_bf16_state", {"state_dtype": "bf16"}),
+                            ("refdpo_cached_f32_state", {"state_dtype": "f32"}),
+                            ("refdpo_live_bf16_state", {"state_dtype": "bf16", "ref": "live"})]:
+            toml = pipeline(model, preset, pairs, **common, **extra)
+            sampler = MemorySampler()
+            sampler.run(refdpo("train", "--config", toml, "--set", f'train.out="{WORK / ("run-" + name)}"'))
+            step, losses = median_step(WORK / f"run-{name}")
+            r[name] = {"peak_gib": sampler.peak / GIB, "median_step_s": step, "losses": losses}
+            log(f"{preset} {name}: {r[name]}")
+        for name, flag in [("trl_live", []), ("trl_precompute", ["--precompute"])]:
+            sampler = MemorySampler()
+            out, _ = sampler.run([sys.executable, HERE / "peer_train.py", model, REAL / "ultrafeedback_binarized_sample",
+                                  "--pairs", str(pairs), "--steps", str(a.steps), "--batch", str(a.batch),
+                                  "--max-length", str(a.max_length), "--device", a.device, *flag])
+            peer = json.loads(out.strip().splitlines()[-1])
+            r[name] = {"peak_gib": sampler.peak / GIB, "median_step_s": peer["median_step_seconds"],
+                       "torch_max_allocated_gib": peer["max_allocated_gib"], "losses": peer["losses"]}
+            log(f"{preset} {name}: {r[name]}")
+        res["models"][preset] = r
+    (OUT / "gpu-train.json").write_text(json.dumps(res, indent=1) + "\n")
+    print("| model | setup | peak GiB (device) | vs TRL live | median step s | vs TRL live |")
+    print("|---|---|---|---|---|---|")
+    for m, r in res["models"].items():
+        ref = r["trl_live"]
+        for name in ("refdpo_cached_bf16_state", "refdpo_cached_f32_state", "refdpo_live_bf16_state", "trl_live",
+                     "trl_precompute"):
+            x = r[name]
+            print(f"| {m} | {name} | {x['peak_gib']:.2f} | {x['peak_gib'] / max(ref['peak_gib'], 1e-9):.2f}× | "
+                  f"{x['median_step_s']:.3f} | {x['median_step_s'] / ref['median_step_s']:.2f}× |")
+
+
+if a.stage == "matmul":
+    print(f"bf16 matmul 8192³: {matmul() / 1e12:.0f} TFLOP/s")
+elif a.stage == "precompute":
+    stage_precompute()
+else:
+    stage_train()
