@@ -17,16 +17,51 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// The resolved inputs of a run: dataset and model directories, tokenizer, weights.
+/// A resolved model: its directory (hub snapshot or local), config and weight files.
+pub struct ModelSource {
+    pub dir: PathBuf,
+    pub revision: String,
+    pub cfg: TransformerConfig,
+    pub weight_files: Vec<PathBuf>,
+    pub weights_sha256: String,
+}
+
+impl ModelSource {
+    /// Generates the demo assets if asked, then resolves only the model (stage two and
+    /// `stats --run` need no dataset).
+    pub fn resolve(cfg: &Config) -> Result<Self> {
+        if cfg.demo.generate {
+            data::demo::ensure(&cfg.demo)?;
+        }
+        Self::open(hub::model(&cfg.model.id, &cfg.model.revision)?)
+    }
+
+    fn open(m: hub::RepoDir) -> Result<Self> {
+        let cfg = TransformerConfig::from_file(&m.dir.join("config.json"))?;
+        let weight_files = weights::weight_files(&m.dir)?;
+        let weights_sha256 = weights::hash_files(&weight_files)?;
+        Ok(Self {
+            dir: m.dir,
+            revision: m.revision,
+            cfg,
+            weight_files,
+            weights_sha256,
+        })
+    }
+
+    /// The frozen model in `dtype` on `device`, built from plain (untracked) tensors.
+    pub fn load(&self, dtype: DType, device: &Device) -> Result<Transformer> {
+        let tensors = weights::load(&self.weight_files, dtype, device)?;
+        Transformer::new(&self.cfg, &tensors)
+    }
+}
+
+/// The resolved inputs of a run: dataset directory, model and tokenizer.
 pub struct Sources {
     pub dataset_dir: PathBuf,
     pub dataset_revision: String,
-    pub model_dir: PathBuf,
-    pub model_revision: String,
+    pub model: ModelSource,
     pub tokenizer: PairTokenizer,
-    pub model_cfg: TransformerConfig,
-    pub weight_files: Vec<PathBuf>,
-    pub weights_sha256: String,
 }
 
 impl Sources {
@@ -36,39 +71,14 @@ impl Sources {
             data::demo::ensure(&cfg.demo)?;
         }
         let ds = hub::dataset(&cfg.dataset.id, &cfg.dataset.revision, splits)?;
-        let m = hub::model(&cfg.model.id, &cfg.model.revision)?;
-        Self::from_dirs(cfg, ds, m)
-    }
-
-    /// Resolves only the model (stage two and `stats --run` need no dataset).
-    pub fn resolve_model(
-        cfg: &Config,
-    ) -> Result<(PathBuf, String, TransformerConfig, Vec<PathBuf>, String)> {
-        if cfg.demo.generate {
-            data::demo::ensure(&cfg.demo)?;
-        }
-        let m = hub::model(&cfg.model.id, &cfg.model.revision)?;
-        let model_cfg = TransformerConfig::from_file(&m.dir.join("config.json"))?;
-        let files = weights::weight_files(&m.dir)?;
-        let sha = weights::hash_files(&files)?;
-        Ok((m.dir, m.revision, model_cfg, files, sha))
-    }
-
-    fn from_dirs(cfg: &Config, ds: hub::RepoDir, m: hub::RepoDir) -> Result<Self> {
+        let model = ModelSource::open(hub::model(&cfg.model.id, &cfg.model.revision)?)?;
         let tokenizer =
-            PairTokenizer::from_dir(&m.dir, cfg.tokenize.max_length, cfg.tokenize.truncation)?;
-        let model_cfg = TransformerConfig::from_file(&m.dir.join("config.json"))?;
-        let weight_files = weights::weight_files(&m.dir)?;
-        let weights_sha256 = weights::hash_files(&weight_files)?;
+            PairTokenizer::from_dir(&model.dir, cfg.tokenize.max_length, cfg.tokenize.truncation)?;
         Ok(Self {
             dataset_dir: ds.dir,
             dataset_revision: ds.revision,
-            model_dir: m.dir,
-            model_revision: m.revision,
+            model,
             tokenizer,
-            model_cfg,
-            weight_files,
-            weights_sha256,
         })
     }
 
@@ -79,8 +89,8 @@ impl Sources {
             split: split.to_string(),
             limit: cfg.dataset.limit,
             model_id: cfg.model.id.clone(),
-            model_revision: self.model_revision.clone(),
-            weights_sha256: self.weights_sha256.clone(),
+            model_revision: self.model.revision.clone(),
+            weights_sha256: self.model.weights_sha256.clone(),
             tokenizer_sha256: self.tokenizer.tokenizer_sha256().to_string(),
             chat_template_sha256: self.tokenizer.template.sha256(),
             max_length: cfg.tokenize.max_length,
@@ -88,12 +98,6 @@ impl Sources {
             dtype: cfg.model.dtype.clone(),
             refdpo_version: env!("CARGO_PKG_VERSION").to_string(),
         }
-    }
-
-    /// The frozen model in `dtype` on `device`, built from plain (untracked) tensors.
-    pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Transformer> {
-        let tensors = weights::load(&self.weight_files, dtype, device)?;
-        Transformer::new(&self.model_cfg, &tensors)
     }
 }
 
@@ -118,7 +122,7 @@ pub fn run(cfg: &Config, device: &Device, quiet: bool) -> Result<()> {
     let out = &cfg.precompute.out;
     fs::create_dir_all(out)?;
     fs::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let model = sources.load_model(parse_dtype(&cfg.model.dtype)?, device)?;
+    let model = sources.model.load(parse_dtype(&cfg.model.dtype)?, device)?;
     for split in splits {
         let report = run_split(cfg, &sources, &model, split, device, quiet)?;
         update_report(&out.join("report.json"), split, report)?;

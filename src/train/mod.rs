@@ -13,7 +13,7 @@ use crate::dpo::{dpo_loss, LossKind, LossParams, MetricsAccumulator, PairLogps};
 use crate::error::{fs, Error, Result};
 use crate::logprobs::{self, SeqBatch};
 use crate::model::{weights, OpMode, Transformer};
-use crate::precompute::{parse_dtype, Sources};
+use crate::precompute::{parse_dtype, ModelSource};
 use crate::progress::Progress;
 use crate::tokenize::{window, PairTokenizer};
 use candle_core::{DType, Device};
@@ -180,8 +180,7 @@ fn expected_fingerprint(
     cfg: &Config,
     split: &str,
     tok: &PairTokenizer,
-    model_revision: &str,
-    weights_sha256: &str,
+    model: &ModelSource,
 ) -> Fingerprint {
     Fingerprint {
         dataset_id: cfg.dataset.id.clone(),
@@ -189,8 +188,8 @@ fn expected_fingerprint(
         split: split.to_string(),
         limit: cfg.dataset.limit,
         model_id: cfg.model.id.clone(),
-        model_revision: model_revision.to_string(),
-        weights_sha256: weights_sha256.to_string(),
+        model_revision: model.revision.clone(),
+        weights_sha256: model.weights_sha256.clone(),
         tokenizer_sha256: tok.tokenizer_sha256().to_string(),
         chat_template_sha256: tok.template.sha256(),
         max_length: cfg.tokenize.max_length,
@@ -230,12 +229,11 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 /// Runs stage two; returns a one-paragraph summary.
 pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<String> {
     let t = &cfg.train;
-    let (model_dir, model_revision, model_cfg, weight_files, weights_sha) =
-        Sources::resolve_model(cfg)?;
+    let model = ModelSource::resolve(cfg)?;
     let tok =
-        PairTokenizer::from_dir(&model_dir, cfg.tokenize.max_length, cfg.tokenize.truncation)?;
+        PairTokenizer::from_dir(&model.dir, cfg.tokenize.max_length, cfg.tokenize.truncation)?;
     let cache_dir = t.cache_dir(&cfg.precompute).to_path_buf();
-    let fp = |split: &str| expected_fingerprint(cfg, split, &tok, &model_revision, &weights_sha);
+    let fp = |split: &str| expected_fingerprint(cfg, split, &tok, &model);
     let train = Split::open(
         &cache_dir,
         &cfg.dataset.train_split,
@@ -260,11 +258,10 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
         "bf16" => DType::BF16,
         _ => DType::F32,
     };
-    let master = weights::load(&weight_files, DType::F32, device)?;
-    let policy = Policy::new(&model_cfg, master, dtype, device)?;
+    let master = weights::load(&model.weight_files, DType::F32, device)?;
+    let policy = Policy::new(&model.cfg, master, dtype, device)?;
     let reference = if t.r#ref == "live" {
-        let tensors = weights::load(&weight_files, dtype, device)?;
-        Some(Transformer::new(&model_cfg, &tensors)?)
+        Some(model.load(dtype, device)?)
     } else {
         None
     };
@@ -438,7 +435,7 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
         }
         if t.save_every > 0 && step.is_multiple_of(t.save_every) {
             let dir = out.join(format!("checkpoint-{step}"));
-            checkpoint::save(&dir, &trainer.policy, &optim, &state, &model_dir)?;
+            checkpoint::save(&dir, &trainer.policy, &optim, &state, &model.dir)?;
             last_ckpt = Some(dir);
         }
     }
@@ -462,7 +459,7 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
         ));
     }
     let final_dir = out.join("final");
-    checkpoint::save(&final_dir, &trainer.policy, &optim, &state, &model_dir)?;
+    checkpoint::save(&final_dir, &trainer.policy, &optim, &state, &model.dir)?;
     summary.push_str(&format!("; final policy in {}", final_dir.display()));
     let params = trainer.policy.num_params() as f64;
     summary.push_str(&format!(
