@@ -201,7 +201,9 @@ def stage_train():
     for preset in a.models.split(","):
         model = make_model(preset)
         cfg, block_params, head_params = params(model)
-        common = dict(batch_size=a.batch, max_steps=a.steps, learning_rate=5e-7, warmup_ratio=0.0, log_every=1)
+        # no final/ checkpoint: f32 weights plus moments would be ~20 GB a run on a 64 GB disk
+        common = dict(batch_size=a.batch, max_steps=a.steps, learning_rate=5e-7, warmup_ratio=0.0, log_every=1,
+                      save_final=False)
         base = pipeline(model, preset, pairs, **common)
         MemorySampler().run(refdpo("precompute", "--config", base))
         r = {"params": block_params + head_params}

@@ -150,6 +150,8 @@ pub struct TrainConfig {
     /// Storage dtype of the gradients and AdamW moments: f32 (torch's AdamW) or bf16 (half
     /// their memory; moments rounded stochastically). Master weights stay f32 either way.
     pub state_dtype: String,
+    /// Write `final/` at the end (benchmarks and sweeps may skip it).
+    pub save_final: bool,
 }
 
 impl Default for TrainConfig {
@@ -181,6 +183,7 @@ impl Default for TrainConfig {
             log_every: 1,
             gradient_checkpointing: true,
             state_dtype: "f32".into(),
+            save_final: true,
         }
     }
 }

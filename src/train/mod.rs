@@ -458,9 +458,13 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
             test.cache.len()
         ));
     }
-    let final_dir = out.join("final");
-    checkpoint::save(&final_dir, &trainer.policy, &optim, &state, &model.dir)?;
-    summary.push_str(&format!("; final policy in {}", final_dir.display()));
+    if t.save_final {
+        let final_dir = out.join("final");
+        checkpoint::save(&final_dir, &trainer.policy, &optim, &state, &model.dir)?;
+        summary.push_str(&format!("; final policy in {}", final_dir.display()));
+    } else {
+        summary.push_str("; final policy not saved (train.save_final = false)");
+    }
     let params = trainer.policy.num_params() as f64;
     summary.push_str(&format!(
         "; persistent training state {:.1} bytes/parameter (f32 weights 4.0, {} gradients {:.1}, \

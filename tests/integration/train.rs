@@ -398,7 +398,12 @@ fn bf16_optimizer_state_tracks_the_f32_trainer() {
                 &state_set,
                 "train.batch_size=8",
                 "train.learning_rate=2e-4",
+                "train.save_final=false",
             ],
+        );
+        assert!(
+            !out.join("final").exists(),
+            "train.save_final = false wrote final/"
         );
         std::fs::read_to_string(out.join("metrics.jsonl"))
             .unwrap()
