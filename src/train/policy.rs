@@ -282,9 +282,9 @@ impl Policy {
     }
 
     /// Summed completion log-probs without gradients (evaluation, step-0 checks), one block's
-    /// compute copy at a time.
+    /// compute copy at a time, with the fused kernels no graph needs (the reference's forward).
     pub fn score(&self, batch: &SeqBatch) -> Result<Vec<f64>> {
-        let mode = OpMode::Differentiable;
+        let mode = OpMode::Fast;
         let head = self.head()?;
         let ctx = head.context(batch.seq_len, batch.input_ids.device())?;
         let mut x = head.embed(&batch.input_ids)?; // [2B, T, H]
