@@ -16,6 +16,8 @@ import json
 import os
 import pathlib
 import shlex
+
+import pyarrow.parquet as pq
 import statistics
 import subprocess
 import sys
@@ -163,10 +165,8 @@ def stage_precompute():
         peer = json.loads(peer_out)
         # forward FLOPs of the peer's work (every position through every block and lm_head), plus
         # causal attention (QKᵀ and PV: 2·T²·H per layer per sequence, halved by the mask)
-        lens = json.loads(subprocess.run([sys.executable, "-c", (
-            "import pyarrow.parquet as pq,sys,json;t=pq.read_table(sys.argv[1]).to_pylist();"
-            "print(json.dumps([len(r['prompt_ids'])+len(r[k]) for r in t for k in ('chosen_ids','rejected_ids')]))"),
-            WORK / f"cache-{preset}" / "train_prefs.parquet"], capture_output=True, text=True, check=True).stdout)
+        rows = pq.read_table(WORK / f"cache-{preset}" / "train_prefs.parquet").to_pylist()
+        lens = [len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")]
         flops = sum(2 * (block_params + head_params) * n + 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * n * n
                     for n in lens)
         ours_s = rep["score_seconds"]

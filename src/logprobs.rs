@@ -210,8 +210,9 @@ fn backward_by_vocab_chunks(
     }
     let step = step.clamp(1, vocab);
     let tgt: Vec<u32> = targets.to_vec1()?;
-    let g_host: Vec<f32> = g.to_dtype(DType::F32)?.to_vec1()?;
-    let g_col = g.to_dtype(DType::F32)?.unsqueeze(1)?; // [N, 1]
+    let g = g.to_dtype(DType::F32)?;
+    let g_host: Vec<f32> = g.to_vec1()?;
+    let g_col = g.unsqueeze(1)?; // [N, 1]
     let lse = lse.unsqueeze(1)?; // [N, 1]
     let mut grad_rows = Tensor::zeros((n, h), DType::F32, dev)?;
     for v0 in (0..vocab).step_by(step) {

@@ -70,6 +70,7 @@ impl Sources {
         if cfg.demo.generate {
             data::demo::ensure(&cfg.demo)?;
         }
+        // the dataset first: its errors come first
         let ds = hub::dataset(&cfg.dataset.id, &cfg.dataset.revision, splits)?;
         let model = ModelSource::open(hub::model(&cfg.model.id, &cfg.model.revision)?)?;
         let tokenizer =

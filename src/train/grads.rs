@@ -20,10 +20,6 @@ impl Grads {
         }
     }
 
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
     /// Adds `g` (any float dtype) into slot `i`: the sum is taken in f32, then stored.
     ///
     /// `g` is detached first: candle's gradient for a variable can still carry the graph it was

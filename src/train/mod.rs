@@ -254,10 +254,7 @@ pub fn run(cfg: &Config, device: &Device, resume: bool, quiet: bool) -> Result<S
     } else {
         parse_dtype(&cfg.model.dtype)?
     };
-    let state_dtype = match t.state_dtype.as_str() {
-        "bf16" => DType::BF16,
-        _ => DType::F32,
-    };
+    let state_dtype = parse_dtype(&t.state_dtype)?; // validated: f32 or bf16
     let master = weights::load(&model.weight_files, DType::F32, device)?;
     let policy = Policy::new(&model.cfg, master, dtype, device)?;
     let reference = if t.r#ref == "live" {

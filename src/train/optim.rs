@@ -60,7 +60,7 @@ impl AdamW {
     /// Zero moments stored in `dtype` (f32: torch's AdamW; bf16: half the memory, rounded
     /// stochastically).
     pub fn new(policy: &Policy, params: AdamWParams, dtype: DType) -> Result<Self> {
-        let zeros = |v: &candle_core::Var| v.as_tensor().zeros_like()?.to_dtype(dtype);
+        let zeros = |v: &candle_core::Var| Tensor::zeros(v.shape(), dtype, v.device());
         Ok(Self {
             params,
             dtype,
@@ -116,13 +116,7 @@ impl AdamW {
             let rows = w.dim(0)?;
             let row_len = w.elem_count() / rows.max(1);
             let step_rows = (UPDATE_CHUNK / row_len.max(1)).max(1);
-            if step_rows >= rows {
-                let (w_new, m, v) =
-                    self.adam(w, &self.m[i], &self.v[i], g, lr, decay, grad_scale)?;
-                var.set(&w_new)?;
-                (self.m[i], self.v[i]) = (m, v);
-                continue;
-            }
+            // in place, one row slice at a time (one slice for all but the largest tensors)
             for start in (0..rows).step_by(step_rows) {
                 let len = step_rows.min(rows - start);
                 let part = |t: &Tensor| t.narrow(0, start, len);

@@ -18,7 +18,7 @@
 use super::grads::Grads;
 use crate::error::{Error, Result};
 use crate::logprobs::{self, SeqBatch};
-use crate::model::transformer::{attention_chunk, Block, RmsNorm, SeqContext};
+use crate::model::transformer::{Block, RmsNorm, SeqContext};
 use crate::model::{OpMode, ParamSource, Transformer, TransformerConfig};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use std::collections::HashMap;
@@ -30,8 +30,8 @@ pub struct Policy {
     pub vars: Vec<Var>,
     index: HashMap<String, usize>,
     pub compute_dtype: DType,
-    /// Sequences per recomputed sub-batch in the checkpointed backward; 0 = sized from the
-    /// attention-scores budget ([`attention_chunk`]).
+    /// Sequences per recomputed sub-batch in the checkpointed backward; 0 = the attention chunk
+    /// of the forward ([`SeqContext::attn_seqs`]).
     pub backward_seqs: usize,
 }
 
@@ -247,9 +247,9 @@ impl Policy {
         grads: &mut Grads,
     ) -> Result<Tensor> {
         let block = self.block(i, true)?;
-        let (b, t, _) = x.dims3()?;
+        let b = x.dim(0)?;
         let step = match self.backward_seqs {
-            0 => attention_chunk(self.cfg.num_heads, t),
+            0 => ctx.attn_seqs,
             n => n,
         };
         // This block's gradients summed over sub-batches in f32, stored once.
