@@ -19,8 +19,8 @@ pub enum Command {
     Train {
         #[command(flatten)]
         run: RunArgs,
-        /// Continue from the last checkpoint in `train.out` (optimizer and data order included).
-        #[arg(long)]
+        /// Continue the run in `train.out` from its last checkpoint (optimizer and data order included).
+        #[arg(long, conflicts_with = "overwrite")]
         resume: bool,
     },
     /// Pair statistics and length bias over a cache.
@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Delete another run's outputs (train) or a cache made from other inputs (precompute) in the
+    /// output directory first, instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Args)]

@@ -19,6 +19,26 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An output file could not be written (the cause says why: a full disk, a size limit…).
+    #[error("cannot write `{path}`")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// Another refdpo process holds the directory.
+    #[error("`{path}` is in use: {msg}")]
+    Locked { path: PathBuf, msg: String },
+
+    /// A directory holds outputs of another run or cache.
+    #[error("`{path}` {msg}")]
+    Occupied { path: PathBuf, msg: String },
+
+    /// The run was interrupted (Ctrl-C, SIGTERM); the message says what was saved.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
+
     /// A hub repository or file could not be resolved.
     #[error("hub: {0}")]
     Hub(String),
@@ -30,6 +50,10 @@ pub enum Error {
     /// The cache does not belong to this configuration.
     #[error("stale cache `{path}`: {msg}")]
     StaleCache { path: PathBuf, msg: String },
+
+    /// A cache file is truncated, corrupted or fails its checksum.
+    #[error("corrupted cache `{path}`: {msg}")]
+    CorruptCache { path: PathBuf, msg: String },
 
     /// Chat template or tokenizer failure.
     #[error("tokenize: {0}")]
@@ -76,6 +100,17 @@ impl Error {
         }
     }
 
+    /// Names the output file a writer error happened on (an I/O error names it already).
+    pub fn writing(self, path: &std::path::Path) -> Self {
+        match self {
+            e @ (Error::Io { .. } | Error::Write { .. }) => e,
+            e => Error::Write {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            },
+        }
+    }
+
     pub fn schema(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Schema {
             path: path.into(),
@@ -87,6 +122,8 @@ impl Error {
 /// Small helpers for file I/O that keep the path in the error.
 pub mod fs {
     use super::{Error, Result};
+    use std::fs::File;
+    use std::io::Write;
     use std::path::Path;
 
     pub fn read(path: &Path) -> Result<Vec<u8>> {
@@ -103,9 +140,47 @@ pub mod fs {
 
     /// Writes `bytes` to `path` atomically: a temporary sibling, fsync, then rename.
     pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+        write_file_atomic(path, |mut file, tmp| {
+            file.write_all(bytes)
+                .map_err(|e| Error::io("cannot write", tmp, e))?;
+            Ok(file)
+        })
+    }
+
+    /// Writes `path` through `write` (given the open temporary file and its path, returning the
+    /// file when done), fsyncs and renames it into place. On any error the temporary file is
+    /// removed, an existing `path` is left as it was, and the error names `path`.
+    pub fn write_file_atomic(
+        path: &Path,
+        write: impl FnOnce(File, &Path) -> Result<File>,
+    ) -> Result<()> {
+        commit(path, |tmp| {
+            let file = File::create(tmp).map_err(|e| Error::io("cannot create", tmp, e))?;
+            let file = write(file, tmp)?;
+            file.sync_all()
+                .map_err(|e| Error::io("cannot sync", tmp, e))
+        })
+    }
+
+    /// Like [`write_file_atomic`] for writers that take a path: `write` fills the temporary path.
+    pub fn write_path_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        commit(path, |tmp| {
+            write(tmp)?;
+            File::open(tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io("cannot sync", tmp, e))
+        })
+    }
+
+    fn commit(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let tmp = tmp_path(path);
-        std::fs::write(&tmp, bytes).map_err(|e| Error::io("cannot write", &tmp, e))?;
-        rename(&tmp, path)
+        let result = write(&tmp)
+            .map_err(|e| e.writing(path))
+            .and_then(|()| rename(&tmp, path));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
     }
 
     pub fn rename(from: &Path, to: &Path) -> Result<()> {

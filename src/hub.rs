@@ -2,7 +2,7 @@
 //! `HF_TOKEN`, `HF_ENDPOINT`, `HF_HUB_OFFLINE`) or a local directory in the same layout.
 
 use crate::error::{Error, Result};
-use hf_hub::api::sync::{ApiBuilder, ApiRepo};
+use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
 
@@ -39,6 +39,15 @@ fn cached_snapshot(repo: &Repo, revision: &str) -> Option<PathBuf> {
     snap.is_dir().then_some(snap)
 }
 
+/// The revision a resolved source records: `local` for a local directory, else the one asked for.
+pub fn revision_label(id: &str, revision: &str) -> String {
+    if Path::new(id).is_dir() {
+        "local".into()
+    } else {
+        revision.into()
+    }
+}
+
 /// Resolves `id` to a directory holding the files `wanted` selects (called with each repo path).
 fn resolve(
     id: &str,
@@ -51,7 +60,7 @@ fn resolve(
     if local.is_dir() {
         return Ok(RepoDir {
             dir: local.to_path_buf(),
-            revision: "local".into(),
+            revision: revision_label(id, revision),
         });
     }
     let what = kind_name(kind);
@@ -105,7 +114,7 @@ fn resolve(
     }
     let mut dir = None;
     for f in &files {
-        let path = get(&api_repo, f).map_err(|e| unreachable(&e))?;
+        let path = api_repo.get(f).map_err(|e| unreachable(&e))?;
         // The snapshot root is the downloaded path minus the repo-relative file name.
         dir.get_or_insert_with(|| {
             let depth = Path::new(f).components().count();
@@ -119,12 +128,8 @@ fn resolve(
         .ok_or_else(|| Error::Hub(format!("{what} `{id}` at `{revision}` has no usable files")))?;
     Ok(RepoDir {
         dir,
-        revision: revision.into(),
+        revision: revision_label(id, revision),
     })
-}
-
-fn get(repo: &ApiRepo, file: &str) -> std::result::Result<PathBuf, hf_hub::api::sync::ApiError> {
-    repo.get(file)
 }
 
 /// A dataset with `data/<split>-*.parquet` for each split.

@@ -3,6 +3,7 @@
 use crate::cli::{Cli, Command, ConfigArgs, StatsArgs};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::outputs::Existing;
 use candle_core::Device;
 
 /// Parses `--device` (default: CUDA when built with it and present, else CPU). On CUDA, f32
@@ -40,18 +41,29 @@ fn load(args: &ConfigArgs) -> Result<Config> {
     Config::load(&args.config, &args.overrides)
 }
 
+/// What to do with outputs already there: `--resume` continues them, `--overwrite` replaces them.
+fn existing(resume: bool, overwrite: bool) -> Existing {
+    match (resume, overwrite) {
+        (true, _) => Existing::Resume,
+        (false, true) => Existing::Overwrite,
+        (false, false) => Existing::Refuse,
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    crate::signals::file_size_limit_as_error();
     match cli.command {
         Command::Precompute(a) => {
             let cfg = load(&a.config)?;
-            crate::precompute::run(&cfg, &device(a.device.as_deref())?, a.quiet)?;
-            println!("cache written to {}", cfg.precompute.out.display());
+            let dev = device(a.device.as_deref())?;
+            let mode = existing(false, a.overwrite);
+            println!("{}", crate::precompute::run(&cfg, &dev, mode, a.quiet)?);
         }
         Command::Train { run, resume } => {
             let cfg = load(&run.config)?;
-            let summary =
-                crate::train::run(&cfg, &device(run.device.as_deref())?, resume, run.quiet)?;
-            println!("{summary}");
+            let dev = device(run.device.as_deref())?;
+            let mode = existing(resume, run.overwrite);
+            println!("{}", crate::train::run(&cfg, &dev, mode, run.quiet)?);
         }
         Command::Stats(a) => stats(a)?,
         Command::Show {

@@ -3,13 +3,13 @@
 use crate::config::Config;
 use crate::data;
 use crate::error::{Error, Result};
-use crate::precompute::Sources;
+use crate::inputs::Inputs;
 use crate::tokenize::pairs::split_conversation;
 use std::fmt::Write;
 
 pub fn show(cfg: &Config, split: &str, index: usize) -> Result<String> {
-    let src = Sources::resolve(cfg, &[split])?;
-    let files = data::split_files(&src.dataset_dir, split)?;
+    let (dataset_dir, inputs) = Inputs::with_dataset(cfg, &[split])?;
+    let files = data::split_files(&dataset_dir, split)?;
     let rows = data::read_split(&files, index + 1)?;
     let row = rows.get(index).ok_or_else(|| {
         Error::Config(format!(
@@ -33,7 +33,7 @@ pub fn show(cfg: &Config, split: &str, index: usize) -> Result<String> {
             let _ = writeln!(out, "[{}] {}", m.role, m.content);
         }
     }
-    let tok = &src.tokenizer;
+    let tok = &inputs.tokenizer;
     match tok.tokenize(row) {
         Err(reason) => {
             let _ = writeln!(out, "\nskipped: {}", reason.as_str());

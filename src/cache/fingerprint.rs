@@ -1,5 +1,6 @@
 //! The cache fingerprint: what a cache was computed from, so stage two can refuse a stale one.
 
+use crate::config::{Dtype, Truncation};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -19,8 +20,9 @@ pub struct Fingerprint {
     pub tokenizer_sha256: String,
     pub chat_template_sha256: String,
     pub max_length: usize,
-    pub truncation: String,
-    pub dtype: String,
+    pub truncation: Truncation,
+    /// The reference forward's compute dtype (informational: it does not bind a training run).
+    pub dtype: Dtype,
     pub refdpo_version: String,
 }
 
@@ -36,48 +38,36 @@ impl Fingerprint {
         })
     }
 
-    /// Fields a training run depends on: the model, tokenizer and tokenization. The first that
-    /// differs is named with both values.
+    /// The first field (in declaration order) whose value differs from `other`'s, with both
+    /// values as JSON; fields named in `skip` are not compared.
+    pub fn first_difference(
+        &self,
+        other: &Fingerprint,
+        skip: &[&str],
+    ) -> Option<(String, String, String)> {
+        let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (
+            serde_json::to_value(self).expect("fingerprint serializes"),
+            serde_json::to_value(other).expect("fingerprint serializes"),
+        ) else {
+            unreachable!("a fingerprint serializes to an object")
+        };
+        a.into_iter()
+            .filter(|(k, _)| !skip.contains(&k.as_str()))
+            .find(|(k, v)| b.get(k) != Some(v))
+            .map(|(k, v)| {
+                let theirs = b.get(&k).map(ToString::to_string).unwrap_or_default();
+                (k, v.to_string(), theirs)
+            })
+    }
+
+    /// Everything a training run depends on — the dataset rows, the model, the tokenizer and the
+    /// tokenization (not the reference's compute dtype, nor the refdpo version that wrote it).
+    /// The first field that differs is named with both values.
     pub fn check_compatible(&self, expected: &Fingerprint, path: &Path) -> Result<()> {
-        let fields: [(&str, &str, &str); 7] = [
-            ("model_id", &self.model_id, &expected.model_id),
-            (
-                "model_revision",
-                &self.model_revision,
-                &expected.model_revision,
-            ),
-            (
-                "weights_sha256",
-                &self.weights_sha256,
-                &expected.weights_sha256,
-            ),
-            (
-                "tokenizer_sha256",
-                &self.tokenizer_sha256,
-                &expected.tokenizer_sha256,
-            ),
-            (
-                "chat_template_sha256",
-                &self.chat_template_sha256,
-                &expected.chat_template_sha256,
-            ),
-            ("truncation", &self.truncation, &expected.truncation),
-            ("split", &self.split, &expected.split),
-        ];
-        for (name, cached, wanted) in fields {
-            if cached != wanted {
-                return Err(stale(path, name, cached, wanted));
-            }
+        match self.first_difference(expected, &["dtype", "refdpo_version"]) {
+            Some((name, cached, wanted)) => Err(stale(path, &name, &cached, &wanted)),
+            None => Ok(()),
         }
-        if self.max_length != expected.max_length {
-            return Err(stale(
-                path,
-                "max_length",
-                &self.max_length.to_string(),
-                &expected.max_length.to_string(),
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -85,7 +75,7 @@ fn stale(path: &Path, field: &str, cached: &str, wanted: &str) -> Error {
     Error::StaleCache {
         path: path.to_path_buf(),
         msg: format!(
-            "fingerprint field `{field}` is {cached:?} in the cache but {wanted:?} for this config; \
+            "fingerprint field `{field}` is {cached} in the cache but {wanted} for this config; \
              re-run `refdpo precompute` with this config (or point `train.cache` at the matching cache)"
         ),
     }
@@ -104,8 +94,8 @@ pub(crate) fn sample() -> Fingerprint {
         tokenizer_sha256: "t".into(),
         chat_template_sha256: "c".into(),
         max_length: 1024,
-        truncation: "keep_start".into(),
-        dtype: "f32".into(),
+        truncation: Truncation::KeepStart,
+        dtype: Dtype::F32,
         refdpo_version: "0.1.0".into(),
     }
 }
@@ -134,8 +124,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("weights_sha256"), "{err}");
+        for (field, b) in [
+            (
+                "dataset_id",
+                Fingerprint {
+                    dataset_id: "e".into(),
+                    ..sample()
+                },
+            ),
+            (
+                "dataset_revision",
+                Fingerprint {
+                    dataset_revision: "v2".into(),
+                    ..sample()
+                },
+            ),
+            (
+                "limit",
+                Fingerprint {
+                    limit: 64,
+                    ..sample()
+                },
+            ),
+        ] {
+            let err = a
+                .check_compatible(&b, Path::new("c.arrow"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{field}`")), "{err}");
+        }
         let mut b = sample();
-        b.dtype = "bf16".into(); // the reference dtype does not bind training
+        b.dtype = Dtype::Bf16; // the reference dtype does not bind training
         a.check_compatible(&b, Path::new("c.arrow")).unwrap();
     }
 

@@ -1,6 +1,7 @@
 //! `<split>.arrow`: the cache as an uncompressed Arrow IPC file, written by stage one and read by
 //! stage two through a memory map, zero-copy (after arrow-rs `examples/zero_copy_ipc.rs`).
 
+use super::checksum::{corrupt, Checksum, HashingWriter, CHECKSUM_KEY};
 use super::fingerprint::Fingerprint;
 use super::schema::{self, CacheBatch, CacheRow, FINGERPRINT_KEY};
 use crate::error::{fs, Error, Result};
@@ -12,22 +13,24 @@ use arrow::ipc::{root_as_footer, Block};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Writes `rows` as an Arrow IPC file (temporary name, then rename).
+/// Writes `rows` as an Arrow IPC file (temporary name, fsync, rename), with the checksum of
+/// everything before the footer in the footer's metadata.
 pub fn write(path: &Path, rows: &[CacheRow], fingerprint: &Fingerprint) -> Result<()> {
-    let tmp = fs::tmp_path(path);
-    let file = std::fs::File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-    let schema = schema::schema_with_fingerprint(&fingerprint.to_json());
-    let mut writer = FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
-    for chunk in rows.chunks(4096) {
-        writer.write(&schema::to_batch(chunk, schema.clone())?)?;
-    }
-    writer.finish()?;
-    let file = writer.into_inner()?;
-    file.into_inner()
-        .map_err(|e| Error::io("cannot flush", &tmp, e.into_error()))?
-        .sync_all()
-        .map_err(|e| Error::io("cannot sync", &tmp, e))?;
-    fs::rename(&tmp, path)
+    fs::write_file_atomic(path, |file, tmp| {
+        let schema = schema::schema_with_fingerprint(&fingerprint.to_json());
+        let mut writer = FileWriter::try_new_buffered(HashingWriter::new(file), &schema)?;
+        for chunk in rows.chunks(4096) {
+            writer.write(&schema::to_batch(chunk, schema.clone())?)?;
+        }
+        writer.flush()?;
+        let sum = writer.get_ref().get_ref().checksum();
+        writer.write_metadata(CHECKSUM_KEY, sum.to_metadata());
+        let buffered = writer.into_inner()?;
+        let hashing = buffered
+            .into_inner()
+            .map_err(|e| Error::io("cannot flush", tmp, e.into_error()))?;
+        Ok(hashing.into_inner())
+    })
 }
 
 /// A memory-mapped cache: record batches whose buffers point into the mapped file.
@@ -40,15 +43,8 @@ pub struct MappedCache {
     index: Vec<(u32, u32)>,
 }
 
-fn corrupt(path: &Path, what: impl std::fmt::Display) -> Error {
-    Error::schema(
-        path,
-        format!("truncated or corrupted Arrow IPC cache ({what}): delete it and re-run `refdpo precompute`"),
-    )
-}
-
 impl MappedCache {
-    /// Maps `path` and decodes its batches without copying the data.
+    /// Maps `path`, verifies its checksum and decodes its batches without copying the data.
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
         // SAFETY: the map is read-only and refdpo never writes a cache in place: stage one writes a
@@ -73,6 +69,12 @@ impl MappedCache {
         }
         let footer = root_as_footer(&buffer[len - 10 - footer_len..len - 10])
             .map_err(|e| corrupt(path, e))?;
+        let stored = footer.custom_metadata().and_then(|kvs| {
+            kvs.iter()
+                .find(|kv| kv.key() == Some(CHECKSUM_KEY))
+                .and_then(|kv| kv.value())
+        });
+        Checksum::verify_bytes(stored, &buffer[..len - 10 - footer_len], path)?;
         let fb_schema = footer
             .schema()
             .ok_or_else(|| corrupt(path, "no schema in the footer"))?;
@@ -133,6 +135,14 @@ impl MappedCache {
     pub fn locate(&self, i: usize) -> (&CacheBatch, usize) {
         let (b, r) = self.index[i];
         (&self.batches[b as usize], r as usize)
+    }
+
+    /// The largest token id in the cache.
+    pub fn max_token_id(&self) -> Option<u32> {
+        self.batches
+            .iter()
+            .filter_map(CacheBatch::max_token_id)
+            .max()
     }
 
     pub fn to_row(&self, i: usize) -> CacheRow {
@@ -197,10 +207,16 @@ mod tests {
                 "cut {cut}: {err}"
             );
         }
-        let mut flipped = bytes.clone();
-        let mid = bytes.len() / 3;
-        flipped[mid..mid + 64].iter_mut().for_each(|b| *b = 0xff);
-        std::fs::write(&path, &flipped).unwrap();
-        let _ = MappedCache::open(&path); // must not panic; may fail or decode
+        // One flipped bit anywhere before the footer is refused by name.
+        for at in [7, bytes.len() / 3, bytes.len() / 2, bytes.len() - 400] {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x04;
+            std::fs::write(&path, &flipped).unwrap();
+            let err = MappedCache::open(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("t.arrow") && err.contains("refdpo precompute"),
+                "bit at {at}: {err}"
+            );
+        }
     }
 }

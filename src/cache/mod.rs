@@ -1,5 +1,6 @@
 //! The cache stage: schema (one definition), fingerprint, Parquet and Arrow IPC readers/writers.
 
+pub mod checksum;
 pub mod fingerprint;
 pub mod ipc;
 pub mod parquet;

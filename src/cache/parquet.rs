@@ -1,6 +1,7 @@
 //! `<split>.parquet`: the user-facing copy of the cache (zstd), with the fingerprint in its key-value
 //! metadata. Writer and reader in one place.
 
+use super::checksum::{Checksum, HashingWriter, CHECKSUM_KEY};
 use super::fingerprint::Fingerprint;
 use super::schema::{self, CacheBatch, CacheRow, FINGERPRINT_KEY};
 use crate::error::{fs, Error, Result};
@@ -11,24 +12,43 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use std::path::Path;
 
-/// Writes `rows` to `path` (via a temporary name, renamed when complete).
+/// Writes `rows` to `path` (temporary name, fsync, rename), with the checksum of everything
+/// before the footer in the key-value metadata.
 pub fn write(path: &Path, rows: &[CacheRow], fingerprint: &Fingerprint) -> Result<()> {
-    let tmp = fs::tmp_path(path);
-    let file = std::fs::File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .set_key_value_metadata(Some(vec![KeyValue::new(
-            FINGERPRINT_KEY.to_string(),
-            fingerprint.to_json(),
-        )]))
-        .build();
-    let schema = schema::schema();
-    let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
-    for chunk in rows.chunks(4096) {
-        writer.write(&schema::to_batch(chunk, schema.clone())?)?;
-    }
-    writer.close()?;
-    fs::rename(&tmp, path)
+    fs::write_file_atomic(path, |file, tmp| {
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                FINGERPRINT_KEY.to_string(),
+                fingerprint.to_json(),
+            )]))
+            .build();
+        let schema = schema::schema();
+        let mut writer =
+            ArrowWriter::try_new(HashingWriter::new(file), schema.clone(), Some(props))?;
+        for chunk in rows.chunks(4096) {
+            writer.write(&schema::to_batch(chunk, schema.clone())?)?;
+        }
+        writer.flush()?; // the last row group
+                         // and every byte of it into the hashing writer
+        writer
+            .sync()
+            .map_err(|e| Error::io("cannot write", tmp, e))?;
+        let sum = writer.inner().checksum();
+        writer
+            .append_key_value_metadata(KeyValue::new(CHECKSUM_KEY.to_string(), sum.to_metadata()));
+        Ok(writer.into_inner()?.into_inner())
+    })
+}
+
+/// Checks the file against the checksum in its metadata (reads the whole file once).
+pub fn verify(path: &Path) -> Result<()> {
+    let builder = open(path)?;
+    let meta = builder.metadata().file_metadata().key_value_metadata();
+    let stored = meta
+        .and_then(|kv| kv.iter().find(|k| k.key == CHECKSUM_KEY))
+        .and_then(|k| k.value.as_deref());
+    Checksum::verify_file(stored, path)
 }
 
 /// The fingerprint stored in a cache parquet file.
@@ -53,8 +73,9 @@ fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<std::fs::File>> {
         .map_err(|e| Error::schema(path, format!("not a readable parquet file: {e}")))
 }
 
-/// Reads every row of a cache parquet file (schema checked).
+/// Reads every row of a cache parquet file (checksum and schema checked).
 pub fn read(path: &Path) -> Result<Vec<CacheRow>> {
+    verify(path)?;
     let builder = open(path)?;
     schema::check(builder.schema(), path)?;
     let mut rows = Vec::new();

@@ -210,6 +210,18 @@ impl CacheBatch {
         self.col(col::ROW).as_primitive::<UInt64Type>().value(i)
     }
 
+    /// The largest token id in the batch's id columns (None for a batch without tokens).
+    pub fn max_token_id(&self) -> Option<u32> {
+        [col::PROMPT_IDS, col::CHOSEN_IDS, col::REJECTED_IDS]
+            .iter()
+            .filter_map(|name| {
+                let list = self.col(name).as_list::<i32>();
+                let values = list.values().as_primitive::<UInt32Type>().values();
+                values.iter().copied().max()
+            })
+            .max()
+    }
+
     /// Materializes row `i` (for tests, `show` and small tools; stage two reads the slices).
     pub fn to_row(&self, i: usize) -> CacheRow {
         let flag = |name: &str| self.col(name).as_boolean().value(i);

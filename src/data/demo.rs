@@ -9,7 +9,7 @@
 
 use crate::config::DemoConfig;
 use crate::error::{fs, Error, Result};
-use crate::model::{init, weights, TransformerConfig};
+use crate::model::init;
 use crate::rng::SplitMix;
 use arrow::array::{ArrayRef, Float64Array, ListArray, RecordBatch, StringArray, StructArray};
 use arrow::buffer::OffsetBuffer;
@@ -296,32 +296,6 @@ fn tokenizer_json(vocab: &[String]) -> serde_json::Value {
     })
 }
 
-/// The demo model's architecture (a tiny Llama).
-pub fn model_config(vocab_size: usize) -> serde_json::Value {
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": false,
-        "attention_bias": false,
-        "mlp_bias": false,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-        "torch_dtype": "float32"
-    })
-}
-
 /// Generates the demo assets into `cfg.dir` unless an identical generation is already there.
 pub fn ensure(cfg: &DemoConfig) -> Result<()> {
     let stamp = json!({"generator": GENERATOR_VERSION, "seed": cfg.seed,
@@ -368,11 +342,12 @@ pub fn ensure(cfg: &DemoConfig) -> Result<()> {
         &model.join("tokenizer_config.json"),
         pretty(&tok_cfg).as_bytes(),
     )?;
-    let config = model_config(vocab.len());
-    fs::write_atomic(&model.join("config.json"), pretty(&config).as_bytes())?;
-    let tcfg = TransformerConfig::from_json(&config.to_string()).map_err(Error::Model)?;
-    let tensors = init::init_weights(&tcfg, cfg.seed, 0.02)?;
-    weights::save(&tensors, &model.join("model.safetensors"))?;
+    init::write_model(
+        &model,
+        &init::tiny_llama_config(vocab.len()),
+        cfg.seed,
+        0.02,
+    )?;
     fs::write_atomic(&tmp.join("demo.json"), pretty(&stamp).as_bytes())?;
     if cfg.dir.exists() {
         std::fs::remove_dir_all(&cfg.dir).map_err(|e| Error::io("cannot replace", &cfg.dir, e))?;

@@ -6,9 +6,12 @@
 
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `train.loss`: TRL's `loss_type` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LossKind {
     /// −log σ(βΔ); with `label_smoothing` ε > 0, conservative DPO: −(1−ε) log σ(βΔ) − ε log σ(−βΔ).
+    #[default]
     Sigmoid,
     /// (Δ_avg − 1/(2β))², Δ on per-token averages (TRL's normalization).
     Ipo,
@@ -23,24 +26,25 @@ pub enum LossKind {
 }
 
 impl LossKind {
-    pub const NAMES: [&'static str; 6] =
-        ["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo"];
+    pub const ALL: [LossKind; 6] = [
+        LossKind::Sigmoid,
+        LossKind::Ipo,
+        LossKind::Hinge,
+        LossKind::Robust,
+        LossKind::SigmoidNorm,
+        LossKind::Simpo,
+    ];
 
-    pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "sigmoid" => LossKind::Sigmoid,
-            "ipo" => LossKind::Ipo,
-            "hinge" => LossKind::Hinge,
-            "robust" => LossKind::Robust,
-            "sigmoid_norm" => LossKind::SigmoidNorm,
-            "simpo" => LossKind::Simpo,
-            _ => return None,
-        })
-    }
-
-    /// Whether the loss reads the reference log-probs at all.
-    pub fn uses_reference(self) -> bool {
-        self != LossKind::Simpo
+    /// The name in configs and TRL (`loss_type`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LossKind::Sigmoid => "sigmoid",
+            LossKind::Ipo => "ipo",
+            LossKind::Hinge => "hinge",
+            LossKind::Robust => "robust",
+            LossKind::SigmoidNorm => "sigmoid_norm",
+            LossKind::Simpo => "simpo",
+        }
     }
 }
 
@@ -246,14 +250,15 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences_for_every_loss() {
-        for name in LossKind::NAMES {
+        for kind in LossKind::ALL {
             for (eps, rpo) in [(0.0, 0.0), (0.2, 0.3)] {
-                let mut p = params(LossKind::parse(name).unwrap(), 0.7);
-                p.label_smoothing = if name == "sigmoid" || name == "robust" || name == "simpo" {
-                    eps
-                } else {
-                    0.0
-                };
+                let mut p = params(kind, 0.7);
+                p.label_smoothing =
+                    if matches!(kind, LossKind::Sigmoid | LossKind::Robust | LossKind::Simpo) {
+                        eps
+                    } else {
+                        0.0
+                    };
                 p.rpo_alpha = rpo;
                 for x in [toy(false), toy(true)] {
                     let out = dpo_loss(&p, &x).unwrap();
@@ -277,7 +282,8 @@ mod tests {
                             };
                             assert!(
                                 (fd - g).abs() < 1e-6,
-                                "{name} ε={eps} α={rpo} pair {i} side {side}: {g} vs {fd}"
+                                "{} ε={eps} α={rpo} pair {i} side {side}: {g} vs {fd}",
+                                kind.name()
                             );
                         }
                     }

@@ -143,19 +143,6 @@ impl TransformerConfig {
                 .map(|v| v as u32),
         })
     }
-
-    /// Parameter count, for reports.
-    pub fn num_params(&self) -> usize {
-        let h = self.hidden_size;
-        let (q, kv) = (
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        );
-        let attn = h * q + 2 * h * kv + q * h;
-        let mlp = 3 * h * self.intermediate_size;
-        let emb = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
-        emb + self.num_layers * (attn + mlp + 2 * h) + h
-    }
 }
 
 fn parse_scaling(v: &serde_json::Value) -> std::result::Result<Option<Llama3Scaling>, String> {

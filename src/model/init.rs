@@ -1,10 +1,13 @@
 //! Deterministic weights from a formula any language can reproduce (splitmix64 keyed by the FNV-1a
 //! hash of each HF tensor name): the demo model and the test fixtures' model, with no binary committed.
+//! The demo's tiny architecture lives here too, beside the code that fills it.
 
 use super::config::{Arch, TransformerConfig};
-use crate::error::Result;
+use crate::error::{fs, Error, Result};
 use candle_core::{Device, Tensor};
+use serde_json::json;
 use std::collections::HashMap;
+use std::path::Path;
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -93,6 +96,44 @@ pub fn init_weights(
             Ok((name, t))
         })
         .collect()
+}
+
+/// The demo model's architecture: a tiny Llama (2 layers, hidden 64, GQA 4/2).
+pub fn tiny_llama_config(vocab_size: usize) -> serde_json::Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": false,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "torch_dtype": "float32"
+    })
+}
+
+/// Writes `config.json` and formula-initialized `model.safetensors` into `dir`: a model in HF
+/// layout made from nothing (the demo's; tests make theirs the same way).
+pub fn write_model(dir: &Path, config: &serde_json::Value, seed: u64, std: f64) -> Result<()> {
+    let text = serde_json::to_string_pretty(config)?;
+    fs::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    let tcfg = TransformerConfig::from_json(&config.to_string()).map_err(Error::Model)?;
+    super::weights::save(
+        &init_weights(&tcfg, seed, std)?,
+        &dir.join("model.safetensors"),
+    )
 }
 
 #[cfg(test)]

@@ -338,10 +338,6 @@ impl Transformer {
         })
     }
 
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
     pub fn context(&self, seq_len: usize, device: &Device) -> Result<SeqContext> {
         let (cos, sin) = self.rope.tables(seq_len, self.dtype, device)?;
         let mask: Vec<f32> = (0..seq_len)

@@ -60,14 +60,11 @@ pub fn hash_files(files: &[PathBuf]) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// Writes named tensors as one `model.safetensors` (atomically).
+/// Writes named tensors as one safetensors file (temporary name, fsync, rename).
 pub fn save(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = fs::tmp_path(path);
     let cpu: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&cpu, &tmp)
-        .map_err(|e| Error::Model(format!("cannot write `{}`: {e}", tmp.display())))?;
-    fs::rename(&tmp, path)
+    fs::write_path_atomic(path, |tmp| Ok(candle_core::safetensors::save(&cpu, tmp)?))
 }

@@ -3,6 +3,7 @@
 //! policy's implicit reward margin against the length difference on the test split.
 
 pub mod plot;
+pub mod policy;
 pub mod queries;
 
 use crate::cache;
@@ -46,13 +47,14 @@ fn resolve_parquet(opts: &StatsOptions) -> Result<PathBuf> {
 
 pub fn run(opts: &StatsOptions) -> Result<String> {
     let parquet = resolve_parquet(opts)?;
+    cache::parquet::verify(&parquet)?;
     let mut stats = queries::compute(&parquet)?;
     let report = parquet.with_file_name("report.json");
     if let Some(split) = parquet.file_stem().and_then(|s| s.to_str()) {
         stats.add_dropped(&report, split);
     }
     if let Some(run_dir) = &opts.run {
-        let policy = queries::policy_bias(run_dir, &parquet, opts, &opts.device)?;
+        let policy = policy::policy_bias(run_dir, &parquet, &opts.device)?;
         stats.policy = Some(policy);
     }
     if let Some(dir) = &opts.plot {

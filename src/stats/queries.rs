@@ -1,13 +1,9 @@
 //! The statistics themselves, as polars LazyFrame queries over the cache parquet (the same
 //! definitions as the Python polars queries in the README's "Querying the cache").
 
-use super::StatsOptions;
+use super::policy::PolicyBias;
 use crate::cache;
-use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::logprobs;
-use crate::model::{weights, Transformer, TransformerConfig};
-use candle_core::{DType, Device};
 use polars::prelude::*;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -38,16 +34,6 @@ pub struct DecileRow {
     pub longer_wins: f64,
 }
 
-/// The trained policy's view of length (from `--run`).
-pub struct PolicyBias {
-    pub run: String,
-    pub pairs: usize,
-    pub beta: f64,
-    pub figures: Map<String, Value>,
-    /// (len_diff, implicit reward margin) per pair, for the chart.
-    pub points: Vec<(f64, f64)>,
-}
-
 pub struct Stats {
     /// Scalar figures under their JSON names.
     pub summary: Map<String, Value>,
@@ -61,7 +47,7 @@ pub struct Stats {
     pub policy: Option<PolicyBias>,
 }
 
-fn f(x: f64) -> String {
+pub(super) fn f(x: f64) -> String {
     if x.is_nan() {
         "-".into()
     } else if x.fract() == 0.0 && x.abs() < 1e9 {
@@ -97,7 +83,7 @@ pub fn frame(parquet: &Path) -> Result<LazyFrame> {
         ]))
 }
 
-fn scalar(df: &DataFrame, name: &str) -> Result<f64> {
+pub(super) fn scalar(df: &DataFrame, name: &str) -> Result<f64> {
     let c = df.column(name)?.cast(&DataType::Float64)?;
     Ok(c.f64()?.get(0).unwrap_or(f64::NAN))
 }
@@ -412,102 +398,4 @@ impl Stats {
                 .collect(),
         }
     }
-}
-
-impl PolicyBias {
-    pub fn table(&self) -> Table {
-        let rows = self
-            .figures
-            .iter()
-            .map(|(k, v)| vec![k.clone(), v.as_f64().map_or_else(|| v.to_string(), f)])
-            .collect();
-        Table {
-            header: vec![
-                format!("{} ({} pairs, beta {})", self.run, self.pairs, self.beta),
-                "value".into(),
-            ],
-            rows,
-        }
-    }
-}
-
-/// Scores the split with the run's final policy and relates its implicit reward margin
-/// β·[(π(c) − ref(c)) − (π(r) − ref(r))] to the length difference.
-pub fn policy_bias(
-    run_dir: &Path,
-    parquet: &Path,
-    opts: &StatsOptions,
-    device: &Device,
-) -> Result<PolicyBias> {
-    let final_dir = run_dir.join("final");
-    let run_cfg_path = run_dir.join("config.toml");
-    let run_cfg = Config::load(&run_cfg_path, &[])?;
-    let cfg = opts.config.as_ref().unwrap_or(&run_cfg);
-    let model_cfg = TransformerConfig::from_file(&final_dir.join("config.json"))?;
-    let tensors = weights::load(&weights::weight_files(&final_dir)?, DType::F32, device)?;
-    let model = Transformer::new(&model_cfg, &tensors)?;
-    let rows = cache::parquet::read(parquet)?;
-    let (l, t) = (cfg.tokenize.max_length, cfg.tokenize.truncation);
-    let mut margins = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(cfg.precompute.batch_size.max(1)) {
-        let ids: Vec<_> = chunk
-            .iter()
-            .map(|r| {
-                (
-                    r.prompt_ids.as_slice(),
-                    r.chosen_ids.as_slice(),
-                    r.rejected_ids.as_slice(),
-                )
-            })
-            .collect();
-        for (r, (pc, pr)) in chunk
-            .iter()
-            .zip(logprobs::score_pairs(&model, &ids, l, t, device)?)
-        {
-            let beta = run_cfg.train.beta;
-            margins.push(beta * ((pc - r.ref_chosen_logps) - (pr - r.ref_rejected_logps)));
-        }
-    }
-    let len_diff: Vec<f64> = rows
-        .iter()
-        .map(|r| r.chosen_ids.len() as f64 - r.rejected_ids.len() as f64)
-        .collect();
-    let df = df!("len_diff" => &len_diff, "margin" => &margins)?;
-    let out = df
-        .lazy()
-        .select([
-            spearman_rank_corr(col("len_diff"), col("margin"), false)
-                .alias("margin_len_diff_spearman"),
-            pearson_corr(col("len_diff"), col("margin")).alias("margin_len_diff_pearson"),
-            col("margin")
-                .gt(lit(0.0))
-                .cast(DataType::Float64)
-                .mean()
-                .alias("reward_accuracy"),
-            // Among pairs of unequal length: how often the policy's implicit reward favours the longer answer.
-            (col("margin").gt(lit(0.0)).eq(col("len_diff").gt(lit(0.0))))
-                .filter(col("len_diff").neq(lit(0.0)))
-                .cast(DataType::Float64)
-                .mean()
-                .alias("prefers_longer_frac"),
-            col("len_diff")
-                .gt(lit(0.0))
-                .filter(col("len_diff").neq(lit(0.0)))
-                .cast(DataType::Float64)
-                .mean()
-                .alias("data_longer_chosen_frac"),
-            col("margin").mean().alias("margin_mean"),
-        ])
-        .collect()?;
-    let mut figures = Map::new();
-    for c in out.get_column_names() {
-        figures.insert(c.to_string(), json!(scalar(&out, c)?));
-    }
-    Ok(PolicyBias {
-        run: run_dir.display().to_string(),
-        pairs: rows.len(),
-        beta: run_cfg.train.beta,
-        figures,
-        points: len_diff.into_iter().zip(margins).collect(),
-    })
 }

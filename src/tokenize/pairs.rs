@@ -121,32 +121,39 @@ pub fn common_prefix_length(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// The part of `prompt ++ completion` a forward sees, as TRL's collator cuts it: `keep_start` keeps
-/// the first `max_length` tokens, `keep_end` the last. Returns (context, scored completion tokens):
-/// every completion token but one at position 0, which no position predicts.
+/// The one truncation rule, as TRL's collator cuts `prompt ++ completion` to `max_length`:
+/// `keep_start` keeps the first `max_length` tokens (so the completion's head), `keep_end` the last
+/// (so the completion's tail, at most `max_length` tokens). Returns the kept completion tokens.
+fn kept_completion(
+    prompt_len: usize,
+    completion: &[u32],
+    max_length: usize,
+    mode: Truncation,
+) -> &[u32] {
+    match mode {
+        Truncation::KeepStart => {
+            &completion[..max_length.saturating_sub(prompt_len).min(completion.len())]
+        }
+        Truncation::KeepEnd => &completion[completion.len().saturating_sub(max_length)..],
+    }
+}
+
+/// The part of `prompt ++ completion` a forward sees, under [`kept_completion`]'s rule. Returns
+/// (context, scored completion tokens): every kept completion token but one at position 0, which
+/// no position predicts.
 pub fn window<'a>(
     prompt: &'a [u32],
     completion: &'a [u32],
     max_length: usize,
     mode: Truncation,
 ) -> (&'a [u32], &'a [u32]) {
-    match mode {
-        Truncation::KeepStart => {
-            let keep = max_length
-                .saturating_sub(prompt.len())
-                .min(completion.len());
-            (prompt, &completion[..keep])
-        }
-        Truncation::KeepEnd => {
-            let completion = &completion[completion.len().saturating_sub(max_length)..];
-            let room = max_length - completion.len();
-            let prompt = &prompt[prompt.len().saturating_sub(room)..];
-            if prompt.is_empty() && !completion.is_empty() {
-                (&completion[..1], &completion[1..])
-            } else {
-                (prompt, completion)
-            }
-        }
+    let completion = kept_completion(prompt.len(), completion, max_length, mode);
+    let room = max_length.saturating_sub(completion.len());
+    let prompt = &prompt[prompt.len().saturating_sub(room)..];
+    if prompt.is_empty() && !completion.is_empty() {
+        (&completion[..1], &completion[1..])
+    } else {
+        (prompt, completion)
     }
 }
 
@@ -157,14 +164,7 @@ fn kept(
     max_length: usize,
     mode: Truncation,
 ) -> (Vec<u32>, bool) {
-    let kept = match mode {
-        Truncation::KeepStart => {
-            &completion[..max_length
-                .saturating_sub(prompt.len())
-                .min(completion.len())]
-        }
-        Truncation::KeepEnd => &completion[completion.len().saturating_sub(max_length)..],
-    };
+    let kept = kept_completion(prompt.len(), completion, max_length, mode);
     (kept.to_vec(), kept.len() < completion.len())
 }
 

@@ -119,10 +119,6 @@ impl ChatTemplate {
     pub fn sha256(&self) -> String {
         format!("{:x}", Sha256::digest(self.source.as_bytes()))
     }
-
-    pub fn source(&self) -> &str {
-        &self.source
-    }
 }
 
 /// `json.dumps(value, ensure_ascii=False[, indent=N])`: separators `", "` and `": "` (`","` before a

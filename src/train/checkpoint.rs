@@ -17,7 +17,6 @@ pub struct TrainerState {
     /// Epoch and next micro-batch within it.
     pub epoch: usize,
     pub batch_in_epoch: usize,
-    pub seed: u64,
 }
 
 const MODEL_FILES: [&str; 4] = [
@@ -27,7 +26,8 @@ const MODEL_FILES: [&str; 4] = [
     "special_tokens_map.json",
 ];
 
-/// Writes `dir` (atomically) from the policy, the optimizer and the model's own files.
+/// Writes `dir` (atomically) from the policy, the optimizer and the model's own files. On an error
+/// (a full disk…) the partial `<dir>.tmp` is removed and an existing `dir` is left as it was.
 pub fn save(
     dir: &Path,
     policy: &Policy,
@@ -39,7 +39,35 @@ pub fn save(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("cannot remove", &tmp, e))?;
     }
-    fs::create_dir_all(&tmp)?;
+    let written = write_into(&tmp, policy, optim, state, model_dir);
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written?;
+    // Replace an existing checkpoint without a moment where neither is complete: the old one
+    // steps aside (`<name>.old`, which `latest` still finds) until the new one is in place.
+    let old = old_path(dir);
+    if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io("cannot remove", &old, e))?;
+        }
+        fs::rename(dir, &old)?;
+    }
+    fs::rename(&tmp, dir)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io("cannot remove", &old, e))?;
+    }
+    Ok(())
+}
+
+fn write_into(
+    tmp: &Path,
+    policy: &Policy,
+    optim: &AdamW,
+    state: &TrainerState,
+    model_dir: &Path,
+) -> Result<()> {
+    fs::create_dir_all(tmp)?;
     crate::model::weights::save(&policy.tensors(), &tmp.join("model.safetensors"))?;
     // config.json as the model has it, with the dtype of the saved weights.
     let mut config: serde_json::Value =
@@ -55,37 +83,40 @@ pub fn save(
         serde_json::to_string_pretty(&config)?.as_bytes(),
     )?;
     for f in MODEL_FILES {
-        let src = model_dir.join(f);
+        let (src, dst) = (model_dir.join(f), tmp.join(f));
         if src.exists() {
-            std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io("cannot copy", &src, e))?;
+            std::fs::copy(&src, &dst).map_err(|e| Error::io("cannot copy into", &dst, e))?;
         }
     }
     optim.save(policy, &tmp.join("optimizer.safetensors"))?;
     fs::write_atomic(
         &tmp.join("trainer_state.json"),
         serde_json::to_string_pretty(state)?.as_bytes(),
-    )?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io("cannot replace", dir, e))?;
-    }
-    fs::rename(&tmp, dir)
+    )
 }
 
-/// The complete checkpoint with the highest step under `out`, if any.
+fn old_path(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".old");
+    dir.with_file_name(name)
+}
+
+/// The complete checkpoint with the highest step under `out`, if any (a `checkpoint-N.old` left
+/// by a kill during a replacement counts, after a complete `checkpoint-N`).
 pub fn latest(out: &Path) -> Option<(PathBuf, TrainerState)> {
     let entries = std::fs::read_dir(out).ok()?;
     entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("checkpoint-") && !n.ends_with(".tmp"))
-        })
         .filter_map(|p| {
+            let name = p.file_name()?.to_str()?.to_string();
+            if !name.starts_with("checkpoint-") || name.ends_with(".tmp") {
+                return None;
+            }
             let state: TrainerState =
                 serde_json::from_str(&std::fs::read_to_string(p.join("trainer_state.json")).ok()?)
                     .ok()?;
-            Some((p, state))
+            Some((p, state, !name.ends_with(".old")))
         })
-        .max_by_key(|(_, s)| s.global_step)
+        .max_by_key(|(_, s, current)| (s.global_step, *current))
+        .map(|(p, s, _)| (p, s))
 }

@@ -3,6 +3,7 @@
 
 use super::grads::Grads;
 use super::policy::Policy;
+use crate::config::LrSchedule;
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
@@ -207,7 +208,7 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
 /// transformers' schedules: linear warmup over ceil(ratio·total) steps, then constant, linear
 /// decay or cosine decay to 0. `step` is the 0-based optimizer step.
 pub fn learning_rate(
-    schedule: &str,
+    schedule: LrSchedule,
     base: f64,
     step: usize,
     total: usize,
@@ -219,9 +220,9 @@ pub fn learning_rate(
     }
     let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
     match schedule {
-        "linear" => base * (1.0 - progress).max(0.0),
-        "cosine" => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
-        _ => base,
+        LrSchedule::Constant => base,
+        LrSchedule::Linear => base * (1.0 - progress).max(0.0),
+        LrSchedule::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
     }
 }
 
@@ -308,10 +309,10 @@ mod tests {
 
     #[test]
     fn schedules() {
-        assert_eq!(learning_rate("cosine", 1.0, 0, 10, 0.1), 0.0);
-        assert_eq!(learning_rate("cosine", 1.0, 1, 10, 0.1), 1.0);
-        assert!((learning_rate("cosine", 1.0, 10, 10, 0.1) - 0.0).abs() < 1e-12);
-        assert!((learning_rate("linear", 2.0, 4, 6, 0.0) - 2.0 / 3.0).abs() < 1e-12);
-        assert_eq!(learning_rate("constant", 3.0, 9, 10, 0.0), 3.0);
+        assert_eq!(learning_rate(LrSchedule::Cosine, 1.0, 0, 10, 0.1), 0.0);
+        assert_eq!(learning_rate(LrSchedule::Cosine, 1.0, 1, 10, 0.1), 1.0);
+        assert!((learning_rate(LrSchedule::Cosine, 1.0, 10, 10, 0.1) - 0.0).abs() < 1e-12);
+        assert!((learning_rate(LrSchedule::Linear, 2.0, 4, 6, 0.0) - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(learning_rate(LrSchedule::Constant, 3.0, 9, 10, 0.0), 3.0);
     }
 }

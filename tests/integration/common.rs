@@ -9,15 +9,17 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `../shared/realdata`, or None (and a message) where it is absent.
-pub fn realdata() -> Option<PathBuf> {
+/// `../shared/realdata`. Tests that call this carry
+/// `#[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]` (build.rs sets the cfg where
+/// it is absent outside CI), so reaching here without it means CI=true: fail and name it.
+pub fn realdata() -> PathBuf {
     let p = repo().join("../shared/realdata");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: ../shared/realdata is absent; this test needs the real-data sample");
-        None
-    }
+    assert!(
+        p.is_dir(),
+        "{} is absent: this test needs the real-data sample (under CI=true it is required, not skipped)",
+        p.display()
+    );
+    p
 }
 
 pub fn refdpo(args: &[&str], cwd: &Path) -> Output {

@@ -3,7 +3,7 @@
 use super::common::{demo_config, fails, ok, read_json, refdpo};
 use refdpo::cache::{self, MappedCache};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[test]
 fn precompute_writes_a_cache_that_conforms_to_the_spec() {
@@ -81,18 +81,50 @@ fn killed_precompute_resumes_to_identical_outputs() {
         .collect();
     let clean: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
     std::fs::remove_dir_all(&out).unwrap();
-    // kill -9 at several moments, then let it finish: the result must be byte-identical.
-    for ms in [150u64, 400, 700, 1000, 1500, 2200] {
+    // kill -9 once given chunks are on disk (so each kill lands mid-split), each run resuming the
+    // last; then let it finish: the finished chunks are reused and the result is byte-identical.
+    let spawn_and_kill_after = |chunk: &std::path::Path| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_refdpo"))
             .args(["precompute", "--config", cfg_s, "--quiet"])
             .current_dir(tmp.path())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(ms));
-        let _ = child.kill();
-        let _ = child.wait();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !chunk.exists() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "precompute ended before {} appeared",
+                chunk.display()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {}",
+                chunk.display()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    };
+    let chunk = |split: &str, k: usize| out.join(format!(".partial-{split}/chunk-{k:05}.arrow"));
+    for k in [0, 2, 3] {
+        spawn_and_kill_after(&chunk("train_prefs", k));
     }
+    // This run finishes the train split from the 4 chunks on disk, then dies in the test split.
+    spawn_and_kill_after(&chunk("test_prefs", 0));
+    let report = read_json(&out.join("report.json"));
+    let resumed = report["train_prefs"]["resumed_chunks"].as_u64().unwrap();
+    assert!(
+        resumed >= 4,
+        "train split resumed {resumed} chunks: {report}"
+    );
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let report = read_json(&out.join("report.json"));
+    let resumed = report["test_prefs"]["resumed_chunks"].as_u64().unwrap();
+    assert!(
+        resumed >= 1,
+        "test split resumed {resumed} chunks: {report}"
+    );
     for (f, want) in files.iter().zip(&clean) {
         assert!(
             std::fs::read(f).unwrap() == *want,

@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 use refdpo::model::{weights, OpMode, Transformer, TransformerConfig};
 
 fn check(name: &str) {
-    let Some(root) = realdata() else { return };
+    let root = realdata();
     let dir = root.join("models").join(name);
     let cfg = TransformerConfig::from_file(&dir.join("config.json")).unwrap();
     let tensors = weights::load(
@@ -37,11 +37,13 @@ fn check(name: &str) {
 }
 
 #[test]
+#[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
 fn tiny_llama_matches_transformers() {
     check("tiny-llama");
 }
 
 #[test]
+#[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
 fn tiny_qwen2_matches_transformers() {
     check("tiny-qwen2");
 }

@@ -124,7 +124,7 @@ fn demo_trains_from_ln2_to_high_heldout_accuracy() {
     let cfg_s = cfg.to_str().unwrap();
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
 
-    // Step-0 policy log-probs equal the cached reference log-probs.
+    // Step-0 policy log-probs, from the training forward, equal the cached reference log-probs.
     let mapped =
         MappedCache::open(&cache::arrow_path(&tmp.path().join("cache"), "train_prefs")).unwrap();
     let model_dir = tmp.path().join("demo/model");
@@ -145,7 +145,11 @@ fn demo_trains_from_ln2_to_high_heldout_accuracy() {
         &Device::Cpu,
     )
     .unwrap();
-    let sums = policy.score(&b).unwrap();
+    // The training (differentiable) forward, not the fused one that wrote the cache.
+    let mut grads = policy.zero_grads(DType::F32);
+    let sums = policy
+        .forward_backward(&b, true, &mut grads, &mut |s| Ok(vec![0.0; s.len()]))
+        .unwrap();
     for (i, r) in rows.iter().enumerate() {
         for (got, want) in [
             (sums[i], r.ref_chosen_logps),

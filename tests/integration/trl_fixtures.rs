@@ -109,8 +109,9 @@ fn weight_formula_matches_the_fixture() {
 
 /// Stage one through the CLI on real rows: ids byte-identical to TRL, log-probs within 1e-4 relative.
 #[test]
+#[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
 fn precompute_matches_trl_on_real_rows() {
-    let Some(real) = realdata() else { return };
+    let real = realdata();
     let fx = fixture("trl_smollm2_llama.json");
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir(tmp.path(), &real, &fx);
@@ -232,8 +233,9 @@ fn real_rows(real: &Path, n: usize) -> Vec<PreferenceRow> {
 }
 
 #[test]
+#[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
 fn tokenization_matches_trl_on_more_rows_and_edge_cases() {
-    let Some(real) = realdata() else { return };
+    let real = realdata();
     let fx = fixture("trl_smollm2_llama.json");
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir(tmp.path(), &real, &fx);
@@ -365,7 +367,7 @@ fn losses_match_trl() {
             // TRL 1.16's sigmoid ignores label_smoothing; refdpo's applies cDPO, checked in unit tests.
             ["sigmoid"] if ls == 0.0 => (LossKind::Sigmoid, 0.0),
             ["sigmoid", "sft"] => (LossKind::Sigmoid, e["loss_weights"][1].as_f64().unwrap()),
-            [t] if *t != "sigmoid" => match LossKind::parse(t) {
+            [t] if *t != "sigmoid" => match LossKind::ALL.into_iter().find(|k| k.name() == *t) {
                 Some(k) => (k, 0.0),
                 None => continue, // loss types refdpo does not offer
             },
@@ -424,10 +426,16 @@ fn losses_match_trl() {
     assert!(checked >= 40, "only {checked} fixture entries checked");
 }
 
+/// Relative tolerance of each parameter's gradient L2 norm against torch's. Measured: at most
+/// 9.2e-5 (`lm_head.weight`, a sum over the whole vocabulary of f32 softmax terms), 3.3e-5 for
+/// the norms, below 1e-5 elsewhere; twice the worst leaves room for another CPU's reduction order.
+const GRAD_L2_REL_TOL: f64 = 2e-4;
+
 /// One DPO step against TRL's own `trainer.train()`: loss, gradients, AdamW, new log-probs.
 #[test]
+#[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
 fn one_training_step_matches_trl() {
-    let Some(real) = realdata() else { return };
+    let real = realdata();
     let fx = fixture("trl_smollm2_llama.json");
     let step = fixture("trl_train_step.json");
     let tmp = tempfile::tempdir().unwrap();
@@ -506,7 +514,9 @@ fn one_training_step_matches_trl() {
         Value::String(s) => serde_json::from_str(s).unwrap(),
         v => v.as_object().unwrap().clone(),
     };
-    let mut report = Vec::new();
+    // Every parameter's gradient L2 norm against torch's (relative), reported together.
+    assert_eq!(l2_all.len(), policy.names.len(), "one L2 per parameter");
+    let mut off = Vec::new();
     for (name, want) in &l2_all {
         let i = policy.names.iter().position(|n| n == name).unwrap();
         let got = grads
@@ -520,13 +530,16 @@ fn one_training_step_matches_trl() {
             .unwrap()
             .sqrt() as f64;
         let want = want.as_f64().unwrap();
-        report.push(format!(
-            "{name}: {got} vs {want} ({:.1e})",
-            (got - want).abs() / want
-        ));
+        let rel = (got - want).abs() / want.abs();
+        if rel.is_nan() || rel > GRAD_L2_REL_TOL {
+            off.push(format!("{name}: {got} vs {want} ({rel:.1e})"));
+        }
     }
-    eprintln!("{}", report.join("\n"));
-    let _ = &l2_all;
+    assert!(
+        off.is_empty(),
+        "gradient L2 norms off by more than {GRAD_L2_REL_TOL:e}:\n{}",
+        off.join("\n")
+    );
     let norm = grads.norm().unwrap();
     assert!(
         close(norm, step["grad_norm"].as_f64().unwrap(), 1e-4),
@@ -585,8 +598,9 @@ fn one_training_step_matches_trl() {
 /// Qwen2.5's template (default system prompt, tool branches) and SmolLM2's ChatML, rendered by
 /// minijinja exactly as transformers renders them (tests/fixtures/gen_template_fixtures.py).
 #[test]
+#[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
 fn chat_templates_render_like_transformers() {
-    let Some(real) = realdata() else { return };
+    let real = realdata();
     let fx = fixture("chat_templates.json");
     for case in fx["cases"].as_array().unwrap() {
         let dir = match case["template"].as_str().unwrap() {
@@ -616,9 +630,10 @@ fn chat_templates_render_like_transformers() {
 /// All 100 real test rows (rows never used to develop the tokenizer): refdpo's precompute gives
 /// TRL's token ids (compared by hash) and log-probs; row 43 (identical answers) is skipped by design.
 #[test]
+#[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
 fn precompute_matches_trl_on_the_real_test_split() {
     use sha2::{Digest, Sha256};
-    let Some(real) = realdata() else { return };
+    let real = realdata();
     let fx = fixture("trl_smollm2_llama.json");
     let stats = fixture("stats_test_split.json");
     let tmp = tempfile::tempdir().unwrap();

@@ -1,6 +1,17 @@
-//! The validated run configuration: TOML file + `--set` overrides → [`Config`], defaults in one place.
+//! The validated run configuration: TOML file + `--set` overrides → [`Config`], defaults in one
+//! place. The closed choices are enums ([`choices`]), checked once when the file is read
+//! ([`validate`]); `--set` and unknown keys are handled in [`keys`].
 
+mod choices;
+mod keys;
+mod validate;
+
+pub use choices::{Dtype, LrSchedule, RefMode, StateDtype, Truncation};
+pub use keys::apply_override;
+
+use crate::dpo::LossKind;
 use crate::error::{fs, Error, Result};
+use keys::check_known_keys;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -46,8 +57,8 @@ pub struct ModelConfig {
     /// Hub model id, or a local directory in HF layout.
     pub id: String,
     pub revision: String,
-    /// Compute dtype of the forward passes: f32 | bf16 | f16.
-    pub dtype: String,
+    /// Compute dtype of the forward passes.
+    pub dtype: Dtype,
 }
 
 impl Default for ModelConfig {
@@ -55,27 +66,7 @@ impl Default for ModelConfig {
         Self {
             id: String::new(),
             revision: "main".into(),
-            dtype: "bf16".into(),
-        }
-    }
-}
-
-/// How prompt + completion are cut to `max_length`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Truncation {
-    /// Keep the start of prompt + completion: cut completion tokens from the end.
-    #[default]
-    KeepStart,
-    /// Keep the end: cut prompt tokens from the start.
-    KeepEnd,
-}
-
-impl Truncation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Truncation::KeepStart => "keep_start",
-            Truncation::KeepEnd => "keep_end",
+            dtype: Dtype::Bf16,
         }
     }
 }
@@ -122,14 +113,14 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Where the stage-one cache is read from; empty = `precompute.out`.
     pub cache: PathBuf,
-    pub loss: String,
+    pub loss: LossKind,
     pub beta: f64,
     pub label_smoothing: f64,
     pub rpo_alpha: f64,
     /// SimPO's target reward margin γ (only for `loss = "simpo"`).
     pub simpo_gamma: f64,
     pub learning_rate: f64,
-    pub lr_schedule: String,
+    pub lr_schedule: LrSchedule,
     pub warmup_ratio: f64,
     pub epochs: usize,
     pub max_steps: usize,
@@ -141,15 +132,15 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
     pub seed: u64,
-    pub r#ref: String,
+    #[serde(rename = "ref")]
+    pub reference: RefMode,
     pub eval_every: usize,
     pub save_every: usize,
     pub log_every: usize,
     /// Recompute each block's activations during backward instead of keeping them.
     pub gradient_checkpointing: bool,
-    /// Storage dtype of the gradients and AdamW moments: f32 (torch's AdamW) or bf16 (half
-    /// their memory; moments rounded stochastically). Master weights stay f32 either way.
-    pub state_dtype: String,
+    /// Storage dtype of the gradients and AdamW moments.
+    pub state_dtype: StateDtype,
     /// Write `final/` at the end (benchmarks and sweeps may skip it).
     pub save_final: bool,
 }
@@ -159,13 +150,13 @@ impl Default for TrainConfig {
         Self {
             out: PathBuf::from("data/runs/default"),
             cache: PathBuf::new(),
-            loss: "sigmoid".into(),
+            loss: LossKind::Sigmoid,
             beta: 0.1,
             label_smoothing: 0.0,
             rpo_alpha: 0.0,
             simpo_gamma: 0.5,
             learning_rate: 5e-7,
-            lr_schedule: "cosine".into(),
+            lr_schedule: LrSchedule::Cosine,
             warmup_ratio: 0.1,
             epochs: 1,
             max_steps: 0,
@@ -177,12 +168,12 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             seed: 42,
-            r#ref: "cached".into(),
+            reference: RefMode::Cached,
             eval_every: 0,
             save_every: 0,
             log_every: 1,
             gradient_checkpointing: true,
-            state_dtype: "f32".into(),
+            state_dtype: StateDtype::F32,
             save_final: true,
         }
     }
@@ -239,158 +230,16 @@ impl Config {
     /// Builds a config from a TOML table; `origin` names it in errors.
     pub fn from_table(table: toml::Table, origin: &str) -> Result<Self> {
         check_known_keys(&table, origin)?;
-        let cfg: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e| Error::Config(format!("in `{origin}`: {e}")))?;
+        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| Error::Config(format!("`{}` in `{origin}`: {}", e.path(), e.inner())))?;
         cfg.validate()?;
         Ok(cfg)
-    }
-
-    /// Checks values that serde cannot: required keys, enumerations, ranges.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |key: &str, msg: String| Err(Error::Config(format!("`{key}` {msg}")));
-        if self.dataset.id.is_empty() && !self.demo.generate {
-            return bad(
-                "dataset.id",
-                "is required: a hub dataset id or a local directory".into(),
-            );
-        }
-        if self.model.id.is_empty() && !self.demo.generate {
-            return bad(
-                "model.id",
-                "is required: a hub model id or a local directory".into(),
-            );
-        }
-        if !matches!(self.model.dtype.as_str(), "f32" | "bf16" | "f16") {
-            return bad(
-                "model.dtype",
-                format!("= {:?}: use f32, bf16 or f16", self.model.dtype),
-            );
-        }
-        if self.tokenize.max_length < 2 {
-            return bad("tokenize.max_length", "must be at least 2".into());
-        }
-        if self.precompute.batch_size == 0 || self.precompute.chunk_pairs == 0 {
-            return bad(
-                "precompute.batch_size",
-                "and precompute.chunk_pairs must be > 0".into(),
-            );
-        }
-        let t = &self.train;
-        if crate::dpo::LossKind::parse(&t.loss).is_none() {
-            return bad(
-                "train.loss",
-                format!(
-                    "= {:?}: use one of {}",
-                    t.loss,
-                    crate::dpo::LossKind::NAMES.join(", ")
-                ),
-            );
-        }
-        if !matches!(t.lr_schedule.as_str(), "constant" | "linear" | "cosine") {
-            return bad(
-                "train.lr_schedule",
-                format!("= {:?}: use constant, linear or cosine", t.lr_schedule),
-            );
-        }
-        if !matches!(t.r#ref.as_str(), "cached" | "live") {
-            return bad("train.ref", format!("= {:?}: use cached or live", t.r#ref));
-        }
-        if t.batch_size == 0 || t.grad_accum == 0 || t.log_every == 0 {
-            return bad(
-                "train.batch_size",
-                "train.grad_accum and train.log_every must be > 0".into(),
-            );
-        }
-        if !(0.0..=1.0).contains(&t.warmup_ratio) {
-            return bad(
-                "train.warmup_ratio",
-                format!("= {} must be in [0, 1]", t.warmup_ratio),
-            );
-        }
-        if !(0.0..0.5).contains(&t.label_smoothing) {
-            return bad(
-                "train.label_smoothing",
-                format!("= {} must be in [0, 0.5)", t.label_smoothing),
-            );
-        }
-        if !matches!(t.state_dtype.as_str(), "f32" | "bf16") {
-            return bad(
-                "train.state_dtype",
-                format!("= {:?}: use f32 or bf16", t.state_dtype),
-            );
-        }
-        if t.beta <= 0.0 {
-            return bad("train.beta", format!("= {} must be > 0", t.beta));
-        }
-        Ok(())
     }
 
     /// The resolved configuration as TOML, saved beside every output.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
-}
-
-/// Applies one `section.key=value` override; the value is read as TOML, else taken as a string.
-pub fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
-    let (key, raw) = item
-        .split_once('=')
-        .ok_or_else(|| Error::Config(format!("--set `{item}`: expected section.key=value")))?;
-    let (section, name) = key.trim().split_once('.').ok_or_else(|| {
-        Error::Config(format!(
-            "--set `{item}`: the key must be section.key, e.g. train.beta"
-        ))
-    })?;
-    let value = parse_value(raw.trim());
-    let entry = table
-        .entry(section.to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let toml::Value::Table(sec) = entry else {
-        return Err(Error::Config(format!("`{section}` is not a section")));
-    };
-    sec.insert(name.to_string(), value);
-    Ok(())
-}
-
-fn parse_value(raw: &str) -> toml::Value {
-    format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
-}
-
-/// Unknown keys are an error that names the key and lists the known ones.
-fn check_known_keys(table: &toml::Table, origin: &str) -> Result<()> {
-    let defaults = toml::Value::try_from(Config::default()).expect("default config serializes");
-    let toml::Value::Table(known) = defaults else {
-        unreachable!()
-    };
-    for (section, value) in table {
-        let Some(toml::Value::Table(known_keys)) = known.get(section) else {
-            let names: Vec<_> = known.keys().map(String::as_str).collect();
-            return Err(Error::Config(format!(
-                "unknown section `[{section}]` in `{origin}`; known sections: {}",
-                names.join(", ")
-            )));
-        };
-        let toml::Value::Table(keys) = value else {
-            return Err(Error::Config(format!(
-                "`{section}` in `{origin}` must be a table"
-            )));
-        };
-        for key in keys.keys() {
-            if !known_keys.contains_key(key) {
-                let names: Vec<_> = known_keys.keys().map(String::as_str).collect();
-                return Err(Error::Config(format!(
-                    "unknown key `{section}.{key}` in `{origin}`; known keys of [{section}]: {}",
-                    names.join(", ")
-                )));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -408,8 +257,11 @@ mod tests {
         assert_eq!(c.tokenize.max_length, 1024);
         assert_eq!(c.train.beta, 0.1);
         assert_eq!(c.train.learning_rate, 5e-7);
-        assert_eq!(c.train.r#ref, "cached");
-        assert_eq!(c.model.dtype, "bf16");
+        assert_eq!(c.train.reference, RefMode::Cached);
+        assert_eq!(c.train.loss, LossKind::Sigmoid);
+        assert_eq!(c.train.lr_schedule, LrSchedule::Cosine);
+        assert_eq!(c.train.state_dtype, StateDtype::F32);
+        assert_eq!(c.model.dtype, Dtype::Bf16);
     }
 
     #[test]

@@ -1,0 +1,76 @@
+//! Times what stage two does once with a cache before its first step — memory map, checksum,
+//! decode, vocabulary check — and `stats`' Parquet checksum, on a synthetic cache of UltraFeedback
+//! size. `cargo run --release --example cache_open [PAIRS]` (default 60,000 pairs).
+
+use refdpo::cache::{self, CacheRow, Fingerprint, MappedCache};
+use refdpo::config::{Dtype, Truncation};
+use std::time::Instant;
+
+fn main() -> refdpo::Result<()> {
+    let pairs: usize = std::env::args()
+        .nth(1)
+        .map_or(60_000, |a| a.parse().expect("PAIRS is a number"));
+    // Lengths near UltraFeedback's with a 49k vocabulary: prompt ~180, answers ~300 tokens.
+    let ids = |n: usize, seed: usize| -> Vec<u32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) % 49_152) as u32)
+            .collect()
+    };
+    let rows: Vec<CacheRow> = (0..pairs)
+        .map(|i| CacheRow {
+            prompt_id: format!("{i:064x}"),
+            row: i as u64,
+            prompt_ids: ids(120 + i % 120, i),
+            chosen_ids: ids(200 + i % 200, i + 1),
+            rejected_ids: ids(180 + i % 180, i + 2),
+            ref_chosen_logps: -(i as f64),
+            ref_rejected_logps: -(i as f64) - 1.0,
+            score_chosen: Some(8.0),
+            score_rejected: Some(4.0),
+            chosen_truncated: false,
+            rejected_truncated: false,
+        })
+        .collect();
+    let fp = Fingerprint {
+        dataset_id: "synthetic".into(),
+        dataset_revision: "local".into(),
+        split: "train_prefs".into(),
+        limit: 0,
+        model_id: "synthetic".into(),
+        model_revision: "local".into(),
+        weights_sha256: String::new(),
+        tokenizer_sha256: String::new(),
+        chat_template_sha256: String::new(),
+        max_length: 1024,
+        truncation: Truncation::KeepStart,
+        dtype: Dtype::Bf16,
+        refdpo_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (arrow, pq) = (
+        cache::arrow_path(dir.path(), "train_prefs"),
+        cache::parquet_path(dir.path(), "train_prefs"),
+    );
+    cache::ipc::write(&arrow, &rows, &fp)?;
+    cache::parquet::write(&pq, &rows, &fp)?;
+    drop(rows);
+    let mib =
+        |p: &std::path::Path| std::fs::metadata(p).map_or(0.0, |m| m.len() as f64 / 1048576.0);
+    // The first open reads the file from the page cache like any later one would.
+    let t = Instant::now();
+    let mapped = MappedCache::open(&arrow)?;
+    let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let max_id = mapped.max_token_id();
+    let vocab_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    cache::parquet::verify(&pq)?;
+    let pq_ms = t.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "{pairs} pairs: {:.0} MiB arrow opened (map + xxh3 checksum + decode) in {open_ms:.1} ms; \
+         vocabulary check (max id {max_id:?}) {vocab_ms:.1} ms; {:.0} MiB parquet checksum {pq_ms:.1} ms",
+        mib(&arrow),
+        mib(&pq)
+    );
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! The closed choices of a config, as enums: serde reads each once, and an unknown value is an
+//! error naming the key, the value and the allowed ones.
+
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+
+/// Compute dtype of the forward passes (`model.dtype`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    #[default]
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    pub fn candle(self) -> DType {
+        match self {
+            Dtype::F32 => DType::F32,
+            Dtype::Bf16 => DType::BF16,
+            Dtype::F16 => DType::F16,
+        }
+    }
+}
+
+/// Storage of the gradients and AdamW moments (`train.state_dtype`); master weights stay f32.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StateDtype {
+    /// torch's AdamW.
+    #[default]
+    F32,
+    /// Half the memory; moments rounded stochastically.
+    Bf16,
+}
+
+impl StateDtype {
+    pub fn candle(self) -> DType {
+        match self {
+            StateDtype::F32 => DType::F32,
+            StateDtype::Bf16 => DType::BF16,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateDtype::F32 => "f32",
+            StateDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The learning-rate schedule after linear warmup (`train.lr_schedule`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    Constant,
+    Linear,
+    #[default]
+    Cosine,
+}
+
+/// Where the reference log-probs come from (`train.ref`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RefMode {
+    /// The stage-one cache (memory-mapped): no reference model in memory.
+    #[default]
+    Cached,
+    /// Load the reference model and run it every step (the baseline for comparisons).
+    Live,
+}
+
+/// How prompt + completion are cut to `max_length`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// Keep the start of prompt + completion: cut completion tokens from the end.
+    #[default]
+    KeepStart,
+    /// Keep the end: cut prompt tokens from the start.
+    KeepEnd,
+}
+
+impl Truncation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Truncation::KeepStart => "keep_start",
+            Truncation::KeepEnd => "keep_end",
+        }
+    }
+}

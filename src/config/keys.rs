@@ -1,0 +1,65 @@
+//! Keys: `--set section.key=value` overrides, and unknown keys as errors that list the known ones.
+
+use super::Config;
+use crate::error::{Error, Result};
+
+/// Applies one `section.key=value` override; the value is read as TOML, else taken as a string.
+pub fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
+    let (key, raw) = item
+        .split_once('=')
+        .ok_or_else(|| Error::Config(format!("--set `{item}`: expected section.key=value")))?;
+    let (section, name) = key.trim().split_once('.').ok_or_else(|| {
+        Error::Config(format!(
+            "--set `{item}`: the key must be section.key, e.g. train.beta"
+        ))
+    })?;
+    let value = parse_value(raw.trim());
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(sec) = entry else {
+        return Err(Error::Config(format!("`{section}` is not a section")));
+    };
+    sec.insert(name.to_string(), value);
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+/// Unknown keys are an error that names the key and lists the known ones.
+pub(super) fn check_known_keys(table: &toml::Table, origin: &str) -> Result<()> {
+    let defaults = toml::Value::try_from(Config::default()).expect("default config serializes");
+    let toml::Value::Table(known) = defaults else {
+        unreachable!()
+    };
+    for (section, value) in table {
+        let Some(toml::Value::Table(known_keys)) = known.get(section) else {
+            let names: Vec<_> = known.keys().map(String::as_str).collect();
+            return Err(Error::Config(format!(
+                "unknown section `[{section}]` in `{origin}`; known sections: {}",
+                names.join(", ")
+            )));
+        };
+        let toml::Value::Table(keys) = value else {
+            return Err(Error::Config(format!(
+                "`{section}` in `{origin}` must be a table"
+            )));
+        };
+        for key in keys.keys() {
+            if !known_keys.contains_key(key) {
+                let names: Vec<_> = known_keys.keys().map(String::as_str).collect();
+                return Err(Error::Config(format!(
+                    "unknown key `{section}.{key}` in `{origin}`; known keys of [{section}]: {}",
+                    names.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}

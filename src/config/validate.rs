@@ -1,0 +1,216 @@
+//! What serde cannot check: required keys, ranges, finite numbers, and values that would make a
+//! run do nothing. Each error is a sentence naming one key, its value and what is allowed.
+
+use super::Config;
+use crate::error::{Error, Result};
+use std::fmt::Display;
+
+impl Config {
+    /// Checks what serde cannot: required keys, ranges, and values that would make a run do
+    /// nothing. Each error names one key, its value and the allowed range.
+    pub fn validate(&self) -> Result<()> {
+        if self.dataset.id.is_empty() && !self.demo.generate {
+            return Err(Error::Config(
+                "`dataset.id` is required: set it to a hub dataset id or a local directory.".into(),
+            ));
+        }
+        if self.model.id.is_empty() && !self.demo.generate {
+            return Err(Error::Config(
+                "`model.id` is required: set it to a hub model id or a local directory.".into(),
+            ));
+        }
+        at_least("tokenize.max_length", self.tokenize.max_length, 2)?;
+        at_least("precompute.batch_size", self.precompute.batch_size, 1)?;
+        at_least("precompute.chunk_pairs", self.precompute.chunk_pairs, 1)?;
+        if self.demo.generate {
+            at_least("demo.train_rows", self.demo.train_rows, 1)?;
+            at_least("demo.test_rows", self.demo.test_rows, 1)?;
+        }
+        let t = &self.train;
+        at_least("train.batch_size", t.batch_size, 1)?;
+        at_least("train.grad_accum", t.grad_accum, 1)?;
+        at_least("train.log_every", t.log_every, 1)?;
+        if t.epochs == 0 && t.max_steps == 0 {
+            return Err(Error::Config(
+                "`train.epochs` = 0 with `train.max_steps` = 0 trains nothing: set train.epochs \
+                 to at least 1, or train.max_steps."
+                    .into(),
+            ));
+        }
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        let unit = |x: f64| (0.0..1.0).contains(&x);
+        in_range(
+            "train.beta",
+            t.beta,
+            positive(t.beta),
+            "a finite number > 0",
+        )?;
+        in_range(
+            "train.learning_rate",
+            t.learning_rate,
+            positive(t.learning_rate),
+            "a finite number > 0",
+        )?;
+        in_range(
+            "train.label_smoothing",
+            t.label_smoothing,
+            (0.0..0.5).contains(&t.label_smoothing),
+            "in [0, 0.5)",
+        )?;
+        in_range(
+            "train.rpo_alpha",
+            t.rpo_alpha,
+            non_negative(t.rpo_alpha),
+            "a finite number >= 0",
+        )?;
+        in_range(
+            "train.simpo_gamma",
+            t.simpo_gamma,
+            non_negative(t.simpo_gamma),
+            "a finite number >= 0",
+        )?;
+        in_range(
+            "train.warmup_ratio",
+            t.warmup_ratio,
+            (0.0..=1.0).contains(&t.warmup_ratio),
+            "in [0, 1]",
+        )?;
+        in_range(
+            "train.max_grad_norm",
+            t.max_grad_norm,
+            non_negative(t.max_grad_norm),
+            "a finite number >= 0 (0 = no clipping)",
+        )?;
+        in_range(
+            "train.weight_decay",
+            t.weight_decay,
+            non_negative(t.weight_decay),
+            "a finite number >= 0",
+        )?;
+        in_range(
+            "train.adam_beta1",
+            t.adam_beta1,
+            unit(t.adam_beta1),
+            "in [0, 1)",
+        )?;
+        in_range(
+            "train.adam_beta2",
+            t.adam_beta2,
+            unit(t.adam_beta2),
+            "in [0, 1)",
+        )?;
+        in_range(
+            "train.adam_epsilon",
+            t.adam_epsilon,
+            positive(t.adam_epsilon),
+            "a finite number > 0",
+        )?;
+        Ok(())
+    }
+}
+
+fn at_least(key: &str, value: usize, min: usize) -> Result<()> {
+    in_range(key, value, value >= min, &format!("at least {min}"))
+}
+
+fn in_range(key: &str, value: impl Display, ok: bool, allowed: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "`{key}` = {value} is not allowed: it must be {allowed}."
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::apply_override;
+    use super::*;
+    use crate::config::RefMode;
+    use crate::dpo::LossKind;
+    use candle_core::DType;
+
+    fn table(s: &str) -> toml::Table {
+        s.parse().unwrap()
+    }
+
+    /// The minimal config with `--set` overrides applied.
+    fn with(sets: &[&str]) -> Result<Config> {
+        let mut t = table("[dataset]\nid='d'\n[model]\nid='m'");
+        for s in sets {
+            apply_override(&mut t, s)?;
+        }
+        Config::from_table(t, "t")
+    }
+
+    #[test]
+    fn enum_errors_name_the_key_the_value_and_the_choices() {
+        for (set, key, value, choice) in [
+            ("train.loss=nope", "train.loss", "nope", "sigmoid_norm"),
+            (
+                "train.lr_schedule=step",
+                "train.lr_schedule",
+                "step",
+                "cosine",
+            ),
+            ("train.ref=none", "train.ref", "none", "live"),
+            ("train.state_dtype=f16", "train.state_dtype", "f16", "bf16"),
+            ("model.dtype=f64", "model.dtype", "f64", "bf16"),
+            (
+                "tokenize.truncation=middle",
+                "tokenize.truncation",
+                "middle",
+                "keep_end",
+            ),
+        ] {
+            let err = with(&[set]).unwrap_err().to_string();
+            for part in [key, value, choice] {
+                assert!(err.contains(part), "{set}: {err}");
+            }
+        }
+        let c = with(&[
+            "train.loss=sigmoid_norm",
+            "train.ref=live",
+            "train.state_dtype=bf16",
+        ])
+        .unwrap();
+        assert_eq!(c.train.loss, LossKind::SigmoidNorm);
+        assert_eq!(c.train.reference, RefMode::Live);
+        assert_eq!(c.train.state_dtype.candle(), DType::BF16);
+        // The resolved config round-trips through its saved TOML.
+        let back = Config::from_table(c.to_toml().parse().unwrap(), "saved").unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn values_that_do_nothing_or_are_not_finite_are_refused_by_key() {
+        for (set, key) in [
+            ("train.epochs=0", "train.epochs"),
+            ("train.learning_rate=nan", "train.learning_rate"),
+            ("train.learning_rate=0.0", "train.learning_rate"),
+            ("train.beta=inf", "train.beta"),
+            ("train.beta=-0.1", "train.beta"),
+            ("train.label_smoothing=0.5", "train.label_smoothing"),
+            ("train.rpo_alpha=nan", "train.rpo_alpha"),
+            ("train.simpo_gamma=-1.0", "train.simpo_gamma"),
+            ("train.warmup_ratio=1.5", "train.warmup_ratio"),
+            ("train.max_grad_norm=nan", "train.max_grad_norm"),
+            ("train.weight_decay=-0.01", "train.weight_decay"),
+            ("train.adam_beta1=1.0", "train.adam_beta1"),
+            ("train.adam_beta2=nan", "train.adam_beta2"),
+            ("train.adam_epsilon=0.0", "train.adam_epsilon"),
+            ("train.batch_size=0", "train.batch_size"),
+            ("train.grad_accum=0", "train.grad_accum"),
+            ("precompute.chunk_pairs=0", "precompute.chunk_pairs"),
+            ("tokenize.max_length=1", "tokenize.max_length"),
+            ("train.epochs=1.5", "train.epochs"),
+        ] {
+            let err = with(&[set]).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{set}: {err}");
+        }
+        // max_steps alone is a run.
+        with(&["train.epochs=0", "train.max_steps=3"]).unwrap();
+    }
+}

@@ -1,0 +1,196 @@
+//! Output directories — a cache (`precompute.out`) or a run (`train.out`): one writer at a time
+//! (a lock file naming its holder's pid, released when the process ends, however it ends), and no
+//! silent mixing of two runs: what is already there is refused unless `--resume` continues it or
+//! `--overwrite` replaces it.
+
+use crate::error::{fs, Error, Result};
+use fs4::FileExt;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+/// What to do with outputs already in the directory (`train --resume`, `--overwrite`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Existing {
+    /// Refuse another run's outputs (the default).
+    #[default]
+    Refuse,
+    /// Continue the run that is there.
+    Resume,
+    /// Delete the other run's outputs first.
+    Overwrite,
+}
+
+/// An exclusive hold on an output directory, released on drop or when the process dies.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Creates `dir` and takes `<dir>/.refdpo-<what>.lock`. Held by a live process: refused at
+    /// once, naming its pid. Left by a process that is gone: taken over (the OS released it).
+    pub fn acquire(dir: &Path, what: &str) -> Result<Self> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join(format!(".refdpo-{what}.lock"));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io("cannot open", &path, e))?;
+        match FileExt::try_lock(&file) {
+            Ok(()) => {}
+            Err(fs4::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                return Err(Error::Locked {
+                    path: dir.to_path_buf(),
+                    msg: format!(
+                        "another `refdpo {what}` (pid {}) is writing here; wait for it to end or \
+                         stop it (its lock is {})",
+                        holder.trim(),
+                        path.display()
+                    ),
+                });
+            }
+            Err(fs4::TryLockError::Error(e)) => return Err(Error::io("cannot lock", &path, e)),
+        }
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| write!(file, "{}", std::process::id()))
+            .map_err(|e| Error::io("cannot write", &path, e))?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// Whether a directory entry is part of a training run's outputs.
+fn is_run_output(name: &str) -> bool {
+    let base = name
+        .strip_suffix(".tmp")
+        .or_else(|| name.strip_suffix(".old"))
+        .unwrap_or(name);
+    matches!(base, "config.toml" | "metrics.jsonl" | "final")
+        || base
+            .strip_prefix("checkpoint-")
+            .is_some_and(|n| n.parse::<u64>().is_ok())
+}
+
+/// A run's outputs in `dir`, sorted by name.
+pub fn run_outputs(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(is_run_output)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// Makes `dir` ready for a new run: empty of run outputs, or refused (see [`Existing`]). A run
+/// that stopped before its first step left only its `config.toml`: nothing to lose, so no refusal.
+pub fn claim_run_dir(dir: &Path, existing: Existing) -> Result<()> {
+    let found = run_outputs(dir);
+    let progress = found
+        .iter()
+        .any(|p| p.file_name().is_some_and(|n| n != "config.toml"));
+    if !progress || existing == Existing::Resume {
+        return Ok(());
+    }
+    if existing == Existing::Refuse {
+        let names: Vec<String> = found
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str().map(String::from))
+            .collect();
+        return Err(Error::Occupied {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "holds another run ({}): continue it with `refdpo train --resume`, train into a \
+                 new directory with `--set train.out=DIR`, or delete it with `--overwrite`",
+                names.join(", ")
+            ),
+        });
+    }
+    found.iter().try_for_each(|p| remove(p))
+}
+
+/// Removes a file or a directory tree.
+pub fn remove(path: &Path) -> Result<()> {
+    let result = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    result.map_err(|e| Error::io("cannot remove", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_is_refused_with_the_pid_and_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = DirLock::acquire(dir.path(), "train").unwrap();
+        let err = DirLock::acquire(dir.path(), "train")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        // A different kind of writer uses its own lock.
+        DirLock::acquire(dir.path(), "precompute").unwrap();
+        drop(held);
+        DirLock::acquire(dir.path(), "train").unwrap();
+    }
+
+    #[test]
+    fn run_outputs_are_refused_or_removed_and_other_files_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        claim_run_dir(d, Existing::Refuse).unwrap();
+        std::fs::write(d.join("config.toml"), "x").unwrap();
+        claim_run_dir(d, Existing::Refuse).unwrap(); // a run that never stepped
+        for f in ["metrics.jsonl", "notes.txt", ".refdpo-train.lock"] {
+            std::fs::write(d.join(f), "x").unwrap();
+        }
+        for sub in [
+            "checkpoint-32",
+            "final",
+            "checkpoint-64.old",
+            "checkpoint-x",
+        ] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        let err = claim_run_dir(d, Existing::Refuse).unwrap_err().to_string();
+        for part in [
+            "checkpoint-32",
+            "metrics.jsonl",
+            "final",
+            "--resume",
+            "--overwrite",
+            "train.out",
+        ] {
+            assert!(err.contains(part), "{part}: {err}");
+        }
+        claim_run_dir(d, Existing::Resume).unwrap();
+        assert!(d.join("metrics.jsonl").exists());
+        claim_run_dir(d, Existing::Overwrite).unwrap();
+        let left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let mut left = left;
+        left.sort();
+        assert_eq!(left, [".refdpo-train.lock", "checkpoint-x", "notes.txt"]);
+    }
+}

@@ -1,0 +1,59 @@
+//! One split of the stage-one cache as training reads it: memory-mapped, and checked against the
+//! run (checksum, fingerprint, token ids inside the model's vocabulary) before any step, with the
+//! per-pair sequence lengths used for bucketing.
+
+use crate::cache::{self, checksum, CacheBatch, Fingerprint, MappedCache};
+use crate::error::{Error, Result};
+use std::path::Path;
+
+pub struct Split {
+    pub cache: MappedCache,
+    /// Prompt + the longer completion, per pair.
+    pub lengths: Vec<usize>,
+}
+
+impl Split {
+    /// Opens `<dir>/<split>.arrow` for a model with `vocab_size` token ids.
+    pub fn open(
+        dir: &Path,
+        split: &str,
+        expected: &Fingerprint,
+        vocab_size: usize,
+    ) -> Result<Self> {
+        let path = cache::arrow_path(dir, split);
+        if !path.exists() {
+            return Err(Error::StaleCache {
+                path,
+                msg: "no such cache file: run `refdpo precompute` with this config first".into(),
+            });
+        }
+        let cache = MappedCache::open(&path)?;
+        cache.fingerprint.check_compatible(expected, &path)?;
+        if let Some(max) = cache.max_token_id().filter(|&m| m as usize >= vocab_size) {
+            return Err(checksum::corrupt(
+                &path,
+                format!("token id {max} is outside the model's vocabulary of {vocab_size}"),
+            ));
+        }
+        let lengths = (0..cache.len())
+            .map(|i| {
+                let (b, r) = cache.locate(i);
+                b.prompt_ids(r).len() + b.chosen_ids(r).len().max(b.rejected_ids(r).len())
+            })
+            .collect();
+        Ok(Self { cache, lengths })
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// The batch and in-batch row of pair `i`.
+    pub fn pair(&self, i: usize) -> (&CacheBatch, usize) {
+        self.cache.locate(i)
+    }
+}

@@ -1,0 +1,411 @@
+//! The [`Trainer`]: setup (inputs, caches, policy, optimizer), resume, and the loop of named
+//! steps — one optimizer step, its log line, evaluation, checkpoints — then the summary.
+
+use super::batches;
+use super::checkpoint::{self, TrainerState};
+use super::grads::Grads;
+use super::metrics_log::{MetricsLog, StepReport};
+use super::micro_batch::MicroBatch;
+use super::optim::{self, AdamW, AdamWParams};
+use super::policy::Policy;
+use super::split::Split;
+use crate::cache;
+use crate::config::{Config, RefMode};
+use crate::dpo::{dpo_loss, LossParams, MetricsAccumulator};
+use crate::error::{fs, Error, Result};
+use crate::inputs::Inputs;
+use crate::model::{weights, Transformer};
+use crate::progress::Progress;
+use crate::signals::StopRequest;
+use candle_core::{DType, Device};
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub struct Trainer<'a> {
+    cfg: &'a Config,
+    device: Device,
+    /// The base model's directory (its tokenizer files go into every checkpoint).
+    model_dir: PathBuf,
+    policy: Policy,
+    reference: Option<Transformer>,
+    optim: AdamW,
+    loss: LossParams,
+    train: Split,
+    test: Option<Split>,
+    state: TrainerState,
+    log: MetricsLog,
+    epoch_batches: Vec<Vec<usize>>,
+    /// The newest checkpoint this run wrote or resumed from.
+    last_checkpoint: Option<PathBuf>,
+    last_train: MetricsAccumulator,
+    /// The largest gradient storage seen (for the memory summary).
+    grad_bytes: usize,
+    quiet: bool,
+}
+
+impl<'a> Trainer<'a> {
+    /// Resolves the model, opens the caches (checked against this config) and builds the policy,
+    /// the live reference if asked for, and the optimizer.
+    pub fn new(cfg: &'a Config, device: &Device, quiet: bool) -> Result<Self> {
+        let t = &cfg.train;
+        let inputs = Inputs::resolve(cfg)?;
+        let vocab = inputs.model.cfg.vocab_size;
+        let cache_dir = t.cache_dir(&cfg.precompute);
+        let open =
+            |split: &str| Split::open(cache_dir, split, &inputs.fingerprint(cfg, split), vocab);
+        let train = open(&cfg.dataset.train_split)?;
+        let test = if cache::arrow_path(cache_dir, &cfg.dataset.test_split).exists() {
+            Some(open(&cfg.dataset.test_split)?)
+        } else {
+            None
+        };
+        // The CPU computes in f32; an accelerator in the configured dtype over f32 masters.
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            cfg.model.dtype.candle()
+        };
+        let master = weights::load(&inputs.model.weight_files, DType::F32, device)?;
+        let policy = Policy::new(&inputs.model.cfg, master, dtype, device)?;
+        let reference = match t.reference {
+            RefMode::Live => Some(inputs.model.load(dtype, device)?),
+            RefMode::Cached => None,
+        };
+        let optim = AdamW::new(
+            &policy,
+            AdamWParams {
+                beta1: t.adam_beta1,
+                beta2: t.adam_beta2,
+                eps: t.adam_epsilon,
+                weight_decay: t.weight_decay,
+            },
+            t.state_dtype.candle(),
+        )?;
+        let steps_per_epoch = train
+            .len()
+            .div_ceil(t.batch_size)
+            .div_ceil(t.grad_accum)
+            .max(1);
+        let max_steps = if t.max_steps > 0 {
+            t.max_steps
+        } else {
+            t.epochs * steps_per_epoch
+        };
+        Ok(Self {
+            cfg,
+            device: device.clone(),
+            model_dir: inputs.model.dir.clone(),
+            policy,
+            reference,
+            optim,
+            loss: LossParams {
+                kind: t.loss,
+                beta: t.beta,
+                label_smoothing: t.label_smoothing,
+                simpo_gamma: t.simpo_gamma,
+                rpo_alpha: t.rpo_alpha,
+            },
+            epoch_batches: batches::epoch_batches(&train.lengths, t.batch_size, t.seed, 0),
+            train,
+            test,
+            state: TrainerState {
+                global_step: 0,
+                max_steps,
+                epoch: 0,
+                batch_in_epoch: 0,
+            },
+            log: MetricsLog::new(t.out.join("metrics.jsonl")),
+            last_checkpoint: None,
+            last_train: MetricsAccumulator::default(),
+            grad_bytes: 0,
+            quiet,
+        })
+    }
+
+    /// Continues from the newest complete checkpoint in `train.out` (weights, optimizer, data
+    /// order); the metrics log keeps its lines up to that step.
+    pub fn resume(&mut self) -> Result<()> {
+        let out = &self.cfg.train.out;
+        let Some((dir, saved)) = checkpoint::latest(out) else {
+            if !self.quiet {
+                eprintln!(
+                    "--resume: no checkpoint in {}, starting fresh",
+                    out.display()
+                );
+            }
+            return Ok(());
+        };
+        let w = weights::load(&[dir.join("model.safetensors")], DType::F32, &self.device)?;
+        for (name, var) in self.policy.names.iter().zip(&self.policy.vars) {
+            let saved = w
+                .get(name)
+                .ok_or_else(|| Error::Train(format!("`{}` lacks `{name}`", dir.display())))?;
+            var.set(saved)?;
+        }
+        self.optim
+            .load(&self.policy, &dir.join("optimizer.safetensors"))?;
+        self.state = TrainerState {
+            max_steps: self.state.max_steps,
+            ..saved
+        };
+        self.epoch_batches = self.batches_of(self.state.epoch);
+        self.log.truncate_after(self.state.global_step)?;
+        if !self.quiet {
+            eprintln!(
+                "resuming from {} (step {})",
+                dir.display(),
+                self.state.global_step
+            );
+        }
+        self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+
+    /// Runs the remaining steps, evaluating and checkpointing as configured; returns the summary.
+    /// Ctrl-C or SIGTERM ends the current step, writes a checkpoint and returns an error.
+    pub fn run(mut self) -> Result<String> {
+        let out = &self.cfg.train.out;
+        fs::create_dir_all(out)?;
+        fs::write_atomic(&out.join("config.toml"), self.cfg.to_toml().as_bytes())?;
+        let total = self.state.max_steps;
+        let stop = StopRequest::install()?;
+        let progress = Progress::new(total as u64, "train", self.quiet);
+        progress.inc(self.state.global_step as u64);
+        while self.state.global_step < total {
+            if stop.requested() {
+                progress.finish();
+                return Err(self.interrupted());
+            }
+            let report = self.step()?;
+            self.state.global_step += 1;
+            self.log_step(&report)?;
+            progress.message(format!(
+                "loss {:.4} acc {:.2}",
+                report.metrics.get("loss"),
+                report.metrics.get("rewards/accuracies")
+            ));
+            progress.inc(1);
+            self.last_train = report.metrics;
+            let step = self.state.global_step;
+            let t = &self.cfg.train;
+            if t.eval_every > 0 && step.is_multiple_of(t.eval_every) && step < total {
+                self.evaluate_and_log()?;
+            }
+            if t.save_every > 0 && step.is_multiple_of(t.save_every) {
+                self.save(&out.join(format!("checkpoint-{step}")))?;
+            }
+        }
+        progress.finish();
+        self.finish()
+    }
+
+    /// After Ctrl-C / SIGTERM: a checkpoint of the last finished step (unless one is there).
+    fn interrupted(&mut self) -> Error {
+        let step = self.state.global_step;
+        let dir = self.cfg.train.out.join(format!("checkpoint-{step}"));
+        let saved = if self.last_checkpoint.as_ref() == Some(&dir) {
+            Ok(())
+        } else {
+            self.save(&dir)
+        };
+        Error::Interrupted(match saved {
+            Ok(()) => format!(
+                "stopped after step {step} of {}; checkpoint in {}: continue with `refdpo train \
+                 --resume` and the same config",
+                self.state.max_steps,
+                dir.display()
+            ),
+            Err(e) => format!("stopped after step {step}; writing a checkpoint failed: {e:#}"),
+        })
+    }
+
+    fn batches_of(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let t = &self.cfg.train;
+        batches::epoch_batches(&self.train.lengths, t.batch_size, t.seed, epoch)
+    }
+
+    /// The pair indices of the next micro-batch (moving to the next epoch when one is done).
+    fn next_batch(&mut self) -> Vec<usize> {
+        if self.state.batch_in_epoch >= self.epoch_batches.len() {
+            self.state.epoch += 1;
+            self.state.batch_in_epoch = 0;
+            self.epoch_batches = self.batches_of(self.state.epoch);
+        }
+        self.state.batch_in_epoch += 1;
+        self.epoch_batches[self.state.batch_in_epoch - 1].clone()
+    }
+
+    /// One optimizer step: `grad_accum` micro-batches forward + backward, clip, AdamW.
+    fn step(&mut self) -> Result<StepReport> {
+        let started = Instant::now();
+        let t = &self.cfg.train;
+        let mut grads = self.policy.zero_grads(t.state_dtype.candle());
+        let mut metrics = MetricsAccumulator::default();
+        let mut tokens = 0;
+        for _ in 0..t.grad_accum {
+            let idx = self.next_batch();
+            let mb = self.micro_batch(&self.train, &idx, true)?;
+            tokens += mb.tokens;
+            let loss =
+                self.train_micro(&mb, &mut grads, 1.0 / t.grad_accum as f64, &mut metrics)?;
+            if !loss.is_finite() {
+                return Err(self.diverged(
+                    &format!("loss is {loss}"),
+                    "lower train.learning_rate, or check the cache for non-finite ref log-probs",
+                ));
+            }
+        }
+        let grad_norm = grads.norm()?;
+        if !grad_norm.is_finite() {
+            return Err(self.diverged(
+                &format!("gradient norm is {grad_norm}"),
+                "lower train.learning_rate or set train.max_grad_norm",
+            ));
+        }
+        let learning_rate = optim::learning_rate(
+            t.lr_schedule,
+            t.learning_rate,
+            self.state.global_step,
+            self.state.max_steps,
+            t.warmup_ratio,
+        );
+        self.grad_bytes = self.grad_bytes.max(grads.bytes());
+        let coef = optim::clip_coefficient(grad_norm, t.max_grad_norm);
+        self.optim
+            .update(&self.policy, &grads, learning_rate, coef)?;
+        Ok(StepReport {
+            metrics,
+            grad_norm,
+            learning_rate,
+            tokens,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The error for a non-finite loss or gradient: it names this run's last good checkpoint.
+    fn diverged(&self, what: &str, hint: &str) -> Error {
+        let last = self.last_checkpoint.as_ref().map_or_else(
+            || "this run has saved no checkpoint".to_string(),
+            |p| format!("this run's last good checkpoint is {}", p.display()),
+        );
+        Error::Train(format!(
+            "{what} at step {}: stopping; {last}. To fix: {hint}",
+            self.state.global_step + 1
+        ))
+    }
+
+    fn micro_batch(&self, split: &Split, idx: &[usize], live: bool) -> Result<MicroBatch> {
+        let shape = (self.cfg.tokenize.max_length, self.cfg.tokenize.truncation);
+        let reference = self.reference.as_ref().filter(|_| live);
+        MicroBatch::gather(split, idx, shape, reference, &self.device)
+    }
+
+    /// One micro-batch forward + backward; gradients are scaled by `scale` (1 / grad_accum).
+    fn train_micro(
+        &self,
+        mb: &MicroBatch,
+        grads: &mut Grads,
+        scale: f64,
+        metrics: &mut MetricsAccumulator,
+    ) -> Result<f64> {
+        let mut loss = f64::NAN;
+        let mut loss_grad = |sums: &[f64]| -> Result<Vec<f64>> {
+            let x = mb.pair_logps(sums);
+            let out = dpo_loss(&self.loss, &x)?;
+            loss = out.loss;
+            metrics.add(&out, &x);
+            Ok(out
+                .grad_chosen
+                .iter()
+                .chain(&out.grad_rejected)
+                .map(|g| g * scale)
+                .collect())
+        };
+        self.policy.forward_backward(
+            &mb.seqs,
+            self.cfg.train.gradient_checkpointing,
+            grads,
+            &mut loss_grad,
+        )?;
+        Ok(loss)
+    }
+
+    fn log_step(&self, r: &StepReport) -> Result<()> {
+        let step = self.state.global_step;
+        if step.is_multiple_of(self.cfg.train.log_every)
+            || step == self.state.max_steps
+            || step == 1
+        {
+            let epoch = self.state.epoch as f64
+                + self.state.batch_in_epoch as f64 / self.epoch_batches.len().max(1) as f64;
+            self.log.append_step(step, epoch, r)?;
+        }
+        Ok(())
+    }
+
+    /// The policy on the test split (cached reference log-probs; fused, graph-free kernels).
+    fn evaluate(&self, split: &Split) -> Result<MetricsAccumulator> {
+        let mut metrics = MetricsAccumulator::default();
+        for idx in batches::eval_batches(&split.lengths, self.cfg.train.batch_size) {
+            let mb = self.micro_batch(split, &idx, true)?;
+            let x = mb.pair_logps(&self.policy.score(&mb.seqs)?);
+            metrics.add(&dpo_loss(&self.loss, &x)?, &x);
+        }
+        Ok(metrics)
+    }
+
+    /// Evaluates on the test split, if there is one, and appends the `eval/` line.
+    fn evaluate_and_log(&self) -> Result<Option<MetricsAccumulator>> {
+        let Some(test) = &self.test else {
+            return Ok(None);
+        };
+        let m = self.evaluate(test)?;
+        self.log.append_eval(self.state.global_step, &m)?;
+        Ok(Some(m))
+    }
+
+    fn save(&mut self, dir: &std::path::Path) -> Result<()> {
+        checkpoint::save(dir, &self.policy, &self.optim, &self.state, &self.model_dir)?;
+        self.last_checkpoint = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// The final evaluation, `final/`, and the one-paragraph summary.
+    fn finish(mut self) -> Result<String> {
+        let t = &self.cfg.train;
+        let mut summary = format!(
+            "trained {} steps into {}; last train loss {:.4}, rewards/accuracies {:.3}",
+            self.state.global_step,
+            t.out.display(),
+            self.last_train.get("loss"),
+            self.last_train.get("rewards/accuracies")
+        );
+        if let Some(m) = self.evaluate_and_log()? {
+            summary.push_str(&format!(
+                "; eval loss {:.4}, eval/rewards/accuracies {:.3} on {} pairs",
+                m.get("loss"),
+                m.get("rewards/accuracies"),
+                self.test.as_ref().map_or(0, Split::len)
+            ));
+        }
+        if t.save_final {
+            let final_dir = t.out.join("final");
+            self.save(&final_dir)?;
+            summary.push_str(&format!("; final policy in {}", final_dir.display()));
+        } else {
+            summary.push_str("; final policy not saved (train.save_final = false)");
+        }
+        let params = self.policy.num_params() as f64;
+        let optim_bytes = self.optim.bytes() as f64;
+        let state = t.state_dtype.as_str();
+        summary.push_str(&format!(
+            "; metrics in {}; persistent training state {:.1} bytes/parameter (f32 weights 4.0, \
+             {state} gradients {:.1}, {state} AdamW moments {:.1})",
+            self.log.path().display(),
+            (params * 4.0 + self.grad_bytes as f64 + optim_bytes) / params,
+            self.grad_bytes as f64 / params,
+            optim_bytes / params,
+        ));
+        Ok(summary)
+    }
+}

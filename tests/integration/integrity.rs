@@ -1,0 +1,72 @@
+//! Cache integrity: a flipped bit in a cache file is refused by name by every reader — stage two,
+//! `stats` — and stage one scores the split again instead of trusting it.
+
+use super::common::{demo_config, fails, ok, refdpo};
+use refdpo::cache::{self, MappedCache};
+
+fn flip_middle_bit(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_flipped_bit_is_refused_by_train_and_stats_and_rescored_by_precompute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 1");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let out = tmp.path().join("cache");
+    let (arrow, pq) = (
+        cache::arrow_path(&out, "train_prefs"),
+        cache::parquet_path(&out, "train_prefs"),
+    );
+    let clean = (std::fs::read(&arrow).unwrap(), std::fs::read(&pq).unwrap());
+
+    flip_middle_bit(&arrow);
+    let err = fails(&["train", "--config", cfg_s, "--quiet"], tmp.path());
+    assert!(
+        err.contains("train_prefs.arrow") && err.contains("refdpo precompute"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    flip_middle_bit(&pq);
+    let out_s = out.to_str().unwrap();
+    let err = fails(&["stats", "--cache", out_s, "--json"], tmp.path());
+    assert!(
+        err.contains("train_prefs.parquet") && err.contains("checksum"),
+        "{err}"
+    );
+
+    // Stage one does not trust the files either: it scores the split again, to the same bytes.
+    let run = refdpo(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("train_prefs: scoring again") && stderr.contains("train_prefs.parquet"),
+        "{stderr}"
+    );
+    assert!(std::fs::read(&arrow).unwrap() == clean.0, "arrow differs");
+    assert!(std::fs::read(&pq).unwrap() == clean.1, "parquet differs");
+    ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
+
+    // A token id outside the model's vocabulary, in a file whose checksum is valid: refused.
+    let mapped = MappedCache::open(&arrow).unwrap();
+    let fp = mapped.fingerprint.clone();
+    let mut rows: Vec<_> = (0..mapped.len()).map(|i| mapped.to_row(i)).collect();
+    drop(mapped);
+    rows[3].chosen_ids[0] = 2_139_062_175;
+    cache::ipc::write(&arrow, &rows, &fp).unwrap();
+    let err = fails(
+        &["train", "--config", cfg_s, "--quiet", "--overwrite"],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("train_prefs.arrow")
+            && err.contains("token id 2139062175")
+            && err.contains("refdpo precompute"),
+        "{err}"
+    );
+}
