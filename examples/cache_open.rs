@@ -1,6 +1,7 @@
 //! Times what stage two does once with a cache before its first step — memory map, checksum,
 //! decode, vocabulary check — and `stats`' Parquet checksum, on a synthetic cache of UltraFeedback
-//! size. `cargo run --release --example cache_open [PAIRS]` (default 60,000 pairs).
+//! size. `cargo run --example cache_open [PAIRS]` (default 60,000 pairs; dependencies — arrow,
+//! xxhash — are optimized in every profile).
 
 use refdpo::cache::{self, CacheRow, Fingerprint, MappedCache};
 use refdpo::config::{Dtype, Truncation};

@@ -10,8 +10,8 @@ pub enum Error {
     #[error("config: {0}")]
     Config(String),
 
-    /// A file could not be read or written.
-    #[error("{action} `{path}`: {source}")]
+    /// A file could not be read or written (the cause chain carries the OS's reason).
+    #[error("{action} `{path}`")]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -104,6 +104,12 @@ impl Error {
     pub fn writing(self, path: &std::path::Path) -> Self {
         match self {
             e @ (Error::Io { .. } | Error::Write { .. }) => e,
+            // A writer's own I/O error: name the file, keep the OS's cause (full disk…).
+            Error::Arrow(arrow::error::ArrowError::IoError(_, e))
+            | Error::Candle(candle_core::Error::Io(e))
+            | Error::Candle(candle_core::Error::SafeTensor(
+                safetensors::SafeTensorError::IoError(e),
+            )) => Error::io("cannot write", path, e),
             e => Error::Write {
                 path: path.to_path_buf(),
                 source: Box::new(e),

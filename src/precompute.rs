@@ -136,13 +136,21 @@ enum CacheState {
     Nothing,
     /// Both files verify and carry the expected fingerprint.
     UpToDate,
-    /// A file is missing, torn or fails its checksum: it is scored again.
-    Broken(Error),
+    /// A file is missing, torn or fails its checksum (why): it is scored again.
+    Broken(String),
 }
 
 fn cache_state(pq: &Path, arrow: &Path, fingerprint: &Fingerprint) -> CacheState {
-    if !pq.exists() && !arrow.exists() {
-        return CacheState::Nothing;
+    match (pq.exists(), arrow.exists()) {
+        (false, false) => return CacheState::Nothing,
+        (true, false) | (false, true) => {
+            let missing = if pq.exists() { arrow } else { pq };
+            return CacheState::Broken(format!(
+                "`{}` is missing (an earlier run stopped before writing it)",
+                missing.display()
+            ));
+        }
+        (true, true) => {}
     }
     let check = || -> Result<bool> {
         let in_parquet = cache::parquet::read_fingerprint(pq)?;
@@ -152,11 +160,8 @@ fn cache_state(pq: &Path, arrow: &Path, fingerprint: &Fingerprint) -> CacheState
     };
     match check() {
         Ok(true) => CacheState::UpToDate,
-        Ok(false) => CacheState::Broken(Error::StaleCache {
-            path: pq.to_path_buf(),
-            msg: "made from other inputs".into(),
-        }),
-        Err(e) => CacheState::Broken(e),
+        Ok(false) => CacheState::Broken(format!("`{}` was made from other inputs", pq.display())),
+        Err(e) => CacheState::Broken(e.to_string()),
     }
 }
 

@@ -230,8 +230,14 @@ impl Config {
     /// Builds a config from a TOML table; `origin` names it in errors.
     pub fn from_table(table: toml::Table, origin: &str) -> Result<Self> {
         check_known_keys(&table, origin)?;
-        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| Error::Config(format!("`{}` in `{origin}`: {}", e.path(), e.inner())))?;
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                Error::Config(format!(
+                    "`{}` in `{origin}`: {}",
+                    e.path(),
+                    e.inner().message()
+                ))
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }

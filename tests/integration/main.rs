@@ -5,6 +5,7 @@ mod common;
 mod demo_pipeline;
 mod fidelity;
 mod integrity;
+mod mishaps;
 mod stats;
 mod train;
 mod trl_fixtures;

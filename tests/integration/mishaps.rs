@@ -1,0 +1,316 @@
+//! Everyday mishaps: a second run into a run directory, a cache from other inputs, a second writer,
+//! Ctrl-C, a full disk (simulated with a file-size limit). Nothing is lost or silently mixed.
+
+use super::common::{demo_config, fails, ok, read_json, train_with};
+use refdpo::cache::{self, MappedCache};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// refdpo under `ulimit -f KIB`: a write past the limit fails (refdpo turns SIGXFSZ into EFBIG).
+fn refdpo_with_file_limit(kib: u64, args: &[&str], cwd: &Path) -> Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!("ulimit -f {kib} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_refdpo"))
+        .args(args)
+        .current_dir(cwd)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn another_run_or_cache_is_refused_and_overwrite_replaces_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 4\nsave_every = 2");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
+    let run = tmp.path().join("run");
+    let metrics = bytes(&run.join("metrics.jsonl"));
+
+    // The new user's mishap: a second run into the same directory, with a NaN learning rate.
+    let err = fails(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--set",
+            "train.learning_rate=nan",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("`train.learning_rate` = NaN") && !err.contains("holds another run"),
+        "the bad value is named before anything is touched: {err}"
+    );
+    let err = fails(&["train", "--config", cfg_s], tmp.path());
+    for part in [
+        "holds another run",
+        "checkpoint-2",
+        "metrics.jsonl",
+        "--resume",
+        "--overwrite",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+    assert!(
+        bytes(&run.join("metrics.jsonl")) == metrics,
+        "metrics.jsonl changed"
+    );
+    assert!(run.join("checkpoint-4/model.safetensors").exists());
+
+    // --overwrite deletes the old run first: nothing of it is left beside the new one.
+    train_with(cfg_s, tmp.path(), &["--overwrite", "train.max_steps=2"]);
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = lines
+        .lines()
+        .filter(|l| !l.contains("eval/"))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2], "{lines}");
+    assert!(!run.join("checkpoint-4").exists());
+    assert!(run.join("checkpoint-2").exists() && run.join("final").exists());
+
+    // A cache from other inputs (another limit) is refused, naming the field; --overwrite replaces it.
+    let out = tmp.path().join("cache");
+    let pq = cache::parquet_path(&out, "train_prefs");
+    let before = bytes(&pq);
+    let err = fails(
+        &["precompute", "--config", cfg_s, "--set", "dataset.limit=64"],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("train_prefs") && err.contains("`limit`") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert!(bytes(&pq) == before, "the refused cache was modified");
+    ok(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--set",
+            "dataset.limit=64",
+            "--overwrite",
+            "--quiet",
+        ],
+        tmp.path(),
+    );
+    let fp = cache::parquet::read_fingerprint(&pq).unwrap();
+    assert_eq!(fp.limit, 64);
+}
+
+#[test]
+fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "save_every = 2\nlr_schedule = \"constant\"");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
+    // Poison every cached reference log-prob (a valid file: its checksum is rewritten).
+    let arrow = cache::arrow_path(&tmp.path().join("cache"), "train_prefs");
+    let mapped = MappedCache::open(&arrow).unwrap();
+    let fp = mapped.fingerprint.clone();
+    let mut rows: Vec<_> = (0..mapped.len()).map(|i| mapped.to_row(i)).collect();
+    drop(mapped);
+    rows.iter_mut()
+        .for_each(|r| r.ref_rejected_logps = f64::NAN);
+    cache::ipc::write(&arrow, &rows, &fp).unwrap();
+    let run = tmp.path().join("run");
+    let err = fails(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--resume",
+            "--set",
+            "train.max_steps=4",
+        ],
+        tmp.path(),
+    );
+    let ckpt = run.join("checkpoint-2");
+    assert!(
+        err.contains("loss is NaN at step 3")
+            && err.contains(&format!(
+                "this run's last good checkpoint is {}",
+                ckpt.display()
+            )),
+        "{err}"
+    );
+    // A new run into the same directory (it must be asked for) has no checkpoint of its own.
+    let err = fails(&["train", "--config", cfg_s, "--overwrite"], tmp.path());
+    assert!(
+        err.contains("loss is NaN at step 1") && err.contains("this run has saved no checkpoint"),
+        "{err}"
+    );
+}
+
+/// Waits until `path` holds at least `lines` lines, while `child` runs.
+fn wait_for_lines(child: &mut std::process::Child, path: &Path, lines: usize) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::fs::read_to_string(path).map_or(0, |t| t.lines().count()) < lines {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn one_writer_at_a_time_and_ctrl_c_checkpoints_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = "lr_schedule = \"constant\"\nmax_steps = 5000";
+    let cfg = demo_config(tmp.path(), extra);
+    let cfg_s = cfg.to_str().unwrap();
+    let out = tmp.path().join("cache");
+
+    // A second precompute into a cache directory in use is refused at once, naming the holder.
+    let held = refdpo::outputs::DirLock::acquire(&out, "precompute").unwrap();
+    let err = fails(&["precompute", "--config", cfg_s], tmp.path());
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    drop(held);
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+
+    let run = tmp.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_refdpo"))
+        .args(["train", "--config", cfg_s, "--quiet"])
+        .args(["--set", "train.warmup_ratio=0"])
+        .current_dir(tmp.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    wait_for_lines(&mut child, &run.join("metrics.jsonl"), 3);
+    // A second train into the same run is refused, naming the running one's pid.
+    let err = fails(&["train", "--config", cfg_s, "--resume"], tmp.path());
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
+
+    // Ctrl-C: the step finishes, a checkpoint is written, the exit is non-zero.
+    let sent = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: stopped after step"),
+        "{stderr}"
+    );
+    let (ckpt, state) = refdpo::train::checkpoint::latest(&run).expect("a checkpoint");
+    let k = state.global_step;
+    assert!(stderr.contains(&ckpt.display().to_string()), "{stderr}");
+    assert!((3..5000).contains(&k), "stopped at step {k}");
+    // The lock file still names the process that is gone: the next run takes it over.
+    let lock = std::fs::read_to_string(run.join(".refdpo-train.lock")).unwrap();
+    assert_eq!(lock.trim(), pid.to_string());
+
+    let total = format!("train.max_steps={}", k + 3);
+    let no_warmup = "train.warmup_ratio=0";
+    train_with(cfg_s, tmp.path(), &["--resume", &total, no_warmup]);
+    let clean = tmp.path().join("clean");
+    let clean_out = format!("train.out={}", clean.display());
+    train_with(cfg_s, tmp.path(), &[&total, &clean_out, no_warmup]);
+    assert!(
+        bytes(&run.join("final/model.safetensors"))
+            == bytes(&clean.join("final/model.safetensors")),
+        "interrupted + resumed run ends with other weights than an uninterrupted one"
+    );
+}
+
+#[test]
+fn a_full_disk_names_the_file_keeps_earlier_outputs_and_the_rerun_matches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "save_every = 2");
+    let cfg_s = cfg.to_str().unwrap();
+    let out = tmp.path().join("cache");
+
+    // A clean reference: the cache and a 4-step run.
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let files: Vec<_> = ["train_prefs", "test_prefs"]
+        .iter()
+        .flat_map(|s| [cache::parquet_path(&out, s), cache::arrow_path(&out, s)])
+        .collect();
+    let clean: Vec<Vec<u8>> = files.iter().map(|f| bytes(f)).collect();
+    train_with(cfg_s, tmp.path(), &["train.max_steps=4"]);
+    let clean_final = bytes(&tmp.path().join("run/final/model.safetensors"));
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(tmp.path().join("run")).unwrap();
+
+    // Stage one at a 30 KiB file limit: the 10 KiB chunks and the 16 KiB parquet fit, the 48 KiB
+    // train_prefs.arrow does not.
+    let r = refdpo_with_file_limit(
+        30,
+        &["precompute", "--config", cfg_s, "--quiet"],
+        tmp.path(),
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "{err}");
+    assert!(
+        err.contains("cannot write")
+            && err.contains("train_prefs.arrow")
+            && err.contains("too large"),
+        "{err}"
+    );
+    assert!(!cache::arrow_path(&out, "train_prefs")
+        .with_extension("arrow.tmp")
+        .exists());
+    let partial = out.join(".partial-train_prefs");
+    let chunks = std::fs::read_dir(&partial).unwrap().count();
+    assert!(chunks >= 5, "finished chunks kept: {chunks} entries");
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let report = read_json(&out.join("report.json"));
+    assert!(
+        report["train_prefs"]["resumed_chunks"].as_u64().unwrap() >= 5,
+        "{report}"
+    );
+    for (f, want) in files.iter().zip(&clean) {
+        assert!(bytes(f) == *want, "{} differs after the rerun", f.display());
+    }
+
+    // Stage two: checkpoint-2 is written, then checkpoint-4's optimizer state (692 KiB) does not
+    // fit a 500 KiB limit; checkpoint-2 stays whole and the resumed run ends like the clean one.
+    train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
+    let run = tmp.path().join("run");
+    let ckpt2 = bytes(&run.join("checkpoint-2/optimizer.safetensors"));
+    let r = refdpo_with_file_limit(
+        500,
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--resume",
+            "--set",
+            "train.max_steps=4",
+        ],
+        tmp.path(),
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "{err}");
+    assert!(
+        err.contains("cannot write") && err.contains("optimizer.safetensors"),
+        "{err}"
+    );
+    assert!(bytes(&run.join("checkpoint-2/optimizer.safetensors")) == ckpt2);
+    assert!(!run.join("checkpoint-4").exists() && !run.join("checkpoint-4.tmp").exists());
+    train_with(cfg_s, tmp.path(), &["--resume", "train.max_steps=4"]);
+    assert!(bytes(&run.join("final/model.safetensors")) == clean_final);
+}
