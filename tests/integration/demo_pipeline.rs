@@ -147,6 +147,24 @@ fn bad_inputs_fail_fast_with_named_causes() {
     assert!(err.contains("train.betta"), "{err}");
     let err = fails(&["precompute", "--config", "no/such.toml"], tmp.path());
     assert!(err.contains("no/such.toml"), "{err}");
+    // A missing test split fails before the train split is scored: nothing is written.
+    let err = fails(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--set",
+            "dataset.test_split=nope",
+        ],
+        tmp.path(),
+    );
+    assert!(err.contains("nope"), "{err}");
+    let cache_dir = tmp.path().join("cache");
+    assert!(
+        !cache_dir.join("train_prefs.parquet").exists()
+            && !cache_dir.join(".partial-train_prefs").exists(),
+        "the train split was scored before the missing test split was found"
+    );
     let err = fails(
         &[
             "precompute",

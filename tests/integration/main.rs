@@ -8,4 +8,4 @@ mod integrity;
 mod mishaps;
 mod stats;
 mod train;
-mod trl_fixtures;
+mod trl;

@@ -1,6 +1,6 @@
 //! `refdpo stats` on small hand-made caches with answers worked out by hand, and on the demo.
 
-use super::common::{demo_config, ok};
+use super::common::{demo_config, fails, ok};
 use refdpo::cache::{self, CacheRow};
 use refdpo::stats::queries;
 
@@ -150,6 +150,38 @@ fn stats_command_prints_tables_json_and_charts() {
     assert!(
         json["policy"]["margin_len_diff_spearman"].is_number(),
         "{json}"
+    );
+    // A cache made from other inputs (another limit) is refused against the run, naming the field.
+    let other = tmp.path().join("other-cache");
+    let other_out = format!("precompute.out={}", other.display());
+    ok(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--set",
+            &other_out,
+            "--set",
+            "dataset.limit=40",
+        ],
+        tmp.path(),
+    );
+    let err = fails(
+        &[
+            "stats",
+            "--cache",
+            other.to_str().unwrap(),
+            "--split",
+            "test_prefs",
+            "--run",
+            run.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("`limit`") && err.contains("test_prefs.parquet"),
+        "{err}"
     );
 }
 
