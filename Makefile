@@ -1,25 +1,47 @@
 # refdpo — `make precompute && make train` runs the embedded default offline.
 # CONFIG selects a pipeline; PROFILE=release builds fully optimized (dependencies are always
 # optimized); CARGO_TARGET_DIR is honored (cargo reads it).
+# CUDA=1 builds with your CUDA toolkit (nvcc on PATH; candle detects the GPU's compute capability,
+# or set CUDA_COMPUTE_CAP=90) and runs precompute/train on CUDA_DEVICE (default cuda, i.e. cuda:0):
+# no silent fallback to the CPU.
 CONFIG ?= pipelines/demo.toml
 PROFILE ?= dev
 ARGS ?=
 PLOTS ?= data/plots
 CARGO ?= cargo
-REFDPO = $(CARGO) run --profile $(PROFILE) --quiet --bin refdpo --
+CUDA ?=
+CUDA_DEVICE ?= cuda
+ifeq ($(CUDA),1)
+FEATURES = --features cuda
+ON_DEVICE = --device $(CUDA_DEVICE)
+NEEDS_NVCC = @command -v nvcc >/dev/null || { echo "CUDA=1 needs the CUDA toolkit: nvcc is not on PATH (add its bin/, e.g. /usr/local/cuda/bin)" >&2; exit 1; }
+else
+FEATURES =
+ON_DEVICE =
+NEEDS_NVCC = @true
+endif
+REFDPO = $(CARGO) run --profile $(PROFILE) --quiet $(FEATURES) --bin refdpo --
 
-.PHONY: precompute train stats show test lint bench fixtures
+.PHONY: precompute train stats show test lint bench fixtures build
+
+build:
+	$(NEEDS_NVCC)
+	$(CARGO) build --profile $(PROFILE) $(FEATURES) --bin refdpo
 
 precompute:
-	$(REFDPO) precompute --config $(CONFIG) $(ARGS)
+	$(NEEDS_NVCC)
+	$(REFDPO) precompute --config $(CONFIG) $(ON_DEVICE) $(ARGS)
 
 train:
-	$(REFDPO) train --config $(CONFIG) $(ARGS)
+	$(NEEDS_NVCC)
+	$(REFDPO) train --config $(CONFIG) $(ON_DEVICE) $(ARGS)
 
 stats:
+	$(NEEDS_NVCC)
 	$(REFDPO) stats --config $(CONFIG) --plot $(PLOTS) $(ARGS)
 
 show:
+	$(NEEDS_NVCC)
 	$(REFDPO) show --config $(CONFIG) $(ARGS)
 
 test:

@@ -242,29 +242,33 @@ fn describe(r: &Report) -> String {
         .map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect())
         .unwrap_or_default();
     let skipped_total = n("rows_read") - n("rows_kept");
-    let status = if e["up_to_date"] == true {
-        " (cache was up to date)".to_string()
-    } else if n("resumed_chunks") > 0 {
-        format!(" (resumed {} finished chunks)", n("resumed_chunks"))
+    let done = if e["up_to_date"] == true {
+        "cache was up to date".to_string()
     } else {
+        let resumed = match n("resumed_chunks") {
+            0 => String::new(),
+            k => format!(", resumed {k} finished chunks"),
+        };
+        format!(
+            "scored in {:.1} s, {:.0} tokens/s{resumed}",
+            f("seconds"),
+            f("tokens_per_second")
+        )
+    };
+    let skipped = if skipped.is_empty() {
         String::new()
+    } else {
+        format!(" ({})", skipped.join(", "))
     };
     format!(
-        "{}: {} rows read, {} kept, {} skipped{}; {} tokens in {:.1} s ({:.0} tokens/s){} -> {}",
+        "{}: {} rows read, {} kept, {} skipped{skipped}; {} tokens ({done}) -> {}, {}",
         r.split,
         n("rows_read"),
         n("rows_kept"),
         skipped_total,
-        if skipped.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", skipped.join(", "))
-        },
         n("tokens"),
-        f("seconds"),
-        f("tokens_per_second"),
-        status,
         e["parquet"].as_str().unwrap_or_default(),
+        e["arrow"].as_str().unwrap_or_default(),
     )
 }
 

@@ -25,9 +25,17 @@ fn parse_device(spec: Option<&str>) -> Result<Device> {
                 n.parse::<usize>()
                     .map_err(|_| Error::Config(format!("--device {s}: expected cuda:N")))
             })?;
+            if !cfg!(feature = "cuda") {
+                return Err(Error::Config(format!(
+                    "--device {s}: this refdpo was built without CUDA. Build it with CUDA \
+                     (`make precompute CUDA=1`, or `cargo build --release --features cuda`; \
+                     needs the CUDA toolkit's nvcc), or use --device cpu"
+                )));
+            }
             Device::new_cuda(ordinal).map_err(|e| {
                 Error::Config(format!(
-                    "--device {s}: {e}. Build with `--features cuda` and check the driver, or use --device cpu"
+                    "--device {s}: no usable CUDA device {ordinal} ({e}). Check `nvidia-smi` and \
+                     the driver, pick another with cuda:N, or use --device cpu"
                 ))
             })
         }
@@ -35,6 +43,22 @@ fn parse_device(spec: Option<&str>) -> Result<Device> {
             "--device {other}: use cpu, cuda or cuda:N"
         ))),
     }
+}
+
+/// `cpu` or `cuda:N`, and whether CUDA was compiled in: the first thing a run says (on stderr).
+fn announce(command: &str, device: &Device, quiet: bool) {
+    if quiet {
+        return;
+    }
+    let on = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Cpu if cfg!(feature = "cuda") => {
+            "cpu (no CUDA device found; --device cuda to require one)".into()
+        }
+        candle_core::DeviceLocation::Cpu => "cpu (built without CUDA)".into(),
+        other => format!("{other:?}"),
+    };
+    eprintln!("refdpo {command} on {on}");
 }
 
 fn load(args: &ConfigArgs) -> Result<Config> {
@@ -56,12 +80,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Precompute(a) => {
             let cfg = load(&a.config)?;
             let dev = device(a.device.as_deref())?;
+            announce("precompute", &dev, a.quiet);
             let mode = existing(false, a.overwrite);
             println!("{}", crate::precompute::run(&cfg, &dev, mode, a.quiet)?);
         }
         Command::Train { run, resume } => {
             let cfg = load(&run.config)?;
             let dev = device(run.device.as_deref())?;
+            announce("train", &dev, run.quiet);
             let mode = existing(resume, run.overwrite);
             println!("{}", crate::train::run(&cfg, &dev, mode, run.quiet)?);
         }

@@ -7,11 +7,30 @@ use std::path::Path;
 /// Which decoder family; they differ only in biases and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
-    /// Llama, Llama-3, SmolLM2, TinyLlama, Mistral-style (no sliding window).
+    /// Llama, Llama-3, SmolLM2, TinyLlama, and Mistral (its sliding window must cover
+    /// `max_length`, see [`TransformerConfig::check_max_length`]).
     Llama,
     /// Qwen2 / Qwen2.5: q/k/v biases.
     Qwen2,
 }
+
+/// The `model_type`s (or, without one, the `architectures`) refdpo implements.
+const SUPPORTED: [(&str, &str, Arch); 3] = [
+    ("llama", "LlamaForCausalLM", Arch::Llama),
+    ("mistral", "MistralForCausalLM", Arch::Llama),
+    ("qwen2", "Qwen2ForCausalLM", Arch::Qwen2),
+];
+
+/// Fields whose presence means parts refdpo does not implement (experts, a vision tower).
+const UNSUPPORTED_FIELDS: [(&str, &str); 7] = [
+    ("num_experts", "mixture-of-experts layers"),
+    ("num_local_experts", "mixture-of-experts layers"),
+    ("num_experts_per_tok", "mixture-of-experts layers"),
+    ("moe_intermediate_size", "mixture-of-experts layers"),
+    ("vision_config", "a vision tower"),
+    ("text_config", "a multimodal wrapper"),
+    ("partial_rotary_factor", "partial rotary embeddings"),
+];
 
 /// Llama-3 style RoPE frequency scaling.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +63,8 @@ pub struct TransformerConfig {
     /// transformers builds the embedding with `padding_idx = pad_token_id`: that row gets no
     /// gradient from the embedding lookup. The policy backward does the same.
     pub pad_token_id: Option<u32>,
+    /// Mistral's `sliding_window` (attention reaches this many positions back), if any.
+    pub sliding_window: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -66,7 +87,10 @@ struct Raw {
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
     use_sliding_window: Option<bool>,
+    sliding_window: Option<usize>,
     pad_token_id: Option<serde_json::Value>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
 }
 
 impl TransformerConfig {
@@ -77,29 +101,51 @@ impl TransformerConfig {
 
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
         let raw: Raw = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let kind = raw
-            .model_type
-            .clone()
-            .or_else(|| raw.architectures.as_ref().and_then(|a| a.first().cloned()))
-            .unwrap_or_default()
-            .to_lowercase();
-        let arch = if kind.starts_with("qwen2") {
-            Arch::Qwen2
-        } else if kind.starts_with("llama") || kind.starts_with("mistral") {
-            Arch::Llama
-        } else {
-            return Err(format!(
-                "model_type {kind:?} is not supported: refdpo runs the llama and qwen2 families"
-            ));
-        };
+        let arch = match (&raw.model_type, &raw.architectures) {
+            (Some(t), _) => SUPPORTED.iter().find(|(name, _, _)| name == t),
+            (None, Some(a)) => SUPPORTED
+                .iter()
+                .find(|(_, class, _)| a.first().is_some_and(|c| c == class)),
+            (None, None) => None,
+        }
+        .map(|(_, _, arch)| *arch)
+        .ok_or_else(|| {
+            let names: Vec<&str> = SUPPORTED.iter().map(|(n, _, _)| *n).collect();
+            format!(
+                "model_type {:?} is not supported: refdpo runs {}",
+                raw.model_type
+                    .clone()
+                    .or_else(|| raw.architectures.as_ref()?.first().cloned())
+                    .unwrap_or_default(),
+                names.join(", ")
+            )
+        })?;
+        for (field, what) in UNSUPPORTED_FIELDS {
+            if raw.rest.get(field).is_some_and(|v| !v.is_null()) {
+                return Err(format!(
+                    "`{field}` is set: the model has {what}, which refdpo does not implement"
+                ));
+            }
+        }
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
-                return Err(format!("hidden_act {act:?} is not supported (only silu)"));
+                return Err(format!(
+                    "`hidden_act` = {act:?} is not supported: refdpo implements silu (SwiGLU)"
+                ));
             }
         }
         if raw.use_sliding_window == Some(true) {
-            return Err("use_sliding_window = true is not supported".into());
+            return Err(
+                "`use_sliding_window` = true is not supported: refdpo attends over the whole \
+                 sequence"
+                    .into(),
+            );
         }
+        // Qwen2 keeps `sliding_window` set while `use_sliding_window` is false: it is unused there.
+        let sliding_window = match arch {
+            Arch::Llama => raw.sliding_window,
+            Arch::Qwen2 => None,
+        };
         // transformers 5 nests RoPE settings under `rope_parameters`; 4.x used top-level keys.
         let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
         let theta = raw
@@ -141,7 +187,20 @@ impl TransformerConfig {
                 .as_ref()
                 .and_then(|v| v.as_u64())
                 .map(|v| v as u32),
+            sliding_window,
         })
+    }
+
+    /// A sliding window shorter than a sequence would change attention, which refdpo does not
+    /// implement: refused, naming the field and the fix.
+    pub fn check_max_length(&self, max_length: usize) -> std::result::Result<(), String> {
+        match self.sliding_window {
+            Some(w) if w < max_length => Err(format!(
+                "`sliding_window` = {w} is shorter than tokenize.max_length = {max_length}: \
+                 refdpo does not implement windowed attention; set tokenize.max_length <= {w}"
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -166,7 +225,8 @@ fn parse_scaling(v: &serde_json::Value) -> std::result::Result<Option<Llama3Scal
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         })),
         other => Err(format!(
-            "rope scaling type {other:?} is not supported (default, llama3)"
+            "`rope_scaling.rope_type` = {other:?} is not supported: refdpo implements default and \
+             llama3"
         )),
     }
 }
@@ -201,6 +261,65 @@ mod tests {
         assert_eq!(c.rope_theta, 5e5);
         assert_eq!(c.rope_scaling.unwrap().factor, 8.0);
         assert_eq!(c.num_kv_heads, 2);
+    }
+
+    fn config(extra: &str) -> std::result::Result<TransformerConfig, String> {
+        TransformerConfig::from_json(&format!(
+            r#"{{"vocab_size":8,"hidden_size":8,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":2{extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn fields_that_change_the_math_and_are_not_implemented_are_refused_by_name() {
+        for (extra, field) in [
+            (
+                r#","model_type":"qwen2","use_sliding_window":true"#,
+                "use_sliding_window",
+            ),
+            (r#","model_type":"llama","hidden_act":"gelu""#, "hidden_act"),
+            (
+                r#","model_type":"llama","rope_scaling":{"rope_type":"yarn","factor":4.0}"#,
+                "rope_scaling.rope_type",
+            ),
+            (
+                r#","model_type":"mistral","num_local_experts":8"#,
+                "num_local_experts",
+            ),
+            (r#","model_type":"qwen2","num_experts":60"#, "num_experts"),
+            (
+                r#","model_type":"llama","vision_config":{}"#,
+                "vision_config",
+            ),
+            (
+                r#","model_type":"llama","partial_rotary_factor":0.5"#,
+                "partial_rotary_factor",
+            ),
+        ] {
+            let e = config(extra).unwrap_err();
+            assert!(e.contains(&format!("`{field}`")), "{extra}: {e}");
+        }
+        // Families that only share a prefix with a supported one are not taken for it.
+        for t in ["qwen2_moe", "qwen2_vl", "llama4", "mistral3"] {
+            let e = config(&format!(r#","model_type":"{t}""#)).unwrap_err();
+            assert!(e.contains(t) && e.contains("llama, mistral, qwen2"), "{e}");
+        }
+        // Qwen2's sliding_window is inert while use_sliding_window is false.
+        let q = config(r#","model_type":"qwen2","use_sliding_window":false,"sliding_window":32"#);
+        q.unwrap().check_max_length(4096).unwrap();
+    }
+
+    #[test]
+    fn a_mistral_window_shorter_than_max_length_is_refused() {
+        let m = config(r#","model_type":"mistral","sliding_window":4096"#).unwrap();
+        m.check_max_length(4096).unwrap();
+        let e = m.check_max_length(8192).unwrap_err();
+        assert!(
+            e.contains("`sliding_window` = 4096") && e.contains("tokenize.max_length <= 4096"),
+            "{e}"
+        );
+        let none = config(r#","model_type":"mistral","sliding_window":null"#).unwrap();
+        none.check_max_length(1 << 20).unwrap();
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod common;
 mod demo_pipeline;
 mod fidelity;
+mod first_hour;
 mod integrity;
 mod mishaps;
 mod stats;

@@ -1,0 +1,187 @@
+//! A new user's first hour: the GPU build is one make flag, the README speaks to users outside its
+//! development section, a model refdpo would only approximate is refused, runs say what they did.
+
+use super::common::{demo_config, fails, ok, repo};
+use std::process::Command;
+
+#[test]
+fn make_with_cuda_builds_and_runs_with_the_cuda_feature() {
+    let out = Command::new("make")
+        .args([
+            "-n",
+            "precompute",
+            "train",
+            "CUDA=1",
+            "CONFIG=pipelines/ultrafeedback-qwen2.5-0.5b.toml",
+        ])
+        .current_dir(repo())
+        .output()
+        .expect("make");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for line in ["precompute --config", "train --config"] {
+        let cmd = text.lines().find(|l| l.contains(line)).unwrap_or_default();
+        assert!(
+            cmd.contains("--features cuda") && cmd.contains("--device cuda"),
+            "{line}: {text}"
+        );
+    }
+    assert!(
+        text.contains("nvcc"),
+        "the toolkit is checked first: {text}"
+    );
+    let plain = Command::new("make")
+        .args(["-n", "precompute"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let plain = String::from_utf8_lossy(&plain.stdout);
+    assert!(!plain.contains("cuda"), "{plain}");
+}
+
+#[test]
+fn the_readme_names_no_development_paths_outside_its_development_section() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let users = &readme[..readme
+        .find("\n## Development")
+        .expect("a Development section")];
+    for (i, line) in users.lines().enumerate() {
+        assert!(!line.contains("../shared"), "README line {}: {line}", i + 1);
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_cuda_request_on_a_cpu_build_names_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let err = fails(
+        &[
+            "precompute",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--device",
+            "cuda",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("built without CUDA")
+            && err.contains("CUDA=1")
+            && err.contains("--device cpu"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_mistral_window_shorter_than_max_length_is_refused_not_approximated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let cfg_s = cfg.to_str().unwrap();
+    let stdout = ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    // The run says what it did: rows read, kept, skipped by reason, and where the files are.
+    assert!(
+        stdout.contains("train_prefs: 160 rows read, 156 kept, 4 skipped (empty_assistant_turn 2")
+            && stdout.contains("train_prefs.arrow"),
+        "{stdout}"
+    );
+    let model = tmp.path().join("demo/model");
+    let mistral = tmp.path().join("mistral");
+    std::fs::create_dir_all(&mistral).unwrap();
+    for f in std::fs::read_dir(&model).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, mistral.join(f.file_name().unwrap())).unwrap();
+    }
+    let path = mistral.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["model_type"] = "mistral".into();
+    config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    config["sliding_window"] = 64.into(); // the demo's max_length is 96
+    std::fs::write(&path, config.to_string()).unwrap();
+    let model_id = format!("model.id={}", mistral.display());
+    let out = format!(
+        "precompute.out={}",
+        tmp.path().join("mistral-cache").display()
+    );
+    let err = fails(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--set",
+            &model_id,
+            "--set",
+            &out,
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("`sliding_window` = 64") && err.contains("tokenize.max_length <= 64"),
+        "{err}"
+    );
+    // Within the window, Mistral is Llama's math exactly: accepted.
+    ok(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--set",
+            &model_id,
+            "--set",
+            &out,
+            "--set",
+            "tokenize.max_length=64",
+            "--quiet",
+        ],
+        tmp.path(),
+    );
+}
+
+/// Every `make` line of the README's "Set up and run" blocks is a command the Makefile accepts
+/// (`make -n`); the demo lines themselves run in the other tests.
+#[test]
+fn the_readme_make_commands_are_accepted_by_the_makefile() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme.find("## Set up and run").unwrap();
+    let end = start + readme[start..].find("\n## Commands").unwrap();
+    let mut commands = Vec::new();
+    let mut in_block = false;
+    let mut pending = String::new();
+    for line in readme[start..end].lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if !in_block || line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        pending.push_str(line.trim_end().trim_end_matches('\\'));
+        pending.push(' ');
+        if !line.trim_end().ends_with('\\') {
+            commands.push(std::mem::take(&mut pending));
+        }
+    }
+    let makes: Vec<String> = commands
+        .iter()
+        .flat_map(|c| {
+            c.split("&&")
+                .map(|p| p.split('#').next().unwrap().trim().to_string())
+        })
+        .filter(|c| c.starts_with("make "))
+        .collect();
+    assert!(makes.len() >= 6, "{makes:?}");
+    for cmd in &makes {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(cmd.replacen("make ", "make -n ", 1))
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
