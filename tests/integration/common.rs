@@ -124,3 +124,27 @@ pub fn max_abs(t: &candle_core::Tensor) -> f32 {
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     max_abs(&(a - b).unwrap())
 }
+
+/// The four files of a demo cache (both splits, Parquet and Arrow).
+pub fn cache_files(out: &Path) -> Vec<PathBuf> {
+    ["train_prefs", "test_prefs"]
+        .iter()
+        .flat_map(|s| {
+            [
+                refdpo::cache::parquet_path(out, s),
+                refdpo::cache::arrow_path(out, s),
+            ]
+        })
+        .collect()
+}
+
+/// Rewrites an Arrow cache file with `edit` applied to its rows; the file stays valid (same
+/// fingerprint, a fresh checksum), so only the edited values are wrong.
+pub fn rewrite_cache(arrow: &Path, edit: impl FnOnce(&mut Vec<refdpo::cache::CacheRow>)) {
+    let mapped = refdpo::cache::MappedCache::open(arrow).unwrap();
+    let fp = mapped.fingerprint.clone();
+    let mut rows: Vec<_> = (0..mapped.len()).map(|i| mapped.to_row(i)).collect();
+    drop(mapped);
+    edit(&mut rows);
+    refdpo::cache::ipc::write(arrow, &rows, &fp).unwrap();
+}

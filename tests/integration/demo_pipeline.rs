@@ -1,6 +1,6 @@
 //! Stage one end to end on the embedded demo: outputs, report, fingerprint, kill -9 resume.
 
-use super::common::{demo_config, fails, ok, read_json, refdpo};
+use super::common::{cache_files, demo_config, fails, ok, read_json, refdpo};
 use refdpo::cache::{self, MappedCache};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -75,10 +75,7 @@ fn killed_precompute_resumes_to_identical_outputs() {
     let cfg_s = cfg.to_str().unwrap();
     let out = tmp.path().join("cache");
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
-    let files: Vec<_> = ["train_prefs", "test_prefs"]
-        .iter()
-        .flat_map(|s| [cache::parquet_path(&out, s), cache::arrow_path(&out, s)])
-        .collect();
+    let files = cache_files(&out);
     let clean: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
     std::fs::remove_dir_all(&out).unwrap();
     // kill -9 once given chunks are on disk (so each kill lands mid-split), each run resuming the

@@ -1,8 +1,8 @@
 //! Cache integrity: a flipped bit in a cache file is refused by name by every reader — stage two,
 //! `stats` — and stage one scores the split again instead of trusting it.
 
-use super::common::{demo_config, fails, ok, refdpo};
-use refdpo::cache::{self, MappedCache};
+use super::common::{demo_config, fails, ok, refdpo, rewrite_cache};
+use refdpo::cache;
 
 fn flip_middle_bit(path: &std::path::Path) {
     let mut bytes = std::fs::read(path).unwrap();
@@ -53,12 +53,9 @@ fn a_flipped_bit_is_refused_by_train_and_stats_and_rescored_by_precompute() {
     ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
 
     // A token id outside the model's vocabulary, in a file whose checksum is valid: refused.
-    let mapped = MappedCache::open(&arrow).unwrap();
-    let fp = mapped.fingerprint.clone();
-    let mut rows: Vec<_> = (0..mapped.len()).map(|i| mapped.to_row(i)).collect();
-    drop(mapped);
-    rows[3].chosen_ids[0] = 2_139_062_175;
-    cache::ipc::write(&arrow, &rows, &fp).unwrap();
+    rewrite_cache(&arrow, |rows| {
+        rows[3].chosen_ids[0] = 2_139_062_175;
+    });
     let err = fails(
         &["train", "--config", cfg_s, "--quiet", "--overwrite"],
         tmp.path(),

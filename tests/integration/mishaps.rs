@@ -1,8 +1,8 @@
 //! Everyday mishaps: a second run into a run directory, a cache from other inputs, a second writer,
 //! Ctrl-C, a full disk (simulated with a file-size limit). Nothing is lost or silently mixed.
 
-use super::common::{demo_config, fails, ok, read_json, train_with};
-use refdpo::cache::{self, MappedCache};
+use super::common::{cache_files, demo_config, fails, ok, read_json, rewrite_cache, train_with};
+use refdpo::cache;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -119,13 +119,10 @@ fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
     train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
     // Poison every cached reference log-prob (a valid file: its checksum is rewritten).
     let arrow = cache::arrow_path(&tmp.path().join("cache"), "train_prefs");
-    let mapped = MappedCache::open(&arrow).unwrap();
-    let fp = mapped.fingerprint.clone();
-    let mut rows: Vec<_> = (0..mapped.len()).map(|i| mapped.to_row(i)).collect();
-    drop(mapped);
-    rows.iter_mut()
-        .for_each(|r| r.ref_rejected_logps = f64::NAN);
-    cache::ipc::write(&arrow, &rows, &fp).unwrap();
+    rewrite_cache(&arrow, |rows| {
+        rows.iter_mut()
+            .for_each(|r| r.ref_rejected_logps = f64::NAN);
+    });
     let run = tmp.path().join("run");
     let err = fails(
         &[
@@ -244,10 +241,7 @@ fn a_full_disk_names_the_file_keeps_earlier_outputs_and_the_rerun_matches() {
 
     // A clean reference: the cache and a 4-step run.
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
-    let files: Vec<_> = ["train_prefs", "test_prefs"]
-        .iter()
-        .flat_map(|s| [cache::parquet_path(&out, s), cache::arrow_path(&out, s)])
-        .collect();
+    let files = cache_files(&out);
     let clean: Vec<Vec<u8>> = files.iter().map(|f| bytes(f)).collect();
     train_with(cfg_s, tmp.path(), &["train.max_steps=4"]);
     let clean_final = bytes(&tmp.path().join("run/final/model.safetensors"));

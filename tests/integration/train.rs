@@ -1,7 +1,9 @@
 //! Stage two: gradients reach every parameter and match plain autograd; step-0 policy log-probs
 //! equal the cache (first loss ln 2); the demo learns; resume is exact; bad caches are refused.
 
-use super::common::{demo_config, fails, max_abs, max_abs_diff, ok, read_json, train_with};
+use super::common::{
+    demo_config, fails, max_abs, max_abs_diff, ok, read_json, rewrite_cache, train_with,
+};
 use candle_core::{DType, Device, Tensor};
 use refdpo::cache::{self, MappedCache};
 use refdpo::logprobs::{self, SeqBatch};
@@ -298,12 +300,9 @@ fn stale_corrupt_and_nonfinite_caches_are_refused() {
 
     // Non-finite reference log-probs: the run stops with a clear message.
     let arrow = cache::arrow_path(&tmp.path().join("cache"), "train_prefs");
-    let mapped = MappedCache::open(&arrow).unwrap();
-    let fp = mapped.fingerprint.clone();
-    let mut rows: Vec<_> = (0..mapped.len()).map(|i| mapped.to_row(i)).collect();
-    drop(mapped);
-    rows.iter_mut().for_each(|r| r.ref_chosen_logps = f64::NAN);
-    cache::ipc::write(&arrow, &rows, &fp).unwrap();
+    rewrite_cache(&arrow, |rows| {
+        rows.iter_mut().for_each(|r| r.ref_chosen_logps = f64::NAN);
+    });
     let err = fails(&["train", "--config", cfg_s], tmp.path());
     assert!(err.contains("loss is NaN at step 1"), "{err}");
 
