@@ -25,6 +25,12 @@ pub enum Command {
     },
     /// Pair statistics and length bias over a cache.
     Stats(StatsArgs),
+    /// Check the device against the CPU f32 reference: fused ops, backward, a tiny model per family.
+    Selftest {
+        /// cpu, cuda or cuda:N (default: cuda if built with it and present, else cpu).
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Print one example as raw messages, rendered chat text and token counts.
     Show {
         #[command(flatten)]

@@ -20,6 +20,7 @@ pub mod precompute;
 pub mod progress;
 pub mod rng;
 pub mod run;
+pub mod selftest;
 pub mod show;
 pub mod signals;
 pub mod stats;

@@ -45,20 +45,23 @@ fn parse_device(spec: Option<&str>) -> Result<Device> {
     }
 }
 
-/// `cpu` or `cuda:N`, and whether CUDA was compiled in: the first thing a run says (on stderr).
-fn announce(command: &str, device: &Device, quiet: bool) {
-    if quiet {
-        return;
-    }
-    let on = match device.location() {
+/// `cpu` or `cuda:N`, and on the CPU whether CUDA was compiled in.
+fn device_name(device: &Device) -> String {
+    match device.location() {
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Cpu if cfg!(feature = "cuda") => {
             "cpu (no CUDA device found; --device cuda to require one)".into()
         }
         candle_core::DeviceLocation::Cpu => "cpu (built without CUDA)".into(),
         other => format!("{other:?}"),
-    };
-    eprintln!("refdpo {command} on {on}");
+    }
+}
+
+/// Where a run computes: the first thing it says (on stderr).
+fn announce(command: &str, device: &Device, quiet: bool) {
+    if !quiet {
+        eprintln!("refdpo {command} on {}", device_name(device));
+    }
 }
 
 fn load(args: &ConfigArgs) -> Result<Config> {
@@ -92,6 +95,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", crate::train::run(&cfg, &dev, mode, run.quiet)?);
         }
         Command::Stats(a) => stats(a)?,
+        Command::Selftest { device: spec } => {
+            let dev = device(spec.as_deref())?;
+            let checks = crate::selftest::run(&dev)?;
+            let (text, passed) = crate::selftest::report(&device_name(&dev), &checks);
+            println!("{text}");
+            if !passed {
+                return Err(
+                    Error::Model("selftest failed: see the FAIL lines above".into()).into(),
+                );
+            }
+        }
         Command::Show {
             config,
             index,

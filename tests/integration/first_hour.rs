@@ -185,3 +185,16 @@ fn the_readme_make_commands_are_accepted_by_the_makefile() {
         );
     }
 }
+
+/// `refdpo selftest`: what a user runs first on a GPU; on the CPU every check passes.
+#[test]
+fn selftest_passes_on_the_cpu_with_one_line_per_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = ok(&["selftest", "--device", "cpu"], tmp.path());
+    let checks = out.lines().filter(|l| l.starts_with("ok ")).count();
+    assert_eq!(checks, 22, "{out}");
+    assert!(
+        !out.contains("FAIL") && out.contains("22 passed, 0 failed"),
+        "{out}"
+    );
+}
