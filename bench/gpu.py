@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 
 import pyarrow.parquet as pq
 import statistics
@@ -157,6 +158,8 @@ def stage_precompute():
         # warm-up: candle compiles its PTX at first use
         MemorySampler().run(refdpo("precompute", "--config", pipeline(model, f"{preset}-warm", 16)))
         toml = pipeline(model, preset, a.pairs)
+        # a cache left by an earlier call would be up to date, and time nothing
+        shutil.rmtree(WORK / f"cache-{preset}", ignore_errors=True)
         _, wall = MemorySampler().run(refdpo("precompute", "--config", toml))
         rep = json.loads((WORK / f"cache-{preset}" / "report.json").read_text())["train_prefs"]
         peer_out, _ = MemorySampler().run([sys.executable, HERE / "peer_precompute.py", model,
@@ -212,7 +215,9 @@ def stage_train():
                             ("refdpo_live_bf16_state", {"state_dtype": "bf16", "ref": "live"})]:
             toml = pipeline(model, preset, pairs, **common, **extra)
             sampler = MemorySampler()
-            sampler.run(refdpo("train", "--config", toml, "--set", f'train.out="{WORK / ("run-" + name)}"'))
+            # --overwrite: a run left by an earlier call in this work folder is replaced, not refused
+            sampler.run(refdpo("train", "--config", toml, "--overwrite",
+                               "--set", f'train.out="{WORK / ("run-" + name)}"'))
             step, losses = median_step(WORK / f"run-{name}")
             r[name] = {"peak_gib": sampler.peak / GIB, "median_step_s": step, "losses": losses}
             log(f"{preset} {name}: {r[name]}")
