@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The one prepared call on the GPU host (BENCHMARKS.md, "GPU"): at most ~8 minutes, everything
+# into $OUT. In order, each stage under its own time limit:
+#   1. refdpo selftest on the GPU against the CPU f32 reference — if it fails, stop: fix first;
+#   2. precompute tokens/s against transformers (bf16, SDPA) on the Qwen2-0.5B and Qwen2-1.5B
+#      architectures, with the bf16 matmul ceiling;
+#   3. one training setup (Qwen2-0.5B, 8 pairs × max_length 1024) against TRL live and TRL
+#      precompute_ref_log_probs, peak device memory measured from outside (NVML).
+# Carry [".gpu", ".whl"]: .gpu/refdpo.xz (stripped, xz -9), .gpu/realdata (the real-data subset),
+# .whl (TRL 1.16, datasets 5.2, dill, multiprocess wheels).
+# Dry run on a CPU (tiny models, no figures): `bash bench/device.sh --cpu`, with REFDPO set to a
+# refdpo command and a Python that has bench/requirements.txt and TRL (PYTHON).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=cuda
+PRE_MODELS=qwen2-0.5b,qwen2-1.5b
+TRAIN_MODELS=qwen2-0.5b
+if [ "${1:-}" = "--cpu" ]; then
+  DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny
+fi
+export OUT=${OUT:-bench/results/device} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if [ "$DEVICE" = cuda ]; then
+  if [ -d .whl ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+  fi
+  NV=$("$PY" -c "import nvidia,os;print(next(p for p in nvidia.__path__ if os.path.isdir(p+'/cu13/lib')))")
+  export LD_LIBRARY_PATH=$NV/cu13/lib:${LD_LIBRARY_PATH:-}
+  "$PY" -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.gpu/refdpo.xz'),open('/tmp/refdpo','wb'))" \
+    && chmod +x /tmp/refdpo || exit 1
+  export REFDPO=/tmp/refdpo
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+fi
+export REFDPO=${REFDPO:?set REFDPO to the refdpo command}
+stage() { # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/stages.txt"
+  return "$rc"
+}
+# shellcheck disable=SC2086 # REFDPO may be a command with arguments (cargo run …)
+stage selftest 120 $REFDPO selftest --device "$DEVICE" || { echo "selftest failed: stopping" >&2; exit 1; }
+stage precompute 240 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS"
+stage train 180 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8
+ls -la "$OUT"
