@@ -15,8 +15,9 @@ cd "$(dirname "$0")/.."
 DEVICE=cuda
 PRE_MODELS=qwen2-0.5b,qwen2-1.5b
 TRAIN_MODELS=qwen2-0.5b
+SIZE=()
 if [ "${1:-}" = "--cpu" ]; then
-  DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny
+  DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256)
 fi
 export OUT=${OUT:-bench/results/device} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -44,6 +45,6 @@ stage() { # name, seconds, command...
 }
 # shellcheck disable=SC2086 # REFDPO may be a command with arguments (cargo run …)
 stage selftest 120 $REFDPO selftest --device "$DEVICE" || { echo "selftest failed: stopping" >&2; exit 1; }
-stage precompute 240 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS"
-stage train 180 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8
+stage precompute 270 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS" "${SIZE[@]}"
+stage train 180 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8 "${SIZE[@]}"
 ls -la "$OUT"

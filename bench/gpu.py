@@ -208,7 +208,8 @@ def stage_train():
         common = dict(batch_size=a.batch, max_steps=a.steps, learning_rate=5e-7, warmup_ratio=0.0, log_every=1,
                       save_final=False)
         base = pipeline(model, preset, pairs, **common)
-        MemorySampler().run(refdpo("precompute", "--config", base))
+        # the precompute stage's cache of this model has another limit: replace it
+        MemorySampler().run(refdpo("precompute", "--config", base, "--overwrite"))
         r = {"params": block_params + head_params}
         for name, extra in [("refdpo_cached_bf16_state", {"state_dtype": "bf16"}),
                             ("refdpo_cached_f32_state", {"state_dtype": "f32"}),
