@@ -9,8 +9,16 @@ use crate::model::{OpMode, Transformer};
 use crate::tokenize::window;
 use candle_core::{DType, Device, Tensor, D};
 
-/// Upper bound on the elements of one chunk of logits (rows × vocabulary).
-const LOGITS_BUDGET: usize = 1 << 26;
+/// Upper bound on the elements of one chunk of logits (rows × vocabulary): 256 MiB of f32 on an
+/// accelerator; 16 MiB on the CPU, where larger fresh buffers are mmapped and page-faulted anew on
+/// every chunk (BENCHMARKS.md, "CPU page faults").
+fn logits_budget(device: &Device) -> usize {
+    if device.is_cpu() {
+        1 << 22
+    } else {
+        1 << 26
+    }
+}
 
 /// A right-padded batch of `prompt ++ completion` sequences and where their completions are.
 #[derive(Debug)]
@@ -125,8 +133,8 @@ pub fn score_pairs(
     Ok((0..b).map(|i| (sums[i], sums[b + i])).collect())
 }
 
-fn chunk_rows(vocab: usize) -> usize {
-    (LOGITS_BUDGET / vocab.max(1)).max(1)
+fn chunk_rows(vocab: usize, device: &Device) -> usize {
+    (logits_budget(device) / vocab.max(1)).max(1)
 }
 
 /// rows [N, H] · lm_head [V, H]ᵀ → log p(target) [N] in f32, one chunk of rows at a time.
@@ -144,7 +152,7 @@ pub fn token_logps_lse(
     targets: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let (n, _) = rows.dims2()?;
-    let step = chunk_rows(lm_head.dim(0)?);
+    let step = chunk_rows(lm_head.dim(0)?, rows.device());
     let (mut logps, mut lses) = (Vec::new(), Vec::new());
     for start in (0..n).step_by(step) {
         let len = step.min(n - start);
@@ -187,7 +195,7 @@ pub fn token_logps_backward(
     g: &Tensor,
     lse: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let step = LOGITS_BUDGET / rows.dim(0)?.max(1);
+    let step = (logits_budget(rows.device()) / rows.dim(0)?.max(1)).max(1);
     backward_by_vocab_chunks(rows, lm_head, targets, g, lse, step)
 }
 

@@ -27,7 +27,8 @@ struct Prepared {
     pairs: Vec<TokenizedPair>,
     dropped: BTreeMap<String, usize>,
     fingerprint: Fingerprint,
-    started: Instant,
+    /// Reading and tokenizing it.
+    prepare_seconds: f64,
 }
 
 /// Runs stage one for the train and test splits; returns what was done, a line per split.
@@ -77,7 +78,7 @@ fn prepare(cfg: &Config, dataset_dir: &Path, inputs: &Inputs, split: &str) -> Re
         pairs,
         dropped,
         fingerprint: inputs.fingerprint(cfg, split),
-        started,
+        prepare_seconds: started.elapsed().as_secs_f64(),
     })
 }
 
@@ -173,6 +174,7 @@ fn score_split(
     device: &Device,
     quiet: bool,
 ) -> Result<Report> {
+    let started = Instant::now();
     let out = &cfg.precompute.out;
     let (name, fingerprint) = (&split.name, &split.fingerprint);
     let (pq, arrow) = (cache::parquet_path(out, name), cache::arrow_path(out, name));
@@ -206,7 +208,7 @@ fn score_split(
         std::fs::remove_dir_all(&partial).map_err(|e| Error::io("cannot remove", &partial, e))?;
     }
     let tokens: usize = split.pairs.iter().map(|p| sequence_tokens(p, cfg)).sum();
-    let seconds = split.started.elapsed().as_secs_f64();
+    let seconds = split.prepare_seconds + started.elapsed().as_secs_f64();
     Ok(Report {
         split: split.name.clone(),
         entry: json!({

@@ -40,12 +40,21 @@ fn linear(p: &dyn ParamSource, prefix: &str, bias: bool) -> Result<Linear> {
 }
 
 /// Upper bound on the elements of one chunk of attention scores (sequences × heads × T × T):
-/// bounds activation memory and stays far below candle's 32-bit CUDA element count.
-const SCORES_BUDGET: usize = 1 << 25;
+/// bounds activation memory and stays far below candle's 32-bit CUDA element count. On the CPU
+/// the chunk is kept small (8 MiB of f32): larger fresh buffers are mmapped and page-faulted anew
+/// on every chunk (measured in BENCHMARKS.md, "CPU page faults").
+fn scores_budget(device: &Device) -> usize {
+    if device.is_cpu() {
+        1 << 21
+    } else {
+        1 << 25
+    }
+}
 
-/// Sequences per attention chunk for `heads` heads over `seq_len` positions (at least one).
-pub fn attention_chunk(heads: usize, seq_len: usize) -> usize {
-    (SCORES_BUDGET / (heads * seq_len * seq_len).max(1)).max(1)
+/// Sequences per attention chunk for `heads` heads over `seq_len` positions on `device` (at
+/// least one).
+pub fn attention_chunk(heads: usize, seq_len: usize, device: &Device) -> usize {
+    (scores_budget(device) / (heads * seq_len * seq_len).max(1)).max(1)
 }
 
 /// RMSNorm as in HF: normalize in f32, cast back, scale.
@@ -348,7 +357,7 @@ impl Transformer {
             cos,
             sin,
             mask,
-            attn_seqs: attention_chunk(self.cfg.num_heads, seq_len),
+            attn_seqs: attention_chunk(self.cfg.num_heads, seq_len, device),
         })
     }
 
@@ -425,7 +434,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(attention_chunk(32, 1024), 1);
-        assert_eq!(attention_chunk(14, 1024), 2);
+        assert_eq!(attention_chunk(32, 1024, &Device::Cpu), 1);
+        assert_eq!(attention_chunk(2, 256, &Device::Cpu), 16);
     }
 }
