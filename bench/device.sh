@@ -8,6 +8,10 @@
 #      precompute_ref_log_probs, peak device memory measured from outside (NVML).
 # Carry [".gpu", ".whl"]: .gpu/refdpo.xz (stripped, xz -9), .gpu/realdata (the real-data subset),
 # .whl (TRL 1.16, datasets 5.2, dill, multiprocess wheels).
+# `bash bench/device.sh --profile`: the short follow-up (~4 minutes): selftest, precompute on
+# Qwen2-0.5B, then refdpo cached (bf16 state) against TRL live at the same training setup, each
+# followed by one `--profile` run whose phase table lands in $OUT/profile-*.txt. It goes on after
+# a failed selftest.
 # Dry run on a CPU (tiny models, no figures): `bash bench/device.sh --cpu`, with REFDPO set to a
 # refdpo command and a Python that has bench/requirements.txt and TRL (PYTHON).
 set -uo pipefail
@@ -16,9 +20,15 @@ DEVICE=cuda
 PRE_MODELS=qwen2-0.5b,qwen2-1.5b
 TRAIN_MODELS=qwen2-0.5b
 SIZE=()
-if [ "${1:-}" = "--cpu" ]; then
-  DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256)
-fi
+EXTRA=()
+for arg in "$@"; do
+  case $arg in
+    --cpu) DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256) ;;
+    --profile) PRE_MODELS=${PRE_MODELS%%,*} EXTRA=(--profile) TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
+    *) echo "usage: bench/device.sh [--cpu] [--profile]" >&2; exit 2 ;;
+  esac
+done
+[ -n "${TRAIN_SETUPS:-}" ] && SIZE+=(--setups "$TRAIN_SETUPS")
 export OUT=${OUT:-bench/results/device} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -44,7 +54,9 @@ stage() { # name, seconds, command...
   return "$rc"
 }
 # shellcheck disable=SC2086 # REFDPO may be a command with arguments (cargo run …)
-stage selftest 120 $REFDPO selftest --device "$DEVICE" || { echo "selftest failed: stopping" >&2; exit 1; }
-stage precompute 270 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS" "${SIZE[@]}"
-stage train 180 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8 "${SIZE[@]}"
+# A failed selftest stops the benchmark; the --profile follow-up (a diagnosis) goes on.
+stage selftest 120 $REFDPO selftest --device "$DEVICE" ||
+  { echo "selftest failed" >&2; [ ${#EXTRA[@]} -gt 0 ] || exit 1; }
+stage precompute 270 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS" "${SIZE[@]}" "${EXTRA[@]}"
+stage train 180 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8 "${SIZE[@]}" "${EXTRA[@]}"
 ls -la "$OUT"

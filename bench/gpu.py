@@ -35,7 +35,14 @@ p.add_argument("--steps", type=int, default=10, help="train: optimizer steps per
 p.add_argument("--batch", type=int, default=8, help="train: pairs per step")
 p.add_argument("--max-length", type=int, default=1024)
 p.add_argument("--work", default="/tmp/refdpo-gpu-bench")
+SETUPS = ["refdpo_cached_bf16_state", "refdpo_cached_f32_state", "refdpo_live_bf16_state", "trl_live", "trl_precompute"]
+p.add_argument("--setups", default=",".join(SETUPS), help="train: which of " + ", ".join(SETUPS))
+p.add_argument("--profile", action="store_true",
+               help="then run refdpo once more with --profile and keep its phase table in OUT/profile-*.txt")
 a = p.parse_args()
+a.setups = a.setups.split(",")
+if unknown := set(a.setups) - set(SETUPS):
+    p.error(f"--setups: unknown {sorted(unknown)}; choose from {SETUPS}")
 cuda = a.device == "cuda"
 REFDPO = shlex.split(os.environ.get("REFDPO", ".gpu/refdpo"))
 REAL = pathlib.Path(os.environ.get("REAL") or (".gpu/realdata" if pathlib.Path(".gpu/realdata").is_dir() else "../shared/realdata"))
@@ -132,6 +139,18 @@ def refdpo(*args):
     return [*REFDPO, *map(str, args), "--device", a.device, "--quiet"]
 
 
+def profiled(name, fresh, *args):
+    """One more refdpo run with --profile (slower: it syncs the device at each phase boundary);
+    its phase table goes to OUT/profile-<name>.txt. `fresh`: the output folder to delete first
+    (an up-to-date cache would be kept, and time nothing)."""
+    shutil.rmtree(fresh, ignore_errors=True)
+    r = subprocess.run(refdpo(*args, "--overwrite", "--profile"), capture_output=True, text=True)
+    (OUT / f"profile-{name}.txt").write_text(r.stderr)
+    log(r.stderr[-3000:])
+    if r.returncode != 0:
+        raise SystemExit(f"profiled run failed ({r.returncode}): {name}")
+
+
 def matmul():
     import torch
 
@@ -156,7 +175,7 @@ def stage_precompute():
         model = make_model(preset)
         cfg, block_params, head_params = params(model)
         # warm-up: candle compiles its PTX at first use
-        MemorySampler().run(refdpo("precompute", "--config", pipeline(model, f"{preset}-warm", 16)))
+        MemorySampler().run(refdpo("precompute", "--config", pipeline(model, f"{preset}-warm", 16), "--overwrite"))
         toml = pipeline(model, preset, a.pairs)
         # a cache left by an earlier call would be up to date, and time nothing
         shutil.rmtree(WORK / f"cache-{preset}", ignore_errors=True)
@@ -180,6 +199,8 @@ def stage_precompute():
             "refdpo_flops_per_second": flops / ours_s, "peer_flops_per_second": flops / peer["seconds"],
         }
         log(f"{preset}: {res['models'][preset]}")
+        if a.profile:
+            profiled(f"precompute-{preset}", WORK / f"cache-{preset}", "precompute", "--config", toml)
     (OUT / "gpu-precompute.json").write_text(json.dumps(res, indent=1) + "\n")
     ceiling = res.get("matmul_bf16_flops")
     print("| model | tokens | refdpo tok/s | transformers tok/s | ratio | refdpo TFLOP/s | % of bf16 matmul |")
@@ -214,6 +235,8 @@ def stage_train():
         for name, extra in [("refdpo_cached_bf16_state", {"state_dtype": "bf16"}),
                             ("refdpo_cached_f32_state", {"state_dtype": "f32"}),
                             ("refdpo_live_bf16_state", {"state_dtype": "bf16", "ref": "live"})]:
+            if name not in a.setups:
+                continue
             toml = pipeline(model, preset, pairs, **common, **extra)
             sampler = MemorySampler()
             # --overwrite: a run left by an earlier call in this work folder is replaced, not refused
@@ -223,6 +246,8 @@ def stage_train():
             r[name] = {"peak_gib": sampler.peak / GIB, "median_step_s": step, "losses": losses}
             log(f"{preset} {name}: {r[name]}")
         for name, flag in [("trl_live", []), ("trl_precompute", ["--precompute"])]:
+            if name not in a.setups:
+                continue
             sampler = MemorySampler()
             out, _ = sampler.run([sys.executable, HERE / "peer_train.py", model, REAL / "ultrafeedback_binarized_sample",
                                   "--pairs", str(pairs), "--steps", str(a.steps), "--batch", str(a.batch),
@@ -231,17 +256,20 @@ def stage_train():
             r[name] = {"peak_gib": sampler.peak / GIB, "median_step_s": peer["median_step_seconds"],
                        "torch_max_allocated_gib": peer["max_allocated_gib"], "losses": peer["losses"]}
             log(f"{preset} {name}: {r[name]}")
+        if a.profile:
+            toml = pipeline(model, preset, pairs, **common, state_dtype="bf16")
+            profiled(f"train-{preset}", WORK / "run-profile", "train", "--config", toml, "--set", f'train.out="{WORK / "run-profile"}"')
         res["models"][preset] = r
     (OUT / "gpu-train.json").write_text(json.dumps(res, indent=1) + "\n")
     print("| model | setup | peak GiB (device) | vs TRL live | median step s | vs TRL live |")
     print("|---|---|---|---|---|---|")
     for m, r in res["models"].items():
-        ref = r["trl_live"]
-        for name in ("refdpo_cached_bf16_state", "refdpo_cached_f32_state", "refdpo_live_bf16_state", "trl_live",
-                     "trl_precompute"):
+        ref = r.get("trl_live")
+        for name in (s for s in SETUPS if s in r):
             x = r[name]
-            print(f"| {m} | {name} | {x['peak_gib']:.2f} | {x['peak_gib'] / max(ref['peak_gib'], 1e-9):.2f}× | "
-                  f"{x['median_step_s']:.3f} | {x['median_step_s'] / ref['median_step_s']:.2f}× |")
+            mem = f"{x['peak_gib'] / max(ref['peak_gib'], 1e-9):.2f}×" if ref else "-"
+            step = f"{x['median_step_s'] / ref['median_step_s']:.2f}×" if ref else "-"
+            print(f"| {m} | {name} | {x['peak_gib']:.2f} | {mem} | {x['median_step_s']:.3f} | {step} |")
 
 
 if a.stage == "matmul":

@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// output directory first, instead of refusing.
     #[arg(long)]
     pub overwrite: bool,
+    /// Print where the time went, by phase (embedding, attention, MLP, norms, log-probs,
+    /// backward, optimizer). Syncs the device at every phase boundary, so it runs slower.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Debug, Args)]

@@ -17,6 +17,7 @@ pub mod logprobs;
 pub mod model;
 pub mod outputs;
 pub mod precompute;
+pub mod profile;
 pub mod progress;
 pub mod rng;
 pub mod run;

@@ -6,6 +6,7 @@
 use crate::config::Truncation;
 use crate::error::{Error, Result};
 use crate::model::{OpMode, Transformer};
+use crate::profile::{self, Phase};
 use crate::tokenize::window;
 use candle_core::{DType, Device, Tensor, D};
 
@@ -151,6 +152,7 @@ pub fn token_logps_lse(
     lm_head: &Tensor,
     targets: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    let _phase = profile::scope(Phase::Logprobs);
     let (n, _) = rows.dims2()?;
     let step = chunk_rows(lm_head.dim(0)?, rows.device());
     let (mut logps, mut lses) = (Vec::new(), Vec::new());
@@ -195,6 +197,7 @@ pub fn token_logps_backward(
     g: &Tensor,
     lse: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    let _phase = profile::scope(Phase::Logprobs);
     let step = (logits_budget(rows.device()) / rows.dim(0)?.max(1)).max(1);
     backward_by_vocab_chunks(rows, lm_head, targets, g, lse, step)
 }

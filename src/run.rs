@@ -12,8 +12,44 @@ pub fn device(spec: Option<&str>) -> Result<Device> {
     let device = parse_device(spec)?;
     if device.is_cuda() {
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        #[cfg(feature = "cuda")]
+        keep_cuda_memory(&device)?;
     }
     Ok(device)
+}
+
+/// Two CUDA settings every refdpo run wants, as PyTorch's caching allocator behaves:
+/// - the device's memory pool keeps freed memory (release threshold: all of it) instead of
+///   handing it back to the driver at every synchronization, which makes the next step's
+///   allocations map fresh pages again;
+/// - allocations skip cudarc's per-allocation CUDA events (two events created per tensor),
+///   which exist to order uses across streams.
+#[cfg(feature = "cuda")]
+fn keep_cuda_memory(device: &Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let Device::Cuda(cuda) = device else {
+        return Ok(());
+    };
+    let ordinal = cuda.cuda_stream().context().ordinal();
+    let mut keep = u64::MAX;
+    // SAFETY: (1) refdpo runs every CUDA operation on the one stream candle gives the thread that
+    // parses the command (tokenizer threads create no tensors and drop none), which is the
+    // condition under which cudarc's event tracking may be off; (2) the pool handle comes from
+    // the driver for this device, and the release threshold attribute takes a u64.
+    unsafe {
+        cuda.disable_event_tracking();
+        let dev = result::device::get(ordinal as i32)
+            .map_err(|e| Error::Model(format!("CUDA device {ordinal}: {e:?}")))?;
+        let pool = result::device::get_mem_pool(dev)
+            .map_err(|e| Error::Model(format!("CUDA memory pool of device {ordinal}: {e:?}")))?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        )
+        .map_err(|e| Error::Model(format!("CUDA memory pool of device {ordinal}: {e:?}")))?;
+    }
+    Ok(())
 }
 
 fn parse_device(spec: Option<&str>) -> Result<Device> {
@@ -77,6 +113,20 @@ fn existing(resume: bool, overwrite: bool) -> Existing {
     }
 }
 
+/// Runs a stage and prints its summary; with `--profile`, the phase table after it (stderr).
+fn profiled(on: bool, device: &Device, stage: impl FnOnce() -> Result<String>) -> Result<()> {
+    if on {
+        crate::profile::enable(device);
+    }
+    let summary = stage();
+    let table = crate::profile::report();
+    println!("{}", summary?);
+    if let Some(table) = table {
+        eprint!("{table}");
+    }
+    Ok(())
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::signals::file_size_limit_as_error();
     match cli.command {
@@ -85,14 +135,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let dev = device(a.device.as_deref())?;
             announce("precompute", &dev, a.quiet);
             let mode = existing(false, a.overwrite);
-            println!("{}", crate::precompute::run(&cfg, &dev, mode, a.quiet)?);
+            profiled(a.profile, &dev, || {
+                crate::precompute::run(&cfg, &dev, mode, a.quiet)
+            })?;
         }
         Command::Train { run, resume } => {
             let cfg = load(&run.config)?;
             let dev = device(run.device.as_deref())?;
             announce("train", &dev, run.quiet);
             let mode = existing(resume, run.overwrite);
-            println!("{}", crate::train::run(&cfg, &dev, mode, run.quiet)?);
+            profiled(run.profile, &dev, || {
+                crate::train::run(&cfg, &dev, mode, run.quiet)
+            })?;
         }
         Command::Stats(a) => stats(a)?,
         Command::Selftest { device: spec } => {

@@ -4,6 +4,7 @@
 
 use super::config::TransformerConfig;
 use crate::error::{Error, Result};
+use crate::profile::{self, Phase};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear};
 
@@ -73,6 +74,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor, mode: OpMode) -> Result<Tensor> {
+        let _phase = profile::scope(Phase::Norms);
         Ok(match mode {
             OpMode::Fast => candle_nn::ops::rms_norm(x, &self.weight, self.eps)?,
             OpMode::Differentiable => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
@@ -147,6 +149,7 @@ pub struct Attention {
 impl Attention {
     /// x: [B, T, H] → [B, T, H]
     fn forward(&self, x: &Tensor, ctx: &SeqContext, mode: OpMode) -> Result<Tensor> {
+        let _phase = profile::scope(Phase::Attention);
         let (cos, sin) = (&ctx.cos, &ctx.sin);
         let (b, t, _) = x.dims3()?;
         let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
@@ -242,6 +245,7 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _phase = profile::scope(Phase::Mlp);
         let h = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
         Ok(self.down.forward(&h)?)
     }
@@ -363,6 +367,7 @@ impl Transformer {
 
     /// input_ids [B, T] (u32) → embeddings [B, T, H]
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let _phase = profile::scope(Phase::Embedding);
         Ok(self.embed.forward(input_ids)?)
     }
 

@@ -3,6 +3,7 @@
 //! no more precision than that).
 
 use crate::error::Result;
+use crate::profile::{self, Phase};
 use candle_core::{DType, Tensor};
 
 /// Per-parameter gradients, accumulated over micro-batches.
@@ -26,6 +27,7 @@ impl Grads {
     /// computed from (e.g. `x̂ᵀ·grad` keeps the block's activations), which would keep every
     /// block's activations alive until the optimizer step, and chain into the moments.
     pub fn add(&mut self, i: usize, g: &Tensor) -> Result<()> {
+        let _phase = profile::scope(Phase::Grads);
         let g = g.detach().to_dtype(DType::F32)?;
         let sum = match self.slots[i].take() {
             Some(acc) => (acc.to_dtype(DType::F32)? + g)?,
@@ -44,6 +46,7 @@ impl Grads {
         rows: &Tensor,
         shape: (usize, usize),
     ) -> Result<()> {
+        let _phase = profile::scope(Phase::Grads);
         let rows = rows.detach().to_dtype(DType::F32)?;
         let base = match self.slots[i].take() {
             Some(acc) => acc.to_dtype(DType::F32)?,

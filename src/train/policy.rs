@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::logprobs::{self, SeqBatch};
 use crate::model::transformer::{Block, RmsNorm, SeqContext};
 use crate::model::{OpMode, ParamSource, Transformer, TransformerConfig};
+use crate::profile::{self, Phase};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use std::collections::HashMap;
 
@@ -217,7 +218,7 @@ impl Policy {
         grads.add(self.lm_head_index(), &g_lm)?;
         drop((g_lm, head));
         // 5. back through the final norm, the blocks in reverse, the embedding
-        let store = (rows * g_rows)?.sum_all()?.backward()?;
+        let store = backprop(&rows, &g_rows)?;
         self.accumulate(grads, &store)?;
         let mut g = grad_of(&store, &last)?; // [2B, T, H]
         drop((store, last));
@@ -226,7 +227,7 @@ impl Policy {
             g = match s {
                 Saved::Input(input) => self.block_backward(i, &input, &g, &ctx, grads)?,
                 Saved::Graph { input, out } => {
-                    let store = (out * &g)?.sum_all()?.backward()?;
+                    let store = backprop(&out, &g)?;
                     self.accumulate(grads, &store)?;
                     grad_of(&store, &input)?
                 }
@@ -259,7 +260,7 @@ impl Policy {
             let len = step.min(b - start);
             let input = Var::from_tensor(&x.narrow(0, start, len)?)?;
             let out = block.forward(input.as_tensor(), ctx, OpMode::Differentiable)?;
-            let store = (out * g.narrow(0, start, len)?)?.sum_all()?.backward()?;
+            let store = backprop(&out, &g.narrow(0, start, len)?)?;
             self.accumulate(&mut local, &store)?;
             g_in.push(grad_of(&store, &input)?);
         }
@@ -270,6 +271,7 @@ impl Policy {
     /// The embedding's gradient as a scatter-add of g [2B, T, H] into its rows. As HF's
     /// `nn.Embedding(padding_idx = pad_token_id)`, the pad row gets nothing from the lookup.
     fn embedding_backward(&self, input_ids: &Tensor, g: &Tensor, grads: &mut Grads) -> Result<()> {
+        let _phase = profile::scope(Phase::Embedding);
         let (b, t, h) = g.dims3()?;
         let ids = input_ids.flatten_all()?; // [2B·T]
         let mut g = g.reshape((b * t, h))?.to_dtype(DType::F32)?;
@@ -295,6 +297,13 @@ impl Policy {
         let lp = logprobs::token_logps(&rows, &head.lm_head, &batch.targets)?; // [N]
         batch.sequence_sums(&lp)
     }
+}
+
+/// Gradients of Σ out·g (g: the upstream gradient of `out`, same shape) for every tracked
+/// tensor `out` depends on.
+fn backprop(out: &Tensor, g: &Tensor) -> Result<GradStore> {
+    let _phase = profile::scope(Phase::Backward);
+    Ok((out * g)?.sum_all()?.backward()?)
 }
 
 /// The gradient reaching a block input, detached: candle leaves a variable's gradient attached

@@ -15,6 +15,7 @@ use crate::dpo::{dpo_loss, LossParams, MetricsAccumulator};
 use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
 use crate::model::{weights, Transformer};
+use crate::profile::{self, Phase};
 use crate::progress::Progress;
 use crate::signals::StopRequest;
 use candle_core::{DType, Device};
@@ -255,7 +256,10 @@ impl<'a> Trainer<'a> {
                 ));
             }
         }
-        let grad_norm = grads.norm()?;
+        let grad_norm = {
+            let _phase = profile::scope(Phase::Grads);
+            grads.norm()?
+        };
         if !grad_norm.is_finite() {
             return Err(self.diverged(
                 &format!("gradient norm is {grad_norm}"),
@@ -271,6 +275,7 @@ impl<'a> Trainer<'a> {
         );
         self.grad_bytes = self.grad_bytes.max(grads.bytes());
         let coef = optim::clip_coefficient(grad_norm, t.max_grad_norm);
+        let _phase = profile::scope(Phase::Optimizer);
         self.optim
             .update(&self.policy, &grads, learning_rate, coef)?;
         Ok(StepReport {
