@@ -37,6 +37,7 @@ fn main() -> refdpo::Result<()> {
         dataset_revision: "local".into(),
         split: "train_prefs".into(),
         limit: 0,
+        dataset_options: String::new(),
         model_id: "synthetic".into(),
         model_revision: "local".into(),
         weights_sha256: String::new(),

@@ -41,7 +41,7 @@ fn cached_snapshot(repo: &Repo, revision: &str) -> Option<PathBuf> {
 
 /// The revision a resolved source records: `local` for a local directory, else the one asked for.
 pub fn revision_label(id: &str, revision: &str) -> String {
-    if Path::new(id).is_dir() {
+    if Path::new(id).exists() {
         "local".into()
     } else {
         revision.into()
@@ -132,14 +132,9 @@ fn resolve(
     })
 }
 
-/// A dataset with `data/<split>-*.parquet` for each split.
-pub fn dataset(id: &str, revision: &str, splits: &[&str]) -> Result<RepoDir> {
-    let wanted = |f: &str| {
-        splits
-            .iter()
-            .any(|s| f.starts_with(&format!("data/{s}-")) && f.ends_with(".parquet"))
-    };
-    resolve(id, revision, RepoType::Dataset, &wanted, &[])
+/// A dataset: the repo files `wanted` selects (the splits' `data_files` patterns).
+pub fn dataset(id: &str, revision: &str, wanted: &dyn Fn(&str) -> bool) -> Result<RepoDir> {
+    resolve(id, revision, RepoType::Dataset, wanted, &[])
 }
 
 /// A model: config, tokenizer files, chat template and safetensors weights.
@@ -196,7 +191,7 @@ mod tests {
 
     #[test]
     fn missing_path_is_named() {
-        let err = dataset("./no/such/dir", "main", &["train"])
+        let err = dataset("./no/such/dir", "main", &|_| true)
             .unwrap_err()
             .to_string();
         assert!(err.contains("./no/such/dir"), "{err}");

@@ -4,7 +4,7 @@
 
 use crate::cache::Fingerprint;
 use crate::config::Config;
-use crate::data;
+use crate::data::{self, DataSource};
 use crate::error::{Error, Result};
 use crate::hub;
 use crate::model::{weights, Transformer, TransformerConfig};
@@ -61,12 +61,12 @@ impl Inputs {
 
     /// The dataset directory holding `splits`, then the model and tokenizer. The dataset is
     /// resolved first, so its errors come first.
-    pub fn with_dataset(cfg: &Config, splits: &[&str]) -> Result<(PathBuf, Self)> {
+    pub fn with_dataset(cfg: &Config, splits: &[&str]) -> Result<(DataSource, Self)> {
         if cfg.demo.generate {
             data::demo::ensure(&cfg.demo)?;
         }
-        let dataset = hub::dataset(&cfg.dataset.id, &cfg.dataset.revision, splits)?;
-        Ok((dataset.dir, Self::open(cfg)?))
+        let source = DataSource::resolve(&cfg.dataset, splits)?;
+        Ok((source, Self::open(cfg)?))
     }
 
     fn open(cfg: &Config) -> Result<Self> {
@@ -92,6 +92,7 @@ impl Inputs {
             dataset_revision: hub::revision_label(&cfg.dataset.id, &cfg.dataset.revision),
             split: split.to_string(),
             limit: cfg.dataset.limit,
+            dataset_options: dataset_options(&cfg.dataset),
             model_id: cfg.model.id.clone(),
             model_revision: self.model.revision.clone(),
             weights_sha256: self.model.weights_sha256.clone(),
@@ -102,5 +103,29 @@ impl Inputs {
             dtype: cfg.model.dtype,
             refdpo_version: env!("CARGO_PKG_VERSION").to_string(),
         }
+    }
+}
+
+/// What else decides a split's rows (`data_files`, `test_size`, the column, message-key and role
+/// mappings) as one JSON string; empty when all are defaults, as caches made before these keys
+/// existed record it.
+fn dataset_options(d: &crate::config::DatasetConfig) -> String {
+    let options = serde_json::json!({
+        "data_files": d.data_files,
+        "test_size": d.test_size,
+        "columns": d.columns,
+        "message_keys": d.message_keys,
+        "roles": d.roles,
+    });
+    let defaults = crate::config::DatasetConfig::default();
+    if d.data_files == defaults.data_files
+        && d.test_size == defaults.test_size
+        && d.columns == defaults.columns
+        && d.message_keys == defaults.message_keys
+        && d.roles == defaults.roles
+    {
+        String::new()
+    } else {
+        options.to_string()
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::cache::{self, CacheRow, Fingerprint, MappedCache};
 use crate::config::Config;
-use crate::data;
+use crate::data::{self, DataSource, Skipped};
 use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
 use crate::logprobs;
@@ -26,6 +26,8 @@ struct Prepared {
     rows_read: usize,
     pairs: Vec<TokenizedPair>,
     dropped: BTreeMap<String, usize>,
+    /// The first skipped rows, with line numbers where the source has them.
+    skipped: Vec<Skipped>,
     fingerprint: Fingerprint,
     /// Reading and tokenizing it.
     prepare_seconds: f64,
@@ -38,10 +40,21 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
         cfg.dataset.train_split.as_str(),
         cfg.dataset.test_split.as_str(),
     ];
-    let (dataset_dir, inputs) = Inputs::with_dataset(cfg, &splits)?;
+    let (source, inputs) = Inputs::with_dataset(cfg, &splits)?;
+    let mut splits = splits.to_vec();
+    if !source.has_split(&cfg.dataset.test_split) {
+        if !quiet {
+            eprintln!(
+                "no `{}` split in `{}`: no held-out evaluation. Set `dataset.test_size` (e.g. \
+                 0.05) or `dataset.data_files.{}` for one",
+                cfg.dataset.test_split, cfg.dataset.id, cfg.dataset.test_split
+            );
+        }
+        splits.pop();
+    }
     let prepared = splits
         .iter()
-        .map(|split| prepare(cfg, &dataset_dir, &inputs, split))
+        .map(|split| prepare(cfg, &source, &inputs, split))
         .collect::<Result<Vec<_>>>()?;
     let out = &cfg.precompute.out;
     let _lock = DirLock::acquire(out, "precompute")?;
@@ -61,22 +74,41 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     Ok(summary)
 }
 
-fn prepare(cfg: &Config, dataset_dir: &Path, inputs: &Inputs, split: &str) -> Result<Prepared> {
+/// How many skipped rows `report.json` lists one by one (all are counted by reason).
+const SKIPPED_LISTED: usize = 100;
+
+fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> Result<Prepared> {
     let started = Instant::now();
-    let files = data::split_files(dataset_dir, split)?;
-    let rows = data::read_split(&files, cfg.dataset.limit)?;
-    let (pairs, dropped) = inputs.tokenizer.tokenize_all(&rows);
+    let read = data::read_split(source, split, cfg.dataset.limit)?;
+    let (pairs, mut skipped) = inputs.tokenizer.tokenize_all(&read.rows);
+    skipped.extend(read.skipped);
+    skipped.sort_by_key(|s| s.row);
+    let mut dropped = BTreeMap::new();
+    for s in &skipped {
+        *dropped.entry(s.reason.to_string()).or_insert(0) += 1;
+    }
     if pairs.is_empty() {
+        let first = skipped
+            .first()
+            .map(|s| match s.line {
+                Some(l) => format!("; the first, line {l}: {}", s.reason),
+                None => format!("; the first, row {}: {}", s.row, s.reason),
+            })
+            .unwrap_or_default();
         return Err(Error::Schema {
-            path: files[0].clone(),
-            msg: format!("split `{split}`: no row survived validation (dropped: {dropped:?})"),
+            path: read.files[0].clone(),
+            msg: format!(
+                "split `{split}`: no row survived validation (skipped: {dropped:?}{first})"
+            ),
         });
     }
+    skipped.truncate(SKIPPED_LISTED);
     Ok(Prepared {
         name: split.to_string(),
-        rows_read: rows.len(),
+        rows_read: read.rows_read,
         pairs,
         dropped,
+        skipped,
         fingerprint: inputs.fingerprint(cfg, split),
         prepare_seconds: started.elapsed().as_secs_f64(),
     })
@@ -215,6 +247,7 @@ fn score_split(
             "rows_read": split.rows_read,
             "rows_kept": split.pairs.len(),
             "dropped": split.dropped,
+            "skipped_rows": split.skipped,
             "tokens": tokens,
             "seconds": seconds,
             "tokens_per_second": tokens as f64 / seconds.max(1e-9),

@@ -2,24 +2,44 @@
 
 use crate::config::Config;
 use crate::data;
+use crate::data::Turns;
 use crate::error::{Error, Result};
 use crate::inputs::Inputs;
-use crate::tokenize::pairs::split_conversation;
+use crate::tokenize::pairs::{split_pair, Pair};
 use std::fmt::Write;
 
 pub fn show(cfg: &Config, split: &str, index: usize) -> Result<String> {
-    let (dataset_dir, inputs) = Inputs::with_dataset(cfg, &[split])?;
-    let files = data::split_files(&dataset_dir, split)?;
-    let rows = data::read_split(&files, index + 1)?;
-    let row = rows.get(index).ok_or_else(|| {
-        Error::Config(format!(
-            "--index {index}: split `{split}` has only {} rows",
-            rows.len()
-        ))
-    })?;
+    let (source, inputs) = Inputs::with_dataset(cfg, &[split])?;
+    // Without a held-out split, reading up to the row is enough; with one, the whole split
+    // decides which rows are held out.
+    let limit = if cfg.dataset.test_size > 0.0 {
+        cfg.dataset.limit
+    } else {
+        index + 1
+    };
+    let read = data::read_split(&source, split, limit)?;
+    let Some(row) = read.rows.iter().find(|r| r.row == index as u64) else {
+        if let Some(s) = read.skipped.iter().find(|s| s.row == index as u64) {
+            let line = s.line.map(|l| format!(" (line {l})")).unwrap_or_default();
+            return Ok(format!(
+                "# {split} row {index}{line}
+skipped: {}
+",
+                s.reason
+            ));
+        }
+        return Err(Error::Config(format!(
+            "--index {index}: split `{split}` has no row {index} ({} rows read)",
+            read.rows_read
+        )));
+    };
     let mut out = String::new();
     let _ = writeln!(out, "# {split} row {index} (prompt_id {})", row.prompt_id);
-    for (side, conv) in [("chosen", &row.chosen), ("rejected", &row.rejected)] {
+    if let Some(p) = &row.prompt {
+        let _ = writeln!(out, "\n## prompt");
+        write_turns(&mut out, p);
+    }
+    for (side, turns) in [("chosen", &row.chosen), ("rejected", &row.rejected)] {
         let _ = writeln!(
             out,
             "\n## {side} (score {:?})",
@@ -29,8 +49,8 @@ pub fn show(cfg: &Config, split: &str, index: usize) -> Result<String> {
                 row.score_rejected
             }
         );
-        for m in conv.iter().flatten() {
-            let _ = writeln!(out, "[{}] {}", m.role, m.content);
+        if let Some(t) = turns {
+            write_turns(&mut out, t);
         }
     }
     let tok = &inputs.tokenizer;
@@ -39,19 +59,27 @@ pub fn show(cfg: &Config, split: &str, index: usize) -> Result<String> {
             let _ = writeln!(out, "\nskipped: {}", reason.as_str());
         }
         Ok(pair) => {
-            let conv = split_conversation(row).expect("tokenized rows are valid");
-            let _ = writeln!(
-                out,
-                "\n## rendered prompt (add_generation_prompt)\n{}",
-                tok.template.render(conv.prompt, true)?
-            );
-            let mut full = conv.prompt.to_vec();
-            full.push(conv.chosen.clone());
-            let _ = writeln!(
-                out,
-                "## rendered prompt + chosen\n{}",
-                tok.template.render(&full, false)?
-            );
+            match split_pair(row, tok.template.eos_token()).expect("tokenized rows are valid") {
+                Pair::Chat(conv) => {
+                    let _ = writeln!(
+                        out,
+                        "\n## rendered prompt (add_generation_prompt)\n{}",
+                        tok.template.render(conv.prompt, true)?
+                    );
+                    let full = [conv.prompt, conv.chosen].concat();
+                    let _ = writeln!(
+                        out,
+                        "## rendered prompt + chosen\n{}",
+                        tok.template.render(&full, false)?
+                    );
+                }
+                Pair::Text { prompt, chosen, .. } => {
+                    let _ = writeln!(
+                        out,
+                        "\n## prompt text (standard layout; tokenized with special tokens)\n{prompt}\n## prompt + chosen text\n{prompt}{chosen}"
+                    );
+                }
+            }
             let _ = writeln!(
                 out,
                 "## tokens\nprompt {}  chosen {}{}  rejected {}{}  (max_length {}, {})",
@@ -77,4 +105,17 @@ pub fn show(cfg: &Config, split: &str, index: usize) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+fn write_turns(out: &mut String, turns: &Turns) {
+    match turns {
+        Turns::Text(t) => {
+            let _ = writeln!(out, "{t}");
+        }
+        Turns::Messages(ms) => {
+            for m in ms {
+                let _ = writeln!(out, "[{}] {}", m.role, m.content);
+            }
+        }
+    }
 }

@@ -12,6 +12,9 @@ pub struct Fingerprint {
     pub split: String,
     /// `dataset.limit` (0 = all rows).
     pub limit: usize,
+    /// `data_files`, `test_size` and the mappings, as JSON; empty for the defaults.
+    #[serde(default)]
+    pub dataset_options: String,
     pub model_id: String,
     pub model_revision: String,
     /// SHA-256 of the model's safetensors files.
@@ -88,6 +91,7 @@ pub(crate) fn sample() -> Fingerprint {
         dataset_revision: "main".into(),
         split: "train_prefs".into(),
         limit: 0,
+        dataset_options: String::new(),
         model_id: "m".into(),
         model_revision: "main".into(),
         weights_sha256: "w".into(),

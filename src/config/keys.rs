@@ -3,24 +3,32 @@
 use super::Config;
 use crate::error::{Error, Result};
 
-/// Applies one `section.key=value` override; the value is read as TOML, else taken as a string.
+/// Applies one `section.key=value` override (deeper keys too: `dataset.columns.prompt=…`); the
+/// value is read as TOML, else taken as a string.
 pub fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
     let (key, raw) = item
         .split_once('=')
         .ok_or_else(|| Error::Config(format!("--set `{item}`: expected section.key=value")))?;
-    let (section, name) = key.trim().split_once('.').ok_or_else(|| {
-        Error::Config(format!(
+    let path: Vec<&str> = key.trim().split('.').collect();
+    let Some((name, tables)) = path.split_last().filter(|(_, t)| !t.is_empty()) else {
+        return Err(Error::Config(format!(
             "--set `{item}`: the key must be section.key, e.g. train.beta"
-        ))
-    })?;
-    let value = parse_value(raw.trim());
-    let entry = table
-        .entry(section.to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let toml::Value::Table(sec) = entry else {
-        return Err(Error::Config(format!("`{section}` is not a section")));
+        )));
     };
-    sec.insert(name.to_string(), value);
+    let mut current = table;
+    for (depth, part) in tables.iter().enumerate() {
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(next) = entry else {
+            return Err(Error::Config(format!(
+                "--set `{item}`: `{}` is not a table",
+                tables[..=depth].join(".")
+            )));
+        };
+        current = next;
+    }
+    current.insert(name.to_string(), parse_value(raw.trim()));
     Ok(())
 }
 

@@ -6,13 +6,14 @@ mod choices;
 mod keys;
 mod validate;
 
-pub use choices::{Dtype, LrSchedule, RefMode, StateDtype, Truncation};
+pub use choices::{Dtype, LrSchedule, RefMode, Role, StateDtype, Truncation};
 pub use keys::apply_override;
 
 use crate::dpo::LossKind;
 use crate::error::{fs, Error, Result};
 use keys::check_known_keys;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// One pipeline = one TOML file. Every key has a default except `dataset.id` and `model.id`.
@@ -30,13 +31,51 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatasetConfig {
-    /// Hub dataset id, or a local directory holding `data/<split>-*.parquet`.
+    /// Hub dataset id, a local directory, or one local file (.parquet, .jsonl, .json: the train
+    /// split).
     pub id: String,
     pub revision: String,
     pub train_split: String,
     pub test_split: String,
     /// First N rows of each split; 0 = all.
     pub limit: usize,
+    /// Split name → file or glob relative to the dataset directory (default:
+    /// `data/<split>-*.parquet`).
+    pub data_files: BTreeMap<String, String>,
+    /// > 0: a seeded test split of this fraction (< 1) or this many rows (>= 1) of train.
+    pub test_size: f64,
+    pub columns: Columns,
+    pub message_keys: MessageKeys,
+    /// Source role → chat role (ShareGPT: `{ human = "user", gpt = "assistant" }`).
+    pub roles: BTreeMap<String, Role>,
+}
+
+/// Source column names for the contract's fields (`dataset.columns`); unset = the field's name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Columns {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score_chosen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score_rejected: Option<String>,
+}
+
+/// Field names inside a message (`dataset.message_keys`); unset = `role` / `content`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MessageKeys {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 impl Default for DatasetConfig {
@@ -47,6 +86,11 @@ impl Default for DatasetConfig {
             train_split: "train_prefs".into(),
             test_split: "test_prefs".into(),
             limit: 0,
+            data_files: BTreeMap::new(),
+            test_size: 0.0,
+            columns: Columns::default(),
+            message_keys: MessageKeys::default(),
+            roles: BTreeMap::new(),
         }
     }
 }

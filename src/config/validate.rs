@@ -11,7 +11,7 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if self.dataset.id.is_empty() && !self.demo.generate {
             return Err(Error::Config(
-                "`dataset.id` is required: set it to a hub dataset id or a local directory.".into(),
+                "`dataset.id` is required: set it to a hub dataset id, a local directory or a .parquet/.jsonl/.json file.".into(),
             ));
         }
         if self.model.id.is_empty() && !self.demo.generate {
@@ -19,6 +19,13 @@ impl Config {
                 "`model.id` is required: set it to a hub model id or a local directory.".into(),
             ));
         }
+        let ts = self.dataset.test_size;
+        in_range(
+            "dataset.test_size",
+            ts,
+            ts == 0.0 || (ts.is_finite() && ts > 0.0 && (ts < 1.0 || ts.fract() == 0.0)),
+            "0 (no held-out split), a fraction in (0, 1), or a whole number of rows",
+        )?;
         at_least("tokenize.max_length", self.tokenize.max_length, 2)?;
         at_least("precompute.batch_size", self.precompute.batch_size, 1)?;
         at_least("precompute.chunk_pairs", self.precompute.chunk_pairs, 1)?;

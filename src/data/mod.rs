@@ -1,11 +1,17 @@
-//! The data stage: preference rows in the UltraFeedback-binarized layout, and the demo generator.
+//! The data stage: preference rows from the user's files (Parquet, JSON Lines, JSON) or the hub in
+//! any of TRL's four layouts, mapped to one row type; and the demo generator.
 
 pub mod demo;
-pub mod ultrafeedback;
+pub mod layout;
+pub mod records;
+pub mod source;
 
 use serde::{Deserialize, Serialize};
 
-/// One chat message, as in the dataset's `chosen` / `rejected` / `messages` columns.
+pub use layout::Mapping;
+pub use source::{read_split, DataSource, ReadSplit};
+
+/// One chat message, as in a conversational dataset's `chosen` / `rejected` / `prompt` columns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
@@ -21,17 +27,110 @@ impl Message {
     }
 }
 
-/// One source row, before validation: both conversations end with their assistant answer.
+/// A prompt or an answer: plain text (TRL's "standard" layout) or messages ("conversational").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Turns {
+    Text(String),
+    Messages(Vec<Message>),
+}
+
+impl Turns {
+    pub fn messages(&self) -> Option<&[Message]> {
+        match self {
+            Turns::Messages(m) => Some(m),
+            Turns::Text(_) => None,
+        }
+    }
+}
+
+/// One source row, before validation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PreferenceRow {
     /// Row index in the source split.
     pub row: u64,
+    /// 1-based line of a JSON Lines file, where the row came from one.
+    pub line: Option<u64>,
     pub prompt_id: String,
-    /// `None` where a value was null (the row is then skipped as malformed).
-    pub chosen: Option<Vec<Message>>,
-    pub rejected: Option<Vec<Message>>,
+    /// An explicit prompt; `None` when the prompt is implicit in both answers (TRL's
+    /// `extract_prompt` then finds it).
+    pub prompt: Option<Turns>,
+    /// `None` where a value was null (the row is then skipped).
+    pub chosen: Option<Turns>,
+    pub rejected: Option<Turns>,
     pub score_chosen: Option<f64>,
     pub score_rejected: Option<f64>,
 }
 
-pub use ultrafeedback::{read_split, split_files};
+impl PreferenceRow {
+    /// A conversational row with an implicit prompt (the UltraFeedback-binarized layout).
+    pub fn conversation(row: u64, chosen: Vec<Message>, rejected: Vec<Message>) -> Self {
+        Self {
+            row,
+            line: None,
+            prompt_id: String::new(),
+            prompt: None,
+            chosen: Some(Turns::Messages(chosen)),
+            rejected: Some(Turns::Messages(rejected)),
+            score_chosen: None,
+            score_rejected: None,
+        }
+    }
+}
+
+/// Why a row was not kept; counted by name in `report.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SkipReason {
+    /// A JSON Lines line that is not a JSON object.
+    BadJson,
+    /// A mapped column is absent from this row.
+    MissingField,
+    /// A value of the wrong type: an answer that is neither text nor messages, a message
+    /// without string role/content, a prompt and answers of different kinds.
+    WrongType,
+    /// `chosen` or `rejected` is null, or a message lacks role/content.
+    NullValue,
+    /// A role other than system, user, assistant or tool (after `dataset.roles`).
+    UnknownRole,
+    /// The conversation does not end with an assistant turn.
+    FinalTurnNotAssistant,
+    /// The final assistant turn (or a plain-text answer) is empty or whitespace.
+    EmptyAssistantTurn,
+    /// No prompt: no turns before the answer, or no common prefix.
+    EmptyPrompt,
+    /// The turns before the answer differ between chosen and rejected.
+    PromptMismatch,
+    /// Chosen and rejected answers are the same text.
+    IdenticalResponses,
+    /// The chat template raised an error for this conversation.
+    TemplateError,
+    /// With `keep_start`, the prompt alone fills `max_length` (TRL drops these too).
+    PromptTooLong,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::BadJson => "bad_json",
+            SkipReason::MissingField => "missing_field",
+            SkipReason::WrongType => "wrong_type",
+            SkipReason::NullValue => "null_value",
+            SkipReason::UnknownRole => "unknown_role",
+            SkipReason::FinalTurnNotAssistant => "final_turn_not_assistant",
+            SkipReason::EmptyAssistantTurn => "empty_assistant_turn",
+            SkipReason::EmptyPrompt => "empty_prompt",
+            SkipReason::PromptMismatch => "prompt_mismatch",
+            SkipReason::IdenticalResponses => "identical_responses",
+            SkipReason::TemplateError => "template_error",
+            SkipReason::PromptTooLong => "prompt_too_long",
+        }
+    }
+}
+
+/// A row that was not kept: where it was and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Skipped {
+    pub row: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    pub reason: &'static str,
+}

@@ -1,58 +1,23 @@
-//! Preference rows → token ids exactly as TRL 1.16's DPOTrainer does for conversational data
-//! (`_prepare_dataset` + `DataCollatorForPreference`):
-//! prompt = the turns before the final assistant turn; `prompt_ids` = template(prompt,
-//! add_generation_prompt), `full` = template(prompt + answer); the completion starts at
-//! min(common_prefix(prompt_ids, full_chosen), common_prefix(prompt_ids, full_rejected)).
+//! Preference rows → token ids exactly as TRL 1.16's DPOTrainer does (`_prepare_dataset` +
+//! `DataCollatorForPreference`), in each of its layouts. The prompt is the explicit one, or the
+//! one `extract_prompt` finds (common leading turns, or the common prefix of two strings).
+//! Conversational: `prompt_ids` = template(prompt, add_generation_prompt), `full` =
+//! template(prompt + answer). Standard: answers get the EOS token, then `prompt_ids` =
+//! tokenizer(prompt), `full` = tokenizer(prompt + answer), special tokens included. The
+//! completion starts at min(common_prefix(prompt_ids, full_chosen), common_prefix(prompt_ids,
+//! full_rejected)).
 //! Truncation is per sequence (see [`window`]); with `keep_start`, rows whose prompt alone
 //! fills `max_length` are dropped.
 
 use super::template::ChatTemplate;
 use crate::config::Truncation;
-use crate::data::{Message, PreferenceRow};
+use crate::data::{Message, PreferenceRow, Skipped, Turns};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Why a row was not kept; counted by name in `report.json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum SkipReason {
-    /// `chosen` or `rejected` is null, or a message lacks role/content.
-    NullValue,
-    /// A role other than system, user, assistant or tool.
-    UnknownRole,
-    /// The conversation does not end with an assistant turn.
-    FinalTurnNotAssistant,
-    /// The final assistant turn is empty or whitespace.
-    EmptyAssistantTurn,
-    /// No turns before the final assistant turn.
-    EmptyPrompt,
-    /// The turns before the answer differ between chosen and rejected.
-    PromptMismatch,
-    /// Chosen and rejected answers are the same text.
-    IdenticalResponses,
-    /// The chat template raised an error for this conversation.
-    TemplateError,
-    /// With `keep_start`, the prompt alone fills `max_length` (TRL drops these too).
-    PromptTooLong,
-}
-
-impl SkipReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SkipReason::NullValue => "null_value",
-            SkipReason::UnknownRole => "unknown_role",
-            SkipReason::FinalTurnNotAssistant => "final_turn_not_assistant",
-            SkipReason::EmptyAssistantTurn => "empty_assistant_turn",
-            SkipReason::EmptyPrompt => "empty_prompt",
-            SkipReason::PromptMismatch => "prompt_mismatch",
-            SkipReason::IdenticalResponses => "identical_responses",
-            SkipReason::TemplateError => "template_error",
-            SkipReason::PromptTooLong => "prompt_too_long",
-        }
-    }
-}
+pub use crate::data::SkipReason;
 
 /// A kept row: the prompt and each side's completion tokens kept by truncation.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,51 +33,172 @@ pub struct TokenizedPair {
     pub score_rejected: Option<f64>,
 }
 
-/// The validated parts of a row: shared prompt turns and the two answers.
+/// The validated parts of a conversational row: the prompt turns and each side's answer turns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Conversation<'a> {
     pub prompt: &'a [Message],
-    pub chosen: &'a Message,
-    pub rejected: &'a Message,
+    pub chosen: &'a [Message],
+    pub rejected: &'a [Message],
+}
+
+/// A validated row in one of TRL's two kinds, its prompt explicit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pair<'a> {
+    Chat(Conversation<'a>),
+    /// Standard (plain-text) layout: the answers end with the EOS token, as TRL's `add_eos`
+    /// leaves them.
+    Text {
+        prompt: String,
+        chosen: String,
+        rejected: String,
+    },
 }
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
-/// Checks a row and splits it into prompt and answers.
-pub fn split_conversation(row: &PreferenceRow) -> Result<Conversation<'_>, SkipReason> {
+/// TRL's `extract_prompt` (trl/data_utils.py), Python semantics included: the index where
+/// `chosen` and `rejected` first differ, moved back one when the item before it is a space
+/// (strings only); the last index when one is a prefix of the other; and Python's negative
+/// index when that moves it to -1. Returns (prompt end in chosen, answer starts in chosen and
+/// rejected); `None` for two empty sides (TRL fails there).
+fn extract_prompt<T: PartialEq>(
+    c: &[T],
+    r: &[T],
+    is_space: impl Fn(&T) -> bool,
+) -> Option<(usize, usize, usize)> {
+    let n = c.len().min(r.len());
+    if n == 0 {
+        return None;
+    }
+    let mut idx = n as isize - 1;
+    for i in 0..n {
+        if c[i] != r[i] {
+            idx = i as isize;
+            let before = if i == 0 { c.len() - 1 } else { i - 1 };
+            if is_space(&c[before]) {
+                idx -= 1;
+            }
+            break;
+        }
+    }
+    let at = |len: usize| -> usize {
+        if idx < 0 {
+            len.saturating_sub(idx.unsigned_abs())
+        } else {
+            (idx as usize).min(len)
+        }
+    };
+    Some((at(c.len()), at(c.len()), at(r.len())))
+}
+
+/// Checks a row and splits it into prompt and answers: the explicit prompt, or the one TRL's
+/// `extract_prompt` finds. Standard answers get the EOS token appended where they lack it.
+pub fn split_pair<'a>(row: &'a PreferenceRow, eos_token: &str) -> Result<Pair<'a>, SkipReason> {
     let (Some(chosen), Some(rejected)) = (&row.chosen, &row.rejected) else {
         return Err(SkipReason::NullValue);
     };
-    if chosen
+    match (chosen, rejected) {
+        (Turns::Messages(c), Turns::Messages(r)) => {
+            let prompt = row.prompt.as_ref().and_then(Turns::messages);
+            split_chat(prompt, c, r).map(Pair::Chat)
+        }
+        (Turns::Text(c), Turns::Text(r)) => {
+            let prompt = match &row.prompt {
+                Some(Turns::Text(p)) => Some(p.as_str()),
+                _ => None,
+            };
+            split_text(prompt, c, r, eos_token)
+        }
+        _ => Err(SkipReason::WrongType),
+    }
+}
+
+fn split_chat<'a>(
+    prompt: Option<&'a [Message]>,
+    c: &'a [Message],
+    r: &'a [Message],
+) -> Result<Conversation<'a>, SkipReason> {
+    let (prompt, chosen, rejected) = match prompt {
+        Some(p) => (p, c, r),
+        None => match extract_prompt(c, r, |_| false) {
+            Some((p, ci, ri)) => (&c[..p], &c[ci..], &r[ri..]),
+            None => (&c[..0], c, r),
+        },
+    };
+    if prompt
         .iter()
+        .chain(chosen)
         .chain(rejected)
         .any(|m| !ROLES.contains(&m.role.as_str()))
     {
         return Err(SkipReason::UnknownRole);
     }
-    let (Some(c), Some(r)) = (chosen.last(), rejected.last()) else {
+    let (Some(a), Some(b)) = (chosen.last(), rejected.last()) else {
         return Err(SkipReason::FinalTurnNotAssistant);
     };
-    if c.role != "assistant" || r.role != "assistant" {
+    if a.role != "assistant" || b.role != "assistant" {
         return Err(SkipReason::FinalTurnNotAssistant);
     }
-    if c.content.trim().is_empty() || r.content.trim().is_empty() {
+    if a.content.trim().is_empty() || b.content.trim().is_empty() {
         return Err(SkipReason::EmptyAssistantTurn);
     }
-    let prompt = &chosen[..chosen.len() - 1];
+    // More than the answer left after the prompt: the turns before the answers differ.
+    if chosen.len() > 1 || rejected.len() > 1 {
+        return Err(SkipReason::PromptMismatch);
+    }
     if prompt.is_empty() {
         return Err(SkipReason::EmptyPrompt);
     }
-    if prompt != &rejected[..rejected.len() - 1] {
-        return Err(SkipReason::PromptMismatch);
-    }
-    if c.content == r.content {
+    if a.content == b.content {
         return Err(SkipReason::IdenticalResponses);
     }
     Ok(Conversation {
         prompt,
-        chosen: c,
-        rejected: r,
+        chosen,
+        rejected,
+    })
+}
+
+fn split_text<'a>(
+    prompt: Option<&str>,
+    c: &str,
+    r: &str,
+    eos_token: &str,
+) -> Result<Pair<'a>, SkipReason> {
+    let (prompt, chosen, rejected): (String, String, String) = match prompt {
+        Some(p) => (p.into(), c.into(), r.into()),
+        None => {
+            let (cc, rc): (Vec<char>, Vec<char>) = (c.chars().collect(), r.chars().collect());
+            match extract_prompt(&cc, &rc, |ch| *ch == ' ') {
+                Some((p, ci, ri)) => (
+                    cc[..p].iter().collect(),
+                    cc[ci..].iter().collect(),
+                    rc[ri..].iter().collect(),
+                ),
+                None => (String::new(), c.into(), r.into()),
+            }
+        }
+    };
+    if chosen.trim().is_empty() || rejected.trim().is_empty() {
+        return Err(SkipReason::EmptyAssistantTurn);
+    }
+    if prompt.is_empty() {
+        return Err(SkipReason::EmptyPrompt);
+    }
+    if chosen == rejected {
+        return Err(SkipReason::IdenticalResponses);
+    }
+    let with_eos = |s: String| {
+        if s.ends_with(eos_token) {
+            s
+        } else {
+            s + eos_token
+        }
+    };
+    Ok(Pair::Text {
+        prompt,
+        chosen: with_eos(chosen),
+        rejected: with_eos(rejected),
     })
 }
 
@@ -212,20 +298,47 @@ impl PairTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Tokenizes plain text as transformers' `tokenizer(text)` does: with the special tokens
+    /// its post-processor adds (a BOS for Llama-style tokenizers).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Tokenize(format!("tokenizer failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The token ids TRL 1.16 computes for a pair: (prompt, prompt + chosen, prompt + rejected).
+    fn encode_pair(&self, pair: &Pair) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+        match pair {
+            Pair::Chat(conv) => {
+                let with = |answer: &[Message]| {
+                    let mut msgs = conv.prompt.to_vec();
+                    msgs.extend_from_slice(answer);
+                    self.encode_messages(&msgs, false)
+                };
+                Ok((
+                    self.encode_messages(conv.prompt, true)?,
+                    with(conv.chosen)?,
+                    with(conv.rejected)?,
+                ))
+            }
+            Pair::Text {
+                prompt,
+                chosen,
+                rejected,
+            } => Ok((
+                self.encode_text(prompt)?,
+                self.encode_text(&format!("{prompt}{chosen}"))?,
+                self.encode_text(&format!("{prompt}{rejected}"))?,
+            )),
+        }
+    }
+
     /// One row → kept pair, or the reason it is skipped.
     pub fn tokenize(&self, row: &PreferenceRow) -> Result<TokenizedPair, SkipReason> {
-        let conv = split_conversation(row)?;
-        let with = |answer: &Message| {
-            let mut msgs = conv.prompt.to_vec();
-            msgs.push(answer.clone());
-            self.encode_messages(&msgs, false)
-        };
-        let encoded = (
-            self.encode_messages(conv.prompt, true),
-            with(conv.chosen),
-            with(conv.rejected),
-        );
-        let (Ok(prompt_ids), Ok(full_c), Ok(full_r)) = encoded else {
+        let pair = split_pair(row, self.template.eos_token())?;
+        let Ok((prompt_ids, full_c, full_r)) = self.encode_pair(&pair) else {
             return Err(SkipReason::TemplateError);
         };
         let k = common_prefix_length(&prompt_ids, &full_c)
@@ -241,9 +354,14 @@ impl PairTokenizer {
             kept(prompt, &full_c[k..], self.max_length, self.truncation);
         let (rejected_ids, rejected_truncated) =
             kept(prompt, &full_r[k..], self.max_length, self.truncation);
+        let prompt_id = if row.prompt_id.is_empty() {
+            prompt_hash(&pair)
+        } else {
+            row.prompt_id.clone()
+        };
         Ok(TokenizedPair {
             row: row.row,
-            prompt_id: row.prompt_id.clone(),
+            prompt_id,
             prompt_ids: prompt.to_vec(),
             chosen_ids,
             rejected_ids,
@@ -254,22 +372,34 @@ impl PairTokenizer {
         })
     }
 
-    /// Tokenizes rows in parallel (rayon), keeping row order; returns kept pairs and skip counts.
-    pub fn tokenize_all(
-        &self,
-        rows: &[PreferenceRow],
-    ) -> (Vec<TokenizedPair>, BTreeMap<String, usize>) {
+    /// Tokenizes rows in parallel (rayon), keeping row order; returns kept pairs and the rows
+    /// skipped, with their reasons.
+    pub fn tokenize_all(&self, rows: &[PreferenceRow]) -> (Vec<TokenizedPair>, Vec<Skipped>) {
         let results: Vec<_> = rows.par_iter().map(|r| self.tokenize(r)).collect();
         let mut kept = Vec::with_capacity(rows.len());
-        let mut dropped = BTreeMap::new();
-        for r in results {
+        let mut skipped = Vec::new();
+        for (r, row) in results.into_iter().zip(rows) {
             match r {
                 Ok(p) => kept.push(p),
-                Err(reason) => *dropped.entry(reason.as_str().to_string()).or_insert(0) += 1,
+                Err(reason) => skipped.push(Skipped {
+                    row: row.row,
+                    line: row.line,
+                    reason: reason.as_str(),
+                }),
             }
         }
-        (kept, dropped)
+        (kept, skipped)
     }
+}
+
+/// SHA-256 of the prompt (its text, or its messages as JSON): the `prompt_id` of a source
+/// without one.
+fn prompt_hash(pair: &Pair) -> String {
+    let text = match pair {
+        Pair::Chat(c) => serde_json::to_string(c.prompt).expect("messages serialize"),
+        Pair::Text { prompt, .. } => prompt.clone(),
+    };
+    format!("{:x}", Sha256::digest(text.as_bytes()))
 }
 
 #[cfg(test)]
@@ -280,15 +410,63 @@ mod tests {
         chosen: Option<Vec<(&str, &str)>>,
         rejected: Option<Vec<(&str, &str)>>,
     ) -> PreferenceRow {
-        let conv = |v: Vec<(&str, &str)>| v.into_iter().map(|(r, c)| Message::new(r, c)).collect();
+        let conv = |v: Vec<(&str, &str)>| {
+            Turns::Messages(v.into_iter().map(|(r, c)| Message::new(r, c)).collect())
+        };
         PreferenceRow {
-            row: 0,
-            prompt_id: "p".into(),
             chosen: chosen.map(conv),
             rejected: rejected.map(conv),
-            score_chosen: None,
-            score_rejected: None,
+            ..PreferenceRow::conversation(0, vec![], vec![])
         }
+    }
+
+    fn text(prompt: Option<&str>, chosen: &str, rejected: &str) -> PreferenceRow {
+        PreferenceRow {
+            prompt: prompt.map(|p| Turns::Text(p.into())),
+            chosen: Some(Turns::Text(chosen.into())),
+            rejected: Some(Turns::Text(rejected.into())),
+            ..PreferenceRow::conversation(0, vec![], vec![])
+        }
+    }
+
+    #[test]
+    fn standard_rows_extract_the_prompt_and_get_eos_as_trl_does() {
+        let split = |r: &PreferenceRow| match split_pair(r, "</s>").unwrap() {
+            Pair::Text {
+                prompt,
+                chosen,
+                rejected,
+            } => (prompt, chosen, rejected),
+            Pair::Chat(_) => panic!("a text row"),
+        };
+        // The common prefix ends in a space: the space goes to the answers.
+        let (p, c, r) = split(&text(None, "Sky? It is blue", "Sky? It is green"));
+        assert_eq!(
+            (p.as_str(), c.as_str(), r.as_str()),
+            ("Sky? It is", " blue</s>", " green</s>")
+        );
+        // One side a prefix of the other: the split falls at the last shared index.
+        let (p, c, r) = split(&text(None, "ab", "abc"));
+        assert_eq!(
+            (p.as_str(), c.as_str(), r.as_str()),
+            ("a", "b</s>", "bc</s>")
+        );
+        // An answer that already ends with EOS keeps one.
+        let (p, c, _) = split(&text(Some("Q:"), " a</s>", " b"));
+        assert_eq!((p.as_str(), c.as_str()), ("Q:", " a</s>"));
+        let skip = |r: PreferenceRow| split_pair(&r, "</s>").unwrap_err();
+        assert_eq!(
+            skip(text(Some("Q"), " ", "b")),
+            SkipReason::EmptyAssistantTurn
+        );
+        assert_eq!(skip(text(None, "a", "b")), SkipReason::EmptyPrompt);
+        assert_eq!(
+            skip(text(Some("Q"), "a", "a")),
+            SkipReason::IdenticalResponses
+        );
+        let mut mixed = text(None, "a", "b");
+        mixed.rejected = Some(Turns::Messages(vec![Message::new("assistant", "b")]));
+        assert_eq!(skip(mixed), SkipReason::WrongType);
     }
 
     #[test]
@@ -338,10 +516,13 @@ mod tests {
             ),
         ];
         for (r, want) in cases {
-            assert_eq!(split_conversation(&r).unwrap_err(), want);
+            assert_eq!(split_pair(&r, "</s>").unwrap_err(), want);
         }
         let good = row(Some(ok), Some(vec![("user", "q"), ("assistant", "b")]));
-        assert_eq!(split_conversation(&good).unwrap().rejected.content, "b");
+        let Ok(Pair::Chat(conv)) = split_pair(&good, "</s>") else {
+            panic!("a valid conversation")
+        };
+        assert_eq!(conv.rejected[0].content, "b");
     }
 
     #[test]

@@ -116,6 +116,11 @@ impl ChatTemplate {
     }
 
     /// SHA-256 of the template source (part of the cache fingerprint).
+    /// The EOS token's text (`tokenizer_config.json`), which TRL appends to standard answers.
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
     pub fn sha256(&self) -> String {
         format!("{:x}", Sha256::digest(self.source.as_bytes()))
     }

@@ -7,6 +7,7 @@ mod fidelity;
 mod first_hour;
 mod integrity;
 mod mishaps;
+mod own_data;
 mod stats;
 mod train;
 mod trl;

@@ -3,6 +3,7 @@
 //! UltraFeedback rows with the real SmolLM2 tokenizer ([`tokenization`]); the weight formula, every
 //! loss, and one full training step ([`training`]).
 
+mod layouts;
 mod tokenization;
 mod training;
 
@@ -62,10 +63,17 @@ pub fn model_dir(tmp: &Path, realdata: &Path, fx: &Value) -> PathBuf {
 }
 
 pub fn real_rows(real: &Path, n: usize) -> Vec<PreferenceRow> {
-    let files =
-        refdpo::data::split_files(&real.join("ultrafeedback_binarized_sample"), "train_prefs")
-            .unwrap();
-    refdpo::data::read_split(&files, n).unwrap()
+    let cfg = refdpo::config::DatasetConfig {
+        id: real
+            .join("ultrafeedback_binarized_sample")
+            .to_string_lossy()
+            .into_owned(),
+        ..Default::default()
+    };
+    let source = refdpo::data::DataSource::resolve(&cfg, &["train_prefs"]).unwrap();
+    refdpo::data::read_split(&source, "train_prefs", n)
+        .unwrap()
+        .rows
 }
 
 pub fn floats(v: &Value) -> Vec<f64> {

@@ -180,14 +180,11 @@ fn tokenization_matches_trl_on_more_rows_and_edge_cases() {
                 .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
                 .collect()
         };
-        let row = PreferenceRow {
-            row: case["row"].as_u64().unwrap(),
-            prompt_id: String::new(),
-            chosen: Some(conv(&case["chosen"])),
-            rejected: Some(conv(&case["rejected"])),
-            score_chosen: None,
-            score_rejected: None,
-        };
+        let row = PreferenceRow::conversation(
+            case["row"].as_u64().unwrap(),
+            conv(&case["chosen"]),
+            conv(&case["rejected"]),
+        );
         let name = case["name"].as_str().unwrap();
         let p = match tok.tokenize(&row) {
             Ok(p) => p,

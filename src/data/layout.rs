@@ -1,0 +1,256 @@
+//! Source records → [`PreferenceRow`]s through the user's column, message-key and role mapping
+//! (`dataset.columns`, `dataset.message_keys`, `dataset.roles`). Which of TRL's layouts a row is
+//! in (conversational or standard, explicit or implicit prompt) is read off its values here; the
+//! prompt is extracted and checked in the tokenize stage.
+
+use super::{Message, PreferenceRow, SkipReason, Turns};
+use crate::config::DatasetConfig;
+use crate::error::{Error, Result};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Where each contract field lives in the source rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapping {
+    prompt: String,
+    /// Whether `prompt` was mapped explicitly (then every row must have it).
+    prompt_required: bool,
+    chosen: String,
+    rejected: String,
+    prompt_id: String,
+    score_chosen: String,
+    score_rejected: String,
+    role: String,
+    content: String,
+    roles: BTreeMap<String, String>,
+}
+
+impl Mapping {
+    pub fn new(cfg: &DatasetConfig) -> Self {
+        let c = &cfg.columns;
+        let name = |v: &Option<String>, default: &str| v.clone().unwrap_or_else(|| default.into());
+        Self {
+            prompt: name(&c.prompt, "prompt"),
+            prompt_required: c.prompt.is_some(),
+            chosen: name(&c.chosen, "chosen"),
+            rejected: name(&c.rejected, "rejected"),
+            prompt_id: name(&c.prompt_id, "prompt_id"),
+            score_chosen: name(&c.score_chosen, "score_chosen"),
+            score_rejected: name(&c.score_rejected, "score_rejected"),
+            role: name(&cfg.message_keys.role, "role"),
+            content: name(&cfg.message_keys.content, "content"),
+            roles: cfg
+                .roles
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().to_string()))
+                .collect(),
+        }
+    }
+
+    /// Checks a split's first row: the answer columns (and a mapped prompt) must be there. The
+    /// error names what was found and the keys that fix it.
+    pub fn check_columns(&self, fields: &Map<String, Value>, path: &Path) -> Result<()> {
+        let mut needed = vec![
+            ("chosen", "the chosen answer", &self.chosen),
+            ("rejected", "the rejected answer", &self.rejected),
+        ];
+        if self.prompt_required {
+            needed.push(("prompt", "the prompt", &self.prompt));
+        }
+        for (key, what, column) in needed {
+            if !fields.contains_key(column.as_str()) {
+                let found: Vec<&str> = fields.keys().map(String::as_str).collect();
+                return Err(Error::schema(
+                    path,
+                    format!(
+                        "column `{column}` is missing ({what}); found: {}. Map it with \
+                         `dataset.columns.{key} = \"<column>\"`",
+                        found.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// One record → a row, or why it cannot be one.
+    pub fn row(
+        &self,
+        row: u64,
+        line: Option<u64>,
+        fields: &Map<String, Value>,
+    ) -> std::result::Result<PreferenceRow, SkipReason> {
+        let answer = |column: &str| -> std::result::Result<Option<Turns>, SkipReason> {
+            match fields.get(column) {
+                None => Err(SkipReason::MissingField),
+                Some(v) => self.turns(v),
+            }
+        };
+        let (chosen, rejected) = (answer(&self.chosen)?, answer(&self.rejected)?);
+        let prompt = match fields.get(&self.prompt) {
+            None if self.prompt_required => return Err(SkipReason::MissingField),
+            None | Some(Value::Null) => None,
+            Some(v) => self.turns(v)?,
+        };
+        // TRL's `maybe_extract_prompt`: a prompt of the other kind than the answers (the H4
+        // UltraFeedback layout: a string prompt beside full conversations) is ignored, and the
+        // prompt is extracted from the answers.
+        let conversational = |t: &Option<Turns>| matches!(t, Some(Turns::Messages(_)));
+        let prompt = prompt.filter(|p| {
+            chosen.is_none() || conversational(&Some(p.clone())) == conversational(&chosen)
+        });
+        let prompt_id = match fields.get(&self.prompt_id) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => String::new(),
+        };
+        let score = |column: &str| fields.get(column).and_then(Value::as_f64);
+        Ok(PreferenceRow {
+            row,
+            line,
+            prompt_id,
+            prompt,
+            chosen,
+            rejected,
+            score_chosen: score(&self.score_chosen),
+            score_rejected: score(&self.score_rejected),
+        })
+    }
+
+    /// A value as text or messages (a single message object is a one-message list); `None` for
+    /// null.
+    fn turns(&self, v: &Value) -> std::result::Result<Option<Turns>, SkipReason> {
+        match v {
+            Value::Null => Ok(None),
+            Value::String(s) => Ok(Some(Turns::Text(s.clone()))),
+            Value::Object(m) => Ok(self.message(m)?.map(|m| Turns::Messages(vec![m]))),
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    let Value::Object(m) = item else {
+                        return Err(SkipReason::WrongType);
+                    };
+                    match self.message(m)? {
+                        Some(m) => out.push(m),
+                        None => return Ok(None),
+                    }
+                }
+                Ok(Some(Turns::Messages(out)))
+            }
+            _ => Err(SkipReason::WrongType),
+        }
+    }
+
+    /// A message object through `message_keys` and `roles`; `None` when role or content is
+    /// missing or null (the row is then skipped as `null_value`).
+    fn message(&self, m: &Map<String, Value>) -> std::result::Result<Option<Message>, SkipReason> {
+        let (role, content) = match (m.get(&self.role), m.get(&self.content)) {
+            (Some(Value::String(r)), Some(Value::String(c))) => (r, c),
+            (None | Some(Value::Null), _) | (_, None | Some(Value::Null)) => return Ok(None),
+            _ => return Err(SkipReason::WrongType),
+        };
+        let role = self.roles.get(role).unwrap_or(role);
+        Ok(Some(Message::new(role, content)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Columns, MessageKeys, Role};
+    use serde_json::json;
+
+    fn fields(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn sharegpt_mapping_single_message_objects_and_skips() {
+        let cfg = DatasetConfig {
+            columns: Columns {
+                prompt: Some("conversations".into()),
+                ..Columns::default()
+            },
+            message_keys: MessageKeys {
+                role: Some("from".into()),
+                content: Some("value".into()),
+            },
+            roles: [
+                ("human".to_string(), Role::User),
+                ("gpt".to_string(), Role::Assistant),
+            ]
+            .into_iter()
+            .collect(),
+            ..DatasetConfig::default()
+        };
+        let m = Mapping::new(&cfg);
+        let row = m
+            .row(
+                3,
+                Some(4),
+                &fields(json!({
+                    "conversations": [{"from": "human", "value": "q"}],
+                    "chosen": {"from": "gpt", "value": "a"},
+                    "rejected": {"from": "gpt", "value": "b"},
+                })),
+            )
+            .unwrap();
+        assert_eq!(
+            row.prompt,
+            Some(Turns::Messages(vec![Message::new("user", "q")]))
+        );
+        assert_eq!(
+            row.chosen,
+            Some(Turns::Messages(vec![Message::new("assistant", "a")]))
+        );
+        assert_eq!((row.row, row.line), (3, Some(4)));
+        let skip = |v: Value| m.row(0, None, &fields(v)).unwrap_err();
+        assert_eq!(
+            skip(json!({"conversations": [], "chosen": "a"})),
+            SkipReason::MissingField
+        );
+        assert_eq!(
+            skip(json!({"conversations": [], "chosen": 1, "rejected": "b"})),
+            SkipReason::WrongType
+        );
+        assert_eq!(
+            skip(json!({"chosen": "a", "rejected": "b"})),
+            SkipReason::MissingField,
+            "a mapped prompt is required"
+        );
+        let err = m
+            .check_columns(
+                &fields(json!({"prompt": "p", "chosen": "a", "rejected": "b"})),
+                Path::new("f.jsonl"),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`conversations`") && err.contains("found: prompt, chosen, rejected"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_prompt_of_the_other_kind_is_ignored_as_trl_does() {
+        let m = Mapping::new(&DatasetConfig::default());
+        let conv = json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]);
+        let row = m
+            .row(
+                0,
+                None,
+                &fields(json!({"prompt": "q", "chosen": conv, "rejected": conv, "prompt_id": "x"})),
+            )
+            .unwrap();
+        assert_eq!((row.prompt, row.prompt_id.as_str()), (None, "x"));
+        let row = m
+            .row(
+                0,
+                None,
+                &fields(json!({"prompt": "q", "chosen": " a", "rejected": " b"})),
+            )
+            .unwrap();
+        assert_eq!(row.prompt, Some(Turns::Text("q".into())));
+    }
+}

@@ -1,0 +1,328 @@
+//! Source files → one JSON object per row, in file order: Parquet (through Arrow, a record batch
+//! at a time), JSON Lines (a line at a time, with line numbers), JSON (an array of objects; a
+//! `.json` file holding JSON Lines is read as such, as `datasets` does).
+
+use super::SkipReason;
+use crate::error::{Error, Result};
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde_json::{Map, Value};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+/// One row of a source file: its fields, or why it cannot be a row.
+pub struct Record {
+    /// 1-based line in a JSON Lines file.
+    pub line: Option<u64>,
+    pub fields: std::result::Result<Map<String, Value>, SkipReason>,
+}
+
+/// The file formats `dataset.id` / `dataset.data_files` may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Parquet,
+    JsonLines,
+    Json,
+}
+
+impl Format {
+    /// By extension; anything else is an error naming the supported ones.
+    pub fn of(path: &Path) -> Result<Self> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("parquet") => Ok(Format::Parquet),
+            Some("jsonl" | "ndjson") => Ok(Format::JsonLines),
+            Some("json") => Ok(Format::Json),
+            _ => Err(Error::schema(
+                path,
+                "unsupported file type: use .parquet, .jsonl (or .ndjson) or .json",
+            )),
+        }
+    }
+}
+
+/// Calls `each` with every record of `path` in order, until it returns false.
+pub fn for_each(path: &Path, each: &mut dyn FnMut(Record) -> bool) -> Result<()> {
+    match Format::of(path)? {
+        Format::Parquet => parquet_records(path, each),
+        Format::JsonLines => json_lines(path, open(path)?, each),
+        Format::Json => {
+            let mut reader = open(path)?;
+            let first = first_non_space(&mut reader, path)?;
+            if first == Some(b'[') {
+                json_array(path, reader, each)
+            } else {
+                json_lines(path, reader, each)
+            }
+        }
+    }
+}
+
+fn open(path: &Path) -> Result<BufReader<std::fs::File>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+    Ok(BufReader::with_capacity(1 << 20, f))
+}
+
+/// The first byte that is not whitespace, left unread in the buffer.
+fn first_non_space(reader: &mut BufReader<std::fs::File>, path: &Path) -> Result<Option<u8>> {
+    loop {
+        let buf = reader
+            .fill_buf()
+            .map_err(|e| Error::io("cannot read", path, e))?;
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(i) => {
+                let b = buf[i];
+                reader.consume(i);
+                return Ok(Some(b));
+            }
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+            }
+        }
+    }
+}
+
+fn json_lines(
+    path: &Path,
+    reader: impl BufRead,
+    each: &mut dyn FnMut(Record) -> bool,
+) -> Result<()> {
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(|e| Error::io("cannot read", path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields = match serde_json::from_str::<Value>(&line) {
+            Ok(Value::Object(m)) => Ok(m),
+            _ => Err(SkipReason::BadJson),
+        };
+        let record = Record {
+            line: Some(i as u64 + 1),
+            fields,
+        };
+        if !each(record) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn json_array(
+    path: &Path,
+    mut reader: impl Read,
+    each: &mut dyn FnMut(Record) -> bool,
+) -> Result<()> {
+    let mut text = String::new();
+    reader
+        .read_to_string(&mut text)
+        .map_err(|e| Error::io("cannot read", path, e))?;
+    let Value::Array(items) = serde_json::from_str::<Value>(&text).map_err(|e| {
+        Error::schema(
+            path,
+            format!("not valid JSON ({e}); for one object a line, name it .jsonl"),
+        )
+    })?
+    else {
+        unreachable!("the text starts with '['");
+    };
+    drop(text);
+    for item in items {
+        let fields = match item {
+            Value::Object(m) => Ok(m),
+            _ => Err(SkipReason::WrongType),
+        };
+        if !each(Record { line: None, fields }) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn parquet_records(path: &Path, each: &mut dyn FnMut(Record) -> bool) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| Error::schema(path, format!("not a readable parquet file: {e}")))?
+        .build()?;
+    for batch in reader {
+        let batch = batch?;
+        let schema = batch.schema();
+        let columns = batch
+            .columns()
+            .iter()
+            .zip(schema.fields())
+            .map(|(c, f)| values(c.as_ref()).map_err(|t| unsupported(path, f.name(), &t)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut columns: Vec<_> = columns.into_iter().map(Vec::into_iter).collect();
+        for _ in 0..batch.num_rows() {
+            let fields: Map<String, Value> = schema
+                .fields()
+                .iter()
+                .zip(columns.iter_mut())
+                .map(|(f, c)| (f.name().clone(), c.next().unwrap_or(Value::Null)))
+                .collect();
+            if !each(Record {
+                line: None,
+                fields: Ok(fields),
+            }) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unsupported(path: &Path, column: &str, t: &DataType) -> Error {
+    Error::schema(
+        path,
+        format!("column `{column}` has a type refdpo cannot read ({t})"),
+    )
+}
+
+/// An Arrow column as JSON values (null entries as `null`); the type it cannot convert otherwise.
+fn values(col: &dyn Array) -> std::result::Result<Vec<Value>, DataType> {
+    let valid = |i: usize| col.is_valid(i);
+    let n = col.len();
+    let out = match col.data_type() {
+        DataType::Null => vec![Value::Null; n],
+        DataType::Boolean => {
+            let b = col.as_boolean();
+            (0..n)
+                .map(|i| {
+                    if valid(i) {
+                        Value::Bool(b.value(i))
+                    } else {
+                        Value::Null
+                    }
+                })
+                .collect()
+        }
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            let c =
+                arrow::compute::cast(col, &DataType::Utf8).map_err(|_| col.data_type().clone())?;
+            let s = c.as_string::<i32>();
+            (0..n)
+                .map(|i| {
+                    if valid(i) {
+                        Value::String(s.value(i).to_string())
+                    } else {
+                        Value::Null
+                    }
+                })
+                .collect()
+        }
+        t if t.is_integer() => {
+            let c = arrow::compute::cast(col, &DataType::Int64).map_err(|_| t.clone())?;
+            let v = c.as_primitive::<Int64Type>();
+            (0..n)
+                .map(|i| {
+                    if valid(i) {
+                        Value::from(v.value(i))
+                    } else {
+                        Value::Null
+                    }
+                })
+                .collect()
+        }
+        t if t.is_floating() => {
+            let c = arrow::compute::cast(col, &DataType::Float64).map_err(|_| t.clone())?;
+            let v = c.as_primitive::<Float64Type>();
+            (0..n)
+                .map(|i| {
+                    valid(i)
+                        .then(|| serde_json::Number::from_f64(v.value(i)).map(Value::Number))
+                        .flatten()
+                        .unwrap_or(Value::Null)
+                })
+                .collect()
+        }
+        DataType::List(_) => {
+            let l = col.as_list::<i32>();
+            let offsets: Vec<usize> = l.value_offsets().iter().map(|&o| o as usize).collect();
+            lists(&offsets, values(l.values().as_ref())?, &valid)
+        }
+        DataType::LargeList(_) => {
+            let l = col.as_list::<i64>();
+            let offsets: Vec<usize> = l.value_offsets().iter().map(|&o| o as usize).collect();
+            lists(&offsets, values(l.values().as_ref())?, &valid)
+        }
+        DataType::Struct(fields) => {
+            let s = col.as_struct();
+            let children = s
+                .columns()
+                .iter()
+                .map(|c| values(c.as_ref()))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            (0..n)
+                .map(|i| {
+                    if !valid(i) {
+                        return Value::Null;
+                    }
+                    Value::Object(
+                        fields
+                            .iter()
+                            .zip(&children)
+                            .map(|(f, c)| (f.name().clone(), c[i].clone()))
+                            .collect(),
+                    )
+                })
+                .collect()
+        }
+        other => return Err(other.clone()),
+    };
+    Ok(out)
+}
+
+fn lists(offsets: &[usize], items: Vec<Value>, valid: &dyn Fn(usize) -> bool) -> Vec<Value> {
+    offsets
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| {
+            if valid(i) {
+                Value::Array(items[w[0]..w[1]].to_vec())
+            } else {
+                Value::Null
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(path: &Path) -> Vec<Record> {
+        let mut out = Vec::new();
+        for_each(path, &mut |r| {
+            out.push(r);
+            true
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn json_lines_keep_line_numbers_and_mark_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        std::fs::write(&p, "{\"a\":1}\n\nnot json\n[1]\n{\"a\":2}\n").unwrap();
+        let r = collect(&p);
+        let lines: Vec<_> = r.iter().map(|r| r.line.unwrap()).collect();
+        assert_eq!(lines, [1, 3, 4, 5]);
+        assert!(r[0].fields.is_ok() && r[3].fields.is_ok());
+        assert_eq!(r[1].fields.as_ref().unwrap_err(), &SkipReason::BadJson);
+        assert_eq!(r[2].fields.as_ref().unwrap_err(), &SkipReason::BadJson);
+        // The same lines in a .json file are read as JSON Lines; an array as an array.
+        let j = dir.path().join("b.json");
+        std::fs::write(&j, "{\"a\":1}\n{\"a\":2}\n").unwrap();
+        assert_eq!(collect(&j).len(), 2);
+        std::fs::write(&j, " [{\"a\":1}, 3, {\"a\":2}]").unwrap();
+        let r = collect(&j);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[1].fields.as_ref().unwrap_err(), &SkipReason::WrongType);
+        assert!(Format::of(&dir.path().join("c.csv")).is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! Where each split's rows come from: one local file (the train split), `dataset.data_files`
+//! (split → file or glob in the dataset directory), or `data/<split>-*.parquet`; and the seeded
+//! held-out test split of `dataset.test_size`.
+
+use super::layout::Mapping;
+use super::records::{self, Format};
+use super::{PreferenceRow, Skipped};
+use crate::config::DatasetConfig;
+use crate::error::{Error, Result};
+use crate::hub;
+use std::path::{Path, PathBuf};
+
+/// The seed of the held-out split: fixed, so the same rows are held out on every run.
+const HOLDOUT_SEED: u64 = 0x7e57_5e1e;
+
+/// A resolved `[dataset]`: the directory its files live in and how splits map to files.
+#[derive(Debug, Clone)]
+pub struct DataSource {
+    cfg: DatasetConfig,
+    /// The dataset directory (a local one, a hub snapshot, or the single file's folder).
+    pub dir: PathBuf,
+    /// `dataset.id` when it names one file: the train split.
+    single_file: Option<PathBuf>,
+}
+
+impl DataSource {
+    /// Resolves `dataset.id`: a local file or directory as is, a hub id by downloading the files
+    /// `splits` need (the `data_files` patterns, else `data/<split>-*.parquet`).
+    pub fn resolve(cfg: &DatasetConfig, splits: &[&str]) -> Result<Self> {
+        let id = Path::new(&cfg.id);
+        if id.is_file() {
+            Format::of(id)?;
+            let dir = id.parent().map(Path::to_path_buf).unwrap_or_default();
+            return Ok(Self {
+                cfg: cfg.clone(),
+                dir,
+                single_file: Some(id.to_path_buf()),
+            });
+        }
+        let patterns: Vec<String> = splits.iter().map(|s| pattern(cfg, s)).collect();
+        let wanted = |f: &str| patterns.iter().any(|p| glob_match(p, f));
+        let repo = hub::dataset(&cfg.id, &cfg.revision, &wanted)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            dir: repo.dir,
+            single_file: None,
+        })
+    }
+
+    /// Whether the source has `split` at all: a test split exists only through `data_files`,
+    /// `test_size`, or (without `data_files`, for a directory) `data/<split>-*.parquet`.
+    pub fn has_split(&self, split: &str) -> bool {
+        if split != self.cfg.test_split || self.cfg.test_size > 0.0 {
+            return true;
+        }
+        if self.cfg.data_files.contains_key(split) {
+            return true;
+        }
+        self.single_file.is_none() && self.cfg.data_files.is_empty()
+    }
+
+    /// The files holding `split` (for the held-out test split: the train split's files).
+    pub fn files(&self, split: &str) -> Result<Vec<PathBuf>> {
+        let split = self.source_split(split);
+        if let (Some(f), false) = (&self.single_file, self.cfg.data_files.contains_key(split)) {
+            if split == self.cfg.train_split {
+                return Ok(vec![f.clone()]);
+            }
+        }
+        let pattern = pattern(&self.cfg, split);
+        let mut files = Vec::new();
+        list_matching(&self.dir, &self.dir, &pattern, &mut files)?;
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::schema(
+                &self.dir,
+                format!(
+                    "no files match `{pattern}` for split `{split}`: check `dataset.data_files` \
+                     (split → file or glob) or `dataset.train_split` / `dataset.test_split`"
+                ),
+            ));
+        }
+        Ok(files)
+    }
+
+    /// With `test_size`, both splits read the train split's rows.
+    fn source_split<'a>(&'a self, split: &'a str) -> &'a str {
+        if self.cfg.test_size > 0.0 && split == self.cfg.test_split {
+            &self.cfg.train_split
+        } else {
+            split
+        }
+    }
+}
+
+/// A split's rows, the ones that could not be rows, and where they came from.
+#[derive(Debug, Clone)]
+pub struct ReadSplit {
+    pub rows: Vec<PreferenceRow>,
+    pub skipped: Vec<Skipped>,
+    /// Rows read (kept + skipped), after `limit` and the held-out split.
+    pub rows_read: usize,
+    pub files: Vec<PathBuf>,
+}
+
+/// Reads the first `limit` rows (0 = all; `dataset.limit` for a run) of `split`, mapped through
+/// the config's columns, message keys and roles; with `test_size`, then keeps the split's side
+/// of the seeded hold-out.
+pub fn read_split(src: &DataSource, split: &str, limit: usize) -> Result<ReadSplit> {
+    let cfg = &src.cfg;
+    let files = src.files(split)?;
+    let mapping = Mapping::new(cfg);
+    let (mut rows, mut skipped) = (Vec::new(), Vec::new());
+    let mut n = 0u64;
+    for file in &files {
+        let mut checked = false;
+        let mut failure = None;
+        records::for_each(file, &mut |rec| {
+            let row = n;
+            n += 1;
+            let result = match &rec.fields {
+                Ok(fields) => {
+                    if !checked {
+                        if let Err(e) = mapping.check_columns(fields, file) {
+                            failure = Some(e);
+                            return false;
+                        }
+                        checked = true;
+                    }
+                    mapping.row(row, rec.line, fields)
+                }
+                Err(reason) => Err(*reason),
+            };
+            match result {
+                Ok(r) => rows.push(Some(r)),
+                Err(reason) => {
+                    rows.push(None);
+                    skipped.push(Skipped {
+                        row,
+                        line: rec.line,
+                        reason: reason.as_str(),
+                    });
+                }
+            }
+            limit == 0 || (n as usize) < limit
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if limit > 0 && n as usize >= limit {
+            break;
+        }
+    }
+    if cfg.test_size > 0.0 {
+        let test = held_out(rows.len(), cfg.test_size);
+        let want_test = split == cfg.test_split;
+        let keep = |i: u64| test.binary_search(&i).is_ok() == want_test;
+        for (i, r) in rows.iter_mut().enumerate() {
+            if !keep(i as u64) {
+                *r = None;
+            }
+        }
+        skipped.retain(|s| keep(s.row));
+        if want_test && test.is_empty() {
+            return Err(Error::Config(format!(
+                "`dataset.test_size` = {} holds out no row of {} rows",
+                cfg.test_size,
+                rows.len()
+            )));
+        }
+    }
+    let rows: Vec<PreferenceRow> = rows.into_iter().flatten().collect();
+    Ok(ReadSplit {
+        rows_read: rows.len() + skipped.len(),
+        rows,
+        skipped,
+        files,
+    })
+}
+
+/// The held-out rows of `n`, sorted: `size` rows (>= 1) or that fraction, rounded up as
+/// `datasets`' `train_test_split` does, at least one row left to train; chosen by a fixed-seed
+/// hash of each row index, so a row's side never depends on the others.
+pub fn held_out(n: usize, size: f64) -> Vec<u64> {
+    let count = if size >= 1.0 {
+        size as usize
+    } else {
+        (size * n as f64).ceil() as usize
+    };
+    let count = count.min(n.saturating_sub(1));
+    let mut order: Vec<u64> = (0..n as u64).collect();
+    order.sort_by_key(|&i| xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), HOLDOUT_SEED));
+    let mut test: Vec<u64> = order.into_iter().take(count).collect();
+    test.sort_unstable();
+    test
+}
+
+/// `data_files[split]`, else the hub layout's `data/<split>-*.parquet`.
+fn pattern(cfg: &DatasetConfig, split: &str) -> String {
+    cfg.data_files
+        .get(split)
+        .cloned()
+        .unwrap_or_else(|| format!("data/{split}-*.parquet"))
+}
+
+/// Files under `dir` whose path relative to `root` matches `pattern`.
+fn list_matching(root: &Path, dir: &Path, pattern: &str, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if dir == root => return Err(Error::io("cannot list", dir, e)),
+        Err(_) => return Ok(()),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let rel = path.strip_prefix(root).unwrap_or(&path);
+        let rel = rel.to_string_lossy().replace('\\', "/");
+        if path.is_dir() {
+            if !rel.starts_with('.') {
+                list_matching(root, &path, pattern, out)?;
+            }
+        } else if glob_match(pattern, &rel) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// `*` (any run of characters but `/`), `**` (any run, `/` included) and `?` (one character but
+/// `/`); everything else literally.
+pub fn glob_match(pattern: &str, path: &str) -> bool {
+    fn go(p: &[char], s: &[char]) -> bool {
+        match p {
+            [] => s.is_empty(),
+            ['*', '*', rest @ ..] => (0..=s.len()).any(|i| go(rest, &s[i..])),
+            ['*', rest @ ..] => (0..=s.len())
+                .take_while(|&i| i == 0 || s[i - 1] != '/')
+                .any(|i| go(rest, &s[i..])),
+            ['?', rest @ ..] => !s.is_empty() && s[0] != '/' && go(rest, &s[1..]),
+            [c, rest @ ..] => s.first() == Some(c) && go(rest, &s[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.trim_start_matches("./").chars().collect();
+    let s: Vec<char> = path.chars().collect();
+    go(&p, &s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match(
+            "data/train-*.parquet",
+            "data/train-00000-of-00001.parquet"
+        ));
+        assert!(!glob_match("data/train-*.parquet", "data/test-0.parquet"));
+        assert!(!glob_match("*.jsonl", "sub/a.jsonl"));
+        assert!(glob_match("**/*.jsonl", "sub/deeper/a.jsonl"));
+        assert!(glob_match("./pairs.jsonl", "pairs.jsonl"));
+        assert!(
+            glob_match("part-?.json", "part-1.json") && !glob_match("part-?.json", "part-12.json")
+        );
+    }
+
+    #[test]
+    fn held_out_rows_are_seeded_sized_and_stable() {
+        let a = held_out(100, 0.1);
+        assert_eq!(a.len(), 10);
+        assert_eq!(a, held_out(100, 0.1), "the same rows on every call");
+        assert_eq!(held_out(100, 7.0).len(), 7);
+        assert_eq!(held_out(3, 0.5).len(), 2);
+        assert_eq!(held_out(1, 0.5).len(), 0, "one row stays to train");
+        // A row's side does not depend on the row count: growing the data keeps earlier picks
+        // mostly in place (not a reshuffle).
+        let big = held_out(1000, 5.0);
+        assert!(big.iter().all(|&i| i < 1000));
+    }
+}

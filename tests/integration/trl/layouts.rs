@@ -1,0 +1,182 @@
+//! Users' own data against TRL 1.16: the same 24 real UltraFeedback pairs written in each of
+//! TRL's layouts (conversational or standard, explicit or implicit prompt), in JSON Lines, JSON
+//! and Parquet files, plus a multi-turn ShareGPT-style file read through `dataset.columns`,
+//! `message_keys` and `roles`. Token ids must equal what TRL's own `_prepare_dataset` stores
+//! (tests/fixtures/trl_layouts.json, made by gen_layout_fixtures.py). The files are written here
+//! from ../shared/realdata at test time; only ids are committed.
+
+use super::{fixture, ids, real_rows};
+use crate::common::realdata;
+use arrow::array::{ArrayRef, StringArray};
+use arrow::record_batch::RecordBatch;
+use refdpo::config::{Columns, DatasetConfig, MessageKeys, Role, Truncation};
+use refdpo::data::{DataSource, Turns};
+use refdpo::tokenize::PairTokenizer;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::Arc;
+
+fn msg(role: &str, content: &str) -> Value {
+    json!({"role": role, "content": content})
+}
+
+fn write_jsonl(path: &Path, records: &[Value]) {
+    let text: Vec<String> = records.iter().map(Value::to_string).collect();
+    std::fs::write(path, text.join("\n") + "\n").unwrap();
+}
+
+fn write_parquet(path: &Path, columns: &[(&str, Vec<String>)]) {
+    let arrays: Vec<(&str, ArrayRef)> = columns
+        .iter()
+        .map(|(n, v)| (*n, Arc::new(StringArray::from(v.clone())) as ArrayRef))
+        .collect();
+    let batch = RecordBatch::try_from_iter(arrays).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+#[test]
+#[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
+fn every_layout_tokenizes_as_trl_does() {
+    let real = realdata();
+    let fx = fixture("trl_layouts.json");
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = real_rows(&real, 24);
+    assert_eq!(rows.len(), 24);
+    // (user question, chosen answer, rejected answer) of each source row
+    let parts: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            let (Some(Turns::Messages(c)), Some(Turns::Messages(rj))) = (&r.chosen, &r.rejected)
+            else {
+                panic!("UltraFeedback rows are conversations")
+            };
+            (
+                c[0].content.clone(),
+                c[1].content.clone(),
+                rj[1].content.clone(),
+            )
+        })
+        .collect();
+    let d = tmp.path();
+    let mut layouts: Vec<(&str, std::path::PathBuf, DatasetConfig)> = Vec::new();
+    let plain = |file: &Path| DatasetConfig {
+        id: file.to_string_lossy().into_owned(),
+        ..DatasetConfig::default()
+    };
+
+    let f = d.join("conversational_explicit.jsonl");
+    let recs: Vec<Value> = parts
+        .iter()
+        .map(|(q, c, r)| json!({"prompt": [msg("user", q)], "chosen": [msg("assistant", c)], "rejected": [msg("assistant", r)]}))
+        .collect();
+    write_jsonl(&f, &recs);
+    layouts.push(("conversational_explicit", f.clone(), plain(&f)));
+
+    let f = d.join("conversational_implicit.json");
+    let recs: Vec<Value> = parts
+        .iter()
+        .map(|(q, c, r)| json!({"chosen": [msg("user", q), msg("assistant", c)], "rejected": [msg("user", q), msg("assistant", r)]}))
+        .collect();
+    std::fs::write(&f, Value::Array(recs).to_string()).unwrap();
+    layouts.push(("conversational_implicit", f.clone(), plain(&f)));
+
+    let f = d.join("standard_explicit.parquet");
+    let col = |i: usize| -> Vec<String> {
+        parts
+            .iter()
+            .map(|p| [&p.0, &p.1, &p.2][i].clone())
+            .collect()
+    };
+    write_parquet(
+        &f,
+        &[("prompt", col(0)), ("chosen", col(1)), ("rejected", col(2))],
+    );
+    layouts.push(("standard_explicit", f.clone(), plain(&f)));
+
+    let f = d.join("standard_implicit.jsonl");
+    let recs: Vec<Value> = parts
+        .iter()
+        .map(|(q, c, r)| json!({"chosen": format!("{q} {c}"), "rejected": format!("{q} {r}")}))
+        .collect();
+    write_jsonl(&f, &recs);
+    layouts.push(("standard_implicit", f.clone(), plain(&f)));
+
+    // Multi-turn, ShareGPT names: a system turn, row a's exchange, then row b's question.
+    let f = d.join("multi_turn_sharegpt.jsonl");
+    let sg = |from: &str, value: &str| json!({"from": from, "value": value});
+    let recs: Vec<Value> = parts
+        .chunks(2)
+        .map(|ab| {
+            let ((qa, ca, _), (qb, cb, rb)) = (&ab[0], &ab[1]);
+            json!({
+                "conversations": [sg("system", "You are a helpful assistant."), sg("human", qa), sg("gpt", ca), sg("human", qb)],
+                "chosen": sg("gpt", cb),
+                "rejected": sg("gpt", rb),
+            })
+        })
+        .collect();
+    write_jsonl(&f, &recs);
+    let sharegpt = DatasetConfig {
+        columns: Columns {
+            prompt: Some("conversations".into()),
+            ..Columns::default()
+        },
+        message_keys: MessageKeys {
+            role: Some("from".into()),
+            content: Some("value".into()),
+        },
+        roles: [("human", Role::User), ("gpt", Role::Assistant)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        ..plain(&f)
+    };
+    layouts.push(("multi_turn", f.clone(), sharegpt));
+
+    let tok = PairTokenizer::from_dir(
+        &real.join("tokenizers/smollm2-135m"),
+        4096,
+        Truncation::KeepStart,
+    )
+    .unwrap();
+    for (name, file, cfg) in layouts {
+        let source = DataSource::resolve(&cfg, &[&cfg.train_split.clone()]).unwrap();
+        let read = refdpo::data::read_split(&source, &cfg.train_split, 0).unwrap();
+        assert!(read.skipped.is_empty(), "{name}: {:?}", read.skipped);
+        let (pairs, skipped) = tok.tokenize_all(&read.rows);
+        assert!(
+            skipped.is_empty(),
+            "{name} ({}): {skipped:?}",
+            file.display()
+        );
+        let want = fx["layouts"][name].as_array().unwrap();
+        assert_eq!(pairs.len(), want.len(), "{name}");
+        for (got, want) in pairs.iter().zip(want) {
+            let row = got.row;
+            assert_eq!(
+                got.prompt_ids,
+                ids(&want["prompt_ids"]),
+                "{name} row {row} prompt"
+            );
+            assert_eq!(
+                got.chosen_ids,
+                ids(&want["chosen_ids"]),
+                "{name} row {row} chosen"
+            );
+            assert_eq!(
+                got.rejected_ids,
+                ids(&want["rejected_ids"]),
+                "{name} row {row} rejected"
+            );
+            assert!(!got.chosen_truncated && !got.rejected_truncated);
+            assert_eq!(
+                got.prompt_id.len(),
+                64,
+                "{name}: a SHA-256 prompt_id without the column"
+            );
+        }
+    }
+}
