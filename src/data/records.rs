@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::de::{Deserializer as _, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -111,35 +112,39 @@ fn json_lines(
     Ok(())
 }
 
-fn json_array(
-    path: &Path,
-    mut reader: impl Read,
-    each: &mut dyn FnMut(Record) -> bool,
-) -> Result<()> {
-    let mut text = String::new();
-    reader
-        .read_to_string(&mut text)
-        .map_err(|e| Error::io("cannot read", path, e))?;
-    let Value::Array(items) = serde_json::from_str::<Value>(&text).map_err(|e| {
-        Error::schema(
-            path,
-            format!("not valid JSON ({e}); for one object a line, name it .jsonl"),
-        )
-    })?
-    else {
-        unreachable!("the text starts with '['");
-    };
-    drop(text);
-    for item in items {
-        let fields = match item {
-            Value::Object(m) => Ok(m),
-            _ => Err(SkipReason::WrongType),
-        };
-        if !each(Record { line: None, fields }) {
-            break;
+/// A JSON array of objects, parsed one element at a time: neither the whole text nor the whole
+/// tree is ever in memory.
+fn json_array(path: &Path, reader: impl Read, each: &mut dyn FnMut(Record) -> bool) -> Result<()> {
+    struct Elements<'a>(&'a mut dyn FnMut(Record) -> bool);
+    impl<'de> Visitor<'de> for Elements<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array of objects")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+            while let Some(item) = seq.next_element::<Value>()? {
+                let fields = match item {
+                    Value::Object(m) => Ok(m),
+                    _ => Err(SkipReason::WrongType),
+                };
+                if !(self.0)(Record { line: None, fields }) {
+                    // Enough rows: the rest is neither parsed nor checked.
+                    return Err(serde::de::Error::custom(STOPPED));
+                }
+            }
+            Ok(())
         }
     }
-    Ok(())
+    const STOPPED: &str = "refdpo: enough rows";
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    match de.deserialize_seq(Elements(each)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.to_string().starts_with(STOPPED) => Ok(()),
+        Err(e) => Err(Error::schema(
+            path,
+            format!("not valid JSON ({e}); for one object a line, name it .jsonl"),
+        )),
+    }
 }
 
 fn parquet_records(path: &Path, each: &mut dyn FnMut(Record) -> bool) -> Result<()> {
