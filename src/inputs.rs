@@ -5,7 +5,7 @@
 use crate::cache::Fingerprint;
 use crate::config::Config;
 use crate::data::{self, DataSource};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::hub;
 use crate::model::{weights, Transformer, TransformerConfig};
 use crate::tokenize::PairTokenizer;
@@ -71,15 +71,6 @@ impl Inputs {
 
     fn open(cfg: &Config) -> Result<Self> {
         let model = ModelSource::open(hub::model(&cfg.model.id, &cfg.model.revision)?)?;
-        model
-            .cfg
-            .check_max_length(cfg.tokenize.max_length)
-            .map_err(|e| {
-                Error::Model(format!(
-                    "`{}`: {e}",
-                    model.dir.join("config.json").display()
-                ))
-            })?;
         let tokenizer =
             PairTokenizer::from_dir(&model.dir, cfg.tokenize.max_length, cfg.tokenize.truncation)?;
         Ok(Self { model, tokenizer })

@@ -132,7 +132,7 @@ fn all_checks(device: &Device) -> Result<Vec<Check>> {
     if device.is_cuda() {
         precisions.push(Precision::Tf32);
     }
-    for arch in ["llama", "qwen2"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "olmo2"] {
         for &p in &precisions {
             candle_core::cuda::set_gemm_reduced_precision_f32(p == Precision::Tf32);
             model(arch, device, p, &mut checks)?;
@@ -258,12 +258,18 @@ fn ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) -> Result<()> {
     Ok(())
 }
 
+/// The families' tiny models; Mistral's window (16) is shorter than the longer pair (43).
 fn tiny(arch: &str) -> Result<TransformerConfig> {
     let tied = arch == "qwen2";
+    let window = if arch == "mistral" {
+        r#","sliding_window":16"#
+    } else {
+        ""
+    };
     TransformerConfig::from_json(&format!(
         r#"{{"model_type":"{arch}","vocab_size":97,"hidden_size":32,"intermediate_size":48,
         "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,
-        "rope_theta":10000.0,"tie_word_embeddings":{tied}}}"#
+        "rope_theta":10000.0,"tie_word_embeddings":{tied}{window}}}"#
     ))
     .map_err(Error::Model)
 }
@@ -378,7 +384,8 @@ mod tests {
     #[test]
     fn every_check_passes_on_the_cpu() {
         let checks = run(&Device::Cpu).unwrap();
-        assert_eq!(checks.len(), 2 * (3 + 4) + 2 * 2 * 2);
+        // 7 op checks in f32 and bf16, then 2 checks per family (5) and precision (2)
+        assert_eq!(checks.len(), 2 * (3 + 4) + 5 * 2 * 2);
         let (text, ok) = report("cpu", &checks);
         assert!(ok, "{text}");
     }

@@ -1,25 +1,42 @@
-//! `config.json` (Hugging Face layout) → [`TransformerConfig`] for the Llama and Qwen2 families.
+//! `config.json` (Hugging Face layout) → [`TransformerConfig`] for the Llama, Mistral, Qwen2,
+//! Qwen3 and OLMo 2 families.
 
 use crate::error::{fs, Error, Result};
 use serde::Deserialize;
 use std::path::Path;
 
-/// Which decoder family; they differ only in biases and defaults.
+/// Which decoder family; they differ in biases, norms and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
-    /// Llama, Llama-3, SmolLM2, TinyLlama, and Mistral (its sliding window must cover
-    /// `max_length`, see [`TransformerConfig::check_max_length`]).
+    /// Llama, Llama-3, SmolLM2, TinyLlama, and Mistral (with its sliding window).
     Llama,
     /// Qwen2 / Qwen2.5: q/k/v biases.
     Qwen2,
+    /// Qwen3: RMSNorm of each query and key head before RoPE.
+    Qwen3,
+    /// OLMo 2: norms after each sublayer (no input norm), RMSNorm of the whole query and key
+    /// projections before RoPE.
+    Olmo2,
 }
 
 /// The `model_type`s (or, without one, the `architectures`) refdpo implements.
-const SUPPORTED: [(&str, &str, Arch); 3] = [
+const SUPPORTED: [(&str, &str, Arch); 5] = [
     ("llama", "LlamaForCausalLM", Arch::Llama),
     ("mistral", "MistralForCausalLM", Arch::Llama),
     ("qwen2", "Qwen2ForCausalLM", Arch::Qwen2),
+    ("qwen3", "Qwen3ForCausalLM", Arch::Qwen3),
+    ("olmo2", "Olmo2ForCausalLM", Arch::Olmo2),
 ];
+
+/// RMSNorm of queries and keys before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Over each head's `head_dim` (Qwen3: `q_norm.weight` [head_dim]).
+    PerHead,
+    /// Over the whole projection (OLMo 2: `q_norm.weight` [heads × head_dim]).
+    Whole,
+}
 
 /// Fields whose presence means parts refdpo does not implement (experts, a vision tower).
 const UNSUPPORTED_FIELDS: [(&str, &str); 7] = [
@@ -63,8 +80,11 @@ pub struct TransformerConfig {
     /// transformers builds the embedding with `padding_idx = pad_token_id`: that row gets no
     /// gradient from the embedding lookup. The policy backward does the same.
     pub pad_token_id: Option<u32>,
-    /// Mistral's `sliding_window` (attention reaches this many positions back), if any.
+    /// Mistral's `sliding_window`: a query attends to itself and the `w - 1` positions before.
     pub sliding_window: Option<usize>,
+    pub qk_norm: QkNorm,
+    /// Norms on each sublayer's output (OLMo 2) instead of its input.
+    pub post_norms: bool,
 }
 
 #[derive(Deserialize)]
@@ -141,10 +161,10 @@ impl TransformerConfig {
                     .into(),
             );
         }
-        // Qwen2 keeps `sliding_window` set while `use_sliding_window` is false: it is unused there.
+        // Qwen keeps `sliding_window` set while `use_sliding_window` is false: it is unused there.
         let sliding_window = match arch {
             Arch::Llama => raw.sliding_window,
-            Arch::Qwen2 => None,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Olmo2 => None,
         };
         // transformers 5 nests RoPE settings under `rope_parameters`; 4.x used top-level keys.
         let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
@@ -180,7 +200,7 @@ impl TransformerConfig {
             rope_scaling,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
-            o_bias: arch == Arch::Llama && attention_bias,
+            o_bias: arch != Arch::Qwen2 && attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             pad_token_id: raw
                 .pad_token_id
@@ -188,19 +208,13 @@ impl TransformerConfig {
                 .and_then(|v| v.as_u64())
                 .map(|v| v as u32),
             sliding_window,
+            qk_norm: match arch {
+                Arch::Qwen3 => QkNorm::PerHead,
+                Arch::Olmo2 => QkNorm::Whole,
+                Arch::Llama | Arch::Qwen2 => QkNorm::None,
+            },
+            post_norms: arch == Arch::Olmo2,
         })
-    }
-
-    /// A sliding window shorter than a sequence would change attention, which refdpo does not
-    /// implement: refused, naming the field and the fix.
-    pub fn check_max_length(&self, max_length: usize) -> std::result::Result<(), String> {
-        match self.sliding_window {
-            Some(w) if w < max_length => Err(format!(
-                "`sliding_window` = {w} is shorter than tokenize.max_length = {max_length}: \
-                 refdpo does not implement windowed attention; set tokenize.max_length <= {w}"
-            )),
-            _ => Ok(()),
-        }
     }
 }
 
@@ -302,24 +316,23 @@ mod tests {
         // Families that only share a prefix with a supported one are not taken for it.
         for t in ["qwen2_moe", "qwen2_vl", "llama4", "mistral3"] {
             let e = config(&format!(r#","model_type":"{t}""#)).unwrap_err();
-            assert!(e.contains(t) && e.contains("llama, mistral, qwen2"), "{e}");
+            assert!(
+                e.contains(t) && e.contains("llama, mistral, qwen2, qwen3, olmo2"),
+                "{e}"
+            );
         }
-        // Qwen2's sliding_window is inert while use_sliding_window is false.
+        // Qwen's sliding_window is inert while use_sliding_window is false; Mistral's is used.
         let q = config(r#","model_type":"qwen2","use_sliding_window":false,"sliding_window":32"#);
-        q.unwrap().check_max_length(4096).unwrap();
-    }
-
-    #[test]
-    fn a_mistral_window_shorter_than_max_length_is_refused() {
+        assert_eq!(q.unwrap().sliding_window, None);
         let m = config(r#","model_type":"mistral","sliding_window":4096"#).unwrap();
-        m.check_max_length(4096).unwrap();
-        let e = m.check_max_length(8192).unwrap_err();
-        assert!(
-            e.contains("`sliding_window` = 4096") && e.contains("tokenize.max_length <= 4096"),
-            "{e}"
+        assert_eq!(m.sliding_window, Some(4096));
+        let q3 = config(r#","model_type":"qwen3","head_dim":12"#).unwrap();
+        assert_eq!(
+            (q3.qk_norm, q3.qkv_bias, q3.post_norms),
+            (QkNorm::PerHead, false, false)
         );
-        let none = config(r#","model_type":"mistral","sliding_window":null"#).unwrap();
-        none.check_max_length(1 << 20).unwrap();
+        let o = config(r#","model_type":"olmo2""#).unwrap();
+        assert_eq!((o.qk_norm, o.post_norms), (QkNorm::Whole, true));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! hash of each HF tensor name): the demo model and the test fixtures' model, with no binary committed.
 //! The demo's tiny architecture lives here too, beside the code that fills it.
 
-use super::config::{Arch, TransformerConfig};
+use super::config::{QkNorm, TransformerConfig};
 use crate::error::{fs, Error, Result};
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -57,8 +57,21 @@ pub fn tensor_shapes(cfg: &TransformerConfig) -> Vec<(String, Vec<usize>)> {
     )];
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        if cfg.post_norms {
+            out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
+        } else {
+            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        let (qn, kn) = match cfg.qk_norm {
+            QkNorm::None => (0, 0),
+            QkNorm::PerHead => (cfg.head_dim, cfg.head_dim),
+            QkNorm::Whole => (q, kv),
+        };
+        if qn > 0 {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![qn]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![kn]));
+        }
         for (name, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
             out.push((format!("{p}.self_attn.{name}.weight"), vec![rows, h]));
             if cfg.qkv_bias {
@@ -77,7 +90,6 @@ pub fn tensor_shapes(cfg: &TransformerConfig) -> Vec<(String, Vec<usize>)> {
     if !cfg.tie_word_embeddings {
         out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
     }
-    debug_assert!(cfg.arch == Arch::Llama || cfg.qkv_bias);
     out
 }
 

@@ -1,8 +1,8 @@
-//! The decoder (Llama / Qwen2) as plain candle modules: one forward for the frozen reference
+//! The decoder (Llama, Mistral, Qwen2, Qwen3, OLMo 2) as plain candle modules: one forward for the frozen reference
 //! (fast fused ops) and for the policy (differentiable ops only: candle's fused `softmax_last_dim`,
 //! `rms_norm` and `rope` have no backward and would silently train nothing but `lm_head`).
 
-use super::config::TransformerConfig;
+use super::config::{QkNorm, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::profile::{self, Phase};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -141,6 +141,8 @@ pub struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// RMSNorm of queries and keys before RoPE (Qwen3 per head, OLMo 2 whole).
+    qk_norm: Option<(QkNorm, RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -152,17 +154,26 @@ impl Attention {
         let _phase = profile::scope(Phase::Attention);
         let (cos, sin) = (&ctx.cos, &ctx.sin);
         let (b, t, _) = x.dims3()?;
-        let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
-            // [B, T, n*hd] → [B, n, T, hd]
-            Ok(lin
-                .forward(x)?
-                .reshape((b, t, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        // [B, T, n*hd] → [B, n, T, hd], with the query/key norm where the family has one
+        let heads = |lin: &Linear, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let mut y = lin.forward(x)?;
+            let kind = self.qk_norm.as_ref().map(|(k, _, _)| *k);
+            if let (Some(QkNorm::Whole), Some(norm)) = (kind, norm) {
+                y = norm.forward(&y, mode)?;
+            }
+            let mut y = y.reshape((b, t, n, self.head_dim))?;
+            if let (Some(QkNorm::PerHead), Some(norm)) = (kind, norm) {
+                y = norm.forward(&y, mode)?;
+            }
+            Ok(y.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(&self.q, self.num_heads)?;
-        let k = heads(&self.k, self.num_kv_heads)?;
-        let v = heads(&self.v, self.num_kv_heads)?;
+        let (q_norm, k_norm) = match &self.qk_norm {
+            Some((_, q, k)) => (Some(q), Some(k)),
+            None => (None, None),
+        };
+        let q = heads(&self.q, self.num_heads, q_norm)?;
+        let k = heads(&self.k, self.num_kv_heads, k_norm)?;
+        let v = heads(&self.v, self.num_kv_heads, None)?;
         let (q, k) = match mode {
             OpMode::Fast => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
@@ -251,12 +262,26 @@ impl Mlp {
     }
 }
 
-/// One decoder layer: x + attn(norm(x)), then + mlp(norm(x)).
+/// Where a layer's two norms sit.
+#[derive(Debug, Clone)]
+enum Norms {
+    /// x + attn(input(x)), then h + mlp(post_attention(h)) (Llama, Mistral, Qwen).
+    Pre {
+        input: RmsNorm,
+        post_attention: RmsNorm,
+    },
+    /// x + post_attention(attn(x)), then h + post_feedforward(mlp(h)) (OLMo 2).
+    Post {
+        post_attention: RmsNorm,
+        post_feedforward: RmsNorm,
+    },
+}
+
+/// One decoder layer: attention and MLP, each with its residual, normed as the family does.
 #[derive(Debug, Clone)]
 pub struct Block {
-    input_norm: RmsNorm,
+    norms: Norms,
     attn: Attention,
-    post_norm: RmsNorm,
     mlp: Mlp,
 }
 
@@ -268,14 +293,29 @@ impl Block {
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm::new(p.get(&format!("{pre}.{name}.weight"))?, eps))
         };
+        let norms = if cfg.post_norms {
+            Norms::Post {
+                post_attention: norm("post_attention_layernorm")?,
+                post_feedforward: norm("post_feedforward_layernorm")?,
+            }
+        } else {
+            Norms::Pre {
+                input: norm("input_layernorm")?,
+                post_attention: norm("post_attention_layernorm")?,
+            }
+        };
+        let qk_norm = match cfg.qk_norm {
+            QkNorm::None => None,
+            kind => Some((kind, norm("self_attn.q_norm")?, norm("self_attn.k_norm")?)),
+        };
         Ok(Self {
-            input_norm: norm("input_layernorm")?,
-            post_norm: norm("post_attention_layernorm")?,
+            norms,
             attn: Attention {
                 q: linear(p, &format!("{pre}.self_attn.q_proj"), cfg.qkv_bias)?,
                 k: linear(p, &format!("{pre}.self_attn.k_proj"), cfg.qkv_bias)?,
                 v: linear(p, &format!("{pre}.self_attn.v_proj"), cfg.qkv_bias)?,
                 o: linear(p, &format!("{pre}.self_attn.o_proj"), cfg.o_bias)?,
+                qk_norm,
                 num_heads: cfg.num_heads,
                 num_kv_heads: cfg.num_kv_heads,
                 head_dim: cfg.head_dim,
@@ -290,10 +330,26 @@ impl Block {
 
     /// x: [B, T, H] → [B, T, H]
     pub fn forward(&self, x: &Tensor, ctx: &SeqContext, mode: OpMode) -> Result<Tensor> {
-        let h = self.input_norm.forward(x, mode)?;
-        let x = (x + self.attn.forward(&h, ctx, mode)?)?;
-        let h = self.post_norm.forward(&x, mode)?;
-        Ok((&x + self.mlp.forward(&h)?)?)
+        match &self.norms {
+            Norms::Pre {
+                input,
+                post_attention,
+            } => {
+                let h = input.forward(x, mode)?;
+                let x = (x + self.attn.forward(&h, ctx, mode)?)?;
+                let h = post_attention.forward(&x, mode)?;
+                Ok((&x + self.mlp.forward(&h)?)?)
+            }
+            Norms::Post {
+                post_attention,
+                post_feedforward,
+            } => {
+                let a = post_attention.forward(&self.attn.forward(x, ctx, mode)?, mode)?;
+                let x = (x + a)?;
+                let m = post_feedforward.forward(&self.mlp.forward(&x)?, mode)?;
+                Ok((&x + m)?)
+            }
+        }
     }
 }
 
@@ -301,7 +357,8 @@ impl Block {
 pub struct SeqContext {
     pub cos: Tensor,
     pub sin: Tensor,
-    /// [T, T] additive causal mask in f32 (0 on and below the diagonal, -inf above).
+    /// [T, T] additive mask in f32: 0 where a query may attend (causal, within any sliding
+    /// window), -inf elsewhere.
     pub mask: Tensor,
     /// Sequences per chunk of attention scores ([`attention_chunk`]).
     pub attn_seqs: usize,
@@ -353,8 +410,19 @@ impl Transformer {
 
     pub fn context(&self, seq_len: usize, device: &Device) -> Result<SeqContext> {
         let (cos, sin) = self.rope.tables(seq_len, self.dtype, device)?;
+        // causal, and within the sliding window where the model has one: a query at i sees
+        // keys i - w < j <= i (transformers' `sliding_window_causal_mask_function`)
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
         let mask: Vec<f32> = (0..seq_len)
-            .flat_map(|i| (0..seq_len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| {
+                (0..seq_len).map(move |j| {
+                    if j > i || i - j >= window {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (seq_len, seq_len), device)?;
         Ok(SeqContext {

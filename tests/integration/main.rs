@@ -3,6 +3,7 @@
 
 mod common;
 mod demo_pipeline;
+mod families;
 mod fidelity;
 mod first_hour;
 mod integrity;

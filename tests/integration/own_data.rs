@@ -92,13 +92,27 @@ fn a_jsonl_file_with_bad_lines_and_a_held_out_split() {
         40
     );
     // `refdpo show` reads the same file: a standard row, a conversational one, a bad line.
-    let show = |index: &str| ok(&["show", "--config", cfg_s, "--set", &id, "--index", index], tmp.path());
+    let show = |index: &str| {
+        ok(
+            &["show", "--config", cfg_s, "--set", &id, "--index", index],
+            tmp.path(),
+        )
+    };
     let out = show("2");
-    assert!(out.contains("prompt text (standard layout") && out.contains("It is 4."), "{out}");
+    assert!(
+        out.contains("prompt text (standard layout") && out.contains("It is 4."),
+        "{out}"
+    );
     let out = show("3");
-    assert!(out.contains("[user] Name the number after 3.") && out.contains("rendered prompt"), "{out}");
+    assert!(
+        out.contains("[user] Name the number after 3.") && out.contains("rendered prompt"),
+        "{out}"
+    );
     let out = show("7");
-    assert!(out.contains("(line 8)") && out.contains("skipped: bad_json"), "{out}");
+    assert!(
+        out.contains("(line 8)") && out.contains("skipped: bad_json"),
+        "{out}"
+    );
     // The same rows are held out on a second run.
     std::fs::remove_dir_all(tmp.path().join("cache")).unwrap();
     precompute(&["--set", "dataset.test_size=0.25"]);
