@@ -116,8 +116,21 @@ impl SeqBatch {
 pub fn score(model: &Transformer, batch: &SeqBatch, mode: OpMode) -> Result<Vec<f64>> {
     let hidden = model.forward_hidden(&batch.input_ids, mode)?; // [B, T, H]
     let rows = batch.gather_rows(&hidden)?; // [N, H]
-    let lp = token_logps(&rows, &model.lm_head, &batch.targets)?; // [N]
+    let lp = token_logps(
+        &rows,
+        &model.lm_head,
+        &batch.targets,
+        model.cfg.final_softcap,
+    )?; // [N]
     batch.sequence_sums(&lp)
+}
+
+/// Gemma 2's final soft-capping, cap · tanh(logits / cap); the identity without a cap.
+pub fn softcap(logits: Tensor, cap: Option<f64>) -> Result<Tensor> {
+    Ok(match cap {
+        Some(c) => ((logits / c)?.tanh()? * c)?,
+        None => logits,
+    })
 }
 
 /// Scores B pairs in one batched forward: (chosen, rejected) summed log-probs per pair.
@@ -141,8 +154,13 @@ fn chunk_rows(vocab: usize, device: &Device) -> usize {
 /// rows [N, H] · lm_head [V, H]ᵀ → log p(target) [N] in f32, one chunk of rows at a time.
 /// Differentiable when the inputs are tracked, but then each chunk's graph is kept: training uses
 /// [`token_logps_backward`] on detached inputs instead.
-pub fn token_logps(rows: &Tensor, lm_head: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    Ok(token_logps_lse(rows, lm_head, targets)?.0)
+pub fn token_logps(
+    rows: &Tensor,
+    lm_head: &Tensor,
+    targets: &Tensor,
+    cap: Option<f64>,
+) -> Result<Tensor> {
+    Ok(token_logps_lse(rows, lm_head, targets, cap)?.0)
 }
 
 /// [`token_logps`] and each row's log-sum-exp over the vocabulary ([N] f32 each): the backward
@@ -151,6 +169,7 @@ pub fn token_logps_lse(
     rows: &Tensor,
     lm_head: &Tensor,
     targets: &Tensor,
+    cap: Option<f64>,
 ) -> Result<(Tensor, Tensor)> {
     let _phase = profile::scope(Phase::Logprobs);
     let (n, _) = rows.dims2()?;
@@ -164,6 +183,7 @@ pub fn token_logps_lse(
             .narrow(0, start, len)?
             .matmul(&lm_head.t()?)?
             .to_dtype(DType::F32)?;
+        let logits = softcap(logits, cap)?;
         let tgt = targets.narrow(0, start, len)?;
         let max = logits.max_keepdim(D::Minus1)?; // [len, 1]
         let lse = (logits
@@ -190,16 +210,19 @@ pub fn token_logps_lse(
 /// d logp/d logits · g = g·onehot(target) − g·softmax(logits). It goes one vocabulary chunk at
 /// a time, so each chunk's `lm_head` gradient is written once into its rows (no full-size
 /// [V, H] partial sums) and only [N, chunk] logits exist at once.
+///
+/// With a soft cap, the chain rule goes on through cap · tanh(z / cap): d/dz = 1 − tanh².
 pub fn token_logps_backward(
     rows: &Tensor,
     lm_head: &Tensor,
     targets: &Tensor,
     g: &Tensor,
     lse: &Tensor,
+    cap: Option<f64>,
 ) -> Result<(Tensor, Tensor)> {
     let _phase = profile::scope(Phase::Logprobs);
     let step = (logits_budget(rows.device()) / rows.dim(0)?.max(1)).max(1);
-    backward_by_vocab_chunks(rows, lm_head, targets, g, lse, step)
+    backward_by_vocab_chunks(rows, lm_head, targets, g, lse, cap, step)
 }
 
 /// [`token_logps_backward`] with `step` vocabulary entries per chunk.
@@ -209,6 +232,7 @@ fn backward_by_vocab_chunks(
     targets: &Tensor,
     g: &Tensor,
     lse: &Tensor,
+    cap: Option<f64>,
     step: usize,
 ) -> Result<(Tensor, Tensor)> {
     let (n, h) = rows.dims2()?;
@@ -229,7 +253,14 @@ fn backward_by_vocab_chunks(
     for v0 in (0..vocab).step_by(step) {
         let len = step.min(vocab - v0);
         let w = lm_head.narrow(0, v0, len)?; // [len, H]
-        let logits = rows.matmul(&w.t()?)?.to_dtype(DType::F32)?; // [N, len]
+        let z = rows.matmul(&w.t()?)?.to_dtype(DType::F32)?; // [N, len]
+        let (logits, tanh) = match cap {
+            Some(c) => {
+                let t = (&z / c)?.tanh()?;
+                ((&t * c)?, Some(t))
+            }
+            None => (z, None),
+        };
         let probs = logits.broadcast_sub(&lse)?.exp()?;
         // g at each row's target column when the target falls in this chunk
         let (mut idx, mut val) = (vec![0u32; n], vec![0f32; n]);
@@ -242,7 +273,13 @@ fn backward_by_vocab_chunks(
         let idx = Tensor::from_vec(idx, (n, 1), dev)?;
         let val = Tensor::from_vec(val, (n, 1), dev)?;
         let onehot_g = probs.zeros_like()?.scatter_add(&idx, &val, 1)?;
-        let grad_logits = (onehot_g - probs.broadcast_mul(&g_col)?)?.to_dtype(dtype)?; // [N, len]
+        let grad_logits = (onehot_g - probs.broadcast_mul(&g_col)?)?;
+        // through the soft cap, then in the compute dtype: d/dz [N, len]
+        let grad_logits = match tanh {
+            Some(t) => (grad_logits * (1.0 - t.sqr()?)?)?,
+            None => grad_logits,
+        }
+        .to_dtype(dtype)?;
         grad_w.slice_set(
             &grad_logits.t()?.matmul(rows)?.to_dtype(DType::F32)?, // [len, H]
             0,
@@ -265,17 +302,33 @@ mod tests {
         let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (11, 5), &dev).unwrap()).unwrap();
         let targets = Tensor::new(&[0u32, 3, 10, 2, 2, 7, 1], &dev).unwrap();
         let g = Tensor::new(&[0.5f32, -1.0, 2.0, 0.0, 1.5, -0.25, 3.0], &dev).unwrap();
-        let lp = token_logps(rows.as_tensor(), w.as_tensor(), &targets).unwrap();
-        let grads = (lp * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let (_, lse) = token_logps_lse(rows.as_tensor(), w.as_tensor(), &targets).unwrap();
         let diff = crate::test_util::max_abs_diff;
-        // one vocabulary chunk, then chunks of 3 (the last one short: 11 = 3 + 3 + 3 + 2)
-        for step in [usize::MAX, 3] {
-            let (gr, gw) =
-                backward_by_vocab_chunks(rows.as_tensor(), w.as_tensor(), &targets, &g, &lse, step)
-                    .unwrap();
-            assert!(diff(grads.get(rows.as_tensor()).unwrap(), &gr) < 1e-5);
-            assert!(diff(grads.get(w.as_tensor()).unwrap(), &gw) < 1e-5);
+        // without and with Gemma 2's final soft cap (small, so it bends the logits)
+        for cap in [None, Some(1.5)] {
+            let lp = token_logps(rows.as_tensor(), w.as_tensor(), &targets, cap).unwrap();
+            let grads = (lp * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let (_, lse) = token_logps_lse(rows.as_tensor(), w.as_tensor(), &targets, cap).unwrap();
+            // one vocabulary chunk, then chunks of 3 (the last one short: 11 = 3 + 3 + 3 + 2)
+            for step in [usize::MAX, 3] {
+                let (gr, gw) = backward_by_vocab_chunks(
+                    rows.as_tensor(),
+                    w.as_tensor(),
+                    &targets,
+                    &g,
+                    &lse,
+                    cap,
+                    step,
+                )
+                .unwrap();
+                assert!(
+                    diff(grads.get(rows.as_tensor()).unwrap(), &gr) < 1e-5,
+                    "{cap:?}"
+                );
+                assert!(
+                    diff(grads.get(w.as_tensor()).unwrap(), &gw) < 1e-5,
+                    "{cap:?}"
+                );
+            }
         }
     }
 

@@ -17,15 +17,34 @@ pub enum Arch {
     /// OLMo 2: norms after each sublayer (no input norm), RMSNorm of the whole query and key
     /// projections before RoPE.
     Olmo2,
+    /// Phi-3: fused `qkv_proj` and `gate_up_proj` weights; Mistral's sliding window.
+    Phi3,
+    /// Gemma 2: (1 + w) RMSNorm, scaled embeddings, GELU-tanh, norms before and after each
+    /// sublayer, soft-capped attention and logits, alternating sliding-window layers.
+    Gemma2,
+    /// Gemma 3 (text): Gemma 2 without soft-capping, with per-head q/k norms and a separate
+    /// RoPE base for the sliding-window layers.
+    Gemma3,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// `gelu_pytorch_tanh`: GELU's tanh approximation.
+    GeluTanh,
 }
 
 /// The `model_type`s (or, without one, the `architectures`) refdpo implements.
-const SUPPORTED: [(&str, &str, Arch); 5] = [
+const SUPPORTED: [(&str, &str, Arch); 8] = [
     ("llama", "LlamaForCausalLM", Arch::Llama),
     ("mistral", "MistralForCausalLM", Arch::Llama),
     ("qwen2", "Qwen2ForCausalLM", Arch::Qwen2),
     ("qwen3", "Qwen3ForCausalLM", Arch::Qwen3),
     ("olmo2", "Olmo2ForCausalLM", Arch::Olmo2),
+    ("phi3", "Phi3ForCausalLM", Arch::Phi3),
+    ("gemma2", "Gemma2ForCausalLM", Arch::Gemma2),
+    ("gemma3_text", "Gemma3ForCausalLM", Arch::Gemma3),
 ];
 
 /// RMSNorm of queries and keys before RoPE.
@@ -39,14 +58,13 @@ pub enum QkNorm {
 }
 
 /// Fields whose presence means parts refdpo does not implement (experts, a vision tower).
-const UNSUPPORTED_FIELDS: [(&str, &str); 7] = [
+const UNSUPPORTED_FIELDS: [(&str, &str); 6] = [
     ("num_experts", "mixture-of-experts layers"),
     ("num_local_experts", "mixture-of-experts layers"),
     ("num_experts_per_tok", "mixture-of-experts layers"),
     ("moe_intermediate_size", "mixture-of-experts layers"),
     ("vision_config", "a vision tower"),
     ("text_config", "a multimodal wrapper"),
-    ("partial_rotary_factor", "partial rotary embeddings"),
 ];
 
 /// Llama-3 style RoPE frequency scaling.
@@ -85,6 +103,23 @@ pub struct TransformerConfig {
     pub qk_norm: QkNorm,
     /// Norms on each sublayer's output (OLMo 2) instead of its input.
     pub post_norms: bool,
+    /// q/k/v in one `qkv_proj` and gate/up in one `gate_up_proj` (Phi-3).
+    pub fused_projections: bool,
+    /// Per layer: whether it attends within `sliding_window` (every layer for Mistral and
+    /// Phi-3; Gemma's `layer_types`).
+    pub sliding_layers: Vec<bool>,
+    /// Gemma 3: the RoPE base of the sliding-window layers.
+    pub local_rope_theta: Option<f32>,
+    pub activation: Activation,
+    /// Gemma: RMSNorm scales by (1 + w); embeddings are multiplied by √hidden; each sublayer is
+    /// normed before and after.
+    pub gemma: bool,
+    /// The attention scores' scale: 1/√head_dim, or Gemma's `query_pre_attn_scalar`^-½.
+    pub attn_scale: f64,
+    /// Gemma 2: scores → cap · tanh(scores / cap) before the mask.
+    pub attn_softcap: Option<f64>,
+    /// Gemma 2: logits → cap · tanh(logits / cap) before the log-softmax.
+    pub final_softcap: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +141,12 @@ struct Raw {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    layer_types: Option<Vec<String>>,
+    rope_local_base_freq: Option<f64>,
     use_sliding_window: Option<bool>,
     sliding_window: Option<usize>,
     pad_token_id: Option<serde_json::Value>,
@@ -147,13 +188,23 @@ impl TransformerConfig {
                 ));
             }
         }
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" {
+        let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
+        // Gemma names it `hidden_activation` (and keeps a `hidden_act` it does not use).
+        let act = if gemma {
+            raw.hidden_activation.as_ref().or(raw.hidden_act.as_ref())
+        } else {
+            raw.hidden_act.as_ref()
+        };
+        let activation = match act.map(String::as_str) {
+            None | Some("silu") => Activation::Silu,
+            Some("gelu_pytorch_tanh") => Activation::GeluTanh,
+            Some(other) => {
                 return Err(format!(
-                    "`hidden_act` = {act:?} is not supported: refdpo implements silu (SwiGLU)"
-                ));
+                    "`hidden_act` = {other:?} is not supported: refdpo implements silu and \
+                     gelu_pytorch_tanh"
+                ))
             }
-        }
+        };
         if raw.use_sliding_window == Some(true) {
             return Err(
                 "`use_sliding_window` = true is not supported: refdpo attends over the whole \
@@ -163,15 +214,62 @@ impl TransformerConfig {
         }
         // Qwen keeps `sliding_window` set while `use_sliding_window` is false: it is unused there.
         let sliding_window = match arch {
-            Arch::Llama => raw.sliding_window,
             Arch::Qwen2 | Arch::Qwen3 | Arch::Olmo2 => None,
+            _ => raw.sliding_window,
         };
-        // transformers 5 nests RoPE settings under `rope_parameters`; 4.x used top-level keys.
-        let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+        let layers = raw.num_hidden_layers;
+        let sliding_layers: Vec<bool> = match (&raw.layer_types, sliding_window) {
+            (_, None) => vec![false; layers],
+            (Some(types), Some(_)) if gemma => {
+                if types.len() != layers {
+                    return Err(format!(
+                        "`layer_types` has {} entries for {layers} layers",
+                        types.len()
+                    ));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "sliding_attention" => Ok(true),
+                        "full_attention" => Ok(false),
+                        other => Err(format!("`layer_types` entry {other:?} is not supported")),
+                    })
+                    .collect::<std::result::Result<_, _>>()?
+            }
+            // Gemma 2's default pattern: sliding first, then every other layer.
+            (None, Some(_)) if gemma => (0..layers).map(|i| i % 2 == 0).collect(),
+            (_, Some(_)) => vec![true; layers],
+        };
+        // transformers 5 nests RoPE settings under `rope_parameters` (per layer type for Gemma
+        // 3); 4.x used top-level keys.
+        let params = raw.rope_parameters.as_ref();
+        let per_type = |t: &str| params.and_then(|p| p.get(t)).filter(|v| v.is_object());
+        let global = per_type("full_attention").or(params);
+        let rope = global.or(raw.rope_scaling.as_ref());
         let theta = raw
             .rope_theta
-            .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
+            .or_else(|| global?.get("rope_theta")?.as_f64())
             .unwrap_or(10_000.0);
+        // Phi-3.5/Phi-4-mini rotate only part of each head (transformers 5 writes the factor
+        // into `rope_parameters`, 4.x at the top level).
+        let partial = raw
+            .rest
+            .get("partial_rotary_factor")
+            .or_else(|| global?.get("partial_rotary_factor"))
+            .and_then(|v| v.as_f64());
+        if let Some(f) = partial.filter(|&f| f != 1.0) {
+            return Err(format!(
+                "`partial_rotary_factor` = {f}: the model rotates part of each head, which refdpo \
+                 does not implement"
+            ));
+        }
+        let local_rope_theta = match arch {
+            Arch::Gemma3 => raw
+                .rope_local_base_freq
+                .or_else(|| per_type("sliding_attention")?.get("rope_theta")?.as_f64())
+                .map(|t| t as f32),
+            _ => None,
+        };
         let rope_scaling = match rope {
             Some(v) if v.is_object() => parse_scaling(v)?,
             _ => None,
@@ -184,6 +282,13 @@ impl TransformerConfig {
                 raw.num_attention_heads
             ));
         }
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        let attn_scale = match (gemma, raw.query_pre_attn_scalar) {
+            (true, Some(s)) => s.powf(-0.5),
+            _ => (head_dim as f64).powf(-0.5),
+        };
         Ok(Self {
             arch,
             vocab_size: raw.vocab_size,
@@ -192,13 +297,12 @@ impl TransformerConfig {
             num_layers: raw.num_hidden_layers,
             num_heads: raw.num_attention_heads,
             num_kv_heads,
-            head_dim: raw
-                .head_dim
-                .unwrap_or(raw.hidden_size / raw.num_attention_heads),
+            head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: theta as f32,
             rope_scaling,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            // Gemma's configs leave out the tie they rely on (transformers' default).
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
             o_bias: arch != Arch::Qwen2 && attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
@@ -209,11 +313,19 @@ impl TransformerConfig {
                 .map(|v| v as u32),
             sliding_window,
             qk_norm: match arch {
-                Arch::Qwen3 => QkNorm::PerHead,
+                Arch::Qwen3 | Arch::Gemma3 => QkNorm::PerHead,
                 Arch::Olmo2 => QkNorm::Whole,
-                Arch::Llama | Arch::Qwen2 => QkNorm::None,
+                Arch::Llama | Arch::Qwen2 | Arch::Phi3 | Arch::Gemma2 => QkNorm::None,
             },
             post_norms: arch == Arch::Olmo2,
+            fused_projections: arch == Arch::Phi3,
+            sliding_layers,
+            local_rope_theta,
+            activation,
+            gemma,
+            attn_scale,
+            attn_softcap: raw.attn_logit_softcapping.filter(|_| arch == Arch::Gemma2),
+            final_softcap: raw.final_logit_softcapping.filter(|_| gemma),
         })
     }
 }
@@ -309,12 +421,20 @@ mod tests {
                 r#","model_type":"llama","partial_rotary_factor":0.5"#,
                 "partial_rotary_factor",
             ),
+            (
+                r#","model_type":"phi3","rope_parameters":{"rope_theta":1e4,"partial_rotary_factor":0.75}"#,
+                "partial_rotary_factor",
+            ),
+            (
+                r#","model_type":"gemma2","hidden_activation":"gelu""#,
+                "hidden_act",
+            ),
         ] {
             let e = config(extra).unwrap_err();
             assert!(e.contains(&format!("`{field}`")), "{extra}: {e}");
         }
         // Families that only share a prefix with a supported one are not taken for it.
-        for t in ["qwen2_moe", "qwen2_vl", "llama4", "mistral3"] {
+        for t in ["qwen2_moe", "qwen2_vl", "llama4", "mistral3", "gemma3"] {
             let e = config(&format!(r#","model_type":"{t}""#)).unwrap_err();
             assert!(
                 e.contains(t) && e.contains("llama, mistral, qwen2, qwen3, olmo2"),

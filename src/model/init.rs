@@ -57,9 +57,13 @@ pub fn tensor_shapes(cfg: &TransformerConfig) -> Vec<(String, Vec<usize>)> {
     )];
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
-        if cfg.post_norms {
+        if cfg.post_norms || cfg.gemma {
             out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
-        } else {
+        }
+        if cfg.gemma {
+            out.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![h]));
+        }
+        if !cfg.post_norms {
             out.push((format!("{p}.input_layernorm.weight"), vec![h]));
         }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
@@ -72,18 +76,29 @@ pub fn tensor_shapes(cfg: &TransformerConfig) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{p}.self_attn.q_norm.weight"), vec![qn]));
             out.push((format!("{p}.self_attn.k_norm.weight"), vec![kn]));
         }
-        for (name, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-            out.push((format!("{p}.self_attn.{name}.weight"), vec![rows, h]));
-            if cfg.qkv_bias {
-                out.push((format!("{p}.self_attn.{name}.bias"), vec![rows]));
+        if cfg.fused_projections {
+            out.push((
+                format!("{p}.self_attn.qkv_proj.weight"),
+                vec![q + 2 * kv, h],
+            ));
+        } else {
+            for (name, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                out.push((format!("{p}.self_attn.{name}.weight"), vec![rows, h]));
+                if cfg.qkv_bias {
+                    out.push((format!("{p}.self_attn.{name}.bias"), vec![rows]));
+                }
             }
         }
         out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
         if cfg.o_bias {
             out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
         }
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        if cfg.fused_projections {
+            out.push((format!("{p}.mlp.gate_up_proj.weight"), vec![2 * i, h]));
+        } else {
+            out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+            out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        }
         out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
     }
     out.push(("model.norm.weight".to_string(), vec![h]));

@@ -2,7 +2,7 @@
 //! (fast fused ops) and for the policy (differentiable ops only: candle's fused `softmax_last_dim`,
 //! `rms_norm` and `rope` have no backward and would silently train nothing but `lm_head`).
 
-use super::config::{QkNorm, TransformerConfig};
+use super::config::{Activation, QkNorm, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::profile::{self, Phase};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -63,18 +63,41 @@ pub fn attention_chunk(heads: usize, seq_len: usize, device: &Device) -> usize {
 pub struct RmsNorm {
     weight: Tensor,
     eps: f32,
+    /// Gemma's form: `weight` holds (1 + w) in f32, and the product is taken in f32 before the
+    /// cast, as transformers' `Gemma2RMSNorm` does.
+    scale_in_f32: bool,
 }
 
 impl RmsNorm {
+    /// The family's norm over `weight`: Gemma scales by (1 + w) in f32, the others by w in the
+    /// compute dtype. The 1 is added here, so a tracked `weight` still gets its gradient.
+    pub fn for_family(cfg: &TransformerConfig, weight: Tensor) -> Result<Self> {
+        if !cfg.gemma {
+            return Ok(Self::new(weight, cfg.rms_norm_eps));
+        }
+        Ok(Self {
+            weight: (weight.to_dtype(DType::F32)? + 1.0)?,
+            eps: cfg.rms_norm_eps as f32,
+            scale_in_f32: true,
+        })
+    }
+
     pub fn new(weight: Tensor, eps: f64) -> Self {
         Self {
             weight,
             eps: eps as f32,
+            scale_in_f32: false,
         }
     }
 
     pub fn forward(&self, x: &Tensor, mode: OpMode) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Norms);
+        if self.scale_in_f32 {
+            let xf = x.to_dtype(DType::F32)?;
+            let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = xf.broadcast_div(&(ms + f64::from(self.eps))?.sqrt()?)?;
+            return Ok(normed.broadcast_mul(&self.weight)?.to_dtype(x.dtype())?);
+        }
         Ok(match mode {
             OpMode::Fast => candle_nn::ops::rms_norm(x, &self.weight, self.eps)?,
             OpMode::Differentiable => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
@@ -146,13 +169,19 @@ pub struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// The scores' scale (1/√head_dim, or Gemma's `query_pre_attn_scalar`^-½).
+    scale: f64,
+    /// Gemma 2: cap · tanh(scores / cap), after the scale and before the mask.
+    softcap: Option<f64>,
+    /// This layer attends within the sliding window (with the local RoPE base, if any).
+    sliding: bool,
 }
 
 impl Attention {
     /// x: [B, T, H] → [B, T, H]
     fn forward(&self, x: &Tensor, ctx: &SeqContext, mode: OpMode) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Attention);
-        let (cos, sin) = (&ctx.cos, &ctx.sin);
+        let ((cos, sin), mask) = ctx.for_layer(self.sliding);
         let (b, t, _) = x.dims3()?;
         // [B, T, n*hd] → [B, n, T, hd], with the query/key norm where the family has one
         let heads = |lin: &Linear, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
@@ -196,7 +225,7 @@ impl Attention {
                 &q.narrow(0, start, len)?,
                 &k.narrow(0, start, len)?,
                 &v.narrow(0, start, len)?,
-                &ctx.mask,
+                mask,
                 mode,
             )?);
         }
@@ -222,11 +251,12 @@ impl Attention {
         mask: &Tensor,
         mode: OpMode,
     ) -> Result<Tensor> {
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         // scores [b, nh, T, T]
-        let scores = (q.matmul(&k.t()?)? * scale)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(mask)?;
+        let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
+        if let Some(cap) = self.softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
         let probs = match mode {
             OpMode::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
             OpMode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
@@ -252,12 +282,18 @@ pub struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
+    activation: Activation,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Mlp);
-        let h = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
+        let gate = self.gate.forward(x)?;
+        let gate = match self.activation {
+            Activation::Silu => gate.silu()?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        let h = (gate * self.up.forward(x)?)?;
         Ok(self.down.forward(&h)?)
     }
 }
@@ -275,6 +311,14 @@ enum Norms {
         post_attention: RmsNorm,
         post_feedforward: RmsNorm,
     },
+    /// x + post_attention(attn(input(x))), then h + post_feedforward(mlp(pre_feedforward(h)))
+    /// (Gemma).
+    Sandwich {
+        input: RmsNorm,
+        post_attention: RmsNorm,
+        pre_feedforward: RmsNorm,
+        post_feedforward: RmsNorm,
+    },
 }
 
 /// One decoder layer: attention and MLP, each with its residual, normed as the family does.
@@ -289,11 +333,17 @@ impl Block {
     /// Layer `i`'s weights from `p` (the policy loads one block at a time this way).
     pub fn load(cfg: &TransformerConfig, p: &dyn ParamSource, i: usize) -> Result<Self> {
         let pre = format!("model.layers.{i}");
-        let eps = cfg.rms_norm_eps;
         let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm::new(p.get(&format!("{pre}.{name}.weight"))?, eps))
+            RmsNorm::for_family(cfg, p.get(&format!("{pre}.{name}.weight"))?)
         };
-        let norms = if cfg.post_norms {
+        let norms = if cfg.gemma {
+            Norms::Sandwich {
+                input: norm("input_layernorm")?,
+                post_attention: norm("post_attention_layernorm")?,
+                pre_feedforward: norm("pre_feedforward_layernorm")?,
+                post_feedforward: norm("post_feedforward_layernorm")?,
+            }
+        } else if cfg.post_norms {
             Norms::Post {
                 post_attention: norm("post_attention_layernorm")?,
                 post_feedforward: norm("post_feedforward_layernorm")?,
@@ -304,6 +354,35 @@ impl Block {
                 post_attention: norm("post_attention_layernorm")?,
             }
         };
+        let ((q, k, v), (gate, up)) = if cfg.fused_projections {
+            // Phi-3: rows [q | k | v] and [gate | up]; `narrow` keeps the fused tensor the one
+            // trained parameter (its gradient gathers the parts').
+            let (nq, nkv) = (
+                cfg.num_heads * cfg.head_dim,
+                cfg.num_kv_heads * cfg.head_dim,
+            );
+            let qkv = p.get(&format!("{pre}.self_attn.qkv_proj.weight"))?;
+            let gate_up = p.get(&format!("{pre}.mlp.gate_up_proj.weight"))?;
+            let part = |w: &Tensor, at: usize, n: usize| -> Result<Linear> {
+                Ok(Linear::new(w.narrow(0, at, n)?, None))
+            };
+            let i = cfg.intermediate_size;
+            (
+                (
+                    part(&qkv, 0, nq)?,
+                    part(&qkv, nq, nkv)?,
+                    part(&qkv, nq + nkv, nkv)?,
+                ),
+                (part(&gate_up, 0, i)?, part(&gate_up, i, i)?),
+            )
+        } else {
+            let attn = |n: &str| linear(p, &format!("{pre}.self_attn.{n}"), cfg.qkv_bias);
+            let mlp = |n: &str| linear(p, &format!("{pre}.mlp.{n}"), cfg.mlp_bias);
+            (
+                (attn("q_proj")?, attn("k_proj")?, attn("v_proj")?),
+                (mlp("gate_proj")?, mlp("up_proj")?),
+            )
+        };
         let qk_norm = match cfg.qk_norm {
             QkNorm::None => None,
             kind => Some((kind, norm("self_attn.q_norm")?, norm("self_attn.k_norm")?)),
@@ -311,19 +390,23 @@ impl Block {
         Ok(Self {
             norms,
             attn: Attention {
-                q: linear(p, &format!("{pre}.self_attn.q_proj"), cfg.qkv_bias)?,
-                k: linear(p, &format!("{pre}.self_attn.k_proj"), cfg.qkv_bias)?,
-                v: linear(p, &format!("{pre}.self_attn.v_proj"), cfg.qkv_bias)?,
+                q,
+                k,
+                v,
                 o: linear(p, &format!("{pre}.self_attn.o_proj"), cfg.o_bias)?,
                 qk_norm,
+                scale: cfg.attn_scale,
+                softcap: cfg.attn_softcap,
+                sliding: cfg.sliding_layers.get(i).copied().unwrap_or(false),
                 num_heads: cfg.num_heads,
                 num_kv_heads: cfg.num_kv_heads,
                 head_dim: cfg.head_dim,
             },
             mlp: Mlp {
-                gate: linear(p, &format!("{pre}.mlp.gate_proj"), cfg.mlp_bias)?,
-                up: linear(p, &format!("{pre}.mlp.up_proj"), cfg.mlp_bias)?,
+                gate,
+                up,
                 down: linear(p, &format!("{pre}.mlp.down_proj"), cfg.mlp_bias)?,
+                activation: cfg.activation,
             },
         })
     }
@@ -349,6 +432,17 @@ impl Block {
                 let m = post_feedforward.forward(&self.mlp.forward(&x)?, mode)?;
                 Ok((&x + m)?)
             }
+            Norms::Sandwich {
+                input,
+                post_attention,
+                pre_feedforward,
+                post_feedforward,
+            } => {
+                let a = self.attn.forward(&input.forward(x, mode)?, ctx, mode)?;
+                let x = (x + post_attention.forward(&a, mode)?)?;
+                let m = self.mlp.forward(&pre_feedforward.forward(&x, mode)?)?;
+                Ok((&x + post_feedforward.forward(&m, mode)?)?)
+            }
         }
     }
 }
@@ -357,11 +451,46 @@ impl Block {
 pub struct SeqContext {
     pub cos: Tensor,
     pub sin: Tensor,
-    /// [T, T] additive mask in f32: 0 where a query may attend (causal, within any sliding
-    /// window), -inf elsewhere.
+    /// [T, T] additive causal mask in f32: 0 where a query may attend, -inf elsewhere.
     pub mask: Tensor,
+    /// The mask of sliding-window layers: a query at i sees keys i - w < j <= i
+    /// (transformers' `sliding_window_causal_mask_function`).
+    sliding_mask: Option<Tensor>,
+    /// Gemma 3's sliding layers' own RoPE tables (cos, sin).
+    local_rope: Option<(Tensor, Tensor)>,
     /// Sequences per chunk of attention scores ([`attention_chunk`]).
     pub attn_seqs: usize,
+}
+
+impl SeqContext {
+    /// The RoPE tables and the mask of a layer that slides or not.
+    fn for_layer(&self, sliding: bool) -> ((&Tensor, &Tensor), &Tensor) {
+        let rope = match (&self.local_rope, sliding) {
+            (Some((c, s)), true) => (c, s),
+            _ => (&self.cos, &self.sin),
+        };
+        let mask = match (&self.sliding_mask, sliding) {
+            (Some(m), true) => m,
+            _ => &self.mask,
+        };
+        (rope, mask)
+    }
+}
+
+/// [T, T] additive mask: keys j <= i within `window` positions (i - window < j).
+fn additive_mask(seq_len: usize, window: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| {
+            (0..seq_len).map(move |j| {
+                if j > i || i - j >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (seq_len, seq_len), device)?)
 }
 
 /// The whole decoder, with the `lm_head` weight kept apart for chunked log-probs.
@@ -374,6 +503,8 @@ pub struct Transformer {
     /// [V, H]; the embedding matrix itself when tied.
     pub lm_head: Tensor,
     rope: Rope,
+    /// Gemma 3: the sliding layers' RoPE (its own base).
+    local_rope: Option<Rope>,
     dtype: DType,
 }
 
@@ -401,34 +532,36 @@ impl Transformer {
             cfg: cfg.clone(),
             embed: Embedding::new(embed_w, cfg.hidden_size),
             blocks: Vec::new(),
-            final_norm: RmsNorm::new(p.get("model.norm.weight")?, cfg.rms_norm_eps),
+            final_norm: RmsNorm::for_family(cfg, p.get("model.norm.weight")?)?,
             lm_head,
             rope: Rope::new(cfg),
+            local_rope: cfg.local_rope_theta.map(|theta| {
+                Rope::new(&TransformerConfig {
+                    rope_theta: theta,
+                    ..cfg.clone()
+                })
+            }),
             dtype,
         })
     }
 
     pub fn context(&self, seq_len: usize, device: &Device) -> Result<SeqContext> {
         let (cos, sin) = self.rope.tables(seq_len, self.dtype, device)?;
-        // causal, and within the sliding window where the model has one: a query at i sees
-        // keys i - w < j <= i (transformers' `sliding_window_causal_mask_function`)
-        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        let mask: Vec<f32> = (0..seq_len)
-            .flat_map(|i| {
-                (0..seq_len).map(move |j| {
-                    if j > i || i - j >= window {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (seq_len, seq_len), device)?;
+        let slides = self.cfg.sliding_layers.iter().any(|&s| s);
+        let sliding_mask = match self.cfg.sliding_window {
+            Some(w) if slides && w < seq_len => Some(additive_mask(seq_len, w, device)?),
+            _ => None,
+        };
+        let local_rope = match &self.local_rope {
+            Some(r) if slides => Some(r.tables(seq_len, self.dtype, device)?),
+            _ => None,
+        };
         Ok(SeqContext {
             cos,
             sin,
-            mask,
+            mask: additive_mask(seq_len, usize::MAX, device)?,
+            sliding_mask,
+            local_rope,
             attn_seqs: attention_chunk(self.cfg.num_heads, seq_len, device),
         })
     }
@@ -436,7 +569,14 @@ impl Transformer {
     /// input_ids [B, T] (u32) → embeddings [B, T, H]
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Embedding);
-        Ok(self.embed.forward(input_ids)?)
+        let x = self.embed.forward(input_ids)?;
+        if !self.cfg.gemma {
+            return Ok(x);
+        }
+        // Gemma: × √hidden, the factor rounded to the weights' dtype as transformers does
+        let scale =
+            Tensor::new((self.cfg.hidden_size as f32).sqrt(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.broadcast_mul(&scale)?)
     }
 
     /// hidden [B, T, H] → final-normed hidden [B, T, H]
@@ -469,7 +609,10 @@ impl Transformer {
     /// input_ids [B, T] → logits [B, T, V] (tests and small inputs only: this is the full vocabulary).
     pub fn forward_logits(&self, input_ids: &Tensor, mode: OpMode) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, mode)?;
-        Ok(h.broadcast_matmul(&self.lm_head.t()?)?)
+        crate::logprobs::softcap(
+            h.broadcast_matmul(&self.lm_head.t()?)?,
+            self.cfg.final_softcap,
+        )
     }
 }
 

@@ -194,13 +194,15 @@ impl Policy {
         // 2. the rows that predict completion tokens, final-normed (tracked): [N, H]
         let last = Var::from_tensor(&x)?;
         drop(x);
-        let norm = RmsNorm::new(
-            Tracked(self).get("model.norm.weight")?,
-            self.cfg.rms_norm_eps,
-        );
+        let norm = RmsNorm::for_family(&self.cfg, Tracked(self).get("model.norm.weight")?)?;
         let rows = norm.forward(&batch.gather_rows(last.as_tensor())?, mode)?;
         let rows_d = rows.detach();
-        let (tok, lse) = logprobs::token_logps_lse(&rows_d, &head.lm_head, &batch.targets)?;
+        let (tok, lse) = logprobs::token_logps_lse(
+            &rows_d,
+            &head.lm_head,
+            &batch.targets,
+            self.cfg.final_softcap,
+        )?;
         let sums = batch.sequence_sums(&tok)?;
         // 3. d loss / d sums → per token [N]
         let g_seq = loss_grad(&sums)?;
@@ -213,8 +215,14 @@ impl Policy {
         let n = g_tok.len();
         let g_tok = Tensor::from_vec(g_tok, n, rows.device())?;
         // 4. chunked softmax backward: d rows [N, H], d lm_head [V, H] (f32)
-        let (g_rows, g_lm) =
-            logprobs::token_logps_backward(&rows_d, &head.lm_head, &batch.targets, &g_tok, &lse)?;
+        let (g_rows, g_lm) = logprobs::token_logps_backward(
+            &rows_d,
+            &head.lm_head,
+            &batch.targets,
+            &g_tok,
+            &lse,
+            self.cfg.final_softcap,
+        )?;
         grads.add(self.lm_head_index(), &g_lm)?;
         drop((g_lm, head));
         // 5. back through the final norm, the blocks in reverse, the embedding
@@ -275,6 +283,13 @@ impl Policy {
         let (b, t, h) = g.dims3()?;
         let ids = input_ids.flatten_all()?; // [2B·T]
         let mut g = g.reshape((b * t, h))?.to_dtype(DType::F32)?;
+        if self.cfg.gemma {
+            // the lookup was scaled by √hidden (rounded to the compute dtype)
+            let scale = Tensor::new((h as f32).sqrt(), g.device())?
+                .to_dtype(self.compute_dtype)?
+                .to_dtype(DType::F32)?;
+            g = g.broadcast_mul(&scale)?;
+        }
         if let Some(pad) = self.cfg.pad_token_id {
             let keep = ids.ne(pad)?.to_dtype(DType::F32)?.unsqueeze(1)?; // [2B·T, 1]
             g = g.broadcast_mul(&keep)?;
@@ -294,7 +309,8 @@ impl Policy {
             x = self.block(i, false)?.forward(&x, &ctx, mode)?;
         }
         let rows = head.final_norm(&batch.gather_rows(&x)?, mode)?; // [N, H]
-        let lp = logprobs::token_logps(&rows, &head.lm_head, &batch.targets)?; // [N]
+        let lp =
+            logprobs::token_logps(&rows, &head.lm_head, &batch.targets, self.cfg.final_softcap)?; // [N]
         batch.sequence_sums(&lp)
     }
 }

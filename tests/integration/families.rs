@@ -1,7 +1,8 @@
 //! Model families against transformers 5.24 (tests/fixtures/families/, made by
 //! gen_family_fixtures.py from tiny seeded random-init models): Qwen3 (per-head q/k norms),
-//! Mistral (a sliding window of 8 over sequences of 21–28 tokens) and OLMo 2 (post-norms, whole
-//! q/k norms). For each: logits of both op sets, summed completion log-probs, and the gradient of
+//! Mistral (a sliding window of 8 over sequences of 21–28 tokens), OLMo 2 (post-norms, whole
+//! q/k norms), Phi-3 (fused projections), Gemma 2 (soft caps, (1 + w) norms, alternating
+//! windows, tied head) and Gemma 3 (per-head q/k norms, a local RoPE base). For each: logits of both op sets, summed completion log-probs, and the gradient of
 //! Σ W_i · log p(completion_i) for every parameter, through the trainer's block-wise backward.
 
 use super::common::{max_abs, max_abs_diff, read_json, repo};
@@ -117,4 +118,19 @@ fn mistral_with_a_sliding_window_matches_transformers() {
 #[test]
 fn olmo2_matches_transformers() {
     check("olmo2");
+}
+
+#[test]
+fn phi3_with_fused_projections_matches_transformers() {
+    check("phi3");
+}
+
+#[test]
+fn gemma2_matches_transformers() {
+    check("gemma2");
+}
+
+#[test]
+fn gemma3_text_matches_transformers() {
+    check("gemma3_text");
 }
