@@ -1,16 +1,20 @@
 //! Users' own data against TRL 1.16: the same 24 real UltraFeedback pairs written in each of
 //! TRL's layouts (conversational or standard, explicit or implicit prompt), in JSON Lines, JSON
 //! and Parquet files, plus a multi-turn ShareGPT-style file read through `dataset.columns`,
-//! `message_keys` and `roles`. Token ids must equal what TRL's own `_prepare_dataset` stores
-//! (tests/fixtures/trl_layouts.json, made by gen_layout_fixtures.py). The files are written here
-//! from ../shared/realdata at test time; only ids are committed.
+//! `message_keys` and `roles`. Token ids must equal what TRL's own `_prepare_dataset` stores, and
+//! reference log-probs (the formula-initialized fixture Llama) TRL's `precompute_ref_log_probs`
+//! within 1e-4 relative (tests/fixtures/trl_layouts.json, made by gen_layout_fixtures.py). The
+//! files are written here from ../shared/realdata at test time; only numbers are committed.
 
-use super::{fixture, ids, real_rows};
+use super::{close, fixture, ids, model_config, real_rows};
 use crate::common::realdata;
 use arrow::array::{ArrayRef, StringArray};
 use arrow::record_batch::RecordBatch;
+use candle_core::Device;
 use refdpo::config::{Columns, DatasetConfig, MessageKeys, Role, Truncation};
 use refdpo::data::{DataSource, Turns};
+use refdpo::logprobs;
+use refdpo::model::{init, Transformer, TransformerConfig};
 use refdpo::tokenize::PairTokenizer;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -136,6 +140,15 @@ fn every_layout_tokenizes_as_trl_does() {
     };
     layouts.push(("multi_turn", f.clone(), sharegpt));
 
+    // The fixture Llama (the formula's weights, f32) that TRL scored the same ids with.
+    let mcfg = TransformerConfig::from_json(&model_config(&fx).to_string()).unwrap();
+    let weights = init::init_weights(
+        &mcfg,
+        fx["model"]["seed"].as_u64().unwrap(),
+        fx["model"]["init_std"].as_f64().unwrap(),
+    )
+    .unwrap();
+    let model = Transformer::new(&mcfg, &weights).unwrap();
     let tok = PairTokenizer::from_dir(
         &real.join("tokenizers/smollm2-135m"),
         4096,
@@ -177,6 +190,26 @@ fn every_layout_tokenizes_as_trl_does() {
                 64,
                 "{name}: a SHA-256 prompt_id without the column"
             );
+        }
+        // Reference log-probs of the first 6 pairs (CPU time), 3 pairs a forward.
+        for (chunk, want) in pairs[..6].chunks(3).zip(want[..6].chunks(3)) {
+            let ids: Vec<_> = chunk
+                .iter()
+                .map(|p| (&p.prompt_ids[..], &p.chosen_ids[..], &p.rejected_ids[..]))
+                .collect();
+            let got =
+                logprobs::score_pairs(&model, &ids, 4096, Truncation::KeepStart, &Device::Cpu)
+                    .unwrap();
+            for ((c, r), w) in got.iter().zip(want) {
+                let (wc, wr) = (
+                    w["ref_chosen_logps"].as_f64().unwrap(),
+                    w["ref_rejected_logps"].as_f64().unwrap(),
+                );
+                assert!(
+                    close(*c, wc, 1e-4) && close(*r, wr, 1e-4),
+                    "{name}: ({c}, {r}) vs TRL ({wc}, {wr})"
+                );
+            }
         }
     }
 }
