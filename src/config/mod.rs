@@ -163,6 +163,8 @@ pub struct TrainConfig {
     pub rpo_alpha: f64,
     /// SimPO's target reward margin γ (only for `loss = "simpo"`).
     pub simpo_gamma: f64,
+    /// DiscoPOP's temperature τ (only for `loss = "discopop"`; TRL's `discopop_tau`).
+    pub discopop_tau: f64,
     pub learning_rate: f64,
     pub lr_schedule: LrSchedule,
     pub warmup_ratio: f64,
@@ -199,6 +201,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             rpo_alpha: 0.0,
             simpo_gamma: 0.5,
+            discopop_tau: 0.05,
             learning_rate: 5e-7,
             lr_schedule: LrSchedule::Cosine,
             warmup_ratio: 0.1,

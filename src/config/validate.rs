@@ -72,6 +72,19 @@ impl Config {
             "a finite number >= 0",
         )?;
         in_range(
+            "train.discopop_tau",
+            t.discopop_tau,
+            positive(t.discopop_tau),
+            "a finite number > 0",
+        )?;
+        if t.loss == crate::dpo::LossKind::ExoPair && t.label_smoothing <= 0.0 {
+            return Err(Error::Config(
+                "`train.loss` = \"exo_pair\" needs `train.label_smoothing` > 0 (its target is \
+                 [1 − ε, ε]; TRL suggests 1e-3): set train.label_smoothing = 1e-3."
+                    .into(),
+            ));
+        }
+        in_range(
             "train.simpo_gamma",
             t.simpo_gamma,
             non_negative(t.simpo_gamma),
@@ -202,6 +215,8 @@ mod tests {
             ("train.label_smoothing=0.5", "train.label_smoothing"),
             ("train.rpo_alpha=nan", "train.rpo_alpha"),
             ("train.simpo_gamma=-1.0", "train.simpo_gamma"),
+            ("train.discopop_tau=0.0", "train.discopop_tau"),
+            ("train.loss=\"exo_pair\"", "train.label_smoothing"),
             ("train.warmup_ratio=1.5", "train.warmup_ratio"),
             ("train.max_grad_norm=nan", "train.max_grad_norm"),
             ("train.weight_decay=-0.01", "train.weight_decay"),

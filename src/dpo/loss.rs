@@ -23,16 +23,44 @@ pub enum LossKind {
     SigmoidNorm,
     /// Reference-free: −log σ(β(avg π(c) − avg π(r)) − γ) (label smoothing as in CPO).
     Simpo,
+    /// EXO (pairwise): KL of softmax(β·logratios) from [1−ε, ε]; needs 0 < ε < 1.
+    ExoPair,
+    /// NCA (pairwise): −log σ(βc) − ½ log σ(−βc) − ½ log σ(−βr), c/r the log-ratios.
+    NcaPair,
+    /// BCO (pairwise, TRL 1.16's form): −log σ(βc) − log σ(−βr).
+    BcoPair,
+    /// SPPO with hard labels: (c − 1/(2β))² + (r + 1/(2β))².
+    SppoHard,
+    /// AOT: the sigmoid loss between the batch's sorted policy and sorted reference margins.
+    Aot,
+    /// AOT unpaired: the sigmoid loss between the batch's sorted chosen and sorted rejected
+    /// log-ratios.
+    AotUnpaired,
+    /// APO-zero: 1 − σ(βc) + σ(βr).
+    ApoZero,
+    /// APO-down: σ(βc) + 1 − σ(βΔ).
+    ApoDown,
+    /// DiscoPOP: −log σ(βΔ)(1 − m) + e^(−βΔ) m, m = σ(βΔ / τ).
+    Discopop,
 }
 
 impl LossKind {
-    pub const ALL: [LossKind; 6] = [
+    pub const ALL: [LossKind; 15] = [
         LossKind::Sigmoid,
         LossKind::Ipo,
         LossKind::Hinge,
         LossKind::Robust,
         LossKind::SigmoidNorm,
         LossKind::Simpo,
+        LossKind::ExoPair,
+        LossKind::NcaPair,
+        LossKind::BcoPair,
+        LossKind::SppoHard,
+        LossKind::Aot,
+        LossKind::AotUnpaired,
+        LossKind::ApoZero,
+        LossKind::ApoDown,
+        LossKind::Discopop,
     ];
 
     /// The name in configs and TRL (`loss_type`).
@@ -44,6 +72,15 @@ impl LossKind {
             LossKind::Robust => "robust",
             LossKind::SigmoidNorm => "sigmoid_norm",
             LossKind::Simpo => "simpo",
+            LossKind::ExoPair => "exo_pair",
+            LossKind::NcaPair => "nca_pair",
+            LossKind::BcoPair => "bco_pair",
+            LossKind::SppoHard => "sppo_hard",
+            LossKind::Aot => "aot",
+            LossKind::AotUnpaired => "aot_unpaired",
+            LossKind::ApoZero => "apo_zero",
+            LossKind::ApoDown => "apo_down",
+            LossKind::Discopop => "discopop",
         }
     }
 }
@@ -55,6 +92,8 @@ pub struct LossParams {
     pub label_smoothing: f64,
     pub simpo_gamma: f64,
     pub rpo_alpha: f64,
+    /// DiscoPOP's temperature τ (TRL's `discopop_tau`).
+    pub discopop_tau: f64,
 }
 
 /// Per-pair inputs of one micro-batch.
@@ -81,6 +120,58 @@ pub struct LossOutput {
     /// d loss / d policy_chosen[i] and d loss / d policy_rejected[i].
     pub grad_chosen: Vec<f64>,
     pub grad_rejected: Vec<f64>,
+}
+
+/// AOT and AOT-unpaired over the whole micro-batch, as TRL sorts them: the sigmoid loss (with
+/// label smoothing) of the k-th smallest policy margin against the k-th smallest reference
+/// margin (unpaired: the k-th smallest chosen against the k-th smallest rejected log-ratio).
+/// Returns the loss at each sorted position k and each pair's d loss / d policy log-probs
+/// (undivided by the batch size).
+fn aot(p: &LossParams, x: &PairLogps) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let n = x.policy_chosen.len();
+    let argsort = |v: &[f64]| -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        idx
+    };
+    let chosen_lr: Vec<f64> = (0..n)
+        .map(|i| x.policy_chosen[i] - x.ref_chosen[i])
+        .collect();
+    let rejected_lr: Vec<f64> = (0..n)
+        .map(|i| x.policy_rejected[i] - x.ref_rejected[i])
+        .collect();
+    // (the sorted values whose difference is δ_k: the first gets +d, the second −d)
+    let (first, second, first_order, second_order): (Vec<f64>, Vec<f64>, _, _) =
+        if p.kind == LossKind::Aot {
+            let policy: Vec<f64> = (0..n)
+                .map(|i| x.policy_chosen[i] - x.policy_rejected[i])
+                .collect();
+            let reference: Vec<f64> = (0..n)
+                .map(|i| x.ref_chosen[i] - x.ref_rejected[i])
+                .collect();
+            let (po, ro) = (argsort(&policy), argsort(&reference));
+            (policy, reference, po, ro)
+        } else {
+            let (co, ro) = (argsort(&chosen_lr), argsort(&rejected_lr));
+            (chosen_lr, rejected_lr, co, ro)
+        };
+    let (beta, eps) = (p.beta, p.label_smoothing);
+    let (mut losses, mut gc, mut gr) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    for k in 0..n {
+        let (i, j) = (first_order[k], second_order[k]);
+        let (l, d) = smoothed_sigmoid(beta * (first[i] - second[j]), eps);
+        losses[k] = l;
+        let d = d * beta;
+        if p.kind == LossKind::Aot {
+            // δ_k moves with pair i's policy margin (pc − pr); the reference is fixed
+            gc[i] += d;
+            gr[i] -= d;
+        } else {
+            gc[i] += d;
+            gr[j] -= d;
+        }
+    }
+    (losses, gc, gr)
 }
 
 /// log σ(x), stable for large |x|.
@@ -122,6 +213,11 @@ pub fn dpo_loss(p: &LossParams, x: &PairLogps) -> Result<LossOutput> {
         grad_chosen: Vec::with_capacity(n),
         grad_rejected: Vec::with_capacity(n),
     };
+    // AOT's losses pair the batch's sorted values, not each pair's own: computed first.
+    let sorted = match p.kind {
+        LossKind::Aot | LossKind::AotUnpaired => Some(aot(p, x)),
+        _ => None,
+    };
     for i in 0..n {
         let (pc, pr) = (x.policy_chosen[i], x.policy_rejected[i]);
         let (lc, lr) = (x.chosen_len[i].max(1.0), x.rejected_len[i].max(1.0));
@@ -159,6 +255,61 @@ pub fn dpo_loss(p: &LossParams, x: &PairLogps) -> Result<LossOutput> {
                 let z = beta * (pc / lc - pr / lr) - p.simpo_gamma;
                 let (l, d) = smoothed_sigmoid(z, eps);
                 (l, d * beta / lc, -d * beta / lr)
+            }
+            LossKind::ExoPair => {
+                let z = beta * delta;
+                let (qw, ql) = (sigmoid(z), sigmoid(-z));
+                let l = qw * (log_sigmoid(z) - (-eps).ln_1p()) + ql * (log_sigmoid(-z) - eps.ln());
+                // d/dz = qw·ql·(z − log((1−ε)/ε)), since log σ(z) − log σ(−z) = z
+                let d = qw * ql * (z - ((1.0 - eps) / eps).ln()) * beta;
+                (l, d, -d)
+            }
+            LossKind::NcaPair => {
+                let (a, b) = (beta * chosen_lr, beta * rejected_lr);
+                let l = -log_sigmoid(a) - 0.5 * log_sigmoid(-a) - 0.5 * log_sigmoid(-b);
+                (
+                    l,
+                    beta * (-sigmoid(-a) + 0.5 * sigmoid(a)),
+                    beta * 0.5 * sigmoid(b),
+                )
+            }
+            LossKind::BcoPair => {
+                let (a, b) = (beta * chosen_lr, beta * rejected_lr);
+                let l = -log_sigmoid(a) - log_sigmoid(-b);
+                (l, -beta * sigmoid(-a), beta * sigmoid(b))
+            }
+            LossKind::SppoHard => {
+                let (w, l) = (chosen_lr - 0.5 / beta, rejected_lr + 0.5 / beta);
+                (w * w + l * l, 2.0 * w, 2.0 * l)
+            }
+            LossKind::Aot | LossKind::AotUnpaired => {
+                let (losses, gc, gr) = sorted.as_ref().expect("computed above");
+                (losses[i], gc[i], gr[i])
+            }
+            LossKind::ApoZero => {
+                let (a, b) = (beta * chosen_lr, beta * rejected_lr);
+                let l = 1.0 - sigmoid(a) + sigmoid(b);
+                (
+                    l,
+                    -beta * sigmoid(a) * sigmoid(-a),
+                    beta * sigmoid(b) * sigmoid(-b),
+                )
+            }
+            LossKind::ApoDown => {
+                let (a, z) = (beta * chosen_lr, beta * delta);
+                let l = sigmoid(a) + 1.0 - sigmoid(z);
+                let dz = sigmoid(z) * sigmoid(-z);
+                (l, beta * (sigmoid(a) * sigmoid(-a) - dz), beta * dz)
+            }
+            LossKind::Discopop => {
+                let z = beta * delta;
+                let tau = p.discopop_tau;
+                let m = sigmoid(z / tau);
+                let dm = m * (1.0 - m) / tau;
+                let e = (-z).exp();
+                let l = -log_sigmoid(z) * (1.0 - m) + e * m;
+                let d = -sigmoid(-z) * (1.0 - m) + log_sigmoid(z) * dm - e * m + e * dm;
+                (l, d * beta, -d * beta)
             }
         };
         out.losses.push(loss);
@@ -208,6 +359,7 @@ mod tests {
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
             rpo_alpha: 0.0,
+            discopop_tau: 0.05,
         }
     }
 
@@ -253,14 +405,28 @@ mod tests {
         for kind in LossKind::ALL {
             for (eps, rpo) in [(0.0, 0.0), (0.2, 0.3)] {
                 let mut p = params(kind, 0.7);
-                p.label_smoothing =
-                    if matches!(kind, LossKind::Sigmoid | LossKind::Robust | LossKind::Simpo) {
-                        eps
-                    } else {
-                        0.0
-                    };
+                p.label_smoothing = match kind {
+                    LossKind::Sigmoid
+                    | LossKind::Robust
+                    | LossKind::Simpo
+                    | LossKind::Aot
+                    | LossKind::AotUnpaired => eps,
+                    // EXO needs 0 < ε < 1
+                    LossKind::ExoPair => eps.max(1e-3),
+                    _ => 0.0,
+                };
                 p.rpo_alpha = rpo;
-                for x in [toy(false), toy(true)] {
+                for mut x in [toy(false), toy(true)] {
+                    if matches!(kind, LossKind::Aot | LossKind::AotUnpaired) {
+                        // The toy's margins tie, and a sort has no derivative at a tie.
+                        for (i, (c, r)) in [(0.0, 0.0), (0.05, 0.03), (0.11, -0.07)]
+                            .into_iter()
+                            .enumerate()
+                        {
+                            x.policy_chosen[i] += c;
+                            x.policy_rejected[i] += r;
+                        }
+                    }
                     let out = dpo_loss(&p, &x).unwrap();
                     for i in 0..3 {
                         for side in 0..2 {

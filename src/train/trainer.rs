@@ -105,6 +105,7 @@ impl<'a> Trainer<'a> {
                 label_smoothing: t.label_smoothing,
                 simpo_gamma: t.simpo_gamma,
                 rpo_alpha: t.rpo_alpha,
+                discopop_tau: t.discopop_tau,
             },
             epoch_batches: batches::epoch_batches(&train.lengths, t.batch_size, t.seed, 0),
             train,
