@@ -1,4 +1,4 @@
-//! The model stage: HF config and safetensors in, a Llama/Qwen2 decoder out.
+//! The model stage: HF config and safetensors in, the decoder of a supported family out.
 
 pub mod config;
 pub mod init;
