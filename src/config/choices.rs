@@ -1,6 +1,7 @@
 //! The closed choices of a config, as enums: serde reads each once, and an unknown value is an
 //! error naming the key, the value and the allowed ones.
 
+use crate::dpo::LossKind;
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
@@ -110,5 +111,58 @@ impl Role {
             Role::System => "system",
             Role::Tool => "tool",
         }
+    }
+}
+
+/// `train.loss`: one TRL `loss_type`, or a list of them mixed with `train.loss_weights`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Losses(pub Vec<LossKind>);
+
+impl Default for Losses {
+    fn default() -> Self {
+        Self(vec![LossKind::default()])
+    }
+}
+
+impl Losses {
+    /// The first (or only) loss: it names the rewards.
+    pub fn first(&self) -> LossKind {
+        self.0.first().copied().unwrap_or_default()
+    }
+}
+
+impl Serialize for Losses {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Losses {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct OneOrMany;
+        impl<'de> serde::de::Visitor<'de> for OneOrMany {
+            type Value = Losses;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a loss type or a list of loss types")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Losses, E> {
+                let kind = LossKind::deserialize(serde::de::value::StrDeserializer::<E>::new(v))?;
+                Ok(Losses(vec![kind]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Losses, A::Error> {
+                let mut kinds = Vec::new();
+                while let Some(k) = seq.next_element::<LossKind>()? {
+                    kinds.push(k);
+                }
+                Ok(Losses(kinds))
+            }
+        }
+        d.deserialize_any(OneOrMany)
     }
 }

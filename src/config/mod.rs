@@ -6,10 +6,9 @@ mod choices;
 mod keys;
 mod validate;
 
-pub use choices::{Dtype, LrSchedule, RefMode, Role, StateDtype, Truncation};
+pub use choices::{Dtype, Losses, LrSchedule, RefMode, Role, StateDtype, Truncation};
 pub use keys::apply_override;
 
-use crate::dpo::LossKind;
 use crate::error::{fs, Error, Result};
 use keys::check_known_keys;
 use serde::{Deserialize, Serialize};
@@ -157,7 +156,9 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Where the stage-one cache is read from; empty = `precompute.out`.
     pub cache: PathBuf,
-    pub loss: LossKind,
+    pub loss: Losses,
+    /// One weight per `loss` entry (TRL's `loss_weights`); empty = 1 each.
+    pub loss_weights: Vec<f64>,
     pub beta: f64,
     pub label_smoothing: f64,
     pub rpo_alpha: f64,
@@ -196,7 +197,8 @@ impl Default for TrainConfig {
         Self {
             out: PathBuf::from("data/runs/default"),
             cache: PathBuf::new(),
-            loss: LossKind::Sigmoid,
+            loss: Losses::default(),
+            loss_weights: Vec::new(),
             beta: 0.1,
             label_smoothing: 0.0,
             rpo_alpha: 0.0,
@@ -298,6 +300,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dpo::LossKind;
 
     fn table(s: &str) -> toml::Table {
         s.parse().unwrap()
@@ -311,7 +314,7 @@ mod tests {
         assert_eq!(c.train.beta, 0.1);
         assert_eq!(c.train.learning_rate, 5e-7);
         assert_eq!(c.train.reference, RefMode::Cached);
-        assert_eq!(c.train.loss, LossKind::Sigmoid);
+        assert_eq!(c.train.loss.first(), LossKind::Sigmoid);
         assert_eq!(c.train.lr_schedule, LrSchedule::Cosine);
         assert_eq!(c.train.state_dtype, StateDtype::F32);
         assert_eq!(c.model.dtype, Dtype::Bf16);

@@ -77,7 +77,25 @@ impl Config {
             positive(t.discopop_tau),
             "a finite number > 0",
         )?;
-        if t.loss == crate::dpo::LossKind::ExoPair && t.label_smoothing <= 0.0 {
+        if t.loss.0.is_empty() {
+            return Err(Error::Config(
+                "`train.loss` is an empty list: name at least one loss type.".into(),
+            ));
+        }
+        if !t.loss_weights.is_empty() && t.loss_weights.len() != t.loss.0.len() {
+            return Err(Error::Config(format!(
+                "`train.loss_weights` has {} weights for {} losses in `train.loss`: give one \
+                 weight per loss, or none (1 each).",
+                t.loss_weights.len(),
+                t.loss.0.len()
+            )));
+        }
+        if let Some(w) = t.loss_weights.iter().find(|w| !w.is_finite()) {
+            return Err(Error::Config(format!(
+                "`train.loss_weights` holds {w}: weights must be finite."
+            )));
+        }
+        if t.loss.0.contains(&crate::dpo::LossKind::ExoPair) && t.label_smoothing <= 0.0 {
             return Err(Error::Config(
                 "`train.loss` = \"exo_pair\" needs `train.label_smoothing` > 0 (its target is \
                  [1 − ε, ε]; TRL suggests 1e-3): set train.label_smoothing = 1e-3."
@@ -196,12 +214,35 @@ mod tests {
             "train.state_dtype=bf16",
         ])
         .unwrap();
-        assert_eq!(c.train.loss, LossKind::SigmoidNorm);
+        assert_eq!(c.train.loss.first(), LossKind::SigmoidNorm);
         assert_eq!(c.train.reference, RefMode::Live);
         assert_eq!(c.train.state_dtype.candle(), DType::BF16);
         // The resolved config round-trips through its saved TOML.
         let back = Config::from_table(c.to_toml().parse().unwrap(), "saved").unwrap();
         assert_eq!(back, c);
+        // A list of losses with weights, as TRL's loss_type / loss_weights; also round-trips.
+        let c = with(&[
+            r#"train.loss=["sigmoid", "sft"]"#,
+            "train.loss_weights=[1.0, 0.5]",
+        ])
+        .unwrap();
+        assert_eq!(c.train.loss.0, [LossKind::Sigmoid, LossKind::Sft]);
+        let back = Config::from_table(c.to_toml().parse().unwrap(), "saved").unwrap();
+        assert_eq!(back, c);
+        let err = with(&[r#"train.loss=["sigmoid", "nope"]"#])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("train.loss") && err.contains("nope"), "{err}");
+        let err = with(&[
+            r#"train.loss=["sigmoid", "sft"]"#,
+            "train.loss_weights=[1.0]",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("train.loss_weights") && err.contains("1 weights for 2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -42,10 +42,13 @@ pub enum LossKind {
     ApoDown,
     /// DiscoPOP: −log σ(βΔ)(1 − m) + e^(−βΔ) m, m = σ(βΔ / τ).
     Discopop,
+    /// The mean NLL of the batch's chosen tokens (TRL's `sft`; beside a DPO loss in a list,
+    /// the RPO term).
+    Sft,
 }
 
 impl LossKind {
-    pub const ALL: [LossKind; 15] = [
+    pub const ALL: [LossKind; 16] = [
         LossKind::Sigmoid,
         LossKind::Ipo,
         LossKind::Hinge,
@@ -61,6 +64,7 @@ impl LossKind {
         LossKind::ApoZero,
         LossKind::ApoDown,
         LossKind::Discopop,
+        LossKind::Sft,
     ];
 
     /// The name in configs and TRL (`loss_type`).
@@ -81,6 +85,7 @@ impl LossKind {
             LossKind::ApoZero => "apo_zero",
             LossKind::ApoDown => "apo_down",
             LossKind::Discopop => "discopop",
+            LossKind::Sft => "sft",
         }
     }
 }
@@ -120,6 +125,74 @@ pub struct LossOutput {
     /// d loss / d policy_chosen[i] and d loss / d policy_rejected[i].
     pub grad_chosen: Vec<f64>,
     pub grad_rejected: Vec<f64>,
+}
+
+/// TRL's list of losses: Σ weight_k · loss_k over `loss_type`s and `loss_weights`, each with the
+/// same β, ε and parameters; rewards are the first loss's, and `rpo_alpha` is added once.
+#[derive(Debug, Clone)]
+pub struct LossMix {
+    pub parts: Vec<(LossKind, f64)>,
+    pub params: LossParams,
+}
+
+impl LossMix {
+    /// One loss (weight 1).
+    pub fn single(params: LossParams) -> Self {
+        Self {
+            parts: vec![(params.kind, 1.0)],
+            params,
+        }
+    }
+
+    pub fn loss(&self, x: &PairLogps) -> Result<LossOutput> {
+        let mut total: Option<LossOutput> = None;
+        for (k, &(kind, w)) in self.parts.iter().enumerate() {
+            let p = LossParams {
+                kind,
+                rpo_alpha: if k == 0 { self.params.rpo_alpha } else { 0.0 },
+                ..self.params
+            };
+            let out = dpo_loss(&p, x)?;
+            let scale = |v: &[f64]| v.iter().map(|g| g * w).collect::<Vec<f64>>();
+            match &mut total {
+                None => {
+                    // the first loss's rpo term is not weighted
+                    let rpo = out.loss - out.losses.iter().sum::<f64>() / out.losses.len() as f64;
+                    total = Some(LossOutput {
+                        loss: (out.loss - rpo) * w + rpo,
+                        losses: scale(&out.losses),
+                        grad_chosen: weighted_grads(&p, x, &out.grad_chosen, w),
+                        grad_rejected: scale(&out.grad_rejected),
+                        ..out
+                    });
+                }
+                Some(t) => {
+                    t.loss += out.loss * w;
+                    for (a, b) in t.losses.iter_mut().zip(&out.losses) {
+                        *a += b * w;
+                    }
+                    for (a, b) in t.grad_chosen.iter_mut().zip(&out.grad_chosen) {
+                        *a += b * w;
+                    }
+                    for (a, b) in t.grad_rejected.iter_mut().zip(&out.grad_rejected) {
+                        *a += b * w;
+                    }
+                }
+            }
+        }
+        total.ok_or_else(|| Error::Train("no loss".into()))
+    }
+}
+
+/// The first loss's chosen gradients weighted by `w`, its unweighted `rpo_alpha` term kept.
+fn weighted_grads(p: &LossParams, x: &PairLogps, g: &[f64], w: f64) -> Vec<f64> {
+    let rpo = if p.rpo_alpha != 0.0 {
+        p.rpo_alpha / x.chosen_scored_tokens.max(1.0)
+    } else {
+        0.0
+    };
+    // g = g_loss − rpo (see dpo_loss): weight the loss part only
+    g.iter().map(|gi| (gi + rpo) * w - rpo).collect()
 }
 
 /// AOT and AOT-unpaired over the whole micro-batch, as TRL sorts them: the sigmoid loss (with
@@ -300,6 +373,13 @@ pub fn dpo_loss(p: &LossParams, x: &PairLogps) -> Result<LossOutput> {
                 let l = sigmoid(a) + 1.0 - sigmoid(z);
                 let dz = sigmoid(z) * sigmoid(-z);
                 (l, beta * (sigmoid(a) * sigmoid(-a) - dz), beta * dz)
+            }
+            LossKind::Sft => {
+                // batch-level: every pair carries the batch's mean chosen NLL (TRL expands it
+                // the same way); d/d pc_i = −1/tokens, here times n (divided by n below)
+                let tokens = x.chosen_scored_tokens.max(1.0);
+                let nll = -x.policy_chosen.iter().sum::<f64>() / tokens;
+                (nll, -(n as f64) / tokens, 0.0)
             }
             LossKind::Discopop => {
                 let z = beta * delta;

@@ -3,5 +3,5 @@
 pub mod loss;
 pub mod metrics;
 
-pub use loss::{dpo_loss, LossKind, LossOutput, LossParams, PairLogps};
+pub use loss::{dpo_loss, LossKind, LossMix, LossOutput, LossParams, PairLogps};
 pub use metrics::MetricsAccumulator;

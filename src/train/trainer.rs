@@ -11,7 +11,7 @@ use super::policy::Policy;
 use super::split::Split;
 use crate::cache;
 use crate::config::{Config, RefMode};
-use crate::dpo::{dpo_loss, LossParams, MetricsAccumulator};
+use crate::dpo::{LossMix, LossParams, MetricsAccumulator};
 use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
 use crate::model::{weights, Transformer};
@@ -30,7 +30,7 @@ pub struct Trainer<'a> {
     policy: Policy,
     reference: Option<Transformer>,
     optim: AdamW,
-    loss: LossParams,
+    loss: LossMix,
     train: Split,
     test: Option<Split>,
     state: TrainerState,
@@ -99,13 +99,22 @@ impl<'a> Trainer<'a> {
             policy,
             reference,
             optim,
-            loss: LossParams {
-                kind: t.loss,
-                beta: t.beta,
-                label_smoothing: t.label_smoothing,
-                simpo_gamma: t.simpo_gamma,
-                rpo_alpha: t.rpo_alpha,
-                discopop_tau: t.discopop_tau,
+            loss: LossMix {
+                parts: t
+                    .loss
+                    .0
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &k)| (k, t.loss_weights.get(i).copied().unwrap_or(1.0)))
+                    .collect(),
+                params: LossParams {
+                    kind: t.loss.first(),
+                    beta: t.beta,
+                    label_smoothing: t.label_smoothing,
+                    simpo_gamma: t.simpo_gamma,
+                    rpo_alpha: t.rpo_alpha,
+                    discopop_tau: t.discopop_tau,
+                },
             },
             epoch_batches: batches::epoch_batches(&train.lengths, t.batch_size, t.seed, 0),
             train,
@@ -317,7 +326,7 @@ impl<'a> Trainer<'a> {
         let mut loss = f64::NAN;
         let mut loss_grad = |sums: &[f64]| -> Result<Vec<f64>> {
             let x = mb.pair_logps(sums);
-            let out = dpo_loss(&self.loss, &x)?;
+            let out = self.loss.loss(&x)?;
             loss = out.loss;
             metrics.add(&out, &x);
             Ok(out
@@ -355,7 +364,7 @@ impl<'a> Trainer<'a> {
         for idx in batches::eval_batches(&split.lengths, self.cfg.train.batch_size) {
             let mb = self.micro_batch(split, &idx, true)?;
             let x = mb.pair_logps(&self.policy.score(&mb.seqs)?);
-            metrics.add(&dpo_loss(&self.loss, &x)?, &x);
+            metrics.add(&self.loss.loss(&x)?, &x);
         }
         Ok(metrics)
     }

@@ -358,6 +358,28 @@ fn live_and_cached_reference_give_the_same_losses() {
             "{k}: cached {a} vs live {b}"
         );
     }
+    // A list of losses, as TRL mixes them: at step 1 the policy is the reference, so sigmoid
+    // is ln 2 and bco_pair 2 ln 2; with weights 1 and 0.5 the first loss is 2 ln 2.
+    let mixed = tmp.path().join("mixed");
+    train_with(
+        cfg_s,
+        tmp.path(),
+        &[
+            r#"train.loss=["sigmoid", "bco_pair"]"#,
+            "train.loss_weights=[1.0, 0.5]",
+            &format!("train.out={}", mixed.display()),
+        ],
+    );
+    let first = losses(&mixed)
+        .into_iter()
+        .find(|(k, _)| k == "loss")
+        .unwrap()
+        .1;
+    let want = 2.0 * std::f64::consts::LN_2;
+    assert!(
+        (first - want).abs() < 1e-6,
+        "first mixed loss {first} vs {want}"
+    );
 }
 
 /// The bf16 reference forward stays close to f32 (the cache stores f64 sums either way).
