@@ -31,6 +31,15 @@ pub enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Training and eval curves of one or more runs, overlaid (one SVG per metric).
+    Plot {
+        /// A run directory (`train.out`); repeat for several.
+        #[arg(long, required = true)]
+        run: Vec<PathBuf>,
+        /// Where the SVG files go.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print one example as raw messages, rendered chat text and token counts.
     Show {
         #[command(flatten)]

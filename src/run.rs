@@ -160,6 +160,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Plot { run, out } => {
+            for f in crate::train::curves::plot(&run, &out)? {
+                println!("{}", f.display());
+            }
+        }
         Command::Show {
             config,
             index,

@@ -3,6 +3,7 @@
 
 pub mod batches;
 pub mod checkpoint;
+pub mod curves;
 pub mod grads;
 pub mod metrics_log;
 pub mod micro_batch;

@@ -380,6 +380,29 @@ fn live_and_cached_reference_give_the_same_losses() {
         (first - want).abs() < 1e-6,
         "first mixed loss {first} vs {want}"
     );
+    // `refdpo plot` overlays the three runs, one SVG per logged metric.
+    let plots = tmp.path().join("plots");
+    let (run, live, mix) = (tmp.path().join("run"), live_out.clone(), mixed.clone());
+    let out = ok(
+        &[
+            "plot",
+            "--run",
+            run.to_str().unwrap(),
+            "--run",
+            live.to_str().unwrap(),
+            "--run",
+            mix.to_str().unwrap(),
+            "--out",
+            plots.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert_eq!(out.lines().count(), 9, "{out}");
+    let svg = std::fs::read_to_string(plots.join("loss.svg")).unwrap();
+    assert!(
+        svg.contains("live") && svg.contains("mixed"),
+        "runs named in the legend"
+    );
 }
 
 /// The bf16 reference forward stays close to f32 (the cache stores f64 sums either way).

@@ -1,0 +1,203 @@
+//! `refdpo plot`: training and eval curves of one or more runs (their `metrics.jsonl`), overlaid
+//! run by run, one SVG per metric, so a sweep over one cache compares at a glance.
+
+use crate::error::{fs, Error, Result};
+use plotters::prelude::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The metrics drawn, in this order, when at least one run logged them: the train value as a
+/// line, its `eval/` counterpart (if logged) as dots in the same colour.
+const METRICS: [&str; 9] = [
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+    "learning_rate",
+];
+
+/// Run colours (matplotlib's tab10), reused past ten runs.
+const COLOURS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// One run's logged values: metric → (step, value) in file order.
+struct Run {
+    label: String,
+    series: BTreeMap<String, Vec<(f64, f64)>>,
+}
+
+impl Run {
+    fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        let text = fs::read_to_string(&path).map_err(|_| {
+            Error::Config(format!(
+                "--run {}: no metrics.jsonl there; give a run directory (`train.out`)",
+                dir.display()
+            ))
+        })?;
+        let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let v: Value = serde_json::from_str(line)
+                .map_err(|e| Error::schema(&path, format!("line {} is not JSON ({e})", i + 1)))?;
+            let Some(step) = v.get("step").and_then(Value::as_f64) else {
+                continue;
+            };
+            for (k, x) in v.as_object().into_iter().flatten() {
+                if let Some(x) = x.as_f64().filter(|x| x.is_finite()) {
+                    series.entry(k.clone()).or_default().push((step, x));
+                }
+            }
+        }
+        let label = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(Self { label, series })
+    }
+}
+
+/// Draws every metric some run logged into `out` (one SVG each); returns the files written.
+pub fn plot(runs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
+    let runs = runs
+        .iter()
+        .map(|d| Run::read(d))
+        .collect::<Result<Vec<_>>>()?;
+    fs::create_dir_all(out)?;
+    let mut files = Vec::new();
+    for metric in METRICS {
+        let eval = format!("eval/{metric}");
+        if !runs.iter().any(|r| r.series.contains_key(metric)) {
+            continue;
+        }
+        let path = out.join(format!("{}.svg", metric.replace('/', "_")));
+        draw(&path, metric, &eval, &runs).map_err(|msg| Error::Plot {
+            path: path.clone(),
+            msg,
+        })?;
+        files.push(path);
+    }
+    Ok(files)
+}
+
+fn draw(path: &Path, metric: &str, eval: &str, runs: &[Run]) -> std::result::Result<(), String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let all = || {
+        runs.iter()
+            .flat_map(|r| [r.series.get(metric), r.series.get(eval)])
+            .flatten()
+            .flatten()
+    };
+    let (mut x1, mut y0, mut y1) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in all() {
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-9 * y1.abs().max(1.0));
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(metric, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0f64..x1, (y0 - pad)..(y1 + pad))
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc(format!("{metric} (line: train; dots: {eval})"))
+        .axis_desc_style(("sans-serif", 16))
+        .draw()
+        .map_err(|x| e(&x))?;
+    for (i, run) in runs.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        if let Some(pts) = run.series.get(metric) {
+            chart
+                .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))
+                .map_err(|x| e(&x))?
+                .label(run.label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 14, y)], colour.stroke_width(2))
+                });
+        }
+        if let Some(pts) = run.series.get(eval) {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 5, colour.filled())))
+                .map_err(|x| e(&x))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .draw()
+        .map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_overlay_per_metric_and_a_missing_run_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (name, beta) in [("beta-0.1", 0.1), ("beta-1.0", 1.0)] {
+            let dir = tmp.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let lines: Vec<String> = (1..=4)
+                .map(|s| {
+                    format!(
+                        r#"{{"step":{s},"loss":{},"learning_rate":1e-6}}"#,
+                        0.69 - beta * s as f64 / 10.0
+                    )
+                })
+                .chain([r#"{"step":4,"eval/loss":0.5}"#.to_string()])
+                .collect();
+            std::fs::write(dir.join("metrics.jsonl"), lines.join("\n")).unwrap();
+        }
+        let runs = [tmp.path().join("beta-0.1"), tmp.path().join("beta-1.0")];
+        let out = tmp.path().join("plots");
+        let files = plot(&runs, &out).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["loss.svg", "learning_rate.svg"],
+            "only what was logged"
+        );
+        let svg = std::fs::read_to_string(&files[0]).unwrap();
+        assert!(
+            svg.contains("beta-0.1") && svg.contains("beta-1.0"),
+            "both runs in the legend"
+        );
+        assert!(svg.contains("<circle"), "eval points drawn");
+        let err = plot(&[tmp.path().join("nope")], &out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nope") && err.contains("metrics.jsonl"),
+            "{err}"
+        );
+    }
+}
