@@ -22,7 +22,7 @@ NEEDS_NVCC = @true
 endif
 REFDPO = $(CARGO) run --profile $(PROFILE) --quiet $(FEATURES) --bin refdpo --
 
-.PHONY: precompute train stats show test lint bench fixtures build
+.PHONY: precompute train stats show plot test lint bench fixtures build
 
 build:
 	$(NEEDS_NVCC)
@@ -43,6 +43,10 @@ stats:
 show:
 	$(NEEDS_NVCC)
 	$(REFDPO) show --config $(CONFIG) $(ARGS)
+
+# Training curves: make plot ARGS="--run data/runs/a --run data/runs/b --out data/plots/ab"
+plot:
+	$(REFDPO) plot $(ARGS)
 
 test:
 	$(CARGO) test --profile $(PROFILE)
