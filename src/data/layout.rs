@@ -96,9 +96,9 @@ impl Mapping {
         // TRL's `maybe_extract_prompt`: a prompt of the other kind than the answers (the H4
         // UltraFeedback layout: a string prompt beside full conversations) is ignored, and the
         // prompt is extracted from the answers.
-        let conversational = |t: &Option<Turns>| matches!(t, Some(Turns::Messages(_)));
-        let prompt = prompt.filter(|p| {
-            chosen.is_none() || conversational(&Some(p.clone())) == conversational(&chosen)
+        let prompt = prompt.filter(|p| match &chosen {
+            Some(c) => matches!(p, Turns::Messages(_)) == matches!(c, Turns::Messages(_)),
+            None => true,
         });
         let prompt_id = match fields.get(&self.prompt_id) {
             Some(Value::String(s)) => s.clone(),

@@ -246,33 +246,34 @@ fn values(col: &dyn Array) -> std::result::Result<Vec<Value>, DataType> {
         }
         DataType::List(_) => {
             let l = col.as_list::<i32>();
-            let offsets: Vec<usize> = l.value_offsets().iter().map(|&o| o as usize).collect();
-            lists(&offsets, values(l.values().as_ref())?, &valid)
+            let offsets = l.value_offsets().iter().map(|&o| o as usize);
+            lists(offsets, values(l.values().as_ref())?, &valid)
         }
         DataType::LargeList(_) => {
             let l = col.as_list::<i64>();
-            let offsets: Vec<usize> = l.value_offsets().iter().map(|&o| o as usize).collect();
-            lists(&offsets, values(l.values().as_ref())?, &valid)
+            let offsets = l.value_offsets().iter().map(|&o| o as usize);
+            lists(offsets, values(l.values().as_ref())?, &valid)
         }
         DataType::Struct(fields) => {
             let s = col.as_struct();
-            let children = s
+            // each child's values are moved into the rows, not copied
+            let mut children = s
                 .columns()
                 .iter()
-                .map(|c| values(c.as_ref()))
+                .map(|c| values(c.as_ref()).map(Vec::into_iter))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             (0..n)
                 .map(|i| {
-                    if !valid(i) {
-                        return Value::Null;
+                    let row: Map<String, Value> = fields
+                        .iter()
+                        .zip(children.iter_mut())
+                        .map(|(f, c)| (f.name().clone(), c.next().unwrap_or(Value::Null)))
+                        .collect();
+                    if valid(i) {
+                        Value::Object(row)
+                    } else {
+                        Value::Null
                     }
-                    Value::Object(
-                        fields
-                            .iter()
-                            .zip(&children)
-                            .map(|(f, c)| (f.name().clone(), c[i].clone()))
-                            .collect(),
-                    )
                 })
                 .collect()
         }
@@ -281,18 +282,28 @@ fn values(col: &dyn Array) -> std::result::Result<Vec<Value>, DataType> {
     Ok(out)
 }
 
-fn lists(offsets: &[usize], items: Vec<Value>, valid: &dyn Fn(usize) -> bool) -> Vec<Value> {
-    offsets
-        .windows(2)
-        .enumerate()
-        .map(|(i, w)| {
-            if valid(i) {
-                Value::Array(items[w[0]..w[1]].to_vec())
-            } else {
-                Value::Null
-            }
-        })
-        .collect()
+/// Rows of a list column from its `offsets` (n + 1 of them) and its flattened `items`, which
+/// are moved into the rows in order.
+fn lists(
+    mut offsets: impl Iterator<Item = usize>,
+    items: Vec<Value>,
+    valid: &dyn Fn(usize) -> bool,
+) -> Vec<Value> {
+    let mut items = items.into_iter();
+    let mut start = offsets.next().unwrap_or(0);
+    // a sliced column's rows start past its first items
+    items.by_ref().take(start).for_each(drop);
+    let mut out = Vec::new();
+    for (i, end) in offsets.enumerate() {
+        let row: Vec<Value> = items.by_ref().take(end - start).collect();
+        out.push(if valid(i) {
+            Value::Array(row)
+        } else {
+            Value::Null
+        });
+        start = end;
+    }
+    out
 }
 
 #[cfg(test)]
