@@ -40,6 +40,19 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Fold a LoRA adapter into its base model and write a full HF checkpoint.
+    Merge {
+        /// The adapter: a LoRA run's `final/` or `checkpoint-N/`, or any PEFT LoRA adapter.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where the merged model goes (a new or empty directory).
+        #[arg(long)]
+        out: PathBuf,
+        /// The base model (hub id or directory); default: the run's model, else the adapter's
+        /// `base_model_name_or_path`.
+        #[arg(long)]
+        base: Option<String>,
+    },
     /// Print one example as raw messages, rendered chat text and token counts.
     Show {
         #[command(flatten)]

@@ -23,6 +23,11 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
+    /// A hub model id at `revision`, or a local directory.
+    pub fn resolve(id: &str, revision: &str) -> Result<Self> {
+        Self::open(hub::model(id, revision)?)
+    }
+
     fn open(m: hub::RepoDir) -> Result<Self> {
         let cfg = TransformerConfig::from_file(&m.dir.join("config.json"))?;
         let weight_files = weights::weight_files(&m.dir)?;
@@ -70,7 +75,7 @@ impl Inputs {
     }
 
     fn open(cfg: &Config) -> Result<Self> {
-        let model = ModelSource::open(hub::model(&cfg.model.id, &cfg.model.revision)?)?;
+        let model = ModelSource::resolve(&cfg.model.id, &cfg.model.revision)?;
         let tokenizer =
             PairTokenizer::from_dir(&model.dir, cfg.tokenize.max_length, cfg.tokenize.truncation)?;
         Ok(Self { model, tokenizer })

@@ -165,6 +165,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", f.display());
             }
         }
+        Command::Merge { adapter, out, base } => {
+            let base = crate::train::merge::merge(&adapter, base.as_deref(), &out)?;
+            println!(
+                "merged {} into {} ({}); wrote {}",
+                adapter.display(),
+                base.dir.display(),
+                base.revision,
+                out.display()
+            );
+        }
         Command::Show {
             config,
             index,

@@ -166,3 +166,47 @@ impl<'de> Deserialize<'de> for Losses {
         d.deserialize_any(OneOrMany)
     }
 }
+
+/// `train.lora.target_modules`: PEFT's `"all-linear"` (every projection of the decoder layers,
+/// not `lm_head`) or a list of projection names (`q_proj`, `gate_up_proj`, …).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum TargetModules {
+    #[default]
+    AllLinear,
+    Names(Vec<String>),
+}
+
+impl TargetModules {
+    /// Whether the projection `name` (e.g. `q_proj`) is adapted.
+    pub fn includes(&self, name: &str) -> bool {
+        match self {
+            TargetModules::AllLinear => true,
+            TargetModules::Names(names) => names.iter().any(|n| n == name),
+        }
+    }
+}
+
+impl Serialize for TargetModules {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TargetModules::AllLinear => s.serialize_str("all-linear"),
+            TargetModules::Names(names) => names.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetModules {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::One(s) if s == "all-linear" => Ok(TargetModules::AllLinear),
+            Raw::One(s) => Ok(TargetModules::Names(vec![s])),
+            Raw::Many(names) => Ok(TargetModules::Names(names)),
+        }
+    }
+}

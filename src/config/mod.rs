@@ -6,7 +6,9 @@ mod choices;
 mod keys;
 mod validate;
 
-pub use choices::{Dtype, Losses, LrSchedule, RefMode, Role, StateDtype, Truncation};
+pub use choices::{
+    Dtype, Losses, LrSchedule, RefMode, Role, StateDtype, TargetModules, Truncation,
+};
 pub use keys::apply_override;
 
 use crate::error::{fs, Error, Result};
@@ -190,6 +192,39 @@ pub struct TrainConfig {
     pub state_dtype: StateDtype,
     /// Write `final/` at the end (benchmarks and sweeps may skip it).
     pub save_final: bool,
+    /// LoRA adapters on a frozen base (`r` = 0: full fine-tuning).
+    pub lora: LoraConfig,
+}
+
+/// `[train.lora]`, with PEFT's meanings: ΔW = (alpha / r)·B·A (alpha / √r with `use_rslora`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Adapter rank; 0 = full fine-tuning.
+    pub r: usize,
+    pub alpha: f64,
+    /// Dropout on the adapter's input (training only).
+    pub dropout: f64,
+    pub target_modules: TargetModules,
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 0,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: TargetModules::AllLinear,
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn enabled(&self) -> bool {
+        self.r > 0
+    }
 }
 
 impl Default for TrainConfig {
@@ -224,6 +259,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: true,
             state_dtype: StateDtype::F32,
             save_final: true,
+            lora: LoraConfig::default(),
         }
     }
 }

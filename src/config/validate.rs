@@ -1,8 +1,9 @@
 //! What serde cannot check: required keys, ranges, finite numbers, and values that would make a
 //! run do nothing. Each error is a sentence naming one key, its value and what is allowed.
 
-use super::Config;
+use super::{Config, TargetModules};
 use crate::error::{Error, Result};
+use crate::model::lora::PROJECTIONS;
 use std::fmt::Display;
 
 impl Config {
@@ -138,6 +139,37 @@ impl Config {
             unit(t.adam_beta2),
             "in [0, 1)",
         )?;
+        let lora = &t.lora;
+        if lora.enabled() {
+            in_range(
+                "train.lora.alpha",
+                lora.alpha,
+                positive(lora.alpha),
+                "a finite number > 0",
+            )?;
+            in_range(
+                "train.lora.dropout",
+                lora.dropout,
+                unit(lora.dropout),
+                "in [0, 1)",
+            )?;
+            if let TargetModules::Names(names) = &lora.target_modules {
+                if names.is_empty() {
+                    return Err(Error::Config(
+                        "`train.lora.target_modules` is an empty list: name projections \
+                         (e.g. [\"q_proj\", \"v_proj\"]) or use \"all-linear\"."
+                            .into(),
+                    ));
+                }
+                if let Some(bad) = names.iter().find(|n| !PROJECTIONS.contains(&n.as_str())) {
+                    return Err(Error::Config(format!(
+                        "`train.lora.target_modules` names `{bad}`, which is not a projection \
+                         refdpo adapts; choose from {} or \"all-linear\".",
+                        PROJECTIONS.join(", ")
+                    )));
+                }
+            }
+        }
         in_range(
             "train.adam_epsilon",
             t.adam_epsilon,
@@ -275,5 +307,41 @@ mod tests {
         }
         // max_steps alone is a run.
         with(&["train.epochs=0", "train.max_steps=3"]).unwrap();
+    }
+
+    #[test]
+    fn lora_settings_are_checked_when_lora_is_on() {
+        for (sets, key) in [
+            (
+                &["train.lora.r=8", "train.lora.alpha=0.0"][..],
+                "train.lora.alpha",
+            ),
+            (
+                &["train.lora.r=8", "train.lora.dropout=1.0"],
+                "train.lora.dropout",
+            ),
+            (
+                &["train.lora.r=8", "train.lora.target_modules=[]"],
+                "train.lora.target_modules",
+            ),
+            (
+                &["train.lora.r=8", "train.lora.target_modules=[\"qproj\"]"],
+                "train.lora.target_modules",
+            ),
+        ] {
+            let err = with(sets).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{sets:?}: {err}");
+        }
+        let c = with(&[
+            "train.lora.r=8",
+            "train.lora.target_modules=[\"q_proj\", \"v_proj\"]",
+        ])
+        .unwrap();
+        assert!(c.train.lora.target_modules.includes("v_proj"));
+        assert!(!c.train.lora.target_modules.includes("o_proj"));
+        let c = with(&["train.lora.r=8"]).unwrap();
+        assert_eq!(c.train.lora.target_modules, TargetModules::AllLinear);
+        // off: nothing else is looked at
+        with(&["train.lora.alpha=0.0"]).unwrap();
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod init;
+pub mod lora;
 pub mod transformer;
 pub mod weights;
 

@@ -3,6 +3,7 @@
 //! `rms_norm` and `rope` have no backward and would silently train nothing but `lm_head`).
 
 use super::config::{Activation, QkNorm, TransformerConfig};
+use super::lora::{Adapter, Dropout, Proj};
 use crate::error::{Error, Result};
 use crate::profile::{self, Phase};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -17,9 +18,14 @@ pub enum OpMode {
     Differentiable,
 }
 
-/// Where a model's tensors come from: named HF tensors in the compute dtype.
+/// Where a model's tensors come from: named HF tensors in the compute dtype, and LoRA adapters
+/// of projections (by HF module name) where there are any.
 pub trait ParamSource {
     fn get(&self, name: &str) -> Result<Tensor>;
+
+    fn adapter(&self, _module: &str) -> Result<Option<Adapter>> {
+        Ok(None)
+    }
 }
 
 impl ParamSource for std::collections::HashMap<String, Tensor> {
@@ -30,14 +36,14 @@ impl ParamSource for std::collections::HashMap<String, Tensor> {
     }
 }
 
-fn linear(p: &dyn ParamSource, prefix: &str, bias: bool) -> Result<Linear> {
+fn linear(p: &dyn ParamSource, prefix: &str, bias: bool) -> Result<Proj> {
     let w = p.get(&format!("{prefix}.weight"))?;
     let b = if bias {
         Some(p.get(&format!("{prefix}.bias"))?)
     } else {
         None
     };
-    Ok(Linear::new(w, b))
+    Ok(Proj::new(Linear::new(w, b), p.adapter(prefix)?, prefix))
 }
 
 /// Upper bound on the elements of one chunk of attention scores (sequences × heads × T × T):
@@ -160,10 +166,10 @@ impl Rope {
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
     /// RMSNorm of queries and keys before RoPE (Qwen3 per head, OLMo 2 whole).
     qk_norm: Option<(QkNorm, RmsNorm, RmsNorm)>,
     num_heads: usize,
@@ -184,8 +190,8 @@ impl Attention {
         let ((cos, sin), mask) = ctx.for_layer(self.sliding);
         let (b, t, _) = x.dims3()?;
         // [B, T, n*hd] → [B, n, T, hd], with the query/key norm where the family has one
-        let heads = |lin: &Linear, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
-            let mut y = lin.forward(x)?;
+        let heads = |lin: &Proj, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let mut y = lin.forward(x, ctx.dropout.as_ref())?;
             let kind = self.qk_norm.as_ref().map(|(k, _, _)| *k);
             if let (Some(QkNorm::Whole), Some(norm)) = (kind, norm) {
                 y = norm.forward(&y, mode)?;
@@ -238,7 +244,7 @@ impl Attention {
         let out = out
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;
-        Ok(self.o.forward(&out)?)
+        self.o.forward(&out, ctx.dropout.as_ref())
     }
 
     /// q, k, v: [b, nh, T, hd]; mask [T, T] → [b, nh, T, hd]. Softmax in f32, as HF's eager
@@ -279,22 +285,23 @@ fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
     activation: Activation,
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &SeqContext) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Mlp);
-        let gate = self.gate.forward(x)?;
+        let dropout = ctx.dropout.as_ref();
+        let gate = self.gate.forward(x, dropout)?;
         let gate = match self.activation {
             Activation::Silu => gate.silu()?,
             Activation::GeluTanh => gate.gelu()?,
         };
-        let h = (gate * self.up.forward(x)?)?;
-        Ok(self.down.forward(&h)?)
+        let h = (gate * self.up.forward(x, dropout)?)?;
+        self.down.forward(&h, dropout)
     }
 }
 
@@ -361,11 +368,28 @@ impl Block {
                 cfg.num_heads * cfg.head_dim,
                 cfg.num_kv_heads * cfg.head_dim,
             );
-            let qkv = p.get(&format!("{pre}.self_attn.qkv_proj.weight"))?;
-            let gate_up = p.get(&format!("{pre}.mlp.gate_up_proj.weight"))?;
-            let part = |w: &Tensor, at: usize, n: usize| -> Result<Linear> {
-                Ok(Linear::new(w.narrow(0, at, n)?, None))
+            // An adapter of a fused projection is split the same way (its B by rows); the parts
+            // share the module's dropout mask, as PEFT's one adapter on the fused input does.
+            let fused = |module: String| -> Result<(Tensor, Option<Adapter>, String)> {
+                Ok((
+                    p.get(&format!("{module}.weight"))?,
+                    p.adapter(&module)?,
+                    module,
+                ))
             };
+            let part = |(w, ad, module): &(Tensor, Option<Adapter>, String),
+                        at: usize,
+                        n: usize|
+             -> Result<Proj> {
+                let ad = ad.as_ref().map(|a| a.narrow_out(at, n)).transpose()?;
+                Ok(Proj::new(
+                    Linear::new(w.narrow(0, at, n)?, None),
+                    ad,
+                    module,
+                ))
+            };
+            let qkv = fused(format!("{pre}.self_attn.qkv_proj"))?;
+            let gate_up = fused(format!("{pre}.mlp.gate_up_proj"))?;
             let i = cfg.intermediate_size;
             (
                 (
@@ -421,7 +445,7 @@ impl Block {
                 let h = input.forward(x, mode)?;
                 let x = (x + self.attn.forward(&h, ctx, mode)?)?;
                 let h = post_attention.forward(&x, mode)?;
-                Ok((&x + self.mlp.forward(&h)?)?)
+                Ok((&x + self.mlp.forward(&h, ctx)?)?)
             }
             Norms::Post {
                 post_attention,
@@ -429,7 +453,7 @@ impl Block {
             } => {
                 let a = post_attention.forward(&self.attn.forward(x, ctx, mode)?, mode)?;
                 let x = (x + a)?;
-                let m = post_feedforward.forward(&self.mlp.forward(&x)?, mode)?;
+                let m = post_feedforward.forward(&self.mlp.forward(&x, ctx)?, mode)?;
                 Ok((&x + m)?)
             }
             Norms::Sandwich {
@@ -440,7 +464,7 @@ impl Block {
             } => {
                 let a = self.attn.forward(&input.forward(x, mode)?, ctx, mode)?;
                 let x = (x + post_attention.forward(&a, mode)?)?;
-                let m = self.mlp.forward(&pre_feedforward.forward(&x, mode)?)?;
+                let m = self.mlp.forward(&pre_feedforward.forward(&x, mode)?, ctx)?;
                 Ok((&x + post_feedforward.forward(&m, mode)?)?)
             }
         }
@@ -448,6 +472,7 @@ impl Block {
 }
 
 /// Per-sequence-length tables shared by every block of one forward.
+#[derive(Clone)]
 pub struct SeqContext {
     pub cos: Tensor,
     pub sin: Tensor,
@@ -460,6 +485,8 @@ pub struct SeqContext {
     local_rope: Option<(Tensor, Tensor)>,
     /// Sequences per chunk of attention scores ([`attention_chunk`]).
     pub attn_seqs: usize,
+    /// LoRA dropout of a training forward (none when scoring).
+    pub dropout: Option<Dropout>,
 }
 
 impl SeqContext {
@@ -563,6 +590,7 @@ impl Transformer {
             sliding_mask,
             local_rope,
             attn_seqs: attention_chunk(self.cfg.num_heads, seq_len, device),
+            dropout: None,
         })
     }
 

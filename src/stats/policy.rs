@@ -7,8 +7,9 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::inputs::Inputs;
 use crate::logprobs;
-use crate::model::{weights, Transformer, TransformerConfig};
-use candle_core::{DType, Device};
+use crate::model::Transformer;
+use crate::train::checkpoint;
+use candle_core::Device;
 use polars::prelude::*;
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -49,8 +50,8 @@ pub fn policy_bias(run_dir: &Path, parquet: &Path, device: &Device) -> Result<Po
     let cached = cache::parquet::read_fingerprint(parquet)?;
     let inputs = Inputs::resolve(&cfg)?;
     cached.check_compatible(&inputs.fingerprint(&cfg, &cached.split), parquet)?;
-    let model_cfg = TransformerConfig::from_file(&final_dir.join("config.json"))?;
-    let tensors = weights::load(&weights::weight_files(&final_dir)?, DType::F32, device)?;
+    // a full checkpoint, or a LoRA adapter merged into the run's base model
+    let (model_cfg, tensors) = checkpoint::load_model(&final_dir, &inputs.model, device)?;
     let model = Transformer::new(&model_cfg, &tensors)?;
     let rows = cache::parquet::read(parquet)?;
     let (l, t) = (cfg.tokenize.max_length, cfg.tokenize.truncation);

@@ -1,12 +1,23 @@
 //! Checkpoints in HF layout (`model.safetensors` with HF tensor names, `config.json`, tokenizer
-//! files) plus `trainer_state.json` and `optimizer.safetensors` for `--resume`. A checkpoint is
-//! written into `<name>.tmp/` and renamed when complete, so a kill mid-save leaves the previous one.
+//! files), or with LoRA a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), plus
+//! `trainer_state.json` and `optimizer.safetensors` for `--resume`. A checkpoint is written into
+//! `<name>.tmp/` and renamed when complete, so a kill mid-save leaves the previous one.
 
 use super::optim::AdamW;
 use super::policy::Policy;
 use crate::error::{fs, Error, Result};
+use crate::inputs::ModelSource;
+use crate::model::{lora, weights, TransformerConfig};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// The base model a checkpoint belongs to: its files (tokenizer, config) and its `model.id`.
+pub struct Base<'a> {
+    pub dir: &'a Path,
+    pub id: &'a str,
+}
 
 /// Where training stands: enough to continue with the same data order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,13 +44,13 @@ pub fn save(
     policy: &Policy,
     optim: &AdamW,
     state: &TrainerState,
-    model_dir: &Path,
+    base: &Base,
 ) -> Result<()> {
     let tmp = fs::tmp_path(dir);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("cannot remove", &tmp, e))?;
     }
-    let written = write_into(&tmp, policy, optim, state, model_dir);
+    let written = write_into(&tmp, policy, optim, state, base);
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -65,11 +76,27 @@ fn write_into(
     policy: &Policy,
     optim: &AdamW,
     state: &TrainerState,
-    model_dir: &Path,
+    base: &Base,
 ) -> Result<()> {
     fs::create_dir_all(tmp)?;
-    crate::model::weights::save(&policy.tensors(), &tmp.join("model.safetensors"))?;
-    // config.json as the model has it, with the dtype of the saved weights.
+    match &policy.lora {
+        Some(l) => {
+            lora::write(tmp, l, &policy.cfg, base.id, &policy.tensors())?;
+            copy_model_files(tmp, base.dir)?;
+        }
+        None => write_model(tmp, &policy.tensors(), base.dir)?,
+    }
+    optim.save(policy, &tmp.join("optimizer.safetensors"))?;
+    fs::write_atomic(
+        &tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )
+}
+
+/// A full HF model in `dir`: the f32 weights as `model.safetensors`, the base's `config.json`
+/// (with the saved dtype) and its tokenizer files.
+pub fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, model_dir: &Path) -> Result<()> {
+    weights::save(tensors, &dir.join("model.safetensors"))?;
     let mut config: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(&model_dir.join("config.json"))?)?;
     if let Some(obj) = config.as_object_mut() {
@@ -79,20 +106,50 @@ fn write_into(
         }
     }
     fs::write_atomic(
-        &tmp.join("config.json"),
+        &dir.join("config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),
     )?;
+    copy_model_files(dir, model_dir)
+}
+
+fn copy_model_files(dir: &Path, model_dir: &Path) -> Result<()> {
     for f in MODEL_FILES {
-        let (src, dst) = (model_dir.join(f), tmp.join(f));
+        let (src, dst) = (model_dir.join(f), dir.join(f));
         if src.exists() {
             std::fs::copy(&src, &dst).map_err(|e| Error::io("cannot copy into", &dst, e))?;
         }
     }
-    optim.save(policy, &tmp.join("optimizer.safetensors"))?;
-    fs::write_atomic(
-        &tmp.join("trainer_state.json"),
-        serde_json::to_string_pretty(state)?.as_bytes(),
-    )
+    Ok(())
+}
+
+/// The trained tensors of a checkpoint (HF names, or PEFT's for an adapter), f32 on `device`.
+pub fn load_trained(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let file = if lora::is_adapter(dir) {
+        dir.join(lora::WEIGHTS_FILE)
+    } else {
+        dir.join("model.safetensors")
+    };
+    weights::load(&[file], DType::F32, device)
+}
+
+/// The whole model a checkpoint stands for, f32 on `device`: its own weights, or the adapter
+/// merged into `base` (the run's model).
+pub fn load_model(
+    dir: &Path,
+    base: &ModelSource,
+    device: &Device,
+) -> Result<(TransformerConfig, HashMap<String, Tensor>)> {
+    if !lora::is_adapter(dir) {
+        let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
+        return Ok((
+            cfg,
+            weights::load(&weights::weight_files(dir)?, DType::F32, device)?,
+        ));
+    }
+    let adapter = lora::read(dir)?;
+    let mut tensors = weights::load(&base.weight_files, DType::F32, device)?;
+    lora::merge(&mut tensors, &base.cfg, &adapter)?;
+    Ok((base.cfg.clone(), tensors))
 }
 
 fn old_path(dir: &Path) -> PathBuf {

@@ -5,6 +5,7 @@ pub mod batches;
 pub mod checkpoint;
 pub mod curves;
 pub mod grads;
+pub mod merge;
 pub mod metrics_log;
 pub mod micro_batch;
 pub mod optim;

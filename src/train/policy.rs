@@ -1,4 +1,6 @@
-//! The trainable policy: f32 master weights as candle `Var`s and a block-wise backward.
+//! The trainable policy: f32 master weights as candle `Var`s and a block-wise backward. With
+//! LoRA the `Var`s are the adapters (PEFT names) and the base stays frozen in the compute dtype:
+//! no master copy, gradient or moment of it exists.
 //!
 //! Compute copies (in the compute dtype) exist for one block at a time, never for the whole
 //! model. One training forward/backward, for a batch of 2B sequences:
@@ -16,24 +18,32 @@
 //! full-vocabulary logits never exist for more than one chunk of rows.
 
 use super::grads::Grads;
+use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::logprobs::{self, SeqBatch};
+use crate::model::lora::{self, Adapter, Dropout};
 use crate::model::transformer::{Block, RmsNorm, SeqContext};
 use crate::model::{OpMode, ParamSource, Transformer, TransformerConfig};
 use crate::profile::{self, Phase};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use std::collections::HashMap;
 
-/// Named parameters (HF names) as f32 `Var`s.
+/// Named trainable parameters as f32 `Var`s: the model's (HF names), or with LoRA the adapters'
+/// (PEFT names) over a frozen base.
 pub struct Policy {
     pub cfg: TransformerConfig,
     pub names: Vec<String>,
     pub vars: Vec<Var>,
     index: HashMap<String, usize>,
+    /// LoRA: the base model (HF names) in the compute dtype, never trained.
+    frozen: HashMap<String, Tensor>,
+    pub lora: Option<LoraConfig>,
     pub compute_dtype: DType,
     /// Sequences per recomputed sub-batch in the checkpointed backward; 0 = the attention chunk
     /// of the forward ([`SeqContext::attn_seqs`]).
     pub backward_seqs: usize,
+    /// Seeds the LoRA dropout masks of the next training forward (set per micro-batch).
+    pub dropout_seed: u64,
 }
 
 struct Tracked<'a>(&'a Policy);
@@ -49,15 +59,21 @@ enum Saved {
 
 impl ParamSource for Tracked<'_> {
     fn get(&self, name: &str) -> Result<Tensor> {
-        let v = self.0.var(name)?;
-        Ok(v.as_tensor().to_dtype(self.0.compute_dtype)?)
+        self.0.param(name, true)
+    }
+
+    fn adapter(&self, module: &str) -> Result<Option<Adapter>> {
+        self.0.adapter(module, true)
     }
 }
 
 impl ParamSource for Detached<'_> {
     fn get(&self, name: &str) -> Result<Tensor> {
-        let v = self.0.var(name)?;
-        Ok(v.as_tensor().detach().to_dtype(self.0.compute_dtype)?)
+        self.0.param(name, false)
+    }
+
+    fn adapter(&self, module: &str) -> Result<Option<Adapter>> {
+        self.0.adapter(module, false)
     }
 }
 
@@ -70,10 +86,80 @@ impl Policy {
         device: &Device,
     ) -> Result<Self> {
         let mut names: Vec<String> = tensors.keys().cloned().collect();
-        names.sort();
         if cfg.tie_word_embeddings {
             names.retain(|n| n != "lm_head.weight");
         }
+        Self::from_parts(
+            cfg,
+            &tensors,
+            names,
+            HashMap::new(),
+            None,
+            compute_dtype,
+            device,
+        )
+    }
+
+    /// LoRA: `adapters` (PEFT names, one A and B per targeted module of `cfg`, e.g. from
+    /// [`lora::init_adapters`]) trained over `base` (HF names), which is kept frozen in the
+    /// compute dtype.
+    pub fn with_lora(
+        cfg: &TransformerConfig,
+        base: HashMap<String, Tensor>,
+        lora: &LoraConfig,
+        adapters: HashMap<String, Tensor>,
+        compute_dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let modules = lora::target_modules(cfg, &lora.target_modules);
+        if modules.is_empty() {
+            return Err(Error::Config(format!(
+                "`train.lora.target_modules` matches no projection of this {:?} model",
+                cfg.arch
+            )));
+        }
+        let mut names = Vec::with_capacity(2 * modules.len());
+        for (module, fan_in, fan_out) in &modules {
+            let (a, b) = lora::peft_names(module);
+            for (name, shape) in [(a, [lora.r, *fan_in]), (b, [*fan_out, lora.r])] {
+                let t = adapters
+                    .get(&name)
+                    .ok_or_else(|| Error::Model(format!("the adapter has no `{name}`")))?;
+                if t.dims() != shape {
+                    return Err(Error::Model(format!(
+                        "adapter tensor `{name}` has shape {:?}; this model and r = {} need {shape:?}",
+                        t.dims(),
+                        lora.r
+                    )));
+                }
+                names.push(name);
+            }
+        }
+        let frozen = base
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(compute_dtype)?.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        Self::from_parts(
+            cfg,
+            &adapters,
+            names,
+            frozen,
+            Some(lora.clone()),
+            compute_dtype,
+            device,
+        )
+    }
+
+    fn from_parts(
+        cfg: &TransformerConfig,
+        tensors: &HashMap<String, Tensor>,
+        mut names: Vec<String>,
+        frozen: HashMap<String, Tensor>,
+        lora: Option<LoraConfig>,
+        compute_dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        names.sort();
         let vars = names
             .iter()
             .map(|n| {
@@ -92,9 +178,62 @@ impl Policy {
             names,
             vars,
             index,
+            frozen,
+            lora,
             compute_dtype,
             backward_seqs: 0,
+            dropout_seed: 0,
         })
+    }
+
+    /// A model tensor (HF name) in the compute dtype: frozen with LoRA, else from its variable.
+    fn param(&self, name: &str, tracked: bool) -> Result<Tensor> {
+        if self.lora.is_some() {
+            return self.frozen.get(name).cloned().ok_or_else(|| {
+                Error::Model(format!("tensor `{name}` is missing from the base weights"))
+            });
+        }
+        let v = self.var(name)?.as_tensor();
+        let v = if tracked { v.clone() } else { v.detach() };
+        Ok(v.to_dtype(self.compute_dtype)?)
+    }
+
+    /// The adapter of `module` (f32, tracked or detached), with LoRA and where one targets it.
+    fn adapter(&self, module: &str, tracked: bool) -> Result<Option<Adapter>> {
+        let Some(lora) = &self.lora else {
+            return Ok(None);
+        };
+        let (a, b) = lora::peft_names(module);
+        let (Some(&ia), Some(&ib)) = (self.index.get(&a), self.index.get(&b)) else {
+            return Ok(None);
+        };
+        let t = |i: usize| {
+            let v = self.vars[i].as_tensor();
+            if tracked {
+                v.clone()
+            } else {
+                v.detach()
+            }
+        };
+        Ok(Some(Adapter {
+            a: t(ia),
+            b: t(ib),
+            scale: lora::scale(lora),
+            dropout: lora.dropout,
+        }))
+    }
+
+    /// Parameters of the frozen base (0 without LoRA).
+    pub fn frozen_params(&self) -> usize {
+        self.frozen.values().map(Tensor::elem_count).sum()
+    }
+
+    /// Bytes of the frozen base.
+    pub fn frozen_bytes(&self) -> usize {
+        self.frozen
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
     }
 
     pub fn var(&self, name: &str) -> Result<&Var> {
@@ -124,7 +263,7 @@ impl Policy {
         Transformer::shell(&self.cfg, &Detached(self))
     }
 
-    /// The current weights (f32) under their HF names, for checkpoints.
+    /// The trained tensors (f32) under their names (HF, or PEFT's with LoRA), for checkpoints.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
         self.names
             .iter()
@@ -138,13 +277,14 @@ impl Policy {
         self.vars.iter().map(|v| v.elem_count()).sum()
     }
 
-    fn lm_head_index(&self) -> usize {
+    /// The trained `lm_head` (none with LoRA).
+    fn lm_head_index(&self) -> Option<usize> {
         let name = if self.cfg.tie_word_embeddings {
             "model.embed_tokens.weight"
         } else {
             "lm_head.weight"
         };
-        self.index[name]
+        self.index.get(name).copied()
     }
 
     fn accumulate(&self, grads: &mut Grads, store: &GradStore) -> Result<()> {
@@ -173,7 +313,16 @@ impl Policy {
     ) -> Result<Vec<f64>> {
         let mode = OpMode::Differentiable;
         let head = self.head()?;
-        let ctx = head.context(batch.seq_len, batch.input_ids.device())?;
+        let mut ctx = head.context(batch.seq_len, batch.input_ids.device())?;
+        ctx.dropout = self
+            .lora
+            .as_ref()
+            .filter(|l| l.dropout > 0.0)
+            .map(|l| Dropout {
+                p: l.dropout,
+                seed: self.dropout_seed,
+                first_seq: 0,
+            });
         // 1. forward, one block's compute copy at a time: x [2B, T, H]
         let mut x = head.embed(&batch.input_ids)?;
         let mut saved = Vec::with_capacity(self.cfg.num_layers);
@@ -214,7 +363,8 @@ impl Policy {
             .collect();
         let n = g_tok.len();
         let g_tok = Tensor::from_vec(g_tok, n, rows.device())?;
-        // 4. chunked softmax backward: d rows [N, H], d lm_head [V, H] (f32)
+        // 4. chunked softmax backward: d rows [N, H], d lm_head [V, H] (f32) when it trains
+        let lm_head = self.lm_head_index();
         let (g_rows, g_lm) = logprobs::token_logps_backward(
             &rows_d,
             &head.lm_head,
@@ -222,9 +372,12 @@ impl Policy {
             &g_tok,
             &lse,
             self.cfg.final_softcap,
+            lm_head.is_some(),
         )?;
-        grads.add(self.lm_head_index(), &g_lm)?;
-        drop((g_lm, head));
+        if let (Some(i), Some(g_lm)) = (lm_head, g_lm) {
+            grads.add(i, &g_lm)?;
+        }
+        drop(head);
         // 5. back through the final norm, the blocks in reverse, the embedding
         let store = backprop(&rows, &g_rows)?;
         self.accumulate(grads, &store)?;
@@ -241,7 +394,9 @@ impl Policy {
                 }
             };
         }
-        self.embedding_backward(&batch.input_ids, &g, grads)?;
+        if self.index.contains_key("model.embed_tokens.weight") {
+            self.embedding_backward(&batch.input_ids, &g, grads)?;
+        }
         Ok(sums)
     }
 
@@ -267,7 +422,12 @@ impl Policy {
         for start in (0..b).step_by(step) {
             let len = step.min(b - start);
             let input = Var::from_tensor(&x.narrow(0, start, len)?)?;
-            let out = block.forward(input.as_tensor(), ctx, OpMode::Differentiable)?;
+            // this sub-batch's own dropout masks: those of its sequences in the forward
+            let mut sub = ctx.clone();
+            if let Some(d) = &mut sub.dropout {
+                d.first_seq = start;
+            }
+            let out = block.forward(input.as_tensor(), &sub, OpMode::Differentiable)?;
             let store = backprop(&out, &g.narrow(0, start, len)?)?;
             self.accumulate(&mut local, &store)?;
             g_in.push(grad_of(&store, &input)?);

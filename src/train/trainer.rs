@@ -14,7 +14,7 @@ use crate::config::{Config, RefMode};
 use crate::dpo::{LossMix, LossParams, MetricsAccumulator};
 use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
-use crate::model::{weights, Transformer};
+use crate::model::{lora, weights, Transformer};
 use crate::profile::{self, Phase};
 use crate::progress::Progress;
 use crate::signals::StopRequest;
@@ -66,8 +66,16 @@ impl<'a> Trainer<'a> {
         } else {
             cfg.model.dtype.candle()
         };
-        let master = weights::load(&inputs.model.weight_files, DType::F32, device)?;
-        let policy = Policy::new(&inputs.model.cfg, master, dtype, device)?;
+        let policy = if t.lora.enabled() {
+            // the base once, in the compute dtype; fresh adapters as PEFT makes them
+            let base = weights::load(&inputs.model.weight_files, dtype, device)?;
+            let modules = lora::target_modules(&inputs.model.cfg, &t.lora.target_modules);
+            let adapters = lora::init_adapters(&modules, t.lora.r, t.seed)?;
+            Policy::with_lora(&inputs.model.cfg, base, &t.lora, adapters, dtype, device)?
+        } else {
+            let master = weights::load(&inputs.model.weight_files, DType::F32, device)?;
+            Policy::new(&inputs.model.cfg, master, dtype, device)?
+        };
         let reference = match t.reference {
             RefMode::Live => Some(inputs.model.load(dtype, device)?),
             RefMode::Cached => None,
@@ -146,7 +154,7 @@ impl<'a> Trainer<'a> {
             }
             return Ok(());
         };
-        let w = weights::load(&[dir.join("model.safetensors")], DType::F32, &self.device)?;
+        let w = checkpoint::load_trained(&dir, &self.device)?;
         for (name, var) in self.policy.names.iter().zip(&self.policy.vars) {
             let saved = w
                 .get(name)
@@ -253,8 +261,10 @@ impl<'a> Trainer<'a> {
         let mut grads = self.policy.zero_grads(t.state_dtype.candle());
         let mut metrics = MetricsAccumulator::default();
         let mut tokens = 0;
-        for _ in 0..t.grad_accum {
+        for micro in 0..t.grad_accum {
             let idx = self.next_batch();
+            // LoRA dropout: fresh masks per micro-batch, the same on a resumed run
+            self.policy.dropout_seed = lora_dropout_seed(t.seed, self.state.global_step, micro);
             let mb = self.micro_batch(&self.train, &idx, true)?;
             tokens += mb.tokens;
             let loss =
@@ -380,7 +390,11 @@ impl<'a> Trainer<'a> {
     }
 
     fn save(&mut self, dir: &std::path::Path) -> Result<()> {
-        checkpoint::save(dir, &self.policy, &self.optim, &self.state, &self.model_dir)?;
+        let base = checkpoint::Base {
+            dir: &self.model_dir,
+            id: &self.cfg.model.id,
+        };
+        checkpoint::save(dir, &self.policy, &self.optim, &self.state, &base)?;
         self.last_checkpoint = Some(dir.to_path_buf());
         Ok(())
     }
@@ -410,17 +424,43 @@ impl<'a> Trainer<'a> {
         } else {
             summary.push_str("; final policy not saved (train.save_final = false)");
         }
-        let params = self.policy.num_params() as f64;
-        let optim_bytes = self.optim.bytes() as f64;
-        let state = t.state_dtype.as_str();
-        summary.push_str(&format!(
-            "; metrics in {}; persistent training state {:.1} bytes/parameter (f32 weights 4.0, \
-             {state} gradients {:.1}, {state} AdamW moments {:.1})",
-            self.log.path().display(),
-            (params * 4.0 + self.grad_bytes as f64 + optim_bytes) / params,
-            self.grad_bytes as f64 / params,
-            optim_bytes / params,
-        ));
+        summary.push_str(&format!("; metrics in {}; ", self.log.path().display()));
+        summary.push_str(&self.memory_summary());
         Ok(summary)
     }
+
+    /// Persistent training bytes per model parameter, by part.
+    fn memory_summary(&self) -> String {
+        let t = &self.cfg.train;
+        let trained = self.policy.num_params() as f64;
+        let (grads, moments) = (self.grad_bytes as f64, self.optim.bytes() as f64);
+        let state = t.state_dtype.as_str();
+        if self.policy.lora.is_none() {
+            return format!(
+                "persistent training state {:.1} bytes/parameter (f32 weights 4.0, {state} \
+                 gradients {:.1}, {state} AdamW moments {:.1})",
+                (trained * 4.0 + grads + moments) / trained,
+                grads / trained,
+                moments / trained,
+            );
+        }
+        let base = self.policy.frozen_params() as f64;
+        let frozen = self.policy.frozen_bytes() as f64;
+        format!(
+            "LoRA: {} adapter parameters ({:.3}% of {} base parameters); persistent training \
+             state {:.2} bytes/base parameter (frozen base {:.2}, f32 adapters, {state} gradients \
+             and AdamW moments {:.2})",
+            trained,
+            100.0 * trained / base,
+            base,
+            (frozen + trained * 4.0 + grads + moments) / base,
+            frozen / base,
+            (trained * 4.0 + grads + moments) / base,
+        )
+    }
+}
+
+/// The LoRA dropout seed of one micro-batch: a function of the run's seed and its place in the run.
+fn lora_dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
+    crate::model::init::fnv1a64(&format!("lora-dropout/{seed}/{step}/{micro}"))
 }

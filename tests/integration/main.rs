@@ -7,6 +7,7 @@ mod families;
 mod fidelity;
 mod first_hour;
 mod integrity;
+mod lora;
 mod mishaps;
 mod own_data;
 mod stats;

@@ -4,6 +4,7 @@
 //! loss, and one full training step ([`training`]).
 
 mod layouts;
+mod lora;
 mod tokenization;
 mod training;
 

@@ -1,0 +1,395 @@
+//! LoRA adapters as PEFT has them: a projection y = W·x + s·B·A·dropout(x) with A [r, in] and
+//! B [out, r] (s = alpha / r, or alpha / √r with rsLoRA), the adapter computed in f32 on top of a
+//! base in any dtype; PEFT's tensor names and `adapter_config.json` in and out; and the merge
+//! W + s·B·A into a full checkpoint.
+
+use super::config::TransformerConfig;
+use super::init;
+use crate::config::{LoraConfig, TargetModules};
+use crate::error::{fs, Error, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Linear;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The projections an adapter can target, under their HF names (Phi-3's fused ones included).
+pub const PROJECTIONS: [&str; 9] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+];
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// PEFT's saved names of a module's A and B (e.g. `model.layers.0.self_attn.q_proj`).
+pub fn peft_names(module: &str) -> (String, String) {
+    (
+        format!("base_model.model.{module}.lora_A.weight"),
+        format!("base_model.model.{module}.lora_B.weight"),
+    )
+}
+
+/// PEFT's scaling of B·A.
+pub fn scale(lora: &LoraConfig) -> f64 {
+    if lora.use_rslora {
+        lora.alpha / (lora.r as f64).sqrt()
+    } else {
+        lora.alpha / lora.r as f64
+    }
+}
+
+/// The adapted modules of a model: (HF module name, in features, out features), in name order.
+pub fn target_modules(
+    cfg: &TransformerConfig,
+    targets: &TargetModules,
+) -> Vec<(String, usize, usize)> {
+    let mut out: Vec<_> = init::tensor_shapes(cfg)
+        .into_iter()
+        .filter_map(|(name, shape)| {
+            let module = name.strip_suffix(".weight")?;
+            let proj = module.rsplit('.').next()?;
+            (module.starts_with("model.layers.")
+                && PROJECTIONS.contains(&proj)
+                && targets.includes(proj))
+            .then(|| (module.to_string(), shape[1], shape[0]))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Fresh adapters as PEFT initializes them: A Kaiming-uniform (torch's `nn.Linear` default,
+/// bound 1/√in, from a seeded stream), B zero, so the adapted model starts as the base.
+pub fn init_adapters(
+    modules: &[(String, usize, usize)],
+    r: usize,
+    seed: u64,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for (module, fan_in, fan_out) in modules {
+        let (a, b) = peft_names(module);
+        let bound = 1.0 / (*fan_in as f64).sqrt();
+        let key = init::fnv1a64(&a) ^ seed;
+        let values: Vec<f32> = (1..=(r * fan_in) as u64)
+            .map(|i| (bound * init::uniform(key, i)) as f32)
+            .collect();
+        out.insert(a, Tensor::from_vec(values, (r, *fan_in), &Device::Cpu)?);
+        out.insert(b, Tensor::zeros((*fan_out, r), DType::F32, &Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+/// Dropout of one forward: the mask of sequence s is drawn from (`seed`, module, `first_seq` + s),
+/// so a block recomputed a few sequences at a time in the backward sees the forward's masks.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+    pub first_seq: usize,
+}
+
+impl Dropout {
+    /// Keep-mask × 1/(1 − p) for x [B, T, n] of the module with hash `module`, in f32.
+    fn mask(&self, x: &Tensor, module: u64) -> Result<Tensor> {
+        let (b, t, n) = x.dims3()?;
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let mut values = Vec::with_capacity(b * t * n);
+        for s in 0..b {
+            let key = self.seed ^ module ^ ((self.first_seq + s) as u64).wrapping_mul(0x9E37_79B9);
+            values.extend((1..=(t * n) as u64).map(|i| {
+                if (init::uniform(key, i) + 1.0) / 2.0 >= self.p {
+                    keep
+                } else {
+                    0.0
+                }
+            }));
+        }
+        Ok(Tensor::from_vec(values, (b, t, n), x.device())?)
+    }
+}
+
+/// A low-rank update of one projection: A [r, in], B [out, r] (f32, tracked or not) and its scale.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    /// Dropout probability on the adapter's input (0: none).
+    pub dropout: f64,
+}
+
+impl Adapter {
+    /// The update of rows `start..start + len` of the output (a part of a fused projection).
+    pub fn narrow_out(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            b: self.b.narrow(0, start, len)?,
+            ..self.clone()
+        })
+    }
+}
+
+/// A projection: the base `Linear`, plus an adapter where one targets it.
+#[derive(Debug, Clone)]
+pub struct Proj {
+    base: Linear,
+    adapter: Option<Adapter>,
+    /// Hash of the module's name: keys its dropout masks.
+    id: u64,
+}
+
+impl Proj {
+    pub fn new(base: Linear, adapter: Option<Adapter>, module: &str) -> Self {
+        Self {
+            base,
+            adapter,
+            id: init::fnv1a64(module),
+        }
+    }
+
+    /// x [B, T, in] → [B, T, out]. The adapter runs in f32 on x cast to f32 and is added to the
+    /// base output in f32 before the cast back, as PEFT does with its f32 adapter weights.
+    pub fn forward(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        let Some(ad) = &self.adapter else {
+            return Ok(y);
+        };
+        let mut xf = x.to_dtype(DType::F32)?;
+        if let Some(d) = dropout.filter(|_| ad.dropout > 0.0) {
+            xf = (xf * d.mask(x, self.id)?)?;
+        }
+        let low = xf.broadcast_matmul(&ad.a.t()?)?;
+        let delta = (low.broadcast_matmul(&ad.b.t()?)? * ad.scale)?;
+        Ok((y.to_dtype(DType::F32)? + delta)?.to_dtype(x.dtype())?)
+    }
+}
+
+/// An adapter directory read back: its settings and its tensors (f32, on the CPU).
+pub struct SavedAdapter {
+    pub lora: LoraConfig,
+    pub base_model: Option<String>,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Whether `dir` holds a PEFT adapter rather than full weights.
+pub fn is_adapter(dir: &Path) -> bool {
+    dir.join(CONFIG_FILE).exists()
+}
+
+/// Reads a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`). Settings
+/// refdpo does not implement (DoRA, per-module ranks, trained biases, extra saved modules) are
+/// refused by name.
+pub fn read(dir: &Path) -> Result<SavedAdapter> {
+    let path = dir.join(CONFIG_FILE);
+    let v: Value = serde_json::from_str(&fs::read_to_string(&path)?)
+        .map_err(|e| Error::Model(format!("`{}` is not JSON: {e}", path.display())))?;
+    let bad = |field: &str, why: &str| {
+        Error::Model(format!(
+            "`{}`: `{field}` {why}; refdpo reads plain LoRA adapters (PEFT `peft_type` LORA, no \
+             DoRA, one rank and alpha for all modules, bias \"none\")",
+            path.display()
+        ))
+    };
+    if v["peft_type"] != "LORA" {
+        return Err(bad("peft_type", &format!("is {}", v["peft_type"])));
+    }
+    if v["use_dora"] == true {
+        return Err(bad("use_dora", "is true"));
+    }
+    for field in ["rank_pattern", "alpha_pattern"] {
+        if v[field].as_object().is_some_and(|m| !m.is_empty()) {
+            return Err(bad(field, "is not empty"));
+        }
+    }
+    if !v["bias"].is_null() && v["bias"] != "none" {
+        return Err(bad("bias", &format!("is {}", v["bias"])));
+    }
+    if !v["modules_to_save"].is_null() {
+        return Err(bad("modules_to_save", "is set"));
+    }
+    let r = v["r"]
+        .as_u64()
+        .filter(|&r| r > 0)
+        .ok_or_else(|| bad("r", "is not a positive integer"))? as usize;
+    let alpha = v["lora_alpha"]
+        .as_f64()
+        .ok_or_else(|| bad("lora_alpha", "is not a number"))?;
+    let targets = match &v["target_modules"] {
+        Value::String(s) if s == "all-linear" => TargetModules::AllLinear,
+        Value::Array(items) => {
+            let mut names: Vec<String> = items
+                .iter()
+                .filter_map(|t| t.as_str())
+                .map(|t| t.rsplit('.').next().unwrap_or(t).to_string())
+                .collect();
+            names.sort();
+            names.dedup();
+            TargetModules::Names(names)
+        }
+        other => return Err(bad("target_modules", &format!("is {other} (a regex?)"))),
+    };
+    let weights = dir.join(WEIGHTS_FILE);
+    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
+        .map_err(|e| Error::Model(format!("cannot read `{}`: {e}", weights.display())))?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    Ok(SavedAdapter {
+        lora: LoraConfig {
+            r,
+            alpha,
+            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
+            target_modules: targets,
+            use_rslora: v["use_rslora"] == true,
+        },
+        base_model: v["base_model_name_or_path"].as_str().map(String::from),
+        tensors,
+    })
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (each atomically).
+pub fn write(
+    dir: &Path,
+    lora: &LoraConfig,
+    cfg: &TransformerConfig,
+    base_model: &str,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
+    let mut projections: Vec<String> = target_modules(cfg, &lora.target_modules)
+        .iter()
+        .filter_map(|(m, _, _)| m.rsplit('.').next().map(String::from))
+        .collect();
+    projections.sort();
+    projections.dedup();
+    let config = json!({
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "modules_to_save": null,
+        "peft_type": "LORA",
+        "r": lora.r,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+        "target_modules": projections,
+        "task_type": "CAUSAL_LM",
+        "use_dora": false,
+        "use_rslora": lora.use_rslora,
+    });
+    fs::write_atomic(
+        &dir.join(CONFIG_FILE),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    super::weights::save(tensors, &dir.join(WEIGHTS_FILE))
+}
+
+/// The adapter of `module` from `tensors` (PEFT names), if it has one.
+pub fn adapter_of(
+    tensors: &HashMap<String, Tensor>,
+    lora: &LoraConfig,
+    module: &str,
+) -> Option<Adapter> {
+    let (a, b) = peft_names(module);
+    Some(Adapter {
+        a: tensors.get(&a)?.clone(),
+        b: tensors.get(&b)?.clone(),
+        scale: scale(lora),
+        dropout: lora.dropout,
+    })
+}
+
+/// Adds s·B·A into the base weights (HF names, f32) for every adapted module of `cfg`. Every
+/// adapter tensor must find its module, and every targeted module its adapter.
+pub fn merge(
+    base: &mut HashMap<String, Tensor>,
+    cfg: &TransformerConfig,
+    saved: &SavedAdapter,
+) -> Result<()> {
+    let modules = target_modules(cfg, &saved.lora.target_modules);
+    let mut used = 0;
+    for (module, _, _) in &modules {
+        let ad = adapter_of(&saved.tensors, &saved.lora, module).ok_or_else(|| {
+            Error::Model(format!(
+                "the adapter targets `{module}` but holds no `{}`",
+                peft_names(module).0
+            ))
+        })?;
+        let name = format!("{module}.weight");
+        let w = base
+            .get(&name)
+            .ok_or_else(|| Error::Model(format!("the base model has no `{name}`")))?;
+        let delta = (ad.b.matmul(&ad.a)? * ad.scale)?.to_dtype(w.dtype())?;
+        let merged = (w + delta.to_device(w.device())?)?;
+        base.insert(name, merged);
+        used += 2;
+    }
+    if used != saved.tensors.len() {
+        let known: std::collections::HashSet<String> = modules
+            .iter()
+            .flat_map(|(m, _, _)| {
+                let (a, b) = peft_names(m);
+                [a, b]
+            })
+            .collect();
+        let stray = saved
+            .tensors
+            .keys()
+            .find(|k| !known.contains(*k))
+            .cloned()
+            .unwrap_or_default();
+        return Err(Error::Model(format!(
+            "adapter tensor `{stray}` matches no targeted module of this model: is it the \
+             adapter of another base?"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_masks_depend_on_the_sequence_not_the_chunk() {
+        let x = Tensor::ones((4, 3, 5), DType::F32, &Device::Cpu).unwrap();
+        let d = Dropout {
+            p: 0.5,
+            seed: 9,
+            first_seq: 0,
+        };
+        let whole = d.mask(&x, 1).unwrap();
+        let tail = Dropout { first_seq: 2, ..d }
+            .mask(&x.narrow(0, 2, 2).unwrap(), 1)
+            .unwrap();
+        let diff = (whole.narrow(0, 2, 2).unwrap() - tail)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        let v: Vec<f32> = whole.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|&m| m == 0.0 || m == 2.0));
+        let kept = v.iter().filter(|&&m| m > 0.0).count();
+        assert!((20..=40).contains(&kept), "{kept} of 60 kept at p = 0.5");
+        let other = d.mask(&x, 2).unwrap();
+        assert_ne!(
+            other.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            v,
+            "modules draw their own masks"
+        );
+    }
+}

@@ -1,0 +1,357 @@
+//! LoRA end to end: the demo trains adapters from ln 2 to high held-out accuracy; `final/` is a
+//! PEFT adapter that `merge` and `stats --run` read; resume with dropout is exact; the block-wise
+//! backward gives every adapter tensor autograd's gradient (fused Phi-3 projections included).
+
+use super::common::{demo_config, fails, max_abs, max_abs_diff, ok, read_json, train_with};
+use candle_core::{DType, Device, Tensor};
+use refdpo::cache::{self, MappedCache};
+use refdpo::config::{LoraConfig, TargetModules, Truncation};
+use refdpo::logprobs::{self, SeqBatch};
+use refdpo::model::{init, lora, weights, OpMode, Transformer, TransformerConfig};
+use refdpo::train::policy::Policy;
+use std::collections::HashMap;
+use std::path::Path;
+
+const LORA: &str = "[train.lora]\nr = 8\nalpha = 16";
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn demo_lora_trains_merges_and_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = format!("max_steps = 40\neval_every = 20\nsave_every = 20\n{LORA}");
+    let cfg = demo_config(tmp.path(), &extra);
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let summary = ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
+    assert!(summary.contains("LoRA:"), "{summary}");
+    let run = tmp.path().join("run");
+    let lines = metrics(&run);
+    // B = 0 at step 0: the policy is the reference, the first loss is ln 2
+    let first = lines[0]["loss"].as_f64().unwrap();
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "{first}");
+    let eval = lines
+        .iter()
+        .rev()
+        .find(|l| l.get("eval/rewards/accuracies").is_some())
+        .unwrap();
+    assert!(
+        eval["eval/rewards/accuracies"].as_f64().unwrap() >= 0.8,
+        "{eval} / {summary}"
+    );
+    // final/ and checkpoints are PEFT adapters with the tokenizer and resume state
+    for dir in ["final", "checkpoint-20"] {
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "tokenizer.json",
+            "trainer_state.json",
+            "optimizer.safetensors",
+        ] {
+            assert!(run.join(dir).join(f).exists(), "{dir}/{f}");
+        }
+        assert!(!run.join(dir).join("model.safetensors").exists(), "{dir}");
+    }
+    let adapter_cfg = read_json(&run.join("final/adapter_config.json"));
+    assert_eq!(adapter_cfg["peft_type"], "LORA");
+    assert_eq!(adapter_cfg["r"], 8);
+    assert_eq!(
+        adapter_cfg["base_model_name_or_path"],
+        tmp.path().join("demo/model").display().to_string()
+    );
+
+    // merge: the full model scores as the adapter on its base
+    let merged = tmp.path().join("merged");
+    let (final_s, merged_s) = (
+        run.join("final").display().to_string(),
+        merged.display().to_string(),
+    );
+    ok(
+        &["merge", "--adapter", &final_s, "--out", &merged_s],
+        tmp.path(),
+    );
+    assert!(merged.join("config.json").exists());
+    let model_dir = tmp.path().join("demo/model");
+    let mcfg = TransformerConfig::from_file(&model_dir.join("config.json")).unwrap();
+    let base = weights::load(
+        &weights::weight_files(&model_dir).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let saved = lora::read(&run.join("final")).unwrap();
+    let policy = Policy::with_lora(
+        &mcfg,
+        base,
+        &saved.lora,
+        saved.tensors,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let m = Transformer::new(
+        &mcfg,
+        &weights::load(
+            &weights::weight_files(&merged).unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let b = batch();
+    let (unmerged, merged_lp) = (
+        policy.score(&b).unwrap(),
+        logprobs::score(&m, &b, OpMode::Fast).unwrap(),
+    );
+    for (u, w) in unmerged.iter().zip(&merged_lp) {
+        assert!((u - w).abs() <= 1e-5 * w.abs(), "{u} vs {w}");
+    }
+    // a second merge into the same place, and a directory with no adapter, are refused
+    let err = fails(
+        &["merge", "--adapter", &final_s, "--out", &merged_s],
+        tmp.path(),
+    );
+    assert!(err.contains("not empty"), "{err}");
+    let err = fails(
+        &["merge", "--adapter", &merged_s, "--out", "elsewhere"],
+        tmp.path(),
+    );
+    assert!(err.contains("holds no LoRA adapter"), "{err}");
+
+    // stats --run scores the merged policy: its mean margin is the final eval's
+    let json: serde_json::Value = serde_json::from_str(&ok(
+        &[
+            "stats",
+            "--config",
+            cfg_s,
+            "--split",
+            "test_prefs",
+            "--run",
+            run.to_str().unwrap(),
+            "--json",
+        ],
+        tmp.path(),
+    ))
+    .unwrap();
+    // ... and the unmerged adapter's own scoring of the test split gives the same mean margin
+    let mapped =
+        MappedCache::open(&cache::arrow_path(&tmp.path().join("cache"), "test_prefs")).unwrap();
+    let rows: Vec<_> = (0..mapped.len()).map(|i| mapped.to_row(i)).collect();
+    let ids: Vec<_> = rows
+        .iter()
+        .map(|r| (&r.prompt_ids[..], &r.chosen_ids[..], &r.rejected_ids[..]))
+        .collect();
+    let test = SeqBatch::pairs(&ids, 96, Truncation::KeepStart, 0, &Device::Cpu).unwrap();
+    let sums = policy.score(&test).unwrap();
+    let n = rows.len();
+    let want = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| 0.1 * ((sums[i] - r.ref_chosen_logps) - (sums[n + i] - r.ref_rejected_logps)))
+        .sum::<f64>()
+        / n as f64;
+    let margin = json["policy"]["margin_mean"].as_f64().unwrap();
+    assert!(
+        (margin - want).abs() <= 1e-5 * want.abs(),
+        "{margin} vs {want}"
+    );
+    assert_eq!(
+        json["policy"]["pairs"].as_u64().map_or(n, |p| p as usize),
+        n
+    );
+}
+
+#[test]
+fn lora_resume_with_dropout_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = format!("lr_schedule = \"constant\"\nsave_every = 3\n{LORA}\ndropout = 0.1");
+    let cfg = demo_config(tmp.path(), &extra);
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let adapter = |run: &Path| std::fs::read(run.join("final/adapter_model.safetensors")).unwrap();
+    let steps = |n: &str| format!("train.max_steps={n}");
+    train_with(cfg_s, tmp.path(), &[&steps("6"), "train.warmup_ratio=0"]);
+    let run = tmp.path().join("run");
+    let (full, full_lines) = (adapter(&run), metrics(&run));
+    std::fs::remove_dir_all(&run).unwrap();
+    train_with(cfg_s, tmp.path(), &[&steps("3"), "train.warmup_ratio=0"]);
+    train_with(
+        cfg_s,
+        tmp.path(),
+        &["--resume", &steps("6"), "train.warmup_ratio=0"],
+    );
+    assert!(
+        adapter(&run) == full,
+        "resumed run ends with other adapters"
+    );
+    // the interrupted run's closing eval line stays; compare the training lines
+    let loss = |l: &[serde_json::Value]| {
+        l.iter()
+            .filter(|v| v.get("loss").is_some())
+            .map(|v| v["loss"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(loss(&metrics(&run)), loss(&full_lines));
+}
+
+fn batch() -> SeqBatch {
+    let (p1, c1, r1) = (vec![1u32, 5, 7], vec![9u32, 3, 3, 4], vec![2u32, 8]);
+    let (p2, c2, r2) = (vec![4u32, 4], vec![30u32], vec![11u32, 12, 13, 14, 36]);
+    SeqBatch::pairs(
+        &[(&p1, &c1, &r1), (&p2, &c2, &r2)],
+        64,
+        Truncation::KeepStart,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+const W: [f64; 4] = [0.7, -1.3, 0.4, 2.0];
+
+/// Random non-zero adapters (B too, so A gets a gradient).
+fn random_adapters(cfg: &TransformerConfig, l: &LoraConfig) -> HashMap<String, Tensor> {
+    let mut out = HashMap::new();
+    for (module, fan_in, fan_out) in lora::target_modules(cfg, &l.target_modules) {
+        let (a, b) = lora::peft_names(&module);
+        for (name, shape) in [(a, (l.r, fan_in)), (b, (fan_out, l.r))] {
+            let v = init::tensor_values(&name, shape.0 * shape.1, 5, 0.2);
+            out.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn blockwise_lora_backward_matches_autograd_for_every_adapter() {
+    for (arch, targets) in [
+        ("llama", TargetModules::AllLinear),
+        (
+            "qwen2",
+            TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]),
+        ),
+        ("phi3", TargetModules::AllLinear),
+    ] {
+        let cfg = TransformerConfig::from_json(&format!(
+            r#"{{"model_type":"{arch}","vocab_size":37,"hidden_size":16,"intermediate_size":24,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":false}}"#
+        ))
+        .unwrap();
+        let l = LoraConfig {
+            r: 3,
+            alpha: 6.0,
+            dropout: 0.0,
+            target_modules: targets,
+            use_rslora: arch == "qwen2",
+        };
+        let base = init::init_weights(&cfg, 3, 0.3).unwrap();
+        let mut policy = Policy::with_lora(
+            &cfg,
+            base,
+            &l,
+            random_adapters(&cfg, &l),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let b = batch();
+        // plain autograd through the whole tracked model
+        let m = policy.tracked().unwrap();
+        let h = m
+            .forward_hidden(&b.input_ids, OpMode::Differentiable)
+            .unwrap();
+        let lp = logprobs::token_logps(&b.gather_rows(&h).unwrap(), &m.lm_head, &b.targets, None)
+            .unwrap();
+        let w: Vec<f32> = b
+            .counts
+            .iter()
+            .zip(W)
+            .flat_map(|(&c, w)| std::iter::repeat_n(w as f32, c))
+            .collect();
+        let n = w.len();
+        let store = (lp * Tensor::from_vec(w, n, &Device::Cpu).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (checkpointing, seqs) in [(true, 0), (true, 1), (false, 0)] {
+            policy.backward_seqs = seqs;
+            let mut grads = policy.zero_grads(DType::F32);
+            policy
+                .forward_backward(&b, checkpointing, &mut grads, &mut |_| Ok(W.to_vec()))
+                .unwrap();
+            for ((name, g), v) in policy.names.iter().zip(grads.iter()).zip(&policy.vars) {
+                let g = g.unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
+                let want = store.get(v.as_tensor()).unwrap();
+                assert!(max_abs(g) > 0.0, "{arch}: zero gradient for {name}");
+                let diff = max_abs_diff(g, want);
+                assert!(
+                    diff <= 1e-4 * max_abs(want).max(1e-3),
+                    "{arch} ckpt={checkpointing} seqs={seqs} {name}: {diff}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dropout_masks_of_the_recompute_are_the_forwards() {
+    let cfg = TransformerConfig::from_json(
+        r#"{"model_type":"llama","vocab_size":37,"hidden_size":16,"intermediate_size":24,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+        "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":false}"#,
+    )
+    .unwrap();
+    let l = LoraConfig {
+        r: 3,
+        alpha: 6.0,
+        dropout: 0.3,
+        ..LoraConfig::default()
+    };
+    let mut policy = Policy::with_lora(
+        &cfg,
+        init::init_weights(&cfg, 3, 0.3).unwrap(),
+        &l,
+        random_adapters(&cfg, &l),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    policy.dropout_seed = 11;
+    let b = batch();
+    let run = |policy: &mut Policy, checkpointing: bool, seqs: usize| {
+        policy.backward_seqs = seqs;
+        let mut grads = policy.zero_grads(DType::F32);
+        let sums = policy
+            .forward_backward(&b, checkpointing, &mut grads, &mut |_| Ok(W.to_vec()))
+            .unwrap();
+        (sums, grads)
+    };
+    // the whole graph kept (one forward, one mask per module) is the reference
+    let (sums, want) = run(&mut policy, false, 0);
+    let clean = policy.score(&b).unwrap();
+    assert!(
+        sums.iter().zip(&clean).any(|(a, b)| (a - b).abs() > 1e-4),
+        "dropout changed nothing"
+    );
+    for seqs in [0, 1] {
+        let (s, grads) = run(&mut policy, true, seqs);
+        assert_eq!(s, sums);
+        for ((name, g), w) in policy.names.iter().zip(grads.iter()).zip(want.iter()) {
+            let (g, w) = (g.unwrap(), w.unwrap());
+            assert!(
+                max_abs_diff(g, w) <= 1e-5 * max_abs(w).max(1e-3),
+                "seqs={seqs} {name}"
+            );
+        }
+    }
+}
