@@ -121,10 +121,8 @@ fn a_mistral_window_shorter_than_max_length_is_refused_not_approximated() {
     );
 }
 
-/// Every `make` line of the README's "Set up and run" blocks is a command the Makefile accepts
-/// (`make -n`); the demo lines themselves run in the other tests.
-#[test]
-fn the_readme_make_commands_are_accepted_by_the_makefile() {
+/// The `make` commands of the README's "Set up and run" blocks, continuation lines joined.
+fn readme_make_commands() -> Vec<String> {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let start = readme.find("## Set up and run").unwrap();
     let end = start + readme[start..].find("\n## Commands").unwrap();
@@ -145,15 +143,22 @@ fn the_readme_make_commands_are_accepted_by_the_makefile() {
             commands.push(std::mem::take(&mut pending));
         }
     }
-    let makes: Vec<String> = commands
+    commands
         .iter()
         .flat_map(|c| {
             c.split("&&")
                 .map(|p| p.split('#').next().unwrap().trim().to_string())
         })
         .filter(|c| c.starts_with("make "))
-        .collect();
-    assert!(makes.len() >= 6, "{makes:?}");
+        .collect()
+}
+
+/// Every `make` line of the README's "Set up and run" blocks is a command the Makefile accepts
+/// (`make -n`); the demo lines themselves run in the other tests.
+#[test]
+fn the_readme_make_commands_are_accepted_by_the_makefile() {
+    let makes = readme_make_commands();
+    assert!(makes.len() >= 8, "{makes:?}");
     for cmd in &makes {
         let out = Command::new("bash")
             .arg("-c")
@@ -167,6 +172,43 @@ fn the_readme_make_commands_are_accepted_by_the_makefile() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// The README's LoRA next step, run as written (its `ARGS`) on a demo pipeline: it trains an
+/// adapter run and merges it into a full model.
+#[test]
+fn the_readme_lora_block_trains_and_merges_on_the_demo() {
+    let makes = readme_make_commands();
+    let args_of = |target: &str| -> Vec<String> {
+        let cmd = makes
+            .iter()
+            .find(|c| c.starts_with(&format!("make {target} ")) && c.contains("lora"))
+            .unwrap_or_else(|| panic!("no LoRA `make {target}` line in the README: {makes:?}"));
+        let quoted = cmd.split("ARGS=\"").nth(1).unwrap();
+        quoted[..quoted.find('"').unwrap()]
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let mut train = vec!["train", "--config", cfg_s, "--quiet"];
+    let train_args = args_of("train");
+    train.extend(train_args.iter().map(String::as_str));
+    let summary = ok(&train, tmp.path());
+    assert!(summary.contains("LoRA:"), "{summary}");
+    let mut merge = vec!["merge"];
+    let merge_args = args_of("merge");
+    merge.extend(merge_args.iter().map(String::as_str));
+    ok(&merge, tmp.path());
+    let out = merge_args
+        .iter()
+        .skip_while(|a| *a != "--out")
+        .nth(1)
+        .unwrap();
+    assert!(tmp.path().join(out).join("model.safetensors").exists());
 }
 
 /// `refdpo selftest`: what a user runs first on a GPU; on the CPU every check passes.
