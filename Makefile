@@ -22,7 +22,7 @@ NEEDS_NVCC = @true
 endif
 REFDPO = $(CARGO) run --profile $(PROFILE) --quiet $(FEATURES) --bin refdpo --
 
-.PHONY: precompute train stats show plot test lint bench fixtures build
+.PHONY: precompute train stats show plot generate merge test lint bench fixtures build
 
 build:
 	$(NEEDS_NVCC)
@@ -48,6 +48,15 @@ show:
 plot:
 	$(REFDPO) plot $(ARGS)
 
+# Continuations of the test split's prompts, reference and (ARGS="--run DIR") the trained policy
+generate:
+	$(NEEDS_NVCC)
+	$(REFDPO) generate --config $(CONFIG) $(ON_DEVICE) $(ARGS)
+
+# A LoRA run's adapter folded into its base: make merge ARGS="--adapter data/runs/x/final --out DIR"
+merge:
+	$(REFDPO) merge $(ARGS)
+
 test:
 	$(CARGO) test --profile $(PROFILE)
 
@@ -72,3 +81,5 @@ endif
 fixtures:  # needs tests/fixtures/requirements.txt installed
 	python3 tests/fixtures/gen_trl_fixtures.py
 	python3 tests/fixtures/gen_template_fixtures.py
+	python3 tests/fixtures/gen_lora_fixtures.py
+	python3 tests/fixtures/gen_generate_fixtures.py

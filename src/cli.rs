@@ -40,6 +40,8 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Continue the split's prompts with the reference model (and, with --run, the trained policy).
+    Generate(GenerateArgs),
     /// Fold a LoRA adapter into its base model and write a full HF checkpoint.
     Merge {
         /// The adapter: a LoRA run's `final/` or `checkpoint-N/`, or any PEFT LoRA adapter.
@@ -95,6 +97,42 @@ pub struct RunArgs {
     /// backward, optimizer). Syncs the device at every phase boundary, so it runs slower.
     #[arg(long)]
     pub profile: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// cpu, cuda or cuda:N (default: cuda if built with it and present, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// A training run (full or LoRA): its `final/` is the policy, generated beside the reference.
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+    /// Which cache split's prompts (default: dataset.test_split).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// First N prompts (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// JSONL output (default: <run>/generations-<split>.jsonl, else in the cache directory).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write the generated-length chart into this directory.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

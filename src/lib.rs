@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod dpo;
 pub mod error;
+pub mod generate;
 pub mod hub;
 pub mod inputs;
 pub mod logprobs;

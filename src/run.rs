@@ -165,6 +165,45 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", f.display());
             }
         }
+        Command::Generate(a) => {
+            let cfg = load(&a.config)?;
+            let dev = device(a.device.as_deref())?;
+            announce("generate", &dev, a.quiet);
+            let valid = (0.0..=1.0).contains(&a.top_p) && a.top_p > 0.0 && a.temperature >= 0.0;
+            if !valid {
+                return Err(Error::Config(format!(
+                    "--top-p {} / --temperature {}: top-p must be in (0, 1] and the temperature \
+                     >= 0 (0 = greedy)",
+                    a.top_p, a.temperature
+                ))
+                .into());
+            }
+            let opts = crate::generate::Options {
+                run: a.run,
+                split: a.split,
+                limit: a.limit,
+                max_new_tokens: a.max_new_tokens,
+                sampling: crate::generate::Sampling {
+                    temperature: a.temperature,
+                    top_p: a.top_p,
+                    seed: a.seed,
+                },
+                out: a.out,
+                plot: a.plot.clone(),
+            };
+            let r = crate::generate::run(&cfg, &opts, &dev, a.quiet)?;
+            print!("{}", r.summary.text());
+            println!(
+                "{} tokens in {:.2} s ({:.0} tokens/s); generations in {}",
+                r.tokens,
+                r.seconds,
+                r.tokens as f64 / r.seconds.max(1e-9),
+                r.path.display()
+            );
+            if let Some(dir) = a.plot {
+                println!("chart in {}", dir.join("generation_lengths.svg").display());
+            }
+        }
         Command::Merge { adapter, out, base } => {
             let base = crate::train::merge::merge(&adapter, base.as_deref(), &out)?;
             println!(

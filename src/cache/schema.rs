@@ -206,6 +206,9 @@ impl CacheBatch {
     pub fn ref_rejected(&self, i: usize) -> f64 {
         self.float(col::REF_REJECTED, i).unwrap_or(f64::NAN)
     }
+    pub fn prompt_id(&self, i: usize) -> &str {
+        self.col(col::PROMPT_ID).as_string::<i32>().value(i)
+    }
     pub fn row(&self, i: usize) -> u64 {
         self.col(col::ROW).as_primitive::<UInt64Type>().value(i)
     }

@@ -147,6 +147,17 @@ impl Rope {
         Self { inv_freq }
     }
 
+    /// (cos, sin) at the given positions, each [positions, head_dim/2] in `dtype` on `device`.
+    pub fn at(&self, positions: &[u32], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let freqs: Vec<f32> = positions
+            .iter()
+            .flat_map(|&p| self.inv_freq.iter().map(move |f| p as f32 * f))
+            .collect();
+        let freqs = Tensor::from_vec(freqs, (positions.len(), half), device)?;
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+
     /// (cos, sin), each [seq_len, head_dim/2] in `dtype` on `device`.
     pub fn tables(
         &self,
@@ -184,14 +195,17 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// x: [B, T, H] → [B, T, H]
-    fn forward(&self, x: &Tensor, ctx: &SeqContext, mode: OpMode) -> Result<Tensor> {
-        let _phase = profile::scope(Phase::Attention);
-        let ((cos, sin), mask) = ctx.for_layer(self.sliding);
+    /// x [B, T, H] → q [B, nh, T, hd], k and v [B, kv, T, hd], before RoPE, with the query/key
+    /// norm where the family has one.
+    fn project(
+        &self,
+        x: &Tensor,
+        dropout: Option<&Dropout>,
+        mode: OpMode,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
-        // [B, T, n*hd] → [B, n, T, hd], with the query/key norm where the family has one
         let heads = |lin: &Proj, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
-            let mut y = lin.forward(x, ctx.dropout.as_ref())?;
+            let mut y = lin.forward(x, dropout)?;
             let kind = self.qk_norm.as_ref().map(|(k, _, _)| *k);
             if let (Some(QkNorm::Whole), Some(norm)) = (kind, norm) {
                 y = norm.forward(&y, mode)?;
@@ -206,9 +220,19 @@ impl Attention {
             Some((_, q, k)) => (Some(q), Some(k)),
             None => (None, None),
         };
-        let q = heads(&self.q, self.num_heads, q_norm)?;
-        let k = heads(&self.k, self.num_kv_heads, k_norm)?;
-        let v = heads(&self.v, self.num_kv_heads, None)?;
+        Ok((
+            heads(&self.q, self.num_heads, q_norm)?,
+            heads(&self.k, self.num_kv_heads, k_norm)?,
+            heads(&self.v, self.num_kv_heads, None)?,
+        ))
+    }
+
+    /// x: [B, T, H] → [B, T, H]
+    fn forward(&self, x: &Tensor, ctx: &SeqContext, mode: OpMode) -> Result<Tensor> {
+        let _phase = profile::scope(Phase::Attention);
+        let ((cos, sin), mask) = ctx.for_layer(self.sliding);
+        let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.project(x, ctx.dropout.as_ref(), mode)?;
         let (q, k) = match mode {
             OpMode::Fast => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
@@ -247,8 +271,39 @@ impl Attention {
         self.o.forward(&out, ctx.dropout.as_ref())
     }
 
-    /// q, k, v: [b, nh, T, hd]; mask [T, T] → [b, nh, T, hd]. Softmax in f32, as HF's eager
-    /// attention does.
+    /// The new positions x [B, t, H] against the cached keys and values (extended here): RoPE
+    /// at each row's own positions (cos, sin [B, 1, t, hd/2]), mask [B, 1, t, T] → [B, t, H].
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: &Tensor,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.project(x, None, OpMode::Fast)?;
+        let (q, k) = (rope_at(&q, cos, sin)?, rope_at(&k, cos, sin)?);
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let rep = self.num_heads / self.num_kv_heads;
+        let out = self.attend(
+            &q,
+            &repeat_kv(k, rep)?,
+            &repeat_kv(v, rep)?,
+            mask,
+            OpMode::Fast,
+        )?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o.forward(&out, None)
+    }
+
+    /// q, k, v: [b, nh, T, hd]; mask [T, T] (or [b, 1, Tq, Tk]) → [b, nh, T, hd]. Softmax in
+    /// f32, as HF's eager attention does.
     fn attend(
         &self,
         q: &Tensor,
@@ -272,6 +327,15 @@ impl Attention {
     }
 }
 
+/// RoPE (HF's rotate-half form) at per-row positions: x [B, n, t, hd], cos and sin [B, 1, t, hd/2].
+fn rope_at(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(3)? / 2;
+    let (x1, x2) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
+    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Ok(Tensor::cat(&[a, b], 3)?)
+}
+
 fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
     if rep == 1 {
         return Ok(x);
@@ -292,9 +356,8 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, ctx: &SeqContext) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Mlp);
-        let dropout = ctx.dropout.as_ref();
         let gate = self.gate.forward(x, dropout)?;
         let gate = match self.activation {
             Activation::Silu => gate.silu()?,
@@ -437,23 +500,52 @@ impl Block {
 
     /// x: [B, T, H] → [B, T, H]
     pub fn forward(&self, x: &Tensor, ctx: &SeqContext, mode: OpMode) -> Result<Tensor> {
+        let attend = |h: &Tensor| self.attn.forward(h, ctx, mode);
+        self.forward_with(x, mode, ctx.dropout.as_ref(), &attend)
+    }
+
+    /// The new positions x [B, t, H] of an incremental forward (see
+    /// [`Transformer::forward_cached`]).
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        mask: &Tensor,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let kv = std::cell::RefCell::new(kv);
+        let attend = |h: &Tensor| {
+            self.attn
+                .forward_cached(h, rope, mask, &mut kv.borrow_mut())
+        };
+        self.forward_with(x, OpMode::Fast, None, &attend)
+    }
+
+    /// The residual structure of the family's norms around `attend` and the MLP.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        mode: OpMode,
+        dropout: Option<&Dropout>,
+        attend: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         match &self.norms {
             Norms::Pre {
                 input,
                 post_attention,
             } => {
                 let h = input.forward(x, mode)?;
-                let x = (x + self.attn.forward(&h, ctx, mode)?)?;
+                let x = (x + attend(&h)?)?;
                 let h = post_attention.forward(&x, mode)?;
-                Ok((&x + self.mlp.forward(&h, ctx)?)?)
+                Ok((&x + self.mlp.forward(&h, dropout)?)?)
             }
             Norms::Post {
                 post_attention,
                 post_feedforward,
             } => {
-                let a = post_attention.forward(&self.attn.forward(x, ctx, mode)?, mode)?;
+                let a = post_attention.forward(&attend(x)?, mode)?;
                 let x = (x + a)?;
-                let m = post_feedforward.forward(&self.mlp.forward(&x, ctx)?, mode)?;
+                let m = post_feedforward.forward(&self.mlp.forward(&x, dropout)?, mode)?;
                 Ok((&x + m)?)
             }
             Norms::Sandwich {
@@ -462,9 +554,11 @@ impl Block {
                 pre_feedforward,
                 post_feedforward,
             } => {
-                let a = self.attn.forward(&input.forward(x, mode)?, ctx, mode)?;
+                let a = attend(&input.forward(x, mode)?)?;
                 let x = (x + post_attention.forward(&a, mode)?)?;
-                let m = self.mlp.forward(&pre_feedforward.forward(&x, mode)?, ctx)?;
+                let m = self
+                    .mlp
+                    .forward(&pre_feedforward.forward(&x, mode)?, dropout)?;
                 Ok((&x + post_feedforward.forward(&m, mode)?)?)
             }
         }
@@ -502,6 +596,22 @@ impl SeqContext {
         };
         (rope, mask)
     }
+}
+
+/// The keys and values of every layer so far ([B, kv_heads, T, hd] each), for incremental decoding.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+/// One incremental forward beside its ids [B, t]: each new slot's position (row-major, B·t),
+/// and the additive masks [B, 1, t, T] over all T slots so far of full and sliding layers.
+pub struct DecodeStep {
+    pub positions: Vec<u32>,
+    pub batch: usize,
+    pub len: usize,
+    pub mask: Tensor,
+    pub sliding_mask: Option<Tensor>,
 }
 
 /// [T, T] additive mask: keys j <= i within `window` positions (i - window < j).
@@ -632,6 +742,39 @@ impl Transformer {
             x = block.forward(&x, ctx, mode)?;
         }
         self.final_norm(&x, mode)
+    }
+
+    /// Incremental forward for decoding: the new ids [B, t] at `step`'s positions against the
+    /// keys and values in `cache` (extended here) → final-normed hidden [B, t, H]. Fused ops, no
+    /// graph.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        step: &DecodeStep,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t, half) = (step.batch, step.len, self.cfg.head_dim / 2);
+        let at = |rope: &Rope| -> Result<(Tensor, Tensor)> {
+            let (cos, sin) = rope.at(&step.positions, self.dtype, ids.device())?;
+            Ok((cos.reshape((b, 1, t, half))?, sin.reshape((b, 1, t, half))?))
+        };
+        let global = at(&self.rope)?;
+        let local = self.local_rope.as_ref().map(at).transpose()?;
+        cache.layers.resize(self.blocks.len(), None);
+        let mut x = self.embed(ids)?;
+        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let sliding = block.attn.sliding;
+            let (cos, sin) = match (&local, sliding) {
+                (Some((c, s)), true) => (c, s),
+                _ => (&global.0, &global.1),
+            };
+            let mask = match (&step.sliding_mask, sliding) {
+                (Some(m), true) => m,
+                _ => &step.mask,
+            };
+            x = block.forward_cached(&x, (cos, sin), mask, kv)?;
+        }
+        self.final_norm(&x, OpMode::Fast)
     }
 
     /// input_ids [B, T] → logits [B, T, V] (tests and small inputs only: this is the full vocabulary).

@@ -56,6 +56,14 @@ pub fn run(opts: &StatsOptions) -> Result<String> {
     if let Some(run_dir) = &opts.run {
         let policy = policy::policy_bias(run_dir, &parquet, &opts.device)?;
         stats.policy = Some(policy);
+        let split = parquet
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        let generations = run_dir.join(format!("generations-{split}.jsonl"));
+        if generations.exists() {
+            stats.generations = Some(crate::generate::Summary::read(&generations)?);
+        }
     }
     if let Some(dir) = &opts.plot {
         plot::write_all(dir, &stats)?;
@@ -87,6 +95,16 @@ fn render(parquet: &Path, s: &Stats, plots: Option<&Path>) -> String {
             &p.table()
                 .render("trained policy on this split (implicit reward margin)"),
         );
+    }
+    if let Some(g) = &s.generations {
+        let _ = writeln!(
+            out,
+            "generated lengths (refdpo generate), policy vs reference"
+        );
+        for line in g.text().lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+        out.push('\n');
     }
     if let Some(dir) = plots {
         let _ = writeln!(out, "charts written to {}", dir.display());

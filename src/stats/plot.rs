@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 const CHOSEN: RGBColor = RGBColor(31, 119, 180);
 const REJECTED: RGBColor = RGBColor(214, 39, 40);
-const POLICY: RGBColor = RGBColor(44, 160, 44);
+pub const POLICY: RGBColor = RGBColor(44, 160, 44);
+pub const REFERENCE: RGBColor = RGBColor(127, 127, 127);
 
 fn err(path: &Path) -> impl Fn(String) -> Error + '_ {
     move |msg| Error::Plot {
@@ -56,27 +57,56 @@ fn e<E: std::fmt::Display>(x: E) -> String {
 }
 
 fn lengths(path: &Path, s: &Stats) -> Res {
-    let max = s
-        .chosen_len
+    let series = [
+        ("chosen", CHOSEN, s.chosen_len.clone()),
+        ("rejected", REJECTED, s.rejected_len.clone()),
+    ];
+    draw_histogram(
+        path,
+        "Completion length: chosen vs rejected",
+        "completion tokens (after truncation)",
+        "pairs",
+        &series,
+    )
+}
+
+/// A labelled, coloured set of values for [`histogram`].
+pub type Values<'a> = (&'a str, RGBColor, Vec<f64>);
+
+/// Overlaid histograms (30 bins from 0) of labelled series.
+pub fn histogram(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Values],
+) -> Result<()> {
+    draw_histogram(path, title, x_desc, y_desc, series).map_err(err(path))
+}
+
+fn draw_histogram(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Values]) -> Res {
+    let max = series
         .iter()
-        .chain(&s.rejected_len)
+        .flat_map(|(_, _, v)| v.iter())
         .cloned()
         .fold(1.0, f64::max);
     let bins = 30usize;
     let width = (max / bins as f64).ceil().max(1.0);
-    let hist = |v: &[f64]| {
-        let mut h = vec![0u32; bins + 1];
-        for x in v {
-            h[((x / width) as usize).min(bins)] += 1;
-        }
-        h
-    };
-    let (hc, hr) = (hist(&s.chosen_len), hist(&s.rejected_len));
-    let top = hc.iter().chain(&hr).copied().max().unwrap_or(1) as f64 * 1.1;
+    let hists: Vec<Vec<u32>> = series
+        .iter()
+        .map(|(_, _, v)| {
+            let mut h = vec![0u32; bins + 1];
+            for x in v {
+                h[((x / width) as usize).min(bins)] += 1;
+            }
+            h
+        })
+        .collect();
+    let top = hists.iter().flatten().copied().max().unwrap_or(1) as f64 * 1.1;
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Completion length: chosen vs rejected", ("sans-serif", 24))
+        .caption(title, ("sans-serif", 24))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
@@ -84,14 +114,15 @@ fn lengths(path: &Path, s: &Stats) -> Res {
         .map_err(e)?;
     chart
         .configure_mesh()
-        .x_desc("completion tokens (after truncation)")
-        .y_desc("pairs")
+        .x_desc(x_desc)
+        .y_desc(y_desc)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
         .axis_desc_style(("sans-serif", 16))
         .draw()
         .map_err(e)?;
-    for (h, color, label) in [(&hc, CHOSEN, "chosen"), (&hr, REJECTED, "rejected")] {
+    for ((label, color, _), h) in series.iter().zip(&hists) {
+        let color = *color;
         chart
             .draw_series(h.iter().enumerate().map(|(i, &n)| {
                 let x0 = i as f64 * width;
@@ -101,7 +132,7 @@ fn lengths(path: &Path, s: &Stats) -> Res {
                 )
             }))
             .map_err(e)?
-            .label(label)
+            .label(*label)
             .legend(move |(x, y)| {
                 Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.mix(0.6).filled())
             });

@@ -45,6 +45,8 @@ pub struct Stats {
     pub len_diff: Vec<f64>,
     pub ref_margin: Vec<f64>,
     pub policy: Option<PolicyBias>,
+    /// `stats --run`: the lengths of `refdpo generate`'s output beside the run, if there is one.
+    pub generations: Option<crate::generate::Summary>,
 }
 
 pub(super) fn f(x: f64) -> String {
@@ -182,6 +184,7 @@ pub fn compute(parquet: &Path) -> Result<Stats> {
         len_diff: floats(&cols, "len_diff")?,
         ref_margin: floats(&cols, "ref_margin")?,
         policy: None,
+        generations: None,
     })
 }
 
@@ -277,6 +280,9 @@ impl Stats {
             pm.insert("pairs".into(), json!(p.pairs));
             pm.insert("beta".into(), json!(p.beta));
             m.insert("policy".into(), Value::Object(pm));
+        }
+        if let Some(g) = &self.generations {
+            m.insert("generations".into(), Value::Object(g.figures()));
         }
         Value::Object(m)
     }

@@ -6,6 +6,7 @@ mod demo_pipeline;
 mod families;
 mod fidelity;
 mod first_hour;
+mod generate;
 mod integrity;
 mod lora;
 mod mishaps;

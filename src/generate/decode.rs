@@ -1,0 +1,270 @@
+//! Batched KV-cached decoding: prompts left-padded into one batch, one prefill forward, then one
+//! token per step for every row, greedy or sampled (temperature, top-p) from a per-prompt seed, so
+//! a prompt's continuation does not depend on the batch it ran in.
+
+use crate::error::Result;
+use crate::logprobs;
+use crate::model::transformer::{DecodeStep, KvCache};
+use crate::model::Transformer;
+use crate::rng::SplitMix;
+use candle_core::{DType, Device, Tensor};
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    /// 0: greedy (the first of the highest logits, as `torch.argmax`).
+    pub temperature: f64,
+    /// Nucleus sampling: the smallest set of most likely tokens holding this much probability.
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+/// One prompt's continuation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// New tokens, the stopping EOS token included.
+    pub ids: Vec<u32>,
+    /// Stopped at an EOS token (else at the token limit).
+    pub finished: bool,
+}
+
+/// Continues each prompt (`key` seeds its sampling) by up to `max_new` tokens, stopping a row at
+/// any of `eos`; `on_tokens` hears how many tokens each step produced.
+pub fn generate(
+    model: &Transformer,
+    prompts: &[(u64, &[u32])],
+    max_new: usize,
+    eos: &[u32],
+    sampling: &Sampling,
+    device: &Device,
+    on_tokens: &mut dyn FnMut(usize),
+) -> Result<Vec<Generated>> {
+    let b = prompts.len();
+    let mut out = vec![
+        Generated {
+            ids: Vec::new(),
+            finished: false,
+        };
+        b
+    ];
+    if b == 0 || max_new == 0 {
+        return Ok(out);
+    }
+    let p = prompts
+        .iter()
+        .map(|(_, ids)| ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let pads: Vec<usize> = prompts.iter().map(|(_, ids)| p - ids.len()).collect();
+    let mut ids = vec![0u32; b * p];
+    for (i, (_, prompt)) in prompts.iter().enumerate() {
+        ids[i * p + pads[i]..(i + 1) * p].copy_from_slice(prompt);
+    }
+    let window = model.cfg.sliding_window;
+    let mut rngs: Vec<SplitMix> = prompts
+        .iter()
+        .map(|(key, _)| SplitMix::new(sampling.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        .collect();
+    let mut cache = KvCache::default();
+    let step = layout(&pads, 0, p, window, device)?;
+    let mut hidden =
+        model.forward_cached(&Tensor::from_vec(ids, (b, p), device)?, &step, &mut cache)?;
+    hidden = hidden.narrow(1, p - 1, 1)?;
+    for n in 0..max_new {
+        let logits = logprobs::softcap(
+            hidden.squeeze(1)?.matmul(&model.lm_head.t()?)?,
+            model.cfg.final_softcap,
+        )?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
+        let mut next = vec![eos.first().copied().unwrap_or(0); b];
+        let mut produced = 0;
+        for (i, row) in logits.iter().enumerate() {
+            if out[i].finished {
+                continue;
+            }
+            let tok = choose(row, sampling, &mut rngs[i]);
+            out[i].ids.push(tok);
+            out[i].finished = eos.contains(&tok);
+            next[i] = tok;
+            produced += 1;
+        }
+        on_tokens(produced);
+        if n + 1 == max_new || out.iter().all(|g| g.finished) {
+            break;
+        }
+        let slot = p + n;
+        let step = layout(&pads, slot, slot + 1, window, device)?;
+        hidden =
+            model.forward_cached(&Tensor::from_vec(next, (b, 1), device)?, &step, &mut cache)?;
+    }
+    Ok(out)
+}
+
+/// Positions and masks of query slots `first..first + t` (t = `end` − `first`) against key slots
+/// `0..end`, for rows left-padded by `pads`. A padding query sees only itself (its row stays
+/// finite); a real one sees the real keys up to itself, within `window` positions on sliding layers.
+fn layout(
+    pads: &[usize],
+    first: usize,
+    end: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<DecodeStep> {
+    let (b, t) = (pads.len(), end - first);
+    let mut positions = Vec::with_capacity(b * t);
+    let mut full = Vec::with_capacity(b * t * end);
+    let mut sliding = Vec::with_capacity(if window.is_some() { b * t * end } else { 0 });
+    for &pad in pads {
+        for s in first..end {
+            positions.push(s.saturating_sub(pad) as u32);
+            for j in 0..end {
+                let (seen, near) = if s < pad {
+                    (j == s, true)
+                } else {
+                    (
+                        j >= pad && j <= s,
+                        window.is_none_or(|w| s.saturating_sub(j) < w),
+                    )
+                };
+                let add = |ok: bool| if ok { 0.0 } else { f32::NEG_INFINITY };
+                full.push(add(seen));
+                if window.is_some() {
+                    sliding.push(add(seen && near));
+                }
+            }
+        }
+    }
+    let shape = (b, 1, t, end);
+    Ok(DecodeStep {
+        positions,
+        batch: b,
+        len: t,
+        mask: Tensor::from_vec(full, shape, device)?,
+        sliding_mask: match window {
+            Some(_) => Some(Tensor::from_vec(sliding, shape, device)?),
+            None => None,
+        },
+    })
+}
+
+/// The next token from one row of logits.
+fn choose(logits: &[f32], s: &Sampling, rng: &mut SplitMix) -> u32 {
+    if s.temperature <= 0.0 {
+        let mut best = 0;
+        for (i, &x) in logits.iter().enumerate() {
+            if x > logits[best] {
+                best = i;
+            }
+        }
+        return best as u32;
+    }
+    let scaled: Vec<f64> = logits
+        .iter()
+        .map(|&x| f64::from(x) / s.temperature)
+        .collect();
+    let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let mut probs: Vec<(usize, f64)> = scaled
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i, (x - max).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|(_, p)| p).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // the nucleus: most likely first, until top_p of the mass is in
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for (_, p) in &probs {
+        kept += 1;
+        mass += p / total;
+        if mass >= s.top_p {
+            break;
+        }
+    }
+    let nucleus = &probs[..kept];
+    let sum: f64 = nucleus.iter().map(|(_, p)| p).sum();
+    let mut u = rng.unit() * sum;
+    for &(i, p) in nucleus {
+        if u < p {
+            return i as u32;
+        }
+        u -= p;
+    }
+    nucleus[kept - 1].0 as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_first_maximum_and_top_p_keeps_the_nucleus() {
+        let greedy = Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        };
+        let mut rng = SplitMix::new(1);
+        assert_eq!(choose(&[0.1, 3.0, 3.0, -1.0], &greedy, &mut rng), 1);
+        // one token holds nearly all the mass: top_p 0.5 keeps only it
+        let nucleus = Sampling {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 0,
+        };
+        for _ in 0..50 {
+            assert_eq!(choose(&[0.0, 9.0, 1.0], &nucleus, &mut rng), 1);
+        }
+        // full sampling visits every token of a flat distribution
+        let flat = Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 0,
+        };
+        let mut seen = [false; 3];
+        for _ in 0..200 {
+            seen[choose(&[0.0, 0.0, 0.0], &flat, &mut rng) as usize] = true;
+        }
+        assert_eq!(seen, [true; 3]);
+    }
+
+    #[test]
+    fn padding_queries_see_themselves_and_windows_slide() {
+        let step = layout(&[2, 0], 0, 4, Some(2), &Device::Cpu).unwrap();
+        let full: Vec<Vec<Vec<f32>>> = step.mask.squeeze(1).unwrap().to_vec3().unwrap();
+        let sliding: Vec<Vec<Vec<f32>>> = step
+            .sliding_mask
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .to_vec3()
+            .unwrap();
+        let seen = |m: &Vec<Vec<f32>>| -> Vec<Vec<u8>> {
+            m.iter()
+                .map(|r| r.iter().map(|&x| u8::from(x == 0.0)).collect())
+                .collect()
+        };
+        // row 0: two pads, then positions 0, 1
+        assert_eq!(
+            seen(&full[0]),
+            vec![
+                vec![1, 0, 0, 0],
+                vec![0, 1, 0, 0],
+                vec![0, 0, 1, 0],
+                vec![0, 0, 1, 1]
+            ]
+        );
+        // row 1: no pads; window 2 keeps the key itself and the one before
+        assert_eq!(
+            seen(&sliding[1]),
+            vec![
+                vec![1, 0, 0, 0],
+                vec![1, 1, 0, 0],
+                vec![0, 1, 1, 0],
+                vec![0, 0, 1, 1]
+            ]
+        );
+        assert_eq!(step.positions, vec![0, 0, 0, 1, 0, 1, 2, 3]);
+    }
+}

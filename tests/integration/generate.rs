@@ -1,0 +1,210 @@
+//! `refdpo generate`: greedy decoding token for token as transformers' `generate(do_sample=False)`
+//! for every family (fixtures from tests/fixtures/gen_generate_fixtures.py, prompts batched with
+//! left padding) and on the real-data tiny Llama golden; seeded sampling reproducible and
+//! independent of the batch; the command's JSONL, summary and chart on the demo.
+
+use super::common::{demo_config, ok, read_json, realdata, repo, train_with};
+use candle_core::{DType, Device};
+use refdpo::generate::decode::{generate, Sampling};
+use refdpo::model::{init, weights, Transformer, TransformerConfig};
+use serde_json::Value;
+use std::path::Path;
+
+const GREEDY: Sampling = Sampling {
+    temperature: 0.0,
+    top_p: 1.0,
+    seed: 0,
+};
+
+fn load(dir: &Path) -> Transformer {
+    let cfg = TransformerConfig::from_file(&dir.join("config.json")).unwrap();
+    let w = weights::load(
+        &weights::weight_files(dir).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    Transformer::new(&cfg, &w).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Greedy continuations of `cases` (all in one left-padded batch) against their fixture ids.
+fn check_greedy(model: &Transformer, cases: &[Value], max_new: usize, eos: &[u32], what: &str) {
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+    let batch: Vec<(u64, &[u32])> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64, p.as_slice()))
+        .collect();
+    let got = generate(
+        model,
+        &batch,
+        max_new,
+        eos,
+        &GREEDY,
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap();
+    for (g, c) in got.iter().zip(cases) {
+        let want = ids(&c["generated_ids"]);
+        assert_eq!(g.ids, want, "{what}: prompt {:?}", c["prompt_ids"]);
+        assert_eq!(
+            g.finished,
+            want.last().is_some_and(|t| eos.contains(t)),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn greedy_decoding_matches_transformers_for_every_family() {
+    let fx = read_json(&repo().join("tests/fixtures/generate.json"));
+    let max_new = fx["max_new_tokens"].as_u64().unwrap() as usize;
+    let families = fx["families"].as_object().unwrap();
+    assert_eq!(families.len(), 6);
+    for (family, f) in families {
+        let model = load(&repo().join("tests/fixtures/families").join(family));
+        // no EOS in the config (qwen3's fixture) or one outside the vocabulary: never stops early
+        let eos: Vec<u32> = f["eos_token_id"]
+            .as_u64()
+            .map(|e| e as u32)
+            .into_iter()
+            .collect();
+        check_greedy(
+            &model,
+            f["cases"].as_array().unwrap(),
+            max_new,
+            &eos,
+            family,
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
+fn greedy_decoding_matches_the_tiny_llama_golden() {
+    let dir = realdata().join("models/tiny-llama");
+    let golden = read_json(&dir.join("expected/generate.json"));
+    let max_new = golden["max_new_tokens"].as_u64().unwrap() as usize;
+    // the golden suppresses EOS, so every case runs to the limit
+    check_greedy(
+        &load(&dir),
+        golden["cases"].as_array().unwrap(),
+        max_new,
+        &[],
+        "tiny-llama",
+    );
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_independent_of_the_batch() {
+    let cfg = TransformerConfig::from_json(
+        r#"{"model_type":"llama","vocab_size":64,"hidden_size":16,"intermediate_size":24,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+        "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":false}"#,
+    )
+    .unwrap();
+    let model = Transformer::new(&cfg, &init::init_weights(&cfg, 3, 0.3).unwrap()).unwrap();
+    let (a, b) = (vec![5u32, 9, 12, 3], vec![7u32, 7]);
+    let s = |seed| Sampling {
+        temperature: 1.0,
+        top_p: 0.9,
+        seed,
+    };
+    let run = |prompts: &[(u64, &[u32])], seed| {
+        generate(
+            &model,
+            prompts,
+            20,
+            &[],
+            &s(seed),
+            &Device::Cpu,
+            &mut |_| {},
+        )
+        .unwrap()
+    };
+    let both = run(&[(0, &a), (1, &b)], 3);
+    assert_eq!(both, run(&[(0, &a), (1, &b)], 3), "same seed, same tokens");
+    assert_eq!(run(&[(1, &b)], 3)[0], both[1], "alone or in a batch");
+    assert_ne!(run(&[(0, &a), (1, &b)], 4), both, "another seed");
+    assert_eq!(both[0].ids.len(), 20);
+}
+
+#[test]
+fn generate_writes_both_models_lines_a_summary_and_a_chart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 10");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    train_with(cfg_s, tmp.path(), &[]);
+    let run = tmp.path().join("run");
+    let plots = tmp.path().join("plots");
+    let stdout = ok(
+        &[
+            "generate",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--run",
+            run.to_str().unwrap(),
+            "--limit",
+            "6",
+            "--max-new-tokens",
+            "12",
+            "--plot",
+            plots.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(
+        stdout.contains("reference") && stdout.contains("policy longer than the reference"),
+        "{stdout}"
+    );
+    assert!(plots.join("generation_lengths.svg").exists());
+    let text = std::fs::read_to_string(run.join("generations-test_prefs.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for l in &lines {
+        assert!(l["row"].is_u64() && l["prompt_id"].is_string() && l["prompt_ids"].is_array());
+        for m in ["reference", "policy"] {
+            let g = &l[m];
+            let n = g["ids"].as_array().unwrap().len();
+            assert_eq!(g["tokens"].as_u64().unwrap() as usize, n, "{l}");
+            assert!((1..=12).contains(&n), "{l}");
+            assert!(g["text"].is_string() && g["finished"].is_boolean(), "{l}");
+            if n < 12 {
+                assert_eq!(g["finished"], true, "stopped early only at EOS: {l}");
+            }
+        }
+    }
+    // stats --run reads the generations beside the run
+    let stats = ok(
+        &[
+            "stats",
+            "--config",
+            cfg_s,
+            "--split",
+            "test_prefs",
+            "--run",
+            run.to_str().unwrap(),
+            "--json",
+        ],
+        tmp.path(),
+    );
+    let json: Value = serde_json::from_str(&stats).unwrap();
+    assert!(
+        json["generations"]["policy_vs_reference"]["policy_longer_frac"].is_number(),
+        "{json}"
+    );
+}
