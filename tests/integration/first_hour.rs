@@ -217,9 +217,9 @@ fn selftest_passes_on_the_cpu_with_one_line_per_check() {
     let tmp = tempfile::tempdir().unwrap();
     let out = ok(&["selftest", "--device", "cpu"], tmp.path());
     let checks = out.lines().filter(|l| l.starts_with("ok ")).count();
-    assert_eq!(checks, 46, "{out}");
+    assert_eq!(checks, 50, "{out}");
     assert!(
-        !out.contains("FAIL") && out.contains("46 passed, 0 failed"),
+        !out.contains("FAIL") && out.contains("50 passed, 0 failed"),
         "{out}"
     );
 }
