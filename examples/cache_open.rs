@@ -45,6 +45,7 @@ fn main() -> refdpo::Result<()> {
         chat_template_sha256: String::new(),
         max_length: 1024,
         truncation: Truncation::KeepStart,
+        shard: String::new(),
         dtype: Dtype::Bf16,
         refdpo_version: env!("CARGO_PKG_VERSION").into(),
     };

@@ -14,7 +14,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Stage one: tokenize the dataset and cache the frozen reference's log-probs.
-    Precompute(RunArgs),
+    Precompute {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Score only shard I of N of each split (0-based; one process per GPU or host);
+        /// the same as `--set precompute.shard=I/N`.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<String>,
+    },
     /// Stage two: DPO-train the policy from the cached reference log-probs.
     Train {
         #[command(flatten)]

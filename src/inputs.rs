@@ -96,6 +96,7 @@ impl Inputs {
             chat_template_sha256: self.tokenizer.template.sha256(),
             max_length: cfg.tokenize.max_length,
             truncation: cfg.tokenize.truncation,
+            shard: String::new(),
             dtype: cfg.model.dtype,
             refdpo_version: env!("CARGO_PKG_VERSION").to_string(),
         }

@@ -20,9 +20,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// One split, read and tokenized, ready to score.
+/// One split (or this process's shard of it), read and tokenized, ready to score.
 struct Prepared {
     name: String,
+    /// The file stem: the split, or `<split>.shard-<i>-of-<n>`.
+    stem: String,
     rows_read: usize,
     pairs: Vec<TokenizedPair>,
     dropped: BTreeMap<String, usize>,
@@ -57,7 +59,15 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
         .map(|split| prepare(cfg, &source, &inputs, split))
         .collect::<Result<Vec<_>>>()?;
     let out = &cfg.precompute.out;
-    let _lock = DirLock::acquire(out, "precompute")?;
+    let shard = cfg.precompute.shard;
+    // shards of one cache run side by side: each holds its own lock and writes its own report
+    let (lock, report_name) = if shard.is_whole() {
+        ("precompute".to_string(), "report.json".to_string())
+    } else {
+        let tag = format!("shard-{}-of-{}", shard.index, shard.count);
+        (format!("precompute.{tag}"), format!("report.{tag}.json"))
+    };
+    let _lock = DirLock::acquire(out, &lock)?;
     for split in &prepared {
         claim_split(out, split, existing)?;
     }
@@ -67,7 +77,7 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     for split in prepared {
         let report = score_split(cfg, &inputs, &mut model, split, device, quiet)?;
         let _ = writeln!(summary, "{}", describe(&report));
-        update_report(&out.join("report.json"), &report)?;
+        update_report(&out.join(&report_name), &report)?;
     }
     fs::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     let _ = write!(summary, "cache written to {}", out.display());
@@ -80,14 +90,39 @@ const SKIPPED_LISTED: usize = 100;
 fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> Result<Prepared> {
     let started = Instant::now();
     let read = data::read_split(source, split, cfg.dataset.limit)?;
-    let (pairs, mut skipped) = inputs.tokenizer.tokenize_all(&read.rows);
+    let (mut pairs, mut skipped) = inputs.tokenizer.tokenize_all(&read.rows);
     skipped.extend(read.skipped);
+    let all_pairs = pairs.len();
+    // A shard: a contiguous range of the split's scoring chunks, so its chunks — and the batches
+    // inside them — are the unsharded run's, and its log-probs the same bits. Its rows run from
+    // its first pair's row to the next shard's (skipped rows in between counted here).
+    let shard = cfg.precompute.shard;
+    let chunk = cfg.precompute.chunk_pairs;
+    let chunks = shard.range(pairs.len().div_ceil(chunk));
+    let (p0, p1) = (
+        (chunks.start * chunk).min(pairs.len()),
+        (chunks.end * chunk).min(pairs.len()),
+    );
+    let boundary = |p: usize| match p {
+        0 => 0,
+        p if p == pairs.len() => usize::MAX,
+        p => pairs[p].row as usize,
+    };
+    let rows = boundary(p0)..boundary(p1);
+    pairs.truncate(p1);
+    pairs.drain(..p0);
+    skipped.retain(|s| rows.contains(&(s.row as usize)));
+    let rows_read = if shard.is_whole() {
+        read.rows_read
+    } else {
+        pairs.len() + skipped.len()
+    };
     skipped.sort_by_key(|s| s.row);
     let mut dropped = BTreeMap::new();
     for s in &skipped {
         *dropped.entry(s.reason.to_string()).or_insert(0) += 1;
     }
-    if pairs.is_empty() {
+    if all_pairs == 0 {
         let first = skipped
             .first()
             .map(|s| match s.line {
@@ -103,13 +138,18 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
         });
     }
     skipped.truncate(SKIPPED_LISTED);
+    let mut fingerprint = inputs.fingerprint(cfg, split);
+    if !shard.is_whole() {
+        fingerprint.shard = shard.to_string();
+    }
     Ok(Prepared {
         name: split.to_string(),
-        rows_read: read.rows_read,
+        stem: cache::shards::stem(split, shard),
+        rows_read,
         pairs,
         dropped,
         skipped,
-        fingerprint: inputs.fingerprint(cfg, split),
+        fingerprint,
         prepare_seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -118,10 +158,10 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
 /// fingerprint field that differs, or removed with `--overwrite`.
 fn claim_split(out: &Path, split: &Prepared, existing: Existing) -> Result<()> {
     let (pq, arrow) = (
-        cache::parquet_path(out, &split.name),
-        cache::arrow_path(out, &split.name),
+        cache::parquet_path(out, &split.stem),
+        cache::arrow_path(out, &split.stem),
     );
-    let partial = partial_dir(out, &split.name);
+    let partial = partial_dir(out, &split.stem);
     let partial_fp = partial.join("fingerprint.json");
     let found = [
         (pq.clone(), cache::parquet::read_fingerprint(&pq).ok()),
@@ -208,7 +248,7 @@ fn score_split(
 ) -> Result<Report> {
     let started = Instant::now();
     let out = &cfg.precompute.out;
-    let (name, fingerprint) = (&split.name, &split.fingerprint);
+    let (name, fingerprint) = (&split.stem, &split.fingerprint);
     let (pq, arrow) = (cache::parquet_path(out, name), cache::arrow_path(out, name));
     let fresh = match cache_state(&pq, &arrow, fingerprint) {
         CacheState::UpToDate => true,

@@ -130,8 +130,12 @@ fn profiled(on: bool, device: &Device, stage: impl FnOnce() -> Result<String>) -
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::signals::file_size_limit_as_error();
     match cli.command {
-        Command::Precompute(a) => {
-            let cfg = load(&a.config)?;
+        Command::Precompute { run: a, shard } => {
+            let mut config = a.config;
+            if let Some(s) = shard {
+                config.overrides.push(format!("precompute.shard={s}"));
+            }
+            let cfg = load(&config)?;
             let dev = device(a.device.as_deref())?;
             announce("precompute", &dev, a.quiet);
             let mode = existing(false, a.overwrite);

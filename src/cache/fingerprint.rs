@@ -24,6 +24,9 @@ pub struct Fingerprint {
     pub chat_template_sha256: String,
     pub max_length: usize,
     pub truncation: Truncation,
+    /// "i/n" for a shard's files; empty for a whole split.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub shard: String,
     /// The reference forward's compute dtype (informational: it does not bind a training run).
     pub dtype: Dtype,
     pub refdpo_version: String,
@@ -99,6 +102,7 @@ pub(crate) fn sample() -> Fingerprint {
         chat_template_sha256: "c".into(),
         max_length: 1024,
         truncation: Truncation::KeepStart,
+        shard: String::new(),
         dtype: Dtype::F32,
         refdpo_version: "0.1.0".into(),
     }

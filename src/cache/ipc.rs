@@ -127,6 +127,21 @@ impl MappedCache {
         self.index.len()
     }
 
+    /// One cache of several (a split's shards, in order), with the first's path and the whole
+    /// split's fingerprint (the first's, its `shard` cleared).
+    pub fn concat(parts: Vec<MappedCache>) -> Self {
+        let mut parts = parts.into_iter();
+        let mut out = parts.next().expect("at least one part");
+        out.fingerprint.shard.clear();
+        for p in parts {
+            let base = out.batches.len() as u32;
+            out.index
+                .extend(p.index.iter().map(|&(b, r)| (base + b, r)));
+            out.batches.extend(p.batches);
+        }
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }

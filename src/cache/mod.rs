@@ -5,6 +5,7 @@ pub mod fingerprint;
 pub mod ipc;
 pub mod parquet;
 pub mod schema;
+pub mod shards;
 
 pub use fingerprint::Fingerprint;
 pub use ipc::MappedCache;

@@ -210,3 +210,64 @@ impl<'de> Deserialize<'de> for TargetModules {
         }
     }
 }
+
+/// `precompute.shard = "i/n"`: this process scores shard i (0-based) of n, a contiguous range of
+/// each split's rows; "0/1" (the default) is the whole split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { index: 0, count: 1 }
+    }
+}
+
+impl Shard {
+    pub fn is_whole(self) -> bool {
+        self.count == 1
+    }
+
+    /// This shard's part `start..end` of `n` items (stage one's scoring chunks): shard i holds
+    /// ⌊i·n/count⌋ up to ⌊(i+1)·n/count⌋.
+    pub fn range(self, n: usize) -> std::ops::Range<usize> {
+        (self.index * n / self.count)..((self.index + 1) * n / self.count)
+    }
+
+    /// Parses "i/n" with 0 <= i < n.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let parsed = s.split_once('/').and_then(|(i, n)| {
+            Some(Self {
+                index: i.trim().parse().ok()?,
+                count: n.trim().parse().ok()?,
+            })
+        });
+        match parsed {
+            Some(sh) if sh.count >= 1 && sh.index < sh.count => Ok(sh),
+            _ => Err(format!(
+                "shard `{s}` is not \"i/n\" with 0 <= i < n (e.g. \"0/4\" for the first of four)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl Serialize for Shard {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Shard {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Shard::parse(&s).map_err(serde::de::Error::custom)
+    }
+}

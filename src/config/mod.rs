@@ -7,7 +7,7 @@ mod keys;
 mod validate;
 
 pub use choices::{
-    Dtype, Losses, LrSchedule, RefMode, Role, StateDtype, TargetModules, Truncation,
+    Dtype, Losses, LrSchedule, RefMode, Role, Shard, StateDtype, TargetModules, Truncation,
 };
 pub use keys::apply_override;
 
@@ -140,6 +140,8 @@ pub struct PrecomputeConfig {
     pub out: PathBuf,
     /// Pairs per resumable chunk: an interrupted run redoes at most one chunk.
     pub chunk_pairs: usize,
+    /// "i/n": score only shard i of n of each split (one process per GPU or host).
+    pub shard: Shard,
 }
 
 impl Default for PrecomputeConfig {
@@ -148,6 +150,7 @@ impl Default for PrecomputeConfig {
             batch_size: 16,
             out: PathBuf::from("data/cache/default"),
             chunk_pairs: 256,
+            shard: Shard::default(),
         }
     }
 }

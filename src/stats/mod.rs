@@ -25,41 +25,58 @@ pub struct StatsOptions {
     pub device: Device,
 }
 
-/// The parquet file to analyse: the file itself, or `<dir>/<split>.parquet`.
-fn resolve_parquet(opts: &StatsOptions) -> Result<PathBuf> {
+/// The split to analyse and its parquet files: the file given, or `<dir>/<split>.parquet`, or
+/// all of that split's shards.
+fn resolve_parquet(opts: &StatsOptions) -> Result<(String, Vec<PathBuf>)> {
     if opts.cache.is_file() {
-        return Ok(opts.cache.clone());
+        let split = opts
+            .cache
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        return Ok((split.to_string(), vec![opts.cache.clone()]));
     }
     let split = opts
         .split
         .clone()
         .or_else(|| opts.config.as_ref().map(|c| c.dataset.train_split.clone()))
         .unwrap_or_else(|| "train_prefs".into());
-    let path = cache::parquet_path(&opts.cache, &split);
-    if !path.exists() {
-        return Err(Error::StaleCache {
-            path,
+    match cache::shards::files(&opts.cache, &split, "parquet")? {
+        Some(files) => Ok((split, files)),
+        None => Err(Error::StaleCache {
+            path: cache::parquet_path(&opts.cache, &split),
             msg: "no such cache file: pass --cache DIR (with --split NAME) or a .parquet file, or run `refdpo precompute`".into(),
-        });
+        }),
     }
-    Ok(path)
+}
+
+/// The reports beside a split's files: `report.json`, or each shard's `report.shard-*.json`.
+fn reports(files: &[PathBuf]) -> Vec<PathBuf> {
+    files
+        .iter()
+        .map(|f| {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let tag = name
+                .split_once(".shard-")
+                .and_then(|(_, rest)| rest.strip_suffix(".parquet"));
+            match tag {
+                Some(tag) => f.with_file_name(format!("report.shard-{tag}.json")),
+                None => f.with_file_name("report.json"),
+            }
+        })
+        .collect()
 }
 
 pub fn run(opts: &StatsOptions) -> Result<String> {
-    let parquet = resolve_parquet(opts)?;
-    cache::parquet::verify(&parquet)?;
-    let mut stats = queries::compute(&parquet)?;
-    let report = parquet.with_file_name("report.json");
-    if let Some(split) = parquet.file_stem().and_then(|s| s.to_str()) {
-        stats.add_dropped(&report, split);
+    let (split, files) = resolve_parquet(opts)?;
+    for f in &files {
+        cache::parquet::verify(f)?;
     }
+    let mut stats = queries::compute(&files)?;
+    stats.add_dropped(&reports(&files), &split);
     if let Some(run_dir) = &opts.run {
-        let policy = policy::policy_bias(run_dir, &parquet, &opts.device)?;
+        let policy = policy::policy_bias(run_dir, &split, &files, &opts.device)?;
         stats.policy = Some(policy);
-        let split = parquet
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default();
         let generations = run_dir.join(format!("generations-{split}.jsonl"));
         if generations.exists() {
             stats.generations = Some(crate::generate::Summary::read(&generations)?);
@@ -74,12 +91,13 @@ pub fn run(opts: &StatsOptions) -> Result<String> {
             serde_json::to_string_pretty(&stats.to_json())?
         ));
     }
-    Ok(render(&parquet, &stats, opts.plot.as_deref()))
+    Ok(render(&files, &stats, opts.plot.as_deref()))
 }
 
-fn render(parquet: &Path, s: &Stats, plots: Option<&Path>) -> String {
+fn render(files: &[PathBuf], s: &Stats, plots: Option<&Path>) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "cache: {}\n", parquet.display());
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let _ = writeln!(out, "cache: {}\n", names.join(", "));
     out.push_str(&s.overview().render("pairs"));
     out.push_str(
         &s.lengths_table()

@@ -12,7 +12,7 @@ use crate::train::checkpoint;
 use candle_core::Device;
 use polars::prelude::*;
 use serde_json::{json, Map, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The trained policy's view of length (from `--run`).
 pub struct PolicyBias {
@@ -44,16 +44,25 @@ impl PolicyBias {
 /// Scores the split with the run's final policy and relates its implicit reward margin
 /// β·[(π(c) − ref(c)) − (π(r) − ref(r))] to the length difference. The cache must belong to the
 /// run: its fingerprint is checked against the run's own configuration.
-pub fn policy_bias(run_dir: &Path, parquet: &Path, device: &Device) -> Result<PolicyBias> {
+pub fn policy_bias(
+    run_dir: &Path,
+    split: &str,
+    files: &[PathBuf],
+    device: &Device,
+) -> Result<PolicyBias> {
     let final_dir = run_dir.join("final");
     let cfg = Config::load(&run_dir.join("config.toml"), &[])?;
-    let cached = cache::parquet::read_fingerprint(parquet)?;
     let inputs = Inputs::resolve(&cfg)?;
-    cached.check_compatible(&inputs.fingerprint(&cfg, &cached.split), parquet)?;
+    let mut rows = Vec::new();
+    for f in files {
+        let cached = cache::parquet::read_fingerprint(f)?;
+        let expected = inputs.fingerprint(&cfg, &cached.split);
+        cached.check_compatible(&cache::shards::expected_for(f, split, &expected), f)?;
+        rows.extend(cache::parquet::read(f)?);
+    }
     // a full checkpoint, or a LoRA adapter merged into the run's base model
     let (model_cfg, tensors) = checkpoint::load_model(&final_dir, &inputs.model, device)?;
     let model = Transformer::new(&model_cfg, &tensors)?;
-    let rows = cache::parquet::read(parquet)?;
     let (l, t) = (cfg.tokenize.max_length, cfg.tokenize.truncation);
     let mut margins = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(cfg.precompute.batch_size.max(1)) {

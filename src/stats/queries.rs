@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use polars::prelude::*;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 
 /// A table for the terminal: header and string cells.
 pub struct Table {
@@ -59,12 +59,26 @@ pub(super) fn f(x: f64) -> String {
     }
 }
 
-/// The cache with derived columns: lengths, differences, margins.
-pub fn frame(parquet: &Path) -> Result<LazyFrame> {
-    let path = parquet
-        .to_str()
-        .ok_or_else(|| Error::Config(format!("`{}` is not valid UTF-8", parquet.display())))?;
-    let lf = LazyFrame::scan_parquet(PlRefPath::new(path), ScanArgsParquet::default())?;
+/// The cache (one file, or a split's shards in order) with derived columns: lengths,
+/// differences, margins.
+pub fn frame(files: &[PathBuf]) -> Result<LazyFrame> {
+    let scans = files
+        .iter()
+        .map(|f| {
+            let path = f
+                .to_str()
+                .ok_or_else(|| Error::Config(format!("`{}` is not valid UTF-8", f.display())))?;
+            Ok(LazyFrame::scan_parquet(
+                PlRefPath::new(path),
+                ScanArgsParquet::default(),
+            )?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let lf = if scans.len() == 1 {
+        scans.into_iter().next().expect("one scan")
+    } else {
+        concat(scans, UnionArgs::default())?
+    };
     let len = |c: &str| col(c).list().len().cast(DataType::Float64);
     Ok(lf
         .with_columns([
@@ -102,8 +116,8 @@ fn q(name: &str, p: f64) -> Expr {
     col(name).quantile(lit(p), QuantileMethod::Linear)
 }
 
-pub fn compute(parquet: &Path) -> Result<Stats> {
-    let lf = frame(parquet)?;
+pub fn compute(files: &[PathBuf]) -> Result<Stats> {
+    let lf = frame(files)?;
     let frac = |e: Expr| e.cast(DataType::Float64).mean();
     let mut exprs = vec![
         len().cast(DataType::Float64).alias("pairs"),
@@ -236,26 +250,36 @@ fn deciles(lf: LazyFrame) -> Result<Vec<DecileRow>> {
 }
 
 impl Stats {
-    /// Adds the split's drop counts from `report.json`, if the cache directory has one.
-    pub fn add_dropped(&mut self, report: &Path, split: &str) {
-        let Ok(text) = std::fs::read_to_string(report) else {
-            return;
-        };
-        let Ok(v) = serde_json::from_str::<Value>(&text) else {
-            return;
-        };
-        if let Some(d) = v
-            .get(split)
-            .and_then(|s| s.get("dropped"))
-            .and_then(Value::as_object)
-        {
-            self.dropped = d
-                .iter()
-                .filter_map(|(k, n)| Some((k.clone(), n.as_u64()?)))
-                .collect();
+    /// Adds the split's drop counts from its reports (`report.json`, or each shard's), if the
+    /// cache directory has them.
+    pub fn add_dropped(&mut self, reports: &[PathBuf], split: &str) {
+        let mut rows_read = None;
+        for report in reports {
+            let Ok(text) = std::fs::read_to_string(report) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            if let Some(d) = v
+                .get(split)
+                .and_then(|s| s.get("dropped"))
+                .and_then(Value::as_object)
+            {
+                for (k, n) in d {
+                    *self.dropped.entry(k.clone()).or_default() += n.as_u64().unwrap_or(0);
+                }
+            }
+            if let Some(n) = v
+                .get(split)
+                .and_then(|s| s.get("rows_read"))
+                .and_then(Value::as_u64)
+            {
+                *rows_read.get_or_insert(0) += n;
+            }
         }
-        if let Some(n) = v.get(split).and_then(|s| s.get("rows_read")) {
-            self.summary.insert("rows_read".into(), n.clone());
+        if let Some(n) = rows_read {
+            self.summary.insert("rows_read".into(), n.into());
         }
     }
 

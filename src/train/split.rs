@@ -21,14 +21,13 @@ impl Split {
         vocab_size: usize,
     ) -> Result<Self> {
         let path = cache::arrow_path(dir, split);
-        if !path.exists() {
+        // the whole split's file, or all of its shards
+        let Some(cache) = cache::shards::open(dir, split, expected)? else {
             return Err(Error::StaleCache {
                 path,
                 msg: "no such cache file: run `refdpo precompute` with this config first".into(),
             });
-        }
-        let cache = MappedCache::open(&path)?;
-        cache.fingerprint.check_compatible(expected, &path)?;
+        };
         if let Some(max) = cache.max_token_id().filter(|&m| m as usize >= vocab_size) {
             return Err(checksum::corrupt(
                 &path,

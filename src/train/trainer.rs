@@ -55,7 +55,7 @@ impl<'a> Trainer<'a> {
         let open =
             |split: &str| Split::open(cache_dir, split, &inputs.fingerprint(cfg, split), vocab);
         let train = open(&cfg.dataset.train_split)?;
-        let test = if cache::arrow_path(cache_dir, &cfg.dataset.test_split).exists() {
+        let test = if cache::shards::files(cache_dir, &cfg.dataset.test_split, "arrow")?.is_some() {
             Some(open(&cfg.dataset.test_split)?)
         } else {
             None

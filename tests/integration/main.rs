@@ -11,6 +11,7 @@ mod integrity;
 mod lora;
 mod mishaps;
 mod own_data;
+mod shards;
 mod stats;
 mod train;
 mod trl;

@@ -33,7 +33,7 @@ fn hand_computed_statistics() {
         row(4, 6, 3, 6.0, 2.0, -4.0, -6.0),
     ];
     cache::parquet::write(&path, &rows, &refdpo_fp()).unwrap();
-    let s = queries::compute(&path).unwrap();
+    let s = queries::compute(std::slice::from_ref(&path)).unwrap();
     let g = |k: &str| {
         s.summary[k]
             .as_f64()
@@ -217,7 +217,7 @@ fn stats_on_real_rows_match_python_polars() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("test_prefs.parquet");
     cache::parquet::write(&path, &rows, &refdpo_fp()).unwrap();
-    let s = queries::compute(&path).unwrap();
+    let s = queries::compute(std::slice::from_ref(&path)).unwrap();
     let expected = fx["expected"].as_object().unwrap();
     let mut checked = 0;
     for (key, want) in expected {

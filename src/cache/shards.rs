@@ -1,0 +1,157 @@
+//! A split written by n stage-one processes (`precompute.shard = "i/n"`):
+//! `<split>.shard-<i>-of-<n>.parquet` and `.arrow` beside each other, read as one split in row
+//! order. A missing shard, or shards of different counts, are refused by name.
+
+use super::fingerprint::Fingerprint;
+use super::ipc::MappedCache;
+use crate::config::Shard;
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// The file stem of a split's shard (`train_prefs.shard-0-of-4`), or the split itself when whole.
+pub fn stem(split: &str, shard: Shard) -> String {
+    if shard.is_whole() {
+        split.to_string()
+    } else {
+        format!("{split}.shard-{}-of-{}", shard.index, shard.count)
+    }
+}
+
+/// The shard a file name holds, if it is one of `split`'s with extension `ext`.
+fn parse(name: &str, split: &str, ext: &str) -> Option<Shard> {
+    let rest = name
+        .strip_prefix(split)?
+        .strip_prefix(".shard-")?
+        .strip_suffix(ext)?
+        .strip_suffix('.')?;
+    let (i, n) = rest.split_once("-of-")?;
+    Shard::parse(&format!("{i}/{n}")).ok()
+}
+
+/// The files of `split` with extension `ext` (`parquet` or `arrow`) in `dir`: the whole split's
+/// file if there is one, else all n shards in order; `None` when there is neither.
+pub fn files(dir: &Path, split: &str, ext: &str) -> Result<Option<Vec<PathBuf>>> {
+    let whole = dir.join(format!("{split}.{ext}"));
+    if whole.exists() {
+        return Ok(Some(vec![whole]));
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let mut found: Vec<(Shard, PathBuf)> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?.to_string();
+            Some((parse(&name, split, ext)?, p))
+        })
+        .collect();
+    if found.is_empty() {
+        return Ok(None);
+    }
+    found.sort_by_key(|(s, _)| s.index);
+    let count = found[0].0.count;
+    if let Some((_, p)) = found.iter().find(|(s, _)| s.count != count) {
+        return Err(Error::StaleCache {
+            path: p.clone(),
+            msg: format!(
+                "a shard of another sharding: the other `{split}` shards are of {count}; remove \
+                 it, or re-run the shards of one `precompute.shard` count"
+            ),
+        });
+    }
+    for index in 0..count {
+        if found.get(index).map(|(s, _)| s.index) != Some(index) {
+            let missing = dir.join(format!("{}.{ext}", stem(split, Shard { index, count })));
+            return Err(Error::StaleCache {
+                path: missing,
+                msg: format!(
+                    "shard {index} of {count} of `{split}` is missing: run `refdpo precompute \
+                     --shard {index}/{count}` with the same config"
+                ),
+            });
+        }
+    }
+    Ok(Some(found.into_iter().map(|(_, p)| p).collect()))
+}
+
+/// What a file of `split` must carry: `expected` (the whole split's fingerprint), with the
+/// shard it holds when it is a shard.
+pub fn expected_for(path: &Path, split: &str, expected: &Fingerprint) -> Fingerprint {
+    let shard = path.file_name().and_then(|n| n.to_str()).and_then(|n| {
+        let ext = path.extension()?.to_str()?;
+        parse(n, split, ext)
+    });
+    Fingerprint {
+        shard: shard.map(|s| s.to_string()).unwrap_or_default(),
+        ..expected.clone()
+    }
+}
+
+/// The Arrow cache of `split` in `dir`, whole or from all its shards (each memory-mapped and
+/// checked against `expected`); `None` when there is none.
+pub fn open(dir: &Path, split: &str, expected: &Fingerprint) -> Result<Option<MappedCache>> {
+    let Some(paths) = files(dir, split, "arrow")? else {
+        return Ok(None);
+    };
+    let mut parts = Vec::with_capacity(paths.len());
+    for p in &paths {
+        let cache = MappedCache::open(p)?;
+        cache
+            .fingerprint
+            .check_compatible(&expected_for(p, split, expected), p)?;
+        parts.push(cache);
+    }
+    Ok(Some(MappedCache::concat(parts)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_gaps_are_named() {
+        let s = Shard { index: 2, count: 4 };
+        assert_eq!(stem("train_prefs", s), "train_prefs.shard-2-of-4");
+        assert_eq!(stem("train_prefs", Shard::default()), "train_prefs");
+        assert_eq!(
+            parse("train_prefs.shard-2-of-4.arrow", "train_prefs", "arrow"),
+            Some(s)
+        );
+        assert_eq!(
+            parse("train_prefs.shard-2-of-4.arrow", "test_prefs", "arrow"),
+            None
+        );
+        assert_eq!(
+            parse("train_prefs.shard-4-of-4.arrow", "train_prefs", "arrow"),
+            None
+        );
+        let dir = tempfile::tempdir().unwrap();
+        assert!(files(dir.path(), "t", "arrow").unwrap().is_none());
+        for i in [0, 2] {
+            std::fs::write(dir.path().join(format!("t.shard-{i}-of-3.arrow")), b"").unwrap();
+        }
+        let err = files(dir.path(), "t", "arrow").unwrap_err().to_string();
+        assert!(
+            err.contains("t.shard-1-of-3.arrow") && err.contains("--shard 1/3"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("t.shard-1-of-3.arrow"), b"").unwrap();
+        assert_eq!(files(dir.path(), "t", "arrow").unwrap().unwrap().len(), 3);
+        std::fs::write(dir.path().join("t.shard-0-of-2.arrow"), b"").unwrap();
+        let err = files(dir.path(), "t", "arrow").unwrap_err().to_string();
+        assert!(err.contains("another sharding"), "{err}");
+    }
+
+    #[test]
+    fn shards_split_rows_contiguously_and_completely() {
+        for n in [0, 1, 7, 100] {
+            let mut next = 0;
+            for index in 0..3 {
+                let r = Shard { index, count: 3 }.range(n);
+                assert_eq!(r.start, next);
+                next = r.end;
+            }
+            assert_eq!(next, n);
+        }
+    }
+}
