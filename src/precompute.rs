@@ -1,11 +1,13 @@
 //! Stage one: dataset + reference model → `<split>.parquet`, `<split>.arrow` and `report.json`.
-//! Every split is read and tokenized before any is scored, so a missing or malformed split fails
-//! at once. Scoring is cut into fixed chunks of pairs written under `<out>/.partial-<split>/` as
-//! they finish, so an interrupted run resumes where it stopped and ends with byte-identical outputs.
+//! Every split is read and tokenized once before any is scored, so a missing or malformed split
+//! fails at once; that pass keeps only counts. Scoring reads and tokenizes the split again as a
+//! stream, in fixed chunks of pairs written under `<out>/.partial-<split>/` as they finish, so
+//! memory stays at one chunk whatever the split's size, and an interrupted run resumes where it
+//! stopped and ends with byte-identical outputs. The final files are written from the chunks.
 
 use crate::cache::{self, CacheRow, Fingerprint, MappedCache};
 use crate::config::Config;
-use crate::data::{self, DataSource, Skipped};
+use crate::data::{self, DataSource, PreferenceRow, Skipped};
 use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
 use crate::logprobs;
@@ -20,19 +22,88 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// One split (or this process's shard of it), read and tokenized, ready to score.
+/// One split (or this process's shard of it), read and tokenized once, ready to score: counts,
+/// not pairs.
 struct Prepared {
     name: String,
     /// The file stem: the split, or `<split>.shard-<i>-of-<n>`.
     stem: String,
     rows_read: usize,
-    pairs: Vec<TokenizedPair>,
+    /// This shard's kept pairs, as indices among the split's kept pairs.
+    pairs: std::ops::Range<usize>,
+    /// The source row of its first pair (rows before it need no tokenizing when scoring).
+    first_row: u64,
+    /// Tokens it puts through the model.
+    tokens: usize,
     dropped: BTreeMap<String, usize>,
     /// The first skipped rows, with line numbers where the source has them.
     skipped: Vec<Skipped>,
     fingerprint: Fingerprint,
     /// Reading and tokenizing it.
     prepare_seconds: f64,
+}
+
+/// Rows tokenized at once (in parallel) while a split streams through.
+const TOKENIZE_BATCH: usize = 1024;
+
+/// Streams `split`'s rows from `from_row` on through the tokenizer, `TOKENIZE_BATCH` at a time:
+/// `each` gets each row's outcome (a pair, or a counted skip) in source order and returns false
+/// to stop. Returns the rows read.
+fn for_each_pair(
+    cfg: &Config,
+    source: &DataSource,
+    inputs: &Inputs,
+    split: &str,
+    from_row: u64,
+    each: &mut dyn FnMut(std::result::Result<TokenizedPair, Skipped>) -> Result<bool>,
+) -> Result<usize> {
+    fn flush(
+        inputs: &Inputs,
+        buf: &mut Vec<std::result::Result<PreferenceRow, Skipped>>,
+        each: &mut dyn FnMut(std::result::Result<TokenizedPair, Skipped>) -> Result<bool>,
+    ) -> Result<bool> {
+        let (mut rows, mut skips) = (Vec::with_capacity(buf.len()), Vec::new());
+        for item in buf.drain(..) {
+            match item {
+                Ok(row) => {
+                    rows.push(row);
+                    skips.push(None);
+                }
+                Err(skip) => skips.push(Some(skip)),
+            }
+        }
+        let mut pairs = inputs.tokenizer.tokenize_batch(&rows).into_iter();
+        for skip in skips {
+            let out = match skip {
+                None => pairs.next().expect("one result per row"),
+                Some(skip) => Err(skip),
+            };
+            if !each(out)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+    let mut buf = Vec::with_capacity(TOKENIZE_BATCH);
+    let mut going = true;
+    let rows_read = data::for_each_row(source, split, cfg.dataset.limit, &mut |r| {
+        let row = match &r {
+            Ok(p) => p.row,
+            Err(s) => s.row,
+        };
+        if row < from_row {
+            return Ok(true);
+        }
+        buf.push(r);
+        if buf.len() >= TOKENIZE_BATCH {
+            going = flush(inputs, &mut buf, each)?;
+        }
+        Ok(going)
+    })?;
+    if going {
+        flush(inputs, &mut buf, each)?;
+    }
+    Ok(rows_read)
 }
 
 /// Runs stage one for the train and test splits; returns what was done, a line per split.
@@ -75,7 +146,7 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     let mut model = None;
     let mut summary = String::new();
     for split in prepared {
-        let report = score_split(cfg, &inputs, &mut model, split, device, quiet)?;
+        let report = score_split(cfg, &source, &inputs, &mut model, split, device, quiet)?;
         let _ = writeln!(summary, "{}", describe(&report));
         update_report(&out.join(&report_name), &report)?;
     }
@@ -89,33 +160,40 @@ const SKIPPED_LISTED: usize = 100;
 
 fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> Result<Prepared> {
     let started = Instant::now();
-    let read = data::read_split(source, split, cfg.dataset.limit)?;
-    let (mut pairs, mut skipped) = inputs.tokenizer.tokenize_all(&read.rows);
-    skipped.extend(read.skipped);
-    let all_pairs = pairs.len();
+    // One pass keeps, per kept pair, its source row and token count; and the skips.
+    let (mut kept_rows, mut kept_tokens, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    let total_read = for_each_pair(cfg, source, inputs, split, 0, &mut |r| {
+        match r {
+            Ok(p) => {
+                kept_rows.push(p.row);
+                kept_tokens.push(sequence_tokens(&p, cfg));
+            }
+            Err(s) => skipped.push(s),
+        }
+        Ok(true)
+    })?;
+    let all_pairs = kept_rows.len();
     // A shard: a contiguous range of the split's scoring chunks, so its chunks — and the batches
     // inside them — are the unsharded run's, and its log-probs the same bits. Its rows run from
     // its first pair's row to the next shard's (skipped rows in between counted here).
     let shard = cfg.precompute.shard;
     let chunk = cfg.precompute.chunk_pairs;
-    let chunks = shard.range(pairs.len().div_ceil(chunk));
+    let chunks = shard.range(all_pairs.div_ceil(chunk));
     let (p0, p1) = (
-        (chunks.start * chunk).min(pairs.len()),
-        (chunks.end * chunk).min(pairs.len()),
+        (chunks.start * chunk).min(all_pairs),
+        (chunks.end * chunk).min(all_pairs),
     );
     let boundary = |p: usize| match p {
         0 => 0,
-        p if p == pairs.len() => usize::MAX,
-        p => pairs[p].row as usize,
+        p if p == all_pairs => u64::MAX,
+        p => kept_rows[p],
     };
     let rows = boundary(p0)..boundary(p1);
-    pairs.truncate(p1);
-    pairs.drain(..p0);
-    skipped.retain(|s| rows.contains(&(s.row as usize)));
+    skipped.retain(|s| rows.contains(&s.row));
     let rows_read = if shard.is_whole() {
-        read.rows_read
+        total_read
     } else {
-        pairs.len() + skipped.len()
+        (p1 - p0) + skipped.len()
     };
     skipped.sort_by_key(|s| s.row);
     let mut dropped = BTreeMap::new();
@@ -131,7 +209,7 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
             })
             .unwrap_or_default();
         return Err(Error::Schema {
-            path: read.files[0].clone(),
+            path: source.files(split)?[0].clone(),
             msg: format!(
                 "split `{split}`: no row survived validation (skipped: {dropped:?}{first})"
             ),
@@ -146,7 +224,9 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
         name: split.to_string(),
         stem: cache::shards::stem(split, shard),
         rows_read,
-        pairs,
+        first_row: kept_rows.get(p0).copied().unwrap_or(u64::MAX),
+        tokens: kept_tokens[p0..p1].iter().sum(),
+        pairs: p0..p1,
         dropped,
         skipped,
         fingerprint,
@@ -240,6 +320,7 @@ fn cache_state(pq: &Path, arrow: &Path, fingerprint: &Fingerprint) -> CacheState
 
 fn score_split(
     cfg: &Config,
+    source: &DataSource,
     inputs: &Inputs,
     model: &mut Option<Transformer>,
     split: Prepared,
@@ -267,19 +348,36 @@ fn score_split(
         };
         let partial = partial_dir(out, name);
         let scoring = Instant::now();
-        let scorer = Scorer { cfg, model, device };
-        resumed = scorer.score_chunks(&split.pairs, &partial, fingerprint, quiet, name)?;
+        let scorer = Scorer {
+            cfg,
+            source,
+            inputs,
+            model,
+            device,
+        };
+        resumed = scorer.score_chunks(&split, &partial, quiet)?;
         score_seconds = scoring.elapsed().as_secs_f64();
-        let mut cached = Vec::with_capacity(split.pairs.len());
-        for c in 0..split.pairs.len().div_ceil(cfg.precompute.chunk_pairs) {
-            let chunk = MappedCache::open(&chunk_path(&partial, c))?;
-            cached.extend((0..chunk.len()).map(|i| chunk.to_row(i)));
-        }
-        cache::parquet::write(&pq, &cached, fingerprint)?;
-        cache::ipc::write(&arrow, &cached, fingerprint)?;
+        // the final files from the chunk files, a few thousand rows in memory at a time
+        let chunks = split.pairs.len().div_ceil(cfg.precompute.chunk_pairs);
+        let dir = partial.as_path();
+        let rows = || {
+            (0..chunks).flat_map(move |c| {
+                let chunk = MappedCache::open(&chunk_path(dir, c));
+                let n = chunk.as_ref().map_or(1, MappedCache::len);
+                (0..n).map(move |i| match &chunk {
+                    Ok(m) => Ok(m.to_row(i)),
+                    Err(e) => Err(Error::Schema {
+                        path: chunk_path(dir, c),
+                        msg: format!("cannot read a finished chunk: {e}"),
+                    }),
+                })
+            })
+        };
+        cache::parquet::write_rows(&pq, rows(), fingerprint)?;
+        cache::ipc::write_rows(&arrow, rows(), fingerprint)?;
         std::fs::remove_dir_all(&partial).map_err(|e| Error::io("cannot remove", &partial, e))?;
     }
-    let tokens: usize = split.pairs.iter().map(|p| sequence_tokens(p, cfg)).sum();
+    let tokens = split.tokens;
     let seconds = split.prepare_seconds + started.elapsed().as_secs_f64();
     Ok(Report {
         split: split.name.clone(),
@@ -359,23 +457,20 @@ fn chunk_path(partial: &Path, c: usize) -> PathBuf {
     partial.join(format!("chunk-{c:05}.arrow"))
 }
 
-/// The reference model and how to batch it.
+/// The reference model, where the pairs come from, and how to batch them.
 struct Scorer<'a> {
     cfg: &'a Config,
+    source: &'a DataSource,
+    inputs: &'a Inputs,
     model: &'a Transformer,
     device: &'a Device,
 }
 
 impl Scorer<'_> {
-    /// Scores every chunk not yet on disk; returns how many were already there (resumed).
-    fn score_chunks(
-        &self,
-        pairs: &[TokenizedPair],
-        partial: &Path,
-        fp: &Fingerprint,
-        quiet: bool,
-        split: &str,
-    ) -> Result<usize> {
+    /// Streams the split's pairs again and scores every chunk of this shard not yet on disk;
+    /// returns how many were already there (resumed). One chunk of pairs is in memory at a time.
+    fn score_chunks(&self, split: &Prepared, partial: &Path, quiet: bool) -> Result<usize> {
+        let fp = &split.fingerprint;
         let fp_path = partial.join("fingerprint.json");
         if partial.exists() {
             let same = std::fs::read_to_string(&fp_path).is_ok_and(|t| t == fp.to_json());
@@ -386,20 +481,60 @@ impl Scorer<'_> {
         }
         fs::create_dir_all(partial)?;
         fs::write_atomic(&fp_path, fp.to_json().as_bytes())?;
-        let progress = Progress::new(pairs.len() as u64, &format!("precompute {split}"), quiet);
-        let mut resumed = 0;
-        for (c, chunk_pairs) in pairs.chunks(self.cfg.precompute.chunk_pairs).enumerate() {
-            let path = chunk_path(partial, c);
+        let progress = Progress::new(
+            split.pairs.len() as u64,
+            &format!("precompute {}", split.stem),
+            quiet,
+        );
+        let size = self.cfg.precompute.chunk_pairs;
+        let (mut resumed, mut chunk, mut buf) = (0, 0, Vec::with_capacity(size));
+        // the index of the next kept pair among the split's (the shard's first from its first row)
+        let mut k = split.pairs.start;
+        let mut finish = |buf: &mut Vec<TokenizedPair>| -> Result<()> {
+            let path = chunk_path(partial, chunk);
+            chunk += 1;
             // A chunk that does not verify (a torn or corrupted file) is scored again.
             if MappedCache::open(&path).is_ok_and(|m| m.fingerprint == *fp) {
                 resumed += 1;
-                progress.inc(chunk_pairs.len() as u64);
-                continue;
+                progress.inc(buf.len() as u64);
+            } else {
+                let rows = self.score_chunk(buf, &progress)?;
+                cache::ipc::write(&path, &rows, fp)?;
             }
-            let rows = self.score_chunk(chunk_pairs, &progress)?;
-            cache::ipc::write(&path, &rows, fp)?;
+            buf.clear();
+            Ok(())
+        };
+        if !split.pairs.is_empty() {
+            for_each_pair(
+                self.cfg,
+                self.source,
+                self.inputs,
+                &split.name,
+                split.first_row,
+                &mut |r| {
+                    let Ok(pair) = r else { return Ok(true) };
+                    buf.push(pair);
+                    k += 1;
+                    if buf.len() == size || k == split.pairs.end {
+                        finish(&mut buf)?;
+                    }
+                    Ok(k < split.pairs.end)
+                },
+            )?;
         }
         progress.finish();
+        if k != split.pairs.end {
+            return Err(Error::Schema {
+                path: self.source.files(&split.name)?[0].clone(),
+                msg: format!(
+                    "split `{}` gave {} pairs on the second read, {} on the first: did its files \
+                     change while stage one ran?",
+                    split.name,
+                    k - split.pairs.start,
+                    split.pairs.len()
+                ),
+            });
+        }
         Ok(resumed)
     }
 

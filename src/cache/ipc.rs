@@ -16,11 +16,26 @@ use std::sync::Arc;
 /// Writes `rows` as an Arrow IPC file (temporary name, fsync, rename), with the checksum of
 /// everything before the footer in the footer's metadata.
 pub fn write(path: &Path, rows: &[CacheRow], fingerprint: &Fingerprint) -> Result<()> {
+    write_rows(path, rows.iter().cloned().map(Ok), fingerprint)
+}
+
+/// [`write`] from a stream of rows, a record batch of [`schema::BATCH_ROWS`] in memory at a time.
+pub fn write_rows(
+    path: &Path,
+    rows: impl Iterator<Item = Result<CacheRow>>,
+    fingerprint: &Fingerprint,
+) -> Result<()> {
     fs::write_file_atomic(path, |file, tmp| {
         let schema = schema::schema_with_fingerprint(&fingerprint.to_json());
         let mut writer = FileWriter::try_new_buffered(HashingWriter::new(file), &schema)?;
-        for chunk in rows.chunks(4096) {
-            writer.write(&schema::to_batch(chunk, schema.clone())?)?;
+        let mut batch = Vec::with_capacity(schema::BATCH_ROWS);
+        let mut rows = rows.peekable();
+        while let Some(row) = rows.next() {
+            batch.push(row?);
+            if batch.len() == schema::BATCH_ROWS || rows.peek().is_none() {
+                writer.write(&schema::to_batch(&batch, schema.clone())?)?;
+                batch.clear();
+            }
         }
         writer.flush()?;
         let sum = writer.get_ref().get_ref().checksum();

@@ -15,6 +15,15 @@ use std::path::Path;
 /// Writes `rows` to `path` (temporary name, fsync, rename), with the checksum of everything
 /// before the footer in the key-value metadata.
 pub fn write(path: &Path, rows: &[CacheRow], fingerprint: &Fingerprint) -> Result<()> {
+    write_rows(path, rows.iter().cloned().map(Ok), fingerprint)
+}
+
+/// [`write`] from a stream of rows, a row group of [`BATCH_ROWS`] in memory at a time.
+pub fn write_rows(
+    path: &Path,
+    rows: impl Iterator<Item = Result<CacheRow>>,
+    fingerprint: &Fingerprint,
+) -> Result<()> {
     fs::write_file_atomic(path, |file, tmp| {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
@@ -26,8 +35,15 @@ pub fn write(path: &Path, rows: &[CacheRow], fingerprint: &Fingerprint) -> Resul
         let schema = schema::schema();
         let mut writer =
             ArrowWriter::try_new(HashingWriter::new(file), schema.clone(), Some(props))?;
-        for chunk in rows.chunks(4096) {
-            writer.write(&schema::to_batch(chunk, schema.clone())?)?;
+        let mut batch = Vec::with_capacity(schema::BATCH_ROWS);
+        let mut rows = rows.peekable();
+        while let Some(row) = rows.next() {
+            batch.push(row?);
+            if batch.len() == schema::BATCH_ROWS || rows.peek().is_none() {
+                writer.write(&schema::to_batch(&batch, schema.clone())?)?;
+                writer.flush()?; // one row group per batch: nothing more is buffered
+                batch.clear();
+            }
         }
         writer.flush()?; // the last row group
                          // and every byte of it into the hashing writer

@@ -11,6 +11,9 @@ use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef, UInt32Ty
 use std::path::Path;
 use std::sync::Arc;
 
+/// Rows per record batch (and Parquet row group) the writers hold at once.
+pub const BATCH_ROWS: usize = 4096;
+
 /// Key of the fingerprint in Parquet key-value metadata and Arrow schema metadata.
 pub const FINGERPRINT_KEY: &str = "refdpo.fingerprint";
 

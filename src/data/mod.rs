@@ -9,7 +9,7 @@ pub mod source;
 use serde::{Deserialize, Serialize};
 
 pub use layout::Mapping;
-pub use source::{read_split, DataSource, ReadSplit};
+pub use source::{for_each_row, read_split, DataSource, ReadSplit};
 
 /// One chat message, as in a conversational dataset's `chosen` / `rejected` / `prompt` columns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -105,13 +105,58 @@ pub struct ReadSplit {
 
 /// Reads the first `limit` rows (0 = all; `dataset.limit` for a run) of `split`, mapped through
 /// the config's columns, message keys and roles; with `test_size`, then keeps the split's side
-/// of the seeded hold-out.
+/// of the seeded hold-out. Everything in memory: for `show` and small splits; stage one streams
+/// with [`for_each_row`].
 pub fn read_split(src: &DataSource, split: &str, limit: usize) -> Result<ReadSplit> {
+    let (mut rows, mut skipped) = (Vec::new(), Vec::new());
+    let files = src.files(split)?;
+    let rows_read = for_each_row(src, split, limit, &mut |r| {
+        match r {
+            Ok(row) => rows.push(row),
+            Err(s) => skipped.push(s),
+        }
+        Ok(true)
+    })?;
+    Ok(ReadSplit {
+        rows,
+        skipped,
+        rows_read,
+        files,
+    })
+}
+
+/// Streams the rows of `split` as [`read_split`] reads them — each a row or a counted skip, in
+/// source order — without holding them; `each` returns false to stop early. Returns the rows
+/// read (kept + skipped). With `test_size` the source is read twice: once to count its rows
+/// for the seeded hold-out, then for the rows.
+pub fn for_each_row(
+    src: &DataSource,
+    split: &str,
+    limit: usize,
+    each: &mut dyn FnMut(std::result::Result<PreferenceRow, Skipped>) -> Result<bool>,
+) -> Result<usize> {
     let cfg = &src.cfg;
     let files = src.files(split)?;
+    let held_out = if cfg.test_size > 0.0 {
+        let n = count_records(&files, limit)?;
+        let test = held_out(n, cfg.test_size);
+        if split == cfg.test_split && test.is_empty() {
+            return Err(Error::Config(format!(
+                "`dataset.test_size` = {} holds out no row of {n} rows",
+                cfg.test_size
+            )));
+        }
+        Some((test, split == cfg.test_split))
+    } else {
+        None
+    };
+    let keep = |i: u64| match &held_out {
+        Some((test, want_test)) => test.binary_search(&i).is_ok() == *want_test,
+        None => true,
+    };
     let mapping = Mapping::new(cfg);
-    let (mut rows, mut skipped) = (Vec::new(), Vec::new());
-    let mut n = 0u64;
+    let (mut n, mut read) = (0u64, 0usize);
+    let mut stop = false;
     for file in &files {
         let mut checked = false;
         let mut failure = None;
@@ -131,15 +176,23 @@ pub fn read_split(src: &DataSource, split: &str, limit: usize) -> Result<ReadSpl
                 }
                 Err(reason) => Err(*reason),
             };
-            match result {
-                Ok(r) => rows.push(Some(r)),
-                Err(reason) => {
-                    rows.push(None);
-                    skipped.push(Skipped {
-                        row,
-                        line: rec.line,
-                        reason: reason.as_str(),
-                    });
+            if keep(row) {
+                read += 1;
+                let item = result.map_err(|reason| Skipped {
+                    row,
+                    line: rec.line,
+                    reason: reason.as_str(),
+                });
+                match each(item) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        stop = true;
+                        return false;
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        return false;
+                    }
                 }
             }
             limit == 0 || (n as usize) < limit
@@ -147,35 +200,26 @@ pub fn read_split(src: &DataSource, split: &str, limit: usize) -> Result<ReadSpl
         if let Some(e) = failure {
             return Err(e);
         }
-        if limit > 0 && n as usize >= limit {
+        if stop || (limit > 0 && n as usize >= limit) {
             break;
         }
     }
-    if cfg.test_size > 0.0 {
-        let test = held_out(rows.len(), cfg.test_size);
-        let want_test = split == cfg.test_split;
-        let keep = |i: u64| test.binary_search(&i).is_ok() == want_test;
-        for (i, r) in rows.iter_mut().enumerate() {
-            if !keep(i as u64) {
-                *r = None;
-            }
-        }
-        skipped.retain(|s| keep(s.row));
-        if want_test && test.is_empty() {
-            return Err(Error::Config(format!(
-                "`dataset.test_size` = {} holds out no row of {} rows",
-                cfg.test_size,
-                rows.len()
-            )));
+    Ok(read)
+}
+
+/// Records in `files`, up to `limit` (0 = all).
+fn count_records(files: &[PathBuf], limit: usize) -> Result<usize> {
+    let mut n = 0usize;
+    for file in files {
+        records::for_each(file, &mut |_| {
+            n += 1;
+            limit == 0 || n < limit
+        })?;
+        if limit > 0 && n >= limit {
+            break;
         }
     }
-    let rows: Vec<PreferenceRow> = rows.into_iter().flatten().collect();
-    Ok(ReadSplit {
-        rows_read: rows.len() + skipped.len(),
-        rows,
-        skipped,
-        files,
-    })
+    Ok(n)
 }
 
 /// The held-out rows of `n`, sorted: `size` rows (>= 1) or that fraction, rounded up as

@@ -372,23 +372,18 @@ impl PairTokenizer {
         })
     }
 
-    /// Tokenizes rows in parallel (rayon), keeping row order; returns kept pairs and the rows
-    /// skipped, with their reasons.
-    pub fn tokenize_all(&self, rows: &[PreferenceRow]) -> (Vec<TokenizedPair>, Vec<Skipped>) {
-        let results: Vec<_> = rows.par_iter().map(|r| self.tokenize(r)).collect();
-        let mut kept = Vec::with_capacity(rows.len());
-        let mut skipped = Vec::new();
-        for (r, row) in results.into_iter().zip(rows) {
-            match r {
-                Ok(p) => kept.push(p),
-                Err(reason) => skipped.push(Skipped {
+    /// Tokenizes rows in parallel (rayon), keeping row order: each a kept pair, or the row
+    /// skipped with its reason.
+    pub fn tokenize_batch(&self, rows: &[PreferenceRow]) -> Vec<Result<TokenizedPair, Skipped>> {
+        rows.par_iter()
+            .map(|row| {
+                self.tokenize(row).map_err(|reason| Skipped {
                     row: row.row,
                     line: row.line,
                     reason: reason.as_str(),
-                }),
-            }
-        }
-        (kept, skipped)
+                })
+            })
+            .collect()
     }
 }
 

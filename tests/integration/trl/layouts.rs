@@ -159,7 +159,11 @@ fn every_layout_tokenizes_as_trl_does() {
         let source = DataSource::resolve(&cfg, &[&cfg.train_split.clone()]).unwrap();
         let read = refdpo::data::read_split(&source, &cfg.train_split, 0).unwrap();
         assert!(read.skipped.is_empty(), "{name}: {:?}", read.skipped);
-        let (pairs, skipped) = tok.tokenize_all(&read.rows);
+        let (pairs, skipped): (Vec<_>, Vec<_>) = tok
+            .tokenize_batch(&read.rows)
+            .into_iter()
+            .partition(Result::is_ok);
+        let pairs: Vec<_> = pairs.into_iter().map(Result::unwrap).collect();
         assert!(
             skipped.is_empty(),
             "{name} ({}): {skipped:?}",
