@@ -7,6 +7,7 @@ mod families;
 mod fidelity;
 mod first_hour;
 mod generate;
+mod hub;
 mod integrity;
 mod lora;
 mod mishaps;
