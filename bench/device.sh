@@ -5,9 +5,10 @@
 #   2. precompute tokens/s against transformers (bf16, SDPA) on the Qwen2-0.5B and Qwen2-1.5B
 #      architectures, with the bf16 matmul ceiling;
 #   3. one training setup (Qwen2-0.5B, 8 pairs × max_length 1024) against TRL live and TRL
-#      precompute_ref_log_probs, peak device memory measured from outside (NVML).
+#      precompute_ref_log_probs, and LoRA (r 16, all-linear) against TRL + PEFT, peak device
+#      memory measured from outside (NVML).
 # Carry [".gpu", ".whl"]: .gpu/refdpo.xz (stripped, xz -9), .gpu/realdata (the real-data subset),
-# .whl (TRL 1.16, datasets 5.2, dill, multiprocess wheels).
+# .whl (TRL 1.16, PEFT 0.21, datasets 5.2, dill, multiprocess wheels).
 # `bash bench/device.sh --profile`: the short follow-up (~4 minutes): selftest, precompute on
 # Qwen2-0.5B, then refdpo cached (bf16 state) against TRL live at the same training setup, each
 # followed by one `--profile` run whose phase table lands in $OUT/profile-*.txt. It goes on after

@@ -35,7 +35,12 @@ p.add_argument("--steps", type=int, default=10, help="train: optimizer steps per
 p.add_argument("--batch", type=int, default=8, help="train: pairs per step")
 p.add_argument("--max-length", type=int, default=1024)
 p.add_argument("--work", default="/tmp/refdpo-gpu-bench")
-SETUPS = ["refdpo_cached_bf16_state", "refdpo_cached_f32_state", "refdpo_live_bf16_state", "trl_live", "trl_precompute"]
+SETUPS = ["refdpo_cached_bf16_state", "refdpo_cached_f32_state", "refdpo_live_bf16_state", "trl_live", "trl_precompute",
+          "refdpo_cached_lora", "trl_live_lora"]
+# LoRA setups: r 16, alpha 32, all linear projections, a bf16 base (refdpo: frozen in bf16 with
+# f32 adapters; TRL + PEFT: the base loaded in bf16, PEFT's f32 adapters, the adapter-disabled
+# model as the reference)
+LORA_R, LORA_ALPHA = 16, 32
 p.add_argument("--setups", default=",".join(SETUPS), help="train: which of " + ", ".join(SETUPS))
 p.add_argument("--profile", action="store_true",
                help="then run refdpo once more with --profile and keep its phase table in OUT/profile-*.txt")
@@ -129,7 +134,8 @@ batch_size = 16
 out = "{WORK / ('cache-' + name)}"
 [train]
 out = "{WORK / ('run-' + name)}"
-""" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in train.items())
+""" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in train.items() if k != "lora") + (
+        f"\n[train.lora]\nr = {train['lora'][0]}\nalpha = {train['lora'][1]}\n" if "lora" in train else "")
     path = WORK / f"{name}.toml"
     path.write_text(text)
     return path
@@ -234,7 +240,8 @@ def stage_train():
         r = {"params": block_params + head_params}
         for name, extra in [("refdpo_cached_bf16_state", {"state_dtype": "bf16"}),
                             ("refdpo_cached_f32_state", {"state_dtype": "f32"}),
-                            ("refdpo_live_bf16_state", {"state_dtype": "bf16", "ref": "live"})]:
+                            ("refdpo_live_bf16_state", {"state_dtype": "bf16", "ref": "live"}),
+                            ("refdpo_cached_lora", {"lora": (LORA_R, LORA_ALPHA)})]:
             if name not in a.setups:
                 continue
             toml = pipeline(model, preset, pairs, **common, **extra)
@@ -245,7 +252,8 @@ def stage_train():
             step, losses = median_step(WORK / f"run-{name}")
             r[name] = {"peak_gib": sampler.peak / GIB, "median_step_s": step, "losses": losses}
             log(f"{preset} {name}: {r[name]}")
-        for name, flag in [("trl_live", []), ("trl_precompute", ["--precompute"])]:
+        for name, flag in [("trl_live", []), ("trl_precompute", ["--precompute"]),
+                           ("trl_live_lora", ["--lora", str(LORA_R), "--lora-alpha", str(LORA_ALPHA)])]:
             if name not in a.setups:
                 continue
             sampler = MemorySampler()

@@ -4,7 +4,10 @@ autocast and gradient checkpointing (how GPU.md measured TRL), with or without
 peak allocation; bench/gpu.py samples the device's memory around the process as well.
 
 usage: python bench/peer_train.py MODEL_DIR DATASET_DIR --pairs N --steps S --batch 8
-       --max-length 1024 [--precompute] [--device cuda]
+       --max-length 1024 [--precompute] [--device cuda] [--lora R --lora-alpha A]
+With --lora: TRL + PEFT as users run it, the base loaded in bf16 on a GPU (PEFT keeps its
+adapters in f32), LoRA on every linear projection, no reference model (TRL scores the reference
+with the adapters disabled).
 Prints one JSON object: step_seconds (list), median_step_seconds, max_allocated_gib,
 max_reserved_gib, losses.
 """
@@ -30,6 +33,8 @@ p.add_argument("--batch", type=int, default=8)
 p.add_argument("--max-length", type=int, default=1024)
 p.add_argument("--precompute", action="store_true")
 p.add_argument("--device", default="cuda")
+p.add_argument("--lora", type=int, default=0)
+p.add_argument("--lora-alpha", type=float, default=32)
 a = p.parse_args()
 cuda = a.device == "cuda"
 
@@ -38,9 +43,15 @@ rows = pq.read_table(files[0]).slice(0, a.pairs).to_pylist()
 # TRL 1.16 wants conversational chosen/rejected only (tests/fixtures/TRL_NOTES.md).
 ds = Dataset.from_list([{"chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
 tok = AutoTokenizer.from_pretrained(a.model)
-load = lambda: AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(a.device)
+base_dtype = torch.bfloat16 if (a.lora and cuda) else torch.float32
+load = lambda: AutoModelForCausalLM.from_pretrained(a.model, dtype=base_dtype).to(a.device)
 model = load()
-ref = None if a.precompute else load()
+ref = None if (a.precompute or a.lora) else load()
+peft_config = None
+if a.lora:
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=a.lora, lora_alpha=a.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 class StepTimer(TrainerCallback):
@@ -77,7 +88,8 @@ with tempfile.TemporaryDirectory() as out:
         disable_tqdm=True,
         seed=0,
     )
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok, callbacks=[timer])
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
+                         callbacks=[timer], peft_config=peft_config)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
