@@ -13,6 +13,8 @@
 # Qwen2-0.5B, then refdpo cached (bf16 state) against TRL live at the same training setup, each
 # followed by one `--profile` run whose phase table lands in $OUT/profile-*.txt. It goes on after
 # a failed selftest.
+# `bash bench/device.sh --lora` (~4 minutes): selftest, then training only, LoRA against TRL +
+# PEFT next to the full fine-tuning pair (refdpo cached bf16 state, TRL live).
 # Dry run on a CPU (tiny models, no figures): `bash bench/device.sh --cpu`, with REFDPO set to a
 # refdpo command and a Python that has bench/requirements.txt and TRL (PYTHON).
 set -uo pipefail
@@ -26,7 +28,8 @@ for arg in "$@"; do
   case $arg in
     --cpu) DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256) ;;
     --profile) PRE_MODELS=${PRE_MODELS%%,*} EXTRA=(--profile) TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
-    *) echo "usage: bench/device.sh [--cpu] [--profile]" >&2; exit 2 ;;
+    --lora) PRE_MODELS="" TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_lora,trl_live_lora ;;
+    *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora]" >&2; exit 2 ;;
   esac
 done
 [ -n "${TRAIN_SETUPS:-}" ] && SIZE+=(--setups "$TRAIN_SETUPS")
@@ -58,6 +61,7 @@ stage() { # name, seconds, command...
 # A failed selftest stops the benchmark; the --profile follow-up (a diagnosis) goes on.
 stage selftest 120 $REFDPO selftest --device "$DEVICE" ||
   { echo "selftest failed" >&2; [ ${#EXTRA[@]} -gt 0 ] || exit 1; }
-stage precompute 270 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS" "${SIZE[@]}" "${EXTRA[@]}"
-stage train 180 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8 "${SIZE[@]}" "${EXTRA[@]}"
+[ -z "$PRE_MODELS" ] ||
+  stage precompute 270 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS" "${SIZE[@]}" "${EXTRA[@]}"
+stage train 240 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8 "${SIZE[@]}" "${EXTRA[@]}"
 ls -la "$OUT"
