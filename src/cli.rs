@@ -90,12 +90,8 @@ pub struct ConfigArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// cpu, cuda or cuda:N (default: cuda if built with it and present, else cpu).
-    #[arg(long)]
-    pub device: Option<String>,
-    /// No progress bar.
-    #[arg(long, short = 'q')]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
     /// Delete another run's outputs (train) or a cache made from other inputs (precompute) in the
     /// output directory first, instead of refusing.
     #[arg(long)]
@@ -106,16 +102,23 @@ pub struct RunArgs {
     pub profile: bool,
 }
 
+/// Where a command runs, and whether it shows progress.
 #[derive(Debug, Args)]
-pub struct GenerateArgs {
-    #[command(flatten)]
-    pub config: ConfigArgs,
+pub struct DeviceArgs {
     /// cpu, cuda or cuda:N (default: cuda if built with it and present, else cpu).
     #[arg(long)]
     pub device: Option<String>,
     /// No progress bar.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
     /// A training run (full or LoRA): its `final/` is the policy, generated beside the reference.
     #[arg(long)]
     pub run: Option<PathBuf>,
@@ -125,13 +128,16 @@ pub struct GenerateArgs {
     /// First N prompts (0 = all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
+    /// New tokens at most per prompt (a row also stops at an EOS token).
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// 0 = greedy.
+    /// Sampling temperature; 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// Nucleus sampling: the most likely tokens holding this share of the probability.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Sampling seed (with each prompt's row: the same continuation in any batch).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// JSONL output (default: <run>/generations-<split>.jsonl, else in the cache directory).

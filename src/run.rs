@@ -136,20 +136,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 config.overrides.push(format!("precompute.shard={s}"));
             }
             let cfg = load(&config)?;
-            let dev = device(a.device.as_deref())?;
-            announce("precompute", &dev, a.quiet);
+            let dev = device(a.dev.device.as_deref())?;
+            announce("precompute", &dev, a.dev.quiet);
             let mode = existing(false, a.overwrite);
             profiled(a.profile, &dev, || {
-                crate::precompute::run(&cfg, &dev, mode, a.quiet)
+                crate::precompute::run(&cfg, &dev, mode, a.dev.quiet)
             })?;
         }
         Command::Train { run, resume } => {
             let cfg = load(&run.config)?;
-            let dev = device(run.device.as_deref())?;
-            announce("train", &dev, run.quiet);
+            let dev = device(run.dev.device.as_deref())?;
+            announce("train", &dev, run.dev.quiet);
             let mode = existing(resume, run.overwrite);
             profiled(run.profile, &dev, || {
-                crate::train::run(&cfg, &dev, mode, run.quiet)
+                crate::train::run(&cfg, &dev, mode, run.dev.quiet)
             })?;
         }
         Command::Stats(a) => stats(a)?,
@@ -171,8 +171,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate(a) => {
             let cfg = load(&a.config)?;
-            let dev = device(a.device.as_deref())?;
-            announce("generate", &dev, a.quiet);
+            let dev = device(a.dev.device.as_deref())?;
+            announce("generate", &dev, a.dev.quiet);
             let valid = (0.0..=1.0).contains(&a.top_p) && a.top_p > 0.0 && a.temperature >= 0.0;
             if !valid {
                 return Err(Error::Config(format!(
@@ -195,7 +195,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 out: a.out,
                 plot: a.plot.clone(),
             };
-            let r = crate::generate::run(&cfg, &opts, &dev, a.quiet)?;
+            let r = crate::generate::run(&cfg, &opts, &dev, a.dev.quiet)?;
             print!("{}", r.summary.text());
             println!(
                 "{} tokens in {:.2} s ({:.0} tokens/s); generations in {}",

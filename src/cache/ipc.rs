@@ -28,15 +28,7 @@ pub fn write_rows(
     fs::write_file_atomic(path, |file, tmp| {
         let schema = schema::schema_with_fingerprint(&fingerprint.to_json());
         let mut writer = FileWriter::try_new_buffered(HashingWriter::new(file), &schema)?;
-        let mut batch = Vec::with_capacity(schema::BATCH_ROWS);
-        let mut rows = rows.peekable();
-        while let Some(row) = rows.next() {
-            batch.push(row?);
-            if batch.len() == schema::BATCH_ROWS || rows.peek().is_none() {
-                writer.write(&schema::to_batch(&batch, schema.clone())?)?;
-                batch.clear();
-            }
-        }
+        schema::write_batches(rows, &schema, &mut |b| Ok(writer.write(b)?))?;
         writer.flush()?;
         let sum = writer.get_ref().get_ref().checksum();
         writer.write_metadata(CHECKSUM_KEY, sum.to_metadata());

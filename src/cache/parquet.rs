@@ -35,16 +35,10 @@ pub fn write_rows(
         let schema = schema::schema();
         let mut writer =
             ArrowWriter::try_new(HashingWriter::new(file), schema.clone(), Some(props))?;
-        let mut batch = Vec::with_capacity(schema::BATCH_ROWS);
-        let mut rows = rows.peekable();
-        while let Some(row) = rows.next() {
-            batch.push(row?);
-            if batch.len() == schema::BATCH_ROWS || rows.peek().is_none() {
-                writer.write(&schema::to_batch(&batch, schema.clone())?)?;
-                writer.flush()?; // one row group per batch: nothing more is buffered
-                batch.clear();
-            }
-        }
+        schema::write_batches(rows, &schema, &mut |b| {
+            writer.write(b)?;
+            Ok(writer.flush()?) // one row group per batch: nothing more is buffered
+        })?;
         writer.flush()?; // the last row group
                          // and every byte of it into the hashing writer
         writer

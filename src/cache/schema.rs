@@ -89,6 +89,25 @@ fn ids_array<'a>(lists: impl Iterator<Item = &'a [u32]> + Clone) -> ArrayRef {
 }
 
 /// Rows → one record batch with [`schema()`].
+/// Groups a stream of rows into record batches of [`BATCH_ROWS`] (the last one shorter) and
+/// hands each to `write`: the writers hold one batch at a time.
+pub fn write_batches(
+    rows: impl Iterator<Item = Result<CacheRow>>,
+    schema: &SchemaRef,
+    write: &mut dyn FnMut(&RecordBatch) -> Result<()>,
+) -> Result<()> {
+    let mut batch = Vec::with_capacity(BATCH_ROWS);
+    let mut rows = rows.peekable();
+    while let Some(row) = rows.next() {
+        batch.push(row?);
+        if batch.len() == BATCH_ROWS || rows.peek().is_none() {
+            write(&to_batch(&batch, schema.clone())?)?;
+            batch.clear();
+        }
+    }
+    Ok(())
+}
+
 pub fn to_batch(rows: &[CacheRow], schema: SchemaRef) -> Result<RecordBatch> {
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(
