@@ -251,10 +251,9 @@ fn backward_by_vocab_chunks(
         return Ok((rows.zeros_like()?, grad_w));
     }
     let step = step.clamp(1, vocab);
-    let tgt: Vec<u32> = targets.to_vec1()?;
-    let g = g.to_dtype(DType::F32)?;
-    let g_host: Vec<f32> = g.to_vec1()?;
-    let g_col = g.unsqueeze(1)?; // [N, 1]
+    let g_col = g.to_dtype(DType::F32)?.unsqueeze(1)?; // [N, 1]
+                                                       // targets as f32 (exact below 2^24 ids), for the in-chunk test on the device: no host copy
+    let tgt = targets.to_dtype(DType::F32)?.unsqueeze(1)?; // [N, 1]
     let lse = lse.unsqueeze(1)?; // [N, 1]
     let mut grad_rows = Tensor::zeros((n, h), DType::F32, dev)?;
     for v0 in (0..vocab).step_by(step) {
@@ -269,16 +268,15 @@ fn backward_by_vocab_chunks(
             None => (z, None),
         };
         let probs = logits.broadcast_sub(&lse)?.exp()?;
-        // g at each row's target column when the target falls in this chunk
-        let (mut idx, mut val) = (vec![0u32; n], vec![0f32; n]);
-        for (r, &t) in tgt.iter().enumerate() {
-            if (v0..v0 + len).contains(&(t as usize)) {
-                idx[r] = t - v0 as u32;
-                val[r] = g_host[r];
-            }
-        }
-        let idx = Tensor::from_vec(idx, (n, 1), dev)?;
-        let val = Tensor::from_vec(val, (n, 1), dev)?;
+        // g at each row's target column when the target falls in this chunk (else 0 at
+        // column 0), computed on the device
+        let local = (&tgt - v0 as f64)?; // [N, 1]
+        let inside = local
+            .ge(0.0)?
+            .mul(&local.lt(len as f64)?)?
+            .to_dtype(DType::F32)?;
+        let idx = local.clamp(0f32, (len - 1) as f32)?.to_dtype(DType::U32)?;
+        let val = (&g_col * inside)?;
         let onehot_g = probs.zeros_like()?.scatter_add(&idx, &val, 1)?;
         let grad_logits = (onehot_g - probs.broadcast_mul(&g_col)?)?;
         // through the soft cap, then in the compute dtype: d/dz [N, len]
