@@ -566,8 +566,10 @@ impl Block {
 }
 
 /// Per-sequence-length tables shared by every block of one forward.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct SeqContext {
+    /// The sequence length the tables are for.
+    pub len: usize,
     pub cos: Tensor,
     pub sin: Tensor,
     /// [T, T] additive causal mask in f32: 0 where a query may attend, -inf elsewhere.
@@ -584,6 +586,26 @@ pub struct SeqContext {
 }
 
 impl SeqContext {
+    /// The tables of the first `len` positions (RoPE rows and mask blocks are prefixes: a
+    /// query at i sees keys by i and j alone).
+    fn prefix(&self, len: usize, heads: usize) -> Result<Self> {
+        let rows = |t: &Tensor| t.narrow(0, 0, len);
+        let block = |m: &Tensor| -> candle_core::Result<Tensor> { rows(m)?.narrow(1, 0, len) };
+        Ok(Self {
+            len,
+            cos: rows(&self.cos)?,
+            sin: rows(&self.sin)?,
+            mask: block(&self.mask)?,
+            sliding_mask: self.sliding_mask.as_ref().map(block).transpose()?,
+            local_rope: match &self.local_rope {
+                Some((c, s)) => Some((rows(c)?, rows(s)?)),
+                None => None,
+            },
+            attn_seqs: attention_chunk(heads, len, self.cos.device()),
+            dropout: None,
+        })
+    }
+
     /// The RoPE tables and the mask of a layer that slides or not.
     fn for_layer(&self, sliding: bool) -> ((&Tensor, &Tensor), &Tensor) {
         let rope = match (&self.local_rope, sliding) {
@@ -595,6 +617,26 @@ impl SeqContext {
             _ => &self.mask,
         };
         (rope, mask)
+    }
+}
+
+/// The tables of the longest sequence length seen, narrowed for shorter ones: built once per
+/// model and device rather than on the host at every forward.
+#[derive(Debug, Clone, Default)]
+pub struct ContextCache(std::sync::Arc<std::sync::Mutex<Option<SeqContext>>>);
+
+impl ContextCache {
+    pub fn get(&self, model: &Transformer, seq_len: usize, device: &Device) -> Result<SeqContext> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = slot
+            .as_ref()
+            .is_some_and(|c| c.len >= seq_len && c.cos.device().same_device(device));
+        if !fits {
+            *slot = Some(model.build_context(seq_len, device)?);
+        }
+        slot.as_ref()
+            .expect("built above")
+            .prefix(seq_len, model.cfg.num_heads)
     }
 }
 
@@ -643,6 +685,7 @@ pub struct Transformer {
     /// Gemma 3: the sliding layers' RoPE (its own base).
     local_rope: Option<Rope>,
     dtype: DType,
+    contexts: ContextCache,
 }
 
 impl Transformer {
@@ -679,10 +722,16 @@ impl Transformer {
                 })
             }),
             dtype,
+            contexts: ContextCache::default(),
         })
     }
 
+    /// The tables of `seq_len` positions (cached: see [`ContextCache`]).
     pub fn context(&self, seq_len: usize, device: &Device) -> Result<SeqContext> {
+        self.contexts.get(self, seq_len, device)
+    }
+
+    fn build_context(&self, seq_len: usize, device: &Device) -> Result<SeqContext> {
         let (cos, sin) = self.rope.tables(seq_len, self.dtype, device)?;
         let slides = self.cfg.sliding_layers.iter().any(|&s| s);
         let sliding_mask = match self.cfg.sliding_window {
@@ -694,6 +743,7 @@ impl Transformer {
             _ => None,
         };
         Ok(SeqContext {
+            len: seq_len,
             cos,
             sin,
             mask: additive_mask(seq_len, usize::MAX, device)?,
@@ -823,5 +873,37 @@ mod tests {
         }
         assert_eq!(attention_chunk(32, 1024, &Device::Cpu), 1);
         assert_eq!(attention_chunk(2, 256, &Device::Cpu), 16);
+    }
+
+    #[test]
+    fn cached_tables_narrowed_equal_fresh_ones() {
+        let cfg = TransformerConfig::from_json(
+            r#"{"model_type":"mistral","vocab_size":29,"hidden_size":16,"intermediate_size":24,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "rms_norm_eps":1e-6,"rope_theta":10000.0,"sliding_window":3}"#,
+        )
+        .unwrap();
+        let model = Transformer::new(&cfg, &init::init_weights(&cfg, 7, 0.3).unwrap()).unwrap();
+        let dev = Device::Cpu;
+        model.context(9, &dev).unwrap(); // the cache now holds 9 positions
+        let (cached, fresh) = (
+            model.context(5, &dev).unwrap(),
+            model.build_context(5, &dev).unwrap(),
+        );
+        let same = |a: &Tensor, b: &Tensor| {
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(a.dims(), b.dims());
+            assert_eq!(flat(a), flat(b));
+        };
+        same(&cached.cos, &fresh.cos);
+        same(&cached.sin, &fresh.sin);
+        same(&cached.mask, &fresh.mask);
+        same(
+            cached.sliding_mask.as_ref().unwrap(),
+            fresh.sliding_mask.as_ref().unwrap(),
+        );
+        assert_eq!((cached.len, cached.attn_seqs), (fresh.len, fresh.attn_seqs));
+        // a longer length rebuilds
+        assert_eq!(model.context(12, &dev).unwrap().mask.dims(), &[12, 12]);
     }
 }

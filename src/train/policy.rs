@@ -22,7 +22,7 @@ use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::logprobs::{self, SeqBatch};
 use crate::model::lora::{self, Adapter, Dropout};
-use crate::model::transformer::{Block, RmsNorm, SeqContext};
+use crate::model::transformer::{Block, ContextCache, RmsNorm, SeqContext};
 use crate::model::{OpMode, ParamSource, Transformer, TransformerConfig};
 use crate::profile::{self, Phase};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
@@ -44,6 +44,8 @@ pub struct Policy {
     pub backward_seqs: usize,
     /// Seeds the LoRA dropout masks of the next training forward (set per micro-batch).
     pub dropout_seed: u64,
+    /// RoPE tables and masks, kept across steps.
+    contexts: ContextCache,
 }
 
 struct Tracked<'a>(&'a Policy);
@@ -183,6 +185,7 @@ impl Policy {
             compute_dtype,
             backward_seqs: 0,
             dropout_seed: 0,
+            contexts: ContextCache::default(),
         })
     }
 
@@ -313,7 +316,9 @@ impl Policy {
     ) -> Result<Vec<f64>> {
         let mode = OpMode::Differentiable;
         let head = self.head()?;
-        let mut ctx = head.context(batch.seq_len, batch.input_ids.device())?;
+        let mut ctx = self
+            .contexts
+            .get(&head, batch.seq_len, batch.input_ids.device())?;
         ctx.dropout = self
             .lora
             .as_ref()
@@ -463,7 +468,9 @@ impl Policy {
     pub fn score(&self, batch: &SeqBatch) -> Result<Vec<f64>> {
         let mode = OpMode::Fast;
         let head = self.head()?;
-        let ctx = head.context(batch.seq_len, batch.input_ids.device())?;
+        let ctx = self
+            .contexts
+            .get(&head, batch.seq_len, batch.input_ids.device())?;
         let mut x = head.embed(&batch.input_ids)?; // [2B, T, H]
         for i in 0..self.cfg.num_layers {
             x = self.block(i, false)?.forward(&x, &ctx, mode)?;
