@@ -54,7 +54,9 @@ for type in models datasets; do
     sha=$(git -C "$d" rev-parse HEAD)
     out="$WORK/origin/repos/api/$type/$repo/revision/$sha/meta_head.json"
     mkdir -p "$(dirname "$out")"
-    "${noproxy[@]}" curl -sf "http://127.0.0.1:$OP/api/$type/$repo/revision/$sha" -o "$out"
+    "${noproxy[@]}" python3 -c 'import sys, urllib.request
+open(sys.argv[2], "wb").write(urllib.request.urlopen(sys.argv[1], timeout=30).read())' \
+      "http://127.0.0.1:$OP/api/$type/$repo/revision/$sha" "$out"
   done
 done
 echo "$(cat "$WORK/origin/pid") $(cat "$WORK/front/pid")"
