@@ -2,36 +2,15 @@
 //! files read as PEFT wrote them, scoring with the adapter (unmerged and merged) equal to PEFT's,
 //! and one DPO step of TRL + PEFT: loss, every adapter gradient, the log-probs after AdamW.
 
-use super::{close, fixture, floats, ids, model_config, model_dir};
-use crate::common::{realdata, repo};
+use super::{close, fixture, fixture_model, floats, kept_batch, model_config, sigmoid_step};
+use crate::common::repo;
 use candle_core::{DType, Device};
-use refdpo::config::Truncation;
-use refdpo::dpo::{dpo_loss, LossKind, LossParams, PairLogps};
-use refdpo::logprobs::{self, SeqBatch};
-use refdpo::model::{lora, weights, OpMode, Transformer, TransformerConfig};
+use refdpo::logprobs;
+use refdpo::model::{lora, OpMode, Transformer, TransformerConfig};
 use refdpo::train::optim::{AdamW, AdamWParams};
 use refdpo::train::policy::Policy;
 use serde_json::Value;
 use std::path::Path;
-
-/// The first `n` kept pairs of the TRL fixture's first case, as one batch.
-fn batch(fx: &Value, n: usize) -> SeqBatch {
-    let kept = &fx["cases"][0]["kept"];
-    let pairs: Vec<_> = (0..n)
-        .map(|i| {
-            (
-                ids(&kept[i]["prompt_ids"]),
-                ids(&kept[i]["chosen_ids"]),
-                ids(&kept[i]["rejected_ids"]),
-            )
-        })
-        .collect();
-    let refs: Vec<_> = pairs
-        .iter()
-        .map(|(p, c, r)| (&p[..], &c[..], &r[..]))
-        .collect();
-    SeqBatch::pairs(&refs, 1024, Truncation::KeepStart, 0, &Device::Cpu).unwrap()
-}
 
 fn peft_logps(case: &Value) -> Vec<f64> {
     let l = &case["peft_logps"];
@@ -57,19 +36,11 @@ fn assert_close_all(got: &[f64], want: &[f64], rel: f64, what: &str) {
 #[test]
 #[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
 fn peft_adapters_score_as_peft_unmerged_and_merged() {
-    let real = realdata();
     let fx = fixture("trl_smollm2_llama.json");
     let lf = fixture("trl_lora.json");
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_dir(tmp.path(), &real, &fx);
-    let cfg = TransformerConfig::from_json(&model_config(&fx).to_string()).unwrap();
-    let base = weights::load(
-        &weights::weight_files(&model).unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let b = batch(&fx, 8);
+    let (cfg, base) = fixture_model(tmp.path(), &fx);
+    let b = kept_batch(&fx, 8);
     for (name, case) in lf["cases"].as_object().unwrap() {
         let dir = repo()
             .join("tests/fixtures")
@@ -104,20 +75,12 @@ fn peft_adapters_score_as_peft_unmerged_and_merged() {
 #[test]
 #[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
 fn one_lora_step_matches_trl_and_peft() {
-    let real = realdata();
     let fx = fixture("trl_smollm2_llama.json");
     let lf = fixture("trl_lora.json");
     let case = &lf["cases"]["all_linear"];
     let step = &case["train_step"];
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_dir(tmp.path(), &real, &fx);
-    let cfg = TransformerConfig::from_json(&model_config(&fx).to_string()).unwrap();
-    let base = weights::load(
-        &weights::weight_files(&model).unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (cfg, base) = fixture_model(tmp.path(), &fx);
     let saved = lora::read(&repo().join("tests/fixtures/lora/all_linear")).unwrap();
     let policy = Policy::with_lora(
         &cfg,
@@ -133,41 +96,19 @@ fn one_lora_step_matches_trl_and_peft() {
         28,
         "A and B of 7 projections × 2 layers"
     );
-    let b = batch(&fx, 2);
+    let b = kept_batch(&fx, 2);
     let (rc, rr) = (
         floats(&step["ref_chosen_logps"]),
         floats(&step["ref_rejected_logps"]),
     );
-    let params = LossParams {
-        kind: LossKind::Sigmoid,
-        beta: step["beta"].as_f64().unwrap(),
-        label_smoothing: 0.0,
-        simpo_gamma: 0.0,
-        rpo_alpha: 0.0,
-        discopop_tau: 0.05,
-    };
-    let mut loss = 0.0;
     let mut grads = policy.zero_grads(DType::F32);
-    let sums = policy
-        .forward_backward(&b, true, &mut grads, &mut |s| {
-            let x = PairLogps {
-                policy_chosen: s[..2].to_vec(),
-                policy_rejected: s[2..].to_vec(),
-                ref_chosen: rc.clone(),
-                ref_rejected: rr.clone(),
-                chosen_len: vec![1.0; 2],
-                rejected_len: vec![1.0; 2],
-                chosen_scored_tokens: 1.0,
-            };
-            let out = dpo_loss(&params, &x)?;
-            loss = out.loss;
-            Ok(out
-                .grad_chosen
-                .into_iter()
-                .chain(out.grad_rejected)
-                .collect())
-        })
-        .unwrap();
+    let (sums, loss) = sigmoid_step(
+        &policy,
+        &b,
+        step["beta"].as_f64().unwrap(),
+        (&rc, &rr),
+        &mut grads,
+    );
     let before = &step["policy_logps_before"];
     let want: Vec<f64> = floats(&before["chosen"])
         .into_iter()

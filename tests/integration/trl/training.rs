@@ -1,12 +1,9 @@
 //! Stage two against TRL: the weight formula, every loss, one full training step.
 
-use super::{close, fixture, floats, ids, model_config, model_dir};
-use crate::common::realdata;
+use super::{close, fixture, fixture_model, floats, kept_batch, model_config, sigmoid_step};
 use candle_core::{DType, Device};
-use refdpo::config::Truncation;
 use refdpo::dpo::{dpo_loss, LossKind, LossMix, LossParams, PairLogps};
-use refdpo::logprobs::SeqBatch;
-use refdpo::model::{init, weights, TransformerConfig};
+use refdpo::model::{init, TransformerConfig};
 use refdpo::train::optim::{AdamW, AdamWParams};
 use refdpo::train::policy::Policy;
 use serde_json::Value;
@@ -171,68 +168,18 @@ const GRAD_L2_REL_TOL: f64 = 2e-4;
 #[test]
 #[cfg_attr(realdata_absent, ignore = "needs ../shared/realdata")]
 fn one_training_step_matches_trl() {
-    let real = realdata();
     let fx = fixture("trl_smollm2_llama.json");
     let step = fixture("trl_train_step.json");
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_dir(tmp.path(), &real, &fx);
-    let cfg = TransformerConfig::from_json(&model_config(&fx).to_string()).unwrap();
-    let w = weights::load(
-        &weights::weight_files(&model).unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (cfg, w) = fixture_model(tmp.path(), &fx);
     let policy = Policy::new(&cfg, w, DType::F32, &Device::Cpu).unwrap();
-    let kept = &fx["cases"][0]["kept"];
-    let pairs: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = (0..2)
-        .map(|i| {
-            (
-                ids(&kept[i]["prompt_ids"]),
-                ids(&kept[i]["chosen_ids"]),
-                ids(&kept[i]["rejected_ids"]),
-            )
-        })
-        .collect();
-    let refs: Vec<_> = pairs
-        .iter()
-        .map(|(p, c, r)| (&p[..], &c[..], &r[..]))
-        .collect();
-    let batch = SeqBatch::pairs(&refs, 1024, Truncation::KeepStart, 0, &Device::Cpu).unwrap();
+    let batch = kept_batch(&fx, 2);
     let (rc, rr) = (
         floats(&step["ref_chosen_logps"]),
         floats(&step["ref_rejected_logps"]),
     );
-    let params = LossParams {
-        kind: LossKind::Sigmoid,
-        beta: 0.1,
-        label_smoothing: 0.0,
-        simpo_gamma: 0.0,
-        rpo_alpha: 0.0,
-        discopop_tau: 0.05,
-    };
-    let mut loss = 0.0;
     let mut grads = policy.zero_grads(DType::F32);
-    let sums = policy
-        .forward_backward(&batch, true, &mut grads, &mut |s| {
-            let x = PairLogps {
-                policy_chosen: s[..2].to_vec(),
-                policy_rejected: s[2..].to_vec(),
-                ref_chosen: rc.clone(),
-                ref_rejected: rr.clone(),
-                chosen_len: vec![1.0; 2],
-                rejected_len: vec![1.0; 2],
-                chosen_scored_tokens: 1.0,
-            };
-            let out = dpo_loss(&params, &x)?;
-            loss = out.loss;
-            Ok(out
-                .grad_chosen
-                .into_iter()
-                .chain(out.grad_rejected)
-                .collect())
-        })
-        .unwrap();
+    let (sums, loss) = sigmoid_step(&policy, &batch, 0.1, (&rc, &rr), &mut grads);
     for (g, w) in sums.iter().zip(
         floats(&step["policy_chosen_logps_before"])
             .iter()
