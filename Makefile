@@ -22,7 +22,7 @@ NEEDS_NVCC = @true
 endif
 REFDPO = $(CARGO) run --profile $(PROFILE) --quiet $(FEATURES) --bin refdpo --
 
-.PHONY: precompute train stats show plot generate merge test lint bench fixtures build
+.PHONY: precompute train stats show plot generate merge test lint kernels bench fixtures build
 
 build:
 	$(NEEDS_NVCC)
@@ -63,6 +63,10 @@ test:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+# The fused CUDA kernels through ptxas (nvcc on PATH, no GPU needed): fails if any spills.
+kernels:
+	bash bench/check_kernels.sh
 
 # Benchmarks against PyTorch/transformers and TRL (BENCHMARKS.md). CPU: installs the peer into
 # bench/.venv on first use. DEVICE=cuda: one stage of bench/gpu.py, run on the GPU host

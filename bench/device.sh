@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared call on the GPU host (BENCHMARKS.md, "GPU"): at most ~8 minutes, everything
 # into $OUT. In order, each stage under its own time limit:
-#   1. refdpo selftest on the GPU against the CPU f32 reference — if it fails, stop: fix first;
+#   1. refdpo selftest on the GPU against the CPU f32 reference, with the fused ops; if it fails,
+#      again with the composed ops (REFDPO_FUSED=0), which then run the benchmarks; if that
+#      fails too, stop: fix first;
 #   2. precompute tokens/s against transformers (bf16, SDPA) on the Qwen2-0.5B and Qwen2-1.5B
 #      architectures, with the bf16 matmul ceiling;
 #   3. one training setup (Qwen2-0.5B, 8 pairs × max_length 1024) against TRL live and TRL
@@ -58,9 +60,16 @@ stage() { # name, seconds, command...
   return "$rc"
 }
 # shellcheck disable=SC2086 # REFDPO may be a command with arguments (cargo run …)
-# A failed selftest stops the benchmark; the --profile follow-up (a diagnosis) goes on.
-stage selftest 120 $REFDPO selftest --device "$DEVICE" ||
-  { echo "selftest failed" >&2; [ ${#EXTRA[@]} -gt 0 ] || exit 1; }
+# The selftest runs refdpo's fused ops (the CUDA default). If it fails, the composed ops
+# (REFDPO_FUSED=0) are checked and, if they pass, benchmarked instead: the logs say which. A
+# failed selftest of both stops the benchmark; the --profile follow-up (a diagnosis) goes on.
+if ! stage selftest 150 $REFDPO selftest --device "$DEVICE"; then
+  echo "selftest failed with the fused ops: trying the composed ones (REFDPO_FUSED=0)" >&2
+  export REFDPO_FUSED=0
+  echo "REFDPO_FUSED=0" > "$OUT/ops.txt"
+  stage selftest-composed 120 $REFDPO selftest --device "$DEVICE" ||
+    { echo "selftest failed" >&2; [ ${#EXTRA[@]} -gt 0 ] || exit 1; }
+fi
 [ -z "$PRE_MODELS" ] ||
   stage precompute 270 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS" "${SIZE[@]}" "${EXTRA[@]}"
 stage train 240 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8 "${SIZE[@]}" "${EXTRA[@]}"

@@ -5,7 +5,7 @@
 
 use crate::config::Truncation;
 use crate::error::{Error, Result};
-use crate::model::{OpMode, Transformer};
+use crate::model::{fused, OpMode, Transformer};
 use crate::profile::{self, Phase};
 use crate::tokenize::window;
 use candle_core::{DType, Device, Tensor, D};
@@ -121,6 +121,7 @@ pub fn score(model: &Transformer, batch: &SeqBatch, mode: OpMode) -> Result<Vec<
         &model.lm_head,
         &batch.targets,
         model.cfg.final_softcap,
+        mode,
     )?; // [N]
     batch.sequence_sums(&lp)
 }
@@ -142,7 +143,7 @@ pub fn score_pairs(
     device: &Device,
 ) -> Result<Vec<(f64, f64)>> {
     let batch = SeqBatch::pairs(pairs, max_length, mode, 0, device)?;
-    let sums = score(model, &batch, OpMode::Fast)?;
+    let sums = score(model, &batch, OpMode::scoring(device))?;
     let b = pairs.len();
     Ok((0..b).map(|i| (sums[i], sums[b + i])).collect())
 }
@@ -159,17 +160,25 @@ pub fn token_logps(
     lm_head: &Tensor,
     targets: &Tensor,
     cap: Option<f64>,
+    mode: OpMode,
 ) -> Result<Tensor> {
-    Ok(token_logps_lse(rows, lm_head, targets, cap)?.0)
+    Ok(token_logps_lse(rows, lm_head, targets, cap, mode)?.0)
+}
+
+/// Whether the fused log-prob kernels apply (not through Gemma 2's final soft cap).
+fn fused_logps(mode: OpMode, cap: Option<f64>) -> bool {
+    mode == OpMode::Fused && cap.is_none()
 }
 
 /// [`token_logps`] and each row's log-sum-exp over the vocabulary ([N] f32 each): the backward
-/// needs the latter to normalize one vocabulary chunk at a time.
+/// needs the latter to normalize one vocabulary chunk at a time. The fused kernel reads each
+/// chunk of logits once in its own dtype; the composed version copies it to f32 first.
 pub fn token_logps_lse(
     rows: &Tensor,
     lm_head: &Tensor,
     targets: &Tensor,
     cap: Option<f64>,
+    mode: OpMode,
 ) -> Result<(Tensor, Tensor)> {
     let _phase = profile::scope(Phase::Logprobs);
     let (n, _) = rows.dims2()?;
@@ -177,6 +186,14 @@ pub fn token_logps_lse(
     let (mut logps, mut lses) = (Vec::new(), Vec::new());
     for start in (0..n).step_by(step) {
         let len = step.min(n - start);
+        let tgt = targets.narrow(0, start, len)?;
+        if fused_logps(mode, cap) {
+            let logits = rows.narrow(0, start, len)?.matmul(&lm_head.t()?)?;
+            let (lp, lse) = fused::logp_lse(&logits, &tgt)?;
+            logps.push(lp);
+            lses.push(lse);
+            continue;
+        }
         // [len, V] logits in f32; log p(target) = logit[target] − lse, lse = max + log Σ
         // exp(logit − max), without writing a second [len, V] tensor for the log-softmax.
         let logits = rows
@@ -184,7 +201,6 @@ pub fn token_logps_lse(
             .matmul(&lm_head.t()?)?
             .to_dtype(DType::F32)?;
         let logits = softcap(logits, cap)?;
-        let tgt = targets.narrow(0, start, len)?;
         let max = logits.max_keepdim(D::Minus1)?; // [len, 1]
         let lse = (logits
             .broadcast_sub(&max)?
@@ -212,6 +228,7 @@ pub fn token_logps_lse(
 /// [V, H] partial sums) and only [N, chunk] logits exist at once.
 ///
 /// With a soft cap, the chain rule goes on through cap · tanh(z / cap): d/dz = 1 − tanh².
+#[allow(clippy::too_many_arguments)] // the inputs of the forward, its lse, g, and what to return
 pub fn token_logps_backward(
     rows: &Tensor,
     lm_head: &Tensor,
@@ -220,14 +237,28 @@ pub fn token_logps_backward(
     lse: &Tensor,
     cap: Option<f64>,
     weight_grad: bool,
+    mode: OpMode,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let _phase = profile::scope(Phase::Logprobs);
     let step = (logits_budget(rows.device()) / rows.dim(0)?.max(1)).max(1);
-    backward_by_vocab_chunks(rows, lm_head, targets, g, lse, cap, step, weight_grad)
+    let chunks = VocabChunks {
+        step,
+        weight_grad,
+        fused: fused_logps(mode, cap),
+    };
+    backward_by_vocab_chunks(rows, lm_head, targets, g, lse, cap, chunks)
 }
 
-/// [`token_logps_backward`] with `step` vocabulary entries per chunk.
-#[allow(clippy::too_many_arguments)] // the public function's seven, plus the chunk size tests set
+/// How [`backward_by_vocab_chunks`] goes: vocabulary entries per chunk, whether the head's
+/// gradient is wanted, and whether each chunk's gradient is the fused kernel's.
+#[derive(Debug, Clone, Copy)]
+struct VocabChunks {
+    step: usize,
+    weight_grad: bool,
+    fused: bool,
+}
+
+/// [`token_logps_backward`] as `chunks` says (tests set the chunk size).
 fn backward_by_vocab_chunks(
     rows: &Tensor,
     lm_head: &Tensor,
@@ -235,9 +266,13 @@ fn backward_by_vocab_chunks(
     g: &Tensor,
     lse: &Tensor,
     cap: Option<f64>,
-    step: usize,
-    weight_grad: bool,
+    chunks: VocabChunks,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    let VocabChunks {
+        step,
+        weight_grad,
+        fused: fused_chunks,
+    } = chunks;
     let (n, h) = rows.dims2()?;
     let vocab = lm_head.dim(0)?;
     let dtype = rows.dtype();
@@ -259,6 +294,16 @@ fn backward_by_vocab_chunks(
     for v0 in (0..vocab).step_by(step) {
         let len = step.min(vocab - v0);
         let w = lm_head.narrow(0, v0, len)?; // [len, H]
+        if fused_chunks {
+            let z = rows.matmul(&w.t()?)?; // [N, len] in the compute dtype
+            let grad_logits = fused::logp_grad(&z, targets, &lse.squeeze(1)?, g, v0)?;
+            if let Some(grad_w) = &grad_w {
+                let gw = grad_logits.t()?.matmul(rows)?.to_dtype(DType::F32)?;
+                grad_w.slice_set(&gw, 0, v0)?;
+            }
+            grad_rows = (grad_rows + grad_logits.matmul(&w)?.to_dtype(DType::F32)?)?;
+            continue;
+        }
         let z = rows.matmul(&w.t()?)?.to_dtype(DType::F32)?; // [N, len]
         let (logits, tanh) = match cap {
             Some(c) => {
@@ -312,11 +357,40 @@ mod tests {
         let diff = crate::test_util::max_abs_diff;
         // without and with Gemma 2's final soft cap (small, so it bends the logits)
         for cap in [None, Some(1.5)] {
-            let lp = token_logps(rows.as_tensor(), w.as_tensor(), &targets, cap).unwrap();
-            let grads = (lp * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            let (_, lse) = token_logps_lse(rows.as_tensor(), w.as_tensor(), &targets, cap).unwrap();
-            // one vocabulary chunk, then chunks of 3 (the last one short: 11 = 3 + 3 + 3 + 2)
-            for step in [usize::MAX, 3] {
+            let lp =
+                token_logps(rows.as_tensor(), w.as_tensor(), &targets, cap, OpMode::Fast).unwrap();
+            let grads = (&lp * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let (_, lse) =
+                token_logps_lse(rows.as_tensor(), w.as_tensor(), &targets, cap, OpMode::Fast)
+                    .unwrap();
+            // one vocabulary chunk, then chunks of 3 (the last one short: 11 = 3 + 3 + 3 + 2),
+            // composed and fused (no fused kernel through the soft cap)
+            for (step, fused) in [
+                (usize::MAX, false),
+                (3, false),
+                (usize::MAX, true),
+                (3, true),
+            ] {
+                if fused && cap.is_some() {
+                    continue;
+                }
+                if fused {
+                    let (lp_f, lse_f) = token_logps_lse(
+                        rows.as_tensor(),
+                        w.as_tensor(),
+                        &targets,
+                        cap,
+                        OpMode::Fused,
+                    )
+                    .unwrap();
+                    assert!(diff(&lp_f, &lp) < 1e-5);
+                    assert!(diff(&lse_f, &lse) < 1e-5);
+                }
+                let chunks = VocabChunks {
+                    step,
+                    weight_grad: true,
+                    fused,
+                };
                 let (gr, gw) = backward_by_vocab_chunks(
                     rows.as_tensor(),
                     w.as_tensor(),
@@ -324,8 +398,7 @@ mod tests {
                     &g,
                     &lse,
                     cap,
-                    step,
-                    true,
+                    chunks,
                 )
                 .unwrap();
                 assert!(

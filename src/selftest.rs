@@ -7,6 +7,7 @@
 use crate::config::Truncation;
 use crate::error::{Error, Result};
 use crate::logprobs::{self, SeqBatch};
+use crate::model::fused::{self, AttnSoftmax};
 use crate::model::{init, lora, OpMode, Transformer, TransformerConfig};
 use crate::train::policy::Policy;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -127,6 +128,7 @@ fn all_checks(device: &Device) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
         ops(device, dtype, &mut checks)?;
+        fused_ops(device, dtype, &mut checks)?;
     }
     let mut precisions = vec![Precision::F32, Precision::Bf16];
     if device.is_cuda() {
@@ -271,6 +273,139 @@ fn ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) -> Result<()> {
     Ok(())
 }
 
+/// One fused op's case: its inputs (CPU f32), how many of them (leading) get a gradient, the
+/// fused op and the composed reference.
+struct FusedCase {
+    name: &'static str,
+    inputs: Vec<Tensor>,
+    tracked: usize,
+    fused: Box<dyn Fn(&[Tensor]) -> Result<Tensor>>,
+    composed: Box<dyn Fn(&[Tensor]) -> Result<Tensor>>,
+}
+
+/// refdpo's fused ops on `device` in `dtype`, forward and backward, against the composed ops on
+/// the CPU in f32.
+fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) -> Result<()> {
+    let tol = tolerance(dtype);
+    let d = dtype_name(dtype);
+    let (cos, sin) = {
+        let f = values(&[17, 8], 5)?;
+        (f.cos()?, f.sin()?)
+    };
+    // 2 kv heads with 2 query heads each over T = 17: scores [b, kv, 2·17, 17]
+    let attention = |window: usize| AttnSoftmax {
+        scale: 0.25,
+        group_rows: 17,
+        q_offset: 0,
+        window,
+    };
+    let mut cases = Vec::new();
+    for (name, window) in [("attention row op", 0), ("attention row op, window 5", 5)] {
+        let op = attention(window);
+        cases.push(FusedCase {
+            name,
+            inputs: vec![(values(&[2, 2, 34, 17], 1)? * 16.0)?],
+            tracked: 1,
+            fused: Box::new(move |t| Ok(fused::attention_probs(&t[0], op)?)),
+            composed: Box::new(move |t| Ok(op.composed(&t[0])?)),
+        });
+    }
+    cases.push(FusedCase {
+        name: "rms_norm",
+        inputs: vec![values(&[2, 17, 48], 2)?, (values(&[48], 3)? + 1.5)?],
+        tracked: 2,
+        fused: Box::new(|t| Ok(fused::rms_norm(&t[0], &t[1], 1e-5)?)),
+        composed: Box::new(|t| Ok(candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5)?)),
+    });
+    cases.push(FusedCase {
+        name: "rope",
+        inputs: vec![values(&[2, 3, 17, 16], 4)?, cos, sin],
+        tracked: 1,
+        fused: Box::new(|t| Ok(fused::rope(&t[0], &t[1], &t[2])?)),
+        composed: Box::new(|t| Ok(candle_nn::rotary_emb::rope_slow(&t[0], &t[1], &t[2])?)),
+    });
+    cases.push(FusedCase {
+        name: "swiglu",
+        inputs: vec![(values(&[2, 17, 48], 6)? * 4.0)?, values(&[2, 17, 48], 7)?],
+        tracked: 2,
+        fused: Box::new(|t| Ok(fused::swiglu(&t[0], &t[1])?)),
+        composed: Box::new(|t| Ok((t[0].silu()? * &t[1])?)),
+    });
+    for case in &cases {
+        let run = |dev: &Device, dt: DType, f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+            let vars = case
+                .inputs
+                .iter()
+                .map(|t| Ok(Var::from_tensor(&t.to_dtype(dt)?.to_device(dev)?)?))
+                .collect::<Result<Vec<_>>>()?;
+            let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&inputs)?.to_dtype(DType::F32)?;
+            let weight = values(y.dims(), 9)?.to_device(dev)?;
+            let store = (&y * weight)?.sum_all()?.backward()?;
+            let grads = vars[..case.tracked]
+                .iter()
+                .map(|v| {
+                    store.get(v.as_tensor()).cloned().ok_or_else(|| {
+                        Error::Model(format!("selftest: no gradient through fused {}", case.name))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok::<_, Error>((y, grads))
+        };
+        let (want_y, want_g) = run(&Device::Cpu, DType::F32, &case.composed)?;
+        let (got_y, got_g) = run(device, dtype, &case.fused)?;
+        let name = case.name;
+        checks.push(Check::compare(
+            format!("fused {name} forward {d}"),
+            &got_y,
+            &want_y,
+            tol,
+        )?);
+        for (i, (got, want)) in got_g.iter().zip(&want_g).enumerate() {
+            let which = if case.tracked > 1 {
+                format!(" (input {})", i + 1)
+            } else {
+                String::new()
+            };
+            checks.push(Check::compare(
+                format!("fused {name} backward{which} {d}"),
+                got,
+                want,
+                tol,
+            )?);
+        }
+    }
+    // completion log-probs: [6, 97] logits, their targets, an upstream gradient
+    let logits = (values(&[6, 97], 10)? * 8.0)?;
+    let targets = Tensor::new(&[0u32, 96, 5, 5, 40, 77], &Device::Cpu)?;
+    let g = values(&[6], 11)?;
+    let log_softmax = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let want_lp = log_softmax.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let onehot = Tensor::zeros((6, 97), DType::F32, &Device::Cpu)?.scatter_add(
+        &targets.unsqueeze(1)?,
+        &Tensor::ones((6, 1), DType::F32, &Device::Cpu)?,
+        1,
+    )?;
+    let want_grad = (onehot - log_softmax.exp()?)?.broadcast_mul(&g.unsqueeze(1)?)?;
+    let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
+    let dev_logits = on(&logits.to_dtype(dtype)?)?;
+    let (lp, lse) = fused::logp_lse(&dev_logits, &on(&targets)?)?;
+    checks.push(Check::compare(
+        format!("fused log-probs forward {d}"),
+        &lp,
+        &want_lp,
+        tol,
+    )?);
+    let grad = fused::logp_grad(&dev_logits, &on(&targets)?, &lse, &on(&g)?, 0)?;
+    checks.push(Check::compare(
+        format!("fused log-probs backward {d}"),
+        &grad,
+        &want_grad,
+        tol,
+    )?);
+    Ok(())
+}
+
 /// The families' tiny models; sliding windows (16) are shorter than the longer pair (43), and
 /// Gemma 2's soft caps small enough to bend the scores.
 fn tiny(arch: &str) -> Result<TransformerConfig> {
@@ -334,7 +469,7 @@ fn model(arch: &str, device: &Device, p: Precision, checks: &mut Vec<Check>) -> 
         Ok(Tensor::from_vec(sums, n, &Device::Cpu)?.to_dtype(DType::F32)?)
     };
     let want = score(&Device::Cpu, DType::F32, OpMode::Differentiable)?;
-    let got = score(device, dtype, OpMode::Fast)?;
+    let got = score(device, dtype, OpMode::scoring(device))?;
     checks.push(Check::compare(
         format!("{arch} reference log-probs {d}"),
         &got,
@@ -342,19 +477,22 @@ fn model(arch: &str, device: &Device, p: Precision, checks: &mut Vec<Check>) -> 
         tol,
     )?);
 
-    let grads = |dev: &Device, dt: DType| -> Result<Vec<(String, Option<Tensor>)>> {
-        let policy = Policy::new(&cfg, weights.clone(), dt, dev)?;
-        let mut g = policy.zero_grads(DType::F32);
-        policy.forward_backward(&batch(dev)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
-        Ok(policy
-            .names
-            .iter()
-            .cloned()
-            .zip(g.iter().map(|t| t.cloned()))
-            .collect())
-    };
-    let want = grads(&Device::Cpu, DType::F32)?;
-    let got = grads(device, dtype)?;
+    // `reference`: the composed ops, whatever the device's default
+    let grads =
+        |dev: &Device, dt: DType, reference: bool| -> Result<Vec<(String, Option<Tensor>)>> {
+            let mut policy = Policy::new(&cfg, weights.clone(), dt, dev)?;
+            policy.fused &= !reference;
+            let mut g = policy.zero_grads(DType::F32);
+            policy.forward_backward(&batch(dev)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
+            Ok(policy
+                .names
+                .iter()
+                .cloned()
+                .zip(g.iter().map(|t| t.cloned()))
+                .collect())
+        };
+    let want = grads(&Device::Cpu, DType::F32, true)?;
+    let got = grads(device, dtype, false)?;
     // The whole gradient's relative L2 error: what an optimizer step sees. (One small tensor's
     // elementwise error in bf16 says little; a wrong kernel moves this far past the tolerance.)
     let (mut diff2, mut norm2) = (0f64, 0f64);
@@ -409,12 +547,13 @@ fn lora(arch: &str, device: &Device, p: Precision, checks: &mut Vec<Check>) -> R
         adapters.insert(a, (values(&[lora.r, fan_in], seed)? * 0.3)?);
         adapters.insert(b, (values(&[fan_out, lora.r], seed ^ 1)? * 0.3)?);
     }
-    let grads = |dev: &Device, dt: DType| -> Result<Vec<Tensor>> {
+    let grads = |dev: &Device, dt: DType, reference: bool| -> Result<Vec<Tensor>> {
         let adapters = adapters
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.to_device(dev)?)))
             .collect::<Result<_>>()?;
-        let policy = Policy::with_lora(&cfg, base.clone(), &lora, adapters, dt, dev)?;
+        let mut policy = Policy::with_lora(&cfg, base.clone(), &lora, adapters, dt, dev)?;
+        policy.fused &= !reference;
         let mut g = policy.zero_grads(DType::F32);
         policy.forward_backward(&batch(dev)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
         g.iter()
@@ -429,7 +568,10 @@ fn lora(arch: &str, device: &Device, p: Precision, checks: &mut Vec<Check>) -> R
             })
             .collect()
     };
-    let (want, got) = (grads(&Device::Cpu, DType::F32)?, grads(device, p.dtype())?);
+    let (want, got) = (
+        grads(&Device::Cpu, DType::F32, true)?,
+        grads(device, p.dtype(), false)?,
+    );
     let (mut diff2, mut norm2) = (0f64, 0f64);
     for (w, g) in want.iter().zip(&got) {
         diff2 += f64::from((g - w)?.sqr()?.sum_all()?.to_scalar::<f32>()?);

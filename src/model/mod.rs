@@ -1,6 +1,7 @@
 //! The model stage: HF config and safetensors in, the decoder of a supported family out.
 
 pub mod config;
+pub mod fused;
 pub mod init;
 pub mod lora;
 pub mod transformer;

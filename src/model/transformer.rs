@@ -1,8 +1,11 @@
-//! The decoder (Llama, Mistral, Qwen2, Qwen3, OLMo 2) as plain candle modules: one forward for the frozen reference
-//! (fast fused ops) and for the policy (differentiable ops only: candle's fused `softmax_last_dim`,
-//! `rms_norm` and `rope` have no backward and would silently train nothing but `lm_head`).
+//! The decoder (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 2/3) as plain candle modules:
+//! one forward for the frozen reference and for the policy. The ops that candle fuses without a
+//! backward (`softmax_last_dim`, `rms_norm`, `rope`: they would silently train nothing but
+//! `lm_head`) are composed from differentiable primitives for the policy on the CPU; on CUDA both
+//! use refdpo's own fused ops, which have their backward ([`super::fused`]).
 
 use super::config::{Activation, QkNorm, TransformerConfig};
+use super::fused::{self, AttnSoftmax};
 use super::lora::{Adapter, Dropout, Proj};
 use crate::error::{Error, Result};
 use crate::profile::{self, Phase};
@@ -16,6 +19,29 @@ pub enum OpMode {
     Fast,
     /// Composed from differentiable primitives (policy forward).
     Differentiable,
+    /// refdpo's fused ops, differentiable ([`fused`]); where one does not apply (Gemma's GELU,
+    /// Gemma 2's attention soft cap), the composed ops.
+    Fused,
+}
+
+impl OpMode {
+    /// For a frozen model's forward on `device`.
+    pub fn scoring(device: &Device) -> Self {
+        if fused::enabled(device) {
+            Self::Fused
+        } else {
+            Self::Fast
+        }
+    }
+
+    /// For a forward whose backward is taken, on `device`.
+    pub fn training(device: &Device) -> Self {
+        if fused::enabled(device) {
+            Self::Fused
+        } else {
+            Self::Differentiable
+        }
+    }
 }
 
 /// Where a model's tensors come from: named HF tensors in the compute dtype, and LoRA adapters
@@ -98,6 +124,9 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor, mode: OpMode) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Norms);
+        if mode == OpMode::Fused {
+            return Ok(fused::rms_norm(x, &self.weight, self.eps)?);
+        }
         if self.scale_in_f32 {
             let xf = x.to_dtype(DType::F32)?;
             let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -106,7 +135,7 @@ impl RmsNorm {
         }
         Ok(match mode {
             OpMode::Fast => candle_nn::ops::rms_norm(x, &self.weight, self.eps)?,
-            OpMode::Differentiable => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
+            _ => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
         })
     }
 }
@@ -192,6 +221,8 @@ pub struct Attention {
     softcap: Option<f64>,
     /// This layer attends within the sliding window (with the local RoPE base, if any).
     sliding: bool,
+    /// That window's length (0 for none).
+    window: usize,
 }
 
 impl Attention {
@@ -242,10 +273,16 @@ impl Attention {
                 candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
             ),
+            OpMode::Fused => (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?),
         };
-        let rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(k, rep)?;
-        let v = repeat_kv(v, rep)?;
+        // The fused row op takes each kv head's query heads as rows: no repeated K and V.
+        let grouped = mode == OpMode::Fused && self.softcap.is_none();
+        let (k, v) = if grouped {
+            (k, v)
+        } else {
+            let rep = self.num_heads / self.num_kv_heads;
+            (repeat_kv(k, rep)?, repeat_kv(v, rep)?)
+        };
         // Scores for all sequences at once would be [B, nh, T, T]: go a few sequences at a time.
         let step = ctx.attn_seqs.max(1);
         let mut outs = Vec::with_capacity(b.div_ceil(step));
@@ -312,6 +349,9 @@ impl Attention {
         mask: &Tensor,
         mode: OpMode,
     ) -> Result<Tensor> {
+        if mode == OpMode::Fused && self.softcap.is_none() {
+            return self.attend_grouped(q, k, v);
+        }
         // scores [b, nh, T, T]
         let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
         if let Some(cap) = self.softcap {
@@ -320,10 +360,29 @@ impl Attention {
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
         let probs = match mode {
             OpMode::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
-            OpMode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            _ => candle_nn::ops::softmax(&scores, D::Minus1)?,
         }
         .to_dtype(v.dtype())?;
         Ok(probs.matmul(v)?)
+    }
+
+    /// q [b, nh, Tq, hd], k and v [b, kv, Tk, hd] (not repeated) → [b, nh, Tq, hd], with the
+    /// fused row op: each kv head's query heads are stacked as rows [b, kv, groups·Tq, Tk].
+    fn attend_grouped(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, nh, tq, hd) = q.dims4()?;
+        let (kv, tk) = (k.dim(1)?, k.dim(2)?);
+        let q = q.contiguous()?.reshape((b, kv, nh / kv * tq, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = fused::attention_probs(
+            &scores,
+            AttnSoftmax {
+                scale: self.scale as f32,
+                group_rows: tq,
+                q_offset: tk - tq,
+                window: self.window,
+            },
+        )?;
+        Ok(probs.matmul(v)?.reshape((b, nh, tq, hd))?)
     }
 }
 
@@ -356,9 +415,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, dropout: Option<&Dropout>, mode: OpMode) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Mlp);
         let gate = self.gate.forward(x, dropout)?;
+        if mode == OpMode::Fused && self.activation == Activation::Silu {
+            let h = fused::swiglu(&gate, &self.up.forward(x, dropout)?)?;
+            return self.down.forward(&h, dropout);
+        }
         let gate = match self.activation {
             Activation::Silu => gate.silu()?,
             Activation::GeluTanh => gate.gelu()?,
@@ -470,6 +533,7 @@ impl Block {
                 (mlp("gate_proj")?, mlp("up_proj")?),
             )
         };
+        let sliding = cfg.sliding_layers.get(i).copied().unwrap_or(false);
         let qk_norm = match cfg.qk_norm {
             QkNorm::None => None,
             kind => Some((kind, norm("self_attn.q_norm")?, norm("self_attn.k_norm")?)),
@@ -484,7 +548,12 @@ impl Block {
                 qk_norm,
                 scale: cfg.attn_scale,
                 softcap: cfg.attn_softcap,
-                sliding: cfg.sliding_layers.get(i).copied().unwrap_or(false),
+                sliding,
+                window: if sliding {
+                    cfg.sliding_window.unwrap_or(0)
+                } else {
+                    0
+                },
                 num_heads: cfg.num_heads,
                 num_kv_heads: cfg.num_kv_heads,
                 head_dim: cfg.head_dim,
@@ -537,7 +606,7 @@ impl Block {
                 let h = input.forward(x, mode)?;
                 let x = (x + attend(&h)?)?;
                 let h = post_attention.forward(&x, mode)?;
-                Ok((&x + self.mlp.forward(&h, dropout)?)?)
+                Ok((&x + self.mlp.forward(&h, dropout, mode)?)?)
             }
             Norms::Post {
                 post_attention,
@@ -545,7 +614,7 @@ impl Block {
             } => {
                 let a = post_attention.forward(&attend(x)?, mode)?;
                 let x = (x + a)?;
-                let m = post_feedforward.forward(&self.mlp.forward(&x, dropout)?, mode)?;
+                let m = post_feedforward.forward(&self.mlp.forward(&x, dropout, mode)?, mode)?;
                 Ok((&x + m)?)
             }
             Norms::Sandwich {
@@ -558,7 +627,7 @@ impl Block {
                 let x = (x + post_attention.forward(&a, mode)?)?;
                 let m = self
                     .mlp
-                    .forward(&pre_feedforward.forward(&x, mode)?, dropout)?;
+                    .forward(&pre_feedforward.forward(&x, mode)?, dropout, mode)?;
                 Ok((&x + post_feedforward.forward(&m, mode)?)?)
             }
         }
@@ -842,6 +911,27 @@ mod tests {
     use super::*;
     use crate::model::init;
 
+    /// Grouped-query attention without repeated K/V, the sliding window and every fused op
+    /// in a whole forward: as the composed ops.
+    #[test]
+    fn fused_forward_equals_the_composed_one() {
+        for (arch, window) in [("qwen2", ""), ("mistral", r#","sliding_window":3"#)] {
+            let cfg = TransformerConfig::from_json(&format!(
+                r#"{{"model_type":"{arch}","vocab_size":29,"hidden_size":16,
+                "intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,
+                "num_key_value_heads":2,"rms_norm_eps":1e-6,"rope_theta":10000.0{window}}}"#
+            ))
+            .unwrap();
+            let w = init::init_weights(&cfg, 7, 0.3).unwrap();
+            let model = Transformer::new(&cfg, &w).unwrap();
+            let ids = Tensor::new(&[[1u32, 5, 7, 2, 9], [3, 3, 8, 0, 0]], &Device::Cpu).unwrap();
+            let want = model.forward_hidden(&ids, OpMode::Differentiable).unwrap();
+            let got = model.forward_hidden(&ids, OpMode::Fused).unwrap();
+            let diff = crate::test_util::max_abs_diff(&want, &got);
+            assert!(diff < 1e-5, "{arch}: {diff}");
+        }
+    }
+
     #[test]
     fn chunked_attention_equals_one_chunk() {
         let cfg = TransformerConfig::from_json(
@@ -858,7 +948,7 @@ mod tests {
         .unwrap();
         let mut ctx = model.context(5, &Device::Cpu).unwrap();
         assert!(ctx.attn_seqs >= 3, "one chunk for a tiny batch");
-        for mode in [OpMode::Fast, OpMode::Differentiable] {
+        for mode in [OpMode::Fast, OpMode::Differentiable, OpMode::Fused] {
             ctx.attn_seqs = 3;
             let whole = model.forward_hidden_in(&ctx, &ids, mode).unwrap();
             for seqs in [1, 2] {

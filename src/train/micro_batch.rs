@@ -45,7 +45,7 @@ impl MicroBatch {
             })
             .unzip();
         if let Some(reference) = reference {
-            let sums = logprobs::score(reference, &seqs, OpMode::Fast)?;
+            let sums = logprobs::score(reference, &seqs, OpMode::scoring(seqs.input_ids.device()))?;
             let n = idx.len();
             ref_chosen = sums[..n].to_vec();
             ref_rejected = sums[n..].to_vec();

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::logprobs::{self, SeqBatch};
 use crate::model::lora::{self, Adapter, Dropout};
 use crate::model::transformer::{Block, ContextCache, RmsNorm, SeqContext};
-use crate::model::{OpMode, ParamSource, Transformer, TransformerConfig};
+use crate::model::{fused, OpMode, ParamSource, Transformer, TransformerConfig};
 use crate::profile::{self, Phase};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use std::collections::HashMap;
@@ -46,6 +46,8 @@ pub struct Policy {
     pub dropout_seed: u64,
     /// RoPE tables and masks, kept across steps.
     contexts: ContextCache,
+    /// Forwards use refdpo's fused ops ([`fused::enabled`] on the device, by default).
+    pub fused: bool,
 }
 
 struct Tracked<'a>(&'a Policy);
@@ -186,6 +188,7 @@ impl Policy {
             backward_seqs: 0,
             dropout_seed: 0,
             contexts: ContextCache::default(),
+            fused: fused::enabled(device),
         })
     }
 
@@ -304,6 +307,14 @@ impl Policy {
         Grads::new(self.vars.len(), dtype)
     }
 
+    fn training_mode(&self) -> OpMode {
+        if self.fused {
+            OpMode::Fused
+        } else {
+            OpMode::Differentiable
+        }
+    }
+
     /// Forward + backward of one batch. `loss_grad` maps the per-sequence summed log-probs to
     /// d loss / d sums (its own bookkeeping — loss value, metrics — stays with the caller).
     /// Returns the per-sequence sums; gradients are added into `grads`.
@@ -314,7 +325,7 @@ impl Policy {
         grads: &mut Grads,
         loss_grad: &mut dyn FnMut(&[f64]) -> Result<Vec<f64>>,
     ) -> Result<Vec<f64>> {
-        let mode = OpMode::Differentiable;
+        let mode = self.training_mode();
         let head = self.head()?;
         let mut ctx = self
             .contexts
@@ -356,6 +367,7 @@ impl Policy {
             &head.lm_head,
             &batch.targets,
             self.cfg.final_softcap,
+            mode,
         )?;
         let sums = batch.sequence_sums(&tok)?;
         // 3. d loss / d sums → per token [N]
@@ -378,6 +390,7 @@ impl Policy {
             &lse,
             self.cfg.final_softcap,
             lm_head.is_some(),
+            mode,
         )?;
         if let (Some(i), Some(g_lm)) = (lm_head, g_lm) {
             grads.add(i, &g_lm)?;
@@ -432,7 +445,7 @@ impl Policy {
             if let Some(d) = &mut sub.dropout {
                 d.first_seq = start;
             }
-            let out = block.forward(input.as_tensor(), &sub, OpMode::Differentiable)?;
+            let out = block.forward(input.as_tensor(), &sub, self.training_mode())?;
             let store = backprop(&out, &g.narrow(0, start, len)?)?;
             self.accumulate(&mut local, &store)?;
             g_in.push(grad_of(&store, &input)?);
@@ -466,7 +479,11 @@ impl Policy {
     /// Summed completion log-probs without gradients (evaluation, step-0 checks), one block's
     /// compute copy at a time, with the fused kernels no graph needs (the reference's forward).
     pub fn score(&self, batch: &SeqBatch) -> Result<Vec<f64>> {
-        let mode = OpMode::Fast;
+        let mode = if self.fused {
+            OpMode::Fused
+        } else {
+            OpMode::Fast
+        };
         let head = self.head()?;
         let ctx = self
             .contexts
@@ -476,8 +493,8 @@ impl Policy {
             x = self.block(i, false)?.forward(&x, &ctx, mode)?;
         }
         let rows = head.final_norm(&batch.gather_rows(&x)?, mode)?; // [N, H]
-        let lp =
-            logprobs::token_logps(&rows, &head.lm_head, &batch.targets, self.cfg.final_softcap)?; // [N]
+        let cap = self.cfg.final_softcap;
+        let lp = logprobs::token_logps(&rows, &head.lm_head, &batch.targets, cap, mode)?; // [N]
         batch.sequence_sums(&lp)
     }
 }

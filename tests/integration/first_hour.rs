@@ -217,9 +217,25 @@ fn selftest_passes_on_the_cpu_with_one_line_per_check() {
     let tmp = tempfile::tempdir().unwrap();
     let out = ok(&["selftest", "--device", "cpu"], tmp.path());
     let checks = out.lines().filter(|l| l.starts_with("ok ")).count();
-    assert_eq!(checks, 50, "{out}");
+    assert_eq!(checks, 78, "{out}");
     assert!(
-        !out.contains("FAIL") && out.contains("50 passed, 0 failed"),
+        !out.contains("FAIL") && out.contains("78 passed, 0 failed"),
         "{out}"
     );
+}
+
+/// The fused path on the CPU (`REFDPO_FUSED=1`): each family's whole forward and every
+/// parameter's gradient through refdpo's fused ops (their CPU loops) against the composed ops.
+#[test]
+fn selftest_passes_through_the_fused_ops_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refdpo"))
+        .args(["selftest", "--device", "cpu"])
+        .current_dir(tmp.path())
+        .env("REFDPO_FUSED", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("78 passed, 0 failed"), "{text}");
 }

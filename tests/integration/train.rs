@@ -42,7 +42,14 @@ fn naive_grads(policy: &Policy, b: &SeqBatch) -> Vec<Tensor> {
         .forward_hidden(&b.input_ids, OpMode::Differentiable)
         .unwrap();
     let rows = b.gather_rows(&h).unwrap();
-    let lp = logprobs::token_logps(&rows, &m.lm_head, &b.targets, m.cfg.final_softcap).unwrap();
+    let lp = logprobs::token_logps(
+        &rows,
+        &m.lm_head,
+        &b.targets,
+        m.cfg.final_softcap,
+        OpMode::Fast,
+    )
+    .unwrap();
     let w: Vec<f32> = b
         .counts
         .iter()

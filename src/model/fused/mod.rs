@@ -1,0 +1,80 @@
+//! refdpo's fused ops: each a candle custom op whose forward and backward are one CUDA kernel
+//! apiece (`kernels.cu`, built to PTX under `--features cuda`), with a CPU loop that computes the
+//! same thing in the same order (what the unit tests hold to the composed candle ops).
+//!
+//! A forward uses them in [`OpMode::Fused`](crate::model::OpMode): on CUDA by default, on the
+//! CPU only when asked (`REFDPO_FUSED=1`, for testing the fused path without a GPU), never when
+//! `REFDPO_FUSED=0` (to compare with the composed ops on a GPU).
+
+pub mod attention;
+mod elem;
+#[cfg(feature = "cuda")]
+mod launch;
+mod logits;
+mod norm;
+mod rope;
+mod swiglu;
+
+pub use attention::AttnSoftmax;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Whether forwards on `device` use the fused ops (see the module's documentation).
+pub fn enabled(device: &Device) -> bool {
+    static SETTING: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let setting = *SETTING.get_or_init(|| match std::env::var("REFDPO_FUSED").as_deref() {
+        Ok("0") => Some(false),
+        Ok("1") => Some(true),
+        _ => None,
+    });
+    setting.unwrap_or(device.is_cuda())
+}
+
+/// Attention probabilities of scores [.., rows, keys] (see [`AttnSoftmax`]), in their dtype.
+pub fn attention_probs(scores: &Tensor, op: AttnSoftmax) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1(op)
+}
+
+/// RMSNorm of x [.., h] by w [h] (x's dtype, or f32 for Gemma's 1 + w).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, norm::RmsNormOp { eps })
+}
+
+/// RoPE of x [b, heads, t, d] with cos and sin [t, d/2].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        rope::RopeOp { sign: 1.0 },
+    )
+}
+
+/// silu(gate) · up.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, swiglu::Swiglu)
+}
+
+/// (log p(target), log-sum-exp) [n] f32 each, of logits [n, v] in any float dtype.
+pub fn logp_lse(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    let out = logits
+        .contiguous()?
+        .apply_op2_no_bwd(&targets.contiguous()?, &logits::LogpLse)?;
+    Ok((out.get(0)?, out.get(1)?))
+}
+
+/// g · (onehot(target) − softmax) over a vocabulary chunk: logits [n, len] from entry `v0`,
+/// each row's log-sum-exp and upstream gradient `g` [n] → [n, len] in the logits' dtype.
+pub fn logp_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+    v0: usize,
+) -> Result<Tensor> {
+    let lg = Tensor::stack(&[lse.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?], 0)?;
+    logits
+        .contiguous()?
+        .apply_op3_no_bwd(&targets.contiguous()?, &lg, &logits::LogpGrad { v0 })
+}
