@@ -273,14 +273,17 @@ fn ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) -> Result<()> {
     Ok(())
 }
 
+/// An op over its inputs (on one device, in one dtype).
+type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+
 /// One fused op's case: its inputs (CPU f32), how many of them (leading) get a gradient, the
 /// fused op and the composed reference.
 struct FusedCase {
     name: &'static str,
     inputs: Vec<Tensor>,
     tracked: usize,
-    fused: Box<dyn Fn(&[Tensor]) -> Result<Tensor>>,
-    composed: Box<dyn Fn(&[Tensor]) -> Result<Tensor>>,
+    fused: OpFn,
+    composed: OpFn,
 }
 
 /// refdpo's fused ops on `device` in `dtype`, forward and backward, against the composed ops on
@@ -626,9 +629,9 @@ mod tests {
     #[test]
     fn every_check_passes_on_the_cpu() {
         let checks = run(&Device::Cpu).unwrap();
-        // 7 op checks in f32 and bf16, then 2 checks per family (8) and precision (2), and a
-        // LoRA check for two families per precision
-        assert_eq!(checks.len(), 2 * (3 + 4) + 8 * 2 * 2 + 2 * 2);
+        // 7 op checks and 14 fused-op checks in f32 and bf16, then 2 checks per family (8) and
+        // precision (2), and a LoRA check for two families per precision
+        assert_eq!(checks.len(), 2 * (3 + 4 + 14) + 8 * 2 * 2 + 2 * 2);
         let (text, ok) = report("cpu", &checks);
         assert!(ok, "{text}");
     }

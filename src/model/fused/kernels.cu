@@ -229,6 +229,13 @@ __device__ void logp_grad(const T *z, const uint32_t *target, const float *lg, T
     }
 }
 
+// acc += g (f32), the sum rounded once to the accumulator's dtype.
+template <typename T>
+__device__ void accumulate(T *acc, const float *g, uint32_t n) {
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)
+        store(acc, i, load(acc, i) + g[i]);
+}
+
 } // namespace
 
 #define FOR_FLOATS(M) M(float, f32) M(__nv_bfloat16, bf16) M(__half, f16)
@@ -266,6 +273,9 @@ __device__ void logp_grad(const T *z, const uint32_t *target, const float *lg, T
     extern "C" __global__ void logp_lse_##S(const T *z, const uint32_t *target, float *out,        \
                                            uint32_t n, uint32_t v) {                               \
         logp_lse<T>(z, target, out, n, v);                                                         \
+    }                                                                                              \
+    extern "C" __global__ void accumulate_##S(T *acc, const float *g, uint32_t n) {               \
+        accumulate<T>(acc, g, n);                                                                  \
     }                                                                                              \
     extern "C" __global__ void logp_grad_##S(const T *z, const uint32_t *target, const float *lg,  \
                                             T *dz, uint32_t n, uint32_t len, uint32_t v0) {        \

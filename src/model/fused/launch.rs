@@ -79,3 +79,24 @@ macro_rules! launch {
     }};
 }
 pub(crate) use launch;
+
+/// Launches kernel `$name` with `$cfg` on arguments that include an output updated in place
+/// (an empty grid launches nothing).
+macro_rules! launch_in_place {
+    ($dev:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let dev: &candle_core::CudaDevice = $dev;
+        let cfg: candle_core::cuda_backend::cudarc::driver::LaunchConfig = $cfg;
+        let func = dev.get_or_load_custom_func(&$name, $crate::model::fused::launch::MODULE, $crate::model::fused::launch::PTX)?;
+        if cfg.grid_dim.0 > 0 {
+            let mut builder = func.builder();
+            $( builder.arg($arg); )*
+            // SAFETY: as in `launch!`: the arguments are the kernel's declared types in its
+            // order (device views of contiguous tensors of the checked dtype and length, the
+            // updated one borrowed mutably, and u32 scalars), queued on the device's one stream.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+    }};
+}
+pub(crate) use launch_in_place;

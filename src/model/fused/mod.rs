@@ -6,6 +6,7 @@
 //! CPU only when asked (`REFDPO_FUSED=1`, for testing the fused path without a GPU), never when
 //! `REFDPO_FUSED=0` (to compare with the composed ops on a GPU).
 
+mod accumulate;
 pub mod attention;
 mod elem;
 #[cfg(feature = "cuda")]
@@ -77,4 +78,13 @@ pub fn logp_grad(
     logits
         .contiguous()?
         .apply_op3_no_bwd(&targets.contiguous()?, &lg, &logits::LogpGrad { v0 })
+}
+
+/// acc += g in place (g any float dtype; the sum in f32, stored in acc's dtype). `acc` must be
+/// contiguous and held by nothing else: every tensor sharing its storage sees the change.
+pub fn accumulate(acc: &Tensor, g: &Tensor) -> Result<()> {
+    acc.inplace_op2(
+        &g.to_dtype(DType::F32)?.contiguous()?,
+        &accumulate::Accumulate,
+    )
 }

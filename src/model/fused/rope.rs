@@ -32,7 +32,7 @@ impl RopeOp {
 /// (t, d/2) of x's layout [.., t, d].
 fn dims(layout: &Layout) -> Result<(usize, usize)> {
     let d = layout.dims();
-    if d.len() < 2 || d[d.len() - 1] % 2 != 0 {
+    if d.len() < 2 || !d[d.len() - 1].is_multiple_of(2) {
         return Err(candle_core::Error::Msg(format!(
             "fused {NAME}: expected [.., t, even head_dim], got {d:?}"
         )));
