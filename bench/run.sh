@@ -86,6 +86,7 @@ sr = step_median(f"{w}/run-lora/metrics.jsonl")
 res = {
     "setup": {"profile": __import__("os").environ.get("PROFILE", "dev"), "threads": int(threads), "pairs_per_split": int(pairs), "max_length": int(maxlen), "model": "random Llama, vocab 49152, 4 layers, hidden 256 (bench/make_model.py)"},
     "precompute": {"tokens": tokens, "refdpo_process_seconds": ours["seconds"], "refdpo_peak_rss_mib": ours["peak_rss_mib"],
+                   "refdpo_user_s": ours["user_s"], "refdpo_sys_s": ours["sys_s"],
                    "torch_forward_seconds": peer_s, "torch_tokens": pt["tokens"] + pe["tokens"],
                    "max_rel_diff_vs_torch": max(pt["max_rel_diff"], pe["max_rel_diff"]),
                    "ratio_torch_forward_over_refdpo_process": peer_s / ours["seconds"]},
@@ -107,6 +108,7 @@ print(f"""
 | PyTorch/transformers forward + log-probs alone | {peer_s:.2f} | {p['torch_tokens'] / peer_s:.0f} |
 | **ratio** (torch forward time / refdpo whole-process time; >= 1 means refdpo is faster) | **{p['ratio_torch_forward_over_refdpo_process']:.2f}x** | |
 max relative difference of the log-probs, refdpo vs torch: {p['max_rel_diff_vs_torch']:.2e}
+refdpo's CPU time: user {p['refdpo_user_s']:.2f} s, sys {p['refdpo_sys_s']:.2f} s (the kernel's share: page faults of fresh buffers)
 
 | stage two (4 pairs/step) | median step s | peak RSS MiB |
 |---|---|---|

@@ -9,15 +9,26 @@ use crate::model::{fused, OpMode, Transformer};
 use crate::profile::{self, Phase};
 use crate::tokenize::window;
 use candle_core::{DType, Device, Tensor, D};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether this process's allocator keeps freed buffers for reuse (stage one on the CPU sets it
+/// up so: `run::keep_cpu_memory`).
+static HEAP_KEPT: AtomicBool = AtomicBool::new(false);
+
+/// Records that the allocator keeps freed buffers: CPU chunks of logits may then be large.
+pub fn heap_kept() {
+    HEAP_KEPT.store(true, Ordering::Relaxed);
+}
 
 /// Upper bound on the elements of one chunk of logits (rows × vocabulary): 256 MiB of f32 on an
-/// accelerator; 16 MiB on the CPU, where larger fresh buffers are mmapped and page-faulted anew on
-/// every chunk (BENCHMARKS.md, "CPU page faults").
+/// accelerator. On the CPU, 128 MiB where the allocator keeps freed buffers for the next chunk,
+/// else 16 MiB: larger fresh buffers are mmapped and page-faulted in anew on every chunk
+/// (BENCHMARKS.md, "CPU page faults").
 fn logits_budget(device: &Device) -> usize {
-    if device.is_cpu() {
-        1 << 22
-    } else {
-        1 << 26
+    match (device.is_cpu(), HEAP_KEPT.load(Ordering::Relaxed)) {
+        (false, _) => 1 << 26,
+        (true, true) => 1 << 25,
+        (true, false) => 1 << 22,
     }
 }
 
