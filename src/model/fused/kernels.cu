@@ -52,6 +52,7 @@ __device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
 }
 
 __device__ __forceinline__ void push(float &m, float &s, float v) {
+    if (v == -INFINITY) return; // adds exp(−inf) = 0; and −inf − −inf would be NaN
     if (v > m) {
         s = s * expf(m - v) + 1.f;
         m = v;
