@@ -297,6 +297,10 @@ fn backward_by_vocab_chunks(
         return Ok((rows.zeros_like()?, grad_w));
     }
     let step = step.clamp(1, vocab);
+    // the fused kernel's per-row inputs, packed once for every chunk
+    let lse_g = fused_chunks
+        .then(|| fused::lse_and_grad(lse, g))
+        .transpose()?;
     let g_col = g.to_dtype(DType::F32)?.unsqueeze(1)?; // [N, 1]
                                                        // targets as f32 (exact below 2^24 ids), for the in-chunk test on the device: no host copy
     let tgt = targets.to_dtype(DType::F32)?.unsqueeze(1)?; // [N, 1]
@@ -305,42 +309,38 @@ fn backward_by_vocab_chunks(
     for v0 in (0..vocab).step_by(step) {
         let len = step.min(vocab - v0);
         let w = lm_head.narrow(0, v0, len)?; // [len, H]
-        if fused_chunks {
-            let z = rows.matmul(&w.t()?)?; // [N, len] in the compute dtype
-            let grad_logits = fused::logp_grad(&z, targets, &lse.squeeze(1)?, g, v0)?;
-            if let Some(grad_w) = &grad_w {
-                let gw = grad_logits.t()?.matmul(rows)?.to_dtype(DType::F32)?;
-                grad_w.slice_set(&gw, 0, v0)?;
+                                             // d/dz [N, len] in the compute dtype
+        let grad_logits = match &lse_g {
+            Some(lse_g) => fused::logp_grad(&rows.matmul(&w.t()?)?, targets, lse_g, v0)?,
+            None => {
+                let z = rows.matmul(&w.t()?)?.to_dtype(DType::F32)?; // [N, len]
+                let (logits, tanh) = match cap {
+                    Some(c) => {
+                        let t = (&z / c)?.tanh()?;
+                        ((&t * c)?, Some(t))
+                    }
+                    None => (z, None),
+                };
+                let probs = logits.broadcast_sub(&lse)?.exp()?;
+                // g at each row's target column when the target falls in this chunk (else 0
+                // at column 0), computed on the device
+                let local = (&tgt - v0 as f64)?; // [N, 1]
+                let inside = local
+                    .ge(0.0)?
+                    .mul(&local.lt(len as f64)?)?
+                    .to_dtype(DType::F32)?;
+                let idx = local.clamp(0f32, (len - 1) as f32)?.to_dtype(DType::U32)?;
+                let val = (&g_col * inside)?;
+                let onehot_g = probs.zeros_like()?.scatter_add(&idx, &val, 1)?;
+                let grad_logits = (onehot_g - probs.broadcast_mul(&g_col)?)?;
+                // through the soft cap, then in the compute dtype
+                match tanh {
+                    Some(t) => (grad_logits * (1.0 - t.sqr()?)?)?,
+                    None => grad_logits,
+                }
+                .to_dtype(dtype)?
             }
-            grad_rows = (grad_rows + grad_logits.matmul(&w)?.to_dtype(DType::F32)?)?;
-            continue;
-        }
-        let z = rows.matmul(&w.t()?)?.to_dtype(DType::F32)?; // [N, len]
-        let (logits, tanh) = match cap {
-            Some(c) => {
-                let t = (&z / c)?.tanh()?;
-                ((&t * c)?, Some(t))
-            }
-            None => (z, None),
         };
-        let probs = logits.broadcast_sub(&lse)?.exp()?;
-        // g at each row's target column when the target falls in this chunk (else 0 at
-        // column 0), computed on the device
-        let local = (&tgt - v0 as f64)?; // [N, 1]
-        let inside = local
-            .ge(0.0)?
-            .mul(&local.lt(len as f64)?)?
-            .to_dtype(DType::F32)?;
-        let idx = local.clamp(0f32, (len - 1) as f32)?.to_dtype(DType::U32)?;
-        let val = (&g_col * inside)?;
-        let onehot_g = probs.zeros_like()?.scatter_add(&idx, &val, 1)?;
-        let grad_logits = (onehot_g - probs.broadcast_mul(&g_col)?)?;
-        // through the soft cap, then in the compute dtype: d/dz [N, len]
-        let grad_logits = match tanh {
-            Some(t) => (grad_logits * (1.0 - t.sqr()?)?)?,
-            None => grad_logits,
-        }
-        .to_dtype(dtype)?;
         if let Some(grad_w) = &grad_w {
             grad_w.slice_set(
                 &grad_logits.t()?.matmul(rows)?.to_dtype(DType::F32)?, // [len, H]

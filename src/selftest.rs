@@ -399,7 +399,8 @@ fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) -> Result<(
         &want_lp,
         tol,
     )?);
-    let grad = fused::logp_grad(&dev_logits, &on(&targets)?, &lse, &on(&g)?, 0)?;
+    let lse_g = fused::lse_and_grad(&lse, &on(&g)?)?;
+    let grad = fused::logp_grad(&dev_logits, &on(&targets)?, &lse_g, 0)?;
     checks.push(Check::compare(
         format!("fused log-probs backward {d}"),
         &grad,

@@ -65,19 +65,18 @@ pub fn logp_lse(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((out.get(0)?, out.get(1)?))
 }
 
+/// Each row's log-sum-exp and upstream gradient [n] packed as [`logp_grad`] reads them: [2, n]
+/// f32, made once for all the vocabulary chunks of a backward.
+pub fn lse_and_grad(lse: &Tensor, g: &Tensor) -> Result<Tensor> {
+    Tensor::stack(&[lse.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?], 0)
+}
+
 /// g · (onehot(target) − softmax) over a vocabulary chunk: logits [n, len] from entry `v0`,
-/// each row's log-sum-exp and upstream gradient `g` [n] → [n, len] in the logits' dtype.
-pub fn logp_grad(
-    logits: &Tensor,
-    targets: &Tensor,
-    lse: &Tensor,
-    g: &Tensor,
-    v0: usize,
-) -> Result<Tensor> {
-    let lg = Tensor::stack(&[lse.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?], 0)?;
+/// with [`lse_and_grad`]'s [2, n] → [n, len] in the logits' dtype.
+pub fn logp_grad(logits: &Tensor, targets: &Tensor, lse_g: &Tensor, v0: usize) -> Result<Tensor> {
     logits
         .contiguous()?
-        .apply_op3_no_bwd(&targets.contiguous()?, &lg, &logits::LogpGrad { v0 })
+        .apply_op3_no_bwd(&targets.contiguous()?, lse_g, &logits::LogpGrad { v0 })
 }
 
 /// acc += g in place (g any float dtype; the sum in f32, stored in acc's dtype). `acc` must be
