@@ -48,6 +48,9 @@ fn main() -> refdpo::Result<()> {
         shard: String::new(),
         dtype: Dtype::Bf16,
         refdpo_version: env!("CARGO_PKG_VERSION").into(),
+        data_sha256: Default::default(),
+        dataset_commit: String::new(),
+        model_commit: String::new(),
     };
     let dir = tempfile::tempdir().expect("temporary directory");
     let (arrow, pq) = (

@@ -125,6 +125,45 @@ impl Error {
     }
 }
 
+thread_local! {
+    /// Set while [`contain_panic`] runs a reader: its panic is reported as an error, not printed.
+    static CONTAINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `read`, a third-party decoder given a damaged or hostile file that may panic instead of
+/// failing (parquet-rs does on some corrupted footers): a panic becomes an error naming `path`
+/// and `what` was read. The process's panic hook (wrapped once, every other panic still goes to
+/// the previous hook) stays quiet for a contained panic, so the user sees one `error:` line.
+pub fn contain_panic<T>(
+    path: &std::path::Path,
+    what: &str,
+    read: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINED.with(std::cell::Cell::get) {
+                previous(info)
+            }
+        }));
+    });
+    let was = CONTAINED.with(|c| c.replace(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
+    CONTAINED.with(|c| c.set(was));
+    out.unwrap_or_else(|payload| {
+        let why = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Error::schema(
+            path,
+            format!("{what} failed on damaged bytes ({why}): the file is corrupted or not what its name says"),
+        ))
+    })
+}
+
 /// Small helpers for file I/O that keep the path in the error.
 pub mod fs {
     use super::{Error, Result};
@@ -138,6 +177,15 @@ pub mod fs {
 
     pub fn read_to_string(path: &Path) -> Result<String> {
         std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))
+    }
+
+    /// SHA-256 of a file's bytes (hex), streamed.
+    pub fn sha256(path: &Path) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut f = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h).map_err(|e| Error::io("cannot read", path, e))?;
+        Ok(format!("{:x}", h.finalize()))
     }
 
     pub fn create_dir_all(path: &Path) -> Result<()> {

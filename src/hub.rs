@@ -12,6 +12,13 @@ pub struct RepoDir {
     pub dir: PathBuf,
     /// `local` for a directory, else the revision asked for.
     pub revision: String,
+    /// The commit a hub revision resolved to (the snapshot's name); `None` for a local directory.
+    pub commit: Option<String>,
+}
+
+/// The commit of a cache snapshot directory (`…/snapshots/<commit>`).
+fn snapshot_commit(dir: &Path) -> Option<String> {
+    Some(dir.file_name()?.to_str()?.to_string())
 }
 
 fn offline() -> bool {
@@ -61,6 +68,7 @@ fn resolve(
         return Ok(RepoDir {
             dir: local.to_path_buf(),
             revision: revision_label(id, revision),
+            commit: None,
         });
     }
     let what = kind_name(kind);
@@ -73,6 +81,7 @@ fn resolve(
     if offline() {
         return match cached_snapshot(&repo, revision) {
             Some(dir) if required.iter().all(|f| dir.join(f).exists()) => Ok(RepoDir {
+                commit: snapshot_commit(&dir),
                 dir,
                 revision: revision.into(),
             }),
@@ -127,6 +136,7 @@ fn resolve(
     let dir = dir
         .ok_or_else(|| Error::Hub(format!("{what} `{id}` at `{revision}` has no usable files")))?;
     Ok(RepoDir {
+        commit: snapshot_commit(&dir),
         dir,
         revision: revision_label(id, revision),
     })

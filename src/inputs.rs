@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::data::{self, DataSource};
 use crate::error::Result;
 use crate::hub;
-use crate::model::{weights, Transformer, TransformerConfig};
+use crate::model::{shapes, weights, Transformer, TransformerConfig};
 use crate::tokenize::PairTokenizer;
 use candle_core::{DType, Device};
 use std::path::PathBuf;
@@ -20,6 +20,8 @@ pub struct ModelSource {
     pub cfg: TransformerConfig,
     pub weight_files: Vec<PathBuf>,
     pub weights_sha256: String,
+    /// The hub commit the revision resolved to; `None` for a local directory.
+    pub commit: Option<String>,
 }
 
 impl ModelSource {
@@ -31,6 +33,7 @@ impl ModelSource {
     fn open(m: hub::RepoDir) -> Result<Self> {
         let cfg = TransformerConfig::from_file(&m.dir.join("config.json"))?;
         let weight_files = weights::weight_files(&m.dir)?;
+        shapes::check_files(&cfg, &weight_files, &m.dir)?;
         let weights_sha256 = weights::hash_files(&weight_files)?;
         Ok(Self {
             dir: m.dir,
@@ -38,6 +41,7 @@ impl ModelSource {
             cfg,
             weight_files,
             weights_sha256,
+            commit: m.commit,
         })
     }
 
@@ -70,7 +74,8 @@ impl Inputs {
         if cfg.demo.generate {
             data::demo::ensure(&cfg.demo)?;
         }
-        let source = DataSource::resolve(&cfg.dataset, splits)?;
+        let mut source = DataSource::resolve(&cfg.dataset, splits)?;
+        source.max_row_bytes = data::max_row_bytes(cfg.tokenize.max_length);
         Ok((source, Self::open(cfg)?))
     }
 
@@ -78,6 +83,7 @@ impl Inputs {
         let model = ModelSource::resolve(&cfg.model.id, &cfg.model.revision)?;
         let tokenizer =
             PairTokenizer::from_dir(&model.dir, cfg.tokenize.max_length, cfg.tokenize.truncation)?;
+        check_vocabulary(&tokenizer, &model)?;
         Ok(Self { model, tokenizer })
     }
 
@@ -99,8 +105,33 @@ impl Inputs {
             shard: String::new(),
             dtype: cfg.model.dtype,
             refdpo_version: env!("CARGO_PKG_VERSION").to_string(),
+            // what stage one reads with the data: `precompute` fills the first two
+            data_sha256: Default::default(),
+            dataset_commit: String::new(),
+            model_commit: self.model.commit.clone().unwrap_or_default(),
         }
     }
+}
+
+/// Every id the tokenizer can produce indexes a row of the model's embedding: a tokenizer from
+/// another model would otherwise fail deep inside the embedding lookup (or, on a GPU, read past
+/// it).
+fn check_vocabulary(tokenizer: &PairTokenizer, model: &ModelSource) -> Result<()> {
+    let vocab = tokenizer.tokenizer.get_vocab(true);
+    let Some((token, &id)) = vocab.iter().max_by_key(|(_, &id)| id) else {
+        return Ok(());
+    };
+    if id as usize >= model.cfg.vocab_size {
+        return Err(crate::error::Error::Model(format!(
+            "`{}`: the tokenizer's largest id is {id} ({token:?}), but the model's embedding has \
+             {} rows (`vocab_size` in `{}`): the tokenizer belongs to another model (use the \
+             model's own tokenizer.json)",
+            model.dir.join("tokenizer.json").display(),
+            model.cfg.vocab_size,
+            model.dir.join("config.json").display(),
+        )));
+    }
+    Ok(())
 }
 
 /// What else decides a split's rows (`data_files`, `test_size`, the column, message-key and role

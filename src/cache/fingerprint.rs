@@ -1,9 +1,10 @@
 //! The cache fingerprint: what a cache was computed from, so stage two can refuse a stale one.
 
 use crate::config::{Dtype, Truncation};
-use crate::error::{Error, Result};
+use crate::error::{fs, Error, Result};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Fingerprint {
@@ -30,7 +31,22 @@ pub struct Fingerprint {
     /// The reference forward's compute dtype (informational: it does not bind a training run).
     pub dtype: Dtype,
     pub refdpo_version: String,
+    /// SHA-256 of every data file the split was read from, by its path relative to the dataset
+    /// directory (the file's folder for a one-file dataset): an edited file is another cache.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data_sha256: BTreeMap<String, String>,
+    /// The hub commit `dataset_revision` resolved to; empty for local data.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dataset_commit: String,
+    /// The hub commit `model_revision` resolved to; empty for a local model (informational:
+    /// the weights, tokenizer and template hashes bind a run).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model_commit: String,
 }
+
+/// What stage one alone can know, having read the data: a run that reads no dataset does not
+/// compare these, and checks local data files with [`Fingerprint::check_data`] instead.
+pub const READ_BY_STAGE_ONE: [&str; 3] = ["data_sha256", "dataset_commit", "model_commit"];
 
 impl Fingerprint {
     pub fn to_json(&self) -> String {
@@ -70,10 +86,44 @@ impl Fingerprint {
     /// tokenization (not the reference's compute dtype, nor the refdpo version that wrote it).
     /// The first field that differs is named with both values.
     pub fn check_compatible(&self, expected: &Fingerprint, path: &Path) -> Result<()> {
-        match self.first_difference(expected, &["dtype", "refdpo_version"]) {
+        let mut skip = vec!["dtype", "refdpo_version"];
+        skip.extend(READ_BY_STAGE_ONE);
+        match self.first_difference(expected, &skip) {
             Some((name, cached, wanted)) => Err(stale(path, &name, &cached, &wanted)),
             None => Ok(()),
         }
+    }
+
+    /// The local data files this cache was made from, where they still exist: each must hash as
+    /// it did, or the cache holds other rows' log-probs (refused, naming the file). A file that
+    /// is gone is not an error: a cache outlives the data it was made from.
+    pub fn check_data(&self, cache: &Path) -> Result<()> {
+        let id = Path::new(&self.dataset_id);
+        let dir: PathBuf = if id.is_file() {
+            id.parent().map(Path::to_path_buf).unwrap_or_default()
+        } else if id.is_dir() {
+            id.to_path_buf()
+        } else {
+            return Ok(()); // a hub dataset: its files are pinned by `dataset_commit`
+        };
+        for (rel, sha) in &self.data_sha256 {
+            let file = dir.join(rel);
+            if !file.is_file() {
+                continue;
+            }
+            if fs::sha256(&file)? != *sha {
+                return Err(Error::StaleCache {
+                    path: cache.to_path_buf(),
+                    msg: format!(
+                        "made from `{}` as it was before an edit (its SHA-256 differs from the \
+                         one the cache recorded): re-run `refdpo precompute` to score the \
+                         edited data",
+                        file.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -105,6 +155,9 @@ pub(crate) fn sample() -> Fingerprint {
         shard: String::new(),
         dtype: Dtype::F32,
         refdpo_version: "0.1.0".into(),
+        data_sha256: BTreeMap::new(),
+        dataset_commit: String::new(),
+        model_commit: String::new(),
     }
 }
 
@@ -164,6 +217,32 @@ mod tests {
         let mut b = sample();
         b.dtype = Dtype::Bf16; // the reference dtype does not bind training
         a.check_compatible(&b, Path::new("c.arrow")).unwrap();
+    }
+
+    #[test]
+    fn an_edited_data_file_is_named_and_a_missing_one_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pairs.jsonl");
+        std::fs::write(&file, "{}\n").unwrap();
+        let mut fp = Fingerprint {
+            dataset_id: file.to_string_lossy().into(),
+            ..sample()
+        };
+        fp.data_sha256
+            .insert("pairs.jsonl".into(), fs::sha256(&file).unwrap());
+        fp.data_sha256.insert("gone.jsonl".into(), "0".into());
+        fp.check_data(Path::new("c.arrow")).unwrap();
+        std::fs::write(&file, "{} \n").unwrap();
+        let err = fp.check_data(Path::new("c.arrow")).unwrap_err().to_string();
+        assert!(
+            err.contains("pairs.jsonl") && err.contains("before an edit"),
+            "{err}"
+        );
+        // stage two does not compare what only stage one reads
+        let mut other = fp.clone();
+        other.data_sha256.clear();
+        other.dataset_commit = "abc".into();
+        fp.check_compatible(&other, Path::new("c.arrow")).unwrap();
     }
 
     #[test]

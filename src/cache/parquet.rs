@@ -79,8 +79,10 @@ pub fn read_fingerprint(path: &Path) -> Result<Fingerprint> {
 
 fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<std::fs::File>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
-    ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::schema(path, format!("not a readable parquet file: {e}")))
+    crate::error::contain_panic(path, "reading the parquet footer", || {
+        ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| Error::schema(path, format!("not a readable parquet file: {e}")))
+    })
 }
 
 /// Reads every row of a cache parquet file (checksum and schema checked).

@@ -105,6 +105,10 @@ pub enum SkipReason {
     TemplateError,
     /// With `keep_start`, the prompt alone fills `max_length` (TRL drops these too).
     PromptTooLong,
+    /// A JSON Lines line that is not UTF-8 text.
+    BadUtf8,
+    /// A row larger than [`max_row_bytes`]: never parsed nor tokenized.
+    RowTooLarge,
 }
 
 impl SkipReason {
@@ -122,8 +126,19 @@ impl SkipReason {
             SkipReason::IdenticalResponses => "identical_responses",
             SkipReason::TemplateError => "template_error",
             SkipReason::PromptTooLong => "prompt_too_long",
+            SkipReason::BadUtf8 => "bad_utf8",
+            SkipReason::RowTooLarge => "row_too_large",
         }
     }
+}
+
+/// The most bytes one source row may hold (a JSON Lines line, or a row's text values): 256 bytes
+/// per token of `max_length`, at least 1 MiB. A row three texts long (prompt, chosen, rejected)
+/// at that bound holds over 20 times more text than `max_length` tokens keep, so a larger one is
+/// damage or a scrape gone wrong; it is skipped unread (`row_too_large`), keeping memory bounded
+/// by the chunk rather than by the largest row.
+pub fn max_row_bytes(max_length: usize) -> usize {
+    max_length.saturating_mul(256).max(1 << 20)
 }
 
 /// A row that was not kept: where it was and why.
@@ -133,4 +148,7 @@ pub struct Skipped {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub line: Option<u64>,
     pub reason: &'static str,
+    /// What went wrong, where a message says more than the reason (a template's own error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }

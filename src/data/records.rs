@@ -3,7 +3,7 @@
 //! `.json` file holding JSON Lines is read as such, as `datasets` does).
 
 use super::SkipReason;
-use crate::error::{Error, Result};
+use crate::error::{contain_panic, Error, Result};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -42,19 +42,74 @@ impl Format {
     }
 }
 
-/// Calls `each` with every record of `path` in order, until it returns false.
-pub fn for_each(path: &Path, each: &mut dyn FnMut(Record) -> bool) -> Result<()> {
+/// Calls `each` with every record of `path` in order, until it returns false. A record larger
+/// than `max_bytes` (a JSON Lines line, or the text values of a Parquet or JSON array row) is a
+/// `row_too_large` skip; a JSON Lines line of it is never held in memory.
+pub fn for_each(path: &Path, max_bytes: usize, each: &mut dyn FnMut(Record) -> bool) -> Result<()> {
+    let mut bounded = |mut r: Record| {
+        if r.fields.as_ref().is_ok_and(|f| object_bytes(f) > max_bytes) {
+            r.fields = Err(SkipReason::RowTooLarge);
+        }
+        each(r)
+    };
     match Format::of(path)? {
-        Format::Parquet => parquet_records(path, each),
-        Format::JsonLines => json_lines(path, open(path)?, each),
+        Format::Parquet => parquet_records(path, &mut bounded),
+        Format::JsonLines => json_lines(path, open(path)?, max_bytes, each),
         Format::Json => {
             let mut reader = open(path)?;
             let first = first_non_space(&mut reader, path)?;
             if first == Some(b'[') {
-                json_array(path, reader, each)
+                json_array(path, reader, &mut bounded)
             } else {
-                json_lines(path, reader, each)
+                json_lines(path, reader, max_bytes, each)
             }
+        }
+    }
+}
+
+/// About how many bytes a row's values hold: its strings' lengths, 8 bytes per other value.
+fn object_bytes(fields: &Map<String, Value>) -> usize {
+    fn bytes(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len(),
+            Value::Array(a) => a.iter().map(bytes).sum(),
+            Value::Object(o) => o.iter().map(|(k, v)| k.len() + bytes(v)).sum(),
+            _ => 8,
+        }
+    }
+    fields.iter().map(|(k, v)| k.len() + bytes(v)).sum()
+}
+
+/// Reads one line (through its `\n`) into `line`, keeping at most `max` bytes of it; returns
+/// `None` at the end of the input, else whether the line was longer than `max`.
+fn read_line_bounded(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<bool>> {
+    line.clear();
+    let (mut read, mut over) = (0usize, false);
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok((read > 0).then_some(over));
+        }
+        let (part, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..=i], true),
+            None => (buf, false),
+        };
+        let n = part.len();
+        read += n;
+        if !over && line.len() + n <= max.saturating_add(1) {
+            line.extend_from_slice(part);
+        } else if !over {
+            over = true;
+            line.clear();
+            line.shrink_to(0);
+        }
+        reader.consume(n);
+        if done {
+            return Ok(Some(over));
         }
     }
 }
@@ -89,20 +144,39 @@ fn first_non_space(reader: &mut BufReader<std::fs::File>, path: &Path) -> Result
 
 fn json_lines(
     path: &Path,
-    reader: impl BufRead,
+    mut reader: impl BufRead,
+    max_bytes: usize,
     each: &mut dyn FnMut(Record) -> bool,
 ) -> Result<()> {
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| Error::io("cannot read", path, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let fields = match serde_json::from_str::<Value>(&line) {
-            Ok(Value::Object(m)) => Ok(m),
-            _ => Err(SkipReason::BadJson),
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    loop {
+        let over = read_line_bounded(&mut reader, &mut line, max_bytes)
+            .map_err(|e| Error::io("cannot read", path, e))?;
+        let Some(over) = over else { break };
+        number += 1;
+        let fields = if over {
+            Err(SkipReason::RowTooLarge)
+        } else {
+            // a byte-order mark opens some exported files
+            let bytes = match number {
+                1 => line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&line),
+                _ => &line,
+            };
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match std::str::from_utf8(bytes) {
+                Err(_) => Err(SkipReason::BadUtf8),
+                // serde_json refuses nesting past 128 levels, NUL and other raw control bytes
+                Ok(text) => match serde_json::from_str::<Value>(text) {
+                    Ok(Value::Object(m)) => Ok(m),
+                    _ => Err(SkipReason::BadJson),
+                },
+            }
         };
         let record = Record {
-            line: Some(i as u64 + 1),
+            line: Some(number),
             fields,
         };
         if !each(record) {
@@ -149,11 +223,18 @@ fn json_array(path: &Path, reader: impl Read, each: &mut dyn FnMut(Record) -> bo
 
 fn parquet_records(path: &Path, each: &mut dyn FnMut(Record) -> bool) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::schema(path, format!("not a readable parquet file: {e}")))?
-        .build()?;
-    for batch in reader {
-        let batch = batch?;
+    // parquet-rs panics on some damaged files: each call into it is contained
+    let mut reader = contain_panic(path, "reading the parquet footer", || {
+        Ok(ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| Error::schema(path, format!("not a readable parquet file: {e}")))?
+            .build()?)
+    })?;
+    while let Some(batch) = contain_panic(path, "decoding a parquet row group", || {
+        reader
+            .next()
+            .transpose()
+            .map_err(|e| Error::schema(path, format!("not a readable parquet file: {e}")))
+    })? {
         let schema = batch.schema();
         let columns = batch
             .columns()
@@ -312,7 +393,7 @@ mod tests {
 
     fn collect(path: &Path) -> Vec<Record> {
         let mut out = Vec::new();
-        for_each(path, &mut |r| {
+        for_each(path, 1 << 20, &mut |r| {
             out.push(r);
             true
         })
@@ -340,5 +421,47 @@ mod tests {
         assert_eq!(r.len(), 3);
         assert_eq!(r[1].fields.as_ref().unwrap_err(), &SkipReason::WrongType);
         assert!(Format::of(&dir.path().join("c.csv")).is_err());
+    }
+
+    #[test]
+    fn any_bytes_on_a_line_are_one_counted_skip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        let mut text =
+            b"\xEF\xBB\xBF{\"a\":1}\n{\"a\":\"\xff\xfe\"}\n{\"a\":\"x\x00y\"}\n".to_vec();
+        text.extend(format!("{{\"a\":{}1{}}}\n", "[".repeat(500), "]".repeat(500)).bytes());
+        text.extend(format!("{{\"a\":\"{}\"}}\n", "x".repeat(3 << 20)).bytes());
+        text.extend(b"{\"a\":2}");
+        std::fs::write(&p, text).unwrap();
+        let r = collect(&p);
+        let got: Vec<_> = r
+            .iter()
+            .map(|r| (r.line.unwrap(), r.fields.as_ref().err().copied()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, None),
+                (2, Some(SkipReason::BadUtf8)),
+                (3, Some(SkipReason::BadJson)),
+                (4, Some(SkipReason::BadJson)),
+                (5, Some(SkipReason::RowTooLarge)),
+                (6, None),
+            ]
+        );
+        // the last line has no newline and is still read; a short limit skips by size alone
+        let j = dir.path().join("b.json");
+        std::fs::write(
+            &j,
+            format!("[{{\"a\":\"{}\"}}, {{\"a\":1}}]", "y".repeat(2000)),
+        )
+        .unwrap();
+        let mut sizes = Vec::new();
+        for_each(&j, 1000, &mut |r| {
+            sizes.push(r.fields.err());
+            true
+        })
+        .unwrap();
+        assert_eq!(sizes, [Some(SkipReason::RowTooLarge), None]);
     }
 }

@@ -21,6 +21,10 @@ pub struct DataSource {
     pub dir: PathBuf,
     /// `dataset.id` when it names one file: the train split.
     single_file: Option<PathBuf>,
+    /// Rows larger than this are skipped unread ([`super::max_row_bytes`]).
+    pub max_row_bytes: usize,
+    /// The hub commit the dataset resolved to; `None` for local data.
+    pub commit: Option<String>,
 }
 
 impl DataSource {
@@ -35,6 +39,8 @@ impl DataSource {
                 cfg: cfg.clone(),
                 dir,
                 single_file: Some(id.to_path_buf()),
+                max_row_bytes: usize::MAX,
+                commit: None,
             });
         }
         let patterns: Vec<String> = splits.iter().map(|s| pattern(cfg, s)).collect();
@@ -44,6 +50,8 @@ impl DataSource {
             cfg: cfg.clone(),
             dir: repo.dir,
             single_file: None,
+            max_row_bytes: usize::MAX,
+            commit: repo.commit,
         })
     }
 
@@ -81,6 +89,19 @@ impl DataSource {
             ));
         }
         Ok(files)
+    }
+
+    /// SHA-256 of each file of `split`, by its path relative to the dataset directory: what the
+    /// cache fingerprint records of the data.
+    pub fn hash_files(&self, split: &str) -> Result<std::collections::BTreeMap<String, String>> {
+        self.files(split)?
+            .iter()
+            .map(|f| {
+                let rel = f.strip_prefix(&self.dir).unwrap_or(f);
+                let rel = rel.to_string_lossy().replace('\\', "/");
+                Ok((rel, crate::error::fs::sha256(f)?))
+            })
+            .collect()
     }
 
     /// With `test_size`, both splits read the train split's rows.
@@ -138,7 +159,7 @@ pub fn for_each_row(
     let cfg = &src.cfg;
     let files = src.files(split)?;
     let held_out = if cfg.test_size > 0.0 {
-        let n = count_records(&files, limit)?;
+        let n = count_records(&files, limit, src.max_row_bytes)?;
         let test = held_out(n, cfg.test_size);
         if split == cfg.test_split && test.is_empty() {
             return Err(Error::Config(format!(
@@ -160,7 +181,7 @@ pub fn for_each_row(
     for file in &files {
         let mut checked = false;
         let mut failure = None;
-        records::for_each(file, &mut |rec| {
+        records::for_each(file, src.max_row_bytes, &mut |rec| {
             let row = n;
             n += 1;
             let result = match &rec.fields {
@@ -182,6 +203,7 @@ pub fn for_each_row(
                     row,
                     line: rec.line,
                     reason: reason.as_str(),
+                    detail: None,
                 });
                 match each(item) {
                     Ok(true) => {}
@@ -208,10 +230,10 @@ pub fn for_each_row(
 }
 
 /// Records in `files`, up to `limit` (0 = all).
-fn count_records(files: &[PathBuf], limit: usize) -> Result<usize> {
+fn count_records(files: &[PathBuf], limit: usize, max_bytes: usize) -> Result<usize> {
     let mut n = 0usize;
     for file in files {
-        records::for_each(file, &mut |_| {
+        records::for_each(file, max_bytes, &mut |_| {
             n += 1;
             limit == 0 || n < limit
         })?;

@@ -161,7 +161,17 @@ impl TransformerConfig {
     }
 
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let raw: Raw = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let raw: Raw = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            if key == "." || inner.is_syntax() || inner.is_eof() {
+                format!("not valid JSON: {inner}")
+            } else {
+                format!("`{key}`: {inner}")
+            }
+        })?;
+        check_ranges(&raw)?;
         let arch = match (&raw.model_type, &raw.architectures) {
             (Some(t), _) => SUPPORTED.iter().find(|(name, _, _)| name == t),
             (None, Some(a)) => SUPPORTED
@@ -278,7 +288,8 @@ impl TransformerConfig {
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
+                "`num_attention_heads` {} is not a multiple of `num_key_value_heads` \
+                 {num_kv_heads}",
                 raw.num_attention_heads
             ));
         }
@@ -330,6 +341,56 @@ impl TransformerConfig {
     }
 }
 
+/// The sizes every later shape and division relies on, in range: each bad one named with its
+/// value (a zero head count would divide by zero, a zero layer count build an empty model).
+fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
+    let at_least_one = [
+        ("vocab_size", Some(raw.vocab_size)),
+        ("hidden_size", Some(raw.hidden_size)),
+        ("intermediate_size", Some(raw.intermediate_size)),
+        ("num_hidden_layers", Some(raw.num_hidden_layers)),
+        ("num_attention_heads", Some(raw.num_attention_heads)),
+        ("num_key_value_heads", raw.num_key_value_heads),
+        ("head_dim", raw.head_dim),
+        ("sliding_window", raw.sliding_window),
+    ];
+    for (key, value) in at_least_one {
+        if value == Some(0) {
+            return Err(format!("`{key}` = 0: it must be at least 1"));
+        }
+    }
+    let head_dim = raw
+        .head_dim
+        .unwrap_or(raw.hidden_size / raw.num_attention_heads);
+    if head_dim == 0 {
+        return Err(format!(
+            "`hidden_size` = {} is smaller than `num_attention_heads` = {}: no `head_dim` is left \
+             (set `head_dim` or fix the sizes)",
+            raw.hidden_size, raw.num_attention_heads
+        ));
+    }
+    if head_dim % 2 == 1 {
+        return Err(format!(
+            "head_dim = {head_dim} is odd: RoPE rotates the two halves of each head (set an even \
+             `head_dim`)"
+        ));
+    }
+    let positive = [
+        ("rms_norm_eps", raw.rms_norm_eps),
+        ("rope_theta", raw.rope_theta),
+        ("query_pre_attn_scalar", raw.query_pre_attn_scalar),
+        ("attn_logit_softcapping", raw.attn_logit_softcapping),
+        ("final_logit_softcapping", raw.final_logit_softcapping),
+        ("rope_local_base_freq", raw.rope_local_base_freq),
+    ];
+    for (key, value) in positive {
+        if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err(format!("`{key}` = {v}: it must be a finite number above 0"));
+        }
+    }
+    Ok(())
+}
+
 fn parse_scaling(v: &serde_json::Value) -> std::result::Result<Option<Llama3Scaling>, String> {
     let kind = v
         .get("rope_type")
@@ -337,10 +398,16 @@ fn parse_scaling(v: &serde_json::Value) -> std::result::Result<Option<Llama3Scal
         .and_then(|t| t.as_str())
         .unwrap_or("default");
     let num = |k: &str| {
-        v.get(k)
+        let x = v
+            .get(k)
             .and_then(|x| x.as_f64())
-            .map(|x| x as f32)
-            .ok_or_else(|| format!("rope scaling `llama3` lacks `{k}`"))
+            .ok_or_else(|| format!("rope scaling `llama3` lacks `{k}`"))?;
+        if !(x.is_finite() && x > 0.0) {
+            return Err(format!(
+                "rope scaling `{k}` = {x}: it must be a finite number above 0"
+            ));
+        }
+        Ok(x as f32)
     };
     match kind {
         "default" => Ok(None),
@@ -453,6 +520,33 @@ mod tests {
         );
         let o = config(r#","model_type":"olmo2""#).unwrap();
         assert_eq!((o.qk_norm, o.post_norms), (QkNorm::Whole, true));
+    }
+
+    #[test]
+    fn sizes_out_of_range_are_refused_by_key() {
+        for (key, value, said) in [
+            ("num_attention_heads", "0", "`num_attention_heads` = 0"),
+            ("num_key_value_heads", "0", "`num_key_value_heads` = 0"),
+            ("num_hidden_layers", "0", "`num_hidden_layers` = 0"),
+            ("num_hidden_layers", "-2", "`num_hidden_layers`"),
+            ("vocab_size", "\"many\"", "`vocab_size`"),
+            ("num_attention_heads", "16", "`hidden_size` = 8"),
+            ("num_key_value_heads", "3", "`num_key_value_heads` 3"),
+            ("head_dim", "3", "head_dim = 3"),
+            ("rms_norm_eps", "-1.0", "`rms_norm_eps` = -1"),
+            ("rope_theta", "0.0", "`rope_theta` = 0"),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_str(
+                r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,
+                "num_hidden_layers":1,"num_attention_heads":2}"#,
+            )
+            .unwrap();
+            v[key] = serde_json::from_str(value).unwrap();
+            let e = TransformerConfig::from_json(&v.to_string()).unwrap_err();
+            assert!(e.contains(said), "{key} = {value}: {e}");
+        }
+        let e = TransformerConfig::from_json("{\"vocab_size\": 8,").unwrap_err();
+        assert!(e.starts_with("not valid JSON"), "{e}");
     }
 
     #[test]

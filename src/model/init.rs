@@ -2,7 +2,7 @@
 //! hash of each HF tensor name): the demo model and the test fixtures' model, with no binary committed.
 //! The demo's tiny architecture lives here too, beside the code that fills it.
 
-use super::config::{QkNorm, TransformerConfig};
+use super::config::TransformerConfig;
 use crate::error::{fs, Error, Result};
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -44,77 +44,13 @@ pub fn tensor_values(name: &str, numel: usize, seed: u64, init_std: f64) -> Vec<
         .collect()
 }
 
-/// Every HF tensor name of a config with its shape.
-pub fn tensor_shapes(cfg: &TransformerConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (
-        cfg.num_heads * cfg.head_dim,
-        cfg.num_kv_heads * cfg.head_dim,
-    );
-    let mut out = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![cfg.vocab_size, h],
-    )];
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        if cfg.post_norms || cfg.gemma {
-            out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
-        }
-        if cfg.gemma {
-            out.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![h]));
-        }
-        if !cfg.post_norms {
-            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        }
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        let (qn, kn) = match cfg.qk_norm {
-            QkNorm::None => (0, 0),
-            QkNorm::PerHead => (cfg.head_dim, cfg.head_dim),
-            QkNorm::Whole => (q, kv),
-        };
-        if qn > 0 {
-            out.push((format!("{p}.self_attn.q_norm.weight"), vec![qn]));
-            out.push((format!("{p}.self_attn.k_norm.weight"), vec![kn]));
-        }
-        if cfg.fused_projections {
-            out.push((
-                format!("{p}.self_attn.qkv_proj.weight"),
-                vec![q + 2 * kv, h],
-            ));
-        } else {
-            for (name, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-                out.push((format!("{p}.self_attn.{name}.weight"), vec![rows, h]));
-                if cfg.qkv_bias {
-                    out.push((format!("{p}.self_attn.{name}.bias"), vec![rows]));
-                }
-            }
-        }
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-        if cfg.o_bias {
-            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
-        }
-        if cfg.fused_projections {
-            out.push((format!("{p}.mlp.gate_up_proj.weight"), vec![2 * i, h]));
-        } else {
-            out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-            out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-        }
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-    }
-    out.push(("model.norm.weight".to_string(), vec![h]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
-    }
-    out
-}
-
 /// All tensors of a freshly initialized model, f32 on the CPU.
 pub fn init_weights(
     cfg: &TransformerConfig,
     seed: u64,
     init_std: f64,
 ) -> Result<HashMap<String, Tensor>> {
-    tensor_shapes(cfg)
+    super::shapes::expected(cfg)
         .into_iter()
         .map(|(name, shape)| {
             let numel = shape.iter().product();

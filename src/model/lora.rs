@@ -51,7 +51,7 @@ pub fn target_modules(
     cfg: &TransformerConfig,
     targets: &TargetModules,
 ) -> Vec<(String, usize, usize)> {
-    let mut out: Vec<_> = init::tensor_shapes(cfg)
+    let mut out: Vec<_> = super::shapes::expected(cfg)
         .into_iter()
         .filter_map(|(name, shape)| {
             let module = name.strip_suffix(".weight")?;
@@ -236,11 +236,8 @@ pub fn read(dir: &Path) -> Result<SavedAdapter> {
         other => return Err(bad("target_modules", &format!("is {other} (a regex?)"))),
     };
     let weights = dir.join(WEIGHTS_FILE);
-    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
-        .map_err(|e| Error::Model(format!("cannot read `{}`: {e}", weights.display())))?
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
-        .collect::<Result<_>>()?;
+    // checked as model weights are (header, NaN or Inf), then each tensor's shape in `merge`
+    let tensors = super::weights::load(std::slice::from_ref(&weights), DType::F32, &Device::Cpu)?;
     Ok(SavedAdapter {
         lora: LoraConfig {
             r,
@@ -318,13 +315,24 @@ pub fn merge(
 ) -> Result<()> {
     let modules = target_modules(cfg, &saved.lora.target_modules);
     let mut used = 0;
-    for (module, _, _) in &modules {
+    for (module, fan_in, fan_out) in &modules {
         let ad = adapter_of(&saved.tensors, &saved.lora, module).ok_or_else(|| {
             Error::Model(format!(
                 "the adapter targets `{module}` but holds no `{}`",
                 peft_names(module).0
             ))
         })?;
+        let r = saved.lora.r;
+        let (a, b) = peft_names(module);
+        for (name, t, want) in [(a, &ad.a, [r, *fan_in]), (b, &ad.b, [*fan_out, r])] {
+            if t.dims() != want {
+                return Err(Error::Model(format!(
+                    "adapter tensor `{name}` has shape {:?}, but r = {r} and the base's \
+                     `{module}` imply {want:?}: is it the adapter of another base?",
+                    t.dims()
+                )));
+            }
+        }
         let name = format!("{module}.weight");
         let w = base
             .get(&name)

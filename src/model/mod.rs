@@ -4,6 +4,7 @@ pub mod config;
 pub mod fused;
 pub mod init;
 pub mod lora;
+pub mod shapes;
 pub mod transformer;
 pub mod weights;
 

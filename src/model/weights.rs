@@ -36,14 +36,155 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )))
 }
 
-/// Loads every tensor of `files`, cast to `dtype`, onto `device`.
+/// One tensor of a safetensors header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// The safetensors dtype name (`F32`, `BF16`, …).
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+/// A safetensors file's header: its tensors, read without the data.
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub path: PathBuf,
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// Headers larger than this are refused rather than read (safetensors' own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Reads and checks `path`'s header: its size within the file, valid JSON, and every tensor's
+/// byte range inside the data and as long as its dtype and shape say.
+pub fn read_header(path: &Path) -> Result<Header> {
+    use std::io::Read;
+    let bad = |msg: String| {
+        Error::Model(format!(
+            "`{}` is not a valid safetensors file: {msg}",
+            path.display()
+        ))
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io("cannot read", path, e))?
+        .len();
+    let mut size = [0u8; 8];
+    f.read_exact(&mut size)
+        .map_err(|_| bad(format!("{len} bytes, shorter than the 8-byte header size")))?;
+    let n = u64::from_le_bytes(size);
+    if n > MAX_HEADER || n > len - 8 {
+        return Err(bad(format!(
+            "its header claims {n} bytes of a {len}-byte file (the file is truncated or damaged)"
+        )));
+    }
+    let mut text = vec![0u8; n as usize];
+    f.read_exact(&mut text)
+        .map_err(|e| Error::io("cannot read", path, e))?;
+    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
+        .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+    let data_len = len - 8 - n;
+    let mut tensors = Vec::with_capacity(json.len());
+    for (name, v) in json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = v.get("dtype").and_then(|d| d.as_str());
+        let shape: Option<Vec<usize>> = v.get("shape").and_then(|s| {
+            s.as_array()?
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize))
+                .collect()
+        });
+        let offsets = v
+            .get("data_offsets")
+            .and_then(|o| match o.as_array()?.as_slice() {
+                [s, e] => Some((s.as_u64()?, e.as_u64()?)),
+                _ => None,
+            });
+        let (Some(dtype), Some(shape), Some((start, end))) = (dtype, shape, offsets) else {
+            return Err(bad(format!(
+                "tensor `{name}` lacks a dtype, a shape or two data offsets"
+            )));
+        };
+        let width = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "BF16" | "F16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            other => return Err(bad(format!("tensor `{name}` has unknown dtype {other:?}"))),
+        };
+        let bytes = shape
+            .iter()
+            .try_fold(width as u64, |acc, &d| acc.checked_mul(d as u64));
+        if start > end || end > data_len || bytes != Some(end - start) {
+            return Err(bad(format!(
+                "tensor `{name}` ({dtype} {shape:?}) claims bytes {start}..{end} of {data_len} \
+                 (the file is truncated or damaged)"
+            )));
+        }
+        tensors.push(TensorInfo {
+            name,
+            dtype: dtype.to_string(),
+            shape,
+        });
+    }
+    Ok(Header {
+        path: path.to_path_buf(),
+        tensors,
+    })
+}
+
+/// The first element of a float tensor's little-endian bytes that is NaN or ±Inf, if any.
+fn first_non_finite(dtype: safetensors::Dtype, data: &[u8]) -> Option<usize> {
+    use safetensors::Dtype as D;
+    match dtype {
+        D::F32 => data.chunks_exact(4).position(|b| {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        D::BF16 => data
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+        D::F16 => data
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        D::F64 => data.chunks_exact(8).position(|b| {
+            let bits = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            bits & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
+        }),
+        _ => None,
+    }
+}
+
+/// Loads every tensor of `files`, cast to `dtype`, onto `device`. A tensor holding a NaN or an
+/// Inf is refused, naming the file, the tensor and the element: such weights would fill a cache
+/// with NaN log-probs.
 pub fn load(files: &[PathBuf], dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    use rayon::prelude::*;
     let mut out = HashMap::new();
     for file in files {
+        read_header(file)?;
         let bytes = fs::read(file)?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| Error::Model(format!("cannot read `{}`: {e}", file.display())))?;
-        for (name, t) in tensors {
+        let bad = |e: &dyn std::fmt::Display| {
+            Error::Model(format!("cannot read `{}`: {e}", file.display()))
+        };
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(&e))?;
+        let views = st.tensors();
+        let non_finite = views.par_iter().find_map_first(|(name, view)| {
+            let at = first_non_finite(view.dtype(), view.data())?;
+            Some((name.clone(), view.shape().to_vec(), at))
+        });
+        if let Some((name, shape, at)) = non_finite {
+            return Err(Error::Model(format!(
+                "`{}`: tensor `{name}` ({shape:?}) holds a NaN or Inf at element {at}: the \
+                 checkpoint is damaged (re-download or re-convert it)",
+                file.display()
+            )));
+        }
+        for (name, view) in views {
+            let t =
+                candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| bad(&e))?;
             out.insert(name, t.to_dtype(dtype)?.to_device(device)?);
         }
     }

@@ -267,9 +267,12 @@ impl PairTokenizer {
     /// Loads `tokenizer.json` (as transformers 5 runs it) and the chat template of a model directory.
     pub fn from_dir(dir: &Path, max_length: usize, truncation: Truncation) -> Result<Self> {
         let (tokenizer, bytes) = super::backend::load(dir)?;
+        // a template's output past twice the largest row it can be given is runaway output
+        let template = ChatTemplate::from_dir(dir)?
+            .limit_output(crate::data::max_row_bytes(max_length).saturating_mul(2));
         Ok(Self {
             tokenizer,
-            template: ChatTemplate::from_dir(dir)?,
+            template,
             max_length,
             truncation,
             tokenizer_sha256: format!("{:x}", Sha256::digest(&bytes)),
@@ -337,18 +340,27 @@ impl PairTokenizer {
 
     /// One row → kept pair, or the reason it is skipped.
     pub fn tokenize(&self, row: &PreferenceRow) -> Result<TokenizedPair, SkipReason> {
-        let pair = split_pair(row, self.template.eos_token())?;
-        let Ok((prompt_ids, full_c, full_r)) = self.encode_pair(&pair) else {
-            return Err(SkipReason::TemplateError);
-        };
+        self.tokenize_explained(row).map_err(|(reason, _)| reason)
+    }
+
+    /// [`Self::tokenize`], with the template's or tokenizer's own message where one failed.
+    fn tokenize_explained(
+        &self,
+        row: &PreferenceRow,
+    ) -> Result<TokenizedPair, (SkipReason, Option<String>)> {
+        let pair = split_pair(row, self.template.eos_token()).map_err(|r| (r, None))?;
+        let (prompt_ids, full_c, full_r) = self
+            .encode_pair(&pair)
+            .map_err(|e| (SkipReason::TemplateError, Some(e.to_string())))?;
+        let skip = |r: SkipReason| Err((r, None));
         let k = common_prefix_length(&prompt_ids, &full_c)
             .min(common_prefix_length(&prompt_ids, &full_r));
         let prompt = &prompt_ids[..k];
         if k == 0 {
-            return Err(SkipReason::EmptyPrompt);
+            return skip(SkipReason::EmptyPrompt);
         }
         if self.truncation == Truncation::KeepStart && prompt.len() >= self.max_length {
-            return Err(SkipReason::PromptTooLong);
+            return skip(SkipReason::PromptTooLong);
         }
         let (chosen_ids, chosen_truncated) =
             kept(prompt, &full_c[k..], self.max_length, self.truncation);
@@ -377,11 +389,13 @@ impl PairTokenizer {
     pub fn tokenize_batch(&self, rows: &[PreferenceRow]) -> Vec<Result<TokenizedPair, Skipped>> {
         rows.par_iter()
             .map(|row| {
-                self.tokenize(row).map_err(|reason| Skipped {
-                    row: row.row,
-                    line: row.line,
-                    reason: reason.as_str(),
-                })
+                self.tokenize_explained(row)
+                    .map_err(|(reason, detail)| Skipped {
+                        row: row.row,
+                        line: row.line,
+                        reason: reason.as_str(),
+                        detail,
+                    })
             })
             .collect()
     }

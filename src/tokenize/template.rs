@@ -9,12 +9,19 @@ use minijinja::{Environment, ErrorKind, Value};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
+/// Template instructions one rendering may run: far above any hub template's needs (ChatML
+/// over a long conversation runs a few thousand), low enough that a runaway loop stops in well
+/// under a second.
+pub const FUEL: u64 = 2_000_000;
+
 /// A compiled chat template plus the special tokens it may reference.
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
     bos_token: String,
     eos_token: String,
+    /// The most bytes one rendering may write (see [`ChatTemplate::limit_output`]).
+    output_limit: usize,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -79,6 +86,8 @@ impl ChatTemplate {
 
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         let mut env = Environment::new();
+        // A template that recurses or loops without end stops with an error, never an abort.
+        env.set_fuel(Some(FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -99,7 +108,15 @@ impl ChatTemplate {
             source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            output_limit: usize::MAX,
         })
+    }
+
+    /// Caps one rendering's output at `bytes`: a template that writes more fails with an error
+    /// naming the limit instead of growing a string until memory runs out.
+    pub fn limit_output(mut self, bytes: usize) -> Self {
+        self.output_limit = bytes;
+        self
     }
 
     /// Renders `messages`; `add_generation_prompt` appends the assistant header.
@@ -111,8 +128,27 @@ impl ChatTemplate {
             bos_token => self.bos_token,
             eos_token => self.eos_token,
         };
-        tmpl.render(ctx)
-            .map_err(|e| Error::Tokenize(format!("rendering the chat template failed: {e:#}")))
+        let mut out = Capped {
+            text: Vec::new(),
+            limit: self.output_limit,
+        };
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.text)
+                .map_err(|_| Error::Tokenize("the chat template wrote invalid UTF-8".into())),
+            Err(_) if out.text.len() > self.output_limit => Err(Error::Tokenize(format!(
+                "the chat template wrote more than {} bytes for one conversation (the limit, \
+                 from `tokenize.max_length`): it does not stop, or the conversation is far \
+                 longer than `max_length` can keep",
+                self.output_limit
+            ))),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::Tokenize(format!(
+                "the chat template ran out of its {FUEL} instructions for one conversation: it \
+                 loops or recurses without end"
+            ))),
+            Err(e) => Err(Error::Tokenize(format!(
+                "rendering the chat template failed: {e}"
+            ))),
+        }
     }
 
     /// SHA-256 of the template source (part of the cache fingerprint).
@@ -123,6 +159,28 @@ impl ChatTemplate {
 
     pub fn sha256(&self) -> String {
         format!("{:x}", Sha256::digest(self.source.as_bytes()))
+    }
+}
+
+/// A sink that refuses to grow past `limit` bytes.
+struct Capped {
+    text: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.limit {
+            // remembered as over the limit, without keeping the bytes
+            self.text.resize(self.limit + 1, 0);
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -273,6 +331,39 @@ mod tests {
         assert_eq!(
             t.render(&[], false).unwrap(),
             "{\n  \"a\": [\n    1,\n    \"é\"\n  ],\n  \"b\": {\n    \"c\": null\n  }\n}"
+        );
+    }
+
+    #[test]
+    fn runaway_templates_stop_with_an_error_naming_the_limit() {
+        let msgs = [Message::new("user", &"Hi".repeat(500))];
+        let writes = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ messages[0].content }}{% endfor %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap()
+        .limit_output(1 << 20);
+        let e = writes.render(&msgs, false).unwrap_err().to_string();
+        assert!(e.contains("more than 1048576 bytes"), "{e}");
+        let spins = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let e = spins.render(&msgs, false).unwrap_err().to_string();
+        assert!(e.contains("ran out of its 2000000 instructions"), "{e}");
+        let recurses = ChatTemplate::new(
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "",
+            "",
+        )
+        .unwrap();
+        let e = recurses.render(&msgs, false).unwrap_err().to_string();
+        assert!(
+            e.contains("recurses without end") || e.contains("recursion"),
+            "{e}"
         );
     }
 

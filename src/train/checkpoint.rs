@@ -141,10 +141,9 @@ pub fn load_model(
 ) -> Result<(TransformerConfig, HashMap<String, Tensor>)> {
     if !lora::is_adapter(dir) {
         let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
-        return Ok((
-            cfg,
-            weights::load(&weights::weight_files(dir)?, DType::F32, device)?,
-        ));
+        let files = weights::weight_files(dir)?;
+        crate::model::shapes::check_files(&cfg, &files, dir)?;
+        return Ok((cfg, weights::load(&files, DType::F32, device)?));
     }
     let adapter = lora::read(dir)?;
     let mut tensors = weights::load(&base.weight_files, DType::F32, device)?;

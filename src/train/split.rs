@@ -28,6 +28,7 @@ impl Split {
                 msg: "no such cache file: run `refdpo precompute` with this config first".into(),
             });
         };
+        cache.fingerprint.check_data(&path)?;
         if let Some(max) = cache.max_token_id().filter(|&m| m as usize >= vocab_size) {
             return Err(checksum::corrupt(
                 &path,

@@ -5,6 +5,8 @@
 //! memory stays at one chunk whatever the split's size, and an interrupted run resumes where it
 //! stopped and ends with byte-identical outputs. The final files are written from the chunks.
 
+mod report;
+
 use crate::cache::{self, CacheRow, Fingerprint, MappedCache};
 use crate::config::Config;
 use crate::data::{self, DataSource, PreferenceRow, Skipped};
@@ -16,7 +18,7 @@ use crate::outputs::{self, DirLock, Existing};
 use crate::progress::Progress;
 use crate::tokenize::{window, TokenizedPair};
 use candle_core::Device;
-use serde_json::json;
+use report::{describe, update_report, Report, SplitReport};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -162,17 +164,50 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
     let started = Instant::now();
     // One pass keeps, per kept pair, its source row and token count; and the skips.
     let (mut kept_rows, mut kept_tokens, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
-    let total_read = for_each_pair(cfg, source, inputs, split, 0, &mut |r| {
-        match r {
-            Ok(p) => {
-                kept_rows.push(p.row);
-                kept_tokens.push(sequence_tokens(&p, cfg));
+    // the data files' hashes (the fingerprint's record of the data), beside the reading pass
+    let (data_sha256, total_read) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| source.hash_files(split));
+        let read = for_each_pair(cfg, source, inputs, split, 0, &mut |r| {
+            match r {
+                Ok(p) => {
+                    kept_rows.push(p.row);
+                    kept_tokens.push(sequence_tokens(&p, cfg));
+                }
+                Err(s) => skipped.push(s),
             }
-            Err(s) => skipped.push(s),
-        }
-        Ok(true)
-    })?;
+            Ok(true)
+        });
+        (hashing.join().expect("hashing does not panic"), read)
+    });
+    let (data_sha256, total_read) = (data_sha256?, total_read?);
     let all_pairs = kept_rows.len();
+    if all_pairs == 0 {
+        let mut dropped = BTreeMap::new();
+        for s in &skipped {
+            *dropped.entry(s.reason).or_insert(0) += 1;
+        }
+        let first = skipped
+            .first()
+            .map(|s| {
+                let at = match s.line {
+                    Some(l) => format!("line {l}"),
+                    None => format!("row {}", s.row),
+                };
+                let detail = s
+                    .detail
+                    .as_deref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default();
+                format!("; the first, {at}: {}{detail}", s.reason)
+            })
+            .unwrap_or_default();
+        return Err(Error::Schema {
+            path: source.files(split)?[0].clone(),
+            msg: format!(
+                "split `{split}`: no row survived validation (skipped: {dropped:?}{first})"
+            ),
+        });
+    }
     // A shard: a contiguous range of the split's scoring chunks, so its chunks — and the batches
     // inside them — are the unsharded run's, and its log-probs the same bits. Its rows run from
     // its first pair's row to the next shard's (skipped rows in between counted here).
@@ -200,23 +235,10 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
     for s in &skipped {
         *dropped.entry(s.reason.to_string()).or_insert(0) += 1;
     }
-    if all_pairs == 0 {
-        let first = skipped
-            .first()
-            .map(|s| match s.line {
-                Some(l) => format!("; the first, line {l}: {}", s.reason),
-                None => format!("; the first, row {}: {}", s.row, s.reason),
-            })
-            .unwrap_or_default();
-        return Err(Error::Schema {
-            path: source.files(split)?[0].clone(),
-            msg: format!(
-                "split `{split}`: no row survived validation (skipped: {dropped:?}{first})"
-            ),
-        });
-    }
     skipped.truncate(SKIPPED_LISTED);
     let mut fingerprint = inputs.fingerprint(cfg, split);
+    fingerprint.data_sha256 = data_sha256;
+    fingerprint.dataset_commit = source.commit.clone().unwrap_or_default();
     if !shard.is_whole() {
         fingerprint.shard = shard.to_string();
     }
@@ -257,7 +279,10 @@ fn claim_split(out: &Path, split: &Prepared, existing: Existing) -> Result<()> {
         ),
     ];
     let other = found.iter().find_map(|(path, fp)| {
-        let diff = fp.as_ref()?.first_difference(&split.fingerprint, &[])?;
+        // new contents of the same data are this cache's to replace, not another's
+        let diff = fp
+            .as_ref()?
+            .first_difference(&split.fingerprint, &cache::fingerprint::READ_BY_STAGE_ONE)?;
         Some((path, diff))
     });
     let Some((path, (field, theirs, ours))) = other else {
@@ -305,15 +330,31 @@ fn cache_state(pq: &Path, arrow: &Path, fingerprint: &Fingerprint) -> CacheState
         }
         (true, true) => {}
     }
-    let check = || -> Result<bool> {
+    let check = || -> Result<Option<Fingerprint>> {
         let in_parquet = cache::parquet::read_fingerprint(pq)?;
         cache::parquet::verify(pq)?;
         let in_arrow = MappedCache::open(arrow)?.fingerprint;
-        Ok(in_parquet == *fingerprint && in_arrow == *fingerprint)
+        Ok([in_parquet, in_arrow]
+            .into_iter()
+            .find(|f| f != fingerprint))
     };
     match check() {
-        Ok(true) => CacheState::UpToDate,
-        Ok(false) => CacheState::Broken(format!("`{}` was made from other inputs", pq.display())),
+        Ok(None) => CacheState::UpToDate,
+        Ok(Some(other)) => CacheState::Broken(match other.first_difference(fingerprint, &[]) {
+            Some((field, _, _)) if field == "data_sha256" => {
+                let changed: Vec<&str> = fingerprint
+                    .data_sha256
+                    .iter()
+                    .filter(|(f, sha)| other.data_sha256.get(*f) != Some(*sha))
+                    .map(|(f, _)| f.as_str())
+                    .collect();
+                format!(
+                    "the data changed since it was scored ({})",
+                    changed.join(", ")
+                )
+            }
+            _ => format!("`{}` was made from other inputs", pq.display()),
+        }),
         Err(e) => CacheState::Broken(e.to_string()),
     }
 }
@@ -381,68 +422,21 @@ fn score_split(
     let seconds = split.prepare_seconds + started.elapsed().as_secs_f64();
     Ok(Report {
         split: split.name.clone(),
-        entry: json!({
-            "rows_read": split.rows_read,
-            "rows_kept": split.pairs.len(),
-            "dropped": split.dropped,
-            "skipped_rows": split.skipped,
-            "tokens": tokens,
-            "seconds": seconds,
-            "tokens_per_second": tokens as f64 / seconds.max(1e-9),
-            // the reference forward + log-probs alone (0 when the cache was up to date)
-            "score_seconds": score_seconds,
-            "resumed_chunks": resumed,
-            "up_to_date": fresh,
-            "parquet": pq,
-            "arrow": arrow,
-        }),
+        entry: SplitReport {
+            rows_read: split.rows_read,
+            rows_kept: split.pairs.len(),
+            dropped: split.dropped,
+            skipped_rows: split.skipped,
+            tokens,
+            seconds,
+            tokens_per_second: tokens as f64 / seconds.max(1e-9),
+            score_seconds,
+            resumed_chunks: resumed,
+            up_to_date: fresh,
+            parquet: pq,
+            arrow,
+        },
     })
-}
-
-/// One split's entry of `report.json`.
-struct Report {
-    split: String,
-    entry: serde_json::Value,
-}
-
-/// One line a split for the terminal: counts, skips by reason, throughput, files.
-fn describe(r: &Report) -> String {
-    let e = &r.entry;
-    let n = |k: &str| e[k].as_u64().unwrap_or(0);
-    let f = |k: &str| e[k].as_f64().unwrap_or(0.0);
-    let skipped: Vec<String> = e["dropped"]
-        .as_object()
-        .map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect())
-        .unwrap_or_default();
-    let skipped_total = n("rows_read") - n("rows_kept");
-    let done = if e["up_to_date"] == true {
-        "cache was up to date".to_string()
-    } else {
-        let resumed = match n("resumed_chunks") {
-            0 => String::new(),
-            k => format!(", resumed {k} finished chunks"),
-        };
-        format!(
-            "scored in {:.1} s, {:.0} tokens/s{resumed}",
-            f("seconds"),
-            f("tokens_per_second")
-        )
-    };
-    let skipped = if skipped.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", skipped.join(", "))
-    };
-    format!(
-        "{}: {} rows read, {} kept, {} skipped{skipped}; {} tokens ({done}) -> {}, {}",
-        r.split,
-        n("rows_read"),
-        n("rows_kept"),
-        skipped_total,
-        n("tokens"),
-        e["parquet"].as_str().unwrap_or_default(),
-        e["arrow"].as_str().unwrap_or_default(),
-    )
 }
 
 /// Tokens a pair puts through the model (both sequences, after truncation).
@@ -538,6 +532,21 @@ impl Scorer<'_> {
         Ok(resumed)
     }
 
+    /// A pair whose reference log-prob is NaN or infinite: never cached, an error naming it.
+    fn non_finite(&self, p: &TokenizedPair, (c, r): (f64, f64)) -> Error {
+        let hint = match self.cfg.model.dtype {
+            crate::config::Dtype::F16 => {
+                " f16 ends at 65504, the likely cause: set `model.dtype = \"bf16\"` (or \"f32\")"
+            }
+            _ => " The weights are finite, so the forward overflowed: try `model.dtype = \"f32\"`",
+        };
+        Error::Model(format!(
+            "source row {} (prompt_id {}): the reference log-probs are {c} (chosen) and {r} \
+             (rejected), not finite numbers, so no cache is written.{hint}",
+            p.row, p.prompt_id
+        ))
+    }
+
     /// Scores one chunk in length-bucketed batches; rows come back in source order.
     fn score_chunk(&self, pairs: &[TokenizedPair], progress: &Progress) -> Result<Vec<CacheRow>> {
         let (l, t) = (self.cfg.tokenize.max_length, self.cfg.tokenize.truncation);
@@ -559,6 +568,9 @@ impl Scorer<'_> {
                 .collect();
             let scores = logprobs::score_pairs(self.model, &ids, l, t, self.device)?;
             for (&i, s) in batch.iter().zip(scores) {
+                if !(s.0.is_finite() && s.1.is_finite()) {
+                    return Err(self.non_finite(&pairs[i], s));
+                }
                 logps[i] = s;
             }
             progress.inc(batch.len() as u64);
@@ -581,14 +593,4 @@ impl Scorer<'_> {
             })
             .collect())
     }
-}
-
-/// Merges one split's entry into `report.json` (atomically).
-fn update_report(path: &Path, report: &Report) -> Result<()> {
-    let mut all: BTreeMap<String, serde_json::Value> = match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).unwrap_or_default(),
-        Err(_) => BTreeMap::new(),
-    };
-    all.insert(report.split.clone(), report.entry.clone());
-    fs::write_atomic(path, serde_json::to_string_pretty(&all)?.as_bytes())
 }
