@@ -177,7 +177,7 @@ fn stage_one_through_a_hub_server() {
     let mirrors = t.join("mirrors");
     let model_repo = mirrors.join("models/demo-org/tiny-llama");
     let main_sha = mirror(&t.join("demo/model"), &model_repo);
-    mirror(
+    let data_sha = mirror(
         &t.join("demo/dataset"),
         &mirrors.join("datasets/demo-org/prefs"),
     );
@@ -213,6 +213,16 @@ fn stage_one_through_a_hub_server() {
     succeeded(&first, "download");
     let report = super::common::read_json(&t.join("c1/report.json"));
     assert_eq!(report["train_prefs"]["rows_kept"], 156, "{report}");
+    // the fingerprint records the commits `main` resolved to, and the data files' hashes
+    let fp = refdpo::cache::parquet::read_fingerprint(&t.join("c1/train_prefs.parquet")).unwrap();
+    assert_eq!(
+        (fp.dataset_commit.as_str(), fp.model_commit.as_str()),
+        (data_sha.as_str(), main_sha.as_str())
+    );
+    assert_eq!(
+        fp.data_sha256.keys().collect::<Vec<_>>(),
+        ["data/train_prefs-00000-of-00001.parquet"]
+    );
 
     // revision pinning: the main commit, and the dev branch (its own snapshot)
     let by_commit = format!("model.revision={main_sha}");
@@ -223,6 +233,11 @@ fn stage_one_through_a_hub_server() {
     succeeded(
         &precompute(&cfg, t, &env, &[out("c3"), "model.revision=dev".into()]),
         "branch",
+    );
+    let fp = refdpo::cache::parquet::read_fingerprint(&t.join("c3/train_prefs.parquet")).unwrap();
+    assert_eq!(
+        (fp.model_revision.as_str(), fp.model_commit.as_str()),
+        ("dev", dev_sha.as_str())
     );
     let model_cache = hf_home.join("hub/models--demo-org--tiny-llama");
     assert_eq!(
