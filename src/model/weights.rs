@@ -136,32 +136,21 @@ pub fn read_header(path: &Path) -> Result<Header> {
     })
 }
 
-/// The first element of a float tensor's little-endian bytes that is NaN or ±Inf, if any.
-fn first_non_finite(dtype: safetensors::Dtype, data: &[u8]) -> Option<usize> {
-    use safetensors::Dtype as D;
-    match dtype {
-        D::F32 => data.chunks_exact(4).position(|b| {
-            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
-        }),
-        D::BF16 => data
-            .chunks_exact(2)
-            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
-        D::F16 => data
-            .chunks_exact(2)
-            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
-        D::F64 => data.chunks_exact(8).position(|b| {
-            let bits = u64::from_le_bytes(b.try_into().expect("8 bytes"));
-            bits & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
-        }),
-        _ => None,
+/// The first element of `t` (on the CPU) that is NaN or ±Inf, if any: one f32 sum in candle's
+/// optimized kernels (a NaN or an Inf makes it non-finite), and only when it is, the element
+/// itself (a finite tensor whose sum overflows then comes out clean).
+pub fn non_finite_at(t: &Tensor) -> Result<Option<usize>> {
+    let t = t.flatten_all()?.to_dtype(DType::F32)?;
+    if t.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        return Ok(None);
     }
+    Ok(t.to_vec1::<f32>()?.iter().position(|x| !x.is_finite()))
 }
 
 /// Loads every tensor of `files`, cast to `dtype`, onto `device`. A tensor holding a NaN or an
 /// Inf is refused, naming the file, the tensor and the element: such weights would fill a cache
 /// with NaN log-probs.
 pub fn load(files: &[PathBuf], dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
-    use rayon::prelude::*;
     let mut out = HashMap::new();
     for file in files {
         read_header(file)?;
@@ -170,21 +159,17 @@ pub fn load(files: &[PathBuf], dtype: DType, device: &Device) -> Result<HashMap<
             Error::Model(format!("cannot read `{}`: {e}", file.display()))
         };
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(&e))?;
-        let views = st.tensors();
-        let non_finite = views.par_iter().find_map_first(|(name, view)| {
-            let at = first_non_finite(view.dtype(), view.data())?;
-            Some((name.clone(), view.shape().to_vec(), at))
-        });
-        if let Some((name, shape, at)) = non_finite {
-            return Err(Error::Model(format!(
-                "`{}`: tensor `{name}` ({shape:?}) holds a NaN or Inf at element {at}: the \
-                 checkpoint is damaged (re-download or re-convert it)",
-                file.display()
-            )));
-        }
-        for (name, view) in views {
+        for (name, view) in st.tensors() {
             let t =
                 candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| bad(&e))?;
+            if let Some(at) = non_finite_at(&t)? {
+                return Err(Error::Model(format!(
+                    "`{}`: tensor `{name}` ({:?}) holds a NaN or Inf at element {at}: the \
+                     checkpoint is damaged (re-download or re-convert it)",
+                    file.display(),
+                    view.shape()
+                )));
+            }
             out.insert(name, t.to_dtype(dtype)?.to_device(device)?);
         }
     }
@@ -208,4 +193,32 @@ pub fn save(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
     fs::write_path_atomic(path, |tmp| Ok(candle_core::safetensors::save(&cpu, tmp)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nan_and_inf_are_found_in_every_float_dtype_and_an_overflowing_sum_is_not_one() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for (bad, at) in [(f32::NAN, 3), (f32::INFINITY, 0), (f32::NEG_INFINITY, 6)] {
+                let mut v = vec![0.5f32; 7];
+                v[at] = bad;
+                let t = Tensor::new(v, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                assert_eq!(non_finite_at(&t).unwrap(), Some(at), "{dtype:?} {bad}");
+            }
+        }
+        // finite values whose sum overflows f32 are fine
+        let t = Tensor::new(vec![3e38f32, 3e38, -1.0], &Device::Cpu).unwrap();
+        assert_eq!(non_finite_at(&t).unwrap(), None);
+        let t = Tensor::new(vec![6e4f32; 4], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        assert_eq!(non_finite_at(&t).unwrap(), None);
+    }
 }
