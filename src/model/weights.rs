@@ -170,7 +170,17 @@ pub fn load(files: &[PathBuf], dtype: DType, device: &Device) -> Result<HashMap<
                     view.shape()
                 )));
             }
-            out.insert(name, t.to_dtype(dtype)?.to_device(device)?);
+            let cast = t.to_dtype(dtype)?;
+            if dtype == DType::F16 && t.dtype() != DType::F16 {
+                if let Some(at) = non_finite_at(&cast)? {
+                    return Err(Error::Model(format!(
+                        "`{}`: tensor `{name}` element {at} is beyond f16's range (65504): set \
+                         `model.dtype = \"bf16\"` (or \"f32\")",
+                        file.display()
+                    )));
+                }
+            }
+            out.insert(name, cast.to_device(device)?);
         }
     }
     Ok(out)

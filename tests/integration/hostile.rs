@@ -176,6 +176,108 @@ fn damaged_models_and_tokenizers_are_refused_naming_the_key_or_tensor() {
 }
 
 #[test]
+fn an_f16_overflow_is_an_error_naming_the_row_never_a_cache_of_nan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo(tmp.path());
+    let t = tmp.path();
+    // weights within f16's range whose logits pass its 65504 (and stay finite in f32)
+    let loud = model_copy(t, "loud", |d| {
+        edit_weights(d, |w| {
+            let head = (&w["lm_head.weight"] * 1e6).unwrap();
+            w.insert("lm_head.weight".into(), head);
+        })
+    });
+    let mut f32_sets = model_set(&loud);
+    f32_sets[1] = format!("precompute.out={}/cache-f32", loud.display());
+    let mut args = vec!["precompute", "--config", cfg.to_str().unwrap(), "--quiet"];
+    for s in &f32_sets {
+        args.extend(["--set", s]);
+    }
+    ok(&args, t);
+    let mut sets = model_set(&loud);
+    sets.push("model.dtype=f16".into());
+    refused(
+        &cfg,
+        t,
+        &sets,
+        &[
+            "source row",
+            "not finite numbers",
+            "no cache is written",
+            "f16 ends at 65504",
+        ],
+    );
+    assert!(!loud.join("cache/train_prefs.arrow").exists());
+    // weights past f16's range are refused by name when they are cast
+    let past = model_copy(t, "past", |d| {
+        edit_weights(d, |w| {
+            let name = "model.layers.1.mlp.up_proj.weight";
+            let up = (&w[name] * 1e7).unwrap();
+            w.insert(name.into(), up);
+        })
+    });
+    let mut sets = model_set(&past);
+    sets.push("model.dtype=f16".into());
+    refused(
+        &cfg,
+        t,
+        &sets,
+        &[
+            "tensor `model.layers.1.mlp.up_proj.weight`",
+            "beyond f16's range",
+            "bf16",
+        ],
+    );
+}
+
+#[test]
+fn a_template_error_on_some_rows_is_a_skip_with_the_template_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo(tmp.path());
+    let t = tmp.path();
+    let picky = model_copy(t, "picky", |d| {
+        edit_json(&d.join("tokenizer_config.json"), |v| {
+            let chatml = v["chat_template"].as_str().unwrap().to_string();
+            v["chat_template"] = json!(format!(
+                "{{% for m in messages %}}{{% if 'zebra' in m.content %}}{{{{ raise_exception('no zebras, please') }}}}{{% endif %}}{{% endfor %}}{chatml}"
+            ));
+        })
+    });
+    let file = t.join("zebra.jsonl");
+    let mut lines = good_lines();
+    lines[7] = json!({
+        "prompt": [{"role": "user", "content": "tell me about a zebra"}],
+        "chosen": [{"role": "assistant", "content": "useful"}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    })
+    .to_string()
+    .into_bytes();
+    std::fs::write(&file, lines.join(&b'\n')).unwrap();
+    let mut args = vec!["precompute", "--config", cfg.to_str().unwrap(), "--quiet"];
+    let sets = [
+        model_set(&picky),
+        vec![format!("dataset.id={}", file.display())],
+    ]
+    .concat();
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    ok(&args, t);
+    let report = read_json(&picky.join("cache/report.json"));
+    let skipped = &report["train_prefs"]["skipped_rows"];
+    assert_eq!(skipped.as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(skipped[0]["line"], 8);
+    assert_eq!(skipped[0]["reason"], "template_error");
+    assert!(
+        skipped[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no zebras, please"),
+        "{report}"
+    );
+}
+
+#[test]
 fn runaway_templates_are_errors_that_quote_the_template_message() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = demo(tmp.path());
