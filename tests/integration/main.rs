@@ -2,6 +2,7 @@
 //! ignored where it is absent (the summary counts them), and fail under `CI=true` (build.rs).
 
 mod common;
+mod contract;
 mod demo_pipeline;
 mod families;
 mod fidelity;
