@@ -5,7 +5,7 @@
 
 use crate::config::Truncation;
 use crate::error::{Error, Result};
-use crate::model::{fused, OpMode, Transformer};
+use crate::model::{fused, softcap, OpMode, Transformer};
 use crate::profile::{self, Phase};
 use crate::tokenize::window;
 use candle_core::{DType, Device, Tensor, D};
@@ -135,14 +135,6 @@ pub fn score(model: &Transformer, batch: &SeqBatch, mode: OpMode) -> Result<Vec<
         mode,
     )?; // [N]
     batch.sequence_sums(&lp)
-}
-
-/// Gemma 2's final soft-capping, cap · tanh(logits / cap); the identity without a cap.
-pub fn softcap(logits: Tensor, cap: Option<f64>) -> Result<Tensor> {
-    Ok(match cap {
-        Some(c) => ((logits / c)?.tanh()? * c)?,
-        None => logits,
-    })
 }
 
 /// Scores B pairs in one batched forward: (chosen, rejected) summed log-probs per pair.

@@ -1,7 +1,26 @@
-//! A tiny seeded RNG (splitmix64): the demo generator and the training data order, reproducible
-//! across platforms and versions.
+//! A tiny seeded RNG (splitmix64): the demo generator, the training data order, seeded weights and
+//! dropout masks, reproducible across platforms and versions (the fixtures' Python reproduces
+//! `uniform` and `fnv1a64`). A leaf.
 
-use crate::model::init::uniform;
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+pub fn fnv1a64(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The i-th (1-based) splitmix64 output of `seed`, as f64 in [-1, 1).
+pub fn uniform(seed: u64, i: u64) -> f64 {
+    let mut z = seed.wrapping_add(i.wrapping_mul(GOLDEN));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+}
 
 pub struct SplitMix {
     seed: u64,

@@ -167,6 +167,19 @@ impl<'de> Deserialize<'de> for Losses {
     }
 }
 
+/// The projections an adapter can target, under their HF names (Phi-3's fused ones included).
+pub const PROJECTIONS: [&str; 9] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+];
+
 /// `train.lora.target_modules`: PEFT's `"all-linear"` (every projection of the decoder layers,
 /// not `lm_head`) or a list of projection names (`q_proj`, `gate_up_proj`, …).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -8,6 +8,7 @@ mod validate;
 
 pub use choices::{
     Dtype, Losses, LrSchedule, RefMode, Role, Shard, StateDtype, TargetModules, Truncation,
+    PROJECTIONS,
 };
 pub use keys::apply_override;
 

@@ -1,9 +1,9 @@
 //! What serde cannot check: required keys, ranges, finite numbers, and values that would make a
 //! run do nothing. Each error is a sentence naming one key, its value and what is allowed.
 
+use super::choices::PROJECTIONS;
 use super::{Config, TargetModules};
 use crate::error::{Error, Result};
-use crate::model::lora::PROJECTIONS;
 use std::fmt::Display;
 
 impl Config {

@@ -3,7 +3,6 @@
 //! a prompt's continuation does not depend on the batch it ran in.
 
 use crate::error::Result;
-use crate::logprobs;
 use crate::model::transformer::{DecodeStep, KvCache};
 use crate::model::Transformer;
 use crate::rng::SplitMix;
@@ -72,7 +71,7 @@ pub fn generate(
         model.forward_cached(&Tensor::from_vec(ids, (b, p), device)?, &step, &mut cache)?;
     hidden = hidden.narrow(1, p - 1, 1)?;
     for n in 0..max_new {
-        let logits = logprobs::softcap(
+        let logits = crate::model::softcap(
             hidden.squeeze(1)?.matmul(&model.lm_head.t()?)?,
             model.cfg.final_softcap,
         )?

@@ -1,8 +1,8 @@
 //! The length summary of a generations file: tokens per model (mean, median), how many hit the
 //! token limit, and how often the policy wrote more than the reference for the same prompt.
 
+use crate::charts;
 use crate::error::{fs, Error, Result};
-use crate::stats::plot;
 use serde_json::{json, Map, Value};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -137,19 +137,19 @@ impl Summary {
     pub fn plot(&self, dir: &Path) -> Result<PathBuf> {
         fs::create_dir_all(dir)?;
         let path = dir.join("generation_lengths.svg");
-        let series: Vec<plot::Values> = self
+        let series: Vec<charts::Values> = self
             .models
             .iter()
             .map(|(n, t, _)| {
                 let color = if n == "policy" {
-                    plot::POLICY
+                    charts::POLICY
                 } else {
-                    plot::REFERENCE
+                    charts::REFERENCE
                 };
                 (n.as_str(), color, t.iter().map(|&x| x as f64).collect())
             })
             .collect();
-        plot::histogram(
+        charts::histogram(
             &path,
             &format!(
                 "Generated tokens per prompt (limit {})",

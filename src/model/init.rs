@@ -9,25 +9,7 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
 
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-pub fn fnv1a64(name: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// The i-th (1-based) splitmix64 output of `seed`, as f64 in [-1, 1).
-pub fn uniform(seed: u64, i: u64) -> f64 {
-    let mut z = seed.wrapping_add(i.wrapping_mul(GOLDEN));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-}
+pub use crate::rng::{fnv1a64, uniform};
 
 /// Values of one tensor: norms 1 + 0.1u, biases 0.1u, everything else std·√3·u.
 pub fn tensor_values(name: &str, numel: usize, seed: u64, init_std: f64) -> Vec<f32> {

@@ -5,8 +5,10 @@ pub mod fused;
 pub mod init;
 pub mod lora;
 pub mod shapes;
+pub mod softcap;
 pub mod transformer;
 pub mod weights;
 
 pub use config::{Arch, TransformerConfig};
+pub use softcap::softcap;
 pub use transformer::{OpMode, ParamSource, Transformer};

@@ -899,7 +899,7 @@ impl Transformer {
     /// input_ids [B, T] → logits [B, T, V] (tests and small inputs only: this is the full vocabulary).
     pub fn forward_logits(&self, input_ids: &Tensor, mode: OpMode) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, mode)?;
-        crate::logprobs::softcap(
+        super::softcap(
             h.broadcast_matmul(&self.lm_head.t()?)?,
             self.cfg.final_softcap,
         )

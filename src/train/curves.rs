@@ -1,6 +1,7 @@
 //! `refdpo plot`: training and eval curves of one or more runs (their `metrics.jsonl`), overlaid
 //! run by run, one SVG per metric, so a sweep over one cache compares at a glance.
 
+use crate::charts::{canvas, e, err, frame, legend, Res, TAB10};
 use crate::error::{fs, Error, Result};
 use plotters::prelude::*;
 use serde_json::Value;
@@ -19,20 +20,6 @@ const METRICS: [&str; 9] = [
     "logps/rejected",
     "grad_norm",
     "learning_rate",
-];
-
-/// Run colours (matplotlib's tab10), reused past ten runs.
-const COLOURS: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
 ];
 
 /// One run's logged values: metric → (step, value) in file order.
@@ -85,17 +72,13 @@ pub fn plot(runs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
             continue;
         }
         let path = out.join(format!("{}.svg", metric.replace('/', "_")));
-        draw(&path, metric, &eval, &runs).map_err(|msg| Error::Plot {
-            path: path.clone(),
-            msg,
-        })?;
+        draw(&path, metric, &eval, &runs).map_err(err(&path))?;
         files.push(path);
     }
     Ok(files)
 }
 
-fn draw(path: &Path, metric: &str, eval: &str, runs: &[Run]) -> std::result::Result<(), String> {
-    let e = |x: &dyn std::fmt::Display| x.to_string();
+fn draw(path: &Path, metric: &str, eval: &str, runs: &[Run]) -> Res {
     let all = || {
         runs.iter()
             .flat_map(|r| [r.series.get(metric), r.series.get(eval)])
@@ -109,28 +92,21 @@ fn draw(path: &Path, metric: &str, eval: &str, runs: &[Run]) -> std::result::Res
         y1 = y1.max(y);
     }
     let pad = ((y1 - y0) * 0.05).max(1e-9 * y1.abs().max(1.0));
-    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(&x))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(metric, ("sans-serif", 24))
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0f64..x1, (y0 - pad)..(y1 + pad))
-        .map_err(|x| e(&x))?;
+    let root = canvas(path, 540)?;
+    let mut chart = frame(&root, metric, 0.0..x1, (y0 - pad)..(y1 + pad), 80)?;
     chart
         .configure_mesh()
         .x_desc("optimizer step")
         .y_desc(format!("{metric} (line: train; dots: {eval})"))
         .axis_desc_style(("sans-serif", 16))
         .draw()
-        .map_err(|x| e(&x))?;
+        .map_err(e)?;
     for (i, run) in runs.iter().enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
+        let colour = TAB10[i % TAB10.len()];
         if let Some(pts) = run.series.get(metric) {
             chart
                 .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))
-                .map_err(|x| e(&x))?
+                .map_err(e)?
                 .label(run.label.clone())
                 .legend(move |(x, y)| {
                     PathElement::new([(x, y), (x + 14, y)], colour.stroke_width(2))
@@ -139,18 +115,11 @@ fn draw(path: &Path, metric: &str, eval: &str, runs: &[Run]) -> std::result::Res
         if let Some(pts) = run.series.get(eval) {
             chart
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 5, colour.filled())))
-                .map_err(|x| e(&x))?;
+                .map_err(e)?;
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 16))
-        .draw()
-        .map_err(|x| e(&x))?;
-    root.present().map_err(|x| e(&x))
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
+    root.present().map_err(e)
 }
 
 #[cfg(test)]

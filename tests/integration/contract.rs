@@ -78,7 +78,15 @@ fn check_json(name: &str, got: &Value, tol: f64, skip: &[&str]) {
 fn every_commands_help_is_the_contracts() {
     let tmp = tempfile::tempdir().unwrap();
     for cmd in [
-        "", "precompute", "train", "stats", "show", "plot", "generate", "merge", "selftest",
+        "",
+        "precompute",
+        "train",
+        "stats",
+        "show",
+        "plot",
+        "generate",
+        "merge",
+        "selftest",
     ] {
         let mut args: Vec<&str> = if cmd.is_empty() { vec![] } else { vec![cmd] };
         args.push("--help");
