@@ -220,4 +220,3 @@ mod layering {
         assert_eq!(u, ["model", "rng"].map(String::from).into_iter().collect());
     }
 }
-

@@ -485,7 +485,9 @@ fn model(arch: &str, device: &Device, p: Precision, checks: &mut Vec<Check>) -> 
     let grads =
         |dev: &Device, dt: DType, reference: bool| -> Result<Vec<(String, Option<Tensor>)>> {
             let mut policy = Policy::new(&cfg, weights.clone(), dt, dev)?;
-            policy.fused &= !reference;
+            if reference {
+                policy.use_composed_ops();
+            }
             let mut g = policy.zero_grads(DType::F32);
             policy.forward_backward(&batch(dev)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
             Ok(policy
@@ -557,7 +559,9 @@ fn lora(arch: &str, device: &Device, p: Precision, checks: &mut Vec<Check>) -> R
             .map(|(k, v)| Ok((k.clone(), v.to_device(dev)?)))
             .collect::<Result<_>>()?;
         let mut policy = Policy::with_lora(&cfg, base.clone(), &lora, adapters, dt, dev)?;
-        policy.fused &= !reference;
+        if reference {
+            policy.use_composed_ops();
+        }
         let mut g = policy.zero_grads(DType::F32);
         policy.forward_backward(&batch(dev)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
         g.iter()

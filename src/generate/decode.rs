@@ -3,8 +3,8 @@
 //! a prompt's continuation does not depend on the batch it ran in.
 
 use crate::error::Result;
-use crate::model::transformer::{DecodeStep, KvCache};
 use crate::model::Transformer;
+use crate::model::{DecodeStep, KvCache};
 use crate::rng::SplitMix;
 use candle_core::{DType, Device, Tensor};
 

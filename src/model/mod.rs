@@ -1,14 +1,35 @@
 //! The model stage: HF config and safetensors in, the decoder of a supported family out.
+//!
+//! The decoder by idea: [`op_mode`] (which op set a forward uses), the layers ([`norm`],
+//! [`rope`], [`attention`], [`mlp`]) mirroring [`fused`], the layer ([`block`]), each family's
+//! weight names ([`load`], [`shapes`]), the per-length tables ([`tables`]), the assembled model
+//! ([`transformer`]) and its incremental form ([`decode`]).
 
+pub mod attention;
+pub mod block;
 pub mod config;
+pub mod decode;
 pub mod fused;
 pub mod init;
+pub mod load;
 pub mod lora;
+pub mod mlp;
+pub mod norm;
+pub mod op_mode;
+pub mod params;
+pub mod rope;
 pub mod shapes;
 pub mod softcap;
+pub mod tables;
 pub mod transformer;
 pub mod weights;
 
+pub use block::Block;
 pub use config::{Arch, TransformerConfig};
+pub use decode::{DecodeStep, KvCache};
+pub use norm::RmsNorm;
+pub use op_mode::OpMode;
+pub use params::ParamSource;
 pub use softcap::softcap;
-pub use transformer::{OpMode, ParamSource, Transformer};
+pub use tables::{ContextCache, SeqContext};
+pub use transformer::Transformer;

@@ -22,8 +22,8 @@ use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::logprobs::{self, SeqBatch};
 use crate::model::lora::{self, Adapter, Dropout};
-use crate::model::transformer::{Block, ContextCache, RmsNorm, SeqContext};
-use crate::model::{fused, OpMode, ParamSource, Transformer, TransformerConfig};
+use crate::model::{Block, ContextCache, RmsNorm, SeqContext};
+use crate::model::{OpMode, ParamSource, Transformer, TransformerConfig};
 use crate::profile::{self, Phase};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use std::collections::HashMap;
@@ -46,8 +46,10 @@ pub struct Policy {
     pub dropout_seed: u64,
     /// RoPE tables and masks, kept across steps.
     contexts: ContextCache,
-    /// Forwards use refdpo's fused ops ([`fused::enabled`] on the device, by default).
-    pub fused: bool,
+    /// The op sets of training and scoring forwards: the device's ([`OpMode::training`],
+    /// [`OpMode::scoring`]), or the composed ones ([`Policy::use_composed_ops`]).
+    train_mode: OpMode,
+    score_mode: OpMode,
 }
 
 struct Tracked<'a>(&'a Policy);
@@ -188,7 +190,8 @@ impl Policy {
             backward_seqs: 0,
             dropout_seed: 0,
             contexts: ContextCache::default(),
-            fused: fused::enabled(device),
+            train_mode: OpMode::training(device),
+            score_mode: OpMode::scoring(device),
         })
     }
 
@@ -308,11 +311,12 @@ impl Policy {
     }
 
     fn training_mode(&self) -> OpMode {
-        if self.fused {
-            OpMode::Fused
-        } else {
-            OpMode::Differentiable
-        }
+        self.train_mode
+    }
+
+    /// Forwards with the composed ops whatever the device (the selftest's reference).
+    pub fn use_composed_ops(&mut self) {
+        (self.train_mode, self.score_mode) = (OpMode::Differentiable, OpMode::Fast);
     }
 
     /// Forward + backward of one batch. `loss_grad` maps the per-sequence summed log-probs to
@@ -461,12 +465,9 @@ impl Policy {
         let (b, t, h) = g.dims3()?;
         let ids = input_ids.flatten_all()?; // [2B·T]
         let mut g = g.reshape((b * t, h))?.to_dtype(DType::F32)?;
-        if self.cfg.gemma {
-            // the lookup was scaled by √hidden (rounded to the compute dtype)
-            let scale = Tensor::new((h as f32).sqrt(), g.device())?
-                .to_dtype(self.compute_dtype)?
-                .to_dtype(DType::F32)?;
-            g = g.broadcast_mul(&scale)?;
+        if let Some(scale) = Transformer::embed_scale(&self.cfg, self.compute_dtype, g.device())? {
+            // the lookup was scaled (by Gemma's √hidden, rounded to the compute dtype)
+            g = g.broadcast_mul(&scale.to_dtype(DType::F32)?)?;
         }
         if let Some(pad) = self.cfg.pad_token_id {
             let keep = ids.ne(pad)?.to_dtype(DType::F32)?.unsqueeze(1)?; // [2B·T, 1]
@@ -479,11 +480,7 @@ impl Policy {
     /// Summed completion log-probs without gradients (evaluation, step-0 checks), one block's
     /// compute copy at a time, with the fused kernels no graph needs (the reference's forward).
     pub fn score(&self, batch: &SeqBatch) -> Result<Vec<f64>> {
-        let mode = if self.fused {
-            OpMode::Fused
-        } else {
-            OpMode::Fast
-        };
+        let mode = self.score_mode;
         let head = self.head()?;
         let ctx = self
             .contexts

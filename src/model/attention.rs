@@ -1,0 +1,225 @@
+//! Attention: q/k/v projections with the family's query/key norms, RoPE, grouped-query heads,
+//! the causal or sliding-window mask and softmax in f32 (candle's fused ops, composed ones, or
+//! refdpo's fused row op), a few sequences at a time; and the cached form decoding uses.
+
+use super::config::QkNorm;
+use super::fused::{self, AttnSoftmax};
+use super::lora::{Dropout, Proj};
+use super::norm::RmsNorm;
+use super::rope::rope_at;
+use super::tables::SeqContext;
+use super::OpMode;
+use crate::error::Result;
+use crate::profile::{self, Phase};
+use candle_core::{DType, Device, Tensor, D};
+
+/// Upper bound on the elements of one chunk of attention scores (sequences × heads × T × T):
+/// bounds activation memory and stays far below candle's 32-bit CUDA element count. On the CPU
+/// the chunk is kept small (8 MiB of f32): larger fresh buffers are mmapped and page-faulted anew
+/// on every chunk (measured in BENCHMARKS.md, "CPU page faults").
+fn scores_budget(device: &Device) -> usize {
+    if device.is_cpu() {
+        1 << 21
+    } else {
+        1 << 25
+    }
+}
+
+/// Sequences per attention chunk for `heads` heads over `seq_len` positions on `device` (at
+/// least one).
+pub fn attention_chunk(heads: usize, seq_len: usize, device: &Device) -> usize {
+    (scores_budget(device) / (heads * seq_len * seq_len).max(1)).max(1)
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub(super) q: Proj,
+    pub(super) k: Proj,
+    pub(super) v: Proj,
+    pub(super) o: Proj,
+    /// RMSNorm of queries and keys before RoPE (Qwen3 per head, OLMo 2 whole).
+    pub(super) qk_norm: Option<(QkNorm, RmsNorm, RmsNorm)>,
+    pub(super) num_heads: usize,
+    pub(super) num_kv_heads: usize,
+    pub(super) head_dim: usize,
+    /// The scores' scale (1/√head_dim, or Gemma's `query_pre_attn_scalar`^-½).
+    pub(super) scale: f64,
+    /// Gemma 2: cap · tanh(scores / cap), after the scale and before the mask.
+    pub(super) softcap: Option<f64>,
+    /// This layer attends within the sliding window (with the local RoPE base, if any).
+    pub(super) sliding: bool,
+    /// That window's length (0 for none).
+    pub(super) window: usize,
+}
+
+impl Attention {
+    /// x [B, T, H] → q [B, nh, T, hd], k and v [B, kv, T, hd], before RoPE, with the query/key
+    /// norm where the family has one.
+    fn project(
+        &self,
+        x: &Tensor,
+        dropout: Option<&Dropout>,
+        mode: OpMode,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let heads = |lin: &Proj, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let mut y = lin.forward(x, dropout)?;
+            let kind = self.qk_norm.as_ref().map(|(k, _, _)| *k);
+            if let (Some(QkNorm::Whole), Some(norm)) = (kind, norm) {
+                y = norm.forward(&y, mode)?;
+            }
+            let mut y = y.reshape((b, t, n, self.head_dim))?;
+            if let (Some(QkNorm::PerHead), Some(norm)) = (kind, norm) {
+                y = norm.forward(&y, mode)?;
+            }
+            Ok(y.transpose(1, 2)?.contiguous()?)
+        };
+        let (q_norm, k_norm) = match &self.qk_norm {
+            Some((_, q, k)) => (Some(q), Some(k)),
+            None => (None, None),
+        };
+        Ok((
+            heads(&self.q, self.num_heads, q_norm)?,
+            heads(&self.k, self.num_kv_heads, k_norm)?,
+            heads(&self.v, self.num_kv_heads, None)?,
+        ))
+    }
+
+    /// x: [B, T, H] → [B, T, H]
+    pub(super) fn forward(&self, x: &Tensor, ctx: &SeqContext, mode: OpMode) -> Result<Tensor> {
+        let _phase = profile::scope(Phase::Attention);
+        let ((cos, sin), mask) = ctx.for_layer(self.sliding);
+        let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.project(x, ctx.dropout.as_ref(), mode)?;
+        let (q, k) = match mode {
+            OpMode::Fast => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+            OpMode::Differentiable => (
+                candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
+            ),
+            OpMode::Fused => (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?),
+        };
+        // The fused row op takes each kv head's query heads as rows: no repeated K and V.
+        let grouped = mode == OpMode::Fused && self.softcap.is_none();
+        let (k, v) = if grouped {
+            (k, v)
+        } else {
+            let rep = self.num_heads / self.num_kv_heads;
+            (repeat_kv(k, rep)?, repeat_kv(v, rep)?)
+        };
+        // Scores for all sequences at once would be [B, nh, T, T]: go a few sequences at a time.
+        let step = ctx.attn_seqs.max(1);
+        let mut outs = Vec::with_capacity(b.div_ceil(step));
+        for start in (0..b).step_by(step) {
+            let len = step.min(b - start);
+            outs.push(self.attend(
+                &q.narrow(0, start, len)?,
+                &k.narrow(0, start, len)?,
+                &v.narrow(0, start, len)?,
+                mask,
+                mode,
+            )?);
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one chunk")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        // [B, nh, T, hd] → [B, T, nh*hd]
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o.forward(&out, ctx.dropout.as_ref())
+    }
+
+    /// The new positions x [B, t, H] against the cached keys and values (extended here): RoPE
+    /// at each row's own positions (cos, sin [B, 1, t, hd/2]), mask [B, 1, t, T] → [B, t, H].
+    pub(super) fn forward_cached(
+        &self,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: &Tensor,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.project(x, None, OpMode::Fast)?;
+        let (q, k) = (rope_at(&q, cos, sin)?, rope_at(&k, cos, sin)?);
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let rep = self.num_heads / self.num_kv_heads;
+        let out = self.attend(
+            &q,
+            &repeat_kv(k, rep)?,
+            &repeat_kv(v, rep)?,
+            mask,
+            OpMode::Fast,
+        )?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o.forward(&out, None)
+    }
+
+    /// q, k, v: [b, nh, T, hd]; mask [T, T] (or [b, 1, Tq, Tk]) → [b, nh, T, hd]. Softmax in
+    /// f32, as HF's eager attention does.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        mode: OpMode,
+    ) -> Result<Tensor> {
+        if mode == OpMode::Fused && self.softcap.is_none() {
+            return self.attend_grouped(q, k, v);
+        }
+        // scores [b, nh, T, T]
+        let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
+        if let Some(cap) = self.softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let probs = match mode {
+            OpMode::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
+            _ => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        }
+        .to_dtype(v.dtype())?;
+        Ok(probs.matmul(v)?)
+    }
+
+    /// q [b, nh, Tq, hd], k and v [b, kv, Tk, hd] (not repeated) → [b, nh, Tq, hd], with the
+    /// fused row op: each kv head's query heads are stacked as rows [b, kv, groups·Tq, Tk].
+    fn attend_grouped(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, nh, tq, hd) = q.dims4()?;
+        let (kv, tk) = (k.dim(1)?, k.dim(2)?);
+        let q = q.contiguous()?.reshape((b, kv, nh / kv * tq, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = fused::attention_probs(
+            &scores,
+            AttnSoftmax {
+                scale: self.scale as f32,
+                group_rows: tq,
+                q_offset: tk - tq,
+                window: self.window,
+            },
+        )?;
+        Ok(probs.matmul(v)?.reshape((b, nh, tq, hd))?)
+    }
+}
+
+fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x);
+    }
+    let (b, n, t, d) = x.dims4()?;
+    // [B, n, T, d] → [B, n, rep, T, d] → [B, n*rep, T, d]
+    Ok(x.unsqueeze(2)?
+        .expand((b, n, rep, t, d))?
+        .reshape((b, n * rep, t, d))?)
+}

@@ -1,0 +1,58 @@
+//! RMSNorm: HF's (normalize in f32, cast back, scale), Gemma's (1 + w) in f32, and the fused op.
+
+use super::config::TransformerConfig;
+use super::fused;
+use super::OpMode;
+use crate::error::Result;
+use crate::profile::{self, Phase};
+use candle_core::{DType, Tensor, D};
+
+/// RMSNorm as in HF: normalize in f32, cast back, scale.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+    /// Gemma's form: `weight` holds (1 + w) in f32, and the product is taken in f32 before the
+    /// cast, as transformers' `Gemma2RMSNorm` does.
+    scale_in_f32: bool,
+}
+
+impl RmsNorm {
+    /// The family's norm over `weight`: Gemma scales by (1 + w) in f32, the others by w in the
+    /// compute dtype. The 1 is added here, so a tracked `weight` still gets its gradient.
+    pub fn for_family(cfg: &TransformerConfig, weight: Tensor) -> Result<Self> {
+        if !cfg.gemma {
+            return Ok(Self::new(weight, cfg.rms_norm_eps));
+        }
+        Ok(Self {
+            weight: (weight.to_dtype(DType::F32)? + 1.0)?,
+            eps: cfg.rms_norm_eps as f32,
+            scale_in_f32: true,
+        })
+    }
+
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            eps: eps as f32,
+            scale_in_f32: false,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: OpMode) -> Result<Tensor> {
+        let _phase = profile::scope(Phase::Norms);
+        if mode == OpMode::Fused {
+            return Ok(fused::rms_norm(x, &self.weight, self.eps)?);
+        }
+        if self.scale_in_f32 {
+            let xf = x.to_dtype(DType::F32)?;
+            let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = xf.broadcast_div(&(ms + f64::from(self.eps))?.sqrt()?)?;
+            return Ok(normed.broadcast_mul(&self.weight)?.to_dtype(x.dtype())?);
+        }
+        Ok(match mode {
+            OpMode::Fast => candle_nn::ops::rms_norm(x, &self.weight, self.eps)?,
+            _ => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
+        })
+    }
+}

@@ -1,0 +1,37 @@
+//! The op sets a forward can use, and which one each device gets: the one place the choice is
+//! made (scoring, evaluation, decoding and training all ask here).
+
+use super::fused;
+use candle_core::Device;
+
+/// Which implementation of the fused ops a forward uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpMode {
+    /// candle's fused kernels; no gradients (reference forward).
+    Fast,
+    /// Composed from differentiable primitives (policy forward).
+    Differentiable,
+    /// refdpo's fused ops, differentiable ([`fused`]); where one does not apply (Gemma's GELU,
+    /// Gemma 2's attention soft cap), the composed ops.
+    Fused,
+}
+
+impl OpMode {
+    /// For a frozen model's forward on `device`.
+    pub fn scoring(device: &Device) -> Self {
+        if fused::enabled(device) {
+            Self::Fused
+        } else {
+            Self::Fast
+        }
+    }
+
+    /// For a forward whose backward is taken, on `device`.
+    pub fn training(device: &Device) -> Self {
+        if fused::enabled(device) {
+            Self::Fused
+        } else {
+            Self::Differentiable
+        }
+    }
+}

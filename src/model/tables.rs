@@ -1,0 +1,100 @@
+//! The per-length tables every block of one forward shares — RoPE cos/sin (global and Gemma 3's
+//! local), the causal and sliding-window masks, the attention chunking — built once per model
+//! and device for the longest length seen and narrowed for shorter ones.
+
+use super::attention::attention_chunk;
+use super::lora::Dropout;
+use super::Transformer;
+use crate::error::Result;
+use candle_core::{Device, Tensor};
+
+/// Per-sequence-length tables shared by every block of one forward.
+#[derive(Debug, Clone)]
+pub struct SeqContext {
+    /// The sequence length the tables are for.
+    pub len: usize,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// [T, T] additive causal mask in f32: 0 where a query may attend, -inf elsewhere.
+    pub mask: Tensor,
+    /// The mask of sliding-window layers: a query at i sees keys i - w < j <= i
+    /// (transformers' `sliding_window_causal_mask_function`).
+    pub(super) sliding_mask: Option<Tensor>,
+    /// Gemma 3's sliding layers' own RoPE tables (cos, sin).
+    pub(super) local_rope: Option<(Tensor, Tensor)>,
+    /// Sequences per chunk of attention scores ([`attention_chunk`]).
+    pub attn_seqs: usize,
+    /// LoRA dropout of a training forward (none when scoring).
+    pub dropout: Option<Dropout>,
+}
+
+impl SeqContext {
+    /// The tables of the first `len` positions (RoPE rows and mask blocks are prefixes: a
+    /// query at i sees keys by i and j alone).
+    fn prefix(&self, len: usize, heads: usize) -> Result<Self> {
+        let rows = |t: &Tensor| t.narrow(0, 0, len);
+        let block = |m: &Tensor| -> candle_core::Result<Tensor> { rows(m)?.narrow(1, 0, len) };
+        Ok(Self {
+            len,
+            cos: rows(&self.cos)?,
+            sin: rows(&self.sin)?,
+            mask: block(&self.mask)?,
+            sliding_mask: self.sliding_mask.as_ref().map(block).transpose()?,
+            local_rope: match &self.local_rope {
+                Some((c, s)) => Some((rows(c)?, rows(s)?)),
+                None => None,
+            },
+            attn_seqs: attention_chunk(heads, len, self.cos.device()),
+            dropout: None,
+        })
+    }
+
+    /// The RoPE tables and the mask of a layer that slides or not.
+    pub(super) fn for_layer(&self, sliding: bool) -> ((&Tensor, &Tensor), &Tensor) {
+        let rope = match (&self.local_rope, sliding) {
+            (Some((c, s)), true) => (c, s),
+            _ => (&self.cos, &self.sin),
+        };
+        let mask = match (&self.sliding_mask, sliding) {
+            (Some(m), true) => m,
+            _ => &self.mask,
+        };
+        (rope, mask)
+    }
+}
+
+/// The tables of the longest sequence length seen, narrowed for shorter ones: built once per
+/// model and device rather than on the host at every forward.
+#[derive(Debug, Clone, Default)]
+pub struct ContextCache(std::sync::Arc<std::sync::Mutex<Option<SeqContext>>>);
+
+impl ContextCache {
+    pub fn get(&self, model: &Transformer, seq_len: usize, device: &Device) -> Result<SeqContext> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = slot
+            .as_ref()
+            .is_some_and(|c| c.len >= seq_len && c.cos.device().same_device(device));
+        if !fits {
+            *slot = Some(model.build_context(seq_len, device)?);
+        }
+        slot.as_ref()
+            .expect("built above")
+            .prefix(seq_len, model.cfg.num_heads)
+    }
+}
+
+/// [T, T] additive mask: keys j <= i within `window` positions (i - window < j).
+pub(super) fn additive_mask(seq_len: usize, window: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| {
+            (0..seq_len).map(move |j| {
+                if j > i || i - j >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (seq_len, seq_len), device)?)
+}
