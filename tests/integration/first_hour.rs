@@ -211,17 +211,84 @@ fn the_readme_lora_block_trains_and_merges_on_the_demo() {
     assert!(tmp.path().join(out).join("model.safetensors").exists());
 }
 
+/// The checks a selftest run must report as passed, by name: every op and fused op in f32 and
+/// bf16, each family's reference log-probs and gradients, LoRA on Llama and Phi-3.
+fn assert_every_check_passed(out: &str) {
+    // `ok    <name, padded>  error …  tolerance …`
+    let passed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("ok "))
+        .map(|l| l.split("  error").next().unwrap_or_default().trim())
+        .collect();
+    let has = |name: &str| passed.contains(&name);
+    let mut wanted = Vec::new();
+    for d in ["f32", "bf16"] {
+        for op in [
+            "softmax_last_dim forward",
+            "rms_norm forward",
+            "rope forward",
+            "softmax backward",
+            "rms_norm backward",
+            "rope backward",
+            "silu backward",
+            "fused attention row op forward",
+            "fused attention row op backward",
+            "fused attention row op, window 5 forward",
+            "fused attention row op, window 5 backward",
+            "fused rms_norm forward",
+            "fused rms_norm backward (input 1)",
+            "fused rms_norm backward (input 2)",
+            "fused rope forward",
+            "fused rope backward",
+            "fused swiglu forward",
+            "fused swiglu backward (input 1)",
+            "fused swiglu backward (input 2)",
+            "fused log-probs forward",
+            "fused log-probs backward",
+        ] {
+            wanted.push(format!("{op} {d}"));
+        }
+        for family in [
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "olmo2",
+            "phi3",
+            "gemma2",
+            "gemma3_text",
+        ] {
+            wanted.push(format!("{family} reference log-probs {d}"));
+            let n = match family {
+                "llama" | "mistral" => 21,
+                "qwen2" => 26,
+                "qwen3" | "olmo2" => 25,
+                "phi3" => 15,
+                "gemma2" => 24,
+                _ => 28,
+            };
+            wanted.push(format!(
+                "{family} gradients of {n} parameters {d} (relative L2)"
+            ));
+        }
+        wanted.push(format!(
+            "llama LoRA gradients of 28 adapter tensors {d} (relative L2)"
+        ));
+        wanted.push(format!(
+            "phi3 LoRA gradients of 16 adapter tensors {d} (relative L2)"
+        ));
+    }
+    for name in &wanted {
+        assert!(has(name), "no passed check `{name}` in:\n{out}");
+    }
+    assert!(!out.contains("FAIL") && out.contains(" 0 failed"), "{out}");
+}
+
 /// `refdpo selftest`: what a user runs first on a GPU; on the CPU every check passes.
 #[test]
 fn selftest_passes_on_the_cpu_with_one_line_per_check() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = ok(&["selftest", "--device", "cpu"], tmp.path());
-    let checks = out.lines().filter(|l| l.starts_with("ok ")).count();
-    assert_eq!(checks, 78, "{out}");
-    assert!(
-        !out.contains("FAIL") && out.contains("78 passed, 0 failed"),
-        "{out}"
-    );
+    assert_every_check_passed(&ok(&["selftest", "--device", "cpu"], tmp.path()));
 }
 
 /// The fused path on the CPU (`REFDPO_FUSED=1`): each family's whole forward and every
@@ -237,5 +304,5 @@ fn selftest_passes_through_the_fused_ops_on_the_cpu() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("78 passed, 0 failed"), "{text}");
+    assert_every_check_passed(&text);
 }

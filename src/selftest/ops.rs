@@ -1,0 +1,238 @@
+//! The op checks: candle's fused ops' forward and the composed ops' backward, then refdpo's fused
+//! ops (forward and every input's gradient) against the composed ones.
+
+use super::{dtype_name, tolerance, values, Check};
+use crate::error::{Error, Result};
+use crate::model::fused::{self, AttnSoftmax};
+use candle_core::{DType, Device, Tensor, Var, D};
+
+/// Fused forwards against the composed ops, and the composed ops' backward, on `device`.
+pub(super) fn ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) -> Result<()> {
+    let tol = tolerance(dtype);
+    let d = dtype_name(dtype);
+    let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+    // [b, heads, T, T] scores, [b, T, H] activations, [b, heads, T, hd] rope inputs
+    let scores = (values(&[2, 3, 17, 17], 1)? * 4.0)?;
+    let x = values(&[2, 17, 48], 2)?;
+    let w = (values(&[48], 3)? + 1.5)?;
+    let q = values(&[2, 3, 17, 16], 4)?;
+    let (cos, sin) = {
+        let f = values(&[17, 8], 5)?;
+        (f.cos()?, f.sin()?)
+    };
+    let softmax_ref = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let norm_ref = candle_nn::ops::rms_norm_slow(&x, &w, 1e-5)?;
+    let rope_ref = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
+    let fused = [
+        (
+            "softmax_last_dim",
+            candle_nn::ops::softmax_last_dim(&on(&scores)?)?,
+            &softmax_ref,
+        ),
+        (
+            "rms_norm",
+            candle_nn::ops::rms_norm(&on(&x)?, &on(&w)?, 1e-5)?,
+            &norm_ref,
+        ),
+        (
+            "rope",
+            candle_nn::rotary_emb::rope(&on(&q)?, &on(&cos)?, &on(&sin)?)?,
+            &rope_ref,
+        ),
+    ];
+    for (name, got, want) in fused {
+        checks.push(Check::compare(
+            format!("{name} forward {d}"),
+            &got,
+            want,
+            tol,
+        )?);
+    }
+    // Backward of the composed ops (what training runs), through a fixed weighting of the output.
+    type Op = dyn Fn(&Tensor, &Device, DType) -> Result<Tensor>;
+    let composed: [(&str, &Tensor, Box<Op>); 4] = [
+        (
+            "softmax",
+            &scores,
+            Box::new(|s, _, _| Ok(candle_nn::ops::softmax(s, D::Minus1)?)),
+        ),
+        (
+            "rms_norm",
+            &x,
+            Box::new(move |x, dev, dt| {
+                let w = w.to_dtype(dt)?.to_device(dev)?;
+                Ok(candle_nn::ops::rms_norm_slow(x, &w, 1e-5)?)
+            }),
+        ),
+        (
+            "rope",
+            &q,
+            Box::new(move |q, dev, dt| {
+                let (c, s) = (
+                    cos.to_dtype(dt)?.to_device(dev)?,
+                    sin.to_dtype(dt)?.to_device(dev)?,
+                );
+                Ok(candle_nn::rotary_emb::rope_slow(q, &c, &s)?)
+            }),
+        ),
+        ("silu", &x, Box::new(|x, _, _| Ok(x.silu()?))),
+    ];
+    for (name, input, op) in composed {
+        let grad = |dev: &Device, dt: DType| -> Result<Tensor> {
+            let v = Var::from_tensor(&input.to_dtype(dt)?.to_device(dev)?)?;
+            let y = op(v.as_tensor(), dev, dt)?.to_dtype(DType::F32)?;
+            let weight = values(y.dims(), 9)?.to_device(dev)?;
+            let store = (y * weight)?.sum_all()?.backward()?;
+            store
+                .get(v.as_tensor())
+                .cloned()
+                .ok_or_else(|| Error::Model(format!("selftest: no gradient through {name}")))
+        };
+        let want = grad(&Device::Cpu, DType::F32)?;
+        let got = grad(device, dtype)?;
+        checks.push(Check::compare(
+            format!("{name} backward {d}"),
+            &got,
+            &want,
+            tol,
+        )?);
+    }
+    Ok(())
+}
+
+/// An op over its inputs (on one device, in one dtype).
+type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+
+/// One fused op's case: its inputs (CPU f32), how many of them (leading) get a gradient, the
+/// fused op and the composed reference.
+struct FusedCase {
+    name: &'static str,
+    inputs: Vec<Tensor>,
+    tracked: usize,
+    fused: OpFn,
+    composed: OpFn,
+}
+
+/// refdpo's fused ops on `device` in `dtype`, forward and backward, against the composed ops on
+/// the CPU in f32.
+pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) -> Result<()> {
+    let tol = tolerance(dtype);
+    let d = dtype_name(dtype);
+    let (cos, sin) = {
+        let f = values(&[17, 8], 5)?;
+        (f.cos()?, f.sin()?)
+    };
+    // 2 kv heads with 2 query heads each over T = 17: scores [b, kv, 2·17, 17]
+    let attention = |window: usize| AttnSoftmax {
+        scale: 0.25,
+        group_rows: 17,
+        q_offset: 0,
+        window,
+    };
+    let mut cases = Vec::new();
+    for (name, window) in [("attention row op", 0), ("attention row op, window 5", 5)] {
+        let op = attention(window);
+        cases.push(FusedCase {
+            name,
+            inputs: vec![(values(&[2, 2, 34, 17], 1)? * 16.0)?],
+            tracked: 1,
+            fused: Box::new(move |t| Ok(fused::attention_probs(&t[0], op)?)),
+            composed: Box::new(move |t| Ok(op.composed(&t[0])?)),
+        });
+    }
+    cases.push(FusedCase {
+        name: "rms_norm",
+        inputs: vec![values(&[2, 17, 48], 2)?, (values(&[48], 3)? + 1.5)?],
+        tracked: 2,
+        fused: Box::new(|t| Ok(fused::rms_norm(&t[0], &t[1], 1e-5)?)),
+        composed: Box::new(|t| Ok(candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5)?)),
+    });
+    cases.push(FusedCase {
+        name: "rope",
+        inputs: vec![values(&[2, 3, 17, 16], 4)?, cos, sin],
+        tracked: 1,
+        fused: Box::new(|t| Ok(fused::rope(&t[0], &t[1], &t[2])?)),
+        composed: Box::new(|t| Ok(candle_nn::rotary_emb::rope_slow(&t[0], &t[1], &t[2])?)),
+    });
+    cases.push(FusedCase {
+        name: "swiglu",
+        inputs: vec![(values(&[2, 17, 48], 6)? * 4.0)?, values(&[2, 17, 48], 7)?],
+        tracked: 2,
+        fused: Box::new(|t| Ok(fused::swiglu(&t[0], &t[1])?)),
+        composed: Box::new(|t| Ok((t[0].silu()? * &t[1])?)),
+    });
+    for case in &cases {
+        let run = |dev: &Device, dt: DType, f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+            let vars = case
+                .inputs
+                .iter()
+                .map(|t| Ok(Var::from_tensor(&t.to_dtype(dt)?.to_device(dev)?)?))
+                .collect::<Result<Vec<_>>>()?;
+            let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&inputs)?.to_dtype(DType::F32)?;
+            let weight = values(y.dims(), 9)?.to_device(dev)?;
+            let store = (&y * weight)?.sum_all()?.backward()?;
+            let grads = vars[..case.tracked]
+                .iter()
+                .map(|v| {
+                    store.get(v.as_tensor()).cloned().ok_or_else(|| {
+                        Error::Model(format!("selftest: no gradient through fused {}", case.name))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok::<_, Error>((y, grads))
+        };
+        let (want_y, want_g) = run(&Device::Cpu, DType::F32, &case.composed)?;
+        let (got_y, got_g) = run(device, dtype, &case.fused)?;
+        let name = case.name;
+        checks.push(Check::compare(
+            format!("fused {name} forward {d}"),
+            &got_y,
+            &want_y,
+            tol,
+        )?);
+        for (i, (got, want)) in got_g.iter().zip(&want_g).enumerate() {
+            let which = if case.tracked > 1 {
+                format!(" (input {})", i + 1)
+            } else {
+                String::new()
+            };
+            checks.push(Check::compare(
+                format!("fused {name} backward{which} {d}"),
+                got,
+                want,
+                tol,
+            )?);
+        }
+    }
+    // completion log-probs: [6, 97] logits, their targets, an upstream gradient
+    let logits = (values(&[6, 97], 10)? * 8.0)?;
+    let targets = Tensor::new(&[0u32, 96, 5, 5, 40, 77], &Device::Cpu)?;
+    let g = values(&[6], 11)?;
+    let log_softmax = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let want_lp = log_softmax.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let onehot = Tensor::zeros((6, 97), DType::F32, &Device::Cpu)?.scatter_add(
+        &targets.unsqueeze(1)?,
+        &Tensor::ones((6, 1), DType::F32, &Device::Cpu)?,
+        1,
+    )?;
+    let want_grad = (onehot - log_softmax.exp()?)?.broadcast_mul(&g.unsqueeze(1)?)?;
+    let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
+    let dev_logits = on(&logits.to_dtype(dtype)?)?;
+    let (lp, lse) = fused::logp_lse(&dev_logits, &on(&targets)?)?;
+    checks.push(Check::compare(
+        format!("fused log-probs forward {d}"),
+        &lp,
+        &want_lp,
+        tol,
+    )?);
+    let lse_g = fused::lse_and_grad(&lse, &on(&g)?)?;
+    let grad = fused::logp_grad(&dev_logits, &on(&targets)?, &lse_g, 0)?;
+    checks.push(Check::compare(
+        format!("fused log-probs backward {d}"),
+        &grad,
+        &want_grad,
+        tol,
+    )?);
+    Ok(())
+}
