@@ -6,9 +6,17 @@ use crate::error::{Error, Result};
 use crate::outputs::Existing;
 use candle_core::Device;
 
-/// Parses `--device` (default: CUDA when built with it and present, else CPU). On CUDA, f32
-/// matmuls may use TF32 (as `torch.backends.cuda.matmul.allow_tf32`); bf16 ones are unchanged.
+/// Parses `--device` (default: CUDA when built with it and present, else CPU). Nothing about
+/// the device is changed: see [`compute_device`].
 pub fn device(spec: Option<&str>) -> Result<Device> {
+    parse_device(spec)
+}
+
+/// The device of a command that computes as training runs do (precompute, train, generate,
+/// stats): on CUDA, f32 matmuls may use TF32 (as `torch.backends.cuda.matmul.allow_tf32`; bf16
+/// ones are unchanged) and the memory settings of [`keep_cuda_memory`]. `selftest` does not
+/// take these: it sets TF32 per check.
+pub fn compute_device(spec: Option<&str>) -> Result<Device> {
     let device = parse_device(spec)?;
     if device.is_cuda() {
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
@@ -50,25 +58,6 @@ fn keep_cuda_memory(device: &Device) -> Result<()> {
         .map_err(|e| Error::Model(format!("CUDA memory pool of device {ordinal}: {e:?}")))?;
     }
     Ok(())
-}
-
-/// Stage one on the CPU: freed buffers stay with the process for the next chunk. By default
-/// glibc maps each buffer above its mmap threshold (32 MiB at most) afresh and unmaps it when
-/// freed, so every chunk of logits is page-faulted in anew (BENCHMARKS.md, "CPU page faults").
-/// Large buffers come from the heap instead (`M_MMAP_MAX` 0), and the heap is not trimmed.
-/// Its chunks of logits are then 8× larger ([`crate::logprobs`]). Training keeps glibc's
-/// defaults and the small chunks: its peak memory matters more than this time there.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_cpu_memory() {
-    // SAFETY: `mallopt` only sets two of glibc's allocator parameters (it takes the allocator's
-    // own lock); no memory is touched.
-    let kept = unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0) == 1
-            && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
-    };
-    if kept {
-        crate::logprobs::heap_kept();
-    }
 }
 
 fn parse_device(spec: Option<&str>) -> Result<Device> {
@@ -150,16 +139,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::signals::file_size_limit_as_error();
     match cli.command {
         Command::Precompute { run: a, shard } => {
-            let mut config = a.config;
+            let mut cfg = load(&a.config)?;
             if let Some(s) = shard {
-                config.overrides.push(format!("precompute.shard={s}"));
+                cfg.precompute.shard = crate::config::Shard::parse(&s)
+                    .map_err(|e| Error::Config(format!("--shard {s}: {e}")))?;
             }
-            let cfg = load(&config)?;
-            let dev = device(a.dev.device.as_deref())?;
-            #[cfg(all(target_os = "linux", target_env = "gnu"))]
-            if dev.is_cpu() {
-                keep_cpu_memory();
-            }
+            let dev = compute_device(a.dev.device.as_deref())?;
             announce("precompute", &dev, a.dev.quiet);
             let mode = existing(false, a.overwrite);
             profiled(a.profile, &dev, || {
@@ -168,7 +153,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Train { run, resume } => {
             let cfg = load(&run.config)?;
-            let dev = device(run.dev.device.as_deref())?;
+            let dev = compute_device(run.dev.device.as_deref())?;
             announce("train", &dev, run.dev.quiet);
             let mode = existing(resume, run.overwrite);
             profiled(run.profile, &dev, || {
@@ -194,7 +179,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate(a) => {
             let cfg = load(&a.config)?;
-            let dev = device(a.dev.device.as_deref())?;
+            let dev = compute_device(a.dev.device.as_deref())?;
             announce("generate", &dev, a.dev.quiet);
             let valid = (0.0..=1.0).contains(&a.top_p) && a.top_p > 0.0 && a.temperature >= 0.0;
             if !valid {
@@ -280,7 +265,7 @@ fn stats(a: StatsArgs) -> Result<()> {
         json: a.json,
         plot: a.plot,
         config: cfg,
-        device: device(a.device.as_deref())?,
+        device: compute_device(a.device.as_deref())?,
     };
     print!("{}", crate::stats::run(&opts)?);
     Ok(())
