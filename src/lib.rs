@@ -13,6 +13,7 @@ pub mod charts;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dirs;
 pub mod dpo;
 pub mod error;
 pub mod generate;
@@ -47,12 +48,13 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("profile", &[]),
     ("progress", &[]),
     ("signals", &["error"]),
-    ("outputs", &["error"]),
     ("hub", &["error"]),
     ("charts", &["error"]),
     ("dpo", &["error"]),
     ("config", &["error", "dpo"]),
-    ("cache", &["error", "config"]),
+    ("dirs", &["config"]),
+    ("outputs", &["error", "dirs"]),
+    ("cache", &["error", "config", "dirs"]),
     ("model", &["error", "config", "profile", "rng"]),
     ("data", &["error", "config", "hub", "model", "rng"]),
     ("tokenize", &["error", "config", "data"]),
@@ -69,28 +71,29 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     (
         "precompute",
         &[
-            "error", "cache", "config", "data", "inputs", "logprobs", "model", "outputs",
+            "error", "dirs", "cache", "config", "data", "inputs", "logprobs", "model", "outputs",
             "progress", "tokenize",
         ],
     ),
     (
         "train",
         &[
-            "error", "cache", "charts", "config", "dpo", "inputs", "logprobs", "model", "outputs",
-            "profile", "progress", "rng", "signals", "tokenize",
+            "error", "dirs", "cache", "charts", "config", "dpo", "inputs", "logprobs", "model",
+            "outputs", "profile", "progress", "rng", "signals", "tokenize",
         ],
     ),
     (
         "generate",
         &[
-            "error", "charts", "config", "inputs", "logprobs", "model", "progress", "rng", "train",
+            "error", "dirs", "charts", "config", "inputs", "logprobs", "model", "progress", "rng",
+            "train",
         ],
     ),
     (
         "stats",
         &[
-            "error", "cache", "charts", "config", "generate", "inputs", "logprobs", "model",
-            "train",
+            "error", "dirs", "cache", "charts", "config", "generate", "inputs", "logprobs",
+            "model", "train",
         ],
     ),
     (

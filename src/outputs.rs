@@ -67,14 +67,7 @@ impl DirLock {
 
 /// Whether a directory entry is part of a training run's outputs.
 fn is_run_output(name: &str) -> bool {
-    let base = name
-        .strip_suffix(".tmp")
-        .or_else(|| name.strip_suffix(".old"))
-        .unwrap_or(name);
-    matches!(base, "config.toml" | "metrics.jsonl" | "final")
-        || base
-            .strip_prefix("checkpoint-")
-            .is_some_and(|n| n.parse::<u64>().is_ok())
+    crate::dirs::RunDir::is_output(name)
 }
 
 /// A run's outputs in `dir`, sorted by name.

@@ -11,14 +11,15 @@ pub use fingerprint::Fingerprint;
 pub use ipc::MappedCache;
 pub use schema::{CacheBatch, CacheRow};
 
+use crate::dirs::CacheDir;
 use std::path::{Path, PathBuf};
 
-/// `<dir>/<split>.parquet`
+/// `<dir>/<split>.parquet` ([`CacheDir::parquet`]).
 pub fn parquet_path(dir: &Path, split: &str) -> PathBuf {
-    dir.join(format!("{split}.parquet"))
+    CacheDir::new(dir).parquet(split)
 }
 
-/// `<dir>/<split>.arrow`
+/// `<dir>/<split>.arrow` ([`CacheDir::arrow`]).
 pub fn arrow_path(dir: &Path, split: &str) -> PathBuf {
-    dir.join(format!("{split}.arrow"))
+    CacheDir::new(dir).arrow(split)
 }

@@ -5,33 +5,26 @@
 use super::fingerprint::Fingerprint;
 use super::ipc::MappedCache;
 use crate::config::Shard;
+use crate::dirs::CacheDir;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
 /// The file stem of a split's shard (`train_prefs.shard-0-of-4`), or the split itself when whole.
 pub fn stem(split: &str, shard: Shard) -> String {
-    if shard.is_whole() {
-        split.to_string()
-    } else {
-        format!("{split}.shard-{}-of-{}", shard.index, shard.count)
-    }
+    CacheDir::stem(split, shard)
 }
 
-/// The shard a file name holds, if it is one of `split`'s with extension `ext`.
 fn parse(name: &str, split: &str, ext: &str) -> Option<Shard> {
-    let rest = name
-        .strip_prefix(split)?
-        .strip_prefix(".shard-")?
-        .strip_suffix(ext)?
-        .strip_suffix('.')?;
-    let (i, n) = rest.split_once("-of-")?;
-    Shard::parse(&format!("{i}/{n}")).ok()
+    CacheDir::shard_of(name, split, ext)
 }
 
 /// The files of `split` with extension `ext` (`parquet` or `arrow`) in `dir`: the whole split's
 /// file if there is one, else all n shards in order; `None` when there is neither.
 pub fn files(dir: &Path, split: &str, ext: &str) -> Result<Option<Vec<PathBuf>>> {
-    let whole = dir.join(format!("{split}.{ext}"));
+    let whole = match ext {
+        "parquet" => CacheDir::new(dir).parquet(split),
+        _ => CacheDir::new(dir).arrow(split),
+    };
     if whole.exists() {
         return Ok(Some(vec![whole]));
     }
@@ -61,7 +54,11 @@ pub fn files(dir: &Path, split: &str, ext: &str) -> Result<Option<Vec<PathBuf>>>
     }
     for index in 0..count {
         if found.get(index).map(|(s, _)| s.index) != Some(index) {
-            let missing = dir.join(format!("{}.{ext}", stem(split, Shard { index, count })));
+            let stem = stem(split, Shard { index, count });
+            let missing = match ext {
+                "parquet" => CacheDir::new(dir).parquet(&stem),
+                _ => CacheDir::new(dir).arrow(&stem),
+            };
             return Err(Error::StaleCache {
                 path: missing,
                 msg: format!(

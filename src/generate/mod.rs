@@ -6,6 +6,7 @@ pub mod decode;
 pub mod summary;
 
 use crate::config::Config;
+use crate::dirs::{CacheDir, RunDir};
 use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
 use crate::model::Transformer;
@@ -65,12 +66,13 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         None => None,
     };
     let eos = eos_ids(&inputs.model.dir, &inputs.tokenizer.tokenizer)?;
-    let out = opts.out.clone().unwrap_or_else(|| {
-        opts.run
-            .as_deref()
-            .unwrap_or(cache_dir)
-            .join(format!("generations-{split_name}.jsonl"))
-    });
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| match opts.run.as_deref() {
+            Some(run) => RunDir::new(run).generations(split_name),
+            None => CacheDir::new(cache_dir).generations(split_name),
+        });
     let models: Vec<(&str, &Transformer)> = std::iter::once(("reference", &reference))
         .chain(policy.as_ref().map(|p| ("policy", p)))
         .collect();
@@ -157,7 +159,8 @@ fn load_policy(
     dtype: DType,
     device: &Device,
 ) -> Result<Transformer> {
-    let run_cfg = Config::load(&run.join("config.toml"), &[])?;
+    let run_dir = RunDir::new(run);
+    let run_cfg = Config::load(&run_dir.config(), &[])?;
     if (&run_cfg.model.id, &run_cfg.model.revision) != (&cfg.model.id, &cfg.model.revision) {
         return Err(Error::Config(format!(
             "run `{}` trained `{}` ({}), but the config names `{}` ({}): pass the run's own \
@@ -167,10 +170,10 @@ fn load_policy(
             run_cfg.model.revision,
             cfg.model.id,
             cfg.model.revision,
-            run.join("config.toml").display()
+            run_dir.config().display()
         )));
     }
-    let (model_cfg, tensors) = checkpoint::load_model(&run.join("final"), &inputs.model, device)?;
+    let (model_cfg, tensors) = checkpoint::load_model(&run_dir.final_dir(), &inputs.model, device)?;
     let tensors = tensors
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))

@@ -11,6 +11,7 @@ mod report;
 use crate::cache::{self, CacheRow, Fingerprint, MappedCache};
 use crate::config::Config;
 use crate::data::{self, DataSource, PreferenceRow, Skipped};
+use crate::dirs::CacheDir;
 use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
 use crate::logprobs;
@@ -139,13 +140,8 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     let out = &cfg.precompute.out;
     let shard = cfg.precompute.shard;
     // shards of one cache run side by side: each holds its own lock and writes its own report
-    let (lock, report_name) = if shard.is_whole() {
-        ("precompute".to_string(), "report.json".to_string())
-    } else {
-        let tag = format!("shard-{}-of-{}", shard.index, shard.count);
-        (format!("precompute.{tag}"), format!("report.{tag}.json"))
-    };
-    let _lock = DirLock::acquire(out, &lock)?;
+    let dir = CacheDir::new(out);
+    let _lock = DirLock::acquire(out, &CacheDir::lock_name(shard))?;
     for split in &prepared {
         claim_split(out, split, existing)?;
     }
@@ -155,9 +151,9 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     for split in prepared {
         let report = score_split(cfg, &source, &inputs, &mut model, split, device, quiet)?;
         let _ = writeln!(summary, "{}", describe(&report));
-        update_report(&out.join(&report_name), &report)?;
+        update_report(&dir.report(shard), &report)?;
     }
-    fs::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    fs::write_atomic(&dir.config(), cfg.to_toml().as_bytes())?;
     let _ = write!(summary, "cache written to {}", out.display());
     Ok(summary)
 }
@@ -269,7 +265,7 @@ fn claim_split(out: &Path, split: &Prepared, existing: Existing) -> Result<()> {
         cache::arrow_path(out, &split.stem),
     );
     let partial = partial_dir(out, &split.stem);
-    let partial_fp = partial.join("fingerprint.json");
+    let partial_fp = CacheDir::partial_fingerprint(&partial);
     let found = [
         (pq.clone(), cache::parquet::read_fingerprint(&pq).ok()),
         (
@@ -310,7 +306,7 @@ fn claim_split(out: &Path, split: &Prepared, existing: Existing) -> Result<()> {
 }
 
 fn partial_dir(out: &Path, split: &str) -> PathBuf {
-    out.join(format!(".partial-{split}"))
+    CacheDir::new(out).partial(split)
 }
 
 /// What a split's cache files hold, against the fingerprint this config expects.
@@ -453,7 +449,7 @@ fn sequence_tokens(p: &TokenizedPair, cfg: &Config) -> usize {
 }
 
 fn chunk_path(partial: &Path, c: usize) -> PathBuf {
-    partial.join(format!("chunk-{c:05}.arrow"))
+    CacheDir::chunk(partial, c)
 }
 
 /// The reference model, where the pairs come from, and how to batch them.
@@ -470,7 +466,7 @@ impl Scorer<'_> {
     /// returns how many were already there (resumed). One chunk of pairs is in memory at a time.
     fn score_chunks(&self, split: &Prepared, partial: &Path, quiet: bool) -> Result<usize> {
         let fp = &split.fingerprint;
-        let fp_path = partial.join("fingerprint.json");
+        let fp_path = CacheDir::partial_fingerprint(partial);
         if partial.exists() {
             let same = std::fs::read_to_string(&fp_path).is_ok_and(|t| t == fp.to_json());
             if !same {

@@ -51,19 +51,10 @@ fn resolve_parquet(opts: &StatsOptions) -> Result<(String, Vec<PathBuf>)> {
 }
 
 /// The reports beside a split's files: `report.json`, or each shard's `report.shard-*.json`.
-fn reports(files: &[PathBuf]) -> Vec<PathBuf> {
+fn reports(files: &[PathBuf], split: &str) -> Vec<PathBuf> {
     files
         .iter()
-        .map(|f| {
-            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let tag = name
-                .split_once(".shard-")
-                .and_then(|(_, rest)| rest.strip_suffix(".parquet"));
-            match tag {
-                Some(tag) => f.with_file_name(format!("report.shard-{tag}.json")),
-                None => f.with_file_name("report.json"),
-            }
-        })
+        .map(|f| crate::dirs::CacheDir::report_beside(f, split))
         .collect()
 }
 
@@ -73,11 +64,11 @@ pub fn run(opts: &StatsOptions) -> Result<String> {
         cache::parquet::verify(f)?;
     }
     let mut stats = queries::compute(&files)?;
-    stats.add_dropped(&reports(&files), &split);
+    stats.add_dropped(&reports(&files, &split), &split);
     if let Some(run_dir) = &opts.run {
         let policy = policy::policy_bias(run_dir, &split, &files, &opts.device)?;
         stats.policy = Some(policy);
-        let generations = run_dir.join(format!("generations-{split}.jsonl"));
+        let generations = crate::dirs::RunDir::new(run_dir).generations(&split);
         if generations.exists() {
             stats.generations = Some(crate::generate::Summary::read(&generations)?);
         }

@@ -50,8 +50,9 @@ pub fn policy_bias(
     files: &[PathBuf],
     device: &Device,
 ) -> Result<PolicyBias> {
-    let final_dir = run_dir.join("final");
-    let cfg = Config::load(&run_dir.join("config.toml"), &[])?;
+    let run = crate::dirs::RunDir::new(run_dir);
+    let final_dir = run.final_dir();
+    let cfg = Config::load(&run.config(), &[])?;
     let inputs = Inputs::resolve(&cfg)?;
     let mut rows = Vec::new();
     for f in files {

@@ -5,6 +5,7 @@
 
 use super::optim::AdamW;
 use super::policy::Policy;
+use crate::dirs::RunDir;
 use crate::error::{fs, Error, Result};
 use crate::inputs::ModelSource;
 use crate::model::{lora, weights, TransformerConfig};
@@ -86,9 +87,9 @@ fn write_into(
         }
         None => write_model(tmp, &policy.tensors(), base.dir)?,
     }
-    optim.save(policy, &tmp.join("optimizer.safetensors"))?;
+    optim.save(policy, &RunDir::optimizer(tmp))?;
     fs::write_atomic(
-        &tmp.join("trainer_state.json"),
+        &RunDir::trainer_state(tmp),
         serde_json::to_string_pretty(state)?.as_bytes(),
     )
 }
@@ -165,11 +166,10 @@ pub fn latest(out: &Path) -> Option<(PathBuf, TrainerState)> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter_map(|p| {
             let name = p.file_name()?.to_str()?.to_string();
-            if !name.starts_with("checkpoint-") || name.ends_with(".tmp") {
-                return None;
-            }
+            let current = name.strip_suffix(".old").unwrap_or(&name);
+            RunDir::checkpoint_step(current)?;
             let state: TrainerState =
-                serde_json::from_str(&std::fs::read_to_string(p.join("trainer_state.json")).ok()?)
+                serde_json::from_str(&std::fs::read_to_string(RunDir::trainer_state(&p)).ok()?)
                     .ok()?;
             Some((p, state, !name.ends_with(".old")))
         })

@@ -30,7 +30,7 @@ struct Run {
 
 impl Run {
     fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join("metrics.jsonl");
+        let path = crate::dirs::RunDir::new(dir).metrics();
         let text = fs::read_to_string(&path).map_err(|_| {
             Error::Config(format!(
                 "--run {}: no metrics.jsonl there; give a run directory (`train.out`)",

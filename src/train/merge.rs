@@ -15,7 +15,9 @@ fn resolve_base(adapter: &Path, base: Option<&str>) -> Result<ModelSource> {
     if let Some(id) = base {
         return ModelSource::resolve(id, "main");
     }
-    let run_config = adapter.parent().map(|run| run.join("config.toml"));
+    let run_config = adapter
+        .parent()
+        .map(|run| crate::dirs::RunDir::new(run).config());
     if let Some(path) = run_config.filter(|p| p.exists()) {
         let cfg = Config::load(&path, &[])?;
         return ModelSource::resolve(&cfg.model.id, &cfg.model.revision);

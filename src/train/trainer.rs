@@ -11,6 +11,7 @@ use super::policy::Policy;
 use super::split::Split;
 use crate::cache;
 use crate::config::{Config, RefMode};
+use crate::dirs::RunDir;
 use crate::dpo::{LossMix, LossParams, MetricsAccumulator};
 use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
@@ -133,7 +134,7 @@ impl<'a> Trainer<'a> {
                 epoch: 0,
                 batch_in_epoch: 0,
             },
-            log: MetricsLog::new(t.out.join("metrics.jsonl")),
+            log: MetricsLog::new(RunDir::new(&t.out).metrics()),
             last_checkpoint: None,
             last_train: MetricsAccumulator::default(),
             grad_bytes: 0,
@@ -161,8 +162,7 @@ impl<'a> Trainer<'a> {
                 .ok_or_else(|| Error::Train(format!("`{}` lacks `{name}`", dir.display())))?;
             var.set(saved)?;
         }
-        self.optim
-            .load(&self.policy, &dir.join("optimizer.safetensors"))?;
+        self.optim.load(&self.policy, &RunDir::optimizer(&dir))?;
         self.state = TrainerState {
             max_steps: self.state.max_steps,
             ..saved
@@ -185,7 +185,7 @@ impl<'a> Trainer<'a> {
     pub fn run(mut self) -> Result<String> {
         let out = &self.cfg.train.out;
         fs::create_dir_all(out)?;
-        fs::write_atomic(&out.join("config.toml"), self.cfg.to_toml().as_bytes())?;
+        fs::write_atomic(&RunDir::new(out).config(), self.cfg.to_toml().as_bytes())?;
         let total = self.state.max_steps;
         let stop = StopRequest::install()?;
         let progress = Progress::new(total as u64, "train", self.quiet);
@@ -211,7 +211,7 @@ impl<'a> Trainer<'a> {
                 self.evaluate_and_log()?;
             }
             if t.save_every > 0 && step.is_multiple_of(t.save_every) {
-                self.save(&out.join(format!("checkpoint-{step}")))?;
+                self.save(&RunDir::new(out).checkpoint(step as u64))?;
             }
         }
         progress.finish();
@@ -221,7 +221,7 @@ impl<'a> Trainer<'a> {
     /// After Ctrl-C / SIGTERM: a checkpoint of the last finished step (unless one is there).
     fn interrupted(&mut self) -> Error {
         let step = self.state.global_step;
-        let dir = self.cfg.train.out.join(format!("checkpoint-{step}"));
+        let dir = RunDir::new(&self.cfg.train.out).checkpoint(step as u64);
         let saved = if self.last_checkpoint.as_ref() == Some(&dir) {
             Ok(())
         } else {
@@ -418,7 +418,7 @@ impl<'a> Trainer<'a> {
             ));
         }
         if t.save_final {
-            let final_dir = t.out.join("final");
+            let final_dir = RunDir::new(&t.out).final_dir();
             self.save(&final_dir)?;
             summary.push_str(&format!("; final policy in {}", final_dir.display()));
         } else {
