@@ -4,9 +4,69 @@
 use super::loss::{LossOutput, PairLogps};
 use serde_json::{Map, Value};
 
+/// The metrics a run logs, under TRL's names: the one list the trainer, `metrics.jsonl`, the
+/// plots and the tests use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Loss,
+    RewardsChosen,
+    RewardsRejected,
+    RewardsAccuracies,
+    RewardsMargins,
+    LogpsChosen,
+    LogpsRejected,
+    GradNorm,
+    LearningRate,
+    TokensPerSecond,
+}
+
+impl Metric {
+    /// The per-pair means a micro-batch adds, in `metrics.jsonl`'s order.
+    pub const PAIR_MEANS: [Metric; 7] = [
+        Metric::Loss,
+        Metric::RewardsChosen,
+        Metric::RewardsRejected,
+        Metric::RewardsAccuracies,
+        Metric::RewardsMargins,
+        Metric::LogpsChosen,
+        Metric::LogpsRejected,
+    ];
+
+    /// What `refdpo plot` draws, in this order.
+    pub const PLOTTED: [Metric; 9] = [
+        Metric::Loss,
+        Metric::RewardsAccuracies,
+        Metric::RewardsMargins,
+        Metric::RewardsChosen,
+        Metric::RewardsRejected,
+        Metric::LogpsChosen,
+        Metric::LogpsRejected,
+        Metric::GradNorm,
+        Metric::LearningRate,
+    ];
+
+    /// TRL's name (`eval/` + it for evaluation lines).
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Loss => "loss",
+            Metric::RewardsChosen => "rewards/chosen",
+            Metric::RewardsRejected => "rewards/rejected",
+            Metric::RewardsAccuracies => "rewards/accuracies",
+            Metric::RewardsMargins => "rewards/margins",
+            Metric::LogpsChosen => "logps/chosen",
+            Metric::LogpsRejected => "logps/rejected",
+            Metric::GradNorm => "grad_norm",
+            Metric::LearningRate => "learning_rate",
+            Metric::TokensPerSecond => "tokens_per_second",
+        }
+    }
+}
+
+/// A step's (or an evaluation's) per-pair means, averaged over its micro-batches.
 #[derive(Debug, Default, Clone)]
 pub struct MetricsAccumulator {
-    sums: Vec<(&'static str, f64)>,
+    /// One sum per [`Metric::PAIR_MEANS`] entry (empty before the first micro-batch).
+    sums: Vec<f64>,
     batches: usize,
 }
 
@@ -34,38 +94,42 @@ impl MetricsAccumulator {
             .map(|(c, r)| c - r)
             .collect();
         let values = [
-            ("loss", out.loss),
-            ("rewards/chosen", mean(&out.chosen_rewards)),
-            ("rewards/rejected", mean(&out.rejected_rewards)),
-            ("rewards/accuracies", mean(&acc)),
-            ("rewards/margins", mean(&margins)),
-            ("logps/chosen", mean(&x.policy_chosen)),
-            ("logps/rejected", mean(&x.policy_rejected)),
+            out.loss,
+            mean(&out.chosen_rewards),
+            mean(&out.rejected_rewards),
+            mean(&acc),
+            mean(&margins),
+            mean(&x.policy_chosen),
+            mean(&x.policy_rejected),
         ];
         if self.sums.is_empty() {
-            self.sums = values.iter().map(|(k, _)| (*k, 0.0)).collect();
+            self.sums = vec![0.0; values.len()];
         }
-        for (slot, (_, v)) in self.sums.iter_mut().zip(values) {
-            slot.1 += v;
+        for (slot, v) in self.sums.iter_mut().zip(values) {
+            *slot += v;
         }
         self.batches += 1;
     }
 
-    pub fn get(&self, name: &str) -> f64 {
-        self.sums
+    /// The mean of one of [`Metric::PAIR_MEANS`] (NaN before any micro-batch, or for a metric
+    /// that is not a per-pair mean).
+    pub fn get(&self, metric: Metric) -> f64 {
+        Metric::PAIR_MEANS
             .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v / self.batches.max(1) as f64)
+            .position(|&m| m == metric)
+            .and_then(|i| self.sums.get(i))
+            .map(|v| v / self.batches.max(1) as f64)
             .unwrap_or(f64::NAN)
     }
 
     /// The averaged metrics as a JSON object, names prefixed with `prefix` (`""` or `"eval/"`).
     pub fn to_json(&self, prefix: &str) -> Map<String, Value> {
-        self.sums
+        Metric::PAIR_MEANS
             .iter()
-            .map(|(k, v)| {
+            .zip(&self.sums)
+            .map(|(m, v)| {
                 (
-                    format!("{prefix}{k}"),
+                    format!("{prefix}{}", m.name()),
                     Value::from(v / self.batches.max(1) as f64),
                 )
             })

@@ -4,4 +4,4 @@ pub mod loss;
 pub mod metrics;
 
 pub use loss::{dpo_loss, LossKind, LossMix, LossOutput, LossParams, PairLogps};
-pub use metrics::MetricsAccumulator;
+pub use metrics::{Metric, MetricsAccumulator};

@@ -2,25 +2,12 @@
 //! run by run, one SVG per metric, so a sweep over one cache compares at a glance.
 
 use crate::charts::{canvas, e, err, frame, legend, Res, TAB10};
+use crate::dpo::Metric;
 use crate::error::{fs, Error, Result};
 use plotters::prelude::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// The metrics drawn, in this order, when at least one run logged them: the train value as a
-/// line, its `eval/` counterpart (if logged) as dots in the same colour.
-const METRICS: [&str; 9] = [
-    "loss",
-    "rewards/accuracies",
-    "rewards/margins",
-    "rewards/chosen",
-    "rewards/rejected",
-    "logps/chosen",
-    "logps/rejected",
-    "grad_norm",
-    "learning_rate",
-];
 
 /// One run's logged values: metric → (step, value) in file order.
 struct Run {
@@ -66,7 +53,7 @@ pub fn plot(runs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
         .collect::<Result<Vec<_>>>()?;
     fs::create_dir_all(out)?;
     let mut files = Vec::new();
-    for metric in METRICS {
+    for metric in Metric::PLOTTED.map(Metric::name) {
         let eval = format!("eval/{metric}");
         if !runs.iter().any(|r| r.series.contains_key(metric)) {
             continue;

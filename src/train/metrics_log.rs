@@ -1,6 +1,6 @@
 //! `metrics.jsonl`: one JSON object per logged step under TRL's names, appended as training goes.
 
-use crate::dpo::MetricsAccumulator;
+use crate::dpo::{Metric, MetricsAccumulator};
 use crate::error::{fs, Error, Result};
 use serde_json::{json, Map, Value};
 use std::io::Write;
@@ -34,10 +34,10 @@ impl MetricsLog {
         line.insert("step".into(), json!(step));
         line.insert("epoch".into(), json!(epoch));
         line.extend(r.metrics.to_json(""));
-        line.insert("grad_norm".into(), json!(r.grad_norm));
-        line.insert("learning_rate".into(), json!(r.learning_rate));
+        line.insert(Metric::GradNorm.name().into(), json!(r.grad_norm));
+        line.insert(Metric::LearningRate.name().into(), json!(r.learning_rate));
         line.insert(
-            "tokens_per_second".into(),
+            Metric::TokensPerSecond.name().into(),
             json!(r.tokens as f64 / r.seconds.max(1e-9)),
         );
         line.insert("step_seconds".into(), json!(r.seconds));

@@ -12,7 +12,7 @@ use super::split::Split;
 use crate::cache;
 use crate::config::{Config, RefMode};
 use crate::dirs::RunDir;
-use crate::dpo::{LossMix, LossParams, MetricsAccumulator};
+use crate::dpo::{LossMix, LossParams, Metric, MetricsAccumulator};
 use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
 use crate::model::{lora, weights, Transformer};
@@ -200,8 +200,8 @@ impl<'a> Trainer<'a> {
             self.log_step(&report)?;
             progress.message(format!(
                 "loss {:.4} acc {:.2}",
-                report.metrics.get("loss"),
-                report.metrics.get("rewards/accuracies")
+                report.metrics.get(Metric::Loss),
+                report.metrics.get(Metric::RewardsAccuracies)
             ));
             progress.inc(1);
             self.last_train = report.metrics;
@@ -406,14 +406,14 @@ impl<'a> Trainer<'a> {
             "trained {} steps into {}; last train loss {:.4}, rewards/accuracies {:.3}",
             self.state.global_step,
             t.out.display(),
-            self.last_train.get("loss"),
-            self.last_train.get("rewards/accuracies")
+            self.last_train.get(Metric::Loss),
+            self.last_train.get(Metric::RewardsAccuracies)
         );
         if let Some(m) = self.evaluate_and_log()? {
             summary.push_str(&format!(
                 "; eval loss {:.4}, eval/rewards/accuracies {:.3} on {} pairs",
-                m.get("loss"),
-                m.get("rewards/accuracies"),
+                m.get(Metric::Loss),
+                m.get(Metric::RewardsAccuracies),
                 self.test.as_ref().map_or(0, Split::len)
             ));
         }
