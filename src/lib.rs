@@ -27,6 +27,7 @@ pub mod profile;
 pub mod progress;
 pub mod rng;
 pub mod run;
+pub mod runs;
 pub mod selftest;
 pub mod show;
 pub mod signals;
@@ -83,16 +84,20 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "runs",
+        &["error", "config", "dirs", "inputs", "model", "train"],
+    ),
+    (
         "generate",
         &[
-            "error", "dirs", "charts", "config", "inputs", "logprobs", "model", "progress", "rng",
-            "train",
+            "error", "dirs", "runs", "charts", "config", "inputs", "logprobs", "model", "progress",
+            "rng", "train",
         ],
     ),
     (
         "stats",
         &[
-            "error", "dirs", "cache", "charts", "config", "generate", "inputs", "logprobs",
+            "error", "dirs", "runs", "cache", "charts", "config", "generate", "inputs", "logprobs",
             "model", "train",
         ],
     ),

@@ -11,9 +11,8 @@ use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
 use crate::model::Transformer;
 use crate::progress::Progress;
-use crate::train::checkpoint;
 use crate::train::split::Split;
-use candle_core::{DType, Device};
+use candle_core::Device;
 pub use decode::{Generated, Sampling};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -62,7 +61,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
     let dtype = cfg.model.dtype.candle();
     let reference = inputs.model.load(dtype, device)?;
     let policy = match &opts.run {
-        Some(run) => Some(load_policy(cfg, run, &inputs, dtype, device)?),
+        Some(run) => Some(RunDir::new(run).load_policy(cfg, &inputs, dtype, device)?),
         None => None,
     };
     let eos = eos_ids(&inputs.model.dir, &inputs.tokenizer.tokenizer)?;
@@ -148,37 +147,6 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         tokens: done,
         seconds,
     })
-}
-
-/// The run's `final/` as a whole model (a LoRA adapter merged into the base), after checking
-/// that the run trained this config's model.
-fn load_policy(
-    cfg: &Config,
-    run: &Path,
-    inputs: &Inputs,
-    dtype: DType,
-    device: &Device,
-) -> Result<Transformer> {
-    let run_dir = RunDir::new(run);
-    let run_cfg = Config::load(&run_dir.config(), &[])?;
-    if (&run_cfg.model.id, &run_cfg.model.revision) != (&cfg.model.id, &cfg.model.revision) {
-        return Err(Error::Config(format!(
-            "run `{}` trained `{}` ({}), but the config names `{}` ({}): pass the run's own \
-             config with --config {}",
-            run.display(),
-            run_cfg.model.id,
-            run_cfg.model.revision,
-            cfg.model.id,
-            cfg.model.revision,
-            run_dir.config().display()
-        )));
-    }
-    let (model_cfg, tensors) = checkpoint::load_model(&run_dir.final_dir(), &inputs.model, device)?;
-    let tensors = tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
-        .collect::<Result<std::collections::HashMap<_, _>>>()?;
-    Transformer::new(&model_cfg, &tensors)
 }
 
 /// The ids that end a generation: `generation_config.json`'s `eos_token_id` (one or a list), else

@@ -3,12 +3,9 @@
 
 use super::queries::{f, scalar, Table};
 use crate::cache;
-use crate::config::Config;
 use crate::error::Result;
 use crate::inputs::Inputs;
 use crate::logprobs;
-use crate::model::Transformer;
-use crate::train::checkpoint;
 use candle_core::Device;
 use polars::prelude::*;
 use serde_json::{json, Map, Value};
@@ -51,8 +48,7 @@ pub fn policy_bias(
     device: &Device,
 ) -> Result<PolicyBias> {
     let run = crate::dirs::RunDir::new(run_dir);
-    let final_dir = run.final_dir();
-    let cfg = Config::load(&run.config(), &[])?;
+    let cfg = run.load_config()?;
     let inputs = Inputs::resolve(&cfg)?;
     let mut rows = Vec::new();
     for f in files {
@@ -61,9 +57,8 @@ pub fn policy_bias(
         cached.check_compatible(&cache::shards::expected_for(f, split, &expected), f)?;
         rows.extend(cache::parquet::read(f)?);
     }
-    // a full checkpoint, or a LoRA adapter merged into the run's base model
-    let (model_cfg, tensors) = checkpoint::load_model(&final_dir, &inputs.model, device)?;
-    let model = Transformer::new(&model_cfg, &tensors)?;
+    // a full checkpoint, or a LoRA adapter merged into the run's base model, in f32
+    let model = run.load_policy(&cfg, &inputs, candle_core::DType::F32, device)?;
     let (l, t) = (cfg.tokenize.max_length, cfg.tokenize.truncation);
     let mut margins = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(cfg.precompute.batch_size.max(1)) {

@@ -1,0 +1,48 @@
+//! Reading a finished run: its configuration and its `final/` policy as a whole model, the one
+//! loader `generate --run` and `stats --run` share.
+
+use crate::config::Config;
+use crate::dirs::RunDir;
+use crate::error::{Error, Result};
+use crate::inputs::Inputs;
+use crate::model::Transformer;
+use crate::train::checkpoint;
+use candle_core::{DType, Device};
+
+impl RunDir {
+    /// The run's resolved configuration (`config.toml`).
+    pub fn load_config(&self) -> Result<Config> {
+        Config::load(&self.config(), &[])
+    }
+
+    /// The run's `final/` as a whole model in `dtype` on `device` (a LoRA adapter merged into
+    /// the base `inputs` resolved), after checking that the run trained `cfg`'s model.
+    pub fn load_policy(
+        &self,
+        cfg: &Config,
+        inputs: &Inputs,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Transformer> {
+        let run_cfg = self.load_config()?;
+        if (&run_cfg.model.id, &run_cfg.model.revision) != (&cfg.model.id, &cfg.model.revision) {
+            return Err(Error::Config(format!(
+                "run `{}` trained `{}` ({}), but the config names `{}` ({}): pass the run's own \
+                 config with --config {}",
+                self.root().display(),
+                run_cfg.model.id,
+                run_cfg.model.revision,
+                cfg.model.id,
+                cfg.model.revision,
+                self.config().display()
+            )));
+        }
+        let (model_cfg, tensors) =
+            checkpoint::load_model(&self.final_dir(), &inputs.model, device)?;
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        Transformer::new(&model_cfg, &tensors)
+    }
+}
