@@ -7,6 +7,7 @@
 
 mod memory;
 mod report;
+mod state;
 
 use crate::cache::{self, CacheRow, Fingerprint, MappedCache};
 use crate::config::Config;
@@ -16,11 +17,12 @@ use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
 use crate::logprobs;
 use crate::model::Transformer;
-use crate::outputs::{self, DirLock, Existing};
+use crate::outputs::{DirLock, Existing};
 use crate::progress::Progress;
 use crate::tokenize::{window, TokenizedPair};
 use candle_core::Device;
 use report::{describe, update_report, Report, SplitReport};
+use state::{cache_state, claim_split, partial_dir, CacheState};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -213,18 +215,8 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
     // inside them — are the unsharded run's, and its log-probs the same bits. Its rows run from
     // its first pair's row to the next shard's (skipped rows in between counted here).
     let shard = cfg.precompute.shard;
-    let chunk = cfg.precompute.chunk_pairs;
-    let chunks = shard.range(all_pairs.div_ceil(chunk));
-    let (p0, p1) = (
-        (chunks.start * chunk).min(all_pairs),
-        (chunks.end * chunk).min(all_pairs),
-    );
-    let boundary = |p: usize| match p {
-        0 => 0,
-        p if p == all_pairs => u64::MAX,
-        p => kept_rows[p],
-    };
-    let rows = boundary(p0)..boundary(p1);
+    let (pairs, rows) = shard_span(&kept_rows, cfg.precompute.chunk_pairs, shard);
+    let (p0, p1) = (pairs.start, pairs.end);
     skipped.retain(|s| rows.contains(&s.row));
     let rows_read = if shard.is_whole() {
         total_read
@@ -257,107 +249,27 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
     })
 }
 
-/// A split's files (or unfinished chunks) made from other inputs: refused, naming the first
-/// fingerprint field that differs, or removed with `--overwrite`.
-fn claim_split(out: &Path, split: &Prepared, existing: Existing) -> Result<()> {
-    let (pq, arrow) = (
-        cache::parquet_path(out, &split.stem),
-        cache::arrow_path(out, &split.stem),
+/// What shard `shard` of a split scores, given the source row of each of its kept pairs: its
+/// pairs (a contiguous range of `chunk`-pair scoring chunks, as indices among the kept pairs)
+/// and the source rows it accounts for (from its first pair's row to the next shard's; the
+/// first shard from row 0, the last to the end), so every skipped row is counted by one shard.
+fn shard_span(
+    kept_rows: &[u64],
+    chunk: usize,
+    shard: crate::config::Shard,
+) -> (std::ops::Range<usize>, std::ops::Range<u64>) {
+    let all = kept_rows.len();
+    let chunks = shard.range(all.div_ceil(chunk));
+    let (p0, p1) = (
+        (chunks.start * chunk).min(all),
+        (chunks.end * chunk).min(all),
     );
-    let partial = partial_dir(out, &split.stem);
-    let partial_fp = CacheDir::partial_fingerprint(&partial);
-    let found = [
-        (pq.clone(), cache::parquet::read_fingerprint(&pq).ok()),
-        (
-            arrow.clone(),
-            MappedCache::open(&arrow).ok().map(|m| m.fingerprint),
-        ),
-        (
-            partial.clone(),
-            std::fs::read_to_string(&partial_fp)
-                .ok()
-                .and_then(|t| Fingerprint::from_json(&t, &partial_fp).ok()),
-        ),
-    ];
-    let other = found.iter().find_map(|(path, fp)| {
-        // new contents of the same data are this cache's to replace, not another's
-        let diff = fp
-            .as_ref()?
-            .first_difference(&split.fingerprint, &cache::fingerprint::READ_BY_STAGE_ONE)?;
-        Some((path, diff))
-    });
-    let Some((path, (field, theirs, ours))) = other else {
-        return Ok(());
+    let boundary = |p: usize| match p {
+        0 => 0,
+        p if p == all => u64::MAX,
+        p => kept_rows[p],
     };
-    if existing != Existing::Overwrite {
-        return Err(Error::Occupied {
-            path: path.clone(),
-            msg: format!(
-                "holds a cache made from other inputs (fingerprint field `{field}` is {theirs} \
-                 there but {ours} for this config): write this one elsewhere with `--set \
-                 precompute.out=DIR`, or replace it with `--overwrite`"
-            ),
-        });
-    }
-    [pq, arrow, partial]
-        .iter()
-        .filter(|p| p.exists())
-        .try_for_each(|p| outputs::remove(p))
-}
-
-fn partial_dir(out: &Path, split: &str) -> PathBuf {
-    CacheDir::new(out).partial(split)
-}
-
-/// What a split's cache files hold, against the fingerprint this config expects.
-enum CacheState {
-    /// Neither file.
-    Nothing,
-    /// Both files verify and carry the expected fingerprint.
-    UpToDate,
-    /// A file is missing, torn or fails its checksum (why): it is scored again.
-    Broken(String),
-}
-
-fn cache_state(pq: &Path, arrow: &Path, fingerprint: &Fingerprint) -> CacheState {
-    match (pq.exists(), arrow.exists()) {
-        (false, false) => return CacheState::Nothing,
-        (true, false) | (false, true) => {
-            let missing = if pq.exists() { arrow } else { pq };
-            return CacheState::Broken(format!(
-                "`{}` is missing (an earlier run stopped before writing it)",
-                missing.display()
-            ));
-        }
-        (true, true) => {}
-    }
-    let check = || -> Result<Option<Fingerprint>> {
-        let in_parquet = cache::parquet::read_fingerprint(pq)?;
-        cache::parquet::verify(pq)?;
-        let in_arrow = MappedCache::open(arrow)?.fingerprint;
-        Ok([in_parquet, in_arrow]
-            .into_iter()
-            .find(|f| f != fingerprint))
-    };
-    match check() {
-        Ok(None) => CacheState::UpToDate,
-        Ok(Some(other)) => CacheState::Broken(match other.first_difference(fingerprint, &[]) {
-            Some((field, _, _)) if field == "data_sha256" => {
-                let changed: Vec<&str> = fingerprint
-                    .data_sha256
-                    .iter()
-                    .filter(|(f, sha)| other.data_sha256.get(*f) != Some(*sha))
-                    .map(|(f, _)| f.as_str())
-                    .collect();
-                format!(
-                    "the data changed since it was scored ({})",
-                    changed.join(", ")
-                )
-            }
-            _ => format!("`{}` was made from other inputs", pq.display()),
-        }),
-        Err(e) => CacheState::Broken(e.to_string()),
-    }
+    (p0..p1, boundary(p0)..boundary(p1))
 }
 
 fn score_split(
@@ -593,5 +505,30 @@ impl Scorer<'_> {
                 rejected_truncated: p.rejected_truncated,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Shard;
+
+    #[test]
+    fn shards_take_whole_chunks_and_every_row_once() {
+        // 10 kept pairs at these source rows (skips between them), chunks of 3 pairs
+        let kept: Vec<u64> = vec![0, 2, 3, 7, 8, 9, 12, 13, 20, 21];
+        let whole = shard_span(&kept, 3, Shard::default());
+        assert_eq!(whole, (0..10, 0..u64::MAX));
+        let spans: Vec<_> = (0..3)
+            .map(|index| shard_span(&kept, 3, Shard { index, count: 3 }))
+            .collect();
+        // 4 chunks over 3 shards: 1, 1 and 2 chunks
+        assert_eq!(spans[0], (0..3, 0..7));
+        assert_eq!(spans[1], (3..6, 7..12));
+        assert_eq!(spans[2], (6..10, 12..u64::MAX));
+        // more shards than chunks: some are empty (here the first), none is split
+        let first = shard_span(&kept[..2], 3, Shard { index: 0, count: 2 });
+        let second = shard_span(&kept[..2], 3, Shard { index: 1, count: 2 });
+        assert_eq!((first.0, second.0), (0..0, 0..2));
     }
 }

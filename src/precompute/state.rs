@@ -1,0 +1,210 @@
+//! What a split's cache directory holds against what this run would write: nothing, an up-to-date
+//! cache, one to score again (torn, failing its checksum, or made from data that changed since),
+//! or another configuration's cache (refused unless `--overwrite`).
+
+use super::Prepared;
+use crate::cache::{self, Fingerprint, MappedCache};
+use crate::dirs::CacheDir;
+use crate::error::Error;
+use crate::error::Result;
+use crate::outputs::{self, Existing};
+use std::path::{Path, PathBuf};
+
+/// A split's files (or unfinished chunks) made from other inputs: refused, naming the first
+/// fingerprint field that differs, or removed with `--overwrite`.
+pub(super) fn claim_split(out: &Path, split: &Prepared, existing: Existing) -> Result<()> {
+    let (pq, arrow) = (
+        cache::parquet_path(out, &split.stem),
+        cache::arrow_path(out, &split.stem),
+    );
+    let partial = partial_dir(out, &split.stem);
+    let partial_fp = CacheDir::partial_fingerprint(&partial);
+    let found = [
+        (pq.clone(), cache::parquet::read_fingerprint(&pq).ok()),
+        (
+            arrow.clone(),
+            MappedCache::open(&arrow).ok().map(|m| m.fingerprint),
+        ),
+        (
+            partial.clone(),
+            std::fs::read_to_string(&partial_fp)
+                .ok()
+                .and_then(|t| Fingerprint::from_json(&t, &partial_fp).ok()),
+        ),
+    ];
+    let other = found.iter().find_map(|(path, fp)| {
+        // new contents of the same data are this cache's to replace, not another's
+        let diff = fp
+            .as_ref()?
+            .first_difference(&split.fingerprint, &cache::fingerprint::READ_BY_STAGE_ONE)?;
+        Some((path, diff))
+    });
+    let Some((path, (field, theirs, ours))) = other else {
+        return Ok(());
+    };
+    if existing != Existing::Overwrite {
+        return Err(Error::Occupied {
+            path: path.clone(),
+            msg: format!(
+                "holds a cache made from other inputs (fingerprint field `{field}` is {theirs} \
+                 there but {ours} for this config): write this one elsewhere with `--set \
+                 precompute.out=DIR`, or replace it with `--overwrite`"
+            ),
+        });
+    }
+    [pq, arrow, partial]
+        .iter()
+        .filter(|p| p.exists())
+        .try_for_each(|p| outputs::remove(p))
+}
+
+pub(super) fn partial_dir(out: &Path, split: &str) -> PathBuf {
+    CacheDir::new(out).partial(split)
+}
+
+/// What a split's cache files hold, against the fingerprint this config expects.
+pub(super) enum CacheState {
+    /// Neither file.
+    Nothing,
+    /// Both files verify and carry the expected fingerprint.
+    UpToDate,
+    /// A file is missing, torn or fails its checksum (why): it is scored again.
+    Broken(String),
+}
+
+pub(super) fn cache_state(pq: &Path, arrow: &Path, fingerprint: &Fingerprint) -> CacheState {
+    match (pq.exists(), arrow.exists()) {
+        (false, false) => return CacheState::Nothing,
+        (true, false) | (false, true) => {
+            let missing = if pq.exists() { arrow } else { pq };
+            return CacheState::Broken(format!(
+                "`{}` is missing (an earlier run stopped before writing it)",
+                missing.display()
+            ));
+        }
+        (true, true) => {}
+    }
+    let check = || -> Result<Option<Fingerprint>> {
+        let in_parquet = cache::parquet::read_fingerprint(pq)?;
+        cache::parquet::verify(pq)?;
+        let in_arrow = MappedCache::open(arrow)?.fingerprint;
+        Ok([in_parquet, in_arrow]
+            .into_iter()
+            .find(|f| f != fingerprint))
+    };
+    match check() {
+        Ok(None) => CacheState::UpToDate,
+        Ok(Some(other)) => CacheState::Broken(match other.first_difference(fingerprint, &[]) {
+            Some((field, _, _)) if field == "data_sha256" => {
+                let changed: Vec<&str> = fingerprint
+                    .data_sha256
+                    .iter()
+                    .filter(|(f, sha)| other.data_sha256.get(*f) != Some(*sha))
+                    .map(|(f, _)| f.as_str())
+                    .collect();
+                format!(
+                    "the data changed since it was scored ({})",
+                    changed.join(", ")
+                )
+            }
+            _ => format!("`{}` was made from other inputs", pq.display()),
+        }),
+        Err(e) => CacheState::Broken(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::fingerprint::sample;
+    use crate::cache::CacheRow;
+
+    fn rows() -> Vec<CacheRow> {
+        vec![CacheRow {
+            prompt_id: "p".into(),
+            row: 0,
+            prompt_ids: vec![1, 2],
+            chosen_ids: vec![3],
+            rejected_ids: vec![4],
+            ref_chosen_logps: -1.0,
+            ref_rejected_logps: -2.0,
+            score_chosen: None,
+            score_rejected: None,
+            chosen_truncated: false,
+            rejected_truncated: false,
+        }]
+    }
+
+    fn prepared(fingerprint: Fingerprint) -> Prepared {
+        Prepared {
+            name: "train_prefs".into(),
+            stem: "train_prefs".into(),
+            rows_read: 1,
+            pairs: 0..1,
+            first_row: 0,
+            tokens: 4,
+            dropped: Default::default(),
+            skipped: Vec::new(),
+            fingerprint,
+            prepare_seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn states_of_a_split_and_who_may_replace_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CacheDir::new(dir.path());
+        let (pq, arrow) = (c.parquet("train_prefs"), c.arrow("train_prefs"));
+        let mut fp = sample();
+        fp.data_sha256.insert("data/a.parquet".into(), "aa".into());
+        assert!(matches!(cache_state(&pq, &arrow, &fp), CacheState::Nothing));
+        cache::parquet::write(&pq, &rows(), &fp).unwrap();
+        match cache_state(&pq, &arrow, &fp) {
+            CacheState::Broken(why) => assert!(why.contains("train_prefs.arrow"), "{why}"),
+            _ => panic!("one file missing is broken"),
+        }
+        cache::ipc::write(&arrow, &rows(), &fp).unwrap();
+        assert!(matches!(
+            cache_state(&pq, &arrow, &fp),
+            CacheState::UpToDate
+        ));
+        // the same data edited: scored again, naming the file
+        let mut edited = fp.clone();
+        edited
+            .data_sha256
+            .insert("data/a.parquet".into(), "bb".into());
+        match cache_state(&pq, &arrow, &edited) {
+            CacheState::Broken(why) => assert!(
+                why.contains("data changed") && why.contains("data/a.parquet"),
+                "{why}"
+            ),
+            _ => panic!("edited data is not up to date"),
+        }
+        // ... and this config's to replace, while another configuration's cache is refused
+        claim_split(dir.path(), &prepared(edited), Existing::Refuse).unwrap();
+        let other = Fingerprint {
+            max_length: 512,
+            ..fp.clone()
+        };
+        let err = claim_split(dir.path(), &prepared(other.clone()), Existing::Refuse)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`max_length`") && err.contains("--overwrite"),
+            "{err}"
+        );
+        assert!(pq.exists(), "a refusal touches nothing");
+        claim_split(dir.path(), &prepared(other), Existing::Overwrite).unwrap();
+        assert!(!pq.exists() && !arrow.exists(), "--overwrite removes it");
+        // a flipped byte: scored again
+        cache::parquet::write(&pq, &rows(), &fp).unwrap();
+        cache::ipc::write(&arrow, &rows(), &fp).unwrap();
+        let mut bytes = std::fs::read(&arrow).unwrap();
+        bytes[40] ^= 1;
+        std::fs::write(&arrow, bytes).unwrap();
+        assert!(matches!(
+            cache_state(&pq, &arrow, &fp),
+            CacheState::Broken(_)
+        ));
+    }
+}
