@@ -2,6 +2,7 @@
 //! chat template — and the cache fingerprint they imply. `precompute`, `train`, `show` and
 //! `stats` all resolve through here, so a cache and the run that reads it agree by construction.
 
+use crate::cache::fingerprint::DatasetOptions;
 use crate::cache::Fingerprint;
 use crate::config::Config;
 use crate::data::{self, DataSource};
@@ -102,7 +103,7 @@ impl Inputs {
             chat_template_sha256: self.tokenizer.template.sha256(),
             max_length: cfg.tokenize.max_length,
             truncation: cfg.tokenize.truncation,
-            shard: String::new(),
+            shard: None,
             dtype: cfg.model.dtype,
             refdpo_version: env!("CARGO_PKG_VERSION").to_string(),
             // what stage one reads with the data: `precompute` fills the first two
@@ -135,25 +136,19 @@ fn check_vocabulary(tokenizer: &PairTokenizer, model: &ModelSource) -> Result<()
 }
 
 /// What else decides a split's rows (`data_files`, `test_size`, the column, message-key and role
-/// mappings) as one JSON string; empty when all are defaults, as caches made before these keys
-/// existed record it.
-fn dataset_options(d: &crate::config::DatasetConfig) -> String {
-    let options = serde_json::json!({
-        "data_files": d.data_files,
-        "test_size": d.test_size,
-        "columns": d.columns,
-        "message_keys": d.message_keys,
-        "roles": d.roles,
-    });
+/// mappings); `None` when all are defaults, as caches made before these keys existed record it.
+fn dataset_options(d: &crate::config::DatasetConfig) -> Option<DatasetOptions> {
     let defaults = crate::config::DatasetConfig::default();
-    if d.data_files == defaults.data_files
+    let is_default = d.data_files == defaults.data_files
         && d.test_size == defaults.test_size
         && d.columns == defaults.columns
         && d.message_keys == defaults.message_keys
-        && d.roles == defaults.roles
-    {
-        String::new()
-    } else {
-        options.to_string()
-    }
+        && d.roles == defaults.roles;
+    (!is_default).then(|| DatasetOptions {
+        data_files: d.data_files.clone(),
+        test_size: d.test_size,
+        columns: d.columns.clone(),
+        message_keys: d.message_keys.clone(),
+        roles: d.roles.clone(),
+    })
 }

@@ -1,6 +1,6 @@
 //! The cache fingerprint: what a cache was computed from, so stage two can refuse a stale one.
 
-use crate::config::{Dtype, Truncation};
+use crate::config::{Columns, Dtype, MessageKeys, Role, Shard, Truncation};
 use crate::error::{fs, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -13,9 +13,10 @@ pub struct Fingerprint {
     pub split: String,
     /// `dataset.limit` (0 = all rows).
     pub limit: usize,
-    /// `data_files`, `test_size` and the mappings, as JSON; empty for the defaults.
-    #[serde(default)]
-    pub dataset_options: String,
+    /// `data_files`, `test_size` and the mappings; `None` for the defaults (on disk: the options
+    /// as a JSON string, empty for the defaults, as caches made before these keys existed hold).
+    #[serde(default, with = "options_as_json_string")]
+    pub dataset_options: Option<DatasetOptions>,
     pub model_id: String,
     pub model_revision: String,
     /// SHA-256 of the model's safetensors files.
@@ -25,9 +26,9 @@ pub struct Fingerprint {
     pub chat_template_sha256: String,
     pub max_length: usize,
     pub truncation: Truncation,
-    /// "i/n" for a shard's files; empty for a whole split.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub shard: String,
+    /// The shard a shard's files hold ("i/n" on disk); `None` for a whole split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
     /// The reference forward's compute dtype (informational: it does not bind a training run).
     pub dtype: Dtype,
     pub refdpo_version: String,
@@ -42,6 +43,43 @@ pub struct Fingerprint {
     /// the weights, tokenizer and template hashes bind a run).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model_commit: String,
+}
+
+/// What else decides a split's rows besides the dataset id, revision, split and limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetOptions {
+    pub data_files: BTreeMap<String, String>,
+    pub test_size: f64,
+    pub columns: Columns,
+    pub message_keys: MessageKeys,
+    pub roles: BTreeMap<String, Role>,
+}
+
+/// [`DatasetOptions`] inside the fingerprint: one JSON string, `""` for none.
+mod options_as_json_string {
+    use super::DatasetOptions;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<DatasetOptions>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_str(""),
+            Some(o) => {
+                s.serialize_str(&serde_json::to_string(o).map_err(serde::ser::Error::custom)?)
+            }
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<DatasetOptions>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// What stage one alone can know, having read the data: a run that reads no dataset does not
@@ -144,7 +182,7 @@ pub(crate) fn sample() -> Fingerprint {
         dataset_revision: "main".into(),
         split: "train_prefs".into(),
         limit: 0,
-        dataset_options: String::new(),
+        dataset_options: None,
         model_id: "m".into(),
         model_revision: "main".into(),
         weights_sha256: "w".into(),
@@ -152,7 +190,7 @@ pub(crate) fn sample() -> Fingerprint {
         chat_template_sha256: "c".into(),
         max_length: 1024,
         truncation: Truncation::KeepStart,
-        shard: String::new(),
+        shard: None,
         dtype: Dtype::F32,
         refdpo_version: "0.1.0".into(),
         data_sha256: BTreeMap::new(),
@@ -243,6 +281,31 @@ mod tests {
         other.data_sha256.clear();
         other.dataset_commit = "abc".into();
         fp.check_compatible(&other, Path::new("c.arrow")).unwrap();
+    }
+
+    #[test]
+    fn typed_fields_keep_their_on_disk_form() {
+        let mut fp = sample();
+        let json = fp.to_json();
+        assert!(
+            json.contains(r#""dataset_options":"""#) && !json.contains("shard"),
+            "{json}"
+        );
+        fp.shard = Some(Shard { index: 1, count: 4 });
+        fp.dataset_options = Some(DatasetOptions {
+            data_files: [("train_prefs".to_string(), "a.jsonl".to_string())].into(),
+            test_size: 0.05,
+            columns: Columns::default(),
+            message_keys: MessageKeys::default(),
+            roles: BTreeMap::new(),
+        });
+        let json = fp.to_json();
+        assert!(json.contains(r#""shard":"1/4""#), "{json}");
+        assert!(
+            json.contains(r#""dataset_options":"{\"data_files\":{\"train_prefs\":\"a.jsonl\"},\"test_size\":0.05,"#),
+            "{json}"
+        );
+        assert_eq!(Fingerprint::from_json(&json, Path::new("x")).unwrap(), fp);
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl MappedCache {
     pub fn concat(parts: Vec<MappedCache>) -> Self {
         let mut parts = parts.into_iter();
         let mut out = parts.next().expect("at least one part");
-        out.fingerprint.shard.clear();
+        out.fingerprint.shard = None;
         for p in parts {
             let base = out.batches.len() as u32;
             out.index

@@ -4,6 +4,7 @@ pub mod checksum;
 pub mod fingerprint;
 pub mod ipc;
 pub mod parquet;
+pub mod report;
 pub mod schema;
 pub mod shards;
 

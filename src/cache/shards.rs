@@ -79,7 +79,7 @@ pub fn expected_for(path: &Path, split: &str, expected: &Fingerprint) -> Fingerp
         parse(n, split, ext)
     });
     Fingerprint {
-        shard: shard.map(|s| s.to_string()).unwrap_or_default(),
+        shard,
         ..expected.clone()
     }
 }

@@ -3,6 +3,7 @@
 //! rambling where the reference did not?
 
 pub mod decode;
+pub mod line;
 pub mod summary;
 
 use crate::config::Config;
@@ -14,7 +15,8 @@ use crate::progress::Progress;
 use crate::train::split::Split;
 use candle_core::Device;
 pub use decode::{Generated, Sampling};
-use serde_json::{json, Value};
+pub use line::{Continuation, GenerationLine};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 pub use summary::Summary;
 
@@ -115,15 +117,14 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         }
         for (k, (i, prompt)) in rows.iter().enumerate() {
             let (b, r) = split.pair(*i);
-            let mut line = json!({
-                "row": b.row(r),
-                "prompt_id": b.prompt_id(r),
-                "prompt_ids": prompt,
+            let tok = &inputs.tokenizer.tokenizer;
+            lines.push(GenerationLine {
+                row: b.row(r),
+                prompt_id: b.prompt_id(r).to_string(),
+                prompt_ids: prompt.clone(),
+                reference: entry(tok, &outputs[0][k])?,
+                policy: outputs.get(1).map(|g| entry(tok, &g[k])).transpose()?,
             });
-            for ((name, _), gens) in models.iter().zip(&outputs) {
-                line[*name] = entry(&inputs.tokenizer.tokenizer, &gens[k])?;
-            }
-            lines.push(line);
         }
     }
     progress.finish();
@@ -184,14 +185,14 @@ fn eos_ids(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<u3
 }
 
 /// One model's part of a JSONL line.
-fn entry(tokenizer: &tokenizers::Tokenizer, g: &Generated) -> Result<Value> {
+fn entry(tokenizer: &tokenizers::Tokenizer, g: &Generated) -> Result<Continuation> {
     let text = tokenizer
         .decode(&g.ids, true)
         .map_err(|e| Error::Model(format!("cannot decode generated ids: {e}")))?;
-    Ok(json!({
-        "ids": g.ids,
-        "text": text,
-        "tokens": g.ids.len(),
-        "finished": g.finished,
-    }))
+    Ok(Continuation {
+        ids: g.ids.clone(),
+        text,
+        tokens: g.ids.len(),
+        finished: g.finished,
+    })
 }

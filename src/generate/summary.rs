@@ -1,6 +1,7 @@
 //! The length summary of a generations file: tokens per model (mean, median), how many hit the
 //! token limit, and how often the policy wrote more than the reference for the same prompt.
 
+use super::line::GenerationLine;
 use crate::charts;
 use crate::error::{fs, Error, Result};
 use serde_json::{json, Map, Value};
@@ -16,19 +17,20 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// From the JSONL lines `generate` writes.
-    pub fn of_lines(lines: &[Value], max_new_tokens: usize) -> Self {
+    /// From the lines `generate` writes.
+    pub fn of_lines(lines: &[GenerationLine], max_new_tokens: usize) -> Self {
         let models = ["reference", "policy"]
             .into_iter()
-            .filter(|m| lines.first().is_some_and(|l| l.get(*m).is_some()))
+            .filter(|m| lines.first().is_some_and(|l| l.of(m).is_some()))
             .map(|m| {
+                let of = |l: &GenerationLine| l.of(m).cloned();
                 let tokens = lines
                     .iter()
-                    .map(|l| l[m]["tokens"].as_u64().unwrap_or(0) as usize)
+                    .map(|l| of(l).map_or(0, |c| c.tokens))
                     .collect();
                 let finished = lines
                     .iter()
-                    .map(|l| l[m]["finished"].as_bool().unwrap_or(false))
+                    .map(|l| of(l).is_some_and(|c| c.finished))
                     .collect();
                 (m.to_string(), tokens, finished)
             })
@@ -46,10 +48,15 @@ impl Summary {
             .lines()
             .enumerate()
             .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .map_err(|e| Error::Config(format!("`{}` line {}: {e}", path.display(), i + 1)))
+                serde_json::from_str(l).map_err(|e| {
+                    Error::Config(format!(
+                        "`{}` line {}: not a line of `refdpo generate` ({e})",
+                        path.display(),
+                        i + 1
+                    ))
+                })
             })
-            .collect::<Result<Vec<Value>>>()?;
+            .collect::<Result<Vec<GenerationLine>>>()?;
         let mut s = Self::of_lines(&lines, 0);
         s.max_new_tokens = s
             .models
@@ -166,10 +173,23 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::generate::line::Continuation;
 
     #[test]
     fn figures_count_lengths_limits_and_the_longer_model() {
-        let line = |r: u64, rf: bool, p: u64, pf: bool| json!({"reference": {"tokens": r, "finished": rf}, "policy": {"tokens": p, "finished": pf}});
+        let c = |tokens: usize, finished: bool| Continuation {
+            ids: vec![7; tokens],
+            text: String::new(),
+            tokens,
+            finished,
+        };
+        let line = |r, rf, p, pf| GenerationLine {
+            row: 0,
+            prompt_id: String::new(),
+            prompt_ids: vec![1],
+            reference: c(r, rf),
+            policy: Some(c(p, pf)),
+        };
         let lines = [
             line(3, true, 8, false),
             line(5, true, 5, true),

@@ -233,7 +233,7 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
     fingerprint.data_sha256 = data_sha256;
     fingerprint.dataset_commit = source.commit.clone().unwrap_or_default();
     if !shard.is_whole() {
-        fingerprint.shard = shard.to_string();
+        fingerprint.shard = Some(shard);
     }
     Ok(Prepared {
         name: split.to_string(),
@@ -339,7 +339,7 @@ fn score_split(
             rows_read: split.rows_read,
             rows_kept: split.pairs.len(),
             dropped: split.dropped,
-            skipped_rows: split.skipped,
+            skipped_rows: split.skipped.iter().map(report::listed).collect(),
             tokens,
             seconds,
             tokens_per_second: tokens as f64 / seconds.max(1e-9),

@@ -1,30 +1,20 @@
 //! `report.json`: one typed entry per split, merged into the file atomically, and the line per
 //! split the terminal shows.
 
+use crate::cache::report::SkippedRow;
+pub use crate::cache::report::SplitReport;
 use crate::data::Skipped;
-use crate::error::{fs, Result};
-use serde::Serialize;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use crate::error::Result;
+use std::path::Path;
 
-/// One split's entry of `report.json` (field order is the file's key order).
-#[derive(Debug, Clone, Serialize)]
-pub struct SplitReport {
-    pub rows_read: usize,
-    pub rows_kept: usize,
-    /// Skips by reason.
-    pub dropped: BTreeMap<String, usize>,
-    /// The first skipped rows, with line numbers and messages where the source has them.
-    pub skipped_rows: Vec<Skipped>,
-    pub tokens: usize,
-    pub seconds: f64,
-    pub tokens_per_second: f64,
-    /// The reference forward + log-probs alone (0 when the cache was up to date).
-    pub score_seconds: f64,
-    pub resumed_chunks: usize,
-    pub up_to_date: bool,
-    pub parquet: PathBuf,
-    pub arrow: PathBuf,
+/// A skipped row as the report lists it.
+pub fn listed(s: &Skipped) -> SkippedRow {
+    SkippedRow {
+        row: s.row,
+        line: s.line,
+        reason: s.reason.to_string(),
+        detail: s.detail.clone(),
+    }
 }
 
 /// A split's name and its entry.
@@ -68,10 +58,5 @@ pub fn describe(r: &Report) -> String {
 
 /// Merges one split's entry into `report.json` (atomically); entries of other splits stay.
 pub fn update_report(path: &Path, report: &Report) -> Result<()> {
-    let mut all: BTreeMap<String, serde_json::Value> = match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).unwrap_or_default(),
-        Err(_) => BTreeMap::new(),
-    };
-    all.insert(report.split.clone(), serde_json::to_value(&report.entry)?);
-    fs::write_atomic(path, serde_json::to_string_pretty(&all)?.as_bytes())
+    crate::cache::report::update(path, &report.split, &report.entry)
 }

@@ -255,28 +255,16 @@ impl Stats {
     pub fn add_dropped(&mut self, reports: &[PathBuf], split: &str) {
         let mut rows_read = None;
         for report in reports {
-            let Ok(text) = std::fs::read_to_string(report) else {
+            let Some(entry) = crate::cache::report::read(report)
+                .ok()
+                .and_then(|mut r| r.remove(split))
+            else {
                 continue;
             };
-            let Ok(v) = serde_json::from_str::<Value>(&text) else {
-                continue;
-            };
-            if let Some(d) = v
-                .get(split)
-                .and_then(|s| s.get("dropped"))
-                .and_then(Value::as_object)
-            {
-                for (k, n) in d {
-                    *self.dropped.entry(k.clone()).or_default() += n.as_u64().unwrap_or(0);
-                }
+            for (k, n) in entry.dropped {
+                *self.dropped.entry(k).or_default() += n as u64;
             }
-            if let Some(n) = v
-                .get(split)
-                .and_then(|s| s.get("rows_read"))
-                .and_then(Value::as_u64)
-            {
-                *rows_read.get_or_insert(0) += n;
-            }
+            *rows_read.get_or_insert(0) += entry.rows_read as u64;
         }
         if let Some(n) = rows_read {
             self.summary.insert("rows_read".into(), n.into());
