@@ -6,6 +6,46 @@ use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// One line of `metrics.jsonl`: a training step's (epoch, the per-pair means under TRL's names,
+/// the step's figures) or an evaluation's (the means prefixed `eval/`). Keys in the file's order;
+/// every name is a [`Metric`]'s.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsLine {
+    pub step: usize,
+    pub epoch: Option<f64>,
+    /// [`Metric::PAIR_MEANS`] by name, prefixed `eval/` on an evaluation line.
+    pub means: Map<String, Value>,
+    pub grad_norm: Option<f64>,
+    pub learning_rate: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+    /// Not a TRL name: the step's wall time.
+    pub step_seconds: Option<f64>,
+}
+
+impl MetricsLine {
+    pub fn to_json(&self) -> Map<String, Value> {
+        let mut line = Map::new();
+        line.insert("step".into(), json!(self.step));
+        if let Some(e) = self.epoch {
+            line.insert("epoch".into(), json!(e));
+        }
+        line.extend(self.means.clone());
+        for (metric, value) in [
+            (Metric::GradNorm, self.grad_norm),
+            (Metric::LearningRate, self.learning_rate),
+            (Metric::TokensPerSecond, self.tokens_per_second),
+        ] {
+            if let Some(v) = value {
+                line.insert(metric.name().into(), json!(v));
+            }
+        }
+        if let Some(s) = self.step_seconds {
+            line.insert("step_seconds".into(), json!(s));
+        }
+        line
+    }
+}
+
 pub struct MetricsLog {
     path: PathBuf,
 }
@@ -30,25 +70,30 @@ impl MetricsLog {
 
     /// One optimizer step's line: TRL's names, plus `epoch` and `step_seconds`.
     pub fn append_step(&self, step: usize, epoch: f64, r: &StepReport) -> Result<()> {
-        let mut line = Map::new();
-        line.insert("step".into(), json!(step));
-        line.insert("epoch".into(), json!(epoch));
-        line.extend(r.metrics.to_json(""));
-        line.insert(Metric::GradNorm.name().into(), json!(r.grad_norm));
-        line.insert(Metric::LearningRate.name().into(), json!(r.learning_rate));
-        line.insert(
-            Metric::TokensPerSecond.name().into(),
-            json!(r.tokens as f64 / r.seconds.max(1e-9)),
-        );
-        line.insert("step_seconds".into(), json!(r.seconds));
-        self.append(line)
+        let line = MetricsLine {
+            step,
+            epoch: Some(epoch),
+            means: r.metrics.to_json(""),
+            grad_norm: Some(r.grad_norm),
+            learning_rate: Some(r.learning_rate),
+            tokens_per_second: Some(r.tokens as f64 / r.seconds.max(1e-9)),
+            step_seconds: Some(r.seconds),
+        };
+        self.append(line.to_json())
     }
 
     /// An evaluation's line: the same names prefixed `eval/`.
     pub fn append_eval(&self, step: usize, m: &MetricsAccumulator) -> Result<()> {
-        let mut line = Map::from_iter([("step".to_string(), json!(step))]);
-        line.extend(m.to_json("eval/"));
-        self.append(line)
+        let line = MetricsLine {
+            step,
+            epoch: None,
+            means: m.to_json("eval/"),
+            grad_norm: None,
+            learning_rate: None,
+            tokens_per_second: None,
+            step_seconds: None,
+        };
+        self.append(line.to_json())
     }
 
     fn append(&self, line: Map<String, Value>) -> Result<()> {
