@@ -1,7 +1,7 @@
 //! A new user's first hour: the GPU build is one make flag, the README speaks to users outside its
 //! development section, a model refdpo would only approximate is refused, runs say what they did.
 
-use super::common::{demo_config, fails, ok, repo};
+use super::common::{demo_config, ok, repo};
 use std::process::Command;
 
 #[test]
@@ -55,7 +55,7 @@ fn the_readme_names_no_development_paths_outside_its_development_section() {
 fn a_cuda_request_on_a_cpu_build_names_the_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = demo_config(tmp.path(), "");
-    let err = fails(
+    let err = super::common::fails(
         &[
             "precompute",
             "--config",
