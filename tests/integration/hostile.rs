@@ -44,14 +44,19 @@ fn edit_weights(dir: &Path, edit: impl FnOnce(&mut std::collections::HashMap<Str
     weights::save(&w, &file).unwrap();
 }
 
+/// `refdpo <cmd> --config CFG --quiet`, each of `sets` as `--set`.
+fn args<'a>(cmd: &'a str, cfg: &'a Path, sets: &'a [String]) -> Vec<&'a str> {
+    let mut args = vec![cmd, "--config", cfg.to_str().unwrap(), "--quiet"];
+    for s in sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    args
+}
+
 /// precompute with `sets` fails as a program should: exit code 1 (a signal gives none), one
 /// `error:` and no panic, naming every one of `names`. Returns stderr.
 fn refused(cfg: &Path, cwd: &Path, sets: &[String], names: &[&str]) -> String {
-    let mut args = vec!["precompute", "--config", cfg.to_str().unwrap(), "--quiet"];
-    for s in sets {
-        args.extend(["--set", s]);
-    }
-    let out = refdpo(&args, cwd);
+    let out = refdpo(&args("precompute", cfg, sets), cwd);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{sets:?}: {err}");
     assert!(
@@ -189,11 +194,7 @@ fn an_f16_overflow_is_an_error_naming_the_row_never_a_cache_of_nan() {
     });
     let mut f32_sets = model_set(&loud);
     f32_sets[1] = format!("precompute.out={}/cache-f32", loud.display());
-    let mut args = vec!["precompute", "--config", cfg.to_str().unwrap(), "--quiet"];
-    for s in &f32_sets {
-        args.extend(["--set", s]);
-    }
-    ok(&args, t);
+    ok(&args("precompute", &cfg, &f32_sets), t);
     let mut sets = model_set(&loud);
     sets.push("model.dtype=f16".into());
     refused(
@@ -253,16 +254,12 @@ fn a_template_error_on_some_rows_is_a_skip_with_the_template_message() {
     .to_string()
     .into_bytes();
     std::fs::write(&file, lines.join(&b'\n')).unwrap();
-    let mut args = vec!["precompute", "--config", cfg.to_str().unwrap(), "--quiet"];
     let sets = [
         model_set(&picky),
         vec![format!("dataset.id={}", file.display())],
     ]
     .concat();
-    for s in &sets {
-        args.extend(["--set", s]);
-    }
-    ok(&args, t);
+    ok(&args("precompute", &cfg, &sets), t);
     let report = read_json(&picky.join("cache/report.json"));
     let skipped = &report["train_prefs"]["skipped_rows"];
     assert_eq!(skipped.as_array().unwrap().len(), 1, "{report}");
@@ -414,13 +411,7 @@ fn an_edited_data_file_is_rescored_by_precompute_and_refused_by_train() {
         format!("precompute.out={}/own-cache", tmp.path().display()),
         format!("train.out={}/own-run", tmp.path().display()),
     ];
-    let with = |cmd: &'static str| {
-        let mut args = vec![cmd, "--config", cfg_s, "--quiet"];
-        for s in &sets {
-            args.extend(["--set", s.as_str()]);
-        }
-        args
-    };
+    let with = |cmd: &'static str| args(cmd, &cfg, &sets);
     ok(&with("precompute"), tmp.path());
     let report = tmp.path().join("own-cache/report.json");
     assert_eq!(read_json(&report)["train_prefs"]["up_to_date"], false);
