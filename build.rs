@@ -1,6 +1,7 @@
 //! Tests that read `../shared/realdata` are marked ignored where it is absent, so the summary shows
 //! them as ignored rather than passed. Under `CI=true` they are not: they run and fail, naming it.
-//! The same holds for the hub test and `REFDPO_OLAH` (the olah server it starts).
+//! The same holds for the hub test and `REFDPO_OLAH` (the olah server it starts), and for the
+//! tiled attention's Triton checks and `REFDPO_KERNEL_PYTHON` (a python with torch and triton).
 //!
 //! Under `--features cuda` it also compiles the fused kernels (`src/model/fused/kernels.cu`) to
 //! PTX with nvcc (`$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH), for compute
@@ -26,9 +27,47 @@ fn main() {
     if !olah.is_some_and(|p| p.is_file()) && !ci {
         println!("cargo::rustc-cfg=hub_server_absent");
     }
+    println!("cargo::rustc-check-cfg=cfg(kernel_python_absent)");
+    println!("cargo::rerun-if-env-changed=REFDPO_KERNEL_PYTHON");
+    let python = std::env::var_os("REFDPO_KERNEL_PYTHON").map(std::path::PathBuf::from);
+    if !python.is_some_and(|p| p.is_file()) && !ci {
+        println!("cargo::rustc-cfg=kernel_python_absent");
+    }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         compile_kernels(&root);
+        embed_cubins(&root);
     }
+}
+
+/// The tiled attention's committed cubins (`src/model/fused/triton/kernels/`, compiled from
+/// Triton by `compile.py`) as a table of names and bytes for `include!`.
+fn embed_cubins(root: &str) {
+    let dir = std::path::Path::new(root).join("src/model/fused/triton/kernels");
+    println!("cargo::rerun-if-changed={}", dir.display());
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            e.expect("a directory entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter_map(|n| n.strip_suffix(".cubin").map(str::to_owned))
+        .collect();
+    names.sort();
+    let mut table = String::from("pub static CUBINS: &[(&str, &[u8])] = &[\n");
+    for n in &names {
+        let path = dir.join(format!("{n}.cubin"));
+        println!("cargo::rerun-if-changed={}", path.display());
+        table += &format!(
+            "    ({n:?}, include_bytes!({:?})),\n",
+            path.display().to_string()
+        );
+    }
+    table += "];\n";
+    let out = std::path::Path::new(&std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
+        .join("tiled_cubins.rs");
+    std::fs::write(&out, table).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
 }
 
 fn compile_kernels(root: &str) {

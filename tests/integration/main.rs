@@ -12,6 +12,7 @@ mod generate;
 mod hostile;
 mod hub;
 mod integrity;
+mod kernels;
 mod lora;
 mod mishaps;
 mod own_data;

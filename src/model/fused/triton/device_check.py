@@ -1,0 +1,223 @@
+"""On a GPU host: are the committed cubins correct there, and how fast against PyTorch's SDPA?
+
+    python3 src/model/fused/triton/device_check.py --out DIR
+
+1. the interpreter's tests (test_flash_attn.py), run by Triton's JIT on the GPU, each case
+   called here (the host need not have pytest);
+2. the committed cubins (what refdpo embeds), launched through the driver as refdpo does, against
+   the composed ops in float64 and against the JIT build, forward and every input's gradient,
+   for every compiled head tile, dtype and soft cap, GQA, a window and packed sequences;
+3. forward and forward+backward time of the cubins against torch's
+   `scaled_dot_product_attention` (its flash backend, causal, GQA), at the shapes of the
+   benchmark's models, as TFLOP/s (causal: half the square).
+
+Writes `flash_check.json` and prints a table. Needs torch with CUDA (it brings triton).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+try:
+    import pytest  # noqa: F401
+except ImportError:  # the GPU host may lack it: its decorators, as no-ops, are all the tests use
+    import types
+
+    _stub = types.ModuleType("pytest")
+    _stub.mark = types.SimpleNamespace(parametrize=lambda *a, **k: (lambda f: f))
+    sys.modules["pytest"] = _stub
+
+import host  # noqa: E402
+from cubin import Cubins  # noqa: E402
+import test_flash_attn as tests  # noqa: E402
+from test_flash_attn import make, offsets, reference, rel  # noqa: E402
+
+
+class _Patch:
+    """pytest's monkeypatch, for the one test that takes it."""
+
+    def __init__(self):
+        self.undo = []
+
+    def setattr(self, obj, name, value):
+        self.undo.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def restore(self):
+        for obj, name, value in reversed(self.undo):
+            setattr(obj, name, value)
+
+
+def jit_tests():
+    """Every case of test_flash_attn.py through Triton's JIT: (passed, failures)."""
+    calls = [
+        (f"{name}-{dtype}", tests.test_forward_and_gradients_equal_the_composed_ops, (name, dtype))
+        for name in sorted(tests.CASES)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    ]
+    calls += [
+        ("unseen_row", tests.test_an_unseen_row_of_a_window_is_not_nan, ()),
+        ("packing", tests.test_packing_equals_the_padded_batch, ()),
+    ]
+    calls += [(f"compiled_tiles-cap{c}", tests.test_the_compiled_tiles, (None, c)) for c in (0.0, 4.0)]
+    passed, failures = 0, []
+    for name, fn, args in calls:
+        patch = _Patch()
+        if args and args[0] is None:
+            args = (patch, *args[1:])
+        try:
+            fn(*args)
+            passed += 1
+        except Exception:  # noqa: BLE001 - every failure is reported, none stops the check
+            failures.append(f"{name}: {traceback.format_exc(limit=2)[-600:]}")
+        finally:
+            patch.restore()
+    return passed, failures
+
+
+def run(q, k, v, do, cu, window, softcap, launch):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = host.flash_attention(q, k, v, cu, "bthd", window, q.shape[-1] ** -0.5, softcap, False, launch)
+    return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+
+def correctness(cubins):
+    rows = []
+    cases = [
+        # (head dim, Hq, Hkv, lengths, window, softcap)
+        (64, 14, 2, [300, 77, 500, 147], 0, 0.0),
+        (64, 8, 8, [1024], 0, 0.0),
+        (128, 12, 2, [513, 511], 0, 0.0),
+        (128, 8, 4, [700, 324], 4096 // 16, 0.0),
+        (128, 8, 4, [640, 384], 0, 50.0),
+        (256, 8, 4, [333, 691], 200, 50.0),
+        (96, 32, 32, [257, 255], 0, 0.0),
+    ]
+    for d, hq, hkv, lengths, window, softcap in cases:
+        for dtype in (torch.bfloat16, torch.float16):
+            t = sum(lengths)
+            q, k, v, do = make(1, t, hq, hkv, d, "bthd", dtype, 3.0 if softcap else 1.0)
+            cu = offsets(1, t, lengths).cuda()
+            got = run(q, k, v, do, cu, window, softcap, cubins)
+            jit = run(q, k, v, do, cu, window, softcap, host.jit)
+            q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+            ref = reference(q64, k64, v64, cu.cpu(), "bthd", window, d ** -0.5, softcap)
+            want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), do.double()))
+            qc, kc, vc = (x.detach().requires_grad_() for x in (q, k, v))
+            comp = reference(qc, kc, vc, cu.cpu(), "bthd", window, d ** -0.5, softcap, dtype)
+            eager = (comp, *torch.autograd.grad(comp, (qc, kc, vc), do))
+            row = {
+                "head_dim": d, "heads": [hq, hkv], "lengths": lengths, "window": window,
+                "softcap": softcap, "dtype": str(dtype).split(".")[1],
+                "cubin_vs_f64": [rel(a, b) for a, b in zip(got, want)],
+                "eager_vs_f64": [rel(a, b) for a, b in zip(eager, want)],
+                "cubin_vs_jit": [rel(a, b) for a, b in zip(got, jit)],
+            }
+            row["ok"] = all(c <= 3 * e + 1e-6 for c, e in zip(row["cubin_vs_f64"], row["eager_vs_f64"]))
+            rows.append(row)
+            print(
+                f"d{d} {hq}/{hkv} {dtype} window {window} cap {softcap}: cubin {max(row['cubin_vs_f64']):.1e}"
+                f" eager {max(row['eager_vs_f64']):.1e} vs jit {max(row['cubin_vs_jit']):.1e}"
+                f" {'ok' if row['ok'] else 'FAIL'}",
+                flush=True,
+            )
+    return rows
+
+
+def timed(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def speed(cubins):
+    rows = []
+    shapes = [
+        # name, B, T, Hq, Hkv, D
+        ("qwen2-0.5b", 8, 1024, 14, 2, 64),
+        ("qwen2-1.5b", 8, 1024, 12, 2, 128),
+        ("smollm2-1.7b", 8, 1024, 32, 32, 64),
+    ]
+    for name, b, t, hq, hkv, d in shapes:
+        q, k, v, do = make(b, t, hq, hkv, d, "bthd", torch.bfloat16)
+        cu = offsets(b, t, None).cuda()
+        flops = 4 * b * hq * t * t * d / 2  # causal forward: QK^T and PV over half the square
+        ql, kl, vl = (x.detach().requires_grad_() for x in (q, k, v))
+
+        def ours_fwd():
+            with torch.no_grad():
+                host.forward(q, k, v, cu, "bthd", launch=cubins)
+
+        def ours_step():
+            o = host.flash_attention(ql, kl, vl, cu, "bthd", 0, None, 0.0, False, cubins)
+            torch.autograd.grad(o, (ql, kl, vl), do)
+
+        qs, ks, vs, dos = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))
+        qsl, ksl, vsl = (x.detach().requires_grad_() for x in (qs, ks, vs))
+
+        def sdpa_fwd():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=hq != hkv)
+
+        def sdpa_step():
+            o = F.scaled_dot_product_attention(qsl, ksl, vsl, is_causal=True, enable_gqa=hq != hkv)
+            torch.autograd.grad(o, (qsl, ksl, vsl), dos)
+
+        r = {"shape": name, "B": b, "T": t, "heads": [hq, hkv], "head_dim": d}
+        for key, fn, mult in (("fwd", ours_fwd, 1), ("step", ours_step, 3.5), ("sdpa_fwd", sdpa_fwd, 1), ("sdpa_step", sdpa_step, 3.5)):
+            s = timed(fn)
+            r[key + "_ms"] = s * 1e3
+            r[key + "_tflops"] = flops * mult / s / 1e12
+        r["fwd_vs_sdpa"] = r["sdpa_fwd_ms"] / r["fwd_ms"]
+        r["step_vs_sdpa"] = r["sdpa_step_ms"] / r["step_ms"]
+        rows.append(r)
+        print(
+            f"{name}: fwd {r['fwd_ms']:.2f} ms ({r['fwd_tflops']:.0f} TFLOP/s) vs sdpa {r['sdpa_fwd_ms']:.2f} ms"
+            f" = {r['fwd_vs_sdpa']:.2f}x; fwd+bwd {r['step_ms']:.2f} ms vs {r['sdpa_step_ms']:.2f} ms"
+            f" = {r['step_vs_sdpa']:.2f}x",
+            flush=True,
+        )
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--skip-tests", action="store_true")
+    args = ap.parse_args()
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if not args.skip_tests:
+        passed, failures = jit_tests()
+        report["jit_tests"] = {"passed": passed, "failures": failures}
+        print(f"JIT tests on the GPU: {passed} passed, {len(failures)} failed", flush=True)
+        for f in failures:
+            print(f, flush=True)
+    import triton
+
+    report["triton"] = triton.__version__
+    cubins = Cubins()
+    report["arch"] = cubins.arch
+    report["correctness"] = correctness(cubins)
+    report["speed"] = speed(cubins)
+    report["all_ok"] = all(r["ok"] for r in report["correctness"]) and not report.get("jit_tests", {}).get("failures")
+    with open(os.path.join(args.out, "flash_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print("all ok" if report["all_ok"] else "FAILURES: see flash_check.json")
+    sys.exit(0 if report["all_ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()

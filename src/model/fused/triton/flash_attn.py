@@ -1,0 +1,249 @@
+"""Tiled attention (FlashAttention-2's algorithm) for refdpo, forward and backward, in Triton.
+
+The scores matrix is never written to memory: each program holds a tile of queries against
+tiles of keys and values, keeps an online softmax in f32 and writes the output and each row's
+log-sum-exp; the backward recomputes the probabilities from that log-sum-exp. Inputs are bf16,
+f16 or f32; every dot accumulates in f32.
+
+Covered: causal attention within each sequence; a sliding window (key j is seen from query i
+when i - window < j <= i; window 0 for none); grouped-query heads (query head h reads kv head
+h // groups, K and V never repeated); Gemma 2's soft cap (cap * tanh(s / cap) on the scaled
+scores); and variable-length batches: sequence s is the tokens [cu[s], cu[s+1]) of a flat token
+axis, which covers a padded batch (cu = 0, T, 2T, ...) and sequences packed end to end alike.
+
+Layout: a token n of the flat axis sits in batch row n // row_len at position n % row_len, so
+q [B, T, H, D] and [B, H, T, D] both work through their strides (the head dim contiguous). A
+sequence never crosses a batch row. The log-sum-exp and the backward's delta are f32 [Hq, N]
+(N = B * row_len tokens).
+
+This file is the single source of the kernels: `test_flash_attn.py` runs these very functions on
+CPU tensors under TRITON_INTERPRET=1, and `compile.py` compiles them ahead of time to the cubins
+that refdpo launches on the GPU.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+# What each head-dim tile is compiled with: (BLOCK_M, BLOCK_N, num_warps, num_stages). The
+# compiled kernels (compile.py) and every launcher (host.py, the Rust one through manifest.json)
+# take their tiles from here.
+CONFIGS = {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)}
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp, exact at both ends (exp overflow gives 1, underflow -1); the interpreter
+    # and every target have exp.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _scores(q, k, scale, softcap, SOFTCAP: tl.constexpr):
+    """q [BM, D] · k [BN, D]ᵀ · scale, soft-capped when SOFTCAP; also tanh (for the backward)."""
+    s = tl.dot(q, tl.trans(k)) * scale
+    t = s
+    if SOFTCAP:
+        t = _tanh(s / softcap)
+        s = softcap * t
+    return s, t
+
+
+@triton.jit
+def _visible(rows, cols, length, window):
+    """Which (query row, key col) pairs of a sequence attend: causal, within the window."""
+    ok = (cols[None, :] <= rows[:, None]) & (cols[None, :] < length) & (rows[:, None] < length)
+    if window > 0:
+        ok = ok & (rows[:, None] - cols[None, :] < window)
+    return ok
+
+
+@triton.jit
+def _seq(CU, row_len, seq):
+    """Start of sequence `seq` in the flat axis, its length, batch row and position in it."""
+    start = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - start
+    return start, length, start // row_len, start % row_len
+
+
+@triton.jit
+def flash_fwd(
+    Q, K, V, O, LSE, CU,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
+    row_len, n_tokens, head_dim, groups, window, scale, softcap,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
+    """O = softmax(mask(cap(Q Kᵀ · scale))) V and LSE, one program per (query tile, seq, head)."""
+    m0 = tl.program_id(0) * BLOCK_M
+    seq = tl.program_id(1)
+    h = tl.program_id(2)
+    start, length, b, t0 = _seq(CU, row_len, seq)
+    if m0 >= length:
+        return
+    kvh = h // groups
+    rows = m0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dmask = dims < head_dim
+    rmask = rows < length
+    q_ptr = Q + b * sq_b + h * sq_h + (t0 + rows)[:, None] * sq_t + dims[None, :]
+    q = tl.load(q_ptr, mask=rmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(length, m0 + BLOCK_M)
+    lo = 0
+    if window > 0:
+        lo = tl.maximum(0, m0 - window + 1) // BLOCK_N * BLOCK_N
+    k_base = K + b * sk_b + kvh * sk_h + t0 * sk_t
+    v_base = V + b * sv_b + kvh * sv_h + t0 * sv_t
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = (cols < length)[:, None] & dmask[None, :]
+        k = tl.load(k_base + cols[:, None] * sk_t + dims[None, :], mask=cmask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * sv_t + dims[None, :], mask=cmask, other=0.0)
+        s, _ = _scores(q, k, scale, softcap, SOFTCAP)
+        s = tl.where(_visible(rows, cols, length, window), s * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf: subtract 0 there, not -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    o_ptr = O + b * so_b + h * so_h + (t0 + rows)[:, None] * so_t + dims[None, :]
+    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    lse = (m_i + tl.log2(l_safe)) / LOG2E
+    tl.store(LSE + h * n_tokens + start + rows, lse, mask=rmask)
+
+
+@triton.jit
+def flash_bwd_delta(
+    O, DO, DELTA, CU,
+    so_b, so_t, so_h, sdo_b, sdo_t, sdo_h,
+    row_len, n_tokens, head_dim,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = Σ_d O · dO per row (f32), what every probability's gradient subtracts."""
+    m0 = tl.program_id(0) * BLOCK_M
+    seq = tl.program_id(1)
+    h = tl.program_id(2)
+    start, length, b, t0 = _seq(CU, row_len, seq)
+    if m0 >= length:
+        return
+    rows = m0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < length)[:, None] & (dims < head_dim)[None, :]
+    o = tl.load(O + b * so_b + h * so_h + (t0 + rows)[:, None] * so_t + dims[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + (t0 + rows)[:, None] * sdo_t + dims[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + h * n_tokens + start + rows, delta, mask=rows < length)
+
+
+@triton.jit
+def flash_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+    sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+    row_len, n_tokens, head_dim, groups, window, scale, softcap,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
+    """dK and dV of one key tile of one kv head: every query head of its group, every query
+    tile that sees the keys, summed in f32 in the program (no atomics)."""
+    n0 = tl.program_id(0) * BLOCK_N
+    seq = tl.program_id(1)
+    kvh = tl.program_id(2)
+    start, length, b, t0 = _seq(CU, row_len, seq)
+    if n0 >= length:
+        return
+    cols = n0 + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    dmask = dims < head_dim
+    cmask = (cols < length)[:, None] & dmask[None, :]
+    k = tl.load(K + b * sk_b + kvh * sk_h + (t0 + cols)[:, None] * sk_t + dims[None, :], mask=cmask, other=0.0)
+    v = tl.load(V + b * sv_b + kvh * sv_h + (t0 + cols)[:, None] * sv_t + dims[None, :], mask=cmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = n0 // BLOCK_M * BLOCK_M
+    hi = length
+    if window > 0:
+        hi = tl.minimum(length, n0 + BLOCK_N + window - 1)
+    for g in range(0, groups):
+        h = kvh * groups + g
+        q_base = Q + b * sq_b + h * sq_h + t0 * sq_t
+        do_base = DO + b * sdo_b + h * sdo_h + t0 * sdo_t
+        for m0 in range(lo, hi, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            rmask = rows < length
+            qmask = rmask[:, None] & dmask[None, :]
+            q = tl.load(q_base + rows[:, None] * sq_t + dims[None, :], mask=qmask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * sdo_t + dims[None, :], mask=qmask, other=0.0)
+            lse = tl.load(LSE + h * n_tokens + start + rows, mask=rmask, other=0.0)
+            delta = tl.load(DELTA + h * n_tokens + start + rows, mask=rmask, other=0.0)
+            s, t = _scores(q, k, scale, softcap, SOFTCAP)
+            p = tl.exp2((s - lse[:, None]) * LOG2E)
+            p = tl.where(_visible(rows, cols, length, window), p, 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk = dk * scale
+    tl.store(DK + b * sdk_b + kvh * sdk_h + (t0 + cols)[:, None] * sdk_t + dims[None, :], dk.to(DK.dtype.element_ty), mask=cmask)
+    tl.store(DV + b * sdv_b + kvh * sdv_h + (t0 + cols)[:, None] * sdv_t + dims[None, :], dv.to(DV.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def flash_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, CU,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+    sdq_b, sdq_t, sdq_h,
+    row_len, n_tokens, head_dim, groups, window, scale, softcap,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
+    """dQ of one query tile of one head, over the key tiles it sees."""
+    m0 = tl.program_id(0) * BLOCK_M
+    seq = tl.program_id(1)
+    h = tl.program_id(2)
+    start, length, b, t0 = _seq(CU, row_len, seq)
+    if m0 >= length:
+        return
+    kvh = h // groups
+    rows = m0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dmask = dims < head_dim
+    rmask = rows < length
+    qmask = rmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + (t0 + rows)[:, None] * sq_t + dims[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + (t0 + rows)[:, None] * sdo_t + dims[None, :], mask=qmask, other=0.0)
+    lse = tl.load(LSE + h * n_tokens + start + rows, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + h * n_tokens + start + rows, mask=rmask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(length, m0 + BLOCK_M)
+    lo = 0
+    if window > 0:
+        lo = tl.maximum(0, m0 - window + 1) // BLOCK_N * BLOCK_N
+    k_base = K + b * sk_b + kvh * sk_h + t0 * sk_t
+    v_base = V + b * sv_b + kvh * sv_h + t0 * sv_t
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = (cols < length)[:, None] & dmask[None, :]
+        k = tl.load(k_base + cols[:, None] * sk_t + dims[None, :], mask=cmask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * sv_t + dims[None, :], mask=cmask, other=0.0)
+        s, t = _scores(q, k, scale, softcap, SOFTCAP)
+        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        p = tl.where(_visible(rows, cols, length, window), p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * scale
+    tl.store(DQ + b * sdq_b + h * sdq_h + (t0 + rows)[:, None] * sdq_t + dims[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)

@@ -1,0 +1,71 @@
+//! The tiled attention's Triton source (`src/model/fused/triton/`), checked on the CPU:
+//! Triton's interpreter runs the very kernels against the composed ops (forward and every
+//! input's gradient), and `compile.py --check` recompiles them for sm_80 and sm_90, with no GPU,
+//! and compares the committed cubins and manifest byte for byte.
+//!
+//! Needs `REFDPO_KERNEL_PYTHON` (a python with torch and triton: `export
+//! REFDPO_KERNEL_PYTHON=$(bash tests/kernels/install.sh)`); `.ci/run` installs it. Without it the
+//! tests are ignored, except under `CI=true`.
+
+use super::common::repo;
+use std::process::Command;
+
+fn python() -> String {
+    std::env::var("REFDPO_KERNEL_PYTHON").expect(
+        "REFDPO_KERNEL_PYTHON is not set: the Triton checks need torch and triton \
+         (export REFDPO_KERNEL_PYTHON=$(bash tests/kernels/install.sh))",
+    )
+}
+
+fn run(args: &[&str], interpret: bool) -> String {
+    let dir = repo().join("src/model/fused/triton");
+    let mut cmd = Command::new(python());
+    cmd.args(args)
+        .current_dir(&dir)
+        .env_remove("TRITON_INTERPRET");
+    if interpret {
+        cmd.env("TRITON_INTERPRET", "1");
+    }
+    let out = cmd.output().expect("run the kernel python");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+#[cfg_attr(
+    kernel_python_absent,
+    ignore = "needs torch and triton: export REFDPO_KERNEL_PYTHON=$(bash tests/kernels/install.sh)"
+)]
+fn the_tiled_attention_source_equals_the_composed_ops_in_the_interpreter() {
+    let text = run(&["-m", "pytest", "-q", "-p", "no:cacheprovider", "."], true);
+    let summary = text
+        .lines()
+        .rev()
+        .find(|l| l.contains(" passed"))
+        .unwrap_or_else(|| panic!("no pytest summary:\n{text}"));
+    assert!(
+        !summary.contains("failed") && !summary.contains("skipped"),
+        "{summary}"
+    );
+    let passed: usize = summary
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(passed >= 25, "expected every case to run: {summary}");
+}
+
+#[test]
+#[cfg_attr(
+    kernel_python_absent,
+    ignore = "needs torch and triton: export REFDPO_KERNEL_PYTHON=$(bash tests/kernels/install.sh)"
+)]
+fn the_committed_cubins_are_what_the_source_compiles_to() {
+    let text = run(&["compile.py", "--check"], false);
+    assert!(text.contains("kernels up to date"), "{text}");
+}
