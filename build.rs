@@ -39,7 +39,7 @@ fn main() {
     }
 }
 
-/// The tiled attention's committed cubins (`src/model/fused/triton/kernels/`, compiled from
+/// The Triton kernels' committed cubins (`src/model/fused/triton/kernels/`, compiled from
 /// Triton by `compile.py`) as a table of names and bytes for `include!`.
 fn embed_cubins(root: &str) {
     let dir = std::path::Path::new(root).join("src/model/fused/triton/kernels");
@@ -66,7 +66,7 @@ fn embed_cubins(root: &str) {
     }
     table += "];\n";
     let out = std::path::Path::new(&std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
-        .join("tiled_cubins.rs");
+        .join("triton_cubins.rs");
     std::fs::write(&out, table).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
 }
 

@@ -163,11 +163,27 @@ impl Drop for Scope {
     }
 }
 
-/// Stops profiling and returns the table (None when profiling was off).
+static NOTES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Says `msg` on stderr the first time it comes, and lists it under the `--profile` table: what
+/// a fast path did not take, and why.
+pub fn note_once(msg: String) {
+    let mut notes = NOTES.lock().unwrap_or_else(|e| e.into_inner());
+    if !notes.contains(&msg) {
+        eprintln!("note: {msg}");
+        notes.push(msg);
+    }
+}
+
+/// Stops profiling and returns the table (None when profiling was off), with the notes.
 pub fn report() -> Option<String> {
     ENABLED.store(false, Ordering::Release);
     let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-    Some(state.table())
+    let mut table = state.table();
+    for note in NOTES.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        table += &format!("\nnote: {note}");
+    }
+    Some(table)
 }
 
 #[cfg(test)]

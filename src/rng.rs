@@ -15,11 +15,15 @@ pub fn fnv1a64(name: &str) -> u64 {
 
 /// The i-th (1-based) splitmix64 output of `seed`, as f64 in [-1, 1).
 pub fn uniform(seed: u64, i: u64) -> f64 {
+    (bits(seed, i) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+}
+
+/// The i-th (1-based) splitmix64 output of `seed`: 64 random bits.
+pub fn bits(seed: u64, i: u64) -> u64 {
     let mut z = seed.wrapping_add(i.wrapping_mul(GOLDEN));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    z ^ (z >> 31)
 }
 
 pub struct SplitMix {

@@ -102,6 +102,23 @@ impl Attention {
             ),
             OpMode::Fused => (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?),
         };
+        // The tiled op where it covers this attention: no [T, T] scores, so no chunks either.
+        if mode == OpMode::Fused && self.tiled_covers(&q, &k) {
+            let out = fused::tiled::tiled_attention(
+                &q,
+                &k,
+                &v,
+                fused::tiled::Params {
+                    scale: self.scale as f32,
+                    window: self.window,
+                    softcap: self.softcap.map(|c| c as f32),
+                },
+            )?;
+            let out = out
+                .transpose(1, 2)?
+                .reshape((b, t, self.num_heads * self.head_dim))?;
+            return self.o.forward(&out, ctx.dropout.as_ref());
+        }
         // The fused row op takes each kv head's query heads as rows: no repeated K and V.
         let grouped = mode == OpMode::Fused && self.softcap.is_none();
         let (k, v) = if grouped {
@@ -133,6 +150,29 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;
         self.o.forward(&out, ctx.dropout.as_ref())
+    }
+
+    /// Whether the tiled op takes q [B, nh, T, hd] against k [B, kv, T, hd]: where it does not
+    /// (a dtype, head size or GPU its kernels were not compiled for, a tensor past 2^31
+    /// elements), the fused row op or the composed ops run, and stderr and `--profile` say why,
+    /// once per reason.
+    fn tiled_covers(&self, q: &Tensor, k: &Tensor) -> bool {
+        let largest = q.elem_count().max(k.elem_count());
+        match fused::tiled::uncovered(
+            q.device(),
+            q.dtype(),
+            self.head_dim,
+            self.softcap.is_some(),
+            largest,
+        ) {
+            None => true,
+            Some(why) => {
+                profile::note_once(format!(
+                    "tiled attention not used ({why}): the composed attention runs instead"
+                ));
+                false
+            }
+        }
     }
 
     /// The new positions x [B, t, H] against the cached keys and values (extended here): RoPE

@@ -5,6 +5,7 @@ use super::grads::Grads;
 use super::policy::Policy;
 use crate::config::LrSchedule;
 use crate::error::{Error, Result};
+use crate::model::fused::{self, adamw};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -106,6 +107,10 @@ impl AdamW {
     ) -> Result<()> {
         self.step += 1;
         let p = self.params;
+        let fused = policy
+            .vars
+            .first()
+            .is_some_and(|v| fused::enabled(v.device()));
         for (i, var) in policy.vars.iter().enumerate() {
             let Some(g) = grads.get(i) else { continue };
             let decay = if p.weight_decay != 0.0 && decays(&policy.names[i]) {
@@ -113,27 +118,78 @@ impl AdamW {
             } else {
                 1.0
             };
-            let w = var.as_tensor();
-            let rows = w.dim(0)?;
-            let row_len = w.elem_count() / rows.max(1);
-            let step_rows = (UPDATE_CHUNK / row_len.max(1)).max(1);
-            // in place, one row slice at a time (one slice for all but the largest tensors)
-            for start in (0..rows).step_by(step_rows) {
-                let len = step_rows.min(rows - start);
-                let part = |t: &Tensor| t.narrow(0, start, len);
-                let (w_new, m, v) = self.adam(
-                    &part(w)?,
-                    &part(&self.m[i])?,
-                    &part(&self.v[i])?,
-                    &part(g)?,
-                    lr,
-                    decay,
-                    grad_scale,
-                )?;
-                w.slice_set(&w_new, 0, start)?;
-                self.m[i].slice_set(&m, 0, start)?;
-                self.v[i].slice_set(&v, 0, start)?;
+            if fused {
+                self.update_fused(i, var.as_tensor(), g, lr, decay, grad_scale)?;
+            } else {
+                self.update_composed(i, var.as_tensor(), g, lr, decay, grad_scale)?;
             }
+        }
+        Ok(())
+    }
+
+    /// torch's AdamW on tensor `i` in three in-place launches ([`fused::adamw`]): bit for bit
+    /// the composed update with f32 moments; bf16 moments rounded stochastically from a seed
+    /// of (step, tensor, moment), and the weights reading the stored moments.
+    fn update_fused(
+        &self,
+        i: usize,
+        w: &Tensor,
+        g: &Tensor,
+        lr: f64,
+        decay: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
+        let p = self.params;
+        let t = self.step as i32;
+        let (bc1, bc2) = (1.0 - p.beta1.powi(t), 1.0 - p.beta2.powi(t));
+        let seed = |moment: u64| crate::rng::bits(self.step, ((i as u64) << 1 | moment) + 1) as u32;
+        for (x, beta, moment) in [(&self.m[i], p.beta1, 0), (&self.v[i], p.beta2, 1)] {
+            let op = adamw::Moment {
+                beta,
+                grad_scale,
+                seed: seed(moment),
+                square: moment == 1,
+            };
+            adamw::adamw_moment(x, g, op)?;
+        }
+        let op = adamw::Weight {
+            decay,
+            lr_bc1: lr / bc1,
+            inv_sqrt_bc2: 1.0 / bc2.sqrt(),
+            eps: p.eps,
+        };
+        Ok(adamw::adamw_weight(w, &self.m[i], &self.v[i], op)?)
+    }
+
+    /// torch's AdamW on tensor `i` with composed ops, one row slice at a time (one slice for all
+    /// but the largest tensors), in place.
+    fn update_composed(
+        &self,
+        i: usize,
+        w: &Tensor,
+        g: &Tensor,
+        lr: f64,
+        decay: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
+        let rows = w.dim(0)?;
+        let row_len = w.elem_count() / rows.max(1);
+        let step_rows = (UPDATE_CHUNK / row_len.max(1)).max(1);
+        for start in (0..rows).step_by(step_rows) {
+            let len = step_rows.min(rows - start);
+            let part = |t: &Tensor| t.narrow(0, start, len);
+            let (w_new, m, v) = self.adam(
+                &part(w)?,
+                &part(&self.m[i])?,
+                &part(&self.v[i])?,
+                &part(g)?,
+                lr,
+                decay,
+                grad_scale,
+            )?;
+            w.slice_set(&w_new, 0, start)?;
+            self.m[i].slice_set(&m, 0, start)?;
+            self.v[i].slice_set(&v, 0, start)?;
         }
         Ok(())
     }
@@ -298,6 +354,69 @@ mod tests {
             n < 0.5 * exact,
             "nearest rounding was expected to stall: {n} vs {exact}"
         );
+    }
+
+    /// The fused update (three in-place ops; on the CPU the kernels' loops) against the
+    /// composed one: equal with f32 moments, step after step, with weight decay, a clipped
+    /// step's gradient scale and bf16 gradients; close with bf16 moments (each rounds its own
+    /// random bits).
+    #[test]
+    fn fused_update_equals_the_composed_one() {
+        let dev = candle_core::Device::Cpu;
+        let params = AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        let (lr, shape) = (1e-3, (37, 29));
+        for dtype in [DType::F32, DType::BF16] {
+            let zeros = || Tensor::zeros(shape, dtype, &dev).unwrap();
+            let fresh = || AdamW {
+                params,
+                dtype,
+                m: vec![zeros()],
+                v: vec![zeros()],
+                step: 0,
+            };
+            let (mut fused, mut composed) = (fresh(), fresh());
+            let w0 = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            let (wf, wc) = (w0.copy().unwrap(), w0.copy().unwrap());
+            for step in 1..=6 {
+                let g = Tensor::randn(0f32, 1.0, shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let scale = if step == 3 { 0.5 } else { 1.0 };
+                let decay = 1.0 - lr * params.weight_decay;
+                fused.step += 1;
+                composed.step += 1;
+                fused.update_fused(0, &wf, &g, lr, decay, scale).unwrap();
+                composed
+                    .update_composed(0, &wc, &g, lr, decay, scale)
+                    .unwrap();
+                let vals = |t: &Tensor| {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                };
+                if dtype == DType::F32 {
+                    assert_eq!(vals(&wf), vals(&wc), "weights, step {step}");
+                    assert_eq!(vals(&fused.m[0]), vals(&composed.m[0]), "m, step {step}");
+                    assert_eq!(vals(&fused.v[0]), vals(&composed.v[0]), "v, step {step}");
+                } else {
+                    // Each step's update differs by at most lr times the moments' relative
+                    // rounding (one bf16 spacing, 2^-7, stochastically, in m and half in √v).
+                    let d = crate::test_util::max_abs_diff(&wf, &wc);
+                    let bound = step as f32 * lr as f32 * 2f32.powi(-6);
+                    assert!(d < bound, "step {step}: {d} (bound {bound})");
+                    assert!(d > 0.0, "bf16 moments draw their own bits");
+                }
+            }
+        }
     }
 
     #[test]

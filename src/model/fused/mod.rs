@@ -7,7 +7,9 @@
 //! `REFDPO_FUSED=0` (to compare with the composed ops on a GPU).
 
 mod accumulate;
+pub mod adamw;
 pub mod attention;
+pub mod cubins;
 mod elem;
 #[cfg(feature = "cuda")]
 mod launch;
@@ -15,6 +17,7 @@ mod logits;
 mod norm;
 mod rope;
 mod swiglu;
+pub mod tiled;
 
 pub use attention::AttnSoftmax;
 

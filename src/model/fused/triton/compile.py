@@ -1,13 +1,14 @@
-"""Compiles flash_attn.py ahead of time, with no GPU, to the cubins refdpo embeds.
+"""Compiles the Triton kernels (flash_attn.py, adamw.py) ahead of time, with no GPU, to the
+cubins refdpo embeds.
 
     python src/model/fused/triton/compile.py           # writes kernels/ and manifest.json
     python src/model/fused/triton/compile.py --check   # fails if they are stale (CI)
 
-For every architecture in ARCHS, input dtype, head-dim tile and soft-cap choice it writes
-`kernels/<name>.cubin` and one `manifest.json` that says, per kernel, what a launch needs: its
-entry name, its parameters in order (Triton appends scratch pointers after the kernel's own),
-threads (num_warps × 32), dynamic shared memory and tiles, with the SHA-256 of the source and of
-each cubin. `cargo test` checks those hashes against the files (`src/model/fused/flash.rs`), so
+For every architecture in ARCHS and every variant (dtypes, head-dim tile, soft cap; AdamW's
+state and gradient dtypes) it writes `kernels/<name>.cubin` and one `manifest.json` that says,
+per kernel, what a launch needs: its entry name, its parameters in order with their types
+(Triton appends scratch pointers after the kernel's own), threads (num_warps × 32), dynamic
+shared memory and constexprs (tiles), with the SHA-256 of each source and of each cubin. `cargo test` checks those hashes against the files (`src/model/fused/flash.rs`), so
 a kernel edited without recompiling fails the build's tests; `--check` recompiles and compares.
 
 Cubins, not PTX: a cubin keeps CUDA's minor-version compatibility with an older driver, while
@@ -30,66 +31,84 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
+import adamw  # noqa: E402
 import flash_attn  # noqa: E402
 
 ARCHS = (80, 90)
-DTYPES = ("bf16", "fp16")
-BLOCK_DS = tuple(flash_attn.CONFIGS)
-SOURCE = os.path.join(HERE, "flash_attn.py")
+SOURCES = {"flash_attn.py": flash_attn, "adamw.py": adamw}
 OUT = os.path.join(HERE, "kernels")
 MANIFEST = os.path.join(HERE, "manifest.json")
 
 
-def signature(kernel, dtype):
-    """Each parameter's Triton type: tensors of the input dtype, f32 statistics, i32 offsets."""
-    f32 = {"LSE", "DELTA"}
-    sig = {}
-    for name in kernel.arg_names:
-        if name in ("BLOCK_D", "BLOCK_M", "BLOCK_N", "SOFTCAP"):
-            sig[name] = "constexpr"
-        elif name == "CU":
-            sig[name] = "*i32"
-        elif name in f32:
-            sig[name] = "*fp32"
-        elif name.isupper():
-            sig[name] = f"*{dtype}"
-        elif name in ("scale", "softcap"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+class Variant:
+    """One kernel compiled for one architecture: its parameters' types, constexprs, options."""
+
+    def __init__(self, source, kernel, arch, types, consts, warps, stages, fusion, name):
+        self.source, self.kernel, self.arch = source, kernel, arch
+        self.consts, self.warps, self.stages, self.fusion = consts, warps, stages, fusion
+        self.name = f"{kernel.__name__}_sm{arch}_{name}"
+        self.sig = {n: ("constexpr" if n in consts else types(n)) for n in kernel.arg_names}
+
+
+def attention_types(dtype):
+    """Tensors of the input dtype, f32 statistics, i32 offsets and sizes, f32 scale and cap."""
+    def types(name):
+        if name == "CU":
+            return "*i32"
+        if name in ("LSE", "DELTA"):
+            return "*fp32"
+        if name.isupper():
+            return f"*{dtype}"
+        return "fp32" if name in ("scale", "softcap") else "i32"
+    return types
+
+
+def adamw_types(state, grad):
+    """f32 weights, moments in the state dtype, gradients in theirs, f32 scalars, i32 n and seed."""
+    def types(name):
+        return {"W": "*fp32", "X": f"*{state}", "M": f"*{state}", "V": f"*{state}", "G": f"*{grad}"}.get(
+            name, "i32" if name in ("n", "seed") else "fp32"
+        )
+    return types
 
 
 def variants():
     for arch in ARCHS:
-        for dtype in DTYPES:
-            for block_d in BLOCK_DS:
-                bm, bn, warps, stages = flash_attn.CONFIGS[block_d]
-                yield arch, flash_attn.flash_bwd_delta, dtype, block_d, None, (bm, bn, 4, 1)
+        for dtype in ("bf16", "fp16"):
+            for block_d, (bm, bn, warps, stages) in flash_attn.CONFIGS.items():
+                types = attention_types(dtype)
+                consts = {"BLOCK_D": block_d, "BLOCK_M": bm}
+                yield Variant("flash_attn.py", flash_attn.flash_bwd_delta, arch, types, consts, 4, 1, True,
+                              f"{dtype}_d{block_d}")
                 # Soft caps are Gemma 2's, whose heads are 128 and 256 wide.
                 for softcap in (False, True) if block_d >= 128 else (False,):
+                    consts = {"BLOCK_D": block_d, "BLOCK_M": bm, "BLOCK_N": bn, "SOFTCAP": softcap}
                     for kernel in (flash_attn.flash_fwd, flash_attn.flash_bwd_dkdv, flash_attn.flash_bwd_dq):
-                        yield arch, kernel, dtype, block_d, softcap, (bm, bn, warps, stages)
+                        yield Variant("flash_attn.py", kernel, arch, types, consts, warps, stages, True,
+                                      f"{dtype}_d{block_d}_cap{int(softcap)}")
+        # AdamW without FP fusion: its f32 arithmetic equals the composed ops op by op.
+        for state in ("fp32", "bf16"):
+            yield Variant("adamw.py", adamw.adamw_weight, arch, adamw_types(state, "fp32"), {"BLOCK": 1024},
+                          4, 1, False, state)
+            for grad in ("fp32", "bf16", "fp16"):
+                for square in (False, True):
+                    consts = {"SQUARE": square, "STOCHASTIC": state == "bf16", "BLOCK": 1024}
+                    yield Variant("adamw.py", adamw.adamw_moment, arch, adamw_types(state, grad), consts,
+                                  4, 1, False, f"{state}_{grad}_sq{int(square)}")
 
 
-def compile_one(arch, kernel, dtype, block_d, softcap, cfg):
-    bm, bn, warps, stages = cfg
-    sig = signature(kernel, dtype)
-    consts = {"BLOCK_D": block_d, "BLOCK_M": bm}
-    if "BLOCK_N" in sig:
-        consts["BLOCK_N"] = bn
-    if "SOFTCAP" in sig:
-        consts["SOFTCAP"] = softcap
+def compile_one(v):
+    kernel, sig = v.kernel, v.sig
     # Pointers 16-byte aligned (candle's allocations are); the Rust launcher checks it.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if sig[n].startswith("*")}
-    target = GPUTarget("cuda", arch, 32)
+    target = GPUTarget("cuda", v.arch, 32)
     backend = make_backend(target)
-    options = backend.parse_options({"num_warps": warps, "num_stages": stages})
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    options = backend.parse_options({"num_warps": v.warps, "num_stages": v.stages, "enable_fp_fusion": v.fusion})
+    src = ASTSource(fn=kernel, signature=sig, constexprs=v.consts, attrs=attrs)
     compiled = triton.compile(src, target=target, options=options.__dict__)
     meta = compiled.metadata
     if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
-        raise SystemExit(f"{kernel.__name__}: needs scratch memory, which the launcher does not give")
+        raise SystemExit(f"{v.name}: needs scratch memory, which the launcher does not give")
     # The compiled parameter list: the kernel's own non-constexpr ones, then Triton's scratch
     # pointers. Counted in the PTX, so a Triton that adds or drops one fails here, not on a GPU.
     params = [(n, sig[n]) for n in kernel.arg_names if sig[n] != "constexpr"]
@@ -98,20 +117,17 @@ def compile_one(arch, kernel, dtype, block_d, softcap, cfg):
     entry = entry[: entry.index(")")]
     scratch = entry.count(".param") - len(params)
     if scratch != 2:
-        raise SystemExit(f"{kernel.__name__}: {entry.count('.param')} PTX parameters, expected {len(params)} + 2")
-    name = f"{kernel.__name__}_sm{arch}_{dtype}_d{block_d}" + ("" if softcap is None else f"_cap{int(softcap)}")
-    return name, compiled.asm["cubin"], {
-        "name": name,
+        raise SystemExit(f"{v.name}: {entry.count('.param')} PTX parameters, expected {len(params)} + 2")
+    return compiled.asm["cubin"], {
+        "name": v.name,
+        "source": v.source,
         "kernel": kernel.__name__,
         "entry": meta.name,
-        "arch": arch,
-        "dtype": dtype,
-        "block_d": block_d,
-        "block_m": bm,
-        "block_n": bn,
-        "softcap": softcap,
+        "arch": v.arch,
+        "constexprs": v.consts,
         "num_warps": meta.num_warps,
-        "num_stages": stages,
+        "num_stages": v.stages,
+        "fp_fusion": v.fusion,
         "shared": meta.shared,
         "params": [f"{n}:{t}" for n, t in params],
         # Triton 3.9 appends two pointers after a kernel's own parameters (global and profile
@@ -125,17 +141,18 @@ def sha256(data):
 
 
 def build():
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    sources = {}
+    for name in SOURCES:
+        with open(os.path.join(HERE, name), "rb") as f:
+            sources[name] = sha256(f.read())
     entries, blobs = [], {}
     for v in variants():
-        name, cubin, entry = compile_one(*v)
+        cubin, entry = compile_one(v)
         entry["sha256"] = sha256(cubin)
         entries.append(entry)
-        blobs[name] = cubin
+        blobs[v.name] = cubin
     manifest = {
-        "source": "flash_attn.py",
-        "source_sha256": sha256(source),
+        "sources": sources,
         "triton": triton.__version__,
         "kernels": entries,
     }
@@ -158,7 +175,7 @@ def main():
             if not os.path.exists(path) or open(path, "rb").read() != cubin:
                 stale.append(path)
         if stale:
-            sys.exit("stale against flash_attn.py (run compile.py): " + ", ".join(stale[:5]))
+            sys.exit("stale against the kernels' source (run compile.py): " + ", ".join(stale[:5]))
         print(f"{len(blobs)} kernels up to date")
         return
     os.makedirs(OUT, exist_ok=True)

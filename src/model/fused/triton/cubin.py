@@ -15,7 +15,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
-DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
 
 
 class Cubins:
@@ -36,13 +36,20 @@ class Cubins:
             self.cuda.cuGetErrorString(rc, ctypes.byref(msg))
             raise RuntimeError(f"{what}: CUDA error {rc} ({msg.value.decode() if msg.value else '?'})")
 
-    def entry(self, kernel, dtype, block_d, softcap):
+    def entry(self, kernel, consts, args):
+        """The compiled kernel with these constexprs whose pointer parameters have the dtypes of
+        these tensor arguments."""
+        want = [("*" + DTYPES[a.dtype]) if isinstance(a, torch.Tensor) else None for a in args]
         for e in self.manifest["kernels"]:
-            if (e["kernel"], e["arch"], e["dtype"], e["block_d"]) == (kernel, self.arch, dtype, block_d) and (
-                e["softcap"] is None or e["softcap"] == softcap
+            types = [p.split(":")[1] for p in e["params"]]
+            if (
+                (e["kernel"], e["arch"]) == (kernel, self.arch)
+                and len(types) == len(want)
+                and all(w is None or w == t for w, t in zip(want, types))
+                and all(consts.get(k) == v for k, v in e["constexprs"].items())
             ):
                 return e
-        raise LookupError(f"no compiled {kernel} for sm_{self.arch}, {dtype}, head tile {block_d}, softcap {softcap}")
+        raise LookupError(f"no compiled {kernel} for sm_{self.arch}, {[w for w in want if w]}, {consts}")
 
     def function(self, e):
         if e["name"] not in self.loaded:
@@ -65,11 +72,7 @@ class Cubins:
         return self.loaded[e["name"]][1]
 
     def __call__(self, kernel, grid, args, consts):
-        dtype = DTYPES[args[0].dtype]
-        e = self.entry(kernel, dtype, consts["BLOCK_D"], consts.get("SOFTCAP"))
-        assert (consts["BLOCK_M"], consts.get("BLOCK_N", e["block_n"])) == (e["block_m"], e["block_n"]), (
-            "the launcher's tiles differ from the compiled ones"
-        )
+        e = self.entry(kernel, consts, args)
         params = [p.split(":") for p in e["params"]]
         assert len(params) == len(args), (kernel, len(params), len(args))
         values = []

@@ -2,11 +2,12 @@
 
     python3 src/model/fused/triton/device_check.py --out DIR
 
-1. the interpreter's tests (test_flash_attn.py), run by Triton's JIT on the GPU, each case
-   called here (the host need not have pytest);
+1. the interpreter's tests (test_flash_attn.py, test_adamw.py), run by Triton's JIT on the GPU,
+   each case called here (the host need not have pytest);
 2. the committed cubins (what refdpo embeds), launched through the driver as refdpo does, against
    the composed ops in float64 and against the JIT build, forward and every input's gradient,
    for every compiled head tile, dtype and soft cap, GQA, a window and packed sequences;
+   and AdamW's cubins against the composed ops' f32 arithmetic, bit for bit;
 3. forward and forward+backward time of the cubins against torch's
    `scaled_dot_product_attention` (its flash backend, causal, GQA), at the shapes of the
    benchmark's models, as TFLOP/s (causal: half the square).
@@ -38,6 +39,7 @@ except ImportError:  # the GPU host may lack it: its decorators, as no-ops, are 
 
 import host  # noqa: E402
 from cubin import Cubins  # noqa: E402
+import test_adamw  # noqa: E402
 import test_flash_attn as tests  # noqa: E402
 from test_flash_attn import make, offsets, reference, rel  # noqa: E402
 
@@ -69,6 +71,10 @@ def jit_tests():
         ("packing", tests.test_packing_equals_the_padded_batch, ()),
     ]
     calls += [(f"compiled_tiles-cap{c}", tests.test_the_compiled_tiles, (None, c)) for c in (0.0, 4.0)]
+    calls += [
+        ("adamw_f32", test_adamw.test_f32_state_equals_the_composed_ops_and_torch_adamw, ()),
+        ("adamw_bf16_rounding", test_adamw.test_bf16_moments_round_stochastically, ()),
+    ]
     passed, failures = 0, []
     for name, fn, args in calls:
         patch = _Patch()
@@ -211,8 +217,19 @@ def main():
     cubins = Cubins()
     report["arch"] = cubins.arch
     report["correctness"] = correctness(cubins)
+    # AdamW's committed cubins: f32 state bit for bit against the composed ops' op order.
+    try:
+        test_adamw.test_f32_state_equals_the_composed_ops_and_torch_adamw(launch=cubins)
+        report["adamw_cubins"] = "ok"
+    except Exception:  # noqa: BLE001 - reported, not fatal to the rest of the check
+        report["adamw_cubins"] = traceback.format_exc(limit=2)[-600:]
+    print("AdamW cubins:", report["adamw_cubins"], flush=True)
     report["speed"] = speed(cubins)
-    report["all_ok"] = all(r["ok"] for r in report["correctness"]) and not report.get("jit_tests", {}).get("failures")
+    report["all_ok"] = (
+        all(r["ok"] for r in report["correctness"])
+        and not report.get("jit_tests", {}).get("failures")
+        and report["adamw_cubins"] == "ok"
+    )
     with open(os.path.join(args.out, "flash_check.json"), "w") as f:
         json.dump(report, f, indent=1)
     print("all ok" if report["all_ok"] else "FAILURES: see flash_check.json")

@@ -1,0 +1,198 @@
+//! The tiled op's attention on the CPU, in plain loops: what the kernels compute (f32 dots and
+//! softmax, Gemma 2's cap, the mask), one row at a time. It is how the op's forward, backward and
+//! the decoder's use of it are tested without a GPU; the kernels themselves are checked by
+//! Triton's interpreter.
+//!
+//! Tensors are [B, H, T, D] contiguous; the log-sum-exp is f32 [Hq, B·T] as the kernels write it.
+
+use super::op::Params;
+use crate::model::fused::elem::Elem;
+use rayon::prelude::*;
+
+/// The attention's shape: batch, query heads, kv heads, positions, head size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub b: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub t: usize,
+    pub d: usize,
+}
+
+impl Dims {
+    fn groups(&self) -> usize {
+        self.hq / self.hkv
+    }
+
+    /// Offset of position `i` of query head `h` in sequence `b`.
+    fn q_row(&self, b: usize, h: usize, i: usize) -> usize {
+        ((b * self.hq + h) * self.t + i) * self.d
+    }
+
+    /// Offset of position `j` of kv head `h` in sequence `b`.
+    fn kv_row(&self, b: usize, h: usize, j: usize) -> usize {
+        ((b * self.hkv + h) * self.t + j) * self.d
+    }
+
+    /// The log-sum-exp's index of (b, h, i): [Hq, B·T].
+    fn stat(&self, b: usize, h: usize, i: usize) -> usize {
+        h * self.b * self.t + b * self.t + i
+    }
+}
+
+fn dot<T: Elem>(a: &[T], b: &[T]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x.f() * y.f()).sum()
+}
+
+impl Params {
+    /// Keys [lo, i] that query i sees.
+    fn keys(&self, i: usize) -> std::ops::RangeInclusive<usize> {
+        let lo = if self.window > 0 && i + 1 > self.window {
+            i + 1 - self.window
+        } else {
+            0
+        };
+        lo..=i
+    }
+
+    /// Queries [j, hi) that see key j.
+    fn queries(&self, j: usize, t: usize) -> std::ops::Range<usize> {
+        let hi = if self.window > 0 {
+            (j + self.window).min(t)
+        } else {
+            t
+        };
+        j..hi
+    }
+
+    /// The scaled, capped score of a query row against a key row, and tanh for the backward.
+    fn score<T: Elem>(&self, q: &[T], k: &[T]) -> (f32, f32) {
+        let s = dot(q, k) * self.scale;
+        match self.softcap {
+            Some(cap) => {
+                let t = (s / cap).tanh();
+                (cap * t, t)
+            }
+            None => (s, 0.0),
+        }
+    }
+
+    /// d score / d (q·k·scale): 1, or 1 − tanh² under the cap.
+    fn cap_grad(&self, t: f32) -> f32 {
+        if self.softcap.is_some() {
+            1.0 - t * t
+        } else {
+            1.0
+        }
+    }
+}
+
+/// (o [B, Hq, T, D], lse [Hq, B·T]).
+pub fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], n: Dims, p: &Params) -> (Vec<T>, Vec<f32>) {
+    let mut o = vec![T::zero(); q.len()];
+    let rows: Vec<(usize, usize, usize)> = (0..n.b)
+        .flat_map(|b| (0..n.hq).flat_map(move |h| (0..n.t).map(move |i| (b, h, i))))
+        .collect();
+    let lse_rows: Vec<f32> = o
+        .par_chunks_mut(n.d)
+        .zip(rows.par_iter())
+        .map(|(out, &(b, h, i))| {
+            let qi = &q[n.q_row(b, h, i)..][..n.d];
+            let kvh = h / n.groups();
+            let s: Vec<f32> = p
+                .keys(i)
+                .map(|j| p.score(qi, &k[n.kv_row(b, kvh, j)..][..n.d]).0)
+                .collect();
+            let m = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = m + s.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+            let mut acc = vec![0f32; n.d];
+            for (j, sj) in p.keys(i).zip(&s) {
+                let w = (sj - lse).exp();
+                for (a, x) in acc.iter_mut().zip(&v[n.kv_row(b, kvh, j)..][..n.d]) {
+                    *a += w * x.f();
+                }
+            }
+            for (y, a) in out.iter_mut().zip(acc) {
+                *y = T::of(a);
+            }
+            lse
+        })
+        .collect();
+    let mut lse = vec![0f32; n.hq * n.b * n.t];
+    for (&(b, h, i), l) in rows.iter().zip(lse_rows) {
+        lse[n.stat(b, h, i)] = l;
+    }
+    (o, lse)
+}
+
+/// (dq, dk, dv) from the forward's output and log-sum-exp and the output's gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    g: &[T],
+    lse: &[f32],
+    n: Dims,
+    p: &Params,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    // delta = Σ_d o · do per row, as the kernels' first pass.
+    let delta: Vec<f32> = o
+        .par_chunks(n.d)
+        .zip(g.par_chunks(n.d))
+        .map(|(a, b)| dot(a, b))
+        .collect();
+    let row = |b: usize, h: usize, i: usize| (b * n.hq + h) * n.t + i;
+    // dS of (query row i of head h, key j): p · (dp − delta) · cap'.
+    let ds = |b: usize, h: usize, i: usize, j: usize| -> (f32, f32) {
+        let kvh = h / n.groups();
+        let qi = &q[n.q_row(b, h, i)..][..n.d];
+        let (s, t) = p.score(qi, &k[n.kv_row(b, kvh, j)..][..n.d]);
+        let prob = (s - lse[n.stat(b, h, i)]).exp();
+        let dp = dot(
+            &g[n.q_row(b, h, i)..][..n.d],
+            &v[n.kv_row(b, kvh, j)..][..n.d],
+        );
+        (prob, prob * (dp - delta[row(b, h, i)]) * p.cap_grad(t))
+    };
+    let mut dq = vec![T::zero(); q.len()];
+    dq.par_chunks_mut(n.d).enumerate().for_each(|(r, out)| {
+        let (b, h, i) = (r / (n.hq * n.t), r / n.t % n.hq, r % n.t);
+        let kvh = h / n.groups();
+        let mut acc = vec![0f32; n.d];
+        for j in p.keys(i) {
+            let (_, d) = ds(b, h, i, j);
+            for (a, x) in acc.iter_mut().zip(&k[n.kv_row(b, kvh, j)..][..n.d]) {
+                *a += d * x.f();
+            }
+        }
+        for (y, a) in out.iter_mut().zip(acc) {
+            *y = T::of(a * p.scale);
+        }
+    });
+    let mut dk = vec![T::zero(); k.len()];
+    let mut dv = vec![T::zero(); v.len()];
+    dk.par_chunks_mut(n.d)
+        .zip(dv.par_chunks_mut(n.d))
+        .enumerate()
+        .for_each(|(r, (dk_row, dv_row))| {
+            let (b, kvh, j) = (r / (n.hkv * n.t), r / n.t % n.hkv, r % n.t);
+            let (mut ak, mut av) = (vec![0f32; n.d], vec![0f32; n.d]);
+            for h in kvh * n.groups()..(kvh + 1) * n.groups() {
+                for i in p.queries(j, n.t) {
+                    let (prob, d) = ds(b, h, i, j);
+                    let (qi, gi) = (&q[n.q_row(b, h, i)..][..n.d], &g[n.q_row(b, h, i)..][..n.d]);
+                    for x in 0..n.d {
+                        ak[x] += d * qi[x].f();
+                        av[x] += prob * gi[x].f();
+                    }
+                }
+            }
+            for x in 0..n.d {
+                dk_row[x] = T::of(ak[x] * p.scale);
+                dv_row[x] = T::of(av[x]);
+            }
+        });
+    (dq, dk, dv)
+}

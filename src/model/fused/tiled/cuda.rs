@@ -1,0 +1,278 @@
+//! Launching the committed cubins (`../triton/kernels/`, embedded by build.rs) as the manifest
+//! says: module from the cubin's bytes, the entry point, the kernel's parameters in order and
+//! then Triton's two scratch pointers (null: compile.py refuses kernels that need scratch),
+//! num_warps × 32 threads, the manifest's dynamic shared memory. `../triton/cubin.py` launches
+//! the same bytes the same way from Python, which is how a GPU host checks them.
+//!
+//! Tensors are [B, H, T, D] contiguous; sequence s is positions [s·T, (s+1)·T) of the flat token
+//! axis (the kernels also take packed sequences of any lengths; the decoder pads for now).
+
+use super::cpu::Dims;
+use super::op::Params;
+use crate::model::fused::cubins::launch::{arch, err, i32_of, launch, view, Arg, KernelElem};
+use crate::model::fused::cubins::{dtype_name, Kernel, Want};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
+
+/// (batch, token, head) strides of a contiguous [B, H, T, D] tensor with `h` heads.
+fn strides<'r, 'v>(n: Dims, h: usize) -> Result<[Arg<'r, 'v>; 3]> {
+    Ok([
+        Arg::I32(i32_of("batch stride", h * n.t * n.d)?),
+        Arg::I32(i32_of("position stride", n.d)?),
+        Arg::I32(i32_of("head stride", n.t * n.d)?),
+    ])
+}
+
+/// The sequence offsets 0, T, 2T, …, B·T on the device.
+fn offsets(dev: &CudaDevice, n: Dims) -> Result<CudaSlice<i32>> {
+    let cu: Vec<i32> = (0..=n.b)
+        .map(|s| i32_of("tokens", s * n.t))
+        .collect::<Result<_>>()?;
+    dev.clone_htod(&cu)
+}
+
+/// The attention kernel `name` for these inputs, or why there is none.
+fn kernel(
+    dev: &CudaDevice,
+    name: &str,
+    dtype: DType,
+    n: Dims,
+    p: &Params,
+) -> Result<&'static Kernel> {
+    let dt = dtype_name(dtype)
+        .filter(|d| *d != "fp32")
+        .ok_or_else(|| err(format!("{dtype:?} inputs (the kernels take bf16 and f16)")))?;
+    let ty = format!("*{dt}");
+    crate::model::fused::cubins::launch::kernel(&Want {
+        kernel: name,
+        arch: arch(dev)?,
+        types: &[(0, &ty)],
+        constexprs: &[
+            ("BLOCK_D", super::block_d(n.d).into()),
+            ("SOFTCAP", p.softcap.is_some().into()),
+        ],
+    })
+}
+
+/// A kernel's tile size.
+fn block(k: &Kernel, name: &str) -> Result<usize> {
+    k.tile(name)
+        .ok_or_else(|| err(format!("{}: no {name} in the manifest", k.name)))
+}
+
+/// Grid rows per sequence: ⌈T / block⌉.
+fn tiles(n: Dims, block: usize) -> Result<u32> {
+    Ok(i32_of("tiles", n.t.div_ceil(block))? as u32)
+}
+
+/// The scalar arguments every attention kernel ends with.
+fn scalars<'r, 'v>(n: Dims, p: &Params) -> Result<[Arg<'r, 'v>; 7]> {
+    Ok([
+        Arg::I32(i32_of("positions", n.t)?),
+        Arg::I32(i32_of("tokens", n.b * n.t)?),
+        Arg::I32(i32_of("head dim", n.d)?),
+        Arg::I32(i32_of("groups", n.hq / n.hkv)?),
+        Arg::I32(i32_of("window", p.window)?),
+        Arg::Float(p.scale),
+        Arg::Float(p.softcap.unwrap_or(1.0)),
+    ])
+}
+
+/// (o, lse [Hq, B·T] f32) of bf16/f16 q, k, v.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    q: &CudaStorage,
+    ql: &Layout,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+    n: Dims,
+    p: &Params,
+) -> Result<(CudaStorage, Tensor)> {
+    let dev = &q.device;
+    match q.dtype() {
+        DType::BF16 => forward_t::<half::bf16>(dev, q, ql, k, kl, v, vl, n, p),
+        DType::F16 => forward_t::<half::f16>(dev, q, ql, k, kl, v, vl, n, p),
+        other => Err(err(format!(
+            "{other:?} inputs (the kernels take bf16 and f16)"
+        ))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_t<T: KernelElem>(
+    dev: &CudaDevice,
+    q: &CudaStorage,
+    ql: &Layout,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+    n: Dims,
+    p: &Params,
+) -> Result<(CudaStorage, Tensor)> {
+    let kern = kernel(dev, "flash_fwd", q.dtype(), n, p)?;
+    let (qv, kv, vv) = (view::<T>(q, ql)?, view::<T>(k, kl)?, view::<T>(v, vl)?);
+    let nq = n.b * n.hq * n.t * n.d;
+    // SAFETY: the forward writes every row of every sequence, and the offsets cover all B·T
+    // tokens, so no element of o or lse is read unwritten.
+    let mut o = unsafe { dev.alloc::<T>(nq)? };
+    let mut lse = unsafe { dev.alloc::<f32>(n.hq * n.b * n.t)? };
+    let cu = offsets(dev, n)?;
+    {
+        let (mut ov, mut lv) = (o.slice_mut(..), lse.slice_mut(..));
+        let mut args = vec![
+            T::arg(&qv),
+            T::arg(&kv),
+            T::arg(&vv),
+            T::arg_mut(&mut ov),
+            Arg::F32Mut(&mut lv),
+            Arg::Offsets(&cu),
+        ];
+        for h in [n.hq, n.hkv, n.hkv, n.hq] {
+            args.extend(strides(n, h)?);
+        }
+        args.extend(scalars(n, p)?);
+        let grid = (tiles(n, block(kern, "BLOCK_M")?)?, n.b as u32, n.hq as u32);
+        launch(dev, kern, grid, &mut args)?;
+    }
+    let lse = Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(lse, dev.clone())),
+        (n.hq, n.b * n.t),
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), lse))
+}
+
+/// What the forward kept, for the backward.
+pub struct Saved<'a> {
+    pub o: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub lse: &'a Tensor,
+}
+
+/// dq, dk, dv end to end in one buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &CudaStorage,
+    ql: &Layout,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+    saved: Saved<'_>,
+    n: Dims,
+    p: &Params,
+) -> Result<CudaStorage> {
+    let dev = &q.device;
+    match q.dtype() {
+        DType::BF16 => backward_t::<half::bf16>(dev, q, ql, k, kl, v, vl, saved, n, p),
+        DType::F16 => backward_t::<half::f16>(dev, q, ql, k, kl, v, vl, saved, n, p),
+        other => Err(err(format!(
+            "{other:?} inputs (the kernels take bf16 and f16)"
+        ))),
+    }
+}
+
+/// A saved tensor's CUDA storage, held while `f` reads it.
+fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cuda(s) => f(s, l),
+        _ => Err(err("the backward's saved tensors are not on the GPU".into())),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_t<T: KernelElem>(
+    dev: &CudaDevice,
+    q: &CudaStorage,
+    ql: &Layout,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+    saved: Saved<'_>,
+    n: Dims,
+    p: &Params,
+) -> Result<CudaStorage> {
+    let (k_delta, k_dkdv, k_dq) = (
+        kernel(dev, "flash_bwd_delta", q.dtype(), n, p)?,
+        kernel(dev, "flash_bwd_dkdv", q.dtype(), n, p)?,
+        kernel(dev, "flash_bwd_dq", q.dtype(), n, p)?,
+    );
+    let (nq, nk) = (n.b * n.hq * n.t * n.d, n.b * n.hkv * n.t * n.d);
+    let cu = offsets(dev, n)?;
+    // SAFETY: each pass writes every element of its output (delta per row, dK/dV per key row,
+    // dQ per query row), the offsets covering all B·T tokens.
+    let mut delta = unsafe { dev.alloc::<f32>(n.hq * n.b * n.t)? };
+    let mut all = unsafe { dev.alloc::<T>(nq + 2 * nk)? };
+    with_cuda(saved.o, |os, ol| {
+        with_cuda(saved.grad, |gs, gl| {
+            with_cuda(saved.lse, |ls, ll| {
+                let (ov, gv) = (view::<T>(os, ol)?, view::<T>(gs, gl)?);
+                let lse = view::<f32>(ls, ll)?;
+                // delta = Σ_d o · do per row.
+                {
+                    let mut deltav = delta.slice_mut(..);
+                    let mut args = vec![
+                        T::arg(&ov),
+                        T::arg(&gv),
+                        Arg::F32Mut(&mut deltav),
+                        Arg::Offsets(&cu),
+                    ];
+                    args.extend(strides(n, n.hq)?);
+                    args.extend(strides(n, n.hq)?);
+                    args.extend([
+                        Arg::I32(i32_of("positions", n.t)?),
+                        Arg::I32(i32_of("tokens", n.b * n.t)?),
+                        Arg::I32(i32_of("head dim", n.d)?),
+                    ]);
+                    let grid = (
+                        tiles(n, block(k_delta, "BLOCK_M")?)?,
+                        n.b as u32,
+                        n.hq as u32,
+                    );
+                    launch(dev, k_delta, grid, &mut args)?;
+                }
+                let (qv, kv, vv) = (view::<T>(q, ql)?, view::<T>(k, kl)?, view::<T>(v, vl)?);
+                let deltav = delta.slice(..);
+                let (mut dq, mut rest) = all.split_at_mut(nq);
+                let (mut dk, mut dv) = rest.split_at_mut(nk);
+                // Q, K, V, dO, LSE, DELTA, then the outputs, CU and the inputs' strides.
+                let ins = [&qv, &kv, &vv, &gv];
+                let input_strides = [n.hq, n.hkv, n.hkv, n.hq];
+                // dK and dV: grid over the key tiles of each kv head.
+                {
+                    let mut args: Vec<Arg<'_, '_>> = ins.iter().map(|v| T::arg(v)).collect();
+                    args.extend([Arg::F32(&lse), Arg::F32(&deltav)]);
+                    args.extend([T::arg_mut(&mut dk), T::arg_mut(&mut dv), Arg::Offsets(&cu)]);
+                    for h in input_strides.into_iter().chain([n.hkv, n.hkv]) {
+                        args.extend(strides(n, h)?);
+                    }
+                    args.extend(scalars(n, p)?);
+                    let grid = (
+                        tiles(n, block(k_dkdv, "BLOCK_N")?)?,
+                        n.b as u32,
+                        n.hkv as u32,
+                    );
+                    launch(dev, k_dkdv, grid, &mut args)?;
+                }
+                // dQ: grid over the query tiles of each head.
+                let mut args: Vec<Arg<'_, '_>> = ins.iter().map(|v| T::arg(v)).collect();
+                args.extend([Arg::F32(&lse), Arg::F32(&deltav)]);
+                args.extend([T::arg_mut(&mut dq), Arg::Offsets(&cu)]);
+                for h in input_strides.into_iter().chain([n.hq]) {
+                    args.extend(strides(n, h)?);
+                }
+                args.extend(scalars(n, p)?);
+                let grid = (tiles(n, block(k_dq, "BLOCK_M")?)?, n.b as u32, n.hq as u32);
+                launch(dev, k_dq, grid, &mut args)
+            })
+        })
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(all, dev.clone()))
+}

@@ -1,0 +1,345 @@
+//! The tiled attention as a candle custom op with its backward: the forward keeps each row's
+//! log-sum-exp (f32 [Hq, B·T]) for the backward, which is one op writing dq, dk and dv into one
+//! buffer (the kernels' delta, dK/dV and dQ passes on CUDA).
+
+use super::cpu::{self, Dims};
+use crate::model::fused::elem::{slice, with_float};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
+};
+use std::sync::Mutex;
+
+const NAME: &str = "tiled attention";
+
+/// The attention's constants: scale, sliding window (0 for none), Gemma 2's soft cap.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Params {
+    pub scale: f32,
+    /// Key j is seen from query i when i − window < j ≤ i; 0 for causal only.
+    pub window: usize,
+    pub softcap: Option<f32>,
+}
+
+/// softmax(mask(cap(q·kᵀ·scale)))·v for q [B, Hq, T, D] and k, v [B, Hkv, T, D] (Hkv dividing
+/// Hq; K and V not repeated) → [B, Hq, T, D], differentiable in all three.
+pub fn tiled_attention(q: &Tensor, k: &Tensor, v: &Tensor, params: Params) -> Result<Tensor> {
+    let op = TiledAttention {
+        params,
+        lse: Mutex::new(None),
+    };
+    aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
+}
+
+/// `x` contiguous and starting on a 16-byte boundary, as the compiled kernels assume of every
+/// pointer (a view into a larger buffer may not).
+fn aligned(x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if !(x.layout().start_offset() * x.dtype().size_in_bytes()).is_multiple_of(16) {
+        return x.copy();
+    }
+    Ok(x)
+}
+
+struct TiledAttention {
+    params: Params,
+    /// The forward's log-sum-exp, for the backward.
+    lse: Mutex<Option<Tensor>>,
+}
+
+/// The dims of q, k and v, checked against each other.
+pub(super) fn dims(q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
+    let bad = |why: String| candle_core::Error::Msg(format!("{NAME}: {why}"));
+    let [b, hq, t, d] = q.dims() else {
+        return Err(bad(format!("q is {:?}, not [B, H, T, D]", q.dims())));
+    };
+    let [kb, hkv, kt, kd] = k.dims() else {
+        return Err(bad(format!("k is {:?}, not [B, H, T, D]", k.dims())));
+    };
+    if (kb, kt, kd) != (b, t, d) || v.dims() != k.dims() || *hkv == 0 || hq % hkv != 0 {
+        return Err(bad(format!(
+            "q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    Ok(Dims {
+        b: *b,
+        hq: *hq,
+        hkv: *hkv,
+        t: *t,
+        d: *d,
+    })
+}
+
+impl TiledAttention {
+    fn keep(&self, lse: Tensor) {
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+    }
+}
+
+impl CustomOp3 for TiledAttention {
+    fn name(&self) -> &'static str {
+        "refdpo-tiled-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = dims(ql, kl, vl)?;
+        with_float!(q.dtype(), NAME, T => {
+            let (o, lse) = cpu::forward::<T>(
+                slice(NAME, q, ql)?,
+                slice(NAME, k, kl)?,
+                slice(NAME, v, vl)?,
+                n,
+                &self.params,
+            );
+            self.keep(Tensor::from_vec(lse, (n.hq, n.b * n.t), &Device::Cpu)?);
+            Ok((T::to_cpu_storage_owned(o), ql.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = dims(ql, kl, vl)?;
+        let (o, lse) = super::cuda::forward(q, ql, k, kl, v, vl, n, &self.params)?;
+        self.keep(lse);
+        Ok((o, ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{NAME}: backward before forward")))?;
+        let back = TiledAttentionBackward {
+            params: self.params,
+            o: aligned(o)?,
+            grad: aligned(grad)?,
+            lse,
+        };
+        let packed = q.apply_op3_no_bwd(k, v, &back)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        Ok((
+            Some(packed.narrow(0, 0, nq)?.reshape(q.shape())?),
+            Some(packed.narrow(0, nq, nk)?.reshape(k.shape())?),
+            Some(packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
+        ))
+    }
+}
+
+/// dq, dk and dv end to end in one flat buffer, from q, k, v and what the forward kept.
+struct TiledAttentionBackward {
+    params: Params,
+    o: Tensor,
+    grad: Tensor,
+    lse: Tensor,
+}
+
+/// A contiguous CPU tensor's elements, held while `f` reads them.
+fn with_cpu<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(s) => f(s, l),
+        _ => Err(candle_core::Error::Msg(format!(
+            "{NAME}: backward's saved tensors are not on the CPU"
+        ))),
+    }
+}
+
+impl CustomOp3 for TiledAttentionBackward {
+    fn name(&self) -> &'static str {
+        "refdpo-tiled-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = dims(ql, kl, vl)?;
+        with_float!(q.dtype(), NAME, T => {
+            let (dq, dk, dv) = with_cpu(&self.o, |os, ol| {
+                with_cpu(&self.grad, |gs, gl| {
+                    with_cpu(&self.lse, |ls, ll| {
+                        Ok(cpu::backward::<T>(
+                            slice(NAME, q, ql)?,
+                            slice(NAME, k, kl)?,
+                            slice(NAME, v, vl)?,
+                            slice(NAME, os, ol)?,
+                            slice(NAME, gs, gl)?,
+                            slice::<f32>(NAME, ls, ll)?,
+                            n,
+                            &self.params,
+                        ))
+                    })
+                })
+            })?;
+            let len = dq.len() + dk.len() + dv.len();
+            let mut all = dq;
+            all.extend(dk);
+            all.extend(dv);
+            Ok((T::to_cpu_storage_owned(all), Shape::from(len)))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = dims(ql, kl, vl)?;
+        let saved = super::cuda::Saved {
+            o: &self.o,
+            grad: &self.grad,
+            lse: &self.lse,
+        };
+        let all = super::cuda::backward(q, ql, k, kl, v, vl, saved, n, &self.params)?;
+        Ok((
+            all,
+            Shape::from(ql.shape().elem_count() + 2 * kl.shape().elem_count()),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::max_abs_diff;
+    use candle_core::{DType, Var, D};
+
+    /// The composed attention (repeated K/V, scores, cap, mask, softmax, PV) in f32.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, p: Params) -> Tensor {
+        let (_, hq, t, _) = q.dims4().unwrap();
+        let rep = hq / k.dim(1).unwrap();
+        let repeat = |x: &Tensor| {
+            let (b, h, t, d) = x.dims4().unwrap();
+            x.unsqueeze(2)
+                .unwrap()
+                .expand((b, h, rep, t, d))
+                .unwrap()
+                .reshape((b, h * rep, t, d))
+                .unwrap()
+        };
+        let mut s = (q.matmul(&repeat(k).t().unwrap()).unwrap() * f64::from(p.scale)).unwrap();
+        if let Some(cap) = p.softcap {
+            s = ((s / f64::from(cap)).unwrap().tanh().unwrap() * f64::from(cap)).unwrap();
+        }
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..t).map(move |j| {
+                    let seen = j <= i && (p.window == 0 || i - j < p.window);
+                    if seen {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), q.device()).unwrap();
+        let probs = candle_nn::ops::softmax(&s.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+        probs.matmul(&repeat(v)).unwrap()
+    }
+
+    #[test]
+    fn forward_and_every_gradient_equal_the_composed_ops() {
+        let dev = Device::Cpu;
+        let cases = [
+            (2, 4, 2, 9, 8, 0, None),
+            (1, 4, 1, 13, 16, 5, None),
+            (2, 2, 2, 11, 8, 0, Some(3.0)),
+            (1, 6, 3, 10, 4, 4, Some(2.0)),
+        ];
+        for (b, hq, hkv, t, d, window, softcap) in cases {
+            let p = Params {
+                scale: (d as f32).powf(-0.5),
+                window,
+                softcap,
+            };
+            let var = |h| {
+                Var::from_tensor(&Tensor::randn(0f32, 1.5, (b, h, t, d), &dev).unwrap()).unwrap()
+            };
+            let (q, k, v) = (var(hq), var(hkv), var(hkv));
+            let up = Tensor::randn(0f32, 1.0, (b, hq, t, d), &dev).unwrap();
+            let want = composed(&q, &k, &v, p);
+            let got = tiled_attention(&q, &k, &v, p).unwrap();
+            let what = format!("{b}x{hq}/{hkv}x{t}x{d} window {window} cap {softcap:?}");
+            assert!(max_abs_diff(&want, &got) < 1e-5, "{what}");
+            let gw = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gg = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let diff = max_abs_diff(gw.get(x).unwrap(), gg.get(x).unwrap());
+                assert!(diff < 1e-5, "d{name} {what}: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_stays_within_bf16_rounding() {
+        let dev = Device::Cpu;
+        let p = Params {
+            scale: 0.25,
+            window: 0,
+            softcap: None,
+        };
+        let r = |h| Tensor::randn(0f32, 1.0, (1, h, 12, 16), &dev).unwrap();
+        let (q, k, v) = (r(4), r(2), r(2));
+        let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+        let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let want = composed(&f32(&bf(&q)), &f32(&bf(&k)), &f32(&bf(&v)), p);
+        let got = f32(&tiled_attention(&bf(&q), &bf(&k), &bf(&v), p).unwrap());
+        assert!(max_abs_diff(&want, &got) < 1e-2);
+    }
+
+    #[test]
+    fn mismatched_shapes_are_named() {
+        let dev = Device::Cpu;
+        let p = Params {
+            scale: 1.0,
+            window: 0,
+            softcap: None,
+        };
+        let q = Tensor::zeros((1, 3, 4, 8), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 2, 4, 8), DType::F32, &dev).unwrap();
+        let e = tiled_attention(&q, &k, &k, p).unwrap_err().to_string();
+        assert!(
+            e.contains("tiled attention") && e.contains("do not fit"),
+            "{e}"
+        );
+    }
+}
