@@ -22,7 +22,7 @@ NEEDS_NVCC = @true
 endif
 REFDPO = $(CARGO) run --profile $(PROFILE) --quiet $(FEATURES) --bin refdpo --
 
-.PHONY: precompute train stats show plot generate merge test lint kernels flash flash-compile bench fixtures build
+.PHONY: precompute train stats show plot generate merge test lint kernels triton triton-compile bench fixtures build
 
 build:
 	$(NEEDS_NVCC)
@@ -68,16 +68,16 @@ lint:
 kernels:
 	bash bench/check_kernels.sh
 
-# The tiled attention's Triton source: its interpreter tests on the CPU, then its cubins
-# recompiled (sm_80, sm_90; no GPU needed) and compared with the committed ones. flash-compile
-# rewrites them after an edit of flash_attn.py. Python: $REFDPO_KERNEL_PYTHON, else the venv that
+# The Triton kernels (tiled attention, AdamW): their interpreter tests on the CPU, then their cubins
+# recompiled (sm_80, sm_90; no GPU needed) and compared with the committed ones. triton-compile
+# rewrites them after an edit of a kernel. Python: $REFDPO_KERNEL_PYTHON, else the venv that
 # tests/kernels/install.sh makes.
 KPY = $${REFDPO_KERNEL_PYTHON:-$$(bash tests/kernels/install.sh)}
-flash:
+triton:
 	TRITON_INTERPRET=1 $(KPY) -m pytest -q -p no:cacheprovider src/model/fused/triton
 	$(KPY) src/model/fused/triton/compile.py --check
 
-flash-compile:
+triton-compile:
 	$(KPY) src/model/fused/triton/compile.py
 
 # Benchmarks against PyTorch/transformers and TRL (BENCHMARKS.md). CPU: installs the peer into

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared call on the GPU host (BENCHMARKS.md, "GPU"): at most ~8 minutes, everything
 # into $OUT. In order, each stage under its own time limit:
+#   0. the tiled attention's committed cubins against the composed ops and SDPA (`--flash`);
 #   1. refdpo selftest on the GPU against the CPU f32 reference, with the fused ops; if it fails,
 #      again with the composed ops (REFDPO_FUSED=0), which then run the benchmarks; if that
 #      fails too, stop: fix first;
@@ -17,6 +18,9 @@
 # a failed selftest.
 # `bash bench/device.sh --lora` (~4 minutes): selftest, then training only, LoRA against TRL +
 # PEFT next to the full fine-tuning pair (refdpo cached bf16 state, TRL live).
+# `bash bench/device.sh --flash` (~2 minutes, needs no refdpo binary, only the checkout and the
+# host's torch): the tiled attention's committed cubins checked and timed against SDPA
+# (src/model/fused/triton/device_check.py); the full run does it first too.
 # Dry run on a CPU (tiny models, no figures): `bash bench/device.sh --cpu`, with REFDPO set to a
 # refdpo command and a Python that has bench/requirements.txt and TRL (PYTHON).
 set -uo pipefail
@@ -26,18 +30,34 @@ PRE_MODELS=qwen2-0.5b,qwen2-1.5b
 TRAIN_MODELS=qwen2-0.5b
 SIZE=()
 EXTRA=()
+FLASH_ONLY=
 for arg in "$@"; do
   case $arg in
+    --flash) FLASH_ONLY=1 ;;
     --cpu) DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256) ;;
     --profile) PRE_MODELS=${PRE_MODELS%%,*} EXTRA=(--profile) TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
     --lora) PRE_MODELS="" TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_lora,trl_live_lora ;;
-    *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora]" >&2; exit 2 ;;
+    *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora] [--flash]" >&2; exit 2 ;;
   esac
 done
 [ -n "${TRAIN_SETUPS:-}" ] && SIZE+=(--setups "$TRAIN_SETUPS")
 export OUT=${OUT:-bench/results/device} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+stage() { # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/stages.txt"
+  return "$rc"
+}
+# The tiled attention first: its cubins are committed, so it needs no refdpo binary.
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+  stage flash 150 "$PY" src/model/fused/triton/device_check.py --out "$OUT"
+  [ -z "$FLASH_ONLY" ] || { ls -la "$OUT"; exit 0; }
+fi
 if [ "$DEVICE" = cuda ]; then
   if [ -d .whl ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -48,17 +68,8 @@ if [ "$DEVICE" = cuda ]; then
   "$PY" -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.gpu/refdpo.xz'),open('/tmp/refdpo','wb'))" \
     && chmod +x /tmp/refdpo || exit 1
   export REFDPO=/tmp/refdpo
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 fi
 export REFDPO=${REFDPO:?set REFDPO to the refdpo command}
-stage() { # name, seconds, command...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/stages.txt"
-  return "$rc"
-}
 # shellcheck disable=SC2086 # REFDPO may be a command with arguments (cargo run …)
 # The selftest runs refdpo's fused ops (the CUDA default). If it fails, the composed ops
 # (REFDPO_FUSED=0) are checked and, if they pass, benchmarked instead: the logs say which. A
