@@ -60,6 +60,42 @@ def _visible(rows, cols, length, window):
 
 
 @triton.jit
+def _tile(base, pos, stride, length, dims, dmask):
+    """Positions `pos` of a sequence's [T, D] slice at `base`: zero past its end or the head."""
+    mask = (pos < length)[:, None] & dmask[None, :]
+    return tl.load(base + pos[:, None] * stride + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, pos, stride, length, dims, dmask, value):
+    mask = (pos < length)[:, None] & dmask[None, :]
+    tl.store(base + pos[:, None] * stride + dims[None, :], value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _keys_seen(m0, length, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key range [lo, hi) the query tile at m0 sees, lo on a key-tile boundary."""
+    hi = tl.minimum(length, m0 + BLOCK_M)
+    lo = 0
+    if window > 0:
+        lo = tl.maximum(0, m0 - window + 1) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _probs_and_grads(q, k, v, do, lse, delta, rows, cols, length, window, scale, softcap, SOFTCAP: tl.constexpr):
+    """P recomputed from the log-sum-exp, and dS = P · (dO Vᵀ − delta) · cap' (the scores'
+    gradient before the scale), for a query tile against a key tile."""
+    s, t = _scores(q, k, scale, softcap, SOFTCAP)
+    p = tl.exp2((s - lse[:, None]) * LOG2E)
+    p = tl.where(_visible(rows, cols, length, window), p, 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return p, ds
+
+
+@triton.jit
 def _seq(CU, row_len, seq):
     """Start of sequence `seq` in the flat axis, its length, batch row and position in it."""
     start = tl.load(CU + seq)
@@ -87,22 +123,17 @@ def flash_fwd(
     dims = tl.arange(0, BLOCK_D)
     dmask = dims < head_dim
     rmask = rows < length
-    q_ptr = Q + b * sq_b + h * sq_h + (t0 + rows)[:, None] * sq_t + dims[None, :]
-    q = tl.load(q_ptr, mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = _tile(Q + b * sq_b + h * sq_h + t0 * sq_t, rows, sq_t, length, dims, dmask)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.minimum(length, m0 + BLOCK_M)
-    lo = 0
-    if window > 0:
-        lo = tl.maximum(0, m0 - window + 1) // BLOCK_N * BLOCK_N
+    lo, hi = _keys_seen(m0, length, window, BLOCK_M, BLOCK_N)
     k_base = K + b * sk_b + kvh * sk_h + t0 * sk_t
     v_base = V + b * sv_b + kvh * sv_h + t0 * sv_t
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = (cols < length)[:, None] & dmask[None, :]
-        k = tl.load(k_base + cols[:, None] * sk_t + dims[None, :], mask=cmask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * sv_t + dims[None, :], mask=cmask, other=0.0)
+        k = _tile(k_base, cols, sk_t, length, dims, dmask)
+        v = _tile(v_base, cols, sv_t, length, dims, dmask)
         s, _ = _scores(q, k, scale, softcap, SOFTCAP)
         s = tl.where(_visible(rows, cols, length, window), s * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -115,8 +146,7 @@ def flash_fwd(
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
-    o_ptr = O + b * so_b + h * so_h + (t0 + rows)[:, None] * so_t + dims[None, :]
-    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    _store_tile(O + b * so_b + h * so_h + t0 * so_t, rows, so_t, length, dims, dmask, acc)
     lse = (m_i + tl.log2(l_safe)) / LOG2E
     tl.store(LSE + h * n_tokens + start + rows, lse, mask=rmask)
 
@@ -137,9 +167,9 @@ def flash_bwd_delta(
         return
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    mask = (rows < length)[:, None] & (dims < head_dim)[None, :]
-    o = tl.load(O + b * so_b + h * so_h + (t0 + rows)[:, None] * so_t + dims[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + (t0 + rows)[:, None] * sdo_t + dims[None, :], mask=mask, other=0.0)
+    dmask = dims < head_dim
+    o = _tile(O + b * so_b + h * so_h + t0 * so_t, rows, so_t, length, dims, dmask)
+    do = _tile(DO + b * sdo_b + h * sdo_h + t0 * sdo_t, rows, sdo_t, length, dims, dmask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + h * n_tokens + start + rows, delta, mask=rows < length)
 
@@ -164,11 +194,11 @@ def flash_bwd_dkdv(
     cols = n0 + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     dmask = dims < head_dim
-    cmask = (cols < length)[:, None] & dmask[None, :]
-    k = tl.load(K + b * sk_b + kvh * sk_h + (t0 + cols)[:, None] * sk_t + dims[None, :], mask=cmask, other=0.0)
-    v = tl.load(V + b * sv_b + kvh * sv_h + (t0 + cols)[:, None] * sv_t + dims[None, :], mask=cmask, other=0.0)
+    k = _tile(K + b * sk_b + kvh * sk_h + t0 * sk_t, cols, sk_t, length, dims, dmask)
+    v = _tile(V + b * sv_b + kvh * sv_h + t0 * sv_t, cols, sv_t, length, dims, dmask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Query tiles that see these keys: from the diagonal on, within the window.
     lo = n0 // BLOCK_M * BLOCK_M
     hi = length
     if window > 0:
@@ -180,23 +210,15 @@ def flash_bwd_dkdv(
         for m0 in range(lo, hi, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             rmask = rows < length
-            qmask = rmask[:, None] & dmask[None, :]
-            q = tl.load(q_base + rows[:, None] * sq_t + dims[None, :], mask=qmask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * sdo_t + dims[None, :], mask=qmask, other=0.0)
+            q = _tile(q_base, rows, sq_t, length, dims, dmask)
+            do = _tile(do_base, rows, sdo_t, length, dims, dmask)
             lse = tl.load(LSE + h * n_tokens + start + rows, mask=rmask, other=0.0)
             delta = tl.load(DELTA + h * n_tokens + start + rows, mask=rmask, other=0.0)
-            s, t = _scores(q, k, scale, softcap, SOFTCAP)
-            p = tl.exp2((s - lse[:, None]) * LOG2E)
-            p = tl.where(_visible(rows, cols, length, window), p, 0.0)
+            p, ds = _probs_and_grads(q, k, v, do, lse, delta, rows, cols, length, window, scale, softcap, SOFTCAP)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            if SOFTCAP:
-                ds = ds * (1.0 - t * t)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    dk = dk * scale
-    tl.store(DK + b * sdk_b + kvh * sdk_h + (t0 + cols)[:, None] * sdk_t + dims[None, :], dk.to(DK.dtype.element_ty), mask=cmask)
-    tl.store(DV + b * sdv_b + kvh * sdv_h + (t0 + cols)[:, None] * sdv_t + dims[None, :], dv.to(DV.dtype.element_ty), mask=cmask)
+    _store_tile(DK + b * sdk_b + kvh * sdk_h + t0 * sdk_t, cols, sdk_t, length, dims, dmask, dk * scale)
+    _store_tile(DV + b * sdv_b + kvh * sdv_h + t0 * sdv_t, cols, sdv_t, length, dims, dmask, dv)
 
 
 @triton.jit
@@ -220,30 +242,18 @@ def flash_bwd_dq(
     dims = tl.arange(0, BLOCK_D)
     dmask = dims < head_dim
     rmask = rows < length
-    qmask = rmask[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + (t0 + rows)[:, None] * sq_t + dims[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + (t0 + rows)[:, None] * sdo_t + dims[None, :], mask=qmask, other=0.0)
+    q = _tile(Q + b * sq_b + h * sq_h + t0 * sq_t, rows, sq_t, length, dims, dmask)
+    do = _tile(DO + b * sdo_b + h * sdo_h + t0 * sdo_t, rows, sdo_t, length, dims, dmask)
     lse = tl.load(LSE + h * n_tokens + start + rows, mask=rmask, other=0.0)
     delta = tl.load(DELTA + h * n_tokens + start + rows, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.minimum(length, m0 + BLOCK_M)
-    lo = 0
-    if window > 0:
-        lo = tl.maximum(0, m0 - window + 1) // BLOCK_N * BLOCK_N
+    lo, hi = _keys_seen(m0, length, window, BLOCK_M, BLOCK_N)
     k_base = K + b * sk_b + kvh * sk_h + t0 * sk_t
     v_base = V + b * sv_b + kvh * sv_h + t0 * sv_t
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = (cols < length)[:, None] & dmask[None, :]
-        k = tl.load(k_base + cols[:, None] * sk_t + dims[None, :], mask=cmask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * sv_t + dims[None, :], mask=cmask, other=0.0)
-        s, t = _scores(q, k, scale, softcap, SOFTCAP)
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
-        p = tl.where(_visible(rows, cols, length, window), p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
+        k = _tile(k_base, cols, sk_t, length, dims, dmask)
+        v = _tile(v_base, cols, sv_t, length, dims, dmask)
+        _, ds = _probs_and_grads(q, k, v, do, lse, delta, rows, cols, length, window, scale, softcap, SOFTCAP)
         dq += tl.dot(ds.to(k.dtype), k)
-    dq = dq * scale
-    tl.store(DQ + b * sdq_b + h * sdq_h + (t0 + rows)[:, None] * sdq_t + dims[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+    _store_tile(DQ + b * sdq_b + h * sdq_h + t0 * sdq_t, rows, sdq_t, length, dims, dmask, dq * scale)
