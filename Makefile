@@ -70,9 +70,9 @@ kernels:
 
 # The Triton kernels (tiled attention, AdamW): their interpreter tests on the CPU, then their cubins
 # recompiled (sm_80, sm_90; no GPU needed) and compared with the committed ones. triton-compile
-# rewrites them after an edit of a kernel. Python: $REFDPO_KERNEL_PYTHON, else the venv that
-# tests/kernels/install.sh makes.
-KPY = $${REFDPO_KERNEL_PYTHON:-$$(bash tests/kernels/install.sh)}
+# rewrites them after an edit of a kernel. Python: $REFDPO_PYTHON, else the venv that
+# tests/python/install.sh makes.
+KPY = $${REFDPO_PYTHON:-$$(bash tests/python/install.sh)}
 triton:
 	TRITON_INTERPRET=1 $(KPY) -m pytest -q -p no:cacheprovider src/model/fused/triton
 	$(KPY) src/model/fused/triton/compile.py --check

@@ -1,7 +1,7 @@
 //! Tests that read `../shared/realdata` are marked ignored where it is absent, so the summary shows
 //! them as ignored rather than passed. Under `CI=true` they are not: they run and fail, naming it.
 //! The same holds for the hub test and `REFDPO_OLAH` (the olah server it starts), and for the
-//! tiled attention's Triton checks and `REFDPO_KERNEL_PYTHON` (a python with torch and triton).
+//! Python checks (the Triton kernels, TensorBoard's reader) and `REFDPO_PYTHON` (`tests/python/install.sh`).
 //!
 //! Under `--features cuda` it also compiles the fused kernels (`src/model/fused/kernels.cu`) to
 //! PTX with nvcc (`$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH), for compute
@@ -27,11 +27,11 @@ fn main() {
     if !olah.is_some_and(|p| p.is_file()) && !ci {
         println!("cargo::rustc-cfg=hub_server_absent");
     }
-    println!("cargo::rustc-check-cfg=cfg(kernel_python_absent)");
-    println!("cargo::rerun-if-env-changed=REFDPO_KERNEL_PYTHON");
-    let python = std::env::var_os("REFDPO_KERNEL_PYTHON").map(std::path::PathBuf::from);
+    println!("cargo::rustc-check-cfg=cfg(python_absent)");
+    println!("cargo::rerun-if-env-changed=REFDPO_PYTHON");
+    let python = std::env::var_os("REFDPO_PYTHON").map(std::path::PathBuf::from);
     if !python.is_some_and(|p| p.is_file()) && !ci {
-        println!("cargo::rustc-cfg=kernel_python_absent");
+        println!("cargo::rustc-cfg=python_absent");
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         compile_kernels(&root);

@@ -117,6 +117,7 @@ impl RunDir {
     const CONFIG: &'static str = "config.toml";
     const FINAL: &'static str = "final";
     const CHECKPOINT: &'static str = "checkpoint-";
+    const TENSORBOARD: &'static str = "runs";
 
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self(root.into())
@@ -134,6 +135,11 @@ impl RunDir {
     /// `config.toml`: the run's resolved configuration.
     pub fn config(&self) -> PathBuf {
         self.0.join(Self::CONFIG)
+    }
+
+    /// `runs/`: TensorBoard event files (`train.report_to = ["tensorboard"]`).
+    pub fn tensorboard(&self) -> PathBuf {
+        self.0.join(Self::TENSORBOARD)
     }
 
     /// `final/`
@@ -157,8 +163,10 @@ impl RunDir {
             .strip_suffix(".tmp")
             .or_else(|| name.strip_suffix(".old"))
             .unwrap_or(name);
-        matches!(base, Self::CONFIG | Self::METRICS | Self::FINAL)
-            || Self::checkpoint_step(base).is_some()
+        matches!(
+            base,
+            Self::CONFIG | Self::METRICS | Self::FINAL | Self::TENSORBOARD
+        ) || Self::checkpoint_step(base).is_some()
     }
 
     /// `trainer_state.json` of a checkpoint.
@@ -218,6 +226,7 @@ mod tests {
             "checkpoint-32",
             "checkpoint-64.old",
             "final.tmp",
+            "runs",
         ] {
             assert!(RunDir::is_output(name), "{name}");
         }

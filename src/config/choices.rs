@@ -52,6 +52,14 @@ impl StateDtype {
     }
 }
 
+/// Where training logs go besides `metrics.jsonl` (`train.report_to`, TRL's name).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    /// Event files under `<train.out>/runs/`.
+    Tensorboard,
+}
+
 /// The learning-rate schedule after linear warmup (`train.lr_schedule`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]

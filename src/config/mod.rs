@@ -7,8 +7,8 @@ mod keys;
 mod validate;
 
 pub use choices::{
-    Dtype, Losses, LrSchedule, RefMode, Role, Shard, StateDtype, TargetModules, Truncation,
-    PROJECTIONS,
+    Dtype, Losses, LrSchedule, RefMode, ReportTo, Role, Shard, StateDtype, TargetModules,
+    Truncation, PROJECTIONS,
 };
 pub use keys::apply_override;
 
@@ -198,6 +198,9 @@ pub struct TrainConfig {
     pub save_final: bool,
     /// LoRA adapters on a frozen base (`r` = 0: full fine-tuning).
     pub lora: LoraConfig,
+    /// Logs besides `metrics.jsonl`: `["tensorboard"]` writes event files under
+    /// `<out>/runs/` (TRL's `report_to`).
+    pub report_to: Vec<ReportTo>,
 }
 
 /// `[train.lora]`, with PEFT's meanings: ΔW = (alpha / r)·B·A (alpha / √r with `use_rslora`).
@@ -264,6 +267,7 @@ impl Default for TrainConfig {
             state_dtype: StateDtype::F32,
             save_final: true,
             lora: LoraConfig::default(),
+            report_to: Vec::new(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `metrics.jsonl`: one JSON object per logged step under TRL's names, appended as training goes.
 
+use super::tensorboard::EventWriter;
 use crate::dpo::{Metric, MetricsAccumulator};
 use crate::error::{fs, Error, Result};
 use serde_json::{json, Map, Value};
@@ -48,6 +49,16 @@ impl MetricsLine {
 
 pub struct MetricsLog {
     path: PathBuf,
+    /// Behind a lock so that logging takes `&self`, as the trainer's steps do.
+    tensorboard: Option<std::sync::Mutex<Tensorboard>>,
+}
+
+/// The run's TensorBoard event file, opened at the first logged line.
+struct Tensorboard {
+    dir: PathBuf,
+    writer: Option<EventWriter>,
+    /// A resumed run's first rewritten step: the new file opens with it.
+    restart_at: Option<u64>,
 }
 
 /// What one optimizer step measured.
@@ -60,8 +71,18 @@ pub struct StepReport {
 }
 
 impl MetricsLog {
-    pub fn new(path: PathBuf) -> Self {
-        Self { path }
+    /// The log at `path`, mirrored into TensorBoard event files in `tensorboard` when given.
+    pub fn new(path: PathBuf, tensorboard: Option<PathBuf>) -> Self {
+        Self {
+            path,
+            tensorboard: tensorboard.map(|dir| {
+                std::sync::Mutex::new(Tensorboard {
+                    dir,
+                    writer: None,
+                    restart_at: None,
+                })
+            }),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -97,6 +118,22 @@ impl MetricsLog {
     }
 
     fn append(&self, line: Map<String, Value>) -> Result<()> {
+        if let Some(tb) = &self.tensorboard {
+            let mut tb = tb.lock().unwrap_or_else(|e| e.into_inner());
+            let step = line.get("step").and_then(Value::as_u64).unwrap_or(0);
+            let scalars: Vec<(String, f64)> = line
+                .iter()
+                .filter(|(k, _)| *k != "step")
+                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                .collect();
+            if tb.writer.is_none() {
+                let writer = EventWriter::create(&tb.dir, tb.restart_at)?;
+                tb.writer = Some(writer);
+            }
+            if let Some(w) = &mut tb.writer {
+                w.scalars(step, &scalars)?;
+            }
+        }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -106,8 +143,12 @@ impl MetricsLog {
             .map_err(|e| Error::io("cannot append to", &self.path, e))
     }
 
-    /// Keeps only the lines up to `step` (a resumed run rewrites what came after).
+    /// Keeps only the lines up to `step` (a resumed run rewrites what came after); TensorBoard's
+    /// readers drop the events after it when the new event file opens.
     pub fn truncate_after(&self, step: usize) -> Result<()> {
+        if let Some(tb) = &self.tensorboard {
+            tb.lock().unwrap_or_else(|e| e.into_inner()).restart_at = Some(step as u64 + 1);
+        }
         let Ok(text) = std::fs::read_to_string(&self.path) else {
             return Ok(());
         };

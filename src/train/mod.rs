@@ -11,6 +11,7 @@ pub mod micro_batch;
 pub mod optim;
 pub mod policy;
 pub mod split;
+pub mod tensorboard;
 pub mod trainer;
 
 use crate::config::Config;

@@ -10,7 +10,7 @@ use super::optim::{self, AdamW, AdamWParams};
 use super::policy::Policy;
 use super::split::Split;
 use crate::cache;
-use crate::config::{Config, RefMode};
+use crate::config::{Config, RefMode, ReportTo};
 use crate::dirs::RunDir;
 use crate::dpo::{LossMix, LossParams, Metric, MetricsAccumulator};
 use crate::error::{fs, Error, Result};
@@ -125,7 +125,12 @@ impl<'a> Trainer<'a> {
                 epoch: 0,
                 batch_in_epoch: 0,
             },
-            log: MetricsLog::new(RunDir::new(&t.out).metrics()),
+            log: MetricsLog::new(
+                RunDir::new(&t.out).metrics(),
+                t.report_to
+                    .contains(&ReportTo::Tensorboard)
+                    .then(|| RunDir::new(&t.out).tensorboard()),
+            ),
             last_checkpoint: None,
             last_train: MetricsAccumulator::default(),
             grad_bytes: 0,

@@ -3,17 +3,17 @@
 //! input's gradient), and `compile.py --check` recompiles them for sm_80 and sm_90, with no GPU,
 //! and compares the committed cubins and manifest byte for byte.
 //!
-//! Needs `REFDPO_KERNEL_PYTHON` (a python with torch and triton: `export
-//! REFDPO_KERNEL_PYTHON=$(bash tests/kernels/install.sh)`); `.ci/run` installs it. Without it the
+//! Needs `REFDPO_PYTHON` (a python with torch and triton: `export
+//! REFDPO_PYTHON=$(bash tests/python/install.sh)`); `.ci/run` installs it. Without it the
 //! tests are ignored, except under `CI=true`.
 
 use super::common::repo;
 use std::process::Command;
 
 fn python() -> String {
-    std::env::var("REFDPO_KERNEL_PYTHON").expect(
-        "REFDPO_KERNEL_PYTHON is not set: the Triton checks need torch and triton \
-         (export REFDPO_KERNEL_PYTHON=$(bash tests/kernels/install.sh))",
+    std::env::var("REFDPO_PYTHON").expect(
+        "REFDPO_PYTHON is not set: the Triton checks need torch and triton \
+         (export REFDPO_PYTHON=$(bash tests/python/install.sh))",
     )
 }
 
@@ -38,8 +38,8 @@ fn run(args: &[&str], interpret: bool) -> String {
 
 #[test]
 #[cfg_attr(
-    kernel_python_absent,
-    ignore = "needs torch and triton: export REFDPO_KERNEL_PYTHON=$(bash tests/kernels/install.sh)"
+    python_absent,
+    ignore = "needs torch and triton: export REFDPO_PYTHON=$(bash tests/python/install.sh)"
 )]
 fn the_tiled_attention_source_equals_the_composed_ops_in_the_interpreter() {
     let text = run(&["-m", "pytest", "-q", "-p", "no:cacheprovider", "."], true);
@@ -62,8 +62,8 @@ fn the_tiled_attention_source_equals_the_composed_ops_in_the_interpreter() {
 
 #[test]
 #[cfg_attr(
-    kernel_python_absent,
-    ignore = "needs torch and triton: export REFDPO_KERNEL_PYTHON=$(bash tests/kernels/install.sh)"
+    python_absent,
+    ignore = "needs torch and triton: export REFDPO_PYTHON=$(bash tests/python/install.sh)"
 )]
 fn the_committed_cubins_are_what_the_source_compiles_to() {
     let text = run(&["compile.py", "--check"], false);

@@ -18,5 +18,6 @@ mod mishaps;
 mod own_data;
 mod shards;
 mod stats;
+mod tensorboard;
 mod train;
 mod trl;

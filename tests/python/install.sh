@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Installs what checks the tiled attention's Triton source on the CPU (torch's PyPI wheel, which
-# brings triton 3.9 and its ptxas; pytest) into a virtual environment kept outside the clone,
-# and prints the path of its python:
-#   export REFDPO_KERNEL_PYTHON=$(bash tests/kernels/install.sh)
+# Installs the Python the tests check refdpo against, into a virtual environment kept outside the
+# clone, and prints the path of its python:
+#   export REFDPO_PYTHON=$(bash tests/python/install.sh)
+# - torch's PyPI wheel, which brings triton 3.9 and its ptxas: the Triton kernels' interpreter
+#   tests and their ahead-of-time compilation (src/model/fused/triton/);
+# - tensorboard: its own reader of the event files `train.report_to = ["tensorboard"]` writes.
 set -euo pipefail
-VENV=${REFDPO_KERNEL_VENV:-$HOME/.cache/refdpo/kvenv}
-if ! "$VENV/bin/python" -c "import torch, triton, pytest; assert triton.__version__ == '3.9.0'" 2>/dev/null; then
+VENV=${REFDPO_PYTHON_VENV:-$HOME/.cache/refdpo/pyvenv}
+if ! "$VENV/bin/python" -c "
+import torch, triton, pytest, tensorboard
+assert triton.__version__ == '3.9.0' and tensorboard.__version__ == '2.20.0'" 2>/dev/null; then
   python3 -m venv "$VENV" >&2
-  "$VENV/bin/pip" install -q torch==2.15.0 pytest numpy >&2
+  "$VENV/bin/pip" install -q torch==2.15.0 pytest numpy tensorboard==2.20.0 >&2
 fi
 echo "$VENV/bin/python"

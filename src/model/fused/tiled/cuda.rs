@@ -79,42 +79,37 @@ fn scalars<'r, 'v>(n: Dims, p: &Params) -> Result<[Arg<'r, 'v>; 7]> {
     ])
 }
 
+/// The inputs: q, k and v with their layouts.
+pub struct Qkv<'a> {
+    pub q: &'a CudaStorage,
+    pub ql: &'a Layout,
+    pub k: &'a CudaStorage,
+    pub kl: &'a Layout,
+    pub v: &'a CudaStorage,
+    pub vl: &'a Layout,
+}
+
+fn unsupported(dtype: DType) -> candle_core::Error {
+    err(format!("{dtype:?} inputs (the kernels take bf16 and f16)"))
+}
+
 /// (o, lse [Hq, B·T] f32) of bf16/f16 q, k, v.
-#[allow(clippy::too_many_arguments)]
-pub fn forward(
-    q: &CudaStorage,
-    ql: &Layout,
-    k: &CudaStorage,
-    kl: &Layout,
-    v: &CudaStorage,
-    vl: &Layout,
-    n: Dims,
-    p: &Params,
-) -> Result<(CudaStorage, Tensor)> {
-    let dev = &q.device;
-    match q.dtype() {
-        DType::BF16 => forward_t::<half::bf16>(dev, q, ql, k, kl, v, vl, n, p),
-        DType::F16 => forward_t::<half::f16>(dev, q, ql, k, kl, v, vl, n, p),
-        other => Err(err(format!(
-            "{other:?} inputs (the kernels take bf16 and f16)"
-        ))),
+pub fn forward(x: Qkv<'_>, n: Dims, p: &Params) -> Result<(CudaStorage, Tensor)> {
+    match x.q.dtype() {
+        DType::BF16 => forward_t::<half::bf16>(x, n, p),
+        DType::F16 => forward_t::<half::f16>(x, n, p),
+        other => Err(unsupported(other)),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn forward_t<T: KernelElem>(
-    dev: &CudaDevice,
-    q: &CudaStorage,
-    ql: &Layout,
-    k: &CudaStorage,
-    kl: &Layout,
-    v: &CudaStorage,
-    vl: &Layout,
-    n: Dims,
-    p: &Params,
-) -> Result<(CudaStorage, Tensor)> {
-    let kern = kernel(dev, "flash_fwd", q.dtype(), n, p)?;
-    let (qv, kv, vv) = (view::<T>(q, ql)?, view::<T>(k, kl)?, view::<T>(v, vl)?);
+fn forward_t<T: KernelElem>(x: Qkv<'_>, n: Dims, p: &Params) -> Result<(CudaStorage, Tensor)> {
+    let dev = &x.q.device;
+    let kern = kernel(dev, "flash_fwd", x.q.dtype(), n, p)?;
+    let (qv, kv, vv) = (
+        view::<T>(x.q, x.ql)?,
+        view::<T>(x.k, x.kl)?,
+        view::<T>(x.v, x.vl)?,
+    );
     let nq = n.b * n.hq * n.t * n.d;
     // SAFETY: the forward writes every row of every sequence, and the offsets cover all B·T
     // tokens, so no element of o or lse is read unwritten.
@@ -155,25 +150,11 @@ pub struct Saved<'a> {
 }
 
 /// dq, dk, dv end to end in one buffer.
-#[allow(clippy::too_many_arguments)]
-pub fn backward(
-    q: &CudaStorage,
-    ql: &Layout,
-    k: &CudaStorage,
-    kl: &Layout,
-    v: &CudaStorage,
-    vl: &Layout,
-    saved: Saved<'_>,
-    n: Dims,
-    p: &Params,
-) -> Result<CudaStorage> {
-    let dev = &q.device;
-    match q.dtype() {
-        DType::BF16 => backward_t::<half::bf16>(dev, q, ql, k, kl, v, vl, saved, n, p),
-        DType::F16 => backward_t::<half::f16>(dev, q, ql, k, kl, v, vl, saved, n, p),
-        other => Err(err(format!(
-            "{other:?} inputs (the kernels take bf16 and f16)"
-        ))),
+pub fn backward(x: Qkv<'_>, saved: Saved<'_>, n: Dims, p: &Params) -> Result<CudaStorage> {
+    match x.q.dtype() {
+        DType::BF16 => backward_t::<half::bf16>(x, saved, n, p),
+        DType::F16 => backward_t::<half::f16>(x, saved, n, p),
+        other => Err(unsupported(other)),
     }
 }
 
@@ -186,23 +167,18 @@ fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) 
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn backward_t<T: KernelElem>(
-    dev: &CudaDevice,
-    q: &CudaStorage,
-    ql: &Layout,
-    k: &CudaStorage,
-    kl: &Layout,
-    v: &CudaStorage,
-    vl: &Layout,
+    x: Qkv<'_>,
     saved: Saved<'_>,
     n: Dims,
     p: &Params,
 ) -> Result<CudaStorage> {
+    let dev = &x.q.device;
+    let dtype = x.q.dtype();
     let (k_delta, k_dkdv, k_dq) = (
-        kernel(dev, "flash_bwd_delta", q.dtype(), n, p)?,
-        kernel(dev, "flash_bwd_dkdv", q.dtype(), n, p)?,
-        kernel(dev, "flash_bwd_dq", q.dtype(), n, p)?,
+        kernel(dev, "flash_bwd_delta", dtype, n, p)?,
+        kernel(dev, "flash_bwd_dkdv", dtype, n, p)?,
+        kernel(dev, "flash_bwd_dq", dtype, n, p)?,
     );
     let (nq, nk) = (n.b * n.hq * n.t * n.d, n.b * n.hkv * n.t * n.d);
     let cu = offsets(dev, n)?;
@@ -238,7 +214,11 @@ fn backward_t<T: KernelElem>(
                     );
                     launch(dev, k_delta, grid, &mut args)?;
                 }
-                let (qv, kv, vv) = (view::<T>(q, ql)?, view::<T>(k, kl)?, view::<T>(v, vl)?);
+                let (qv, kv, vv) = (
+                    view::<T>(x.q, x.ql)?,
+                    view::<T>(x.k, x.kl)?,
+                    view::<T>(x.v, x.vl)?,
+                );
                 let deltav = delta.slice(..);
                 let (mut dq, mut rest) = all.split_at_mut(nq);
                 let (mut dk, mut dv) = rest.split_at_mut(nk);

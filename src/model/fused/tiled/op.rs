@@ -118,7 +118,15 @@ impl CustomOp3 for TiledAttention {
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let n = dims(ql, kl, vl)?;
-        let (o, lse) = super::cuda::forward(q, ql, k, kl, v, vl, n, &self.params)?;
+        let x = super::cuda::Qkv {
+            q,
+            ql,
+            k,
+            kl,
+            v,
+            vl,
+        };
+        let (o, lse) = super::cuda::forward(x, n, &self.params)?;
         self.keep(lse);
         Ok((o, ql.shape().clone()))
     }
@@ -228,7 +236,15 @@ impl CustomOp3 for TiledAttentionBackward {
             grad: &self.grad,
             lse: &self.lse,
         };
-        let all = super::cuda::backward(q, ql, k, kl, v, vl, saved, n, &self.params)?;
+        let x = super::cuda::Qkv {
+            q,
+            ql,
+            k,
+            kl,
+            v,
+            vl,
+        };
+        let all = super::cuda::backward(x, saved, n, &self.params)?;
         Ok((
             all,
             Shape::from(ql.shape().elem_count() + 2 * kl.shape().elem_count()),
