@@ -19,6 +19,7 @@ pub mod error;
 pub mod generate;
 pub mod hub;
 pub mod inputs;
+pub mod judge;
 pub mod logprobs;
 pub mod model;
 pub mod outputs;
@@ -52,6 +53,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("hub", &["error"]),
     ("charts", &["error"]),
     ("dpo", &["error"]),
+    ("judge", &["error", "rng"]),
     ("config", &["error", "dpo"]),
     ("dirs", &["config"]),
     ("outputs", &["error", "dirs"]),
