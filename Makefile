@@ -101,3 +101,4 @@ fixtures:  # needs tests/fixtures/requirements.txt installed
 	python3 tests/fixtures/gen_generate_fixtures.py
 	python3 tests/fixtures/gen_family_bf16.py
 	python3 tests/fixtures/gen_judge_fixtures.py
+	python3 tests/fixtures/gen_reward_fixtures.py

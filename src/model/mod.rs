@@ -17,6 +17,7 @@ pub mod mlp;
 pub mod norm;
 pub mod op_mode;
 pub mod params;
+pub mod reward;
 pub mod rope;
 pub mod shapes;
 pub mod softcap;
