@@ -161,6 +161,35 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         fused: Box::new(|t| Ok(fused::swiglu(&t[0], &t[1])?)),
         composed: Box::new(|t| Ok((t[0].silu()? * &t[1])?)),
     });
+    // The tiled attention, where it runs (every dtype on the CPU; bf16/f16 on CUDA): 4 query
+    // heads over 2 kv heads, T = 17, heads 128 wide (a compiled tile).
+    for (name, window, softcap) in [
+        ("tiled attention", 0, None),
+        ("tiled attention, window 5", 5, None),
+        ("tiled attention, soft cap 5", 0, Some(5.0f32)),
+    ] {
+        if fused::tiled::uncovered(device, dtype, 128, softcap.is_some(), 1 << 20).is_some() {
+            continue;
+        }
+        let p = fused::tiled::Params {
+            scale: 0.25,
+            window,
+            softcap,
+        };
+        cases.push(FusedCase {
+            name,
+            inputs: vec![
+                values(&[2, 4, 17, 128], 12)?,
+                values(&[2, 2, 17, 128], 13)?,
+                values(&[2, 2, 17, 128], 14)?,
+            ],
+            tracked: 3,
+            fused: Box::new(move |t| Ok(fused::tiled::tiled_attention(&t[0], &t[1], &t[2], p)?)),
+            composed: Box::new(move |t| {
+                Ok(fused::tiled::composed_attention(&t[0], &t[1], &t[2], p)?)
+            }),
+        });
+    }
     for case in &cases {
         let run = |dev: &Device, dt: DType, f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
             let vars = case
@@ -234,5 +263,45 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         &want_grad,
         tol,
     )?);
+    checks.push(Check::compare(
+        format!("fused adamw update {d}"),
+        &adamw_update(device, dtype)?,
+        &adamw_update(&Device::Cpu, DType::F32)?,
+        tol,
+    )?);
     Ok(())
+}
+
+/// The weights' change over two in-place AdamW steps (f32 moments and weights, gradients in
+/// `dtype`) on `device`: what the fused update does to a [64, 33] tensor.
+fn adamw_update(device: &Device, dtype: DType) -> Result<Tensor> {
+    use fused::adamw::{adamw_moment, adamw_weight, Moment, Weight};
+    let w0 = values(&[64, 33], 15)?;
+    let w = w0.to_device(device)?.copy()?;
+    let zeros = || Tensor::zeros((64, 33), DType::F32, device);
+    let (m, v) = (zeros()?, zeros()?);
+    let (lr, beta1, beta2) = (1e-3, 0.9, 0.999);
+    for step in 1..=2i32 {
+        let g = values(&[64, 33], 15 + step as u64)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        for (x, beta, square) in [(&m, beta1, false), (&v, beta2, true)] {
+            let op = Moment {
+                beta,
+                grad_scale: 1.0,
+                seed: step as u32,
+                square,
+            };
+            adamw_moment(x, &g, op)?;
+        }
+        let (bc1, bc2) = (1.0 - f64::powi(beta1, step), 1.0 - f64::powi(beta2, step));
+        let op = Weight {
+            decay: 1.0 - lr * 0.01,
+            lr_bc1: lr / bc1,
+            inv_sqrt_bc2: 1.0 / bc2.sqrt(),
+            eps: 1e-8,
+        };
+        adamw_weight(&w, &m, &v, op)?;
+    }
+    Ok((w.to_device(&Device::Cpu)? - w0)?)
 }

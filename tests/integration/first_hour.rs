@@ -245,6 +245,15 @@ fn assert_every_check_passed(out: &str) {
             "fused swiglu backward (input 2)",
             "fused log-probs forward",
             "fused log-probs backward",
+            "fused tiled attention forward",
+            "fused tiled attention backward (input 1)",
+            "fused tiled attention backward (input 2)",
+            "fused tiled attention backward (input 3)",
+            "fused tiled attention, window 5 forward",
+            "fused tiled attention, window 5 backward (input 3)",
+            "fused tiled attention, soft cap 5 forward",
+            "fused tiled attention, soft cap 5 backward (input 1)",
+            "fused adamw update",
         ] {
             wanted.push(format!("{op} {d}"));
         }

@@ -41,6 +41,38 @@ fn aligned(x: &Tensor) -> Result<Tensor> {
     Ok(x)
 }
 
+/// The composed attention the tiled op equals: K and V repeated to every query head, the scaled
+/// scores (soft-capped), the causal or sliding-window mask, the softmax, the product with V; in
+/// the inputs' dtype ([B, Hq, T, D] and [B, Hkv, T, D] → [B, Hq, T, D]).
+pub fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: Params) -> Result<Tensor> {
+    let (_, hq, t, _) = q.dims4()?;
+    let rep = hq / k.dim(1)?;
+    let repeat = |x: &Tensor| -> Result<Tensor> {
+        let (b, h, t, d) = x.dims4()?;
+        x.unsqueeze(2)?
+            .expand((b, h, rep, t, d))?
+            .reshape((b, h * rep, t, d))
+    };
+    let mut s = (q.matmul(&repeat(k)?.t()?)? * f64::from(p.scale))?;
+    if let Some(cap) = p.softcap {
+        s = ((s / f64::from(cap))?.tanh()? * f64::from(cap))?;
+    }
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j <= i && (p.window == 0 || i - j < p.window) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), q.device())?.to_dtype(s.dtype())?;
+    let probs = candle_nn::ops::softmax(&s.broadcast_add(&mask)?, candle_core::D::Minus1)?;
+    probs.matmul(&repeat(v)?)
+}
+
 struct TiledAttention {
     params: Params,
     /// The forward's log-sum-exp, for the backward.
@@ -256,40 +288,10 @@ impl CustomOp3 for TiledAttentionBackward {
 mod tests {
     use super::*;
     use crate::test_util::max_abs_diff;
-    use candle_core::{DType, Var, D};
+    use candle_core::{DType, Var};
 
-    /// The composed attention (repeated K/V, scores, cap, mask, softmax, PV) in f32.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, p: Params) -> Tensor {
-        let (_, hq, t, _) = q.dims4().unwrap();
-        let rep = hq / k.dim(1).unwrap();
-        let repeat = |x: &Tensor| {
-            let (b, h, t, d) = x.dims4().unwrap();
-            x.unsqueeze(2)
-                .unwrap()
-                .expand((b, h, rep, t, d))
-                .unwrap()
-                .reshape((b, h * rep, t, d))
-                .unwrap()
-        };
-        let mut s = (q.matmul(&repeat(k).t().unwrap()).unwrap() * f64::from(p.scale)).unwrap();
-        if let Some(cap) = p.softcap {
-            s = ((s / f64::from(cap)).unwrap().tanh().unwrap() * f64::from(cap)).unwrap();
-        }
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..t).map(move |j| {
-                    let seen = j <= i && (p.window == 0 || i - j < p.window);
-                    if seen {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), q.device()).unwrap();
-        let probs = candle_nn::ops::softmax(&s.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
-        probs.matmul(&repeat(v)).unwrap()
+        composed_attention(q, k, v, p).unwrap()
     }
 
     #[test]
