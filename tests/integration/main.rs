@@ -16,6 +16,7 @@ mod kernels;
 mod lora;
 mod mishaps;
 mod own_data;
+mod python_package;
 mod shards;
 mod stats;
 mod tensorboard;

@@ -1,0 +1,101 @@
+"""Reading a refdpo cache directory (SPEC, "The cache"): a split is `<split>.arrow`, or its shards
+`<split>.shard-<i>-of-<n>.arrow` read in row order. Every file is verified as stage two verifies
+it before a row is used: the xxh3-64 of every byte before the Arrow footer, against the
+`refdpo.xxh3` value (`<len>:<hex>`) in the footer's metadata; the fingerprint is the schema's
+`refdpo.fingerprint` (JSON).
+"""
+
+import json
+import os
+import re
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import xxhash
+
+CHECKSUM_KEY = b"refdpo.xxh3"
+FINGERPRINT_KEY = b"refdpo.fingerprint"
+
+
+class CacheError(Exception):
+    """A cache file that is missing, damaged or not refdpo's, named with the fix."""
+
+
+def cache_files(path, split="train_prefs"):
+    """The Arrow files of `split` in `path`, in row order (one file, or all n shards)."""
+    whole = os.path.join(path, f"{split}.arrow")
+    shard = re.compile(rf"^{re.escape(split)}\.shard-(\d+)-of-(\d+)\.arrow$")
+    shards = {}
+    for name in os.listdir(path) if os.path.isdir(path) else []:
+        m = shard.match(name)
+        if m:
+            shards[(int(m.group(1)), int(m.group(2)))] = os.path.join(path, name)
+    if os.path.isfile(whole):
+        if shards:
+            raise CacheError(f"{path}: holds {split}.arrow and shards of it; remove one or the other")
+        return [whole]
+    if not shards:
+        raise CacheError(
+            f"{whole}: no such cache file (nor shards of it): run `refdpo precompute` for split {split!r}"
+        )
+    counts = {n for _, n in shards}
+    if len(counts) != 1:
+        raise CacheError(f"{path}: shards of {split} from different counts {sorted(counts)}: remove the stale ones")
+    n = counts.pop()
+    missing = [f"{split}.shard-{i}-of-{n}.arrow" for i in range(n) if (i, n) not in shards]
+    if missing:
+        raise CacheError(
+            f"{os.path.join(path, missing[0])}: missing: run `refdpo precompute --shard {missing[0].split('-')[1]}/{n}`"
+        )
+    return [shards[(i, n)] for i in range(n)]
+
+
+def _verify(path):
+    """The file's reader, after its checksum was verified."""
+    try:
+        reader = ipc.open_file(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CacheError(f"{path}: not a readable Arrow file ({e}): re-run `refdpo precompute`") from e
+    stored = (reader.metadata or {}).get(CHECKSUM_KEY)
+    if stored is None:
+        raise CacheError(f"{path}: no `refdpo.xxh3` checksum in its footer: not a refdpo cache file")
+    try:
+        length, digest = stored.decode().split(":")
+        length, digest = int(length), int(digest, 16)
+    except ValueError as e:
+        raise CacheError(f"{path}: unreadable checksum {stored!r}") from e
+    with open(path, "rb") as f:
+        covered = f.read(length)
+    if len(covered) != length or xxhash.xxh3_64_intdigest(covered) != digest:
+        raise CacheError(
+            f"{path}: damaged: its bytes do not match their checksum; re-run `refdpo precompute` "
+            "(it scores the damaged file again)"
+        )
+    return reader
+
+
+def _fingerprint(path, reader):
+    raw = (reader.schema.metadata or {}).get(FINGERPRINT_KEY)
+    if raw is None:
+        raise CacheError(f"{path}: no `refdpo.fingerprint` in its schema: re-run `refdpo precompute`")
+    return json.loads(raw)
+
+
+def read_fingerprint(path, split="train_prefs"):
+    """What made the split's cache (model, tokenizer, chat template, max_length, ...) as a dict:
+    its first file's, verified."""
+    first = cache_files(path, split)[0]
+    return _fingerprint(first, _verify(first))
+
+
+def load_cache(path, split="train_prefs"):
+    """The split's rows as a `datasets.Dataset` with the cache's columns (`prompt_ids`,
+    `chosen_ids`, `rejected_ids`, `ref_chosen_logps`, `ref_rejected_logps`, ...), every file
+    verified first; shards are concatenated in row order."""
+    import datasets
+
+    tables = []
+    for f in cache_files(path, split):
+        tables.append(_verify(f).read_all())
+    table = pa.concat_tables(tables).replace_schema_metadata(None)
+    return datasets.Dataset(table)

@@ -1,0 +1,105 @@
+"""refdpo.load_cache and read_fingerprint on caches the refdpo binary writes ($REFDPO_BIN):
+the rows equal the Parquet file stage one writes beside the Arrow one (read by pyarrow, an
+independent reader), shards read in row order equal the unsharded cache, and a damaged or
+missing file is refused by name.
+
+    REFDPO_BIN=target/debug/refdpo PYTHONPATH=python python -m pytest python/tests
+"""
+
+import os
+import shutil
+import subprocess
+
+import pyarrow.parquet as pq
+import pytest
+
+import refdpo
+
+BIN = os.environ.get("REFDPO_BIN", "refdpo")
+COLLATOR = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+
+
+def pipeline(d, out):
+    cfg = os.path.join(d, "pipeline.toml")
+    with open(cfg, "w") as f:
+        f.write(f"""
+[demo]
+generate = true
+dir = "{d}/demo"
+train_rows = 96
+test_rows = 32
+[dataset]
+id = "{d}/demo/dataset"
+[model]
+id = "{d}/demo/model"
+dtype = "f32"
+[tokenize]
+max_length = 96
+[precompute]
+batch_size = 16
+chunk_pairs = 16
+out = "{out}"
+""")
+    return cfg
+
+
+def precompute(cfg, *args):
+    subprocess.run([BIN, "precompute", "--config", cfg, "--quiet", *args], check=True)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("refdpo"))
+    whole, sharded = os.path.join(d, "cache"), os.path.join(d, "sharded")
+    precompute(pipeline(d, whole))
+    cfg = pipeline(d, sharded)
+    for i in range(2):
+        precompute(cfg, "--shard", f"{i}/2")
+    return whole, sharded
+
+
+def test_rows_equal_the_parquet_file_stage_one_writes(caches):
+    whole, _ = caches
+    ds = refdpo.load_cache(whole, "train_prefs")
+    assert set(COLLATOR) <= set(ds.column_names)
+    want = pq.read_table(os.path.join(whole, "train_prefs.parquet")).replace_schema_metadata(None)
+    assert ds.num_rows == want.num_rows > 0
+    for col in COLLATOR + ["row", "prompt_id"]:
+        assert ds[col] == want.column(col).to_pylist(), col
+    test = refdpo.load_cache(whole, "test_prefs")
+    assert test.num_rows == pq.read_metadata(os.path.join(whole, "test_prefs.parquet")).num_rows
+
+
+def test_the_fingerprint_says_what_made_the_cache(caches):
+    whole, _ = caches
+    fp = refdpo.read_fingerprint(whole, "train_prefs")
+    assert fp["split"] == "train_prefs" and fp["max_length"] == 96
+    assert fp["truncation"] == "keep_start"
+    assert len(fp["weights_sha256"]) == 64 and len(fp["tokenizer_sha256"]) == 64
+
+
+def test_shards_read_in_row_order_equal_the_whole_split(caches):
+    whole, sharded = caches
+    assert len(refdpo.cache_files(sharded, "train_prefs")) == 2
+    a, b = refdpo.load_cache(whole), refdpo.load_cache(sharded)
+    for col in COLLATOR + ["row"]:
+        assert a[col] == b[col], col
+
+
+def test_a_damaged_or_missing_file_is_refused_by_name(caches, tmp_path):
+    whole, sharded = caches
+    bad = tmp_path / "bad"
+    shutil.copytree(whole, bad)
+    path = bad / "train_prefs.arrow"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(refdpo.CacheError, match="train_prefs.arrow: damaged"):
+        refdpo.load_cache(str(bad))
+    part = tmp_path / "part"
+    shutil.copytree(sharded, part)
+    os.remove(part / "train_prefs.shard-1-of-2.arrow")
+    with pytest.raises(refdpo.CacheError, match=r"shard-1-of-2.arrow: missing: run `refdpo precompute --shard 1/2`"):
+        refdpo.load_cache(str(part))
+    with pytest.raises(refdpo.CacheError, match="no such cache file"):
+        refdpo.load_cache(str(tmp_path), "train_prefs")
