@@ -32,8 +32,22 @@ pub fn manifest() -> Result<&'static Manifest> {
 
 /// The cubin architecture for this GPU: sm_90 (Hopper: its cubins are sm_90a), sm_80 for every
 /// 8.x (a cubin runs on later minors of its major).
+/// Asked of the driver once per device: every attention layer and launch asks again.
 pub fn arch(dev: &CudaDevice) -> Result<u32> {
-    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
+    static CAPS: OnceLock<Mutex<HashMap<usize, (i32, i32)>>> = OnceLock::new();
+    let ctx = dev.cuda_stream().context().clone();
+    let mut caps = CAPS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let (major, minor) = match caps.get(&ctx.ordinal()) {
+        Some(&cap) => cap,
+        None => {
+            let cap = ctx.compute_capability().w()?;
+            caps.insert(ctx.ordinal(), cap);
+            cap
+        }
+    };
     match major {
         9 if minor == 0 => Ok(90),
         8 => Ok(80),
