@@ -20,9 +20,14 @@ FEATURES =
 ON_DEVICE =
 NEEDS_NVCC = @true
 endif
+# The run `generate` and `judge` read: the config's `[train] out`; `generate` takes it as --run
+# once it has a final/ policy. REWARD_MODEL judges (the demo's hand-set one by default).
+RUN ?= $(shell awk -F'"' '/^\[/ { s = $$0 } s == "[train]" && /^out *=/ { print $$2; exit }' $(CONFIG))
+RUN_ARG = $(if $(wildcard $(RUN)/final),--run $(RUN))
+REWARD_MODEL ?= data/demo/reward_model
 REFDPO = $(CARGO) run --profile $(PROFILE) --quiet $(FEATURES) --bin refdpo --
 
-.PHONY: precompute train stats show plot generate merge test lint kernels triton triton-compile bench fixtures build
+.PHONY: precompute train stats show plot generate judge merge test lint kernels triton triton-compile bench fixtures build
 
 build:
 	$(NEEDS_NVCC)
@@ -48,10 +53,16 @@ show:
 plot:
 	$(REFDPO) plot $(ARGS)
 
-# Continuations of the test split's prompts, reference and (ARGS="--run DIR") the trained policy
+# Continuations of the test split's prompts, by the reference and (once RUN has a final/) the
+# trained policy
 generate:
 	$(NEEDS_NVCC)
-	$(REFDPO) generate --config $(CONFIG) $(ON_DEVICE) $(ARGS)
+	$(REFDPO) generate --config $(CONFIG) $(ON_DEVICE) $(RUN_ARG) $(ARGS)
+
+# The run's generations scored by REWARD_MODEL: win rate, length-controlled win rate, charts
+judge:
+	$(NEEDS_NVCC)
+	$(REFDPO) judge --run $(RUN) --reward-model $(REWARD_MODEL) --plot $(PLOTS) $(ON_DEVICE) $(ARGS)
 
 # A LoRA run's adapter folded into its base: make merge ARGS="--adapter data/runs/x/final --out DIR"
 merge:

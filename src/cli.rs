@@ -49,6 +49,9 @@ pub enum Command {
     },
     /// Continue the split's prompts with the reference model (and, with --run, the trained policy).
     Generate(GenerateArgs),
+    /// Score the reference's and the policy's generations with a reward model: win rate and
+    /// length-controlled win rate.
+    Judge(JudgeArgs),
     /// Fold a LoRA adapter into its base model and write a full HF checkpoint.
     Merge {
         /// The adapter: a LoRA run's `final/` or `checkpoint-N/`, or any PEFT LoRA adapter.
@@ -146,6 +149,44 @@ pub struct GenerateArgs {
     /// Write the generated-length chart into this directory.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct JudgeArgs {
+    /// A training run: judges `<run>/generations-<split>.jsonl` (from `refdpo generate --run`)
+    /// with the run's own config.
+    #[arg(long, required_unless_present = "generations")]
+    pub run: Option<PathBuf>,
+    /// Or a generations file, with the pipeline file it was made from (--config).
+    #[arg(long, requires = "config")]
+    pub generations: Option<PathBuf>,
+    /// Pipeline file (TOML); default with --run: the run's `config.toml`.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set dataset.limit=64` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// The reward model (hub id or directory): a `*ForSequenceClassification` checkpoint with
+    /// one label, read with its own tokenizer and chat template.
+    #[arg(long)]
+    pub reward_model: String,
+    /// Which split's generations (default: dataset.test_split).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// One line per prompt (default: `judge-<split>.jsonl` beside the generations).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write SVG charts into this directory.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Seed of the win rate's bootstrap interval.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
 }
 
 #[derive(Debug, Args)]

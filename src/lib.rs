@@ -53,7 +53,6 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("hub", &["error"]),
     ("charts", &["error"]),
     ("dpo", &["error"]),
-    ("judge", &["error", "rng"]),
     ("config", &["error", "dpo"]),
     ("dirs", &["config"]),
     ("outputs", &["error", "dirs"]),
@@ -104,6 +103,13 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "judge",
+        &[
+            "error", "charts", "config", "data", "dirs", "generate", "hub", "model", "progress",
+            "rng", "tokenize",
+        ],
+    ),
+    (
         "selftest",
         &["error", "config", "logprobs", "model", "train"],
     ),
@@ -116,6 +122,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "cli",
             "config",
             "generate",
+            "judge",
             "logprobs",
             "outputs",
             "precompute",

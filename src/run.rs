@@ -1,6 +1,6 @@
 //! Command dispatch: validated config + device → the stage that does the work.
 
-use crate::cli::{Cli, Command, ConfigArgs, StatsArgs};
+use crate::cli::{Cli, Command, ConfigArgs, JudgeArgs, StatsArgs};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::outputs::Existing;
@@ -216,6 +216,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("chart in {}", dir.join("generation_lengths.svg").display());
             }
         }
+        Command::Judge(a) => judge(a)?,
         Command::Merge { adapter, out, base } => {
             let base = crate::train::merge::merge(&adapter, base.as_deref(), &out)?;
             println!(
@@ -234,6 +235,40 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = load(&config)?;
             let split = split.unwrap_or_else(|| cfg.dataset.train_split.clone());
             print!("{}", crate::show::show(&cfg, &split, index)?);
+        }
+    }
+    Ok(())
+}
+
+fn judge(a: JudgeArgs) -> Result<()> {
+    let config = match (&a.config, &a.run) {
+        (Some(c), _) => c.clone(),
+        (None, Some(run)) => crate::dirs::RunDir::new(run).config(),
+        (None, None) => {
+            return Err(Error::Config(
+                "judge needs --run DIR, or --generations FILE with --config FILE".into(),
+            ))
+        }
+    };
+    let cfg = Config::load(&config, &a.overrides)?;
+    let dev = compute_device(a.dev.device.as_deref())?;
+    announce("judge", &dev, a.dev.quiet || a.json);
+    let opts = crate::judge::Options {
+        run: a.run,
+        generations: a.generations,
+        split: a.split,
+        reward_model: a.reward_model,
+        out: a.out,
+        plot: a.plot.clone(),
+        seed: a.seed,
+    };
+    let j = crate::judge::run(&cfg, &opts, &dev, a.dev.quiet || a.json)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j.to_json())?);
+    } else {
+        print!("{}", j.text());
+        if let Some(dir) = a.plot {
+            println!("charts in {}", dir.display());
         }
     }
     Ok(())

@@ -1,6 +1,197 @@
-//! `refdpo judge` (SPEC, "Judging generations"): did DPO help, beyond length? So far the
-//! statistics over prompts ([`winrate`]): win rate with its bootstrap interval, the
-//! length-controlled win rate, quintiles of the length difference. Scoring generations with a
-//! reward model, the command and its report come next.
+//! `refdpo judge` (SPEC, "Judging generations"): did DPO help, beyond length? A reward model
+//! scores each prompt's reference and policy continuation from `generate`'s file, and the
+//! split's own chosen/rejected pair of the same prompt (does the judge agree with the
+//! annotators?); [`winrate`] turns the rewards and lengths into the win rate, its bootstrap
+//! interval, the length-controlled win rate and the quintiles.
 
+pub mod plot;
+pub mod report;
+pub mod score;
 pub mod winrate;
+
+use crate::config::{Config, Truncation};
+use crate::data::{self, DataSource, PreferenceRow};
+use crate::dirs::RunDir;
+use crate::error::{fs, Error, Result};
+use crate::generate::GenerationLine;
+use crate::model::reward::RewardModel;
+use crate::tokenize::PairTokenizer;
+use candle_core::{DType, Device};
+pub use report::{JudgeLine, Judgement};
+use score::{Answer, Reader};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// What `refdpo judge` was asked for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// A run: `<run>/generations-<split>.jsonl` is judged, `<run>/judge-<split>.jsonl` written.
+    pub run: Option<PathBuf>,
+    /// Or a generations file (judged beside itself).
+    pub generations: Option<PathBuf>,
+    /// Default: the test split.
+    pub split: Option<String>,
+    /// Hub id or directory of a `*ForSequenceClassification` model with one label.
+    pub reward_model: String,
+    pub out: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+    /// Bootstrap seed.
+    pub seed: u64,
+}
+
+/// Reads a generations file; every line must hold the policy's continuation.
+fn read_generations(path: &Path) -> Result<Vec<GenerationLine>> {
+    let text = fs::read_to_string(path)?;
+    let mut lines = Vec::new();
+    for (i, l) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let line: GenerationLine = serde_json::from_str(l).map_err(|e| {
+            Error::Config(format!(
+                "`{}` line {}: not a line of `refdpo generate` ({e})",
+                path.display(),
+                i + 1
+            ))
+        })?;
+        if line.policy.is_none() {
+            return Err(Error::Config(format!(
+                "`{}` line {}: no policy continuation to judge: generate with the trained \
+                 policy (`refdpo generate --run DIR`)",
+                path.display(),
+                i + 1
+            )));
+        }
+        lines.push(line);
+    }
+    if lines.is_empty() {
+        return Err(Error::Config(format!(
+            "`{}` holds no generations",
+            path.display()
+        )));
+    }
+    Ok(lines)
+}
+
+/// The split's rows by row index, as `generate`'s cache read them.
+fn split_rows(cfg: &Config, split: &str) -> Result<HashMap<u64, PreferenceRow>> {
+    if cfg.demo.generate {
+        data::demo::ensure(&cfg.demo)?;
+    }
+    let mut source = DataSource::resolve(&cfg.dataset, &[split])?;
+    source.max_row_bytes = data::max_row_bytes(cfg.tokenize.max_length);
+    let read = data::read_split(&source, split, cfg.dataset.limit)?;
+    Ok(read.rows.into_iter().map(|r| (r.row, r)).collect())
+}
+
+/// Scores the generations of `opts` with the reward model and writes the per-prompt file (and
+/// charts); returns the figures.
+pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result<Judgement> {
+    let split = opts
+        .split
+        .clone()
+        .unwrap_or_else(|| cfg.dataset.test_split.clone());
+    let generations = match (&opts.generations, &opts.run) {
+        (Some(g), _) => g.clone(),
+        (None, Some(run)) => RunDir::new(run).generations(&split),
+        (None, None) => {
+            return Err(Error::Config(
+                "judge needs --run DIR or --generations FILE".into(),
+            ))
+        }
+    };
+    let out = opts.out.clone().unwrap_or_else(|| {
+        generations
+            .parent()
+            .unwrap_or(Path::new(""))
+            .join(format!("judge-{split}.jsonl"))
+    });
+    let lines = read_generations(&generations)?;
+    let rows = split_rows(cfg, &split)?;
+
+    let rm_dir = crate::hub::model(&opts.reward_model, "main")?.dir;
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let model = RewardModel::load(&rm_dir, dtype, device)?;
+    let reader = Reader {
+        tokenizer: PairTokenizer::from_dir(
+            &rm_dir,
+            model.max_positions.min(1 << 20),
+            Truncation::KeepStart,
+        )?,
+        max_positions: model.max_positions,
+    };
+
+    // Four sequences per prompt: reference, policy, chosen, rejected.
+    let mut seqs = Vec::with_capacity(lines.len() * 4);
+    for (i, g) in lines.iter().enumerate() {
+        let row = rows.get(&g.row).ok_or_else(|| {
+            Error::Config(format!(
+                "`{}` line {}: row {} is not in split `{split}` of `{}` (limit {}): judge with \
+                 the config the generations were made with",
+                generations.display(),
+                i + 1,
+                g.row,
+                cfg.dataset.id,
+                cfg.dataset.limit
+            ))
+        })?;
+        if row.prompt_id != g.prompt_id {
+            return Err(Error::Config(format!(
+                "`{}` line {}: prompt_id {} but row {} of split `{split}` has {}: the \
+                 generations come from another dataset or split",
+                generations.display(),
+                i + 1,
+                g.prompt_id,
+                g.row,
+                row.prompt_id
+            )));
+        }
+        let policy = g.policy.as_ref().expect("checked when read");
+        for answer in [
+            Answer::Text(&g.reference.text),
+            Answer::Text(&policy.text),
+            Answer::Chosen,
+            Answer::Rejected,
+        ] {
+            seqs.push(reader.ids(row, answer)?);
+        }
+    }
+    let batch = cfg.precompute.batch_size.max(1);
+    let r = score::score_all(&model, &seqs, batch, quiet)?;
+    let judged = lines
+        .iter()
+        .zip(r.chunks(4))
+        .map(|(g, r)| JudgeLine {
+            row: g.row,
+            prompt_id: g.prompt_id.clone(),
+            reference_reward: r[0],
+            policy_reward: r[1],
+            reference_tokens: g.reference.tokens,
+            policy_tokens: g.policy.as_ref().map_or(0, |p| p.tokens),
+            win: winrate::win(r[1], r[0]),
+            chosen_reward: r[2],
+            rejected_reward: r[3],
+        })
+        .collect();
+    let j = Judgement::of(
+        judged,
+        opts.seed,
+        split,
+        generations,
+        opts.reward_model.clone(),
+        out.clone(),
+    );
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write_atomic(&out, j.jsonl()?.as_bytes())?;
+    if let Some(dir) = &opts.plot {
+        plot::write_all(dir, &j)?;
+    }
+    Ok(j)
+}

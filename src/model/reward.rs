@@ -13,10 +13,13 @@ use std::path::Path;
 
 pub struct RewardModel {
     model: Transformer,
+    /// The longest sequence it reads (config.json's `max_position_embeddings`; unbounded without).
+    pub max_positions: usize,
 }
 
-/// The reward-model facts config.json states: its class, and one label.
-fn check_config(dir: &Path) -> Result<()> {
+/// The reward-model facts config.json states: its class, and one label. Returns its
+/// `max_position_embeddings`.
+fn check_config(dir: &Path) -> Result<usize> {
     let path = dir.join("config.json");
     let raw: serde_json::Value = serde_json::from_str(&crate::error::fs::read_to_string(&path)?)
         .map_err(|e| Error::Model(format!("`{}`: {e}", path.display())))?;
@@ -43,14 +46,16 @@ fn check_config(dir: &Path) -> Result<()> {
             path.display()
         )));
     }
-    Ok(())
+    Ok(raw["max_position_embeddings"]
+        .as_u64()
+        .map_or(usize::MAX, |n| n as usize))
 }
 
 impl RewardModel {
     /// Loads the reward model in `dir` (config.json and safetensors weights), its tensors checked
     /// against config.json before any is read, in `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        check_config(dir)?;
+        let max_positions = check_config(dir)?;
         let mut cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
         // The head is `score`, not `lm_head`: expect no `lm_head` among the weights.
         cfg.tie_word_embeddings = true;
@@ -88,7 +93,10 @@ impl RewardModel {
         let score = tensors.remove("score.weight").expect("checked above");
         let mut model = Transformer::new(&cfg, &tensors)?;
         model.lm_head = score;
-        Ok(Self { model })
+        Ok(Self {
+            model,
+            max_positions,
+        })
     }
 
     /// Each sequence's reward (token ids, no padding), `batch` sequences per forward.

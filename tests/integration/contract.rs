@@ -85,6 +85,7 @@ fn every_commands_help_is_the_contracts() {
         "show",
         "plot",
         "generate",
+        "judge",
         "merge",
         "selftest",
     ] {

@@ -12,6 +12,7 @@ mod generate;
 mod hostile;
 mod hub;
 mod integrity;
+mod judge;
 mod kernels;
 mod lora;
 mod mishaps;

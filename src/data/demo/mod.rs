@@ -5,7 +5,10 @@
 //! The preference is learnable by a tiny model: chosen answers are built from "helpful" words,
 //! rejected ones from "dismissive" words, so the policy can raise one vocabulary and lower the other;
 //! chosen answers are also longer on average (the length bias real data has), and a few rows are
-//! malformed on purpose so `report.json` shows counted skips.
+//! malformed on purpose so `report.json` shows counted skips. A reward model with hand-set weights
+//! ([`reward`]) scores the share of helpful over dismissive words, for `make judge`.
+
+pub mod reward;
 
 use crate::config::DemoConfig;
 use crate::error::{fs, Error, Result};
@@ -21,7 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Bump when the generated assets change, so old demo directories are regenerated.
-const GENERATOR_VERSION: u32 = 1;
+const GENERATOR_VERSION: u32 = 2;
 
 const TOPICS: &[&str] = &[
     "cats",
@@ -143,6 +146,27 @@ fn vocabulary() -> Vec<String> {
         }
     }
     words
+}
+
+/// Each demo token id's polarity, as the reward model's embedding holds it ([`reward::formula`]).
+pub fn reward_polarity() -> Vec<f32> {
+    polarity(&vocabulary())
+}
+
+/// Each vocabulary word's polarity: +1 helpful (a chosen answer's word), −1 dismissive, else 0.
+fn polarity(vocab: &[String]) -> Vec<f32> {
+    vocab
+        .iter()
+        .map(|w| {
+            if GOOD.contains(&w.as_str()) {
+                1.0
+            } else if BAD.contains(&w.as_str()) {
+                -1.0
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 fn sentence(rng: &mut SplitMix, topic: &str, words: &[&str], len: usize) -> String {
@@ -348,6 +372,13 @@ pub fn ensure(cfg: &DemoConfig) -> Result<()> {
         cfg.seed,
         0.02,
     )?;
+    // The reward model reads text with the same tokenizer and template.
+    let rm = tmp.join("reward_model");
+    fs::create_dir_all(&rm)?;
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        fs::write_atomic(&rm.join(f), &fs::read(&model.join(f))?)?;
+    }
+    reward::write(&rm, &polarity(&vocab))?;
     fs::write_atomic(&tmp.join("demo.json"), pretty(&stamp).as_bytes())?;
     if cfg.dir.exists() {
         std::fs::remove_dir_all(&cfg.dir).map_err(|e| Error::io("cannot replace", &cfg.dir, e))?;

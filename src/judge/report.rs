@@ -1,0 +1,222 @@
+//! What `refdpo judge` reports: one line per prompt (`judge-<split>.jsonl`) and the figures over
+//! them, as a table, one JSON object (SPEC's names) and charts.
+
+use super::winrate::{self, LengthControlled};
+use crate::error::Result;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::fmt::Write;
+use std::path::PathBuf;
+
+/// Bootstrap resamples of the win rate's interval.
+pub const RESAMPLES: usize = 1000;
+
+/// One judged prompt (a line of `judge-<split>.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgeLine {
+    pub row: u64,
+    pub prompt_id: String,
+    pub reference_reward: f64,
+    pub policy_reward: f64,
+    /// Generated tokens (the policy's tokenizer), as `generate` counted them.
+    pub reference_tokens: usize,
+    pub policy_tokens: usize,
+    /// 1, 0.5 on equal rewards, or 0.
+    pub win: f64,
+    /// The split's own pair for this prompt, scored by the same reward model.
+    pub chosen_reward: f64,
+    pub rejected_reward: f64,
+}
+
+/// The figures over every judged prompt.
+#[derive(Debug, Clone)]
+pub struct Judgement {
+    pub split: String,
+    pub generations: PathBuf,
+    pub reward_model: String,
+    pub out: PathBuf,
+    pub seed: u64,
+    pub lines: Vec<JudgeLine>,
+    pub win_rate: f64,
+    pub win_rate_ci: (f64, f64),
+    pub lc: LengthControlled,
+    /// (lowest d, highest d, win rate, prompts) per quintile of d = policy − reference tokens.
+    pub quintiles: Vec<(f64, f64, f64, usize)>,
+    pub reward_length_correlation: f64,
+    pub reward_model_accuracy: f64,
+}
+
+fn mean(x: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = x.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    s / n.max(1) as f64
+}
+
+/// JSON's number, or null where the figure is undefined (NaN).
+fn num(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        Value::Null
+    }
+}
+
+impl Judgement {
+    /// The figures of judged `lines` (each with its rewards and lengths).
+    pub fn of(
+        lines: Vec<JudgeLine>,
+        seed: u64,
+        split: String,
+        generations: PathBuf,
+        reward_model: String,
+        out: PathBuf,
+    ) -> Self {
+        let wins: Vec<f64> = lines.iter().map(|l| l.win).collect();
+        let d: Vec<f64> = lines
+            .iter()
+            .map(|l| l.policy_tokens as f64 - l.reference_tokens as f64)
+            .collect();
+        let gaps: Vec<f64> = lines
+            .iter()
+            .map(|l| l.policy_reward - l.reference_reward)
+            .collect();
+        let accuracy = mean(lines.iter().map(|l| {
+            if l.chosen_reward > l.rejected_reward {
+                1.0
+            } else {
+                0.0
+            }
+        }));
+        Self {
+            win_rate: mean(wins.iter().copied()),
+            win_rate_ci: winrate::bootstrap_ci(&wins, seed, RESAMPLES),
+            lc: winrate::length_controlled(&wins, &d),
+            quintiles: winrate::quintiles(&wins, &d),
+            reward_length_correlation: winrate::pearson(&gaps, &d),
+            reward_model_accuracy: accuracy,
+            split,
+            generations,
+            reward_model,
+            out,
+            seed,
+            lines,
+        }
+    }
+
+    pub fn mean_reward(&self, model: &str) -> f64 {
+        mean(self.lines.iter().map(|l| match model {
+            "policy" => l.policy_reward,
+            _ => l.reference_reward,
+        }))
+    }
+
+    pub fn mean_tokens(&self, model: &str) -> f64 {
+        mean(self.lines.iter().map(|l| match model {
+            "policy" => l.policy_tokens as f64,
+            _ => l.reference_tokens as f64,
+        }))
+    }
+
+    /// SPEC's object (`--json`), plus the fit, the quintiles and the correlation.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "prompts": self.lines.len(),
+            "split": self.split,
+            "generations": self.generations,
+            "reward_model": self.reward_model,
+            "out": self.out,
+            "mean_reward_reference": num(self.mean_reward("reference")),
+            "mean_reward_policy": num(self.mean_reward("policy")),
+            "mean_tokens_reference": num(self.mean_tokens("reference")),
+            "mean_tokens_policy": num(self.mean_tokens("policy")),
+            "win_rate": num(self.win_rate),
+            "win_rate_ci": [num(self.win_rate_ci.0), num(self.win_rate_ci.1)],
+            "bootstrap": {"resamples": RESAMPLES, "seed": self.seed},
+            "lc_win_rate": num(self.lc.lc_win_rate),
+            "lc_fit": {"a": num(self.lc.a), "b": num(self.lc.b), "note": self.lc.note},
+            "win_rate_by_length_quintile": self.quintiles.iter().map(|(lo, hi, rate, n)| json!({
+                "length_diff_min": lo, "length_diff_max": hi, "win_rate": rate, "prompts": n,
+            })).collect::<Vec<_>>(),
+            "reward_length_correlation": num(self.reward_length_correlation),
+            "reward_model_accuracy": num(self.reward_model_accuracy),
+            "reward_model_pairs": self.lines.len(),
+        })
+    }
+
+    /// The lines of `judge-<split>.jsonl`.
+    pub fn jsonl(&self) -> Result<String> {
+        let mut text = String::new();
+        for l in &self.lines {
+            text.push_str(&serde_json::to_string(l)?);
+            text.push('\n');
+        }
+        Ok(text)
+    }
+
+    /// The report's tables (stdout).
+    pub fn text(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "judged {} prompts of `{}` ({}) with reward model {}",
+            self.lines.len(),
+            self.split,
+            self.generations.display(),
+            self.reward_model
+        );
+        let _ = writeln!(o, "\n{:<14} {:>12} {:>12}", "", "reference", "policy");
+        let _ = writeln!(
+            o,
+            "{:<14} {:>12.4} {:>12.4}",
+            "mean reward",
+            self.mean_reward("reference"),
+            self.mean_reward("policy")
+        );
+        let _ = writeln!(
+            o,
+            "{:<14} {:>12.1} {:>12.1}",
+            "mean tokens",
+            self.mean_tokens("reference"),
+            self.mean_tokens("policy")
+        );
+        let _ = writeln!(
+            o,
+            "\nwin rate of the policy over the reference  {:.3}  95% CI [{:.3}, {:.3}] \
+             (bootstrap, {RESAMPLES} resamples, seed {})",
+            self.win_rate, self.win_rate_ci.0, self.win_rate_ci.1, self.seed
+        );
+        let lc = match self.lc.note {
+            None => format!(
+                "{:.3}  (σ(a), a = {:.4}, b = {:.4})",
+                self.lc.lc_win_rate, self.lc.a, self.lc.b
+            ),
+            Some(note) => format!("{:.3}  ({note})", self.lc.lc_win_rate),
+        };
+        let _ = writeln!(o, "length-controlled win rate                 {lc}");
+        let _ = writeln!(
+            o,
+            "correlation of reward gap and length gap   {:.3}",
+            self.reward_length_correlation
+        );
+        let _ = writeln!(
+            o,
+            "reward model's accuracy on the pairs       {:.3}  ({} pairs: does it agree with \
+             the annotators?)",
+            self.reward_model_accuracy,
+            self.lines.len()
+        );
+        let _ = writeln!(
+            o,
+            "\nwin rate by quintile of length difference (policy − reference tokens)"
+        );
+        let _ = writeln!(
+            o,
+            "{:>10} {:>10} {:>8} {:>9}",
+            "from", "to", "prompts", "win rate"
+        );
+        for (lo, hi, rate, n) in &self.quintiles {
+            let _ = writeln!(o, "{lo:>10} {hi:>10} {n:>8} {rate:>9.3}");
+        }
+        let _ = writeln!(o, "\nper prompt: {}", self.out.display());
+        o
+    }
+}

@@ -1,0 +1,315 @@
+//! `refdpo judge` on the demo: the hand-set reward model scores as its formula says and agrees
+//! with every demo pair; the command's figures follow from its own per-prompt lines; bad input
+//! (no policy, a causal LM, foreign generations, a damaged line) is refused by name.
+
+use super::common::{demo_config, fails, ok, train_with};
+use candle_core::{DType, Device};
+use refdpo::config::{Config, Truncation};
+use refdpo::data::{self, demo, DataSource};
+use refdpo::judge::score::{Answer, Reader};
+use refdpo::model::reward::RewardModel;
+use refdpo::tokenize::PairTokenizer;
+use serde_json::Value;
+use std::path::Path;
+
+/// The demo reward model against the formula its module states, on every test pair of the
+/// demo, and its preference for each chosen answer.
+#[test]
+fn the_demo_reward_model_scores_its_formula_and_prefers_every_chosen_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = Config::load(&demo_config(tmp.path(), ""), &[]).unwrap();
+    data::demo::ensure(&cfg.demo).unwrap();
+    let rm_dir = tmp.path().join("demo/reward_model");
+    let model = RewardModel::load(&rm_dir, DType::F32, &Device::Cpu).unwrap();
+    let reader = Reader {
+        tokenizer: PairTokenizer::from_dir(&rm_dir, 512, Truncation::KeepStart).unwrap(),
+        max_positions: model.max_positions,
+    };
+    let source = DataSource::resolve(&cfg.dataset, &["test_prefs"]).unwrap();
+    let read = data::read_split(&source, "test_prefs", 0).unwrap();
+    let polarity = demo::reward_polarity();
+    let (mut pairs, mut worst) = (0, 0f64);
+    for row in &read.rows {
+        let (Ok(c), Ok(r)) = (
+            reader.ids(row, Answer::Chosen),
+            reader.ids(row, Answer::Rejected),
+        ) else {
+            continue; // the demo's malformed rows
+        };
+        let got = model.score(&[&c, &r], 2).unwrap();
+        for (ids, g) in [&c, &r].into_iter().zip(&got) {
+            worst = worst.max((g - demo::reward::formula(ids, &polarity)).abs());
+        }
+        assert!(got[0] > got[1], "row {}: {got:?}", row.row);
+        pairs += 1;
+    }
+    assert!(pairs >= 60, "{pairs} pairs");
+    assert!(worst < 1e-5, "largest difference from the formula {worst}");
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn mean(v: &[Value], key: &str) -> f64 {
+    v.iter().map(|l| l[key].as_f64().unwrap()).sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn judge_scores_a_demo_run_and_its_figures_follow_from_its_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 12");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    train_with(cfg_s, tmp.path(), &[]);
+    let run = tmp.path().join("run");
+    let run_s = run.to_str().unwrap();
+    ok(
+        &[
+            "generate",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--run",
+            run_s,
+            "--limit",
+            "24",
+            "--max-new-tokens",
+            "16",
+        ],
+        tmp.path(),
+    );
+    let rm = tmp.path().join("demo/reward_model");
+    let rm_s = rm.to_str().unwrap();
+    let plots = tmp.path().join("plots");
+    let stdout = ok(
+        &[
+            "judge",
+            "--run",
+            run_s,
+            "--reward-model",
+            rm_s,
+            "--json",
+            "--plot",
+            plots.to_str().unwrap(),
+            "--seed",
+            "3",
+        ],
+        tmp.path(),
+    );
+    let j: Value = serde_json::from_str(&stdout).unwrap();
+    let per_prompt = lines(&run.join("judge-test_prefs.jsonl"));
+    assert_eq!(per_prompt.len(), 24);
+    assert_eq!(j["prompts"], 24);
+    assert_eq!(j["reward_model_pairs"], 24);
+    let generations = lines(&run.join("generations-test_prefs.jsonl"));
+    for (l, g) in per_prompt.iter().zip(&generations) {
+        assert_eq!(l["row"], g["row"]);
+        assert_eq!(l["prompt_id"], g["prompt_id"]);
+        assert_eq!(l["reference_tokens"], g["reference"]["tokens"]);
+        assert_eq!(l["policy_tokens"], g["policy"]["tokens"]);
+        let (p, r) = (
+            l["policy_reward"].as_f64().unwrap(),
+            l["reference_reward"].as_f64().unwrap(),
+        );
+        let want = if p > r {
+            1.0
+        } else if p == r {
+            0.5
+        } else {
+            0.0
+        };
+        assert_eq!(l["win"].as_f64().unwrap(), want, "{l}");
+        assert!(
+            p.abs() < 1.0 && r.abs() < 1.0,
+            "the demo model's range: {l}"
+        );
+    }
+    let close = |key: &str, want: f64| {
+        let got = j[key].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-12, "{key}: {got} vs {want}");
+    };
+    close("win_rate", mean(&per_prompt, "win"));
+    close("mean_reward_policy", mean(&per_prompt, "policy_reward"));
+    close(
+        "mean_reward_reference",
+        mean(&per_prompt, "reference_reward"),
+    );
+    let agree = per_prompt
+        .iter()
+        .filter(|l| l["chosen_reward"].as_f64() > l["rejected_reward"].as_f64())
+        .count();
+    close("reward_model_accuracy", agree as f64 / 24.0);
+    assert_eq!(
+        agree, 24,
+        "the demo reward model prefers every chosen answer"
+    );
+    let ci = j["win_rate_ci"].as_array().unwrap();
+    let (lo, hi, w) = (
+        ci[0].as_f64().unwrap(),
+        ci[1].as_f64().unwrap(),
+        j["win_rate"].as_f64().unwrap(),
+    );
+    assert!(lo <= w && w <= hi, "{ci:?} around {w}");
+    let lc = j["lc_win_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&lc), "{lc}");
+    for f in ["judge_reward_vs_length.svg", "judge_win_rate_by_length.svg"] {
+        let svg = std::fs::read_to_string(plots.join(f)).unwrap();
+        assert!(svg.starts_with("<svg") || svg.contains("<svg"), "{f}");
+    }
+    // the same seed gives the same interval; the table names every figure
+    let again: Value = serde_json::from_str(&ok(
+        &[
+            "judge",
+            "--run",
+            run_s,
+            "--reward-model",
+            rm_s,
+            "--json",
+            "--seed",
+            "3",
+        ],
+        tmp.path(),
+    ))
+    .unwrap();
+    assert_eq!(again["win_rate_ci"], j["win_rate_ci"]);
+    let table = ok(
+        &["judge", "--run", run_s, "--reward-model", rm_s, "--quiet"],
+        tmp.path(),
+    );
+    for phrase in [
+        "mean reward",
+        "win rate of the policy over the reference",
+        "length-controlled win rate",
+        "reward model's accuracy on the pairs",
+        "quintile",
+    ] {
+        assert!(table.contains(phrase), "{phrase}: {table}");
+    }
+}
+
+#[test]
+fn judge_refuses_bad_input_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 2");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    // the reference alone (no run): nothing to judge
+    ok(
+        &[
+            "generate",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "4",
+        ],
+        tmp.path(),
+    );
+    let rm = tmp.path().join("demo/reward_model");
+    let rm_s = rm.to_str().unwrap();
+    let reference_only = tmp.path().join("cache/generations-test_prefs.jsonl");
+    let g = reference_only.to_str().unwrap();
+    let e = fails(
+        &[
+            "judge",
+            "--generations",
+            g,
+            "--config",
+            cfg_s,
+            "--reward-model",
+            rm_s,
+        ],
+        tmp.path(),
+    );
+    assert!(e.contains("no policy continuation") && e.contains(g), "{e}");
+
+    train_with(cfg_s, tmp.path(), &[]);
+    let run = tmp.path().join("run");
+    let run_s = run.to_str().unwrap();
+    ok(
+        &[
+            "generate",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--run",
+            run_s,
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "4",
+        ],
+        tmp.path(),
+    );
+    // a causal LM is not a reward model
+    let lm = tmp.path().join("demo/model");
+    let e = fails(
+        &[
+            "judge",
+            "--run",
+            run_s,
+            "--reward-model",
+            lm.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(e.contains("ForSequenceClassification"), "{e}");
+    // generations of other prompts, and a damaged line
+    let path = run.join("generations-test_prefs.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    first["prompt_id"] = "someone-else".into();
+    let foreign = tmp.path().join("foreign.jsonl");
+    std::fs::write(&foreign, format!("{first}\n")).unwrap();
+    let e = fails(
+        &[
+            "judge",
+            "--generations",
+            foreign.to_str().unwrap(),
+            "--config",
+            cfg_s,
+            "--reward-model",
+            rm_s,
+        ],
+        tmp.path(),
+    );
+    assert!(
+        e.contains("prompt_id someone-else") && e.contains("line 1"),
+        "{e}"
+    );
+    let damaged = tmp.path().join("damaged.jsonl");
+    std::fs::write(
+        &damaged,
+        format!("{}\n{{\"row\": \"x\"\n", text.lines().next().unwrap()),
+    )
+    .unwrap();
+    let e = fails(
+        &[
+            "judge",
+            "--generations",
+            damaged.to_str().unwrap(),
+            "--config",
+            cfg_s,
+            "--reward-model",
+            rm_s,
+        ],
+        tmp.path(),
+    );
+    assert!(
+        e.contains("line 2") && e.contains("not a line of `refdpo generate`"),
+        "{e}"
+    );
+    // --generations needs the config it was made with
+    let e = fails(
+        &["judge", "--generations", g, "--reward-model", rm_s],
+        tmp.path(),
+    );
+    assert!(e.contains("--config"), "{e}");
+}
