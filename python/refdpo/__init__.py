@@ -5,6 +5,6 @@
     fp = refdpo.read_fingerprint("data/cache", "train_prefs")   # what made it: model, tokenizer, ...
 """
 
-from .cache import CacheError, cache_files, load_cache, read_fingerprint
+from .cache import CacheError, cache_files, fingerprint_of, load_cache, read_fingerprint
 
-__all__ = ["CacheError", "cache_files", "load_cache", "read_fingerprint"]
+__all__ = ["CacheError", "cache_files", "fingerprint_of", "load_cache", "read_fingerprint"]

@@ -94,8 +94,23 @@ def load_cache(path, split="train_prefs"):
     verified first; shards are concatenated in row order."""
     import datasets
 
-    tables = []
-    for f in cache_files(path, split):
-        tables.append(_verify(f).read_all())
-    table = pa.concat_tables(tables).replace_schema_metadata(None)
-    return datasets.Dataset(table)
+    files = cache_files(path, split)
+    readers = [_verify(f) for f in files]
+    fingerprint = _fingerprint(files[0], readers[0])
+    table = pa.concat_tables([r.read_all() for r in readers]).replace_schema_metadata(None)
+    # The fingerprint rides in the dataset's info, which `select`, `shuffle` and `filter` keep, so
+    # `refdpo.trl.CachedReferenceDPOTrainer` can check the cache against its model and config.
+    info = datasets.DatasetInfo(description=FINGERPRINT_INFO + json.dumps(fingerprint, sort_keys=True))
+    return datasets.Dataset(table, info=info)
+
+
+FINGERPRINT_INFO = "refdpo cache; fingerprint: "
+
+
+def fingerprint_of(dataset):
+    """The fingerprint of a dataset `load_cache` made (kept through `select`, `shuffle`, ...), or
+    None for any other dataset."""
+    text = getattr(getattr(dataset, "info", None), "description", None) or ""
+    if not text.startswith(FINGERPRINT_INFO):
+        return None
+    return json.loads(text[len(FINGERPRINT_INFO):])

@@ -1,0 +1,144 @@
+"""TRL's `DPOTrainer`, trained from a refdpo cache: the reference model is never loaded or run.
+
+    from trl import DPOConfig
+    import refdpo
+    from refdpo.trl import CachedReferenceDPOTrainer
+
+    train = refdpo.load_cache("data/cache/x", "train_prefs")
+    trainer = CachedReferenceDPOTrainer(
+        model=model, processing_class=tokenizer, train_dataset=train,
+        args=DPOConfig(output_dir="out", precompute_ref_log_probs=True, max_length=1024, ...))
+    trainer.train()
+
+TRL 1.16 cannot take such a dataset as it stands: its `_prepare_dataset` tokenizes `prompt` /
+`chosen` / `rejected` text (the cache holds ids), and with `precompute_ref_log_probs=True` its
+`_precompute_ref_logps` runs the reference again (or reads its own fingerprinted file) and then
+fails in `concatenate_datasets` on the columns the cache already has. This subclass overrides
+those two steps and nothing else:
+
+- `_prepare_dataset` takes the cache's rows as they are: `prompt_ids`, `chosen_ids`,
+  `rejected_ids` are TRL's tokenization (refdpo's stage one tokenizes as TRL 1.16 does);
+- `_precompute_ref_logps` checks the cache against the trainer and returns it: the
+  `ref_chosen_logps` / `ref_rejected_logps` columns are the reference's log-probs, which TRL's
+  collator batches as f32 tensors.
+
+The check is the guard refdpo's own stage two has: a cache made from other model weights, another
+tokenizer or chat template, or under another `max_length` or truncation mode is refused, naming
+the field (`CacheMismatch`).
+"""
+
+import hashlib
+import json
+import os
+
+from trl import DPOTrainer
+
+from .cache import fingerprint_of
+
+COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+
+
+class CacheMismatch(ValueError):
+    """A cache made from other inputs than the trainer's, naming the field."""
+
+
+def _sha256(files):
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _local_dir(name_or_path, patterns):
+    """A model or tokenizer directory: the path itself, or the hub snapshot transformers loaded."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name_or_path, allow_patterns=patterns)
+
+
+def weights_sha256(name_or_path):
+    """refdpo's `weights_sha256`: SHA-256 over the safetensors files' bytes, in order
+    (`model.safetensors`, else the index's files sorted)."""
+    d = _local_dir(name_or_path, ["*.safetensors", "model.safetensors.index.json"])
+    single = os.path.join(d, "model.safetensors")
+    if os.path.exists(single):
+        return _sha256([single])
+    with open(os.path.join(d, "model.safetensors.index.json")) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    return _sha256([os.path.join(d, x) for x in files])
+
+
+def tokenizer_sha256(name_or_path):
+    """refdpo's `tokenizer_sha256`: SHA-256 of `tokenizer.json`."""
+    d = _local_dir(name_or_path, ["tokenizer.json"])
+    return _sha256([os.path.join(d, "tokenizer.json")])
+
+
+def _model_path(model):
+    config = getattr(model, "config", None)
+    path = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not path:
+        raise CacheMismatch(
+            "cannot tell which weights the model was loaded from (no config._name_or_path): load it "
+            "with from_pretrained(path) so its weights can be checked against the cache"
+        )
+    return path
+
+
+def check(fingerprint, model, tokenizer, args, name="train"):
+    """Raises `CacheMismatch` naming the first field where the cache's fingerprint differs from
+    the trainer's model, tokenizer, chat template, `max_length` or `truncation_mode`."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    ours = {
+        "max_length": args.max_length,
+        "truncation": args.truncation_mode,
+        "tokenizer_sha256": lambda: tokenizer_sha256(tokenizer.name_or_path),
+        "chat_template_sha256": lambda: hashlib.sha256(template.encode()).hexdigest(),
+        "weights_sha256": lambda: weights_sha256(_model_path(model)),
+    }
+    for field, value in ours.items():
+        value = value() if callable(value) else value
+        if fingerprint.get(field) != value:
+            raise CacheMismatch(
+                f"the {name} cache's `{field}` is {fingerprint.get(field)!r} but the trainer's is "
+                f"{value!r}: the cache was made by `refdpo precompute` from other inputs (model "
+                f"{fingerprint.get('model_id')!r}); precompute a cache for this model, tokenizer and "
+                f"DPOConfig, or train with the ones the cache names"
+            )
+
+
+class CachedReferenceDPOTrainer(DPOTrainer):
+    """`DPOTrainer` over datasets from `refdpo.load_cache`: no reference model, no reference pass.
+    Needs `DPOConfig(precompute_ref_log_probs=True)` and no `ref_model`."""
+
+    def __init__(self, model=None, ref_model=None, args=None, train_dataset=None, eval_dataset=None, **kwargs):
+        if args is None or not args.precompute_ref_log_probs:
+            raise ValueError(
+                "CachedReferenceDPOTrainer reads the reference's log-probs from the cache: pass "
+                "DPOConfig(precompute_ref_log_probs=True, ...)"
+            )
+        if ref_model is not None:
+            raise ValueError("CachedReferenceDPOTrainer runs no reference model: pass ref_model=None")
+        self._refdpo_fingerprints = {}
+        super().__init__(
+            model=model, ref_model=None, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs
+        )
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        fingerprint = fingerprint_of(dataset)
+        missing = [c for c in COLUMNS if c not in dataset.column_names]
+        if fingerprint is None or missing:
+            raise ValueError(
+                f"the {dataset_name} dataset is not a refdpo cache (read it with "
+                f"refdpo.load_cache(path, split)); missing: {missing or 'its fingerprint'}"
+            )
+        self._refdpo_fingerprints[dataset_name] = fingerprint
+        return dataset
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        check(self._refdpo_fingerprints[name], self.model, self.processing_class, self.args, name)
+        return dataset
