@@ -59,30 +59,36 @@ fn mean(v: &[Value], key: &str) -> f64 {
     v.iter().map(|l| l[key].as_f64().unwrap()).sum::<f64>() / v.len() as f64
 }
 
+/// Trains the demo pipeline of `cfg` and generates `limit` prompts with its policy; returns the run.
+fn generate_with_policy(cfg: &str, dir: &Path, limit: &str) -> std::path::PathBuf {
+    train_with(cfg, dir, &[]);
+    let run = dir.join("run");
+    ok(
+        &[
+            "generate",
+            "--config",
+            cfg,
+            "--quiet",
+            "--run",
+            run.to_str().unwrap(),
+            "--limit",
+            limit,
+            "--max-new-tokens",
+            "16",
+        ],
+        dir,
+    );
+    run
+}
+
 #[test]
 fn judge_scores_a_demo_run_and_its_figures_follow_from_its_lines() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = demo_config(tmp.path(), "max_steps = 12");
     let cfg_s = cfg.to_str().unwrap();
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
-    train_with(cfg_s, tmp.path(), &[]);
-    let run = tmp.path().join("run");
+    let run = generate_with_policy(cfg_s, tmp.path(), "24");
     let run_s = run.to_str().unwrap();
-    ok(
-        &[
-            "generate",
-            "--config",
-            cfg_s,
-            "--quiet",
-            "--run",
-            run_s,
-            "--limit",
-            "24",
-            "--max-new-tokens",
-            "16",
-        ],
-        tmp.path(),
-    );
     let rm = tmp.path().join("demo/reward_model");
     let rm_s = rm.to_str().unwrap();
     let plots = tmp.path().join("plots");
@@ -230,24 +236,8 @@ fn judge_refuses_bad_input_by_name() {
     );
     assert!(e.contains("no policy continuation") && e.contains(g), "{e}");
 
-    train_with(cfg_s, tmp.path(), &[]);
-    let run = tmp.path().join("run");
+    let run = generate_with_policy(cfg_s, tmp.path(), "3");
     let run_s = run.to_str().unwrap();
-    ok(
-        &[
-            "generate",
-            "--config",
-            cfg_s,
-            "--quiet",
-            "--run",
-            run_s,
-            "--limit",
-            "3",
-            "--max-new-tokens",
-            "4",
-        ],
-        tmp.path(),
-    );
     // a causal LM is not a reward model
     let lm = tmp.path().join("demo/model");
     let e = fails(
