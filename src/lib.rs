@@ -120,6 +120,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         &[
             "error",
             "cli",
+            "dirs",
             "config",
             "generate",
             "judge",
