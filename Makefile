@@ -27,7 +27,7 @@ RUN_ARG = $(if $(wildcard $(RUN)/final),--run $(RUN))
 REWARD_MODEL ?= data/demo/reward_model
 REFDPO = $(CARGO) run --profile $(PROFILE) --quiet $(FEATURES) --bin refdpo --
 
-.PHONY: precompute train stats show plot generate judge real-smollm2 merge test lint kernels triton triton-compile bench fixtures build
+.PHONY: precompute train stats show plot generate judge real-smollm2 merge test lint kernels triton triton-compile bench bench-real fixtures build
 
 build:
 	$(NEEDS_NVCC)
@@ -115,6 +115,10 @@ ifeq ($(DEVICE),cuda)
 else
 	bash bench/run.sh
 endif
+
+# Stage one with the real SmolLM2-135M-Instruct on the CPU against transformers' forward alone
+bench-real:
+	bash bench/stage_one_real.sh
 
 # Regenerate the TRL/transformers fixtures (needs pip; see tests/fixtures/README.md).
 fixtures:  # needs tests/fixtures/requirements.txt installed

@@ -5,7 +5,7 @@
 
 use crate::config::Truncation;
 use crate::error::{Error, Result};
-use crate::model::{fused, softcap, OpMode, Transformer};
+use crate::model::{fused, softcap, OpMode, SeqContext, Transformer};
 use crate::profile::{self, Phase};
 use crate::tokenize::window;
 use candle_core::{DType, Device, Tensor, D};
@@ -33,53 +33,94 @@ fn logits_budget(device: &Device) -> usize {
     }
 }
 
-/// A right-padded batch of `prompt ++ completion` sequences and where their completions are.
+/// A batch of `prompt ++ completion` sequences and where their completions are: right-padded
+/// to [B, T], or packed end to end into one row [1, Σ len] with no padding (`segments`).
 #[derive(Debug)]
 pub struct SeqBatch {
-    /// [B, T] u32
+    /// [B, T] u32, or [1, Σ len] when packed
     pub input_ids: Tensor,
-    /// [N] u32: flat index (b·T + t) of the position predicting each completion token.
+    /// [N] u32: flat index (b·T + t, or the packed offset) of the position predicting each
+    /// completion token.
     pub gather_idx: Tensor,
     /// [N] u32: the completion tokens.
     pub targets: Tensor,
     /// Completion tokens per sequence (sums to N).
     pub counts: Vec<usize>,
+    /// The longest sequence.
     pub seq_len: usize,
+    /// Packed: each sequence's length, in row order.
+    pub segments: Option<Vec<usize>>,
 }
 
 impl SeqBatch {
-    /// `seqs`: (prompt, completion) per sequence. Each prompt must be non-empty.
+    /// `seqs`: (prompt, completion) per sequence, right-padded with `pad_id`. Each prompt must
+    /// be non-empty.
     pub fn new(seqs: &[(&[u32], &[u32])], pad_id: u32, device: &Device) -> Result<Self> {
         let t = seqs
             .iter()
             .map(|(p, c)| p.len() + c.len())
             .max()
             .unwrap_or(0);
-        let mut ids = Vec::with_capacity(seqs.len() * t);
-        let (mut gather, mut targets, mut counts) = (Vec::new(), Vec::new(), Vec::new());
-        for (b, (prompt, completion)) in seqs.iter().enumerate() {
+        Self::laid_out(seqs, Some((pad_id, t)), device)
+    }
+
+    /// `seqs` packed end to end into one row: no position is padding, and each sequence
+    /// attends within itself ([`SeqContext::packed`]).
+    pub fn packed(seqs: &[(&[u32], &[u32])], device: &Device) -> Result<Self> {
+        Self::laid_out(seqs, None, device)
+    }
+
+    /// Padded to `pad` = (id, length), or packed.
+    fn laid_out(
+        seqs: &[(&[u32], &[u32])],
+        pad: Option<(u32, usize)>,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut ids = Vec::new();
+        let (mut gather, mut targets, mut counts, mut lens) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (prompt, completion) in seqs {
             if prompt.is_empty() {
                 return Err(Error::Model(
                     "a sequence has an empty prompt: no position predicts its first token".into(),
                 ));
             }
+            let start = ids.len();
             ids.extend_from_slice(prompt);
             ids.extend_from_slice(completion);
-            ids.resize((b + 1) * t, pad_id);
+            if let Some((pad_id, t)) = pad {
+                ids.resize(start + t, pad_id);
+            }
             for (k, &tok) in completion.iter().enumerate() {
-                gather.push((b * t + prompt.len() + k - 1) as u32);
+                gather.push((start + prompt.len() + k - 1) as u32);
                 targets.push(tok);
             }
             counts.push(completion.len());
+            lens.push(prompt.len() + completion.len());
         }
         let n = targets.len();
+        let seq_len = lens.iter().copied().max().unwrap_or(0);
+        let (shape, segments) = match pad {
+            Some((_, t)) => ((seqs.len(), t), None),
+            None => ((1, ids.len()), Some(lens)),
+        };
         Ok(Self {
-            input_ids: Tensor::from_vec(ids, (seqs.len(), t), device)?,
+            input_ids: Tensor::from_vec(ids, shape, device)?,
             gather_idx: Tensor::from_vec(gather, n, device)?,
             targets: Tensor::from_vec(targets, n, device)?,
             counts,
-            seq_len: t,
+            seq_len,
+            segments,
         })
+    }
+
+    /// The context of this batch's forward from `full`, the tables of [`Self::seq_len`]
+    /// positions: packed along the row where the batch is.
+    pub fn context(&self, full: SeqContext) -> Result<SeqContext> {
+        match &self.segments {
+            Some(lens) => full.packed(lens),
+            None => Ok(full),
+        }
     }
 
     /// hidden [B, T, H] → the rows that predict completion tokens [N, H].
@@ -107,12 +148,13 @@ impl SeqBatch {
 pub type PairIds<'a> = (&'a [u32], &'a [u32], &'a [u32]);
 
 impl SeqBatch {
-    /// The 2B sequences of B pairs — chosen first, then rejected — each cut by [`window`].
+    /// The 2B sequences of B pairs — chosen first, then rejected — each cut by [`window`]:
+    /// right-padded with `pad_id`, or packed when it is `None`.
     pub fn pairs(
         pairs: &[PairIds<'_>],
         max_length: usize,
         mode: Truncation,
-        pad_id: u32,
+        pad_id: Option<u32>,
         device: &Device,
     ) -> Result<Self> {
         let seqs: Vec<_> = pairs
@@ -120,13 +162,18 @@ impl SeqBatch {
             .map(|(p, c, _)| window(p, c, max_length, mode))
             .chain(pairs.iter().map(|(p, _, r)| window(p, r, max_length, mode)))
             .collect();
-        Self::new(&seqs, pad_id, device)
+        match pad_id {
+            Some(pad_id) => Self::new(&seqs, pad_id, device),
+            None => Self::packed(&seqs, device),
+        }
     }
 }
 
 /// Summed completion log-probs of each sequence under a frozen model (no graph is built).
 pub fn score(model: &Transformer, batch: &SeqBatch, mode: OpMode) -> Result<Vec<f64>> {
-    let hidden = model.forward_hidden(&batch.input_ids, mode)?; // [B, T, H]
+    let device = batch.input_ids.device();
+    let ctx = batch.context(model.context(batch.seq_len, device)?)?;
+    let hidden = model.forward_hidden_in(&ctx, &batch.input_ids, mode)?; // [B, T, H] or [1, Σ, H]
     let rows = batch.gather_rows(&hidden)?; // [N, H]
     let lp = token_logps(
         &rows,
@@ -138,7 +185,8 @@ pub fn score(model: &Transformer, batch: &SeqBatch, mode: OpMode) -> Result<Vec<
     batch.sequence_sums(&lp)
 }
 
-/// Scores B pairs in one batched forward: (chosen, rejected) summed log-probs per pair.
+/// Scores B pairs in one packed forward (no padding): (chosen, rejected) summed log-probs per
+/// pair.
 pub fn score_pairs(
     model: &Transformer,
     pairs: &[PairIds<'_>],
@@ -146,7 +194,7 @@ pub fn score_pairs(
     mode: Truncation,
     device: &Device,
 ) -> Result<Vec<(f64, f64)>> {
-    let batch = SeqBatch::pairs(pairs, max_length, mode, 0, device)?;
+    let batch = SeqBatch::pairs(pairs, max_length, mode, None, device)?;
     let sums = score(model, &batch, OpMode::scoring(device))?;
     let b = pairs.len();
     Ok((0..b).map(|i| (sums[i], sums[b + i])).collect())
@@ -432,5 +480,67 @@ mod tests {
             .sequence_sums(&Tensor::new(&[-1f32, -2.0, -3.0, -0.5], &dev).unwrap())
             .unwrap();
         assert_eq!(sums, vec![-6.0, -0.5]);
+    }
+
+    /// Packed rows score as padded ones, within 1e-6 in f32, in every family (sliding windows
+    /// shorter than the longest sequence, Gemma 2's soft caps, Gemma 3's local RoPE, query/key
+    /// norms) and through each op set.
+    #[test]
+    fn packed_rows_score_as_padded_ones() {
+        let families = [
+            ("llama", ""),
+            ("qwen2", r#","tie_word_embeddings":true"#),
+            ("mistral", r#","sliding_window":6"#),
+            ("qwen3", r#","head_dim":8"#),
+            ("olmo2", ""),
+            ("phi3", r#","sliding_window":6"#),
+            (
+                "gemma2",
+                r#","sliding_window":6,"query_pre_attn_scalar":8,"attn_logit_softcapping":5.0,
+                "final_logit_softcapping":3.0,"hidden_activation":"gelu_pytorch_tanh""#,
+            ),
+            (
+                "gemma3_text",
+                r#","sliding_window":6,"query_pre_attn_scalar":8,"rope_local_base_freq":1000.0,
+                "layer_types":["sliding_attention","full_attention"],
+                "hidden_activation":"gelu_pytorch_tanh""#,
+            ),
+        ];
+        let ids = |n: u32, seed: u32| -> Vec<u32> { (0..n).map(|i| (i * 7 + seed) % 61).collect() };
+        let (p1, c1, r1) = (ids(5, 1), ids(9, 2), ids(4, 3));
+        let (p2, c2, r2) = (ids(3, 4), ids(2, 5), ids(11, 6));
+        let (p3, c3, r3) = (ids(7, 7), ids(1, 8), ids(6, 9));
+        let pairs = [
+            (&p1[..], &c1[..], &r1[..]),
+            (&p2, &c2, &r2),
+            (&p3, &c3, &r3),
+        ];
+        let dev = Device::Cpu;
+        for (arch, extra) in families {
+            let cfg = crate::model::TransformerConfig::from_json(&format!(
+                r#"{{"model_type":"{arch}","vocab_size":61,"hidden_size":16,"intermediate_size":24,
+                "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+                "rms_norm_eps":1e-6,"rope_theta":10000.0{extra}}}"#
+            ))
+            .unwrap();
+            let w = crate::model::init::init_weights(&cfg, 5, 0.2).unwrap();
+            let model = Transformer::new(&cfg, &w).unwrap();
+            let padded = SeqBatch::pairs(&pairs, 64, Truncation::KeepStart, Some(0), &dev).unwrap();
+            let packed = SeqBatch::pairs(&pairs, 64, Truncation::KeepStart, None, &dev).unwrap();
+            assert_eq!(
+                packed.input_ids.dims(),
+                [1, 5 + 9 + 3 + 2 + 7 + 1 + 5 + 4 + 3 + 11 + 7 + 6]
+            );
+            for mode in [OpMode::Fast, OpMode::Differentiable, OpMode::Fused] {
+                let want = score(&model, &padded, mode).unwrap();
+                let got = score(&model, &packed, mode).unwrap();
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                        "{arch} {mode:?}: {got:?} vs {want:?}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -12,6 +12,10 @@ use super::OpMode;
 use crate::error::Result;
 use crate::profile::{self, Phase};
 use candle_core::{DType, Device, Tensor, D};
+use rayon::prelude::*;
+
+/// Queries per block of a scoring forward's causal attention ([`Attention::attend`]).
+pub(super) const QUERY_BLOCK: usize = 64;
 
 /// Upper bound on the elements of one chunk of attention scores (sequences × heads × T × T):
 /// bounds activation memory and stays far below candle's 32-bit CUDA element count. On the CPU
@@ -102,33 +106,101 @@ impl Attention {
             ),
             OpMode::Fused => (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?),
         };
-        // The tiled op where it covers this attention: no [T, T] scores, so no chunks either.
-        if mode == OpMode::Fused && self.tiled_covers(&q, &k) {
-            let out = fused::tiled::tiled_attention(
-                &q,
-                &k,
-                &v,
+        let out = match &ctx.segments {
+            // a packed row: each sequence attends within itself
+            Some(lens) => {
+                if b != 1 || lens.iter().sum::<usize>() != t {
+                    return Err(crate::error::Error::Model(format!(
+                        "a packed batch is one row of all its sequences: [{b}, {t}] against lengths summing to {}",
+                        lens.iter().sum::<usize>()
+                    )));
+                }
+                self.attend_packed(&q, &k, &v, mask, lens, mode)?
+            }
+            None => self.attend_all(&q, &k, &v, mask, ctx.attn_seqs, mode)?,
+        };
+        // [B, nh, T, hd] → [B, T, nh*hd]
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o.forward(&out, ctx.dropout.as_ref())
+    }
+
+    /// q [1, nh, Σ, hd] against k and v [1, kv, Σ, hd], packed sequences of `lens`, each
+    /// attending within itself under its prefix of mask [T, T] → [1, nh, Σ, hd]. On the CPU the
+    /// sequences go in parallel: one sequence's small products hardly use a second core.
+    fn attend_packed(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        lens: &[usize],
+        mode: OpMode,
+    ) -> Result<Tensor> {
+        let starts: Vec<usize> = lens
+            .iter()
+            .scan(0, |at, &len| {
+                *at += len;
+                Some(*at - len)
+            })
+            .collect();
+        let one = |(&start, &len): (&usize, &usize)| -> Result<Tensor> {
+            let part = |x: &Tensor| x.narrow(2, start, len)?.contiguous();
+            let prefix = mask.narrow(0, 0, len)?.narrow(1, 0, len)?;
+            self.attend_all(&part(q)?, &part(k)?, &part(v)?, &prefix, 1, mode)
+        };
+        let outs = if q.device().is_cpu() {
+            starts
+                .par_iter()
+                .zip(lens)
+                .map(one)
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            starts
+                .iter()
+                .zip(lens)
+                .map(one)
+                .collect::<Result<Vec<_>>>()?
+        };
+        Ok(Tensor::cat(&outs, 2)?)
+    }
+
+    /// q [B, nh, T, hd] against k and v [B, kv, T, hd] under mask [T, T] → [B, nh, T, hd]: the
+    /// tiled op where it covers this attention (no [T, T] scores, so no chunks either), else the
+    /// scores of `step` sequences at a time.
+    fn attend_all(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        step: usize,
+        mode: OpMode,
+    ) -> Result<Tensor> {
+        if mode == OpMode::Fused && self.tiled_covers(q, k) {
+            return Ok(fused::tiled::tiled_attention(
+                q,
+                k,
+                v,
                 fused::tiled::Params {
                     scale: self.scale as f32,
                     window: self.window,
                     softcap: self.softcap.map(|c| c as f32),
                 },
-            )?;
-            let out = out
-                .transpose(1, 2)?
-                .reshape((b, t, self.num_heads * self.head_dim))?;
-            return self.o.forward(&out, ctx.dropout.as_ref());
+            )?);
         }
         // The fused row op takes each kv head's query heads as rows: no repeated K and V.
         let grouped = mode == OpMode::Fused && self.softcap.is_none();
         let (k, v) = if grouped {
-            (k, v)
+            (k.clone(), v.clone())
         } else {
             let rep = self.num_heads / self.num_kv_heads;
-            (repeat_kv(k, rep)?, repeat_kv(v, rep)?)
+            (repeat_kv(k.clone(), rep)?, repeat_kv(v.clone(), rep)?)
         };
         // Scores for all sequences at once would be [B, nh, T, T]: go a few sequences at a time.
-        let step = ctx.attn_seqs.max(1);
+        let b = q.dim(0)?;
+        let step = step.max(1);
         let mut outs = Vec::with_capacity(b.div_ceil(step));
         for start in (0..b).step_by(step) {
             let len = step.min(b - start);
@@ -140,16 +212,11 @@ impl Attention {
                 mode,
             )?);
         }
-        let out = if outs.len() == 1 {
+        Ok(if outs.len() == 1 {
             outs.pop().expect("one chunk")
         } else {
             Tensor::cat(&outs, 0)?
-        };
-        // [B, nh, T, hd] → [B, T, nh*hd]
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, t, self.num_heads * self.head_dim))?;
-        self.o.forward(&out, ctx.dropout.as_ref())
+        })
     }
 
     /// Whether the tiled op takes q [B, nh, T, hd] against k [B, kv, T, hd]: where it does not
@@ -219,7 +286,48 @@ impl Attention {
         if mode == OpMode::Fused && self.softcap.is_none() {
             return self.attend_grouped(q, k, v);
         }
-        // scores [b, nh, T, T]
+        let (tq, tk) = (q.dim(2)?, k.dim(2)?);
+        if mode == OpMode::Fast && mask.rank() == 2 && tq == tk && tq > QUERY_BLOCK {
+            return self.attend_causal_blocks(q, k, v, mask);
+        }
+        self.attend_dense(q, k, v, mask, mode)
+    }
+
+    /// [`Self::attend`] of a scoring forward, `QUERY_BLOCK` queries at a time, each block
+    /// against the keys up to its last row: the masked upper triangle's scores, exponentials
+    /// and products are mostly never computed (the same values, as a masked score adds 0).
+    fn attend_causal_blocks(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let t = q.dim(2)?;
+        let mut outs = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
+        for r0 in (0..t).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(t - r0);
+            let keys = r0 + rows;
+            outs.push(self.attend_dense(
+                &q.narrow(2, r0, rows)?,
+                &k.narrow(2, 0, keys)?,
+                &v.narrow(2, 0, keys)?,
+                &mask.narrow(0, r0, rows)?.narrow(1, 0, keys)?,
+                OpMode::Fast,
+            )?);
+        }
+        Ok(Tensor::cat(&outs, 2)?)
+    }
+
+    /// [`Self::attend`] with every score of q against k: [b, nh, Tq, Tk].
+    fn attend_dense(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        mode: OpMode,
+    ) -> Result<Tensor> {
         let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
         if let Some(cap) = self.softcap {
             scores = ((scores / cap)?.tanh()? * cap)?;

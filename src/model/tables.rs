@@ -1,6 +1,7 @@
 //! The per-length tables every block of one forward shares — RoPE cos/sin (global and Gemma 3's
 //! local), the causal and sliding-window masks, the attention chunking — built once per model
-//! and device for the longest length seen and narrowed for shorter ones.
+//! and device for the longest length seen and narrowed for shorter ones; and their packed form,
+//! for sequences laid end to end along one row with no padding.
 
 use super::attention::attention_chunk;
 use super::lora::Dropout;
@@ -26,6 +27,9 @@ pub struct SeqContext {
     pub attn_seqs: usize,
     /// LoRA dropout of a training forward (none when scoring).
     pub dropout: Option<Dropout>,
+    /// A packed row's sequence lengths, end to end (none for a padded [B, T] batch): each
+    /// attends within itself, from position 0.
+    pub segments: Option<std::sync::Arc<[usize]>>,
 }
 
 impl SeqContext {
@@ -46,6 +50,38 @@ impl SeqContext {
             },
             attn_seqs: attention_chunk(heads, len, self.cos.device()),
             dropout: None,
+            segments: None,
+        })
+    }
+
+    /// The tables of one row that packs sequences of `lens` end to end (this context covers the
+    /// longest): RoPE at each token's position within its own sequence; the masks stay [T, T],
+    /// and each sequence takes their prefix.
+    pub fn packed(&self, lens: &[usize]) -> Result<Self> {
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        if longest > self.len {
+            return Err(crate::error::Error::Model(format!(
+                "a packed sequence of {longest} positions exceeds the tables' {}",
+                self.len
+            )));
+        }
+        let positions: Vec<u32> = lens.iter().flat_map(|&n| 0..n as u32).collect();
+        let n = positions.len();
+        let positions = Tensor::from_vec(positions, n, self.cos.device())?;
+        let at = |t: &Tensor| t.index_select(&positions, 0);
+        Ok(Self {
+            len: self.len,
+            cos: at(&self.cos)?,
+            sin: at(&self.sin)?,
+            mask: self.mask.clone(),
+            sliding_mask: self.sliding_mask.clone(),
+            local_rope: match &self.local_rope {
+                Some((c, s)) => Some((at(c)?, at(s)?)),
+                None => None,
+            },
+            attn_seqs: 1,
+            dropout: self.dropout.clone(),
+            segments: Some(lens.into()),
         })
     }
 

@@ -96,6 +96,7 @@ impl Transformer {
             local_rope,
             attn_seqs: attention_chunk(self.cfg.num_heads, seq_len, device),
             dropout: None,
+            segments: None,
         })
     }
 
@@ -182,6 +183,36 @@ mod tests {
             let ids = Tensor::new(&[[1u32, 5, 7, 2, 9], [3, 3, 8, 0, 0]], &Device::Cpu).unwrap();
             let want = model.forward_hidden(&ids, OpMode::Differentiable).unwrap();
             let got = model.forward_hidden(&ids, OpMode::Fused).unwrap();
+            let diff = crate::test_util::max_abs_diff(&want, &got);
+            assert!(diff < 1e-5, "{arch}: {diff}");
+        }
+    }
+
+    /// The scoring forward's causal attention in query blocks (sequences past one block, a
+    /// sliding window across blocks, Gemma 2's soft cap): as the composed dense attention.
+    #[test]
+    fn query_blocks_equal_the_dense_attention() {
+        for (arch, extra) in [
+            ("llama", ""),
+            ("mistral", r#","sliding_window":37"#),
+            (
+                "gemma2",
+                r#","sliding_window":37,"query_pre_attn_scalar":4,"attn_logit_softcapping":5.0,
+                "hidden_activation":"gelu_pytorch_tanh""#,
+            ),
+        ] {
+            let cfg = TransformerConfig::from_json(&format!(
+                r#"{{"model_type":"{arch}","vocab_size":29,"hidden_size":16,
+                "intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,
+                "num_key_value_heads":2,"rms_norm_eps":1e-6,"rope_theta":10000.0{extra}}}"#
+            ))
+            .unwrap();
+            let model = Transformer::new(&cfg, &init::init_weights(&cfg, 3, 0.3).unwrap()).unwrap();
+            let t = 2 * super::super::attention::QUERY_BLOCK + 19;
+            let ids: Vec<u32> = (0..2 * t as u32).map(|i| (i * 11 + 3) % 29).collect();
+            let ids = Tensor::from_vec(ids, (2, t), &Device::Cpu).unwrap();
+            let want = model.forward_hidden(&ids, OpMode::Differentiable).unwrap();
+            let got = model.forward_hidden(&ids, OpMode::Fast).unwrap();
             let diff = crate::test_util::max_abs_diff(&want, &got);
             assert!(diff < 1e-5, "{arch}: {diff}");
         }

@@ -35,8 +35,9 @@ fn tiny(arch: &str) -> Result<TransformerConfig> {
     .map_err(Error::Model)
 }
 
-/// Two pairs of unequal lengths (one past 32 positions), so padding, masks and chunks all count.
-fn batch(device: &Device) -> Result<SeqBatch> {
+/// Two pairs of unequal lengths (one past 32 positions), so padding, masks and chunks all count:
+/// right-padded, or packed into one row as stage one scores them.
+fn batch(device: &Device, packed: bool) -> Result<SeqBatch> {
     let ids =
         |n: usize, seed: u32| -> Vec<u32> { (0..n as u32).map(|i| (i * 7 + seed) % 97).collect() };
     let (p1, c1, r1) = (ids(5, 1), ids(9, 2), ids(4, 3));
@@ -45,7 +46,7 @@ fn batch(device: &Device) -> Result<SeqBatch> {
         &[(&p1, &c1, &r1), (&p2, &c2, &r2)],
         64,
         Truncation::KeepStart,
-        0,
+        (!packed).then_some(0),
         device,
     )
 }
@@ -68,17 +69,18 @@ pub(super) fn model(
     let weights = init::init_weights(&cfg, 11, std)?;
     let (dtype, d) = (p.dtype(), p.name());
     let tol = tolerance(dtype);
-    let score = |dev: &Device, dt: DType, mode: OpMode| -> Result<Tensor> {
+    let score = |dev: &Device, dt: DType, mode: OpMode, packed: bool| -> Result<Tensor> {
         let w: HashMap<String, Tensor> = weights
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.to_dtype(dt)?.to_device(dev)?)))
             .collect::<Result<_>>()?;
-        let sums = logprobs::score(&Transformer::new(&cfg, &w)?, &batch(dev)?, mode)?;
+        let sums = logprobs::score(&Transformer::new(&cfg, &w)?, &batch(dev, packed)?, mode)?;
         let n = sums.len();
         Ok(Tensor::from_vec(sums, n, &Device::Cpu)?.to_dtype(DType::F32)?)
     };
-    let want = score(&Device::Cpu, DType::F32, OpMode::Differentiable)?;
-    let got = score(device, dtype, OpMode::scoring(device))?;
+    // stage one's packed rows against padded ones with the composed ops on the CPU
+    let want = score(&Device::Cpu, DType::F32, OpMode::Differentiable, false)?;
+    let got = score(device, dtype, OpMode::scoring(device), true)?;
     checks.push(Check::compare(
         format!("{arch} reference log-probs {d}"),
         &got,
@@ -94,7 +96,7 @@ pub(super) fn model(
                 policy.use_composed_ops();
             }
             let mut g = policy.zero_grads(DType::F32);
-            policy.forward_backward(&batch(dev)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
+            policy.forward_backward(&batch(dev, false)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
             Ok(policy
                 .names
                 .iter()
@@ -173,7 +175,7 @@ pub(super) fn lora(
             policy.use_composed_ops();
         }
         let mut g = policy.zero_grads(DType::F32);
-        policy.forward_backward(&batch(dev)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
+        policy.forward_backward(&batch(dev, false)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
         g.iter()
             .zip(&policy.names)
             .map(|(t, name)| {

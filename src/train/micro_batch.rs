@@ -36,7 +36,7 @@ impl MicroBatch {
                 (b.prompt_ids(r), b.chosen_ids(r), b.rejected_ids(r))
             })
             .collect();
-        let seqs = SeqBatch::pairs(&pairs, max_length, truncation, 0, device)?;
+        let seqs = SeqBatch::pairs(&pairs, max_length, truncation, Some(0), device)?;
         let (mut ref_chosen, mut ref_rejected): (Vec<f64>, Vec<f64>) = idx
             .iter()
             .map(|&i| {

@@ -482,10 +482,12 @@ impl Policy {
     pub fn score(&self, batch: &SeqBatch) -> Result<Vec<f64>> {
         let mode = self.score_mode;
         let head = self.head()?;
-        let ctx = self
-            .contexts
-            .get(&head, batch.seq_len, batch.input_ids.device())?;
-        let mut x = head.embed(&batch.input_ids)?; // [2B, T, H]
+        let ctx = batch.context(self.contexts.get(
+            &head,
+            batch.seq_len,
+            batch.input_ids.device(),
+        )?)?;
+        let mut x = head.embed(&batch.input_ids)?; // [2B, T, H], or [1, Σ, H] packed
         for i in 0..self.cfg.num_layers {
             x = self.block(i, false)?.forward(&x, &ctx, mode)?;
         }

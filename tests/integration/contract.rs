@@ -155,8 +155,10 @@ fn the_demo_cache_and_metrics_are_the_contracts() {
             "chosen_truncated": r.chosen_truncated, "rejected_truncated": r.rejected_truncated,
         })).collect::<Vec<_>>(),
     });
-    // the refdpo version is part of the fingerprint, but not of the contract
-    check_json("demo-cache.json", &cache, 1e-9, &["refdpo_version"]);
+    // the refdpo version is part of the fingerprint, but not of the contract; the log-probs'
+    // last f32 digits follow the CPU's matmul kernels (AVX2 or AVX-512) and the batch layout
+    // (their values are held to transformers' in fidelity.rs), hence 1e-7 relative
+    check_json("demo-cache.json", &cache, 1e-7, &["refdpo_version"]);
     let timings = [
         "seconds",
         "tokens_per_second",

@@ -148,7 +148,7 @@ fn demo_lora_trains_merges_and_reports() {
         .iter()
         .map(|r| (&r.prompt_ids[..], &r.chosen_ids[..], &r.rejected_ids[..]))
         .collect();
-    let test = SeqBatch::pairs(&ids, 96, Truncation::KeepStart, 0, &Device::Cpu).unwrap();
+    let test = SeqBatch::pairs(&ids, 96, Truncation::KeepStart, Some(0), &Device::Cpu).unwrap();
     let sums = policy.score(&test).unwrap();
     let n = rows.len();
     let want = rows
@@ -208,7 +208,7 @@ fn batch() -> SeqBatch {
         &[(&p1, &c1, &r1), (&p2, &c2, &r2)],
         64,
         Truncation::KeepStart,
-        0,
+        Some(0),
         &Device::Cpu,
     )
     .unwrap()

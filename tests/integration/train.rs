@@ -27,7 +27,7 @@ fn batch(dev: &Device) -> SeqBatch {
         &[(&p1, &c1, &r1), (&p2, &c2, &r2)],
         64,
         refdpo::config::Truncation::KeepStart,
-        0,
+        Some(0),
         dev,
     )
     .unwrap()
@@ -150,7 +150,7 @@ fn demo_trains_from_ln2_to_high_heldout_accuracy() {
         &ids,
         96,
         refdpo::config::Truncation::KeepStart,
-        0,
+        Some(0),
         &Device::Cpu,
     )
     .unwrap();

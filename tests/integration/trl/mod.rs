@@ -121,7 +121,7 @@ pub fn kept_batch(fx: &Value, n: usize) -> SeqBatch {
         .iter()
         .map(|(p, c, r)| (&p[..], &c[..], &r[..]))
         .collect();
-    SeqBatch::pairs(&refs, 1024, Truncation::KeepStart, 0, &Device::Cpu).unwrap()
+    SeqBatch::pairs(&refs, 1024, Truncation::KeepStart, Some(0), &Device::Cpu).unwrap()
 }
 
 /// One forward/backward of `policy` on `batch` (chosen sequences first) with TRL's sigmoid loss
