@@ -80,7 +80,7 @@ impl SeqContext {
                 None => None,
             },
             attn_seqs: 1,
-            dropout: self.dropout.clone(),
+            dropout: self.dropout,
             segments: Some(lens.into()),
         })
     }

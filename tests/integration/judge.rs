@@ -220,20 +220,25 @@ fn judge_refuses_bad_input_by_name() {
     );
     let rm = tmp.path().join("demo/reward_model");
     let rm_s = rm.to_str().unwrap();
+    // judge's error on a generations file, with the pipeline's config and the demo's judge
+    let judge_fails = |generations: &Path| {
+        let g = generations.to_str().unwrap();
+        fails(
+            &[
+                "judge",
+                "--generations",
+                g,
+                "--config",
+                cfg_s,
+                "--reward-model",
+                rm_s,
+            ],
+            tmp.path(),
+        )
+    };
     let reference_only = tmp.path().join("cache/generations-test_prefs.jsonl");
     let g = reference_only.to_str().unwrap();
-    let e = fails(
-        &[
-            "judge",
-            "--generations",
-            g,
-            "--config",
-            cfg_s,
-            "--reward-model",
-            rm_s,
-        ],
-        tmp.path(),
-    );
+    let e = judge_fails(&reference_only);
     assert!(e.contains("no policy continuation") && e.contains(g), "{e}");
 
     let run = generate_with_policy(cfg_s, tmp.path(), "3");
@@ -258,18 +263,7 @@ fn judge_refuses_bad_input_by_name() {
     first["prompt_id"] = "someone-else".into();
     let foreign = tmp.path().join("foreign.jsonl");
     std::fs::write(&foreign, format!("{first}\n")).unwrap();
-    let e = fails(
-        &[
-            "judge",
-            "--generations",
-            foreign.to_str().unwrap(),
-            "--config",
-            cfg_s,
-            "--reward-model",
-            rm_s,
-        ],
-        tmp.path(),
-    );
+    let e = judge_fails(&foreign);
     assert!(
         e.contains("prompt_id someone-else") && e.contains("line 1"),
         "{e}"
@@ -280,18 +274,7 @@ fn judge_refuses_bad_input_by_name() {
         format!("{}\n{{\"row\": \"x\"\n", text.lines().next().unwrap()),
     )
     .unwrap();
-    let e = fails(
-        &[
-            "judge",
-            "--generations",
-            damaged.to_str().unwrap(),
-            "--config",
-            cfg_s,
-            "--reward-model",
-            rm_s,
-        ],
-        tmp.path(),
-    );
+    let e = judge_fails(&damaged);
     assert!(
         e.contains("line 2") && e.contains("not a line of `refdpo generate`"),
         "{e}"
