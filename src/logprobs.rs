@@ -5,7 +5,7 @@
 
 use crate::config::Truncation;
 use crate::error::{Error, Result};
-use crate::model::{fused, softcap, OpMode, SeqContext, Transformer};
+use crate::model::{cpu, fused, softcap, OpMode, SeqContext, Transformer};
 use crate::profile::{self, Phase};
 use crate::tokenize::window;
 use candle_core::{DType, Device, Tensor, D};
@@ -246,12 +246,17 @@ pub fn token_logps_lse(
             lses.push(lse);
             continue;
         }
+        let logits = rows.narrow(0, start, len)?.matmul(&lm_head.t()?)?;
+        if mode == OpMode::Fast && cap.is_none() && cpu::logits::covers(&logits) {
+            // one pass per row on the CPU, in SIMD lanes
+            let (lp, lse) = cpu::logits::logp_lse(&logits, &tgt)?;
+            logps.push(lp);
+            lses.push(lse);
+            continue;
+        }
         // [len, V] logits in f32; log p(target) = logit[target] − lse, lse = max + log Σ
         // exp(logit − max), without writing a second [len, V] tensor for the log-softmax.
-        let logits = rows
-            .narrow(0, start, len)?
-            .matmul(&lm_head.t()?)?
-            .to_dtype(DType::F32)?;
+        let logits = logits.to_dtype(DType::F32)?;
         let logits = softcap(logits, cap)?;
         let max = logits.max_keepdim(D::Minus1)?; // [len, 1]
         let lse = (logits

@@ -3,6 +3,7 @@
 //! refdpo's fused row op), a few sequences at a time; and the cached form decoding uses.
 
 use super::config::QkNorm;
+use super::cpu;
 use super::fused::{self, AttnSoftmax};
 use super::lora::{Dropout, Proj};
 use super::norm::RmsNorm;
@@ -106,17 +107,21 @@ impl Attention {
             ),
             OpMode::Fused => (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?),
         };
+        if let Some(lens) = &ctx.segments {
+            if b != 1 || lens.iter().sum::<usize>() != t {
+                return Err(crate::error::Error::Model(format!(
+                    "a packed batch is one row of all its sequences: [{b}, {t}] against lengths summing to {}",
+                    lens.iter().sum::<usize>()
+                )));
+            }
+        }
+        if mode == OpMode::Fast && cpu::attention::covers(&q) {
+            let out = cpu::attention::attend(&q, &k, &v, mask, &segments(ctx, b, t), self.spec())?;
+            return self.o.forward(&out, ctx.dropout.as_ref());
+        }
         let out = match &ctx.segments {
             // a packed row: each sequence attends within itself
-            Some(lens) => {
-                if b != 1 || lens.iter().sum::<usize>() != t {
-                    return Err(crate::error::Error::Model(format!(
-                        "a packed batch is one row of all its sequences: [{b}, {t}] against lengths summing to {}",
-                        lens.iter().sum::<usize>()
-                    )));
-                }
-                self.attend_packed(&q, &k, &v, mask, lens, mode)?
-            }
+            Some(lens) => self.attend_packed(&q, &k, &v, mask, lens, mode)?,
             None => self.attend_all(&q, &k, &v, mask, ctx.attn_seqs, mode)?,
         };
         // [B, nh, T, hd] → [B, T, nh*hd]
@@ -124,6 +129,13 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;
         self.o.forward(&out, ctx.dropout.as_ref())
+    }
+
+    fn spec(&self) -> cpu::attention::Spec {
+        cpu::attention::Spec {
+            scale: self.scale as f32,
+            softcap: self.softcap.map(|c| c as f32),
+        }
     }
 
     /// q [1, nh, Σ, hd] against k and v [1, kv, Σ, hd], packed sequences of `lens`, each
@@ -358,6 +370,31 @@ impl Attention {
             },
         )?;
         Ok(probs.matmul(v)?.reshape((b, nh, tq, hd))?)
+    }
+}
+
+/// The sequences of a batch [b, t]: packed ones end to end in its one row, else one per row.
+fn segments(ctx: &SeqContext, b: usize, t: usize) -> Vec<cpu::attention::Segment> {
+    use cpu::attention::Segment;
+    match &ctx.segments {
+        Some(lens) => lens
+            .iter()
+            .scan(0, |at, &len| {
+                *at += len;
+                Some(Segment {
+                    row: 0,
+                    start: *at - len,
+                    len,
+                })
+            })
+            .collect(),
+        None => (0..b)
+            .map(|row| Segment {
+                row,
+                start: 0,
+                len: t,
+            })
+            .collect(),
     }
 }
 

@@ -1,13 +1,14 @@
 //! The model stage: HF config and safetensors in, the decoder of a supported family out.
 //!
 //! The decoder by idea: [`op_mode`] (which op set a forward uses), the layers ([`norm`],
-//! [`rope`], [`attention`], [`mlp`]) mirroring [`fused`], the layer ([`block`]), each family's
+//! [`rope`], [`attention`], [`mlp`]) mirroring [`fused`] (and, on the CPU, [`cpu`]), the layer ([`block`]), each family's
 //! weight names ([`load`], [`shapes`]), the per-length tables ([`tables`]), the assembled model
 //! ([`transformer`]) and its incremental form ([`decode`]).
 
 pub mod attention;
 pub mod block;
 pub mod config;
+pub mod cpu;
 pub mod decode;
 pub mod fused;
 pub mod init;

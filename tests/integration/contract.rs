@@ -178,5 +178,31 @@ fn the_demo_cache_and_metrics_are_the_contracts() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    check_json("demo-metrics.json", &Value::Array(metrics), 1e-5, &timings);
+    check_json(
+        "demo-metrics.json",
+        &Value::Array(metrics.iter().map(without_coin_tosses).collect()),
+        1e-5,
+        &timings,
+    );
+}
+
+/// A metrics record without `rewards/accuracies` where the policy still equals the reference
+/// (every implicit reward within f32 noise, |r| < 1e-6): there it counts the signs of rounding
+/// noise, which any change of a kernel's summation order flips (it is checked to be a fraction).
+fn without_coin_tosses(record: &Value) -> Value {
+    let mut record = record.clone();
+    let reward = |k: &str| record.get(k).and_then(Value::as_f64);
+    let noise = match (reward("rewards/chosen"), reward("rewards/rejected")) {
+        (Some(c), Some(r)) => c.abs() < 1e-6 && r.abs() < 1e-6,
+        _ => false,
+    };
+    if noise {
+        let acc = record["rewards/accuracies"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "rewards/accuracies {acc}");
+        record
+            .as_object_mut()
+            .unwrap()
+            .insert("rewards/accuracies".into(), Value::from("f32 noise"));
+    }
+    record
 }

@@ -25,13 +25,22 @@ use candle_core::{DType, Device, Result, Tensor};
 
 /// Whether forwards on `device` use the fused ops (see the module's documentation).
 pub fn enabled(device: &Device) -> bool {
+    setting().unwrap_or(device.is_cuda())
+}
+
+/// Whether `REFDPO_FUSED=0` asks for candle's composed ops everywhere (no refdpo kernel, the CPU's
+/// scoring attention included).
+pub fn disabled() -> bool {
+    setting() == Some(false)
+}
+
+fn setting() -> Option<bool> {
     static SETTING: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let setting = *SETTING.get_or_init(|| match std::env::var("REFDPO_FUSED").as_deref() {
+    *SETTING.get_or_init(|| match std::env::var("REFDPO_FUSED").as_deref() {
         Ok("0") => Some(false),
         Ok("1") => Some(true),
         _ => None,
-    });
-    setting.unwrap_or(device.is_cuda())
+    })
 }
 
 /// Attention probabilities of scores [.., rows, keys] (see [`AttnSoftmax`]), in their dtype.
