@@ -131,6 +131,14 @@ impl Attention {
         self.o.forward(&out, ctx.dropout.as_ref())
     }
 
+    fn tiled_params(&self) -> fused::tiled::Params {
+        fused::tiled::Params {
+            scale: self.scale as f32,
+            window: self.window,
+            softcap: self.softcap.map(|c| c as f32),
+        }
+    }
+
     fn spec(&self) -> cpu::attention::Spec {
         cpu::attention::Spec {
             scale: self.scale as f32,
@@ -139,17 +147,28 @@ impl Attention {
     }
 
     /// q [1, nh, Σ, hd] against k and v [1, kv, Σ, hd], packed sequences of `lens`, each
-    /// attending within itself under its prefix of mask [T, T] → [1, nh, Σ, hd]. On the CPU the
-    /// sequences go in parallel: one sequence's small products hardly use a second core.
+    /// attending within itself under its prefix of mask [T, T] → [1, nh, Σ, hd]: the tiled op
+    /// over all of them at once where it applies, else one sequence at a time (in parallel on
+    /// the CPU: one sequence's small products hardly use a second core).
     fn attend_packed(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         mask: &Tensor,
-        lens: &[usize],
+        lens: &std::sync::Arc<[usize]>,
         mode: OpMode,
     ) -> Result<Tensor> {
+        if mode == OpMode::Fused && self.tiled_covers(q, k) {
+            // one launch of each kernel over every sequence (the kernels' sequence offsets)
+            return Ok(fused::tiled::tiled_attention_packed(
+                q,
+                k,
+                v,
+                self.tiled_params(),
+                Some(lens.clone()),
+            )?);
+        }
         let starts: Vec<usize> = lens
             .iter()
             .scan(0, |at, &len| {
@@ -165,13 +184,13 @@ impl Attention {
         let outs = if q.device().is_cpu() {
             starts
                 .par_iter()
-                .zip(lens)
+                .zip(&lens[..])
                 .map(one)
                 .collect::<Result<Vec<_>>>()?
         } else {
             starts
                 .iter()
-                .zip(lens)
+                .zip(lens.iter())
                 .map(one)
                 .collect::<Result<Vec<_>>>()?
         };
@@ -191,16 +210,7 @@ impl Attention {
         mode: OpMode,
     ) -> Result<Tensor> {
         if mode == OpMode::Fused && self.tiled_covers(q, k) {
-            return Ok(fused::tiled::tiled_attention(
-                q,
-                k,
-                v,
-                fused::tiled::Params {
-                    scale: self.scale as f32,
-                    window: self.window,
-                    softcap: self.softcap.map(|c| c as f32),
-                },
-            )?);
+            return Ok(fused::tiled::tiled_attention(q, k, v, self.tiled_params())?);
         }
         // The fused row op takes each kv head's query heads as rows: no repeated K and V.
         let grouped = mode == OpMode::Fused && self.softcap.is_none();

@@ -44,23 +44,46 @@ fn dot<T: Elem>(a: &[T], b: &[T]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x.f() * y.f()).sum()
 }
 
+/// Each position's sequence within its batch row: [start, end) of positions.
+struct Spans(Vec<(usize, usize)>);
+
+impl Spans {
+    /// One sequence per row of `t` positions, or packed sequences of `lens` (summing to `t`).
+    fn new(t: usize, lens: Option<&[usize]>) -> Self {
+        Spans(match lens {
+            None => vec![(0, t); t],
+            Some(lens) => {
+                let mut at = 0;
+                lens.iter()
+                    .flat_map(|&len| {
+                        at += len;
+                        std::iter::repeat_n((at - len, at), len)
+                    })
+                    .collect()
+            }
+        })
+    }
+}
+
 impl Params {
-    /// Keys [lo, i] that query i sees.
-    fn keys(&self, i: usize) -> std::ops::RangeInclusive<usize> {
-        let lo = if self.window > 0 && i + 1 > self.window {
+    /// Keys [lo, i] that query i sees, in its sequence.
+    fn keys(&self, i: usize, sp: &Spans) -> std::ops::RangeInclusive<usize> {
+        let start = sp.0[i].0;
+        let lo = if self.window > 0 && i + 1 > start + self.window {
             i + 1 - self.window
         } else {
-            0
+            start
         };
         lo..=i
     }
 
-    /// Queries [j, hi) that see key j.
-    fn queries(&self, j: usize, t: usize) -> std::ops::Range<usize> {
+    /// Queries [j, hi) that see key j, in its sequence.
+    fn queries(&self, j: usize, sp: &Spans) -> std::ops::Range<usize> {
+        let end = sp.0[j].1;
         let hi = if self.window > 0 {
-            (j + self.window).min(t)
+            (j + self.window).min(end)
         } else {
-            t
+            end
         };
         j..hi
     }
@@ -88,7 +111,15 @@ impl Params {
 }
 
 /// (o [B, Hq, T, D], lse [Hq, B·T]).
-pub fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], n: Dims, p: &Params) -> (Vec<T>, Vec<f32>) {
+pub fn forward<T: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    n: Dims,
+    p: &Params,
+    lens: Option<&[usize]>,
+) -> (Vec<T>, Vec<f32>) {
+    let sp = Spans::new(n.t, lens);
     let mut o = vec![T::zero(); q.len()];
     let rows: Vec<(usize, usize, usize)> = (0..n.b)
         .flat_map(|b| (0..n.hq).flat_map(move |h| (0..n.t).map(move |i| (b, h, i))))
@@ -100,13 +131,13 @@ pub fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], n: Dims, p: &Params) -> (Vec<
             let qi = &q[n.q_row(b, h, i)..][..n.d];
             let kvh = h / n.groups();
             let s: Vec<f32> = p
-                .keys(i)
+                .keys(i, &sp)
                 .map(|j| p.score(qi, &k[n.kv_row(b, kvh, j)..][..n.d]).0)
                 .collect();
             let m = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let lse = m + s.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
             let mut acc = vec![0f32; n.d];
-            for (j, sj) in p.keys(i).zip(&s) {
+            for (j, sj) in p.keys(i, &sp).zip(&s) {
                 let w = (sj - lse).exp();
                 for (a, x) in acc.iter_mut().zip(&v[n.kv_row(b, kvh, j)..][..n.d]) {
                     *a += w * x.f();
@@ -136,7 +167,9 @@ pub fn backward<T: Elem>(
     lse: &[f32],
     n: Dims,
     p: &Params,
+    lens: Option<&[usize]>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let sp = Spans::new(n.t, lens);
     // delta = Σ_d o · do per row, as the kernels' first pass.
     let delta: Vec<f32> = o
         .par_chunks(n.d)
@@ -161,7 +194,7 @@ pub fn backward<T: Elem>(
         let (b, h, i) = (r / (n.hq * n.t), r / n.t % n.hq, r % n.t);
         let kvh = h / n.groups();
         let mut acc = vec![0f32; n.d];
-        for j in p.keys(i) {
+        for j in p.keys(i, &sp) {
             let (_, d) = ds(b, h, i, j);
             for (a, x) in acc.iter_mut().zip(&k[n.kv_row(b, kvh, j)..][..n.d]) {
                 *a += d * x.f();
@@ -180,7 +213,7 @@ pub fn backward<T: Elem>(
             let (b, kvh, j) = (r / (n.hkv * n.t), r / n.t % n.hkv, r % n.t);
             let (mut ak, mut av) = (vec![0f32; n.d], vec![0f32; n.d]);
             for h in kvh * n.groups()..(kvh + 1) * n.groups() {
-                for i in p.queries(j, n.t) {
+                for i in p.queries(j, &sp) {
                     let (prob, d) = ds(b, h, i, j);
                     let (qi, gi) = (&q[n.q_row(b, h, i)..][..n.d], &g[n.q_row(b, h, i)..][..n.d]);
                     for x in 0..n.d {

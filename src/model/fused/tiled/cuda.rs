@@ -5,7 +5,7 @@
 //! the same bytes the same way from Python, which is how a GPU host checks them.
 //!
 //! Tensors are [B, H, T, D] contiguous; sequence s is positions [s·T, (s+1)·T) of the flat token
-//! axis (the kernels also take packed sequences of any lengths; the decoder pads for now).
+//! axis, or, packed (B = 1), the positions of its length after the sequences before it.
 
 use super::cpu::Dims;
 use super::op::Params;
@@ -24,12 +24,30 @@ fn strides<'r, 'v>(n: Dims, h: usize) -> Result<[Arg<'r, 'v>; 3]> {
     ])
 }
 
-/// The sequence offsets 0, T, 2T, …, B·T on the device.
-fn offsets(dev: &CudaDevice, n: Dims) -> Result<CudaSlice<i32>> {
-    let cu: Vec<i32> = (0..=n.b)
-        .map(|s| i32_of("tokens", s * n.t))
-        .collect::<Result<_>>()?;
-    dev.clone_htod(&cu)
+/// The sequences on the flat token axis: their offsets on the device (0, T, 2T, …, B·T, or the
+/// running sums of packed lengths), how many, and the longest.
+struct Seqs {
+    cu: CudaSlice<i32>,
+    count: u32,
+    longest: usize,
+}
+
+fn seqs(dev: &CudaDevice, n: Dims, lens: Option<&[usize]>) -> Result<Seqs> {
+    let lens: Vec<usize> = match lens {
+        Some(lens) => lens.to_vec(),
+        None => vec![n.t; n.b],
+    };
+    let mut cu = vec![0i32];
+    let mut at = 0;
+    for len in &lens {
+        at += len;
+        cu.push(i32_of("tokens", at)?);
+    }
+    Ok(Seqs {
+        cu: dev.clone_htod(&cu)?,
+        count: i32_of("sequences", lens.len())? as u32,
+        longest: lens.iter().copied().max().unwrap_or(0),
+    })
 }
 
 /// The attention kernel `name` for these inputs, or why there is none.
@@ -61,9 +79,9 @@ fn block(k: &Kernel, name: &str) -> Result<usize> {
         .ok_or_else(|| err(format!("{}: no {name} in the manifest", k.name)))
 }
 
-/// Grid rows per sequence: ⌈T / block⌉.
-fn tiles(n: Dims, block: usize) -> Result<u32> {
-    Ok(i32_of("tiles", n.t.div_ceil(block))? as u32)
+/// Grid rows per sequence: ⌈longest / block⌉ (a shorter sequence's extra programs return).
+fn tiles(sq: &Seqs, block: usize) -> Result<u32> {
+    Ok(i32_of("tiles", sq.longest.div_ceil(block))? as u32)
 }
 
 /// The scalar arguments every attention kernel ends with.
@@ -94,15 +112,25 @@ fn unsupported(dtype: DType) -> candle_core::Error {
 }
 
 /// (o, lse [Hq, B·T] f32) of bf16/f16 q, k, v.
-pub fn forward(x: Qkv<'_>, n: Dims, p: &Params) -> Result<(CudaStorage, Tensor)> {
+pub fn forward(
+    x: Qkv<'_>,
+    n: Dims,
+    p: &Params,
+    lens: Option<&[usize]>,
+) -> Result<(CudaStorage, Tensor)> {
     match x.q.dtype() {
-        DType::BF16 => forward_t::<half::bf16>(x, n, p),
-        DType::F16 => forward_t::<half::f16>(x, n, p),
+        DType::BF16 => forward_t::<half::bf16>(x, n, p, lens),
+        DType::F16 => forward_t::<half::f16>(x, n, p, lens),
         other => Err(unsupported(other)),
     }
 }
 
-fn forward_t<T: KernelElem>(x: Qkv<'_>, n: Dims, p: &Params) -> Result<(CudaStorage, Tensor)> {
+fn forward_t<T: KernelElem>(
+    x: Qkv<'_>,
+    n: Dims,
+    p: &Params,
+    lens: Option<&[usize]>,
+) -> Result<(CudaStorage, Tensor)> {
     let dev = &x.q.device;
     let kern = kernel(dev, "flash_fwd", x.q.dtype(), n, p)?;
     let (qv, kv, vv) = (
@@ -115,7 +143,7 @@ fn forward_t<T: KernelElem>(x: Qkv<'_>, n: Dims, p: &Params) -> Result<(CudaStor
     // tokens, so no element of o or lse is read unwritten.
     let mut o = unsafe { dev.alloc::<T>(nq)? };
     let mut lse = unsafe { dev.alloc::<f32>(n.hq * n.b * n.t)? };
-    let cu = offsets(dev, n)?;
+    let sq = seqs(dev, n, lens)?;
     {
         let (mut ov, mut lv) = (o.slice_mut(..), lse.slice_mut(..));
         let mut args = vec![
@@ -124,13 +152,13 @@ fn forward_t<T: KernelElem>(x: Qkv<'_>, n: Dims, p: &Params) -> Result<(CudaStor
             T::arg(&vv),
             T::arg_mut(&mut ov),
             Arg::F32Mut(&mut lv),
-            Arg::Offsets(&cu),
+            Arg::Offsets(&sq.cu),
         ];
         for h in [n.hq, n.hkv, n.hkv, n.hq] {
             args.extend(strides(n, h)?);
         }
         args.extend(scalars(n, p)?);
-        let grid = (tiles(n, block(kern, "BLOCK_M")?)?, n.b as u32, n.hq as u32);
+        let grid = (tiles(&sq, block(kern, "BLOCK_M")?)?, sq.count, n.hq as u32);
         launch(dev, kern, grid, &mut args)?;
     }
     let lse = Tensor::from_storage(
@@ -150,10 +178,16 @@ pub struct Saved<'a> {
 }
 
 /// dq, dk, dv end to end in one buffer.
-pub fn backward(x: Qkv<'_>, saved: Saved<'_>, n: Dims, p: &Params) -> Result<CudaStorage> {
+pub fn backward(
+    x: Qkv<'_>,
+    saved: Saved<'_>,
+    n: Dims,
+    p: &Params,
+    lens: Option<&[usize]>,
+) -> Result<CudaStorage> {
     match x.q.dtype() {
-        DType::BF16 => backward_t::<half::bf16>(x, saved, n, p),
-        DType::F16 => backward_t::<half::f16>(x, saved, n, p),
+        DType::BF16 => backward_t::<half::bf16>(x, saved, n, p, lens),
+        DType::F16 => backward_t::<half::f16>(x, saved, n, p, lens),
         other => Err(unsupported(other)),
     }
 }
@@ -172,6 +206,7 @@ fn backward_t<T: KernelElem>(
     saved: Saved<'_>,
     n: Dims,
     p: &Params,
+    lens: Option<&[usize]>,
 ) -> Result<CudaStorage> {
     let dev = &x.q.device;
     let dtype = x.q.dtype();
@@ -181,7 +216,7 @@ fn backward_t<T: KernelElem>(
         kernel(dev, "flash_bwd_dq", dtype, n, p)?,
     );
     let (nq, nk) = (n.b * n.hq * n.t * n.d, n.b * n.hkv * n.t * n.d);
-    let cu = offsets(dev, n)?;
+    let sq = seqs(dev, n, lens)?;
     // SAFETY: each pass writes every element of its output (delta per row, dK/dV per key row,
     // dQ per query row), the offsets covering all B·T tokens.
     let mut delta = unsafe { dev.alloc::<f32>(n.hq * n.b * n.t)? };
@@ -198,7 +233,7 @@ fn backward_t<T: KernelElem>(
                         T::arg(&ov),
                         T::arg(&gv),
                         Arg::F32Mut(&mut deltav),
-                        Arg::Offsets(&cu),
+                        Arg::Offsets(&sq.cu),
                     ];
                     args.extend(strides(n, n.hq)?);
                     args.extend(strides(n, n.hq)?);
@@ -208,8 +243,8 @@ fn backward_t<T: KernelElem>(
                         Arg::I32(i32_of("head dim", n.d)?),
                     ]);
                     let grid = (
-                        tiles(n, block(k_delta, "BLOCK_M")?)?,
-                        n.b as u32,
+                        tiles(&sq, block(k_delta, "BLOCK_M")?)?,
+                        sq.count,
                         n.hq as u32,
                     );
                     launch(dev, k_delta, grid, &mut args)?;
@@ -229,14 +264,18 @@ fn backward_t<T: KernelElem>(
                 {
                     let mut args: Vec<Arg<'_, '_>> = ins.iter().map(|v| T::arg(v)).collect();
                     args.extend([Arg::F32(&lse), Arg::F32(&deltav)]);
-                    args.extend([T::arg_mut(&mut dk), T::arg_mut(&mut dv), Arg::Offsets(&cu)]);
+                    args.extend([
+                        T::arg_mut(&mut dk),
+                        T::arg_mut(&mut dv),
+                        Arg::Offsets(&sq.cu),
+                    ]);
                     for h in input_strides.into_iter().chain([n.hkv, n.hkv]) {
                         args.extend(strides(n, h)?);
                     }
                     args.extend(scalars(n, p)?);
                     let grid = (
-                        tiles(n, block(k_dkdv, "BLOCK_N")?)?,
-                        n.b as u32,
+                        tiles(&sq, block(k_dkdv, "BLOCK_N")?)?,
+                        sq.count,
                         n.hkv as u32,
                     );
                     launch(dev, k_dkdv, grid, &mut args)?;
@@ -244,12 +283,12 @@ fn backward_t<T: KernelElem>(
                 // dQ: grid over the query tiles of each head.
                 let mut args: Vec<Arg<'_, '_>> = ins.iter().map(|v| T::arg(v)).collect();
                 args.extend([Arg::F32(&lse), Arg::F32(&deltav)]);
-                args.extend([T::arg_mut(&mut dq), Arg::Offsets(&cu)]);
+                args.extend([T::arg_mut(&mut dq), Arg::Offsets(&sq.cu)]);
                 for h in input_strides.into_iter().chain([n.hq]) {
                     args.extend(strides(n, h)?);
                 }
                 args.extend(scalars(n, p)?);
-                let grid = (tiles(n, block(k_dq, "BLOCK_M")?)?, n.b as u32, n.hq as u32);
+                let grid = (tiles(&sq, block(k_dq, "BLOCK_M")?)?, sq.count, n.hq as u32);
                 launch(dev, k_dq, grid, &mut args)
             })
         })

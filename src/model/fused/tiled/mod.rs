@@ -12,7 +12,7 @@ pub mod cpu;
 mod cuda;
 mod op;
 
-pub use op::{composed_attention, tiled_attention, Params};
+pub use op::{composed_attention, tiled_attention, tiled_attention_packed, Params};
 
 use super::cubins::{Manifest, Want};
 use candle_core::{DType, Device};

@@ -8,7 +8,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 const NAME: &str = "tiled attention";
 
@@ -24,8 +24,31 @@ pub struct Params {
 /// softmax(mask(cap(q·kᵀ·scale)))·v for q [B, Hq, T, D] and k, v [B, Hkv, T, D] (Hkv dividing
 /// Hq; K and V not repeated) → [B, Hq, T, D], differentiable in all three.
 pub fn tiled_attention(q: &Tensor, k: &Tensor, v: &Tensor, params: Params) -> Result<Tensor> {
+    tiled_attention_packed(q, k, v, params, None)
+}
+
+/// [`tiled_attention`] of sequences packed end to end in one row (B = 1) when `lens` is given:
+/// each attends within itself (causal and windowed from its own first token), in one launch of
+/// each kernel (their sequence offsets), with no sequence's scores against another's.
+pub fn tiled_attention_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    params: Params,
+    lens: Option<Arc<[usize]>>,
+) -> Result<Tensor> {
+    if let Some(lens) = &lens {
+        let (b, _, t, _) = q.dims4()?;
+        let total: usize = lens.iter().sum();
+        if b != 1 || total != t {
+            return Err(candle_core::Error::Msg(format!(
+                "{NAME}: packed sequences are one row of all of them: [{b}, .., {t}, ..] against lengths summing to {total}"
+            )));
+        }
+    }
     let op = TiledAttention {
         params,
+        lens,
         lse: Mutex::new(None),
     };
     aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
@@ -75,6 +98,8 @@ pub fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: Params) -> Resu
 
 struct TiledAttention {
     params: Params,
+    /// Packed sequences' lengths (one row), or one sequence per batch row.
+    lens: Option<Arc<[usize]>>,
     /// The forward's log-sum-exp, for the backward.
     lse: Mutex<Option<Tensor>>,
 }
@@ -133,6 +158,7 @@ impl CustomOp3 for TiledAttention {
                 slice(NAME, v, vl)?,
                 n,
                 &self.params,
+                self.lens.as_deref(),
             );
             self.keep(Tensor::from_vec(lse, (n.hq, n.b * n.t), &Device::Cpu)?);
             Ok((T::to_cpu_storage_owned(o), ql.shape().clone()))
@@ -158,7 +184,7 @@ impl CustomOp3 for TiledAttention {
             v,
             vl,
         };
-        let (o, lse) = super::cuda::forward(x, n, &self.params)?;
+        let (o, lse) = super::cuda::forward(x, n, &self.params, self.lens.as_deref())?;
         self.keep(lse);
         Ok((o, ql.shape().clone()))
     }
@@ -179,6 +205,7 @@ impl CustomOp3 for TiledAttention {
             .ok_or_else(|| candle_core::Error::Msg(format!("{NAME}: backward before forward")))?;
         let back = TiledAttentionBackward {
             params: self.params,
+            lens: self.lens.clone(),
             o: aligned(o)?,
             grad: aligned(grad)?,
             lse,
@@ -196,6 +223,7 @@ impl CustomOp3 for TiledAttention {
 /// dq, dk and dv end to end in one flat buffer, from q, k, v and what the forward kept.
 struct TiledAttentionBackward {
     params: Params,
+    lens: Option<Arc<[usize]>>,
     o: Tensor,
     grad: Tensor,
     lse: Tensor,
@@ -240,6 +268,7 @@ impl CustomOp3 for TiledAttentionBackward {
                             slice::<f32>(NAME, ls, ll)?,
                             n,
                             &self.params,
+                            self.lens.as_deref(),
                         ))
                     })
                 })
@@ -276,7 +305,7 @@ impl CustomOp3 for TiledAttentionBackward {
             v,
             vl,
         };
-        let all = super::cuda::backward(x, saved, n, &self.params)?;
+        let all = super::cuda::backward(x, saved, n, &self.params, self.lens.as_deref())?;
         Ok((
             all,
             Shape::from(ql.shape().elem_count() + 2 * kl.shape().elem_count()),
@@ -325,6 +354,64 @@ mod tests {
                 assert!(diff < 1e-5, "d{name} {what}: {diff}");
             }
         }
+    }
+
+    #[test]
+    fn packed_sequences_equal_each_sequence_alone_forward_and_gradients() {
+        let dev = Device::Cpu;
+        let lens = [5usize, 1, 12, 7];
+        let t: usize = lens.iter().sum();
+        for (hq, hkv, window, softcap) in [(4, 2, 0, None), (6, 3, 4, Some(2.0)), (2, 1, 3, None)] {
+            let p = Params {
+                scale: 0.35,
+                window,
+                softcap,
+            };
+            let var = |h| {
+                Var::from_tensor(&Tensor::randn(0f32, 1.5, (1, h, t, 8), &dev).unwrap()).unwrap()
+            };
+            let (q, k, v) = (var(hq), var(hkv), var(hkv));
+            let up = Tensor::randn(0f32, 1.0, (1, hq, t, 8), &dev).unwrap();
+            let packed = tiled_attention_packed(&q, &k, &v, p, Some(lens.into())).unwrap();
+            // each sequence alone through the composed ops, stitched back together
+            let mut at = 0;
+            let mut alone = Vec::new();
+            for len in lens {
+                let part = |x: &Tensor| x.narrow(2, at, len).unwrap();
+                alone.push(composed(&part(&q), &part(&k), &part(&v), p));
+                at += len;
+            }
+            let alone = Tensor::cat(&alone, 2).unwrap();
+            let what = format!("{hq}/{hkv} window {window} cap {softcap:?}");
+            assert!(max_abs_diff(&alone, &packed) < 1e-5, "{what}");
+            let gw = (alone * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gg = (packed * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let diff = max_abs_diff(gw.get(x).unwrap(), gg.get(x).unwrap());
+                assert!(diff < 1e-5, "d{name} {what}: {diff}");
+            }
+        }
+        // lengths that are not the row are refused
+        let x = Tensor::zeros((1, 2, 6, 8), DType::F32, &dev).unwrap();
+        let p = Params {
+            scale: 1.0,
+            window: 0,
+            softcap: None,
+        };
+        let e = tiled_attention_packed(&x, &x, &x, p, Some([2usize, 3].into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("summing to 5"), "{e}");
     }
 
     #[test]
