@@ -77,29 +77,42 @@ pub fn init_adapters(
 }
 
 /// Dropout of one forward: the mask of sequence s is drawn from (`seed`, module, `first_seq` + s),
-/// so a block recomputed a few sequences at a time in the backward sees the forward's masks.
-#[derive(Debug, Clone, Copy)]
+/// so a block recomputed a few sequences at a time in the backward sees the forward's masks. A
+/// sequence's mask over its positions is the same padded or packed (`segments`: the lengths of
+/// the sequences laid end to end in one row).
+#[derive(Debug, Clone)]
 pub struct Dropout {
     pub p: f64,
     pub seed: u64,
     pub first_seq: usize,
+    pub segments: Option<std::sync::Arc<[usize]>>,
 }
 
 impl Dropout {
-    /// Keep-mask × 1/(1 − p) for x [B, T, n] of the module with hash `module`, in f32.
+    /// Keep-mask × 1/(1 − p) for x [B, T, n] (or [1, Σ, n] packed) of the module with hash
+    /// `module`, in f32.
     fn mask(&self, x: &Tensor, module: u64) -> Result<Tensor> {
         let (b, t, n) = x.dims3()?;
         let keep = (1.0 / (1.0 - self.p)) as f32;
+        let lens: Vec<usize> = match &self.segments {
+            Some(lens) => lens.to_vec(),
+            None => vec![t; b],
+        };
         let mut values = Vec::with_capacity(b * t * n);
-        for s in 0..b {
+        for (s, len) in lens.iter().enumerate() {
             let key = self.seed ^ module ^ ((self.first_seq + s) as u64).wrapping_mul(0x9E37_79B9);
-            values.extend((1..=(t * n) as u64).map(|i| {
+            values.extend((1..=(len * n) as u64).map(|i| {
                 if (init::uniform(key, i) + 1.0) / 2.0 >= self.p {
                     keep
                 } else {
                     0.0
                 }
             }));
+        }
+        if values.len() != b * t * n {
+            return Err(crate::error::Error::Model(format!(
+                "dropout: packed lengths {lens:?} do not lay out [{b}, {t}, {n}]"
+            )));
         }
         Ok(Tensor::from_vec(values, (b, t, n), x.device())?)
     }
@@ -364,11 +377,38 @@ mod tests {
             p: 0.5,
             seed: 9,
             first_seq: 0,
+            segments: None,
         };
         let whole = d.mask(&x, 1).unwrap();
-        let tail = Dropout { first_seq: 2, ..d }
-            .mask(&x.narrow(0, 2, 2).unwrap(), 1)
-            .unwrap();
+        let tail = Dropout {
+            first_seq: 2,
+            ..d.clone()
+        }
+        .mask(&x.narrow(0, 2, 2).unwrap(), 1)
+        .unwrap();
+        // packed: sequences of 2 and 3 positions of the 4 rows' first two sequences
+        let packed = Dropout {
+            segments: Some([2usize, 3].into()),
+            ..d.clone()
+        }
+        .mask(
+            &Tensor::ones((1, 5, 5), DType::F32, &Device::Cpu).unwrap(),
+            1,
+        )
+        .unwrap();
+        let rows = |m: &Tensor, r: usize, len: usize| -> Vec<f32> {
+            m.narrow(1, 0, len)
+                .unwrap()
+                .narrow(0, r, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let packed_rows: Vec<f32> = packed.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(packed_rows[..10], rows(&whole, 0, 2)[..]);
+        assert_eq!(packed_rows[10..], rows(&whole, 1, 3)[..]);
         let diff = (whole.narrow(0, 2, 2).unwrap() - tail)
             .unwrap()
             .abs()

@@ -80,7 +80,10 @@ impl SeqContext {
                 None => None,
             },
             attn_seqs: 1,
-            dropout: self.dropout,
+            dropout: self.dropout.clone().map(|d| Dropout {
+                segments: Some(lens.into()),
+                ..d
+            }),
             segments: Some(lens.into()),
         })
     }

@@ -1,4 +1,4 @@
-//! One micro-batch gathered from the cache: the padded sequences (chosen first, then rejected) and
+//! One micro-batch gathered from the cache: the packed sequences (chosen first, then rejected) and
 //! each pair's reference log-probs — from the cache, or from a live reference model.
 
 use super::split::Split;
@@ -36,7 +36,8 @@ impl MicroBatch {
                 (b.prompt_ids(r), b.chosen_ids(r), b.rejected_ids(r))
             })
             .collect();
-        let seqs = SeqBatch::pairs(&pairs, max_length, truncation, Some(0), device)?;
+        // packed end to end: no padding position is computed, forward or backward
+        let seqs = SeqBatch::pairs(&pairs, max_length, truncation, None, device)?;
         let (mut ref_chosen, mut ref_rejected): (Vec<f64>, Vec<f64>) = idx
             .iter()
             .map(|&i| {

@@ -331,9 +331,10 @@ impl Policy {
     ) -> Result<Vec<f64>> {
         let mode = self.training_mode();
         let head = self.head()?;
-        let mut ctx = self
+        let full = self
             .contexts
             .get(&head, batch.seq_len, batch.input_ids.device())?;
+        let mut ctx = batch.context(full.clone())?;
         ctx.dropout = self
             .lora
             .as_ref()
@@ -342,6 +343,7 @@ impl Policy {
                 p: l.dropout,
                 seed: self.dropout_seed,
                 first_seq: 0,
+                segments: ctx.segments.clone(),
             });
         // 1. forward, one block's compute copy at a time: x [2B, T, H]
         let mut x = head.embed(&batch.input_ids)?;
@@ -408,7 +410,7 @@ impl Policy {
         while let Some(s) = saved.pop() {
             let i = saved.len();
             g = match s {
-                Saved::Input(input) => self.block_backward(i, &input, &g, &ctx, grads)?,
+                Saved::Input(input) => self.block_backward(i, &input, &g, (&ctx, &full), grads)?,
                 Saved::Graph { input, out } => {
                     let store = backprop(&out, &g)?;
                     self.accumulate(grads, &store)?;
@@ -422,40 +424,62 @@ impl Policy {
         Ok(sums)
     }
 
-    /// Recomputes block `i` from its input x [2B, T, H] a few sequences at a time and
-    /// backpropagates the upstream gradient g [2B, T, H]; returns d input [2B, T, H].
+    /// Recomputes block `i` from its input x [2B, T, H] (or [1, Σ, H] packed) a few sequences at
+    /// a time and backpropagates the upstream gradient g of x's shape; returns d input. `ctx` is
+    /// the forward's context, `full` the unpacked tables it was made from.
     fn block_backward(
         &self,
         i: usize,
         x: &Tensor,
         g: &Tensor,
-        ctx: &SeqContext,
+        (ctx, full): (&SeqContext, &SeqContext),
         grads: &mut Grads,
     ) -> Result<Tensor> {
         let block = self.block(i, true)?;
-        let b = x.dim(0)?;
+        // as many sequences as the padded layout's attention chunk: never more memory
         let step = match self.backward_seqs {
-            0 => ctx.attn_seqs,
+            0 => full.attn_seqs,
             n => n,
+        };
+        // sub-batches: (first sequence, their positions along dim, their context)
+        let (dim, subs) = match &ctx.segments {
+            Some(lens) => {
+                let mut subs = Vec::with_capacity(lens.len().div_ceil(step));
+                let mut at = 0;
+                for (k, group) in lens.chunks(step).enumerate() {
+                    let len: usize = group.iter().sum();
+                    subs.push((k * step, at, len, full.packed(group)?));
+                    at += len;
+                }
+                (1, subs)
+            }
+            None => {
+                let b = x.dim(0)?;
+                let subs = (0..b)
+                    .step_by(step)
+                    .map(|start| (start, start, step.min(b - start), ctx.clone()))
+                    .collect();
+                (0, subs)
+            }
         };
         // This block's gradients summed over sub-batches in f32, stored once.
         let mut local = self.zero_grads(DType::F32);
-        let mut g_in = Vec::with_capacity(b.div_ceil(step));
-        for start in (0..b).step_by(step) {
-            let len = step.min(b - start);
-            let input = Var::from_tensor(&x.narrow(0, start, len)?)?;
+        let mut g_in = Vec::with_capacity(subs.len());
+        for (first_seq, start, len, mut sub) in subs {
+            let input = Var::from_tensor(&x.narrow(dim, start, len)?)?;
             // this sub-batch's own dropout masks: those of its sequences in the forward
-            let mut sub = ctx.clone();
-            if let Some(d) = &mut sub.dropout {
-                d.first_seq = start;
-            }
+            sub.dropout = ctx.dropout.clone().map(|d| Dropout {
+                first_seq,
+                segments: sub.segments.clone(),
+                ..d
+            });
             let out = block.forward(input.as_tensor(), &sub, self.training_mode())?;
-            let store = backprop(&out, &g.narrow(0, start, len)?)?;
+            let store = backprop(&out, &g.narrow(dim, start, len)?)?;
             self.accumulate(&mut local, &store)?;
             g_in.push(grad_of(&store, &input)?);
         }
         grads.merge(local)?;
-        Ok(Tensor::cat(&g_in, 0)?)
+        Ok(Tensor::cat(&g_in, dim)?)
     }
 
     /// The embedding's gradient as a scatter-add of g [2B, T, H] into its rows. As HF's

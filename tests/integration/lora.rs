@@ -202,13 +202,18 @@ fn lora_resume_with_dropout_continues_exactly() {
 }
 
 fn batch() -> SeqBatch {
+    batch_laid_out(Some(0))
+}
+
+/// Two pairs, right-padded with id 0 (`pad`) or packed end to end (`None`).
+fn batch_laid_out(pad: Option<u32>) -> SeqBatch {
     let (p1, c1, r1) = (vec![1u32, 5, 7], vec![9u32, 3, 3, 4], vec![2u32, 8]);
     let (p2, c2, r2) = (vec![4u32, 4], vec![30u32], vec![11u32, 12, 13, 14, 36]);
     SeqBatch::pairs(
         &[(&p1, &c1, &r1), (&p2, &c2, &r2)],
         64,
         Truncation::KeepStart,
-        Some(0),
+        pad,
         &Device::Cpu,
     )
     .unwrap()
@@ -333,30 +338,46 @@ fn dropout_masks_of_the_recompute_are_the_forwards() {
     )
     .unwrap();
     policy.dropout_seed = 11;
-    let b = batch();
-    let run = |policy: &mut Policy, checkpointing: bool, seqs: usize| {
+    let run = |policy: &mut Policy, pad: Option<u32>, checkpointing: bool, seqs: usize| {
         policy.backward_seqs = seqs;
         let mut grads = policy.zero_grads(DType::F32);
         let sums = policy
-            .forward_backward(&b, checkpointing, &mut grads, &mut |_| Ok(W.to_vec()))
+            .forward_backward(&batch_laid_out(pad), checkpointing, &mut grads, &mut |_| {
+                Ok(W.to_vec())
+            })
             .unwrap();
         (sums, grads)
     };
     // the whole graph kept (one forward, one mask per module) is the reference
-    let (sums, want) = run(&mut policy, false, 0);
-    let clean = policy.score(&b).unwrap();
+    let (sums, want) = run(&mut policy, Some(0), false, 0);
+    let clean = policy.score(&batch()).unwrap();
     assert!(
         sums.iter().zip(&clean).any(|(a, b)| (a - b).abs() > 1e-4),
         "dropout changed nothing"
     );
-    for seqs in [0, 1] {
-        let (s, grads) = run(&mut policy, true, seqs);
-        assert_eq!(s, sums);
+    // recomputed, padded or packed (a sequence's masks are the same laid out either way)
+    for (pad, checkpointing, seqs) in [
+        (Some(0), true, 0),
+        (Some(0), true, 1),
+        (None, false, 0),
+        (None, true, 0),
+        (None, true, 1),
+    ] {
+        let (s, grads) = run(&mut policy, pad, checkpointing, seqs);
+        if pad.is_some() {
+            assert_eq!(s, sums);
+        }
+        for (a, b) in s.iter().zip(&sums) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "pad={pad:?}: {s:?} vs {sums:?}"
+            );
+        }
         for ((name, g), w) in policy.names.iter().zip(grads.iter()).zip(want.iter()) {
             let (g, w) = (g.unwrap(), w.unwrap());
             assert!(
                 max_abs_diff(g, w) <= 1e-5 * max_abs(w).max(1e-3),
-                "seqs={seqs} {name}"
+                "pad={pad:?} ckpt={checkpointing} seqs={seqs} {name}"
             );
         }
     }

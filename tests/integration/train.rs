@@ -20,17 +20,23 @@ fn tiny(arch: &str) -> TransformerConfig {
     .unwrap()
 }
 
-fn batch(dev: &Device) -> SeqBatch {
+/// Two pairs, right-padded with id 0 (`pad`), or packed end to end (`None`, as training lays
+/// them out).
+fn batch_laid_out(dev: &Device, pad: Option<u32>) -> SeqBatch {
     let (p1, c1, r1) = (vec![1u32, 5, 7], vec![9u32, 3, 3, 4], vec![2u32, 8]);
     let (p2, c2, r2) = (vec![4u32, 4], vec![30u32], vec![11u32, 12, 13, 14, 36]);
     SeqBatch::pairs(
         &[(&p1, &c1, &r1), (&p2, &c2, &r2)],
         64,
         refdpo::config::Truncation::KeepStart,
-        Some(0),
+        pad,
         dev,
     )
     .unwrap()
+}
+
+fn batch(dev: &Device) -> SeqBatch {
+    batch_laid_out(dev, Some(0))
 }
 
 /// d loss/d sums fixed, so the reference gradient is one autograd pass through everything.
@@ -81,11 +87,19 @@ fn blockwise_backward_matches_autograd_and_reaches_every_parameter() {
             &dev,
         )
         .unwrap();
-        let b = batch(&dev);
-        let want = naive_grads(&policy, &b);
-        // checkpointed with the block recomputed for all sequences at once and one at a time,
-        // then with every block's graph kept
-        for (checkpointing, seqs) in [(true, 0), (true, 1), (false, 0)] {
+        let want = naive_grads(&policy, &batch(&dev));
+        // padded and packed; checkpointed with the block recomputed for all sequences at once,
+        // one at a time and three at a time, then with every block's graph kept
+        for (pad, checkpointing, seqs) in [
+            (Some(0), true, 0),
+            (Some(0), true, 1),
+            (Some(0), false, 0),
+            (None, true, 0),
+            (None, true, 1),
+            (None, true, 3),
+            (None, false, 0),
+        ] {
+            let b = batch_laid_out(&dev, pad);
             policy.backward_seqs = seqs;
             let mut grads = policy.zero_grads(DType::F32);
             policy
@@ -112,7 +126,7 @@ fn blockwise_backward_matches_autograd_and_reaches_every_parameter() {
                 let scale = max_abs(w);
                 assert!(
                     diff <= 1e-4 * scale.max(1e-3),
-                    "{arch} ckpt={checkpointing} seqs={seqs} {name}: {diff} vs {scale}"
+                    "{arch} pad={pad:?} ckpt={checkpointing} seqs={seqs} {name}: {diff} vs {scale}"
                 );
             }
         }
