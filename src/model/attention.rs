@@ -281,6 +281,18 @@ impl Attention {
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
+        if cpu::attention::covers(&q) && mask.rank() == 4 {
+            let tk = k.dim(2)?;
+            let rows: Vec<_> = (0..b)
+                .map(|row| cpu::attention::Segment {
+                    row,
+                    start: 0,
+                    len: tk,
+                })
+                .collect();
+            let out = cpu::attention::attend(&q, &k, &v, mask, &rows, self.spec())?;
+            return self.o.forward(&out, None);
+        }
         let rep = self.num_heads / self.num_kv_heads;
         let out = self.attend(
             &q,

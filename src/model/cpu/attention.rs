@@ -41,8 +41,10 @@ pub fn covers(q: &Tensor) -> bool {
         && !crate::model::fused::disabled()
 }
 
-/// q [B, nh, T, hd], k and v [B, kv, T, hd] (contiguous f32 on the CPU), `mask` [M, M]
-/// additive f32 (each sequence attends under its [len, len] prefix) → [B, T, nh · hd].
+/// q [B, nh, Tq, hd], k and v [B, kv, Tk, hd] (f32 on the CPU) → [B, Tq, nh · hd]. Either
+/// `mask` is [M, M] and each segment attends under its [len, len] prefix (Tq = Tk: a scoring
+/// forward, padded or packed), or `mask` is [B, 1, Tq, Tk] and each segment is a whole row whose
+/// queries are the last Tq of its Tk positions (a cached decoding step or prefill).
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -51,11 +53,10 @@ pub fn attend(
     segments: &[Segment],
     spec: Spec,
 ) -> Result<Tensor> {
-    let (b, nh, t, hd) = q.dims4()?;
-    let (kb, kv, kt, khd) = k.dims4()?;
-    let (mr, mc) = mask.dims2()?;
+    let (b, nh, tq, hd) = q.dims4()?;
+    let (kb, kv, tk, khd) = k.dims4()?;
     let shape_err = |what: String| Err(Error::Model(format!("CPU attention: {what}")));
-    if (kb, kt, khd) != (b, t, hd) || v.dims4()? != k.dims4()? || kv == 0 || nh % kv != 0 {
+    if (kb, khd) != (b, hd) || tq > tk || v.dims4()? != k.dims4()? || kv == 0 || nh % kv != 0 {
         return shape_err(format!(
             "q {:?}, k {:?}, v {:?} are not [B, heads, T, head_dim] with whole groups",
             q.dims(),
@@ -63,10 +64,31 @@ pub fn attend(
             v.dims()
         ));
     }
-    for s in segments {
-        if s.row >= b || s.start + s.len > t || s.len > mr.min(mc) {
+    // the mask row of query i of segment s: its additive values over the keys of s
+    let per_row = mask.rank() == 4;
+    let (mask_rows, mask_cols) = if per_row {
+        if mask.dims4()? != (b, 1, tq, tk) {
             return shape_err(format!(
-                "segment {s:?} outside [{b}, {t}] or its mask [{mr}, {mc}]"
+                "mask {:?} is not [{b}, 1, {tq}, {tk}]",
+                mask.dims()
+            ));
+        }
+        (tq, tk)
+    } else {
+        mask.dims2()?
+    };
+    let q_offset = tk - tq;
+    for s in segments {
+        let whole_row = s.start == 0 && s.len == tk;
+        let fits = if per_row {
+            whole_row
+        } else {
+            tq == tk && s.len <= mask_rows.min(mask_cols)
+        };
+        if s.row >= b || s.start + s.len > tk || !fits {
+            return shape_err(format!(
+                "segment {s:?} outside [{b}, {tq}/{tk}] or its mask {:?}",
+                mask.dims()
             ));
         }
     }
@@ -89,38 +111,51 @@ pub fn attend(
     let (qs, ks, vs, ms) = (slices[0], slices[1], slices[2], slices[3]);
 
     let width = nh * hd;
-    let mut out = vec![0f32; b * t * width];
+    let mut out = vec![0f32; b * tq * width];
     let dst = SharedOut(out.as_mut_ptr());
+    // tasks: (segment, head, first query of the block); a segment's queries are its last
+    // len − q_offset positions
     let tasks: Vec<(Segment, usize, usize)> = segments
         .iter()
         .flat_map(|&s| {
-            (0..nh).flat_map(move |h| (0..s.len).step_by(BLOCK).map(move |r0| (s, h, r0)))
+            (0..nh).flat_map(move |h| {
+                (0..s.len - q_offset)
+                    .step_by(BLOCK)
+                    .map(move |r0| (s, h, r0))
+            })
         })
         .collect();
     let group = nh / kv;
     tasks
         .par_iter()
         .for_each_init(Vec::new, |scores, &(s, h, r0)| {
-            let rows = BLOCK.min(s.len - r0);
-            let keys_end = r0 + rows;
-            let mask_row = |i: usize| &ms[i * mc..i * mc + keys_end];
-            // the first key any query of the block sees (a sliding window's lower edge)
-            let first = (r0..keys_end)
-                .map(|i| mask_row(i).iter().position(|m| m.is_finite()).unwrap_or(i))
+            let rows = BLOCK.min(s.len - q_offset - r0);
+            let keys_end = q_offset + r0 + rows;
+            let mask_row = |i: usize| -> &[f32] {
+                let at = if per_row {
+                    (s.row * tq + i) * tk
+                } else {
+                    (q_offset + i) * mask_cols
+                };
+                &ms[at..at + keys_end]
+            };
+            // the first key any query of the block sees (a window's lower edge, left padding)
+            let first = (r0..r0 + rows)
+                .map(|i| {
+                    let row = mask_row(i);
+                    row.iter()
+                        .position(|m| m.is_finite())
+                        .unwrap_or(q_offset + i)
+                })
                 .min()
                 .unwrap_or(0);
             let keys = keys_end - first;
-            fn head(
-                x: &[f32],
-                (s, heads, h, t, hd): (Segment, usize, usize, usize, usize),
-            ) -> &[f32] {
-                let at = ((s.row * heads + h) * t + s.start) * hd;
-                &x[at..at + s.len * hd]
-            }
-            let (qh, kh, vh) = (
-                head(qs, (s, nh, h, t, hd)),
-                head(ks, (s, kv, h / group, t, hd)),
-                head(vs, (s, kv, h / group, t, hd)),
+            let q_at = ((s.row * nh + h) * tq + s.start + r0) * hd;
+            let kv_at = ((s.row * kv + h / group) * tk + s.start + first) * hd;
+            let (qb, kb, vb) = (
+                &qs[q_at..q_at + rows * hd],
+                &ks[kv_at..kv_at + keys * hd],
+                &vs[kv_at..kv_at + keys * hd],
             );
             scores.clear();
             scores.resize(rows * keys, 0.0);
@@ -135,10 +170,10 @@ pub fn attend(
                     1,
                     keys as isize,
                     false,
-                    qh[r0 * hd..].as_ptr(),
+                    qb.as_ptr(),
                     1,
                     hd as isize,
-                    kh[first * hd..].as_ptr(),
+                    kb.as_ptr(),
                     hd as isize,
                     1,
                     0.0,
@@ -164,7 +199,7 @@ pub fn attend(
                     *x /= sum;
                 }
             }
-            let out_at = (s.row * t + s.start + r0) * width + h * hd;
+            let out_at = (s.row * tq + s.start + r0) * width + h * hd;
             // SAFETY: this task alone writes rows r0..r0 + rows of its sequence, columns of head h;
             // `out` outlives the parallel loop.
             unsafe {
@@ -179,7 +214,7 @@ pub fn attend(
                     scores.as_ptr(),
                     1,
                     keys as isize,
-                    vh[first * hd..].as_ptr(),
+                    vb.as_ptr(),
                     1,
                     hd as isize,
                     0.0,
@@ -192,7 +227,7 @@ pub fn attend(
             }
         });
     drop(guards);
-    Ok(Tensor::from_vec(out, (b, t, width), &Device::Cpu)?)
+    Ok(Tensor::from_vec(out, (b, tq, width), &Device::Cpu)?)
 }
 
 /// The output's base pointer, shared by tasks that write disjoint parts of it.
@@ -319,6 +354,101 @@ mod tests {
                     "b {b}, window {window}, cap {softcap:?}: {worst}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn cached_queries_under_a_per_row_mask_equal_the_formula() {
+        // a decoding step's last tq queries of tk keys, rows left-padded by 0, 3 and 70 keys
+        let (b, nh, kv, hd, tk) = (3, 4, 2, 8, 90);
+        let rnd = |n: usize, seed: u64| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 250.0) - 2.0)
+                .collect()
+        };
+        let pads = [0usize, 3, 70];
+        for tq in [1, 5, 90] {
+            let q_offset = tk - tq;
+            let (qv, kv_, vv) = (
+                rnd(b * nh * tq * hd, 1),
+                rnd(b * kv * tk * hd, 2),
+                rnd(b * kv * tk * hd, 3),
+            );
+            let mask: Vec<f32> = (0..b)
+                .flat_map(|r| {
+                    (0..tq).flat_map(move |i| {
+                        (0..tk).map(move |j| {
+                            if j >= pads[r] && j <= q_offset + i {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                    })
+                })
+                .collect();
+            let t = |v: Vec<f32>, s: (usize, usize, usize, usize)| {
+                Tensor::from_vec(v, s, &Device::Cpu).unwrap()
+            };
+            let q = t(qv.clone(), (b, nh, tq, hd));
+            let k = t(kv_.clone(), (b, kv, tk, hd));
+            let v = t(vv.clone(), (b, kv, tk, hd));
+            let mask = t(mask, (b, 1, tq, tk));
+            let rows: Vec<Segment> = (0..b)
+                .map(|row| Segment {
+                    row,
+                    start: 0,
+                    len: tk,
+                })
+                .collect();
+            let spec = Spec {
+                scale: 0.4,
+                softcap: None,
+            };
+            let got: Vec<f32> = attend(&q, &k, &v, &mask, &rows, spec)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut worst = 0f64;
+            for r in 0..b {
+                for h in 0..nh {
+                    let kh = h / (nh / kv);
+                    for i in 0..tq {
+                        if pads[r] > q_offset + i {
+                            continue; // a padded query sees nothing (NaN, as the composed ops)
+                        }
+                        let qi = &qv[((r * nh + h) * tq + i) * hd..][..hd];
+                        let keys = pads[r]..=q_offset + i;
+                        let sc: Vec<f64> = keys
+                            .clone()
+                            .map(|j| {
+                                let kj = &kv_[((r * kv + kh) * tk + j) * hd..][..hd];
+                                qi.iter()
+                                    .zip(kj)
+                                    .map(|(a, b)| *a as f64 * *b as f64)
+                                    .sum::<f64>()
+                                    * 0.4
+                            })
+                            .collect();
+                        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                        for d in 0..hd {
+                            let want: f64 = keys
+                                .clone()
+                                .zip(&sc)
+                                .map(|(j, x)| {
+                                    (x - m).exp() / z * vv[((r * kv + kh) * tk + j) * hd + d] as f64
+                                })
+                                .sum();
+                            let g = got[((r * tq + i) * nh + h) * hd + d] as f64;
+                            worst = worst.max((g - want).abs());
+                        }
+                    }
+                }
+            }
+            assert!(worst < 2e-5, "tq {tq}: {worst}");
         }
     }
 
