@@ -92,12 +92,15 @@ pub fn attend(
             ));
         }
     }
-    let (q, k, v, mask) = (
-        q.contiguous()?,
-        k.contiguous()?,
-        v.contiguous()?,
-        mask.to_dtype(DType::F32)?.contiguous()?,
-    );
+    // a [M, M] mask narrowed from a larger one is read through its row stride, not copied
+    let mask = mask.to_dtype(DType::F32)?;
+    let mask = if !per_row && mask.stride()[1] == 1 {
+        mask
+    } else {
+        mask.contiguous()?
+    };
+    let mask_stride = if per_row { tk } else { mask.stride()[0] };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let guards = [&q, &k, &v, &mask].map(|x| x.storage_and_layout());
     let slices: Vec<&[f32]> = guards
         .iter()
@@ -132,11 +135,12 @@ pub fn attend(
             let rows = BLOCK.min(s.len - q_offset - r0);
             let keys_end = q_offset + r0 + rows;
             let mask_row = |i: usize| -> &[f32] {
-                let at = if per_row {
-                    (s.row * tq + i) * tk
+                let row = if per_row {
+                    s.row * tq + i
                 } else {
-                    (q_offset + i) * mask_cols
+                    q_offset + i
                 };
+                let at = row * mask_stride;
                 &ms[at..at + keys_end]
             };
             // the first key any query of the block sees (a window's lower edge, left padding)
@@ -336,7 +340,14 @@ mod tests {
                 let q = Tensor::from_vec(qv.clone(), (b, nh, t, hd), &Device::Cpu).unwrap();
                 let k = Tensor::from_vec(kv_.clone(), (b, kv, t, hd), &Device::Cpu).unwrap();
                 let v = Tensor::from_vec(vv.clone(), (b, kv, t, hd), &Device::Cpu).unwrap();
-                let mask = additive_mask(t + 5, window, &Device::Cpu).unwrap();
+                // a prefix of a larger mask, as contexts narrow it: read through its stride
+                let mask = additive_mask(t + 5, window, &Device::Cpu)
+                    .unwrap()
+                    .narrow(0, 0, t)
+                    .unwrap()
+                    .narrow(1, 0, t)
+                    .unwrap();
+                assert!(!mask.is_contiguous());
                 let got = attend(&q, &k, &v, &mask, &segs, spec).unwrap();
                 assert_eq!(got.dims(), &[b, t, nh * hd]);
                 let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();

@@ -108,12 +108,24 @@ macro_rules! dispatch {
 dispatch!(exp_shifted_sum, exp_shifted_sum_body, (xs: &mut [f32], shift: f32) -> f32);
 dispatch!(max, max_body, (xs: &[f32]) -> f32);
 
-/// Σ exp(x − shift) over xs, xs untouched (the log-sum-exp of a row of logits).
-pub(crate) fn sum_exp_shifted(xs: &[f32], shift: f32, scratch: &mut Vec<f32>) -> f32 {
-    scratch.clear();
-    scratch.extend_from_slice(xs);
-    exp_shifted_sum(scratch, shift)
+/// Σ exp(x − shift) over xs, xs untouched (the log-sum-exp of a row of logits), in the lanes
+/// and order of [`exp_shifted_sum`].
+#[inline(always)]
+fn sum_exp_shifted_body(xs: &[f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += exp1(*x - shift);
+        }
+    }
+    for (a, x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += exp1(*x - shift);
+    }
+    acc.iter().sum()
 }
+
+dispatch!(sum_exp_shifted, sum_exp_shifted_body, (xs: &[f32], shift: f32) -> f32);
 
 #[cfg(test)]
 mod tests {
@@ -150,8 +162,13 @@ mod tests {
             let want_max = xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(m, want_max, "n={n}");
             let want: f64 = xs.iter().map(|&x| ((x - m) as f64).exp()).sum();
-            let mut scratch = Vec::new();
-            let got = sum_exp_shifted(&xs, m, &mut scratch) as f64;
+            let got = sum_exp_shifted(&xs, m) as f64;
+            let mut copy = xs.clone();
+            assert_eq!(
+                exp_shifted_sum(&mut copy, m) as f64,
+                got,
+                "n={n}: the same sum"
+            );
             assert!(
                 (got - want).abs() <= 1e-6 * want.max(1.0),
                 "n={n}: {got} vs {want}"

@@ -41,9 +41,9 @@ pub fn logp_lse(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
     let (logp, lse): (Vec<f32>, Vec<f32>) = xs
         .par_chunks(vocab.max(1))
         .zip(&targets)
-        .map_init(Vec::new, |scratch, (row, &t)| {
+        .map(|(row, &t)| {
             let max = exp::max(row);
-            let lse = exp::sum_exp_shifted(row, max, scratch).ln() + max;
+            let lse = exp::sum_exp_shifted(row, max).ln() + max;
             (row[t as usize] - lse, lse)
         })
         .unzip();
