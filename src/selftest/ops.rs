@@ -263,45 +263,74 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         &want_grad,
         tol,
     )?);
+    let (delta, norm) = optimizer_step(device, dtype)?;
+    let (want_delta, want_norm) = optimizer_step(&Device::Cpu, DType::F32)?;
     checks.push(Check::compare(
-        format!("fused adamw update {d}"),
-        &adamw_update(device, dtype)?,
-        &adamw_update(&Device::Cpu, DType::F32)?,
+        format!("fused optimizer step {d}"),
+        &delta,
+        &want_delta,
+        tol,
+    )?);
+    checks.push(Check::compare(
+        format!("fused gradient norm {d}"),
+        &norm,
+        &want_norm,
         tol,
     )?);
     Ok(())
 }
 
-/// The weights' change over two in-place AdamW steps (f32 moments and weights, gradients in
-/// `dtype`) on `device`: what the fused update does to a [64, 33] tensor.
-fn adamw_update(device: &Device, dtype: DType) -> Result<Tensor> {
-    use fused::adamw::{adamw_moment, adamw_weight, Moment, Weight};
-    let w0 = values(&[64, 33], 15)?;
-    let w = w0.to_device(device)?.copy()?;
-    let zeros = || Tensor::zeros((64, 33), DType::F32, device);
-    let (m, v) = (zeros()?, zeros()?);
+/// Two optimizer steps over all tensors at once (f32 weights, moments and gradients, the
+/// gradients rounded through `dtype`) on `device`, the second one clipped: the weights' change
+/// ([64, 33] and [70000], the second two chunks long, without weight decay) and the norms.
+fn optimizer_step(device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    use fused::adamw_step::{step, Hyper, Slot};
+    let shapes: [&[usize]; 2] = [&[64, 33], &[70_000]];
+    let w0 = [values(shapes[0], 15)?, values(shapes[1], 16)?];
+    let w: Vec<Tensor> = w0
+        .iter()
+        .map(|w| w.to_device(device)?.copy())
+        .collect::<candle_core::Result<_>>()?;
+    let zeros = |s: &[usize]| Tensor::zeros(s, DType::F32, device);
+    let (m, v) = (
+        [zeros(shapes[0])?, zeros(shapes[1])?],
+        [zeros(shapes[0])?, zeros(shapes[1])?],
+    );
     let (lr, beta1, beta2) = (1e-3, 0.9, 0.999);
-    for step in 1..=2i32 {
-        let g = values(&[64, 33], 15 + step as u64)?
-            .to_dtype(dtype)?
-            .to_device(device)?;
-        for (x, beta, square) in [(&m, beta1, false), (&v, beta2, true)] {
-            let op = Moment {
-                beta,
-                grad_scale: 1.0,
-                seed: step as u32,
-                square,
-            };
-            adamw_moment(x, &g, op)?;
-        }
-        let (bc1, bc2) = (1.0 - f64::powi(beta1, step), 1.0 - f64::powi(beta2, step));
-        let op = Weight {
+    let mut norms = Vec::new();
+    for t in 1..=2i32 {
+        let g = (0..2)
+            .map(|i| {
+                let g = values(shapes[i], 20 + 2 * t as u64 + i as u64)?;
+                Ok(g.to_dtype(dtype)?.to_dtype(DType::F32)?.to_device(device)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let slots: Vec<Slot<'_>> = (0..2)
+            .map(|i| Slot {
+                w: &w[i],
+                m: &m[i],
+                v: &v[i],
+                g: &g[i],
+                decays: i == 0,
+                seeds: (0, 0),
+            })
+            .collect();
+        let (bc1, bc2) = (1.0 - f64::powi(beta1, t), 1.0 - f64::powi(beta2, t));
+        let hyper = Hyper {
+            beta1,
+            beta2,
+            eps: 1e-8,
             decay: 1.0 - lr * 0.01,
             lr_bc1: lr / bc1,
             inv_sqrt_bc2: 1.0 / bc2.sqrt(),
-            eps: 1e-8,
         };
-        adamw_weight(&w, &m, &v, op)?;
+        let max_norm = if t == 2 { 1.0 } else { 0.0 };
+        norms.push(step(&slots, hyper, max_norm)? as f32);
     }
-    Ok((w.to_device(&Device::Cpu)? - w0)?)
+    let delta = w
+        .iter()
+        .zip(&w0)
+        .map(|(w, w0)| (w.to_device(&Device::Cpu)? - w0)?.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((Tensor::cat(&delta, 0)?, Tensor::new(norms, &Device::Cpu)?))
 }

@@ -5,7 +5,8 @@ use super::grads::Grads;
 use super::policy::Policy;
 use crate::config::LrSchedule;
 use crate::error::{Error, Result};
-use crate::model::fused::{self, adamw};
+use crate::model::fused::{self, adamw_step};
+use crate::profile::{self, Phase};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -96,21 +97,74 @@ impl AdamW {
         }
     }
 
-    /// One update with learning rate `lr` on the gradients times `grad_scale` (the clipping
-    /// coefficient); parameters without a gradient are left alone.
-    pub fn update(
-        &mut self,
-        policy: &Policy,
-        grads: &Grads,
-        lr: f64,
-        grad_scale: f64,
-    ) -> Result<()> {
-        self.step += 1;
+    /// One optimizer step with learning rate `lr`: the gradients clipped to `max_norm` (torch's
+    /// `clip_grad_norm_`; off when <= 0), then AdamW; parameters without a gradient are left
+    /// alone. Returns the gradients' global norm; when it is not finite nothing is updated (the
+    /// caller stops the run).
+    ///
+    /// Fused (CUDA by default): the whole step over all tensors at once, three launches
+    /// ([`adamw_step`]); else the norm, then the composed update tensor by tensor.
+    pub fn step(&mut self, policy: &Policy, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
         let p = self.params;
+        let step = self.step + 1;
+        let t = step as i32;
+        let (bc1, bc2) = (1.0 - p.beta1.powi(t), 1.0 - p.beta2.powi(t));
+        let hyper = adamw_step::Hyper {
+            beta1: p.beta1,
+            beta2: p.beta2,
+            eps: p.eps,
+            decay: 1.0 - lr * p.weight_decay,
+            lr_bc1: lr / bc1,
+            inv_sqrt_bc2: 1.0 / bc2.sqrt(),
+        };
         let fused = policy
             .vars
             .first()
             .is_some_and(|v| fused::enabled(v.device()));
+        if fused {
+            // seeds of the bf16 moments' rounding: (step, tensor, moment)
+            let seed = |i: usize, moment: u64| {
+                crate::rng::bits(step, ((i as u64) << 1 | moment) + 1) as u32
+            };
+            let slots: Vec<adamw_step::Slot<'_>> = policy
+                .vars
+                .iter()
+                .enumerate()
+                .filter_map(|(i, var)| {
+                    Some(adamw_step::Slot {
+                        w: var.as_tensor(),
+                        m: &self.m[i],
+                        v: &self.v[i],
+                        g: grads.get(i)?,
+                        decays: p.weight_decay != 0.0 && decays(&policy.names[i]),
+                        seeds: (seed(i, 0), seed(i, 1)),
+                    })
+                })
+                .collect();
+            match adamw_step::unsupported(&slots) {
+                None => {
+                    let _phase = profile::scope(Phase::Optimizer);
+                    let norm = adamw_step::step(&slots, hyper, max_norm)?;
+                    if norm.is_finite() {
+                        self.step = step;
+                    }
+                    return Ok(norm);
+                }
+                Some(why) => profile::note_once(format!(
+                    "the optimizer step takes the composed ops: the fused step does not cover {why}"
+                )),
+            }
+        }
+        let norm = {
+            let _phase = profile::scope(Phase::Grads);
+            grads.norm()?
+        };
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
+        let grad_scale = adamw_step::clip_coefficient(norm, max_norm);
+        self.step = step;
+        let _phase = profile::scope(Phase::Optimizer);
         for (i, var) in policy.vars.iter().enumerate() {
             let Some(g) = grads.get(i) else { continue };
             let decay = if p.weight_decay != 0.0 && decays(&policy.names[i]) {
@@ -118,47 +172,9 @@ impl AdamW {
             } else {
                 1.0
             };
-            if fused {
-                self.update_fused(i, var.as_tensor(), g, lr, decay, grad_scale)?;
-            } else {
-                self.update_composed(i, var.as_tensor(), g, lr, decay, grad_scale)?;
-            }
+            self.update_composed(i, var.as_tensor(), g, lr, decay, grad_scale)?;
         }
-        Ok(())
-    }
-
-    /// torch's AdamW on tensor `i` in three in-place launches ([`fused::adamw`]): bit for bit
-    /// the composed update with f32 moments; bf16 moments rounded stochastically from a seed
-    /// of (step, tensor, moment), and the weights reading the stored moments.
-    fn update_fused(
-        &self,
-        i: usize,
-        w: &Tensor,
-        g: &Tensor,
-        lr: f64,
-        decay: f64,
-        grad_scale: f64,
-    ) -> Result<()> {
-        let p = self.params;
-        let t = self.step as i32;
-        let (bc1, bc2) = (1.0 - p.beta1.powi(t), 1.0 - p.beta2.powi(t));
-        let seed = |moment: u64| crate::rng::bits(self.step, ((i as u64) << 1 | moment) + 1) as u32;
-        for (x, beta, moment) in [(&self.m[i], p.beta1, 0), (&self.v[i], p.beta2, 1)] {
-            let op = adamw::Moment {
-                beta,
-                grad_scale,
-                seed: seed(moment),
-                square: moment == 1,
-            };
-            adamw::adamw_moment(x, g, op)?;
-        }
-        let op = adamw::Weight {
-            decay,
-            lr_bc1: lr / bc1,
-            inv_sqrt_bc2: 1.0 / bc2.sqrt(),
-            eps: p.eps,
-        };
-        Ok(adamw::adamw_weight(w, &self.m[i], &self.v[i], op)?)
+        Ok(norm)
     }
 
     /// torch's AdamW on tensor `i` with composed ops, one row slice at a time (one slice for all
@@ -247,17 +263,6 @@ impl AdamW {
         }
         self.step = get("step")?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
         Ok(())
-    }
-}
-
-/// torch's `clip_grad_norm_` coefficient: max_norm / (norm + 1e-6) when that is below 1, else 1
-/// (and 1 when clipping is off, max_norm <= 0).
-pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
-    let coef = max_norm / (norm + 1e-6);
-    if max_norm > 0.0 && coef < 1.0 {
-        coef
-    } else {
-        1.0
     }
 }
 
@@ -356,12 +361,12 @@ mod tests {
         );
     }
 
-    /// The fused update (three in-place ops; on the CPU the kernels' loops) against the
-    /// composed one: equal with f32 moments, step after step, with weight decay, a clipped
-    /// step's gradient scale and bf16 gradients; close with bf16 moments (each rounds its own
-    /// random bits).
+    /// The fused step (on the CPU the kernels' loops) against the composed one: equal with f32
+    /// moments, step after step, with weight decay on one tensor and not the other, a clipped
+    /// step and bf16-rounded gradients; close with bf16 moments (each rounds its own random
+    /// bits).
     #[test]
-    fn fused_update_equals_the_composed_one() {
+    fn fused_step_equals_the_composed_one() {
         let dev = candle_core::Device::Cpu;
         let params = AdamWParams {
             beta1: 0.9,
@@ -369,32 +374,63 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.01,
         };
-        let (lr, shape) = (1e-3, (37, 29));
+        let lr = 1e-3;
+        let shapes = [(37, 29), (1, 5)];
         for dtype in [DType::F32, DType::BF16] {
-            let zeros = || Tensor::zeros(shape, dtype, &dev).unwrap();
+            let zeros = |s| Tensor::zeros(s, dtype, &dev).unwrap();
             let fresh = || AdamW {
                 params,
                 dtype,
-                m: vec![zeros()],
-                v: vec![zeros()],
+                m: shapes.iter().map(|&s| zeros(s)).collect(),
+                v: shapes.iter().map(|&s| zeros(s)).collect(),
                 step: 0,
             };
             let (mut fused, mut composed) = (fresh(), fresh());
-            let w0 = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-            let (wf, wc) = (w0.copy().unwrap(), w0.copy().unwrap());
+            let w0: Vec<Tensor> = shapes
+                .iter()
+                .map(|&s| Tensor::randn(0f32, 1.0, s, &dev).unwrap())
+                .collect();
+            let wf: Vec<Tensor> = w0.iter().map(|w| w.copy().unwrap()).collect();
+            let wc: Vec<Tensor> = w0.iter().map(|w| w.copy().unwrap()).collect();
             for step in 1..=6 {
-                let g = Tensor::randn(0f32, 1.0, shape, &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let scale = if step == 3 { 0.5 } else { 1.0 };
-                let decay = 1.0 - lr * params.weight_decay;
+                let g: Vec<Tensor> = shapes
+                    .iter()
+                    .map(|&s| {
+                        let g = Tensor::randn(0f32, 1.0, s, &dev).unwrap();
+                        g.to_dtype(DType::BF16).unwrap().to_dtype(dtype).unwrap()
+                    })
+                    .collect();
+                let max_norm = if step == 3 { 1.0 } else { 1e3 };
                 fused.step += 1;
                 composed.step += 1;
-                fused.update_fused(0, &wf, &g, lr, decay, scale).unwrap();
-                composed
-                    .update_composed(0, &wc, &g, lr, decay, scale)
-                    .unwrap();
+                let t = fused.step as i32;
+                let hyper = adamw_step::Hyper {
+                    beta1: params.beta1,
+                    beta2: params.beta2,
+                    eps: params.eps,
+                    decay: 1.0 - lr * params.weight_decay,
+                    lr_bc1: lr / (1.0 - params.beta1.powi(t)),
+                    inv_sqrt_bc2: 1.0 / (1.0 - params.beta2.powi(t)).sqrt(),
+                };
+                let slots: Vec<_> = (0..2)
+                    .map(|i| adamw_step::Slot {
+                        w: &wf[i],
+                        m: &fused.m[i],
+                        v: &fused.v[i],
+                        g: &g[i],
+                        decays: i == 0,
+                        seeds: (step, step + 7),
+                    })
+                    .collect();
+                let norm = adamw_step::step(&slots, hyper, max_norm).unwrap();
+                let scale = adamw_step::clip_coefficient(norm, max_norm);
+                assert_eq!(scale < 1.0, step == 3, "step {step}: norm {norm}");
+                for i in 0..2 {
+                    let decay = if i == 0 { hyper.decay } else { 1.0 };
+                    composed
+                        .update_composed(i, &wc[i], &g[i], lr, decay, scale)
+                        .unwrap();
+                }
                 let vals = |t: &Tensor| {
                     t.to_dtype(DType::F32)
                         .unwrap()
@@ -403,35 +439,21 @@ mod tests {
                         .to_vec1::<f32>()
                         .unwrap()
                 };
-                if dtype == DType::F32 {
-                    assert_eq!(vals(&wf), vals(&wc), "weights, step {step}");
-                    assert_eq!(vals(&fused.m[0]), vals(&composed.m[0]), "m, step {step}");
-                    assert_eq!(vals(&fused.v[0]), vals(&composed.v[0]), "v, step {step}");
-                } else {
-                    // Each step's update differs by at most lr times the moments' relative
-                    // rounding (one bf16 spacing, 2^-7, stochastically, in m and half in √v).
-                    let d = crate::test_util::max_abs_diff(&wf, &wc);
-                    let bound = step as f32 * lr as f32 * 2f32.powi(-6);
-                    assert!(d < bound, "step {step}: {d} (bound {bound})");
-                    assert!(d > 0.0, "bf16 moments draw their own bits");
+                for i in 0..2 {
+                    if dtype == DType::F32 {
+                        assert_eq!(vals(&wf[i]), vals(&wc[i]), "weights {i}, step {step}");
+                        assert_eq!(vals(&fused.m[i]), vals(&composed.m[i]), "m, step {step}");
+                        assert_eq!(vals(&fused.v[i]), vals(&composed.v[i]), "v, step {step}");
+                    } else {
+                        // Each step's update differs by at most lr times the moments' relative
+                        // rounding (one bf16 spacing, 2^-7, stochastically, in m and half in √v).
+                        let d = crate::test_util::max_abs_diff(&wf[i], &wc[i]);
+                        let bound = step as f32 * lr as f32 * 2f32.powi(-6);
+                        assert!(d < bound, "step {step}: {d} (bound {bound})");
+                        assert!(i == 1 || d > 0.0, "bf16 moments draw their own bits");
+                    }
                 }
             }
         }
-    }
-
-    #[test]
-    fn clip_coefficients() {
-        assert_eq!(clip_coefficient(5.0, 10.0), 1.0);
-        assert!((clip_coefficient(20.0, 10.0) - 10.0 / (20.0 + 1e-6)).abs() < 1e-15);
-        assert_eq!(clip_coefficient(1e9, 0.0), 1.0);
-    }
-
-    #[test]
-    fn schedules() {
-        assert_eq!(learning_rate(LrSchedule::Cosine, 1.0, 0, 10, 0.1), 0.0);
-        assert_eq!(learning_rate(LrSchedule::Cosine, 1.0, 1, 10, 0.1), 1.0);
-        assert!((learning_rate(LrSchedule::Cosine, 1.0, 10, 10, 0.1) - 0.0).abs() < 1e-12);
-        assert!((learning_rate(LrSchedule::Linear, 2.0, 4, 6, 0.0) - 2.0 / 3.0).abs() < 1e-12);
-        assert_eq!(learning_rate(LrSchedule::Constant, 3.0, 9, 10, 0.0), 3.0);
     }
 }

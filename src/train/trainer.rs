@@ -16,7 +16,6 @@ use crate::dpo::{LossMix, LossParams, Metric, MetricsAccumulator};
 use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
 use crate::model::{lora, weights, Transformer};
-use crate::profile::{self, Phase};
 use crate::progress::Progress;
 use crate::signals::StopRequest;
 use candle_core::{DType, Device};
@@ -272,16 +271,6 @@ impl<'a> Trainer<'a> {
                 ));
             }
         }
-        let grad_norm = {
-            let _phase = profile::scope(Phase::Grads);
-            grads.norm()?
-        };
-        if !grad_norm.is_finite() {
-            return Err(self.diverged(
-                &format!("gradient norm is {grad_norm}"),
-                "lower train.learning_rate or set train.max_grad_norm",
-            ));
-        }
         let learning_rate = optim::learning_rate(
             t.lr_schedule,
             t.learning_rate,
@@ -290,10 +279,15 @@ impl<'a> Trainer<'a> {
             t.warmup_ratio,
         );
         self.grad_bytes = self.grad_bytes.max(grads.bytes());
-        let coef = optim::clip_coefficient(grad_norm, t.max_grad_norm);
-        let _phase = profile::scope(Phase::Optimizer);
-        self.optim
-            .update(&self.policy, &grads, learning_rate, coef)?;
+        let grad_norm = self
+            .optim
+            .step(&self.policy, &grads, learning_rate, t.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(self.diverged(
+                &format!("gradient norm is {grad_norm}"),
+                "lower train.learning_rate or set train.max_grad_norm",
+            ));
+        }
         Ok(StepReport {
             metrics,
             grad_norm,

@@ -253,7 +253,8 @@ fn assert_every_check_passed(out: &str) {
             "fused tiled attention, window 5 backward (input 3)",
             "fused tiled attention, soft cap 5 forward",
             "fused tiled attention, soft cap 5 backward (input 1)",
-            "fused adamw update",
+            "fused optimizer step",
+            "fused gradient norm",
         ] {
             wanted.push(format!("{op} {d}"));
         }

@@ -1,7 +1,7 @@
-//! AdamW in place: each moment in one launch and the weights in one more (the Triton kernels of
-//! `triton/adamw.py`, committed as cubins), where the composed update makes a dozen ops and
-//! three copies per tensor. The CPU computes the same in loops, in the same order, which is how
-//! the fused update is held to the composed one: bit for bit with f32 moments.
+//! AdamW in place on one tensor, on the CPU: each moment, then the weights, in loops that compute
+//! what `triton/adamw.py`'s `adamw_multi` computes per element, in the same order, which is how
+//! the fused update is held to the composed one: bit for bit with f32 moments. On CUDA the step
+//! over all tensors at once ([`super::adamw_step`]) launches the kernel instead.
 //!
 //! A bf16 moment is rounded stochastically (the kernels from a Philox stream, the CPU from
 //! splitmix64: the same distribution, other bits), and the weights read the stored moments.
@@ -111,18 +111,6 @@ impl InplaceOp2 for Moment {
         }
         Ok(())
     }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &mut candle_core::CudaStorage,
-        xl: &Layout,
-        g: &candle_core::CudaStorage,
-        gl: &Layout,
-    ) -> Result<()> {
-        same_shape(xl, gl)?;
-        cuda::moment(self, x, xl, g, gl)
-    }
 }
 
 impl InplaceOp3 for Weight {
@@ -160,21 +148,6 @@ impl InplaceOp3 for Weight {
         }
         Ok(())
     }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        w: &mut candle_core::CudaStorage,
-        wl: &Layout,
-        m: &candle_core::CudaStorage,
-        ml: &Layout,
-        v: &candle_core::CudaStorage,
-        vl: &Layout,
-    ) -> Result<()> {
-        same_shape(wl, ml)?;
-        same_shape(wl, vl)?;
-        cuda::weight(self, w, wl, m, ml, v, vl)
-    }
 }
 
 impl Weight {
@@ -193,133 +166,6 @@ impl Weight {
             let denom = v.f().sqrt() * isb + eps;
             *w = *w * decay - (m.f() / denom) * lr_bc1;
         }
-    }
-}
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    use super::{Moment, Weight, NAME};
-    use crate::model::fused::cubins::launch::{
-        arch, err, i32_of, kernel, launch, view, view_mut, Arg, KernelElem,
-    };
-    use crate::model::fused::cubins::{dtype_name, Want};
-    use candle_core::backend::BackendStorage;
-    use candle_core::{CudaStorage, DType, Layout, Result};
-    use half::{bf16, f16};
-
-    /// The kernels' block: elements per program (compile.py).
-    fn grid(k: &crate::model::fused::cubins::Kernel, n: usize) -> Result<(u32, u32, u32)> {
-        let block = k
-            .tile("BLOCK")
-            .ok_or_else(|| err(format!("{}: no BLOCK", k.name)))?;
-        Ok((i32_of("blocks", n.div_ceil(block))? as u32, 1, 1))
-    }
-
-    fn ptr_type(dtype: DType) -> Result<String> {
-        dtype_name(dtype)
-            .map(|d| format!("*{d}"))
-            .ok_or_else(|| err(format!("fused {NAME}: {dtype:?}")))
-    }
-
-    pub fn moment(
-        op: &Moment,
-        x: &mut CudaStorage,
-        xl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-    ) -> Result<()> {
-        match (x.dtype(), g.dtype()) {
-            (DType::F32, DType::F32) => moment_t::<f32, f32>(op, x, xl, g, gl),
-            (DType::F32, DType::BF16) => moment_t::<f32, bf16>(op, x, xl, g, gl),
-            (DType::F32, DType::F16) => moment_t::<f32, f16>(op, x, xl, g, gl),
-            (DType::BF16, DType::F32) => moment_t::<bf16, f32>(op, x, xl, g, gl),
-            (DType::BF16, DType::BF16) => moment_t::<bf16, bf16>(op, x, xl, g, gl),
-            (DType::BF16, DType::F16) => moment_t::<bf16, f16>(op, x, xl, g, gl),
-            (x, g) => Err(err(format!("fused {NAME}: moments {x:?}, gradients {g:?}"))),
-        }
-    }
-
-    fn moment_t<X: KernelElem, G: KernelElem>(
-        op: &Moment,
-        x: &mut CudaStorage,
-        xl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-    ) -> Result<()> {
-        let n = xl.shape().elem_count();
-        let dev = x.device.clone();
-        let (tx, tg) = (ptr_type(x.dtype())?, ptr_type(g.dtype())?);
-        let k = kernel(&Want {
-            kernel: "adamw_moment",
-            arch: arch(&dev)?,
-            types: &[(0, &tx), (1, &tg)],
-            constexprs: &[("SQUARE", op.square.into())],
-        })?;
-        let (beta, omb, gs) = op.scalars();
-        let gv = view::<G>(g, gl)?;
-        let mut xv = view_mut::<X>(x, xl)?;
-        let mut args = vec![
-            X::arg_mut(&mut xv),
-            G::arg(&gv),
-            Arg::I32(i32_of("elements", n)?),
-            Arg::Float(beta),
-            Arg::Float(omb),
-            Arg::Float(gs),
-            Arg::I32(op.seed as i32),
-        ];
-        launch(&dev, k, grid(k, n)?, &mut args)
-    }
-
-    pub fn weight(
-        op: &Weight,
-        w: &mut CudaStorage,
-        wl: &Layout,
-        m: &CudaStorage,
-        ml: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<()> {
-        match (w.dtype(), m.dtype(), v.dtype()) {
-            (DType::F32, DType::F32, DType::F32) => weight_t::<f32>(op, w, wl, m, ml, v, vl),
-            (DType::F32, DType::BF16, DType::BF16) => weight_t::<bf16>(op, w, wl, m, ml, v, vl),
-            (w, m, v) => Err(err(format!(
-                "fused {NAME}: weights {w:?}, moments {m:?}/{v:?}"
-            ))),
-        }
-    }
-
-    fn weight_t<S: KernelElem>(
-        op: &Weight,
-        w: &mut CudaStorage,
-        wl: &Layout,
-        m: &CudaStorage,
-        ml: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<()> {
-        let n = wl.shape().elem_count();
-        let dev = w.device.clone();
-        let ts = ptr_type(m.dtype())?;
-        let k = kernel(&Want {
-            kernel: "adamw_weight",
-            arch: arch(&dev)?,
-            types: &[(0, "*fp32"), (1, &ts)],
-            constexprs: &[],
-        })?;
-        let (decay, lr_bc1, isb, eps) = op.scalars();
-        let (mv, vv) = (view::<S>(m, ml)?, view::<S>(v, vl)?);
-        let mut wv = view_mut::<f32>(w, wl)?;
-        let mut args = vec![
-            Arg::F32Mut(&mut wv),
-            S::arg(&mv),
-            S::arg(&vv),
-            Arg::I32(i32_of("elements", n)?),
-            Arg::Float(decay),
-            Arg::Float(lr_bc1),
-            Arg::Float(isb),
-            Arg::Float(eps),
-        ];
-        launch(&dev, k, grid(k, n)?, &mut args)
     }
 }
 

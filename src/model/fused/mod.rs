@@ -8,6 +8,7 @@
 
 mod accumulate;
 pub mod adamw;
+pub mod adamw_step;
 pub mod attention;
 pub mod cubins;
 mod elem;

@@ -175,11 +175,11 @@ fn one_lora_step_matches_trl_and_peft() {
     )
     .unwrap();
     optim
-        .update(
+        .step(
             &policy,
             &grads,
             step["learning_rate"].as_f64().unwrap(),
-            1.0,
+            0.0, // unclipped
         )
         .unwrap();
     let after = &step["policy_logps_after"];

@@ -97,8 +97,13 @@ pub enum Arg<'r, 'v> {
     F16Mut(&'r mut CudaViewMut<'v, f16>),
     F32Mut(&'r mut CudaViewMut<'v, f32>),
     Offsets(&'r CudaSlice<i32>),
+    /// A table of int64 words (the optimizer's device addresses and seeds).
+    Table(&'r CudaSlice<i64>),
+    F64(&'r CudaSlice<f64>),
+    F64Mut(&'r mut CudaSlice<f64>),
     I32(i32),
     Float(f32),
+    Double(f64),
 }
 
 /// An element type the kernels take, and its argument.
@@ -173,6 +178,18 @@ pub fn launch(
                 b.arg(*v);
                 "*i32"
             }
+            Arg::Table(v) => {
+                b.arg(*v);
+                "*i64"
+            }
+            Arg::F64(v) => {
+                b.arg(*v);
+                "*fp64"
+            }
+            Arg::F64Mut(v) => {
+                b.arg(&mut **v);
+                "*fp64"
+            }
             Arg::I32(v) => {
                 b.arg(&*v);
                 "i32"
@@ -180,6 +197,10 @@ pub fn launch(
             Arg::Float(v) => {
                 b.arg(&*v);
                 "fp32"
+            }
+            Arg::Double(v) => {
+                b.arg(&*v);
+                "fp64"
             }
         };
         if given != ty {
@@ -203,8 +224,9 @@ pub fn launch(
         // against the manifest's type above (device pointers of its element type, i32/f32
         // scalars), then its two scratch pointers, which may be null since it needs no scratch
         // (compile.py); the callers size every buffer to what the kernel addresses (the
-        // attention's contiguous [B, H, T, D] tensors and [Hq, B·T] statistics, AdamW's n
-        // elements), and all of it is queued on the device's one stream.
+        // attention's contiguous [B, H, T, D] tensors and [Hq, B·T] statistics; the optimizer's
+        // tables name only live, contiguous tensors of the types its kernels read, each chunk
+        // within its tensor), and all of it is queued on the device's one stream.
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok(())

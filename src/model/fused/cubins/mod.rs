@@ -39,7 +39,7 @@ pub struct Kernel {
     pub entry: String,
     /// Compute capability × 10 + minor (80, 90).
     pub arch: u32,
-    /// The compile-time constants: tiles, soft cap, AdamW's square and rounding.
+    /// The compile-time constants: tiles, soft cap, the optimizer's state dtype and chunk.
     pub constexprs: BTreeMap<String, serde_json::Value>,
     /// Threads per block = num_warps × 32.
     pub num_warps: u32,
@@ -48,8 +48,8 @@ pub struct Kernel {
     pub fp_fusion: bool,
     /// Dynamic shared memory, bytes.
     pub shared: u32,
-    /// The kernel's parameters in order, `name:type` (`*bf16`, `*fp16`, `*fp32`, `*i32`, `i32`,
-    /// `fp32`).
+    /// The kernel's parameters in order, `name:type` (`*bf16`, `*fp16`, `*fp32`, `*fp64`,
+    /// `*i32`, `*i64`, `i32`, `fp32`, `fp64`).
     pub params: Vec<String>,
     /// Null pointers Triton's calling convention appends after them.
     pub scratch_params: usize,
@@ -212,15 +212,16 @@ mod tests {
             ),
             1
         );
-        let moment = m
+        let adamw = m
             .find(&Want {
-                kernel: "adamw_moment",
+                kernel: "adamw_multi",
                 arch: 90,
-                types: &[(0, "*bf16"), (1, "*fp16")],
-                constexprs: &[("SQUARE", json!(true))],
+                types: &[],
+                constexprs: &[("BF16", json!(true))],
             })
             .unwrap();
-        assert_eq!(moment.name, "adamw_moment_sm90_bf16_fp16_sq1");
-        assert_eq!(moment.constexprs["STOCHASTIC"], json!(true));
+        assert_eq!(adamw.name, "adamw_multi_sm90_bf16");
+        assert_eq!(adamw.param_type(0), Some("*i64"));
+        assert_eq!(adamw.tile("CHUNK"), Some(super::super::adamw_step::CHUNK));
     }
 }

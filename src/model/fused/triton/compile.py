@@ -63,13 +63,11 @@ def attention_types(dtype):
     return types
 
 
-def adamw_types(state, grad):
-    """f32 weights, moments in the state dtype, gradients in theirs, f32 scalars, i32 n and seed."""
-    def types(name):
-        return {"W": "*fp32", "X": f"*{state}", "M": f"*{state}", "V": f"*{state}", "G": f"*{grad}"}.get(
-            name, "i32" if name in ("n", "seed") else "fp32"
-        )
-    return types
+def adamw_types(name):
+    """The optimizer's tables (int64 addresses, int32 chunks), f32 partial sums, the f64 norm and
+    coefficient, the chunk count and f32 (f64: max_norm) scalars."""
+    return {"PTRS": "*i64", "CHUNKS": "*i32", "PARTIALS": "*fp32", "OUT": "*fp64", "COEF": "*fp64",
+            "n_chunks": "i32", "max_norm": "fp64"}.get(name, "fp32")
 
 
 def variants():
@@ -86,15 +84,13 @@ def variants():
                     for kernel in (flash_attn.flash_fwd, flash_attn.flash_bwd_dkdv, flash_attn.flash_bwd_dq):
                         yield Variant("flash_attn.py", kernel, arch, types, consts, warps, stages, True,
                                       f"{dtype}_d{block_d}_cap{int(softcap)}")
-        # AdamW without FP fusion: its f32 arithmetic equals the composed ops op by op.
+        # The optimizer without FP fusion: its f32 arithmetic equals the composed ops op by op.
+        chunk = {"CHUNK": adamw.CHUNK, "BLOCK": adamw.BLOCK}
+        yield Variant("adamw.py", adamw.clip_norm, arch, adamw_types, {"BLOCK": adamw.BLOCK}, 4, 1, False, "f64")
         for state in ("fp32", "bf16"):
-            yield Variant("adamw.py", adamw.adamw_weight, arch, adamw_types(state, "fp32"), {"BLOCK": 1024},
-                          4, 1, False, state)
-            for grad in ("fp32", "bf16", "fp16"):
-                for square in (False, True):
-                    consts = {"SQUARE": square, "STOCHASTIC": state == "bf16", "BLOCK": 1024}
-                    yield Variant("adamw.py", adamw.adamw_moment, arch, adamw_types(state, grad), consts,
-                                  4, 1, False, f"{state}_{grad}_sq{int(square)}")
+            consts = {"BF16": state == "bf16", **chunk}
+            for kernel in (adamw.grad_sumsq, adamw.adamw_multi):
+                yield Variant("adamw.py", kernel, arch, adamw_types, consts, 4, 1, False, state)
 
 
 def compile_one(v):

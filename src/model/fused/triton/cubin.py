@@ -15,7 +15,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
-DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
+DTYPES = {
+    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int32: "i32", torch.int64: "i64",
+}
 
 
 class Cubins:
@@ -85,6 +88,8 @@ class Cubins:
                 values.append(ctypes.c_int32(a))
             elif ty == "fp32":
                 values.append(ctypes.c_float(a))
+            elif ty == "fp64":
+                values.append(ctypes.c_double(a))
             else:
                 raise TypeError(f"{name}: {ty}")
         values += [ctypes.c_uint64(0)] * e["scratch_params"]

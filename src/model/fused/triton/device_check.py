@@ -7,7 +7,8 @@
 2. the committed cubins (what refdpo embeds), launched through the driver as refdpo does, against
    the composed ops in float64 and against the JIT build, forward and every input's gradient,
    for every compiled head tile, dtype and soft cap, GQA, a window and packed sequences;
-   and AdamW's cubins against the composed ops' f32 arithmetic, bit for bit;
+   and the optimizer's cubins (norm, clipping, AdamW over many tensors) against the composed
+   ops' f32 arithmetic, bit for bit;
 3. forward and forward+backward time of the cubins against torch's
    `scaled_dot_product_attention` (its flash backend, causal, GQA), at the shapes of the
    benchmark's models, as TFLOP/s (causal: half the square).
@@ -74,6 +75,8 @@ def jit_tests():
     calls += [
         ("adamw_f32", test_adamw.test_f32_state_equals_the_composed_ops_and_torch_adamw, ()),
         ("adamw_bf16_rounding", test_adamw.test_bf16_moments_round_stochastically, ()),
+        ("adamw_non_finite", test_adamw.test_a_non_finite_norm_changes_nothing, ()),
+        ("adamw_no_clipping", test_adamw.test_no_clipping_without_max_norm, ()),
     ]
     passed, failures = 0, []
     for name, fn, args in calls:
@@ -217,9 +220,11 @@ def main():
     cubins = Cubins()
     report["arch"] = cubins.arch
     report["correctness"] = correctness(cubins)
-    # AdamW's committed cubins: f32 state bit for bit against the composed ops' op order.
+    # The optimizer's committed cubins: f32 state bit for bit against the composed ops' op
+    # order, the norm against f64, a non-finite norm changing nothing.
     try:
         test_adamw.test_f32_state_equals_the_composed_ops_and_torch_adamw(launch=cubins)
+        test_adamw.test_a_non_finite_norm_changes_nothing(launch=cubins)
         report["adamw_cubins"] = "ok"
     except Exception:  # noqa: BLE001 - reported, not fatal to the rest of the check
         report["adamw_cubins"] = traceback.format_exc(limit=2)[-600:]
