@@ -4,6 +4,7 @@
 //! W + s·B·A into a full checkpoint.
 
 use super::config::TransformerConfig;
+use super::frozen::FrozenMatmul;
 use super::init;
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::{fs, Error, Result};
@@ -159,7 +160,17 @@ impl Proj {
     /// x [B, T, in] → [B, T, out]. The adapter runs in f32 on x cast to f32 and is added to the
     /// base output in f32 before the cast back, as PEFT does with its f32 adapter weights.
     pub fn forward(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
+        let w = self.base.weight();
+        let y = if x.track_op() && !w.track_op() {
+            // a frozen base in a backward: no weight gradient ([`FrozenMatmul`])
+            let y = FrozenMatmul::apply(x, w)?;
+            match self.base.bias() {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        } else {
+            self.base.forward(x)?
+        };
         let Some(ad) = &self.adapter else {
             return Ok(y);
         };

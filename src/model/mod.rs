@@ -10,6 +10,7 @@ pub mod block;
 pub mod config;
 pub mod cpu;
 pub mod decode;
+pub mod frozen;
 pub mod fused;
 pub mod init;
 pub mod load;
