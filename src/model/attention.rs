@@ -159,7 +159,7 @@ impl Attention {
         lens: &std::sync::Arc<[usize]>,
         mode: OpMode,
     ) -> Result<Tensor> {
-        if mode == OpMode::Fused && self.tiled_covers(q, k) {
+        if self.tiled_for(q, k, mode) {
             // one launch of each kernel over every sequence (the kernels' sequence offsets)
             return Ok(fused::tiled::tiled_attention_packed(
                 q,
@@ -209,7 +209,7 @@ impl Attention {
         step: usize,
         mode: OpMode,
     ) -> Result<Tensor> {
-        if mode == OpMode::Fused && self.tiled_covers(q, k) {
+        if self.tiled_for(q, k, mode) {
             return Ok(fused::tiled::tiled_attention(q, k, v, self.tiled_params())?);
         }
         // The fused row op takes each kv head's query heads as rows: no repeated K and V.
@@ -239,6 +239,19 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 0)?
         })
+    }
+
+    /// Whether this attention takes the tiled op: refdpo's fused ops where it covers them, and a
+    /// differentiable forward in f32 on the CPU (its blocks with gemm, forward and backward, in
+    /// place of the composed attention and its autograd) unless `REFDPO_FUSED=0`.
+    fn tiled_for(&self, q: &Tensor, k: &Tensor, mode: OpMode) -> bool {
+        match mode {
+            OpMode::Fused => self.tiled_covers(q, k),
+            OpMode::Differentiable => {
+                q.device().is_cpu() && q.dtype() == DType::F32 && !fused::disabled()
+            }
+            OpMode::Fast => false,
+        }
     }
 
     /// Whether the tiled op takes q [B, nh, T, hd] against k [B, kv, T, hd]: where it does not

@@ -4,10 +4,12 @@
 //! window, grouped-query heads without repeated K/V, and Gemma 2's soft cap.
 //!
 //! The kernels are Triton (`../triton/flash_attn.py`), committed as cubins ([`super::cubins`]);
-//! `cuda` launches them. On the CPU the op computes the same attention in plain loops ([`cpu`]),
-//! so the decoder's use of it, forward and backward, is tested without a GPU (`REFDPO_FUSED=1`).
+//! `cuda` launches them. On the CPU the op computes the same attention in f32 blocks with gemm
+//! (`cpu_blocks`, what CPU training runs) and in plain loops for the other dtypes ([`cpu`], the
+//! reference the blocks are tested against).
 
 pub mod cpu;
+mod cpu_blocks;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod op;
