@@ -91,7 +91,7 @@ lint:
 kernels:
 	bash bench/check_kernels.sh
 
-# The Triton kernels (tiled attention, AdamW): their interpreter tests on the CPU, then their cubins
+# The Triton kernels (tiled attention, optimizer step): their interpreter tests on the CPU, then their cubins
 # recompiled (sm_80, sm_90; no GPU needed) and compared with the committed ones. triton-compile
 # rewrites them after an edit of a kernel. Python: $REFDPO_PYTHON, else the venv that
 # tests/python/install.sh makes.

@@ -10,6 +10,7 @@
 use super::cpu::Dims;
 use super::op::Params;
 use crate::model::cpu::exp;
+use crate::model::fused::elem::Elem;
 use rayon::prelude::*;
 
 /// Queries per block.
@@ -381,6 +382,92 @@ pub fn backward(
     }
     (dq, dk, dv)
 }
+
+/// The CPU's tiled attention for an element type: f32 (what training runs) in these blocks, the
+/// half types in [`super::cpu`]'s loops.
+pub trait CpuTiled: Elem {
+    fn forward(
+        q: &[Self],
+        k: &[Self],
+        v: &[Self],
+        n: Dims,
+        p: &Params,
+        lens: Option<&[usize]>,
+    ) -> (Vec<Self>, Vec<f32>);
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        q: &[Self],
+        k: &[Self],
+        v: &[Self],
+        o: &[Self],
+        grad: &[Self],
+        lse: &[f32],
+        n: Dims,
+        p: &Params,
+        lens: Option<&[usize]>,
+    ) -> (Vec<Self>, Vec<Self>, Vec<Self>);
+}
+
+impl CpuTiled for f32 {
+    fn forward(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: Dims,
+        p: &Params,
+        lens: Option<&[usize]>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        forward(q, k, v, n, p, lens)
+    }
+
+    fn backward(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        o: &[f32],
+        grad: &[f32],
+        lse: &[f32],
+        n: Dims,
+        p: &Params,
+        lens: Option<&[usize]>,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        backward(q, k, v, o, grad, lse, n, p, lens)
+    }
+}
+
+macro_rules! loops {
+    ($t:ty) => {
+        impl CpuTiled for $t {
+            fn forward(
+                q: &[$t],
+                k: &[$t],
+                v: &[$t],
+                n: Dims,
+                p: &Params,
+                lens: Option<&[usize]>,
+            ) -> (Vec<$t>, Vec<f32>) {
+                super::cpu::forward(q, k, v, n, p, lens)
+            }
+
+            fn backward(
+                q: &[$t],
+                k: &[$t],
+                v: &[$t],
+                o: &[$t],
+                grad: &[$t],
+                lse: &[f32],
+                n: Dims,
+                p: &Params,
+                lens: Option<&[usize]>,
+            ) -> (Vec<$t>, Vec<$t>, Vec<$t>) {
+                super::cpu::backward(q, k, v, o, grad, lse, n, p, lens)
+            }
+        }
+    };
+}
+loops!(half::bf16);
+loops!(half::f16);
 
 #[cfg(test)]
 mod tests {

@@ -2,12 +2,12 @@
 //! log-sum-exp (f32 [Hq, B·T]) for the backward, which is one op writing dq, dk and dv into one
 //! buffer (the kernels' delta, dK/dV and dQ passes on CUDA).
 
-use super::cpu::{self, Dims};
-use super::cpu_blocks;
+use super::cpu::Dims;
+use super::cpu_blocks::CpuTiled;
 use crate::model::fused::elem::{slice, with_float};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
+    CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
 use std::sync::{Arc, Mutex};
 
@@ -152,21 +152,8 @@ impl CustomOp3 for TiledAttention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = dims(ql, kl, vl)?;
-        if q.dtype() == DType::F32 {
-            // f32 (what CPU training runs): the blocks with gemm
-            let (o, lse) = cpu_blocks::forward(
-                slice(NAME, q, ql)?,
-                slice(NAME, k, kl)?,
-                slice(NAME, v, vl)?,
-                n,
-                &self.params,
-                self.lens.as_deref(),
-            );
-            self.keep(Tensor::from_vec(lse, (n.hq, n.b * n.t), &Device::Cpu)?);
-            return Ok((CpuStorage::F32(o), ql.shape().clone()));
-        }
         with_float!(q.dtype(), NAME, T => {
-            let (o, lse) = cpu::forward::<T>(
+            let (o, lse) = <T as CpuTiled>::forward(
                 slice(NAME, q, ql)?,
                 slice(NAME, k, kl)?,
                 slice(NAME, v, vl)?,
@@ -269,35 +256,11 @@ impl CustomOp3 for TiledAttentionBackward {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = dims(ql, kl, vl)?;
-        if q.dtype() == DType::F32 {
-            let (dq, dk, dv) = with_cpu(&self.o, |os, ol| {
-                with_cpu(&self.grad, |gs, gl| {
-                    with_cpu(&self.lse, |ls, ll| {
-                        Ok(cpu_blocks::backward(
-                            slice(NAME, q, ql)?,
-                            slice(NAME, k, kl)?,
-                            slice(NAME, v, vl)?,
-                            slice(NAME, os, ol)?,
-                            slice(NAME, gs, gl)?,
-                            slice::<f32>(NAME, ls, ll)?,
-                            n,
-                            &self.params,
-                            self.lens.as_deref(),
-                        ))
-                    })
-                })
-            })?;
-            let len = dq.len() + dk.len() + dv.len();
-            let mut all = dq;
-            all.extend(dk);
-            all.extend(dv);
-            return Ok((CpuStorage::F32(all), Shape::from(len)));
-        }
         with_float!(q.dtype(), NAME, T => {
             let (dq, dk, dv) = with_cpu(&self.o, |os, ol| {
                 with_cpu(&self.grad, |gs, gl| {
                     with_cpu(&self.lse, |ls, ll| {
-                        Ok(cpu::backward::<T>(
+                        Ok(<T as CpuTiled>::backward(
                             slice(NAME, q, ql)?,
                             slice(NAME, k, kl)?,
                             slice(NAME, v, vl)?,
