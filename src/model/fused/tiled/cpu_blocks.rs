@@ -409,35 +409,8 @@ pub trait CpuTiled: Elem {
     ) -> (Vec<Self>, Vec<Self>, Vec<Self>);
 }
 
-impl CpuTiled for f32 {
-    fn forward(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n: Dims,
-        p: &Params,
-        lens: Option<&[usize]>,
-    ) -> (Vec<f32>, Vec<f32>) {
-        forward(q, k, v, n, p, lens)
-    }
-
-    fn backward(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        o: &[f32],
-        grad: &[f32],
-        lse: &[f32],
-        n: Dims,
-        p: &Params,
-        lens: Option<&[usize]>,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        backward(q, k, v, o, grad, lse, n, p, lens)
-    }
-}
-
-macro_rules! loops {
-    ($t:ty) => {
+macro_rules! cpu_tiled {
+    ($t:ty, $forward:path, $backward:path) => {
         impl CpuTiled for $t {
             fn forward(
                 q: &[$t],
@@ -447,7 +420,7 @@ macro_rules! loops {
                 p: &Params,
                 lens: Option<&[usize]>,
             ) -> (Vec<$t>, Vec<f32>) {
-                super::cpu::forward(q, k, v, n, p, lens)
+                $forward(q, k, v, n, p, lens)
             }
 
             fn backward(
@@ -461,13 +434,14 @@ macro_rules! loops {
                 p: &Params,
                 lens: Option<&[usize]>,
             ) -> (Vec<$t>, Vec<$t>, Vec<$t>) {
-                super::cpu::backward(q, k, v, o, grad, lse, n, p, lens)
+                $backward(q, k, v, o, grad, lse, n, p, lens)
             }
         }
     };
 }
-loops!(half::bf16);
-loops!(half::f16);
+cpu_tiled!(f32, forward, backward);
+cpu_tiled!(half::bf16, super::cpu::forward, super::cpu::backward);
+cpu_tiled!(half::f16, super::cpu::forward, super::cpu::backward);
 
 #[cfg(test)]
 mod tests {
