@@ -126,6 +126,12 @@ impl AdamW {
             let seed = |i: usize, moment: u64| {
                 crate::rng::bits(step, ((i as u64) << 1 | moment) + 1) as u32
             };
+            // a stored gradient may be a view (a matmul's transposed weight gradient): the
+            // kernels read rows
+            let rows: Vec<Option<Tensor>> = grads
+                .iter()
+                .map(|g| g.map(Tensor::contiguous).transpose())
+                .collect::<candle_core::Result<_>>()?;
             let slots: Vec<adamw_step::Slot<'_>> = policy
                 .vars
                 .iter()
@@ -135,7 +141,7 @@ impl AdamW {
                         w: var.as_tensor(),
                         m: &self.m[i],
                         v: &self.v[i],
-                        g: grads.get(i)?,
+                        g: rows[i].as_ref()?,
                         decays: p.weight_decay != 0.0 && decays(&policy.names[i]),
                         seeds: (seed(i, 0), seed(i, 1)),
                     })

@@ -241,6 +241,56 @@ fn demo_trains_from_ln2_to_high_heldout_accuracy() {
     );
 }
 
+/// The fused path's optimizer step (`REFDPO_FUSED=1` on the CPU: the kernels' loops) takes the
+/// trainer's own gradients, full and LoRA (transposed matmul gradients among them), with no
+/// fallback to the composed update, and trains like the default path.
+#[test]
+fn the_fused_optimizer_step_takes_the_trainers_gradients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 3");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    for (name, lora) in [
+        ("full", &[][..]),
+        ("lora", &["--set", "train.lora.r=4"][..]),
+    ] {
+        let run = |fused: &str, out: &str| {
+            let out_dir = tmp.path().join(out);
+            let set = format!("train.out={}", out_dir.display());
+            let mut args = vec!["train", "--config", cfg_s, "--set", &set];
+            args.extend_from_slice(lora);
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_refdpo"))
+                .args(&args)
+                .current_dir(tmp.path())
+                .env("HF_HUB_OFFLINE", "1")
+                .env("REFDPO_FUSED", fused)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+            assert!(o.status.success(), "{name}: {stderr}");
+            let losses: Vec<f64> = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+                .collect();
+            (stderr, losses)
+        };
+        let (stderr, fused) = run("1", &format!("fused-{name}"));
+        assert!(
+            !stderr.contains("optimizer step takes the composed ops"),
+            "{name}: {stderr}"
+        );
+        let (_, composed) = run("0", &format!("composed-{name}"));
+        assert_eq!(fused.len(), 3, "{name}");
+        for (f, c) in fused.iter().zip(&composed) {
+            assert!(
+                (f - c).abs() < 1e-4,
+                "{name}: fused {fused:?}, composed {composed:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn resume_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
