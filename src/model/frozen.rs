@@ -36,12 +36,22 @@ impl FrozenMatmul {
         Ok((layout.shape().elem_count() / k, k, n, Shape::from(out)))
     }
 
-    /// The layouts the backends' matmul takes: x as [m, k] rows, W as its transpose [k, n].
-    fn layouts(&self, xl: &Layout, wl: &Layout, m: usize, k: usize) -> Result<(Layout, Layout)> {
-        Ok((
-            Layout::contiguous_with_offset((m, k), xl.start_offset()),
-            wl.transpose(0, 1)?,
-        ))
+    /// x·Wᵀ on one backend: x as [m, k] rows, W's storage (`pick` finds it on this backend,
+    /// else `device` names the mismatch) as its transpose [k, n].
+    fn matmul<S: BackendStorage>(
+        &self,
+        x: &S,
+        xl: &Layout,
+        pick: fn(&Storage) -> Option<&S>,
+        device: &str,
+    ) -> Result<(S, Shape)> {
+        let (m, k, n, shape) = self.dims(xl)?;
+        let (ws, wl) = self.w.storage_and_layout();
+        let Some(w) = pick(&ws) else {
+            candle_core::bail!("frozen linear: the weight is not on {device}")
+        };
+        let xl = Layout::contiguous_with_offset((m, k), xl.start_offset());
+        Ok((x.matmul(w, (1, m, n, k), &xl, &wl.transpose(0, 1)?)?, shape))
     }
 }
 
@@ -51,13 +61,13 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, k, n, shape) = self.dims(xl)?;
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(w) = &*ws else {
-            candle_core::bail!("frozen linear: the weight is not on the CPU")
-        };
-        let (xl, wt) = self.layouts(xl, wl, m, k)?;
-        Ok((x.matmul(w, (1, m, n, k), &xl, &wt)?, shape))
+        fn pick(s: &Storage) -> Option<&CpuStorage> {
+            match s {
+                Storage::Cpu(w) => Some(w),
+                _ => None,
+            }
+        }
+        self.matmul(x, xl, pick, "the CPU")
     }
 
     #[cfg(feature = "cuda")]
@@ -66,13 +76,13 @@ impl CustomOp1 for FrozenMatmul {
         x: &candle_core::CudaStorage,
         xl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (m, k, n, shape) = self.dims(xl)?;
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cuda(w) = &*ws else {
-            candle_core::bail!("frozen linear: the weight is not on CUDA")
-        };
-        let (xl, wt) = self.layouts(xl, wl, m, k)?;
-        Ok((x.matmul(w, (1, m, n, k), &xl, &wt)?, shape))
+        fn pick(s: &Storage) -> Option<&candle_core::CudaStorage> {
+            match s {
+                Storage::Cuda(w) => Some(w),
+                _ => None,
+            }
+        }
+        self.matmul(x, xl, pick, "CUDA")
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
