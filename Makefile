@@ -27,7 +27,7 @@ RUN_ARG = $(if $(wildcard $(RUN)/final),--run $(RUN))
 REWARD_MODEL ?= data/demo/reward_model
 REFDPO = $(CARGO) run --profile $(PROFILE) --quiet $(FEATURES) --bin refdpo --
 
-.PHONY: precompute train stats show plot generate judge real-smollm2 merge test lint kernels triton triton-compile bench bench-real fixtures build
+.PHONY: precompute train stats show plot generate judge real-smollm2 merge test lint kernels triton triton-compile kernels-cpu bench bench-real fixtures build
 
 build:
 	$(NEEDS_NVCC)
@@ -102,6 +102,11 @@ triton:
 
 triton-compile:
 	$(KPY) src/model/fused/triton/compile.py
+
+# The fused CUDA C kernels (kernels.cu) built for the CPU with the host's C++ compiler and held
+# to torch, then rerun under ThreadSanitizer for shared-memory races (no GPU, no nvcc).
+kernels-cpu:
+	$(KPY) -m pytest -q -p no:cacheprovider src/model/fused/emulator
 
 # Benchmarks against PyTorch/transformers and TRL (BENCHMARKS.md). CPU: installs the peer into
 # bench/.venv on first use. DEVICE=cuda: one stage of bench/gpu.py, run on the GPU host

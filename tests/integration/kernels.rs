@@ -1,7 +1,9 @@
-//! The tiled attention's Triton source (`src/model/fused/triton/`), checked on the CPU:
-//! Triton's interpreter runs the very kernels against the composed ops (forward and every
-//! input's gradient), and `compile.py --check` recompiles them for sm_80 and sm_90, with no GPU,
-//! and compares the committed cubins and manifest byte for byte.
+//! The GPU kernels' own source, checked on the CPU. The Triton kernels (`src/model/fused/triton/`):
+//! Triton's interpreter runs them against the composed ops (forward and every input's gradient),
+//! and `compile.py --check` recompiles them for sm_80 and sm_90, with no GPU, and compares the
+//! committed cubins and manifest byte for byte. The CUDA C kernels (`src/model/fused/kernels.cu`):
+//! built for the CPU by the host's C++ compiler (`src/model/fused/emulator/`), each block's threads
+//! as OS threads, against torch, and again under ThreadSanitizer for shared-memory races.
 //!
 //! Needs `REFDPO_PYTHON` (a python with torch and triton: `export
 //! REFDPO_PYTHON=$(bash tests/python/install.sh)`); `.ci/run` installs it. Without it the
@@ -18,7 +20,11 @@ fn python() -> String {
 }
 
 fn run(args: &[&str], interpret: bool) -> String {
-    let dir = repo().join("src/model/fused/triton");
+    run_in("src/model/fused/triton", args, interpret)
+}
+
+fn run_in(folder: &str, args: &[&str], interpret: bool) -> String {
+    let dir = repo().join(folder);
     let mut cmd = Command::new(python());
     cmd.args(args)
         .current_dir(&dir)
@@ -36,13 +42,8 @@ fn run(args: &[&str], interpret: bool) -> String {
     text
 }
 
-#[test]
-#[cfg_attr(
-    python_absent,
-    ignore = "needs torch and triton: export REFDPO_PYTHON=$(bash tests/python/install.sh)"
-)]
-fn the_tiled_attention_source_equals_the_composed_ops_in_the_interpreter() {
-    let text = run(&["-m", "pytest", "-q", "-p", "no:cacheprovider", "."], true);
+/// The pytest summary line of `text`, checked: nothing failed or skipped, at least `least` passed.
+fn all_passed(text: &str, least: usize) {
     let summary = text
         .lines()
         .rev()
@@ -57,7 +58,28 @@ fn the_tiled_attention_source_equals_the_composed_ops_in_the_interpreter() {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    assert!(passed >= 27, "expected every case to run: {summary}");
+    assert!(passed >= least, "expected every case to run: {summary}");
+}
+
+#[test]
+#[cfg_attr(
+    python_absent,
+    ignore = "needs torch and triton: export REFDPO_PYTHON=$(bash tests/python/install.sh)"
+)]
+fn the_tiled_attention_source_equals_the_composed_ops_in_the_interpreter() {
+    let text = run(&["-m", "pytest", "-q", "-p", "no:cacheprovider", "."], true);
+    all_passed(&text, 27);
+}
+
+#[test]
+#[cfg_attr(
+    python_absent,
+    ignore = "needs torch: export REFDPO_PYTHON=$(bash tests/python/install.sh)"
+)]
+fn the_cuda_kernels_source_equals_torch_on_the_cpu_without_races() {
+    let args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "."];
+    let text = run_in("src/model/fused/emulator", &args, false);
+    all_passed(&text, 108);
 }
 
 #[test]

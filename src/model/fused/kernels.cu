@@ -1,6 +1,8 @@
 // refdpo's fused CUDA kernels, compiled to PTX by build.rs under `--features cuda` and loaded by
 // `fused/launch.rs`. Each kernel mirrors a CPU implementation in `fused/*.rs` loop for loop (the
-// tests hold those to the composed candle ops); every reduction accumulates in f32, and a result
+// tests hold those to the composed candle ops), and this very source also runs on the CPU
+// (`emulator/`: built by the host's C++ compiler, held to torch, checked for shared-memory races
+// under ThreadSanitizer); every reduction accumulates in f32, and a result
 // is rounded to the compute dtype where transformers rounds it. Element counts are 32-bit: the
 // callers keep every tensor below 2^31 elements.
 
