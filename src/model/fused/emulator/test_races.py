@@ -1,5 +1,5 @@
 """The block-reducing kernels of `../kernels.cu` under ThreadSanitizer: `test_kernels_cu.py`'s cases
-for them (f32, blocks of two warps or more) rerun in a process that preloads libtsan, with the
+for them (f32, blocks of at most 256 threads) rerun in a process that preloads libtsan, with the
 emulator built `-fsanitize=thread`. A barrier missing between two threads' use of the same shared
 memory (`__syncthreads`, or a warp's shuffle) is reported whether or not the threads' timing
 happened to expose it; the kernels' values are held by the cases themselves. torch runs on one
@@ -45,4 +45,4 @@ def test_no_two_threads_race_on_shared_memory():
         reports = "".join(open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp)))
     assert run.returncode == 0, f"{reports[:6000]}\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}"
     passed = re.search(r"(\d+) passed", run.stdout)
-    assert passed and int(passed.group(1)) >= 12, run.stdout[-2000:]
+    assert passed and int(passed.group(1)) >= 15, run.stdout[-2000:]
