@@ -247,9 +247,33 @@ impl Attention {
     fn tiled_for(&self, q: &Tensor, k: &Tensor, mode: OpMode) -> bool {
         match mode {
             OpMode::Fused => self.tiled_covers(q, k),
-            OpMode::Differentiable => {
-                q.device().is_cpu() && q.dtype() == DType::F32 && !fused::disabled()
+            _ => self.scores_free(q.device(), q.dtype(), 0, mode),
+        }
+    }
+
+    /// Whether a forward of `tokens` positions in `dtype` on `device` takes the tiled op, so
+    /// that no [T, T] scores exist and its memory grows with the tokens alone (what
+    /// [`Self::tiled_for`] decides, from the shapes, without saying why not).
+    pub(super) fn scores_free(
+        &self,
+        device: &Device,
+        dtype: DType,
+        tokens: usize,
+        mode: OpMode,
+    ) -> bool {
+        match mode {
+            OpMode::Fused => {
+                let largest = tokens * self.num_heads.max(self.num_kv_heads) * self.head_dim;
+                fused::tiled::uncovered(
+                    device,
+                    dtype,
+                    self.head_dim,
+                    self.softcap.is_some(),
+                    largest,
+                )
+                .is_none()
             }
+            OpMode::Differentiable => device.is_cpu() && dtype == DType::F32 && !fused::disabled(),
             OpMode::Fast => false,
         }
     }

@@ -8,7 +8,7 @@ use super::norm::RmsNorm;
 use super::tables::SeqContext;
 use super::OpMode;
 use crate::error::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 /// Where a layer's two norms sit.
 #[derive(Debug, Clone)]
@@ -42,6 +42,12 @@ pub struct Block {
 }
 
 impl Block {
+    /// Whether a forward of `tokens` positions keeps no [T, T] attention scores (see
+    /// [`Attention::scores_free`]).
+    pub fn scores_free(&self, device: &Device, dtype: DType, tokens: usize, mode: OpMode) -> bool {
+        self.attn.scores_free(device, dtype, tokens, mode)
+    }
+
     /// x: [B, T, H] → [B, T, H]
     pub fn forward(&self, x: &Tensor, ctx: &SeqContext, mode: OpMode) -> Result<Tensor> {
         let attend = |h: &Tensor| self.attn.forward(h, ctx, mode);

@@ -10,6 +10,7 @@ pub mod metrics_log;
 pub mod micro_batch;
 pub mod optim;
 pub mod policy;
+pub mod recompute;
 pub mod split;
 pub mod tensorboard;
 pub mod trainer;

@@ -12,12 +12,16 @@
 //! 4. the chunked softmax backward into the rows and `lm_head`
 //!    ([`logprobs::token_logps_backward`]);
 //! 5. backward through the final norm, then each block in reverse — recomputed from its stored
-//!    input a few sequences at a time when checkpointing — then the embedding (a scatter-add).
+//!    input a sub-batch of sequences at a time when checkpointing ([`super::recompute`]) — then
+//!    the embedding (a scatter-add).
 //!
 //! Peak activation memory is the block inputs plus one sub-batch's graph of one block, and
 //! full-vocabulary logits never exist for more than one chunk of rows.
 
 use super::grads::Grads;
+use super::recompute::{
+    Limit, GRAPH_HIDDEN_ROWS, GRAPH_MLP_ROWS, RECOMPUTE_BYTES, RECOMPUTE_BYTES_CPU,
+};
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::logprobs::{self, SeqBatch};
@@ -424,8 +428,8 @@ impl Policy {
         Ok(sums)
     }
 
-    /// Recomputes block `i` from its input x [2B, T, H] (or [1, Σ, H] packed) a few sequences at
-    /// a time and backpropagates the upstream gradient g of x's shape; returns d input. `ctx` is
+    /// Recomputes block `i` from its input x [2B, T, H] (or [1, Σ, H] packed) a sub-batch of
+    /// sequences at a time and backpropagates the upstream gradient g of x's shape; returns d input. `ctx` is
     /// the forward's context, `full` the unpacked tables it was made from.
     fn block_backward(
         &self,
@@ -436,25 +440,22 @@ impl Policy {
         grads: &mut Grads,
     ) -> Result<Tensor> {
         let block = self.block(i, true)?;
-        // as many sequences as the padded layout's attention chunk: never more memory
-        let step = match self.backward_seqs {
-            0 => full.attn_seqs,
-            n => n,
-        };
+        let limit = self.recompute_limit(&block, x, full)?;
         // sub-batches: (first sequence, their positions along dim, their context)
         let (dim, subs) = match &ctx.segments {
             Some(lens) => {
-                let mut subs = Vec::with_capacity(lens.len().div_ceil(step));
-                let mut at = 0;
-                for (k, group) in lens.chunks(step).enumerate() {
+                let mut subs = Vec::new();
+                let (mut first, mut at) = (0, 0);
+                for group in limit.groups(lens) {
                     let len: usize = group.iter().sum();
-                    subs.push((k * step, at, len, full.packed(group)?));
-                    at += len;
+                    subs.push((first, at, len, full.packed(group)?));
+                    (first, at) = (first + group.len(), at + len);
                 }
                 (1, subs)
             }
             None => {
-                let b = x.dim(0)?;
+                let (b, t) = (x.dim(0)?, x.dim(1)?);
+                let step = limit.rows(t);
                 let subs = (0..b)
                     .step_by(step)
                     .map(|start| (start, start, step.min(b - start), ctx.clone()))
@@ -480,6 +481,30 @@ impl Policy {
         }
         grads.merge(local)?;
         Ok(Tensor::cat(&g_in, dim)?)
+    }
+
+    /// How many sequences block `i`'s checkpointed backward recomputes at once, for input x:
+    /// `backward_seqs` when set; else, where the attention keeps no [T, T] scores (the tiled
+    /// op), as many as fit [`RECOMPUTE_BYTES`] (CPU: [`RECOMPUTE_BYTES_CPU`]) of the block's graph, so that the recompute's
+    /// products are large (one launch per op for the whole micro-batch on a GPU, not one per
+    /// sequence or two); else the padded layout's attention chunk, which bounds the scores.
+    fn recompute_limit(&self, block: &Block, x: &Tensor, full: &SeqContext) -> Result<Limit> {
+        if self.backward_seqs > 0 {
+            return Ok(Limit::Seqs(self.backward_seqs));
+        }
+        let tokens = x.dims()[..2].iter().product();
+        let device = x.device();
+        if !block.scores_free(device, x.dtype(), tokens, self.training_mode()) {
+            return Ok(Limit::Seqs(full.attn_seqs));
+        }
+        let budget = if device.is_cpu() {
+            RECOMPUTE_BYTES_CPU
+        } else {
+            RECOMPUTE_BYTES
+        };
+        let (h, m) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let per_token = (GRAPH_HIDDEN_ROWS * h + GRAPH_MLP_ROWS * m) * x.dtype().size_in_bytes();
+        Ok(Limit::Tokens((budget / per_token.max(1)).max(1)))
     }
 
     /// The embedding's gradient as a scatter-add of g [2B, T, H] into its rows. As HF's
