@@ -18,6 +18,8 @@
 # a failed selftest.
 # `bash bench/device.sh --lora` (~4 minutes): selftest, then training only, LoRA against TRL +
 # PEFT next to the full fine-tuning pair (refdpo cached bf16 state, TRL live).
+# `bash bench/device.sh --big` (~4 minutes): selftest, then training only at the SmolLM2-1.7B
+# architecture (the second training size), refdpo cached (bf16 state) against TRL live.
 # `bash bench/device.sh --flash` (~2 minutes, needs no refdpo binary, only the checkout and the
 # host's torch): the tiled attention's committed cubins checked and timed against SDPA
 # (src/model/fused/triton/device_check.py); the full run does it first too.
@@ -37,7 +39,8 @@ for arg in "$@"; do
     --cpu) DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256) ;;
     --profile) PRE_MODELS=${PRE_MODELS%%,*} EXTRA=(--profile) TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
     --lora) PRE_MODELS="" TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_lora,trl_live_lora ;;
-    *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora] [--flash]" >&2; exit 2 ;;
+    --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
+    *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora] [--big] [--flash]" >&2; exit 2 ;;
   esac
 done
 [ -n "${TRAIN_SETUPS:-}" ] && SIZE+=(--setups "$TRAIN_SETUPS")
