@@ -429,8 +429,8 @@ impl Policy {
     }
 
     /// Recomputes block `i` from its input x [2B, T, H] (or [1, Σ, H] packed) a sub-batch of
-    /// sequences at a time and backpropagates the upstream gradient g of x's shape; returns d input. `ctx` is
-    /// the forward's context, `full` the unpacked tables it was made from.
+    /// sequences at a time and backpropagates the upstream gradient g of x's shape; returns
+    /// d input. `ctx` is the forward's context, `full` the unpacked tables it was made from.
     fn block_backward(
         &self,
         i: usize,
@@ -485,9 +485,10 @@ impl Policy {
 
     /// How many sequences block `i`'s checkpointed backward recomputes at once, for input x:
     /// `backward_seqs` when set; else, where the attention keeps no [T, T] scores (the tiled
-    /// op), as many as fit [`RECOMPUTE_BYTES`] (CPU: [`RECOMPUTE_BYTES_CPU`]) of the block's graph, so that the recompute's
-    /// products are large (one launch per op for the whole micro-batch on a GPU, not one per
-    /// sequence or two); else the padded layout's attention chunk, which bounds the scores.
+    /// op), as many as fit [`RECOMPUTE_BYTES`] (CPU: [`RECOMPUTE_BYTES_CPU`]) of the block's
+    /// graph, so that the recompute's products are large (one launch per op for the whole
+    /// micro-batch on a GPU, not one per sequence or two); else the padded layout's attention
+    /// chunk, which bounds the scores.
     fn recompute_limit(&self, block: &Block, x: &Tensor, full: &SeqContext) -> Result<Limit> {
         if self.backward_seqs > 0 {
             return Ok(Limit::Seqs(self.backward_seqs));
