@@ -8,8 +8,9 @@
 //! at a time is as many launches per op as sub-batches, each product too small for the device.
 
 /// Bytes of one recomputed block's graph on a GPU: a micro-batch of 8 pairs at `max_length` 1024
-/// fits in one or two sub-batches from SmolLM2-1.7B down.
-pub const RECOMPUTE_BYTES: usize = 1 << 30;
+/// (at most 16k tokens) in at most two sub-batches at Qwen2-0.5B and four at SmolLM2-1.7B, where
+/// the scores' chunk made 8 and 16; half a GiB, so that LoRA's small peak stays small.
+pub const RECOMPUTE_BYTES: usize = 1 << 29;
 
 /// The same on the CPU, where fresh buffers past a few MiB are page-faulted anew on every use
 /// (BENCHMARKS.md, "CPU page faults"): a micro-batch of 8 real pairs at `max_length` 512 in one
