@@ -88,13 +88,23 @@ fn fuzz(
     cases: u32,
     read: &dyn Fn(&Path) -> bool,
 ) {
+    // A longer hunt, by hand: REFDPO_FUZZ_SEED (any text) and REFDPO_FUZZ_SCALE (× the cases).
+    let scale = std::env::var("REFDPO_FUZZ_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(1);
     let config = Config {
-        cases,
+        cases: cases * scale.max(1),
         failure_persistence: None,
         max_shrink_iters: 200,
         ..Config::default()
     };
-    let seed: [u8; 32] = *b"refdpo hostile readers, seeded!!";
+    let mut seed: [u8; 32] = *b"refdpo hostile readers, seeded!!";
+    if let Ok(s) = std::env::var("REFDPO_FUZZ_SEED") {
+        for (i, b) in s.bytes().enumerate() {
+            seed[i % 32] ^= b;
+        }
+    }
     let mut runner =
         TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed));
     let started = Instant::now();
