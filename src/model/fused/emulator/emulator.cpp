@@ -92,7 +92,8 @@ int emu_launch(const char *name, unsigned grid, unsigned block, void **args) {
     gridDim = {grid, 1, 1};
     block_barrier = std::make_unique<std::barrier<>>(block);
     warp_barriers.clear();
-    for (unsigned w = 0; w < block / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+    for (unsigned w = 0; w < block / 32; ++w)
+        warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
     shfl_slots.assign(block, 0.f);
     std::vector<std::thread> threads;
     for (unsigned t = 0; t < block; ++t)
@@ -100,8 +101,9 @@ int emu_launch(const char *name, unsigned grid, unsigned block, void **args) {
             threadIdx = {t, 0, 0};
             for (unsigned b = 0; b < grid; ++b) {
                 blockIdx = {b, 0, 0};
-                if (t == 0) std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
-                block_barrier->arrive_and_wait(); // shared memory is poisoned before any thread runs
+                if (t == 0) // poison shared memory before any thread of the block runs
+                    std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
+                block_barrier->arrive_and_wait();
                 k->run(args);
                 block_barrier->arrive_and_wait(); // the block is done before the next one starts
             }

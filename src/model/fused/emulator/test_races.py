@@ -31,7 +31,8 @@ def test_no_two_threads_race_on_shared_memory():
         pytest.skip("this is the sanitized run's own collection")
     lib = libtsan()
     if lib is None:
-        msg = "no libtsan.so beside the C++ compiler (Debian: libgcc-12-dev): the race check did not run"
+        msg = ("no libtsan.so beside the C++ compiler (Debian: libgcc-12-dev): "
+               "the race check did not run")
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)

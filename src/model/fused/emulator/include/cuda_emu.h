@@ -5,10 +5,10 @@
 // `__shfl_xor_sync` exchanges through a per-warp slot between two barriers of the warp's 32
 // lanes. Shared memory is poisoned (all bits set: NaN) before every block, as uninitialized
 // shared memory on the GPU holds anything: every `__shared__` variable is placed in one linker
-// section, which the launcher fills. bf16 and f16 convert with round-to-nearest-even, as `__float2bfloat16` and
-// `__float2half` do on the GPU. What it cannot show: timing, memory coalescing, register spills
-// (`make kernels` has ptxas report those), and the GPU's expf/logf, which differ from glibc's by
-// an ulp or two.
+// section, which the launcher fills. bf16 and f16 convert with round-to-nearest-even, as
+// `__float2bfloat16` and `__float2half` do on the GPU. What it cannot show: timing, memory
+// coalescing, register spills (`make kernels` has ptxas report those), and the GPU's expf/logf,
+// which may differ from glibc's by an ulp or two.
 #pragma once
 
 #include <cmath>
