@@ -11,8 +11,8 @@ use crate::tokenize::window;
 use candle_core::{DType, Device, Tensor, D};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Whether this process's allocator keeps freed buffers for reuse. Set only by `precompute`
-/// on the CPU, right after the allocator was told to (`precompute::memory`), and never unset:
+/// Whether this process's allocator keeps freed buffers for reuse. Set by the commands that
+/// compute on the CPU, right after the allocator was told to (`run::compute_device`), never unset:
 /// the large CPU chunks below rely on freed chunks coming back from the heap, not from mmap.
 static HEAP_KEPT: AtomicBool = AtomicBool::new(false);
 

@@ -14,10 +14,14 @@ pub fn device(spec: Option<&str>) -> Result<Device> {
 
 /// The device of a command that computes as training runs do (precompute, train, generate,
 /// stats): on CUDA, f32 matmuls may use TF32 (as `torch.backends.cuda.matmul.allow_tf32`; bf16
-/// ones are unchanged) and the memory settings of [`keep_cuda_memory`]. `selftest` does not
-/// take these: it sets TF32 per check.
+/// ones are unchanged) and the memory settings of [`keep_cuda_memory`]; on the CPU, those of
+/// [`keep_cpu_memory`]. `selftest` does not take these: it sets TF32 per check.
 pub fn compute_device(spec: Option<&str>) -> Result<Device> {
     let device = parse_device(spec)?;
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if device.is_cpu() {
+        keep_cpu_memory();
+    }
     if device.is_cuda() {
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
         #[cfg(feature = "cuda")]
@@ -58,6 +62,25 @@ fn keep_cuda_memory(device: &Device) -> Result<()> {
         .map_err(|e| Error::Model(format!("CUDA memory pool of device {ordinal}: {e:?}")))?;
     }
     Ok(())
+}
+
+/// On the CPU, freed buffers stay with the process for the next step or chunk. By default glibc
+/// maps each buffer above its mmap threshold (32 MiB at most) afresh and unmaps it when freed,
+/// so every chunk of logits, every block's activations and their gradients are page-faulted in
+/// anew: a fifth of a training step's CPU time went to the kernel (BENCHMARKS.md, "CPU page
+/// faults"). Large buffers come from the heap instead (`M_MMAP_MAX` 0), and the heap is not
+/// trimmed; stage one's chunks of logits are then 8× larger ([`crate::logprobs`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_cpu_memory() {
+    // SAFETY: `mallopt` only sets two of glibc's allocator parameters (it takes the allocator's
+    // own lock); no memory is touched.
+    let kept = unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+    };
+    if kept {
+        crate::logprobs::heap_kept();
+    }
 }
 
 fn parse_device(spec: Option<&str>) -> Result<Device> {

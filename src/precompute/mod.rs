@@ -5,7 +5,6 @@
 //! memory stays at one chunk whatever the split's size, and an interrupted run resumes where it
 //! stopped and ends with byte-identical outputs. The final files are written from the chunks.
 
-mod memory;
 mod report;
 mod state;
 
@@ -115,10 +114,6 @@ fn for_each_pair(
 /// Runs stage one for the train and test splits; returns what was done, a line per split.
 /// A split's files made from other inputs are refused unless `existing` is `Overwrite`.
 pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Result<String> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if device.is_cpu() {
-        memory::keep_cpu_memory();
-    }
     let splits = [
         cfg.dataset.train_split.as_str(),
         cfg.dataset.test_split.as_str(),
