@@ -4,8 +4,8 @@
 //! W + s·B·A into a full checkpoint.
 
 use super::config::TransformerConfig;
-use super::frozen::FrozenMatmul;
 use super::init;
+use super::linear_op::linear;
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::{fs, Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
@@ -161,9 +161,9 @@ impl Proj {
     /// base output in f32 before the cast back, as PEFT does with its f32 adapter weights.
     pub fn forward(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
         let w = self.base.weight();
-        let y = if x.track_op() && !w.track_op() {
-            // a frozen base in a backward: no weight gradient ([`FrozenMatmul`])
-            let y = FrozenMatmul::apply(x, w)?;
+        let y = if x.track_op() || w.track_op() {
+            // in a backward: one graph node, and no weight gradient for a frozen base
+            let y = linear(x, w)?;
             match self.base.bias() {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
@@ -178,8 +178,7 @@ impl Proj {
         if let Some(d) = dropout.filter(|_| ad.dropout > 0.0) {
             xf = (xf * d.mask(x, self.id)?)?;
         }
-        let low = xf.broadcast_matmul(&ad.a.t()?)?;
-        let delta = (low.broadcast_matmul(&ad.b.t()?)? * ad.scale)?;
+        let delta = (linear(&linear(&xf, &ad.a)?, &ad.b)? * ad.scale)?;
         Ok((y.to_dtype(DType::F32)? + delta)?.to_dtype(x.dtype())?)
     }
 }
