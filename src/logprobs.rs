@@ -247,8 +247,9 @@ pub fn token_logps_lse(
             continue;
         }
         let logits = rows.narrow(0, start, len)?.matmul(&lm_head.t()?)?;
-        if mode == OpMode::Fast && cap.is_none() && cpu::logits::covers(&logits) {
-            // one pass per row on the CPU, in SIMD lanes
+        if cap.is_none() && cpu::logits::covers(&logits) {
+            // one pass per row on the CPU, in SIMD lanes (no graph: training's forward of the
+            // log-probs too, whose backward is [`token_logps_backward`])
             let (lp, lse) = cpu::logits::logp_lse(&logits, &tgt)?;
             logps.push(lp);
             lses.push(lse);

@@ -96,16 +96,18 @@ impl Attention {
         let ((cos, sin), mask) = ctx.for_layer(self.sliding);
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = self.project(x, ctx.dropout.as_ref(), mode)?;
-        let (q, k) = match mode {
-            OpMode::Fast => (
+        let (q, k) = if mode.fuses(&q) {
+            (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?)
+        } else if mode == OpMode::Fast {
+            (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            ),
-            OpMode::Differentiable => (
+            )
+        } else {
+            (
                 candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
-            ),
-            OpMode::Fused => (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?),
+            )
         };
         if let Some(lens) = &ctx.segments {
             if b != 1 || lens.iter().sum::<usize>() != t {

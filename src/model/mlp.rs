@@ -26,7 +26,7 @@ impl Mlp {
     ) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Mlp);
         let gate = self.gate.forward(x, dropout)?;
-        if mode == OpMode::Fused && self.activation == Activation::Silu {
+        if mode.fuses(x) && self.activation == Activation::Silu {
             let h = fused::swiglu(&gate, &self.up.forward(x, dropout)?)?;
             return self.down.forward(&h, dropout);
         }

@@ -41,7 +41,7 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor, mode: OpMode) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Norms);
-        if mode == OpMode::Fused {
+        if mode.fuses(x) {
             return Ok(fused::rms_norm(x, &self.weight, self.eps)?);
         }
         if self.scale_in_f32 {

@@ -2,7 +2,7 @@
 //! made (scoring, evaluation, decoding and training all ask here).
 
 use super::fused;
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 
 /// Which implementation of the fused ops a forward uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,20 @@ impl OpMode {
             Self::Fused
         } else {
             Self::Differentiable
+        }
+    }
+
+    /// Whether RMSNorm, RoPE and SwiGLU over x take refdpo's fused ops in this mode: always in
+    /// `Fused`; in a differentiable forward in f32 on the CPU too (their loops, forward and
+    /// backward, in place of a dozen composed nodes each and candle's autograd through them),
+    /// unless `REFDPO_FUSED=0`; never in `Fast`, which has candle's fused kernels.
+    pub fn fuses(self, x: &Tensor) -> bool {
+        match self {
+            Self::Fused => true,
+            Self::Differentiable => {
+                x.device().is_cpu() && x.dtype() == DType::F32 && !fused::disabled()
+            }
+            Self::Fast => false,
         }
     }
 }

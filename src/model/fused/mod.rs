@@ -4,7 +4,9 @@
 //!
 //! A forward uses them in [`OpMode::Fused`](crate::model::OpMode): on CUDA by default, on the
 //! CPU only when asked (`REFDPO_FUSED=1`, for testing the fused path without a GPU), never when
-//! `REFDPO_FUSED=0` (to compare with the composed ops on a GPU).
+//! `REFDPO_FUSED=0` (to compare with the composed ops on a GPU). A differentiable forward in f32
+//! on the CPU (training) also takes RMSNorm, RoPE and SwiGLU ([`OpMode::fuses`](crate::model::
+//! OpMode::fuses)): their loops are cheaper than the composed nodes and candle's autograd.
 
 mod accumulate;
 pub mod adamw;
