@@ -275,7 +275,7 @@ impl Attention {
                 )
                 .is_none()
             }
-            OpMode::Differentiable => device.is_cpu() && dtype == DType::F32 && !fused::disabled(),
+            OpMode::Differentiable => OpMode::cpu_loops(device, dtype),
             OpMode::Fast => false,
         }
     }

@@ -36,16 +36,20 @@ impl OpMode {
     }
 
     /// Whether RMSNorm, RoPE and SwiGLU over x take refdpo's fused ops in this mode: always in
-    /// `Fused`; in a differentiable forward in f32 on the CPU too (their loops, forward and
-    /// backward, in place of a dozen composed nodes each and candle's autograd through them),
-    /// unless `REFDPO_FUSED=0`; never in `Fast`, which has candle's fused kernels.
+    /// `Fused`; in a differentiable forward in f32 on the CPU too ([`Self::cpu_loops`]); never
+    /// in `Fast`, which has candle's fused kernels.
     pub fn fuses(self, x: &Tensor) -> bool {
         match self {
             Self::Fused => true,
-            Self::Differentiable => {
-                x.device().is_cpu() && x.dtype() == DType::F32 && !fused::disabled()
-            }
+            Self::Differentiable => Self::cpu_loops(x.device(), x.dtype()),
             Self::Fast => false,
         }
+    }
+
+    /// Whether a differentiable forward in `dtype` on `device` runs refdpo's CPU loops, forward
+    /// and backward, in place of composed nodes and candle's autograd through them (RMSNorm,
+    /// RoPE, SwiGLU, the tiled attention in blocks): in f32 on the CPU, unless `REFDPO_FUSED=0`.
+    pub fn cpu_loops(device: &Device, dtype: DType) -> bool {
+        device.is_cpu() && dtype == DType::F32 && !fused::disabled()
     }
 }
