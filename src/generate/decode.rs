@@ -1,12 +1,12 @@
-//! Batched KV-cached decoding: prompts left-padded into one batch, one prefill forward, then one
-//! token per step for every row, greedy or sampled (temperature, top-p) from a per-prompt seed, so
+//! Batched KV-cached decoding: one prefill forward of the prompts packed end to end (their keys
+//! and values then left-padded into one cache row each), then one token per step for every row, greedy or sampled (temperature, top-p) from a per-prompt seed, so
 //! a prompt's continuation does not depend on the batch it ran in.
 
 use crate::error::Result;
 use crate::model::Transformer;
 use crate::model::{DecodeStep, KvCache};
 use crate::rng::SplitMix;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy)]
@@ -49,34 +49,19 @@ pub fn generate(
     if b == 0 || max_new == 0 {
         return Ok(out);
     }
-    let p = prompts
-        .iter()
-        .map(|(_, ids)| ids.len())
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let pads: Vec<usize> = prompts.iter().map(|(_, ids)| p - ids.len()).collect();
-    let mut ids = vec![0u32; b * p];
-    for (i, (_, prompt)) in prompts.iter().enumerate() {
-        ids[i * p + pads[i]..(i + 1) * p].copy_from_slice(prompt);
-    }
+    let lens: Vec<usize> = prompts.iter().map(|(_, ids)| ids.len()).collect();
+    let p = lens.iter().copied().max().unwrap_or(0);
+    let pads: Vec<usize> = lens.iter().map(|&n| p - n).collect();
     let window = model.cfg.sliding_window;
     let mut rngs: Vec<SplitMix> = prompts
         .iter()
         .map(|(key, _)| SplitMix::new(sampling.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
         .collect();
-    let mut cache = KvCache::default();
-    let step = layout(&pads, 0, p, window, device)?;
-    let mut hidden =
-        model.forward_cached(&Tensor::from_vec(ids, (b, p), device)?, &step, &mut cache)?;
-    hidden = hidden.narrow(1, p - 1, 1)?;
+    let mut cache = KvCache::with_capacity(p + max_new);
+    let texts: Vec<&[u32]> = prompts.iter().map(|(_, ids)| *ids).collect();
+    let mut hidden = model.prefill(&texts, &mut cache)?;
     for n in 0..max_new {
-        let logits = crate::model::softcap(
-            hidden.squeeze(1)?.matmul(&model.lm_head.t()?)?,
-            model.cfg.final_softcap,
-        )?
-        .to_dtype(DType::F32)?
-        .to_vec2::<f32>()?;
+        let logits = model.next_logits(&hidden.squeeze(1)?)?.to_vec2::<f32>()?;
         let mut next = vec![eos.first().copied().unwrap_or(0); b];
         let mut produced = 0;
         for (i, row) in logits.iter().enumerate() {
@@ -94,52 +79,43 @@ pub fn generate(
             break;
         }
         let slot = p + n;
-        let step = layout(&pads, slot, slot + 1, window, device)?;
+        let step = layout(&pads, slot, window, device)?;
         hidden =
             model.forward_cached(&Tensor::from_vec(next, (b, 1), device)?, &step, &mut cache)?;
     }
     Ok(out)
 }
 
-/// Positions and masks of query slots `first..first + t` (t = `end` − `first`) against key slots
-/// `0..end`, for rows left-padded by `pads`. A padding query sees only itself (its row stays
-/// finite); a real one sees the real keys up to itself, within `window` positions on sliding layers.
+/// Positions and masks of one new slot per row, `slot`, against key slots `0..=slot`, for rows
+/// left-padded by `pads`: each sees its real keys up to itself, within `window` positions on
+/// sliding layers.
 fn layout(
     pads: &[usize],
-    first: usize,
-    end: usize,
+    slot: usize,
     window: Option<usize>,
     device: &Device,
 ) -> Result<DecodeStep> {
-    let (b, t) = (pads.len(), end - first);
-    let mut positions = Vec::with_capacity(b * t);
-    let mut full = Vec::with_capacity(b * t * end);
-    let mut sliding = Vec::with_capacity(if window.is_some() { b * t * end } else { 0 });
+    let (b, end) = (pads.len(), slot + 1);
+    let mut positions = Vec::with_capacity(b);
+    let mut full = Vec::with_capacity(b * end);
+    let mut sliding = Vec::with_capacity(if window.is_some() { b * end } else { 0 });
     for &pad in pads {
-        for s in first..end {
-            positions.push(s.saturating_sub(pad) as u32);
-            for j in 0..end {
-                let (seen, near) = if s < pad {
-                    (j == s, true)
-                } else {
-                    (
-                        j >= pad && j <= s,
-                        window.is_none_or(|w| s.saturating_sub(j) < w),
-                    )
-                };
-                let add = |ok: bool| if ok { 0.0 } else { f32::NEG_INFINITY };
-                full.push(add(seen));
-                if window.is_some() {
-                    sliding.push(add(seen && near));
-                }
+        positions.push((slot - pad) as u32);
+        for j in 0..end {
+            let seen = j >= pad;
+            let near = window.is_none_or(|w| slot - j < w);
+            let add = |ok: bool| if ok { 0.0 } else { f32::NEG_INFINITY };
+            full.push(add(seen));
+            if window.is_some() {
+                sliding.push(add(seen && near));
             }
         }
     }
-    let shape = (b, 1, t, end);
+    let shape = (b, 1, 1, end);
     Ok(DecodeStep {
         positions,
         batch: b,
-        len: t,
+        len: 1,
         mask: Tensor::from_vec(full, shape, device)?,
         sliding_mask: match window {
             Some(_) => Some(Tensor::from_vec(sliding, shape, device)?),
@@ -229,41 +205,19 @@ mod tests {
     }
 
     #[test]
-    fn padding_queries_see_themselves_and_windows_slide() {
-        let step = layout(&[2, 0], 0, 4, Some(2), &Device::Cpu).unwrap();
-        let full: Vec<Vec<Vec<f32>>> = step.mask.squeeze(1).unwrap().to_vec3().unwrap();
-        let sliding: Vec<Vec<Vec<f32>>> = step
-            .sliding_mask
-            .unwrap()
-            .squeeze(1)
-            .unwrap()
-            .to_vec3()
-            .unwrap();
-        let seen = |m: &Vec<Vec<f32>>| -> Vec<Vec<u8>> {
+    fn a_step_sees_its_real_keys_and_windows_slide() {
+        let step = layout(&[2, 0], 3, Some(2), &Device::Cpu).unwrap();
+        let seen = |m: &Tensor| -> Vec<Vec<u8>> {
+            let m: Vec<Vec<f32>> = m.squeeze(1).unwrap().squeeze(1).unwrap().to_vec2().unwrap();
             m.iter()
                 .map(|r| r.iter().map(|&x| u8::from(x == 0.0)).collect())
                 .collect()
         };
-        // row 0: two pads, then positions 0, 1
-        assert_eq!(
-            seen(&full[0]),
-            vec![
-                vec![1, 0, 0, 0],
-                vec![0, 1, 0, 0],
-                vec![0, 0, 1, 0],
-                vec![0, 0, 1, 1]
-            ]
-        );
-        // row 1: no pads; window 2 keeps the key itself and the one before
-        assert_eq!(
-            seen(&sliding[1]),
-            vec![
-                vec![1, 0, 0, 0],
-                vec![1, 1, 0, 0],
-                vec![0, 1, 1, 0],
-                vec![0, 0, 1, 1]
-            ]
-        );
-        assert_eq!(step.positions, vec![0, 0, 0, 1, 0, 1, 2, 3]);
+        // row 0: two pads, then positions 0, 1; row 1: no pads
+        assert_eq!(seen(&step.mask), vec![vec![0, 0, 1, 1], vec![1, 1, 1, 1]]);
+        // window 2 keeps the key itself and the one before
+        let sliding = step.sliding_mask.unwrap();
+        assert_eq!(seen(&sliding), vec![vec![0, 0, 1, 1], vec![0, 0, 1, 1]]);
+        assert_eq!(step.positions, vec![1, 3]);
     }
 }

@@ -5,6 +5,7 @@
 use super::config::QkNorm;
 use super::cpu;
 use super::fused::{self, AttnSoftmax};
+use super::kv_cache::LayerKv;
 use super::lora::{Dropout, Proj};
 use super::norm::RmsNorm;
 use super::rope::rope_at;
@@ -57,6 +58,9 @@ pub struct Attention {
     pub(super) window: usize,
 }
 
+/// Hears a layer's keys and values after RoPE, [B, kv, T, hd] each.
+pub(super) type KeepKv<'a> = dyn FnMut(&Tensor, &Tensor) -> Result<()> + 'a;
+
 impl Attention {
     /// x [B, T, H] → q [B, nh, T, hd], k and v [B, kv, T, hd], before RoPE, with the query/key
     /// norm where the family has one.
@@ -92,6 +96,18 @@ impl Attention {
 
     /// x: [B, T, H] → [B, T, H]
     pub(super) fn forward(&self, x: &Tensor, ctx: &SeqContext, mode: OpMode) -> Result<Tensor> {
+        self.forward_keeping(x, ctx, mode, None)
+    }
+
+    /// [`Self::forward`], handing the keys and values after RoPE ([B, kv, T, hd]) to `keep`: a
+    /// decoding run's prefill fills its cache from them.
+    pub(super) fn forward_keeping(
+        &self,
+        x: &Tensor,
+        ctx: &SeqContext,
+        mode: OpMode,
+        keep: Option<&mut KeepKv>,
+    ) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Attention);
         let ((cos, sin), mask) = ctx.for_layer(self.sliding);
         let (b, t, _) = x.dims3()?;
@@ -109,6 +125,9 @@ impl Attention {
                 candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
             )
         };
+        if let Some(keep) = keep {
+            keep(&k, &v)?;
+        }
         if let Some(lens) = &ctx.segments {
             if b != 1 || lens.iter().sum::<usize>() != t {
                 return Err(crate::error::Error::Model(format!(
@@ -310,16 +329,13 @@ impl Attention {
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
         mask: &Tensor,
-        kv: &mut Option<(Tensor, Tensor)>,
+        kv: &mut Option<LayerKv>,
+        capacity: usize,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = self.project(x, None, OpMode::Fast)?;
         let (q, k) = (rope_at(&q, cos, sin)?, rope_at(&k, cos, sin)?);
-        let (k, v) = match kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        *kv = Some((k.clone(), v.clone()));
+        let (k, v) = LayerKv::append(kv, &k, &v, capacity)?;
         if cpu::attention::covers(&q) && mask.rank() == 4 {
             let tk = k.dim(2)?;
             let rows: Vec<_> = (0..b)
@@ -335,8 +351,8 @@ impl Attention {
         let rep = self.num_heads / self.num_kv_heads;
         let out = self.attend(
             &q,
-            &repeat_kv(k, rep)?,
-            &repeat_kv(v, rep)?,
+            &repeat_kv(k.contiguous()?, rep)?,
+            &repeat_kv(v.contiguous()?, rep)?,
             mask,
             OpMode::Fast,
         )?;

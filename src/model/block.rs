@@ -1,7 +1,8 @@
 //! One decoder layer: attention and MLP, each with its residual, normed where the family norms
 //! (before, after, or both).
 
-use super::attention::Attention;
+use super::attention::{Attention, KeepKv};
+use super::kv_cache::LayerKv;
 use super::lora::Dropout;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
@@ -54,6 +55,23 @@ impl Block {
         self.forward_with(x, mode, ctx.dropout.as_ref(), &attend)
     }
 
+    /// [`Self::forward`] of a decoding run's prefill (no dropout), handing each layer's keys and
+    /// values after RoPE to `keep`.
+    pub(super) fn forward_keeping(
+        &self,
+        x: &Tensor,
+        ctx: &SeqContext,
+        keep: &mut KeepKv,
+    ) -> Result<Tensor> {
+        let keep = std::cell::RefCell::new(keep);
+        let attend = |h: &Tensor| {
+            let mut keep = keep.borrow_mut();
+            self.attn
+                .forward_keeping(h, ctx, OpMode::Fast, Some(&mut **keep))
+        };
+        self.forward_with(x, OpMode::Fast, None, &attend)
+    }
+
     /// The new positions x [B, t, H] of an incremental forward (see
     /// [`Transformer::forward_cached`]).
     pub(super) fn forward_cached(
@@ -61,12 +79,13 @@ impl Block {
         x: &Tensor,
         rope: (&Tensor, &Tensor),
         mask: &Tensor,
-        kv: &mut Option<(Tensor, Tensor)>,
+        kv: &mut Option<LayerKv>,
+        capacity: usize,
     ) -> Result<Tensor> {
         let kv = std::cell::RefCell::new(kv);
         let attend = |h: &Tensor| {
             self.attn
-                .forward_cached(h, rope, mask, &mut kv.borrow_mut())
+                .forward_cached(h, rope, mask, &mut kv.borrow_mut(), capacity)
         };
         self.forward_with(x, OpMode::Fast, None, &attend)
     }

@@ -4,8 +4,8 @@
 //! W + s·B·A into a full checkpoint.
 
 use super::config::TransformerConfig;
-use super::init;
 use super::linear_op::linear;
+use super::{cpu, init};
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::{fs, Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
@@ -161,15 +161,19 @@ impl Proj {
     /// base output in f32 before the cast back, as PEFT does with its f32 adapter weights.
     pub fn forward(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
         let w = self.base.weight();
-        let y = if x.track_op() || w.track_op() {
+        let product = if x.track_op() || w.track_op() {
             // in a backward: one graph node, and no weight gradient for a frozen base
-            let y = linear(x, w)?;
-            match self.base.bias() {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            }
+            Some(linear(x, w)?)
+        } else if cpu::skinny::covers(x, w) {
+            // a decoding step's few rows: each weight read once, unpacked
+            Some(cpu::skinny::linear(x, w)?)
         } else {
-            self.base.forward(x)?
+            None
+        };
+        let y = match (product, self.base.bias()) {
+            (Some(y), Some(b)) => y.broadcast_add(b)?,
+            (Some(y), None) => y,
+            (None, _) => self.base.forward(x)?,
         };
         let Some(ad) = &self.adapter else {
             return Ok(y);

@@ -3,7 +3,7 @@
 //! The decoder by idea: [`op_mode`] (which op set a forward uses), the layers ([`norm`],
 //! [`rope`], [`attention`], [`mlp`]) mirroring [`fused`] (and, on the CPU, [`cpu`]), the layer ([`block`]), each family's
 //! weight names ([`load`], [`shapes`]), the per-length tables ([`tables`]), the assembled model
-//! ([`transformer`]) and its incremental form ([`decode`]).
+//! ([`transformer`]) and its incremental form ([`decode`], its keys and values in [`kv_cache`]).
 
 pub mod attention;
 pub mod block;
@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod decode;
 pub mod fused;
 pub mod init;
+pub mod kv_cache;
 pub mod linear_op;
 pub mod load;
 pub mod lora;
@@ -29,7 +30,8 @@ pub mod weights;
 
 pub use block::Block;
 pub use config::{Arch, TransformerConfig};
-pub use decode::{DecodeStep, KvCache};
+pub use decode::DecodeStep;
+pub use kv_cache::KvCache;
 pub use norm::RmsNorm;
 pub use op_mode::OpMode;
 pub use params::ParamSource;

@@ -8,7 +8,7 @@
 //! The same arithmetic as the composed ops (HF's eager attention): scores = q·kᵀ·scale, then
 //! `cap · tanh(scores / cap)`, plus the additive mask, softmax in f32 (exp(x − max) / Σ), times v.
 
-use super::exp;
+use super::{exp, SharedOut};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
@@ -100,7 +100,19 @@ pub fn attend(
         mask.contiguous()?
     };
     let mask_stride = if per_row { tk } else { mask.stride()[0] };
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    // k and v may be views of a decoding cache's larger buffers: read through their head and
+    // row strides where each position's head_dim values are contiguous
+    let rows_contiguous = |t: &Tensor| -> Result<Tensor> {
+        Ok(match t.stride() {
+            [_, _, s2, 1] if *s2 == hd => t.clone(),
+            _ => t.contiguous()?,
+        })
+    };
+    let (q, k, v) = (q.contiguous()?, rows_contiguous(k)?, rows_contiguous(v)?);
+    let (k_strides, v_strides) = (
+        [k.stride()[0], k.stride()[1]],
+        [v.stride()[0], v.stride()[1]],
+    );
     let guards = [&q, &k, &v, &mask].map(|x| x.storage_and_layout());
     let slices: Vec<&[f32]> = guards
         .iter()
@@ -155,11 +167,13 @@ pub fn attend(
                 .unwrap_or(0);
             let keys = keys_end - first;
             let q_at = ((s.row * nh + h) * tq + s.start + r0) * hd;
-            let kv_at = ((s.row * kv + h / group) * tk + s.start + first) * hd;
+            let at =
+                |[row, head]: [usize; 2]| s.row * row + (h / group) * head + (s.start + first) * hd;
+            let (k_at, v_at) = (at(k_strides), at(v_strides));
             let (qb, kb, vb) = (
                 &qs[q_at..q_at + rows * hd],
-                &ks[kv_at..kv_at + keys * hd],
-                &vs[kv_at..kv_at + keys * hd],
+                &ks[k_at..k_at + keys * hd],
+                &vs[v_at..v_at + keys * hd],
             );
             scores.clear();
             scores.resize(rows * keys, 0.0);
@@ -233,20 +247,6 @@ pub fn attend(
     drop(guards);
     Ok(Tensor::from_vec(out, (b, tq, width), &Device::Cpu)?)
 }
-
-/// The output's base pointer, shared by tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-
-impl SharedOut {
-    /// SAFETY: `i` is within the buffer.
-    unsafe fn at(self, i: usize) -> *mut f32 {
-        self.0.add(i)
-    }
-}
-// SAFETY: the tasks write disjoint elements (see `attend`) and the buffer outlives them.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
 
 #[cfg(test)]
 mod tests {
@@ -422,6 +422,24 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
+            // k and v as a decoding cache holds them: views of larger buffers, read in place
+            let view = |x: &Tensor| {
+                let buf = Tensor::zeros((b, kv, tk + 7, hd), DType::F32, &Device::Cpu).unwrap();
+                buf.slice_set(x, 2, 0).unwrap();
+                buf.narrow(2, 0, tk).unwrap()
+            };
+            let (kw, vw) = (view(&k), view(&v));
+            assert!(!kw.is_contiguous());
+            let in_place: Vec<f32> = attend(&q, &kw, &vw, &mask, &rows, spec)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(
+                in_place.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
             let mut worst = 0f64;
             for r in 0..b {
                 for h in 0..nh {
