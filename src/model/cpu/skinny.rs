@@ -99,10 +99,28 @@ fn finish(mut lanes: [f32; LANES], x: &[f32], w: &[f32]) -> f32 {
     lanes.iter().sum()
 }
 
-/// out[c·m + i] = x_i · w_c for the weight rows w_c of `w` ([cols, k]) and x [m, k]: the rows
-/// of x in groups of 8, 4, 2 and 1. (No closures here: a closure is compiled apart, without the
-/// target features of the function it sits in.)
-#[inline(always)]
+/// out[c·m + i] = x_i · w_c for the weight rows w_c of `w` ([cols, k]) and x [m, k]: in AVX-512
+/// or AVX2 registers where the CPU has them (written with intrinsics, so that a dev build, whose
+/// crate is optimized at level 1 and not vectorized by the compiler, runs them too), else in
+/// plain loops. Each fuses every product into its lane's sum (IEEE's fma, one rounding) in the
+/// same order: the same bits.
+fn columns(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("fma") {
+            // SAFETY: the CPU has the features the function was compiled for.
+            return unsafe { x86::columns_avx512(x, k, w, out) };
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: as above.
+            return unsafe { x86::columns_avx2(x, k, w, out) };
+        }
+    }
+    columns_body(x, k, w, out)
+}
+
+/// [`columns`] in plain loops, the rows of x in groups of 8, 4, 2 and 1.
 fn columns_body(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
     let m = x.len() / k;
     let mut i = 0;
@@ -122,10 +140,6 @@ fn columns_body(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
         i += r;
     }
 }
-
-// Compiled for AVX-512 (16 lanes in one register), AVX2 + FMA and the baseline; each product is
-// fused into its sum (one rounding, IEEE's fma), so every version computes the same bits.
-dispatch!(columns, columns_body, (x: &[f32], k: usize, w: &[f32], out: &mut [f32]) -> ());
 
 /// Rows i0..i0 + R of x against every weight row of `w`: R dot products per weight row, each in
 /// `LANES` lane sums.
@@ -157,6 +171,113 @@ fn lanes(xs: &[f32], ch: usize) -> [f32; LANES] {
     v
 }
 
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{finish, LANES};
+    use std::arch::x86_64::*;
+
+    /// [`super::columns`] with each row's 16 lanes in one AVX-512 register, the rows of x in
+    /// groups of 8 and 1.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn columns_avx512(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+        let m = x.len() / k;
+        let mut i = 0;
+        while i + 8 <= m {
+            rows_avx512::<8>(x, i, k, w, out, m);
+            i += 8;
+        }
+        while i < m {
+            rows_avx512::<1>(x, i, k, w, out, m);
+            i += 1;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn rows_avx512<const R: usize>(
+        x: &[f32],
+        i0: usize,
+        k: usize,
+        w: &[f32],
+        out: &mut [f32],
+        m: usize,
+    ) {
+        let xs: [&[f32]; R] = std::array::from_fn(|r| &x[(i0 + r) * k..(i0 + r + 1) * k]);
+        for (c, wr) in w.chunks_exact(k).enumerate() {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for at in (0..k / LANES * LANES).step_by(LANES) {
+                // SAFETY: at + 16 ≤ k, the length of wr and of every row in xs.
+                unsafe {
+                    let wv = _mm512_loadu_ps(wr.as_ptr().add(at));
+                    for r in 0..R {
+                        acc[r] =
+                            _mm512_fmadd_ps(_mm512_loadu_ps(xs[r].as_ptr().add(at)), wv, acc[r]);
+                    }
+                }
+            }
+            for r in 0..R {
+                let mut lanes = [0f32; LANES];
+                // SAFETY: lanes holds 16 values.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
+                out[c * m + i0 + r] = finish(lanes, xs[r], wr);
+            }
+        }
+    }
+
+    /// [`super::columns`] with each row's 16 lanes in two AVX registers, the rows of x in groups
+    /// of 4 and 1 (8 accumulators, the weights' two and an input's: the 16 registers hold them).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn columns_avx2(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+        let m = x.len() / k;
+        let mut i = 0;
+        while i + 4 <= m {
+            rows_avx2::<4>(x, i, k, w, out, m);
+            i += 4;
+        }
+        while i < m {
+            rows_avx2::<1>(x, i, k, w, out, m);
+            i += 1;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn rows_avx2<const R: usize>(
+        x: &[f32],
+        i0: usize,
+        k: usize,
+        w: &[f32],
+        out: &mut [f32],
+        m: usize,
+    ) {
+        let xs: [&[f32]; R] = std::array::from_fn(|r| &x[(i0 + r) * k..(i0 + r + 1) * k]);
+        for (c, wr) in w.chunks_exact(k).enumerate() {
+            let (mut lo, mut hi) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+            for at in (0..k / LANES * LANES).step_by(LANES) {
+                // SAFETY: at + 16 ≤ k, the length of wr and of every row in xs.
+                unsafe {
+                    let w0 = _mm256_loadu_ps(wr.as_ptr().add(at));
+                    let w1 = _mm256_loadu_ps(wr.as_ptr().add(at + 8));
+                    for r in 0..R {
+                        let p = xs[r].as_ptr().add(at);
+                        lo[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p), w0, lo[r]);
+                        hi[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(8)), w1, hi[r]);
+                    }
+                }
+            }
+            for r in 0..R {
+                let mut lanes = [0f32; LANES];
+                // SAFETY: lanes holds 16 values.
+                unsafe {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), lo[r]);
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi[r]);
+                }
+                out[c * m + i0 + r] = finish(lanes, xs[r], wr);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +297,29 @@ mod tests {
 
     #[test]
     fn few_rows_equal_the_product_in_f64_and_candles_matmul() {
+        // every SIMD version this CPU has and the plain loops: the same bits (9 rows: groups
+        // of 8 or 4, and 1)
+        let (x, w): (Vec<f32>, Vec<f32>) = (
+            (0..9 * 37).map(|i| (i as f32).sin()).collect(),
+            (0..5 * 37).map(|i| (i as f32).cos()).collect(),
+        );
+        let mut plain = vec![0f32; 45];
+        columns_body(&x, 37, &w, &mut plain);
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let mut fast = vec![0f32; 45];
+            if has!("avx512f") && has!("fma") {
+                // SAFETY: the CPU has the features.
+                unsafe { x86::columns_avx512(&x, 37, &w, &mut fast) };
+                assert_eq!(fast, plain, "AVX-512");
+            }
+            if has!("avx2") && has!("fma") {
+                // SAFETY: as above.
+                unsafe { x86::columns_avx2(&x, 37, &w, &mut fast) };
+                assert_eq!(fast, plain, "AVX2");
+            }
+        }
         let dev = Device::Cpu;
         // ragged k (a tail past the lanes), n past one task's columns, every row grouping
         for (m, k, n) in [
