@@ -10,7 +10,7 @@ mod ops;
 use crate::error::Result;
 use crate::model::init;
 use candle_core::{DType, Device, Tensor};
-use models::{lora, model};
+use models::{decode, lora, model};
 use ops::{fused_ops, ops};
 use std::fmt::Write;
 
@@ -152,6 +152,7 @@ fn all_checks(device: &Device) -> Result<Vec<Check>> {
         for &p in &precisions {
             candle_core::cuda::set_gemm_reduced_precision_f32(p == Precision::Tf32);
             model(arch, device, p, &mut checks)?;
+            decode(arch, device, p, &mut checks)?;
             // LoRA on a frozen base, plain and with Phi-3's fused projections
             if matches!(arch, "llama" | "phi3") {
                 lora(arch, device, p, &mut checks)?;

@@ -1,11 +1,12 @@
 //! The model checks: a random tiny model of each family (reference log-probs, every parameter's
-//! gradient) and LoRA adapters on two of them, on the device against the CPU f32 reference.
+//! gradient, cached decoding) and LoRA adapters on two of them, on the device against the CPU
+//! f32 reference.
 
 use super::{tolerance, values, Check, Precision};
 use crate::config::Truncation;
 use crate::error::{Error, Result};
 use crate::logprobs::{self, SeqBatch};
-use crate::model::{init, lora, OpMode, Transformer, TransformerConfig};
+use crate::model::{init, lora, DecodeStep, KvCache, OpMode, Transformer, TransformerConfig};
 use crate::train::policy::Policy;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -140,6 +141,109 @@ pub(super) fn model(
         },
     };
     checks.push(worst);
+    Ok(())
+}
+
+/// Cached decoding as `generate` runs it on `device`: a packed prefill of three prompts of
+/// unequal lengths (one past the sliding windows), then four steps of one token per row, against
+/// each row's whole sequence so far through the CPU's composed ops in f32, with no cache (the
+/// reference's greedy choices are fed to both).
+pub(super) fn decode(
+    arch: &str,
+    device: &Device,
+    p: Precision,
+    checks: &mut Vec<Check>,
+) -> Result<()> {
+    let cfg = tiny(arch)?;
+    let std = if cfg.gemma { 0.05 } else { 0.1 };
+    let weights = init::init_weights(&cfg, 13, std)?;
+    let mut rows: Vec<Vec<u32>> = [3usize, 21, 9]
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            (0..n as u32)
+                .map(|i| (i * 11 + s as u32 * 5 + 1) % 97)
+                .collect()
+        })
+        .collect();
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let pads: Vec<usize> = rows.iter().map(|r| width - r.len()).collect();
+    let steps = 4;
+    let load = |dev: &Device, dt: DType| -> Result<Transformer> {
+        let w: HashMap<String, Tensor> = weights
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(dt)?.to_device(dev)?)))
+            .collect::<Result<_>>()?;
+        Transformer::new(&cfg, &w)
+    };
+    let (cpu, dev) = (load(&Device::Cpu, DType::F32)?, load(device, p.dtype())?);
+    // each row's next-token logits from its whole sequence, no cache → [rows, V]
+    let plain = |rows: &[Vec<u32>]| -> Result<Tensor> {
+        let last = rows
+            .iter()
+            .map(|r| {
+                let ids = Tensor::new(r.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+                let logits = cpu.forward_logits(&ids, OpMode::Differentiable)?;
+                Ok(logits.squeeze(0)?.narrow(0, r.len() - 1, 1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&last, 0)?)
+    };
+    let mut cache = KvCache::with_capacity(width + steps);
+    let texts: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let mut hidden = dev.prefill(&texts, &mut cache)?;
+    let (mut want, mut got) = (Vec::new(), Vec::new());
+    for n in 0..steps {
+        let w = plain(&rows)?;
+        got.push(
+            dev.next_logits(&hidden.squeeze(1)?)?
+                .to_device(&Device::Cpu)?,
+        );
+        let next: Vec<u32> = w.argmax(1)?.to_vec1()?;
+        want.push(w);
+        for (r, &t) in rows.iter_mut().zip(&next) {
+            r.push(t);
+        }
+        // one new slot per row: each sees its real keys up to itself, within the window
+        let slot = width + n;
+        let mask = |window: usize| -> Vec<f32> {
+            pads.iter()
+                .flat_map(|&pad| {
+                    (0..=slot).map(move |j| {
+                        if j >= pad && slot - j < window {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect()
+        };
+        let shape = (rows.len(), 1, 1, slot + 1);
+        let step = DecodeStep {
+            positions: pads.iter().map(|&pad| (slot - pad) as u32).collect(),
+            batch: rows.len(),
+            len: 1,
+            mask: Tensor::from_vec(mask(usize::MAX), shape, device)?,
+            sliding_mask: match cfg.sliding_window {
+                Some(wn) => Some(Tensor::from_vec(mask(wn), shape, device)?),
+                None => None,
+            },
+        };
+        let ids = Tensor::from_vec(next, (rows.len(), 1), device)?;
+        hidden = dev.forward_cached(&ids, &step, &mut cache)?;
+    }
+    checks.push(Check::compare(
+        format!("{arch} cached decoding logits {}", p.name()),
+        &Tensor::cat(&got, 0)?,
+        &Tensor::cat(&want, 0)?,
+        // TF32 products keep 10 mantissa bits; bf16 logits after a prefill and four steps in bf16
+        match p {
+            Precision::F32 => 1e-4,
+            Precision::Tf32 => 1e-2,
+            Precision::Bf16 => 5e-2,
+        },
+    )?);
     Ok(())
 }
 

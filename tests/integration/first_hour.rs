@@ -212,7 +212,8 @@ fn the_readme_lora_block_trains_and_merges_on_the_demo() {
 }
 
 /// The checks a selftest run must report as passed, by name: every op and fused op in f32 and
-/// bf16, each family's reference log-probs and gradients, LoRA on Llama and Phi-3.
+/// bf16, each family's reference log-probs, gradients and cached decoding, LoRA on Llama and
+/// Phi-3.
 fn assert_every_check_passed(out: &str) {
     // `ok    <name, padded>  error …  tolerance …`
     let passed: Vec<&str> = out
@@ -269,6 +270,7 @@ fn assert_every_check_passed(out: &str) {
             "gemma3_text",
         ] {
             wanted.push(format!("{family} reference log-probs {d}"));
+            wanted.push(format!("{family} cached decoding logits {d}"));
             let n = match family {
                 "llama" | "mistral" => 21,
                 "qwen2" => 26,
