@@ -124,7 +124,9 @@ fn layout(
     })
 }
 
-/// The next token from one row of logits.
+/// The next token from one row of logits: greedy, or sampled at the temperature from every token
+/// (top-p 1, in vocabulary order) or from the nucleus (the most likely tokens, most likely first,
+/// until they hold top-p of the probability).
 fn choose(logits: &[f32], s: &Sampling, rng: &mut SplitMix) -> u32 {
     if s.temperature <= 0.0 {
         let mut best = 0;
@@ -135,38 +137,66 @@ fn choose(logits: &[f32], s: &Sampling, rng: &mut SplitMix) -> u32 {
         }
         return best as u32;
     }
-    let scaled: Vec<f64> = logits
+    let max = logits
         .iter()
         .map(|&x| f64::from(x) / s.temperature)
-        .collect();
-    let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let mut probs: Vec<(usize, f64)> = scaled
+        .fold(f64::NEG_INFINITY, f64::max);
+    let probs: Vec<f64> = logits
         .iter()
-        .enumerate()
-        .map(|(i, &x)| (i, (x - max).exp()))
+        .map(|&x| (f64::from(x) / s.temperature - max).exp())
         .collect();
-    let total: f64 = probs.iter().map(|(_, p)| p).sum();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    // the nucleus: most likely first, until top_p of the mass is in
-    let mut kept = 0;
-    let mut mass = 0.0;
-    for (_, p) in &probs {
-        kept += 1;
-        mass += p / total;
-        if mass >= s.top_p {
-            break;
-        }
+    let total: f64 = probs.iter().sum();
+    if s.top_p >= 1.0 {
+        return walk(probs.iter().copied().enumerate(), rng.unit() * total);
     }
-    let nucleus = &probs[..kept];
+    let nucleus = nucleus(&probs, total, s.top_p);
     let sum: f64 = nucleus.iter().map(|(_, p)| p).sum();
-    let mut u = rng.unit() * sum;
-    for &(i, p) in nucleus {
+    walk(nucleus.iter().copied(), rng.unit() * sum)
+}
+
+/// The token at which `u` falls in the running sum of `items` (id, weight), in their order; the
+/// last one of weight above zero where rounding leaves u past them all.
+fn walk(items: impl Iterator<Item = (usize, f64)>, mut u: f64) -> u32 {
+    let mut last = 0;
+    for (i, p) in items {
         if u < p {
             return i as u32;
         }
         u -= p;
+        if p > 0.0 {
+            last = i;
+        }
     }
-    nucleus[kept - 1].0 as u32
+    last as u32
+}
+
+/// The nucleus of `probs` (their sum `total`): most likely first (ties by id), until top_p of the
+/// mass is in. Found among the k most likely (selected in linear time, then sorted), k from 64
+/// growing 16-fold until the nucleus fits: a whole-vocabulary sort per token was most of a
+/// sampled step's time, and a peaked distribution's nucleus is small (a flat one's costs two
+/// selections more than the whole sort).
+fn nucleus(probs: &[f64], total: f64, top_p: f64) -> Vec<(usize, f64)> {
+    let order = |a: &(usize, f64), b: &(usize, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut items: Vec<(usize, f64)> = probs.iter().copied().enumerate().collect();
+    let mut k = 64.min(items.len());
+    loop {
+        if k < items.len() {
+            items.select_nth_unstable_by(k - 1, order);
+        }
+        items[..k].sort_by(order);
+        let mut mass = 0.0;
+        for (kept, (_, p)) in items[..k].iter().enumerate() {
+            mass += p / total;
+            if mass >= top_p {
+                items.truncate(kept + 1);
+                return items;
+            }
+        }
+        if k == items.len() {
+            return items;
+        }
+        k = (16 * k).min(items.len());
+    }
 }
 
 #[cfg(test)]
@@ -202,6 +232,41 @@ mod tests {
             seen[choose(&[0.0, 0.0, 0.0], &flat, &mut rng) as usize] = true;
         }
         assert_eq!(seen, [true; 3]);
+    }
+
+    /// The nucleus by a whole sort, as `choose` found it until 2026-12-06.
+    fn nucleus_by_full_sort(probs: &[f64], total: f64, top_p: f64) -> Vec<(usize, f64)> {
+        let mut items: Vec<(usize, f64)> = probs.iter().copied().enumerate().collect();
+        items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let (mut kept, mut mass) = (0, 0.0);
+        for (_, p) in &items {
+            kept += 1;
+            mass += p / total;
+            if mass >= top_p {
+                break;
+            }
+        }
+        items.truncate(kept);
+        items
+    }
+
+    #[test]
+    fn the_nucleus_equals_a_whole_sorts_on_peaked_flat_and_tied_distributions() {
+        let mut rng = SplitMix::new(3);
+        for (n, peak) in [(1000, 8.0), (1000, 0.0), (50, 3.0), (5000, 30.0)] {
+            // ties: values on a coarse grid
+            let probs: Vec<f64> = (0..n)
+                .map(|_| ((rng.unit() * 20.0).floor() / 20.0 * peak).exp())
+                .collect();
+            let total: f64 = probs.iter().sum();
+            for top_p in [0.0, 0.3, 0.9, 0.999, 1.0 - 1e-12] {
+                assert_eq!(
+                    nucleus(&probs, total, top_p),
+                    nucleus_by_full_sort(&probs, total, top_p),
+                    "n {n}, peak {peak}, top_p {top_p}"
+                );
+            }
+        }
     }
 
     #[test]
