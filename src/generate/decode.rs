@@ -8,6 +8,9 @@ use crate::model::{DecodeStep, KvCache};
 use crate::rng::SplitMix;
 use candle_core::{Device, Tensor};
 
+/// New-token slots a decoding cache holds before it first grows.
+const FIRST_NEW_SLOTS: usize = 512;
+
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy)]
 pub struct Sampling {
@@ -57,7 +60,9 @@ pub fn generate(
         .iter()
         .map(|(key, _)| SplitMix::new(sampling.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
         .collect();
-    let mut cache = KvCache::with_capacity(p + max_new);
+    // room for the prompts and the first new tokens; longer runs grow it (a huge
+    // --max-new-tokens is not allocated up front)
+    let mut cache = KvCache::with_capacity(p + max_new.min(FIRST_NEW_SLOTS));
     let texts: Vec<&[u32]> = prompts.iter().map(|(_, ids)| *ids).collect();
     let mut hidden = model.prefill(&texts, &mut cache)?;
     for n in 0..max_new {

@@ -78,7 +78,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         .chain(policy.as_ref().map(|p| ("policy", p)))
         .collect();
     let progress = Progress::new(
-        (n * models.len() * opts.max_new_tokens) as u64,
+        (n * models.len()).saturating_mul(opts.max_new_tokens) as u64,
         "generate",
         quiet,
     );
