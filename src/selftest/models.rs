@@ -36,6 +36,28 @@ fn tiny(arch: &str) -> Result<TransformerConfig> {
     .map_err(Error::Model)
 }
 
+/// A family's tiny model and its random weights from `seed`. Gemma multiplies embeddings by
+/// √hidden and norms by (1 + w): a smaller init keeps its tiny model as well-conditioned as the
+/// others', so bf16 noise is what is measured.
+fn tiny_weights(arch: &str, seed: u64) -> Result<(TransformerConfig, HashMap<String, Tensor>)> {
+    let cfg = tiny(arch)?;
+    let std = if cfg.gemma { 0.05 } else { 0.1 };
+    let weights = init::init_weights(&cfg, seed, std)?;
+    Ok((cfg, weights))
+}
+
+/// The weights in `dtype` on `device`.
+fn placed(
+    weights: &HashMap<String, Tensor>,
+    device: &Device,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>> {
+    weights
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_device(device)?)))
+        .collect()
+}
+
 /// Two pairs of unequal lengths (one past 32 positions), so padding, masks and chunks all count:
 /// right-padded, or packed into one row as stage one scores them.
 fn batch(device: &Device, packed: bool) -> Result<SeqBatch> {
@@ -63,19 +85,12 @@ pub(super) fn model(
     p: Precision,
     checks: &mut Vec<Check>,
 ) -> Result<()> {
-    let cfg = tiny(arch)?;
-    // Gemma multiplies embeddings by √hidden and norms by (1 + w): a smaller init keeps its
-    // tiny model as well-conditioned as the others', so bf16 noise is what is measured.
-    let std = if cfg.gemma { 0.05 } else { 0.1 };
-    let weights = init::init_weights(&cfg, 11, std)?;
+    let (cfg, weights) = tiny_weights(arch, 11)?;
     let (dtype, d) = (p.dtype(), p.name());
     let tol = tolerance(dtype);
     let score = |dev: &Device, dt: DType, mode: OpMode, packed: bool| -> Result<Tensor> {
-        let w: HashMap<String, Tensor> = weights
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.to_dtype(dt)?.to_device(dev)?)))
-            .collect::<Result<_>>()?;
-        let sums = logprobs::score(&Transformer::new(&cfg, &w)?, &batch(dev, packed)?, mode)?;
+        let model = Transformer::new(&cfg, &placed(&weights, dev, dt)?)?;
+        let sums = logprobs::score(&model, &batch(dev, packed)?, mode)?;
         let n = sums.len();
         Ok(Tensor::from_vec(sums, n, &Device::Cpu)?.to_dtype(DType::F32)?)
     };
@@ -154,9 +169,7 @@ pub(super) fn decode(
     p: Precision,
     checks: &mut Vec<Check>,
 ) -> Result<()> {
-    let cfg = tiny(arch)?;
-    let std = if cfg.gemma { 0.05 } else { 0.1 };
-    let weights = init::init_weights(&cfg, 13, std)?;
+    let (cfg, weights) = tiny_weights(arch, 13)?;
     let mut rows: Vec<Vec<u32>> = [3usize, 21, 9]
         .iter()
         .enumerate()
@@ -169,14 +182,8 @@ pub(super) fn decode(
     let width = rows.iter().map(Vec::len).max().unwrap_or(0);
     let pads: Vec<usize> = rows.iter().map(|r| width - r.len()).collect();
     let steps = 4;
-    let load = |dev: &Device, dt: DType| -> Result<Transformer> {
-        let w: HashMap<String, Tensor> = weights
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.to_dtype(dt)?.to_device(dev)?)))
-            .collect::<Result<_>>()?;
-        Transformer::new(&cfg, &w)
-    };
-    let (cpu, dev) = (load(&Device::Cpu, DType::F32)?, load(device, p.dtype())?);
+    let cpu = Transformer::new(&cfg, &weights)?;
+    let dev = Transformer::new(&cfg, &placed(&weights, device, p.dtype())?)?;
     // each row's next-token logits from its whole sequence, no cache → [rows, V]
     let plain = |rows: &[Vec<u32>]| -> Result<Tensor> {
         let last = rows
