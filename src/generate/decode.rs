@@ -84,49 +84,11 @@ pub fn generate(
             break;
         }
         let slot = p + n;
-        let step = layout(&pads, slot, window, device)?;
+        let step = DecodeStep::one_slot(&pads, slot, window, device)?;
         hidden =
             model.forward_cached(&Tensor::from_vec(next, (b, 1), device)?, &step, &mut cache)?;
     }
     Ok(out)
-}
-
-/// Positions and masks of one new slot per row, `slot`, against key slots `0..=slot`, for rows
-/// left-padded by `pads`: each sees its real keys up to itself, within `window` positions on
-/// sliding layers.
-fn layout(
-    pads: &[usize],
-    slot: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<DecodeStep> {
-    let (b, end) = (pads.len(), slot + 1);
-    let mut positions = Vec::with_capacity(b);
-    let mut full = Vec::with_capacity(b * end);
-    let mut sliding = Vec::with_capacity(if window.is_some() { b * end } else { 0 });
-    for &pad in pads {
-        positions.push((slot - pad) as u32);
-        for j in 0..end {
-            let seen = j >= pad;
-            let near = window.is_none_or(|w| slot - j < w);
-            let add = |ok: bool| if ok { 0.0 } else { f32::NEG_INFINITY };
-            full.push(add(seen));
-            if window.is_some() {
-                sliding.push(add(seen && near));
-            }
-        }
-    }
-    let shape = (b, 1, 1, end);
-    Ok(DecodeStep {
-        positions,
-        batch: b,
-        len: 1,
-        mask: Tensor::from_vec(full, shape, device)?,
-        sliding_mask: match window {
-            Some(_) => Some(Tensor::from_vec(sliding, shape, device)?),
-            None => None,
-        },
-    })
 }
 
 /// The next token from one row of logits: greedy, or sampled at the temperature from every token
@@ -272,22 +234,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn a_step_sees_its_real_keys_and_windows_slide() {
-        let step = layout(&[2, 0], 3, Some(2), &Device::Cpu).unwrap();
-        let seen = |m: &Tensor| -> Vec<Vec<u8>> {
-            let m: Vec<Vec<f32>> = m.squeeze(1).unwrap().squeeze(1).unwrap().to_vec2().unwrap();
-            m.iter()
-                .map(|r| r.iter().map(|&x| u8::from(x == 0.0)).collect())
-                .collect()
-        };
-        // row 0: two pads, then positions 0, 1; row 1: no pads
-        assert_eq!(seen(&step.mask), vec![vec![0, 0, 1, 1], vec![1, 1, 1, 1]]);
-        // window 2 keeps the key itself and the one before
-        let sliding = step.sliding_mask.unwrap();
-        assert_eq!(seen(&sliding), vec![vec![0, 0, 1, 1], vec![0, 0, 1, 1]]);
-        assert_eq!(step.positions, vec![1, 3]);
     }
 }

@@ -5,7 +5,7 @@ use super::kv_cache::{KvCache, LayerKv};
 use super::rope::Rope;
 use super::{cpu, OpMode, Transformer};
 use crate::error::{Error, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// One incremental forward beside its ids [B, t]: each new slot's position (row-major, B·t),
 /// and the additive masks [B, 1, t, T] over all T slots so far of full and sliding layers.
@@ -15,6 +15,45 @@ pub struct DecodeStep {
     pub len: usize,
     pub mask: Tensor,
     pub sliding_mask: Option<Tensor>,
+}
+
+impl DecodeStep {
+    /// One new slot per row, `slot`, against key slots `0..=slot`, for rows left-padded by
+    /// `pads`: each sees its real keys up to itself, within `window` positions on sliding layers.
+    pub fn one_slot(
+        pads: &[usize],
+        slot: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        let (b, end) = (pads.len(), slot + 1);
+        let mut positions = Vec::with_capacity(b);
+        let mut full = Vec::with_capacity(b * end);
+        let mut sliding = Vec::with_capacity(if window.is_some() { b * end } else { 0 });
+        for &pad in pads {
+            positions.push((slot - pad) as u32);
+            for j in 0..end {
+                let seen = j >= pad;
+                let near = window.is_none_or(|w| slot - j < w);
+                let add = |ok: bool| if ok { 0.0 } else { f32::NEG_INFINITY };
+                full.push(add(seen));
+                if window.is_some() {
+                    sliding.push(add(seen && near));
+                }
+            }
+        }
+        let shape = (b, 1, 1, end);
+        Ok(Self {
+            positions,
+            batch: b,
+            len: 1,
+            mask: Tensor::from_vec(full, shape, device)?,
+            sliding_mask: match window {
+                Some(_) => Some(Tensor::from_vec(sliding, shape, device)?),
+                None => None,
+            },
+        })
+    }
 }
 
 impl Transformer {
@@ -118,6 +157,23 @@ mod tests {
     }
 
     #[test]
+    fn a_step_sees_its_real_keys_and_windows_slide() {
+        let step = DecodeStep::one_slot(&[2, 0], 3, Some(2), &Device::Cpu).unwrap();
+        let seen = |m: &Tensor| -> Vec<Vec<u8>> {
+            let m: Vec<Vec<f32>> = m.squeeze(1).unwrap().squeeze(1).unwrap().to_vec2().unwrap();
+            m.iter()
+                .map(|r| r.iter().map(|&x| u8::from(x == 0.0)).collect())
+                .collect()
+        };
+        // row 0: two pads, then positions 0, 1; row 1: no pads
+        assert_eq!(seen(&step.mask), vec![vec![0, 0, 1, 1], vec![1, 1, 1, 1]]);
+        // window 2 keeps the key itself and the one before
+        let sliding = step.sliding_mask.unwrap();
+        assert_eq!(seen(&sliding), vec![vec![0, 0, 1, 1], vec![0, 0, 1, 1]]);
+        assert_eq!(step.positions, vec![1, 3]);
+    }
+
+    #[test]
     fn a_packed_prefill_and_a_step_equal_each_prompts_own_forward() {
         // a sliding window shorter than the longest prompt, grouped heads
         let cfg = TransformerConfig::from_json(
@@ -138,30 +194,8 @@ mod tests {
             assert!(diff < 1e-5, "prompt {i}: {diff}");
         }
         // one more token per row, at slot 7 of rows left-padded by 4, 0 and 6
-        let (pads, next) = ([4usize, 0, 6], [11u32, 12, 13]);
-        let positions: Vec<u32> = pads.iter().map(|&p| 7 - p as u32).collect();
-        let mask = |window: usize| -> Tensor {
-            let m: Vec<f32> = pads
-                .iter()
-                .flat_map(|&p| {
-                    (0..8).map(move |j| {
-                        if j >= p && 7 - j < window {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            Tensor::from_vec(m, (3, 1, 1, 8), &Device::Cpu).unwrap()
-        };
-        let step = DecodeStep {
-            positions,
-            batch: 3,
-            len: 1,
-            mask: mask(usize::MAX),
-            sliding_mask: Some(mask(4)),
-        };
+        let next = [11u32, 12, 13];
+        let step = DecodeStep::one_slot(&[4, 0, 6], 7, Some(4), &Device::Cpu).unwrap();
         let ids = Tensor::new(&next, &Device::Cpu)
             .unwrap()
             .unsqueeze(1)

@@ -211,32 +211,7 @@ pub(super) fn decode(
         for (r, &t) in rows.iter_mut().zip(&next) {
             r.push(t);
         }
-        // one new slot per row: each sees its real keys up to itself, within the window
-        let slot = width + n;
-        let mask = |window: usize| -> Vec<f32> {
-            pads.iter()
-                .flat_map(|&pad| {
-                    (0..=slot).map(move |j| {
-                        if j >= pad && slot - j < window {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect()
-        };
-        let shape = (rows.len(), 1, 1, slot + 1);
-        let step = DecodeStep {
-            positions: pads.iter().map(|&pad| (slot - pad) as u32).collect(),
-            batch: rows.len(),
-            len: 1,
-            mask: Tensor::from_vec(mask(usize::MAX), shape, device)?,
-            sliding_mask: match cfg.sliding_window {
-                Some(wn) => Some(Tensor::from_vec(mask(wn), shape, device)?),
-                None => None,
-            },
-        };
+        let step = DecodeStep::one_slot(&pads, width + n, cfg.sliding_window, device)?;
         let ids = Tensor::from_vec(next, (rows.len(), 1), device)?;
         hidden = dev.forward_cached(&ids, &step, &mut cache)?;
     }
