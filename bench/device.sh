@@ -23,6 +23,9 @@
 # `bash bench/device.sh --flash` (~2 minutes, needs no refdpo binary, only the checkout and the
 # host's torch): the tiled attention's committed cubins checked and timed against SDPA
 # (src/model/fused/triton/device_check.py); the full run does it first too.
+# `bash bench/device.sh --tune` (~3 minutes, no binary either): the attention's tile
+# configurations (device_check.py's TUNE) timed through Triton's JIT at the Qwen2-0.5B and 1.5B
+# shapes, into $OUT/flash_tune.json: what flash_attn.CONFIGS should say.
 # Dry run on a CPU (tiny models, no figures): `bash bench/device.sh --cpu`, with REFDPO set to a
 # refdpo command and a Python that has bench/requirements.txt and TRL (PYTHON).
 set -uo pipefail
@@ -33,14 +36,16 @@ TRAIN_MODELS=qwen2-0.5b
 SIZE=()
 EXTRA=()
 FLASH_ONLY=
+FLASH_ARGS=()
 for arg in "$@"; do
   case $arg in
     --flash) FLASH_ONLY=1 ;;
+    --tune) FLASH_ONLY=1 FLASH_ARGS=(--tune) ;;
     --cpu) DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256) ;;
     --profile) PRE_MODELS=${PRE_MODELS%%,*} EXTRA=(--profile) TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
     --lora) PRE_MODELS="" TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_lora,trl_live_lora ;;
     --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
-    *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora] [--big] [--flash]" >&2; exit 2 ;;
+    *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora] [--big] [--flash] [--tune]" >&2; exit 2 ;;
   esac
 done
 [ -n "${TRAIN_SETUPS:-}" ] && SIZE+=(--setups "$TRAIN_SETUPS")
@@ -58,7 +63,7 @@ stage() { # name, seconds, command...
 # The tiled attention first: its cubins are committed, so it needs no refdpo binary.
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-  stage flash 150 "$PY" src/model/fused/triton/device_check.py --out "$OUT"
+  stage flash "$([ -n "${FLASH_ARGS[*]}" ] && echo 240 || echo 150)" "$PY" src/model/fused/triton/device_check.py --out "$OUT" "${FLASH_ARGS[@]}"
   [ -z "$FLASH_ONLY" ] || { ls -la "$OUT"; exit 0; }
 fi
 if [ "$DEVICE" = cuda ]; then

@@ -191,6 +191,9 @@ pub fn launch(
                 "*fp64"
             }
             Arg::I32(v) => {
+                if let Some(why) = k.misfit(i, i64::from(*v)) {
+                    return Err(err(why));
+                }
                 b.arg(&*v);
                 "i32"
             }

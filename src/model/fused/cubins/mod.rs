@@ -51,6 +51,10 @@ pub struct Kernel {
     /// The kernel's parameters in order, `name:type` (`*bf16`, `*fp16`, `*fp32`, `*fp64`,
     /// `*i32`, `*i64`, `i32`, `fp32`, `fp64`).
     pub params: Vec<String>,
+    /// The integer parameters it was compiled to assume are multiples of 16 (Triton's
+    /// `tt.divisibility`: what lets a tile's rows load as 16-byte vectors); a launch with any
+    /// other value is refused.
+    pub multiple_of_16: Vec<String>,
     /// Null pointers Triton's calling convention appends after them.
     pub scratch_params: usize,
     /// SHA-256 (hex) of the cubin.
@@ -61,6 +65,22 @@ impl Kernel {
     /// The type of parameter `i` (`*bf16`, `i32`, …).
     pub fn param_type(&self, i: usize) -> Option<&str> {
         self.params.get(i)?.split_once(':').map(|(_, t)| t)
+    }
+
+    /// The name of parameter `i`.
+    pub fn param_name(&self, i: usize) -> Option<&str> {
+        self.params.get(i)?.split_once(':').map(|(n, _)| n)
+    }
+
+    /// Why `value` cannot be parameter `i`, if it was compiled as a multiple of 16 and is not.
+    pub fn misfit(&self, i: usize, value: i64) -> Option<String> {
+        let name = self.param_name(i)?;
+        (self.multiple_of_16.iter().any(|m| m == name) && value % 16 != 0).then(|| {
+            format!(
+                "{}: `{name}` = {value}, where the kernel was compiled for multiples of 16",
+                self.name
+            )
+        })
     }
 
     /// A tile-size constexpr.
@@ -166,6 +186,28 @@ mod tests {
         let m = Manifest::embedded().unwrap();
         for k in &m.kernels {
             assert_eq!(k.scratch_params, 2, "{}", k.name);
+            for name in &k.multiple_of_16 {
+                let i = (0..k.params.len()).find(|&i| k.param_name(i) == Some(name));
+                let i = i.unwrap_or_else(|| panic!("{}: no parameter {name}", k.name));
+                assert_eq!(k.param_type(i), Some("i32"), "{}: {name}", k.name);
+                assert!(k.misfit(i, 64).is_none() && k.misfit(i, 0).is_none());
+                assert!(k.misfit(i, 24).unwrap().contains(name.as_str()));
+            }
+            // The attention's head dim and strides: its tiles' loads are vectorized only so.
+            if k.source == "flash_attn.py" {
+                let strides = k
+                    .params
+                    .iter()
+                    .filter(|p| p.starts_with('s') && p.ends_with(":i32"));
+                assert_eq!(k.multiple_of_16.len(), strides.count() + 1, "{}", k.name);
+                assert!(
+                    k.multiple_of_16.iter().any(|m| m == "head_dim"),
+                    "{}",
+                    k.name
+                );
+            } else {
+                assert!(k.multiple_of_16.is_empty(), "{}", k.name);
+            }
             assert!(k.num_warps >= 1 && k.num_warps * 32 <= 1024, "{}", k.name);
             // sm_80's and sm_90's opt-in shared memory per block.
             let limit = if k.arch >= 90 { 227 << 10 } else { 163 << 10 };

@@ -51,7 +51,9 @@ pub fn uncovered(
 }
 
 /// Why `manifest` has no tiled attention for these inputs on `arch`: the four kernels compiled
-/// for the dtype, head tile and soft cap, and every tensor under 2^31 elements.
+/// for the dtype, head tile and soft cap, a head dim that is a multiple of 16 (so are the
+/// strides of contiguous [B, H, T, D] tensors, as the kernels were compiled to assume), and
+/// every tensor under 2^31 elements.
 pub fn compiled_for(
     manifest: &Manifest,
     arch: u32,
@@ -63,6 +65,11 @@ pub fn compiled_for(
     if largest_tensor >= 1 << 31 {
         return Some(format!(
             "{largest_tensor} elements exceed the kernels' 32-bit offsets"
+        ));
+    }
+    if !head_dim.is_multiple_of(16) {
+        return Some(format!(
+            "head dim {head_dim} is not a multiple of 16 (the kernels' vector loads)"
         ));
     }
     let ty = match dtype {
@@ -125,6 +132,8 @@ mod tests {
         assert!(why.contains("head dim 512"), "{why}");
         let why = compiled_for(&m, 90, bf16, 64, true, 1 << 20).unwrap();
         assert!(why.contains("soft cap"), "{why}");
+        let why = compiled_for(&m, 90, bf16, 24, false, 1 << 20).unwrap();
+        assert!(why.contains("multiple of 16"), "{why}");
         let why = compiled_for(&m, 90, bf16, 64, false, 1 << 31).unwrap();
         assert!(why.contains("32-bit"), "{why}");
     }

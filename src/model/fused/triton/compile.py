@@ -41,13 +41,24 @@ MANIFEST = os.path.join(HERE, "manifest.json")
 
 
 class Variant:
-    """One kernel compiled for one architecture: its parameters' types, constexprs, options."""
+    """One kernel compiled for one architecture: its parameters' types, constexprs, options, and
+    the integer parameters it is compiled to assume are multiples of 16."""
 
-    def __init__(self, source, kernel, arch, types, consts, warps, stages, fusion, name):
+    def __init__(self, source, kernel, arch, types, consts, warps, stages, fusion, name, multiple_of_16=None):
         self.source, self.kernel, self.arch = source, kernel, arch
         self.consts, self.warps, self.stages, self.fusion = consts, warps, stages, fusion
         self.name = f"{kernel.__name__}_sm{arch}_{name}"
         self.sig = {n: ("constexpr" if n in consts else types(n)) for n in kernel.arg_names}
+        self.multiple_of_16 = [n for n in kernel.arg_names
+                               if multiple_of_16 and multiple_of_16(n) and self.sig[n] == "i32"]
+
+
+def attention_multiples(name):
+    """The attention's strides and head dim, compiled as multiples of 16 (what Triton's JIT
+    assumes of such an argument when it is one). Without it a tile's rows cannot be proven
+    aligned, nor its head mask uniform over 8 lanes: every bf16 element became its own 2-byte
+    load and the loads were not pipelined (no cp.async). The launchers refuse other values."""
+    return name == "head_dim" or (name.startswith("s") and name not in ("scale", "softcap"))
 
 
 def attention_types(dtype):
@@ -77,13 +88,13 @@ def variants():
                 types = attention_types(dtype)
                 consts = {"BLOCK_D": block_d, "BLOCK_M": bm}
                 yield Variant("flash_attn.py", flash_attn.flash_bwd_delta, arch, types, consts, 4, 1, True,
-                              f"{dtype}_d{block_d}")
+                              f"{dtype}_d{block_d}", attention_multiples)
                 # Soft caps are Gemma 2's, whose heads are 128 and 256 wide.
                 for softcap in (False, True) if block_d >= 128 else (False,):
                     consts = {"BLOCK_D": block_d, "BLOCK_M": bm, "BLOCK_N": bn, "SOFTCAP": softcap}
                     for kernel in (flash_attn.flash_fwd, flash_attn.flash_bwd_dkdv, flash_attn.flash_bwd_dq):
                         yield Variant("flash_attn.py", kernel, arch, types, consts, warps, stages, True,
-                                      f"{dtype}_d{block_d}_cap{int(softcap)}")
+                                      f"{dtype}_d{block_d}_cap{int(softcap)}", attention_multiples)
         # The optimizer without FP fusion: its f32 arithmetic equals the composed ops op by op.
         chunk = {"CHUNK": adamw.CHUNK, "BLOCK": adamw.BLOCK}
         yield Variant("adamw.py", adamw.clip_norm, arch, adamw_types, {"BLOCK": adamw.BLOCK}, 4, 1, False, "f64")
@@ -95,8 +106,10 @@ def variants():
 
 def compile_one(v):
     kernel, sig = v.kernel, v.sig
-    # Pointers 16-byte aligned (candle's allocations are); the Rust launcher checks it.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if sig[n].startswith("*")}
+    # Pointers 16-byte aligned (candle's allocations are) and the variant's integers multiples of
+    # 16; the launchers check both.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if sig[n].startswith("*") or n in v.multiple_of_16}
     target = GPUTarget("cuda", v.arch, 32)
     backend = make_backend(target)
     options = backend.parse_options({"num_warps": v.warps, "num_stages": v.stages, "enable_fp_fusion": v.fusion})
@@ -114,6 +127,11 @@ def compile_one(v):
     scratch = entry.count(".param") - len(params)
     if scratch != 2:
         raise SystemExit(f"{v.name}: {entry.count('.param')} PTX parameters, expected {len(params)} + 2")
+    # A half-precision tile moved one element per instruction means the alignment hints above
+    # were lost: refuse it here rather than find it slow on a GPU.
+    scalar = [op for op in ("ld.global.b16", "st.global.b16") if op in ptx]
+    if v.multiple_of_16 and scalar:
+        raise SystemExit(f"{v.name}: {', '.join(scalar)} in the PTX: its tiles are not vectorized")
     return compiled.asm["cubin"], {
         "name": v.name,
         "source": v.source,
@@ -126,6 +144,8 @@ def compile_one(v):
         "fp_fusion": v.fusion,
         "shared": meta.shared,
         "params": [f"{n}:{t}" for n, t in params],
+        # Integer parameters compiled as multiples of 16: a launch with another value is refused.
+        "multiple_of_16": v.multiple_of_16,
         # Triton 3.9 appends two pointers after a kernel's own parameters (global and profile
         # scratch); both may be null when, as checked above, no scratch is needed.
         "scratch_params": scratch,

@@ -85,6 +85,7 @@ class Cubins:
                 values.append(ctypes.c_uint64(a.data_ptr()))
             elif ty == "i32":
                 assert -(2**31) <= a < 2**31, f"{name} = {a} exceeds 32 bits"
+                assert name not in e["multiple_of_16"] or a % 16 == 0, f"{name} = {a}: compiled for multiples of 16"
                 values.append(ctypes.c_int32(a))
             elif ty == "fp32":
                 values.append(ctypes.c_float(a))

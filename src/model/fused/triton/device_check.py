@@ -14,6 +14,7 @@
    benchmark's models, as TFLOP/s (causal: half the square).
 
 Writes `flash_check.json` and prints a table. Needs torch with CUDA (it brings triton).
+`--tune` instead times the tile configurations in TUNE through the JIT (`flash_tune.json`).
 """
 
 import argparse
@@ -152,15 +153,21 @@ def timed(fn, reps=20):
     return (time.perf_counter() - start) / reps
 
 
+SHAPES = [
+    # name, B, T, Hq, Hkv, D
+    ("qwen2-0.5b", 8, 1024, 14, 2, 64),
+    ("qwen2-1.5b", 8, 1024, 12, 2, 128),
+    ("smollm2-1.7b", 8, 1024, 32, 32, 64),
+]
+
+# Tile configurations `--tune` times: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+TUNE = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+        (64, 128, 4, 2)]
+
+
 def speed(cubins):
     rows = []
-    shapes = [
-        # name, B, T, Hq, Hkv, D
-        ("qwen2-0.5b", 8, 1024, 14, 2, 64),
-        ("qwen2-1.5b", 8, 1024, 12, 2, 128),
-        ("smollm2-1.7b", 8, 1024, 32, 32, 64),
-    ]
-    for name, b, t, hq, hkv, d in shapes:
+    for name, b, t, hq, hkv, d in SHAPES:
         q, k, v, do = make(b, t, hq, hkv, d, "bthd", torch.bfloat16)
         cu = offsets(b, t, None).cuda()
         flops = 4 * b * hq * t * t * d / 2  # causal forward: QK^T and PV over half the square
@@ -202,12 +209,58 @@ def speed(cubins):
     return rows
 
 
+def tune():
+    """Forward and forward+backward milliseconds per tile configuration (TUNE) at the benchmark
+    shapes, through Triton's JIT with each configuration's warps and stages: the compiler the
+    cubins come from, so the fastest is what flash_attn.CONFIGS should say."""
+    import flash_attn
+
+    rows = []
+    for name, b, t, hq, hkv, d in SHAPES[:2]:
+        q, k, v, do = make(b, t, hq, hkv, d, "bthd", torch.bfloat16)
+        cu = offsets(b, t, None).cuda()
+        ql, kl, vl = (x.detach().requires_grad_() for x in (q, k, v))
+        for bm, bn, warps, stages in TUNE:
+            def launch(kernel, grid, args, consts, warps=warps, stages=stages):
+                w, st = (4, 1) if kernel == "flash_bwd_delta" else (warps, stages)
+                getattr(flash_attn, kernel)[grid](*args, **consts, num_warps=w, num_stages=st)
+
+            def step():
+                o = host.flash_attention(ql, kl, vl, cu, "bthd", 0, None, 0.0, False, launch)
+                torch.autograd.grad(o, (ql, kl, vl), do)
+
+            def fwd():
+                with torch.no_grad():
+                    host.forward(q, k, v, cu, "bthd", launch=launch)
+
+            patch = _Patch()
+            patch.setattr(host, "tiles", lambda d, interpret=False, bm=bm, bn=bn: (bm, bn))
+            r = {"shape": name, "config": [bm, bn, warps, stages]}
+            try:
+                r["fwd_ms"], r["step_ms"] = timed(fwd) * 1e3, timed(step) * 1e3
+            except Exception as e:  # noqa: BLE001 - e.g. more shared memory than the card has
+                r["error"] = str(e)[-300:]
+            finally:
+                patch.restore()
+            rows.append(r)
+            print(f"tune {name} {r['config']}: " + (
+                f"fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['step_ms']:.2f} ms" if "error" not in r else r["error"]),
+                flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="only time TUNE's tile configurations (JIT)")
     args = ap.parse_args()
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.tune:
+        report["tune"] = tune()
+        with open(os.path.join(args.out, "flash_tune.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        return
     if not args.skip_tests:
         passed, failures = jit_tests()
         report["jit_tests"] = {"passed": passed, "failures": failures}

@@ -74,21 +74,50 @@ def _store_tile(base, pos, stride, length, dims, dmask, value):
 
 @triton.jit
 def _keys_seen(m0, length, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The key range [lo, hi) the query tile at m0 sees, lo on a key-tile boundary."""
+    """The key range [lo, hi) the query tile at m0 sees, lo on a key-tile boundary, and within
+    it [a, b): the key tiles every row of the tile sees whole, which need no mask. Those end
+    before the diagonal (n0 + BLOCK_N - 1 <= m0) and, with a window, start past its edge
+    (m0 + BLOCK_M - 1 - n0 < window); lo <= a <= b <= hi, all but hi on tile boundaries."""
     hi = tl.minimum(length, m0 + BLOCK_M)
     lo = 0
+    a = 0
     if window > 0:
         lo = tl.maximum(0, m0 - window + 1) // BLOCK_N * BLOCK_N
-    return lo, hi
+        a = (tl.maximum(0, m0 + BLOCK_M - window) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    b = (m0 + 1) // BLOCK_N * BLOCK_N
+    a = tl.minimum(tl.maximum(a, lo), b)
+    return lo, hi, a, b
 
 
 @triton.jit
-def _probs_and_grads(q, k, v, do, lse, delta, rows, cols, length, window, scale, softcap, SOFTCAP: tl.constexpr):
+def _queries_seeing(n0, length, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query range [lo, hi) that sees the key tile at n0, lo on a query-tile boundary, and
+    within it [a, b): the query tiles that see the whole key tile in all their rows, which need
+    no mask. Those start past the diagonal (m0 >= n0 + BLOCK_N - 1), end within the sequence
+    (m0 + BLOCK_M <= length) and, with a window, before its edge (m0 + BLOCK_M - 1 - n0 <
+    window); lo <= a <= b <= hi, all but hi on tile boundaries."""
+    lo = n0 // BLOCK_M * BLOCK_M
+    hi = length
+    b = length // BLOCK_M * BLOCK_M
+    if window > 0:
+        hi = tl.minimum(length, n0 + BLOCK_N + window - 1)
+        b = tl.minimum(b, tl.maximum(0, n0 + window) // BLOCK_M * BLOCK_M)
+    a = (n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    a = tl.minimum(tl.maximum(a, lo), tl.maximum(b, lo))
+    b = tl.maximum(a, b)
+    return lo, hi, a, b
+
+
+@triton.jit
+def _probs_and_grads(q, k, v, do, lse, delta, rows, cols, length, window, scale, softcap, masked,
+                     SOFTCAP: tl.constexpr):
     """P recomputed from the log-sum-exp, and dS = P · (dO Vᵀ − delta) · cap' (the scores'
-    gradient before the scale), for a query tile against a key tile."""
+    gradient before the scale), for a query tile against a key tile (masked unless every pair
+    is known to attend)."""
     s, t = _scores(q, k, scale, softcap, SOFTCAP)
     p = tl.exp2((s - lse[:, None]) * LOG2E)
-    p = tl.where(_visible(rows, cols, length, window), p, 0.0)
+    if masked:
+        p = tl.where(_visible(rows, cols, length, window), p, 0.0)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
@@ -127,7 +156,7 @@ def flash_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _keys_seen(m0, length, window, BLOCK_M, BLOCK_N)
+    lo, hi, a, z = _keys_seen(m0, length, window, BLOCK_M, BLOCK_N)
     k_base = K + b * sk_b + kvh * sk_h + t0 * sk_t
     v_base = V + b * sv_b + kvh * sv_h + t0 * sv_t
     for n0 in range(lo, hi, BLOCK_N):
@@ -135,7 +164,11 @@ def flash_fwd(
         k = _tile(k_base, cols, sk_t, length, dims, dmask)
         v = _tile(v_base, cols, sv_t, length, dims, dmask)
         s, _ = _scores(q, k, scale, softcap, SOFTCAP)
-        s = tl.where(_visible(rows, cols, length, window), s * LOG2E, float("-inf"))
+        s = s * LOG2E
+        # Only the window's edge and the diagonal are masked: a branch per tile, in one loop
+        # (three loops, one per range, spilled registers in the backward).
+        if (n0 < a) | (n0 >= z):
+            s = tl.where(_visible(rows, cols, length, window), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf: subtract 0 there, not -inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -198,11 +231,9 @@ def flash_bwd_dkdv(
     v = _tile(V + b * sv_b + kvh * sv_h + t0 * sv_t, cols, sv_t, length, dims, dmask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # Query tiles that see these keys: from the diagonal on, within the window.
-    lo = n0 // BLOCK_M * BLOCK_M
-    hi = length
-    if window > 0:
-        hi = tl.minimum(length, n0 + BLOCK_N + window - 1)
+    # Query tiles that see these keys: from the diagonal on, within the window; only the
+    # diagonal, the window's edge and the sequence's end are masked.
+    lo, hi, a, z = _queries_seeing(n0, length, window, BLOCK_M, BLOCK_N)
     for g in range(0, groups):
         h = kvh * groups + g
         q_base = Q + b * sq_b + h * sq_h + t0 * sq_t
@@ -214,7 +245,9 @@ def flash_bwd_dkdv(
             do = _tile(do_base, rows, sdo_t, length, dims, dmask)
             lse = tl.load(LSE + h * n_tokens + start + rows, mask=rmask, other=0.0)
             delta = tl.load(DELTA + h * n_tokens + start + rows, mask=rmask, other=0.0)
-            p, ds = _probs_and_grads(q, k, v, do, lse, delta, rows, cols, length, window, scale, softcap, SOFTCAP)
+            masked = (m0 < a) | (m0 >= z)
+            p, ds = _probs_and_grads(q, k, v, do, lse, delta, rows, cols, length, window, scale, softcap,
+                                     masked, SOFTCAP)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     _store_tile(DK + b * sdk_b + kvh * sdk_h + t0 * sdk_t, cols, sdk_t, length, dims, dmask, dk * scale)
@@ -247,13 +280,15 @@ def flash_bwd_dq(
     lse = tl.load(LSE + h * n_tokens + start + rows, mask=rmask, other=0.0)
     delta = tl.load(DELTA + h * n_tokens + start + rows, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _keys_seen(m0, length, window, BLOCK_M, BLOCK_N)
+    lo, hi, a, z = _keys_seen(m0, length, window, BLOCK_M, BLOCK_N)
     k_base = K + b * sk_b + kvh * sk_h + t0 * sk_t
     v_base = V + b * sv_b + kvh * sv_h + t0 * sv_t
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         k = _tile(k_base, cols, sk_t, length, dims, dmask)
         v = _tile(v_base, cols, sv_t, length, dims, dmask)
-        _, ds = _probs_and_grads(q, k, v, do, lse, delta, rows, cols, length, window, scale, softcap, SOFTCAP)
+        masked = (n0 < a) | (n0 >= z)
+        _, ds = _probs_and_grads(q, k, v, do, lse, delta, rows, cols, length, window, scale, softcap,
+                                 masked, SOFTCAP)
         dq += tl.dot(ds.to(k.dtype), k)
     _store_tile(DQ + b * sdq_b + h * sdq_h + t0 * sdq_t, rows, sdq_t, length, dims, dmask, dq * scale)

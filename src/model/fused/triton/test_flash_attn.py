@@ -74,6 +74,9 @@ CASES = {
     "gqa_packed": (1, 56, 4, 2, 16, [5, 17, 33, 1], 0, 0.0, "bhtd"),
     "window_gqa_packed": (1, 56, 4, 1, 16, [20, 35, 1], 7, 0.0, "bthd"),
     "window_wider_than_tile": (2, 45, 2, 1, 16, None, 19, 0.0, "bhtd"),
+    # Tiles past the window's edge and before the diagonal, seen whole (no mask), between masked
+    # ones on both sides; a length off the tile grid.
+    "window_across_tiles": (1, 100, 2, 1, 16, [93, 7], 40, 0.0, "bthd"),
     "softcap_gqa": (2, 33, 4, 2, 16, None, 0, 5.0, "bthd"),
     "softcap_window_packed": (1, 50, 2, 1, 16, [31, 19], 9, 3.0, "bhtd"),
     "head_dim_24": (1, 40, 2, 2, 24, [23, 17], 0, 0.0, "bthd"),
@@ -178,3 +181,24 @@ def test_the_compiled_tiles(monkeypatch, softcap):
     want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), do.double()))
     errors = [rel(a, b) for a, b in zip(got, want)]
     assert max(errors) < 2e-2, errors
+
+
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)])
+@pytest.mark.parametrize("name", ["window_across_tiles", "gqa_packed", "softcap_window_packed"])
+def test_unequal_query_and_key_tiles(monkeypatch, tiles, name):
+    # Query tiles taller or shorter than key tiles (what `device_check.py --tune` may pick): the
+    # ranges seen whole, the diagonal's and the window's edges still fall on the right tiles.
+    import host
+
+    monkeypatch.setattr(host, "tiles", lambda d, interpret=False: tiles)
+    b, t, hq, hkv, d, lengths, window, softcap, layout = CASES[name]
+    q, k, v, do = make(b, t, hq, hkv, d, layout, torch.float32, 3.0 if softcap else 1.0)
+    cu = offsets(b, t, lengths).to(DEVICE)
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    o = flash_attention(q, k, v, cu, layout, window, d ** -0.5, softcap, INTERPRET)
+    got = (o, *torch.autograd.grad(o, (q, k, v), do))
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = reference(q64, k64, v64, cu.cpu(), layout, window, d ** -0.5, softcap)
+    want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), do.double()))
+    errors = [rel(a, b) for a, b in zip(got, want)]
+    assert max(errors) < 3e-6, errors
