@@ -162,13 +162,15 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         composed: Box::new(|t| Ok((t[0].silu()? * &t[1])?)),
     });
     // The tiled attention, where it runs (every dtype on the CPU; bf16/f16 on CUDA): 4 query
-    // heads over 2 kv heads, T = 17, heads 128 wide (a compiled tile).
-    for (name, window, softcap) in [
-        ("tiled attention", 0, None),
-        ("tiled attention, window 5", 5, None),
-        ("tiled attention, soft cap 5", 0, Some(5.0f32)),
+    // heads over 2 kv heads in compiled tiles: heads 128 wide over T = 17 (one diagonal tile),
+    // and 64 wide over T = 70, past the first 64-query tile (a key tile seen whole, unmasked).
+    for (name, window, softcap, d, t) in [
+        ("tiled attention", 0, None, 128, 17),
+        ("tiled attention, window 5", 5, None, 128, 17),
+        ("tiled attention, soft cap 5", 0, Some(5.0f32), 128, 17),
+        ("tiled attention, heads 64 wide, T 70", 0, None, 64, 70),
     ] {
-        if fused::tiled::uncovered(device, dtype, 128, softcap.is_some(), 1 << 20).is_some() {
+        if fused::tiled::uncovered(device, dtype, d, softcap.is_some(), 1 << 20).is_some() {
             continue;
         }
         let p = fused::tiled::Params {
@@ -179,9 +181,9 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         cases.push(FusedCase {
             name,
             inputs: vec![
-                values(&[2, 4, 17, 128], 12)?,
-                values(&[2, 2, 17, 128], 13)?,
-                values(&[2, 2, 17, 128], 14)?,
+                values(&[2, 4, t, d], 12)?,
+                values(&[2, 2, t, d], 13)?,
+                values(&[2, 2, t, d], 14)?,
             ],
             tracked: 3,
             fused: Box::new(move |t| Ok(fused::tiled::tiled_attention(&t[0], &t[1], &t[2], p)?)),

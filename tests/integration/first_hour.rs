@@ -254,6 +254,8 @@ fn assert_every_check_passed(out: &str) {
             "fused tiled attention, window 5 backward (input 3)",
             "fused tiled attention, soft cap 5 forward",
             "fused tiled attention, soft cap 5 backward (input 1)",
+            "fused tiled attention, heads 64 wide, T 70 forward",
+            "fused tiled attention, heads 64 wide, T 70 backward (input 2)",
             "fused optimizer step",
             "fused gradient norm",
         ] {
