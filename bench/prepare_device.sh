@@ -20,6 +20,9 @@ if [ ! -x "$CU13/nvidia/cu13/bin/nvcc" ]; then
   bash "$SHARED/tools/cuda13-toolchain.sh" "$CU13" >/dev/null
 fi
 export CUDA_HOME=$CU13/nvidia/cu13 PATH=$CU13/nvidia/cu13/bin:$PATH CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
+# The link stubs, also when cudarc's build script ran before they existed (it adds lib/stubs to
+# the search path only if the folder is there then, and cargo keeps that output).
+export LIBRARY_PATH=$CU13/nvidia/cu13/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
 if [ "${1:-}" = --check ]; then
   CARGO_TARGET_DIR=$TARGET cargo clippy --release --features cuda --all-targets -j 2 -- -D warnings
   exit
