@@ -2,6 +2,10 @@
 
 use clap::Parser;
 
+/// Counts live heap bytes, for `--profile`'s per-phase peak.
+#[global_allocator]
+static HEAP: refdpo::profile::heap::Counting = refdpo::profile::heap::Counting;
+
 fn main() -> std::process::ExitCode {
     let cli = refdpo::cli::Cli::parse();
     match refdpo::run::run(cli) {

@@ -5,6 +5,12 @@
 //! boundary is credited to the innermost open phase: the figures are exclusive and add up to
 //! the wall time between [`enable`] and [`report`]. The syncs themselves slow a GPU run down,
 //! so compare phases within one profiled run, and time without `--profile`.
+//!
+//! Where the binary counts its heap ([`heap::Counting`]), each phase also gets the high-water
+//! mark of live heap bytes while it was the innermost phase: on the CPU, where every tensor is
+//! on the heap, that says which phase sets the run's peak memory and by how much.
+
+pub mod heap;
 
 use candle_core::Device;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,10 +64,13 @@ struct State {
     open: Vec<Phase>,
     totals: [Duration; Phase::ALL.len()],
     calls: [u64; Phase::ALL.len()],
+    /// Heap high-water marks per phase, then outside every phase.
+    peaks: [usize; Phase::ALL.len() + 1],
 }
 
 impl State {
     fn new(device: &Device) -> Self {
+        heap::take_peak();
         let now = Instant::now();
         Self {
             device: device.clone(),
@@ -70,6 +79,7 @@ impl State {
             open: Vec::new(),
             totals: Default::default(),
             calls: Default::default(),
+            peaks: Default::default(),
         }
     }
 
@@ -88,26 +98,44 @@ impl State {
     fn table(&mut self) -> String {
         self.boundary();
         let wall = (self.last - self.started).as_secs_f64().max(1e-9);
+        let counted = heap::counting();
+        let peak = |i: usize| -> String {
+            if counted {
+                format!(" {:>14.1}", self.peaks[i] as f64 / (1 << 20) as f64)
+            } else {
+                String::new()
+            }
+        };
         let mut out = format!(
-            "profile (device synced at each phase boundary; {wall:.2} s in all)\n{:<50} {:>9} {:>6} {:>9}\n",
-            "phase", "seconds", "share", "calls"
+            "profile (device synced at each phase boundary; {wall:.2} s in all)\n{:<50} {:>9} {:>6} {:>9}{}\n",
+            "phase",
+            "seconds",
+            "share",
+            "calls",
+            if counted { " peak heap MiB" } else { "" }
         );
         let mut inside = 0.0;
         for p in Phase::ALL {
             let t = self.totals[p as usize].as_secs_f64();
             inside += t;
             out += &format!(
-                "{:<50} {t:>9.3} {:>5.1}% {:>9}\n",
+                "{:<50} {t:>9.3} {:>5.1}% {:>9}{}\n",
                 p.name(),
                 100.0 * t / wall,
-                self.calls[p as usize]
+                self.calls[p as usize],
+                peak(p as usize)
             );
         }
         let rest = (wall - inside).max(0.0);
         out += &format!(
-            "{:<50} {rest:>9.3} {:>5.1}%\n",
+            "{:<50} {rest:>9.3} {:>5.1}%{}\n",
             "other (data, host work, loading, writing)",
-            100.0 * rest / wall
+            100.0 * rest / wall,
+            if counted {
+                format!(" {:>9}{}", "", peak(Phase::ALL.len()))
+            } else {
+                String::new()
+            }
         );
         out
     }
@@ -118,9 +146,14 @@ impl State {
         // A failed sync surfaces again at the next real device call; the profile just goes on.
         let _ = self.device.synchronize();
         let now = Instant::now();
-        if let Some(&p) = self.open.last() {
-            self.totals[p as usize] += now - self.last;
-        }
+        let at = match self.open.last() {
+            Some(&p) => {
+                self.totals[p as usize] += now - self.last;
+                p as usize
+            }
+            None => Phase::ALL.len(),
+        };
+        self.peaks[at] = self.peaks[at].max(heap::take_peak());
         self.last = now;
     }
 }
