@@ -39,6 +39,8 @@ fn logits_budget(device: &Device) -> usize {
 pub struct SeqBatch {
     /// [B, T] u32, or [1, Σ len] when packed
     pub input_ids: Tensor,
+    /// The same ids on the host (the embedding's backward sorts them there).
+    pub host_ids: Vec<u32>,
     /// [N] u32: flat index (b·T + t, or the packed offset) of the position predicting each
     /// completion token.
     pub gather_idx: Tensor,
@@ -105,7 +107,8 @@ impl SeqBatch {
             None => ((1, ids.len()), Some(lens)),
         };
         Ok(Self {
-            input_ids: Tensor::from_vec(ids, shape, device)?,
+            input_ids: Tensor::from_slice(&ids, shape, device)?,
+            host_ids: ids,
             gather_idx: Tensor::from_vec(gather, n, device)?,
             targets: Tensor::from_vec(targets, n, device)?,
             counts,
@@ -277,16 +280,22 @@ pub fn token_logps_lse(
     Ok((Tensor::cat(&logps, 0)?, Tensor::cat(&lses, 0)?))
 }
 
+/// Where the `lm_head` gradient goes, one vocabulary chunk at a time: `(v0, d/d lm_head[v0..])`
+/// with the chunk's rows [len, H] complete (summed over every row of the batch).
+pub type HeadGradSink<'a> = &'a mut dyn FnMut(usize, &Tensor) -> Result<()>;
+
 /// Backward of [`token_logps`] for upstream gradient `g` [N] (f32), given each row's
-/// log-sum-exp `lse` [N] from [`token_logps_lse`]: returns (d/d rows [N, H] in the dtype of
-/// `rows`, d/d lm_head [V, H] in f32 if `weight_grad`: a frozen head needs none).
+/// log-sum-exp `lse` [N] from [`token_logps_lse`]: returns d/d rows [N, H] in the dtype of
+/// `rows`, and hands d/d lm_head to `head_grad` chunk by chunk (`None`: a frozen head needs
+/// none).
 ///
 /// d logp/d logits · g = g·onehot(target) − g·softmax(logits). It goes one vocabulary chunk at
-/// a time, so each chunk's `lm_head` gradient is written once into its rows (no full-size
-/// [V, H] partial sums) and only [N, chunk] logits exist at once.
+/// a time, so only [N, chunk] logits exist at once, and the head's gradient never exists
+/// whole here: the sink stores each chunk where it keeps the sum (the trainer: in place, in
+/// its state dtype).
 ///
 /// With a soft cap, the chain rule goes on through cap · tanh(z / cap): d/dz = 1 − tanh².
-#[allow(clippy::too_many_arguments)] // the inputs of the forward, its lse, g, and what to return
+#[allow(clippy::too_many_arguments)] // the inputs of the forward, its lse, g, and the sink
 pub fn token_logps_backward(
     rows: &Tensor,
     lm_head: &Tensor,
@@ -294,29 +303,28 @@ pub fn token_logps_backward(
     g: &Tensor,
     lse: &Tensor,
     cap: Option<f64>,
-    weight_grad: bool,
+    head_grad: Option<HeadGradSink<'_>>,
     mode: OpMode,
-) -> Result<(Tensor, Option<Tensor>)> {
+) -> Result<Tensor> {
     let _phase = profile::scope(Phase::Logprobs);
     let step = (logits_budget(rows.device()) / rows.dim(0)?.max(1)).max(1);
     let chunks = VocabChunks {
         step,
-        weight_grad,
         fused: fused_logps(mode, cap),
     };
-    backward_by_vocab_chunks(rows, lm_head, targets, g, lse, cap, chunks)
+    backward_by_vocab_chunks(rows, lm_head, targets, g, lse, cap, chunks, head_grad)
 }
 
-/// How [`backward_by_vocab_chunks`] goes: vocabulary entries per chunk, whether the head's
-/// gradient is wanted, and whether each chunk's gradient is the fused kernel's.
+/// How [`backward_by_vocab_chunks`] goes: vocabulary entries per chunk, and whether each
+/// chunk's gradient is the fused kernel's.
 #[derive(Debug, Clone, Copy)]
 struct VocabChunks {
     step: usize,
-    weight_grad: bool,
     fused: bool,
 }
 
 /// [`token_logps_backward`] as `chunks` says (tests set the chunk size).
+#[allow(clippy::too_many_arguments)] // token_logps_backward's, with the chunking spelled out
 fn backward_by_vocab_chunks(
     rows: &Tensor,
     lm_head: &Tensor,
@@ -325,23 +333,22 @@ fn backward_by_vocab_chunks(
     lse: &Tensor,
     cap: Option<f64>,
     chunks: VocabChunks,
-) -> Result<(Tensor, Option<Tensor>)> {
+    mut head_grad: Option<HeadGradSink<'_>>,
+) -> Result<Tensor> {
     let VocabChunks {
         step,
-        weight_grad,
         fused: fused_chunks,
     } = chunks;
     let (n, h) = rows.dims2()?;
     let vocab = lm_head.dim(0)?;
     let dtype = rows.dtype();
     let dev = rows.device();
-    let grad_w = if weight_grad {
-        Some(Tensor::zeros((vocab, h), DType::F32, dev)?)
-    } else {
-        None
-    };
     if n == 0 {
-        return Ok((rows.zeros_like()?, grad_w));
+        // no row: the head's gradient is zero
+        if let Some(sink) = head_grad.as_mut() {
+            sink(0, &Tensor::zeros((vocab, h), DType::F32, dev)?)?;
+        }
+        return Ok(rows.zeros_like()?);
     }
     let step = step.clamp(1, vocab);
     // the fused kernel's per-row inputs, packed once for every chunk
@@ -388,16 +395,12 @@ fn backward_by_vocab_chunks(
                 .to_dtype(dtype)?
             }
         };
-        if let Some(grad_w) = &grad_w {
-            grad_w.slice_set(
-                &grad_logits.t()?.matmul(rows)?.to_dtype(DType::F32)?, // [len, H]
-                0,
-                v0,
-            )?;
+        if let Some(sink) = head_grad.as_mut() {
+            sink(v0, &grad_logits.t()?.matmul(rows)?)?; // [len, H]
         }
         grad_rows = (grad_rows + grad_logits.matmul(&w)?.to_dtype(DType::F32)?)?;
     }
-    Ok((grad_rows.to_dtype(dtype)?, grad_w))
+    Ok(grad_rows.to_dtype(dtype)?)
 }
 
 #[cfg(test)]
@@ -444,12 +447,16 @@ mod tests {
                     assert!(diff(&lp_f, &lp) < 1e-5);
                     assert!(diff(&lse_f, &lse) < 1e-5);
                 }
-                let chunks = VocabChunks {
-                    step,
-                    weight_grad: true,
-                    fused,
+                let chunks = VocabChunks { step, fused };
+                // the head's gradient as the sink receives it, chunk by chunk
+                let gw = Tensor::zeros((11, 5), DType::F32, &dev).unwrap();
+                let mut seen = 0;
+                let mut sink = |v0: usize, chunk: &Tensor| -> Result<()> {
+                    assert_eq!(v0, seen, "chunks in order, each once");
+                    seen += chunk.dim(0)?;
+                    Ok(gw.slice_set(&chunk.to_dtype(DType::F32)?, 0, v0)?)
                 };
-                let (gr, gw) = backward_by_vocab_chunks(
+                let gr = backward_by_vocab_chunks(
                     rows.as_tensor(),
                     w.as_tensor(),
                     &targets,
@@ -457,14 +464,16 @@ mod tests {
                     &lse,
                     cap,
                     chunks,
+                    Some(&mut sink),
                 )
                 .unwrap();
+                assert_eq!(seen, 11);
                 assert!(
                     diff(grads.get(rows.as_tensor()).unwrap(), &gr) < 1e-5,
                     "{cap:?}"
                 );
                 assert!(
-                    diff(grads.get(w.as_tensor()).unwrap(), &gw.unwrap()) < 1e-5,
+                    diff(grads.get(w.as_tensor()).unwrap(), &gw) < 1e-5,
                     "{cap:?}"
                 );
             }

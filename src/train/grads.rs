@@ -2,10 +2,10 @@
 //! and stored in the trainer's state dtype (bf16 halves them; TRL's bf16-autocast gradients carry
 //! no more precision than that).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::fused;
 use crate::profile::{self, Phase};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Per-parameter gradients, accumulated over micro-batches.
 pub struct Grads {
@@ -63,23 +63,96 @@ impl Grads {
         Ok(())
     }
 
-    /// Scatter-adds `rows` [n, H] into slot `i`'s rows `ids` [n] (an embedding's gradient), on
-    /// top of what the slot holds, without a separate full-size gradient for the embedding.
+    /// Slot `i` as a sum this store owns and may change in place, of `shape`: zeros when it is
+    /// empty, a copy when it still shares the caller's tensor.
+    fn owned(&mut self, i: usize, shape: (usize, usize), dev: &Device) -> Result<Tensor> {
+        let acc = match self.slots[i].take() {
+            None => Tensor::zeros(shape, self.dtype, dev)?,
+            Some(Slot::Shared(t)) => t.copy()?,
+            Some(Slot::Owned(t)) => t,
+        };
+        if acc.dims() != [shape.0, shape.1] {
+            return Err(Error::Train(format!(
+                "gradient slot {i} holds {:?}, not the {shape:?} being added into its rows",
+                acc.dims()
+            )));
+        }
+        self.slots[i] = Some(Slot::Owned(acc.clone()));
+        Ok(acc)
+    }
+
+    /// Adds `g` [len, H] into rows `start..start + len` of slot `i` (of `shape`), in place:
+    /// the sum in f32, stored in the slot's dtype (a head's gradient, one vocabulary chunk at a
+    /// time, with no full-size gradient besides the slot).
+    pub fn add_rows(
+        &mut self,
+        i: usize,
+        start: usize,
+        g: &Tensor,
+        shape: (usize, usize),
+    ) -> Result<()> {
+        let _phase = profile::scope(Phase::Grads);
+        let acc = self.owned(i, shape, g.device())?;
+        fused::accumulate(&acc.narrow(0, start, g.dim(0)?)?, &g.detach())?;
+        Ok(())
+    }
+
+    /// Scatter-adds `rows` [n, H] into the rows `ids` [n] of slot `i` (of `shape`; an
+    /// embedding's gradient), on top of what the slot holds, in place: rows of the same id are
+    /// summed in f32 first, then each touched row of the slot gets its sum, in f32, stored once
+    /// in the slot's dtype. Rows whose id is `skip` add nothing (the pad row, as HF's
+    /// `padding_idx`). Besides the slot, only [distinct ids, H] exists: no full-size
+    /// temporaries.
     pub fn index_add(
         &mut self,
         i: usize,
-        ids: &Tensor,
+        ids: &[u32],
+        skip: Option<u32>,
         rows: &Tensor,
         shape: (usize, usize),
     ) -> Result<()> {
         let _phase = profile::scope(Phase::Grads);
-        let rows = rows.detach().to_dtype(DType::F32)?;
-        let base = match self.slots[i].take() {
-            Some(acc) => acc.tensor().to_dtype(DType::F32)?,
-            None => Tensor::zeros(shape, DType::F32, rows.device())?,
-        };
-        let sum = base.index_add(ids, &rows, 0)?.to_dtype(self.dtype)?;
-        self.slots[i] = Some(Slot::Owned(sum));
+        let (n, h) = rows.dims2()?;
+        if ids.len() != n || h != shape.1 {
+            return Err(Error::Train(format!(
+                "embedding gradient: {} ids for rows {:?} into a {shape:?} table",
+                ids.len(),
+                rows.dims()
+            )));
+        }
+        let dev = rows.device();
+        let acc = self.owned(i, shape, dev)?;
+        // the distinct ids, sorted, and where each row's sum goes: its id's place among them,
+        // or (skipped) one extra row that is dropped
+        let mut distinct: Vec<u32> = ids.iter().copied().filter(|&t| Some(t) != skip).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let u = distinct.len();
+        if u == 0 {
+            return Ok(());
+        }
+        if let Some(&bad) = distinct.last().filter(|&&t| t as usize >= shape.0) {
+            return Err(Error::Train(format!(
+                "embedding gradient: token id {bad} is outside the {}-row table",
+                shape.0
+            )));
+        }
+        let at: Vec<u32> = ids
+            .iter()
+            .map(|t| match distinct.binary_search(t) {
+                Ok(k) if Some(*t) != skip => k as u32,
+                _ => u as u32,
+            })
+            .collect();
+        let at = Tensor::from_vec(at, n, dev)?;
+        let sums = Tensor::zeros((u + 1, h), DType::F32, dev)?
+            .index_add(&at, &rows.detach().to_dtype(DType::F32)?, 0)?
+            .narrow(0, 0, u)?;
+        let distinct = Tensor::from_vec(distinct, u, dev)?;
+        let new =
+            (acc.index_select(&distinct, 0)?.to_dtype(DType::F32)? + sums)?.to_dtype(self.dtype)?;
+        let places = distinct.unsqueeze(1)?.broadcast_as((u, h))?.contiguous()?;
+        acc.scatter_set(&places, &new, 0)?;
         Ok(())
     }
 
@@ -159,5 +232,65 @@ mod tests {
         );
         assert!((g.norm().unwrap() - 21f64.sqrt()).abs() < 1e-9);
         assert_eq!(g.bytes(), 6);
+    }
+
+    fn rows_of(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()
+    }
+
+    #[test]
+    fn head_chunks_and_embedding_rows_go_into_one_slot_in_place() {
+        let dev = Device::Cpu;
+        // a tied [4, 2] table: the head's gradient in two chunks, then the lookup's rows
+        let mut g = Grads::new(1, DType::F32);
+        let chunk = |v: &[[f32; 2]]| Tensor::from_vec(v.concat(), (v.len(), 2), &dev).unwrap();
+        g.add_rows(0, 0, &chunk(&[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), (4, 2))
+            .unwrap();
+        g.add_rows(0, 3, &chunk(&[[7.0, 8.0]]), (4, 2)).unwrap();
+        let slot = g.get(0).unwrap().clone();
+        // ids 2, 0, 2, 3 (3 is the pad: skipped); rows of id 2 summed
+        let rows = chunk(&[[0.5, 0.5], [1.0, -1.0], [0.25, 0.0], [100.0, 100.0]]);
+        g.index_add(0, &[2, 0, 2, 3], Some(3), &rows, (4, 2))
+            .unwrap();
+        let want = vec![
+            vec![2.0, 1.0],
+            vec![3.0, 4.0],
+            vec![5.75, 6.5],
+            vec![7.0, 8.0],
+        ];
+        assert_eq!(rows_of(g.get(0).unwrap()), want);
+        // in place: the tensor taken before sees the sums (no new full-size tensor)
+        assert_eq!(rows_of(&slot), want);
+        // a second micro-batch adds on top
+        g.add_rows(0, 1, &chunk(&[[1.0, 1.0]]), (4, 2)).unwrap();
+        assert_eq!(rows_of(g.get(0).unwrap())[1], vec![4.0, 5.0]);
+    }
+
+    #[test]
+    fn embedding_rows_are_summed_in_f32_and_rounded_once() {
+        let dev = Device::Cpu;
+        // bf16: 256 + 1 + 1 is 258 when the ones are summed first; adding them one at a time
+        // in bf16 would round each 257 back to 256
+        let mut g = Grads::new(1, DType::BF16);
+        let base = Tensor::new(&[[256f32], [0.0]], &dev).unwrap();
+        g.add(0, &base).unwrap();
+        let ones = Tensor::new(&[[1f32], [1.0], [1.0]], &dev).unwrap();
+        g.index_add(0, &[0, 0, 1], None, &ones, (2, 1)).unwrap();
+        assert_eq!(rows_of(g.get(0).unwrap()), vec![vec![258.0], vec![1.0]]);
+        // the caller's tensor, first stored as it came, is not written
+        assert_eq!(rows_of(&base), vec![vec![256.0], vec![0.0]]);
+    }
+
+    #[test]
+    fn rows_out_of_the_table_are_errors() {
+        let dev = Device::Cpu;
+        let mut g = Grads::new(1, DType::F32);
+        let rows = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let e = g.index_add(0, &[1, 9], None, &rows, (4, 3)).unwrap_err();
+        assert!(e.to_string().contains("token id 9"), "{e}");
+        let e = g.index_add(0, &[1], None, &rows, (4, 3)).unwrap_err();
+        assert!(e.to_string().contains("1 ids for rows [2, 3]"), "{e}");
+        let e = g.add_rows(0, 0, &rows, (4, 2)).unwrap_err();
+        assert!(e.to_string().contains("slot 0 holds [4, 3]"), "{e}");
     }
 }

@@ -390,21 +390,25 @@ impl Policy {
             .collect();
         let n = g_tok.len();
         let g_tok = Tensor::from_vec(g_tok, n, rows.device())?;
-        // 4. chunked softmax backward: d rows [N, H], d lm_head [V, H] (f32) when it trains
+        // 4. chunked softmax backward: d rows [N, H]; d lm_head, when it trains, added into
+        // its gradient one vocabulary chunk at a time
+        let head_shape = head.lm_head.dims2()?;
         let lm_head = self.lm_head_index();
-        let (g_rows, g_lm) = logprobs::token_logps_backward(
+        let mut add_chunk = |v0: usize, chunk: &Tensor| match lm_head {
+            Some(i) => grads.add_rows(i, v0, chunk, head_shape),
+            None => Ok(()),
+        };
+        let sink: Option<logprobs::HeadGradSink<'_>> = lm_head.map(|_| &mut add_chunk as _);
+        let g_rows = logprobs::token_logps_backward(
             &rows_d,
             &head.lm_head,
             &batch.targets,
             &g_tok,
             &lse,
             self.cfg.final_softcap,
-            lm_head.is_some(),
+            sink,
             mode,
         )?;
-        if let (Some(i), Some(g_lm)) = (lm_head, g_lm) {
-            grads.add(i, &g_lm)?;
-        }
         drop(head);
         // 5. back through the final norm, the blocks in reverse, the embedding
         let store = backprop(&rows, &g_rows)?;
@@ -423,7 +427,7 @@ impl Policy {
             };
         }
         if self.index.contains_key("model.embed_tokens.weight") {
-            self.embedding_backward(&batch.input_ids, &g, grads)?;
+            self.embedding_backward(&batch.host_ids, &g, grads)?;
         }
         Ok(sums)
     }
@@ -508,23 +512,22 @@ impl Policy {
         Ok(Limit::Tokens((budget / per_token.max(1)).max(1)))
     }
 
-    /// The embedding's gradient as a scatter-add of g [2B, T, H] into its rows. As HF's
-    /// `nn.Embedding(padding_idx = pad_token_id)`, the pad row gets nothing from the lookup.
-    fn embedding_backward(&self, input_ids: &Tensor, g: &Tensor, grads: &mut Grads) -> Result<()> {
+    /// The embedding's gradient as a scatter-add of g [2B, T, H] into the rows of its ids (on
+    /// the host, in the order of g's rows), in place. As HF's `nn.Embedding(padding_idx =
+    /// pad_token_id)`, the pad row gets nothing from the lookup.
+    fn embedding_backward(&self, ids: &[u32], g: &Tensor, grads: &mut Grads) -> Result<()> {
         let _phase = profile::scope(Phase::Embedding);
         let (b, t, h) = g.dims3()?;
-        let ids = input_ids.flatten_all()?; // [2B·T]
-        let mut g = g.reshape((b * t, h))?.to_dtype(DType::F32)?;
+        let mut g = g.reshape((b * t, h))?;
         if let Some(scale) = Transformer::embed_scale(&self.cfg, self.compute_dtype, g.device())? {
             // the lookup was scaled (by Gemma's √hidden, rounded to the compute dtype)
-            g = g.broadcast_mul(&scale.to_dtype(DType::F32)?)?;
-        }
-        if let Some(pad) = self.cfg.pad_token_id {
-            let keep = ids.ne(pad)?.to_dtype(DType::F32)?.unsqueeze(1)?; // [2B·T, 1]
-            g = g.broadcast_mul(&keep)?;
+            g = g
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&scale.to_dtype(DType::F32)?)?;
         }
         let i = self.index["model.embed_tokens.weight"];
-        grads.index_add(i, &ids, &g, (self.vars[i].dim(0)?, h))
+        let rows = self.vars[i].dim(0)?;
+        grads.index_add(i, ids, self.cfg.pad_token_id, &g, (rows, h))
     }
 
     /// Summed completion log-probs without gradients (evaluation, step-0 checks), one block's
