@@ -102,8 +102,9 @@ impl AdamW {
     /// alone. Returns the gradients' global norm; when it is not finite nothing is updated (the
     /// caller stops the run).
     ///
-    /// Fused (CUDA by default): the whole step over all tensors at once, three launches
-    /// ([`adamw_step`]); else the norm, then the composed update tensor by tensor.
+    /// Fused (CUDA and the CPU, unless `REFDPO_FUSED=0`): the whole step over all tensors at
+    /// once, on CUDA in three launches ([`adamw_step`]); else the norm, then the composed update
+    /// tensor by tensor.
     pub fn step(&mut self, policy: &Policy, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
         let p = self.params;
         let step = self.step + 1;
@@ -117,10 +118,13 @@ impl AdamW {
             lr_bc1: lr / bc1,
             inv_sqrt_bc2: 1.0 / bc2.sqrt(),
         };
+        // the step over all tensors at once: CUDA's kernels, or the CPU's loops over its
+        // threads (unless `REFDPO_FUSED=0`, as for the CPU's scoring kernels)
         let fused = policy
             .vars
             .first()
-            .is_some_and(|v| fused::enabled(v.device()));
+            .is_some_and(|v| v.device().is_cpu() || fused::enabled(v.device()))
+            && !fused::disabled();
         if fused {
             // seeds of the bf16 moments' rounding: (step, tensor, moment)
             let seed = |i: usize, moment: u64| {

@@ -10,8 +10,12 @@ use super::elem::{offsets, slice, unsupported, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use half::bf16;
+use rayon::prelude::*;
 
 const NAME: &str = "adamw";
+
+/// Elements per task when the CPU loops run over its threads.
+const PAR_CHUNK: usize = 1 << 16;
 
 /// x ← x·β + (g·grad_scale)[²]·(1 − β), in f32, stored in x's dtype (f32, or bf16 rounded
 /// stochastically from `seed`).
@@ -67,13 +71,20 @@ impl Moment {
         )
     }
 
-    fn cpu<T: Elem, G: Elem>(&self, x: &mut [T], g: &[G], store: impl Fn(f32, usize) -> T) {
+    /// Over the CPU's threads, a run of [`PAR_CHUNK`] elements each; `store` gets the element's
+    /// index in `x`, so the result does not depend on the split.
+    fn cpu<T: Elem, G: Elem>(&self, x: &mut [T], g: &[G], store: impl Fn(f32, usize) -> T + Sync) {
         let (beta, omb, gs) = self.scalars();
-        for (i, (x, g)) in x.iter_mut().zip(g).enumerate() {
-            let g = g.f() * gs;
-            let g = if self.square { g * g } else { g };
-            *x = store(x.f() * beta + g * omb, i);
-        }
+        x.par_chunks_mut(PAR_CHUNK)
+            .zip(g.par_chunks(PAR_CHUNK))
+            .enumerate()
+            .for_each(|(k, (x, g))| {
+                for (j, (x, g)) in x.iter_mut().zip(g).enumerate() {
+                    let g = g.f() * gs;
+                    let g = if self.square { g * g } else { g };
+                    *x = store(x.f() * beta + g * omb, k * PAR_CHUNK + j);
+                }
+            });
     }
 }
 
@@ -162,10 +173,14 @@ impl Weight {
 
     fn cpu<T: Elem>(&self, w: &mut [f32], m: &[T], v: &[T]) {
         let (decay, lr_bc1, isb, eps) = self.scalars();
-        for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
-            let denom = v.f().sqrt() * isb + eps;
-            *w = *w * decay - (m.f() / denom) * lr_bc1;
-        }
+        w.par_chunks_mut(PAR_CHUNK)
+            .zip(m.par_chunks(PAR_CHUNK).zip(v.par_chunks(PAR_CHUNK)))
+            .for_each(|(w, (m, v))| {
+                for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
+                    let denom = v.f().sqrt() * isb + eps;
+                    *w = *w * decay - (m.f() / denom) * lr_bc1;
+                }
+            });
     }
 }
 

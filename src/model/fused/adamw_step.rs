@@ -11,7 +11,12 @@
 //! [`super::adamw`]), which is what a device's step is checked against (`refdpo selftest`).
 
 use super::adamw::{adamw_moment, adamw_weight, Moment, Weight};
+use super::elem::{self, slice, Elem};
+use candle_core::backend::BackendStorage;
 use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+const NAME: &str = "adamw step";
 
 /// Elements per chunk: `adamw.CHUNK` (the CPU's chunks; a launch reads the kernels' own).
 pub const CHUNK: usize = 65536;
@@ -117,16 +122,37 @@ pub fn step(slots: &[Slot<'_>], h: Hyper, max_norm: f64) -> Result<f64> {
 const LANES: usize = 1024;
 
 /// The gradients' global norm as the kernels take it: each chunk's squares summed in f32 lanes,
-/// the lanes halved pairwise, the chunks' sums totalled in f64.
+/// the lanes halved pairwise, the chunks' sums totalled in f64 in order. The chunks run over the
+/// CPU's threads, read where the gradient lies (no f32 copy of it).
 fn cpu_norm(slots: &[Slot<'_>]) -> Result<f64> {
     let mut total = 0f64;
-    let mut lanes = vec![0f32; LANES];
     for s in slots {
-        let g = s.g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        for chunk in g.chunks(CHUNK) {
-            lanes.fill(0.0);
+        let (storage, layout) = s.g.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!(
+                "the CPU's optimizer step got a gradient on {:?}",
+                s.g.device()
+            );
+        };
+        let sums = match cpu.dtype() {
+            DType::F32 => chunk_sums(slice::<f32>(NAME, cpu, layout)?),
+            DType::BF16 => chunk_sums(slice::<half::bf16>(NAME, cpu, layout)?),
+            DType::F16 => chunk_sums(slice::<half::f16>(NAME, cpu, layout)?),
+            other => return Err(elem::unsupported(NAME, other)),
+        };
+        total += sums.iter().sum::<f64>();
+    }
+    Ok(total.sqrt())
+}
+
+/// Each [`CHUNK`]'s sum of squares, as the kernel's lanes take it.
+fn chunk_sums<T: Elem>(g: &[T]) -> Vec<f64> {
+    g.par_chunks(CHUNK)
+        .map(|chunk| {
+            let mut lanes = [0f32; LANES];
             for block in chunk.chunks(LANES) {
                 for (acc, x) in lanes.iter_mut().zip(block) {
+                    let x = x.f();
                     *acc += x * x;
                 }
             }
@@ -137,10 +163,9 @@ fn cpu_norm(slots: &[Slot<'_>]) -> Result<f64> {
                     lanes[i] += lanes[i + width];
                 }
             }
-            total += f64::from(lanes[0]);
-        }
-    }
-    Ok(total.sqrt())
+            f64::from(lanes[0])
+        })
+        .collect()
 }
 
 fn cpu_step(slots: &[Slot<'_>], h: Hyper, max_norm: f64) -> Result<f64> {
