@@ -68,7 +68,10 @@ impl Grads {
     fn owned(&mut self, i: usize, shape: (usize, usize), dev: &Device) -> Result<Tensor> {
         let acc = match self.slots[i].take() {
             None => Tensor::zeros(shape, self.dtype, dev)?,
-            Some(Slot::Shared(t)) => t.copy()?,
+            // a shared gradient may be a strided view (a matmul's transposed weight gradient):
+            // the in-place ops write rows
+            Some(Slot::Shared(t)) if t.is_contiguous() => t.copy()?,
+            Some(Slot::Shared(t)) => t.contiguous()?,
             Some(Slot::Owned(t)) => t,
         };
         if acc.dims() != [shape.0, shape.1] {
@@ -279,6 +282,25 @@ mod tests {
         assert_eq!(rows_of(g.get(0).unwrap()), vec![vec![258.0], vec![1.0]]);
         // the caller's tensor, first stored as it came, is not written
         assert_eq!(rows_of(&base), vec![vec![256.0], vec![0.0]]);
+    }
+
+    #[test]
+    fn a_shared_strided_gradient_is_copied_before_rows_are_added() {
+        let dev = Device::Cpu;
+        let mut g = Grads::new(1, DType::F32);
+        // [[1, 3], [2, 4]] as a transposed view, kept as it came
+        let view = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev)
+            .unwrap()
+            .t()
+            .unwrap();
+        g.add(0, &view).unwrap();
+        let one = Tensor::new(&[[10f32, 20.0]], &dev).unwrap();
+        g.add_rows(0, 1, &one, (2, 2)).unwrap();
+        assert_eq!(
+            rows_of(g.get(0).unwrap()),
+            vec![vec![1.0, 3.0], vec![12.0, 24.0]]
+        );
+        assert_eq!(rows_of(&view), vec![vec![1.0, 3.0], vec![2.0, 4.0]]);
     }
 
     #[test]
