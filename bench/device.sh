@@ -7,9 +7,10 @@
 #      fails too, stop: fix first;
 #   2. precompute tokens/s against transformers (bf16, SDPA) on the Qwen2-0.5B and Qwen2-1.5B
 #      architectures, with the bf16 matmul ceiling;
-#   3. one training setup (Qwen2-0.5B, 8 pairs × max_length 1024) against TRL live and TRL
-#      precompute_ref_log_probs, and LoRA (r 16, all-linear) against TRL + PEFT, peak device
-#      memory measured from outside (NVML).
+#   3. one training setup (Qwen2-0.5B, 8 pairs × max_length 1024): refdpo cached with bf16
+#      state, the same with bf16 master weights (`train.master_dtype`), live, against TRL live and
+#      TRL precompute_ref_log_probs, and LoRA (r 16, all-linear) against TRL + PEFT, peak device
+#      memory measured from outside (NVML). (f32 state: `--setups` of bench/gpu.py.)
 # Carry [".gpu", ".whl"]: .gpu/refdpo.xz (stripped, xz -9), .gpu/realdata (the real-data subset),
 # .whl (TRL 1.16, PEFT 0.21, datasets 5.2, dill, multiprocess wheels).
 # `bash bench/device.sh --profile`: the short follow-up (~4 minutes): selftest, precompute on
@@ -19,7 +20,8 @@
 # `bash bench/device.sh --lora` (~4 minutes): selftest, then training only, LoRA against TRL +
 # PEFT next to the full fine-tuning pair (refdpo cached bf16 state, TRL live).
 # `bash bench/device.sh --big` (~4 minutes): selftest, then training only at the SmolLM2-1.7B
-# architecture (the second training size), refdpo cached (bf16 state) against TRL live.
+# architecture (the second training size), refdpo cached (bf16 state; bf16 state and
+# masters) against TRL live.
 # `bash bench/device.sh --flash` (~2 minutes, needs no refdpo binary, only the checkout and the
 # host's torch): the tiled attention's committed cubins checked and timed against SDPA
 # (src/model/fused/triton/device_check.py); the full run does it first too.
@@ -37,6 +39,7 @@ SIZE=()
 EXTRA=()
 FLASH_ONLY=
 FLASH_ARGS=()
+TRAIN_SETUPS=refdpo_cached_bf16_state,refdpo_cached_bf16_masters,refdpo_live_bf16_state,trl_live,trl_precompute,refdpo_cached_lora,trl_live_lora
 for arg in "$@"; do
   case $arg in
     --flash) FLASH_ONLY=1 ;;
@@ -44,11 +47,11 @@ for arg in "$@"; do
     --cpu) DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256) ;;
     --profile) PRE_MODELS=${PRE_MODELS%%,*} EXTRA=(--profile) TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
     --lora) PRE_MODELS="" TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_lora,trl_live_lora ;;
-    --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
+    --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,refdpo_cached_bf16_masters,trl_live ;;
     *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora] [--big] [--flash] [--tune]" >&2; exit 2 ;;
   esac
 done
-[ -n "${TRAIN_SETUPS:-}" ] && SIZE+=(--setups "$TRAIN_SETUPS")
+SIZE+=(--setups "$TRAIN_SETUPS")
 export OUT=${OUT:-bench/results/device} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}

@@ -35,8 +35,8 @@ p.add_argument("--steps", type=int, default=10, help="train: optimizer steps per
 p.add_argument("--batch", type=int, default=8, help="train: pairs per step")
 p.add_argument("--max-length", type=int, default=1024)
 p.add_argument("--work", default="/tmp/refdpo-gpu-bench")
-SETUPS = ["refdpo_cached_bf16_state", "refdpo_cached_f32_state", "refdpo_live_bf16_state", "trl_live", "trl_precompute",
-          "refdpo_cached_lora", "trl_live_lora"]
+SETUPS = ["refdpo_cached_bf16_state", "refdpo_cached_bf16_masters", "refdpo_cached_f32_state", "refdpo_live_bf16_state",
+          "trl_live", "trl_precompute", "refdpo_cached_lora", "trl_live_lora"]
 # LoRA setups: r 16, alpha 32, all linear projections, a bf16 base (refdpo: frozen in bf16 with
 # f32 adapters; TRL + PEFT: the base loaded in bf16, PEFT's f32 adapters, the adapter-disabled
 # model as the reference)
@@ -239,6 +239,7 @@ def stage_train():
         MemorySampler().run(refdpo("precompute", "--config", base, "--overwrite"))
         r = {"params": block_params + head_params}
         for name, extra in [("refdpo_cached_bf16_state", {"state_dtype": "bf16"}),
+                            ("refdpo_cached_bf16_masters", {"state_dtype": "bf16", "master_dtype": "bf16"}),
                             ("refdpo_cached_f32_state", {"state_dtype": "f32"}),
                             ("refdpo_live_bf16_state", {"state_dtype": "bf16", "ref": "live"}),
                             ("refdpo_cached_lora", {"lora": (LORA_R, LORA_ALPHA)})]:

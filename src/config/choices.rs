@@ -25,14 +25,15 @@ impl Dtype {
     }
 }
 
-/// Storage of the gradients and AdamW moments (`train.state_dtype`); master weights stay f32.
+/// Storage dtype of a part of the training state: the gradients and AdamW moments
+/// (`train.state_dtype`) or the master weights (`train.master_dtype`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum StateDtype {
     /// torch's AdamW.
     #[default]
     F32,
-    /// Half the memory; moments rounded stochastically.
+    /// Half the memory; moments and weights rounded stochastically.
     Bf16,
 }
 

@@ -194,6 +194,9 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
     /// Storage dtype of the gradients and AdamW moments.
     pub state_dtype: StateDtype,
+    /// Storage dtype of the trained weights (full fine-tuning): f32 masters (torch's), or bf16
+    /// updated with stochastic rounding (2 fewer bytes per parameter, no compute copy).
+    pub master_dtype: StateDtype,
     /// Write `final/` at the end (benchmarks and sweeps may skip it).
     pub save_final: bool,
     /// LoRA adapters on a frozen base (`r` = 0: full fine-tuning).
@@ -265,6 +268,7 @@ impl Default for TrainConfig {
             log_every: 1,
             gradient_checkpointing: true,
             state_dtype: StateDtype::F32,
+            master_dtype: StateDtype::F32,
             save_final: true,
             lora: LoraConfig::default(),
             report_to: Vec::new(),

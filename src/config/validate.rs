@@ -2,7 +2,7 @@
 //! run do nothing. Each error is a sentence naming one key, its value and what is allowed.
 
 use super::choices::PROJECTIONS;
-use super::{Config, TargetModules};
+use super::{Config, StateDtype, TargetModules};
 use crate::error::{Error, Result};
 use std::fmt::Display;
 
@@ -140,6 +140,14 @@ impl Config {
             "in [0, 1)",
         )?;
         let lora = &t.lora;
+        if lora.enabled() && t.master_dtype == StateDtype::Bf16 {
+            return Err(Error::Config(
+                "`train.master_dtype` = \"bf16\" is for full fine-tuning: LoRA trains small f32 \
+                 adapters over a base already frozen in `model.dtype`. Remove the key, or set \
+                 train.lora.r = 0."
+                    .into(),
+            ));
+        }
         if lora.enabled() {
             in_range(
                 "train.lora.alpha",
@@ -227,6 +235,12 @@ mod tests {
             ),
             ("train.ref=none", "train.ref", "none", "live"),
             ("train.state_dtype=f16", "train.state_dtype", "f16", "bf16"),
+            (
+                "train.master_dtype=fp8",
+                "train.master_dtype",
+                "fp8",
+                "bf16",
+            ),
             ("model.dtype=f64", "model.dtype", "f64", "bf16"),
             (
                 "tokenize.truncation=middle",
@@ -244,8 +258,10 @@ mod tests {
             "train.loss=sigmoid_norm",
             "train.ref=live",
             "train.state_dtype=bf16",
+            "train.master_dtype=bf16",
         ])
         .unwrap();
+        assert_eq!(c.train.master_dtype, StateDtype::Bf16);
         assert_eq!(c.train.loss.first(), LossKind::SigmoidNorm);
         assert_eq!(c.train.reference, RefMode::Live);
         assert_eq!(c.train.state_dtype.candle(), DType::BF16);
@@ -327,6 +343,10 @@ mod tests {
             (
                 &["train.lora.r=8", "train.lora.target_modules=[\"qproj\"]"],
                 "train.lora.target_modules",
+            ),
+            (
+                &["train.lora.r=8", "train.master_dtype=\"bf16\""],
+                "train.master_dtype",
             ),
         ] {
             let err = with(sets).unwrap_err().to_string();

@@ -107,7 +107,7 @@ pub(super) fn model(
     // `reference`: the composed ops, whatever the device's default
     let grads =
         |dev: &Device, dt: DType, reference: bool| -> Result<Vec<(String, Option<Tensor>)>> {
-            let mut policy = Policy::new(&cfg, weights.clone(), dt, dev)?;
+            let mut policy = Policy::new(&cfg, weights.clone(), dt, DType::F32, dev)?;
             if reference {
                 policy.use_composed_ops();
             }

@@ -279,7 +279,52 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         &want_norm,
         tol,
     )?);
+    if dtype == DType::BF16 {
+        // bf16 master weights: each lands on a bf16 neighbour of the f32 result, so only the
+        // mean over many elements is the f32 step's (means of 32,768: σ 1.5%; round-to-nearest
+        // or a biased rounding is off by 50-100%)
+        checks.push(Check::compare(
+            "fused optimizer step, bf16 weights (means)".into(),
+            &bf16_weights_step(device, DType::BF16)?,
+            &bf16_weights_step(&Device::Cpu, DType::F32)?,
+            0.1,
+        )?);
+    }
     Ok(())
+}
+
+/// One AdamW step (lr 1e-3, f32 state) on weights in [1, 2), where bf16's spacing is 2^-7 and
+/// round-to-nearest would drop the step, stored in `weights` (bf16 or f32) from the same bf16
+/// values: the change's means over the two halves.
+fn bf16_weights_step(device: &Device, weights: DType) -> Result<Tensor> {
+    use fused::adamw_step::{step, Hyper, Slot};
+    let n = 1 << 16;
+    let w0 = (values(&[n], 31)?.abs()? + 1.0)?
+        .to_dtype(DType::BF16)?
+        .to_dtype(DType::F32)?;
+    let w = w0.to_dtype(weights)?.to_device(device)?.copy()?;
+    let g = (values(&[n], 32)?.abs()? + 0.1)?.to_device(device)?;
+    let (m, v) = (g.zeros_like()?, g.zeros_like()?);
+    let slot = Slot {
+        w: &w,
+        m: &m,
+        v: &v,
+        g: &g,
+        decays: false,
+        seeds: [5, 6, 7],
+    };
+    let (beta1, beta2, lr) = (0.9f64, 0.999f64, 1e-3);
+    let hyper = Hyper {
+        beta1,
+        beta2,
+        eps: 1e-8,
+        decay: 1.0,
+        lr_bc1: lr / (1.0 - beta1),
+        inv_sqrt_bc2: 1.0 / (1.0 - beta2).sqrt(),
+    };
+    step(&[slot], hyper, 0.0)?;
+    let delta = (w.to_device(&Device::Cpu)?.to_dtype(DType::F32)? - w0)?;
+    Ok(delta.reshape((2, n / 2))?.mean(1)?)
 }
 
 /// Two optimizer steps over all tensors at once (f32 weights, moments and gradients, the
@@ -314,7 +359,7 @@ fn optimizer_step(device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
                 v: &v[i],
                 g: &g[i],
                 decays: i == 0,
-                seeds: (0, 0),
+                seeds: [0; 3],
             })
             .collect();
         let (bc1, bc2) = (1.0 - f64::powi(beta1, t), 1.0 - f64::powi(beta2, t));

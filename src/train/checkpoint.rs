@@ -94,16 +94,21 @@ fn write_into(
     )
 }
 
-/// A full HF model in `dir`: the f32 weights as `model.safetensors`, the base's `config.json`
-/// (with the saved dtype) and its tokenizer files.
+/// A full HF model in `dir`: the weights as `model.safetensors` (f32, or bf16 from bf16
+/// masters), the base's `config.json` (with the saved dtype) and its tokenizer files.
 pub fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, model_dir: &Path) -> Result<()> {
     weights::save(tensors, &dir.join("model.safetensors"))?;
     let mut config: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(&model_dir.join("config.json"))?)?;
+    let saved = if tensors.values().all(|t| t.dtype() == DType::BF16) {
+        "bfloat16"
+    } else {
+        "float32"
+    };
     if let Some(obj) = config.as_object_mut() {
-        obj.insert("torch_dtype".into(), "float32".into());
+        obj.insert("torch_dtype".into(), saved.into());
         if obj.contains_key("dtype") {
-            obj.insert("dtype".into(), "float32".into());
+            obj.insert("dtype".into(), saved.into());
         }
     }
     fs::write_atomic(

@@ -1,5 +1,5 @@
-//! AdamW on f32 master weights (torch's update rule), its moments in the state dtype, global-norm
-//! clipping and the LR schedule.
+//! AdamW on the master weights (torch's update rule; f32, or bf16 rounded stochastically), its
+//! moments in the state dtype, global-norm clipping and the LR schedule.
 
 use super::grads::Grads;
 use super::policy::Policy;
@@ -126,10 +126,9 @@ impl AdamW {
             .is_some_and(|v| v.device().is_cpu() || fused::enabled(v.device()))
             && !fused::disabled();
         if fused {
-            // seeds of the bf16 moments' rounding: (step, tensor, moment)
-            let seed = |i: usize, moment: u64| {
-                crate::rng::bits(step, ((i as u64) << 1 | moment) + 1) as u32
-            };
+            // seeds of the bf16 moments' and weights' rounding: (step, tensor, which)
+            let seed =
+                |i: usize, which: u64| crate::rng::bits(step, ((i as u64) << 2 | which) + 1) as u32;
             // a stored gradient may be a view (a matmul's transposed weight gradient): the
             // kernels read rows
             let rows: Vec<Option<Tensor>> = grads
@@ -147,7 +146,7 @@ impl AdamW {
                         v: &self.v[i],
                         g: rows[i].as_ref()?,
                         decays: p.weight_decay != 0.0 && decays(&policy.names[i]),
-                        seeds: (seed(i, 0), seed(i, 1)),
+                        seeds: [seed(i, 0), seed(i, 1), seed(i, 2)],
                     })
                 })
                 .collect();
@@ -220,8 +219,8 @@ impl AdamW {
         Ok(())
     }
 
-    /// torch's AdamW on one tensor (or row slice), in f32: returns (w, m, v), the moments in the
-    /// state dtype.
+    /// torch's AdamW on one tensor (or row slice), in f32: returns (w, m, v), the weights in
+    /// their own dtype and the moments in the state dtype (bf16 rounded stochastically).
     #[allow(clippy::too_many_arguments)]
     fn adam(
         &self,
@@ -240,8 +239,12 @@ impl AdamW {
         let m = ((m.to_dtype(DType::F32)? * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
         let v = ((v.to_dtype(DType::F32)? * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
         let denom = ((v.sqrt()? / bc2.sqrt())? + p.eps)?;
-        let w = ((w * decay)? - ((&m / denom)? * (lr / bc1))?)?;
-        Ok((w, self.store(m)?, self.store(v)?))
+        let w_new = ((w.to_dtype(DType::F32)? * decay)? - ((&m / denom)? * (lr / bc1))?)?;
+        let w_new = match w.dtype() {
+            DType::BF16 => round_bf16_stochastic(&w_new)?,
+            dtype => w_new.to_dtype(dtype)?,
+        };
+        Ok((w_new, self.store(m)?, self.store(v)?))
     }
 
     /// Writes the moments (in their state dtype) and step as safetensors (`m.<name>`,
@@ -371,6 +374,92 @@ mod tests {
         );
     }
 
+    /// bf16 master weights in [1.25, 2) (spacing 2^-7) under three steps of lr 1e-3, each far below
+    /// half a spacing: with the composed and the fused step alike, every weight stays within a
+    /// spacing per step of the f32 masters' trajectory (each step rounds afresh) and the mean
+    /// change equals theirs (round-to-nearest would not move one weight).
+    #[test]
+    fn bf16_master_weights_move_by_the_update_on_average() {
+        let dev = candle_core::Device::Cpu;
+        let params = AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let (n, lr) = (1 << 16, 1e-3);
+        let w0 = (Tensor::rand(1.25f32, 2f32, n, &dev).unwrap())
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let run = |weights: DType, fused: bool| -> Tensor {
+            // a copy: to_dtype into the same dtype shares w0's storage
+            let w = w0.to_dtype(weights).unwrap().copy().unwrap();
+            let mut opt = AdamW {
+                params,
+                dtype: DType::F32,
+                m: vec![Tensor::zeros(n, DType::F32, &dev).unwrap()],
+                v: vec![Tensor::zeros(n, DType::F32, &dev).unwrap()],
+                step: 0,
+            };
+            for step in 1..=3u32 {
+                let g = Tensor::full(0.5f32 + step as f32, n, &dev).unwrap();
+                opt.step += 1;
+                let t = opt.step as i32;
+                if fused {
+                    let hyper = adamw_step::Hyper {
+                        beta1: 0.9,
+                        beta2: 0.999,
+                        eps: 1e-8,
+                        decay: 1.0,
+                        lr_bc1: lr / (1.0 - 0.9f64.powi(t)),
+                        inv_sqrt_bc2: 1.0 / (1.0 - 0.999f64.powi(t)).sqrt(),
+                    };
+                    let slot = adamw_step::Slot {
+                        w: &w,
+                        m: &opt.m[0],
+                        v: &opt.v[0],
+                        g: &g,
+                        decays: false,
+                        seeds: [1, 2, step],
+                    };
+                    adamw_step::step(&[slot], hyper, 0.0).unwrap();
+                } else {
+                    opt.update_composed(0, &w, &g, lr, 1.0, 1.0).unwrap();
+                }
+            }
+            (w.to_dtype(DType::F32).unwrap() - w0.to_dtype(DType::F32).unwrap()).unwrap()
+        };
+        let exact = run(DType::F32, true);
+        let mean = |t: &Tensor| t.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let want = mean(&exact);
+        assert!(
+            (want + 3e-3).abs() < 1e-4,
+            "about three steps of -lr: {want}"
+        );
+        for fused in [true, false] {
+            let got = run(DType::BF16, fused);
+            let worst = crate::test_util::max_abs_diff(&got, &exact);
+            // a step's rounding moves a weight by at most one spacing; the composed rounding
+            // takes the next binade's (twice the) spacing within 0.07% below a power of two
+            let spacings = if fused { 3.0 } else { 6.0 };
+            assert!(
+                worst <= spacings * 2f32.powi(-7),
+                "fused {fused}: {worst} from f32's"
+            );
+            let m = mean(&got);
+            // σ of the mean: about a third of a spacing over √65,536 elements, 1.2e-5
+            assert!((m - want).abs() < 6e-5, "fused {fused}: mean {m} vs {want}");
+        }
+        let w0 = w0.to_dtype(DType::F32).unwrap();
+        let nearest = (&w0 - 3e-3)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(crate::test_util::max_abs_diff(&nearest, &w0), 0.0);
+    }
+
     /// The fused step (on the CPU the kernels' loops) against the composed one: equal with f32
     /// moments, step after step, with weight decay on one tensor and not the other, a clipped
     /// step and bf16-rounded gradients; close with bf16 moments (each rounds its own random
@@ -429,7 +518,7 @@ mod tests {
                         v: &fused.v[i],
                         g: &g[i],
                         decays: i == 0,
-                        seeds: (step, step + 7),
+                        seeds: [step, step + 7, step + 9],
                     })
                     .collect();
                 let norm = adamw_step::step(&slots, hyper, max_norm).unwrap();

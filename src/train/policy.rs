@@ -1,6 +1,7 @@
-//! The trainable policy: f32 master weights as candle `Var`s and a block-wise backward. With
-//! LoRA the `Var`s are the adapters (PEFT names) and the base stays frozen in the compute dtype:
-//! no master copy, gradient or moment of it exists.
+//! The trainable policy: master weights as candle `Var`s (f32, or bf16 with
+//! `train.master_dtype`) and a block-wise backward. With LoRA the `Var`s are f32 adapters (PEFT
+//! names) and the base stays frozen in the compute dtype: no master copy, gradient or moment of
+//! it exists.
 //!
 //! Compute copies (in the compute dtype) exist for one block at a time, never for the whole
 //! model. One training forward/backward, for a batch of 2B sequences:
@@ -32,8 +33,9 @@ use crate::profile::{self, Phase};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use std::collections::HashMap;
 
-/// Named trainable parameters as f32 `Var`s: the model's (HF names), or with LoRA the adapters'
-/// (PEFT names) over a frozen base.
+/// Named trainable parameters as `Var`s: the model's (HF names; f32, or bf16 masters that are
+/// their own compute copies when the compute dtype is bf16), or with LoRA the adapters' (PEFT
+/// names, f32) over a frozen base.
 pub struct Policy {
     pub cfg: TransformerConfig,
     pub names: Vec<String>,
@@ -88,11 +90,12 @@ impl ParamSource for Detached<'_> {
 }
 
 impl Policy {
-    /// Wraps f32 tensors (HF names) as trainable variables.
+    /// Wraps tensors (HF names) as trainable variables stored in `master` (f32 or bf16).
     pub fn new(
         cfg: &TransformerConfig,
         tensors: HashMap<String, Tensor>,
         compute_dtype: DType,
+        master: DType,
         device: &Device,
     ) -> Result<Self> {
         let mut names: Vec<String> = tensors.keys().cloned().collect();
@@ -105,7 +108,7 @@ impl Policy {
             names,
             HashMap::new(),
             None,
-            compute_dtype,
+            (compute_dtype, master),
             device,
         )
     }
@@ -155,7 +158,7 @@ impl Policy {
             names,
             frozen,
             Some(lora.clone()),
-            compute_dtype,
+            (compute_dtype, DType::F32),
             device,
         )
     }
@@ -166,15 +169,20 @@ impl Policy {
         mut names: Vec<String>,
         frozen: HashMap<String, Tensor>,
         lora: Option<LoraConfig>,
-        compute_dtype: DType,
+        (compute_dtype, master): (DType, DType),
         device: &Device,
     ) -> Result<Self> {
+        if !matches!(master, DType::F32 | DType::BF16) {
+            return Err(Error::Train(format!(
+                "master weights are kept in f32 or bf16, not {master:?}"
+            )));
+        }
         names.sort();
         let vars = names
             .iter()
             .map(|n| {
                 Ok(Var::from_tensor(
-                    &tensors[n].to_dtype(DType::F32)?.to_device(device)?,
+                    &tensors[n].to_dtype(master)?.to_device(device)?,
                 )?)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -262,7 +270,7 @@ impl Policy {
         Transformer::new(&self.cfg, &Tracked(self))
     }
 
-    /// Layer `i` in the compute dtype: tracked (gradients flow into the f32 masters) or detached.
+    /// Layer `i` in the compute dtype: tracked (gradients flow into the masters) or detached.
     fn block(&self, i: usize, tracked: bool) -> Result<Block> {
         if tracked {
             Block::load(&self.cfg, &Tracked(self), i)
@@ -276,13 +284,22 @@ impl Policy {
         Transformer::shell(&self.cfg, &Detached(self))
     }
 
-    /// The trained tensors (f32) under their names (HF, or PEFT's with LoRA), for checkpoints.
+    /// The trained tensors (in the masters' dtype) under their names (HF, or PEFT's with LoRA),
+    /// for checkpoints.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
         self.names
             .iter()
             .zip(&self.vars)
             .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
             .collect()
+    }
+
+    /// Bytes of the trained tensors (the masters, or with LoRA the adapters).
+    pub fn bytes(&self) -> usize {
+        self.vars
+            .iter()
+            .map(|v| v.elem_count() * v.dtype().size_in_bytes())
+            .sum()
     }
 
     /// Parameters (a tied embedding counted once).

@@ -60,7 +60,8 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
-        // The CPU computes in f32; an accelerator in the configured dtype over f32 masters.
+        // The CPU computes in f32; an accelerator in the configured dtype over the masters
+        // (f32, or bf16: then their own compute copies).
         let dtype = if device.is_cpu() {
             DType::F32
         } else {
@@ -74,7 +75,8 @@ impl<'a> Trainer<'a> {
             Policy::with_lora(&inputs.model.cfg, base, &t.lora, adapters, dtype, device)?
         } else {
             let master = weights::load(&inputs.model.weight_files, DType::F32, device)?;
-            Policy::new(&inputs.model.cfg, master, dtype, device)?
+            let masters = t.master_dtype.candle();
+            Policy::new(&inputs.model.cfg, master, dtype, masters, device)?
         };
         let reference = match t.reference {
             RefMode::Live => Some(inputs.model.load(dtype, device)?),
@@ -155,7 +157,7 @@ impl<'a> Trainer<'a> {
             let saved = w
                 .get(name)
                 .ok_or_else(|| Error::Train(format!("`{}` lacks `{name}`", dir.display())))?;
-            var.set(saved)?;
+            var.set(&saved.to_dtype(var.dtype())?)?;
         }
         self.optim.load(&self.policy, &RunDir::optimizer(&dir))?;
         self.state = TrainerState {
@@ -423,10 +425,13 @@ impl<'a> Trainer<'a> {
         let (grads, moments) = (self.grad_bytes as f64, self.optim.bytes() as f64);
         let state = t.state_dtype.as_str();
         if self.policy.lora.is_none() {
+            let weights = self.policy.bytes() as f64;
             return format!(
-                "persistent training state {:.1} bytes/parameter (f32 weights 4.0, {state} \
+                "persistent training state {:.1} bytes/parameter ({} weights {:.1}, {state} \
                  gradients {:.1}, {state} AdamW moments {:.1})",
-                (trained * 4.0 + grads + moments) / trained,
+                (weights + grads + moments) / trained,
+                t.master_dtype.as_str(),
+                weights / trained,
                 grads / trained,
                 moments / trained,
             );

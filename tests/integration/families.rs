@@ -75,7 +75,7 @@ fn check(family: &str) {
         .map(|(p, c)| (p.as_slice(), c.as_slice()))
         .collect();
     let batch = SeqBatch::new(&seqs, 0, &Device::Cpu).unwrap();
-    let policy = Policy::new(&cfg, tensors.clone(), DType::F32, &Device::Cpu).unwrap();
+    let policy = Policy::new(&cfg, tensors.clone(), DType::F32, DType::F32, &Device::Cpu).unwrap();
     let mut grads = policy.zero_grads(DType::F32);
     let sums = policy
         .forward_backward(&batch, true, &mut grads, &mut |_| Ok(w.clone()))

@@ -3,8 +3,8 @@
 //! the fused update is held to the composed one: bit for bit with f32 moments. On CUDA the step
 //! over all tensors at once ([`super::adamw_step`]) launches the kernel instead.
 //!
-//! A bf16 moment is rounded stochastically (the kernels from a Philox stream, the CPU from
-//! splitmix64: the same distribution, other bits), and the weights read the stored moments.
+//! A bf16 moment or weight is rounded stochastically (the kernels from a Philox stream, the CPU
+//! from splitmix64: the same distribution, other bits), and the weights read the stored moments.
 
 use super::elem::{offsets, slice, unsupported, Elem};
 use candle_core::backend::BackendStorage;
@@ -28,7 +28,9 @@ pub struct Moment {
     pub square: bool,
 }
 
-/// w ← w·decay − (m / (√v · inv_sqrt_bc2 + eps)) · lr_bc1, in f32.
+/// w ← w·decay − (m / (√v · inv_sqrt_bc2 + eps)) · lr_bc1, in f32, stored in w's dtype (f32, or
+/// bf16 rounded stochastically from `seed`: a DPO step is far below half a bf16 spacing of a
+/// weight, which round-to-nearest would drop every time).
 #[derive(Debug, Clone, Copy)]
 pub struct Weight {
     pub decay: f64,
@@ -37,6 +39,7 @@ pub struct Weight {
     /// 1 / √(1 − β2^t)
     pub inv_sqrt_bc2: f64,
     pub eps: f64,
+    pub seed: u32,
 }
 
 /// Updates the moment `x` in place from the gradient `g` (same shape; `x` contiguous and held by
@@ -45,7 +48,7 @@ pub fn adamw_moment(x: &Tensor, g: &Tensor, op: Moment) -> Result<()> {
     x.inplace_op2(&g.contiguous()?, &op)
 }
 
-/// Updates the f32 weights `w` in place from the moments `m` and `v`.
+/// Updates the weights `w` (f32 or bf16) in place from the moments `m` and `v`.
 pub fn adamw_weight(w: &Tensor, m: &Tensor, v: &Tensor, op: Weight) -> Result<()> {
     w.inplace_op3(&m.contiguous()?, &v.contiguous()?, &op)
 }
@@ -141,21 +144,31 @@ impl InplaceOp3 for Weight {
         same_shape(wl, ml)?;
         same_shape(wl, vl)?;
         let (a, b) = offsets(NAME, wl)?;
-        let CpuStorage::F32(w) = w else {
-            return Err(unsupported(NAME, w.dtype()));
-        };
-        match (m.dtype(), v.dtype()) {
-            (DType::F32, DType::F32) => self.cpu(
-                &mut w[a..b],
-                slice::<f32>(NAME, m, ml)?,
-                slice::<f32>(NAME, v, vl)?,
-            ),
-            (DType::BF16, DType::BF16) => self.cpu(
-                &mut w[a..b],
-                slice::<bf16>(NAME, m, ml)?,
-                slice::<bf16>(NAME, v, vl)?,
-            ),
-            (other, _) => return Err(unsupported(NAME, other)),
+        macro_rules! with_moments {
+            ($ws:expr, $store:expr) => {
+                match (m.dtype(), v.dtype()) {
+                    (DType::F32, DType::F32) => self.cpu(
+                        $ws,
+                        slice::<f32>(NAME, m, ml)?,
+                        slice::<f32>(NAME, v, vl)?,
+                        $store,
+                    ),
+                    (DType::BF16, DType::BF16) => self.cpu(
+                        $ws,
+                        slice::<bf16>(NAME, m, ml)?,
+                        slice::<bf16>(NAME, v, vl)?,
+                        $store,
+                    ),
+                    (other, _) => return Err(unsupported(NAME, other)),
+                }
+            };
+        }
+        match w {
+            CpuStorage::F32(w) => with_moments!(&mut w[a..b], |y, _| y),
+            CpuStorage::BF16(w) => {
+                with_moments!(&mut w[a..b], |y, i| bf16_stochastic(y, self.seed, i))
+            }
+            other => return Err(unsupported(NAME, other.dtype())),
         }
         Ok(())
     }
@@ -171,14 +184,22 @@ impl Weight {
         )
     }
 
-    fn cpu<T: Elem>(&self, w: &mut [f32], m: &[T], v: &[T]) {
+    /// Over the CPU's threads as [`Moment::cpu`]; `store` gets the element's index in `w`.
+    fn cpu<W: Elem, T: Elem>(
+        &self,
+        w: &mut [W],
+        m: &[T],
+        v: &[T],
+        store: impl Fn(f32, usize) -> W + Sync,
+    ) {
         let (decay, lr_bc1, isb, eps) = self.scalars();
         w.par_chunks_mut(PAR_CHUNK)
             .zip(m.par_chunks(PAR_CHUNK).zip(v.par_chunks(PAR_CHUNK)))
-            .for_each(|(w, (m, v))| {
-                for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
+            .enumerate()
+            .for_each(|(k, (w, (m, v)))| {
+                for (j, ((w, m), v)) in w.iter_mut().zip(m).zip(v).enumerate() {
                     let denom = v.f().sqrt() * isb + eps;
-                    *w = *w * decay - (m.f() / denom) * lr_bc1;
+                    *w = store(w.f() * decay - (m.f() / denom) * lr_bc1, k * PAR_CHUNK + j);
                 }
             });
     }
@@ -219,13 +240,17 @@ mod tests {
         };
         let e = adamw_moment(&m, &g, op).unwrap_err().to_string();
         assert!(e.contains("adamw") && e.contains("differ"), "{e}");
-        let w = Tensor::zeros(4, DType::BF16, &dev).unwrap();
+        let w = Tensor::zeros(4, DType::F16, &dev).unwrap();
         let op = Weight {
             decay: 1.0,
             lr_bc1: 1e-3,
             inv_sqrt_bc2: 1.0,
             eps: 1e-8,
+            seed: 0,
         };
         assert!(adamw_weight(&w, &m, &m, op).is_err());
+        let w = Tensor::zeros(5, DType::BF16, &dev).unwrap();
+        let e = adamw_weight(&w, &m, &m, op).unwrap_err().to_string();
+        assert!(e.contains("differ"), "{e}");
     }
 }

@@ -21,7 +21,8 @@ const NAME: &str = "adamw step";
 /// Elements per chunk: `adamw.CHUNK` (the CPU's chunks; a launch reads the kernels' own).
 pub const CHUNK: usize = 65536;
 
-/// One tensor's part in the step: f32 master weights, moments and gradient in the state dtype.
+/// One tensor's part in the step: master weights (f32, or bf16 rounded stochastically), moments
+/// and gradient in the state dtype.
 pub struct Slot<'a> {
     pub w: &'a Tensor,
     pub m: &'a Tensor,
@@ -29,8 +30,8 @@ pub struct Slot<'a> {
     pub g: &'a Tensor,
     /// Whether weight decay applies (HF's Trainer exempts biases and norms).
     pub decays: bool,
-    /// Seeds of m's and v's stochastic rounding (bf16 state).
-    pub seeds: (u32, u32),
+    /// Seeds of m's, v's and w's stochastic rounding (bf16 state, bf16 weights).
+    pub seeds: [u32; 3],
 }
 
 /// The step's scalars, in f64 (rounded to f32 at the update, as the composed ops round theirs).
@@ -59,17 +60,19 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
 }
 
 /// Why these slots cannot take the step over all tensors at once (None: they can): one device,
-/// f32 weights, moments and gradients in one state dtype (f32 or bf16), contiguous, each under
-/// 2^31 elements (the kernels' offsets).
+/// weights in one dtype and moments and gradients in one state dtype (each f32 or bf16),
+/// contiguous, each under 2^31 elements (the kernels' offsets).
 pub fn unsupported(slots: &[Slot<'_>]) -> Option<String> {
     let first = slots.first()?;
-    let state = first.m.dtype();
-    if !matches!(state, DType::F32 | DType::BF16) {
-        return Some(format!("moments in {state:?}"));
+    let (state, weights) = (first.m.dtype(), first.w.dtype());
+    for (what, dtype) in [("moments", state), ("weights", weights)] {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Some(format!("{what} in {dtype:?}"));
+        }
     }
     for s in slots {
         for (what, t, dtype) in [
-            ("weights", s.w, DType::F32),
+            ("weights", s.w, weights),
             ("first moment", s.m, state),
             ("second moment", s.v, state),
             ("gradient", s.g, state),
@@ -176,8 +179,8 @@ fn cpu_step(slots: &[Slot<'_>], h: Hyper, max_norm: f64) -> Result<f64> {
     let grad_scale = clip_coefficient(norm, max_norm);
     for s in slots {
         for (x, beta, seed, square) in [
-            (s.m, h.beta1, s.seeds.0, false),
-            (s.v, h.beta2, s.seeds.1, true),
+            (s.m, h.beta1, s.seeds[0], false),
+            (s.v, h.beta2, s.seeds[1], true),
         ] {
             let op = Moment {
                 beta,
@@ -192,6 +195,7 @@ fn cpu_step(slots: &[Slot<'_>], h: Hyper, max_norm: f64) -> Result<f64> {
             lr_bc1: h.lr_bc1,
             inv_sqrt_bc2: h.inv_sqrt_bc2,
             eps: h.eps,
+            seed: s.seeds[2],
         };
         adamw_weight(s.w, s.m, s.v, op)?;
     }
@@ -208,9 +212,10 @@ mod cuda {
     use candle_core::{CudaDevice, CudaStorage, DType, Result, Storage, StorageRef, Tensor};
     use half::bf16;
 
-    fn kernel_for(name: &str, arch: u32, bf16: Option<bool>) -> Result<&'static Kernel> {
+    /// `name` for bf16 state and bf16 weights (whichever of the two it takes).
+    fn kernel_for(name: &str, arch: u32, bf16: &[(&str, bool)]) -> Result<&'static Kernel> {
         let consts: Vec<(&str, serde_json::Value)> =
-            bf16.map(|b| ("BF16", b.into())).into_iter().collect();
+            bf16.iter().map(|&(k, b)| (k, b.into())).collect();
         kernel(&Want {
             kernel: name,
             arch,
@@ -253,23 +258,25 @@ mod cuda {
     pub fn step(dev: &CudaDevice, slots: &[Slot<'_>], h: Hyper, max_norm: f64) -> Result<f64> {
         let arch = arch(dev)?;
         let bf16 = slots[0].m.dtype() == DType::BF16;
-        let sumsq = kernel_for("grad_sumsq", arch, Some(bf16))?;
-        let clip = kernel_for("clip_norm", arch, None)?;
-        let adamw = kernel_for("adamw_multi", arch, Some(bf16))?;
+        let w_bf16 = slots[0].w.dtype() == DType::BF16;
+        let sumsq = kernel_for("grad_sumsq", arch, &[("BF16", bf16)])?;
+        let clip = kernel_for("clip_norm", arch, &[])?;
+        let adamw = kernel_for("adamw_multi", arch, &[("BF16", bf16), ("W_BF16", w_bf16)])?;
         let chunk = adamw
             .tile("CHUNK")
             .filter(|&c| Some(c) == sumsq.tile("CHUNK"))
             .ok_or_else(|| err("grad_sumsq and adamw_multi disagree on CHUNK".into()))?;
 
-        // [w, m, v, g, seed m, seed v] per tensor; [tensor, start, end, decays] per chunk
+        // [w, m, v, g, seed m, seed v, seed w] per tensor (`adamw.PTR_WORDS`);
+        // [tensor, start, end, decays] per chunk
         let mut guards = Vec::with_capacity(4 * slots.len());
-        let mut ptrs = Vec::with_capacity(6 * slots.len());
+        let mut ptrs = Vec::with_capacity(7 * slots.len());
         let mut chunks = Vec::new();
         for (t, s) in slots.iter().enumerate() {
             for x in [s.w, s.m, s.v, s.g] {
                 ptrs.push(table_entry(x, dev, &mut guards)?);
             }
-            ptrs.extend([i64::from(s.seeds.0), i64::from(s.seeds.1)]);
+            ptrs.extend(s.seeds.map(i64::from));
             let n = s.w.elem_count();
             for start in (0..n).step_by(chunk) {
                 // under 2^31 each (`unsupported`)
@@ -369,7 +376,7 @@ mod tests {
             v,
             g,
             decays: true,
-            seeds: (0, 0),
+            seeds: [0; 3],
         });
         let exact = [&a[3], &b[3]]
             .iter()
@@ -408,7 +415,7 @@ mod tests {
                 v: &v,
                 g: &g,
                 decays: true,
-                seeds: (0, 0),
+                seeds: [0; 3],
             };
             let norm = step(&[slot], hyper(1), 1.0).unwrap();
             assert!(!norm.is_finite());
@@ -432,7 +439,7 @@ mod tests {
             v: &v,
             g,
             decays: false,
-            seeds: (0, 0),
+            seeds: [0; 3],
         };
         assert_eq!(unsupported(&[slot(&w, &g)]), None);
         let why = unsupported(&[slot(&w, &g16)]).unwrap();

@@ -172,7 +172,7 @@ fn one_training_step_matches_trl() {
     let step = fixture("trl_train_step.json");
     let tmp = tempfile::tempdir().unwrap();
     let (cfg, w) = fixture_model(tmp.path(), &fx);
-    let policy = Policy::new(&cfg, w, DType::F32, &Device::Cpu).unwrap();
+    let policy = Policy::new(&cfg, w, DType::F32, DType::F32, &Device::Cpu).unwrap();
     let batch = kept_batch(&fx, 2);
     let (rc, rr) = (
         floats(&step["ref_chosen_logps"]),

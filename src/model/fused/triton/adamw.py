@@ -3,9 +3,9 @@
 model has, where one launch per tensor and moment made hundreds, and no host round trip
 between the gradient norm and the update.
 
-The tensors are named by a table of device addresses, PTRS [tensors, 6] int64: the f32 master
-weights W, the moments M and V (state dtype), the gradients G (state dtype), and the seeds of
-M's and V's stochastic rounding. The work is cut in chunks of at most CHUNK elements of one
+The tensors are named by a table of device addresses, PTRS [tensors, 7] int64: the master
+weights W (f32, or bf16 with W_BF16), the moments M and V (state dtype), the gradients G (state
+dtype), and the seeds of M's, V's and W's stochastic rounding. The work is cut in chunks of at most CHUNK elements of one
 tensor, CHUNKS [chunks, 4] int32: (tensor, first element, end, weight decay 0/1); one program
 per chunk (apex's multi_tensor_apply layout).
 
@@ -22,9 +22,10 @@ per chunk (apex's multi_tensor_apply layout).
 with decay = 1 - lr * weight_decay (1 for a tensor without decay), lr_bc1 = lr / (1 - beta1^t),
 inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t) and 1 - beta, computed in f64 on the host and rounded to
 f32, as the composed ops take their scalars; the coefficient is rounded from f64 to f32, as the
-host rounds it. The weights read the stored moments, as torch's AdamW does. A bf16 moment is
-rounded stochastically (up with probability equal to its distance from the bf16 value below,
-from a Philox stream of (seed, element)), so small EMA increments survive on average. f32
+host rounds it. The weights read the stored moments, as torch's AdamW does. A bf16 moment or weight
+is rounded stochastically (up with probability equal to its distance from the bf16 value below,
+from a Philox stream of (seed, element)), so small EMA increments and updates far below a bf16
+spacing survive on average. f32
 moments and weights are computed op by op as the composed ops compute them (IEEE division and
 square root; compile.py turns FP fusion off for these kernels), so they equal them bit for bit.
 A NaN coefficient (a non-finite gradient norm) leaves every weight and moment as it was: the
@@ -40,7 +41,7 @@ import triton.language as tl
 CHUNK = 65536
 BLOCK = 1024
 # int64 words per tensor in PTRS, int32 words per chunk in CHUNKS
-PTR_WORDS = 6
+PTR_WORDS = 7
 CHUNK_WORDS = 4
 
 
@@ -56,7 +57,7 @@ def _to_bf16_stochastic(x, seed, offs):
 
 @triton.jit
 def _state_ptr(PTRS, word, BF16: tl.constexpr):
-    """The address in PTRS[word] as a pointer to the state dtype."""
+    """The address in PTRS[word] as a pointer to bf16 or f32."""
     addr = tl.load(PTRS + word)
     if BF16:
         return addr.to(tl.pointer_type(tl.bfloat16))
@@ -71,7 +72,7 @@ def grad_sumsq(PTRS, CHUNKS, PARTIALS, BF16: tl.constexpr, CHUNK: tl.constexpr, 
     t = tl.load(CHUNKS + pid * 4)
     start = tl.load(CHUNKS + pid * 4 + 1)
     end = tl.load(CHUNKS + pid * 4 + 2)
-    G = _state_ptr(PTRS, t * 6 + 3, BF16)
+    G = _state_ptr(PTRS, t * 7 + 3, BF16)
     acc = tl.zeros([BLOCK], tl.float32)
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
@@ -99,7 +100,7 @@ def clip_norm(PARTIALS, n_chunks, OUT, max_norm, BLOCK: tl.constexpr):
 @triton.jit
 def adamw_multi(
     PTRS, CHUNKS, COEF, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, lr_bc1, inv_sqrt_bc2,
-    eps, BF16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    eps, BF16: tl.constexpr, W_BF16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One AdamW step over the chunk's elements of its tensor (see the module's documentation)."""
     pid = tl.program_id(0)
@@ -109,12 +110,13 @@ def adamw_multi(
         start = tl.load(CHUNKS + pid * 4 + 1)
         end = tl.load(CHUNKS + pid * 4 + 2)
         w_decay = tl.where(tl.load(CHUNKS + pid * 4 + 3) != 0, decay, 1.0)
-        W = tl.load(PTRS + t * 6).to(tl.pointer_type(tl.float32))
-        M = _state_ptr(PTRS, t * 6 + 1, BF16)
-        V = _state_ptr(PTRS, t * 6 + 2, BF16)
-        G = _state_ptr(PTRS, t * 6 + 3, BF16)
-        seed_m = tl.load(PTRS + t * 6 + 4).to(tl.int32)
-        seed_v = tl.load(PTRS + t * 6 + 5).to(tl.int32)
+        W = _state_ptr(PTRS, t * 7, W_BF16)
+        M = _state_ptr(PTRS, t * 7 + 1, BF16)
+        V = _state_ptr(PTRS, t * 7 + 2, BF16)
+        G = _state_ptr(PTRS, t * 7 + 3, BF16)
+        seed_m = tl.load(PTRS + t * 7 + 4).to(tl.int32)
+        seed_v = tl.load(PTRS + t * 7 + 5).to(tl.int32)
+        seed_w = tl.load(PTRS + t * 7 + 6).to(tl.int32)
         for off in range(0, CHUNK, BLOCK):
             offs = start + off + tl.arange(0, BLOCK)
             mask = offs < end
@@ -131,7 +133,9 @@ def adamw_multi(
                 v_stored = v
             tl.store(M + offs, m_stored, mask=mask)
             tl.store(V + offs, v_stored, mask=mask)
-            w = tl.load(W + offs, mask=mask, other=0.0)
+            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
             denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
             w = w * w_decay - tl.math.div_rn(m, denom) * lr_bc1
+            if W_BF16:
+                w = _to_bf16_stochastic(w, seed_w, offs)
             tl.store(W + offs, w, mask=mask)

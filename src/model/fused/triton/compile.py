@@ -100,8 +100,12 @@ def variants():
         yield Variant("adamw.py", adamw.clip_norm, arch, adamw_types, {"BLOCK": adamw.BLOCK}, 4, 1, False, "f64")
         for state in ("fp32", "bf16"):
             consts = {"BF16": state == "bf16", **chunk}
-            for kernel in (adamw.grad_sumsq, adamw.adamw_multi):
-                yield Variant("adamw.py", kernel, arch, adamw_types, consts, 4, 1, False, state)
+            yield Variant("adamw.py", adamw.grad_sumsq, arch, adamw_types, consts, 4, 1, False, state)
+            # f32 or bf16 master weights (`train.master_dtype`)
+            for weights in ("fp32", "bf16"):
+                consts = {"BF16": state == "bf16", "W_BF16": weights == "bf16", **chunk}
+                name = state if weights == "fp32" else f"{state}_wbf16"
+                yield Variant("adamw.py", adamw.adamw_multi, arch, adamw_types, consts, 4, 1, False, name)
 
 
 def compile_one(v):

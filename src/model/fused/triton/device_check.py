@@ -76,6 +76,7 @@ def jit_tests():
     calls += [
         ("adamw_f32", test_adamw.test_f32_state_equals_the_composed_ops_and_torch_adamw, ()),
         ("adamw_bf16_rounding", test_adamw.test_bf16_moments_round_stochastically, ()),
+        ("adamw_bf16_weights", test_adamw.test_bf16_weights_round_stochastically, ()),
         ("adamw_non_finite", test_adamw.test_a_non_finite_norm_changes_nothing, ()),
         ("adamw_no_clipping", test_adamw.test_no_clipping_without_max_norm, ()),
     ]
@@ -278,6 +279,7 @@ def main():
     try:
         test_adamw.test_f32_state_equals_the_composed_ops_and_torch_adamw(launch=cubins)
         test_adamw.test_a_non_finite_norm_changes_nothing(launch=cubins)
+        test_adamw.test_bf16_weights_round_stochastically(launch=cubins)
         report["adamw_cubins"] = "ok"
     except Exception:  # noqa: BLE001 - reported, not fatal to the rest of the check
         report["adamw_cubins"] = traceback.format_exc(limit=2)[-600:]

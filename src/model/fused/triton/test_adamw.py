@@ -8,7 +8,9 @@
 - the gradient norm equals the f64 sum within 1e-6 (torch's clip_grad_norm_ within 1e-5), and a non-finite norm leaves
   every weight and moment as it was;
 - a bf16 moment is rounded stochastically: always to one of the two neighbouring bf16 values,
-  up with probability equal to the distance, exact values kept.
+  up with probability equal to the distance, exact values kept;
+- bf16 weights (`train.master_dtype = "bf16"`) take the f32 update rounded the same way: an
+  update far below half a bf16 spacing, which round-to-nearest drops, moves them on average.
 
     TRITON_INTERPRET=1 python -m pytest src/model/fused/triton -q
 """
@@ -45,10 +47,13 @@ def jit(kernel, grid, args, consts):
 
 
 def tables(ws, ms, vs, gs, decays, seeds):
-    """PTRS [tensors, 6] int64 and CHUNKS [chunks, 4] int32, as refdpo's launcher makes them."""
+    """PTRS [tensors, 7] int64 and CHUNKS [chunks, 4] int32, as refdpo's launcher makes them;
+    seeds: (m, v) or (m, v, w) per tensor."""
     ptrs, chunks = [], []
-    for t, (w, m, v, g, d, (sm, sv)) in enumerate(zip(ws, ms, vs, gs, decays, seeds)):
-        ptrs += [w.data_ptr(), m.data_ptr(), v.data_ptr(), g.data_ptr(), sm, sv]
+    for t, (w, m, v, g, d, sd) in enumerate(zip(ws, ms, vs, gs, decays, seeds)):
+        sm, sv, sw = (*sd, 0)[:3]
+        ptrs += [w.data_ptr(), m.data_ptr(), v.data_ptr(), g.data_ptr(), sm, sv, sw]
+        assert len(ptrs) == (t + 1) * adamw.PTR_WORDS
         n = w.numel()
         chunks += [x for start in range(0, n, CHUNK) for x in (t, start, min(n, start + CHUNK), int(d))]
     ptrs = torch.tensor(ptrs, dtype=torch.int64, device=DEVICE)
@@ -65,11 +70,11 @@ def norm_and_coef(ptrs, chunks, n_chunks, bf16, max_norm, launch=jit):
     return out
 
 
-def update(ptrs, chunks, n_chunks, out, s, bf16, launch=jit):
+def update(ptrs, chunks, n_chunks, out, s, bf16, launch=jit, w_bf16=False):
     """The third launch: AdamW on every chunk, scaled by OUT's coefficient."""
     args = (ptrs, chunks, out, s["beta1"], s["omb1"], s["beta2"], s["omb2"], s["decay"], s["lr_bc1"],
             s["inv_sqrt_bc2"], s["eps"])
-    launch("adamw_multi", (n_chunks,), args, dict(BF16=bf16, CHUNK=CHUNK, BLOCK=adamw.BLOCK))
+    launch("adamw_multi", (n_chunks,), args, dict(BF16=bf16, W_BF16=w_bf16, CHUNK=CHUNK, BLOCK=adamw.BLOCK))
 
 
 def composed_step(w, m, v, g, s, coef, decays):
@@ -186,3 +191,27 @@ def test_bf16_moments_round_stochastically():
     assert abs(up - frac) < 0.0052, up
     # another seed draws other bits
     assert not torch.equal(run(99, x), out)
+
+
+def test_bf16_weights_round_stochastically(launch=jit):
+    """A DPO-sized update on bf16 weights: each lands on one of the two bf16 neighbours of the f32
+    result, up with probability equal to the distance, so the mean moves by the update; round-to-
+    nearest would leave every weight where it was. The moments are those of f32 state, exactly."""
+    n = 1 << 16
+    spacing = 2.0**-7  # bf16's spacing in [1, 2)
+    lr = 1e-4  # the first step moves each weight by lr (m / sqrt(v) = sign(g)), 1/78 of a spacing
+    w = torch.ones(n, dtype=torch.bfloat16, device=DEVICE)
+    m, v = torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)
+    g = -torch.ones(n, device=DEVICE)  # the weights go up: 1 + lr
+    ptrs, chunks, nc = tables([w], [m], [v], [g], [False], [(0, 0, 4321)])
+    out = norm_and_coef(ptrs, chunks, nc, False, 0.0, launch=launch)
+    update(ptrs, chunks, nc, out, scalars(lr, 0.9, 0.999, 1e-8, 0.0, 1), False, launch=launch, w_bf16=True)
+    got = w.float().cpu()
+    assert torch.all((got == 1.0) | (got == 1.0 + spacing)), "rounded to a non-neighbour"
+    up = (got > 1.0).double().mean().item()
+    frac = lr / spacing  # lr_bc1 * m / (sqrt(v) * inv_sqrt_bc2 + eps) = lr at the first step
+    # binomial over 65,536 draws: 4 standard deviations at p = 1/78 is 0.0018
+    assert abs(up - frac) < 0.0018, (up, frac)
+    assert torch.equal(m.cpu(), torch.full((n,), -0.1)), "the first moment is f32 state's"
+    # round-to-nearest would not have moved a single weight
+    assert torch.all(torch.tensor(1.0 + lr).to(torch.bfloat16) == 1.0)
