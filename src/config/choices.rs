@@ -16,6 +16,14 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+
     pub fn candle(self) -> DType {
         match self {
             Dtype::F32 => DType::F32,

@@ -2,7 +2,7 @@
 //! run do nothing. Each error is a sentence naming one key, its value and what is allowed.
 
 use super::choices::PROJECTIONS;
-use super::{Config, StateDtype, TargetModules};
+use super::{Config, Dtype, StateDtype, TargetModules};
 use crate::error::{Error, Result};
 use std::fmt::Display;
 
@@ -147,6 +147,16 @@ impl Config {
                  train.lora.r = 0."
                     .into(),
             ));
+        }
+        if t.master_dtype == StateDtype::Bf16 && self.model.dtype != Dtype::Bf16 {
+            return Err(Error::Config(format!(
+                "`train.master_dtype` = \"bf16\" needs `model.dtype` = \"bf16\" (it is \"{}\"): \
+                 the policy's weights are rounded to bf16, so the reference must be scored from \
+                 the same bf16 weights, or the policy starts away from it (the first loss is not \
+                 ln 2). Set model.dtype = \"bf16\" and precompute again, or keep \
+                 train.master_dtype = \"f32\".",
+                self.model.dtype.as_str()
+            )));
         }
         if lora.enabled() {
             in_range(
@@ -323,6 +333,18 @@ mod tests {
         }
         // max_steps alone is a run.
         with(&["train.epochs=0", "train.max_steps=3"]).unwrap();
+    }
+
+    #[test]
+    fn bf16_masters_need_a_bf16_reference() {
+        let err = with(&["model.dtype=f32", "train.master_dtype=bf16"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`train.master_dtype`") && err.contains("\"f32\"") && err.contains("ln 2"),
+            "{err}"
+        );
+        with(&["model.dtype=bf16", "train.master_dtype=bf16"]).unwrap();
     }
 
     #[test]

@@ -507,23 +507,34 @@ fn bf16_optimizer_state_tracks_the_f32_trainer() {
     let cfg = demo_config(tmp.path(), "max_steps = 200");
     let cfg_s = cfg.to_str().unwrap();
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    // bf16 masters need a reference scored from the same bf16 weights: its own cache
+    let bf16_cache = format!(
+        "precompute.out=\"{}\"",
+        tmp.path().join("cache-bf16").display()
+    );
+    let bf16_model = "model.dtype=\"bf16\"";
+    let sets = ["--set", bf16_model, "--set", &bf16_cache];
+    ok(
+        &[&["precompute", "--config", cfg_s, "--quiet"][..], &sets].concat(),
+        tmp.path(),
+    );
     let run = |state: &str, master: &str| -> (Vec<serde_json::Value>, String) {
         let out = tmp.path().join(format!("run-{state}-{master}"));
         let out_set = format!("train.out=\"{}\"", out.display());
         let state_set = format!("train.state_dtype=\"{state}\"");
         let master_set = format!("train.master_dtype=\"{master}\"");
-        let summary = train_with(
-            cfg_s,
-            tmp.path(),
-            &[
-                &out_set,
-                &state_set,
-                &master_set,
-                "train.batch_size=8",
-                "train.learning_rate=2e-4",
-                "train.save_final=false",
-            ],
-        );
+        let mut sets = vec![
+            &out_set[..],
+            &state_set,
+            &master_set,
+            "train.batch_size=8",
+            "train.learning_rate=2e-4",
+            "train.save_final=false",
+        ];
+        if master == "bf16" {
+            sets.extend([bf16_model, &bf16_cache]);
+        }
+        let summary = train_with(cfg_s, tmp.path(), &sets);
         assert!(
             !out.join("final").exists(),
             "train.save_final = false wrote final/"
@@ -559,6 +570,9 @@ fn bf16_optimizer_state_tracks_the_f32_trainer() {
     for (what, lines) in [("bf16 state", &bf16s), ("bf16 masters", &masters)] {
         let b = train_losses(lines);
         assert_eq!(a.len(), b.len());
+        // the policy starts as the reference: the bf16 masters as the bf16 one
+        let ln2 = std::f64::consts::LN_2;
+        assert!((b[0] - ln2).abs() < 1e-3, "{what}: first loss {}", b[0]);
         // Window means of 20 steps: the runs see the same batches, so their curves must coincide.
         let mut report = Vec::new();
         let mut worst = 0f64;
@@ -594,9 +608,18 @@ fn bf16_masters_checkpoint_as_bf16_and_resume_exactly() {
                  master_dtype = \"bf16\"";
     let cfg = demo_config(tmp.path(), extra);
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    // bf16 masters need a reference scored from the same bf16 weights
+    let bf16 = "model.dtype=\"bf16\"";
+    ok(
+        &["precompute", "--config", cfg_s, "--quiet", "--set", bf16],
+        tmp.path(),
+    );
     let steps = |n: &str| format!("train.max_steps={n}");
-    train_with(cfg_s, tmp.path(), &[&steps("6"), "train.warmup_ratio=0"]);
+    train_with(
+        cfg_s,
+        tmp.path(),
+        &[&steps("6"), "train.warmup_ratio=0", bf16],
+    );
     let run = tmp.path().join("run");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("final/config.json")).unwrap())
@@ -607,11 +630,15 @@ fn bf16_masters_checkpoint_as_bf16_and_resume_exactly() {
     assert!(saved.values().all(|t| t.dtype() == DType::BF16));
     let full = final_weights(&run);
     std::fs::remove_dir_all(&run).unwrap();
-    train_with(cfg_s, tmp.path(), &[&steps("3"), "train.warmup_ratio=0"]);
     train_with(
         cfg_s,
         tmp.path(),
-        &["--resume", &steps("6"), "train.warmup_ratio=0"],
+        &[&steps("3"), "train.warmup_ratio=0", bf16],
+    );
+    train_with(
+        cfg_s,
+        tmp.path(),
+        &["--resume", &steps("6"), "train.warmup_ratio=0", bf16],
     );
     assert!(
         final_weights(&run) == full,
