@@ -119,19 +119,23 @@ def params(model_dir):
     return cfg, block * l, v * h
 
 
-def pipeline(model_dir, name, limit, **train):
+def pipeline(model_dir, name, limit, model_dtype=None, **train):
+    """A config for `name`'s cache (one per model dtype) and run; `model_dtype`: the reference's
+    dtype when not the device's default (bf16 on CUDA, f32 on the CPU)."""
+    cache = "cache-" + name + (f"-{model_dtype}" if model_dtype else "")
+    model_dtype = model_dtype or ("bf16" if cuda else "f32")
     text = f"""
 [dataset]
 id = "{REAL / 'ultrafeedback_binarized_sample'}"
 limit = {limit}
 [model]
 id = "{model_dir}"
-dtype = "{'bf16' if cuda else 'f32'}"
+dtype = "{model_dtype}"
 [tokenize]
 max_length = {a.max_length}
 [precompute]
 batch_size = 16
-out = "{WORK / ('cache-' + name)}"
+out = "{WORK / cache}"
 [train]
 out = "{WORK / ('run-' + name)}"
 """ + "\n".join(f"{k} = {json.dumps(v)}" for k, v in train.items() if k != "lora") + (
@@ -245,7 +249,12 @@ def stage_train():
                             ("refdpo_cached_lora", {"lora": (LORA_R, LORA_ALPHA)})]:
             if name not in a.setups:
                 continue
-            toml = pipeline(model, preset, pairs, **common, **extra)
+            if extra.get("master_dtype") == "bf16" and not cuda:
+                # bf16 masters need a bf16 reference: the CPU dry run's cache is f32
+                toml = pipeline(model, preset, pairs, model_dtype="bf16", **common, **extra)
+                MemorySampler().run(refdpo("precompute", "--config", toml, "--overwrite"))
+            else:
+                toml = pipeline(model, preset, pairs, **common, **extra)
             sampler = MemorySampler()
             # --overwrite: a run left by an earlier call in this work folder is replaced, not refused
             sampler.run(refdpo("train", "--config", toml, "--overwrite",
