@@ -14,6 +14,7 @@ script, no figures). Results: OUT/gpu-<stage>.json, and a Markdown table on stdo
 import argparse
 import json
 import os
+import math
 import pathlib
 import shlex
 import shutil
@@ -35,6 +36,8 @@ p.add_argument("--steps", type=int, default=10, help="train: optimizer steps per
 p.add_argument("--batch", type=int, default=8, help="train: pairs per step")
 p.add_argument("--max-length", type=int, default=1024)
 p.add_argument("--work", default="/tmp/refdpo-gpu-bench")
+# HuggingFaceH4/ultrafeedback_binarized's train_prefs split: the rows issue 24 extrapolates stage one to
+TRAIN_PREFS_ROWS = 61_135
 SETUPS = ["refdpo_cached_bf16_state", "refdpo_cached_bf16_masters", "refdpo_cached_f32_state", "refdpo_live_bf16_state",
           "trl_live", "trl_precompute", "refdpo_cached_lora", "trl_live_lora"]
 # LoRA setups: r 16, alpha 32, all linear projections, a bf16 base (refdpo: frozen in bf16 with
@@ -202,7 +205,11 @@ def stage_precompute():
         flops = sum(2 * (block_params + head_params) * n + 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * n * n
                     for n in lens)
         ours_s = rep["score_seconds"]
+        # issue 24's extrapolation: the whole train_prefs split at this sample's tokens per row read
+        split_tokens = TRAIN_PREFS_ROWS * rep["tokens"] / rep["rows_read"]
         res["models"][preset] = {
+            "train_prefs_minutes_scoring": split_tokens / (rep["tokens"] / ours_s) / 60,
+            "train_prefs_minutes_process": split_tokens / (rep["tokens"] / wall) / 60,
             "tokens": rep["tokens"], "refdpo_score_seconds": ours_s, "refdpo_process_seconds": wall,
             "refdpo_tokens_per_second": rep["tokens"] / ours_s, "peer_tokens_per_second": peer["tokens_per_second"],
             "ratio": (rep["tokens"] / ours_s) / peer["tokens_per_second"], "max_rel_diff": peer["max_rel_diff"],
@@ -221,6 +228,10 @@ def stage_precompute():
               f"**{r['ratio']:.2f}×** | {r['refdpo_flops_per_second'] / 1e12:.0f} | {pct} |")
     if ceiling:
         print(f"bf16 matmul ceiling (torch, 8192³): {ceiling / 1e12:.0f} TFLOP/s")
+    for m, r in res["models"].items():
+        print(f"{m}: UltraFeedback's whole train_prefs ({TRAIN_PREFS_ROWS:,} pairs) at these rows' tokens per pair: "
+              f"{r['train_prefs_minutes_scoring']:.1f} min scoring, {r['train_prefs_minutes_process']:.1f} min as this "
+              f"whole process ran (goal: 4 min)")
 
 
 def median_step(run_dir):
@@ -279,15 +290,16 @@ def stage_train():
             profiled(f"train-{preset}", WORK / "run-profile", "train", "--config", toml, "--set", f'train.out="{WORK / "run-profile"}"')
         res["models"][preset] = r
     (OUT / "gpu-train.json").write_text(json.dumps(res, indent=1) + "\n")
-    print("| model | setup | peak GiB (device) | vs TRL live | median step s | vs TRL live |")
-    print("|---|---|---|---|---|---|")
+    print("| model | setup | peak GiB (device) | vs TRL live | median step s | vs TRL live | first loss − ln 2 |")
+    print("|---|---|---|---|---|---|---|")
     for m, r in res["models"].items():
         ref = r.get("trl_live")
         for name in (s for s in SETUPS if s in r):
             x = r[name]
             mem = f"{x['peak_gib'] / max(ref['peak_gib'], 1e-9):.2f}×" if ref else "-"
             step = f"{x['median_step_s'] / ref['median_step_s']:.2f}×" if ref else "-"
-            print(f"| {m} | {name} | {x['peak_gib']:.2f} | {mem} | {x['median_step_s']:.3f} | {step} |")
+            first = f"{x['losses'][0] - math.log(2):+.1e}" if x["losses"] else "-"
+            print(f"| {m} | {name} | {x['peak_gib']:.2f} | {mem} | {x['median_step_s']:.3f} | {step} | {first} |")
 
 
 if a.stage == "matmul":
