@@ -10,7 +10,8 @@ use crate::error::Result;
 use crate::hub;
 use crate::model::{shapes, weights, Transformer, TransformerConfig};
 use crate::tokenize::PairTokenizer;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// A resolved model: its directory (hub snapshot or local), config and weight files.
@@ -46,10 +47,35 @@ impl ModelSource {
         })
     }
 
-    /// The frozen model in `dtype` on `device`, built from plain (untracked) tensors.
+    /// The frozen model with its weights as `dtype` (`model.dtype`) holds them, on `device`,
+    /// computing in [`compute_dtype`], built from plain (untracked) tensors.
     pub fn load(&self, dtype: DType, device: &Device) -> Result<Transformer> {
+        Transformer::new(&self.cfg, &self.tensors(dtype, device)?)
+    }
+
+    /// The weights rounded to `dtype`, stored in [`compute_dtype`] on `device`.
+    pub fn tensors(&self, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
         let tensors = weights::load(&self.weight_files, dtype, device)?;
-        Transformer::new(&self.cfg, &tensors)
+        let compute = compute_dtype(dtype, device);
+        if compute == dtype {
+            return Ok(tensors);
+        }
+        tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(compute)?)))
+            .collect()
+    }
+}
+
+/// The dtype a forward over weights in `dtype` computes in on `device`: that dtype on an
+/// accelerator; f32 on the CPU, whose kernels and matmuls are f32 (bf16 scoring took twice as
+/// long there). Both stages compute alike, over the same rounded weights, so a CPU's reference
+/// is the policy at step 0 and the first loss is ln 2.
+pub fn compute_dtype(dtype: DType, device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        dtype
     }
 }
 

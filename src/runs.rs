@@ -15,8 +15,9 @@ impl RunDir {
         Config::load(&self.config(), &[])
     }
 
-    /// The run's `final/` as a whole model in `dtype` on `device` (a LoRA adapter merged into
-    /// the base `inputs` resolved), after checking that the run trained `cfg`'s model.
+    /// The run's `final/` as a whole model with its weights rounded to `dtype`, computing as
+    /// the reference does on `device` (a LoRA adapter merged into the base `inputs` resolved),
+    /// after checking that the run trained `cfg`'s model.
     pub fn load_policy(
         &self,
         cfg: &Config,
@@ -39,9 +40,11 @@ impl RunDir {
         }
         let (model_cfg, tensors) =
             checkpoint::load_model(&self.final_dir(), &inputs.model, device)?;
+        // rounded to `dtype`, computing as the reference does ([`crate::inputs::compute_dtype`])
+        let compute = crate::inputs::compute_dtype(dtype, device);
         let tensors = tensors
             .into_iter()
-            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.to_dtype(compute)?)))
             .collect::<Result<std::collections::HashMap<_, _>>>()?;
         Transformer::new(&model_cfg, &tensors)
     }

@@ -19,7 +19,7 @@ use crate::model::Transformer;
 use crate::outputs::{DirLock, Existing};
 use crate::progress::Progress;
 use crate::tokenize::{window, TokenizedPair};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use report::{describe, update_report, Report, SplitReport};
 use state::{cache_state, claim_split, partial_dir, CacheState};
 use std::collections::BTreeMap;
@@ -442,9 +442,14 @@ impl Scorer<'_> {
 
     /// A pair whose reference log-prob is NaN or infinite: never cached, an error naming it.
     fn non_finite(&self, p: &TokenizedPair, (c, r): (f64, f64)) -> Error {
-        let hint = match self.cfg.model.dtype {
-            crate::config::Dtype::F16 => {
+        let dtype = self.cfg.model.dtype.candle();
+        let hint = match crate::inputs::compute_dtype(dtype, self.device) {
+            DType::F16 => {
                 " f16 ends at 65504, the likely cause: set `model.dtype = \"bf16\"` (or \"f32\")"
+            }
+            DType::F32 => {
+                " The weights are finite, so the forward overflowed even in f32: some weights are \
+                 far too large (check the model's largest magnitudes)"
             }
             _ => " The weights are finite, so the forward overflowed: try `model.dtype = \"f32\"`",
         };

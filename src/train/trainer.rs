@@ -14,7 +14,7 @@ use crate::config::{Config, RefMode, ReportTo};
 use crate::dirs::RunDir;
 use crate::dpo::{LossMix, LossParams, Metric, MetricsAccumulator};
 use crate::error::{fs, Error, Result};
-use crate::inputs::Inputs;
+use crate::inputs::{self, Inputs};
 use crate::model::{lora, weights, Transformer};
 use crate::progress::Progress;
 use crate::signals::StopRequest;
@@ -60,26 +60,28 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
-        // The CPU computes in f32; an accelerator in the configured dtype over the masters
-        // (f32, or bf16: then their own compute copies).
-        let dtype = if device.is_cpu() {
-            DType::F32
-        } else {
-            cfg.model.dtype.candle()
-        };
+        // An accelerator computes in `model.dtype` over the masters (f32, or bf16: then their
+        // own compute copies); the CPU in f32 over the weights rounded to `model.dtype`, as
+        // stage one scored them there, so the policy starts as the reference.
+        let model_dtype = cfg.model.dtype.candle();
+        let dtype = inputs::compute_dtype(model_dtype, device);
         let policy = if t.lora.enabled() {
             // the base once, in the compute dtype; fresh adapters as PEFT makes them
-            let base = weights::load(&inputs.model.weight_files, dtype, device)?;
+            let base = inputs.model.tensors(model_dtype, device)?;
             let modules = lora::target_modules(&inputs.model.cfg, &t.lora.target_modules);
             let adapters = lora::init_adapters(&modules, t.lora.r, t.seed)?;
             Policy::with_lora(&inputs.model.cfg, base, &t.lora, adapters, dtype, device)?
         } else {
-            let master = weights::load(&inputs.model.weight_files, DType::F32, device)?;
+            let master = if device.is_cpu() {
+                inputs.model.tensors(model_dtype, device)?
+            } else {
+                weights::load(&inputs.model.weight_files, DType::F32, device)?
+            };
             let masters = t.master_dtype.candle();
             Policy::new(&inputs.model.cfg, master, dtype, masters, device)?
         };
         let reference = match t.reference {
-            RefMode::Live => Some(inputs.model.load(dtype, device)?),
+            RefMode::Live => Some(inputs.model.load(model_dtype, device)?),
             RefMode::Cached => None,
         };
         let optim = AdamW::new(
