@@ -164,20 +164,42 @@ fn old_path(dir: &Path) -> PathBuf {
 }
 
 /// The complete checkpoint with the highest step under `out`, if any (a `checkpoint-N.old` left
-/// by a kill during a replacement counts, after a complete `checkpoint-N`).
-pub fn latest(out: &Path) -> Option<(PathBuf, TrainerState)> {
-    let entries = std::fs::read_dir(out).ok()?;
-    entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter_map(|p| {
-            let name = p.file_name()?.to_str()?.to_string();
-            let current = name.strip_suffix(".old").unwrap_or(&name);
-            RunDir::checkpoint_step(current)?;
-            let state: TrainerState =
-                serde_json::from_str(&std::fs::read_to_string(RunDir::trainer_state(&p)).ok()?)
-                    .ok()?;
-            Some((p, state, !name.ends_with(".old")))
-        })
+/// by a kill during a replacement counts, after a complete `checkpoint-N`). A `checkpoint-N`
+/// appears only by the rename of a complete one, so one whose `trainer_state.json` cannot be
+/// read is damaged: an error naming it, not a fresh start over the run. A `.old` one may have
+/// been half removed by a kill: it is passed over.
+pub fn latest(out: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(None);
+    };
+    let mut found = Vec::new();
+    for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+            continue;
+        };
+        let current = name.strip_suffix(".old").unwrap_or(&name);
+        if RunDir::checkpoint_step(current).is_none() {
+            continue;
+        }
+        let path = RunDir::trainer_state(&p);
+        let state = std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str::<TrainerState>(&t).map_err(|e| e.to_string()));
+        match state {
+            Ok(state) => found.push((p, state, !name.ends_with(".old"))),
+            Err(_) if name.ends_with(".old") => {}
+            Err(why) => {
+                return Err(Error::Train(format!(
+                    "`{}` cannot be read ({why}): checkpoint `{}` is damaged. Delete it to resume \
+                     from an earlier checkpoint, or train without --resume (with --overwrite).",
+                    path.display(),
+                    p.display()
+                )))
+            }
+        }
+    }
+    Ok(found
+        .into_iter()
         .max_by_key(|(_, s, current)| (s.global_step, *current))
-        .map(|(p, s, _)| (p, s))
+        .map(|(p, s, _)| (p, s)))
 }

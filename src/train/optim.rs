@@ -271,10 +271,36 @@ impl AdamW {
             })
         };
         for (i, name) in policy.names.iter().enumerate() {
-            self.m[i] = get(&format!("m.{name}"))?.to_dtype(self.dtype)?;
-            self.v[i] = get(&format!("v.{name}"))?.to_dtype(self.dtype)?;
+            for (moment, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let key = format!("{moment}.{name}");
+                let t = get(&key)?;
+                if t.dims() != policy.vars[i].dims() {
+                    return Err(Error::Train(format!(
+                        "optimizer state `{}` holds `{key}` of shape {:?} for weights of shape \
+                         {:?}: the checkpoint is damaged or from another model",
+                        path.display(),
+                        t.dims(),
+                        policy.vars[i].dims()
+                    )));
+                }
+                *slot = t.to_dtype(self.dtype)?;
+            }
         }
-        self.step = get("step")?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
+        let step = get("step")?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        self.step = match step[..] {
+            // an integer below 2^53, as written
+            [s] if s >= 0.0 && s.fract() == 0.0 && s < 9.007e15 => s as u64,
+            _ => {
+                return Err(Error::Train(format!(
+                    "optimizer state `{}`: `step` is {step:?}, not one count of steps: the \
+                     checkpoint is damaged",
+                    path.display()
+                )))
+            }
+        };
         Ok(())
     }
 }

@@ -145,7 +145,7 @@ impl<'a> Trainer<'a> {
     /// order); the metrics log keeps its lines up to that step.
     pub fn resume(&mut self) -> Result<()> {
         let out = &self.cfg.train.out;
-        let Some((dir, saved)) = checkpoint::latest(out) else {
+        let Some((dir, saved)) = checkpoint::latest(out)? else {
             if !self.quiet {
                 eprintln!(
                     "--resume: no checkpoint in {}, starting fresh",
@@ -159,6 +159,15 @@ impl<'a> Trainer<'a> {
             let saved = w
                 .get(name)
                 .ok_or_else(|| Error::Train(format!("`{}` lacks `{name}`", dir.display())))?;
+            if saved.dims() != var.dims() {
+                return Err(Error::Train(format!(
+                    "`{}` holds `{name}` of shape {:?}; this run's model has {:?}: the checkpoint \
+                     is damaged or from another model",
+                    dir.display(),
+                    saved.dims(),
+                    var.dims()
+                )));
+            }
             var.set(&saved.to_dtype(var.dtype())?)?;
         }
         self.optim.load(&self.policy, &RunDir::optimizer(&dir))?;

@@ -152,6 +152,101 @@ fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
     );
 }
 
+/// A damaged checkpoint under --resume: a weight or moment of another shape, a step count that
+/// is not one, an unreadable `trainer_state.json`. Each is an error naming the file and the
+/// tensor or key, never a panic or a backtrace, and never a silent fresh start over the run.
+#[test]
+fn a_damaged_checkpoint_is_refused_by_name_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "save_every = 2\nsave_final = false");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
+    let run = tmp.path().join("run");
+    let good = tmp.path().join("run.good");
+    std::fs::rename(&run, &good).unwrap();
+    let edit = |file: &str, key: &str, value: candle_core::Tensor| {
+        let path = run.join("checkpoint-2").join(file);
+        let mut t = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+        assert!(t.contains_key(key), "{key}");
+        t.insert(key.to_string(), value);
+        candle_core::safetensors::save(&t, &path).unwrap();
+    };
+    let cpu = candle_core::Device::Cpu;
+    let weight = "model.layers.0.mlp.down_proj.weight";
+    // what, the damage, what the error must name
+    type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a [&'a str]);
+    let cases: [Case<'_>; 4] = [
+        (
+            "a weight of another shape",
+            Box::new(|| {
+                let t = candle_core::Tensor::zeros((3, 3), candle_core::DType::F32, &cpu).unwrap();
+                edit("model.safetensors", weight, t)
+            }),
+            &["checkpoint-2", weight, "[3, 3]"],
+        ),
+        (
+            "a moment of another shape",
+            Box::new(|| {
+                let t = candle_core::Tensor::zeros(2, candle_core::DType::F32, &cpu).unwrap();
+                edit("optimizer.safetensors", &format!("v.{weight}"), t)
+            }),
+            &["optimizer.safetensors", &format!("v.{weight}"), "[2]"],
+        ),
+        (
+            "a negative step count",
+            Box::new(|| {
+                let t = candle_core::Tensor::new(&[-5f64], &cpu).unwrap();
+                edit("optimizer.safetensors", "step", t)
+            }),
+            &["optimizer.safetensors", "`step`", "-5"],
+        ),
+        (
+            "an unreadable trainer state",
+            Box::new(|| {
+                std::fs::write(run.join("checkpoint-2/trainer_state.json"), "{ not json").unwrap()
+            }),
+            &["trainer_state.json", "damaged", "--overwrite"],
+        ),
+    ];
+    for (what, damage, names) in cases {
+        if run.exists() {
+            std::fs::remove_dir_all(&run).unwrap();
+        }
+        let copy = Command::new("cp")
+            .arg("-r")
+            .arg(&good)
+            .arg(&run)
+            .status()
+            .unwrap();
+        assert!(copy.success());
+        damage();
+        let err = fails(
+            &[
+                "train",
+                "--config",
+                cfg_s,
+                "--quiet",
+                "--resume",
+                "--set",
+                "train.max_steps=4",
+            ],
+            tmp.path(),
+        );
+        assert!(
+            err.starts_with("error: ") && !err.contains("panicked") && !err.contains("0: "),
+            "{what}: {err}"
+        );
+        for name in names {
+            assert!(err.contains(name), "{what}: `{name}` is not named in {err}");
+        }
+        assert!(
+            !run.join("checkpoint-4").exists(),
+            "{what}: the run went on"
+        );
+    }
+}
+
 /// Waits until `path` holds at least `lines` lines, while `child` runs.
 fn wait_for_lines(child: &mut std::process::Child, path: &Path, lines: usize) {
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -211,7 +306,9 @@ fn one_writer_at_a_time_and_ctrl_c_checkpoints_and_resumes_exactly() {
         stderr.contains("interrupted: stopped after step"),
         "{stderr}"
     );
-    let (ckpt, state) = refdpo::train::checkpoint::latest(&run).expect("a checkpoint");
+    let (ckpt, state) = refdpo::train::checkpoint::latest(&run)
+        .unwrap()
+        .expect("a checkpoint");
     let k = state.global_step;
     assert!(stderr.contains(&ckpt.display().to_string()), "{stderr}");
     assert!((3..5000).contains(&k), "stopped at step {k}");
