@@ -108,16 +108,7 @@ impl AdamW {
     pub fn step(&mut self, policy: &Policy, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
         let p = self.params;
         let step = self.step + 1;
-        let t = step as i32;
-        let (bc1, bc2) = (1.0 - p.beta1.powi(t), 1.0 - p.beta2.powi(t));
-        let hyper = adamw_step::Hyper {
-            beta1: p.beta1,
-            beta2: p.beta2,
-            eps: p.eps,
-            decay: 1.0 - lr * p.weight_decay,
-            lr_bc1: lr / bc1,
-            inv_sqrt_bc2: 1.0 / bc2.sqrt(),
-        };
+        let hyper = hyper(p, lr, step as i32);
         // the step over all tensors at once: CUDA's kernels, or the CPU's loops over its
         // threads (unless `REFDPO_FUSED=0`, as for the CPU's scoring kernels)
         let fused = policy
@@ -305,6 +296,18 @@ impl AdamW {
     }
 }
 
+/// The fused step's scalars for step `t` (1-based) at learning rate `lr`.
+fn hyper(p: AdamWParams, lr: f64, t: i32) -> adamw_step::Hyper {
+    adamw_step::Hyper {
+        beta1: p.beta1,
+        beta2: p.beta2,
+        eps: p.eps,
+        decay: 1.0 - lr * p.weight_decay,
+        lr_bc1: lr / (1.0 - p.beta1.powi(t)),
+        inv_sqrt_bc2: 1.0 / (1.0 - p.beta2.powi(t)).sqrt(),
+    }
+}
+
 /// transformers' schedules: linear warmup over ceil(ratio·total) steps, then constant, linear
 /// decay or cosine decay to 0. `step` is the 0-based optimizer step.
 pub fn learning_rate(
@@ -329,6 +332,16 @@ pub fn learning_rate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// torch's AdamW defaults with `weight_decay`.
+    fn params(weight_decay: f64) -> AdamWParams {
+        AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
 
     #[test]
     fn stochastic_bf16_rounding_is_unbiased() {
@@ -407,12 +420,7 @@ mod tests {
     #[test]
     fn bf16_master_weights_move_by_the_update_on_average() {
         let dev = candle_core::Device::Cpu;
-        let params = AdamWParams {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        };
+        let params = params(0.0);
         let (n, lr) = (1 << 16, 1e-3);
         let w0 = (Tensor::rand(1.25f32, 2f32, n, &dev).unwrap())
             .to_dtype(DType::BF16)
@@ -432,14 +440,6 @@ mod tests {
                 opt.step += 1;
                 let t = opt.step as i32;
                 if fused {
-                    let hyper = adamw_step::Hyper {
-                        beta1: 0.9,
-                        beta2: 0.999,
-                        eps: 1e-8,
-                        decay: 1.0,
-                        lr_bc1: lr / (1.0 - 0.9f64.powi(t)),
-                        inv_sqrt_bc2: 1.0 / (1.0 - 0.999f64.powi(t)).sqrt(),
-                    };
                     let slot = adamw_step::Slot {
                         w: &w,
                         m: &opt.m[0],
@@ -448,7 +448,7 @@ mod tests {
                         decays: false,
                         seeds: [1, 2, step],
                     };
-                    adamw_step::step(&[slot], hyper, 0.0).unwrap();
+                    adamw_step::step(&[slot], hyper(params, lr, t), 0.0).unwrap();
                 } else {
                     opt.update_composed(0, &w, &g, lr, 1.0, 1.0).unwrap();
                 }
@@ -493,12 +493,7 @@ mod tests {
     #[test]
     fn fused_step_equals_the_composed_one() {
         let dev = candle_core::Device::Cpu;
-        let params = AdamWParams {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        };
+        let params = params(0.01);
         let lr = 1e-3;
         let shapes = [(37, 29), (1, 5)];
         for dtype in [DType::F32, DType::BF16] {
@@ -528,15 +523,7 @@ mod tests {
                 let max_norm = if step == 3 { 1.0 } else { 1e3 };
                 fused.step += 1;
                 composed.step += 1;
-                let t = fused.step as i32;
-                let hyper = adamw_step::Hyper {
-                    beta1: params.beta1,
-                    beta2: params.beta2,
-                    eps: params.eps,
-                    decay: 1.0 - lr * params.weight_decay,
-                    lr_bc1: lr / (1.0 - params.beta1.powi(t)),
-                    inv_sqrt_bc2: 1.0 / (1.0 - params.beta2.powi(t)).sqrt(),
-                };
+                let hyper = hyper(params, lr, fused.step as i32);
                 let slots: Vec<_> = (0..2)
                     .map(|i| adamw_step::Slot {
                         w: &wf[i],

@@ -17,6 +17,7 @@ mod kernels;
 mod lora;
 mod mishaps;
 mod own_data;
+mod precision;
 mod python_package;
 mod shards;
 mod stats;

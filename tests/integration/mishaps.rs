@@ -7,6 +7,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+/// `train`'s arguments after the config that resume a run of 2 steps to 4.
+const RESUME_TO_STEP_4: [&str; 4] = ["--quiet", "--resume", "--set", "train.max_steps=4"];
+
 fn bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -222,15 +225,7 @@ fn a_damaged_checkpoint_is_refused_by_name_on_resume() {
         assert!(copy.success());
         damage();
         let err = fails(
-            &[
-                "train",
-                "--config",
-                cfg_s,
-                "--quiet",
-                "--resume",
-                "--set",
-                "train.max_steps=4",
-            ],
+            &[&["train", "--config", cfg_s][..], &RESUME_TO_STEP_4].concat(),
             tmp.path(),
         );
         assert!(
@@ -383,15 +378,7 @@ fn a_full_disk_names_the_file_keeps_earlier_outputs_and_the_rerun_matches() {
     let ckpt2 = bytes(&run.join("checkpoint-2/optimizer.safetensors"));
     let r = refdpo_with_file_limit(
         500,
-        &[
-            "train",
-            "--config",
-            cfg_s,
-            "--quiet",
-            "--resume",
-            "--set",
-            "train.max_steps=4",
-        ],
+        &[&["train", "--config", cfg_s][..], &RESUME_TO_STEP_4].concat(),
         tmp.path(),
     );
     let err = String::from_utf8_lossy(&r.stderr);
