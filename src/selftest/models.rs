@@ -105,58 +105,78 @@ pub(super) fn model(
     )?);
 
     // `reference`: the composed ops, whatever the device's default
-    let grads =
-        |dev: &Device, dt: DType, reference: bool| -> Result<Vec<(String, Option<Tensor>)>> {
-            let mut policy = Policy::new(&cfg, weights.clone(), dt, DType::F32, dev)?;
-            if reference {
-                policy.use_composed_ops();
-            }
-            let mut g = policy.zero_grads(DType::F32);
-            policy.forward_backward(&batch(dev, false)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
-            Ok(policy
-                .names
-                .iter()
-                .cloned()
-                .zip(g.iter().map(|t| t.cloned()))
-                .collect())
-        };
-    let want = grads(&Device::Cpu, DType::F32, true)?;
-    let got = grads(device, dtype, false)?;
-    // The whole gradient's relative L2 error: what an optimizer step sees. (One small tensor's
-    // elementwise error in bf16 says little; a wrong kernel moves this far past the tolerance.)
+    let grads = |dev: &Device,
+                 dt: DType,
+                 masters: DType,
+                 reference: bool|
+     -> Result<Vec<(String, Option<Tensor>)>> {
+        let mut policy = Policy::new(&cfg, weights.clone(), dt, masters, dev)?;
+        if reference {
+            policy.use_composed_ops();
+        }
+        let mut g = policy.zero_grads(DType::F32);
+        policy.forward_backward(&batch(dev, false)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
+        Ok(policy
+            .names
+            .iter()
+            .cloned()
+            .zip(g.iter().map(|t| t.cloned()))
+            .collect())
+    };
+    let want = grads(&Device::Cpu, DType::F32, DType::F32, true)?;
+    // Gemma 3's per-head (1 + w) q/k norms amplify bf16 rounding in the backward: its CPU bf16
+    // gradient error is 6.4e-2 (the other families' 1e-2 to 3e-2), so its bound is twice that; a
+    // broken kernel still lands far above it.
+    let tolerance = if p == Precision::Bf16 && arch == "gemma3_text" {
+        1.3e-1
+    } else {
+        p.grad_tolerance()
+    };
+    let got = grads(device, dtype, DType::F32, false)?;
+    let name = format!(
+        "{arch} gradients of {} parameters {d} (relative L2)",
+        want.len()
+    );
+    checks.push(gradient_check(name, &want, &got, tolerance)?);
+    if p == Precision::Bf16 && arch == "llama" {
+        // bf16 master weights (`train.master_dtype`): the variables are the compute copies
+        let got = grads(device, dtype, DType::BF16, false)?;
+        let name = format!("{arch} gradients through bf16 masters {d} (relative L2)");
+        checks.push(gradient_check(name, &want, &got, tolerance)?);
+    }
+    Ok(())
+}
+
+/// The whole gradient's relative L2 error against `want`: what an optimizer step sees. (One
+/// small tensor's elementwise error in bf16 says little; a wrong kernel moves this far past the
+/// tolerance.)
+fn gradient_check(
+    name: String,
+    want: &[(String, Option<Tensor>)],
+    got: &[(String, Option<Tensor>)],
+    tolerance: f64,
+) -> Result<Check> {
     let (mut diff2, mut norm2) = (0f64, 0f64);
-    for ((name, w), (_, g)) in want.iter().zip(&got) {
+    for ((param, w), (_, g)) in want.iter().zip(got) {
         let (Some(w), Some(g)) = (w, g) else {
             return Err(Error::Model(format!(
-                "selftest: {arch} {d}: `{name}` got no gradient"
+                "selftest: {name}: `{param}` got no gradient"
             )));
         };
-        let g = g.to_device(&Device::Cpu)?;
+        let g = g.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         diff2 += f64::from((&g - w)?.sqr()?.sum_all()?.to_scalar::<f32>()?);
         norm2 += f64::from(w.sqr()?.sum_all()?.to_scalar::<f32>()?);
     }
     let error = (diff2 / norm2.max(1e-30)).sqrt();
-    let worst = Check {
-        name: format!(
-            "{arch} gradients of {} parameters {d} (relative L2)",
-            want.len()
-        ),
+    Ok(Check {
+        name,
         error: if error.is_finite() {
             error
         } else {
             f64::INFINITY
         },
-        // Gemma 3's per-head (1 + w) q/k norms amplify bf16 rounding in the backward: its
-        // CPU bf16 gradient error is 6.4e-2 (the other families' 1e-2 to 3e-2), so its bound
-        // is twice that; a broken kernel still lands far above it.
-        tolerance: if p == Precision::Bf16 && arch == "gemma3_text" {
-            1.3e-1
-        } else {
-            p.grad_tolerance()
-        },
-    };
-    checks.push(worst);
-    Ok(())
+        tolerance,
+    })
 }
 
 /// Cached decoding as `generate` runs it on `device`: a packed prefill of three prompts of

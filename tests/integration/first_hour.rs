@@ -293,6 +293,7 @@ fn assert_every_check_passed(out: &str) {
         ));
     }
     wanted.push("fused optimizer step, bf16 weights (means)".into());
+    wanted.push("llama gradients through bf16 masters bf16 (relative L2)".into());
     for name in &wanted {
         assert!(has(name), "no passed check `{name}` in:\n{out}");
     }
