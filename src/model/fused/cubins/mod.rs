@@ -254,16 +254,26 @@ mod tests {
             ),
             1
         );
-        let adamw = m
-            .find(&Want {
-                kernel: "adamw_multi",
-                arch: 90,
-                types: &[],
-                constexprs: &[("BF16", json!(true))],
-            })
-            .unwrap();
-        assert_eq!(adamw.name, "adamw_multi_sm90_bf16");
-        assert_eq!(adamw.param_type(0), Some("*i64"));
-        assert_eq!(adamw.tile("CHUNK"), Some(super::super::adamw_step::CHUNK));
+        // the optimizer's four variants: state dtype × master weights' dtype
+        for (state, weights, name) in [
+            (false, false, "adamw_multi_sm90_fp32"),
+            (false, true, "adamw_multi_sm90_fp32_wbf16"),
+            (true, false, "adamw_multi_sm90_bf16"),
+            (true, true, "adamw_multi_sm90_bf16_wbf16"),
+        ] {
+            let consts = [("BF16", json!(state)), ("W_BF16", json!(weights))];
+            assert_eq!(want("adamw_multi", &[], &consts), 1, "{name}");
+            let adamw = m
+                .find(&Want {
+                    kernel: "adamw_multi",
+                    arch: 90,
+                    types: &[],
+                    constexprs: &consts,
+                })
+                .unwrap();
+            assert_eq!(adamw.name, name);
+            assert_eq!(adamw.param_type(0), Some("*i64"));
+            assert_eq!(adamw.tile("CHUNK"), Some(super::super::adamw_step::CHUNK));
+        }
     }
 }
