@@ -8,7 +8,10 @@
 //!
 //! Where the binary counts its heap ([`heap::Counting`]), each phase also gets the high-water
 //! mark of live heap bytes while it was the innermost phase: on the CPU, where every tensor is
-//! on the heap, that says which phase sets the run's peak memory and by how much.
+//! on the heap, that says which phase sets the run's peak memory and by how much. On CUDA each
+//! phase gets the device memory in use at its boundaries (the driver's total − free: the CUDA
+//! context and candle's memory pool, which keeps what it has freed, so its high-water mark so
+//! far), and the table names the phase in which it reached the run's peak.
 
 pub mod heap;
 
@@ -66,6 +69,10 @@ struct State {
     calls: [u64; Phase::ALL.len()],
     /// Heap high-water marks per phase, then outside every phase.
     peaks: [usize; Phase::ALL.len() + 1],
+    /// Device memory in use at the boundaries of each phase (the largest), then outside every
+    /// phase; and the run's largest with the phase (index as above) that reached it first.
+    device_used: [Option<usize>; Phase::ALL.len() + 1],
+    device_peak: Option<(usize, usize)>,
 }
 
 impl State {
@@ -80,7 +87,24 @@ impl State {
             totals: Default::default(),
             calls: Default::default(),
             peaks: Default::default(),
+            device_used: Default::default(),
+            device_peak: None,
         }
+    }
+
+    /// Device memory in use, `used` bytes, at the end of an interval credited to `at`.
+    fn record_device(&mut self, at: usize, used: usize) {
+        let slot = &mut self.device_used[at];
+        *slot = Some(slot.map_or(used, |u| u.max(used)));
+        if self.device_peak.is_none_or(|(peak, _)| used > peak) {
+            self.device_peak = Some((used, at));
+        }
+    }
+
+    fn at_name(at: usize) -> &'static str {
+        Phase::ALL
+            .get(at)
+            .map_or("other (data, host work, loading, writing)", |p| p.name())
     }
 
     fn open(&mut self, phase: Phase) {
@@ -106,37 +130,59 @@ impl State {
                 String::new()
             }
         };
+        let on_device = self.device_peak.is_some();
+        let device = |i: usize| -> String {
+            match (on_device, self.device_used[i]) {
+                (false, _) => String::new(),
+                (true, Some(u)) => format!(" {:>12.1}", u as f64 / (1 << 20) as f64),
+                (true, None) => format!(" {:>12}", "-"),
+            }
+        };
         let mut out = format!(
-            "profile (device synced at each phase boundary; {wall:.2} s in all)\n{:<50} {:>9} {:>6} {:>9}{}\n",
+            "profile (device synced at each phase boundary; {wall:.2} s in all)\n{:<50} {:>9} {:>6} {:>9}{}{}\n",
             "phase",
             "seconds",
             "share",
             "calls",
-            if counted { " peak heap MiB" } else { "" }
+            if counted { " peak heap MiB" } else { "" },
+            if on_device { "   device MiB" } else { "" }
         );
         let mut inside = 0.0;
         for p in Phase::ALL {
             let t = self.totals[p as usize].as_secs_f64();
             inside += t;
             out += &format!(
-                "{:<50} {t:>9.3} {:>5.1}% {:>9}{}\n",
+                "{:<50} {t:>9.3} {:>5.1}% {:>9}{}{}\n",
                 p.name(),
                 100.0 * t / wall,
                 self.calls[p as usize],
-                peak(p as usize)
+                peak(p as usize),
+                device(p as usize)
             );
         }
         let rest = (wall - inside).max(0.0);
+        let other = Phase::ALL.len();
+        // no calls column there; blank it when a memory column follows
+        let calls = if counted || on_device {
+            " ".repeat(10)
+        } else {
+            String::new()
+        };
         out += &format!(
-            "{:<50} {rest:>9.3} {:>5.1}%{}\n",
-            "other (data, host work, loading, writing)",
+            "{:<50} {rest:>9.3} {:>5.1}%{calls}{}{}\n",
+            Self::at_name(other),
             100.0 * rest / wall,
-            if counted {
-                format!(" {:>9}{}", "", peak(Phase::ALL.len()))
-            } else {
-                String::new()
-            }
+            peak(other),
+            device(other)
         );
+        if let Some((used, at)) = self.device_peak {
+            out += &format!(
+                "device memory in use peaked at {:.1} MiB (CUDA context and memory pool included), \
+                 first reached in: {}\n",
+                used as f64 / (1 << 20) as f64,
+                Self::at_name(at)
+            );
+        }
         out
     }
 
@@ -154,7 +200,22 @@ impl State {
             None => Phase::ALL.len(),
         };
         self.peaks[at] = self.peaks[at].max(heap::take_peak());
+        if let Some(used) = device_used(&self.device) {
+            self.record_device(at, used);
+        }
         self.last = now;
+    }
+}
+
+/// Device memory in use on a CUDA device (the driver's total − free); None elsewhere.
+fn device_used(device: &Device) -> Option<usize> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some(total.saturating_sub(free))
+        }
+        _ => None,
     }
 }
 
@@ -248,5 +309,32 @@ mod tests {
         assert!((0.019..0.045).contains(&attn), "{text}");
         assert!(mlp >= 0.029, "{text}");
         assert!(text.contains("MLP") && text.lines().count() == 11, "{text}");
+        assert!(
+            !text.contains("device MiB"),
+            "no device column on the CPU: {text}"
+        );
+    }
+
+    #[test]
+    fn the_phase_that_first_reaches_the_device_peak_is_named() {
+        let mut s = State::new(&Device::Cpu);
+        let (attn, other) = (Phase::Attention as usize, Phase::ALL.len());
+        let backward = Phase::Backward as usize;
+        s.record_device(other, 900 << 20);
+        s.record_device(attn, 2000 << 20);
+        s.record_device(backward, 3000 << 20);
+        // the pool keeps what it reached: later boundaries see the same figure
+        s.record_device(attn, 3000 << 20);
+        s.record_device(other, 3000 << 20);
+        let text = s.table();
+        assert!(
+            text.contains("peaked at 3000.0 MiB")
+                && text.contains("first reached in: autograd backward"),
+            "{text}"
+        );
+        let line = text.lines().find(|l| l.starts_with("MLP")).unwrap();
+        assert!(line.trim_end().ends_with('-'), "a phase never seen: {line}");
+        let line = text.lines().find(|l| l.starts_with("attention")).unwrap();
+        assert!(line.trim_end().ends_with("3000.0"), "{line}");
     }
 }
