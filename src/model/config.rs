@@ -341,6 +341,12 @@ impl TransformerConfig {
     }
 }
 
+/// The largest size a config may give (2^31 − 1): tensors' element counts are 32-bit on the GPU.
+const MAX_SIZE: usize = i32::MAX as usize;
+
+/// The most layers a config may declare.
+const MAX_LAYERS: usize = 1 << 16;
+
 /// The sizes every later shape and division relies on, in range: each bad one named with its
 /// value (a zero head count would divide by zero, a zero layer count build an empty model).
 fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
@@ -358,6 +364,21 @@ fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
         if value == Some(0) {
             return Err(format!("`{key}` = 0: it must be at least 1"));
         }
+        // A size past 32 bits is no model's: the GPU kernels count in 32 bits, and the products
+        // of two such sizes must not wrap. Refused before anything is allocated for it.
+        if let Some(v) = value.filter(|&v| v > MAX_SIZE) {
+            return Err(format!(
+                "`{key}` = {v} is beyond any model's (at most {MAX_SIZE}): config.json is damaged"
+            ));
+        }
+    }
+    // Each layer is listed, checked and built: a damaged count must not allocate for all of them.
+    if raw.num_hidden_layers > MAX_LAYERS {
+        return Err(format!(
+            "`num_hidden_layers` = {} is beyond any model's (at most {MAX_LAYERS}; released models \
+             have a few hundred): config.json is damaged",
+            raw.num_hidden_layers
+        ));
     }
     let head_dim = raw
         .head_dim
@@ -535,6 +556,21 @@ mod tests {
             ("head_dim", "3", "head_dim = 3"),
             ("rms_norm_eps", "-1.0", "`rms_norm_eps` = -1"),
             ("rope_theta", "0.0", "`rope_theta` = 0"),
+            (
+                "num_hidden_layers",
+                "1000000000",
+                "`num_hidden_layers` = 1000000000 is beyond",
+            ),
+            (
+                "vocab_size",
+                "10000000000000",
+                "`vocab_size` = 10000000000000 is beyond",
+            ),
+            (
+                "head_dim",
+                "4294967296",
+                "`head_dim` = 4294967296 is beyond",
+            ),
         ] {
             let mut v: serde_json::Value = serde_json::from_str(
                 r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,

@@ -63,6 +63,19 @@ pub fn init_adapters(
     r: usize,
     seed: u64,
 ) -> Result<HashMap<String, Tensor>> {
+    // B·A has rank at most min(in, out): a larger r only adds memory (and a damaged r, a
+    // failed allocation). Refused before any adapter is made.
+    let most = modules
+        .iter()
+        .map(|(_, i, o)| (*i).min(*o))
+        .max()
+        .unwrap_or(0);
+    if r > most {
+        return Err(Error::Config(format!(
+            "`train.lora.r` = {r} is above the rank any adapted projection can have (at most \
+             {most}, min(in, out) of the largest): set train.lora.r to {most} or less"
+        )));
+    }
     let mut out = HashMap::new();
     for (module, fan_in, fan_out) in modules {
         let (a, b) = peft_names(module);
@@ -383,6 +396,19 @@ pub fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rank_above_every_projections_is_refused_before_allocating() {
+        let modules = [("a".to_string(), 64, 128), ("b".to_string(), 256, 32)];
+        assert_eq!(init_adapters(&modules, 64, 1).unwrap().len(), 4);
+        for r in [65, 1_000_000_000] {
+            let e = init_adapters(&modules, r, 1).unwrap_err().to_string();
+            assert!(
+                e.contains("`train.lora.r`") && e.contains("at most 64"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn dropout_masks_depend_on_the_sequence_not_the_chunk() {

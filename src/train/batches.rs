@@ -13,7 +13,7 @@ pub fn epoch_batches(
     let mut rng = SplitMix::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     rng.shuffle(&mut order);
-    let window = batch_size * 32;
+    let window = batch_size.saturating_mul(32);
     let mut batches = Vec::new();
     for w in order.chunks_mut(window) {
         w.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));

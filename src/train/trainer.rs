@@ -262,21 +262,30 @@ impl<'a> Trainer<'a> {
         self.epoch_batches[self.state.batch_in_epoch - 1].clone()
     }
 
-    /// One optimizer step: `grad_accum` micro-batches forward + backward, clip, AdamW.
+    /// One optimizer step: `grad_accum` micro-batches (fewer at an epoch's end) forward +
+    /// backward, clip, AdamW.
     fn step(&mut self) -> Result<StepReport> {
         let started = Instant::now();
         let t = &self.cfg.train;
         let mut grads = self.policy.zero_grads(t.state_dtype.candle());
         let mut metrics = MetricsAccumulator::default();
         let mut tokens = 0;
-        for micro in 0..t.grad_accum {
+        // As transformers' Trainer: a step never spans two epochs. An epoch's last group takes the
+        // micro-batches left in it, and each counts 1 / (the group's size).
+        let left = match self.epoch_batches.len()
+            - self.state.batch_in_epoch.min(self.epoch_batches.len())
+        {
+            0 => self.epoch_batches.len(),
+            n => n,
+        };
+        let group = t.grad_accum.min(left);
+        for micro in 0..group {
             let idx = self.next_batch();
             // LoRA dropout: fresh masks per micro-batch, the same on a resumed run
             self.policy.dropout_seed = lora_dropout_seed(t.seed, self.state.global_step, micro);
             let mb = self.micro_batch(&self.train, &idx, true)?;
             tokens += mb.tokens;
-            let loss =
-                self.train_micro(&mb, &mut grads, 1.0 / t.grad_accum as f64, &mut metrics)?;
+            let loss = self.train_micro(&mb, &mut grads, 1.0 / group as f64, &mut metrics)?;
             if !loss.is_finite() {
                 return Err(self.diverged(
                     &format!("loss is {loss}"),
@@ -328,7 +337,7 @@ impl<'a> Trainer<'a> {
         MicroBatch::gather(split, idx, shape, reference, &self.device)
     }
 
-    /// One micro-batch forward + backward; gradients are scaled by `scale` (1 / grad_accum).
+    /// One micro-batch forward + backward; gradients are scaled by `scale` (1 / the step's group).
     fn train_micro(
         &self,
         mb: &MicroBatch,

@@ -100,6 +100,14 @@ fn damaged_models_and_tokenizers_are_refused_naming_the_key_or_tensor() {
         &model_set(&layers),
         &["`num_hidden_layers`", "config.json"],
     );
+    // a count no weights could hold: refused before anything is listed or allocated per layer
+    let many = config_edit("many", "num_hidden_layers", json!(1_000_000_000));
+    refused(
+        &cfg,
+        t,
+        &model_set(&many),
+        &["`num_hidden_layers` = 1000000000 is beyond", "config.json"],
+    );
     let hidden = config_edit("hidden", "hidden_size", json!(4096));
     refused(
         &cfg,

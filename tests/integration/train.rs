@@ -476,3 +476,45 @@ fn live_and_cached_reference_give_the_same_losses() {
         "runs named in the legend"
     );
 }
+
+/// As transformers' Trainer, an accumulation group never spans two epochs: an epoch's last step
+/// takes the micro-batches left in it (`Trainer._inner_training_loop`'s `remainder`), so every
+/// epoch ends on a step, and `grad_accum` beyond an epoch's batches makes one step an epoch.
+#[test]
+fn an_accumulation_group_ends_with_its_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "eval_every = 0");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let epochs = |sets: &[&str]| -> Vec<f64> {
+        train_with(cfg_s, tmp.path(), sets);
+        let log = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+        std::fs::remove_dir_all(tmp.path().join("run")).unwrap();
+        log.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| v["epoch"].as_f64())
+            .collect()
+    };
+    // One step an epoch (before: 1,000 micro-batches a step, crossing 100 epochs).
+    assert_eq!(
+        epochs(&["train.grad_accum=1000", "train.max_steps=2"]),
+        [1.0, 2.0]
+    );
+    // Groups of 3 over each epoch's micro-batches: the last group is short, and the run's
+    // `ceil(batches / 3)` steps an epoch end on the epoch.
+    let by_three = epochs(&["train.grad_accum=3", "train.epochs=2"]);
+    let batches = (1.0 / by_three[0] * 3.0).round() as usize;
+    assert!(
+        batches % 3 != 0,
+        "{batches} micro-batches an epoch: no short group to test"
+    );
+    let per_epoch = batches.div_ceil(3);
+    assert_eq!(by_three.len(), 2 * per_epoch, "{by_three:?}");
+    assert_eq!(by_three[per_epoch - 1], 1.0, "{by_three:?}");
+    assert_eq!(*by_three.last().unwrap(), 2.0, "{by_three:?}");
+    let after = by_three[per_epoch];
+    assert!(
+        (after - (1.0 + 3.0 / batches as f64)).abs() < 1e-12,
+        "{by_three:?}"
+    );
+}
