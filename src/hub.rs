@@ -112,7 +112,7 @@ fn resolve(
         .siblings
         .into_iter()
         .map(|s| s.rfilename)
-        .filter(|f| wanted(f))
+        .filter(|f| stays_inside(f) && wanted(f))
         .collect();
     for req in required {
         if !files.iter().any(|f| f == req) {
@@ -140,6 +140,17 @@ fn resolve(
         dir,
         revision: revision_label(id, revision),
     })
+}
+
+/// Whether a repo file name, as the hub lists it, is a path inside the snapshot: relative, with
+/// no `..`, so that a hostile listing cannot make the download write or read outside the cache.
+fn stays_inside(name: &str) -> bool {
+    use std::path::Component;
+    !name.is_empty()
+        && !name.contains(['\\', '\0'])
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
 }
 
 /// A dataset: the repo files `wanted` selects (the splits' `data_files` patterns).
@@ -197,6 +208,24 @@ mod tests {
         .unwrap();
         assert_eq!(r.dir, d.path());
         assert_eq!(r.revision, "local");
+    }
+
+    #[test]
+    fn only_names_inside_the_snapshot_are_fetched() {
+        for ok in ["config.json", "data/train-00000.parquet", "a b/c.jsonl"] {
+            assert!(stays_inside(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "data/../../x",
+            "/etc/passwd",
+            "./x",
+            "a\\..\\b",
+            "a\0b",
+        ] {
+            assert!(!stays_inside(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -28,12 +28,25 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .collect();
         files.sort();
         files.dedup();
+        // A shard is a file beside the index: never a path out of the model folder.
+        if let Some(bad) = files.iter().find(|f| !is_plain_name(f)) {
+            return Err(Error::Model(format!(
+                "`{}` names the shard {bad:?}, which is not a file name in the model folder: \
+                 the index is damaged",
+                index.display()
+            )));
+        }
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
     Err(Error::Model(format!(
         "no weights in `{}`: expected model.safetensors or model.safetensors.index.json",
         dir.display()
     )))
+}
+
+/// Whether `name` is one plain file name: no separator, not `.` or `..`, not empty.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
 }
 
 /// One tensor of a safetensors header.
@@ -208,6 +221,26 @@ pub fn save(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_index_naming_a_path_out_of_the_folder_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let index = tmp.path().join("model.safetensors.index.json");
+        for shard in [
+            "../secret.safetensors",
+            "/etc/passwd",
+            "sub/x.safetensors",
+            "..",
+        ] {
+            let map = serde_json::json!({ "weight_map": { "w": shard } });
+            std::fs::write(&index, map.to_string()).unwrap();
+            let e = weight_files(tmp.path()).unwrap_err().to_string();
+            assert!(e.contains("is not a file name in the model folder"), "{e}");
+        }
+        let map = serde_json::json!({ "weight_map": { "w": "model-00001-of-00001.safetensors" } });
+        std::fs::write(&index, map.to_string()).unwrap();
+        assert_eq!(weight_files(tmp.path()).unwrap().len(), 1);
+    }
 
     #[test]
     fn nan_and_inf_are_found_in_every_float_dtype_and_an_overflowing_sum_is_not_one() {
