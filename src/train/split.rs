@@ -1,10 +1,14 @@
 //! One split of the stage-one cache as training reads it: memory-mapped, and checked against the
-//! run (checksum, fingerprint, token ids inside the model's vocabulary) before any step, with the
+//! run (checksum, fingerprint, token ids inside the model's vocabulary, each pair's sequences
+//! non-empty and its reference log-probs finite sums at most 0) before any step, with the
 //! per-pair sequence lengths used for bucketing.
 
 use crate::cache::{self, checksum, CacheBatch, Fingerprint, MappedCache};
 use crate::error::{Error, Result};
 use std::path::Path;
+
+/// The largest reference log-probability sum a pair may have: 0, with room for rounding.
+const MAX_LOGP: f64 = 1e-3;
 
 pub struct Split {
     pub cache: MappedCache,
@@ -35,12 +39,30 @@ impl Split {
                 format!("token id {max} is outside the model's vocabulary of {vocab_size}"),
             ));
         }
-        let lengths = (0..cache.len())
-            .map(|i| {
-                let (b, r) = cache.locate(i);
-                b.prompt_ids(r).len() + b.chosen_ids(r).len().max(b.rejected_ids(r).len())
-            })
-            .collect();
+        let mut lengths = Vec::with_capacity(cache.len());
+        for i in 0..cache.len() {
+            let (b, r) = cache.locate(i);
+            let (prompt, chosen, rejected) = (
+                b.prompt_ids(r).len(),
+                b.chosen_ids(r).len(),
+                b.rejected_ids(r).len(),
+            );
+            let bad = if prompt == 0 || chosen == 0 || rejected == 0 {
+                Some(format!(
+                    "an empty sequence ({prompt} prompt, {chosen} chosen, {rejected} rejected ids)"
+                ))
+            } else {
+                let refs = [b.ref_chosen(r), b.ref_rejected(r)];
+                // a sum of log-probabilities is finite and at most 0
+                refs.iter()
+                    .any(|l| !(l.is_finite() && *l <= MAX_LOGP))
+                    .then(|| format!("reference log-probs {refs:?}, not finite sums at most 0"))
+            };
+            if let Some(what) = bad {
+                return Err(checksum::corrupt(&path, format!("pair {i} has {what}")));
+            }
+            lengths.push(prompt + chosen.max(rejected));
+        }
         Ok(Self { cache, lengths })
     }
 

@@ -55,6 +55,15 @@ impl<'a> Trainer<'a> {
         let open =
             |split: &str| Split::open(cache_dir, split, &inputs.fingerprint(cfg, split), vocab);
         let train = open(&cfg.dataset.train_split)?;
+        if train.is_empty() {
+            return Err(Error::StaleCache {
+                path: cache::arrow_path(cache_dir, &cfg.dataset.train_split),
+                msg: "the training split has no pairs: stage one kept none of its rows (its \
+                      summary counts the skips); check the dataset, `dataset.limit` and \
+                      `tokenize.max_length`"
+                    .into(),
+            });
+        }
         let test = if cache::shards::files(cache_dir, &cfg.dataset.test_split, "arrow")?.is_some() {
             Some(open(&cfg.dataset.test_split)?)
         } else {

@@ -67,3 +67,51 @@ fn a_flipped_bit_is_refused_by_train_and_stats_and_rescored_by_precompute() {
         "{err}"
     );
 }
+
+/// A cache whose checksum was made anew over impossible rows (another writer, or a hand edit):
+/// training refuses it by file and pair before any step, never a silent step over them.
+#[test]
+fn impossible_rows_under_a_valid_checksum_are_refused_by_pair() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 1\neval_every = 0");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let arrow = cache::arrow_path(&tmp.path().join("cache"), "train_prefs");
+    let clean = std::fs::read(&arrow).unwrap();
+    type Edit = Box<dyn Fn(&mut Vec<cache::CacheRow>)>;
+    let edits: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|r| r[3].chosen_ids[0] = 1_000_000),
+            "token id 1000000",
+        ),
+        (
+            Box::new(|r| r[3].chosen_ids.clear()),
+            "pair 3 has an empty sequence",
+        ),
+        (
+            Box::new(|r| r[3].prompt_ids.clear()),
+            "pair 3 has an empty sequence",
+        ),
+        (
+            Box::new(|r| r[3].ref_rejected_logps = f64::INFINITY),
+            "pair 3 has reference log-probs",
+        ),
+        (
+            Box::new(|r| r[3].ref_chosen_logps = 5.0),
+            "pair 3 has reference log-probs",
+        ),
+        (Box::new(|r| r.clear()), "the training split has no pairs"),
+    ];
+    for (edit, said) in edits {
+        std::fs::write(&arrow, &clean).unwrap();
+        rewrite_cache(&arrow, |rows| edit(rows));
+        let err = fails(
+            &["train", "--config", cfg_s, "--quiet", "--overwrite"],
+            tmp.path(),
+        );
+        assert!(
+            err.contains(said) && err.contains("train_prefs.arrow") && !err.contains("panicked"),
+            "{said}: {err}"
+        );
+    }
+}
