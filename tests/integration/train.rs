@@ -505,7 +505,7 @@ fn an_accumulation_group_ends_with_its_epoch() {
     let by_three = epochs(&["train.grad_accum=3", "train.epochs=2"]);
     let batches = (1.0 / by_three[0] * 3.0).round() as usize;
     assert!(
-        batches % 3 != 0,
+        !batches.is_multiple_of(3),
         "{batches} micro-batches an epoch: no short group to test"
     );
     let per_epoch = batches.div_ceil(3);
