@@ -298,7 +298,7 @@ impl<'a> Trainer<'a> {
             if !loss.is_finite() {
                 return Err(self.diverged(
                     &format!("loss is {loss}"),
-                    "lower train.learning_rate, or check the cache for non-finite ref log-probs",
+                    "lower train.learning_rate, or set train.max_grad_norm",
                 ));
             }
         }

@@ -370,13 +370,13 @@ fn stale_corrupt_and_nonfinite_caches_are_refused() {
     );
     assert!(err.contains("`truncation`"), "{err}");
 
-    // Non-finite reference log-probs: the run stops with a clear message.
+    // Non-finite reference log-probs: refused before any step, naming the pair.
     let arrow = cache::arrow_path(&tmp.path().join("cache"), "train_prefs");
     rewrite_cache(&arrow, |rows| {
         rows.iter_mut().for_each(|r| r.ref_chosen_logps = f64::NAN);
     });
     let err = fails(&["train", "--config", cfg_s], tmp.path());
-    assert!(err.contains("loss is NaN at step 1"), "{err}");
+    assert!(err.contains("pair 0 has reference log-probs [NaN"), "{err}");
 
     // A truncated file: an error that names it, not a panic.
     let bytes = std::fs::read(&arrow).unwrap();
