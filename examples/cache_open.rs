@@ -1,5 +1,5 @@
 //! Times what stage two does once with a cache before its first step — memory map, checksum,
-//! decode, vocabulary check — and `stats`' Parquet checksum, on a synthetic cache of UltraFeedback
+//! decode, vocabulary check, each pair's checks — and `stats`' Parquet checksum, on a synthetic cache of UltraFeedback
 //! size. `cargo run --example cache_open [PAIRS]` (default 60,000 pairs; dependencies — arrow,
 //! xxhash — are optimized in every profile).
 
@@ -69,13 +69,22 @@ fn main() -> refdpo::Result<()> {
     let t = Instant::now();
     let max_id = mapped.max_token_id();
     let vocab_ms = t.elapsed().as_secs_f64() * 1e3;
+    drop(mapped);
+    // All of it as stage two opens a split: the above, then each pair's sequences and reference
+    // sums checked and its length taken.
+    let t = Instant::now();
+    let split = refdpo::train::split::Split::open(dir.path(), "train_prefs", &fp, 49_152)?;
+    let split_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     cache::parquet::verify(&pq)?;
     let pq_ms = t.elapsed().as_secs_f64() * 1e3;
     println!(
         "{pairs} pairs: {:.0} MiB arrow opened (map + xxh3 checksum + decode) in {open_ms:.1} ms; \
-         vocabulary check (max id {max_id:?}) {vocab_ms:.1} ms; {:.0} MiB parquet checksum {pq_ms:.1} ms",
+         vocabulary check (max id {max_id:?}) {vocab_ms:.1} ms; stage two's whole open of {} pairs \
+         (all of that, the pairs' checks and lengths) {split_ms:.1} ms; {:.0} MiB parquet \
+         checksum {pq_ms:.1} ms",
         mib(&arrow),
+        split.len(),
         mib(&pq)
     );
     Ok(())
