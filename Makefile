@@ -27,7 +27,7 @@ RUN_ARG = $(if $(wildcard $(RUN)/final),--run $(RUN))
 REWARD_MODEL ?= data/demo/reward_model
 REFDPO = $(CARGO) run --profile $(PROFILE) --quiet $(FEATURES) --bin refdpo --
 
-.PHONY: precompute train stats show plot generate judge real-smollm2 merge test lint kernels triton triton-compile kernels-cpu bench bench-real fixtures build
+.PHONY: precompute train stats show plot generate judge selftest real-smollm2 merge test lint kernels triton triton-compile kernels-cpu bench bench-real fixtures build
 
 build:
 	$(NEEDS_NVCC)
@@ -48,6 +48,11 @@ stats:
 show:
 	$(NEEDS_NVCC)
 	$(REFDPO) show --config $(CONFIG) $(ARGS)
+
+# The device against the CPU f32 reference (with CUDA=1: the GPU; one line per check)
+selftest:
+	$(NEEDS_NVCC)
+	$(REFDPO) selftest $(ON_DEVICE) $(ARGS)
 
 # Training curves: make plot ARGS="--run data/runs/a --run data/runs/b --out data/plots/ab"
 plot:
