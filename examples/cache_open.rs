@@ -48,6 +48,7 @@ fn main() -> refdpo::Result<()> {
         shard: None,
         dtype: Dtype::Bf16,
         refdpo_version: env!("CARGO_PKG_VERSION").into(),
+        scoring: refdpo::cache::fingerprint::SCORING,
         data_sha256: Default::default(),
         dataset_commit: String::new(),
         model_commit: String::new(),

@@ -132,6 +132,7 @@ impl Inputs {
             shard: None,
             dtype: cfg.model.dtype,
             refdpo_version: env!("CARGO_PKG_VERSION").to_string(),
+            scoring: crate::cache::fingerprint::SCORING,
             // what stage one reads with the data: `precompute` fills the first two
             data_sha256: Default::default(),
             dataset_commit: String::new(),

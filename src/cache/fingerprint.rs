@@ -32,6 +32,11 @@ pub struct Fingerprint {
     /// The reference forward's compute dtype (informational: it does not bind a training run).
     pub dtype: Dtype,
     pub refdpo_version: String,
+    /// The version of stage one's numerics that scored the cache ([`SCORING`]; 0 in caches
+    /// made before it was recorded). Another version is scored again by `precompute`; stage two
+    /// says so, since its policy may not start exactly as that reference.
+    #[serde(default)]
+    pub scoring: u32,
     /// SHA-256 of every data file the split was read from, by its path relative to the dataset
     /// directory (the file's folder for a one-file dataset): an edited file is another cache.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -82,6 +87,15 @@ mod options_as_json_string {
     }
 }
 
+/// The version of stage one's numerics (the forward and log-probs that fill a cache), recorded
+/// in each cache's fingerprint. Bump it with any change that moves cached reference log-probs
+/// (beyond a test's tolerance, on any device), so that an up-to-date check scores caches made by
+/// the older numerics again instead of keeping them.
+///
+/// 1: on the CPU, every dtype computes in f32 over the weights rounded to it (before: bf16 and
+/// f16 computed in their own dtype).
+pub const SCORING: u32 = 1;
+
 /// What stage one alone can know, having read the data: a run that reads no dataset does not
 /// compare these, and checks local data files with [`Fingerprint::check_data`] instead.
 pub const READ_BY_STAGE_ONE: [&str; 3] = ["data_sha256", "dataset_commit", "model_commit"];
@@ -121,10 +135,11 @@ impl Fingerprint {
     }
 
     /// Everything a training run depends on — the dataset rows, the model, the tokenizer and the
-    /// tokenization (not the reference's compute dtype, nor the refdpo version that wrote it).
+    /// tokenization (not the reference's compute dtype, nor the refdpo version or numerics that
+    /// wrote it: see [`Fingerprint::scoring`]).
     /// The first field that differs is named with both values.
     pub fn check_compatible(&self, expected: &Fingerprint, path: &Path) -> Result<()> {
-        let mut skip = vec!["dtype", "refdpo_version"];
+        let mut skip = vec!["dtype", "refdpo_version", "scoring"];
         skip.extend(READ_BY_STAGE_ONE);
         match self.first_difference(expected, &skip) {
             Some((name, cached, wanted)) => Err(stale(path, &name, &cached, &wanted)),
@@ -193,6 +208,7 @@ pub(crate) fn sample() -> Fingerprint {
         shard: None,
         dtype: Dtype::F32,
         refdpo_version: "0.1.0".into(),
+        scoring: SCORING,
         data_sha256: BTreeMap::new(),
         dataset_commit: String::new(),
         model_commit: String::new(),

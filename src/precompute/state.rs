@@ -33,10 +33,11 @@ pub(super) fn claim_split(out: &Path, split: &Prepared, existing: Existing) -> R
         ),
     ];
     let other = found.iter().find_map(|(path, fp)| {
-        // new contents of the same data are this cache's to replace, not another's
-        let diff = fp
-            .as_ref()?
-            .first_difference(&split.fingerprint, &cache::fingerprint::READ_BY_STAGE_ONE)?;
+        // new contents of the same data, or the same inputs scored by other numerics, are this
+        // cache's to replace, not another's
+        let mut skip = cache::fingerprint::READ_BY_STAGE_ONE.to_vec();
+        skip.push("scoring");
+        let diff = fp.as_ref()?.first_difference(&split.fingerprint, &skip)?;
         Some((path, diff))
     });
     let Some((path, (field, theirs, ours))) = other else {
@@ -107,6 +108,10 @@ pub(super) fn cache_state(pq: &Path, arrow: &Path, fingerprint: &Fingerprint) ->
                     changed.join(", ")
                 )
             }
+            Some((field, _, _)) if field == "scoring" => format!(
+                "it was scored by other numerics (stage one's version {} there, {} in this build)",
+                other.scoring, fingerprint.scoring
+            ),
             _ => format!("`{}` was made from other inputs", pq.display()),
         }),
         Err(e) => CacheState::Broken(e.to_string()),
@@ -182,6 +187,21 @@ mod tests {
         }
         // ... and this config's to replace, while another configuration's cache is refused
         claim_split(dir.path(), &prepared(edited), Existing::Refuse).unwrap();
+        // the same inputs scored by older numerics (a cache from before `scoring` was recorded
+        // reads as 0): scored again, and this config's to replace
+        let newer = Fingerprint {
+            scoring: fp.scoring + 1,
+            ..fp.clone()
+        };
+        match cache_state(&pq, &arrow, &newer) {
+            CacheState::Broken(why) => assert!(why.contains("scored by other numerics"), "{why}"),
+            _ => panic!("a cache of other numerics is not up to date"),
+        }
+        claim_split(dir.path(), &prepared(newer), Existing::Refuse).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&fp.to_json()).unwrap();
+        json.as_object_mut().unwrap().remove("scoring");
+        let old = Fingerprint::from_json(&json.to_string(), Path::new("f")).unwrap();
+        assert_eq!(old.scoring, 0);
         let other = Fingerprint {
             max_length: 512,
             ..fp.clone()

@@ -55,6 +55,17 @@ impl<'a> Trainer<'a> {
         let open =
             |split: &str| Split::open(cache_dir, split, &inputs.fingerprint(cfg, split), vocab);
         let train = open(&cfg.dataset.train_split)?;
+        let scored = train.cache.fingerprint.scoring;
+        if scored != cache::fingerprint::SCORING {
+            // not refused: a run begun on this cache may be resumed on it
+            eprintln!(
+                "warning: `{}` was scored by other numerics than this build's (stage one's \
+                 version {scored}, this build {}): the policy may not start exactly as that \
+                 reference. For a new run, `refdpo precompute` scores it again.",
+                cache::arrow_path(cache_dir, &cfg.dataset.train_split).display(),
+                cache::fingerprint::SCORING
+            );
+        }
         if train.is_empty() {
             return Err(Error::StaleCache {
                 path: cache::arrow_path(cache_dir, &cfg.dataset.train_split),

@@ -115,3 +115,54 @@ fn impossible_rows_under_a_valid_checksum_are_refused_by_pair() {
         );
     }
 }
+
+/// A cache scored by older numerics (here: made before the version was recorded, so 0): stage
+/// one scores it again on its own, and stage two, which may be resuming a run begun on it,
+/// trains but says so.
+#[test]
+fn a_cache_of_older_numerics_is_scored_again_and_named_by_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 1\neval_every = 0");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let dir = tmp.path().join("cache");
+    for split in ["train_prefs", "test_prefs"] {
+        let (arrow, pq) = (
+            cache::arrow_path(&dir, split),
+            cache::parquet_path(&dir, split),
+        );
+        let mapped = cache::MappedCache::open(&arrow).unwrap();
+        let mut fp = mapped.fingerprint.clone();
+        let rows: Vec<_> = (0..mapped.len()).map(|i| mapped.to_row(i)).collect();
+        drop(mapped);
+        assert_eq!(fp.scoring, cache::fingerprint::SCORING);
+        fp.scoring = 0;
+        cache::ipc::write(&arrow, &rows, &fp).unwrap();
+        cache::parquet::write(&pq, &rows, &fp).unwrap();
+    }
+    let trained = |overwrite: bool| {
+        let mut args = vec!["train", "--config", cfg_s, "--quiet"];
+        if overwrite {
+            args.push("--overwrite");
+        }
+        let out = refdpo(&args, tmp.path());
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = trained(false);
+    assert!(
+        err.contains("train_prefs.arrow` was scored by other numerics")
+            && err.contains("version 0, this build"),
+        "{err}"
+    );
+    let out = refdpo(&["precompute", "--config", cfg_s], tmp.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("train_prefs: scoring again: it was scored by other numerics"),
+        "{err}"
+    );
+    let rescored = cache::MappedCache::open(&cache::arrow_path(&dir, "train_prefs")).unwrap();
+    assert_eq!(rescored.fingerprint.scoring, cache::fingerprint::SCORING);
+    assert!(!trained(true).contains("other numerics"));
+}
