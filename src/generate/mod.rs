@@ -159,19 +159,31 @@ fn eos_ids(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<u3
         if !path.exists() {
             continue;
         }
-        let v: Value = serde_json::from_str(&fs::read_to_string(&path)?)?;
-        match &v["eos_token_id"] {
-            Value::Number(n) => ids.extend(n.as_u64().map(|x| x as u32)),
-            Value::Array(items) => {
-                ids.extend(items.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+        let v = read_json(&path)?;
+        let listed = match &v["eos_token_id"] {
+            Value::Array(items) => items.clone(),
+            Value::Null => continue,
+            one => vec![one.clone()],
+        };
+        let vocab = tokenizer.get_vocab_size(true);
+        for id in listed {
+            // never a wrapped or dropped id: a generation would stop at another token, or not at all
+            match id.as_u64().filter(|&x| x < vocab as u64) {
+                Some(x) => ids.push(x as u32),
+                None => {
+                    return Err(Error::Model(format!(
+                        "`{}`: `eos_token_id` {id} is not a token id of this tokenizer ({vocab} \
+                         tokens): fix or remove it",
+                        path.display()
+                    )))
+                }
             }
-            _ => continue,
         }
         break;
     }
     let cfg_path = model_dir.join("tokenizer_config.json");
     if cfg_path.exists() {
-        let v: Value = serde_json::from_str(&fs::read_to_string(&cfg_path)?)?;
+        let v = read_json(&cfg_path)?;
         let token = match &v["eos_token"] {
             Value::String(s) => Some(s.clone()),
             Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
@@ -182,6 +194,12 @@ fn eos_ids(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<u3
     ids.sort_unstable();
     ids.dedup();
     Ok(ids)
+}
+
+/// A JSON file of the model folder; an unreadable one is an error naming it.
+fn read_json(path: &Path) -> Result<Value> {
+    serde_json::from_str(&fs::read_to_string(path)?)
+        .map_err(|e| Error::Model(format!("`{}` is not valid JSON: {e}", path.display())))
 }
 
 /// One model's part of a JSONL line.

@@ -208,3 +208,52 @@ fn generate_writes_both_models_lines_a_summary_and_a_chart() {
         "{json}"
     );
 }
+
+/// The EOS ids of `generation_config.json` are token ids or an error naming the file: never one
+/// wrapped to 32 bits (4294967298 would stop at id 2) or silently dropped.
+#[test]
+fn eos_ids_that_are_not_token_ids_are_refused_by_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let gen = tmp.path().join("demo/model/generation_config.json");
+    let run = |text: &str| {
+        std::fs::write(&gen, text).unwrap();
+        let args = [
+            "generate",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "2",
+        ];
+        super::common::refdpo(&args, tmp.path())
+    };
+    for (text, said) in [
+        (
+            r#"{"eos_token_id": 4294967298}"#,
+            "`eos_token_id` 4294967298 is not a token id",
+        ),
+        (
+            r#"{"eos_token_id": [2, -1]}"#,
+            "`eos_token_id` -1 is not a token id",
+        ),
+        (
+            r#"{"eos_token_id": "x"}"#,
+            "`eos_token_id` \"x\" is not a token id",
+        ),
+        ("garbage{", "is not valid JSON"),
+    ] {
+        let out = run(text);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{text}: {err}");
+        assert!(
+            err.contains(said) && err.contains("generation_config.json"),
+            "{text}: {err}"
+        );
+    }
+    assert!(run(r#"{"eos_token_id": [2]}"#).status.success());
+}
