@@ -31,6 +31,13 @@ pub enum Error {
     #[error("`{path}` is in use: {msg}")]
     Locked { path: PathBuf, msg: String },
 
+    /// A JSON file that does not parse (or not into what it should hold).
+    #[error("`{path}` is not valid JSON: {source}")]
+    BadJson {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+
     /// A directory holds outputs of another run or cache.
     #[error("`{path}` {msg}")]
     Occupied { path: PathBuf, msg: String },
@@ -177,6 +184,14 @@ pub mod fs {
 
     pub fn read_to_string(path: &Path) -> Result<String> {
         std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))
+    }
+
+    /// A JSON file read into `T`; a parse error names the file.
+    pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+        serde_json::from_str(&read_to_string(path)?).map_err(|source| Error::BadJson {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// SHA-256 of a file's bytes (hex), streamed.

@@ -47,7 +47,7 @@ pub type Report = BTreeMap<String, SplitReport>;
 
 /// Reads a report file.
 pub fn read(path: &Path) -> Result<Report> {
-    Ok(serde_json::from_str(&fs::read_to_string(path)?)?)
+    fs::read_json(path)
 }
 
 /// Merges one split's entry into the report file (atomically); other splits' entries stay.

@@ -159,7 +159,7 @@ fn eos_ids(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<u3
         if !path.exists() {
             continue;
         }
-        let v = read_json(&path)?;
+        let v: Value = fs::read_json(&path)?;
         let listed = match &v["eos_token_id"] {
             Value::Array(items) => items.clone(),
             Value::Null => continue,
@@ -183,7 +183,7 @@ fn eos_ids(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<u3
     }
     let cfg_path = model_dir.join("tokenizer_config.json");
     if cfg_path.exists() {
-        let v = read_json(&cfg_path)?;
+        let v: Value = fs::read_json(&cfg_path)?;
         let token = match &v["eos_token"] {
             Value::String(s) => Some(s.clone()),
             Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
@@ -194,12 +194,6 @@ fn eos_ids(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<u3
     ids.sort_unstable();
     ids.dedup();
     Ok(ids)
-}
-
-/// A JSON file of the model folder; an unreadable one is an error naming it.
-fn read_json(path: &Path) -> Result<Value> {
-    serde_json::from_str(&fs::read_to_string(path)?)
-        .map_err(|e| Error::Model(format!("`{}` is not valid JSON: {e}", path.display())))
 }
 
 /// One model's part of a JSONL line.

@@ -15,7 +15,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&index)?)?;
+        let v: serde_json::Value = fs::read_json(&index)?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())

@@ -50,7 +50,7 @@ impl ChatTemplate {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = if cfg_path.exists() {
-            serde_json::from_str(&fs::read_to_string(&cfg_path)?)?
+            fs::read_json(&cfg_path)?
         } else {
             serde_json::Value::Null
         };

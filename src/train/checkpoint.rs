@@ -98,8 +98,7 @@ fn write_into(
 /// masters), the base's `config.json` (with the saved dtype) and its tokenizer files.
 pub fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, model_dir: &Path) -> Result<()> {
     weights::save(tensors, &dir.join("model.safetensors"))?;
-    let mut config: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(&model_dir.join("config.json"))?)?;
+    let mut config: serde_json::Value = fs::read_json(&model_dir.join("config.json"))?;
     let saved = if tensors.values().all(|t| t.dtype() == DType::BF16) {
         "bfloat16"
     } else {

@@ -100,6 +100,27 @@ fn damaged_models_and_tokenizers_are_refused_naming_the_key_or_tensor() {
         &model_set(&layers),
         &["`num_hidden_layers`", "config.json"],
     );
+    // JSON files that do not parse are named: the chat template's, a shard index
+    let template = model_copy(t, "template", |d| {
+        std::fs::write(d.join("tokenizer_config.json"), "garbage{").unwrap()
+    });
+    refused(
+        &cfg,
+        t,
+        &model_set(&template),
+        &["tokenizer_config.json` is not valid JSON"],
+    );
+    let index = model_copy(t, "index", |d| {
+        let shard = d.join("model-00001-of-00001.safetensors");
+        std::fs::rename(d.join("model.safetensors"), shard).unwrap();
+        std::fs::write(d.join("model.safetensors.index.json"), "{\"weight_map\": ").unwrap()
+    });
+    refused(
+        &cfg,
+        t,
+        &model_set(&index),
+        &["model.safetensors.index.json` is not valid JSON"],
+    );
     // a count no weights could hold: refused before anything is listed or allocated per layer
     let many = config_edit("many", "num_hidden_layers", json!(1_000_000_000));
     refused(
