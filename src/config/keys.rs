@@ -71,3 +71,62 @@ pub(super) fn check_known_keys(table: &toml::Table, origin: &str) -> Result<()> 
     }
     Ok(())
 }
+
+/// The dotted keys whose values differ between two configurations' TOML (each key with its value
+/// in `old` and in `new`, `-` where absent), in key order; an unreadable `old` differs nowhere.
+pub fn differences(old: &str, new: &str) -> Vec<(String, String, String)> {
+    fn flatten(
+        prefix: &str,
+        v: &toml::Value,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        match v {
+            toml::Value::Table(t) => t.iter().for_each(|(k, v)| {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out)
+            }),
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let flat = |text: &str| {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(t) = text.parse::<toml::Table>() {
+            flatten("", &toml::Value::Table(t), &mut out);
+        }
+        out
+    };
+    let (a, b) = (flat(old), flat(new));
+    if a.is_empty() {
+        return Vec::new();
+    }
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let shown = |v: Option<&String>| v.cloned().unwrap_or_else(|| "-".into());
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| (k.clone(), shown(a.get(k)), shown(b.get(k))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn differences_are_dotted_keys_with_both_values() {
+        let old = "[train]\nbatch_size = 8\nbeta = 0.1\n[train.lora]\nr = 0\n";
+        let new = "[train]\nbatch_size = 4\nbeta = 0.1\nseed = 7\n[train.lora]\nr = 16\n";
+        assert_eq!(
+            super::differences(old, new),
+            [
+                ("train.batch_size".into(), "8".into(), "4".into()),
+                ("train.lora.r".into(), "0".into(), "16".into()),
+                ("train.seed".into(), "-".into(), "7".into()),
+            ]
+        );
+        assert!(super::differences("not toml [", new).is_empty());
+    }
+}

@@ -3,7 +3,7 @@
 //! ([`validate`]); `--set` and unknown keys are handled in [`keys`].
 
 mod choices;
-mod keys;
+pub mod keys;
 mod validate;
 
 pub use choices::{

@@ -197,6 +197,7 @@ impl<'a> Trainer<'a> {
         };
         self.epoch_batches = self.batches_of(self.state.epoch);
         self.log.truncate_after(self.state.global_step)?;
+        self.warn_changed_config();
         if !self.quiet {
             eprintln!(
                 "resuming from {} (step {})",
@@ -206,6 +207,37 @@ impl<'a> Trainer<'a> {
         }
         self.last_checkpoint = Some(dir);
         Ok(())
+    }
+
+    /// On resume: the keys set otherwise than when the run began (its `config.toml`), said on
+    /// stderr, since the resumed run is then not the one that would have run uninterrupted (a
+    /// batch size, accumulation or seed also changes the data order). Not refused: transformers'
+    /// Trainer resumes under changed arguments too. Lengths and logging cadence are left out.
+    fn warn_changed_config(&self) {
+        const EXPECTED: [&str; 6] = [
+            "train.max_steps",
+            "train.epochs",
+            "train.save_every",
+            "train.eval_every",
+            "train.log_every",
+            "train.save_final",
+        ];
+        let path = RunDir::new(&self.cfg.train.out).config();
+        let Ok(old) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        let changed: Vec<String> = crate::config::keys::differences(&old, &self.cfg.to_toml())
+            .into_iter()
+            .filter(|(k, _, _)| !EXPECTED.contains(&k.as_str()))
+            .map(|(k, old, new)| format!("{k} {old} -> {new}"))
+            .collect();
+        if !changed.is_empty() {
+            eprintln!(
+                "warning: resuming with settings other than the run began with ({}): the \
+                 resumed run is not the one that would have run uninterrupted",
+                changed.join(", ")
+            );
+        }
     }
 
     /// Runs the remaining steps, evaluating and checkpointing as configured; returns the summary.

@@ -1,7 +1,7 @@
 //! Everyday mishaps: a second run into a run directory, a cache from other inputs, a second writer,
 //! Ctrl-C, a full disk (simulated with a file-size limit). Nothing is lost or silently mixed.
 
-use super::common::{cache_files, demo_config, fails, ok, read_json, train_with};
+use super::common::{cache_files, demo_config, fails, ok, read_json, refdpo, train_with};
 use refdpo::cache;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -400,4 +400,34 @@ fn a_full_disk_names_the_file_keeps_earlier_outputs_and_the_rerun_matches() {
     assert!(!run.join("checkpoint-4").exists() && !run.join("checkpoint-4.tmp").exists());
     train_with(cfg_s, tmp.path(), &["--resume", "train.max_steps=4"]);
     assert!(bytes(&run.join("final/model.safetensors")) == clean_final);
+}
+
+/// `--resume` under changed settings trains on, but says which keys changed (a batch size also
+/// changes the data order); a longer run (`max_steps`) is no change worth a word.
+#[test]
+fn a_resume_under_changed_settings_names_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "save_every = 2\neval_every = 0");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
+    let resume = |sets: &[&str]| {
+        let mut args = vec!["train", "--config", cfg_s, "--quiet", "--resume"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let out = refdpo(&args, tmp.path());
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = resume(&["train.max_steps=3"]);
+    assert!(!err.contains("warning: resuming"), "{err}");
+    let err = resume(&["train.max_steps=4", "train.batch_size=8", "train.beta=0.2"]);
+    assert!(
+        err.contains("warning: resuming with settings other than the run began with")
+            && err.contains("train.batch_size 16 -> 8")
+            && err.contains("train.beta 0.1 -> 0.2")
+            && !err.contains("max_steps"),
+        "{err}"
+    );
 }
