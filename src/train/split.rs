@@ -7,8 +7,10 @@ use crate::cache::{self, checksum, CacheBatch, Fingerprint, MappedCache};
 use crate::error::{Error, Result};
 use std::path::Path;
 
-/// The largest reference log-probability sum a pair may have: 0, with room for rounding.
-const MAX_LOGP: f64 = 1e-3;
+/// The largest reference log-probability sum a pair may have: 0, with room for rounding (a GPU's
+/// fast `log` may put a near-certain token's log-prob a few 1e-7 above 0; 1e-2 allows for tens
+/// of thousands of them).
+const MAX_LOGP: f64 = 1e-2;
 
 pub struct Split {
     pub cache: MappedCache,
