@@ -106,6 +106,18 @@ batch_size = 16
     path
 }
 
+/// A demo pipeline in a temporary directory of its own, stage one done: (the directory, the
+/// pipeline file).
+pub fn precomputed(extra: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), extra);
+    ok(
+        &["precompute", "--config", cfg.to_str().unwrap(), "--quiet"],
+        tmp.path(),
+    );
+    (tmp, cfg)
+}
+
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }

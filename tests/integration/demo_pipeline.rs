@@ -1,16 +1,14 @@
 //! Stage one end to end on the embedded demo: outputs, report, fingerprint, kill -9 resume.
 
-use super::common::{cache_files, demo_config, fails, ok, read_json, refdpo};
+use super::common::{cache_files, demo_config, fails, ok, precomputed, read_json, refdpo};
 use refdpo::cache::{self, MappedCache};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[test]
 fn precompute_writes_a_cache_that_conforms_to_the_spec() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "");
+    let (tmp, cfg) = precomputed("");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     let out = tmp.path().join("cache");
     for split in ["train_prefs", "test_prefs"] {
         let rows = cache::parquet::read(&cache::parquet_path(&out, split)).unwrap();

@@ -1,7 +1,7 @@
 //! A new user's first hour: the GPU build is one make flag, the README speaks to users outside its
 //! development section, a model refdpo would only approximate is refused, runs say what they did.
 
-use super::common::{demo_config, ok, repo};
+use super::common::{demo_config, ok, precomputed, repo};
 use std::process::Command;
 
 #[test]
@@ -190,10 +190,8 @@ fn the_readme_lora_block_trains_and_merges_on_the_demo() {
             .map(String::from)
             .collect()
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "");
+    let (tmp, cfg) = precomputed("");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     let mut train = vec!["train", "--config", cfg_s, "--quiet"];
     let train_args = args_of("train");
     train.extend(train_args.iter().map(String::as_str));

@@ -3,7 +3,7 @@
 //! left padding) and on the real-data tiny Llama golden; seeded sampling reproducible and
 //! independent of the batch; the command's JSONL, summary and chart on the demo.
 
-use super::common::{demo_config, ok, read_json, realdata, repo, train_with};
+use super::common::{ok, precomputed, read_json, realdata, repo, train_with};
 use candle_core::{DType, Device};
 use refdpo::generate::decode::{generate, Sampling};
 use refdpo::model::{init, weights, Transformer, TransformerConfig};
@@ -140,10 +140,8 @@ fn seeded_sampling_is_reproducible_and_independent_of_the_batch() {
 
 #[test]
 fn generate_writes_both_models_lines_a_summary_and_a_chart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 10");
+    let (tmp, cfg) = precomputed("max_steps = 10");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     train_with(cfg_s, tmp.path(), &[]);
     let run = tmp.path().join("run");
     let plots = tmp.path().join("plots");
@@ -213,10 +211,8 @@ fn generate_writes_both_models_lines_a_summary_and_a_chart() {
 /// wrapped to 32 bits (4294967298 would stop at id 2) or silently dropped.
 #[test]
 fn eos_ids_that_are_not_token_ids_are_refused_by_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "");
+    let (tmp, cfg) = precomputed("");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     let gen = tmp.path().join("demo/model/generation_config.json");
     let run = |text: &str| {
         std::fs::write(&gen, text).unwrap();

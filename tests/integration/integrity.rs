@@ -1,7 +1,7 @@
 //! Cache integrity: a flipped bit in a cache file is refused by name by every reader — stage two,
 //! `stats` — and stage one scores the split again instead of trusting it.
 
-use super::common::{demo_config, fails, ok, refdpo, rewrite_cache};
+use super::common::{fails, ok, precomputed, refdpo, rewrite_cache};
 use refdpo::cache;
 
 fn flip_middle_bit(path: &std::path::Path) {
@@ -13,10 +13,8 @@ fn flip_middle_bit(path: &std::path::Path) {
 
 #[test]
 fn a_flipped_bit_is_refused_by_train_and_stats_and_rescored_by_precompute() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 1");
+    let (tmp, cfg) = precomputed("max_steps = 1");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     let out = tmp.path().join("cache");
     let (arrow, pq) = (
         cache::arrow_path(&out, "train_prefs"),
@@ -72,10 +70,8 @@ fn a_flipped_bit_is_refused_by_train_and_stats_and_rescored_by_precompute() {
 /// training refuses it by file and pair before any step, never a silent step over them.
 #[test]
 fn impossible_rows_under_a_valid_checksum_are_refused_by_pair() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 1\neval_every = 0");
+    let (tmp, cfg) = precomputed("max_steps = 1\neval_every = 0");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     let arrow = cache::arrow_path(&tmp.path().join("cache"), "train_prefs");
     let clean = std::fs::read(&arrow).unwrap();
     type Edit = Box<dyn Fn(&mut Vec<cache::CacheRow>)>;
@@ -121,10 +117,8 @@ fn impossible_rows_under_a_valid_checksum_are_refused_by_pair() {
 /// trains but says so.
 #[test]
 fn a_cache_of_older_numerics_is_scored_again_and_named_by_train() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 1\neval_every = 0");
+    let (tmp, cfg) = precomputed("max_steps = 1\neval_every = 0");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     let dir = tmp.path().join("cache");
     for split in ["train_prefs", "test_prefs"] {
         let (arrow, pq) = (

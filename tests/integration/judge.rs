@@ -2,7 +2,7 @@
 //! with every demo pair; the command's figures follow from its own per-prompt lines; bad input
 //! (no policy, a causal LM, foreign generations, a damaged line) is refused by name.
 
-use super::common::{demo_config, fails, ok, train_with};
+use super::common::{demo_config, fails, ok, precomputed, train_with};
 use candle_core::{DType, Device};
 use refdpo::config::{Config, Truncation};
 use refdpo::data::{self, demo, DataSource};
@@ -83,10 +83,8 @@ fn generate_with_policy(cfg: &str, dir: &Path, limit: &str) -> std::path::PathBu
 
 #[test]
 fn judge_scores_a_demo_run_and_its_figures_follow_from_its_lines() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 12");
+    let (tmp, cfg) = precomputed("max_steps = 12");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     let run = generate_with_policy(cfg_s, tmp.path(), "24");
     let run_s = run.to_str().unwrap();
     let rm = tmp.path().join("demo/reward_model");
@@ -200,10 +198,8 @@ fn judge_scores_a_demo_run_and_its_figures_follow_from_its_lines() {
 
 #[test]
 fn judge_refuses_bad_input_by_name() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 2");
+    let (tmp, cfg) = precomputed("max_steps = 2");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     // the reference alone (no run): nothing to judge
     ok(
         &[

@@ -1,7 +1,9 @@
 //! Everyday mishaps: a second run into a run directory, a cache from other inputs, a second writer,
 //! Ctrl-C, a full disk (simulated with a file-size limit). Nothing is lost or silently mixed.
 
-use super::common::{cache_files, demo_config, fails, ok, read_json, refdpo, train_with};
+use super::common::{
+    cache_files, demo_config, fails, ok, precomputed, read_json, refdpo, train_with,
+};
 use refdpo::cache;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -29,10 +31,8 @@ fn refdpo_with_file_limit(kib: u64, args: &[&str], cwd: &Path) -> Output {
 
 #[test]
 fn another_run_or_cache_is_refused_and_overwrite_replaces_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 4\nsave_every = 2");
+    let (tmp, cfg) = precomputed("max_steps = 4\nsave_every = 2");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
     let run = tmp.path().join("run");
     let metrics = bytes(&run.join("metrics.jsonl"));
@@ -115,10 +115,8 @@ fn another_run_or_cache_is_refused_and_overwrite_replaces_it() {
 
 #[test]
 fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "save_every = 2\nlr_schedule = \"constant\"");
+    let (tmp, cfg) = precomputed("save_every = 2\nlr_schedule = \"constant\"");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
     // A learning rate that overflows the weights: step 3's update, then step 4's loss is NaN.
     let run = tmp.path().join("run");
@@ -169,10 +167,8 @@ fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
 /// tensor or key, never a panic or a backtrace, and never a silent fresh start over the run.
 #[test]
 fn a_damaged_checkpoint_is_refused_by_name_on_resume() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "save_every = 2\nsave_final = false");
+    let (tmp, cfg) = precomputed("save_every = 2\nsave_final = false");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
     let run = tmp.path().join("run");
     let good = tmp.path().join("run.good");
@@ -406,10 +402,8 @@ fn a_full_disk_names_the_file_keeps_earlier_outputs_and_the_rerun_matches() {
 /// changes the data order); a longer run (`max_steps`) is no change worth a word.
 #[test]
 fn a_resume_under_changed_settings_names_them() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "save_every = 2\neval_every = 0");
+    let (tmp, cfg) = precomputed("save_every = 2\neval_every = 0");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
     let resume = |sets: &[&str]| {
         let mut args = vec!["train", "--config", cfg_s, "--quiet", "--resume"];

@@ -2,7 +2,7 @@
 //! bf16 master weights (their curve, checkpoints and resume), bf16 compute's gradients, and a
 //! bf16 config on the CPU starting at ln 2.
 
-use super::common::{demo_config, max_abs, max_abs_diff, ok, train_with};
+use super::common::{demo_config, max_abs, max_abs_diff, ok, precomputed, train_with};
 use super::train::{batch, final_weights, tiny, W};
 use candle_core::{DType, Device, Tensor};
 use refdpo::logprobs;
@@ -35,10 +35,8 @@ fn bf16_reference_is_close_to_f32() {
 /// loss curve within tolerance. The bf16 masters are checkpointed as bf16 and resumed exactly.
 #[test]
 fn bf16_optimizer_state_tracks_the_f32_trainer() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 200");
+    let (tmp, cfg) = precomputed("max_steps = 200");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     // bf16 masters need a reference scored from the same bf16 weights: its own cache
     let bf16_cache = format!(
         "precompute.out=\"{}\"",

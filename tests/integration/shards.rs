@@ -2,7 +2,7 @@
 //! one split equal the unsharded cache row for row, bit for bit; train and stats read the
 //! directory; a missing or foreign shard is refused by name.
 
-use super::common::{demo_config, fails, ok, refdpo};
+use super::common::{fails, ok, precomputed, refdpo};
 use refdpo::cache::{self, Fingerprint, MappedCache};
 
 fn rows(m: &MappedCache) -> Vec<refdpo::cache::CacheRow> {
@@ -11,10 +11,8 @@ fn rows(m: &MappedCache) -> Vec<refdpo::cache::CacheRow> {
 
 #[test]
 fn two_shard_processes_equal_the_unsharded_cache() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 3");
+    let (tmp, cfg) = precomputed("max_steps = 3");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     let whole = tmp.path().join("cache");
     let sharded = tmp.path().join("sharded");
     let out = format!("precompute.out={}", sharded.display());

@@ -1,6 +1,6 @@
 //! `refdpo stats` on small hand-made caches with answers worked out by hand, and on the demo.
 
-use super::common::{demo_config, fails, ok};
+use super::common::{fails, ok, precomputed};
 use refdpo::cache::{self, CacheRow};
 use refdpo::stats::queries;
 
@@ -89,10 +89,8 @@ fn refdpo_fp() -> refdpo::cache::Fingerprint {
 
 #[test]
 fn stats_command_prints_tables_json_and_charts() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 4");
+    let (tmp, cfg) = precomputed("max_steps = 4");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     let plots = tmp.path().join("plots");
     let text = ok(
         &[

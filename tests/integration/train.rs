@@ -2,7 +2,8 @@
 //! equal the cache (first loss ln 2); the demo learns; resume is exact; bad caches are refused.
 
 use super::common::{
-    demo_config, fails, max_abs, max_abs_diff, ok, read_json, rewrite_cache, train_with,
+    demo_config, fails, max_abs, max_abs_diff, ok, precomputed, read_json, rewrite_cache,
+    train_with,
 };
 use candle_core::{DType, Device, Tensor};
 use refdpo::cache::{self, MappedCache};
@@ -247,10 +248,8 @@ fn demo_trains_from_ln2_to_high_heldout_accuracy() {
 /// fallback to the composed update, and trains like the default path.
 #[test]
 fn the_fused_optimizer_step_takes_the_trainers_gradients() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 3");
+    let (tmp, cfg) = precomputed("max_steps = 3");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     for (name, lora) in [
         ("full", &[][..]),
         ("lora", &["--set", "train.lora.r=4"][..]),
@@ -294,10 +293,8 @@ fn the_fused_optimizer_step_takes_the_trainers_gradients() {
 
 #[test]
 fn resume_continues_exactly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "lr_schedule = \"constant\"\nsave_every = 3");
+    let (tmp, cfg) = precomputed("lr_schedule = \"constant\"\nsave_every = 3");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     train_with(
         cfg_s,
         tmp.path(),
@@ -392,10 +389,8 @@ fn stale_corrupt_and_nonfinite_caches_are_refused() {
 /// `train.ref = "live"` runs the reference every step; on the same data it gives the cached run's losses.
 #[test]
 fn live_and_cached_reference_give_the_same_losses() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "max_steps = 4");
+    let (tmp, cfg) = precomputed("max_steps = 4");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
     let live_out = tmp.path().join("live");
     train_with(
@@ -482,10 +477,8 @@ fn live_and_cached_reference_give_the_same_losses() {
 /// epoch ends on a step, and `grad_accum` beyond an epoch's batches makes one step an epoch.
 #[test]
 fn an_accumulation_group_ends_with_its_epoch() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = demo_config(tmp.path(), "eval_every = 0");
+    let (tmp, cfg) = precomputed("eval_every = 0");
     let cfg_s = cfg.to_str().unwrap();
-    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     let epochs = |sets: &[&str]| -> Vec<f64> {
         train_with(cfg_s, tmp.path(), sets);
         let log = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
