@@ -1,7 +1,7 @@
 //! Times what stage two does once with a cache before its first step — memory map, checksum,
-//! decode, vocabulary check, each pair's checks — and `stats`' Parquet checksum, on a synthetic cache of UltraFeedback
-//! size. `cargo run --example cache_open [PAIRS]` (default 60,000 pairs; dependencies — arrow,
-//! xxhash — are optimized in every profile).
+//! decode, vocabulary check, each pair's checks — and `stats`' Parquet checksum, on a synthetic
+//! cache of UltraFeedback size. `cargo run --example cache_open [PAIRS]` (default 60,000 pairs;
+//! dependencies — arrow, xxhash — are optimized in every profile).
 
 use refdpo::cache::{self, CacheRow, Fingerprint, MappedCache};
 use refdpo::config::{Dtype, Truncation};
