@@ -8,7 +8,8 @@
 #   2. precompute tokens/s against transformers (bf16, SDPA) on the Qwen2-0.5B and Qwen2-1.5B
 #      architectures, with the bf16 matmul ceiling;
 #   3. one training setup (Qwen2-0.5B, 8 pairs × max_length 1024): refdpo cached with bf16
-#      state, the same with bf16 master weights (`train.master_dtype`), live, against TRL live and
+#      state, the same with bf16 master weights (`train.master_dtype`), and with 8-bit AdamW
+#      moments on top (`train.optim = "adamw_8bit"`), live, against TRL live and
 #      TRL precompute_ref_log_probs, and LoRA (r 16, all-linear) against TRL + PEFT, peak device
 #      memory measured from outside (NVML). (f32 state: `--setups` of bench/gpu.py.)
 # Carry [".gpu", ".whl"]: .gpu/refdpo.xz (stripped, xz -9), .gpu/realdata (the real-data subset),
@@ -39,7 +40,7 @@ SIZE=()
 EXTRA=()
 FLASH_ONLY=
 FLASH_ARGS=()
-TRAIN_SETUPS=refdpo_cached_bf16_state,refdpo_cached_bf16_masters,refdpo_live_bf16_state,trl_live,trl_precompute,refdpo_cached_lora,trl_live_lora
+TRAIN_SETUPS=refdpo_cached_bf16_state,refdpo_cached_bf16_masters,refdpo_cached_8bit,refdpo_live_bf16_state,trl_live,trl_precompute,refdpo_cached_lora,trl_live_lora
 for arg in "$@"; do
   case $arg in
     --flash) FLASH_ONLY=1 ;;
@@ -47,7 +48,7 @@ for arg in "$@"; do
     --cpu) DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256) ;;
     --profile) PRE_MODELS=${PRE_MODELS%%,*} EXTRA=(--profile) TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
     --lora) PRE_MODELS="" TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_lora,trl_live_lora ;;
-    --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,refdpo_cached_bf16_masters,trl_live ;;
+    --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,refdpo_cached_bf16_masters,refdpo_cached_8bit,trl_live ;;
     *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora] [--big] [--flash] [--tune]" >&2; exit 2 ;;
   esac
 done
@@ -94,5 +95,5 @@ if ! stage selftest 150 $REFDPO selftest --device "$DEVICE"; then
 fi
 [ -z "$PRE_MODELS" ] ||
   stage precompute 270 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS" "${SIZE[@]}" "${EXTRA[@]}"
-stage train 240 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8 "${SIZE[@]}" "${EXTRA[@]}"
+stage train 270 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8 "${SIZE[@]}" "${EXTRA[@]}"
 ls -la "$OUT"

@@ -38,7 +38,7 @@ p.add_argument("--max-length", type=int, default=1024)
 p.add_argument("--work", default="/tmp/refdpo-gpu-bench")
 # HuggingFaceH4/ultrafeedback_binarized's train_prefs split: the rows issue 24 extrapolates stage one to
 TRAIN_PREFS_ROWS = 61_135
-SETUPS = ["refdpo_cached_bf16_state", "refdpo_cached_bf16_masters", "refdpo_cached_f32_state", "refdpo_live_bf16_state",
+SETUPS = ["refdpo_cached_bf16_state", "refdpo_cached_bf16_masters", "refdpo_cached_8bit", "refdpo_cached_f32_state", "refdpo_live_bf16_state",
           "trl_live", "trl_precompute", "refdpo_cached_lora", "trl_live_lora"]
 # LoRA setups: r 16, alpha 32, all linear projections, a bf16 base (refdpo: frozen in bf16 with
 # f32 adapters; TRL + PEFT: the base loaded in bf16, PEFT's f32 adapters, the adapter-disabled
@@ -255,6 +255,10 @@ def stage_train():
         r = {"params": block_params + head_params}
         for name, extra in [("refdpo_cached_bf16_state", {"state_dtype": "bf16"}),
                             ("refdpo_cached_bf16_masters", {"state_dtype": "bf16", "master_dtype": "bf16"}),
+                            # bitsandbytes' AdamW8bit moments (TRL's optim="adamw_8bit"); the peer
+                            # below keeps adamw_torch: bitsandbytes is not installed there
+                            ("refdpo_cached_8bit", {"state_dtype": "bf16", "master_dtype": "bf16",
+                                                    "optim": "adamw_8bit"}),
                             ("refdpo_cached_f32_state", {"state_dtype": "f32"}),
                             ("refdpo_live_bf16_state", {"state_dtype": "bf16", "ref": "live"}),
                             ("refdpo_cached_lora", {"lora": (LORA_R, LORA_ALPHA)})]:

@@ -61,6 +61,19 @@ impl StateDtype {
     }
 }
 
+/// The optimizer (`train.optim`), by transformers' names.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum Optim {
+    /// torch's AdamW (`adamw_torch_fused` computes the same).
+    #[default]
+    #[serde(rename = "adamw_torch", alias = "adamw_torch_fused")]
+    AdamwTorch,
+    /// bitsandbytes' `AdamW8bit` (transformers' `adamw_bnb_8bit`): the moments of tensors of
+    /// 4,096 elements or more, the embedding's aside, blockwise in 8 bits.
+    #[serde(rename = "adamw_8bit", alias = "adamw_bnb_8bit")]
+    Adamw8bit,
+}
+
 /// Where training logs go besides `metrics.jsonl` (`train.report_to`, TRL's name).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

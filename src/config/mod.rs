@@ -7,7 +7,7 @@ pub mod keys;
 mod validate;
 
 pub use choices::{
-    Dtype, Losses, LrSchedule, RefMode, ReportTo, Role, Shard, StateDtype, TargetModules,
+    Dtype, Losses, LrSchedule, Optim, RefMode, ReportTo, Role, Shard, StateDtype, TargetModules,
     Truncation, PROJECTIONS,
 };
 pub use keys::apply_override;
@@ -192,7 +192,9 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Recompute each block's activations during backward instead of keeping them.
     pub gradient_checkpointing: bool,
-    /// Storage dtype of the gradients and AdamW moments.
+    /// The optimizer: torch's AdamW, or bitsandbytes' 8-bit AdamW (transformers' names).
+    pub optim: Optim,
+    /// Storage dtype of the gradients and AdamW moments (the moments not kept in 8 bits).
     pub state_dtype: StateDtype,
     /// Storage dtype of the trained weights (full fine-tuning): f32 masters (torch's), or bf16
     /// updated with stochastic rounding (2 fewer bytes per parameter, no compute copy).
@@ -267,6 +269,7 @@ impl Default for TrainConfig {
             save_every: 0,
             log_every: 1,
             gradient_checkpointing: true,
+            optim: Optim::AdamwTorch,
             state_dtype: StateDtype::F32,
             master_dtype: StateDtype::F32,
             save_final: true,

@@ -246,6 +246,12 @@ mod tests {
             ("train.ref=none", "train.ref", "none", "live"),
             ("train.state_dtype=f16", "train.state_dtype", "f16", "bf16"),
             (
+                "train.optim=adamw_4bit",
+                "train.optim",
+                "adamw_4bit",
+                "adamw_8bit",
+            ),
+            (
                 "train.master_dtype=fp8",
                 "train.master_dtype",
                 "fp8",

@@ -289,8 +289,34 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
             &bf16_weights_step(&Device::Cpu, DType::F32)?,
             0.1,
         )?);
+        // train.optim = "adamw_8bit": the composed ops' blockwise quantization round trip; a
+        // value on a midpoint may take the other neighbour, one map spacing (1.4% of its
+        // block's absmax at most) away
+        checks.push(Check::compare(
+            "8-bit AdamW moments (quantized and back)".into(),
+            &quantized_round_trip(device)?,
+            &quantized_round_trip(&Device::Cpu)?,
+            0.02,
+        )?);
     }
     Ok(())
+}
+
+/// Values of four scales per 256-value block (70,001 of them, the last block short) stored as
+/// 8-bit first and second moments on `device` and read back.
+fn quantized_round_trip(device: &Device) -> Result<Tensor> {
+    use crate::train::quant8::{Blockwise, Map};
+    let n = 70_001;
+    let scales: Vec<f32> = (0..n)
+        .map(|i| [1e-6f32, 1.0, 3e-2, 0.0][(i / 256) % 4])
+        .collect();
+    let x =
+        (values(&[n], 33)? * Tensor::new(scales.as_slice(), &Device::Cpu)?)?.to_device(device)?;
+    let m =
+        Blockwise::quantize(&x, &Map::new(true, device)?)?.dequantize(&Map::new(true, device)?)?;
+    let v = Blockwise::quantize(&x.abs()?, &Map::new(false, device)?)?
+        .dequantize(&Map::new(false, device)?)?;
+    Ok(Tensor::cat(&[m, v], 0)?)
 }
 
 /// One AdamW step (lr 1e-3, f32 state) on weights in [1, 2), where bf16's spacing is 2^-7 and

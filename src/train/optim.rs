@@ -2,18 +2,27 @@
 //! moments in the state dtype, global-norm clipping and the LR schedule.
 
 use super::grads::Grads;
+use super::moments::{self, Maps, Moments};
 use super::policy::Policy;
+use super::quant8::Blockwise;
 use crate::config::LrSchedule;
 use crate::error::{Error, Result};
 use crate::model::fused::{self, adamw_step};
 use crate::profile::{self, Phase};
 use candle_core::{DType, Tensor};
-use std::collections::HashMap;
 use std::path::Path;
 
-/// Elements updated at once: large tensors (the embedding) are stepped in row slices, so the
-/// step's f32 temporaries stay small next to the weights.
-const UPDATE_CHUNK: usize = 1 << 24;
+/// Elements updated at once by the composed ops: large tensors (the embedding) are stepped in
+/// slices, so the step's f32 temporaries stay small next to the weights. On the CPU every
+/// temporary is a fresh heap allocation, and a few dozen of them are live at once: smaller
+/// slices there (the time is the same).
+fn update_chunk(device: &candle_core::Device) -> usize {
+    if device.is_cpu() {
+        1 << 20
+    } else {
+        1 << 24
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWParams {
@@ -23,12 +32,12 @@ pub struct AdamWParams {
     pub weight_decay: f64,
 }
 
-/// First and second moments per parameter (stored in `dtype`), and the step count.
+/// First and second moments per parameter (dense in `dtype`, or 8-bit), and the step count.
 pub struct AdamW {
     pub params: AdamWParams,
     dtype: DType,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    moments: Vec<Moments>,
+    maps: Maps,
     pub step: u64,
 }
 
@@ -61,33 +70,39 @@ pub fn round_bf16_stochastic(x: &Tensor) -> Result<Tensor> {
 
 impl AdamW {
     /// Zero moments stored in `dtype` (f32: torch's AdamW; bf16: half the memory, rounded
-    /// stochastically).
-    pub fn new(policy: &Policy, params: AdamWParams, dtype: DType) -> Result<Self> {
-        let zeros = |v: &candle_core::Var| Tensor::zeros(v.shape(), dtype, v.device());
+    /// stochastically), or with `eight_bit` blockwise in 8 bits where bitsandbytes' `AdamW8bit`
+    /// keeps them so under transformers (the rest in `dtype`).
+    pub fn new(
+        policy: &Policy,
+        params: AdamWParams,
+        dtype: DType,
+        eight_bit: bool,
+    ) -> Result<Self> {
+        let device = policy
+            .vars
+            .first()
+            .map_or(candle_core::Device::Cpu, |v| v.device().clone());
+        let moments = policy
+            .vars
+            .iter()
+            .zip(&policy.names)
+            .map(|(var, name)| {
+                let q8 = moments::takes_8bit(eight_bit, name, var.elem_count());
+                Moments::zeros(var.shape(), q8, dtype, var.device())
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
             params,
             dtype,
-            m: policy
-                .vars
-                .iter()
-                .map(zeros)
-                .collect::<candle_core::Result<_>>()?,
-            v: policy
-                .vars
-                .iter()
-                .map(zeros)
-                .collect::<candle_core::Result<_>>()?,
+            moments,
+            maps: Maps::new(&device)?,
             step: 0,
         })
     }
 
     /// Bytes held by the moments.
     pub fn bytes(&self) -> usize {
-        self.m
-            .iter()
-            .chain(&self.v)
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        self.moments.iter().map(Moments::bytes).sum()
     }
 
     fn store(&self, x: Tensor) -> Result<Tensor> {
@@ -116,7 +131,15 @@ impl AdamW {
             .first()
             .is_some_and(|v| v.device().is_cpu() || fused::enabled(v.device()))
             && !fused::disabled();
-        if fused {
+        let all_dense = self.moments.iter().all(|m| m.dense().is_some());
+        if fused && !all_dense {
+            profile::note_once(
+                "the optimizer step takes the composed ops: 8-bit moments (train.optim = \
+                 \"adamw_8bit\") have no fused step"
+                    .to_string(),
+            );
+        }
+        if fused && all_dense {
             // seeds of the bf16 moments' and weights' rounding: (step, tensor, which)
             let seed =
                 |i: usize, which: u64| crate::rng::bits(step, ((i as u64) << 2 | which) + 1) as u32;
@@ -131,10 +154,11 @@ impl AdamW {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, var)| {
+                    let (m, v) = self.moments[i].dense()?;
                     Some(adamw_step::Slot {
                         w: var.as_tensor(),
-                        m: &self.m[i],
-                        v: &self.v[i],
+                        m,
+                        v,
                         g: rows[i].as_ref()?,
                         decays: p.weight_decay != 0.0 && decays(&policy.names[i]),
                         seeds: [seed(i, 0), seed(i, 1), seed(i, 2)],
@@ -172,7 +196,14 @@ impl AdamW {
             } else {
                 1.0
             };
-            self.update_composed(i, var.as_tensor(), g, lr, decay, grad_scale)?;
+            match &self.moments[i] {
+                Moments::Dense { .. } => {
+                    self.update_composed(i, var.as_tensor(), g, lr, decay, grad_scale)?
+                }
+                Moments::Blockwise { m, v } => {
+                    self.update_8bit(m, v, var.as_tensor(), g, lr, decay, grad_scale)?
+                }
+            }
         }
         Ok(norm)
     }
@@ -188,30 +219,74 @@ impl AdamW {
         decay: f64,
         grad_scale: f64,
     ) -> Result<()> {
+        let Some((m_all, v_all)) = self.moments[i].dense() else {
+            return Err(Error::Train(format!("tensor {i} keeps 8-bit moments")));
+        };
         let rows = w.dim(0)?;
         let row_len = w.elem_count() / rows.max(1);
-        let step_rows = (UPDATE_CHUNK / row_len.max(1)).max(1);
+        let step_rows = (update_chunk(w.device()) / row_len.max(1)).max(1);
         for start in (0..rows).step_by(step_rows) {
             let len = step_rows.min(rows - start);
             let part = |t: &Tensor| t.narrow(0, start, len);
             let (w_new, m, v) = self.adam(
                 &part(w)?,
-                &part(&self.m[i])?,
-                &part(&self.v[i])?,
+                &part(m_all)?,
+                &part(v_all)?,
                 &part(g)?,
                 lr,
                 decay,
                 grad_scale,
             )?;
             w.slice_set(&w_new, 0, start)?;
-            self.m[i].slice_set(&m, 0, start)?;
-            self.v[i].slice_set(&v, 0, start)?;
+            m_all.slice_set(&self.store(m)?, 0, start)?;
+            v_all.slice_set(&self.store(v)?, 0, start)?;
         }
         Ok(())
     }
 
-    /// torch's AdamW on one tensor (or row slice), in f32: returns (w, m, v), the weights in
-    /// their own dtype and the moments in the state dtype (bf16 rounded stochastically).
+    /// bitsandbytes' 8-bit AdamW on one tensor, in place, a slice of whole 256-value blocks at a
+    /// time: the moments dequantized to f32, torch's update, the moments quantized again.
+    #[allow(clippy::too_many_arguments)]
+    fn update_8bit(
+        &self,
+        m_all: &Blockwise,
+        v_all: &Blockwise,
+        w: &Tensor,
+        g: &Tensor,
+        lr: f64,
+        decay: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
+        if !w.is_contiguous() {
+            // the update writes through a flattened view of the weight's storage
+            return Err(Error::Train("8-bit AdamW needs contiguous weights".into()));
+        }
+        let (flat_w, flat_g) = (w.flatten_all()?, g.flatten_all()?);
+        let n = flat_w.elem_count();
+        // half the dense chunk: the binary search's temporaries are several per value
+        let chunk = update_chunk(w.device()) / 2;
+        for start in (0..n).step_by(chunk) {
+            let len = chunk.min(n - start);
+            let (m, v) = (m_all.narrow(start, len)?, v_all.narrow(start, len)?);
+            let (w_new, m, v) = self.adam(
+                &flat_w.narrow(0, start, len)?,
+                &m.dequantize(&self.maps.m)?,
+                &v.dequantize(&self.maps.v)?,
+                &flat_g.narrow(0, start, len)?,
+                lr,
+                decay,
+                grad_scale,
+            )?;
+            // the flattened view shares the weight's storage
+            flat_w.slice_set(&w_new, 0, start)?;
+            m_all.write(&Blockwise::quantize(&m, &self.maps.m)?, start)?;
+            v_all.write(&Blockwise::quantize(&v, &self.maps.v)?, start)?;
+        }
+        Ok(())
+    }
+
+    /// torch's AdamW on one tensor (or slice), in f32: returns (w, m, v), the weights in their
+    /// own dtype (bf16 rounded stochastically) and the moments in f32.
     #[allow(clippy::too_many_arguments)]
     fn adam(
         &self,
@@ -235,63 +310,19 @@ impl AdamW {
             DType::BF16 => round_bf16_stochastic(&w_new)?,
             dtype => w_new.to_dtype(dtype)?,
         };
-        Ok((w_new, self.store(m)?, self.store(v)?))
+        Ok((w_new, m, v))
     }
 
-    /// Writes the moments (in their state dtype) and step as safetensors (`m.<name>`,
-    /// `v.<name>`, `step`).
+    /// Writes the moments (in their state dtype, or 8-bit) and step as safetensors
+    /// ([`moments::save`]).
     pub fn save(&self, policy: &Policy, path: &Path) -> Result<()> {
-        let mut t = HashMap::new();
-        for (i, name) in policy.names.iter().enumerate() {
-            t.insert(format!("m.{name}"), self.m[i].clone());
-            t.insert(format!("v.{name}"), self.v[i].clone());
-        }
-        t.insert(
-            "step".into(),
-            Tensor::new(&[self.step as f64], &candle_core::Device::Cpu)?,
-        );
-        crate::model::weights::save(&t, path)
+        let shapes: Vec<&[usize]> = policy.vars.iter().map(|v| v.dims()).collect();
+        moments::save(&self.moments, &policy.names, &shapes, self.step, path)
     }
 
     pub fn load(&mut self, policy: &Policy, path: &Path) -> Result<()> {
-        let dev = policy.vars[0].device().clone();
-        let t = crate::model::weights::load(&[path.to_path_buf()], DType::F32, &dev)?;
-        let get = |k: &str| {
-            t.get(k).cloned().ok_or_else(|| {
-                Error::Train(format!("optimizer state `{}` lacks `{k}`", path.display()))
-            })
-        };
-        for (i, name) in policy.names.iter().enumerate() {
-            for (moment, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let key = format!("{moment}.{name}");
-                let t = get(&key)?;
-                if t.dims() != policy.vars[i].dims() {
-                    return Err(Error::Train(format!(
-                        "optimizer state `{}` holds `{key}` of shape {:?} for weights of shape \
-                         {:?}: the checkpoint is damaged or from another model",
-                        path.display(),
-                        t.dims(),
-                        policy.vars[i].dims()
-                    )));
-                }
-                *slot = t.to_dtype(self.dtype)?;
-            }
-        }
-        let step = get("step")?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        self.step = match step[..] {
-            // an integer below 2^53, as written
-            [s] if s >= 0.0 && s.fract() == 0.0 && s < 9.007e15 => s as u64,
-            _ => {
-                return Err(Error::Train(format!(
-                    "optimizer state `{}`: `step` is {step:?}, not one count of steps: the \
-                     checkpoint is damaged",
-                    path.display()
-                )))
-            }
-        };
+        let shapes: Vec<&[usize]> = policy.vars.iter().map(|v| v.dims()).collect();
+        self.step = moments::load(&mut self.moments, &self.maps, &policy.names, &shapes, path)?;
         Ok(())
     }
 }
@@ -332,6 +363,21 @@ pub fn learning_rate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An optimizer over tensors of `shapes` with zero dense moments in `dtype`.
+    fn dense(params: AdamWParams, dtype: DType, shapes: &[candle_core::Shape]) -> AdamW {
+        let dev = candle_core::Device::Cpu;
+        AdamW {
+            params,
+            dtype,
+            moments: shapes
+                .iter()
+                .map(|s| Moments::zeros(s, false, dtype, &dev).unwrap())
+                .collect(),
+            maps: Maps::new(&dev).unwrap(),
+            step: 0,
+        }
+    }
 
     /// torch's AdamW defaults with `weight_decay`.
     fn params(weight_decay: f64) -> AdamWParams {
@@ -428,13 +474,7 @@ mod tests {
         let run = |weights: DType, fused: bool| -> Tensor {
             // a copy: to_dtype into the same dtype shares w0's storage
             let w = w0.to_dtype(weights).unwrap().copy().unwrap();
-            let mut opt = AdamW {
-                params,
-                dtype: DType::F32,
-                m: vec![Tensor::zeros(n, DType::F32, &dev).unwrap()],
-                v: vec![Tensor::zeros(n, DType::F32, &dev).unwrap()],
-                step: 0,
-            };
+            let mut opt = dense(params, DType::F32, &[n.into()]);
             for step in 1..=3u32 {
                 let g = Tensor::full(0.5f32 + step as f32, n, &dev).unwrap();
                 opt.step += 1;
@@ -442,8 +482,8 @@ mod tests {
                 if fused {
                     let slot = adamw_step::Slot {
                         w: &w,
-                        m: &opt.m[0],
-                        v: &opt.v[0],
+                        m: opt.moments[0].dense().unwrap().0,
+                        v: opt.moments[0].dense().unwrap().1,
                         g: &g,
                         decays: false,
                         seeds: [1, 2, step],
@@ -497,14 +537,8 @@ mod tests {
         let lr = 1e-3;
         let shapes = [(37, 29), (1, 5)];
         for dtype in [DType::F32, DType::BF16] {
-            let zeros = |s| Tensor::zeros(s, dtype, &dev).unwrap();
-            let fresh = || AdamW {
-                params,
-                dtype,
-                m: shapes.iter().map(|&s| zeros(s)).collect(),
-                v: shapes.iter().map(|&s| zeros(s)).collect(),
-                step: 0,
-            };
+            let shapes_: Vec<candle_core::Shape> = shapes.iter().map(|&s| s.into()).collect();
+            let fresh = || dense(params, dtype, &shapes_);
             let (mut fused, mut composed) = (fresh(), fresh());
             let w0: Vec<Tensor> = shapes
                 .iter()
@@ -527,8 +561,8 @@ mod tests {
                 let slots: Vec<_> = (0..2)
                     .map(|i| adamw_step::Slot {
                         w: &wf[i],
-                        m: &fused.m[i],
-                        v: &fused.v[i],
+                        m: fused.moments[i].dense().unwrap().0,
+                        v: fused.moments[i].dense().unwrap().1,
                         g: &g[i],
                         decays: i == 0,
                         seeds: [step, step + 7, step + 9],
@@ -554,8 +588,10 @@ mod tests {
                 for i in 0..2 {
                     if dtype == DType::F32 {
                         assert_eq!(vals(&wf[i]), vals(&wc[i]), "weights {i}, step {step}");
-                        assert_eq!(vals(&fused.m[i]), vals(&composed.m[i]), "m, step {step}");
-                        assert_eq!(vals(&fused.v[i]), vals(&composed.v[i]), "v, step {step}");
+                        let (fm, fv) = fused.moments[i].dense().unwrap();
+                        let (cm, cv) = composed.moments[i].dense().unwrap();
+                        assert_eq!(vals(fm), vals(cm), "m, step {step}");
+                        assert_eq!(vals(fv), vals(cv), "v, step {step}");
                     } else {
                         // Each step's update differs by at most lr times the moments' relative
                         // rounding (one bf16 spacing, 2^-7, stochastically, in m and half in √v).
@@ -566,6 +602,102 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// `train.optim = "adamw_8bit"` against bitsandbytes' `AdamW8bit` on the CPU (the
+    /// fixture's 4 steps of one [32, 160] tensor with weight decay): the weights after step 1
+    /// (the update reads the moments before they are stored) and after step 4 (each step reads
+    /// the 8-bit moments of the one before), and the 8-bit state.
+    #[test]
+    fn eight_bit_adamw_follows_bitsandbytes() {
+        use crate::train::quant8::tests::{f32s, fixture, fixture_grad, ramp};
+        let fx = &fixture()["adamw"];
+        let dev = candle_core::Device::Cpu;
+        let shape: Vec<usize> = fx["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let n = shape[0] * shape[1];
+        let scales = f32s(&fx["scales"]);
+        let lr = fx["lr"].as_f64().unwrap();
+        let params = AdamWParams {
+            beta1: fx["betas"][0].as_f64().unwrap(),
+            beta2: fx["betas"][1].as_f64().unwrap(),
+            eps: fx["eps"].as_f64().unwrap(),
+            weight_decay: fx["weight_decay"].as_f64().unwrap(),
+        };
+        let w0: Vec<f32> = (0..n).map(|i| ramp(i, 389, 17) / 1000.0).collect();
+        let w = Tensor::new(w0.as_slice(), &dev)
+            .unwrap()
+            .reshape((shape[0], shape[1]))
+            .unwrap();
+        let mut opt = AdamW {
+            params,
+            dtype: DType::F32,
+            moments: vec![Moments::zeros(w.shape(), true, DType::F32, &dev).unwrap()],
+            maps: Maps::new(&dev).unwrap(),
+            step: 0,
+        };
+        let after = fx["weights_after"].as_array().unwrap();
+        let reference = &fixture()["reference"];
+        let worst = |got: &Tensor, want: &[f32]| -> (f32, usize) {
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let d: Vec<f32> = got.iter().zip(want).map(|(a, b)| (a - b).abs()).collect();
+            let far = d.iter().filter(|&&x| x > 1e-6).count();
+            (d.into_iter().fold(0f32, f32::max), far)
+        };
+        for t in 1..=4usize {
+            let g = Tensor::new(fixture_grad(t, n, &scales).as_slice(), &dev)
+                .unwrap()
+                .reshape((shape[0], shape[1]))
+                .unwrap();
+            opt.step += 1;
+            let Moments::Blockwise { m, v } = &opt.moments[0] else {
+                panic!("8-bit moments expected")
+            };
+            let decay = 1.0 - lr * params.weight_decay;
+            opt.update_8bit(m, v, &w, &g, lr, decay, 1.0).unwrap();
+            if t == 1 {
+                // zero moments in, the update from the f32 moments: torch's AdamW to an ulp
+                let (d, _) = worst(&w, &f32s(&after[0]));
+                assert!(d <= 1.2e-7, "step 1: {d:e} from bitsandbytes");
+            }
+        }
+        // bitsandbytes' update with its reference quantizer: the same codes, the same weights
+        let (d, _) = worst(&w, &f32s(&reference["weights_after"]));
+        assert!(d <= 1.2e-7, "step 4: {d:e} from bitsandbytes' reference");
+        // its compiled quantizer: a few codes on a midpoint go the other way, and each moves
+        // its weight's later updates by a fraction of a step (lr = 1e-2)
+        let (d, far) = worst(&w, &f32s(&after[1]));
+        assert!(
+            d < 0.05 * lr as f32 && far < n / 50,
+            "step 4: {d:e}, {far} weights off"
+        );
+        let Moments::Blockwise { m, v } = &opt.moments[0] else {
+            unreachable!()
+        };
+        let codes =
+            |v: &serde_json::Value| -> Vec<u8> { f32s(v).iter().map(|&c| c as u8).collect() };
+        for (q, key) in [(m, "m"), (v, "v")] {
+            let got = q.codes.to_vec1::<u8>().unwrap();
+            assert_eq!(got, codes(&reference[format!("{key}_codes")]), "{key}");
+            let compiled = codes(&fx[format!("{key}_codes")]);
+            let flips: Vec<i32> = got
+                .iter()
+                .zip(&compiled)
+                .map(|(&a, &b)| a as i32 - b as i32)
+                .filter(|&d| d != 0)
+                .collect();
+            assert!(
+                flips.len() < 32 && flips.iter().all(|d| d.abs() == 1),
+                "{key}: {flips:?}"
+            );
+            let (d, _) = worst(&q.absmax, &f32s(&reference[format!("{key}_absmax")]));
+            let top = q.absmax.max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d <= top * 2e-7, "{key} absmax: {d:e}");
         }
     }
 }

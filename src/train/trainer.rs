@@ -113,6 +113,7 @@ impl<'a> Trainer<'a> {
                 weight_decay: t.weight_decay,
             },
             t.state_dtype.candle(),
+            t.optim == crate::config::Optim::Adamw8bit,
         )?;
         let max_steps = total_steps(train.len(), t);
         Ok(Self {
@@ -496,11 +497,15 @@ impl<'a> Trainer<'a> {
         let trained = self.policy.num_params() as f64;
         let (grads, moments) = (self.grad_bytes as f64, self.optim.bytes() as f64);
         let state = t.state_dtype.as_str();
+        let kept = match t.optim {
+            crate::config::Optim::AdamwTorch => state,
+            crate::config::Optim::Adamw8bit => "8-bit",
+        };
         if self.policy.lora.is_none() {
             let weights = self.policy.bytes() as f64;
             return format!(
                 "persistent training state {:.1} bytes/parameter ({} weights {:.1}, {state} \
-                 gradients {:.1}, {state} AdamW moments {:.1})",
+                 gradients {:.1}, {kept} AdamW moments {:.1})",
                 (weights + grads + moments) / trained,
                 t.master_dtype.as_str(),
                 weights / trained,
@@ -512,8 +517,8 @@ impl<'a> Trainer<'a> {
         let frozen = self.policy.frozen_bytes() as f64;
         format!(
             "LoRA: {} adapter parameters ({:.3}% of {} base parameters); persistent training \
-             state {:.2} bytes/base parameter (frozen base {:.2}, f32 adapters, {state} gradients \
-             and AdamW moments {:.2})",
+             state {:.2} bytes/base parameter (frozen base {:.2}, f32 adapters, {state} gradients, \
+             {kept} AdamW moments {:.2})",
             trained,
             100.0 * trained / base,
             base,

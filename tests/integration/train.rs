@@ -293,7 +293,44 @@ fn the_fused_optimizer_step_takes_the_trainers_gradients() {
 
 #[test]
 fn resume_continues_exactly() {
-    let (tmp, cfg) = precomputed("lr_schedule = \"constant\"\nsave_every = 3");
+    resumes_exactly("");
+}
+
+/// `train.optim = "adamw_8bit"`: the checkpoint keeps bitsandbytes' 8-bit state (u8 codes and
+/// f32 absmax per 256 values; the embedding's moments and those of small tensors dense), a
+/// resumed run ends with the same bytes, and they are not the 32-bit optimizer's.
+#[test]
+fn eight_bit_adamw_checkpoints_its_state_and_resumes_exactly() {
+    let (tmp, eight_bit) = resumes_exactly("optim = \"adamw_8bit\"");
+    let st = std::fs::read(tmp.path().join("run/checkpoint-3/optimizer.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let dtype = |k: &str| st.tensor(k).map(|t| t.dtype()).ok();
+    let block = "model.layers.0.mlp.gate_proj.weight";
+    assert_eq!(dtype(&format!("m.{block}")), Some(safetensors::Dtype::U8));
+    assert_eq!(dtype(&format!("v.{block}")), Some(safetensors::Dtype::U8));
+    assert_eq!(
+        dtype(&format!("m_absmax.{block}")),
+        Some(safetensors::Dtype::F32)
+    );
+    assert_eq!(
+        dtype("m.model.embed_tokens.weight"),
+        Some(safetensors::Dtype::F32)
+    );
+    assert_eq!(dtype("m_absmax.model.embed_tokens.weight"), None);
+    assert_eq!(dtype("m.model.norm.weight"), Some(safetensors::Dtype::F32));
+    let (_tmp, torch) = resumes_exactly("");
+    assert!(
+        eight_bit != torch,
+        "8-bit moments trained the same weights as f32 ones"
+    );
+}
+
+/// Trains 6 steps, then 3 and a resume to 6 (`extra` in `[train]`): the same final weights and
+/// train metrics. Returns the folder and the final weights.
+fn resumes_exactly(extra: &str) -> (tempfile::TempDir, Vec<u8>) {
+    let (tmp, cfg) = precomputed(&format!(
+        "lr_schedule = \"constant\"\nsave_every = 3\n{extra}"
+    ));
     let cfg_s = cfg.to_str().unwrap();
     train_with(
         cfg_s,
@@ -331,6 +368,7 @@ fn resume_continues_exactly() {
     };
     let resumed = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
     assert_eq!(train_lines(&resumed), train_lines(&full_metrics));
+    (tmp, full)
 }
 
 #[test]

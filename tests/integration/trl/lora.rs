@@ -172,6 +172,7 @@ fn one_lora_step_matches_trl_and_peft() {
             weight_decay: 0.0,
         },
         DType::F32,
+        false,
     )
     .unwrap();
     optim

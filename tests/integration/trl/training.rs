@@ -263,6 +263,7 @@ fn one_training_step_matches_trl() {
             weight_decay: 0.0,
         },
         DType::F32,
+        false,
     )
     .unwrap();
     optim.step(&policy, &grads, 0.01, 0.0).unwrap(); // unclipped
