@@ -1,6 +1,7 @@
 //! Stage two: DPO-train the policy from the cached reference log-probs (memory-mapped Arrow), or
 //! with `train.ref = "live"` from a reference model run every step (the baseline for comparisons).
 
+pub mod adamw8;
 pub mod batches;
 pub mod checkpoint;
 pub mod curves;

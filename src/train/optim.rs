@@ -1,6 +1,7 @@
 //! AdamW on the master weights (torch's update rule; f32, or bf16 rounded stochastically), its
 //! moments in the state dtype, global-norm clipping and the LR schedule.
 
+use super::adamw8;
 use super::grads::Grads;
 use super::moments::{self, Maps, Moments};
 use super::policy::Policy;
@@ -132,14 +133,15 @@ impl AdamW {
             .is_some_and(|v| v.device().is_cpu() || fused::enabled(v.device()))
             && !fused::disabled();
         let all_dense = self.moments.iter().all(|m| m.dense().is_some());
-        if fused && !all_dense {
+        let on_cpu = policy.vars.first().is_some_and(|v| v.device().is_cpu());
+        if fused && !all_dense && !on_cpu {
             profile::note_once(
                 "the optimizer step takes the composed ops: 8-bit moments (train.optim = \
-                 \"adamw_8bit\") have no fused step"
+                 \"adamw_8bit\") have no fused step on CUDA"
                     .to_string(),
             );
         }
-        if fused && all_dense {
+        if fused && (all_dense || on_cpu) {
             // seeds of the bf16 moments' and weights' rounding: (step, tensor, which)
             let seed =
                 |i: usize, which: u64| crate::rng::bits(step, ((i as u64) << 2 | which) + 1) as u32;
@@ -149,6 +151,7 @@ impl AdamW {
                 .iter()
                 .map(|g| g.map(Tensor::contiguous).transpose())
                 .collect::<candle_core::Result<_>>()?;
+            let decays_at = |i: usize| p.weight_decay != 0.0 && decays(&policy.names[i]);
             let slots: Vec<adamw_step::Slot<'_>> = policy
                 .vars
                 .iter()
@@ -160,18 +163,50 @@ impl AdamW {
                         m,
                         v,
                         g: rows[i].as_ref()?,
-                        decays: p.weight_decay != 0.0 && decays(&policy.names[i]),
+                        decays: decays_at(i),
                         seeds: [seed(i, 0), seed(i, 1), seed(i, 2)],
                     })
                 })
                 .collect();
             match adamw_step::unsupported(&slots) {
-                None => {
+                None if all_dense => {
                     let _phase = profile::scope(Phase::Optimizer);
                     let norm = adamw_step::step(&slots, hyper, max_norm)?;
                     if norm.is_finite() {
                         self.step = step;
                     }
+                    return Ok(norm);
+                }
+                // the CPU with 8-bit moments: the norm over every gradient, the dense tensors'
+                // loops, then the 8-bit ones' (adamw8), each with the same clipping
+                None => {
+                    let norm = {
+                        let _phase = profile::scope(Phase::Grads);
+                        let present: Vec<&Tensor> = rows.iter().flatten().collect();
+                        adamw_step::cpu_grad_norm(&present)?
+                    };
+                    if !norm.is_finite() {
+                        return Ok(norm);
+                    }
+                    let grad_scale = adamw_step::clip_coefficient(norm, max_norm);
+                    let _phase = profile::scope(Phase::Optimizer);
+                    adamw_step::cpu_update(&slots, hyper, grad_scale)?;
+                    for (i, var) in policy.vars.iter().enumerate() {
+                        let (Moments::Blockwise { m, v }, Some(g)) = (&self.moments[i], &rows[i])
+                        else {
+                            continue;
+                        };
+                        let one = adamw8::Step {
+                            w: var.as_tensor(),
+                            g,
+                            m,
+                            v,
+                            decays: decays_at(i),
+                            seed: seed(i, 2),
+                        };
+                        adamw8::step(&one, (&self.maps.m, &self.maps.v), hyper, grad_scale)?;
+                    }
+                    self.step = step;
                     return Ok(norm);
                 }
                 Some(why) => profile::note_once(format!(
@@ -699,5 +734,59 @@ mod tests {
             let top = q.absmax.max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(d <= top * 2e-7, "{key} absmax: {d:e}");
         }
+    }
+
+    /// The CPU's 8-bit loops (adamw8) against the composed ops: the same bits with f32 weights,
+    /// step after step, with weight decay, a clipping coefficient and a short last block.
+    #[test]
+    fn eight_bit_loops_equal_the_composed_ops() {
+        let dev = candle_core::Device::Cpu;
+        let params = params(0.01);
+        let (lr, grad_scale) = (1e-3, 0.7);
+        let shape = (37, 300); // 11,100 values: 43 blocks and a short one
+        let fresh = || AdamW {
+            params,
+            dtype: DType::F32,
+            moments: vec![Moments::zeros(&shape.into(), true, DType::F32, &dev).unwrap()],
+            maps: Maps::new(&dev).unwrap(),
+            step: 0,
+        };
+        let (mut loops, mut composed) = (fresh(), fresh());
+        let w0 = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (wl, wc) = (w0.copy().unwrap(), w0.copy().unwrap());
+        for t in 1..=5 {
+            let g = (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * 10f64.powi(-t)).unwrap();
+            loops.step += 1;
+            composed.step += 1;
+            let (Moments::Blockwise { m, v }, Moments::Blockwise { m: mc, v: vc }) =
+                (&loops.moments[0], &composed.moments[0])
+            else {
+                panic!("8-bit moments expected")
+            };
+            let h = hyper(params, lr, t);
+            let one = adamw8::Step {
+                w: &wl,
+                g: &g,
+                m,
+                v,
+                decays: true,
+                seed: 1,
+            };
+            adamw8::step(&one, (&loops.maps.m, &loops.maps.v), h, grad_scale).unwrap();
+            composed
+                .update_8bit(mc, vc, &wc, &g, lr, h.decay, grad_scale)
+                .unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(&wl), bits(&wc), "weights, step {t}");
+            for (a, b, which) in [(m, mc, "m"), (v, vc, "v")] {
+                let codes = |q: &Blockwise| q.codes.to_vec1::<u8>().unwrap();
+                assert_eq!(codes(a), codes(b), "{which} codes, step {t}");
+                assert_eq!(bits(&a.absmax), bits(&b.absmax), "{which} absmax, step {t}");
+            }
+        }
+        assert!(crate::test_util::max_abs_diff(&wl, &w0) > 0.0);
     }
 }

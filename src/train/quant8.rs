@@ -69,6 +69,8 @@ fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
 pub struct Map {
     values: Tensor,
     bounds: Tensor,
+    host: [f32; 256],
+    host_bounds: Vec<f32>,
 }
 
 impl Map {
@@ -79,7 +81,20 @@ impl Map {
         Ok(Self {
             values: Tensor::new(&map[..], device)?,
             bounds: Tensor::new(bounds.as_slice(), device)?,
+            host: map,
+            host_bounds: bounds,
         })
+    }
+
+    /// The map's values, on the host.
+    pub fn host(&self) -> &[f32; 256] {
+        &self.host
+    }
+
+    /// The index of the entry nearest to `x` (in [−1, 1]), on the host: what [`Map::nearest`]
+    /// computes, the number of midpoints below `x`.
+    pub fn nearest_host(&self, x: f32) -> u8 {
+        self.host_bounds[..255].partition_point(|&b| b < x) as u8
     }
 
     /// The index of the entry nearest to each of `x` (f32, in [−1, 1]): the number of midpoints

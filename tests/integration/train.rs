@@ -298,7 +298,8 @@ fn resume_continues_exactly() {
 
 /// `train.optim = "adamw_8bit"`: the checkpoint keeps bitsandbytes' 8-bit state (u8 codes and
 /// f32 absmax per 256 values; the embedding's moments and those of small tensors dense), a
-/// resumed run ends with the same bytes, and they are not the 32-bit optimizer's.
+/// resumed run ends with the same bytes (with f32 and with bf16 state), and they are not the
+/// 32-bit optimizer's.
 #[test]
 fn eight_bit_adamw_checkpoints_its_state_and_resumes_exactly() {
     let (tmp, eight_bit) = resumes_exactly("optim = \"adamw_8bit\"");
@@ -323,6 +324,8 @@ fn eight_bit_adamw_checkpoints_its_state_and_resumes_exactly() {
         eight_bit != torch,
         "8-bit moments trained the same weights as f32 ones"
     );
+    // bf16 for the moments kept dense: the CPU's loops draw their rounding from the step
+    resumes_exactly("optim = \"adamw_8bit\"\nstate_dtype = \"bf16\"");
 }
 
 /// Trains 6 steps, then 3 and a resume to 6 (`extra` in `[train]`): the same final weights and

@@ -93,7 +93,7 @@ impl Moment {
 
 /// bf16 from f32, up with probability equal to the distance from the bf16 value below: 16
 /// random low bits added to the bit pattern, then truncated (as the kernel does).
-fn bf16_stochastic(x: f32, seed: u32, i: usize) -> bf16 {
+pub fn bf16_stochastic(x: f32, seed: u32, i: usize) -> bf16 {
     let noise = (crate::rng::bits(u64::from(seed), i as u64 + 1) & 0xFFFF) as u32;
     bf16::from_bits((x.to_bits().wrapping_add(noise) >> 16) as u16)
 }

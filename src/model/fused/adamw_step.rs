@@ -128,13 +128,20 @@ const LANES: usize = 1024;
 /// the lanes halved pairwise, the chunks' sums totalled in f64 in order. The chunks run over the
 /// CPU's threads, read where the gradient lies (no f32 copy of it).
 fn cpu_norm(slots: &[Slot<'_>]) -> Result<f64> {
+    let grads: Vec<&Tensor> = slots.iter().map(|s| s.g).collect();
+    cpu_grad_norm(&grads)
+}
+
+/// The global norm of `grads` (CPU tensors, contiguous) as the fused step takes it, for a step
+/// whose tensors do not all take [`step`] (8-bit moments): the same value for the same gradients.
+pub fn cpu_grad_norm(grads: &[&Tensor]) -> Result<f64> {
     let mut total = 0f64;
-    for s in slots {
-        let (storage, layout) = s.g.storage_and_layout();
+    for g in grads {
+        let (storage, layout) = g.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {
             candle_core::bail!(
                 "the CPU's optimizer step got a gradient on {:?}",
-                s.g.device()
+                g.device()
             );
         };
         let sums = match cpu.dtype() {
@@ -176,7 +183,13 @@ fn cpu_step(slots: &[Slot<'_>], h: Hyper, max_norm: f64) -> Result<f64> {
     if !norm.is_finite() {
         return Ok(norm);
     }
-    let grad_scale = clip_coefficient(norm, max_norm);
+    cpu_update(slots, h, clip_coefficient(norm, max_norm))?;
+    Ok(norm)
+}
+
+/// The CPU's AdamW on every slot with the gradients scaled by `grad_scale` (the clipping
+/// coefficient, taken over these and other tensors by the caller).
+pub fn cpu_update(slots: &[Slot<'_>], h: Hyper, grad_scale: f64) -> Result<()> {
     for s in slots {
         for (x, beta, seed, square) in [
             (s.m, h.beta1, s.seeds[0], false),
@@ -199,7 +212,7 @@ fn cpu_step(slots: &[Slot<'_>], h: Hyper, max_norm: f64) -> Result<f64> {
         };
         adamw_weight(s.w, s.m, s.v, op)?;
     }
-    Ok(norm)
+    Ok(())
 }
 
 #[cfg(feature = "cuda")]
