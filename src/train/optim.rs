@@ -33,6 +33,15 @@ pub struct AdamWParams {
     pub weight_decay: f64,
 }
 
+/// One tensor's composed update: the learning rate, the weight-decay factor (1 − lr·decay, or
+/// 1) and the gradients' clipping coefficient.
+#[derive(Debug, Clone, Copy)]
+struct Update {
+    lr: f64,
+    decay: f64,
+    grad_scale: f64,
+}
+
 /// First and second moments per parameter (dense in `dtype`, or 8-bit), and the step count.
 pub struct AdamW {
     pub params: AdamWParams,
@@ -231,13 +240,14 @@ impl AdamW {
             } else {
                 1.0
             };
+            let up = Update {
+                lr,
+                decay,
+                grad_scale,
+            };
             match &self.moments[i] {
-                Moments::Dense { .. } => {
-                    self.update_composed(i, var.as_tensor(), g, lr, decay, grad_scale)?
-                }
-                Moments::Blockwise { m, v } => {
-                    self.update_8bit(m, v, var.as_tensor(), g, lr, decay, grad_scale)?
-                }
+                Moments::Dense { .. } => self.update_composed(i, var.as_tensor(), g, up)?,
+                Moments::Blockwise { m, v } => self.update_8bit(m, v, var.as_tensor(), g, up)?,
             }
         }
         Ok(norm)
@@ -245,15 +255,7 @@ impl AdamW {
 
     /// torch's AdamW on tensor `i` with composed ops, one row slice at a time (one slice for all
     /// but the largest tensors), in place.
-    fn update_composed(
-        &self,
-        i: usize,
-        w: &Tensor,
-        g: &Tensor,
-        lr: f64,
-        decay: f64,
-        grad_scale: f64,
-    ) -> Result<()> {
+    fn update_composed(&self, i: usize, w: &Tensor, g: &Tensor, up: Update) -> Result<()> {
         let Some((m_all, v_all)) = self.moments[i].dense() else {
             return Err(Error::Train(format!("tensor {i} keeps 8-bit moments")));
         };
@@ -263,15 +265,8 @@ impl AdamW {
         for start in (0..rows).step_by(step_rows) {
             let len = step_rows.min(rows - start);
             let part = |t: &Tensor| t.narrow(0, start, len);
-            let (w_new, m, v) = self.adam(
-                &part(w)?,
-                &part(m_all)?,
-                &part(v_all)?,
-                &part(g)?,
-                lr,
-                decay,
-                grad_scale,
-            )?;
+            let (w_new, m, v) =
+                self.adam(&part(w)?, &part(m_all)?, &part(v_all)?, &part(g)?, up)?;
             w.slice_set(&w_new, 0, start)?;
             m_all.slice_set(&self.store(m)?, 0, start)?;
             v_all.slice_set(&self.store(v)?, 0, start)?;
@@ -281,16 +276,13 @@ impl AdamW {
 
     /// bitsandbytes' 8-bit AdamW on one tensor, in place, a slice of whole 256-value blocks at a
     /// time: the moments dequantized to f32, torch's update, the moments quantized again.
-    #[allow(clippy::too_many_arguments)]
     fn update_8bit(
         &self,
         m_all: &Blockwise,
         v_all: &Blockwise,
         w: &Tensor,
         g: &Tensor,
-        lr: f64,
-        decay: f64,
-        grad_scale: f64,
+        up: Update,
     ) -> Result<()> {
         if !w.is_contiguous() {
             // the update writes through a flattened view of the weight's storage
@@ -308,9 +300,7 @@ impl AdamW {
                 &m.dequantize(&self.maps.m)?,
                 &v.dequantize(&self.maps.v)?,
                 &flat_g.narrow(0, start, len)?,
-                lr,
-                decay,
-                grad_scale,
+                up,
             )?;
             // the flattened view shares the weight's storage
             flat_w.slice_set(&w_new, 0, start)?;
@@ -322,17 +312,19 @@ impl AdamW {
 
     /// torch's AdamW on one tensor (or slice), in f32: returns (w, m, v), the weights in their
     /// own dtype (bf16 rounded stochastically) and the moments in f32.
-    #[allow(clippy::too_many_arguments)]
     fn adam(
         &self,
         w: &Tensor,
         m: &Tensor,
         v: &Tensor,
         g: &Tensor,
-        lr: f64,
-        decay: f64,
-        grad_scale: f64,
+        up: Update,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let Update {
+            lr,
+            decay,
+            grad_scale,
+        } = up;
         let p = self.params;
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - p.beta1.powi(t), 1.0 - p.beta2.powi(t));
@@ -525,7 +517,12 @@ mod tests {
                     };
                     adamw_step::step(&[slot], hyper(params, lr, t), 0.0).unwrap();
                 } else {
-                    opt.update_composed(0, &w, &g, lr, 1.0, 1.0).unwrap();
+                    let up = Update {
+                        lr,
+                        decay: 1.0,
+                        grad_scale: 1.0,
+                    };
+                    opt.update_composed(0, &w, &g, up).unwrap();
                 }
             }
             (w.to_dtype(DType::F32).unwrap() - w0.to_dtype(DType::F32).unwrap()).unwrap()
@@ -609,7 +606,16 @@ mod tests {
                 for i in 0..2 {
                     let decay = if i == 0 { hyper.decay } else { 1.0 };
                     composed
-                        .update_composed(i, &wc[i], &g[i], lr, decay, scale)
+                        .update_composed(
+                            i,
+                            &wc[i],
+                            &g[i],
+                            Update {
+                                lr,
+                                decay,
+                                grad_scale: scale,
+                            },
+                        )
                         .unwrap();
                 }
                 let vals = |t: &Tensor| {
@@ -694,7 +700,12 @@ mod tests {
                 panic!("8-bit moments expected")
             };
             let decay = 1.0 - lr * params.weight_decay;
-            opt.update_8bit(m, v, &w, &g, lr, decay, 1.0).unwrap();
+            let up = Update {
+                lr,
+                decay,
+                grad_scale: 1.0,
+            };
+            opt.update_8bit(m, v, &w, &g, up).unwrap();
             if t == 1 {
                 // zero moments in, the update from the f32 moments: torch's AdamW to an ulp
                 let (d, _) = worst(&w, &f32s(&after[0]));
@@ -774,7 +785,17 @@ mod tests {
             };
             adamw8::step(&one, (&loops.maps.m, &loops.maps.v), h, grad_scale).unwrap();
             composed
-                .update_8bit(mc, vc, &wc, &g, lr, h.decay, grad_scale)
+                .update_8bit(
+                    mc,
+                    vc,
+                    &wc,
+                    &g,
+                    Update {
+                        lr,
+                        decay: h.decay,
+                        grad_scale,
+                    },
+                )
                 .unwrap();
             let bits = |t: &Tensor| -> Vec<u32> {
                 let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
