@@ -3,7 +3,8 @@
 # weights and the same number of threads, reported as ratios.
 #   stage one: refdpo's whole `precompute` process vs torch's forward + log-probs alone
 #   stage two: refdpo train step time and peak memory, cached reference vs `ref = "live"`, the
-#              cached run with bf16 gradients and AdamW moments (`train.state_dtype`), and LoRA
+#              cached run with bf16 gradients and AdamW moments (`train.state_dtype`), the same
+#              with bitsandbytes' 8-bit moments (`train.optim = "adamw_8bit"`), and LoRA
 #              (r 16, all-linear) against full fine-tuning on the same model
 #   generate:  refdpo generate vs transformers' generate(do_sample=False), greedy, 16 prompts,
 #              64 new tokens, batches of 8, decoding tokens/s and identical continuations
@@ -65,15 +66,16 @@ cached=$("$PY" bench/measure.py -- "${REFDPO[@]}" train --config "$W/bench.toml"
 cp "$W/run/metrics.jsonl" "$W/metrics-cached.jsonl"
 live=$("$PY" bench/measure.py -- "${REFDPO[@]}" train --config "$W/bench.toml" --quiet --set train.ref=live --set train.out="$W/run-live")
 lean=$("$PY" bench/measure.py -- "${REFDPO[@]}" train --config "$W/bench.toml" --quiet --set train.state_dtype=bf16 --set train.out="$W/run-bf16")
+eight=$("$PY" bench/measure.py -- "${REFDPO[@]}" train --config "$W/bench.toml" --quiet --set train.state_dtype=bf16 --set train.optim='"adamw_8bit"' --set train.out="$W/run-8bit")
 lora=$("$PY" bench/measure.py -- "${REFDPO[@]}" train --config "$W/bench.toml" --quiet --set train.lora.r=16 --set train.lora.alpha=32 --set train.learning_rate=1e-4 --set train.out="$W/run-lora")
 echo "== generate: refdpo vs transformers generate (greedy, 16 prompts, 64 new tokens)"
 gen_out=$("${REFDPO[@]}" generate --config "$W/bench.toml" --quiet --split train_prefs --limit 16 --max-new-tokens 64 --out "$W/gen.jsonl" | tail -1)
 echo "$gen_out"
 "$PY" bench/peer_generate.py "$W/model" "$W/cache/train_prefs.parquet" "$W/gen.jsonl" --limit 16 --batch 8 --max-new-tokens 64 --threads "$THREADS"
-"$PY" - "$W" "$ours" "$peer_train" "$peer_test" "$cached" "$live" "$lean" "$lora" "$THREADS" "$PAIRS" "$MAXLEN" <<'PY'
+"$PY" - "$W" "$ours" "$peer_train" "$peer_test" "$cached" "$live" "$lean" "$lora" "$eight" "$THREADS" "$PAIRS" "$MAXLEN" <<'PY'
 import json, statistics, sys, pathlib
-w, ours, pt, pe, cached, live, lean, lora = sys.argv[1], *map(json.loads, sys.argv[2:9])
-threads, pairs, maxlen = sys.argv[9:12]
+w, ours, pt, pe, cached, live, lean, lora, eight = sys.argv[1], *map(json.loads, sys.argv[2:10])
+threads, pairs, maxlen = sys.argv[10:13]
 report = json.loads(pathlib.Path(w, "cache/report.json").read_text())
 tokens = sum(report[s]["tokens"] for s in report)
 peer_s = pt["seconds"] + pe["seconds"]
@@ -83,6 +85,7 @@ def step_median(path):
 sc, sl = step_median(f"{w}/metrics-cached.jsonl"), step_median(f"{w}/run-live/metrics.jsonl")
 sb = step_median(f"{w}/run-bf16/metrics.jsonl")
 sr = step_median(f"{w}/run-lora/metrics.jsonl")
+s8 = step_median(f"{w}/run-8bit/metrics.jsonl")
 res = {
     "setup": {"profile": __import__("os").environ.get("PROFILE", "dev"), "threads": int(threads), "pairs_per_split": int(pairs), "max_length": int(maxlen), "model": "random Llama, vocab 49152, 4 layers, hidden 256 (bench/make_model.py)"},
     "precompute": {"tokens": tokens, "refdpo_process_seconds": ours["seconds"], "refdpo_peak_rss_mib": ours["peak_rss_mib"],
@@ -95,6 +98,8 @@ res = {
               "peak_rss_ratio_cached_over_live": cached["peak_rss_mib"] / live["peak_rss_mib"],
               "cached_bf16_state_step_median_s": sb, "cached_bf16_state_peak_rss_mib": lean["peak_rss_mib"],
               "peak_rss_ratio_bf16_state_over_live": lean["peak_rss_mib"] / live["peak_rss_mib"],
+              "cached_8bit_step_median_s": s8, "cached_8bit_peak_rss_mib": eight["peak_rss_mib"],
+              "peak_rss_ratio_8bit_over_live": eight["peak_rss_mib"] / live["peak_rss_mib"],
               "lora_r16_step_median_s": sr, "lora_r16_peak_rss_mib": lora["peak_rss_mib"],
               "step_time_ratio_lora_over_full": sr / sc,
               "peak_rss_ratio_lora_over_full": lora["peak_rss_mib"] / cached["peak_rss_mib"]},
@@ -117,6 +122,8 @@ refdpo's CPU time: user {p['refdpo_user_s']:.2f} s, sys {p['refdpo_sys_s']:.2f} 
 | refdpo, cached, bf16 gradients + moments | {sb:.3f} | {lean['peak_rss_mib']:.0f} |
 | **ratio cached / live** | **{sc / sl:.2f}x** | **{cached['peak_rss_mib'] / live['peak_rss_mib']:.2f}x** |
 | **ratio cached bf16 state / live** | **{sb / sl:.2f}x** | **{lean['peak_rss_mib'] / live['peak_rss_mib']:.2f}x** |
+| refdpo, cached, bf16 gradients + 8-bit moments (`adamw_8bit`) | {s8:.3f} | {eight['peak_rss_mib']:.0f} |
+| **ratio cached 8-bit moments / live** | **{s8 / sl:.2f}x** | **{eight['peak_rss_mib'] / live['peak_rss_mib']:.2f}x** |
 | refdpo, cached, LoRA r 16 all-linear (frozen base) | {sr:.3f} | {lora['peak_rss_mib']:.0f} |
 | **ratio LoRA / full fine-tuning (both cached)** | **{sr / sc:.2f}x** | **{lora['peak_rss_mib'] / cached['peak_rss_mib']:.2f}x** |
 (results also in bench/results/cpu-latest.json)""")
