@@ -120,6 +120,14 @@ pub fn load(
         None => Device::Cpu,
     };
     let t = crate::model::weights::load(&[path.to_path_buf()], DType::F32, &dev)?;
+    // the stored dtypes (the tensors above are all read as f32): codes are u8, moments floats
+    let header = crate::model::weights::read_header(path)?;
+    let is_u8 = |k: &str| {
+        header
+            .tensors
+            .iter()
+            .any(|t| t.name == k && t.dtype == "U8")
+    };
     let damaged = |what: String| {
         Error::Train(format!(
             "optimizer state `{}` {what}: the checkpoint is damaged or from another model",
@@ -142,8 +150,20 @@ pub fn load(
                     values.dims()
                 )));
             }
-            let Some(absmax) = t.get(&format!("{which}_absmax.{name}")) else {
-                return Ok(Stored::Dense(values));
+            let absmax_key = format!("{which}_absmax.{name}");
+            let absmax = match (t.get(&absmax_key), is_u8(&key)) {
+                (None, false) => return Ok(Stored::Dense(values)),
+                (Some(absmax), true) => absmax,
+                (None, true) => {
+                    return Err(damaged(format!(
+                        "holds 8-bit codes `{key}` without `{absmax_key}`"
+                    )))
+                }
+                (Some(_), false) => {
+                    return Err(damaged(format!(
+                        "holds `{absmax_key}` beside `{key}`, which is not 8-bit codes"
+                    )))
+                }
             };
             if absmax.dims() != [quant8::blocks(n)] {
                 return Err(damaged(format!(
@@ -162,6 +182,7 @@ pub fn load(
                 codes.max(0)?.to_scalar::<f32>()?,
             );
             let amin = absmax.min(0)?.to_scalar::<f32>()?;
+            // u8 codes are in range; the check guards the f32 reading of them
             if off_grid != 0.0 || lo < 0.0 || hi > 255.0 || amin < 0.0 {
                 return Err(damaged(format!(
                     "holds 8-bit `{key}` with codes in [{lo}, {hi}] (not all whole numbers in \
@@ -275,13 +296,28 @@ mod tests {
         let want = m0.dequantize(&maps.m).unwrap().reshape((20, 300)).unwrap();
         assert_eq!(crate::test_util::max_abs_diff(m, &want), 0.0);
 
-        // damage: a code off the byte range, a negative absmax, an absmax of the wrong length
-        let t = crate::model::weights::load(std::slice::from_ref(&path), DType::F32, &dev).unwrap();
+        // damage: codes without their absmax, float codes, a negative absmax, an absmax of the
+        // wrong length (the file read back as f32, its codes stored as u8 again)
+        let mut t =
+            crate::model::weights::load(std::slice::from_ref(&path), DType::F32, &dev).unwrap();
+        for k in ["m.a", "v.a"] {
+            let codes = t[k].to_dtype(DType::U8).unwrap();
+            t.insert(k.to_string(), codes);
+        }
+        let mut lacking = t.clone();
+        lacking.remove("v_absmax.a");
+        let damaged = dir.path().join("lacking.safetensors");
+        crate::model::weights::save(&lacking, &damaged).unwrap();
+        let err = load(&mut fresh(true), &maps, &names, &shapes, &damaged)
+            .map(|_| ())
+            .expect_err("codes without their absmax refused")
+            .to_string();
+        assert!(err.contains("without `v_absmax.a`"), "{err}");
         for (key, bad, want) in [
             (
                 "m.a",
-                Tensor::full(300f32, (20, 300), &dev).unwrap(),
-                "codes in [300, 300]",
+                Tensor::full(2.5f32, (20, 300), &dev).unwrap(),
+                "not 8-bit codes",
             ),
             (
                 "v_absmax.a",
