@@ -52,6 +52,12 @@ pub fn step(s: &Step<'_>, maps: (&Map, &Map), h: Hyper, grad_scale: f64) -> Resu
         decay: if s.decays { h.decay as f32 } else { 1.0 },
         lr_bc1: h.lr_bc1 as f32,
     };
+    if !s.w.is_contiguous() {
+        // the step writes through a flattened view of the weight's storage
+        return Err(crate::error::Error::Train(
+            "8-bit AdamW needs contiguous weights".into(),
+        ));
+    }
     let (flat_w, flat_g) = (s.w.flatten_all()?, s.g.flatten_all()?);
     let n = flat_w.elem_count();
     for start in (0..n).step_by(CHUNK) {
