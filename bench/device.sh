@@ -2,9 +2,11 @@
 # The one prepared call on the GPU host (BENCHMARKS.md, "GPU"): at most ~8 minutes, everything
 # into $OUT. In order, each stage under its own time limit:
 #   0. the tiled attention's committed cubins against the composed ops and SDPA (`--flash`);
-#   1. refdpo selftest on the GPU against the CPU f32 reference, with the fused ops; if it fails,
-#      again with the composed ops (REFDPO_FUSED=0), which then run the benchmarks; if that
-#      fails too, stop: fix first;
+#   1. refdpo selftest on the GPU against the CPU f32 reference, with the fused ops; if a fused
+#      kernel's own check fails, again without the kernels that failed (the REFDPO_FUSED=-name,…
+#      line the selftest prints: their composed ops in their place), which then run the
+#      benchmarks; if that fails too (or no kernel was named), with the composed ops everywhere
+#      (REFDPO_FUSED=0); if that fails too, stop: fix first;
 #   2. precompute tokens/s against transformers (bf16, SDPA) on the Qwen2-0.5B and Qwen2-1.5B
 #      architectures, with the bf16 matmul ceiling;
 #   3. one training setup (Qwen2-0.5B, 8 pairs × max_length 1024): refdpo cached with bf16
@@ -83,15 +85,26 @@ if [ "$DEVICE" = cuda ]; then
 fi
 export REFDPO=${REFDPO:?set REFDPO to the refdpo command}
 # shellcheck disable=SC2086 # REFDPO may be a command with arguments (cargo run …)
-# The selftest runs refdpo's fused ops (the CUDA default). If it fails, the composed ops
-# (REFDPO_FUSED=0) are checked and, if they pass, benchmarked instead: the logs say which. A
-# failed selftest of both stops the benchmark; the --profile follow-up (a diagnosis) goes on.
+# The selftest runs refdpo's fused ops (the CUDA default). If a fused kernel's own check fails,
+# the selftest prints the setting that leaves out the kernels that failed (REFDPO_FUSED=-a,-b):
+# the run is checked again with it and, if it passes, benchmarked with it, every other kernel
+# still fused. Else the composed ops (REFDPO_FUSED=0) are checked and, if they pass, benchmarked
+# instead. $OUT/ops.txt says which. A failed selftest of all stops the benchmark; the --profile
+# follow-up (a diagnosis) goes on.
 if ! stage selftest 150 $REFDPO selftest --device "$DEVICE"; then
-  echo "selftest failed with the fused ops: trying the composed ones (REFDPO_FUSED=0)" >&2
-  export REFDPO_FUSED=0
-  echo "REFDPO_FUSED=0" > "$OUT/ops.txt"
-  stage selftest-composed 120 $REFDPO selftest --device "$DEVICE" ||
-    { echo "selftest failed" >&2; [ ${#EXTRA[@]} -gt 0 ] || exit 1; }
+  WITHOUT=$(grep -oE '^to run the composed ops in their place: REFDPO_FUSED=[-a-z0-9,]+$' "$OUT/selftest.log" | sed 's/.*: //' | tail -n 1)
+  if [ -n "$WITHOUT" ]; then
+    echo "selftest failed in fused kernels: trying without them ($WITHOUT)" >&2
+    export "${WITHOUT?}"
+    echo "$WITHOUT" > "$OUT/ops.txt"
+  fi
+  if [ -z "$WITHOUT" ] || ! stage selftest-without 120 $REFDPO selftest --device "$DEVICE"; then
+    echo "selftest failed with the fused ops: trying the composed ones (REFDPO_FUSED=0)" >&2
+    export REFDPO_FUSED=0
+    echo "REFDPO_FUSED=0" > "$OUT/ops.txt"
+    stage selftest-composed 120 $REFDPO selftest --device "$DEVICE" ||
+      { echo "selftest failed" >&2; [ ${#EXTRA[@]} -gt 0 ] || exit 1; }
+  fi
 fi
 [ -z "$PRE_MODELS" ] ||
   stage precompute 270 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS" "${SIZE[@]}" "${EXTRA[@]}"

@@ -181,7 +181,8 @@ def matmul():
 
 
 def stage_precompute():
-    res = {"setup": vars(a), "models": {}}
+    # which refdpo kernels ran: unset (every fused one), REFDPO_FUSED=-name,… or 0 (bench/device.sh)
+    res = {"setup": vars(a), "refdpo_fused": os.environ.get("REFDPO_FUSED"), "models": {}}
     if cuda:
         res["matmul_bf16_flops"] = matmul()
     for preset in a.models.split(","):
@@ -241,7 +242,8 @@ def median_step(run_dir):
 
 
 def stage_train():
-    res = {"setup": vars(a), "models": {}}
+    # which refdpo kernels ran: unset (every fused one), REFDPO_FUSED=-name,… or 0 (bench/device.sh)
+    res = {"setup": vars(a), "refdpo_fused": os.environ.get("REFDPO_FUSED"), "models": {}}
     pairs = a.batch * (a.steps + 1)
     for preset in a.models.split(","):
         model = make_model(preset)

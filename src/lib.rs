@@ -125,6 +125,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "generate",
             "judge",
             "logprobs",
+            "model",
             "outputs",
             "precompute",
             "profile",

@@ -220,9 +220,10 @@ pub fn token_logps(
     Ok(token_logps_lse(rows, lm_head, targets, cap, mode)?.0)
 }
 
-/// Whether the fused log-prob kernels apply (not through Gemma 2's final soft cap).
+/// Whether the fused log-prob kernels apply (not through Gemma 2's final soft cap, nor where
+/// `REFDPO_FUSED` leaves them out).
 fn fused_logps(mode: OpMode, cap: Option<f64>) -> bool {
-    mode == OpMode::Fused && cap.is_none()
+    mode == OpMode::Fused && cap.is_none() && !fused::leaves_out(fused::Kernel::Logprobs)
 }
 
 /// [`token_logps`] and each row's log-sum-exp over the vocabulary ([N] f32 each): the backward

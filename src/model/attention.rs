@@ -4,7 +4,7 @@
 
 use super::config::QkNorm;
 use super::cpu;
-use super::fused::{self, AttnSoftmax};
+use super::fused::{self, AttnSoftmax, Kernel};
 use super::kv_cache::LayerKv;
 use super::lora::{Dropout, Proj};
 use super::norm::RmsNorm;
@@ -112,7 +112,7 @@ impl Attention {
         let ((cos, sin), mask) = ctx.for_layer(self.sliding);
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = self.project(x, ctx.dropout.as_ref(), mode)?;
-        let (q, k) = if mode.fuses(&q) {
+        let (q, k) = if mode.fuses(&q, Kernel::Rope) {
             (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?)
         } else if mode == OpMode::Fast {
             (
@@ -234,7 +234,7 @@ impl Attention {
             return Ok(fused::tiled::tiled_attention(q, k, v, self.tiled_params())?);
         }
         // The fused row op takes each kv head's query heads as rows: no repeated K and V.
-        let grouped = mode == OpMode::Fused && self.softcap.is_none();
+        let grouped = self.row_op(mode);
         let (k, v) = if grouped {
             (k.clone(), v.clone())
         } else {
@@ -264,12 +264,19 @@ impl Attention {
 
     /// Whether this attention takes the tiled op: refdpo's fused ops where it covers them, and a
     /// differentiable forward in f32 on the CPU (its blocks with gemm, forward and backward, in
-    /// place of the composed attention and its autograd) unless `REFDPO_FUSED=0`.
+    /// place of the composed attention and its autograd), unless `REFDPO_FUSED` leaves it out.
     fn tiled_for(&self, q: &Tensor, k: &Tensor, mode: OpMode) -> bool {
         match mode {
+            _ if fused::leaves_out(Kernel::Tiled) => false,
             OpMode::Fused => self.tiled_covers(q, k),
             _ => self.scores_free(q.device(), q.dtype(), 0, mode),
         }
+    }
+
+    /// Whether stored scores take the fused row op (refdpo's fused ops, no soft cap, unless
+    /// `REFDPO_FUSED` leaves it out): else the composed scale, mask and softmax.
+    fn row_op(&self, mode: OpMode) -> bool {
+        mode == OpMode::Fused && self.softcap.is_none() && !fused::leaves_out(Kernel::Softmax)
     }
 
     /// Whether a forward of `tokens` positions in `dtype` on `device` takes the tiled op, so
@@ -283,6 +290,7 @@ impl Attention {
         mode: OpMode,
     ) -> bool {
         match mode {
+            _ if fused::leaves_out(Kernel::Tiled) => false,
             OpMode::Fused => {
                 let largest = tokens * self.num_heads.max(self.num_kv_heads) * self.head_dim;
                 fused::tiled::uncovered(
@@ -372,7 +380,7 @@ impl Attention {
         mask: &Tensor,
         mode: OpMode,
     ) -> Result<Tensor> {
-        if mode == OpMode::Fused && self.softcap.is_none() {
+        if self.row_op(mode) {
             return self.attend_grouped(q, k, v);
         }
         let (tq, tk) = (q.dim(2)?, k.dim(2)?);

@@ -2,7 +2,7 @@
 //! the down projection.
 
 use super::config::Activation;
-use super::fused;
+use super::fused::{self, Kernel};
 use super::lora::{Dropout, Proj};
 use super::OpMode;
 use crate::error::Result;
@@ -26,7 +26,7 @@ impl Mlp {
     ) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Mlp);
         let gate = self.gate.forward(x, dropout)?;
-        if mode.fuses(x) && self.activation == Activation::Silu {
+        if mode.fuses(x, Kernel::Swiglu) && self.activation == Activation::Silu {
             let h = fused::swiglu(&gate, &self.up.forward(x, dropout)?)?;
             return self.down.forward(&h, dropout);
         }

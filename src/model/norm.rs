@@ -1,7 +1,7 @@
 //! RMSNorm: HF's (normalize in f32, cast back, scale), Gemma's (1 + w) in f32, and the fused op.
 
 use super::config::TransformerConfig;
-use super::fused;
+use super::fused::{self, Kernel};
 use super::OpMode;
 use crate::error::Result;
 use crate::profile::{self, Phase};
@@ -41,7 +41,7 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor, mode: OpMode) -> Result<Tensor> {
         let _phase = profile::scope(Phase::Norms);
-        if mode.fuses(x) {
+        if mode.fuses(x, Kernel::Norm) {
             return Ok(fused::rms_norm(x, &self.weight, self.eps)?);
         }
         if self.scale_in_f32 {

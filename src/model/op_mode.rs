@@ -1,7 +1,7 @@
 //! The op sets a forward can use, and which one each device gets: the one place the choice is
 //! made (scoring, evaluation, decoding and training all ask here).
 
-use super::fused;
+use super::fused::{self, Kernel};
 use candle_core::{DType, Device, Tensor};
 
 /// Which implementation of the fused ops a forward uses.
@@ -35,15 +35,17 @@ impl OpMode {
         }
     }
 
-    /// Whether RMSNorm, RoPE and SwiGLU over x take refdpo's fused ops in this mode: always in
-    /// `Fused`; in a differentiable forward in f32 on the CPU too ([`Self::cpu_loops`]); never
-    /// in `Fast`, which has candle's fused kernels.
-    pub fn fuses(self, x: &Tensor) -> bool {
-        match self {
-            Self::Fused => true,
-            Self::Differentiable => Self::cpu_loops(x.device(), x.dtype()),
-            Self::Fast => false,
-        }
+    /// Whether `kernel` (RMSNorm, RoPE or SwiGLU) over x takes refdpo's fused op in this mode:
+    /// in `Fused`; in a differentiable forward in f32 on the CPU too ([`Self::cpu_loops`]);
+    /// never in `Fast`, which has candle's fused kernels, nor when `REFDPO_FUSED` leaves the
+    /// kernel out.
+    pub fn fuses(self, x: &Tensor, kernel: Kernel) -> bool {
+        !fused::leaves_out(kernel)
+            && match self {
+                Self::Fused => true,
+                Self::Differentiable => Self::cpu_loops(x.device(), x.dtype()),
+                Self::Fast => false,
+            }
     }
 
     /// Whether a differentiable forward in `dtype` on `device` runs refdpo's CPU loops, forward

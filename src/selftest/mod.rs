@@ -7,7 +7,8 @@
 mod models;
 mod ops;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::model::fused::setting::{self, Kernel};
 use crate::model::init;
 use candle_core::{DType, Device, Tensor};
 use models::{decode, lora, model};
@@ -20,6 +21,11 @@ pub struct Check {
     pub name: String,
     pub error: f64,
     pub tolerance: f64,
+    /// The fused kernel whose own check this is: when it fails, `REFDPO_FUSED=-name` runs the
+    /// composed ops in that kernel's place.
+    pub kernel: Option<Kernel>,
+    /// Why nothing was compared: the error the device gave (the check fails).
+    pub note: Option<String>,
 }
 
 impl Check {
@@ -52,7 +58,56 @@ impl Check {
             name,
             error,
             tolerance,
+            kernel: None,
+            note: None,
         })
+    }
+
+    /// A check of an `error` computed by the caller (any non-finite one fails).
+    pub(super) fn of_error(name: String, error: f64, tolerance: f64) -> Self {
+        Self {
+            name,
+            error: if error.is_finite() {
+                error
+            } else {
+                f64::INFINITY
+            },
+            tolerance,
+            kernel: None,
+            note: None,
+        }
+    }
+
+    /// This check as `kernel`'s own.
+    pub(super) fn of(self, kernel: Kernel) -> Self {
+        Self {
+            kernel: Some(kernel),
+            ..self
+        }
+    }
+
+    /// A check that could not compare: the device's `error` on the way (it fails).
+    pub(super) fn errored(name: String, kernel: Option<Kernel>, error: &Error) -> Self {
+        Self {
+            name,
+            error: f64::INFINITY,
+            tolerance: 0.0,
+            kernel,
+            note: Some(error.to_string()),
+        }
+    }
+}
+
+/// Runs `f`, which pushes its checks; an error on the way (a kernel the device cannot load or
+/// launch) becomes one failed check named `name`, and the checks after it still run.
+pub(super) fn guarded(
+    checks: &mut Vec<Check>,
+    name: String,
+    kernel: Option<Kernel>,
+    f: impl FnOnce(&mut Vec<Check>) -> Result<()>,
+) {
+    if let Err(e) = f(checks) {
+        checks.push(Check::errored(name, kernel, &e));
     }
 }
 
@@ -132,7 +187,10 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
 fn all_checks(device: &Device) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
-        ops(device, dtype, &mut checks)?;
+        let d = dtype_name(dtype);
+        guarded(&mut checks, format!("candle's ops {d}"), None, |c| {
+            ops(device, dtype, c)
+        });
         fused_ops(device, dtype, &mut checks)?;
     }
     let mut precisions = vec![Precision::F32, Precision::Bf16];
@@ -151,18 +209,27 @@ fn all_checks(device: &Device) -> Result<Vec<Check>> {
     ] {
         for &p in &precisions {
             candle_core::cuda::set_gemm_reduced_precision_f32(p == Precision::Tf32);
-            model(arch, device, p, &mut checks)?;
-            decode(arch, device, p, &mut checks)?;
+            let name = |what: &str| format!("{arch} {what} {}", p.name());
+            guarded(&mut checks, name("model"), None, |c| {
+                model(arch, device, p, c)
+            });
+            guarded(&mut checks, name("decoding"), None, |c| {
+                decode(arch, device, p, c)
+            });
             // LoRA on a frozen base, plain and with Phi-3's fused projections
             if matches!(arch, "llama" | "phi3") {
-                lora(arch, device, p, &mut checks)?;
+                guarded(&mut checks, name("LoRA"), None, |c| {
+                    lora(arch, device, p, c)
+                });
             }
         }
     }
     Ok(checks)
 }
 
-/// The report: one line per check, then a summary line naming the device.
+/// The report: one line per check, then a summary line naming the device, the kernels
+/// `REFDPO_FUSED` left out and, where a fused kernel's own check failed, the setting that runs
+/// without it.
 pub fn report(device: &str, checks: &[Check]) -> (String, bool) {
     let mut out = String::new();
     let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
@@ -175,6 +242,9 @@ pub fn report(device: &str, checks: &[Check]) -> (String, bool) {
             c.error,
             c.tolerance
         );
+        for line in c.note.iter().flat_map(|n| n.lines()) {
+            let _ = writeln!(out, "      {line}");
+        }
     }
     let failed = checks.iter().filter(|c| !c.passed()).count();
     let _ = write!(
@@ -182,12 +252,95 @@ pub fn report(device: &str, checks: &[Check]) -> (String, bool) {
         "selftest on {device}: {} passed, {failed} failed",
         checks.len() - failed
     );
+    let current = setting::current();
+    let left_out = current.left_out();
+    if !left_out.is_empty() {
+        let _ = write!(
+            out,
+            "\nleft out by REFDPO_FUSED (their own checks not run): {}",
+            names(&left_out)
+        );
+    }
+    let failing: Vec<Kernel> = Kernel::ALL
+        .into_iter()
+        .filter(|&k| checks.iter().any(|c| c.kernel == Some(k) && !c.passed()))
+        .collect();
+    if !failing.is_empty() {
+        let without: Vec<Kernel> = Kernel::ALL
+            .into_iter()
+            .filter(|k| left_out.contains(k) || failing.contains(k))
+            .collect();
+        let _ = write!(
+            out,
+            "\nfused kernels whose own check failed: {}\nto run the composed ops in their place: {}",
+            names(&failing),
+            setting::leaving_out(current.forced, &without)
+        );
+    } else if failed > 0 && current.forced != Some(false) {
+        let _ = write!(
+            out,
+            "\nno fused kernel's own check failed: REFDPO_FUSED=0 runs the composed ops everywhere"
+        );
+    }
     (out, failed == 0)
+}
+
+fn names(kernels: &[Kernel]) -> String {
+    kernels
+        .iter()
+        .map(|k| k.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed check of a kernel's own names the kernel and the setting that leaves it out; a
+    /// failure elsewhere names `REFDPO_FUSED=0`; an error becomes a failed check with its text.
+    #[test]
+    fn the_report_names_the_kernels_whose_own_checks_failed() {
+        let ok = |name: &str| Check::of_error(name.into(), 1e-6, 1e-4);
+        let off = |name: &str| Check::of_error(name.into(), 1e-1, 1e-4);
+        let mut checks = vec![
+            ok("fused rope forward f32").of(Kernel::Rope),
+            ok("fused tiled attention forward f32").of(Kernel::Tiled),
+            off("llama reference log-probs f32"),
+        ];
+        let (text, passed) = report("cpu", &checks);
+        assert!(!passed);
+        assert!(
+            text.ends_with("REFDPO_FUSED=0 runs the composed ops everywhere"),
+            "{text}"
+        );
+        checks.push(off("fused rope backward f32").of(Kernel::Rope));
+        guarded(
+            &mut checks,
+            "fused optimizer step bf16".into(),
+            Some(Kernel::Adamw),
+            |_| Err(Error::Model("CUDA_ERROR_NO_BINARY_FOR_GPU".into())),
+        );
+        guarded(&mut checks, "fine".into(), Some(Kernel::Norm), |c| {
+            c.push(ok("fused rms_norm forward f32").of(Kernel::Norm));
+            Ok(())
+        });
+        let (text, passed) = report("cpu", &checks);
+        assert!(!passed);
+        assert!(text.contains("FAIL  fused optimizer step bf16"), "{text}");
+        assert!(
+            text.contains("      model: CUDA_ERROR_NO_BINARY_FOR_GPU"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "fused kernels whose own check failed: rope, adamw\n\
+                 to run the composed ops in their place: REFDPO_FUSED=-rope,-adamw"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("3 passed, 3 failed"), "{text}");
+    }
 
     #[test]
     fn a_comparison_fails_past_its_tolerance_and_on_nan() {

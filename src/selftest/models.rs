@@ -168,15 +168,7 @@ fn gradient_check(
         norm2 += f64::from(w.sqr()?.sum_all()?.to_scalar::<f32>()?);
     }
     let error = (diff2 / norm2.max(1e-30)).sqrt();
-    Ok(Check {
-        name,
-        error: if error.is_finite() {
-            error
-        } else {
-            f64::INFINITY
-        },
-        tolerance,
-    })
+    Ok(Check::of_error(name, error, tolerance))
 }
 
 /// Cached decoding as `generate` runs it on `device`: a packed prefill of three prompts of
@@ -304,26 +296,22 @@ pub(super) fn lora(
         norm2 += f64::from(w.sqr()?.sum_all()?.to_scalar::<f32>()?);
     }
     let error = (diff2 / norm2.max(1e-30)).sqrt();
-    checks.push(Check {
-        name: format!(
+    checks.push(Check::of_error(
+        format!(
             "{arch} LoRA gradients of {} adapter tensors {} (relative L2)",
             want.len(),
             p.name()
         ),
-        error: if error.is_finite() {
-            error
-        } else {
-            f64::INFINITY
-        },
+        error,
         // In bf16 the adapter gradients are projections (Bᵀ·dW, dW·Aᵀ) of a noisy dW: measured
         // 5.5e-2 (Llama) and 2.6e-2 (Phi-3) on the CPU, and 4.2e-2 for the same projections of
         // the full fine-tuning path's bf16 dW (1.8e-2 before projecting); a wrong kernel lands
         // far above 1e-1.
-        tolerance: if p == Precision::Bf16 {
+        if p == Precision::Bf16 {
             1e-1
         } else {
             p.grad_tolerance()
         },
-    });
+    ));
     Ok(())
 }

@@ -127,7 +127,7 @@ impl AdamW {
     /// alone. Returns the gradients' global norm; when it is not finite nothing is updated (the
     /// caller stops the run).
     ///
-    /// Fused (CUDA and the CPU, unless `REFDPO_FUSED=0`): the whole step over all tensors at
+    /// Fused (CUDA and the CPU, unless `REFDPO_FUSED` is `0` or `-adamw`): the whole step over all tensors at
     /// once, on CUDA in three launches ([`adamw_step`]); else the norm, then the composed update
     /// tensor by tensor.
     pub fn step(&mut self, policy: &Policy, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
@@ -135,12 +135,12 @@ impl AdamW {
         let step = self.step + 1;
         let hyper = hyper(p, lr, step as i32);
         // the step over all tensors at once: CUDA's kernels, or the CPU's loops over its
-        // threads (unless `REFDPO_FUSED=0`, as for the CPU's scoring kernels)
+        // threads (unless `REFDPO_FUSED` leaves it out: `0` or `-adamw`)
         let fused = policy
             .vars
             .first()
             .is_some_and(|v| v.device().is_cpu() || fused::enabled(v.device()))
-            && !fused::disabled();
+            && !fused::leaves_out(fused::Kernel::Adamw);
         let all_dense = self.moments.iter().all(|m| m.dense().is_some());
         let on_cpu = policy.vars.first().is_some_and(|v| v.device().is_cpu());
         if fused && !all_dense && !on_cpu {

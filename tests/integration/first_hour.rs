@@ -213,6 +213,12 @@ fn the_readme_lora_block_trains_and_merges_on_the_demo() {
 /// bf16, each family's reference log-probs, gradients and cached decoding, LoRA on Llama and
 /// Phi-3.
 fn assert_every_check_passed(out: &str) {
+    assert_checks_passed(out, &[]);
+}
+
+/// [`assert_every_check_passed`], but the checks whose names start with one of `left_out` (a
+/// kernel's own, left out by `REFDPO_FUSED`) must be absent.
+fn assert_checks_passed(out: &str, left_out: &[&str]) {
     // `ok    <name, padded>  error …  tolerance …`
     let passed: Vec<&str> = out
         .lines()
@@ -256,6 +262,7 @@ fn assert_every_check_passed(out: &str) {
             "fused tiled attention, heads 64 wide, T 70 backward (input 2)",
             "fused optimizer step",
             "fused gradient norm",
+            "fused accumulation in place",
         ] {
             wanted.push(format!("{op} {d}"));
         }
@@ -293,7 +300,14 @@ fn assert_every_check_passed(out: &str) {
     wanted.push("fused optimizer step, bf16 weights (means)".into());
     wanted.push("llama gradients through bf16 masters bf16 (relative L2)".into());
     for name in &wanted {
-        assert!(has(name), "no passed check `{name}` in:\n{out}");
+        if left_out.iter().any(|own| name.starts_with(own)) {
+            assert!(
+                !out.contains(name.as_str()),
+                "`{name}` was left out, yet ran:\n{out}"
+            );
+        } else {
+            assert!(has(name), "no passed check `{name}` in:\n{out}");
+        }
     }
     assert!(!out.contains("FAIL") && out.contains(" 0 failed"), "{out}");
 }
@@ -319,4 +333,55 @@ fn selftest_passes_through_the_fused_ops_on_the_cpu() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert_every_check_passed(&text);
+}
+
+/// `REFDPO_FUSED=1,-name`, each kernel in turn: the fused path's selftest passes with the
+/// composed ops in that kernel's place (every family's forward and gradient), the kernel's own
+/// checks do not run and the report says so: a kernel that fails on a GPU costs a run that
+/// kernel alone. A name it does not know is refused with those it takes.
+#[test]
+fn each_fused_kernel_can_be_left_out_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let selftest = |setting: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_refdpo"))
+            .args(["selftest", "--device", "cpu"])
+            .current_dir(tmp.path())
+            .env("REFDPO_FUSED", setting)
+            .output()
+            .unwrap()
+    };
+    for (kernel, own) in [
+        ("tiled", &["fused tiled attention"][..]),
+        ("softmax", &["fused attention row op"]),
+        ("norm", &["fused rms_norm"]),
+        ("rope", &["fused rope"]),
+        ("swiglu", &["fused swiglu"]),
+        ("logprobs", &["fused log-probs"]),
+        ("accumulate", &["fused accumulation"]),
+        ("adamw", &["fused optimizer step", "fused gradient norm"]),
+    ] {
+        let out = selftest(&format!("1,-{kernel}"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "-{kernel}: {text}");
+        assert_checks_passed(&text, own);
+        assert!(
+            text.contains(&format!(
+                "left out by REFDPO_FUSED (their own checks not run): {kernel}\n"
+            )) || text.ends_with(&format!("(their own checks not run): {kernel}")),
+            "{text}"
+        );
+        let note = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            note.contains(&format!("REFDPO_FUSED leaves out {kernel}:")),
+            "{note}"
+        );
+    }
+    let out = selftest("-flash");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("REFDPO_FUSED=\"-flash\": no fused kernel is called `flash`")
+            && err.contains("tiled, softmax, norm, rope, swiglu, logprobs, accumulate, adamw"),
+        "{err}"
+    );
 }

@@ -4,9 +4,10 @@
 //!
 //! A forward uses them in [`OpMode::Fused`](crate::model::OpMode): on CUDA by default, on the
 //! CPU only when asked (`REFDPO_FUSED=1`, for testing the fused path without a GPU), never when
-//! `REFDPO_FUSED=0` (to compare with the composed ops on a GPU). A differentiable forward in f32
-//! on the CPU (training) also takes RMSNorm, RoPE and SwiGLU ([`OpMode::fuses`](crate::model::
-//! OpMode::fuses)): their loops are cheaper than the composed nodes and candle's autograd.
+//! `REFDPO_FUSED=0` (to compare with the composed ops on a GPU); `REFDPO_FUSED=-name` leaves
+//! one kernel out ([`setting`]). A differentiable forward in f32 on the CPU (training) also
+//! takes RMSNorm, RoPE and SwiGLU ([`OpMode::fuses`](crate::model::OpMode::fuses)): their loops
+//! are cheaper than the composed nodes and candle's autograd.
 
 mod accumulate;
 pub mod adamw;
@@ -19,31 +20,29 @@ mod launch;
 mod logits;
 mod norm;
 mod rope;
+pub mod setting;
 mod swiglu;
 pub mod tiled;
 
 pub use attention::AttnSoftmax;
+pub use setting::Kernel;
 
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Whether forwards on `device` use the fused ops (see the module's documentation).
 pub fn enabled(device: &Device) -> bool {
-    setting().unwrap_or(device.is_cuda())
+    setting::current().forced.unwrap_or(device.is_cuda())
 }
 
 /// Whether `REFDPO_FUSED=0` asks for candle's composed ops everywhere (no refdpo kernel, the CPU's
 /// scoring attention included).
 pub fn disabled() -> bool {
-    setting() == Some(false)
+    setting::current().forced == Some(false)
 }
 
-fn setting() -> Option<bool> {
-    static SETTING: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    *SETTING.get_or_init(|| match std::env::var("REFDPO_FUSED").as_deref() {
-        Ok("0") => Some(false),
-        Ok("1") => Some(true),
-        _ => None,
-    })
+/// Whether `REFDPO_FUSED` leaves `kernel` out (`0` leaves out every one).
+pub fn leaves_out(kernel: Kernel) -> bool {
+    setting::current().leaves_out(kernel)
 }
 
 /// Attention probabilities of scores [.., rows, keys] (see [`AttnSoftmax`]), in their dtype.
@@ -96,7 +95,12 @@ pub fn logp_grad(logits: &Tensor, targets: &Tensor, lse_g: &Tensor, v0: usize) -
 
 /// acc += g in place (g any float dtype; the sum in f32, stored in acc's dtype). `acc` must be
 /// contiguous and held by nothing else: every tensor sharing its storage sees the change.
+/// Without the kernel (`REFDPO_FUSED=-accumulate` or `0`), the sum is composed and copied in.
 pub fn accumulate(acc: &Tensor, g: &Tensor) -> Result<()> {
+    if leaves_out(Kernel::Accumulate) {
+        let sum = (acc.to_dtype(DType::F32)? + g.to_dtype(DType::F32)?)?.to_dtype(acc.dtype())?;
+        return acc.slice_set(&sum.contiguous()?, 0, 0);
+    }
     acc.inplace_op2(
         &g.to_dtype(DType::F32)?.contiguous()?,
         &accumulate::Accumulate,
