@@ -6,6 +6,7 @@
 
 mod models;
 mod ops;
+mod optim;
 
 use crate::error::{Error, Result};
 use crate::model::fused::setting::{self, Kernel};

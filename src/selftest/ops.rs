@@ -1,6 +1,7 @@
 //! The op checks: candle's fused ops' forward and the composed ops' backward, then refdpo's fused
 //! ops (forward and every input's gradient) against the composed ones.
 
+use super::optim::{bf16_weights_step, eight_bit_step, optimizer_step, quantized_round_trip};
 use super::{dtype_name, guarded, tolerance, values, Check};
 use crate::error::{Error, Result};
 use crate::model::fused::{self, AttnSoftmax, Kernel};
@@ -329,6 +330,35 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
             },
         );
     }
+    // 8-bit moments (`train.optim = "adamw_8bit"`) beside a dense tensor: the weights' change,
+    // the moments (codes on a midpoint may take the other neighbour: one map spacing) and norms
+    if !fused::leaves_out(Kernel::Adamw8) && adamw {
+        let (want_w, want_mv, want_norm) = eight_bit_step(&Device::Cpu, dtype)?;
+        let name = format!("fused 8-bit optimizer step {d}");
+        guarded(checks, name.clone(), Some(Kernel::Adamw8), |checks| {
+            let (w, mv, norm) = eight_bit_step(device, dtype)?;
+            checks.push(Check::compare(name, &w, &want_w, tol)?.of(Kernel::Adamw8));
+            checks.push(
+                Check::compare(
+                    format!("fused 8-bit optimizer step, moments {d}"),
+                    &mv,
+                    &want_mv,
+                    0.02,
+                )?
+                .of(Kernel::Adamw8),
+            );
+            checks.push(
+                Check::compare(
+                    format!("fused 8-bit optimizer step, norms {d}"),
+                    &norm,
+                    &want_norm,
+                    tol,
+                )?
+                .of(Kernel::Adamw8),
+            );
+            Ok(())
+        });
+    }
     if dtype == DType::BF16 {
         // bf16 master weights: each lands on a bf16 neighbour of the f32 result, so only the
         // mean over many elements is the f32 step's (means of 32,768: σ 1.5%; round-to-nearest
@@ -354,110 +384,4 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         });
     }
     Ok(())
-}
-
-/// Values of four scales per 256-value block (70,001 of them, the last block short) stored as
-/// 8-bit first and second moments on `device` and read back.
-fn quantized_round_trip(device: &Device) -> Result<Tensor> {
-    use crate::train::quant8::{Blockwise, Map};
-    let n = 70_001;
-    let scales: Vec<f32> = (0..n)
-        .map(|i| [1e-6f32, 1.0, 3e-2, 0.0][(i / 256) % 4])
-        .collect();
-    let x =
-        (values(&[n], 33)? * Tensor::new(scales.as_slice(), &Device::Cpu)?)?.to_device(device)?;
-    let m =
-        Blockwise::quantize(&x, &Map::new(true, device)?)?.dequantize(&Map::new(true, device)?)?;
-    let v = Blockwise::quantize(&x.abs()?, &Map::new(false, device)?)?
-        .dequantize(&Map::new(false, device)?)?;
-    Ok(Tensor::cat(&[m, v], 0)?)
-}
-
-/// One AdamW step (lr 1e-3, f32 state) on weights in [1, 2), where bf16's spacing is 2^-7 and
-/// round-to-nearest would drop the step, stored in `weights` (bf16 or f32) from the same bf16
-/// values: the change's means over the two halves.
-fn bf16_weights_step(device: &Device, weights: DType) -> Result<Tensor> {
-    use fused::adamw_step::{step, Hyper, Slot};
-    let n = 1 << 16;
-    let w0 = (values(&[n], 31)?.abs()? + 1.0)?
-        .to_dtype(DType::BF16)?
-        .to_dtype(DType::F32)?;
-    let w = w0.to_dtype(weights)?.to_device(device)?.copy()?;
-    let g = (values(&[n], 32)?.abs()? + 0.1)?.to_device(device)?;
-    let (m, v) = (g.zeros_like()?, g.zeros_like()?);
-    let slot = Slot {
-        w: &w,
-        m: &m,
-        v: &v,
-        g: &g,
-        decays: false,
-        seeds: [5, 6, 7],
-    };
-    let (beta1, beta2, lr) = (0.9f64, 0.999f64, 1e-3);
-    let hyper = Hyper {
-        beta1,
-        beta2,
-        eps: 1e-8,
-        decay: 1.0,
-        lr_bc1: lr / (1.0 - beta1),
-        inv_sqrt_bc2: 1.0 / (1.0 - beta2).sqrt(),
-    };
-    step(&[slot], hyper, 0.0)?;
-    let delta = (w.to_device(&Device::Cpu)?.to_dtype(DType::F32)? - w0)?;
-    Ok(delta.reshape((2, n / 2))?.mean(1)?)
-}
-
-/// Two optimizer steps over all tensors at once (f32 weights, moments and gradients, the
-/// gradients rounded through `dtype`) on `device`, the second one clipped: the weights' change
-/// ([64, 33] and [70000], the second two chunks long, without weight decay) and the norms.
-fn optimizer_step(device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
-    use fused::adamw_step::{step, Hyper, Slot};
-    let shapes: [&[usize]; 2] = [&[64, 33], &[70_000]];
-    let w0 = [values(shapes[0], 15)?, values(shapes[1], 16)?];
-    let w: Vec<Tensor> = w0
-        .iter()
-        .map(|w| w.to_device(device)?.copy())
-        .collect::<candle_core::Result<_>>()?;
-    let zeros = |s: &[usize]| Tensor::zeros(s, DType::F32, device);
-    let (m, v) = (
-        [zeros(shapes[0])?, zeros(shapes[1])?],
-        [zeros(shapes[0])?, zeros(shapes[1])?],
-    );
-    let (lr, beta1, beta2) = (1e-3, 0.9, 0.999);
-    let mut norms = Vec::new();
-    for t in 1..=2i32 {
-        let g = (0..2)
-            .map(|i| {
-                let g = values(shapes[i], 20 + 2 * t as u64 + i as u64)?;
-                Ok(g.to_dtype(dtype)?.to_dtype(DType::F32)?.to_device(device)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let slots: Vec<Slot<'_>> = (0..2)
-            .map(|i| Slot {
-                w: &w[i],
-                m: &m[i],
-                v: &v[i],
-                g: &g[i],
-                decays: i == 0,
-                seeds: [0; 3],
-            })
-            .collect();
-        let (bc1, bc2) = (1.0 - f64::powi(beta1, t), 1.0 - f64::powi(beta2, t));
-        let hyper = Hyper {
-            beta1,
-            beta2,
-            eps: 1e-8,
-            decay: 1.0 - lr * 0.01,
-            lr_bc1: lr / bc1,
-            inv_sqrt_bc2: 1.0 / bc2.sqrt(),
-        };
-        let max_norm = if t == 2 { 1.0 } else { 0.0 };
-        norms.push(step(&slots, hyper, max_norm)? as f32);
-    }
-    let delta = w
-        .iter()
-        .zip(&w0)
-        .map(|(w, w0)| (w.to_device(&Device::Cpu)? - w0)?.flatten_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok((Tensor::cat(&delta, 0)?, Tensor::new(norms, &Device::Cpu)?))
 }

@@ -5,6 +5,7 @@ pub mod adamw8;
 pub mod batches;
 pub mod checkpoint;
 pub mod curves;
+pub mod fused_step;
 pub mod grads;
 pub mod merge;
 pub mod metrics_log;

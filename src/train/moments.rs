@@ -19,14 +19,23 @@ pub enum Moments {
 pub struct Maps {
     pub m: Map,
     pub v: Map,
+    /// Both maps' values and midpoints as the fused step reads them: [2, 256] f32 each.
+    tables: (Tensor, Tensor),
 }
 
 impl Maps {
     pub fn new(device: &Device) -> Result<Self> {
-        Ok(Self {
-            m: Map::new(true, device)?,
-            v: Map::new(false, device)?,
-        })
+        let (m, v) = (Map::new(true, device)?, Map::new(false, device)?);
+        let tables = (
+            Tensor::stack(&[m.values(), v.values()], 0)?,
+            Tensor::stack(&[m.bounds(), v.bounds()], 0)?,
+        );
+        Ok(Self { m, v, tables })
+    }
+
+    /// (values, midpoints padded with +∞): [2, 256] f32 each, the signed map's first.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.tables.0, &self.tables.1)
     }
 }
 

@@ -1,7 +1,6 @@
 //! AdamW on the master weights (torch's update rule; f32, or bf16 rounded stochastically), its
 //! moments in the state dtype, global-norm clipping and the LR schedule.
 
-use super::adamw8;
 use super::grads::Grads;
 use super::moments::{self, Maps, Moments};
 use super::policy::Policy;
@@ -46,13 +45,13 @@ struct Update {
 pub struct AdamW {
     pub params: AdamWParams,
     dtype: DType,
-    moments: Vec<Moments>,
-    maps: Maps,
+    pub(super) moments: Vec<Moments>,
+    pub(super) maps: Maps,
     pub step: u64,
 }
 
 /// HF's Trainer exempts biases and norm weights from weight decay.
-fn decays(name: &str) -> bool {
+pub(super) fn decays(name: &str) -> bool {
     !(name.ends_with(".bias") || name.ends_with("norm.weight"))
 }
 
@@ -127,9 +126,9 @@ impl AdamW {
     /// alone. Returns the gradients' global norm; when it is not finite nothing is updated (the
     /// caller stops the run).
     ///
-    /// Fused (CUDA and the CPU, unless `REFDPO_FUSED` is `0` or `-adamw`): the whole step over all tensors at
-    /// once, on CUDA in three launches ([`adamw_step`]); else the norm, then the composed update
-    /// tensor by tensor.
+    /// Fused (CUDA and the CPU, unless `REFDPO_FUSED` is `0` or `-adamw`): the whole step over
+    /// all tensors at once ([`Self::step_fused`]); else the norm, then the composed update tensor
+    /// by tensor.
     pub fn step(&mut self, policy: &Policy, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
         let p = self.params;
         let step = self.step + 1;
@@ -141,86 +140,12 @@ impl AdamW {
             .first()
             .is_some_and(|v| v.device().is_cpu() || fused::enabled(v.device()))
             && !fused::leaves_out(fused::Kernel::Adamw);
-        let all_dense = self.moments.iter().all(|m| m.dense().is_some());
-        let on_cpu = policy.vars.first().is_some_and(|v| v.device().is_cpu());
-        if fused && !all_dense && !on_cpu {
-            profile::note_once(
-                "the optimizer step takes the composed ops: 8-bit moments (train.optim = \
-                 \"adamw_8bit\") have no fused step on CUDA"
-                    .to_string(),
-            );
-        }
-        if fused && (all_dense || on_cpu) {
-            // seeds of the bf16 moments' and weights' rounding: (step, tensor, which)
-            let seed =
-                |i: usize, which: u64| crate::rng::bits(step, ((i as u64) << 2 | which) + 1) as u32;
-            // a stored gradient may be a view (a matmul's transposed weight gradient): the
-            // kernels read rows
-            let rows: Vec<Option<Tensor>> = grads
-                .iter()
-                .map(|g| g.map(Tensor::contiguous).transpose())
-                .collect::<candle_core::Result<_>>()?;
-            let decays_at = |i: usize| p.weight_decay != 0.0 && decays(&policy.names[i]);
-            let slots: Vec<adamw_step::Slot<'_>> = policy
-                .vars
-                .iter()
-                .enumerate()
-                .filter_map(|(i, var)| {
-                    let (m, v) = self.moments[i].dense()?;
-                    Some(adamw_step::Slot {
-                        w: var.as_tensor(),
-                        m,
-                        v,
-                        g: rows[i].as_ref()?,
-                        decays: decays_at(i),
-                        seeds: [seed(i, 0), seed(i, 1), seed(i, 2)],
-                    })
-                })
-                .collect();
-            match adamw_step::unsupported(&slots) {
-                None if all_dense => {
-                    let _phase = profile::scope(Phase::Optimizer);
-                    let norm = adamw_step::step(&slots, hyper, max_norm)?;
-                    if norm.is_finite() {
-                        self.step = step;
-                    }
-                    return Ok(norm);
-                }
-                // the CPU with 8-bit moments: the norm over every gradient, the dense tensors'
-                // loops, then the 8-bit ones' (adamw8), each with the same clipping
-                None => {
-                    let norm = {
-                        let _phase = profile::scope(Phase::Grads);
-                        let present: Vec<&Tensor> = rows.iter().flatten().collect();
-                        adamw_step::cpu_grad_norm(&present)?
-                    };
-                    if !norm.is_finite() {
-                        return Ok(norm);
-                    }
-                    let grad_scale = adamw_step::clip_coefficient(norm, max_norm);
-                    let _phase = profile::scope(Phase::Optimizer);
-                    adamw_step::cpu_update(&slots, hyper, grad_scale)?;
-                    for (i, var) in policy.vars.iter().enumerate() {
-                        let (Moments::Blockwise { m, v }, Some(g)) = (&self.moments[i], &rows[i])
-                        else {
-                            continue;
-                        };
-                        let one = adamw8::Step {
-                            w: var.as_tensor(),
-                            g,
-                            m,
-                            v,
-                            decays: decays_at(i),
-                            seed: seed(i, 2),
-                        };
-                        adamw8::step(&one, (&self.maps.m, &self.maps.v), hyper, grad_scale)?;
-                    }
+        if fused {
+            if let Some(norm) = self.step_fused(policy, grads, hyper, max_norm, step)? {
+                if norm.is_finite() {
                     self.step = step;
-                    return Ok(norm);
                 }
-                Some(why) => profile::note_once(format!(
-                    "the optimizer step takes the composed ops: the fused step does not cover {why}"
-                )),
+                return Ok(norm);
             }
         }
         let norm = {
@@ -390,6 +315,7 @@ pub fn learning_rate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::adamw8;
 
     /// An optimizer over tensors of `shapes` with zero dense moments in `dtype`.
     fn dense(params: AdamWParams, dtype: DType, shapes: &[candle_core::Shape]) -> AdamW {

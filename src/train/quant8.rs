@@ -86,6 +86,16 @@ impl Map {
         })
     }
 
+    /// The map's values [256] f32, on its device.
+    pub fn values(&self) -> &Tensor {
+        &self.values
+    }
+
+    /// The midpoints between neighbouring values, then +∞: [256] f32, on the map's device.
+    pub fn bounds(&self) -> &Tensor {
+        &self.bounds
+    }
+
     /// The map's values, on the host.
     pub fn host(&self) -> &[f32; 256] {
         &self.host

@@ -263,6 +263,9 @@ fn assert_checks_passed(out: &str, left_out: &[&str]) {
             "fused optimizer step",
             "fused gradient norm",
             "fused accumulation in place",
+            "fused 8-bit optimizer step",
+            "fused 8-bit optimizer step, moments",
+            "fused 8-bit optimizer step, norms",
         ] {
             wanted.push(format!("{op} {d}"));
         }
@@ -358,7 +361,15 @@ fn each_fused_kernel_can_be_left_out_alone() {
         ("swiglu", &["fused swiglu"]),
         ("logprobs", &["fused log-probs"]),
         ("accumulate", &["fused accumulation"]),
-        ("adamw", &["fused optimizer step", "fused gradient norm"]),
+        (
+            "adamw",
+            &[
+                "fused optimizer step",
+                "fused gradient norm",
+                "fused 8-bit optimizer step",
+            ],
+        ),
+        ("adamw8", &["fused 8-bit optimizer step"]),
     ] {
         let out = selftest(&format!("1,-{kernel}"));
         let text = String::from_utf8_lossy(&out.stdout);
@@ -381,7 +392,9 @@ fn each_fused_kernel_can_be_left_out_alone() {
     assert!(!out.status.success());
     assert!(
         err.contains("REFDPO_FUSED=\"-flash\": no fused kernel is called `flash`")
-            && err.contains("tiled, softmax, norm, rope, swiglu, logprobs, accumulate, adamw"),
+            && err.contains(
+                "tiled, softmax, norm, rope, swiglu, logprobs, accumulate, adamw, adamw8"
+            ),
         "{err}"
     );
 }

@@ -27,10 +27,13 @@ pub enum Kernel {
     Accumulate,
     /// The optimizer step over all tensors at once (the Triton cubins on CUDA).
     Adamw,
+    /// Its 8-bit moments' update (`train.optim = "adamw_8bit"`; the Triton cubins on CUDA, the
+    /// CPU's loops over blocks).
+    Adamw8,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::Tiled,
         Kernel::Softmax,
         Kernel::Norm,
@@ -39,6 +42,7 @@ impl Kernel {
         Kernel::Logprobs,
         Kernel::Accumulate,
         Kernel::Adamw,
+        Kernel::Adamw8,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +55,7 @@ impl Kernel {
             Kernel::Logprobs => "logprobs",
             Kernel::Accumulate => "accumulate",
             Kernel::Adamw => "adamw",
+            Kernel::Adamw8 => "adamw8",
         }
     }
 

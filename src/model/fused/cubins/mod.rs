@@ -1,7 +1,7 @@
 //! refdpo's Triton kernels as committed cubins: the manifest `../triton/compile.py` writes beside
 //! them, read as a typed artifact (what each compiled kernel needs at launch), and, under
 //! `--features cuda`, the launcher ([`launch`]). The kernels' source is Triton
-//! (`../triton/flash_attn.py`, `../triton/adamw.py`), checked on the CPU by Triton's interpreter
+//! (`../triton/flash_attn.py`, `../triton/adamw.py`, `../triton/adamw8.py`), checked on the CPU by Triton's interpreter
 //! and compiled ahead of time with no GPU, so building refdpo needs no Python. The unit tests
 //! here fail when a committed cubin or the manifest is stale against its source.
 
@@ -219,8 +219,10 @@ mod tests {
             );
             assert!((0..k.params.len()).all(|i| k.param_type(i).is_some()));
             assert_eq!(k.entry, k.kernel, "{}", k.name);
-            // AdamW must equal the composed ops op by op: no fused multiply-adds.
-            assert_eq!(k.fp_fusion, k.source != "adamw.py", "{}", k.name);
+            // AdamW (dense and 8-bit) must equal the composed ops op by op: no fused
+            // multiply-adds.
+            let optimizer = matches!(k.source.as_str(), "adamw.py" | "adamw8.py");
+            assert_eq!(k.fp_fusion, !optimizer, "{}", k.name);
         }
     }
 
@@ -274,6 +276,22 @@ mod tests {
             assert_eq!(adamw.name, name);
             assert_eq!(adamw.param_type(0), Some("*i64"));
             assert_eq!(adamw.tile("CHUNK"), Some(super::super::adamw_step::CHUNK));
+            // and its 8-bit moments' update, on the same chunks
+            assert_eq!(want("adamw8_multi", &[], &consts), 1, "{name}");
+            let adamw8 = m
+                .find(&Want {
+                    kernel: "adamw8_multi",
+                    arch: 90,
+                    types: &[],
+                    constexprs: &consts,
+                })
+                .unwrap();
+            assert_eq!(adamw8.name, name.replace("adamw_multi", "adamw8_multi"));
+            assert_eq!(adamw8.tile("CHUNK"), Some(super::super::adamw_step::CHUNK));
+            assert_eq!(
+                adamw8.tile("QBLOCK"),
+                Some(super::super::adamw_step::QBLOCK)
+            );
         }
     }
 }

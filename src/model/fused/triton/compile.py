@@ -1,4 +1,4 @@
-"""Compiles the Triton kernels (flash_attn.py, adamw.py) ahead of time, with no GPU, to the
+"""Compiles the Triton kernels (flash_attn.py, adamw.py, adamw8.py) ahead of time, with no GPU, to the
 cubins refdpo embeds.
 
     python src/model/fused/triton/compile.py           # writes kernels/ and manifest.json
@@ -32,10 +32,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 import adamw  # noqa: E402
+import adamw8  # noqa: E402
 import flash_attn  # noqa: E402
 
 ARCHS = (80, 90)
-SOURCES = {"flash_attn.py": flash_attn, "adamw.py": adamw}
+SOURCES = {"flash_attn.py": flash_attn, "adamw.py": adamw, "adamw8.py": adamw8}
 OUT = os.path.join(HERE, "kernels")
 MANIFEST = os.path.join(HERE, "manifest.json")
 
@@ -78,7 +79,7 @@ def adamw_types(name):
     """The optimizer's tables (int64 addresses, int32 chunks), f32 partial sums, the f64 norm and
     coefficient, the chunk count and f32 (f64: max_norm) scalars."""
     return {"PTRS": "*i64", "CHUNKS": "*i32", "PARTIALS": "*fp32", "OUT": "*fp64", "COEF": "*fp64",
-            "n_chunks": "i32", "max_norm": "fp64"}.get(name, "fp32")
+            "MAPS": "*fp32", "BOUNDS": "*fp32", "n_chunks": "i32", "max_norm": "fp64"}.get(name, "fp32")
 
 
 def variants():
@@ -106,6 +107,10 @@ def variants():
                 consts = {"BF16": state == "bf16", "W_BF16": weights == "bf16", **chunk}
                 name = state if weights == "fp32" else f"{state}_wbf16"
                 yield Variant("adamw.py", adamw.adamw_multi, arch, adamw_types, consts, 4, 1, False, name)
+                # 8-bit moments (`train.optim = "adamw_8bit"`): the gradient in the state dtype
+                consts = {"BF16": state == "bf16", "W_BF16": weights == "bf16", "CHUNK": adamw.CHUNK,
+                          "QBLOCK": adamw8.QBLOCK, "ROWS": adamw8.ROWS}
+                yield Variant("adamw8.py", adamw8.adamw8_multi, arch, adamw_types, consts, 4, 1, False, name)
 
 
 def compile_one(v):

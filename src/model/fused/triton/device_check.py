@@ -2,7 +2,7 @@
 
     python3 src/model/fused/triton/device_check.py --out DIR
 
-1. the interpreter's tests (test_flash_attn.py, test_adamw.py), run by Triton's JIT on the GPU,
+1. the interpreter's tests (test_flash_attn.py, test_adamw.py, test_adamw8.py), run by Triton's JIT on the GPU,
    each case called here (the host need not have pytest);
 2. the committed cubins (what refdpo embeds), launched through the driver as refdpo does, against
    the composed ops in float64 and against the JIT build, forward and every input's gradient,
@@ -42,6 +42,7 @@ except ImportError:  # the GPU host may lack it: its decorators, as no-ops, are 
 import host  # noqa: E402
 from cubin import Cubins  # noqa: E402
 import test_adamw  # noqa: E402
+import test_adamw8  # noqa: E402
 import test_flash_attn as tests  # noqa: E402
 from test_flash_attn import make, offsets, reference, rel  # noqa: E402
 
@@ -79,6 +80,10 @@ def jit_tests():
         ("adamw_bf16_weights", test_adamw.test_bf16_weights_round_stochastically, ()),
         ("adamw_non_finite", test_adamw.test_a_non_finite_norm_changes_nothing, ()),
         ("adamw_no_clipping", test_adamw.test_no_clipping_without_max_norm, ()),
+        ("adamw8_bitsandbytes", test_adamw8.test_follows_bitsandbytes_adamw8bit, ()),
+        ("adamw8_cpu_loops", test_adamw8.test_equals_the_cpu_loops_beside_a_dense_tensor, ()),
+        ("adamw8_bf16_non_finite", test_adamw8.test_bf16_weights_round_stochastically_and_a_non_finite_norm_changes_nothing,
+         ()),
     ]
     passed, failures = 0, []
     for name, fn, args in calls:
@@ -284,11 +289,22 @@ def main():
     except Exception:  # noqa: BLE001 - reported, not fatal to the rest of the check
         report["adamw_cubins"] = traceback.format_exc(limit=2)[-600:]
     print("AdamW cubins:", report["adamw_cubins"], flush=True)
+    # The 8-bit moments' cubins, in the launch sequence refdpo makes: bitsandbytes' codes, the
+    # CPU loops' bits beside a dense tensor, bf16 weights and a non-finite norm.
+    try:
+        test_adamw8.test_follows_bitsandbytes_adamw8bit(launch=cubins)
+        test_adamw8.test_equals_the_cpu_loops_beside_a_dense_tensor(launch=cubins)
+        test_adamw8.test_bf16_weights_round_stochastically_and_a_non_finite_norm_changes_nothing(launch=cubins)
+        report["adamw8_cubins"] = "ok"
+    except Exception:  # noqa: BLE001 - reported, not fatal to the rest of the check
+        report["adamw8_cubins"] = traceback.format_exc(limit=2)[-600:]
+    print("8-bit AdamW cubins:", report["adamw8_cubins"], flush=True)
     report["speed"] = speed(cubins)
     report["all_ok"] = (
         all(r["ok"] for r in report["correctness"])
         and not report.get("jit_tests", {}).get("failures")
         and report["adamw_cubins"] == "ok"
+        and report["adamw8_cubins"] == "ok"
     )
     with open(os.path.join(args.out, "flash_check.json"), "w") as f:
         json.dump(report, f, indent=1)

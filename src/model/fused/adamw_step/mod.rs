@@ -6,7 +6,9 @@
 //! between the backward and the update.
 //!
 //! The tensors travel as a table of device addresses, cut in chunks of one tensor each (apex's
-//! multi_tensor_apply layout). The CPU computes the same step with the same structure (each
+//! multi_tensor_apply layout). Tensors whose moments are 8-bit (`train.optim = "adamw_8bit"`)
+//! join the same table and norm, and take a fourth launch (`triton/adamw8.py`, [`step_8bit`]);
+//! the CPU's loops for them are `train::adamw8`'s. The CPU computes the same step with the same structure (each
 //! chunk's sum of squares in f32, their total in f64, then the per-tensor update loops of
 //! [`super::adamw`]), which is what a device's step is checked against (`refdpo selftest`).
 
@@ -33,6 +35,32 @@ pub struct Slot<'a> {
     /// Seeds of m's, v's and w's stochastic rounding (bf16 state, bf16 weights).
     pub seeds: [u32; 3],
 }
+
+/// One tensor whose moments are stored blockwise in 8 bits (bitsandbytes' `AdamW8bit`): master
+/// weights, gradient in the state dtype, each moment's codes (u8, one per value) and absmax
+/// (f32, one per 256 values).
+pub struct Slot8<'a> {
+    pub w: &'a Tensor,
+    pub g: &'a Tensor,
+    pub m_codes: &'a Tensor,
+    pub m_absmax: &'a Tensor,
+    pub v_codes: &'a Tensor,
+    pub v_absmax: &'a Tensor,
+    pub decays: bool,
+    /// Seed of w's stochastic rounding (bf16 weights).
+    pub seed: u32,
+}
+
+/// The 8-bit tensors of a step and the two maps: `maps` [2, 256] f32 (the signed map for m, the
+/// unsigned one for v), `bounds` [2, 256] f32 (each map's 255 midpoints, then +∞).
+pub struct Eight<'a> {
+    pub slots: &'a [Slot8<'a>],
+    pub maps: &'a Tensor,
+    pub bounds: &'a Tensor,
+}
+
+/// Values per absmax of 8-bit moments (`adamw8.QBLOCK`).
+pub const QBLOCK: usize = 256;
 
 /// The step's scalars, in f64 (rounded to f32 at the update, as the composed ops round theirs).
 #[derive(Debug, Clone, Copy)]
@@ -104,6 +132,82 @@ pub fn unsupported(slots: &[Slot<'_>]) -> Option<String> {
     None
 }
 
+/// Why `eight` cannot join a step whose dense slots are `dense` on CUDA (None: it can): each
+/// tensor on the dense ones' device, weights and gradients in their dtypes (each f32 or bf16),
+/// codes u8 and absmax f32 of the weights' length, contiguous, under 2^31 elements.
+pub fn unsupported_8bit(dense: &[Slot<'_>], eight: &Eight<'_>) -> Option<String> {
+    let first = eight.slots.first()?;
+    let (weights, grads) = dense
+        .first()
+        .map_or((first.w.dtype(), first.g.dtype()), |d| {
+            (d.w.dtype(), d.g.dtype())
+        });
+    let device = dense.first().map_or(first.w.device(), |d| d.w.device());
+    for (what, dtype) in [("weights", weights), ("gradients", grads)] {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Some(format!("8-bit moments beside {what} in {dtype:?}"));
+        }
+    }
+    for t in [eight.maps, eight.bounds] {
+        if t.dims() != [2, QBLOCK] || t.dtype() != DType::F32 || !t.is_contiguous() {
+            return Some(format!("8-bit maps of {:?} {:?}", t.dtype(), t.dims()));
+        }
+    }
+    for s in eight.slots {
+        let n = s.w.elem_count();
+        let blocks = n.div_ceil(QBLOCK);
+        for (what, t, dtype, len) in [
+            ("weights", s.w, weights, n),
+            ("gradient", s.g, grads, n),
+            ("first moment's codes", s.m_codes, DType::U8, n),
+            ("second moment's codes", s.v_codes, DType::U8, n),
+            ("first moment's absmax", s.m_absmax, DType::F32, blocks),
+            ("second moment's absmax", s.v_absmax, DType::F32, blocks),
+        ] {
+            if t.dtype() != dtype || t.elem_count() != len {
+                return Some(format!(
+                    "an 8-bit tensor's {what} in {:?} of {} values, not {dtype:?} of {len}",
+                    t.dtype(),
+                    t.elem_count()
+                ));
+            }
+            if !t.is_contiguous() {
+                return Some(format!("an 8-bit tensor's non-contiguous {what}"));
+            }
+            if !t.device().same_device(device) {
+                return Some("tensors on several devices".into());
+            }
+        }
+        if n > i32::MAX as usize {
+            return Some(format!("a tensor of {n} elements (over 2^31)"));
+        }
+    }
+    None
+}
+
+/// [`step`] with tensors whose moments are 8-bit besides the dense `slots`, on CUDA: the norm
+/// over every gradient, then each kind's update in one launch. The slots must pass
+/// [`unsupported`], and `eight` [`unsupported_8bit`]. On the CPU the trainer runs
+/// [`cpu_update`] and `train::adamw8`'s loops instead.
+pub fn step_8bit(slots: &[Slot<'_>], eight: &Eight<'_>, h: Hyper, max_norm: f64) -> Result<f64> {
+    let Some(w) = slots
+        .first()
+        .map(|s| s.w)
+        .or(eight.slots.first().map(|s| s.w))
+    else {
+        return Ok(0.0);
+    };
+    #[cfg(not(feature = "cuda"))]
+    let _ = (h, max_norm);
+    match w.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => cuda::step(dev, slots, Some(eight), h, max_norm),
+        other => Err(candle_core::Error::Msg(format!(
+            "the fused 8-bit optimizer step runs on CUDA, not {other:?}: the CPU's is train::adamw8"
+        ))),
+    }
+}
+
 /// Clips the gradients to `max_norm` (torch's coefficient) and takes one AdamW step on every
 /// slot, in place. Returns the gradients' global norm; when it is not finite, nothing is
 /// changed. The slots must pass [`unsupported`].
@@ -113,7 +217,7 @@ pub fn step(slots: &[Slot<'_>], h: Hyper, max_norm: f64) -> Result<f64> {
     };
     match first.w.device() {
         #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => cuda::step(dev, slots, h, max_norm),
+        Device::Cuda(dev) => cuda::step(dev, slots, None, h, max_norm),
         Device::Cpu => cpu_step(slots, h, max_norm),
         other => Err(candle_core::Error::Msg(format!(
             "the fused optimizer step runs on the CPU or CUDA, not {other:?}"
@@ -216,140 +320,7 @@ pub fn cpu_update(slots: &[Slot<'_>], h: Hyper, grad_scale: f64) -> Result<()> {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
-    use super::{Hyper, Slot};
-    use crate::model::fused::cubins::launch::{arch, err, kernel, launch, Arg};
-    use crate::model::fused::cubins::{Kernel, Want};
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaDevice, CudaStorage, DType, Result, Storage, StorageRef, Tensor};
-    use half::bf16;
-
-    /// `name` for bf16 state and bf16 weights (whichever of the two it takes).
-    fn kernel_for(name: &str, arch: u32, bf16: &[(&str, bool)]) -> Result<&'static Kernel> {
-        let consts: Vec<(&str, serde_json::Value)> =
-            bf16.iter().map(|&(k, b)| (k, b.into())).collect();
-        kernel(&Want {
-            kernel: name,
-            arch,
-            types: &[],
-            constexprs: &consts,
-        })
-    }
-
-    /// The device address of element `start` of a tensor's storage.
-    fn address<T: CudaDType>(s: &CudaStorage, start: usize, dev: &CudaDevice) -> Result<i64> {
-        let stream = dev.cuda_stream();
-        let (ptr, _record) = s.as_cuda_slice::<T>()?.device_ptr(&stream);
-        Ok((ptr + (start * std::mem::size_of::<T>()) as u64) as i64)
-    }
-
-    /// `t`'s address, its storage read-locked in `guards` until the launches are queued.
-    fn table_entry<'a>(
-        t: &'a Tensor,
-        dev: &CudaDevice,
-        guards: &mut Vec<StorageRef<'a>>,
-    ) -> Result<i64> {
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            return Err(err(
-                "the optimizer step's tensors are not all on CUDA".into()
-            ));
-        };
-        let (start, _) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| err("the optimizer step's tensors must be contiguous".into()))?;
-        let addr = match t.dtype() {
-            DType::F32 => address::<f32>(s, start, dev)?,
-            DType::BF16 => address::<bf16>(s, start, dev)?,
-            other => return Err(err(format!("the optimizer step takes no {other:?}"))),
-        };
-        guards.push(storage);
-        Ok(addr)
-    }
-
-    pub fn step(dev: &CudaDevice, slots: &[Slot<'_>], h: Hyper, max_norm: f64) -> Result<f64> {
-        let arch = arch(dev)?;
-        let bf16 = slots[0].m.dtype() == DType::BF16;
-        let w_bf16 = slots[0].w.dtype() == DType::BF16;
-        let sumsq = kernel_for("grad_sumsq", arch, &[("BF16", bf16)])?;
-        let clip = kernel_for("clip_norm", arch, &[])?;
-        let adamw = kernel_for("adamw_multi", arch, &[("BF16", bf16), ("W_BF16", w_bf16)])?;
-        let chunk = adamw
-            .tile("CHUNK")
-            .filter(|&c| Some(c) == sumsq.tile("CHUNK"))
-            .ok_or_else(|| err("grad_sumsq and adamw_multi disagree on CHUNK".into()))?;
-
-        // [w, m, v, g, seed m, seed v, seed w] per tensor (`adamw.PTR_WORDS`);
-        // [tensor, start, end, decays] per chunk
-        let mut guards = Vec::with_capacity(4 * slots.len());
-        let mut ptrs = Vec::with_capacity(7 * slots.len());
-        let mut chunks = Vec::new();
-        for (t, s) in slots.iter().enumerate() {
-            for x in [s.w, s.m, s.v, s.g] {
-                ptrs.push(table_entry(x, dev, &mut guards)?);
-            }
-            ptrs.extend(s.seeds.map(i64::from));
-            let n = s.w.elem_count();
-            for start in (0..n).step_by(chunk) {
-                // under 2^31 each (`unsupported`)
-                let end = (start + chunk).min(n);
-                chunks.extend([t as i32, start as i32, end as i32, i32::from(s.decays)]);
-            }
-        }
-        let n_chunks = chunks.len() / 4;
-        let grid = (
-            u32::try_from(n_chunks).map_err(|_| err("too many chunks".into()))?,
-            1,
-            1,
-        );
-        // Host-to-device copies from pageable memory are staged and return at once: no wait
-        // for the backward still running.
-        let stream = dev.cuda_stream();
-        let ptrs = stream.clone_htod(&ptrs).w()?;
-        let chunks = stream.clone_htod(&chunks).w()?;
-        let mut partials = stream.alloc_zeros::<f32>(n_chunks.max(1)).w()?;
-        let mut out = stream.alloc_zeros::<f64>(2).w()?;
-        {
-            let mut pv = partials.slice_mut(..);
-            let mut args = [
-                Arg::Table(&ptrs),
-                Arg::Offsets(&chunks),
-                Arg::F32Mut(&mut pv),
-            ];
-            launch(dev, sumsq, grid, &mut args)?;
-        }
-        {
-            let pv = partials.slice(..);
-            let mut args = [
-                Arg::F32(&pv),
-                Arg::I32(n_chunks as i32),
-                Arg::F64Mut(&mut out),
-                Arg::Double(max_norm),
-            ];
-            launch(dev, clip, (1, 1, 1), &mut args)?;
-        }
-        let f = |x: f64| Arg::Float(x as f32);
-        let mut args = [
-            Arg::Table(&ptrs),
-            Arg::Offsets(&chunks),
-            Arg::F64(&out),
-            f(h.beta1),
-            f(1.0 - h.beta1),
-            f(h.beta2),
-            f(1.0 - h.beta2),
-            f(h.decay),
-            f(h.lr_bc1),
-            f(h.inv_sqrt_bc2),
-            f(h.eps),
-        ];
-        launch(dev, adamw, grid, &mut args)?;
-        drop(guards);
-        // The step's one device-to-host copy: [norm, coefficient].
-        let host = stream.clone_dtoh(&out).w()?;
-        Ok(host[0])
-    }
-}
+mod cuda;
 
 #[cfg(test)]
 mod tests {
@@ -436,6 +407,50 @@ mod tests {
                 assert_eq!(crate::test_util::max_abs_diff(t, b), 0.0, "{bad}");
             }
         }
+    }
+
+    #[test]
+    fn what_the_8bit_kernel_does_not_cover_is_named() {
+        let dev = Device::Cpu;
+        let n = 1000; // 4 blocks, the last short
+        let w = Tensor::zeros(n, DType::F32, &dev).unwrap();
+        let codes = Tensor::zeros(n, DType::U8, &dev).unwrap();
+        let absmax = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        let tables = Tensor::zeros((2, QBLOCK), DType::F32, &dev).unwrap();
+        let wrong_absmax = Tensor::zeros(3, DType::F32, &dev).unwrap();
+        let codes_f32 = Tensor::zeros(n, DType::F32, &dev).unwrap();
+        let slot = |m_codes, m_absmax| Slot8 {
+            w: &w,
+            g: &w,
+            m_codes,
+            m_absmax,
+            v_codes: &codes,
+            v_absmax: &absmax,
+            decays: true,
+            seed: 0,
+        };
+        let why = |s: Slot8<'_>| {
+            let slots = [s];
+            unsupported_8bit(
+                &[],
+                &Eight {
+                    slots: &slots,
+                    maps: &tables,
+                    bounds: &tables,
+                },
+            )
+        };
+        assert_eq!(why(slot(&codes, &absmax)), None);
+        let msg = why(slot(&codes, &wrong_absmax)).unwrap();
+        assert!(
+            msg.contains("first moment's absmax") && msg.contains("3 values"),
+            "{msg}"
+        );
+        let msg = why(slot(&codes_f32, &absmax)).unwrap();
+        assert!(
+            msg.contains("first moment's codes") && msg.contains("F32"),
+            "{msg}"
+        );
     }
 
     #[test]
