@@ -199,6 +199,51 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
             }),
         });
     }
+    // Packed sequences of 17, 70 and 5 positions in one row (the kernels' sequence offsets, as
+    // stage one and packed training batches run them), against each sequence's own attention.
+    if fused::tiled::uncovered(device, dtype, 64, false, 1 << 20).is_none() {
+        let lens: std::sync::Arc<[usize]> = std::sync::Arc::from(vec![17, 70, 5]);
+        let p = fused::tiled::Params {
+            scale: 0.125,
+            window: 0,
+            softcap: None,
+        };
+        let packed = lens.clone();
+        cases.push(FusedCase {
+            name: "tiled attention, packed 17 + 70 + 5",
+            kernel: Kernel::Tiled,
+            inputs: vec![
+                values(&[1, 4, 92, 64], 17)?,
+                values(&[1, 2, 92, 64], 18)?,
+                values(&[1, 2, 92, 64], 19)?,
+            ],
+            tracked: 3,
+            fused: Box::new(move |t| {
+                Ok(fused::tiled::tiled_attention_packed(
+                    &t[0],
+                    &t[1],
+                    &t[2],
+                    p,
+                    Some(packed.clone()),
+                )?)
+            }),
+            composed: Box::new(move |t| {
+                let mut start = 0;
+                let mut outs = Vec::new();
+                for &len in lens.iter() {
+                    let part = |x: &Tensor| x.narrow(2, start, len);
+                    outs.push(fused::tiled::composed_attention(
+                        &part(&t[0])?,
+                        &part(&t[1])?,
+                        &part(&t[2])?,
+                        p,
+                    )?);
+                    start += len;
+                }
+                Ok(Tensor::cat(&outs, 2)?)
+            }),
+        });
+    }
     for case in cases.iter().filter(|c| !fused::leaves_out(c.kernel)) {
         let run = |dev: &Device, dt: DType, f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
             let vars = case

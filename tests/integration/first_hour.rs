@@ -260,6 +260,8 @@ fn assert_checks_passed(out: &str, left_out: &[&str]) {
             "fused tiled attention, soft cap 5 backward (input 1)",
             "fused tiled attention, heads 64 wide, T 70 forward",
             "fused tiled attention, heads 64 wide, T 70 backward (input 2)",
+            "fused tiled attention, packed 17 + 70 + 5 forward",
+            "fused tiled attention, packed 17 + 70 + 5 backward (input 1)",
             "fused optimizer step",
             "fused gradient norm",
             "fused accumulation in place",
