@@ -210,22 +210,78 @@ fn all_checks(device: &Device) -> Result<Vec<Check>> {
     ] {
         for &p in &precisions {
             candle_core::cuda::set_gemm_reduced_precision_f32(p == Precision::Tf32);
-            let name = |what: &str| format!("{arch} {what} {}", p.name());
-            guarded(&mut checks, name("model"), None, |c| {
-                model(arch, device, p, c)
-            });
-            guarded(&mut checks, name("decoding"), None, |c| {
-                decode(arch, device, p, c)
-            });
-            // LoRA on a frozen base, plain and with Phi-3's fused projections
-            if matches!(arch, "llama" | "phi3") {
-                guarded(&mut checks, name("LoRA"), None, |c| {
-                    lora(arch, device, p, c)
+            let group = |checks: &mut Vec<Check>| {
+                let name = |what: &str| format!("{arch} {what} {}", p.name());
+                guarded(checks, name("model"), None, |c| model(arch, device, p, c));
+                guarded(checks, name("decoding"), None, |c| {
+                    decode(arch, device, p, c)
+                });
+                // LoRA on a frozen base, plain and with Phi-3's fused projections
+                if matches!(arch, "llama" | "phi3") {
+                    guarded(checks, name("LoRA"), None, |c| lora(arch, device, p, c));
+                }
+            };
+            let start = checks.len();
+            group(&mut checks);
+            if let Some(found) = culprit(device, &checks[start..], &group) {
+                checks.push(Check {
+                    name: format!("{arch} {} through the fused kernels", p.name()),
+                    ..found
                 });
             }
         }
     }
     Ok(checks)
+}
+
+/// Where some of `group`'s checks failed through the fused ops, the one kernel whose absence lets
+/// every check of the group pass (its checks run again with each kernel left out in turn): a
+/// failed check tagged with it, at the worst failure's error, so that the report's setting
+/// leaves it out. None where the group passed, the fused ops are not in use, or no single
+/// kernel explains the failure.
+fn culprit(
+    device: &Device,
+    group_checks: &[Check],
+    group: &dyn Fn(&mut Vec<Check>),
+) -> Option<Check> {
+    if !crate::model::fused::enabled(device) {
+        return None;
+    }
+    culprit_under(setting::current(), group_checks, group, &|s, f| {
+        setting::with(s, f)
+    })
+}
+
+/// [`culprit`] from the setting `current`, each trial run by `with` under its setting.
+fn culprit_under(
+    current: setting::Setting,
+    group_checks: &[Check],
+    group: &dyn Fn(&mut Vec<Check>),
+    with: &dyn Fn(setting::Setting, &mut dyn FnMut() -> bool) -> bool,
+) -> Option<Check> {
+    let worst = group_checks
+        .iter()
+        .filter(|c| !c.passed())
+        .max_by(|a, b| (a.error / a.tolerance).total_cmp(&(b.error / b.tolerance)))?;
+    let kernel = setting::culprit(current, |s| {
+        with(s, &mut || {
+            let mut again = Vec::new();
+            group(&mut again);
+            again.iter().all(Check::passed)
+        })
+    })?;
+    Some(Check {
+        name: String::new(),
+        error: worst.error,
+        tolerance: worst.tolerance,
+        kernel: Some(kernel),
+        note: Some(format!(
+            "every check of this family and precision passes with REFDPO_FUSED leaving out {} \
+             (the worst failure: {})",
+            kernel.name(),
+            worst.name
+        )),
+    })
 }
 
 /// The report: one line per check, then a summary line naming the device, the kernels
@@ -273,14 +329,14 @@ pub fn report(device: &str, checks: &[Check]) -> (String, bool) {
             .collect();
         let _ = write!(
             out,
-            "\nfused kernels whose own check failed: {}\nto run the composed ops in their place: {}",
+            "\nfused kernels that failed a check: {}\nto run the composed ops in their place: {}",
             names(&failing),
             setting::leaving_out(current.forced, &without)
         );
     } else if failed > 0 && current.forced != Some(false) {
         let _ = write!(
             out,
-            "\nno fused kernel's own check failed: REFDPO_FUSED=0 runs the composed ops everywhere"
+            "\nno single fused kernel explains the failures: REFDPO_FUSED=0 runs the composed ops everywhere"
         );
     }
     (out, failed == 0)
@@ -335,12 +391,61 @@ mod tests {
         );
         assert!(
             text.ends_with(
-                "fused kernels whose own check failed: rope, adamw\n\
+                "fused kernels that failed a check: rope, adamw\n\
                  to run the composed ops in their place: REFDPO_FUSED=-rope,-adamw"
             ),
             "{text}"
         );
         assert!(text.contains("3 passed, 3 failed"), "{text}");
+    }
+
+    /// A family's checks that pass only with one kernel left out name it (here, under a stand-in
+    /// for the process-wide setting); a group that passed, or fails whatever is left out, names
+    /// none.
+    #[test]
+    fn a_failing_model_check_names_the_kernel_whose_absence_fixes_it() {
+        use std::cell::Cell;
+        let under = Cell::new(setting::Setting::default());
+        let group = |c: &mut Vec<Check>| {
+            let err = if under.get().leaves_out(Kernel::Rope) {
+                1e-6
+            } else {
+                0.5
+            };
+            c.push(Check::of_error(
+                "llama reference log-probs bf16".into(),
+                err,
+                3e-2,
+            ));
+            c.push(Check::of_error(
+                "llama cached decoding logits bf16".into(),
+                1e-3,
+                5e-2,
+            ));
+        };
+        let with = |s: setting::Setting, f: &mut dyn FnMut() -> bool| {
+            let before = under.replace(s);
+            let out = f();
+            under.set(before);
+            out
+        };
+        let mut first = Vec::new();
+        group(&mut first);
+        let found = culprit_under(setting::Setting::default(), &first, &group, &with).unwrap();
+        assert_eq!(found.kernel, Some(Kernel::Rope));
+        assert!(!found.passed() && found.error == 0.5, "{found:?}");
+        let note = found.note.unwrap();
+        assert!(
+            note.contains("leaving out rope") && note.contains("reference log-probs"),
+            "{note}"
+        );
+        // passed: nothing to look for
+        let passed = [Check::of_error("ok".into(), 0.0, 1e-4)];
+        assert!(culprit_under(setting::Setting::default(), &passed, &group, &with).is_none());
+        // fails whatever is left out
+        let always = |c: &mut Vec<Check>| c.push(Check::of_error("x".into(), 1.0, 1e-4));
+        let failed = [Check::of_error("x".into(), 1.0, 1e-4)];
+        assert!(culprit_under(setting::Setting::default(), &failed, &always, &with).is_none());
     }
 
     #[test]

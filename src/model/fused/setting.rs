@@ -5,6 +5,7 @@
 //! setting that leaves out those that failed). Items combine with commas: `1,-tiled,-rope`.
 
 use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 /// refdpo's fused kernels, each of which `REFDPO_FUSED=-name` can leave out. The name of each is
@@ -104,6 +105,14 @@ impl Setting {
         self.forced == Some(false) || self.without & kernel.bit() != 0
     }
 
+    /// This setting with `kernel` left out too.
+    pub fn without(self, kernel: Kernel) -> Self {
+        Self {
+            without: self.without | kernel.bit(),
+            ..self
+        }
+    }
+
     /// The kernels left out by name (not counting `0`).
     pub fn left_out(self) -> Vec<Kernel> {
         Kernel::ALL
@@ -124,9 +133,38 @@ pub fn leaving_out(forced: Option<bool>, kernels: &[Kernel]) -> String {
     format!("REFDPO_FUSED={}", items.join(","))
 }
 
+/// A setting in place of the environment's while [`with`] runs ([`encode`]; 0: none).
+static OVERRIDE: AtomicU32 = AtomicU32::new(0);
+
+/// `s` as one word: bit 31 set, the forced state in bits 16-17 (1: `0`, 2: `1`), the kernels left
+/// out below.
+fn encode(s: Setting) -> u32 {
+    let forced = match s.forced {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    };
+    1 << 31 | forced << 16 | u32::from(s.without)
+}
+
+/// [`encode`]'s word back (None for 0).
+fn decode(word: u32) -> Option<Setting> {
+    (word != 0).then_some(Setting {
+        forced: match (word >> 16) & 3 {
+            1 => Some(false),
+            2 => Some(true),
+            _ => None,
+        },
+        without: (word & 0xFFFF) as u16,
+    })
+}
+
 /// This process's setting: an invalid value reads as the defaults here, and [`check`] (run by
 /// every command first) refuses it.
 pub fn current() -> Setting {
+    if let Some(s) = decode(OVERRIDE.load(Ordering::Acquire)) {
+        return s;
+    }
     static SETTING: OnceLock<Setting> = OnceLock::new();
     *SETTING.get_or_init(|| {
         std::env::var("REFDPO_FUSED")
@@ -134,6 +172,29 @@ pub fn current() -> Setting {
             .and_then(|v| Setting::parse(&v).ok())
             .unwrap_or_default()
     })
+}
+
+/// Runs `f` under `setting` in place of the environment's, for the whole process (its threads
+/// too), and puts the environment's back: the selftest's search for the kernel whose absence
+/// lets a failing model check pass. Not for concurrent use.
+pub fn with<R>(setting: Setting, f: impl FnOnce() -> R) -> R {
+    let before = OVERRIDE.swap(encode(setting), Ordering::AcqRel);
+    let out = f();
+    OVERRIDE.store(before, Ordering::Release);
+    out
+}
+
+/// The one kernel whose absence (besides those `current` leaves out) makes `passes` hold, trying
+/// each kernel in [`Kernel::ALL`]'s order: where a check that no kernel's own check explains
+/// fails, what a run should leave out.
+pub fn culprit(current: Setting, mut passes: impl FnMut(Setting) -> bool) -> Option<Kernel> {
+    if current.forced == Some(false) {
+        return None;
+    }
+    Kernel::ALL
+        .into_iter()
+        .filter(|&k| !current.leaves_out(k))
+        .find(|&k| passes(current.without(k)))
 }
 
 /// Refuses an invalid `REFDPO_FUSED`, naming the kernels it may leave out; says once (stderr
@@ -164,6 +225,34 @@ pub fn check() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_culprit_is_the_one_kernel_whose_absence_lets_the_check_pass() {
+        let base = Setting::parse("-tiled").unwrap();
+        let mut tried = Vec::new();
+        let found = culprit(base, |s| {
+            tried.push(s.left_out());
+            s.leaves_out(Kernel::Swiglu)
+        });
+        assert_eq!(found, Some(Kernel::Swiglu));
+        // each kernel not yet left out, one at a time, in order, up to the culprit
+        assert_eq!(tried[0], [Kernel::Tiled, Kernel::Softmax]);
+        assert_eq!(tried.last().unwrap(), &[Kernel::Tiled, Kernel::Swiglu]);
+        assert_eq!(tried.len(), 4);
+        // two broken kernels: no single one explains the failure
+        assert_eq!(
+            culprit(Setting::default(), |s| s.leaves_out(Kernel::Norm)
+                && s.leaves_out(Kernel::Rope)),
+            None
+        );
+        assert_eq!(culprit(Setting::parse("0").unwrap(), |_| true), None);
+        // an override's word reads back as the setting it stands for
+        for text in ["", "0", "1", "-adamw8", "1,-tiled,-accumulate"] {
+            let s = Setting::parse(text).unwrap();
+            assert_eq!(decode(encode(s)), Some(s), "{text}");
+        }
+        assert_eq!(decode(0), None);
+    }
 
     #[test]
     fn the_setting_parses_and_refuses_what_it_does_not_know() {
