@@ -100,16 +100,35 @@ impl Check {
 }
 
 /// Runs `f`, which pushes its checks; an error on the way (a kernel the device cannot load or
-/// launch) becomes one failed check named `name`, and the checks after it still run.
+/// launch) becomes one failed check named `name`, and the checks after it still run. Where the
+/// error left the device unusable (a CUDA kernel's illegal address poisons its context: every
+/// later call fails too), the failed check is pushed and the error returned, so that no later
+/// check is blamed for it.
 pub(super) fn guarded(
     checks: &mut Vec<Check>,
+    device: &Device,
     name: String,
     kernel: Option<Kernel>,
     f: impl FnOnce(&mut Vec<Check>) -> Result<()>,
-) {
-    if let Err(e) = f(checks) {
-        checks.push(Check::errored(name, kernel, &e));
+) -> Result<()> {
+    let Err(e) = f(checks) else {
+        return Ok(());
+    };
+    checks.push(Check::errored(name.clone(), kernel, &e));
+    if alive(device) {
+        Ok(())
+    } else {
+        Err(Error::Model(format!(
+            "{device:?} stopped answering after `{name}`: {e}"
+        )))
     }
+}
+
+/// Whether `device` still runs work and copies results back.
+fn alive(device: &Device) -> bool {
+    Tensor::zeros(4, DType::F32, device)
+        .and_then(|t| (t + 1.0)?.to_vec1::<f32>())
+        .is_ok_and(|v| v == [1.0; 4])
 }
 
 /// Relative tolerance of a dtype's results against f32 on the CPU.
@@ -187,12 +206,25 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
 
 fn all_checks(device: &Device) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
+    match every_check(device, &mut checks) {
+        Ok(()) => Ok(checks),
+        // the device stopped answering: what ran is reported, the rest did not run
+        Err(e) if !alive(device) => {
+            let name = "the remaining checks (not run: the device stopped answering)".into();
+            checks.push(Check::errored(name, None, &e));
+            Ok(checks)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn every_check(device: &Device, checks: &mut Vec<Check>) -> Result<()> {
     for dtype in [DType::F32, DType::BF16] {
         let d = dtype_name(dtype);
-        guarded(&mut checks, format!("candle's ops {d}"), None, |c| {
+        guarded(checks, device, format!("candle's ops {d}"), None, |c| {
             ops(device, dtype, c)
-        });
-        fused_ops(device, dtype, &mut checks)?;
+        })?;
+        fused_ops(device, dtype, checks)?;
     }
     let mut precisions = vec![Precision::F32, Precision::Bf16];
     if device.is_cuda() {
@@ -210,19 +242,24 @@ fn all_checks(device: &Device) -> Result<Vec<Check>> {
     ] {
         for &p in &precisions {
             candle_core::cuda::set_gemm_reduced_precision_f32(p == Precision::Tf32);
-            let group = |checks: &mut Vec<Check>| {
+            let group = |checks: &mut Vec<Check>| -> Result<()> {
                 let name = |what: &str| format!("{arch} {what} {}", p.name());
-                guarded(checks, name("model"), None, |c| model(arch, device, p, c));
-                guarded(checks, name("decoding"), None, |c| {
+                guarded(checks, device, name("model"), None, |c| {
+                    model(arch, device, p, c)
+                })?;
+                guarded(checks, device, name("decoding"), None, |c| {
                     decode(arch, device, p, c)
-                });
+                })?;
                 // LoRA on a frozen base, plain and with Phi-3's fused projections
                 if matches!(arch, "llama" | "phi3") {
-                    guarded(checks, name("LoRA"), None, |c| lora(arch, device, p, c));
+                    guarded(checks, device, name("LoRA"), None, |c| {
+                        lora(arch, device, p, c)
+                    })?;
                 }
+                Ok(())
             };
             let start = checks.len();
-            group(&mut checks);
+            group(checks)?;
             if let Some(found) = culprit(device, &checks[start..], &group) {
                 checks.push(Check {
                     name: format!("{arch} {} through the fused kernels", p.name()),
@@ -231,7 +268,7 @@ fn all_checks(device: &Device) -> Result<Vec<Check>> {
             }
         }
     }
-    Ok(checks)
+    Ok(())
 }
 
 /// Where some of `group`'s checks failed through the fused ops, the one kernel whose absence lets
@@ -242,9 +279,9 @@ fn all_checks(device: &Device) -> Result<Vec<Check>> {
 fn culprit(
     device: &Device,
     group_checks: &[Check],
-    group: &dyn Fn(&mut Vec<Check>),
+    group: &dyn Fn(&mut Vec<Check>) -> Result<()>,
 ) -> Option<Check> {
-    if !crate::model::fused::enabled(device) {
+    if !crate::model::fused::enabled(device) || !alive(device) {
         return None;
     }
     culprit_under(setting::current(), group_checks, group, &|s, f| {
@@ -256,7 +293,7 @@ fn culprit(
 fn culprit_under(
     current: setting::Setting,
     group_checks: &[Check],
-    group: &dyn Fn(&mut Vec<Check>),
+    group: &dyn Fn(&mut Vec<Check>) -> Result<()>,
     with: &dyn Fn(setting::Setting, &mut dyn FnMut() -> bool) -> bool,
 ) -> Option<Check> {
     let worst = group_checks
@@ -266,8 +303,7 @@ fn culprit_under(
     let kernel = setting::culprit(current, |s| {
         with(s, &mut || {
             let mut again = Vec::new();
-            group(&mut again);
-            again.iter().all(Check::passed)
+            group(&mut again).is_ok() && again.iter().all(Check::passed)
         })
     })?;
     Some(Check {
@@ -374,14 +410,23 @@ mod tests {
         checks.push(off("fused rope backward f32").of(Kernel::Rope));
         guarded(
             &mut checks,
+            &Device::Cpu,
             "fused optimizer step bf16".into(),
             Some(Kernel::Adamw),
             |_| Err(Error::Model("CUDA_ERROR_NO_BINARY_FOR_GPU".into())),
-        );
-        guarded(&mut checks, "fine".into(), Some(Kernel::Norm), |c| {
-            c.push(ok("fused rms_norm forward f32").of(Kernel::Norm));
-            Ok(())
-        });
+        )
+        .unwrap();
+        guarded(
+            &mut checks,
+            &Device::Cpu,
+            "fine".into(),
+            Some(Kernel::Norm),
+            |c| {
+                c.push(ok("fused rms_norm forward f32").of(Kernel::Norm));
+                Ok(())
+            },
+        )
+        .unwrap();
         let (text, passed) = report("cpu", &checks);
         assert!(!passed);
         assert!(text.contains("FAIL  fused optimizer step bf16"), "{text}");
@@ -422,6 +467,7 @@ mod tests {
                 1e-3,
                 5e-2,
             ));
+            Ok(())
         };
         let with = |s: setting::Setting, f: &mut dyn FnMut() -> bool| {
             let before = under.replace(s);
@@ -430,7 +476,7 @@ mod tests {
             out
         };
         let mut first = Vec::new();
-        group(&mut first);
+        group(&mut first).unwrap();
         let found = culprit_under(setting::Setting::default(), &first, &group, &with).unwrap();
         assert_eq!(found.kernel, Some(Kernel::Rope));
         assert!(!found.passed() && found.error == 0.5, "{found:?}");
@@ -443,7 +489,10 @@ mod tests {
         let passed = [Check::of_error("ok".into(), 0.0, 1e-4)];
         assert!(culprit_under(setting::Setting::default(), &passed, &group, &with).is_none());
         // fails whatever is left out
-        let always = |c: &mut Vec<Check>| c.push(Check::of_error("x".into(), 1.0, 1e-4));
+        let always = |c: &mut Vec<Check>| {
+            c.push(Check::of_error("x".into(), 1.0, 1e-4));
+            Ok(())
+        };
         let failed = [Check::of_error("x".into(), 1.0, 1e-4)];
         assert!(culprit_under(setting::Setting::default(), &failed, &always, &with).is_none());
     }

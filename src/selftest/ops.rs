@@ -269,6 +269,7 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         let name = case.name;
         guarded(
             checks,
+            device,
             format!("fused {name} {d}"),
             Some(case.kernel),
             |checks| {
@@ -295,19 +296,25 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
                 }
                 Ok(())
             },
-        );
+        )?;
     }
     // gradient accumulation in place: rows 3..9 of a [9, 33] store (a view at an offset)
     if !fused::leaves_out(Kernel::Accumulate) {
         let (acc0, add) = (values(&[9, 33], 34)?, values(&[6, 33], 35)?);
         let want = Tensor::cat(&[acc0.narrow(0, 0, 3)?, (acc0.narrow(0, 3, 6)? + &add)?], 0)?;
         let name = format!("fused accumulation in place {d}");
-        guarded(checks, name.clone(), Some(Kernel::Accumulate), |checks| {
-            let acc = acc0.to_dtype(dtype)?.to_device(device)?.copy()?;
-            fused::accumulate(&acc.narrow(0, 3, 6)?, &add.to_device(device)?)?;
-            checks.push(Check::compare(name, &acc, &want, tol)?.of(Kernel::Accumulate));
-            Ok(())
-        });
+        guarded(
+            checks,
+            device,
+            name.clone(),
+            Some(Kernel::Accumulate),
+            |checks| {
+                let acc = acc0.to_dtype(dtype)?.to_device(device)?.copy()?;
+                fused::accumulate(&acc.narrow(0, 3, 6)?, &add.to_device(device)?)?;
+                checks.push(Check::compare(name, &acc, &want, tol)?.of(Kernel::Accumulate));
+                Ok(())
+            },
+        )?;
     }
     // completion log-probs: [6, 97] logits, their targets, an upstream gradient
     let logits = (values(&[6, 97], 10)? * 8.0)?;
@@ -325,6 +332,7 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
     if !fused::leaves_out(Kernel::Logprobs) {
         guarded(
             checks,
+            device,
             format!("fused log-probs {d}"),
             Some(Kernel::Logprobs),
             |checks| {
@@ -347,13 +355,14 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
                 );
                 Ok(())
             },
-        );
+        )?;
     }
     let adamw = !fused::leaves_out(Kernel::Adamw);
     if adamw {
         let (want_delta, want_norm) = optimizer_step(&Device::Cpu, DType::F32)?;
         guarded(
             checks,
+            device,
             format!("fused optimizer step {d}"),
             Some(Kernel::Adamw),
             |checks| {
@@ -373,36 +382,42 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
                 );
                 Ok(())
             },
-        );
+        )?;
     }
     // 8-bit moments (`train.optim = "adamw_8bit"`) beside a dense tensor: the weights' change,
     // the moments (codes on a midpoint may take the other neighbour: one map spacing) and norms
     if !fused::leaves_out(Kernel::Adamw8) && adamw {
         let (want_w, want_mv, want_norm) = eight_bit_step(&Device::Cpu, dtype)?;
         let name = format!("fused 8-bit optimizer step {d}");
-        guarded(checks, name.clone(), Some(Kernel::Adamw8), |checks| {
-            let (w, mv, norm) = eight_bit_step(device, dtype)?;
-            checks.push(Check::compare(name, &w, &want_w, tol)?.of(Kernel::Adamw8));
-            checks.push(
-                Check::compare(
-                    format!("fused 8-bit optimizer step, moments {d}"),
-                    &mv,
-                    &want_mv,
-                    0.02,
-                )?
-                .of(Kernel::Adamw8),
-            );
-            checks.push(
-                Check::compare(
-                    format!("fused 8-bit optimizer step, norms {d}"),
-                    &norm,
-                    &want_norm,
-                    tol,
-                )?
-                .of(Kernel::Adamw8),
-            );
-            Ok(())
-        });
+        guarded(
+            checks,
+            device,
+            name.clone(),
+            Some(Kernel::Adamw8),
+            |checks| {
+                let (w, mv, norm) = eight_bit_step(device, dtype)?;
+                checks.push(Check::compare(name, &w, &want_w, tol)?.of(Kernel::Adamw8));
+                checks.push(
+                    Check::compare(
+                        format!("fused 8-bit optimizer step, moments {d}"),
+                        &mv,
+                        &want_mv,
+                        0.02,
+                    )?
+                    .of(Kernel::Adamw8),
+                );
+                checks.push(
+                    Check::compare(
+                        format!("fused 8-bit optimizer step, norms {d}"),
+                        &norm,
+                        &want_norm,
+                        tol,
+                    )?
+                    .of(Kernel::Adamw8),
+                );
+                Ok(())
+            },
+        )?;
     }
     if dtype == DType::BF16 {
         // bf16 master weights: each lands on a bf16 neighbour of the f32 result, so only the
@@ -411,22 +426,22 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         if adamw {
             let want = bf16_weights_step(&Device::Cpu, DType::F32)?;
             let name = "fused optimizer step, bf16 weights (means)";
-            guarded(checks, name.into(), Some(Kernel::Adamw), |checks| {
+            guarded(checks, device, name.into(), Some(Kernel::Adamw), |checks| {
                 let got = bf16_weights_step(device, DType::BF16)?;
                 checks.push(Check::compare(name.into(), &got, &want, 0.1)?.of(Kernel::Adamw));
                 Ok(())
-            });
+            })?;
         }
         // train.optim = "adamw_8bit": the composed ops' blockwise quantization round trip; a
         // value on a midpoint may take the other neighbour, one map spacing (1.4% of its
         // block's absmax at most) away
         let want = quantized_round_trip(&Device::Cpu)?;
         let name = "8-bit AdamW moments (quantized and back)";
-        guarded(checks, name.into(), None, |checks| {
+        guarded(checks, device, name.into(), None, |checks| {
             let got = quantized_round_trip(device)?;
             checks.push(Check::compare(name.into(), &got, &want, 0.02)?);
             Ok(())
-        });
+        })?;
     }
     Ok(())
 }
