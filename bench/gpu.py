@@ -102,7 +102,7 @@ class MemorySampler:
                 t.join()
         if r.returncode != 0:
             log(r.stdout[-4000:] + r.stderr[-4000:])
-            raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}")
+            raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}: {r.stderr.strip()[-300:]}")
         return r.stdout, time.perf_counter() - start
 
 
@@ -180,12 +180,23 @@ def matmul():
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def attempt(name, fn):
+    """fn()'s result, or {"error": why} when it fails (a command's failure, a missing file): one
+    model or setup that fails must not cost the call the others' figures."""
+    try:
+        return fn()
+    except (SystemExit, Exception) as e:  # noqa: BLE001 - recorded and reported, never fatal
+        log(f"{name} failed: {e}")
+        return {"error": str(e)[-500:]}
+
+
 def stage_precompute():
     # which refdpo kernels ran: unset (every fused one), REFDPO_FUSED=-name,… or 0 (bench/device.sh)
     res = {"setup": vars(a), "refdpo_fused": os.environ.get("REFDPO_FUSED"), "models": {}}
     if cuda:
         res["matmul_bf16_flops"] = matmul()
-    for preset in a.models.split(","):
+
+    def one(preset):
         model = make_model(preset)
         cfg, block_params, head_params = params(model)
         # warm-up: candle compiles its PTX at first use
@@ -208,7 +219,7 @@ def stage_precompute():
         ours_s = rep["score_seconds"]
         # issue 24's extrapolation: the whole train_prefs split at this sample's tokens per row read
         split_tokens = TRAIN_PREFS_ROWS * rep["tokens"] / rep["rows_read"]
-        res["models"][preset] = {
+        out = {
             "train_prefs_minutes_scoring": split_tokens / (rep["tokens"] / ours_s) / 60,
             "train_prefs_minutes_process": split_tokens / (rep["tokens"] / wall) / 60,
             "tokens": rep["tokens"], "refdpo_score_seconds": ours_s, "refdpo_process_seconds": wall,
@@ -216,20 +227,30 @@ def stage_precompute():
             "ratio": (rep["tokens"] / ours_s) / peer["tokens_per_second"], "max_rel_diff": peer["max_rel_diff"],
             "refdpo_flops_per_second": flops / ours_s, "peer_flops_per_second": flops / peer["seconds"],
         }
-        log(f"{preset}: {res['models'][preset]}")
+        log(f"{preset}: {out}")
         if a.profile:
-            profiled(f"precompute-{preset}", WORK / f"cache-{preset}", "precompute", "--config", toml)
-    (OUT / "gpu-precompute.json").write_text(json.dumps(res, indent=1) + "\n")
+            attempt(f"profile {preset}", lambda: profiled(f"precompute-{preset}", WORK / f"cache-{preset}",
+                                                          "precompute", "--config", toml))
+        return out
+
+    # each model on its own: a failure is recorded and the next one still runs; the JSON is
+    # written after each, so a stage cut off by its time limit keeps what finished
+    for preset in a.models.split(","):
+        res["models"][preset] = attempt(preset, lambda: one(preset))
+        (OUT / "gpu-precompute.json").write_text(json.dumps(res, indent=1) + "\n")
     ceiling = res.get("matmul_bf16_flops")
     print("| model | tokens | refdpo tok/s | transformers tok/s | ratio | refdpo TFLOP/s | % of bf16 matmul |")
     print("|---|---|---|---|---|---|---|")
     for m, r in res["models"].items():
+        if "error" in r:
+            print(f"| {m} | failed: {r['error']} | | | | | |")
+            continue
         pct = f"{100 * r['refdpo_flops_per_second'] / ceiling:.0f}%" if ceiling else "-"
         print(f"| {m} | {r['tokens']} | {r['refdpo_tokens_per_second']:.0f} | {r['peer_tokens_per_second']:.0f} | "
               f"**{r['ratio']:.2f}×** | {r['refdpo_flops_per_second'] / 1e12:.0f} | {pct} |")
     if ceiling:
         print(f"bf16 matmul ceiling (torch, 8192³): {ceiling / 1e12:.0f} TFLOP/s")
-    for m, r in res["models"].items():
+    for m, r in ((m, r) for m, r in res["models"].items() if "error" not in r):
         print(f"{m}: UltraFeedback's whole train_prefs ({TRAIN_PREFS_ROWS:,} pairs) at these rows' tokens per pair: "
               f"{r['train_prefs_minutes_scoring']:.1f} min scoring, {r['train_prefs_minutes_process']:.1f} min as this "
               f"whole process ran (goal: 4 min)")
@@ -253,7 +274,8 @@ def stage_train():
                       save_final=False)
         base = pipeline(model, preset, pairs, **common)
         # the precompute stage's cache of this model has another limit: replace it
-        MemorySampler().run(refdpo("precompute", "--config", base, "--overwrite"))
+        attempt(f"{preset} precompute", lambda: MemorySampler().run(refdpo("precompute", "--config", base,
+                                                                          "--overwrite")))
         r = {"params": block_params + head_params}
         for name, extra in [("refdpo_cached_bf16_state", {"state_dtype": "bf16"}),
                             ("refdpo_cached_bf16_masters", {"state_dtype": "bf16", "master_dtype": "bf16"}),
@@ -266,42 +288,60 @@ def stage_train():
                             ("refdpo_cached_lora", {"lora": (LORA_R, LORA_ALPHA)})]:
             if name not in a.setups:
                 continue
-            if extra.get("master_dtype") == "bf16" and not cuda:
-                # bf16 masters need a bf16 reference: the CPU dry run's cache is f32
-                toml = pipeline(model, preset, pairs, model_dtype="bf16", **common, **extra)
-                MemorySampler().run(refdpo("precompute", "--config", toml, "--overwrite"))
-            else:
-                toml = pipeline(model, preset, pairs, **common, **extra)
-            sampler = MemorySampler()
-            # --overwrite: a run left by an earlier call in this work folder is replaced, not refused
-            sampler.run(refdpo("train", "--config", toml, "--overwrite",
-                               "--set", f'train.out="{WORK / ("run-" + name)}"'))
-            step, losses = median_step(WORK / f"run-{name}")
-            r[name] = {"peak_gib": sampler.peak / GIB, "median_step_s": step, "losses": losses}
+
+            def ours(name=name, extra=extra):
+                if extra.get("master_dtype") == "bf16" and not cuda:
+                    # bf16 masters need a bf16 reference: the CPU dry run's cache is f32
+                    toml = pipeline(model, preset, pairs, model_dtype="bf16", **common, **extra)
+                    MemorySampler().run(refdpo("precompute", "--config", toml, "--overwrite"))
+                else:
+                    toml = pipeline(model, preset, pairs, **common, **extra)
+                sampler = MemorySampler()
+                # --overwrite: a run left by an earlier call in this work folder is replaced
+                sampler.run(refdpo("train", "--config", toml, "--overwrite",
+                                   "--set", f'train.out="{WORK / ("run-" + name)}"'))
+                step, losses = median_step(WORK / f"run-{name}")
+                return {"peak_gib": sampler.peak / GIB, "median_step_s": step, "losses": losses}
+
+            r[name] = attempt(f"{preset} {name}", ours)
             log(f"{preset} {name}: {r[name]}")
+            res["models"][preset] = r
+            (OUT / "gpu-train.json").write_text(json.dumps(res, indent=1) + "\n")
         for name, flag in [("trl_live", []), ("trl_precompute", ["--precompute"]),
                            ("trl_live_lora", ["--lora", str(LORA_R), "--lora-alpha", str(LORA_ALPHA)])]:
             if name not in a.setups:
                 continue
-            sampler = MemorySampler()
-            out, _ = sampler.run([sys.executable, HERE / "peer_train.py", model, REAL / "ultrafeedback_binarized_sample",
-                                  "--pairs", str(pairs), "--steps", str(a.steps), "--batch", str(a.batch),
-                                  "--max-length", str(a.max_length), "--device", a.device, *flag])
-            peer = json.loads(out.strip().splitlines()[-1])
-            r[name] = {"peak_gib": sampler.peak / GIB, "median_step_s": peer["median_step_seconds"],
-                       "torch_max_allocated_gib": peer["max_allocated_gib"], "losses": peer["losses"]}
+            def peer(flag=flag):
+                sampler = MemorySampler()
+                out, _ = sampler.run([sys.executable, HERE / "peer_train.py", model,
+                                      REAL / "ultrafeedback_binarized_sample", "--pairs", str(pairs), "--steps",
+                                      str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length),
+                                      "--device", a.device, *flag])
+                peer = json.loads(out.strip().splitlines()[-1])
+                return {"peak_gib": sampler.peak / GIB, "median_step_s": peer["median_step_seconds"],
+                        "torch_max_allocated_gib": peer["max_allocated_gib"], "losses": peer["losses"]}
+
+            r[name] = attempt(f"{preset} {name}", peer)
             log(f"{preset} {name}: {r[name]}")
+            res["models"][preset] = r
+            (OUT / "gpu-train.json").write_text(json.dumps(res, indent=1) + "\n")
         if a.profile:
             toml = pipeline(model, preset, pairs, **common, state_dtype="bf16")
-            profiled(f"train-{preset}", WORK / "run-profile", "train", "--config", toml, "--set", f'train.out="{WORK / "run-profile"}"')
+            attempt(f"profile train {preset}", lambda: profiled(f"train-{preset}", WORK / "run-profile", "train",
+                                                                "--config", toml, "--set",
+                                                                f'train.out="{WORK / "run-profile"}"'))
         res["models"][preset] = r
     (OUT / "gpu-train.json").write_text(json.dumps(res, indent=1) + "\n")
     print("| model | setup | peak GiB (device) | vs TRL live | median step s | vs TRL live | first loss − ln 2 |")
     print("|---|---|---|---|---|---|---|")
     for m, r in res["models"].items():
         ref = r.get("trl_live")
+        ref = ref if ref and "error" not in ref else None
         for name in (s for s in SETUPS if s in r):
             x = r[name]
+            if "error" in x:
+                print(f"| {m} | {name} | failed: {x['error'][-200:]} | | | | |")
+                continue
             mem = f"{x['peak_gib'] / max(ref['peak_gib'], 1e-9):.2f}×" if ref else "-"
             step = f"{x['median_step_s'] / ref['median_step_s']:.2f}×" if ref else "-"
             first = f"{x['losses'][0] - math.log(2):+.1e}" if x["losses"] else "-"
