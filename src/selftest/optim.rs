@@ -61,7 +61,7 @@ pub(super) fn bf16_weights_step(device: &Device, weights: DType) -> Result<Tenso
 /// gradients rounded through `dtype`) on `device`, the second one clipped: the weights' change
 /// ([64, 33] and [70000], the second two chunks long, without weight decay) and the norms.
 pub(super) fn optimizer_step(device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
-    use fused::adamw_step::{step, Hyper, Slot};
+    use fused::adamw_step::{step, Slot};
     let shapes: [&[usize]; 2] = [&[64, 33], &[70_000]];
     let w0 = [values(shapes[0], 15)?, values(shapes[1], 16)?];
     let w: Vec<Tensor> = w0
@@ -73,7 +73,6 @@ pub(super) fn optimizer_step(device: &Device, dtype: DType) -> Result<(Tensor, T
         [zeros(shapes[0])?, zeros(shapes[1])?],
         [zeros(shapes[0])?, zeros(shapes[1])?],
     );
-    let (lr, beta1, beta2) = (1e-3, 0.9, 0.999);
     let mut norms = Vec::new();
     for t in 1..=2i32 {
         let g = (0..2)
@@ -92,15 +91,7 @@ pub(super) fn optimizer_step(device: &Device, dtype: DType) -> Result<(Tensor, T
                 seeds: [0; 3],
             })
             .collect();
-        let (bc1, bc2) = (1.0 - f64::powi(beta1, t), 1.0 - f64::powi(beta2, t));
-        let hyper = Hyper {
-            beta1,
-            beta2,
-            eps: 1e-8,
-            decay: 1.0 - lr * 0.01,
-            lr_bc1: lr / bc1,
-            inv_sqrt_bc2: 1.0 / bc2.sqrt(),
-        };
+        let hyper = step_hyper(t);
         let max_norm = if t == 2 { 1.0 } else { 0.0 };
         norms.push(step(&slots, hyper, max_norm)? as f32);
     }
@@ -121,7 +112,7 @@ pub(super) fn eight_bit_step(device: &Device, state: DType) -> Result<(Tensor, T
     use crate::train::fused_step::step_8bit;
     use crate::train::moments::Maps;
     use crate::train::quant8::Blockwise;
-    use fused::adamw_step::{Hyper, Slot};
+    use fused::adamw_step::Slot;
     let shapes: [&[usize]; 3] = [&[64, 33], &[70_001], &[64, 80]];
     let w0: Vec<Tensor> = (0..3)
         .map(|i| values(shapes[i], 40 + i as u64))
@@ -140,7 +131,6 @@ pub(super) fn eight_bit_step(device: &Device, state: DType) -> Result<(Tensor, T
         })
         .collect::<Result<_>>()?;
     let maps = Maps::new(device)?;
-    let (lr, beta1, beta2) = (1e-3, 0.9, 0.999);
     let mut norms = Vec::new();
     for t in 1..=2i32 {
         let g: Vec<Tensor> = (0..3)
@@ -167,15 +157,7 @@ pub(super) fn eight_bit_step(device: &Device, state: DType) -> Result<(Tensor, T
                 seed: 4 + i as u32,
             })
             .collect();
-        let (bc1, bc2) = (1.0 - f64::powi(beta1, t), 1.0 - f64::powi(beta2, t));
-        let hyper = Hyper {
-            beta1,
-            beta2,
-            eps: 1e-8,
-            decay: 1.0 - lr * 0.01,
-            lr_bc1: lr / bc1,
-            inv_sqrt_bc2: 1.0 / bc2.sqrt(),
-        };
+        let hyper = step_hyper(t);
         let max_norm = if t == 2 { 1.0 } else { 0.0 };
         let norm = step_8bit(&[slot], &eight, &maps, hyper, max_norm)?.ok_or_else(|| {
             crate::error::Error::Model(
@@ -204,4 +186,18 @@ pub(super) fn eight_bit_step(device: &Device, state: DType) -> Result<(Tensor, T
         Tensor::cat(&moments, 0)?,
         Tensor::new(norms, &Device::Cpu)?,
     ))
+}
+
+/// The scalars of step `t` of the optimizer cases: lr 1e-3, β (0.9, 0.999), weight decay 0.01.
+fn step_hyper(t: i32) -> fused::adamw_step::Hyper {
+    let (lr, beta1, beta2) = (1e-3, 0.9f64, 0.999f64);
+    let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+    fused::adamw_step::Hyper {
+        beta1,
+        beta2,
+        eps: 1e-8,
+        decay: 1.0 - lr * 0.01,
+        lr_bc1: lr / bc1,
+        inv_sqrt_bc2: 1.0 / bc2.sqrt(),
+    }
 }
