@@ -69,7 +69,7 @@ stage() { # name, seconds, command...
 # The tiled attention first: its cubins are committed, so it needs no refdpo binary.
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-  stage flash "$([ -n "${FLASH_ARGS[*]}" ] && echo 240 || echo 150)" "$PY" src/model/fused/triton/device_check.py --out "$OUT" "${FLASH_ARGS[@]}"
+  stage flash "$([ -n "${FLASH_ARGS[*]}" ] && echo 240 || echo 180)" "$PY" src/model/fused/triton/device_check.py --out "$OUT" "${FLASH_ARGS[@]}"
   [ -z "$FLASH_ONLY" ] || { ls -la "$OUT"; exit 0; }
 fi
 if [ "$DEVICE" = cuda ]; then

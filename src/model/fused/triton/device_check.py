@@ -11,7 +11,8 @@
    ops' f32 arithmetic, bit for bit;
 3. forward and forward+backward time of the cubins against torch's
    `scaled_dot_product_attention` (its flash backend, causal, GQA), at the shapes of the
-   benchmark's models, as TFLOP/s (causal: half the square).
+   benchmark's models, as TFLOP/s (causal: half the square); and one optimizer step over 32M
+   values (dense and 8-bit moments) against torch's fused AdamW.
 
 Writes `flash_check.json` and prints a table. Needs torch with CUDA (it brings triton).
 `--tune` instead times the tile configurations in TUNE through the JIT (`flash_tune.json`).
@@ -215,6 +216,40 @@ def speed(cubins):
     return rows
 
 
+def optimizer_speed(cubins, n=1 << 25):
+    """One optimizer step over n values (one tensor, bf16 weights, gradients and dense
+    moments): the committed cubins' dense step and 8-bit step (each with its norm and clipping
+    launches) against torch's fused AdamW, in ms and in GB/s of the bytes each must move."""
+
+    s = test_adamw.scalars(1e-5, 0.9, 0.999, 1e-8, 0.0, 3)
+    w = torch.randn(n, device="cuda").to(torch.bfloat16)
+    g = torch.randn(n, device="cuda").to(torch.bfloat16) * 1e-3
+
+    class Dense:
+        def __init__(self):
+            self.w, self.decays = w.clone(), True
+            self.m, self.v = torch.zeros_like(w), torch.zeros_like(w)
+
+    dense, eight = Dense(), test_adamw8.Eight(w.clone())
+    r = {"values": n}
+    r["dense_ms"] = 1e3 * timed(lambda: test_adamw8.step([dense], [], [g], [], s, 1.0, bf16=True, w_bf16=True,
+                                                          launch=cubins), reps=10)
+    r["8bit_ms"] = 1e3 * timed(lambda: test_adamw8.step([], [eight], [], [g], s, 1.0, bf16=True, w_bf16=True,
+                                                         launch=cubins), reps=10)
+    p = torch.nn.Parameter(w.clone())
+    p.grad = g.clone()
+    opt = torch.optim.AdamW([p], lr=1e-5, fused=True)
+    r["torch_fused_ms"] = 1e3 * timed(opt.step, reps=10)
+    # bytes: the norm reads g; the update reads w, g, m, v and writes w, m, v (2 bytes each
+    # dense, 1 per 8-bit code)
+    r["dense_gbps"] = n * (2 + 2 * 4 + 2 * 3) / (r["dense_ms"] / 1e3) / 1e9
+    r["8bit_gbps"] = n * (2 + 2 * 2 + 2 + 2 * 2) / (r["8bit_ms"] / 1e3) / 1e9
+    print(f"optimizer step over {n:,} values: dense {r['dense_ms']:.2f} ms ({r['dense_gbps']:.0f} GB/s), "
+          f"8-bit {r['8bit_ms']:.2f} ms ({r['8bit_gbps']:.0f} GB/s), torch fused AdamW {r['torch_fused_ms']:.2f} ms",
+          flush=True)
+    return r
+
+
 def tune():
     """Forward and forward+backward milliseconds per tile configuration (TUNE) at the benchmark
     shapes, through Triton's JIT with each configuration's warps and stages: the compiler the
@@ -300,6 +335,10 @@ def main():
         report["adamw8_cubins"] = traceback.format_exc(limit=2)[-600:]
     print("8-bit AdamW cubins:", report["adamw8_cubins"], flush=True)
     report["speed"] = speed(cubins)
+    try:
+        report["optimizer_speed"] = optimizer_speed(cubins)
+    except Exception:  # noqa: BLE001 - a timing, not a check: reported, never fatal
+        report["optimizer_speed"] = traceback.format_exc(limit=2)[-600:]
     report["all_ok"] = (
         all(r["ok"] for r in report["correctness"])
         and not report.get("jit_tests", {}).get("failures")
