@@ -42,15 +42,16 @@ SIZE=()
 EXTRA=()
 FLASH_ONLY=
 FLASH_ARGS=()
-TRAIN_SETUPS=refdpo_cached_bf16_state,refdpo_cached_bf16_masters,refdpo_cached_8bit,refdpo_live_bf16_state,trl_live,trl_precompute,refdpo_cached_lora,trl_live_lora
+# in the order they run: each comparison's pair first, so a stage cut off by its limit keeps one
+TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_8bit,refdpo_cached_bf16_masters,refdpo_cached_lora,trl_live_lora,refdpo_live_bf16_state,trl_precompute
 for arg in "$@"; do
   case $arg in
     --flash) FLASH_ONLY=1 ;;
     --tune) FLASH_ONLY=1 FLASH_ARGS=(--tune) ;;
     --cpu) DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256) ;;
     --profile) PRE_MODELS=${PRE_MODELS%%,*} EXTRA=(--profile) TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
-    --lora) PRE_MODELS="" TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_lora,trl_live_lora ;;
-    --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,refdpo_cached_bf16_masters,refdpo_cached_8bit,trl_live ;;
+    --lora) PRE_MODELS="" TRAIN_SETUPS=refdpo_cached_lora,trl_live_lora,refdpo_cached_bf16_state,trl_live ;;
+    --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_8bit,refdpo_cached_bf16_masters ;;
     *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora] [--big] [--flash] [--tune]" >&2; exit 2 ;;
   esac
 done

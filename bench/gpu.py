@@ -277,51 +277,48 @@ def stage_train():
         attempt(f"{preset} precompute", lambda: MemorySampler().run(refdpo("precompute", "--config", base,
                                                                           "--overwrite")))
         r = {"params": block_params + head_params}
-        for name, extra in [("refdpo_cached_bf16_state", {"state_dtype": "bf16"}),
-                            ("refdpo_cached_bf16_masters", {"state_dtype": "bf16", "master_dtype": "bf16"}),
-                            # bitsandbytes' AdamW8bit moments (TRL's optim="adamw_8bit"); the peer
-                            # below keeps adamw_torch: bitsandbytes is not installed there
-                            ("refdpo_cached_8bit", {"state_dtype": "bf16", "master_dtype": "bf16",
-                                                    "optim": "adamw_8bit"}),
-                            ("refdpo_cached_f32_state", {"state_dtype": "f32"}),
-                            ("refdpo_live_bf16_state", {"state_dtype": "bf16", "ref": "live"}),
-                            ("refdpo_cached_lora", {"lora": (LORA_R, LORA_ALPHA)})]:
-            if name not in a.setups:
-                continue
+        ours_extra = {
+            "refdpo_cached_bf16_state": {"state_dtype": "bf16"},
+            "refdpo_cached_bf16_masters": {"state_dtype": "bf16", "master_dtype": "bf16"},
+            # bitsandbytes' AdamW8bit moments (TRL's optim="adamw_8bit"); the peer keeps
+            # adamw_torch: bitsandbytes is not installed there
+            "refdpo_cached_8bit": {"state_dtype": "bf16", "master_dtype": "bf16", "optim": "adamw_8bit"},
+            "refdpo_cached_f32_state": {"state_dtype": "f32"},
+            "refdpo_live_bf16_state": {"state_dtype": "bf16", "ref": "live"},
+            "refdpo_cached_lora": {"lora": (LORA_R, LORA_ALPHA)},
+        }
+        peer_flags = {"trl_live": [], "trl_precompute": ["--precompute"],
+                      "trl_live_lora": ["--lora", str(LORA_R), "--lora-alpha", str(LORA_ALPHA)]}
 
-            def ours(name=name, extra=extra):
-                if extra.get("master_dtype") == "bf16" and not cuda:
-                    # bf16 masters need a bf16 reference: the CPU dry run's cache is f32
-                    toml = pipeline(model, preset, pairs, model_dtype="bf16", **common, **extra)
-                    MemorySampler().run(refdpo("precompute", "--config", toml, "--overwrite"))
-                else:
-                    toml = pipeline(model, preset, pairs, **common, **extra)
-                sampler = MemorySampler()
-                # --overwrite: a run left by an earlier call in this work folder is replaced
-                sampler.run(refdpo("train", "--config", toml, "--overwrite",
-                                   "--set", f'train.out="{WORK / ("run-" + name)}"'))
-                step, losses = median_step(WORK / f"run-{name}")
-                return {"peak_gib": sampler.peak / GIB, "median_step_s": step, "losses": losses}
+        def ours(name):
+            extra = ours_extra[name]
+            if extra.get("master_dtype") == "bf16" and not cuda:
+                # bf16 masters need a bf16 reference: the CPU dry run's cache is f32
+                toml = pipeline(model, preset, pairs, model_dtype="bf16", **common, **extra)
+                MemorySampler().run(refdpo("precompute", "--config", toml, "--overwrite"))
+            else:
+                toml = pipeline(model, preset, pairs, **common, **extra)
+            sampler = MemorySampler()
+            # --overwrite: a run left by an earlier call in this work folder is replaced
+            sampler.run(refdpo("train", "--config", toml, "--overwrite",
+                               "--set", f'train.out="{WORK / ("run-" + name)}"'))
+            step, losses = median_step(WORK / f"run-{name}")
+            return {"peak_gib": sampler.peak / GIB, "median_step_s": step, "losses": losses}
 
-            r[name] = attempt(f"{preset} {name}", ours)
-            log(f"{preset} {name}: {r[name]}")
-            res["models"][preset] = r
-            (OUT / "gpu-train.json").write_text(json.dumps(res, indent=1) + "\n")
-        for name, flag in [("trl_live", []), ("trl_precompute", ["--precompute"]),
-                           ("trl_live_lora", ["--lora", str(LORA_R), "--lora-alpha", str(LORA_ALPHA)])]:
-            if name not in a.setups:
-                continue
-            def peer(flag=flag):
-                sampler = MemorySampler()
-                out, _ = sampler.run([sys.executable, HERE / "peer_train.py", model,
-                                      REAL / "ultrafeedback_binarized_sample", "--pairs", str(pairs), "--steps",
-                                      str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length),
-                                      "--device", a.device, *flag])
-                peer = json.loads(out.strip().splitlines()[-1])
-                return {"peak_gib": sampler.peak / GIB, "median_step_s": peer["median_step_seconds"],
-                        "torch_max_allocated_gib": peer["max_allocated_gib"], "losses": peer["losses"]}
+        def peer(name):
+            sampler = MemorySampler()
+            out, _ = sampler.run([sys.executable, HERE / "peer_train.py", model,
+                                  REAL / "ultrafeedback_binarized_sample", "--pairs", str(pairs), "--steps",
+                                  str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length),
+                                  "--device", a.device, *peer_flags[name]])
+            out = json.loads(out.strip().splitlines()[-1])
+            return {"peak_gib": sampler.peak / GIB, "median_step_s": out["median_step_seconds"],
+                    "torch_max_allocated_gib": out["max_allocated_gib"], "losses": out["losses"]}
 
-            r[name] = attempt(f"{preset} {name}", peer)
+        # in the order --setups names them (bench/device.sh puts each comparison's pair first,
+        # so a stage cut off by its time limit still has one); each written as it finishes
+        for name in a.setups:
+            r[name] = attempt(f"{preset} {name}", lambda: ours(name) if name in ours_extra else peer(name))
             log(f"{preset} {name}: {r[name]}")
             res["models"][preset] = r
             (OUT / "gpu-train.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -332,12 +329,14 @@ def stage_train():
                                                                 f'train.out="{WORK / "run-profile"}"'))
         res["models"][preset] = r
     (OUT / "gpu-train.json").write_text(json.dumps(res, indent=1) + "\n")
+    # "vs TRL live": LoRA rows against TRL + PEFT live
     print("| model | setup | peak GiB (device) | vs TRL live | median step s | vs TRL live | first loss − ln 2 |")
     print("|---|---|---|---|---|---|---|")
     for m, r in res["models"].items():
-        ref = r.get("trl_live")
-        ref = ref if ref and "error" not in ref else None
         for name in (s for s in SETUPS if s in r):
+            # LoRA against TRL + PEFT's LoRA, the rest against TRL's full fine-tuning
+            ref = r.get("trl_live_lora" if name.endswith("_lora") else "trl_live")
+            ref = ref if ref and "error" not in ref else None
             x = r[name]
             if "error" in x:
                 print(f"| {m} | {name} | failed: {x['error'][-200:]} | | | | |")
