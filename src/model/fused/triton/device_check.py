@@ -315,25 +315,25 @@ def main():
     report["arch"] = cubins.arch
     report["correctness"] = correctness(cubins)
     # The optimizer's committed cubins: f32 state bit for bit against the composed ops' op
-    # order, the norm against f64, a non-finite norm changing nothing.
-    try:
-        test_adamw.test_f32_state_equals_the_composed_ops_and_torch_adamw(launch=cubins)
-        test_adamw.test_a_non_finite_norm_changes_nothing(launch=cubins)
-        test_adamw.test_bf16_weights_round_stochastically(launch=cubins)
-        report["adamw_cubins"] = "ok"
-    except Exception:  # noqa: BLE001 - reported, not fatal to the rest of the check
-        report["adamw_cubins"] = traceback.format_exc(limit=2)[-600:]
-    print("AdamW cubins:", report["adamw_cubins"], flush=True)
-    # The 8-bit moments' cubins, in the launch sequence refdpo makes: bitsandbytes' codes, the
-    # CPU loops' bits beside a dense tensor, bf16 weights and a non-finite norm.
-    try:
-        test_adamw8.test_follows_bitsandbytes_adamw8bit(launch=cubins)
-        test_adamw8.test_equals_the_cpu_loops_beside_a_dense_tensor(launch=cubins)
-        test_adamw8.test_bf16_weights_round_stochastically_and_a_non_finite_norm_changes_nothing(launch=cubins)
-        report["adamw8_cubins"] = "ok"
-    except Exception:  # noqa: BLE001 - reported, not fatal to the rest of the check
-        report["adamw8_cubins"] = traceback.format_exc(limit=2)[-600:]
-    print("8-bit AdamW cubins:", report["adamw8_cubins"], flush=True)
+    # order, the norm against f64, a non-finite norm changing nothing; then the 8-bit moments'
+    # cubins in the launch sequence refdpo makes: bitsandbytes' codes, the CPU loops' bits beside
+    # a dense tensor, bf16 weights and a non-finite norm.
+    for key, label, cases in (
+        ("adamw_cubins", "AdamW cubins", (test_adamw.test_f32_state_equals_the_composed_ops_and_torch_adamw,
+                                          test_adamw.test_a_non_finite_norm_changes_nothing,
+                                          test_adamw.test_bf16_weights_round_stochastically)),
+        ("adamw8_cubins", "8-bit AdamW cubins",
+         (test_adamw8.test_follows_bitsandbytes_adamw8bit,
+          test_adamw8.test_equals_the_cpu_loops_beside_a_dense_tensor,
+          test_adamw8.test_bf16_weights_round_stochastically_and_a_non_finite_norm_changes_nothing)),
+    ):
+        try:
+            for case in cases:
+                case(launch=cubins)
+            report[key] = "ok"
+        except Exception:  # noqa: BLE001 - reported, not fatal to the rest of the check
+            report[key] = traceback.format_exc(limit=2)[-600:]
+        print(f"{label}:", report[key], flush=True)
     report["speed"] = speed(cubins)
     try:
         report["optimizer_speed"] = optimizer_speed(cubins)
