@@ -219,6 +219,8 @@ fn all_checks(device: &Device) -> Result<Vec<Check>> {
 }
 
 fn every_check(device: &Device, checks: &mut Vec<Check>) -> Result<()> {
+    // at most 40 s of reruns in the search for culprits (the device call gives the selftest 150)
+    let mut search = Search::new(std::time::Duration::from_secs(40));
     for dtype in [DType::F32, DType::BF16] {
         let d = dtype_name(dtype);
         guarded(checks, device, format!("candle's ops {d}"), None, |c| {
@@ -260,7 +262,7 @@ fn every_check(device: &Device, checks: &mut Vec<Check>) -> Result<()> {
             };
             let start = checks.len();
             group(checks)?;
-            if let Some(found) = culprit(device, &checks[start..], &group) {
+            if let Some(found) = culprit(device, &checks[start..], &group, &mut search) {
                 checks.push(Check {
                     name: format!("{arch} {} through the fused kernels", p.name()),
                     ..found
@@ -280,13 +282,31 @@ fn culprit(
     device: &Device,
     group_checks: &[Check],
     group: &dyn Fn(&mut Vec<Check>) -> Result<()>,
+    search: &mut Search,
 ) -> Option<Check> {
     if !crate::model::fused::enabled(device) || !alive(device) {
         return None;
     }
-    culprit_under(setting::current(), group_checks, group, &|s, f| {
+    culprit_under(setting::current(), group_checks, group, search, &|s, f| {
         setting::with(s, f)
     })
+}
+
+/// What the search for culprits has found, and until when it may look: each family's failing
+/// checks rerun with each of 9 kernels left out could take minutes on a device where the
+/// failure is no kernel's; a kernel blamed once is tried first for the next family.
+pub(super) struct Search {
+    blamed: Vec<Kernel>,
+    until: std::time::Instant,
+}
+
+impl Search {
+    pub(super) fn new(budget: std::time::Duration) -> Self {
+        Self {
+            blamed: Vec::new(),
+            until: std::time::Instant::now() + budget,
+        }
+    }
 }
 
 /// [`culprit`] from the setting `current`, each trial run by `with` under its setting.
@@ -294,18 +314,24 @@ fn culprit_under(
     current: setting::Setting,
     group_checks: &[Check],
     group: &dyn Fn(&mut Vec<Check>) -> Result<()>,
+    search: &mut Search,
     with: &dyn Fn(setting::Setting, &mut dyn FnMut() -> bool) -> bool,
 ) -> Option<Check> {
     let worst = group_checks
         .iter()
         .filter(|c| !c.passed())
         .max_by(|a, b| (a.error / a.tolerance).total_cmp(&(b.error / b.tolerance)))?;
-    let kernel = setting::culprit(current, |s| {
-        with(s, &mut || {
-            let mut again = Vec::new();
-            group(&mut again).is_ok() && again.iter().all(Check::passed)
-        })
+    let until = search.until;
+    let kernel = setting::culprit(current, &search.blamed, |s| {
+        std::time::Instant::now() < until
+            && with(s, &mut || {
+                let mut again = Vec::new();
+                group(&mut again).is_ok() && again.iter().all(Check::passed)
+            })
     })?;
+    if !search.blamed.contains(&kernel) {
+        search.blamed.push(kernel);
+    }
     Some(Check {
         name: String::new(),
         error: worst.error,
@@ -477,7 +503,15 @@ mod tests {
         };
         let mut first = Vec::new();
         group(&mut first).unwrap();
-        let found = culprit_under(setting::Setting::default(), &first, &group, &with).unwrap();
+        let mut search = Search::new(std::time::Duration::from_secs(60));
+        let found = culprit_under(
+            setting::Setting::default(),
+            &first,
+            &group,
+            &mut search,
+            &with,
+        )
+        .unwrap();
         assert_eq!(found.kernel, Some(Kernel::Rope));
         assert!(!found.passed() && found.error == 0.5, "{found:?}");
         let note = found.note.unwrap();
@@ -487,14 +521,39 @@ mod tests {
         );
         // passed: nothing to look for
         let passed = [Check::of_error("ok".into(), 0.0, 1e-4)];
-        assert!(culprit_under(setting::Setting::default(), &passed, &group, &with).is_none());
+        assert!(culprit_under(
+            setting::Setting::default(),
+            &passed,
+            &group,
+            &mut search,
+            &with
+        )
+        .is_none());
         // fails whatever is left out
         let always = |c: &mut Vec<Check>| {
             c.push(Check::of_error("x".into(), 1.0, 1e-4));
             Ok(())
         };
         let failed = [Check::of_error("x".into(), 1.0, 1e-4)];
-        assert!(culprit_under(setting::Setting::default(), &failed, &always, &with).is_none());
+        assert!(culprit_under(
+            setting::Setting::default(),
+            &failed,
+            &always,
+            &mut search,
+            &with
+        )
+        .is_none());
+        // the blamed kernel is remembered, and a spent budget tries nothing
+        assert_eq!(search.blamed, [Kernel::Rope]);
+        let mut spent = Search::new(std::time::Duration::ZERO);
+        assert!(culprit_under(
+            setting::Setting::default(),
+            &first,
+            &group,
+            &mut spent,
+            &with
+        )
+        .is_none());
     }
 
     #[test]

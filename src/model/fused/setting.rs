@@ -185,14 +185,20 @@ pub fn with<R>(setting: Setting, f: impl FnOnce() -> R) -> R {
 }
 
 /// The one kernel whose absence (besides those `current` leaves out) makes `passes` hold, trying
-/// each kernel in [`Kernel::ALL`]'s order: where a check that no kernel's own check explains
-/// fails, what a run should leave out.
-pub fn culprit(current: Setting, mut passes: impl FnMut(Setting) -> bool) -> Option<Kernel> {
+/// those in `first` (kernels already blamed elsewhere), then the rest in [`Kernel::ALL`]'s
+/// order: where a check that no kernel's own check explains fails, what a run should leave out.
+pub fn culprit(
+    current: Setting,
+    first: &[Kernel],
+    mut passes: impl FnMut(Setting) -> bool,
+) -> Option<Kernel> {
     if current.forced == Some(false) {
         return None;
     }
-    Kernel::ALL
-        .into_iter()
+    first
+        .iter()
+        .copied()
+        .chain(Kernel::ALL.into_iter().filter(|k| !first.contains(k)))
         .filter(|&k| !current.leaves_out(k))
         .find(|&k| passes(current.without(k)))
 }
@@ -230,7 +236,7 @@ mod tests {
     fn the_culprit_is_the_one_kernel_whose_absence_lets_the_check_pass() {
         let base = Setting::parse("-tiled").unwrap();
         let mut tried = Vec::new();
-        let found = culprit(base, |s| {
+        let found = culprit(base, &[], |s| {
             tried.push(s.left_out());
             s.leaves_out(Kernel::Swiglu)
         });
@@ -241,11 +247,18 @@ mod tests {
         assert_eq!(tried.len(), 4);
         // two broken kernels: no single one explains the failure
         assert_eq!(
-            culprit(Setting::default(), |s| s.leaves_out(Kernel::Norm)
+            culprit(Setting::default(), &[], |s| s.leaves_out(Kernel::Norm)
                 && s.leaves_out(Kernel::Rope)),
             None
         );
-        assert_eq!(culprit(Setting::parse("0").unwrap(), |_| true), None);
+        assert_eq!(culprit(Setting::parse("0").unwrap(), &[], |_| true), None);
+        // a kernel blamed before is tried first
+        let mut tried = Vec::new();
+        let found = culprit(Setting::default(), &[Kernel::Adamw8], |s| {
+            tried.push(s.left_out());
+            s.leaves_out(Kernel::Adamw8)
+        });
+        assert_eq!((found, tried.len()), (Some(Kernel::Adamw8), 1));
         // an override's word reads back as the setting it stands for
         for text in ["", "0", "1", "-adamw8", "1,-tiled,-accumulate"] {
             let s = Setting::parse(text).unwrap();
