@@ -5,6 +5,7 @@
 
 use super::config::TransformerConfig;
 use super::linear_op::linear;
+use super::row_ops;
 use super::{cpu, init};
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::{fs, Error, Result};
@@ -184,6 +185,8 @@ impl Proj {
             None
         };
         let y = match (product, self.base.bias()) {
+            // in a backward, the bias's gradient summed over the rows in f32
+            (Some(y), Some(b)) if y.track_op() || b.track_op() => row_ops::bias_add(&y, b)?,
             (Some(y), Some(b)) => y.broadcast_add(b)?,
             (Some(y), None) => y,
             (None, _) => self.base.forward(x)?,

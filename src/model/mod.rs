@@ -22,6 +22,7 @@ pub mod op_mode;
 pub mod params;
 pub mod reward;
 pub mod rope;
+pub mod row_ops;
 pub mod shapes;
 pub mod softcap;
 pub mod tables;

@@ -2,6 +2,7 @@
 
 use super::config::TransformerConfig;
 use super::fused::{self, Kernel};
+use super::row_ops;
 use super::OpMode;
 use crate::error::Result;
 use crate::profile::{self, Phase};
@@ -52,7 +53,23 @@ impl RmsNorm {
         }
         Ok(match mode {
             OpMode::Fast => candle_nn::ops::rms_norm(x, &self.weight, self.eps)?,
-            _ => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
+            _ => rms_norm_composed(x, &self.weight, self.eps)?,
         })
     }
+}
+
+/// candle-nn's `rms_norm_slow`, op for op, but the scale by `w` as one node whose weight
+/// gradient sums over the rows in f32 ([`row_ops::scale_rows`]): in bf16, candle's broadcast
+/// backward sums it in bf16, far from the total over a batch's thousands of rows.
+fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let internal = match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    };
+    let hidden = x.dim(D::Minus1)?;
+    let xi = x.to_dtype(internal)?;
+    let ms = (xi.sqr()?.sum_keepdim(D::Minus1)? / hidden as f64)?;
+    let normed = xi.broadcast_div(&(ms + f64::from(eps))?.sqrt()?)?;
+    Ok(row_ops::scale_rows(&normed.to_dtype(dtype)?, w)?)
 }

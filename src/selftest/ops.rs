@@ -98,6 +98,28 @@ pub(super) fn ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) -> Res
             tol,
         )?);
     }
+    // A projection's bias over 8,192 rows (Qwen2's q, k and v): its gradient, summed over the
+    // rows in f32 (a sum in bf16 stalls far from the total)
+    let rows = (values(&[8192, 24], 36)? * 1e-3)?;
+    let bias_grad = |dev: &Device, dt: DType| -> Result<Tensor> {
+        let y = Var::from_tensor(&rows.to_dtype(dt)?.to_device(dev)?)?;
+        let b = Var::from_tensor(&values(&[24], 37)?.to_dtype(dt)?.to_device(dev)?)?;
+        let out = crate::model::row_ops::bias_add(y.as_tensor(), b.as_tensor())?;
+        let weight = (values(&[8192, 24], 38)?.abs()? + 0.5)?.to_device(dev)?;
+        let store = (out.to_dtype(DType::F32)? * weight)?
+            .sum_all()?
+            .backward()?;
+        store
+            .get(b.as_tensor())
+            .cloned()
+            .ok_or_else(|| Error::Model("selftest: no gradient through the bias".into()))
+    };
+    checks.push(Check::compare(
+        format!("bias backward, 8192 rows {d}"),
+        &bias_grad(device, dtype)?,
+        &bias_grad(&Device::Cpu, DType::F32)?,
+        tol,
+    )?);
     Ok(())
 }
 
@@ -147,6 +169,15 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         name: "rms_norm",
         kernel: Kernel::Norm,
         inputs: vec![values(&[2, 17, 48], 2)?, (values(&[48], 3)? + 1.5)?],
+        tracked: 2,
+        fused: Box::new(|t| Ok(fused::rms_norm(&t[0], &t[1], 1e-5)?)),
+        composed: Box::new(|t| Ok(candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5)?)),
+    });
+    // many rows: the weight's gradient from many blocks' partial sums (a batch's thousands)
+    cases.push(FusedCase {
+        name: "rms_norm, 8192 rows",
+        kernel: Kernel::Norm,
+        inputs: vec![values(&[1, 8192, 48], 39)?, (values(&[48], 3)? + 1.5)?],
         tracked: 2,
         fused: Box::new(|t| Ok(fused::rms_norm(&t[0], &t[1], 1e-5)?)),
         composed: Box::new(|t| Ok(candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5)?)),
