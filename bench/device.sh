@@ -59,14 +59,9 @@ SIZE+=(--setups "$TRAIN_SETUPS")
 export OUT=${OUT:-bench/results/device} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-stage() { # name, seconds, command...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/stages.txt"
-  return "$rc"
-}
+# stage and selftest_ladder
+# shellcheck source=bench/device_lib.sh
+source bench/device_lib.sh
 # The tiled attention first: its cubins are committed, so it needs no refdpo binary.
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
@@ -85,28 +80,10 @@ if [ "$DEVICE" = cuda ]; then
   export REFDPO=/tmp/refdpo
 fi
 export REFDPO=${REFDPO:?set REFDPO to the refdpo command}
-# shellcheck disable=SC2086 # REFDPO may be a command with arguments (cargo run …)
-# The selftest runs refdpo's fused ops (the CUDA default). If a fused kernel's own check fails,
-# the selftest prints the setting that leaves out the kernels that failed (REFDPO_FUSED=-a,-b):
-# the run is checked again with it and, if it passes, benchmarked with it, every other kernel
-# still fused. Else the composed ops (REFDPO_FUSED=0) are checked and, if they pass, benchmarked
-# instead. $OUT/ops.txt says which. A failed selftest of all stops the benchmark; the --profile
+# The selftest with the fused ops, then without the kernels that failed, then with the composed
+# ops (bench/device_lib.sh); a failed selftest of all stops the benchmark, but the --profile
 # follow-up (a diagnosis) goes on.
-if ! stage selftest 150 $REFDPO selftest --device "$DEVICE"; then
-  WITHOUT=$(grep -oE '^to run the composed ops in their place: REFDPO_FUSED=[-a-z0-9,]+$' "$OUT/selftest.log" | sed 's/.*: //' | tail -n 1)
-  if [ -n "$WITHOUT" ]; then
-    echo "selftest failed in fused kernels: trying without them ($WITHOUT)" >&2
-    export "${WITHOUT?}"
-    echo "$WITHOUT" > "$OUT/ops.txt"
-  fi
-  if [ -z "$WITHOUT" ] || ! stage selftest-without 120 $REFDPO selftest --device "$DEVICE"; then
-    echo "selftest failed with the fused ops: trying the composed ones (REFDPO_FUSED=0)" >&2
-    export REFDPO_FUSED=0
-    echo "REFDPO_FUSED=0" > "$OUT/ops.txt"
-    stage selftest-composed 120 $REFDPO selftest --device "$DEVICE" ||
-      { echo "selftest failed" >&2; [ ${#EXTRA[@]} -gt 0 ] || exit 1; }
-  fi
-fi
+selftest_ladder || { echo "selftest failed" >&2; [ ${#EXTRA[@]} -gt 0 ] || exit 1; }
 [ -z "$PRE_MODELS" ] ||
   stage precompute 270 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS" "${SIZE[@]}" "${EXTRA[@]}"
 stage train 270 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8 "${SIZE[@]}" "${EXTRA[@]}"

@@ -4,6 +4,7 @@
 mod common;
 mod contract;
 mod demo_pipeline;
+mod device_script;
 mod families;
 mod fidelity;
 mod first_hour;
