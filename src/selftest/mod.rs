@@ -298,6 +298,8 @@ fn culprit(
 pub(super) struct Search {
     blamed: Vec<Kernel>,
     until: std::time::Instant,
+    /// Whether the time ran out (said once on stderr).
+    ran_out: std::cell::Cell<bool>,
 }
 
 impl Search {
@@ -305,7 +307,22 @@ impl Search {
         Self {
             blamed: Vec::new(),
             until: std::time::Instant::now() + budget,
+            ran_out: std::cell::Cell::new(false),
         }
+    }
+
+    /// Whether another rerun may start; the first refusal is said on stderr.
+    fn may_run(&self) -> bool {
+        if std::time::Instant::now() < self.until {
+            return true;
+        }
+        if !self.ran_out.replace(true) {
+            eprintln!(
+                "note: selftest: the search for the kernel behind failing model checks ran out \
+                 of time; the families after it name none"
+            );
+        }
+        false
     }
 }
 
@@ -321,9 +338,8 @@ fn culprit_under(
         .iter()
         .filter(|c| !c.passed())
         .max_by(|a, b| (a.error / a.tolerance).total_cmp(&(b.error / b.tolerance)))?;
-    let until = search.until;
     let kernel = setting::culprit(current, &search.blamed, |s| {
-        std::time::Instant::now() < until
+        search.may_run()
             && with(s, &mut || {
                 let mut again = Vec::new();
                 group(&mut again).is_ok() && again.iter().all(Check::passed)
