@@ -60,13 +60,20 @@ impl AdamW {
                 })
             })
             .collect();
-        // each 8-bit tensor with a gradient: (index, weights, gradient, m, v)
-        let eight: Vec<_> = policy
+        // each 8-bit tensor with a gradient
+        let eight: Vec<adamw8::Step<'_>> = policy
             .vars
             .iter()
             .enumerate()
             .filter_map(|(i, var)| match (&self.moments[i], &rows[i]) {
-                (Moments::Blockwise { m, v }, Some(g)) => Some((i, var.as_tensor(), g, m, v)),
+                (Moments::Blockwise { m, v }, Some(g)) => Some(adamw8::Step {
+                    w: var.as_tensor(),
+                    g,
+                    m,
+                    v,
+                    decays: decays_at(i),
+                    seed: seed(i, 2),
+                }),
                 _ => None,
             })
             .collect();
@@ -80,17 +87,6 @@ impl AdamW {
             let _phase = profile::scope(Phase::Optimizer);
             return Ok(Some(adamw_step::step(&slots, hyper, max_norm)?));
         }
-        let eight: Vec<adamw8::Step<'_>> = eight
-            .into_iter()
-            .map(|(i, w, g, m, v)| adamw8::Step {
-                w,
-                g,
-                m,
-                v,
-                decays: decays_at(i),
-                seed: seed(i, 2),
-            })
-            .collect();
         step_8bit(&slots, &eight, &self.maps, hyper, max_norm)
     }
 }

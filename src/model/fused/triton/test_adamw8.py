@@ -62,9 +62,9 @@ def launch_any(kernel, grid, args, consts):
     getattr(module, kernel)[grid](*args, **consts)
 
 
-def step(dense, eight, gs_dense, gs_eight, s, max_norm, bf16=False, w_bf16=False, launch=launch_any):
-    """One step as refdpo's launcher makes it: one table, the dense tensors' rows and chunks
-    first. Returns [norm, coefficient]."""
+def tables(dense, eight, gs_dense, gs_eight):
+    """PTRS and CHUNKS as refdpo's launcher makes them: one table, the dense tensors' rows and
+    chunks first. Returns (ptrs, chunks, the dense tensors' chunk count)."""
     ptrs, chunks = [], []
     rows = [(x.w, x.m, x.v, g, x.decays, (0, 0, 0)) for x, g in zip(dense, gs_dense)]
     rows += [(x.w, x.mc, x.vc, g, x.decays, (x.ma, x.va, x.seed)) for x, g in zip(eight, gs_eight)]
@@ -79,17 +79,36 @@ def step(dense, eight, gs_dense, gs_eight, s, max_norm, bf16=False, w_bf16=False
             n_dense = len(chunks) // 4
     ptrs = torch.tensor(ptrs, dtype=torch.int64, device=DEVICE)
     chunks = torch.tensor(chunks, dtype=torch.int32, device=DEVICE)
+    return ptrs, chunks, n_dense
+
+
+@functools.lru_cache(maxsize=None)
+def device_maps():
+    """MAPS and BOUNDS [2, 256] f32 on DEVICE."""
+    _, values, bounds = maps()
+    return tuple(torch.from_numpy(np.stack(x)).to(DEVICE) for x in (values, bounds))
+
+
+def launch_step(ptrs, chunks, n_dense, s, max_norm, bf16=False, w_bf16=False, launch=launch_any):
+    """The step's launches over [`tables`]' tables: the norm and clipping over every chunk, the
+    dense update over the first n_dense, the 8-bit one over the rest (none when there are
+    none, as refdpo's launcher skips it). Returns OUT, [norm, coefficient] on DEVICE."""
     n_chunks = chunks.numel() // 4
     out = norm_and_coef(ptrs, chunks, n_chunks, bf16, max_norm, launch=launch)
     if n_dense:
         update(ptrs, chunks, n_dense, out, s, bf16, launch=launch, w_bf16=w_bf16)
-    _, values, bounds = maps()
-    m = torch.from_numpy(np.stack(values)).to(DEVICE)
-    b = torch.from_numpy(np.stack(bounds)).to(DEVICE)
-    args = (ptrs, chunks[n_dense * 4:], out, m, b, s["beta1"], s["omb1"], s["beta2"], s["omb2"], s["decay"],
-            s["lr_bc1"], s["inv_sqrt_bc2"], s["eps"])
-    consts = dict(BF16=bf16, W_BF16=w_bf16, CHUNK=CHUNK, QBLOCK=adamw8.QBLOCK, ROWS=adamw8.ROWS)
-    launch("adamw8_multi", (n_chunks - n_dense,), args, consts)
+    if n_chunks > n_dense:
+        m, b = device_maps()
+        args = (ptrs, chunks[n_dense * 4:], out, m, b, s["beta1"], s["omb1"], s["beta2"], s["omb2"], s["decay"],
+                s["lr_bc1"], s["inv_sqrt_bc2"], s["eps"])
+        consts = dict(BF16=bf16, W_BF16=w_bf16, CHUNK=CHUNK, QBLOCK=adamw8.QBLOCK, ROWS=adamw8.ROWS)
+        launch("adamw8_multi", (n_chunks - n_dense,), args, consts)
+    return out
+
+
+def step(dense, eight, gs_dense, gs_eight, s, max_norm, bf16=False, w_bf16=False, launch=launch_any):
+    """One step as refdpo's launcher makes it. Returns [norm, coefficient]."""
+    out = launch_step(*tables(dense, eight, gs_dense, gs_eight), s, max_norm, bf16, w_bf16, launch)
     return out.cpu().tolist()
 
 
