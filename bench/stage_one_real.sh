@@ -6,7 +6,9 @@
 # The model is SmolLM2-135M-Instruct as scripts/real_smollm2.py makes it (from its PyPI GGUF).
 # Knobs: THREADS (2), PAIRS (32 per split), MAXLEN (512), PROFILE (release), PYTHON (an
 # interpreter with torch, transformers and gguf; else tests/python/install.sh's venv),
-# ARGS (more `refdpo precompute` flags, e.g. --profile).
+# ARGS (more `refdpo precompute` flags, e.g. --profile). refdpo runs twice: as it scores by default
+# (each pair's prompt computed once) and with REFDPO_SHARE_PROMPTS=0 (every sequence whole, as the
+# peer computes it); the ratio is the first's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
@@ -40,9 +42,13 @@ max_length = $MAXLEN
 batch_size = 8
 out = "$W/cache"
 TOML
+sed -e "s#$W/cache#$W/cache-whole#" "$W/bench.toml" > "$W/whole.toml"
 echo "== refdpo precompute (whole process: load, tokenize, forward, write)"
 ours=$("$PY" bench/measure.py -- cargo run --profile "$PROFILE" --quiet --bin refdpo -- \
   precompute --config "$W/bench.toml" --quiet ${ARGS:-})
+echo "== the same, every sequence whole (REFDPO_SHARE_PROMPTS=0)"
+whole=$(REFDPO_SHARE_PROMPTS=0 "$PY" bench/measure.py -- cargo run --profile "$PROFILE" --quiet \
+  --bin refdpo -- precompute --config "$W/whole.toml" --quiet ${ARGS:-})
 peers=()
 for batch in 1 8; do
   echo "== transformers forward + log-probs, batch $batch"
@@ -50,10 +56,19 @@ for batch in 1 8; do
     peers+=("$("$PY" bench/peer_precompute.py "$MODEL" "$W/cache/${split}_prefs.parquet" --threads "$THREADS" --batch "$batch")")
   done
 done
-"$PY" - "$W" "$ours" "$THREADS" "$PAIRS" "$MAXLEN" "$PROFILE" "${peers[@]}" <<'PY'
+"$PY" - "$W" "$ours" "$whole" "$THREADS" "$PAIRS" "$MAXLEN" "$PROFILE" "${peers[@]}" <<'PY'
 import json, pathlib, sys
-w, ours, threads, pairs, maxlen, profile = sys.argv[1], json.loads(sys.argv[2]), *sys.argv[3:7]
-p = [json.loads(s) for s in sys.argv[7:]]
+import pyarrow.parquet as pq
+w, ours, whole = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+threads, pairs, maxlen, profile = sys.argv[4:8]
+p = [json.loads(s) for s in sys.argv[8:]]
+# the two layouts' log-probs, cache against cache
+shared_vs_whole = 0.0
+for split in ("train", "test"):
+    a = pq.read_table(pathlib.Path(w, f"cache/{split}_prefs.parquet")).to_pydict()
+    b = pq.read_table(pathlib.Path(w, f"cache-whole/{split}_prefs.parquet")).to_pydict()
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        shared_vs_whole = max([shared_vs_whole] + [abs(x - y) / max(abs(y), 1e-9) for x, y in zip(a[col], b[col])])
 report = json.loads(pathlib.Path(w, "cache/report.json").read_text())
 tokens = sum(report[s]["tokens"] for s in report)
 peer = {1: p[0]["seconds"] + p[1]["seconds"], 8: p[2]["seconds"] + p[3]["seconds"]}
@@ -61,6 +76,7 @@ best = min(peer, key=peer.get)
 res = {"setup": {"model": "SmolLM2-135M-Instruct (scripts/real_smollm2.py)", "threads": int(threads),
                  "pairs_per_split": int(pairs), "max_length": int(maxlen), "profile": profile},
        "tokens": tokens, "refdpo_process_seconds": ours["seconds"], "refdpo_peak_rss_mib": ours["peak_rss_mib"],
+       "refdpo_whole_sequences_seconds": whole["seconds"], "max_rel_diff_shared_vs_whole": shared_vs_whole,
        "torch_forward_seconds": {f"batch {b}": s for b, s in peer.items()}, "torch_best_batch": best,
        "max_rel_diff_vs_torch": max(x["max_rel_diff"] for x in p),
        "ratio_torch_best_forward_over_refdpo_process": peer[best] / ours["seconds"]}
@@ -69,9 +85,10 @@ print(f"""
 | stage one, SmolLM2-135M-Instruct ({tokens} tokens, {threads} threads) | seconds | tokens/s |
 |---|---|---|
 | refdpo precompute, whole process (load, tokenize, forward, write) | {ours['seconds']:.2f} | {tokens / ours['seconds']:.0f} |
+| the same, every sequence whole (`REFDPO_SHARE_PROMPTS=0`) | {whole['seconds']:.2f} | {tokens / whole['seconds']:.0f} |
 | transformers forward + log-probs alone, batch 1 | {peer[1]:.2f} | {tokens / peer[1]:.0f} |
 | transformers forward + log-probs alone, batch 8 | {peer[8]:.2f} | {tokens / peer[8]:.0f} |
 | **ratio** (torch's best forward time / refdpo whole-process time; >= 1 means refdpo is faster) | **{res['ratio_torch_best_forward_over_refdpo_process']:.2f}x** | |
-max relative difference of the log-probs, refdpo vs torch: {res['max_rel_diff_vs_torch']:.2e}
+max relative difference of the log-probs, refdpo vs torch: {res['max_rel_diff_vs_torch']:.2e}; shared prompts vs whole sequences: {shared_vs_whole:.2e}
 (results also in bench/results/cpu-real-latest.json)""")
 PY

@@ -8,6 +8,7 @@ use super::fused::{self, AttnSoftmax, Kernel};
 use super::kv_cache::LayerKv;
 use super::lora::{Dropout, Proj};
 use super::norm::RmsNorm;
+use super::packing::Sharing;
 use super::rope::rope_at;
 use super::tables::SeqContext;
 use super::OpMode;
@@ -129,12 +130,19 @@ impl Attention {
             keep(&k, &v)?;
         }
         if let Some(lens) = &ctx.segments {
-            if b != 1 || lens.iter().sum::<usize>() != t {
+            let rows = match &ctx.shared {
+                Some(shared) => shared.rows(),
+                None => lens.iter().sum::<usize>(),
+            };
+            if b != 1 || rows != t {
                 return Err(crate::error::Error::Model(format!(
-                    "a packed batch is one row of all its sequences: [{b}, {t}] against lengths summing to {}",
-                    lens.iter().sum::<usize>()
+                    "a packed batch is one row of all its sequences: [{b}, {t}] against {rows} rows"
                 )));
             }
+        }
+        if let (Some(shared), Some(lens)) = (&ctx.shared, &ctx.segments) {
+            let out = self.attend_shared(&q, &k, &v, mask, shared, lens, mode)?;
+            return self.o.forward(&out, ctx.dropout.as_ref());
         }
         if mode == OpMode::Fast && cpu::attention::covers(&q) {
             let out = cpu::attention::attend(&q, &k, &v, mask, &segments(ctx, b, t), self.spec())?;
@@ -165,6 +173,50 @@ impl Attention {
             scale: self.scale as f32,
             softcap: self.softcap.map(|c| c as f32),
         }
+    }
+
+    /// q [1, nh, Σ, hd] and k, v [1, kv, Σ, hd] of a packed row whose sequences share first
+    /// positions ([`Sharing`]) → [1, Σ, nh · hd]. The keys and values are gathered into the
+    /// whole layout (`lens`, each sequence with all its positions). The CPU's kernel takes each
+    /// sequence's own queries against them; the other paths attend over the whole layout
+    /// (the shared queries twice: attention alone, not the layers around it) and keep each
+    /// packed row's output.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_shared(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        shared: &Sharing,
+        lens: &std::sync::Arc<[usize]>,
+        mode: OpMode,
+    ) -> Result<Tensor> {
+        let whole = |x: &Tensor| x.index_select(&shared.whole_rows, 2);
+        let (k, v) = (whole(k)?, whole(v)?);
+        let t = shared.rows();
+        if mode == OpMode::Fast && cpu::attention::covers(q) {
+            let segments: Vec<_> = shared
+                .pieces
+                .iter()
+                .scan(0, |at, p| {
+                    *at += p.whole();
+                    Some(cpu::attention::Segment {
+                        row: 0,
+                        start: p.start,
+                        keys: *at - p.whole(),
+                        len: p.whole(),
+                        offset: p.shared,
+                    })
+                })
+                .collect();
+            return cpu::attention::attend(q, &k, &v, mask, &segments, self.spec());
+        }
+        let out = self.attend_packed(&whole(q)?, &k, &v, mask, lens, mode)?;
+        Ok(out
+            .index_select(&shared.own_rows, 2)?
+            .transpose(1, 2)?
+            .reshape((1, t, self.num_heads * self.head_dim))?)
     }
 
     /// q [1, nh, Σ, hd] against k and v [1, kv, Σ, hd], packed sequences of `lens`, each
@@ -348,9 +400,8 @@ impl Attention {
             let tk = k.dim(2)?;
             let rows: Vec<_> = (0..b)
                 .map(|row| cpu::attention::Segment {
-                    row,
-                    start: 0,
-                    len: tk,
+                    offset: tk - t,
+                    ..cpu::attention::Segment::whole(row, 0, tk)
                 })
                 .collect();
             let out = cpu::attention::attend(&q, &k, &v, mask, &rows, self.spec())?;
@@ -466,20 +517,10 @@ fn segments(ctx: &SeqContext, b: usize, t: usize) -> Vec<cpu::attention::Segment
             .iter()
             .scan(0, |at, &len| {
                 *at += len;
-                Some(Segment {
-                    row: 0,
-                    start: *at - len,
-                    len,
-                })
+                Some(Segment::whole(0, *at - len, len))
             })
             .collect(),
-        None => (0..b)
-            .map(|row| Segment {
-                row,
-                start: 0,
-                len: t,
-            })
-            .collect(),
+        None => (0..b).map(|row| Segment::whole(row, 0, t)).collect(),
     }
 }
 

@@ -5,6 +5,7 @@
 
 use super::attention::attention_chunk;
 use super::lora::Dropout;
+use super::packing::Sharing;
 use super::Transformer;
 use crate::error::Result;
 use candle_core::{Device, Tensor};
@@ -28,8 +29,10 @@ pub struct SeqContext {
     /// LoRA dropout of a training forward (none when scoring).
     pub dropout: Option<Dropout>,
     /// A packed row's sequence lengths, end to end (none for a padded [B, T] batch): each
-    /// attends within itself, from position 0.
+    /// attends within itself, from position 0. With `shared`, the whole layout's.
     pub segments: Option<std::sync::Arc<[usize]>>,
+    /// A packed row whose sequences share first positions (a scoring forward's prompts).
+    pub shared: Option<Sharing>,
 }
 
 impl SeqContext {
@@ -51,6 +54,7 @@ impl SeqContext {
             attn_seqs: attention_chunk(heads, len, self.cos.device()),
             dropout: None,
             segments: None,
+            shared: None,
         })
     }
 
@@ -58,6 +62,27 @@ impl SeqContext {
     /// longest): RoPE at each token's position within its own sequence; the masks stay [T, T],
     /// and each sequence takes their prefix.
     pub fn packed(&self, lens: &[usize]) -> Result<Self> {
+        let positions = lens.iter().flat_map(|&n| 0..n as u32).collect();
+        self.laid_out(positions, lens, None)
+    }
+
+    /// The tables of a packed row whose sequences share first positions ([`Sharing`]): RoPE at
+    /// each own row's position after the shared ones. A scoring forward's only: no dropout.
+    pub fn sharing(&self, sharing: Sharing) -> Result<Self> {
+        if self.dropout.is_some() {
+            return Err(crate::error::Error::Model(
+                "shared first positions are for a scoring forward, which has no dropout".into(),
+            ));
+        }
+        self.laid_out(sharing.positions.clone(), &sharing.lens(), Some(sharing))
+    }
+
+    fn laid_out(
+        &self,
+        positions: Vec<u32>,
+        lens: &[usize],
+        shared: Option<Sharing>,
+    ) -> Result<Self> {
         let longest = lens.iter().copied().max().unwrap_or(0);
         if longest > self.len {
             return Err(crate::error::Error::Model(format!(
@@ -65,7 +90,6 @@ impl SeqContext {
                 self.len
             )));
         }
-        let positions: Vec<u32> = lens.iter().flat_map(|&n| 0..n as u32).collect();
         let n = positions.len();
         let positions = Tensor::from_vec(positions, n, self.cos.device())?;
         let at = |t: &Tensor| t.index_select(&positions, 0);
@@ -85,6 +109,7 @@ impl SeqContext {
                 ..d
             }),
             segments: Some(lens.into()),
+            shared,
         })
     }
 

@@ -97,6 +97,7 @@ impl Transformer {
             attn_seqs: attention_chunk(self.cfg.num_heads, seq_len, device),
             dropout: None,
             segments: None,
+            shared: None,
         })
     }
 

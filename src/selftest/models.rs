@@ -58,20 +58,30 @@ fn placed(
         .collect()
 }
 
-/// Two pairs of unequal lengths (one past 32 positions), so padding, masks and chunks all count:
-/// right-padded, or packed into one row as stage one scores them.
-fn batch(device: &Device, packed: bool) -> Result<SeqBatch> {
+/// How a batch lies: right-padded, packed into one row, or packed with each pair's prompt
+/// computed once, as stage one scores.
+#[derive(Clone, Copy)]
+enum Layout {
+    Padded,
+    Packed,
+    Shared,
+}
+
+/// Two pairs of unequal lengths (one past 32 positions), so padding, masks and chunks all count;
+/// the second pair's answers begin alike, so a shared prefix runs into them.
+fn batch(device: &Device, layout: Layout) -> Result<SeqBatch> {
     let ids =
         |n: usize, seed: u32| -> Vec<u32> { (0..n as u32).map(|i| (i * 7 + seed) % 97).collect() };
     let (p1, c1, r1) = (ids(5, 1), ids(9, 2), ids(4, 3));
-    let (p2, c2, r2) = (ids(20, 4), ids(17, 5), ids(23, 6));
-    SeqBatch::pairs(
-        &[(&p1, &c1, &r1), (&p2, &c2, &r2)],
-        64,
-        Truncation::KeepStart,
-        (!packed).then_some(0),
-        device,
-    )
+    let (p2, c2) = (ids(20, 4), ids(17, 5));
+    let r2: Vec<u32> = c2[..3].iter().copied().chain(ids(20, 6)).collect();
+    let pairs = [(&p1[..], &c1[..], &r1[..]), (&p2, &c2, &r2)];
+    let t = Truncation::KeepStart;
+    match layout {
+        Layout::Padded => SeqBatch::pairs(&pairs, 64, t, Some(0), device),
+        Layout::Packed => SeqBatch::pairs(&pairs, 64, t, None, device),
+        Layout::Shared => SeqBatch::pairs_shared(&pairs, 64, t, device),
+    }
 }
 
 /// d loss / d sums, fixed.
@@ -88,17 +98,31 @@ pub(super) fn model(
     let (cfg, weights) = tiny_weights(arch, 11)?;
     let (dtype, d) = (p.dtype(), p.name());
     let tol = tolerance(dtype);
-    let score = |dev: &Device, dt: DType, mode: OpMode, packed: bool| -> Result<Tensor> {
+    let score = |dev: &Device, dt: DType, mode: OpMode, layouts: &[Layout]| -> Result<Tensor> {
         let model = Transformer::new(&cfg, &placed(&weights, dev, dt)?)?;
-        let sums = logprobs::score(&model, &batch(dev, packed)?, mode)?;
+        let mut sums = Vec::new();
+        for &layout in layouts {
+            sums.extend(logprobs::score(&model, &batch(dev, layout)?, mode)?);
+        }
         let n = sums.len();
         Ok(Tensor::from_vec(sums, n, &Device::Cpu)?.to_dtype(DType::F32)?)
     };
-    // stage one's packed rows against padded ones with the composed ops on the CPU
-    let want = score(&Device::Cpu, DType::F32, OpMode::Differentiable, false)?;
-    let got = score(device, dtype, OpMode::scoring(device), true)?;
+    // stage one's rows, packed and with prompts shared, against padded ones with the composed
+    // ops on the CPU
+    let want = score(
+        &Device::Cpu,
+        DType::F32,
+        OpMode::Differentiable,
+        &[Layout::Padded, Layout::Padded],
+    )?;
+    let got = score(
+        device,
+        dtype,
+        OpMode::scoring(device),
+        &[Layout::Packed, Layout::Shared],
+    )?;
     checks.push(Check::compare(
-        format!("{arch} reference log-probs {d}"),
+        format!("{arch} reference log-probs, packed and prompts shared, {d}"),
         &got,
         &want,
         tol,
@@ -115,7 +139,9 @@ pub(super) fn model(
             policy.use_composed_ops();
         }
         let mut g = policy.zero_grads(DType::F32);
-        policy.forward_backward(&batch(dev, false)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
+        policy.forward_backward(&batch(dev, Layout::Padded)?, true, &mut g, &mut |_| {
+            Ok(W.to_vec())
+        })?;
         Ok(policy
             .names
             .iter()
@@ -273,7 +299,9 @@ pub(super) fn lora(
             policy.use_composed_ops();
         }
         let mut g = policy.zero_grads(DType::F32);
-        policy.forward_backward(&batch(dev, false)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
+        policy.forward_backward(&batch(dev, Layout::Padded)?, true, &mut g, &mut |_| {
+            Ok(W.to_vec())
+        })?;
         g.iter()
             .zip(&policy.names)
             .map(|(t, name)| {
