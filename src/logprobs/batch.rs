@@ -152,8 +152,9 @@ impl SeqBatch {
 }
 
 impl SeqBatch {
-    /// The 2B sequences of B pairs packed as [`Self::pairs`] does, but each rejected sequence
-    /// takes the first positions it has in common with its chosen one (the prompt, unless
+    /// The 2B sequences of B pairs packed in one row, each pair's two together (sums, gather and
+    /// targets in [`Self::pairs`]' order), each rejected sequence taking the first positions it
+    /// has in common with its chosen one (the prompt, unless
     /// truncation cut the two apart, and any first answer tokens alike) from the chosen
     /// sequence's rows: those positions are computed once ([`Sharing`]). Each keeps at least one
     /// position of its own.
@@ -172,36 +173,29 @@ impl SeqBatch {
                 )
             })
             .collect();
+        // each pair's rows together (a recompute's sub-batches keep whole pairs): its chosen
+        // sequence whole, then its rejected one's own rows; the sums' order stays chosen first
         let mut ids = Vec::new();
-        let (mut gather, mut targets, mut counts) = (Vec::new(), Vec::new(), Vec::new());
         let mut pieces = Vec::with_capacity(2 * seqs.len());
+        let mut rows = vec![Vec::new(); 2]; // per side, each completion token's predicting row
         let no_prompt = || {
             Error::Model(
                 "a sequence has an empty prompt: no position predicts its first token".into(),
             )
         };
-        // the chosen sequences whole, then each rejected one's own rows
-        for ((prompt, completion), _) in &seqs {
-            let start = ids.len();
-            let first = (start + prompt.len())
-                .checked_sub(1)
-                .ok_or_else(no_prompt)?;
-            ids.extend_from_slice(prompt);
-            ids.extend_from_slice(completion);
-            gather.extend((0..completion.len()).map(|k| (first + k) as u32));
-            targets.extend_from_slice(completion);
-            counts.push(completion.len());
-            pieces.push(Piece::own(start, prompt.len() + completion.len()));
-        }
-        for (i, ((chosen_prompt, chosen), (prompt, completion))) in seqs.iter().enumerate() {
-            if prompt.is_empty() {
+        for ((chosen_prompt, chosen), (prompt, completion)) in &seqs {
+            if chosen_prompt.is_empty() || prompt.is_empty() {
                 return Err(no_prompt());
             }
-            let from = pieces[i].start;
+            let from = ids.len();
+            ids.extend_from_slice(chosen_prompt);
+            ids.extend_from_slice(chosen);
+            let first = from + chosen_prompt.len() - 1;
+            rows[0].extend((0..chosen.len()).map(|k| (first + k) as u32));
+            pieces.push(Piece::own(from, chosen_prompt.len() + chosen.len()));
             let whole: Vec<u32> = prompt.iter().chain(completion.iter()).copied().collect();
-            let common = chosen_prompt
+            let common = ids[from..]
                 .iter()
-                .chain(chosen.iter())
                 .zip(&whole)
                 .take_while(|(a, b)| a == b)
                 .count();
@@ -216,9 +210,7 @@ impl SeqBatch {
                     start + at - shared
                 }
             };
-            gather.extend((0..completion.len()).map(|k| row(prompt.len() + k - 1) as u32));
-            targets.extend_from_slice(completion);
-            counts.push(completion.len());
+            rows[1].extend((0..completion.len()).map(|k| row(prompt.len() + k - 1) as u32));
             pieces.push(Piece {
                 start,
                 len: whole.len() - shared,
@@ -226,6 +218,18 @@ impl SeqBatch {
                 shared,
             });
         }
+        let gather: Vec<u32> = rows.concat();
+        let targets: Vec<u32> = seqs
+            .iter()
+            .flat_map(|((_, c), _)| c.iter())
+            .chain(seqs.iter().flat_map(|(_, (_, r))| r.iter()))
+            .copied()
+            .collect();
+        let counts: Vec<usize> = seqs
+            .iter()
+            .map(|((_, c), _)| c.len())
+            .chain(seqs.iter().map(|(_, (_, r))| r.len()))
+            .collect();
         let sharing = Sharing::new(pieces, device)?;
         let lens = sharing.lens();
         let n = targets.len();

@@ -190,7 +190,7 @@ fn shared_prompts_score_as_padded_ones() {
     for (trunc, max_length) in [(Truncation::KeepStart, 64), (Truncation::KeepEnd, 14)] {
         let shared = SeqBatch::pairs_shared(&pairs, max_length, trunc, &dev).unwrap();
         let pieces = &shared.shared.as_ref().unwrap().pieces;
-        let spared: Vec<usize> = pieces[5..].iter().map(|p| p.shared).collect();
+        let spared: Vec<usize> = pieces.iter().skip(1).step_by(2).map(|p| p.shared).collect();
         let want_spared = match trunc {
             // each prompt; + 3 answer tokens alike; the rejected sequence (a prefix) but
             // its last position; the same answer but its last position

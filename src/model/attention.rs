@@ -5,6 +5,7 @@
 use super::config::QkNorm;
 use super::cpu;
 use super::fused::{self, AttnSoftmax, Kernel};
+use super::gather_rows::gather_rows;
 use super::kv_cache::LayerKv;
 use super::lora::{Dropout, Proj};
 use super::norm::RmsNorm;
@@ -192,7 +193,7 @@ impl Attention {
         lens: &std::sync::Arc<[usize]>,
         mode: OpMode,
     ) -> Result<Tensor> {
-        let whole = |x: &Tensor| x.index_select(&shared.whole_rows, 2);
+        let whole = |x: &Tensor| gather_rows(x, &shared.to_whole, 2);
         let (k, v) = (whole(k)?, whole(v)?);
         let t = shared.rows();
         if mode == OpMode::Fast && cpu::attention::covers(q) {
@@ -213,8 +214,7 @@ impl Attention {
             return cpu::attention::attend(q, &k, &v, mask, &segments, self.spec());
         }
         let out = self.attend_packed(&whole(q)?, &k, &v, mask, lens, mode)?;
-        Ok(out
-            .index_select(&shared.own_rows, 2)?
+        Ok(gather_rows(&out, &shared.to_own, 2)?
             .transpose(1, 2)?
             .reshape((1, t, self.num_heads * self.head_dim))?)
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod cpu;
 pub mod decode;
 pub mod fused;
+pub mod gather_rows;
 pub mod init;
 pub mod kv_cache;
 pub mod linear_op;

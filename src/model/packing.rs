@@ -8,8 +8,9 @@
 //! MLPs see) and the whole layout (every sequence end to end with all its positions, what the
 //! attention's keys and values take, gathered from the packed row at each layer).
 
+use super::gather_rows::RowMap;
 use crate::error::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use std::sync::Arc;
 
 /// One sequence of a packed row: its own rows, after `shared` positions it takes from the rows
@@ -48,10 +49,10 @@ impl Piece {
 #[derive(Debug, Clone)]
 pub struct Sharing {
     pub pieces: Arc<[Piece]>,
-    /// [Σ whole] u32: the packed row behind each position of the whole layout.
-    pub whole_rows: Tensor,
-    /// [Σ own] u32: each packed row's place in the whole layout (its own position there).
-    pub own_rows: Tensor,
+    /// Packed row → whole layout: the packed row behind each position of the whole layout.
+    pub to_whole: RowMap,
+    /// Whole layout → packed row: each packed row's own position in the whole layout.
+    pub to_own: RowMap,
     /// Each packed row's position within its sequence.
     pub positions: Vec<u32>,
 }
@@ -93,8 +94,8 @@ impl Sharing {
         let n = whole_rows.len();
         Ok(Self {
             pieces: pieces.into(),
-            whole_rows: Tensor::from_vec(whole_rows, n, device)?,
-            own_rows: Tensor::from_vec(place, rows, device)?,
+            to_whole: RowMap::new(&whole_rows, rows, device)?,
+            to_own: RowMap::new(&place, n, device)?,
             positions,
         })
     }
@@ -107,6 +108,51 @@ impl Sharing {
     /// Each sequence's positions, in whole-layout order.
     pub fn lens(&self) -> Vec<usize> {
         self.pieces.iter().map(Piece::whole).collect()
+    }
+
+    /// The row spans that can be computed apart, in order: (first piece, pieces, rows), each a
+    /// run of pieces on consecutive rows that no piece outside it shares from (a pair, as
+    /// stage one's and training's batches lay it out). Errors when a piece shares rows outside
+    /// its run.
+    pub fn units(&self) -> Result<Vec<(usize, usize, usize)>> {
+        let mut units: Vec<(usize, usize, usize)> = Vec::new();
+        let mut row = 0;
+        for (i, p) in self.pieces.iter().enumerate() {
+            if p.start != row {
+                return Err(Error::Model(format!(
+                    "packed sequences: {p:?} is not on the rows after the one before"
+                )));
+            }
+            match units.last_mut() {
+                // a piece sharing rows joins the unit that holds them
+                Some((_, n, rows)) if p.shared > 0 => {
+                    if p.from < row - *rows {
+                        return Err(Error::Model(format!(
+                            "packed sequences: {p:?} shares rows before its own unit"
+                        )));
+                    }
+                    (*n, *rows) = (*n + 1, *rows + p.len);
+                }
+                _ => units.push((i, 1, p.len)),
+            }
+            row += p.len;
+        }
+        Ok(units)
+    }
+
+    /// The pieces `first..first + n` (a run of [`Self::units`]) as a packed row of their own,
+    /// their rows counted from their first.
+    pub fn part(&self, first: usize, n: usize, device: &Device) -> Result<Self> {
+        let base = self.pieces[first].start;
+        let pieces = self.pieces[first..first + n]
+            .iter()
+            .map(|p| Piece {
+                start: p.start - base,
+                from: p.from.saturating_sub(base),
+                ..*p
+            })
+            .collect();
+        Self::new(pieces, device)
     }
 }
 
@@ -128,12 +174,22 @@ mod tests {
             Piece::own(7, 1),
         ];
         let s = Sharing::new(pieces, &Device::Cpu).unwrap();
-        let v = |t: &Tensor| t.to_vec1::<u32>().unwrap();
-        assert_eq!(v(&s.whole_rows), [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7]);
-        assert_eq!(v(&s.own_rows), [0, 1, 2, 3, 4, 8, 9, 10]);
+        let v = |t: &candle_core::Tensor| t.to_vec1::<u32>().unwrap();
+        assert_eq!(v(&s.to_whole.rows), [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7]);
+        assert_eq!(v(&s.to_own.rows), [0, 1, 2, 3, 4, 8, 9, 10]);
+        // the transposes: rows 0-2 read twice, the whole layout's repeated ones by none
+        assert_eq!(s.to_whole.back.len(), 2);
+        assert_eq!(v(&s.to_whole.back[1]), [5, 6, 7, 11, 11, 11, 11, 11]);
+        assert_eq!(v(&s.to_own.back[0]), [0, 1, 2, 3, 4, 8, 8, 8, 5, 6, 7]);
         assert_eq!(s.positions, [0, 1, 2, 3, 4, 3, 4, 0]);
         assert_eq!(s.lens(), [5, 5, 1]);
         assert_eq!(s.rows(), 8);
+        // two units: the pair, then the one alone; each a packed row of its own
+        assert_eq!(s.units().unwrap(), [(0, 2, 7), (2, 1, 1)]);
+        let pair = s.part(0, 2, &Device::Cpu).unwrap();
+        assert_eq!(v(&pair.to_whole.rows), [0, 1, 2, 3, 4, 0, 1, 2, 5, 6]);
+        let alone = s.part(2, 1, &Device::Cpu).unwrap();
+        assert_eq!((alone.pieces[0], alone.rows()), (Piece::own(0, 1), 1));
     }
 
     #[test]

@@ -139,9 +139,13 @@ pub(super) fn model(
             policy.use_composed_ops();
         }
         let mut g = policy.zero_grads(DType::F32);
-        policy.forward_backward(&batch(dev, Layout::Padded)?, true, &mut g, &mut |_| {
-            Ok(W.to_vec())
-        })?;
+        // the reference padded; the device's as training lays it out, prompts shared
+        let layout = if reference {
+            Layout::Padded
+        } else {
+            Layout::Shared
+        };
+        policy.forward_backward(&batch(dev, layout)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
         Ok(policy
             .names
             .iter()
@@ -299,9 +303,12 @@ pub(super) fn lora(
             policy.use_composed_ops();
         }
         let mut g = policy.zero_grads(DType::F32);
-        policy.forward_backward(&batch(dev, Layout::Padded)?, true, &mut g, &mut |_| {
-            Ok(W.to_vec())
-        })?;
+        let layout = if reference {
+            Layout::Padded
+        } else {
+            Layout::Shared
+        };
+        policy.forward_backward(&batch(dev, layout)?, true, &mut g, &mut |_| Ok(W.to_vec()))?;
         g.iter()
             .zip(&policy.names)
             .map(|(t, name)| {

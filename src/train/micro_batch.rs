@@ -21,12 +21,15 @@ pub struct MicroBatch {
 }
 
 impl MicroBatch {
-    /// Pairs `idx` of `split`; with `reference`, its log-probs replace the cached ones.
+    /// Pairs `idx` of `split`; with `reference`, its log-probs replace the cached ones. `share`:
+    /// each pair's prompt is computed once ([`SeqBatch::pairs_shared`]; not under LoRA dropout,
+    /// whose masks follow whole sequences).
     pub fn gather(
         split: &Split,
         idx: &[usize],
         (max_length, truncation): (usize, Truncation),
         reference: Option<&Transformer>,
+        share: bool,
         device: &Device,
     ) -> Result<Self> {
         let pairs: Vec<_> = idx
@@ -37,7 +40,11 @@ impl MicroBatch {
             })
             .collect();
         // packed end to end: no padding position is computed, forward or backward
-        let seqs = SeqBatch::pairs(&pairs, max_length, truncation, None, device)?;
+        let seqs = if share {
+            SeqBatch::pairs_shared(&pairs, max_length, truncation, device)?
+        } else {
+            SeqBatch::pairs(&pairs, max_length, truncation, None, device)?
+        };
         let (mut ref_chosen, mut ref_rejected): (Vec<f64>, Vec<f64>) = idx
             .iter()
             .map(|&i| {
@@ -46,7 +53,12 @@ impl MicroBatch {
             })
             .unzip();
         if let Some(reference) = reference {
-            let sums = logprobs::score(reference, &seqs, OpMode::scoring(seqs.input_ids.device()))?;
+            // the frozen reference scores as stage one does: each pair's prompt computed once
+            let shared = (seqs.shared.is_none() && logprobs::shares_prompts())
+                .then(|| SeqBatch::pairs_shared(&pairs, max_length, truncation, device))
+                .transpose()?;
+            let scored = shared.as_ref().unwrap_or(&seqs);
+            let sums = logprobs::score(reference, scored, OpMode::scoring(device))?;
             let n = idx.len();
             ref_chosen = sums[..n].to_vec();
             ref_rejected = sums[n..].to_vec();

@@ -356,16 +356,20 @@ impl Policy {
             .contexts
             .get(&head, batch.seq_len, batch.input_ids.device())?;
         let mut ctx = batch.context(full.clone())?;
-        ctx.dropout = self
-            .lora
-            .as_ref()
-            .filter(|l| l.dropout > 0.0)
-            .map(|l| Dropout {
-                p: l.dropout,
-                seed: self.dropout_seed,
-                first_seq: 0,
-                segments: ctx.segments.clone(),
-            });
+        let dropout = self.lora.as_ref().filter(|l| l.dropout > 0.0);
+        if dropout.is_some() && batch.shared.is_some() {
+            return Err(Error::Train(
+                "LoRA dropout draws its masks per whole sequence: a batch with shared prompts \
+                 cannot take it (lay the batch out with SeqBatch::pairs)"
+                    .into(),
+            ));
+        }
+        ctx.dropout = dropout.map(|l| Dropout {
+            p: l.dropout,
+            seed: self.dropout_seed,
+            first_seq: 0,
+            segments: ctx.segments.clone(),
+        });
         // 1. forward, one block's compute copy at a time: x [2B, T, H]
         let mut x = head.embed(&batch.input_ids)?;
         let mut saved = Vec::with_capacity(self.cfg.num_layers);
@@ -463,8 +467,24 @@ impl Policy {
         let block = self.block(i, true)?;
         let limit = self.recompute_limit(&block, x, full)?;
         // sub-batches: (first sequence, their positions along dim, their context)
-        let (dim, subs) = match &ctx.segments {
-            Some(lens) => {
+        let (dim, subs) = match (&ctx.shared, &ctx.segments) {
+            // prompts shared: whole pairs together (no dropout here, so no first sequence)
+            (Some(shared), _) => {
+                let units = shared.units()?;
+                let rows: Vec<usize> = units.iter().map(|u| u.2).collect();
+                let mut subs = Vec::new();
+                let (mut unit, mut at) = (0, 0);
+                for group in limit.groups(&rows) {
+                    let len: usize = group.iter().sum();
+                    let (first, _, _) = units[unit];
+                    let last = units[unit + group.len() - 1];
+                    let part = shared.part(first, last.0 + last.1 - first, x.device())?;
+                    subs.push((0, at, len, full.sharing(part)?));
+                    (unit, at) = (unit + group.len(), at + len);
+                }
+                (1, subs)
+            }
+            (None, Some(lens)) => {
                 let mut subs = Vec::new();
                 let (mut first, mut at) = (0, 0);
                 for group in limit.groups(lens) {
@@ -474,7 +494,7 @@ impl Policy {
                 }
                 (1, subs)
             }
-            None => {
+            (None, None) => {
                 let (b, t) = (x.dim(0)?, x.dim(1)?);
                 let step = limit.rows(t);
                 let subs = (0..b)

@@ -387,7 +387,9 @@ impl<'a> Trainer<'a> {
     fn micro_batch(&self, split: &Split, idx: &[usize], live: bool) -> Result<MicroBatch> {
         let shape = (self.cfg.tokenize.max_length, self.cfg.tokenize.truncation);
         let reference = self.reference.as_ref().filter(|_| live);
-        MicroBatch::gather(split, idx, shape, reference, &self.device)
+        let dropout = self.policy.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
+        let share = crate::logprobs::shares_prompts() && !dropout;
+        MicroBatch::gather(split, idx, shape, reference, share, &self.device)
     }
 
     /// One micro-batch forward + backward; gradients are scaled by `scale` (1 / the step's group).

@@ -284,7 +284,9 @@ fn assert_checks_passed(out: &str, left_out: &[&str]) {
             "gemma2",
             "gemma3_text",
         ] {
-            wanted.push(format!("{family} reference log-probs {d}"));
+            wanted.push(format!(
+                "{family} reference log-probs, packed and prompts shared, {d}"
+            ));
             wanted.push(format!("{family} cached decoding logits {d}"));
             let n = match family {
                 "llama" | "mistral" => 21,

@@ -21,23 +21,33 @@ pub(super) fn tiny(arch: &str) -> TransformerConfig {
     .unwrap()
 }
 
-/// Two pairs, right-padded with id 0 (`pad`), or packed end to end (`None`, as training lays
-/// them out).
-fn batch_laid_out(dev: &Device, pad: Option<u32>) -> SeqBatch {
+/// How a batch lies.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    /// right-padded with id 0
+    Padded,
+    /// packed end to end
+    Packed,
+    /// packed, each pair's prompt computed once (as training lays them out)
+    Shared,
+}
+
+/// Two pairs laid out as `layout` says.
+fn batch_laid_out(dev: &Device, layout: Layout) -> SeqBatch {
     let (p1, c1, r1) = (vec![1u32, 5, 7], vec![9u32, 3, 3, 4], vec![2u32, 8]);
     let (p2, c2, r2) = (vec![4u32, 4], vec![30u32], vec![11u32, 12, 13, 14, 36]);
-    SeqBatch::pairs(
-        &[(&p1, &c1, &r1), (&p2, &c2, &r2)],
-        64,
-        refdpo::config::Truncation::KeepStart,
-        pad,
-        dev,
-    )
+    let pairs = [(&p1[..], &c1[..], &r1[..]), (&p2, &c2, &r2)];
+    let t = refdpo::config::Truncation::KeepStart;
+    match layout {
+        Layout::Padded => SeqBatch::pairs(&pairs, 64, t, Some(0), dev),
+        Layout::Packed => SeqBatch::pairs(&pairs, 64, t, None, dev),
+        Layout::Shared => SeqBatch::pairs_shared(&pairs, 64, t, dev),
+    }
     .unwrap()
 }
 
 pub(super) fn batch(dev: &Device) -> SeqBatch {
-    batch_laid_out(dev, Some(0))
+    batch_laid_out(dev, Layout::Padded)
 }
 
 /// d loss/d sums fixed, so the reference gradient is one autograd pass through everything.
@@ -90,16 +100,21 @@ fn blockwise_backward_matches_autograd_and_reaches_every_parameter() {
         )
         .unwrap();
         let want = naive_grads(&policy, &batch(&dev));
-        // padded and packed; checkpointed with the block recomputed for all sequences at once,
-        // one at a time and three at a time, then with every block's graph kept
+        // padded, packed and with prompts shared; checkpointed with the block recomputed for
+        // all sequences at once, one at a time (shared: one pair) and three at a time, then
+        // with every block's graph kept
+        use Layout::*;
         for (pad, checkpointing, seqs) in [
-            (Some(0), true, 0),
-            (Some(0), true, 1),
-            (Some(0), false, 0),
-            (None, true, 0),
-            (None, true, 1),
-            (None, true, 3),
-            (None, false, 0),
+            (Padded, true, 0),
+            (Padded, true, 1),
+            (Padded, false, 0),
+            (Packed, true, 0),
+            (Packed, true, 1),
+            (Packed, true, 3),
+            (Packed, false, 0),
+            (Shared, true, 0),
+            (Shared, true, 1),
+            (Shared, false, 0),
         ] {
             let b = batch_laid_out(&dev, pad);
             policy.backward_seqs = seqs;
