@@ -476,10 +476,16 @@ impl Policy {
                 let (mut unit, mut at) = (0, 0);
                 for group in limit.groups(&rows) {
                     let len: usize = group.iter().sum();
-                    let (first, _, _) = units[unit];
-                    let last = units[unit + group.len() - 1];
-                    let part = shared.part(first, last.0 + last.1 - first, x.device())?;
-                    subs.push((0, at, len, full.sharing(part)?));
+                    // the whole batch at once (a GPU's usual case) keeps the forward's context
+                    let sub = if group.len() == units.len() {
+                        ctx.clone()
+                    } else {
+                        let (first, _, _) = units[unit];
+                        let last = units[unit + group.len() - 1];
+                        let part = shared.part(first, last.0 + last.1 - first, x.device())?;
+                        full.sharing(part)?
+                    };
+                    subs.push((0, at, len, sub));
                     (unit, at) = (unit + group.len(), at + len);
                 }
                 (1, subs)
