@@ -210,3 +210,35 @@ fn shared_prompts_score_as_padded_ones() {
         }
     }
 }
+
+/// Edge cases of the shared layout: an empty answer on either side or both (the rejected
+/// sequence keeps one row of its own, the prompt's last), a one-token prompt, and a sequence
+/// with no token at all refused, as the other layouts refuse it.
+#[test]
+fn shared_layouts_of_empty_answers_and_short_prompts_score_as_padded_ones() {
+    let (p1, c1, r1) = (ids(4, 1), Vec::new(), ids(3, 2));
+    let (p2, c2, r2) = (ids(1, 3), ids(5, 4), Vec::new());
+    let (p3, c3, r3) = (ids(6, 5), Vec::new(), Vec::new());
+    let pairs = [
+        (&p1[..], &c1[..], &r1[..]),
+        (&p2, &c2, &r2),
+        (&p3, &c3, &r3),
+    ];
+    let dev = Device::Cpu;
+    let shared = SeqBatch::pairs_shared(&pairs, 64, Truncation::KeepStart, &dev).unwrap();
+    let pieces = &shared.shared.as_ref().unwrap().pieces;
+    let spared: Vec<usize> = pieces.iter().skip(1).step_by(2).map(|p| p.shared).collect();
+    assert_eq!(spared, [4, 0, 5]);
+    assert_eq!(shared.counts, [0, 5, 0, 3, 0, 0]);
+    let (_, model) = families().remove(0);
+    let padded = SeqBatch::pairs(&pairs, 64, Truncation::KeepStart, Some(0), &dev).unwrap();
+    for mode in [OpMode::Fast, OpMode::Differentiable, OpMode::Fused] {
+        let want = score(&model, &padded, mode).unwrap();
+        let got = score(&model, &shared, mode).unwrap();
+        assert_close(&got, &want, &format!("{mode:?}"));
+    }
+    // nothing at all on the chosen side: no position predicts anything
+    let empty: [PairIds<'_>; 1] = [(&[], &[], &r1)];
+    let err = SeqBatch::pairs_shared(&empty, 64, Truncation::KeepStart, &dev).unwrap_err();
+    assert!(err.to_string().contains("empty prompt"), "{err}");
+}
