@@ -21,7 +21,8 @@
 
 use super::grads::Grads;
 use super::recompute::{
-    Limit, GRAPH_HIDDEN_ROWS, GRAPH_MLP_ROWS, RECOMPUTE_BYTES, RECOMPUTE_BYTES_CPU,
+    sub_batches, Limit, Sub, GRAPH_HIDDEN_ROWS, GRAPH_MLP_ROWS, RECOMPUTE_BYTES,
+    RECOMPUTE_BYTES_CPU,
 };
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
@@ -466,54 +467,17 @@ impl Policy {
     ) -> Result<Tensor> {
         let block = self.block(i, true)?;
         let limit = self.recompute_limit(&block, x, full)?;
-        // sub-batches: (first sequence, their positions along dim, their context)
-        let (dim, subs) = match (&ctx.shared, &ctx.segments) {
-            // prompts shared: whole pairs together (no dropout here, so no first sequence)
-            (Some(shared), _) => {
-                let units = shared.units()?;
-                let rows: Vec<usize> = units.iter().map(|u| u.2).collect();
-                let mut subs = Vec::new();
-                let (mut unit, mut at) = (0, 0);
-                for group in limit.groups(&rows) {
-                    let len: usize = group.iter().sum();
-                    // the whole batch at once (a GPU's usual case) keeps the forward's context
-                    let sub = if group.len() == units.len() {
-                        ctx.clone()
-                    } else {
-                        let (first, _, _) = units[unit];
-                        let last = units[unit + group.len() - 1];
-                        let part = shared.part(first, last.0 + last.1 - first, x.device())?;
-                        full.sharing(part)?
-                    };
-                    subs.push((0, at, len, sub));
-                    (unit, at) = (unit + group.len(), at + len);
-                }
-                (1, subs)
-            }
-            (None, Some(lens)) => {
-                let mut subs = Vec::new();
-                let (mut first, mut at) = (0, 0);
-                for group in limit.groups(lens) {
-                    let len: usize = group.iter().sum();
-                    subs.push((first, at, len, full.packed(group)?));
-                    (first, at) = (first + group.len(), at + len);
-                }
-                (1, subs)
-            }
-            (None, None) => {
-                let (b, t) = (x.dim(0)?, x.dim(1)?);
-                let step = limit.rows(t);
-                let subs = (0..b)
-                    .step_by(step)
-                    .map(|start| (start, start, step.min(b - start), ctx.clone()))
-                    .collect();
-                (0, subs)
-            }
-        };
+        let (dim, subs) = sub_batches(limit, x, (ctx, full))?;
         // This block's gradients summed over sub-batches in f32, stored once.
         let mut local = self.zero_grads(DType::F32);
         let mut g_in = Vec::with_capacity(subs.len());
-        for (first_seq, start, len, mut sub) in subs {
+        for Sub {
+            first_seq,
+            start,
+            len,
+            ctx: mut sub,
+        } in subs
+        {
             let input = Var::from_tensor(&x.narrow(dim, start, len)?)?;
             // this sub-batch's own dropout masks: those of its sequences in the forward
             sub.dropout = ctx.dropout.clone().map(|d| Dropout {

@@ -1,11 +1,15 @@
-//! How many sequences the checkpointed backward recomputes at once ([`Limit`]), and the memory
-//! budgets behind it.
+//! How many sequences the checkpointed backward recomputes at once ([`Limit`]), the memory
+//! budgets behind it, and the sub-batches that follow ([`sub_batches`]).
 //!
 //! A recomputed block keeps its whole graph for the sequences it covers. Where the attention
 //! keeps [T, T] scores, those dominate and the padded layout's attention chunk bounds the
 //! sequences; where the attention is the tiled op, the graph grows with the tokens alone, and as
 //! many sequences go at once as fit the budget: on a GPU a block recomputed one or two sequences
 //! at a time is as many launches per op as sub-batches, each product too small for the device.
+
+use crate::error::Result;
+use crate::model::SeqContext;
+use candle_core::Tensor;
 
 /// Bytes of one recomputed block's graph on a GPU: a micro-batch of 8 pairs at `max_length` 1024
 /// (at most 16k tokens) in at most two sub-batches at Qwen2-0.5B and four at SmolLM2-1.7B, where
@@ -65,6 +69,73 @@ impl Limit {
         }
         .max(1)
     }
+}
+
+/// One recomputed sub-batch: its first sequence (for its dropout masks), its positions along
+/// the batch's dim, and its context.
+pub struct Sub {
+    pub first_seq: usize,
+    pub start: usize,
+    pub len: usize,
+    pub ctx: SeqContext,
+}
+
+/// x's sub-batches under `limit`, and the dim they cut (1 for a packed row, 0 for padded rows).
+/// `ctx` is the forward's context, `full` the unpacked tables it was made from. With shared
+/// prompts, whole pairs go together (no dropout there, so no first sequence).
+pub fn sub_batches(
+    limit: Limit,
+    x: &Tensor,
+    (ctx, full): (&SeqContext, &SeqContext),
+) -> Result<(usize, Vec<Sub>)> {
+    let sub = |first_seq, start, len, ctx| Sub {
+        first_seq,
+        start,
+        len,
+        ctx,
+    };
+    Ok(match (&ctx.shared, &ctx.segments) {
+        (Some(shared), _) => {
+            let units = shared.units()?;
+            let rows: Vec<usize> = units.iter().map(|u| u.2).collect();
+            let mut subs = Vec::new();
+            let (mut unit, mut at) = (0, 0);
+            for group in limit.groups(&rows) {
+                let len: usize = group.iter().sum();
+                // the whole batch at once (a GPU's usual case) keeps the forward's context
+                let part_ctx = if group.len() == units.len() {
+                    ctx.clone()
+                } else {
+                    let (first, _, _) = units[unit];
+                    let last = units[unit + group.len() - 1];
+                    let part = shared.part(first, last.0 + last.1 - first, x.device())?;
+                    full.sharing(part)?
+                };
+                subs.push(sub(0, at, len, part_ctx));
+                (unit, at) = (unit + group.len(), at + len);
+            }
+            (1, subs)
+        }
+        (None, Some(lens)) => {
+            let mut subs = Vec::new();
+            let (mut first, mut at) = (0, 0);
+            for group in limit.groups(lens) {
+                let len: usize = group.iter().sum();
+                subs.push(sub(first, at, len, full.packed(group)?));
+                (first, at) = (first + group.len(), at + len);
+            }
+            (1, subs)
+        }
+        (None, None) => {
+            let (b, t) = (x.dim(0)?, x.dim(1)?);
+            let step = limit.rows(t);
+            let subs = (0..b)
+                .step_by(step)
+                .map(|start| sub(start, start, step.min(b - start), ctx.clone()))
+                .collect();
+            (0, subs)
+        }
+    })
 }
 
 #[cfg(test)]
