@@ -180,6 +180,16 @@ def matmul():
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def common_prefix(a, b):
+    """How many first ids a and b have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def attempt(name, fn):
     """fn()'s result, or {"error": why} when it fails (a command's failure, a missing file): one
     model or setup that fails must not cost the call the others' figures."""
@@ -214,8 +224,13 @@ def stage_precompute():
         # causal attention (QKᵀ and PV: 2·T²·H per layer per sequence, halved by the mask)
         rows = pq.read_table(WORK / f"cache-{preset}" / "train_prefs.parquet").to_pylist()
         lens = [len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")]
-        flops = sum(2 * (block_params + head_params) * n + 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * n * n
-                    for n in lens)
+        per_token, attention = 2 * (block_params + head_params), 2 * cfg["num_hidden_layers"] * cfg["hidden_size"]
+        flops = sum(per_token * n + attention * n * n for n in lens)
+        # what refdpo computes: each pair's shared first positions once (the common prefix of its
+        # two sequences, each keeping one position of its own; the attention over whole sequences)
+        shared = [min(common_prefix(r["prompt_ids"] + r["chosen_ids"], r["prompt_ids"] + r["rejected_ids"]),
+                      len(r["prompt_ids"]) + len(r["rejected_ids"]) - 1) for r in rows]
+        ours_flops = flops - per_token * sum(shared)
         ours_s = rep["score_seconds"]
         # issue 24's extrapolation: the whole train_prefs split at this sample's tokens per row read
         split_tokens = TRAIN_PREFS_ROWS * rep["tokens"] / rep["rows_read"]
@@ -225,7 +240,9 @@ def stage_precompute():
             "tokens": rep["tokens"], "refdpo_score_seconds": ours_s, "refdpo_process_seconds": wall,
             "refdpo_tokens_per_second": rep["tokens"] / ours_s, "peer_tokens_per_second": peer["tokens_per_second"],
             "ratio": (rep["tokens"] / ours_s) / peer["tokens_per_second"], "max_rel_diff": peer["max_rel_diff"],
-            "refdpo_flops_per_second": flops / ours_s, "peer_flops_per_second": flops / peer["seconds"],
+            # model FLOP/s: refdpo's own work (shared positions once), and the peer's
+            "refdpo_flops_per_second": ours_flops / ours_s, "peer_flops_per_second": flops / peer["seconds"],
+            "shared_token_fraction": sum(shared) / sum(lens),
         }
         log(f"{preset}: {out}")
         if a.profile:
@@ -235,8 +252,24 @@ def stage_precompute():
 
     # each model on its own: a failure is recorded and the next one still runs; the JSON is
     # written after each, so a stage cut off by its time limit keeps what finished
+    def whole(preset):
+        """The same scoring with every sequence whole (REFDPO_SHARE_PROMPTS=0), as the peer
+        computes it: what computing each pair's prompt once gains on this device."""
+        toml = pipeline(make_model(preset), f"{preset}-whole", a.pairs)
+        shutil.rmtree(WORK / f"cache-{preset}-whole", ignore_errors=True)
+        MemorySampler().run(refdpo("precompute", "--config", toml), env={**os.environ, "REFDPO_SHARE_PROMPTS": "0"})
+        rep = json.loads((WORK / f"cache-{preset}-whole" / "report.json").read_text())["train_prefs"]
+        shared = res["models"][preset]["refdpo_tokens_per_second"]
+        return {"tokens_per_second_whole": rep["tokens"] / rep["score_seconds"],
+                "shared_over_whole": shared / (rep["tokens"] / rep["score_seconds"])}
+
     for preset in a.models.split(","):
         res["models"][preset] = attempt(preset, lambda: one(preset))
+        (OUT / "gpu-precompute.json").write_text(json.dumps(res, indent=1) + "\n")
+    # last, so that it can cost no other figure: the first model's scoring with every sequence whole
+    first = a.models.split(",")[0]
+    if "error" not in res["models"][first]:
+        res["models"][first]["whole_sequences"] = attempt(f"{first} whole", lambda: whole(first))
         (OUT / "gpu-precompute.json").write_text(json.dumps(res, indent=1) + "\n")
     ceiling = res.get("matmul_bf16_flops")
     print("| model | tokens | refdpo tok/s | transformers tok/s | ratio | refdpo TFLOP/s | % of bf16 matmul |")
@@ -251,6 +284,11 @@ def stage_precompute():
     if ceiling:
         print(f"bf16 matmul ceiling (torch, 8192³): {ceiling / 1e12:.0f} TFLOP/s")
     for m, r in ((m, r) for m, r in res["models"].items() if "error" not in r):
+        w = r.get("whole_sequences", {})
+        if "shared_over_whole" in w:
+            print(f"{m}: {100 * r['shared_token_fraction']:.0f}% of the tokens shared; every sequence whole "
+                  f"(REFDPO_SHARE_PROMPTS=0): {w['tokens_per_second_whole']:.0f} tok/s, prompts shared "
+                  f"{w['shared_over_whole']:.2f}× that")
         print(f"{m}: UltraFeedback's whole train_prefs ({TRAIN_PREFS_ROWS:,} pairs) at these rows' tokens per pair: "
               f"{r['train_prefs_minutes_scoring']:.1f} min scoring, {r['train_prefs_minutes_process']:.1f} min as this "
               f"whole process ran (goal: 4 min)")
