@@ -5,10 +5,12 @@
 #   1. refdpo selftest on the GPU against the CPU f32 reference, with the fused ops; if a fused
 #      kernel's own check fails, again without the kernels that failed (the REFDPO_FUSED=-name,…
 #      line the selftest prints: their composed ops in their place), which then run the
-#      benchmarks; if that fails too (or no kernel was named), with the composed ops everywhere
-#      (REFDPO_FUSED=0); if that fails too, stop: fix first;
+#      benchmarks; if no kernel was named, again with every sequence whole
+#      (REFDPO_SHARE_PROMPTS=0: each pair's prompt is computed once by default, new and never
+#      run on a GPU); if that fails too, with the composed ops everywhere (REFDPO_FUSED=0); if
+#      that fails too, stop: fix first;
 #   2. precompute tokens/s against transformers (bf16, SDPA) on the Qwen2-0.5B and Qwen2-1.5B
-#      architectures, with the bf16 matmul ceiling;
+#      architectures, with the bf16 matmul ceiling, then Qwen2-0.5B with every sequence whole;
 #   3. one training setup (Qwen2-0.5B, 8 pairs × max_length 1024): refdpo cached with bf16
 #      state, the same with bf16 master weights (`train.master_dtype`), and with 8-bit AdamW
 #      moments on top (`train.optim = "adamw_8bit"`), live, against TRL live and

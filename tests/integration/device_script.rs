@@ -1,7 +1,8 @@
 //! The device call's selftest ladder (`bench/device_lib.sh`, which `bench/device.sh` sources),
 //! with a stand-in refdpo whose failing report is the real one's text: the kernels a selftest
-//! names are left out for the second check and the benchmarks; when that fails too, or no
-//! kernel is named, the composed ops (`REFDPO_FUSED=0`).
+//! names are left out for the second check and the benchmarks; when none is named, every
+//! sequence whole (`REFDPO_SHARE_PROMPTS=0`); when that fails too, the composed ops
+//! (`REFDPO_FUSED=0`).
 
 use super::common::repo;
 use refdpo::model::fused::Kernel;
@@ -15,15 +16,15 @@ fn ladder(first_report: &str, second_passes: bool) -> (String, String, String) {
     std::fs::create_dir(&out).unwrap();
     std::fs::write(tmp.path().join("first.txt"), first_report).unwrap();
     // the stand-in: fails with the report under the fused ops, passes under REFDPO_FUSED=0,
-    // and under any other setting as told
+    // and under any other setting (kernels left out, or every sequence whole) as told
     let stub = tmp.path().join("refdpo");
     std::fs::write(
         &stub,
         format!(
             "#!/usr/bin/env bash\n\
-             case \"${{REFDPO_FUSED-}}\" in\n\
-             '') cat '{}'; exit 1 ;;\n\
-             0) echo 'selftest on cuda:0: 9 passed, 0 failed' ;;\n\
+             case \"${{REFDPO_FUSED-}}/${{REFDPO_SHARE_PROMPTS-}}\" in\n\
+             /) cat '{}'; exit 1 ;;\n\
+             0/) echo 'selftest on cuda:0: 9 passed, 0 failed' ;;\n\
              *) echo \"selftest with $REFDPO_FUSED\"; exit {} ;;\n\
              esac\n",
             tmp.path().join("first.txt").display(),
@@ -32,8 +33,9 @@ fn ladder(first_report: &str, second_passes: bool) -> (String, String, String) {
     )
     .unwrap();
     let script = format!(
-        "set -uo pipefail; unset REFDPO_FUSED; OUT='{}' REFDPO='bash {}' DEVICE=cuda; \
-         source bench/device_lib.sh; selftest_ladder; echo \"rc=$? fused=${{REFDPO_FUSED-unset}}\"",
+        "set -uo pipefail; unset REFDPO_FUSED REFDPO_SHARE_PROMPTS; OUT='{}' REFDPO='bash {}' \
+         DEVICE=cuda; source bench/device_lib.sh; selftest_ladder; \
+         echo \"rc=$? share=${{REFDPO_SHARE_PROMPTS-unset}} fused=${{REFDPO_FUSED-unset}}\"",
         out.display(),
         stub.display()
     );
@@ -84,8 +86,15 @@ fn the_device_script_leaves_out_the_kernels_the_selftest_names() {
     assert!(last.ends_with("fused=0"), "{last}");
     assert_eq!(ops.trim(), "REFDPO_FUSED=0");
     assert!(stages.contains("== selftest-composed: exit 0"), "{stages}");
-    // no kernel named: straight to the composed ops
-    let (last, _, stages) = ladder(&failing(None), true);
-    assert!(last.ends_with("fused=0"), "{last}");
+    // no kernel named: every sequence whole, and that passes
+    let (last, ops, stages) = ladder(&failing(None), true);
+    assert!(last.ends_with("share=0 fused=unset"), "{last}");
+    assert_eq!(ops.trim(), "REFDPO_SHARE_PROMPTS=0");
+    assert!(stages.contains("== selftest-whole: exit 0"), "{stages}");
     assert!(!stages.contains("selftest-without"), "{stages}");
+    // still failing: the composed ops, prompts shared again
+    let (last, ops, stages) = ladder(&failing(None), false);
+    assert!(last.ends_with("share=unset fused=0"), "{last}");
+    assert_eq!(ops.trim(), "REFDPO_FUSED=0");
+    assert!(stages.contains("== selftest-whole: exit 1"), "{stages}");
 }
