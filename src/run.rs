@@ -161,6 +161,7 @@ fn profiled(on: bool, device: &Device, stage: impl FnOnce() -> Result<String>) -
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::signals::file_size_limit_as_error();
     crate::model::fused::setting::check()?;
+    crate::logprobs::check_share_setting()?;
     match cli.command {
         Command::Precompute { run: a, shard } => {
             let mut cfg = load(&a.config)?;

@@ -41,6 +41,18 @@ pub fn shares_prompts() -> bool {
     std::env::var("REFDPO_SHARE_PROMPTS").map_or(true, |v| v != "0")
 }
 
+/// Refuses a `REFDPO_SHARE_PROMPTS` other than 0 or 1, saying what each means.
+pub fn check_share_setting() -> Result<()> {
+    match std::env::var("REFDPO_SHARE_PROMPTS").as_deref() {
+        Err(_) | Ok("0") | Ok("1") => Ok(()),
+        Ok(v) => Err(crate::error::Error::Config(format!(
+            "REFDPO_SHARE_PROMPTS={v:?}: it takes 0 (every sequence scored and trained whole, as \
+             transformers and TRL do) or 1 (each pair's prompt computed once, the default); \
+             unset it for the default"
+        ))),
+    }
+}
+
 /// Summed completion log-probs of each sequence under a frozen model (no graph is built).
 pub fn score(model: &Transformer, batch: &SeqBatch, mode: OpMode) -> Result<Vec<f64>> {
     let device = batch.input_ids.device();

@@ -329,6 +329,25 @@ fn selftest_passes_on_the_cpu_with_one_line_per_check() {
     assert_every_check_passed(&ok(&["selftest", "--device", "cpu"], tmp.path()));
 }
 
+/// `REFDPO_SHARE_PROMPTS` takes 0 or 1; anything else is refused before any work, naming both.
+#[test]
+fn an_unknown_share_setting_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refdpo"))
+        .args(["selftest", "--device", "cpu"])
+        .current_dir(tmp.path())
+        .env("REFDPO_SHARE_PROMPTS", "false")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("REFDPO_SHARE_PROMPTS=\"false\": it takes 0") && err.contains("or 1"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "it ran checks");
+}
+
 /// The fused path on the CPU (`REFDPO_FUSED=1`): each family's whole forward and every
 /// parameter's gradient through refdpo's fused ops (their CPU loops) against the composed ops.
 #[test]
