@@ -112,7 +112,10 @@ impl CustomOp2 for Gather {
         _out: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let padded = Tensor::cat(&[g, &g.zeros_like()?.narrow(self.dim, 0, 1)?], self.dim)?;
+        let mut one_row = g.dims().to_vec();
+        one_row[self.dim] = 1;
+        let zero = Tensor::zeros(one_row, g.dtype(), g.device())?;
+        let padded = Tensor::cat(&[g, &zero], self.dim)?;
         let mut sum: Option<Tensor> = None;
         for back in &self.back {
             let part = padded.index_select(back, self.dim)?;
