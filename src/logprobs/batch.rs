@@ -25,7 +25,8 @@ pub struct SeqBatch {
     pub counts: Vec<usize>,
     /// The longest sequence.
     pub seq_len: usize,
-    /// Packed: each sequence's length, in row order.
+    /// Packed: each sequence's length, in row order (with `shared`, all its positions, shared
+    /// and own, in the whole layout's order: [`Sharing::lens`]).
     pub segments: Option<Vec<usize>>,
     /// Packed with shared first positions ([`SeqBatch::pairs_shared`]): its sequences' rows.
     pub shared: Option<Sharing>,
