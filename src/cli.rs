@@ -203,7 +203,8 @@ pub struct StatsArgs {
     /// Which split of a cache directory (default: the train split).
     #[arg(long)]
     pub split: Option<String>,
-    /// A training run directory: score its final policy on the test split (length bias after training).
+    /// A training run directory: score its final policy on the split `--split` names (the train
+    /// split by default; `--split test_prefs` for held-out pairs), for the length bias after training.
     #[arg(long)]
     pub run: Option<PathBuf>,
     /// Print one JSON object instead of tables.

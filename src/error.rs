@@ -54,6 +54,10 @@ pub enum Error {
     #[error("schema of `{path}`: {msg}")]
     Schema { path: PathBuf, msg: String },
 
+    /// No cache file where one was expected.
+    #[error("no cache at `{path}`: {msg}")]
+    MissingCache { path: PathBuf, msg: String },
+
     /// The cache does not belong to this configuration.
     #[error("stale cache `{path}`: {msg}")]
     StaleCache { path: PathBuf, msg: String },

@@ -40,15 +40,19 @@ skipped: {}
         write_turns(&mut out, p);
     }
     for (side, turns) in [("chosen", &row.chosen), ("rejected", &row.rejected)] {
-        let _ = writeln!(
-            out,
-            "\n## {side} (score {:?})",
-            if side == "chosen" {
-                row.score_chosen
-            } else {
-                row.score_rejected
+        let score = if side == "chosen" {
+            row.score_chosen
+        } else {
+            row.score_rejected
+        };
+        match score {
+            Some(score) => {
+                let _ = writeln!(out, "\n## {side} (score {score})");
             }
-        );
+            None => {
+                let _ = writeln!(out, "\n## {side}");
+            }
+        }
         if let Some(t) = turns {
             write_turns(&mut out, t);
         }

@@ -111,6 +111,11 @@ impl MetricsAccumulator {
         self.batches += 1;
     }
 
+    /// No micro-batch added yet.
+    pub fn is_empty(&self) -> bool {
+        self.batches == 0
+    }
+
     /// The mean of one of [`Metric::PAIR_MEANS`] (NaN before any micro-batch, or for a metric
     /// that is not a per-pair mean).
     pub fn get(&self, metric: Metric) -> f64 {

@@ -145,13 +145,20 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     // Loaded on first use: a cache that is already up to date needs no model.
     let mut model = None;
     let mut summary = String::new();
+    let mut all_up_to_date = true;
     for split in prepared {
         let report = score_split(cfg, &source, &inputs, &mut model, split, device, quiet)?;
+        all_up_to_date &= report.entry.up_to_date;
         let _ = writeln!(summary, "{}", describe(&report));
         update_report(&dir.report(shard), &report)?;
     }
     fs::write_atomic(&dir.config(), cfg.to_toml().as_bytes())?;
-    let _ = write!(summary, "cache written to {}", out.display());
+    let done = if all_up_to_date {
+        "cache up to date in"
+    } else {
+        "cache written to"
+    };
+    let _ = write!(summary, "{done} {}", out.display());
     Ok(summary)
 }
 

@@ -1,6 +1,6 @@
 //! `refdpo stats`: pair statistics and length bias over a cache, computed with polars LazyFrame
 //! queries; tables on stdout, `--json`, `--plot DIR` (SVG charts), and with `--run DIR` the trained
-//! policy's implicit reward margin against the length difference on the test split.
+//! policy's implicit reward margin against the length difference on the chosen split.
 
 pub mod plot;
 pub mod policy;
@@ -43,9 +43,9 @@ fn resolve_parquet(opts: &StatsOptions) -> Result<(String, Vec<PathBuf>)> {
         .unwrap_or_else(|| "train_prefs".into());
     match cache::shards::files(&opts.cache, &split, "parquet")? {
         Some(files) => Ok((split, files)),
-        None => Err(Error::StaleCache {
+        None => Err(Error::MissingCache {
             path: cache::parquet_path(&opts.cache, &split),
-            msg: "no such cache file: pass --cache DIR (with --split NAME) or a .parquet file, or run `refdpo precompute`".into(),
+            msg: "pass --cache DIR (with --split NAME) or a .parquet file, or run `refdpo precompute`".into(),
         }),
     }
 }

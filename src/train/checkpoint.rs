@@ -162,6 +162,14 @@ fn old_path(dir: &Path) -> PathBuf {
     dir.with_file_name(name)
 }
 
+/// The state `final/` under `out` was saved at, when it holds at least `total` steps: a run with
+/// nothing left to train (`final/` is written after the final evaluation, so that is logged too).
+pub fn finished(out: &Path, total: usize) -> Option<TrainerState> {
+    let path = RunDir::trainer_state(&RunDir::new(out).final_dir());
+    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    (state.global_step >= total).then_some(state)
+}
+
 /// The complete checkpoint with the highest step under `out`, if any (a `checkpoint-N.old` left
 /// by a kill during a replacement counts, after a complete `checkpoint-N`). A `checkpoint-N`
 /// appears only by the rename of a complete one, so one whose `trainer_state.json` cannot be

@@ -70,6 +70,13 @@ pub struct StepReport {
     pub seconds: f64,
 }
 
+/// What one evaluation measured besides its means.
+pub struct EvalReport {
+    pub epoch: f64,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
 impl MetricsLog {
     /// The log at `path`, mirrored into TensorBoard event files in `tensorboard` when given.
     pub fn new(path: PathBuf, tensorboard: Option<PathBuf>) -> Self {
@@ -103,18 +110,24 @@ impl MetricsLog {
         self.append(line.to_json())
     }
 
-    /// An evaluation's line: the same names prefixed `eval/`.
-    pub fn append_eval(&self, step: usize, m: &MetricsAccumulator) -> Result<()> {
-        let line = MetricsLine {
+    /// An evaluation's line, as TRL's: `step`, `epoch`, and the means and throughput under the
+    /// training names prefixed `eval/` (an evaluation has no gradient or learning rate).
+    pub fn append_eval(&self, step: usize, m: &MetricsAccumulator, r: &EvalReport) -> Result<()> {
+        let mut line = MetricsLine {
             step,
-            epoch: None,
+            epoch: Some(r.epoch),
             means: m.to_json("eval/"),
             grad_norm: None,
             learning_rate: None,
             tokens_per_second: None,
             step_seconds: None,
-        };
-        self.append(line.to_json())
+        }
+        .to_json();
+        line.insert(
+            format!("eval/{}", Metric::TokensPerSecond.name()),
+            json!(r.tokens as f64 / r.seconds.max(1e-9)),
+        );
+        self.append(line)
     }
 
     fn append(&self, line: Map<String, Value>) -> Result<()> {
@@ -143,9 +156,10 @@ impl MetricsLog {
             .map_err(|e| Error::io("cannot append to", &self.path, e))
     }
 
-    /// Keeps only the lines up to `step` (a resumed run rewrites what came after); TensorBoard's
-    /// readers drop the events after it when the new event file opens.
-    pub fn truncate_after(&self, step: usize) -> Result<()> {
+    /// Keeps only the lines up to `step` (a resumed run rewrites what came after), less the
+    /// evaluation line at `step` when `drop_eval_at_step` (the final one, which a resumed run makes
+    /// again); TensorBoard's readers drop the events after it when the new event file opens.
+    pub fn truncate_after(&self, step: usize, drop_eval_at_step: bool) -> Result<()> {
         if let Some(tb) = &self.tensorboard {
             tb.lock().unwrap_or_else(|e| e.into_inner()).restart_at = Some(step as u64 + 1);
         }
@@ -155,10 +169,13 @@ impl MetricsLog {
         let kept: String = text
             .lines()
             .filter(|l| {
-                serde_json::from_str::<Value>(l)
-                    .ok()
-                    .and_then(|v| v.get("step")?.as_u64())
-                    .is_some_and(|s| s as usize <= step)
+                let Ok(v) = serde_json::from_str::<Value>(l) else {
+                    return false;
+                };
+                let eval = v.get(&format!("eval/{}", Metric::Loss.name())).is_some();
+                v.get("step").and_then(Value::as_u64).is_some_and(|s| {
+                    (s as usize) < step || (s as usize == step && !(drop_eval_at_step && eval))
+                })
             })
             .map(|l| format!("{l}\n"))
             .collect();

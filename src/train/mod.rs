@@ -32,7 +32,9 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     outputs::claim_run_dir(&cfg.train.out, existing)?;
     let mut trainer = Trainer::new(cfg, device, quiet)?;
     if existing == Existing::Resume {
-        trainer.resume()?;
+        if let Some(done) = trainer.resume()? {
+            return Ok(done);
+        }
     }
     trainer.run()
 }

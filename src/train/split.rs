@@ -29,9 +29,9 @@ impl Split {
         let path = cache::arrow_path(dir, split);
         // the whole split's file, or all of its shards
         let Some(cache) = cache::shards::open(dir, split, expected)? else {
-            return Err(Error::StaleCache {
+            return Err(Error::MissingCache {
                 path,
-                msg: "no such cache file: run `refdpo precompute` with this config first".into(),
+                msg: "run `refdpo precompute` with this config first".into(),
             });
         };
         cache.fingerprint.check_data(&path)?;

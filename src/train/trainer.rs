@@ -4,7 +4,7 @@
 use super::batches;
 use super::checkpoint::{self, TrainerState};
 use super::grads::Grads;
-use super::metrics_log::{MetricsLog, StepReport};
+use super::metrics_log::{EvalReport, MetricsLog, StepReport};
 use super::micro_batch::MicroBatch;
 use super::optim::{self, AdamW, AdamWParams};
 use super::policy::Policy;
@@ -163,9 +163,19 @@ impl<'a> Trainer<'a> {
     }
 
     /// Continues from the newest complete checkpoint in `train.out` (weights, optimizer, data
-    /// order); the metrics log keeps its lines up to that step.
-    pub fn resume(&mut self) -> Result<()> {
+    /// order); the metrics log keeps its lines up to that step, less a final evaluation that the
+    /// resumed run makes again. Returns the summary instead when the run there had finished.
+    pub fn resume(&mut self) -> Result<Option<String>> {
         let out = &self.cfg.train.out;
+        if let Some(done) = checkpoint::finished(out, self.state.max_steps) {
+            return Ok(Some(format!(
+                "nothing to resume: {} finished its {} steps (final policy and evaluation in {}); \
+                 raise train.max_steps or train.epochs to train on",
+                out.display(),
+                done.global_step,
+                RunDir::new(out).final_dir().display()
+            )));
+        }
         let Some((dir, saved)) = checkpoint::latest(out)? else {
             if !self.quiet {
                 eprintln!(
@@ -173,7 +183,7 @@ impl<'a> Trainer<'a> {
                     out.display()
                 );
             }
-            return Ok(());
+            return Ok(None);
         };
         let w = checkpoint::load_trained(&dir, &self.device)?;
         for (name, var) in self.policy.names.iter().zip(&self.policy.vars) {
@@ -197,7 +207,8 @@ impl<'a> Trainer<'a> {
             ..saved
         };
         self.epoch_batches = self.batches_of(self.state.epoch);
-        self.log.truncate_after(self.state.global_step)?;
+        let last = self.state.global_step >= self.state.max_steps;
+        self.log.truncate_after(self.state.global_step, last)?;
         self.warn_changed_config();
         if !self.quiet {
             eprintln!(
@@ -207,7 +218,7 @@ impl<'a> Trainer<'a> {
             );
         }
         self.last_checkpoint = Some(dir);
-        Ok(())
+        Ok(None)
     }
 
     /// On resume: the keys set otherwise than when the run began (its `config.toml`), said on
@@ -425,22 +436,29 @@ impl<'a> Trainer<'a> {
     fn log_step(&self, r: &StepReport) -> Result<()> {
         let step = self.state.global_step;
         if logs_at(step, self.cfg.train.log_every, self.state.max_steps) {
-            let epoch = self.state.epoch as f64
-                + self.state.batch_in_epoch as f64 / self.epoch_batches.len().max(1) as f64;
-            self.log.append_step(step, epoch, r)?;
+            self.log.append_step(step, self.epoch(), r)?;
         }
         Ok(())
     }
 
-    /// The policy on the test split (cached reference log-probs; fused, graph-free kernels).
-    fn evaluate(&self, split: &Split) -> Result<MetricsAccumulator> {
+    /// Epochs done, with the current one's fraction (TRL's `epoch`).
+    fn epoch(&self) -> f64 {
+        self.state.epoch as f64
+            + self.state.batch_in_epoch as f64 / self.epoch_batches.len().max(1) as f64
+    }
+
+    /// The policy on the test split (cached reference log-probs; fused, graph-free kernels): its
+    /// means and the tokens it scored.
+    fn evaluate(&self, split: &Split) -> Result<(MetricsAccumulator, usize)> {
         let mut metrics = MetricsAccumulator::default();
+        let mut tokens = 0;
         for idx in batches::eval_batches(&split.lengths, self.cfg.train.batch_size) {
             let mb = self.micro_batch(split, &idx, true)?;
             let x = mb.pair_logps(&self.policy.score(&mb.seqs)?);
             metrics.add(&self.loss.loss(&x)?, &x);
+            tokens += mb.tokens;
         }
-        Ok(metrics)
+        Ok((metrics, tokens))
     }
 
     /// Evaluates on the test split, if there is one, and appends the `eval/` line.
@@ -448,8 +466,14 @@ impl<'a> Trainer<'a> {
         let Some(test) = &self.test else {
             return Ok(None);
         };
-        let m = self.evaluate(test)?;
-        self.log.append_eval(self.state.global_step, &m)?;
+        let start = std::time::Instant::now();
+        let (m, tokens) = self.evaluate(test)?;
+        let report = EvalReport {
+            epoch: self.epoch(),
+            tokens,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        self.log.append_eval(self.state.global_step, &m, &report)?;
         Ok(Some(m))
     }
 
@@ -467,12 +491,19 @@ impl<'a> Trainer<'a> {
     fn finish(mut self) -> Result<String> {
         let t = &self.cfg.train;
         let mut summary = format!(
-            "trained {} steps into {}; last train loss {:.4}, rewards/accuracies {:.3}",
+            "trained {} steps into {}",
             self.state.global_step,
-            t.out.display(),
-            self.last_train.get(Metric::Loss),
-            self.last_train.get(Metric::RewardsAccuracies)
+            t.out.display()
         );
+        if self.last_train.is_empty() {
+            summary.push_str("; no step left to train after the checkpoint");
+        } else {
+            summary.push_str(&format!(
+                "; last train loss {:.4}, rewards/accuracies {:.3}",
+                self.last_train.get(Metric::Loss),
+                self.last_train.get(Metric::RewardsAccuracies)
+            ));
+        }
         if let Some(m) = self.evaluate_and_log()? {
             summary.push_str(&format!(
                 "; eval loss {:.4}, eval/rewards/accuracies {:.3} on {} pairs",

@@ -162,6 +162,7 @@ fn the_demo_cache_and_metrics_are_the_contracts() {
     let timings = [
         "seconds",
         "tokens_per_second",
+        "eval/tokens_per_second",
         "score_seconds",
         "step_seconds",
         "parquet",

@@ -327,6 +327,39 @@ fn one_writer_at_a_time_and_ctrl_c_checkpoints_and_resumes_exactly() {
             == bytes(&clean.join("final/model.safetensors")),
         "interrupted + resumed run ends with other weights than an uninterrupted one"
     );
+
+    // Resuming the finished run does nothing, and says so.
+    let metrics = bytes(&run.join("metrics.jsonl"));
+    let said = train_with(cfg_s, tmp.path(), &["--resume", &total, no_warmup]);
+    assert!(said.contains("nothing to resume"), "{said}");
+    assert!(
+        bytes(&run.join("metrics.jsonl")) == metrics,
+        "metrics.jsonl changed"
+    );
+    // Without `final/` (train.save_final = false), a resume from the last checkpoint makes the
+    // final evaluation again, in place of the logged one: one evaluation line at the last step.
+    let last = format!("train.save_every={}", k + 3);
+    let no_final = "train.save_final=false";
+    let fresh = ["--overwrite", &total, no_warmup, &last, no_final];
+    train_with(cfg_s, tmp.path(), &fresh);
+    let evals_at_end = || {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("eval/loss"))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["step"].as_u64() == Some(k as u64 + 3))
+            .count()
+    };
+    assert_eq!(evals_at_end(), 1);
+    let said = train_with(
+        cfg_s,
+        tmp.path(),
+        &["--resume", &total, no_warmup, &last, no_final],
+    );
+    assert!(said.contains("no step left to train"), "{said}");
+    assert!(!said.contains("NaN"), "{said}");
+    assert_eq!(evals_at_end(), 1);
 }
 
 #[test]
