@@ -172,7 +172,7 @@ impl MetricsLog {
                 let Ok(v) = serde_json::from_str::<Value>(l) else {
                     return false;
                 };
-                let eval = v.get(&format!("eval/{}", Metric::Loss.name())).is_some();
+                let eval = v.get(format!("eval/{}", Metric::Loss.name())).is_some();
                 v.get("step").and_then(Value::as_u64).is_some_and(|s| {
                     (s as usize) < step || (s as usize == step && !(drop_eval_at_step && eval))
                 })
