@@ -362,6 +362,18 @@ fn sequence_tokens(p: &TokenizedPair, cfg: &Config) -> usize {
     pc.len() + c.len() + pr.len() + r.len()
 }
 
+/// Whether a finished chunk holds exactly these pairs, in this order: their source rows and ids.
+fn holds(chunk: &MappedCache, pairs: &[TokenizedPair]) -> bool {
+    chunk.len() == pairs.len()
+        && pairs.iter().enumerate().all(|(i, p)| {
+            let r = chunk.to_row(i);
+            r.row == p.row
+                && r.prompt_ids == p.prompt_ids
+                && r.chosen_ids == p.chosen_ids
+                && r.rejected_ids == p.rejected_ids
+        })
+}
+
 fn chunk_path(partial: &Path, c: usize) -> PathBuf {
     CacheDir::chunk(partial, c)
 }
@@ -402,8 +414,9 @@ impl Scorer<'_> {
         let mut finish = |buf: &mut Vec<TokenizedPair>| -> Result<()> {
             let path = chunk_path(partial, chunk);
             chunk += 1;
-            // A chunk that does not verify (a torn or corrupted file) is scored again.
-            if MappedCache::open(&path).is_ok_and(|m| m.fingerprint == *fp) {
+            // A chunk that does not verify (a torn or corrupted file) or holds other pairs (another
+            // `chunk_pairs`, a file copied over it) is scored again.
+            if MappedCache::open(&path).is_ok_and(|m| m.fingerprint == *fp && holds(&m, buf)) {
                 resumed += 1;
                 progress.inc(buf.len() as u64);
             } else {

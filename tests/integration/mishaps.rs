@@ -458,3 +458,57 @@ fn a_resume_under_changed_settings_names_them() {
         "{err}"
     );
 }
+
+/// Chunks left by an interrupted stage one are reused only where they hold the very pairs this
+/// run scores: after a change of `precompute.chunk_pairs`, or with one chunk copied over another,
+/// the rerun scores them again and ends with a clean run's bytes (it used to take them as they
+/// were: duplicated rows, exit 0).
+#[test]
+fn leftover_chunks_of_other_pairs_are_scored_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let cfg_s = cfg.to_str().unwrap();
+    let out = tmp.path().join("cache");
+    let partial = out.join(".partial-train_prefs");
+    let precompute = |sets: &[&str]| {
+        let mut args = vec!["precompute", "--config", cfg_s, "--quiet"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        ok(&args, tmp.path())
+    };
+    // Interrupted by a 30 KiB file limit: five finished chunks of 32 pairs stay behind.
+    let interrupted = || {
+        let _ = std::fs::remove_dir_all(&out);
+        let args = ["precompute", "--config", cfg_s, "--quiet"];
+        let r = refdpo_with_file_limit(30, &args, tmp.path());
+        assert!(!r.status.success());
+        assert!(partial.join("chunk-00004.arrow").exists());
+    };
+    let clean = |sets: &[&str]| -> Vec<Vec<u8>> {
+        let dir = tmp.path().join("clean");
+        let _ = std::fs::remove_dir_all(&dir);
+        let at = format!("precompute.out={}", dir.display());
+        precompute(&[&[at.as_str()], sets].concat());
+        cache_files(&dir).iter().map(|f| bytes(f)).collect()
+    };
+    let rerun = |sets: &[&str]| -> Vec<Vec<u8>> {
+        precompute(sets);
+        cache_files(&out).iter().map(|f| bytes(f)).collect()
+    };
+
+    // The clean runs first (the first one writes the demo's files too).
+    let seven = ["precompute.chunk_pairs=7"];
+    let (clean_32, clean_7) = (clean(&[]), clean(&seven));
+
+    interrupted();
+    assert!(rerun(&seven) == clean_7, "chunks of 32 pairs reused as 7");
+
+    interrupted();
+    std::fs::copy(
+        partial.join("chunk-00000.arrow"),
+        partial.join("chunk-00002.arrow"),
+    )
+    .unwrap();
+    assert!(rerun(&[]) == clean_32, "a chunk copied over another reused");
+}
