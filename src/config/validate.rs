@@ -48,6 +48,11 @@ impl Config {
         let positive = |x: f64| x.is_finite() && x > 0.0;
         let non_negative = |x: f64| x.is_finite() && x >= 0.0;
         let unit = |x: f64| (0.0..1.0).contains(&x);
+        // What the optimizer's f32 arithmetic holds: 1e-300 would be 0 there and 1e39 infinite.
+        let f32_range = |x: f64| {
+            x == 0.0 || (f64::from(f32::MIN_POSITIVE)..=f64::from(f32::MAX)).contains(&x.abs())
+        };
+        const IN_F32: &str = "a finite number > 0 within f32's range (1.2e-38 to 3.4e38; the optimizer computes in f32)";
         in_range(
             "train.beta",
             t.beta,
@@ -57,8 +62,8 @@ impl Config {
         in_range(
             "train.learning_rate",
             t.learning_rate,
-            positive(t.learning_rate),
-            "a finite number > 0",
+            positive(t.learning_rate) && f32_range(t.learning_rate),
+            IN_F32,
         )?;
         in_range(
             "train.label_smoothing",
@@ -124,8 +129,8 @@ impl Config {
         in_range(
             "train.weight_decay",
             t.weight_decay,
-            non_negative(t.weight_decay),
-            "a finite number >= 0",
+            non_negative(t.weight_decay) && f32_range(t.weight_decay),
+            "a finite number >= 0 within f32's range (up to 3.4e38; the optimizer computes in f32)",
         )?;
         in_range(
             "train.adam_beta1",
@@ -191,8 +196,8 @@ impl Config {
         in_range(
             "train.adam_epsilon",
             t.adam_epsilon,
-            positive(t.adam_epsilon),
-            "a finite number > 0",
+            positive(t.adam_epsilon) && f32_range(t.adam_epsilon),
+            IN_F32,
         )?;
         Ok(())
     }
@@ -328,6 +333,9 @@ mod tests {
             ("train.adam_beta1=1.0", "train.adam_beta1"),
             ("train.adam_beta2=nan", "train.adam_beta2"),
             ("train.adam_epsilon=0.0", "train.adam_epsilon"),
+            ("train.adam_epsilon=1e-300", "train.adam_epsilon"),
+            ("train.learning_rate=1e39", "train.learning_rate"),
+            ("train.weight_decay=1e39", "train.weight_decay"),
             ("train.batch_size=0", "train.batch_size"),
             ("train.grad_accum=0", "train.grad_accum"),
             ("precompute.chunk_pairs=0", "precompute.chunk_pairs"),

@@ -161,7 +161,16 @@ pub fn load(
             }
             let absmax_key = format!("{which}_absmax.{name}");
             let absmax = match (t.get(&absmax_key), is_u8(&key)) {
-                (None, false) => return Ok(Stored::Dense(values)),
+                (None, false) => {
+                    let min = values.flatten_all()?.min(0)?.to_scalar::<f32>()?;
+                    if which == "v" && min < 0.0 {
+                        return Err(damaged(format!(
+                            "holds `{key}` with a negative value ({min}), where a second moment \
+                             is a mean of squares"
+                        )));
+                    }
+                    return Ok(Stored::Dense(values));
+                }
                 (Some(absmax), true) => absmax,
                 (None, true) => {
                     return Err(damaged(format!(

@@ -91,6 +91,16 @@ impl ParamSource for Detached<'_> {
 }
 
 impl Policy {
+    /// The first trained tensor holding a NaN or an Inf, by name.
+    pub fn first_non_finite(&self) -> Result<Option<&str>> {
+        for (name, var) in self.names.iter().zip(&self.vars) {
+            if crate::model::weights::non_finite_at(var.as_tensor())?.is_some() {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
     /// Wraps tensors (HF names) as trainable variables stored in `master` (f32 or bf16).
     pub fn new(
         cfg: &TransformerConfig,

@@ -160,6 +160,36 @@ fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
         err.contains("is NaN at step") && err.contains("this run has saved no checkpoint"),
         "{err}"
     );
+    // An update overflows the weights (a finite loss and norm before it; step 1 is warmup, at
+    // rate 0): neither its checkpoint nor `final/` is written, and the error names the last good
+    // checkpoint.
+    let err = fails(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--overwrite",
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "train.save_every=1",
+            "--set",
+            "train.learning_rate=3e38",
+            "--set",
+            "train.weight_decay=0.01",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("the update made `")
+            && err.contains("NaN or Inf (nothing of it is saved) at step 2")
+            && err.contains(&format!(
+                "this run's last good checkpoint is {}",
+                run.join("checkpoint-1").display()
+            )),
+        "{err}"
+    );
+    assert!(!run.join("checkpoint-2").exists() && !run.join("final").exists());
 }
 
 /// A damaged checkpoint under --resume: a weight or moment of another shape, a step count that
@@ -184,7 +214,14 @@ fn a_damaged_checkpoint_is_refused_by_name_on_resume() {
     let weight = "model.layers.0.mlp.down_proj.weight";
     // what, the damage, what the error must name
     type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a [&'a str]);
-    let cases: [Case<'_>; 4] = [
+    let state = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let path = run.join("checkpoint-2/trainer_state.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+    };
+    let cases: [Case<'_>; 9] = [
         (
             "a weight of another shape",
             Box::new(|| {
@@ -215,6 +252,37 @@ fn a_damaged_checkpoint_is_refused_by_name_on_resume() {
                 std::fs::write(run.join("checkpoint-2/trainer_state.json"), "{ not json").unwrap()
             }),
             &["trainer_state.json", "damaged", "--overwrite"],
+        ),
+        (
+            "a negative second moment (it passes the NaN scan, then sqrt gives NaN)",
+            Box::new(|| {
+                let t = candle_core::Tensor::full(-1f32, (64, 128), &cpu).unwrap();
+                edit("optimizer.safetensors", &format!("v.{weight}"), t)
+            }),
+            &["optimizer.safetensors", &format!("v.{weight}"), "negative"],
+        ),
+        (
+            "a step count other than the trainer state's",
+            Box::new(|| {
+                let t = candle_core::Tensor::new(&[0f64], &cpu).unwrap();
+                edit("optimizer.safetensors", "step", t)
+            }),
+            &["checkpoint-2", "damaged", "counts 0 steps"],
+        ),
+        (
+            "a trainer state of another step",
+            Box::new(|| state(&|v| v["global_step"] = 3.into())),
+            &["checkpoint-2", "damaged", "says step 3"],
+        ),
+        (
+            "an epoch past the steps",
+            Box::new(|| state(&|v| v["epoch"] = 1_000_000_000_000_000u64.into())),
+            &["checkpoint-2", "damaged", "epoch 1000000000000000"],
+        ),
+        (
+            "a place past the epoch's micro-batches",
+            Box::new(|| state(&|v| v["batch_in_epoch"] = 1_000_000_000_000_000u64.into())),
+            &["checkpoint-2", "damaged", "micro-batch 1000000000000000"],
         ),
     ];
     for (what, damage, names) in cases {

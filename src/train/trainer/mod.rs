@@ -1,6 +1,8 @@
 //! The [`Trainer`]: setup (inputs, caches, policy, optimizer), resume, and the loop of named
 //! steps — one optimizer step, its log line, evaluation, checkpoints — then the summary.
 
+mod resume;
+
 use super::batches;
 use super::checkpoint::{self, TrainerState};
 use super::grads::Grads;
@@ -162,96 +164,6 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// Continues from the newest complete checkpoint in `train.out` (weights, optimizer, data
-    /// order); the metrics log keeps its lines up to that step, less a final evaluation that the
-    /// resumed run makes again. Returns the summary instead when the run there had finished.
-    pub fn resume(&mut self) -> Result<Option<String>> {
-        let out = &self.cfg.train.out;
-        if let Some(done) = checkpoint::finished(out, self.state.max_steps) {
-            return Ok(Some(format!(
-                "nothing to resume: {} finished its {} steps (final policy and evaluation in {}); \
-                 raise train.max_steps or train.epochs to train on",
-                out.display(),
-                done.global_step,
-                RunDir::new(out).final_dir().display()
-            )));
-        }
-        let Some((dir, saved)) = checkpoint::latest(out)? else {
-            if !self.quiet {
-                eprintln!(
-                    "--resume: no checkpoint in {}, starting fresh",
-                    out.display()
-                );
-            }
-            return Ok(None);
-        };
-        let w = checkpoint::load_trained(&dir, &self.device)?;
-        for (name, var) in self.policy.names.iter().zip(&self.policy.vars) {
-            let saved = w
-                .get(name)
-                .ok_or_else(|| Error::Train(format!("`{}` lacks `{name}`", dir.display())))?;
-            if saved.dims() != var.dims() {
-                return Err(Error::Train(format!(
-                    "`{}` holds `{name}` of shape {:?}; this run's model has {:?}: the checkpoint \
-                     is damaged or from another model",
-                    dir.display(),
-                    saved.dims(),
-                    var.dims()
-                )));
-            }
-            var.set(&saved.to_dtype(var.dtype())?)?;
-        }
-        self.optim.load(&self.policy, &RunDir::optimizer(&dir))?;
-        self.state = TrainerState {
-            max_steps: self.state.max_steps,
-            ..saved
-        };
-        self.epoch_batches = self.batches_of(self.state.epoch);
-        let last = self.state.global_step >= self.state.max_steps;
-        self.log.truncate_after(self.state.global_step, last)?;
-        self.warn_changed_config();
-        if !self.quiet {
-            eprintln!(
-                "resuming from {} (step {})",
-                dir.display(),
-                self.state.global_step
-            );
-        }
-        self.last_checkpoint = Some(dir);
-        Ok(None)
-    }
-
-    /// On resume: the keys set otherwise than when the run began (its `config.toml`), said on
-    /// stderr, since the resumed run is then not the one that would have run uninterrupted (a
-    /// batch size, accumulation or seed also changes the data order). Not refused: transformers'
-    /// Trainer resumes under changed arguments too. Lengths and logging cadence are left out.
-    fn warn_changed_config(&self) {
-        const EXPECTED: [&str; 6] = [
-            "train.max_steps",
-            "train.epochs",
-            "train.save_every",
-            "train.eval_every",
-            "train.log_every",
-            "train.save_final",
-        ];
-        let path = RunDir::new(&self.cfg.train.out).config();
-        let Ok(old) = std::fs::read_to_string(&path) else {
-            return;
-        };
-        let changed: Vec<String> = crate::config::keys::differences(&old, &self.cfg.to_toml())
-            .into_iter()
-            .filter(|(k, _, _)| !EXPECTED.contains(&k.as_str()))
-            .map(|(k, old, new)| format!("{k} {old} -> {new}"))
-            .collect();
-        if !changed.is_empty() {
-            eprintln!(
-                "warning: resuming with settings other than the run began with ({}): the \
-                 resumed run is not the one that would have run uninterrupted",
-                changed.join(", ")
-            );
-        }
-    }
-
     /// Runs the remaining steps, evaluating and checkpointing as configured; returns the summary.
     /// Ctrl-C or SIGTERM ends the current step, writes a checkpoint and returns an error.
     pub fn run(mut self) -> Result<String> {
@@ -383,15 +295,19 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// The error for a non-finite loss or gradient: it names this run's last good checkpoint.
+    /// The error for a non-finite loss or gradient in the step under way: it names this run's
+    /// last good checkpoint.
     fn diverged(&self, what: &str, hint: &str) -> Error {
+        self.diverged_at(self.state.global_step + 1, what, hint)
+    }
+
+    fn diverged_at(&self, step: usize, what: &str, hint: &str) -> Error {
         let last = self.last_checkpoint.as_ref().map_or_else(
             || "this run has saved no checkpoint".to_string(),
             |p| format!("this run's last good checkpoint is {}", p.display()),
         );
         Error::Train(format!(
-            "{what} at step {}: stopping; {last}. To fix: {hint}",
-            self.state.global_step + 1
+            "{what} at step {step}: stopping; {last}. To fix: {hint}"
         ))
     }
 
@@ -468,6 +384,14 @@ impl<'a> Trainer<'a> {
         };
         let start = std::time::Instant::now();
         let (m, tokens) = self.evaluate(test)?;
+        let loss = m.get(Metric::Loss);
+        if !loss.is_finite() {
+            return Err(self.diverged_at(
+                self.state.global_step,
+                &format!("the evaluation loss is {loss} (the weights overflow the forward)"),
+                "lower train.learning_rate",
+            ));
+        }
         let report = EvalReport {
             epoch: self.epoch(),
             tokens,
@@ -478,6 +402,15 @@ impl<'a> Trainer<'a> {
     }
 
     fn save(&mut self, dir: &std::path::Path) -> Result<()> {
+        // Weights an update overflowed (the loss and norm checked before it were finite) are
+        // never saved: a checkpoint is always a good one.
+        if let Some(name) = self.policy.first_non_finite()? {
+            return Err(self.diverged_at(
+                self.state.global_step,
+                &format!("the update made `{name}` NaN or Inf (nothing of it is saved)"),
+                "lower train.learning_rate (or train.weight_decay)",
+            ));
+        }
         let base = checkpoint::Base {
             dir: &self.model_dir,
             id: &self.cfg.model.id,
