@@ -179,15 +179,47 @@ pub fn contain_panic<T>(
 pub mod fs {
     use super::{Error, Result};
     use std::fs::File;
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::path::Path;
 
-    pub fn read(path: &Path) -> Result<Vec<u8>> {
-        std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))
+    /// `path` opened for reading, refused unless it is a regular file (after symlinks): a named
+    /// pipe would block the read, and a device such as `/dev/zero` would never end.
+    pub fn open(path: impl AsRef<Path>) -> Result<File> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot open", path, e))?;
+        if !meta.is_file() {
+            let what = if meta.is_dir() {
+                "a directory"
+            } else {
+                "a pipe, socket or device"
+            };
+            let e = std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("it is {what}, not a regular file"),
+            );
+            return Err(Error::io("cannot open", path, e));
+        }
+        File::open(path).map_err(|e| Error::io("cannot open", path, e))
     }
 
-    pub fn read_to_string(path: &Path) -> Result<String> {
-        std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))
+    /// A whole file (a regular one: see [`open`]).
+    pub fn read(path: impl AsRef<Path>) -> Result<Vec<u8>> {
+        let path = path.as_ref();
+        let mut bytes = Vec::new();
+        open(path)?
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::io("cannot read", path, e))?;
+        Ok(bytes)
+    }
+
+    /// A whole text file (a regular one: see [`open`]).
+    pub fn read_to_string(path: impl AsRef<Path>) -> Result<String> {
+        let path = path.as_ref();
+        let mut text = String::new();
+        open(path)?
+            .read_to_string(&mut text)
+            .map_err(|e| Error::io("cannot read", path, e))?;
+        Ok(text)
     }
 
     /// A JSON file read into `T`; a parse error names the file.
@@ -201,7 +233,7 @@ pub mod fs {
     /// SHA-256 of a file's bytes (hex), streamed.
     pub fn sha256(path: &Path) -> Result<String> {
         use sha2::{Digest, Sha256};
-        let mut f = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+        let mut f = open(path)?;
         let mut h = Sha256::new();
         std::io::copy(&mut f, &mut h).map_err(|e| Error::io("cannot read", path, e))?;
         Ok(format!("{:x}", h.finalize()))

@@ -39,7 +39,7 @@ fn kind_name(kind: RepoType) -> &'static str {
 /// Where a repo's snapshot lives in the HF cache, if its revision was fetched before.
 fn cached_snapshot(repo: &Repo, revision: &str) -> Option<PathBuf> {
     let root = Cache::from_env().path().join(repo.folder_name());
-    let commit = std::fs::read_to_string(root.join("refs").join(revision))
+    let commit = crate::error::fs::read_to_string(root.join("refs").join(revision))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| revision.to_string());
     let snap = root.join("snapshots").join(commit);

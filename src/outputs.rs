@@ -7,6 +7,7 @@ use crate::error::{fs, Error, Result};
 use fs4::FileExt;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// What to do with outputs already in the directory (`train --resume`, `--overwrite`).
@@ -33,13 +34,27 @@ impl DirLock {
     pub fn acquire(dir: &Path, what: &str) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let path = dir.join(format!(".refdpo-{what}.lock"));
+        // Never through a symlink (it would overwrite its target with a pid), and only a
+        // regular file: O_NOFOLLOW fails on a link, and a pipe or device is refused below.
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
-            .map_err(|e| Error::io("cannot open", &path, e))?;
+            .map_err(|e| {
+                let e = if e.raw_os_error() == Some(libc::ELOOP) {
+                    std::io::Error::other("it is a symbolic link; remove it")
+                } else {
+                    e
+                };
+                Error::io("cannot open", &path, e)
+            })?;
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            let e = std::io::Error::other("it is not a regular file; remove it");
+            return Err(Error::io("cannot lock", &path, e));
+        }
         match FileExt::try_lock(&file) {
             Ok(()) => {}
             Err(fs4::TryLockError::WouldBlock) => {
@@ -63,6 +78,19 @@ impl DirLock {
             .map_err(|e| Error::io("cannot write", &path, e))?;
         Ok(Self { _file: file })
     }
+}
+
+/// An `--out` file of JSON lines (`generate`, `judge`) must be named `*.jsonl`: the check that
+/// keeps a mistyped path from replacing a cache, a checkpoint or a config file with the lines.
+pub fn check_jsonl_out(out: &Path) -> Result<()> {
+    if out.extension().is_some_and(|e| e == "jsonl") && !out.is_dir() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "--out {}: the output is JSON lines, so its name must end in `.jsonl` (this keeps a \
+         mistyped path from replacing another file)",
+        out.display()
+    )))
 }
 
 /// Whether a directory entry is part of a training run's outputs.

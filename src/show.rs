@@ -15,7 +15,7 @@ pub fn show(cfg: &Config, split: &str, index: usize) -> Result<String> {
     let limit = if cfg.dataset.test_size > 0.0 {
         cfg.dataset.limit
     } else {
-        index + 1
+        index.saturating_add(1)
     };
     let read = data::read_split(&source, split, limit)?;
     let Some(row) = read.rows.iter().find(|r| r.row == index as u64) else {

@@ -59,7 +59,7 @@ impl Checksum {
     /// Like [`Checksum::verify_bytes`], streaming the file from disk.
     pub fn verify_file(stored: Option<&str>, path: &Path) -> Result<()> {
         let want = Self::parse(stored.ok_or_else(|| missing(path))?, path)?;
-        let file = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+        let file = crate::error::fs::open(path)?;
         let mut h = Xxh3Default::new();
         let mut reader = file.take(want.len);
         let mut buf = vec![0u8; 1 << 20];

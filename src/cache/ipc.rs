@@ -53,7 +53,7 @@ pub struct MappedCache {
 impl MappedCache {
     /// Maps `path`, verifies its checksum and decodes its batches without copying the data.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+        let file = crate::error::fs::open(path)?;
         // SAFETY: the map is read-only and refdpo never writes a cache in place: stage one writes a
         // temporary file and renames it, so the mapped inode is not modified while we hold it. The
         // one remaining hazard — another program truncating the file under us — is documented in

@@ -52,7 +52,8 @@ pub fn read(path: &Path) -> Result<Report> {
 
 /// Merges one split's entry into the report file (atomically); other splits' entries stay.
 pub fn update(path: &Path, split: &str, entry: &SplitReport) -> Result<()> {
-    let mut all: BTreeMap<String, serde_json::Value> = match std::fs::read_to_string(path) {
+    let mut all: BTreeMap<String, serde_json::Value> = match crate::error::fs::read_to_string(path)
+    {
         Ok(text) => serde_json::from_str(&text).unwrap_or_default(),
         Err(_) => BTreeMap::new(),
     };

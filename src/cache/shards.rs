@@ -84,6 +84,23 @@ pub fn expected_for(path: &Path, split: &str, expected: &Fingerprint) -> Fingerp
     }
 }
 
+/// The Parquet files of `split` (as [`files`] lists them) read without a config, as `stats
+/// --cache` reads them: each carries the shard its name says, and all carry one cache's
+/// fingerprint besides (a shard file copied over another is refused, naming it).
+pub fn check_parquet(paths: &[PathBuf], split: &str) -> Result<()> {
+    let Some(first) = paths.first() else {
+        return Ok(());
+    };
+    let base = Fingerprint {
+        shard: None,
+        ..super::parquet::read_fingerprint(first)?
+    };
+    for p in paths {
+        super::parquet::read_fingerprint(p)?.check_compatible(&expected_for(p, split, &base), p)?;
+    }
+    Ok(())
+}
+
 /// The Arrow cache of `split` in `dir`, whole or from all its shards (each memory-mapped and
 /// checked against `expected`); `None` when there is none.
 pub fn open(dir: &Path, split: &str, expected: &Fingerprint) -> Result<Option<MappedCache>> {

@@ -276,7 +276,9 @@ impl Shard {
     /// This shard's part `start..end` of `n` items (stage one's scoring chunks): shard i holds
     /// ⌊i·n/count⌋ up to ⌊(i+1)·n/count⌋.
     pub fn range(self, n: usize) -> std::ops::Range<usize> {
-        (self.index * n / self.count)..((self.index + 1) * n / self.count)
+        // in u128: i·n overflows usize for a shard count near usize::MAX
+        let at = |i: usize| (i as u128 * n as u128 / self.count as u128) as usize;
+        at(self.index)..at(self.index + 1)
     }
 
     /// Parses "i/n" with 0 <= i < n.

@@ -27,12 +27,32 @@ impl Config {
             ts == 0.0 || (ts.is_finite() && ts > 0.0 && (ts < 1.0 || ts.fract() == 0.0)),
             "0 (no held-out split), a fraction in (0, 1), or a whole number of rows",
         )?;
+        if self.dataset.test_split == self.dataset.train_split {
+            return Err(Error::Config(format!(
+                "`dataset.test_split` = \"{}\" is the train split: evaluation would score the \
+                 training pairs. Name another split (or set dataset.test_size to hold some out).",
+                self.dataset.test_split
+            )));
+        }
+        if same_dir(&self.train.out, &self.precompute.out)
+            || same_dir(&self.train.out, self.train.cache_dir(&self.precompute))
+        {
+            return Err(Error::Config(format!(
+                "`train.out` and `precompute.out` are one directory ({}): a run there would \
+                 write over the cache's files. Give the run a directory of its own.",
+                self.train.out.display()
+            )));
+        }
         at_least("tokenize.max_length", self.tokenize.max_length, 2)?;
         at_least("precompute.batch_size", self.precompute.batch_size, 1)?;
         at_least("precompute.chunk_pairs", self.precompute.chunk_pairs, 1)?;
         if self.demo.generate {
-            at_least("demo.train_rows", self.demo.train_rows, 1)?;
-            at_least("demo.test_rows", self.demo.test_rows, 1)?;
+            for (key, rows) in [
+                ("demo.train_rows", self.demo.train_rows),
+                ("demo.test_rows", self.demo.test_rows),
+            ] {
+                in_range(key, rows, (1..=DEMO_ROWS).contains(&rows), "1 to 1000000")?;
+            }
         }
         let t = &self.train;
         at_least("train.batch_size", t.batch_size, 1)?;
@@ -203,6 +223,19 @@ impl Config {
     }
 }
 
+/// Whether two configured directories are one: the same path once `.` components and trailing
+/// separators are dropped, or (both existing) the same place on disk.
+fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::path::Component;
+    let plain = |p: &std::path::Path| -> std::path::PathBuf {
+        p.components().filter(|c| *c != Component::CurDir).collect()
+    };
+    plain(a) == plain(b) || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// The most rows a demo split may have: it is generated in memory, for trying refdpo out.
+const DEMO_ROWS: usize = 1_000_000;
+
 fn at_least(key: &str, value: usize, min: usize) -> Result<()> {
     in_range(key, value, value >= min, &format!("at least {min}"))
 }
@@ -334,6 +367,8 @@ mod tests {
             ("train.adam_beta2=nan", "train.adam_beta2"),
             ("train.adam_epsilon=0.0", "train.adam_epsilon"),
             ("train.adam_epsilon=1e-300", "train.adam_epsilon"),
+            ("dataset.test_split=\"train_prefs\"", "dataset.test_split"),
+            ("train.out=\"./data/cache/default/\"", "precompute.out"),
             ("train.learning_rate=1e39", "train.learning_rate"),
             ("train.weight_decay=1e39", "train.weight_decay"),
             ("train.batch_size=0", "train.batch_size"),

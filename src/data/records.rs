@@ -115,7 +115,7 @@ fn read_line_bounded(
 }
 
 fn open(path: &Path) -> Result<BufReader<std::fs::File>> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+    let f = crate::error::fs::open(path)?;
     Ok(BufReader::with_capacity(1 << 20, f))
 }
 
@@ -222,7 +222,7 @@ fn json_array(path: &Path, reader: impl Read, each: &mut dyn FnMut(Record) -> bo
 }
 
 fn parquet_records(path: &Path, each: &mut dyn FnMut(Record) -> bool) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+    let file = crate::error::fs::open(path)?;
     // parquet-rs panics on some damaged files: each call into it is contained
     let mut reader = contain_panic(path, "reading the parquet footer", || {
         Ok(ParquetRecordBatchReaderBuilder::try_new(file)

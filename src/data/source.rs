@@ -160,6 +160,13 @@ pub fn for_each_row(
     let files = src.files(split)?;
     let held_out = if cfg.test_size > 0.0 {
         let n = count_records(&files, limit, src.max_row_bytes)?;
+        if cfg.test_size >= 1.0 && cfg.test_size >= n as f64 {
+            return Err(Error::Config(format!(
+                "`dataset.test_size` = {} rows holds out all {n} rows of split `{}`: none is left \
+                 to train on. Hold out fewer rows, or a fraction below 1.",
+                cfg.test_size, cfg.train_split
+            )));
+        }
         let test = held_out(n, cfg.test_size);
         if split == cfg.test_split && test.is_empty() {
             return Err(Error::Config(format!(

@@ -47,6 +47,9 @@ pub struct Report {
 
 /// Generates for every prompt of the split and writes the JSONL file.
 pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result<Report> {
+    if let Some(out) = &opts.out {
+        crate::outputs::check_jsonl_out(out)?;
+    }
     let inputs = Inputs::resolve(cfg)?;
     let split_name = opts.split.as_deref().unwrap_or(&cfg.dataset.test_split);
     let cache_dir = cfg.train.cache_dir(&cfg.precompute);

@@ -88,6 +88,9 @@ fn split_rows(cfg: &Config, split: &str) -> Result<HashMap<u64, PreferenceRow>> 
 /// Scores the generations of `opts` with the reward model and writes the per-prompt file (and
 /// charts); returns the figures.
 pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result<Judgement> {
+    if let Some(out) = &opts.out {
+        crate::outputs::check_jsonl_out(out)?;
+    }
     let split = opts
         .split
         .clone()

@@ -78,7 +78,7 @@ pub fn read_header(path: &Path) -> Result<Header> {
             path.display()
         ))
     };
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+    let mut f = crate::error::fs::open(path)?;
     let len = f
         .metadata()
         .map_err(|e| Error::io("cannot read", path, e))?
@@ -87,7 +87,7 @@ pub fn read_header(path: &Path) -> Result<Header> {
     f.read_exact(&mut size)
         .map_err(|_| bad(format!("{len} bytes, shorter than the 8-byte header size")))?;
     let n = u64::from_le_bytes(size);
-    if n > MAX_HEADER || n > len - 8 {
+    if n > MAX_HEADER || n > len.saturating_sub(8) {
         return Err(bad(format!(
             "its header claims {n} bytes of a {len}-byte file (the file is truncated or damaged)"
         )));
@@ -203,7 +203,7 @@ pub fn load(files: &[PathBuf], dtype: DType, device: &Device) -> Result<HashMap<
 pub fn hash_files(files: &[PathBuf]) -> Result<String> {
     let mut h = Sha256::new();
     for file in files {
-        let mut f = std::fs::File::open(file).map_err(|e| Error::io("cannot open", file, e))?;
+        let mut f = crate::error::fs::open(file)?;
         std::io::copy(&mut f, &mut h).map_err(|e| Error::io("cannot read", file, e))?;
     }
     Ok(format!("{:x}", h.finalize()))

@@ -394,7 +394,7 @@ impl Scorer<'_> {
         let fp = &split.fingerprint;
         let fp_path = CacheDir::partial_fingerprint(partial);
         if partial.exists() {
-            let same = std::fs::read_to_string(&fp_path).is_ok_and(|t| t == fp.to_json());
+            let same = crate::error::fs::read_to_string(&fp_path).is_ok_and(|t| t == fp.to_json());
             if !same {
                 std::fs::remove_dir_all(partial)
                     .map_err(|e| Error::io("cannot remove stale", partial, e))?;

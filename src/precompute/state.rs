@@ -27,7 +27,7 @@ pub(super) fn claim_split(out: &Path, split: &Prepared, existing: Existing) -> R
         ),
         (
             partial.clone(),
-            std::fs::read_to_string(&partial_fp)
+            crate::error::fs::read_to_string(&partial_fp)
                 .ok()
                 .and_then(|t| Fingerprint::from_json(&t, &partial_fp).ok()),
         ),

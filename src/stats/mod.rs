@@ -42,7 +42,10 @@ fn resolve_parquet(opts: &StatsOptions) -> Result<(String, Vec<PathBuf>)> {
         .or_else(|| opts.config.as_ref().map(|c| c.dataset.train_split.clone()))
         .unwrap_or_else(|| "train_prefs".into());
     match cache::shards::files(&opts.cache, &split, "parquet")? {
-        Some(files) => Ok((split, files)),
+        Some(files) => {
+            cache::shards::check_parquet(&files, &split)?;
+            Ok((split, files))
+        }
         None => Err(Error::MissingCache {
             path: cache::parquet_path(&opts.cache, &split),
             msg: "pass --cache DIR (with --split NAME) or a .parquet file, or run `refdpo precompute`".into(),

@@ -14,7 +14,7 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 
 /// The class transformers would instantiate, from `tokenizer_config.json` (`Fast` suffix ignored).
 fn tokenizer_class(dir: &Path) -> Option<(String, Value)> {
-    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let text = crate::error::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
     let cfg: Value = serde_json::from_str(&text).ok()?;
     let class = cfg
         .get("tokenizer_class")?

@@ -166,7 +166,8 @@ fn old_path(dir: &Path) -> PathBuf {
 /// nothing left to train (`final/` is written after the final evaluation, so that is logged too).
 pub fn finished(out: &Path, total: usize) -> Option<TrainerState> {
     let path = RunDir::trainer_state(&RunDir::new(out).final_dir());
-    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let state: TrainerState =
+        serde_json::from_str(&crate::error::fs::read_to_string(path).ok()?).ok()?;
     (state.global_step >= total).then_some(state)
 }
 
@@ -189,7 +190,7 @@ pub fn latest(out: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
             continue;
         }
         let path = RunDir::trainer_state(&p);
-        let state = std::fs::read_to_string(&path)
+        let state = crate::error::fs::read_to_string(&path)
             .map_err(|e| e.to_string())
             .and_then(|t| serde_json::from_str::<TrainerState>(&t).map_err(|e| e.to_string()));
         match state {

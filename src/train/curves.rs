@@ -28,11 +28,14 @@ impl Run {
         for (i, line) in text.lines().enumerate() {
             let v: Value = serde_json::from_str(line)
                 .map_err(|e| Error::schema(&path, format!("line {} is not JSON ({e})", i + 1)))?;
-            let Some(step) = v.get("step").and_then(Value::as_f64) else {
+            // Values past what an axis can span (a hand-edited or diverged log) are left out:
+            // the chart's tick search does not end on a range of 1e308.
+            let drawable = |x: &f64| x.abs() <= 1e300;
+            let Some(step) = v.get("step").and_then(Value::as_f64).filter(drawable) else {
                 continue;
             };
             for (k, x) in v.as_object().into_iter().flatten() {
-                if let Some(x) = x.as_f64().filter(|x| x.is_finite()) {
+                if let Some(x) = x.as_f64().filter(drawable) {
                     series.entry(k.clone()).or_default().push((step, x));
                 }
             }
@@ -155,5 +158,21 @@ mod tests {
             err.contains("nope") && err.contains("metrics.jsonl"),
             "{err}"
         );
+    }
+
+    /// A log whose values span the doubles' whole range (a hand-edited or diverged run) is drawn
+    /// without them, in bounded time: the chart's tick search looped forever on it.
+    #[test]
+    fn extreme_values_are_left_out_not_drawn_forever() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lines = [
+            r#"{"step":1,"loss":1e308}"#,
+            r#"{"step":2,"loss":-1e308}"#,
+            r#"{"step":3,"loss":0.5}"#,
+            r#"{"step":1e308,"loss":0.4}"#,
+        ];
+        std::fs::write(tmp.path().join("metrics.jsonl"), lines.join("\n")).unwrap();
+        let files = plot(&[tmp.path().to_path_buf()], &tmp.path().join("plots")).unwrap();
+        assert_eq!(files.len(), 1);
     }
 }

@@ -163,7 +163,7 @@ impl MetricsLog {
         if let Some(tb) = &self.tensorboard {
             tb.lock().unwrap_or_else(|e| e.into_inner()).restart_at = Some(step as u64 + 1);
         }
-        let Ok(text) = std::fs::read_to_string(&self.path) else {
+        let Ok(text) = crate::error::fs::read_to_string(&self.path) else {
             return Ok(());
         };
         let kept: String = text

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area. Tests that read `../shared/realdata` are
 //! ignored where it is absent (the summary counts them), and fail under `CI=true` (build.rs).
 
+mod attacks;
 mod common;
 mod contract;
 mod demo_pipeline;

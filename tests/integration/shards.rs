@@ -89,6 +89,24 @@ fn two_shard_processes_equal_the_unsharded_cache() {
     );
     assert_close(&a, &b, "stats");
 
+    // a shard's files copied over another's are refused by stats too, naming the file
+    let copy = tmp.path().join("copied");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in std::fs::read_dir(&sharded).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(
+        copy.join("train_prefs.shard-1-of-2.parquet"),
+        copy.join("train_prefs.shard-0-of-2.parquet"),
+    )
+    .unwrap();
+    let err = fails(&["stats", "--cache", copy.to_str().unwrap()], tmp.path());
+    assert!(
+        err.contains("train_prefs.shard-0-of-2.parquet") && err.contains("shard"),
+        "{err}"
+    );
+
     // a missing shard is refused by name
     for ext in ["parquet", "arrow"] {
         std::fs::remove_file(sharded.join(format!("train_prefs.shard-1-of-2.{ext}"))).unwrap();

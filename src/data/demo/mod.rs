@@ -325,7 +325,7 @@ pub fn ensure(cfg: &DemoConfig) -> Result<()> {
     let stamp = json!({"generator": GENERATOR_VERSION, "seed": cfg.seed,
                        "train_rows": cfg.train_rows, "test_rows": cfg.test_rows});
     let stamp_path = cfg.dir.join("demo.json");
-    if std::fs::read_to_string(&stamp_path)
+    if crate::error::fs::read_to_string(&stamp_path)
         .is_ok_and(|t| serde_json::from_str::<serde_json::Value>(&t).ok() == Some(stamp.clone()))
     {
         return Ok(());

@@ -502,7 +502,7 @@ fn total_steps(pairs: usize, t: &crate::config::TrainConfig) -> usize {
         return t.max_steps;
     }
     let per_epoch = pairs.div_ceil(t.batch_size).div_ceil(t.grad_accum).max(1);
-    t.epochs * per_epoch
+    t.epochs.saturating_mul(per_epoch)
 }
 
 /// Whether step `step` of `last` writes a `metrics.jsonl` line: the first, every `every`-th and
@@ -535,6 +535,9 @@ mod tests {
         assert_eq!(total_steps(0, &t), 2, "at least one step an epoch");
         t.max_steps = 3;
         assert_eq!(total_steps(160, &t), 3);
+        t.max_steps = 0;
+        t.epochs = usize::MAX;
+        assert_eq!(total_steps(160, &t), usize::MAX, "saturates, no overflow");
         let logged: Vec<usize> = (1..=10).filter(|&s| logs_at(s, 4, 10)).collect();
         assert_eq!(logged, [1, 4, 8, 10]);
         let seeds: std::collections::HashSet<u64> = (0..4)

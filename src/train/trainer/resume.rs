@@ -81,7 +81,7 @@ impl Trainer<'_> {
             "train.save_final",
         ];
         let path = RunDir::new(&self.cfg.train.out).config();
-        let Ok(old) = std::fs::read_to_string(&path) else {
+        let Ok(old) = crate::error::fs::read_to_string(&path) else {
             return;
         };
         let changed: Vec<String> = crate::config::keys::differences(&old, &self.cfg.to_toml())

@@ -1,0 +1,216 @@
+//! What an attacker, or a slip, can hand refdpo besides damaged models and data (`hostile.rs`):
+//! numbers at the ends of their types, files that are not files, links where outputs go, an
+//! output path onto an input. Each is a clear `error:` naming the thing (exit 1: no panic, no
+//! abort, no hang), and nothing is written where it must not be.
+
+use crate::common::{demo_config, ok, refdpo};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `refdpo args` fails as a program should (exit 1, one `error:`, no panic), naming each of
+/// `names`, within `secs` seconds (a read that blocks or never ends is a failure too).
+fn refused_within(secs: u64, args: &[&str], cwd: &Path, names: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_refdpo"))
+        .args(args)
+        .current_dir(cwd)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("refdpo {args:?} still running after {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert!(
+        err.contains("error: ") && !err.contains("panicked"),
+        "{args:?}: {err}"
+    );
+    for name in names {
+        assert!(err.contains(name), "{args:?}: `{name}` not named in {err}");
+    }
+    err
+}
+
+#[test]
+fn numbers_at_the_ends_of_their_types_are_errors_not_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 2");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let huge = u64::MAX.to_string();
+    let shard = format!("{}/{huge}", u64::MAX - 1);
+    // `--shard` near usize::MAX (its range multiplied i·n): an empty shard, not an overflow
+    let out = refdpo(
+        &["precompute", "--config", cfg_s, "--quiet", "--overwrite"],
+        tmp.path(),
+    );
+    assert!(out.status.success());
+    let sharded = format!("precompute.out={}", tmp.path().join("s").display());
+    let out = refdpo(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--set",
+            &sharded,
+            "--shard",
+            &shard,
+        ],
+        tmp.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    // `show --index` at u64::MAX: no such row
+    let out = refdpo(&["show", "--config", cfg_s, "--index", &huge], tmp.path());
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("panicked"), "{text}");
+    // a demo split too large to make in memory
+    let rows = "demo.train_rows=1099511627776";
+    refused_within(
+        60,
+        &["precompute", "--config", cfg_s, "--set", rows],
+        tmp.path(),
+        &["demo.train_rows", "1000000"],
+    );
+    // optimizer numbers f32 cannot hold
+    for set in ["train.learning_rate=1e39", "train.adam_epsilon=1e-300"] {
+        let key = set.split('=').next().unwrap();
+        refused_within(
+            60,
+            &["train", "--config", cfg_s, "--set", set],
+            tmp.path(),
+            &[key, "f32"],
+        );
+    }
+}
+
+#[test]
+fn files_that_are_not_files_are_refused_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 2");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    // the model's weights as /dev/zero (its length reads 0) and as a named pipe (a read blocks)
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(tmp.path().join("demo/model")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let weights = model.join("model.safetensors");
+    let at = format!("model.id={}", model.display());
+    let precompute = ["precompute", "--config", cfg_s, "--overwrite", "--set", &at];
+    std::fs::remove_file(&weights).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &weights).unwrap();
+    refused_within(
+        60,
+        &precompute,
+        tmp.path(),
+        &["model.safetensors", "not a regular file"],
+    );
+    std::fs::remove_file(&weights).unwrap();
+    let fifo = Command::new("mkfifo").arg(&weights).status().unwrap();
+    assert!(fifo.success());
+    refused_within(
+        60,
+        &precompute,
+        tmp.path(),
+        &["model.safetensors", "not a regular file"],
+    );
+    // the pipeline file and the tokenizer's files as devices: no endless read
+    refused_within(
+        60,
+        &["precompute", "--config", "/dev/zero"],
+        tmp.path(),
+        &["/dev/zero"],
+    );
+    // a cache file as a named pipe
+    let arrow = tmp.path().join("cache/train_prefs.arrow");
+    std::fs::remove_file(&arrow).unwrap();
+    assert!(Command::new("mkfifo")
+        .arg(&arrow)
+        .status()
+        .unwrap()
+        .success());
+    refused_within(
+        60,
+        &["train", "--config", cfg_s],
+        tmp.path(),
+        &["train_prefs.arrow", "not a regular file"],
+    );
+}
+
+#[test]
+fn outputs_never_land_on_inputs_or_through_links() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 2");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let arrow = tmp.path().join("cache/test_prefs.arrow");
+    let before = std::fs::read(&arrow).unwrap();
+    // `generate --out` onto the cache it reads
+    refused_within(
+        120,
+        &[
+            "generate",
+            "--config",
+            cfg_s,
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            arrow.to_str().unwrap(),
+        ],
+        tmp.path(),
+        &["--out", ".jsonl"],
+    );
+    assert!(
+        std::fs::read(&arrow).unwrap() == before,
+        "the cache was written over"
+    );
+    // a run into the cache's directory
+    let into_cache = format!("train.out={}/cache/", tmp.path().display());
+    refused_within(
+        60,
+        &["train", "--config", cfg_s, "--set", &into_cache],
+        tmp.path(),
+        &["train.out", "precompute.out"],
+    );
+    // a lock file that is a symlink: refused, and its target left as it was
+    let victim = tmp.path().join("victim.txt");
+    std::fs::write(&victim, "keep me").unwrap();
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::os::unix::fs::symlink(&victim, run.join(".refdpo-train.lock")).unwrap();
+    refused_within(
+        60,
+        &["train", "--config", cfg_s],
+        tmp.path(),
+        &[".refdpo-train.lock", "symbolic link"],
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    // a held-out split of every row, and a test split that is the train split
+    for (set, key) in [
+        ("dataset.test_size=1000000", "dataset.test_size"),
+        ("dataset.test_split=\"train_prefs\"", "dataset.test_split"),
+    ] {
+        refused_within(
+            60,
+            &["precompute", "--config", cfg_s, "--overwrite", "--set", set],
+            tmp.path(),
+            &[key],
+        );
+    }
+}
