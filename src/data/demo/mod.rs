@@ -376,7 +376,7 @@ pub fn ensure(cfg: &DemoConfig) -> Result<()> {
     let rm = tmp.join("reward_model");
     fs::create_dir_all(&rm)?;
     for f in ["tokenizer.json", "tokenizer_config.json"] {
-        fs::write_atomic(&rm.join(f), &fs::read(&model.join(f))?)?;
+        fs::write_atomic(&rm.join(f), &fs::read(model.join(f))?)?;
     }
     reward::write(&rm, &polarity(&vocab))?;
     fs::write_atomic(&tmp.join("demo.json"), pretty(&stamp).as_bytes())?;
