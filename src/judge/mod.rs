@@ -43,6 +43,7 @@ pub struct Options {
 fn read_generations(path: &Path) -> Result<Vec<GenerationLine>> {
     let text = fs::read_to_string(path)?;
     let mut lines = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (i, l) in text
         .lines()
         .enumerate()
@@ -61,6 +62,26 @@ fn read_generations(path: &Path) -> Result<Vec<GenerationLine>> {
                  policy (`refdpo generate --run DIR`)",
                 path.display(),
                 i + 1
+            )));
+        }
+        let at = format!("`{}` line {}", path.display(), i + 1);
+        for (model, c) in [
+            ("reference", Some(&line.reference)),
+            ("policy", line.policy.as_ref()),
+        ] {
+            if let Some(c) = c.filter(|c| c.tokens != c.ids.len()) {
+                return Err(Error::Config(format!(
+                    "{at}: the {model} continuation counts {} tokens but holds {} ids: the file \
+                     is edited or damaged; generate it again",
+                    c.tokens,
+                    c.ids.len()
+                )));
+            }
+        }
+        if !seen.insert(line.row) {
+            return Err(Error::Config(format!(
+                "{at}: row {} again: each prompt is judged once; generate the file again",
+                line.row
             )));
         }
         lines.push(line);

@@ -43,14 +43,17 @@ pub fn shares_prompts() -> bool {
 
 /// Refuses a `REFDPO_SHARE_PROMPTS` other than 0 or 1, saying what each means.
 pub fn check_share_setting() -> Result<()> {
-    match std::env::var("REFDPO_SHARE_PROMPTS").as_deref() {
-        Err(_) | Ok("0") | Ok("1") => Ok(()),
-        Ok(v) => Err(crate::error::Error::Config(format!(
-            "REFDPO_SHARE_PROMPTS={v:?}: it takes 0 (every sequence scored and trained whole, as \
-             transformers and TRL do) or 1 (each pair's prompt computed once, the default); \
-             unset it for the default"
-        ))),
-    }
+    let v = match std::env::var("REFDPO_SHARE_PROMPTS") {
+        Err(std::env::VarError::NotPresent) => return Ok(()),
+        Err(std::env::VarError::NotUnicode(v)) => v.to_string_lossy().into_owned(),
+        Ok(v) if v == "0" || v == "1" => return Ok(()),
+        Ok(v) => v,
+    };
+    Err(crate::error::Error::Config(format!(
+        "REFDPO_SHARE_PROMPTS={v:?}: it takes 0 (every sequence scored and trained whole, as \
+         transformers and TRL do) or 1 (each pair's prompt computed once, the default); unset it \
+         for the default"
+    )))
 }
 
 /// Summed completion log-probs of each sequence under a frozen model (no graph is built).

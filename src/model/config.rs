@@ -273,13 +273,24 @@ impl TransformerConfig {
                  does not implement"
             ));
         }
-        let local_rope_theta = match arch {
+        let local_theta = match arch {
             Arch::Gemma3 => raw
                 .rope_local_base_freq
-                .or_else(|| per_type("sliding_attention")?.get("rope_theta")?.as_f64())
-                .map(|t| t as f32),
+                .or_else(|| per_type("sliding_attention")?.get("rope_theta")?.as_f64()),
             _ => None,
         };
+        // wherever they were read from (`rope_parameters` too): a base RoPE's f32 tables hold
+        for (key, t) in [
+            ("rope_theta", Some(theta)),
+            ("local rope_theta", local_theta),
+        ] {
+            if let Some(t) = t.filter(|&t| !(t > 0.0 && (t as f32).is_finite())) {
+                return Err(format!(
+                    "`{key}` = {t}: it must be a number above 0 that f32 holds (up to 3.4e38)"
+                ));
+            }
+        }
+        let local_rope_theta = local_theta.map(|t| t as f32);
         let rope_scaling = match rope {
             Some(v) if v.is_object() => parse_scaling(v)?,
             _ => None,
@@ -317,11 +328,12 @@ impl TransformerConfig {
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
             o_bias: arch != Arch::Qwen2 && attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
+            // an id no token has (negative, or past u32) pads nothing, as in transformers
             pad_token_id: raw
                 .pad_token_id
                 .as_ref()
                 .and_then(|v| v.as_u64())
-                .map(|v| v as u32),
+                .and_then(|v| u32::try_from(v).ok()),
             sliding_window,
             qk_norm: match arch {
                 Arch::Qwen3 | Arch::Gemma3 => QkNorm::PerHead,
@@ -556,6 +568,21 @@ mod tests {
             ("head_dim", "3", "head_dim = 3"),
             ("rms_norm_eps", "-1.0", "`rms_norm_eps` = -1"),
             ("rope_theta", "0.0", "`rope_theta` = 0"),
+            (
+                "rope_theta",
+                "1e39",
+                "`rope_theta` = 1000000000000000000000000000000000000000",
+            ),
+            (
+                "rope_parameters",
+                r#"{"rope_theta": 0}"#,
+                "`rope_theta` = 0",
+            ),
+            (
+                "rope_parameters",
+                r#"{"rope_theta": -5}"#,
+                "`rope_theta` = -5",
+            ),
             (
                 "num_hidden_layers",
                 "1000000000",

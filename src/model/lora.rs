@@ -246,6 +246,26 @@ pub fn read(dir: &Path) -> Result<SavedAdapter> {
     if !v["modules_to_save"].is_null() {
         return Err(bad("modules_to_save", "is set"));
     }
+    // PEFT settings that change which weights adapt or how: null, false or empty by default
+    for field in [
+        "layers_to_transform",
+        "layers_pattern",
+        "exclude_modules",
+        "trainable_token_indices",
+        "layer_replication",
+        "target_parameters",
+        "alora_invocation_tokens",
+        "fan_in_fan_out",
+        "lora_bias",
+        "use_qalora",
+        "use_bdlora",
+    ] {
+        let x = &v[field];
+        let unset = x.is_null() || *x == false || x.as_array().is_some_and(Vec::is_empty);
+        if !unset {
+            return Err(bad(field, &format!("is {x}")));
+        }
+    }
     let r = v["r"]
         .as_u64()
         .filter(|&r| r > 0)

@@ -275,6 +275,20 @@ fn judge_refuses_bad_input_by_name() {
         e.contains("line 2") && e.contains("not a line of `refdpo generate`"),
         "{e}"
     );
+    // a file doubled (each prompt twice), and a token count edited
+    let doubled = tmp.path().join("doubled.jsonl");
+    std::fs::write(&doubled, format!("{text}{text}")).unwrap();
+    let e = judge_fails(&doubled);
+    assert!(e.contains("line 4") && e.contains("again"), "{e}");
+    let mut edited: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    edited["policy"]["tokens"] = 1_000_000_000_000_000_000u64.into();
+    let counted = tmp.path().join("counted.jsonl");
+    std::fs::write(&counted, format!("{edited}\n")).unwrap();
+    let e = judge_fails(&counted);
+    assert!(
+        e.contains("line 1") && e.contains("policy continuation counts"),
+        "{e}"
+    );
     // --generations needs the config it was made with
     let e = fails(
         &["judge", "--generations", g, "--reward-model", rm_s],

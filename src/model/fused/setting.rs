@@ -206,8 +206,14 @@ pub fn culprit(
 /// Refuses an invalid `REFDPO_FUSED`, naming the kernels it may leave out; says once (stderr
 /// and `--profile`) which kernels a valid one leaves out.
 pub fn check() -> Result<()> {
-    let Ok(value) = std::env::var("REFDPO_FUSED") else {
-        return Ok(());
+    let value = match std::env::var("REFDPO_FUSED") {
+        Ok(value) => value,
+        Err(std::env::VarError::NotPresent) => return Ok(()),
+        Err(std::env::VarError::NotUnicode(v)) => {
+            return Err(Error::Config(format!(
+                "REFDPO_FUSED={v:?} is not UTF-8 text: set it to 0, 1 or -name items, or unset it"
+            )))
+        }
     };
     let setting = Setting::parse(&value).map_err(|why| {
         let names: Vec<&str> = Kernel::ALL.iter().map(|k| k.name()).collect();

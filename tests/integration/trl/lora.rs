@@ -223,7 +223,14 @@ fn adapter_files_round_trip() {
     }
     // what refdpo cannot apply is refused by name
     let cfg_text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
-    for (field, value) in [("use_dora", "true"), ("bias", "\"all\"")] {
+    for (field, value) in [
+        ("use_dora", "true"),
+        ("bias", "\"all\""),
+        ("layers_to_transform", "[0]"),
+        ("exclude_modules", "[\"q_proj\"]"),
+        ("fan_in_fan_out", "true"),
+        ("lora_bias", "true"),
+    ] {
         let mut v: Value = serde_json::from_str(&cfg_text).unwrap();
         v[field] = serde_json::from_str(value).unwrap();
         let bad = tmp.path().join(field);
