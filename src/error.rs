@@ -175,6 +175,22 @@ pub fn contain_panic<T>(
     })
 }
 
+/// `text` for a terminal: each line cut to its first `max` characters, saying how many were left
+/// out. An error may quote its input (a TOML line, a `--set` value), which can be megabytes.
+pub fn clip_lines(text: &str, max: usize) -> String {
+    text.split('\n')
+        .map(|line| match line.char_indices().nth(max) {
+            Some((cut, _)) => format!(
+                "{}… ({} more characters)",
+                &line[..cut],
+                line[cut..].chars().count()
+            ),
+            None => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Small helpers for file I/O that keep the path in the error.
 pub mod fs {
     use super::{Error, Result};
@@ -297,5 +313,18 @@ pub mod fs {
         let mut name = path.file_name().unwrap_or_default().to_os_string();
         name.push(".tmp");
         path.with_file_name(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_lines_are_clipped_by_characters() {
+        let line = "é".repeat(10);
+        assert_eq!(super::clip_lines(&line, 20), line);
+        assert_eq!(
+            super::clip_lines(&format!("a\n{line}"), 4),
+            "a\néééé… (6 more characters)"
+        );
     }
 }

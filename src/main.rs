@@ -11,7 +11,10 @@ fn main() -> std::process::ExitCode {
     match refdpo::run::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!(
+                "error: {}",
+                refdpo::error::clip_lines(&format!("{err:#}"), 2000)
+            );
             std::process::ExitCode::FAILURE
         }
     }

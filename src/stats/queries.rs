@@ -255,10 +255,15 @@ impl Stats {
     pub fn add_dropped(&mut self, reports: &[PathBuf], split: &str) {
         let mut rows_read = None;
         for report in reports {
-            let Some(entry) = crate::cache::report::read(report)
-                .ok()
-                .and_then(|mut r| r.remove(split))
-            else {
+            let entry = match crate::cache::report::read(report) {
+                Ok(mut r) => r.remove(split),
+                Err(e) if report.exists() => {
+                    eprintln!("warning: {e:#}; the rows stage one skipped are not counted");
+                    None
+                }
+                Err(_) => None,
+            };
+            let Some(entry) = entry else {
                 continue;
             };
             for (k, n) in entry.dropped {
