@@ -91,8 +91,8 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     (
         "generate",
         &[
-            "error", "dirs", "runs", "charts", "config", "inputs", "logprobs", "model", "progress",
-            "rng", "train",
+            "error", "dirs", "runs", "charts", "config", "inputs", "logprobs", "model", "outputs",
+            "progress", "rng", "train",
         ],
     ),
     (
@@ -105,8 +105,8 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     (
         "judge",
         &[
-            "error", "charts", "config", "data", "dirs", "generate", "hub", "model", "progress",
-            "rng", "tokenize",
+            "error", "charts", "config", "data", "dirs", "generate", "hub", "model", "outputs",
+            "progress", "rng", "tokenize",
         ],
     ),
     (

@@ -27,13 +27,6 @@ impl Config {
             ts == 0.0 || (ts.is_finite() && ts > 0.0 && (ts < 1.0 || ts.fract() == 0.0)),
             "0 (no held-out split), a fraction in (0, 1), or a whole number of rows",
         )?;
-        if self.dataset.test_split == self.dataset.train_split {
-            return Err(Error::Config(format!(
-                "`dataset.test_split` = \"{}\" is the train split: evaluation would score the \
-                 training pairs. Name another split (or set dataset.test_size to hold some out).",
-                self.dataset.test_split
-            )));
-        }
         if same_dir(&self.train.out, &self.precompute.out)
             || same_dir(&self.train.out, self.train.cache_dir(&self.precompute))
         {
@@ -367,7 +360,6 @@ mod tests {
             ("train.adam_beta2=nan", "train.adam_beta2"),
             ("train.adam_epsilon=0.0", "train.adam_epsilon"),
             ("train.adam_epsilon=1e-300", "train.adam_epsilon"),
-            ("dataset.test_split=\"train_prefs\"", "dataset.test_split"),
             ("train.out=\"./data/cache/default/\"", "precompute.out"),
             ("train.learning_rate=1e39", "train.learning_rate"),
             ("train.weight_decay=1e39", "train.weight_decay"),

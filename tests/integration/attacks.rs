@@ -201,11 +201,8 @@ fn outputs_never_land_on_inputs_or_through_links() {
         &[".refdpo-train.lock", "symbolic link"],
     );
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
-    // a held-out split of every row, and a test split that is the train split
-    for (set, key) in [
-        ("dataset.test_size=1000000", "dataset.test_size"),
-        ("dataset.test_split=\"train_prefs\"", "dataset.test_split"),
-    ] {
+    // a held-out split of every row
+    for (set, key) in [("dataset.test_size=1000000", "dataset.test_size")] {
         refused_within(
             60,
             &["precompute", "--config", cfg_s, "--overwrite", "--set", set],

@@ -82,6 +82,13 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
+        if test.is_some() && cfg.dataset.test_split == cfg.dataset.train_split && !quiet {
+            eprintln!(
+                "note: dataset.test_split is the train split (`{}`): the eval/ metrics score \
+                 training pairs",
+                cfg.dataset.train_split
+            );
+        }
         // An accelerator computes in `model.dtype` over the masters (f32, or bf16: then their
         // own compute copies); the CPU in f32 over the weights rounded to `model.dtype`, as
         // stage one scored them there, so the policy starts as the reference.
