@@ -150,8 +150,10 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         max_positions: model.max_positions,
     };
 
-    // Four sequences per prompt: reference, policy, chosen, rejected.
+    // Four sequences per prompt: reference, policy, chosen, rejected. A prompt with one longer
+    // than the reward model reads is left out of every figure, counted.
     let mut seqs = Vec::with_capacity(lines.len() * 4);
+    let mut kept = Vec::with_capacity(lines.len());
     for (i, g) in lines.iter().enumerate() {
         let row = rows.get(&g.row).ok_or_else(|| {
             Error::Config(format!(
@@ -176,18 +178,32 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
             )));
         }
         let policy = g.policy.as_ref().expect("checked when read");
-        for answer in [
+        let four = [
             Answer::Text(&g.reference.text),
             Answer::Text(&policy.text),
             Answer::Chosen,
             Answer::Rejected,
-        ] {
-            seqs.push(reader.ids(row, answer)?);
+        ]
+        .into_iter()
+        .map(|answer| reader.ids(row, answer))
+        .collect::<Result<Vec<_>>>()?;
+        if four.iter().all(|ids| reader.fits(ids)) {
+            seqs.extend(four);
+            kept.push(g);
         }
+    }
+    let too_long = lines.len() - kept.len();
+    if kept.is_empty() {
+        return Err(Error::Config(format!(
+            "every prompt of `{}` is longer than the reward model reads ({} positions, its \
+             max_position_embeddings): judge with a reward model of a longer context",
+            generations.display(),
+            reader.max_positions
+        )));
     }
     let batch = cfg.precompute.batch_size.max(1);
     let r = score::score_all(&model, &seqs, batch, quiet)?;
-    let judged = lines
+    let judged = kept
         .iter()
         .zip(r.chunks(4))
         .map(|(g, r)| JudgeLine {
@@ -202,7 +218,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
             rejected_reward: r[3],
         })
         .collect();
-    let j = Judgement::of(
+    let mut j = Judgement::of(
         judged,
         opts.seed,
         split,
@@ -210,6 +226,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         opts.reward_model.clone(),
         out.clone(),
     );
+    j.too_long = (too_long, reader.max_positions);
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir)?;
     }

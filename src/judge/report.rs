@@ -44,6 +44,9 @@ pub struct Judgement {
     pub quintiles: Vec<(f64, f64, f64, usize)>,
     pub reward_length_correlation: f64,
     pub reward_model_accuracy: f64,
+    /// Prompts left out because a sequence of theirs is longer than the reward model reads, and
+    /// its positions.
+    pub too_long: (usize, usize),
 }
 
 fn mean(x: impl Iterator<Item = f64>) -> f64 {
@@ -93,6 +96,7 @@ impl Judgement {
             quintiles: winrate::quintiles(&wins, &d),
             reward_length_correlation: winrate::pearson(&gaps, &d),
             reward_model_accuracy: accuracy,
+            too_long: (0, 0),
             split,
             generations,
             reward_model,
@@ -139,6 +143,7 @@ impl Judgement {
             "reward_length_correlation": num(self.reward_length_correlation),
             "reward_model_accuracy": num(self.reward_model_accuracy),
             "reward_model_pairs": self.lines.len(),
+            "skipped_too_long": self.too_long.0,
         })
     }
 
@@ -163,6 +168,13 @@ impl Judgement {
             self.generations.display(),
             self.reward_model
         );
+        if self.too_long.0 > 0 {
+            let _ = writeln!(
+                o,
+                "left out {} prompts with a sequence longer than the reward model's {} positions",
+                self.too_long.0, self.too_long.1
+            );
+        }
         let _ = writeln!(o, "\n{:<14} {:>12} {:>12}", "", "reference", "policy");
         let _ = writeln!(
             o,

@@ -64,17 +64,18 @@ impl Reader {
                 tok.encode_text(&text)?
             }
         };
-        if ids.is_empty() || ids.len() > self.max_positions {
+        if ids.is_empty() {
             return Err(Error::Config(format!(
-                "row {} (prompt_id {}): {} tokens for the reward model, which reads 1 to {} \
-                 (its max_position_embeddings)",
-                row.row,
-                row.prompt_id,
-                ids.len(),
-                self.max_positions
+                "row {} (prompt_id {}): no tokens for the reward model",
+                row.row, row.prompt_id
             )));
         }
         Ok(ids)
+    }
+
+    /// Whether the reward model reads `ids` whole (within its max_position_embeddings).
+    pub fn fits(&self, ids: &[u32]) -> bool {
+        ids.len() <= self.max_positions
     }
 }
 

@@ -205,7 +205,14 @@ fn outputs_never_land_on_inputs_or_through_links() {
     let all_rows = "dataset.test_size=1000000";
     refused_within(
         60,
-        &["precompute", "--config", cfg_s, "--overwrite", "--set", all_rows],
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--overwrite",
+            "--set",
+            all_rows,
+        ],
         tmp.path(),
         &["dataset.test_size", "none is left"],
     );

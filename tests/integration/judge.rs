@@ -2,7 +2,7 @@
 //! with every demo pair; the command's figures follow from its own per-prompt lines; bad input
 //! (no policy, a causal LM, foreign generations, a damaged line) is refused by name.
 
-use super::common::{demo_config, fails, ok, precomputed, train_with};
+use super::common::{demo_config, fails, ok, precomputed, refdpo, train_with};
 use candle_core::{DType, Device};
 use refdpo::config::{Config, Truncation};
 use refdpo::data::{self, demo, DataSource};
@@ -194,6 +194,48 @@ fn judge_scores_a_demo_run_and_its_figures_follow_from_its_lines() {
     ] {
         assert!(table.contains(phrase), "{phrase}: {table}");
     }
+
+    // A reward model of a shorter context: prompts with a longer sequence are left out of every
+    // figure and counted; with none left, an error.
+    let short = tmp.path().join("short_rm");
+    std::fs::create_dir_all(&short).unwrap();
+    for f in std::fs::read_dir(&rm).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, short.join(f.file_name().unwrap())).unwrap();
+    }
+    let judge_with = |positions: u64| {
+        let path = short.join("config.json");
+        let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        c["max_position_embeddings"] = positions.into();
+        std::fs::write(&path, c.to_string()).unwrap();
+        let args = [
+            "judge",
+            "--run",
+            run_s,
+            "--reward-model",
+            short.to_str().unwrap(),
+            "--json",
+        ];
+        refdpo(&args, tmp.path())
+    };
+    let partial = [24u64, 32, 40, 48, 64, 96, 128].into_iter().find_map(|n| {
+        let out = judge_with(n);
+        let j: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let left_out = j["skipped_too_long"].as_u64().unwrap();
+        (left_out > 0 && left_out < 24).then_some((j, left_out))
+    });
+    let (j, left_out) = partial.expect("a context that some prompts exceed and some do not");
+    assert_eq!(j["prompts"].as_u64().unwrap() + left_out, 24);
+    assert_eq!(
+        lines(&run.join("judge-test_prefs.jsonl")).len() as u64,
+        24 - left_out
+    );
+    let out = judge_with(2);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("every prompt"),
+        "{err}"
+    );
 }
 
 #[test]
