@@ -150,6 +150,18 @@ pub fn contain_panic<T>(
     what: &str,
     read: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
+    catch_quietly(read).unwrap_or_else(|why| {
+        Err(Error::schema(
+            path,
+            format!("{what} failed on damaged bytes ({why}): the file is corrupted or not what its name says"),
+        ))
+    })
+}
+
+/// Runs `f`, which calls third-party code that may panic on hostile input (a tokenizer's regex
+/// engine past its backtracking limit): a panic becomes `Err` with its message, and the panic
+/// hook stays quiet for it (see [`contain_panic`]).
+pub fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
@@ -160,18 +172,14 @@ pub fn contain_panic<T>(
         }));
     });
     let was = CONTAINED.with(|c| c.replace(true));
-    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     CONTAINED.with(|c| c.set(was));
-    out.unwrap_or_else(|payload| {
-        let why = payload
+    out.map_err(|payload| {
+        payload
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        Err(Error::schema(
-            path,
-            format!("{what} failed on damaged bytes ({why}): the file is corrupted or not what its name says"),
-        ))
+            .unwrap_or_default()
     })
 }
 

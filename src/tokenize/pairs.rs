@@ -294,9 +294,9 @@ impl PairTokenizer {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, false)
+        // its regex engine panics past its backtracking limit on some patterns and inputs
+        let enc = crate::error::catch_quietly(|| self.tokenizer.encode(text, false))
+            .map_err(|why| Error::Tokenize(format!("the tokenizer failed on this text: {why}")))?
             .map_err(|e| Error::Tokenize(format!("tokenizer failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -304,9 +304,9 @@ impl PairTokenizer {
     /// Tokenizes plain text as transformers' `tokenizer(text)` does: with the special tokens
     /// its post-processor adds (a BOS for Llama-style tokenizers).
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
+        // its regex engine panics past its backtracking limit on some patterns and inputs
+        let enc = crate::error::catch_quietly(|| self.tokenizer.encode(text, true))
+            .map_err(|why| Error::Tokenize(format!("the tokenizer failed on this text: {why}")))?
             .map_err(|e| Error::Tokenize(format!("tokenizer failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }

@@ -217,3 +217,64 @@ fn outputs_never_land_on_inputs_or_through_links() {
         &["dataset.test_size", "none is left"],
     );
 }
+
+/// A tokenizer whose regex backtracks without end on some text (onig gives up and panics): that
+/// row is a counted skip with the tokenizer's message, every other row is kept, and `show`
+/// explains the row rather than panicking.
+#[test]
+fn a_catastrophic_tokenizer_regex_is_a_skip_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(tmp.path().join("demo/model")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let tok = model.join("tokenizer.json");
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok).unwrap()).unwrap();
+    t["pre_tokenizer"] = serde_json::json!({"type": "Split", "pattern": {"Regex": "(a+)+$"},
+        "behavior": "Isolated", "invert": false});
+    std::fs::write(&tok, t.to_string()).unwrap();
+    let turn = |role: &str, text: &str| serde_json::json!([{"role": role, "content": text}]);
+    let row = |prompt: &str| {
+        serde_json::json!({"prompt": turn("user", prompt), "chosen": turn("assistant", "yes they are"),
+            "rejected": turn("assistant", "no")})
+        .to_string()
+    };
+    let hostile = format!("cats {}!", "a".repeat(40));
+    let lines = [row("cats are good"), row(&hostile), row("dogs are good")];
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let sets = [
+        format!("model.id={}", model.display()),
+        format!("dataset.id={}", data.display()),
+        format!("precompute.out={}", tmp.path().join("c").display()),
+        "demo.generate=false".to_string(),
+    ];
+    let mut args = vec!["precompute", "--config", cfg_s, "--quiet"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    ok(&args, tmp.path());
+    let report = crate::common::read_json(&tmp.path().join("c/report.json"));
+    assert_eq!(report["train_prefs"]["rows_kept"], 2, "{report}");
+    assert_eq!(
+        report["train_prefs"]["dropped"]["template_error"], 1,
+        "{report}"
+    );
+    let mut show = vec!["show", "--config", cfg_s, "--index", "1"];
+    for s in &sets {
+        show.extend(["--set", s.as_str()]);
+    }
+    let out = refdpo(&show, tmp.path());
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !text.contains("panicked") && out.status.code().is_some(),
+        "{text}"
+    );
+}
