@@ -198,6 +198,13 @@ impl TransformerConfig {
                 ));
             }
         }
+        if raw.rest.get("use_bidirectional_attention") == Some(&serde_json::Value::Bool(true)) {
+            return Err(
+                "`use_bidirectional_attention` is true: the model attends both ways (an \
+                        encoder), which refdpo does not implement"
+                    .into(),
+            );
+        }
         let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
         // Gemma names it `hidden_activation` (and keeps a `hidden_act` it does not use).
         let act = if gemma {
@@ -246,8 +253,22 @@ impl TransformerConfig {
                     })
                     .collect::<std::result::Result<_, _>>()?
             }
-            // Gemma 2's default pattern: sliding first, then every other layer.
-            (None, Some(_)) if gemma => (0..layers).map(|i| i % 2 == 0).collect(),
+            // transformers' defaults without `layer_types`: Gemma 2 alternates (sliding first),
+            // Gemma 3 has one full layer in every `sliding_window_pattern` (6 by default; its
+            // 4.x configs still write the int), the last of each group.
+            (None, Some(_)) if gemma => {
+                let every = match arch {
+                    Arch::Gemma3 => ["sliding_window_pattern", "_sliding_window_pattern"]
+                        .iter()
+                        .find_map(|k| raw.rest.get(*k)?.as_u64())
+                        .unwrap_or(6),
+                    _ => 2,
+                };
+                if every == 0 {
+                    return Err("`sliding_window_pattern` = 0: it must be at least 1".into());
+                }
+                (0..layers).map(|i| (i as u64 + 1) % every != 0).collect()
+            }
             (_, Some(_)) => vec![true; layers],
         };
         // transformers 5 nests RoPE settings under `rope_parameters` (per layer type for Gemma
@@ -256,10 +277,12 @@ impl TransformerConfig {
         let per_type = |t: &str| params.and_then(|p| p.get(t)).filter(|v| v.is_object());
         let global = per_type("full_attention").or(params);
         let rope = global.or(raw.rope_scaling.as_ref());
+        // transformers' defaults where a config gives none: Gemma 3's global base is 1e6 and its
+        // local one 1e4, every other family's 1e4
         let theta = raw
             .rope_theta
             .or_else(|| global?.get("rope_theta")?.as_f64())
-            .unwrap_or(10_000.0);
+            .unwrap_or(if arch == Arch::Gemma3 { 1e6 } else { 10_000.0 });
         // Phi-3.5/Phi-4-mini rotate only part of each head (transformers 5 writes the factor
         // into `rope_parameters`, 4.x at the top level).
         let partial = raw
@@ -276,7 +299,8 @@ impl TransformerConfig {
         let local_theta = match arch {
             Arch::Gemma3 => raw
                 .rope_local_base_freq
-                .or_else(|| per_type("sliding_attention")?.get("rope_theta")?.as_f64()),
+                .or_else(|| per_type("sliding_attention")?.get("rope_theta")?.as_f64())
+                .or(Some(10_000.0)),
             _ => None,
         };
         // wherever they were read from (`rope_parameters` too): a base RoPE's f32 tables hold
@@ -458,167 +482,4 @@ fn parse_scaling(v: &serde_json::Value) -> std::result::Result<Option<Llama3Scal
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn qwen2_has_qkv_bias_and_explicit_head_dim() {
-        let c = TransformerConfig::from_json(
-            r#"{"model_type":"qwen2","vocab_size":512,"hidden_size":64,"intermediate_size":176,
-            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":24,
-            "rope_theta":1000000.0,"tie_word_embeddings":true}"#,
-        )
-        .unwrap();
-        assert_eq!(c.arch, Arch::Qwen2);
-        assert!(c.qkv_bias && !c.o_bias);
-        assert_eq!(c.head_dim, 24);
-        assert_eq!(c.rope_theta, 1e6);
-    }
-
-    #[test]
-    fn llama3_scaling_and_rope_parameters() {
-        let c = TransformerConfig::from_json(
-            r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,
-            "num_hidden_layers":1,"num_attention_heads":2,
-            "rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,
-            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
-        )
-        .unwrap();
-        assert_eq!(c.rope_theta, 5e5);
-        assert_eq!(c.rope_scaling.unwrap().factor, 8.0);
-        assert_eq!(c.num_kv_heads, 2);
-    }
-
-    fn config(extra: &str) -> std::result::Result<TransformerConfig, String> {
-        TransformerConfig::from_json(&format!(
-            r#"{{"vocab_size":8,"hidden_size":8,"intermediate_size":8,
-            "num_hidden_layers":1,"num_attention_heads":2{extra}}}"#
-        ))
-    }
-
-    #[test]
-    fn fields_that_change_the_math_and_are_not_implemented_are_refused_by_name() {
-        for (extra, field) in [
-            (
-                r#","model_type":"qwen2","use_sliding_window":true"#,
-                "use_sliding_window",
-            ),
-            (r#","model_type":"llama","hidden_act":"gelu""#, "hidden_act"),
-            (
-                r#","model_type":"llama","rope_scaling":{"rope_type":"yarn","factor":4.0}"#,
-                "rope_scaling.rope_type",
-            ),
-            (
-                r#","model_type":"mistral","num_local_experts":8"#,
-                "num_local_experts",
-            ),
-            (r#","model_type":"qwen2","num_experts":60"#, "num_experts"),
-            (
-                r#","model_type":"llama","vision_config":{}"#,
-                "vision_config",
-            ),
-            (
-                r#","model_type":"llama","partial_rotary_factor":0.5"#,
-                "partial_rotary_factor",
-            ),
-            (
-                r#","model_type":"phi3","rope_parameters":{"rope_theta":1e4,"partial_rotary_factor":0.75}"#,
-                "partial_rotary_factor",
-            ),
-            (
-                r#","model_type":"gemma2","hidden_activation":"gelu""#,
-                "hidden_act",
-            ),
-        ] {
-            let e = config(extra).unwrap_err();
-            assert!(e.contains(&format!("`{field}`")), "{extra}: {e}");
-        }
-        // Families that only share a prefix with a supported one are not taken for it.
-        for t in ["qwen2_moe", "qwen2_vl", "llama4", "mistral3", "gemma3"] {
-            let e = config(&format!(r#","model_type":"{t}""#)).unwrap_err();
-            assert!(
-                e.contains(t) && e.contains("llama, mistral, qwen2, qwen3, olmo2"),
-                "{e}"
-            );
-        }
-        // Qwen's sliding_window is inert while use_sliding_window is false; Mistral's is used.
-        let q = config(r#","model_type":"qwen2","use_sliding_window":false,"sliding_window":32"#);
-        assert_eq!(q.unwrap().sliding_window, None);
-        let m = config(r#","model_type":"mistral","sliding_window":4096"#).unwrap();
-        assert_eq!(m.sliding_window, Some(4096));
-        let q3 = config(r#","model_type":"qwen3","head_dim":12"#).unwrap();
-        assert_eq!(
-            (q3.qk_norm, q3.qkv_bias, q3.post_norms),
-            (QkNorm::PerHead, false, false)
-        );
-        let o = config(r#","model_type":"olmo2""#).unwrap();
-        assert_eq!((o.qk_norm, o.post_norms), (QkNorm::Whole, true));
-    }
-
-    #[test]
-    fn sizes_out_of_range_are_refused_by_key() {
-        for (key, value, said) in [
-            ("num_attention_heads", "0", "`num_attention_heads` = 0"),
-            ("num_key_value_heads", "0", "`num_key_value_heads` = 0"),
-            ("num_hidden_layers", "0", "`num_hidden_layers` = 0"),
-            ("num_hidden_layers", "-2", "`num_hidden_layers`"),
-            ("vocab_size", "\"many\"", "`vocab_size`"),
-            ("num_attention_heads", "16", "`hidden_size` = 8"),
-            ("num_key_value_heads", "3", "`num_key_value_heads` 3"),
-            ("head_dim", "3", "head_dim = 3"),
-            ("rms_norm_eps", "-1.0", "`rms_norm_eps` = -1"),
-            ("rope_theta", "0.0", "`rope_theta` = 0"),
-            (
-                "rope_theta",
-                "1e39",
-                "`rope_theta` = 1000000000000000000000000000000000000000",
-            ),
-            (
-                "rope_parameters",
-                r#"{"rope_theta": 0}"#,
-                "`rope_theta` = 0",
-            ),
-            (
-                "rope_parameters",
-                r#"{"rope_theta": -5}"#,
-                "`rope_theta` = -5",
-            ),
-            (
-                "num_hidden_layers",
-                "1000000000",
-                "`num_hidden_layers` = 1000000000 is beyond",
-            ),
-            (
-                "vocab_size",
-                "10000000000000",
-                "`vocab_size` = 10000000000000 is beyond",
-            ),
-            (
-                "head_dim",
-                "4294967296",
-                "`head_dim` = 4294967296 is beyond",
-            ),
-        ] {
-            let mut v: serde_json::Value = serde_json::from_str(
-                r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,
-                "num_hidden_layers":1,"num_attention_heads":2}"#,
-            )
-            .unwrap();
-            v[key] = serde_json::from_str(value).unwrap();
-            let e = TransformerConfig::from_json(&v.to_string()).unwrap_err();
-            assert!(e.contains(said), "{key} = {value}: {e}");
-        }
-        let e = TransformerConfig::from_json("{\"vocab_size\": 8,").unwrap_err();
-        assert!(e.starts_with("not valid JSON"), "{e}");
-    }
-
-    #[test]
-    fn unsupported_family_is_named() {
-        let e = TransformerConfig::from_json(
-            r#"{"model_type":"gpt2","vocab_size":8,"hidden_size":8,"intermediate_size":8,
-            "num_hidden_layers":1,"num_attention_heads":2}"#,
-        )
-        .unwrap_err();
-        assert!(e.contains("gpt2"), "{e}");
-    }
-}
+mod tests;
