@@ -33,9 +33,9 @@ impl ModelSource {
     }
 
     fn open(m: hub::RepoDir) -> Result<Self> {
-        let cfg = TransformerConfig::from_file(&m.dir.join("config.json"))?;
+        let mut cfg = TransformerConfig::from_file(&m.dir.join("config.json"))?;
         let weight_files = weights::weight_files(&m.dir)?;
-        shapes::check_files(&cfg, &weight_files, &m.dir)?;
+        shapes::check_files(&mut cfg, &weight_files, &m.dir)?;
         let weights_sha256 = weights::hash_files(&weight_files)?;
         Ok(Self {
             dir: m.dir,

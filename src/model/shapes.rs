@@ -148,12 +148,20 @@ pub fn check(cfg: &TransformerConfig, headers: &[Header], dir: &Path) -> Result<
     Ok(())
 }
 
-/// [`check`] over the headers of a model folder's weight files.
-pub fn check_files(cfg: &TransformerConfig, files: &[PathBuf], dir: &Path) -> Result<()> {
+/// [`check`] over the headers of a model folder's weight files, after settling the one thing the
+/// files decide, as transformers 5 loads them: a stored `lm_head.weight` is the head even where
+/// config.json ties it to the embedding (transformers ties only a head the files lack).
+pub fn check_files(cfg: &mut TransformerConfig, files: &[PathBuf], dir: &Path) -> Result<()> {
     let headers = files
         .iter()
         .map(|f| super::weights::read_header(f))
         .collect::<Result<Vec<_>>>()?;
+    let stored_head = headers
+        .iter()
+        .any(|h| h.tensors.iter().any(|t| t.name == "lm_head.weight"));
+    if cfg.tie_word_embeddings && stored_head {
+        cfg.tie_word_embeddings = false;
+    }
     check(cfg, &headers, dir)
 }
 

@@ -145,9 +145,9 @@ pub fn load_model(
     device: &Device,
 ) -> Result<(TransformerConfig, HashMap<String, Tensor>)> {
     if !lora::is_adapter(dir) {
-        let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
+        let mut cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
         let files = weights::weight_files(dir)?;
-        crate::model::shapes::check_files(&cfg, &files, dir)?;
+        crate::model::shapes::check_files(&mut cfg, &files, dir)?;
         return Ok((cfg, weights::load(&files, DType::F32, device)?));
     }
     let adapter = lora::read(dir)?;

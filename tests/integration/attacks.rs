@@ -278,3 +278,62 @@ fn a_catastrophic_tokenizer_regex_is_a_skip_not_a_panic() {
         "{text}"
     );
 }
+
+/// config.json saying `tie_word_embeddings: true` over weights that store their own
+/// `lm_head.weight`: transformers 5.24 loads the stored head (it ties only a head the files lack;
+/// checked with `from_pretrained` on such a folder), so refdpo scores with it too, the same
+/// log-probs as the untied original, and trains and saves it as a head of its own.
+#[test]
+fn a_stored_head_is_the_head_even_under_a_tie() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 1");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let model = tmp.path().join("tied");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(tmp.path().join("demo/model")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let path = model.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    c["tie_word_embeddings"] = true.into();
+    std::fs::write(&path, c.to_string()).unwrap();
+    let at = format!("model.id={}", model.display());
+    let out = format!("precompute.out={}", tmp.path().join("tied-cache").display());
+    ok(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--set",
+            &at,
+            "--set",
+            &out,
+        ],
+        tmp.path(),
+    );
+    let logps = |dir: &str| -> Vec<(f64, f64)> {
+        let pq = refdpo::cache::parquet_path(&tmp.path().join(dir), "train_prefs");
+        refdpo::cache::parquet::read(&pq)
+            .unwrap()
+            .iter()
+            .map(|r| (r.ref_chosen_logps, r.ref_rejected_logps))
+            .collect()
+    };
+    assert_eq!(logps("cache"), logps("tied-cache"));
+    let run = format!("train.out={}", tmp.path().join("tied-run").display());
+    let cache = format!("train.cache={}", tmp.path().join("tied-cache").display());
+    ok(
+        &[
+            "train", "--config", cfg_s, "--quiet", "--set", &at, "--set", &cache, "--set", &run,
+        ],
+        tmp.path(),
+    );
+    let header =
+        refdpo::model::weights::read_header(&tmp.path().join("tied-run/final/model.safetensors"))
+            .unwrap();
+    assert!(header.tensors.iter().any(|t| t.name == "lm_head.weight"));
+}
