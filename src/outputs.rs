@@ -80,17 +80,28 @@ impl DirLock {
     }
 }
 
-/// An `--out` file of JSON lines (`generate`, `judge`) must be named `*.jsonl`: the check that
-/// keeps a mistyped path from replacing a cache, a checkpoint or a config file with the lines.
-pub fn check_jsonl_out(out: &Path) -> Result<()> {
-    if out.extension().is_some_and(|e| e == "jsonl") && !out.is_dir() {
-        return Ok(());
+/// An `--out` file of JSON lines (`generate`, `judge`) must be named `*.jsonl`, and replaces an
+/// existing file only if that holds the command's own lines (`own` takes its first line): so a
+/// mistyped path cannot replace a cache, a checkpoint, a dataset or a run's `metrics.jsonl`.
+pub fn check_jsonl_out(out: &Path, own: impl Fn(&str) -> bool) -> Result<()> {
+    let refuse = |why: &str| {
+        Err(Error::Config(format!(
+            "--out {}: {why}; name another file (this keeps a mistyped path from replacing \
+             an input or another output)",
+            out.display()
+        )))
+    };
+    if !out.extension().is_some_and(|e| e == "jsonl") || out.is_dir() {
+        return refuse("the output is JSON lines, so its name must end in `.jsonl`");
     }
-    Err(Error::Config(format!(
-        "--out {}: the output is JSON lines, so its name must end in `.jsonl` (this keeps a \
-         mistyped path from replacing another file)",
-        out.display()
-    )))
+    if out.exists() {
+        let text = fs::read_to_string(out)?;
+        let first = text.lines().find(|l| !l.trim().is_empty());
+        if first.is_some_and(|l| !own(l)) {
+            return refuse("it exists and holds other lines than this command writes");
+        }
+    }
+    Ok(())
 }
 
 /// Whether a directory entry is part of a training run's outputs.

@@ -48,7 +48,9 @@ pub struct Report {
 /// Generates for every prompt of the split and writes the JSONL file.
 pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result<Report> {
     if let Some(out) = &opts.out {
-        crate::outputs::check_jsonl_out(out)?;
+        crate::outputs::check_jsonl_out(out, |l| {
+            serde_json::from_str::<line::GenerationLine>(l).is_ok()
+        })?;
     }
     let inputs = Inputs::resolve(cfg)?;
     let split_name = opts.split.as_deref().unwrap_or(&cfg.dataset.test_split);

@@ -110,7 +110,9 @@ fn split_rows(cfg: &Config, split: &str) -> Result<HashMap<u64, PreferenceRow>> 
 /// charts); returns the figures.
 pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result<Judgement> {
     if let Some(out) = &opts.out {
-        crate::outputs::check_jsonl_out(out)?;
+        crate::outputs::check_jsonl_out(out, |l| {
+            serde_json::from_str::<report::JudgeLine>(l).is_ok()
+        })?;
     }
     let split = opts
         .split

@@ -180,6 +180,51 @@ fn outputs_never_land_on_inputs_or_through_links() {
         std::fs::read(&arrow).unwrap() == before,
         "the cache was written over"
     );
+    // ... or onto a file of other lines named *.jsonl (a dataset, a run's metrics)
+    let data = tmp.path().join("pairs.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": \"r\"}\n",
+    )
+    .unwrap();
+    let kept = std::fs::read(&data).unwrap();
+    refused_within(
+        120,
+        &[
+            "generate",
+            "--config",
+            cfg_s,
+            "--limit",
+            "2",
+            "--out",
+            data.to_str().unwrap(),
+        ],
+        tmp.path(),
+        &["--out", "other lines"],
+    );
+    assert!(
+        std::fs::read(&data).unwrap() == kept,
+        "the dataset was written over"
+    );
+    // its own earlier output is replaced, as a rerun expects
+    let own = tmp.path().join("gen.jsonl");
+    for _ in 0..2 {
+        ok(
+            &[
+                "generate",
+                "--config",
+                cfg_s,
+                "--quiet",
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "2",
+                "--out",
+                own.to_str().unwrap(),
+            ],
+            tmp.path(),
+        );
+    }
     // a run into the cache's directory
     let into_cache = format!("train.out={}/cache/", tmp.path().display());
     refused_within(
