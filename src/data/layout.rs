@@ -105,7 +105,12 @@ impl Mapping {
             Some(Value::Number(n)) => n.to_string(),
             _ => String::new(),
         };
-        let score = |column: &str| fields.get(column).and_then(Value::as_f64);
+        // a number, or a string holding one ("9.5", as some CSV-born datasets store scores);
+        // anything else is no score
+        let score = |column: &str| match fields.get(column)? {
+            Value::String(s) => s.trim().parse::<f64>().ok().filter(|x| x.is_finite()),
+            v => v.as_f64(),
+        };
         Ok(PreferenceRow {
             row,
             line,
@@ -252,5 +257,19 @@ mod tests {
             )
             .unwrap();
         assert_eq!(row.prompt, Some(Turns::Text("q".into())));
+    }
+
+    #[test]
+    fn scores_are_numbers_or_strings_holding_one() {
+        let m = Mapping::new(&DatasetConfig::default());
+        let score = |c: Value, r: Value| {
+            let f = fields(json!({"prompt": "q", "chosen": " a", "rejected": " b",
+                "score_chosen": c, "score_rejected": r}));
+            let row = m.row(0, None, &f).unwrap();
+            (row.score_chosen, row.score_rejected)
+        };
+        assert_eq!(score(json!(9.5), json!(3)), (Some(9.5), Some(3.0)));
+        assert_eq!(score(json!(" 9.5"), json!("x")), (Some(9.5), None));
+        assert_eq!(score(json!("NaN"), json!(null)), (None, None));
     }
 }

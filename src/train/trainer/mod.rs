@@ -82,6 +82,13 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
+        if test.is_none() && !quiet {
+            eprintln!(
+                "note: the cache in {} holds no `{}` split: training without evaluation",
+                cache_dir.display(),
+                cfg.dataset.test_split
+            );
+        }
         if test.is_some() && cfg.dataset.test_split == cfg.dataset.train_split && !quiet {
             eprintln!(
                 "note: dataset.test_split is the train split (`{}`): the eval/ metrics score \
