@@ -580,3 +580,35 @@ fn leftover_chunks_of_other_pairs_are_scored_again() {
     .unwrap();
     assert!(rerun(&[]) == clean_32, "a chunk copied over another reused");
 }
+
+/// One stop request delivered twice at once (coreutils `timeout` signals the process and then its
+/// group) is still a clean stop: the step ends, a checkpoint is written, the error says where.
+#[test]
+fn a_signal_delivered_twice_at_once_is_one_clean_stop() {
+    let (tmp, cfg) = precomputed("lr_schedule = \"constant\"\nmax_steps = 5000");
+    let cfg_s = cfg.to_str().unwrap();
+    let run = tmp.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_refdpo"))
+        .args(["train", "--config", cfg_s, "--quiet"])
+        .current_dir(tmp.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_lines(&mut child, &run.join("metrics.jsonl"), 3);
+    let pid = child.id().to_string();
+    for _ in 0..2 {
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: stopped after step"),
+        "{stderr}"
+    );
+    assert!(refdpo::train::checkpoint::latest(&run).unwrap().is_some());
+}
