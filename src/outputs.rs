@@ -91,7 +91,7 @@ pub fn check_jsonl_out(out: &Path, own: impl Fn(&str) -> bool) -> Result<()> {
             out.display()
         )))
     };
-    if !out.extension().is_some_and(|e| e == "jsonl") || out.is_dir() {
+    if out.extension().is_none_or(|e| e != "jsonl") || out.is_dir() {
         return refuse("the output is JSON lines, so its name must end in `.jsonl`");
     }
     if out.exists() {

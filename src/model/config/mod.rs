@@ -267,7 +267,7 @@ impl TransformerConfig {
                 if every == 0 {
                     return Err("`sliding_window_pattern` = 0: it must be at least 1".into());
                 }
-                (0..layers).map(|i| (i as u64 + 1) % every != 0).collect()
+                (0..layers).map(|i| !(i as u64 + 1).is_multiple_of(every)).collect()
             }
             (_, Some(_)) => vec![true; layers],
         };
