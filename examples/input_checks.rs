@@ -29,13 +29,13 @@ fn main() -> refdpo::Result<()> {
         std::fs::create_dir_all(&model).expect("the model folder");
         refdpo::model::init::write_model(&model, &config, 1, 0.02)?;
     }
-    let cfg = TransformerConfig::from_file(&model.join("config.json"))?;
+    let mut cfg = TransformerConfig::from_file(&model.join("config.json"))?;
     let files = weights::weight_files(&model)?;
     let bytes = std::fs::metadata(&files[0]).map(|m| m.len()).unwrap_or(0);
     // warm the page cache, so both loads read memory
     weights::hash_files(&files)?;
     let t = Instant::now();
-    shapes::check_files(&cfg, &files, &model)?;
+    shapes::check_files(&mut cfg, &files, &model)?;
     let shape_s = t.elapsed().as_secs_f64();
     let best = |f: &dyn Fn() -> refdpo::Result<()>| -> refdpo::Result<f64> {
         let mut best = f64::MAX;
