@@ -138,10 +138,15 @@ pub fn claim_run_dir(dir: &Path, existing: Existing) -> Result<()> {
         return Ok(());
     }
     if existing == Existing::Refuse {
-        let names: Vec<String> = found
+        let mut names: Vec<String> = found
             .iter()
             .filter_map(|p| p.file_name()?.to_str().map(String::from))
             .collect();
+        if names.len() > 6 {
+            let more = names.len() - 5;
+            names.truncate(5);
+            names.push(format!("and {more} more"));
+        }
         return Err(Error::Occupied {
             path: dir.to_path_buf(),
             msg: format!(

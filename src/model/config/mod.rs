@@ -394,7 +394,11 @@ fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
         ("num_attention_heads", Some(raw.num_attention_heads)),
         ("num_key_value_heads", raw.num_key_value_heads),
         ("head_dim", raw.head_dim),
-        ("sliding_window", raw.sliding_window),
+        // Qwen's and OLMo 2's configs keep a `sliding_window` they do not use (0 in some)
+        (
+            "sliding_window",
+            raw.sliding_window.filter(|_| raw.use_sliding_window != Some(false)),
+        ),
     ];
     for (key, value) in at_least_one {
         if value == Some(0) {

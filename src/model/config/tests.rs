@@ -83,6 +83,8 @@ fn fields_that_change_the_math_and_are_not_implemented_are_refused_by_name() {
     // Qwen's sliding_window is inert while use_sliding_window is false; Mistral's is used.
     let q = config(r#","model_type":"qwen2","use_sliding_window":false,"sliding_window":32"#);
     assert_eq!(q.unwrap().sliding_window, None);
+    let q = config(r#","model_type":"qwen2","use_sliding_window":false,"sliding_window":0"#);
+    assert_eq!(q.unwrap().sliding_window, None, "an unused 0 is no error");
     let m = config(r#","model_type":"mistral","sliding_window":4096"#).unwrap();
     assert_eq!(m.sliding_window, Some(4096));
     let q3 = config(r#","model_type":"qwen3","head_dim":12"#).unwrap();
