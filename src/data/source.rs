@@ -88,6 +88,20 @@ impl DataSource {
                 ),
             ));
         }
+        // A test split whose patterns also match a train file would score training rows.
+        if split == self.cfg.test_split && split != self.cfg.train_split {
+            let train = self.files(&self.cfg.train_split)?;
+            if let Some(f) = files.iter().find(|f| train.contains(f)) {
+                return Err(Error::schema(
+                    f,
+                    format!(
+                        "is matched for both split `{}` and split `{split}`: the evaluation would \
+                         score training rows. Make `dataset.data_files`' patterns disjoint.",
+                        self.cfg.train_split
+                    ),
+                ));
+            }
+        }
         Ok(files)
     }
 
@@ -348,5 +362,32 @@ mod tests {
         // mostly in place (not a reshuffle).
         let big = held_out(1000, 5.0);
         assert!(big.iter().all(|&i| i < 1000));
+    }
+
+    #[test]
+    fn a_file_in_both_splits_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("data")).unwrap();
+        for f in ["data/train-0.parquet", "data/test-0.parquet"] {
+            std::fs::write(tmp.path().join(f), b"").unwrap();
+        }
+        let mut cfg = DatasetConfig {
+            id: tmp.path().display().to_string(),
+            ..DatasetConfig::default()
+        };
+        cfg.data_files
+            .insert("test_prefs".into(), "data/test-*.parquet".into());
+        cfg.data_files
+            .insert("train_prefs".into(), "data/train-*.parquet".into());
+        let src = DataSource::resolve(&cfg, &["train_prefs", "test_prefs"]).unwrap();
+        assert_eq!(src.files("test_prefs").unwrap().len(), 1);
+        cfg.data_files
+            .insert("train_prefs".into(), "**/*.parquet".into());
+        let src = DataSource::resolve(&cfg, &["train_prefs", "test_prefs"]).unwrap();
+        let err = src.files("test_prefs").unwrap_err().to_string();
+        assert!(
+            err.contains("test-0.parquet") && err.contains("both"),
+            "{err}"
+        );
     }
 }

@@ -267,7 +267,9 @@ impl TransformerConfig {
                 if every == 0 {
                     return Err("`sliding_window_pattern` = 0: it must be at least 1".into());
                 }
-                (0..layers).map(|i| !(i as u64 + 1).is_multiple_of(every)).collect()
+                (0..layers)
+                    .map(|i| !(i as u64 + 1).is_multiple_of(every))
+                    .collect()
             }
             (_, Some(_)) => vec![true; layers],
         };
@@ -397,7 +399,8 @@ fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
         // Qwen's and OLMo 2's configs keep a `sliding_window` they do not use (0 in some)
         (
             "sliding_window",
-            raw.sliding_window.filter(|_| raw.use_sliding_window != Some(false)),
+            raw.sliding_window
+                .filter(|_| raw.use_sliding_window != Some(false)),
         ),
     ];
     for (key, value) in at_least_one {
