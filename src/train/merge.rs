@@ -51,6 +51,23 @@ pub fn merge(adapter: &Path, base: Option<&str>, out: &Path) -> Result<ModelSour
             out.display()
         )));
     }
+    // Inside the adapter's folder, a merged model would be taken for a checkpoint's weights.
+    let inside = |dir: &Path| -> Option<bool> {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty())?;
+        Some(
+            parent
+                .canonicalize()
+                .ok()?
+                .starts_with(dir.canonicalize().ok()?),
+        )
+    };
+    if inside(adapter) == Some(true) {
+        return Err(Error::Model(format!(
+            "--out `{}` is inside the adapter's folder `{}`: choose a directory outside it",
+            out.display(),
+            adapter.display()
+        )));
+    }
     let base = resolve_base(adapter, base)?;
     let (_, tensors) = checkpoint::load_model(adapter, &base, &Device::Cpu)?;
     let tmp = fs::tmp_path(out);

@@ -77,6 +77,13 @@ fn demo_lora_trains_merges_and_reports() {
         tmp.path(),
     );
     assert!(merged.join("config.json").exists());
+    // never into the adapter's own folder (it would read as the checkpoint's weights)
+    let inside = run.join("final/sub").display().to_string();
+    let err = super::common::fails(
+        &["merge", "--adapter", &final_s, "--out", &inside],
+        tmp.path(),
+    );
+    assert!(err.contains("inside the adapter's folder"), "{err}");
     let model_dir = tmp.path().join("demo/model");
     let mcfg = TransformerConfig::from_file(&model_dir.join("config.json")).unwrap();
     let base = weights::load(
