@@ -82,9 +82,11 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
+        // a test split of no pairs (stage one kept none of its rows) evaluates nothing
+        let test = test.filter(|t: &Split| !t.is_empty());
         if test.is_none() && !quiet {
             eprintln!(
-                "note: the cache in {} holds no `{}` split: training without evaluation",
+                "note: the cache in {} holds no `{}` pairs: training without evaluation",
                 cache_dir.display(),
                 cfg.dataset.test_split
             );
@@ -399,7 +401,7 @@ impl<'a> Trainer<'a> {
         let start = std::time::Instant::now();
         let (m, tokens) = self.evaluate(test)?;
         let loss = m.get(Metric::Loss);
-        if !loss.is_finite() {
+        if !m.is_empty() && !loss.is_finite() {
             return Err(self.diverged_at(
                 self.state.global_step,
                 &format!("the evaluation loss is {loss} (the weights overflow the forward)"),
