@@ -4,6 +4,7 @@
 //! abort, no hang), and nothing is written where it must not be.
 
 use crate::common::{demo_config, ok, refdpo};
+use crate::hostile::model_copy;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -102,12 +103,7 @@ fn files_that_are_not_files_are_refused_at_once() {
     let cfg_s = cfg.to_str().unwrap();
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     // the model's weights as /dev/zero (its length reads 0) and as a named pipe (a read blocks)
-    let model = tmp.path().join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in std::fs::read_dir(tmp.path().join("demo/model")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
-    }
+    let model = model_copy(tmp.path(), "model", |_| {});
     let weights = model.join("model.safetensors");
     let at = format!("model.id={}", model.display());
     let precompute = ["precompute", "--config", cfg_s, "--overwrite", "--set", &at];
@@ -272,12 +268,7 @@ fn a_catastrophic_tokenizer_regex_is_a_skip_not_a_panic() {
     let cfg = demo_config(tmp.path(), "");
     let cfg_s = cfg.to_str().unwrap();
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
-    let model = tmp.path().join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in std::fs::read_dir(tmp.path().join("demo/model")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
-    }
+    let model = model_copy(tmp.path(), "model", |_| {});
     let tok = model.join("tokenizer.json");
     let mut t: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&tok).unwrap()).unwrap();
@@ -334,12 +325,7 @@ fn a_stored_head_is_the_head_even_under_a_tie() {
     let cfg = demo_config(tmp.path(), "max_steps = 1");
     let cfg_s = cfg.to_str().unwrap();
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
-    let model = tmp.path().join("tied");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in std::fs::read_dir(tmp.path().join("demo/model")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
-    }
+    let model = model_copy(tmp.path(), "tied", |_| {});
     let path = model.join("config.json");
     let mut c: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

@@ -20,7 +20,7 @@ fn demo(dir: &Path) -> PathBuf {
 }
 
 /// A copy of the demo model under `dir/<name>`, changed by `edit`.
-fn model_copy(dir: &Path, name: &str, edit: impl FnOnce(&Path)) -> PathBuf {
+pub(crate) fn model_copy(dir: &Path, name: &str, edit: impl FnOnce(&Path)) -> PathBuf {
     let to = dir.join(name);
     std::fs::create_dir_all(&to).unwrap();
     for f in std::fs::read_dir(dir.join("demo/model")).unwrap() {
