@@ -95,9 +95,13 @@ pub fn check_jsonl_out(out: &Path, own: impl Fn(&str) -> bool) -> Result<()> {
         return refuse("the output is JSON lines, so its name must end in `.jsonl`");
     }
     if out.exists() {
-        let text = fs::read_to_string(out)?;
-        let first = text.lines().find(|l| !l.trim().is_empty());
-        if first.is_some_and(|l| !own(l)) {
+        // its first line is enough to tell, without reading a large file whole
+        use std::io::BufRead;
+        let first = std::io::BufReader::new(fs::open(out)?)
+            .lines()
+            .find(|l| l.as_ref().map_or(true, |l| !l.trim().is_empty()));
+        // a line that is not UTF-8 text is no line of this command's either
+        if first.is_some_and(|l| l.map_or(true, |l| !own(&l))) {
             return refuse("it exists and holds other lines than this command writes");
         }
     }

@@ -165,10 +165,15 @@ fn old_path(dir: &Path) -> PathBuf {
 /// The state `final/` under `out` was saved at, when it holds at least `total` steps: a run with
 /// nothing left to train (`final/` is written after the final evaluation, so that is logged too).
 pub fn finished(out: &Path, total: usize) -> Option<TrainerState> {
-    let path = RunDir::trainer_state(&RunDir::new(out).final_dir());
-    let state: TrainerState =
-        serde_json::from_str(&crate::error::fs::read_to_string(path).ok()?).ok()?;
+    let state = read_state(&RunDir::new(out).final_dir()).ok()?;
     (state.global_step >= total).then_some(state)
+}
+
+/// A checkpoint's `trainer_state.json`, or why it cannot be read.
+fn read_state(checkpoint: &Path) -> std::result::Result<TrainerState, String> {
+    let text = crate::error::fs::read_to_string(RunDir::trainer_state(checkpoint))
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| e.to_string())
 }
 
 /// The complete checkpoint with the highest step under `out`, if any (a `checkpoint-N.old` left
@@ -190,10 +195,7 @@ pub fn latest(out: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
             continue;
         }
         let path = RunDir::trainer_state(&p);
-        let state = crate::error::fs::read_to_string(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|t| serde_json::from_str::<TrainerState>(&t).map_err(|e| e.to_string()));
-        match state {
+        match read_state(&p) {
             Ok(state) => found.push((p, state, !name.ends_with(".old"))),
             Err(_) if name.ends_with(".old") => {}
             Err(why) => {
