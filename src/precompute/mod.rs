@@ -4,6 +4,7 @@
 //! stream, in fixed chunks of pairs written under `<out>/.partial-<split>/` as they finish, so
 //! memory stays at one chunk whatever the split's size, and an interrupted run resumes where it
 //! stopped and ends with byte-identical outputs. The final files are written from the chunks.
+//! Ctrl-C or SIGTERM while scoring stops at the next batch, keeping the finished chunks.
 
 mod report;
 mod state;
@@ -18,6 +19,7 @@ use crate::logprobs;
 use crate::model::Transformer;
 use crate::outputs::{DirLock, Existing};
 use crate::progress::Progress;
+use crate::signals::StopRequest;
 use crate::tokenize::{window, TokenizedPair};
 use candle_core::{DType, Device};
 use report::{describe, update_report, Report, SplitReport};
@@ -142,12 +144,22 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     for split in &prepared {
         claim_split(out, split, existing)?;
     }
+    // From here on, a stop request ends scoring at the next batch with the finished chunks kept.
+    let stop = StopRequest::install()?;
     // Loaded on first use: a cache that is already up to date needs no model.
     let mut model = None;
     let mut summary = String::new();
     let mut all_up_to_date = true;
     for split in prepared {
-        let report = score_split(cfg, &source, &inputs, &mut model, split, device, quiet)?;
+        let scoring = Scoring {
+            cfg,
+            source: &source,
+            inputs: &inputs,
+            device,
+            stop: &stop,
+            quiet,
+        };
+        let report = score_split(&scoring, &mut model, split)?;
         all_up_to_date &= report.entry.up_to_date;
         let _ = writeln!(summary, "{}", describe(&report));
         update_report(&dir.report(shard), &report)?;
@@ -274,15 +286,27 @@ fn shard_span(
     (p0..p1, boundary(p0)..boundary(p1))
 }
 
+/// What every split's scoring shares: the inputs, the device and the stop request.
+struct Scoring<'a> {
+    cfg: &'a Config,
+    source: &'a DataSource,
+    inputs: &'a Inputs,
+    device: &'a Device,
+    stop: &'a StopRequest,
+    quiet: bool,
+}
+
 fn score_split(
-    cfg: &Config,
-    source: &DataSource,
-    inputs: &Inputs,
+    scoring: &Scoring,
     model: &mut Option<Transformer>,
     split: Prepared,
-    device: &Device,
-    quiet: bool,
 ) -> Result<Report> {
+    let &Scoring {
+        cfg,
+        inputs,
+        device,
+        ..
+    } = scoring;
     let started = Instant::now();
     let out = &cfg.precompute.out;
     let (name, fingerprint) = (&split.stem, &split.fingerprint);
@@ -303,16 +327,10 @@ fn score_split(
             None => model.insert(inputs.model.load(cfg.model.dtype.candle(), device)?),
         };
         let partial = partial_dir(out, name);
-        let scoring = Instant::now();
-        let scorer = Scorer {
-            cfg,
-            source,
-            inputs,
-            model,
-            device,
-        };
-        resumed = scorer.score_chunks(&split, &partial, quiet)?;
-        score_seconds = scoring.elapsed().as_secs_f64();
+        let scoring_started = Instant::now();
+        let scorer = Scorer { scoring, model };
+        resumed = scorer.score_chunks(&split, &partial)?;
+        score_seconds = scoring_started.elapsed().as_secs_f64();
         // the final files from the chunk files, a few thousand rows in memory at a time
         let chunks = split.pairs.len().div_ceil(cfg.precompute.chunk_pairs);
         let dir = partial.as_path();
@@ -380,17 +398,22 @@ fn chunk_path(partial: &Path, c: usize) -> PathBuf {
 
 /// The reference model, where the pairs come from, and how to batch them.
 struct Scorer<'a> {
-    cfg: &'a Config,
-    source: &'a DataSource,
-    inputs: &'a Inputs,
+    scoring: &'a Scoring<'a>,
     model: &'a Transformer,
-    device: &'a Device,
 }
 
 impl Scorer<'_> {
     /// Streams the split's pairs again and scores every chunk of this shard not yet on disk;
     /// returns how many were already there (resumed). One chunk of pairs is in memory at a time.
-    fn score_chunks(&self, split: &Prepared, partial: &Path, quiet: bool) -> Result<usize> {
+    /// A stop request ends it at the next batch: an error saying which chunks are kept.
+    fn score_chunks(&self, split: &Prepared, partial: &Path) -> Result<usize> {
+        let Scoring {
+            cfg,
+            source,
+            inputs,
+            quiet,
+            ..
+        } = *self.scoring;
         let fp = &split.fingerprint;
         let fp_path = CacheDir::partial_fingerprint(partial);
         if partial.exists() {
@@ -407,7 +430,8 @@ impl Scorer<'_> {
             &format!("precompute {}", split.stem),
             quiet,
         );
-        let size = self.cfg.precompute.chunk_pairs;
+        let size = cfg.precompute.chunk_pairs;
+        let chunks = split.pairs.len().div_ceil(size);
         let (mut resumed, mut chunk, mut buf) = (0, 0, Vec::with_capacity(size));
         // the index of the next kept pair among the split's (the shard's first from its first row)
         let mut k = split.pairs.start;
@@ -420,7 +444,10 @@ impl Scorer<'_> {
                 resumed += 1;
                 progress.inc(buf.len() as u64);
             } else {
-                let rows = self.score_chunk(buf, &progress)?;
+                let Some(rows) = self.score_chunk(buf, &progress)? else {
+                    progress.finish();
+                    return Err(stopped(&split.stem, chunk - 1, chunks, partial));
+                };
                 cache::ipc::write(&path, &rows, fp)?;
             }
             buf.clear();
@@ -428,9 +455,9 @@ impl Scorer<'_> {
         };
         if !split.pairs.is_empty() {
             for_each_pair(
-                self.cfg,
-                self.source,
-                self.inputs,
+                cfg,
+                source,
+                inputs,
                 &split.name,
                 split.first_row,
                 &mut |r| {
@@ -447,7 +474,7 @@ impl Scorer<'_> {
         progress.finish();
         if k != split.pairs.end {
             return Err(Error::Schema {
-                path: self.source.files(&split.name)?[0].clone(),
+                path: source.files(&split.name)?[0].clone(),
                 msg: format!(
                     "split `{}` gave {} pairs on the second read, {} on the first: did its files \
                      change while stage one ran?",
@@ -462,8 +489,8 @@ impl Scorer<'_> {
 
     /// A pair whose reference log-prob is NaN or infinite: never cached, an error naming it.
     fn non_finite(&self, p: &TokenizedPair, (c, r): (f64, f64)) -> Error {
-        let dtype = self.cfg.model.dtype.candle();
-        let hint = match crate::inputs::compute_dtype(dtype, self.device) {
+        let dtype = self.scoring.cfg.model.dtype.candle();
+        let hint = match crate::inputs::compute_dtype(dtype, self.scoring.device) {
             DType::F16 => {
                 " f16 ends at 65504, the likely cause: set `model.dtype = \"bf16\"` (or \"f32\")"
             }
@@ -480,14 +507,25 @@ impl Scorer<'_> {
         ))
     }
 
-    /// Scores one chunk in length-bucketed batches; rows come back in source order.
-    fn score_chunk(&self, pairs: &[TokenizedPair], progress: &Progress) -> Result<Vec<CacheRow>> {
-        let (l, t) = (self.cfg.tokenize.max_length, self.cfg.tokenize.truncation);
+    /// Scores one chunk in length-bucketed batches; rows come back in source order. None: a stop
+    /// was requested before the chunk was done.
+    fn score_chunk(
+        &self,
+        pairs: &[TokenizedPair],
+        progress: &Progress,
+    ) -> Result<Option<Vec<CacheRow>>> {
+        let Scoring {
+            cfg, device, stop, ..
+        } = *self.scoring;
+        let (l, t) = (cfg.tokenize.max_length, cfg.tokenize.truncation);
         let mut order: Vec<usize> = (0..pairs.len()).collect();
         // Longest first, so padding is small and the largest batch (peak memory) comes first.
-        order.sort_by_cached_key(|&i| std::cmp::Reverse(sequence_tokens(&pairs[i], self.cfg)));
+        order.sort_by_cached_key(|&i| std::cmp::Reverse(sequence_tokens(&pairs[i], cfg)));
         let mut logps = vec![(0.0, 0.0); pairs.len()];
-        for batch in order.chunks(self.cfg.precompute.batch_size) {
+        for batch in order.chunks(cfg.precompute.batch_size) {
+            if stop.requested() {
+                return Ok(None);
+            }
             let ids: Vec<_> = batch
                 .iter()
                 .map(|&i| {
@@ -499,7 +537,7 @@ impl Scorer<'_> {
                     )
                 })
                 .collect();
-            let scores = logprobs::score_pairs(self.model, &ids, l, t, self.device)?;
+            let scores = logprobs::score_pairs(self.model, &ids, l, t, device)?;
             for (&i, s) in batch.iter().zip(scores) {
                 if !(s.0.is_finite() && s.1.is_finite()) {
                     return Err(self.non_finite(&pairs[i], s));
@@ -508,24 +546,36 @@ impl Scorer<'_> {
             }
             progress.inc(batch.len() as u64);
         }
-        Ok(pairs
-            .iter()
-            .zip(logps)
-            .map(|(p, (c, r))| CacheRow {
-                prompt_id: p.prompt_id.clone(),
-                row: p.row,
-                prompt_ids: p.prompt_ids.clone(),
-                chosen_ids: p.chosen_ids.clone(),
-                rejected_ids: p.rejected_ids.clone(),
-                ref_chosen_logps: c,
-                ref_rejected_logps: r,
-                score_chosen: p.score_chosen,
-                score_rejected: p.score_rejected,
-                chosen_truncated: p.chosen_truncated,
-                rejected_truncated: p.rejected_truncated,
-            })
-            .collect())
+        Ok(Some(
+            pairs
+                .iter()
+                .zip(logps)
+                .map(|(p, (c, r))| CacheRow {
+                    prompt_id: p.prompt_id.clone(),
+                    row: p.row,
+                    prompt_ids: p.prompt_ids.clone(),
+                    chosen_ids: p.chosen_ids.clone(),
+                    rejected_ids: p.rejected_ids.clone(),
+                    ref_chosen_logps: c,
+                    ref_rejected_logps: r,
+                    score_chosen: p.score_chosen,
+                    score_rejected: p.score_rejected,
+                    chosen_truncated: p.chosen_truncated,
+                    rejected_truncated: p.rejected_truncated,
+                })
+                .collect(),
+        ))
     }
+}
+
+/// After Ctrl-C / SIGTERM while scoring chunk `at` (0-based) of `chunks`: what is kept.
+fn stopped(stem: &str, at: usize, chunks: usize, partial: &Path) -> Error {
+    Error::Interrupted(format!(
+        "stopped while scoring chunk {} of {chunks} of `{stem}`; the {at} finished before it are \
+         kept in {}: run the same `refdpo precompute` to go on from there",
+        at + 1,
+        partial.display()
+    ))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod generate;
 mod hostile;
 mod hub;
 mod integrity;
+mod interrupts;
 mod judge;
 mod kernels;
 mod lora;
