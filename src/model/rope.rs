@@ -1,7 +1,7 @@
 //! Rotary position embeddings: the inverse frequencies (Llama-3 scaling included), the cos/sin
 //! tables of a length or of given positions, and HF's rotate-half form at per-row positions.
 
-use super::config::TransformerConfig;
+use super::config::{Llama3Scaling, RopeConfig, RopeScaling};
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor};
 
@@ -12,31 +12,22 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(cfg: &TransformerConfig) -> Self {
-        let dim = cfg.head_dim;
+    /// The inverse frequencies of one set of settings for heads of `head_dim`.
+    pub fn new(rope: &RopeConfig, head_dim: usize) -> Self {
+        let dim = head_dim;
         let mut inv_freq: Vec<f32> = (0..dim)
             .step_by(2)
-            .map(|i| 1.0 / cfg.rope_theta.powf(i as f32 / dim as f32))
+            .map(|i| 1.0 / rope.theta.powf(i as f32 / dim as f32))
             .collect();
-        if let Some(s) = &cfg.rope_scaling {
-            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
-            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
-            for f in inv_freq.iter_mut() {
-                let wavelen = 2.0 * std::f32::consts::PI / *f;
-                let scaled = if wavelen > low_wavelen {
-                    *f / s.factor
-                } else {
-                    *f
-                };
-                let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
-                *f = if medium {
-                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
-                    (1.0 - smooth) * scaled / s.factor + smooth * scaled
-                } else {
-                    scaled
-                };
+        match &rope.scaling {
+            None => {}
+            // transformers divides the frequencies, in f32
+            Some(RopeScaling::Linear { factor }) => {
+                for f in inv_freq.iter_mut() {
+                    *f /= factor;
+                }
             }
+            Some(RopeScaling::Llama3(s)) => llama3(&mut inv_freq, s),
         }
         Self { inv_freq }
     }
@@ -66,6 +57,29 @@ impl Rope {
         }
         let freqs = Tensor::from_vec(freqs, (seq_len, half), device)?;
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+}
+
+/// Llama-3's frequency scaling: long wavelengths divided by `factor`, short ones kept, a smooth
+/// blend between.
+fn llama3(inv_freq: &mut [f32], s: &Llama3Scaling) {
+    let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+    let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+    for f in inv_freq.iter_mut() {
+        let wavelen = 2.0 * std::f32::consts::PI / *f;
+        let scaled = if wavelen > low_wavelen {
+            *f / s.factor
+        } else {
+            *f
+        };
+        let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
+        *f = if medium {
+            let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                / (s.high_freq_factor - s.low_freq_factor);
+            (1.0 - smooth) * scaled / s.factor + smooth * scaled
+        } else {
+            scaled
+        };
     }
 }
 

@@ -59,13 +59,8 @@ impl Transformer {
             blocks: Vec::new(),
             final_norm: RmsNorm::for_family(cfg, p.get("model.norm.weight")?)?,
             lm_head,
-            rope: Rope::new(cfg),
-            local_rope: cfg.local_rope_theta.map(|theta| {
-                Rope::new(&TransformerConfig {
-                    rope_theta: theta,
-                    ..cfg.clone()
-                })
-            }),
+            rope: Rope::new(&cfg.rope, cfg.head_dim),
+            local_rope: cfg.local_rope.as_ref().map(|r| Rope::new(r, cfg.head_dim)),
             dtype,
             contexts: ContextCache::default(),
         })

@@ -194,3 +194,52 @@ fn bf16_scoring_is_as_close_as_transformers_bf16() {
     }
     assert!(off.is_empty(), "{off:#?}");
 }
+
+/// The family fixtures' weights under edited config.json files (tests/fixtures/families/
+/// config_variants.json, made by gen_config_variants.py with transformers 5.24): keys left out,
+/// RoPE settings in two places, Gemma's activation key, Mistral's `layer_types` and ignored bias
+/// flags, linear RoPE scaling. Each scores as transformers scores it (an audit found each of
+/// these read differently, exit 0).
+#[test]
+fn config_variants_score_as_transformers() {
+    let root = repo().join("tests/fixtures/families");
+    let all = read_json(&root.join("config_variants.json"));
+    let variants = all["variants"].as_array().unwrap();
+    assert!(variants.len() >= 20);
+    for v in variants {
+        let (name, family) = (v["name"].as_str().unwrap(), v["family"].as_str().unwrap());
+        let dir = root.join(family);
+        let mut cfg = read_json(&dir.join("config.json"));
+        for key in v["remove"].as_array().unwrap() {
+            cfg.as_object_mut().unwrap().remove(key.as_str().unwrap());
+        }
+        for (key, value) in v["set"].as_object().unwrap() {
+            cfg[key] = value.clone();
+        }
+        let cfg = TransformerConfig::from_json(&cfg.to_string())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let tensors = weights::load(
+            &weights::weight_files(&dir).unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let model = Transformer::new(&cfg, &tensors).unwrap();
+        let meta = read_json(&dir.join("expected.json"));
+        let (prompts, completions) = (ids(&meta["prompts"]), ids(&meta["completions"]));
+        let seqs: Vec<(&[u32], &[u32])> = prompts
+            .iter()
+            .zip(&completions)
+            .map(|(p, c)| (p.as_slice(), c.as_slice()))
+            .collect();
+        let batch = SeqBatch::new(&seqs, 0, &Device::Cpu).unwrap();
+        let got = refdpo::logprobs::score(&model, &batch, OpMode::Fast).unwrap();
+        for (g, w) in got.iter().zip(v["sum_logps"].as_array().unwrap()) {
+            let w = w.as_f64().unwrap();
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs(),
+                "{name}: refdpo {g} vs transformers {w}"
+            );
+        }
+    }
+}

@@ -1,8 +1,14 @@
-//! `config.json` (Hugging Face layout) → [`TransformerConfig`] for the Llama, Mistral, Qwen2,
-//! Qwen3 and OLMo 2 families.
+//! `config.json` (Hugging Face layout) → [`TransformerConfig`] for the eight families of
+//! [`family::FAMILIES`], read as transformers 5.24 reads it: the keys each family's modeling code
+//! uses, its config class's defaults where a key is absent, RoPE settings by transformers' rules
+//! ([`rope`]); a key whose value refdpo would only approximate is refused by name.
+
+mod family;
+mod rope;
 
 use crate::error::{fs, Error, Result};
-use serde::Deserialize;
+pub use rope::{Llama3Scaling, RopeConfig, RopeScaling};
+use serde::{Deserialize, Deserializer};
 use std::path::Path;
 
 /// Which decoder family; they differ in biases, norms and defaults.
@@ -35,18 +41,6 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// The `model_type`s (or, without one, the `architectures`) refdpo implements.
-const SUPPORTED: [(&str, &str, Arch); 8] = [
-    ("llama", "LlamaForCausalLM", Arch::Llama),
-    ("mistral", "MistralForCausalLM", Arch::Llama),
-    ("qwen2", "Qwen2ForCausalLM", Arch::Qwen2),
-    ("qwen3", "Qwen3ForCausalLM", Arch::Qwen3),
-    ("olmo2", "Olmo2ForCausalLM", Arch::Olmo2),
-    ("phi3", "Phi3ForCausalLM", Arch::Phi3),
-    ("gemma2", "Gemma2ForCausalLM", Arch::Gemma2),
-    ("gemma3_text", "Gemma3ForCausalLM", Arch::Gemma3),
-];
-
 /// RMSNorm of queries and keys before RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QkNorm {
@@ -67,15 +61,6 @@ const UNSUPPORTED_FIELDS: [(&str, &str); 6] = [
     ("text_config", "a multimodal wrapper"),
 ];
 
-/// Llama-3 style RoPE frequency scaling.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Llama3Scaling {
-    pub factor: f32,
-    pub low_freq_factor: f32,
-    pub high_freq_factor: f32,
-    pub original_max_position_embeddings: f32,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransformerConfig {
     pub arch: Arch,
@@ -87,8 +72,8 @@ pub struct TransformerConfig {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub rms_norm_eps: f64,
-    pub rope_theta: f32,
-    pub rope_scaling: Option<Llama3Scaling>,
+    /// RoPE's base and scaling (Gemma 3: its full-attention layers').
+    pub rope: RopeConfig,
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias.
     pub qkv_bias: bool,
@@ -108,8 +93,8 @@ pub struct TransformerConfig {
     /// Per layer: whether it attends within `sliding_window` (every layer for Mistral and
     /// Phi-3; Gemma's `layer_types`).
     pub sliding_layers: Vec<bool>,
-    /// Gemma 3: the RoPE base of the sliding-window layers.
-    pub local_rope_theta: Option<f32>,
+    /// Gemma 3: the sliding-window layers' own RoPE settings.
+    pub local_rope: Option<RopeConfig>,
     pub activation: Activation,
     /// Gemma: RMSNorm scales by (1 + w); embeddings are multiplied by √hidden; each sublayer is
     /// normed before and after.
@@ -120,6 +105,48 @@ pub struct TransformerConfig {
     pub attn_softcap: Option<f64>,
     /// Gemma 2: logits → cap · tanh(logits / cap) before the log-softmax.
     pub final_softcap: Option<f64>,
+}
+
+/// A key's three states in config.json: absent (the family's default applies), null, or set.
+#[derive(Debug, Clone, Copy, Default)]
+enum Field<T> {
+    #[default]
+    Absent,
+    Null,
+    Set(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Field<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(Option::<T>::deserialize(d)?.map_or(Field::Null, Field::Set))
+    }
+}
+
+impl<T> Field<T> {
+    /// The value, else `default` where the key is absent; None where it is null.
+    fn or(self, default: Option<T>) -> Option<T> {
+        match self {
+            Field::Absent => default,
+            Field::Null => None,
+            Field::Set(v) => Some(v),
+        }
+    }
+
+    fn set(&self) -> Option<&T> {
+        match self {
+            Field::Set(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The value, else `default` where absent; null is an error naming `key`.
+    fn number(self, key: &str, default: T) -> std::result::Result<T, String> {
+        match self {
+            Field::Absent => Ok(default),
+            Field::Null => Err(format!("`{key}` is null: it must be a number")),
+            Field::Set(v) => Ok(v),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -133,8 +160,10 @@ struct Raw {
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
-    rms_norm_eps: Option<f64>,
-    rope_theta: Option<f64>,
+    #[serde(default)]
+    rms_norm_eps: Field<f64>,
+    #[serde(default)]
+    rope_theta: Field<f64>,
     rope_scaling: Option<serde_json::Value>,
     rope_parameters: Option<serde_json::Value>,
     tie_word_embeddings: Option<bool>,
@@ -142,14 +171,19 @@ struct Raw {
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
     hidden_activation: Option<String>,
-    query_pre_attn_scalar: Option<f64>,
-    attn_logit_softcapping: Option<f64>,
-    final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    query_pre_attn_scalar: Field<f64>,
+    #[serde(default)]
+    attn_logit_softcapping: Field<f64>,
+    #[serde(default)]
+    final_logit_softcapping: Field<f64>,
     layer_types: Option<Vec<String>>,
     rope_local_base_freq: Option<f64>,
     use_sliding_window: Option<bool>,
-    sliding_window: Option<usize>,
-    pad_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    sliding_window: Field<usize>,
+    #[serde(default)]
+    pad_token_id: Field<serde_json::Value>,
     #[serde(flatten)]
     rest: serde_json::Map<String, serde_json::Value>,
 }
@@ -172,25 +206,19 @@ impl TransformerConfig {
             }
         })?;
         check_ranges(&raw)?;
-        let arch = match (&raw.model_type, &raw.architectures) {
-            (Some(t), _) => SUPPORTED.iter().find(|(name, _, _)| name == t),
-            (None, Some(a)) => SUPPORTED
-                .iter()
-                .find(|(_, class, _)| a.first().is_some_and(|c| c == class)),
-            (None, None) => None,
-        }
-        .map(|(_, _, arch)| *arch)
-        .ok_or_else(|| {
-            let names: Vec<&str> = SUPPORTED.iter().map(|(n, _, _)| *n).collect();
-            format!(
-                "model_type {:?} is not supported: refdpo runs {}",
-                raw.model_type
-                    .clone()
-                    .or_else(|| raw.architectures.as_ref()?.first().cloned())
-                    .unwrap_or_default(),
-                names.join(", ")
-            )
-        })?;
+        let family = family::find(raw.model_type.as_deref(), raw.architectures.as_deref())
+            .ok_or_else(|| {
+                let names: Vec<&str> = family::FAMILIES.iter().map(|f| f.model_type).collect();
+                format!(
+                    "model_type {:?} is not supported: refdpo runs {}",
+                    raw.model_type
+                        .clone()
+                        .or_else(|| raw.architectures.as_ref()?.first().cloned())
+                        .unwrap_or_default(),
+                    names.join(", ")
+                )
+            })?;
+        let arch = family.arch;
         for (field, what) in UNSUPPORTED_FIELDS {
             if raw.rest.get(field).is_some_and(|v| !v.is_null()) {
                 return Err(format!(
@@ -206,19 +234,20 @@ impl TransformerConfig {
             );
         }
         let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
-        // Gemma names it `hidden_activation` (and keeps a `hidden_act` it does not use).
-        let act = if gemma {
-            raw.hidden_activation.as_ref().or(raw.hidden_act.as_ref())
-        } else {
-            raw.hidden_act.as_ref()
+        // Gemma reads `hidden_activation` (a `hidden_act` beside it is not used), the rest
+        // `hidden_act`.
+        let act = match family.activation_key {
+            "hidden_activation" => raw.hidden_activation.as_deref(),
+            _ => raw.hidden_act.as_deref(),
         };
-        let activation = match act.map(String::as_str) {
-            None | Some("silu") => Activation::Silu,
-            Some("gelu_pytorch_tanh") => Activation::GeluTanh,
-            Some(other) => {
+        let activation = match act.unwrap_or(family.activation) {
+            "silu" => Activation::Silu,
+            "gelu_pytorch_tanh" => Activation::GeluTanh,
+            other => {
                 return Err(format!(
-                    "`hidden_act` = {other:?} is not supported: refdpo implements silu and \
-                     gelu_pytorch_tanh"
+                    "`{}` = {other:?} is not supported: refdpo implements silu and \
+                     gelu_pytorch_tanh",
+                    family.activation_key
                 ))
             }
         };
@@ -232,12 +261,15 @@ impl TransformerConfig {
         // Qwen keeps `sliding_window` set while `use_sliding_window` is false: it is unused there.
         let sliding_window = match arch {
             Arch::Qwen2 | Arch::Qwen3 | Arch::Olmo2 => None,
-            _ => raw.sliding_window,
+            _ => raw.sliding_window.or(family.sliding_window),
         };
         let layers = raw.num_hidden_layers;
+        // `layer_types` says which layers slide where the modeling code reads it: Gemma's and
+        // Mistral's (Phi-3's ignores it: every layer slides).
+        let reads_layer_types = gemma || family.model_type == "mistral";
         let sliding_layers: Vec<bool> = match (&raw.layer_types, sliding_window) {
             (_, None) => vec![false; layers],
-            (Some(types), Some(_)) if gemma => {
+            (Some(types), Some(_)) if reads_layer_types => {
                 if types.len() != layers {
                     return Err(format!(
                         "`layer_types` has {} entries for {layers} layers",
@@ -258,9 +290,10 @@ impl TransformerConfig {
             // 4.x configs still write the int), the last of each group.
             (None, Some(_)) if gemma => {
                 let every = match arch {
-                    Arch::Gemma3 => ["sliding_window_pattern", "_sliding_window_pattern"]
-                        .iter()
-                        .find_map(|k| raw.rest.get(*k)?.as_u64())
+                    Arch::Gemma3 => raw
+                        .rest
+                        .get("sliding_window_pattern")
+                        .and_then(|v| v.as_u64())
                         .unwrap_or(6),
                     _ => 2,
                 };
@@ -273,55 +306,16 @@ impl TransformerConfig {
             }
             (_, Some(_)) => vec![true; layers],
         };
-        // transformers 5 nests RoPE settings under `rope_parameters` (per layer type for Gemma
-        // 3); 4.x used top-level keys.
-        let params = raw.rope_parameters.as_ref();
-        let per_type = |t: &str| params.and_then(|p| p.get(t)).filter(|v| v.is_object());
-        let global = per_type("full_attention").or(params);
-        let rope = global.or(raw.rope_scaling.as_ref());
-        // transformers' defaults where a config gives none: Gemma 3's global base is 1e6 and its
-        // local one 1e4, every other family's 1e4
-        let theta = raw
-            .rope_theta
-            .or_else(|| global?.get("rope_theta")?.as_f64())
-            .unwrap_or(if arch == Arch::Gemma3 { 1e6 } else { 10_000.0 });
-        // Phi-3.5/Phi-4-mini rotate only part of each head (transformers 5 writes the factor
-        // into `rope_parameters`, 4.x at the top level).
-        let partial = raw
-            .rest
-            .get("partial_rotary_factor")
-            .or_else(|| global?.get("partial_rotary_factor"))
-            .and_then(|v| v.as_f64());
-        if let Some(f) = partial.filter(|&f| f != 1.0) {
-            return Err(format!(
-                "`partial_rotary_factor` = {f}: the model rotates part of each head, which refdpo \
-                 does not implement"
-            ));
-        }
-        let local_theta = match arch {
-            Arch::Gemma3 => raw
-                .rope_local_base_freq
-                .or_else(|| per_type("sliding_attention")?.get("rope_theta")?.as_f64())
-                .or(Some(10_000.0)),
-            _ => None,
+        let keys = rope::RopeKeys {
+            rope_theta: raw.rope_theta.set().copied(),
+            rope_scaling: raw.rope_scaling.as_ref(),
+            rope_parameters: raw.rope_parameters.as_ref(),
+            rope_local_base_freq: raw.rope_local_base_freq,
+            partial_rotary_factor: raw.rest.get("partial_rotary_factor"),
+            original_max_position_embeddings: raw.rest.get("original_max_position_embeddings"),
         };
-        // wherever they were read from (`rope_parameters` too): a base RoPE's f32 tables hold
-        for (key, t) in [
-            ("rope_theta", Some(theta)),
-            ("local rope_theta", local_theta),
-        ] {
-            if let Some(t) = t.filter(|&t| !(t > 0.0 && (t as f32).is_finite())) {
-                return Err(format!(
-                    "`{key}` = {t}: it must be a number above 0 that f32 holds (up to 3.4e38)"
-                ));
-            }
-        }
-        let local_rope_theta = local_theta.map(|t| t as f32);
-        let rope_scaling = match rope {
-            Some(v) if v.is_object() => parse_scaling(v)?,
-            _ => None,
-        };
-        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let (rope, local_rope) = rope::resolve(&keys, arch == Arch::Gemma3, family.rope_theta)?;
+        let attention_bias = family.reads_attention_bias && raw.attention_bias.unwrap_or(false);
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(format!(
@@ -333,9 +327,12 @@ impl TransformerConfig {
         let head_dim = raw
             .head_dim
             .unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        let attn_scale = match (gemma, raw.query_pre_attn_scalar) {
-            (true, Some(s)) => s.powf(-0.5),
-            _ => (head_dim as f64).powf(-0.5),
+        let attn_scale = match family.query_pre_attn_scalar {
+            Some(default) => raw
+                .query_pre_attn_scalar
+                .number("query_pre_attn_scalar", default)?
+                .powf(-0.5),
+            None => (head_dim as f64).powf(-0.5),
         };
         Ok(Self {
             arch,
@@ -346,20 +343,22 @@ impl TransformerConfig {
             num_heads: raw.num_attention_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: theta as f32,
-            rope_scaling,
-            // Gemma's configs leave out the tie they rely on (transformers' default).
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
+            rms_norm_eps: raw
+                .rms_norm_eps
+                .number("rms_norm_eps", family.rms_norm_eps)?,
+            rope,
+            tie_word_embeddings: raw
+                .tie_word_embeddings
+                .unwrap_or(family.tie_word_embeddings),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
-            o_bias: arch != Arch::Qwen2 && attention_bias,
-            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            o_bias: attention_bias,
+            mlp_bias: family.reads_mlp_bias && raw.mlp_bias.unwrap_or(false),
             // an id no token has (negative, or past u32) pads nothing, as in transformers
-            pad_token_id: raw
-                .pad_token_id
-                .as_ref()
-                .and_then(|v| v.as_u64())
-                .and_then(|v| u32::try_from(v).ok()),
+            pad_token_id: match raw.pad_token_id {
+                Field::Absent => family.pad_token_id,
+                Field::Null => None,
+                Field::Set(v) => v.as_u64().and_then(|v| u32::try_from(v).ok()),
+            },
             sliding_window,
             qk_norm: match arch {
                 Arch::Qwen3 | Arch::Gemma3 => QkNorm::PerHead,
@@ -369,12 +368,20 @@ impl TransformerConfig {
             post_norms: arch == Arch::Olmo2,
             fused_projections: arch == Arch::Phi3,
             sliding_layers,
-            local_rope_theta,
+            local_rope,
             activation,
             gemma,
             attn_scale,
-            attn_softcap: raw.attn_logit_softcapping.filter(|_| arch == Arch::Gemma2),
-            final_softcap: raw.final_logit_softcapping.filter(|_| gemma),
+            attn_softcap: match arch {
+                Arch::Gemma2 => raw.attn_logit_softcapping.or(family.attn_logit_softcapping),
+                _ => None,
+            },
+            final_softcap: match gemma {
+                true => raw
+                    .final_logit_softcapping
+                    .or(family.final_logit_softcapping),
+                false => None,
+            },
         })
     }
 }
@@ -400,6 +407,8 @@ fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
         (
             "sliding_window",
             raw.sliding_window
+                .set()
+                .copied()
                 .filter(|_| raw.use_sliding_window != Some(false)),
         ),
     ];
@@ -440,52 +449,31 @@ fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
         ));
     }
     let positive = [
-        ("rms_norm_eps", raw.rms_norm_eps),
-        ("rope_theta", raw.rope_theta),
-        ("query_pre_attn_scalar", raw.query_pre_attn_scalar),
-        ("attn_logit_softcapping", raw.attn_logit_softcapping),
-        ("final_logit_softcapping", raw.final_logit_softcapping),
+        ("rms_norm_eps", raw.rms_norm_eps.set().copied()),
+        ("rope_theta", raw.rope_theta.set().copied()),
+        (
+            "query_pre_attn_scalar",
+            raw.query_pre_attn_scalar.set().copied(),
+        ),
+        (
+            "attn_logit_softcapping",
+            raw.attn_logit_softcapping.set().copied(),
+        ),
+        (
+            "final_logit_softcapping",
+            raw.final_logit_softcapping.set().copied(),
+        ),
         ("rope_local_base_freq", raw.rope_local_base_freq),
     ];
+    if let Field::Null = raw.rope_theta {
+        return Err("`rope_theta` is null: it must be a number".into());
+    }
     for (key, value) in positive {
         if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
             return Err(format!("`{key}` = {v}: it must be a finite number above 0"));
         }
     }
     Ok(())
-}
-
-fn parse_scaling(v: &serde_json::Value) -> std::result::Result<Option<Llama3Scaling>, String> {
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("default");
-    let num = |k: &str| {
-        let x = v
-            .get(k)
-            .and_then(|x| x.as_f64())
-            .ok_or_else(|| format!("rope scaling `llama3` lacks `{k}`"))?;
-        if !(x.is_finite() && x > 0.0) {
-            return Err(format!(
-                "rope scaling `{k}` = {x}: it must be a finite number above 0"
-            ));
-        }
-        Ok(x as f32)
-    };
-    match kind {
-        "default" => Ok(None),
-        "llama3" => Ok(Some(Llama3Scaling {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")?,
-        })),
-        other => Err(format!(
-            "`rope_scaling.rope_type` = {other:?} is not supported: refdpo implements default and \
-             llama3"
-        )),
-    }
 }
 
 #[cfg(test)]

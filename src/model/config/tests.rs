@@ -11,7 +11,7 @@ fn qwen2_has_qkv_bias_and_explicit_head_dim() {
     assert_eq!(c.arch, Arch::Qwen2);
     assert!(c.qkv_bias && !c.o_bias);
     assert_eq!(c.head_dim, 24);
-    assert_eq!(c.rope_theta, 1e6);
+    assert_eq!(c.rope.theta, 1e6);
 }
 
 #[test]
@@ -23,8 +23,11 @@ fn llama3_scaling_and_rope_parameters() {
         "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
     )
     .unwrap();
-    assert_eq!(c.rope_theta, 5e5);
-    assert_eq!(c.rope_scaling.unwrap().factor, 8.0);
+    assert_eq!(c.rope.theta, 5e5);
+    let Some(RopeScaling::Llama3(s)) = c.rope.scaling else {
+        panic!("{:?}", c.rope)
+    };
+    assert_eq!(s.factor, 8.0);
     assert_eq!(c.num_kv_heads, 2);
 }
 
@@ -62,12 +65,37 @@ fn fields_that_change_the_math_and_are_not_implemented_are_refused_by_name() {
         ),
         (
             r#","model_type":"phi3","rope_parameters":{"rope_theta":1e4,"partial_rotary_factor":0.75}"#,
-            "partial_rotary_factor",
+            "rope_parameters.partial_rotary_factor",
         ),
         (
             r#","model_type":"gemma2","hidden_activation":"gelu""#,
-            "hidden_act",
+            "hidden_activation",
         ),
+        (
+            r#","model_type":"phi3","rope_scaling":{"type":"su","partial_rotary_factor":0.5}"#,
+            "rope_scaling.partial_rotary_factor",
+        ),
+        (
+            r#","model_type":"llama","rope_parameters":{"rope_type":"yarn","factor":4.0}"#,
+            "rope_parameters.rope_type",
+        ),
+        (
+            r#","model_type":"gemma3_text","rope_parameters":{"sliding_attention":{"rope_type":"dynamic","factor":2}}"#,
+            "rope_parameters.sliding_attention.rope_type",
+        ),
+        (
+            r#","model_type":"llama","rope_parameters":{"full_attention":{"rope_theta":1e4}}"#,
+            "rope_parameters.full_attention",
+        ),
+        (
+            r#","model_type":"gemma2","query_pre_attn_scalar":null"#,
+            "query_pre_attn_scalar",
+        ),
+        (
+            r#","model_type":"llama","rms_norm_eps":null"#,
+            "rms_norm_eps",
+        ),
+        (r#","model_type":"llama","rope_theta":null"#, "rope_theta"),
     ] {
         let e = config(extra).unwrap_err();
         assert!(e.contains(&format!("`{field}`")), "{extra}: {e}");
@@ -179,7 +207,8 @@ fn layer_patterns_and_rope_bases_default_as_transformers() {
     let (t, f) = (true, false);
     let g3 = cfg(r#","model_type":"gemma3_text","num_hidden_layers":6"#);
     assert_eq!(g3.sliding_layers, [t, t, t, t, t, f]);
-    assert_eq!((g3.rope_theta, g3.local_rope_theta), (1e6, Some(1e4)));
+    let local = g3.local_rope.as_ref().map(|r| r.theta);
+    assert_eq!((g3.rope.theta, local), (1e6, Some(1e4)));
     let g3 = cfg(r#","model_type":"gemma3_text","num_hidden_layers":6,"sliding_window_pattern":3"#);
     assert_eq!(g3.sliding_layers, [t, t, f, t, t, f]);
     let g2 = cfg(r#","model_type":"gemma2","num_hidden_layers":4"#);
