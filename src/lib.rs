@@ -74,7 +74,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         "precompute",
         &[
             "error", "dirs", "cache", "config", "data", "inputs", "logprobs", "model", "outputs",
-            "progress", "tokenize",
+            "progress", "signals", "tokenize",
         ],
     ),
     (

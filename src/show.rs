@@ -68,13 +68,13 @@ skipped: {}
                     let _ = writeln!(
                         out,
                         "\n## rendered prompt (add_generation_prompt)\n{}",
-                        tok.template.render(conv.prompt, true)?
+                        tok.template.render_with(conv.prompt, true, &row.template)?
                     );
                     let full = [conv.prompt, conv.chosen].concat();
                     let _ = writeln!(
                         out,
                         "## rendered prompt + chosen\n{}",
-                        tok.template.render(&full, false)?
+                        tok.template.render_with(&full, false, &row.template)?
                     );
                 }
                 Pair::Text { prompt, chosen, .. } => {

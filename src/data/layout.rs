@@ -3,7 +3,7 @@
 //! in (conversational or standard, explicit or implicit prompt) is read off its values here; the
 //! prompt is extracted and checked in the tokenize stage.
 
-use super::{Message, PreferenceRow, SkipReason, Turns};
+use super::{Message, PreferenceRow, SkipReason, TemplateInputs, Turns};
 use crate::config::DatasetConfig;
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
@@ -120,6 +120,7 @@ impl Mapping {
             rejected,
             score_chosen: score(&self.score_chosen),
             score_rejected: score(&self.score_rejected),
+            template: template_inputs(fields)?,
         })
     }
 
@@ -156,8 +157,36 @@ impl Mapping {
             _ => return Err(SkipReason::WrongType),
         };
         let role = self.roles.get(role).unwrap_or(role);
-        Ok(Some(Message::new(role, content)))
+        let mut message = Message::new(role, content);
+        message.extra = m
+            .iter()
+            .filter(|(k, _)| **k != self.role && **k != self.content)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(Some(message))
     }
+}
+
+/// TRL's `tools` (a list, or a JSON string holding one; null is none) and
+/// `chat_template_kwargs` (an object) columns; another type is a `wrong_type` skip, where TRL
+/// would fail on the whole dataset.
+fn template_inputs(fields: &Map<String, Value>) -> std::result::Result<TemplateInputs, SkipReason> {
+    let tools = match fields.get("tools") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+            Ok(Value::Null) => None,
+            Ok(v @ Value::Array(_)) => Some(v),
+            _ => return Err(SkipReason::WrongType),
+        },
+        Some(v @ Value::Array(_)) => Some(v.clone()),
+        Some(_) => return Err(SkipReason::WrongType),
+    };
+    let kwargs = match fields.get("chat_template_kwargs") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err(SkipReason::WrongType),
+    };
+    Ok(TemplateInputs { tools, kwargs })
 }
 
 #[cfg(test)]

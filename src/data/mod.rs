@@ -12,10 +12,14 @@ pub use layout::Mapping;
 pub use source::{for_each_row, read_split, DataSource, ReadSplit};
 
 /// One chat message, as in a conversational dataset's `chosen` / `rejected` / `prompt` columns.
+/// Its other keys (`tool_calls`, `name`, `reasoning_content`, …) are kept, and the chat template
+/// sees them, as transformers passes each message whole.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Message {
@@ -23,8 +27,18 @@ impl Message {
         Self {
             role: role.into(),
             content: content.into(),
+            extra: serde_json::Map::new(),
         }
     }
+}
+
+/// What a row gives the chat template besides its messages, as TRL 1.16 passes it: the `tools`
+/// column (a list, or a JSON string of one) and the `chat_template_kwargs` column (an object of
+/// template variables, e.g. Qwen3's `enable_thinking`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TemplateInputs {
+    pub tools: Option<serde_json::Value>,
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A prompt or an answer: plain text (TRL's "standard" layout) or messages ("conversational").
@@ -59,6 +73,8 @@ pub struct PreferenceRow {
     pub rejected: Option<Turns>,
     pub score_chosen: Option<f64>,
     pub score_rejected: Option<f64>,
+    /// The row's `tools` and `chat_template_kwargs` (conversational rows only).
+    pub template: TemplateInputs,
 }
 
 impl PreferenceRow {
@@ -73,6 +89,7 @@ impl PreferenceRow {
             rejected: Some(Turns::Messages(rejected)),
             score_chosen: None,
             score_rejected: None,
+            template: TemplateInputs::default(),
         }
     }
 }

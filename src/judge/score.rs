@@ -55,7 +55,8 @@ impl Reader {
                 chosen,
                 rejected,
             } => {
-                let eos = tok.template.eos_token();
+                // set: split_pair refuses a plain-text row without one
+                let eos = tok.template.eos_token().unwrap_or_default();
                 let text = match answer {
                     Answer::Text(t) => format!("{prompt}{t}{eos}"),
                     Answer::Chosen => format!("{prompt}{chosen}"),

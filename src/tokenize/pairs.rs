@@ -11,7 +11,7 @@
 
 use super::template::ChatTemplate;
 use crate::config::Truncation;
-use crate::data::{Message, PreferenceRow, Skipped, Turns};
+use crate::data::{Message, PreferenceRow, Skipped, TemplateInputs, Turns};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -93,7 +93,12 @@ fn extract_prompt<T: PartialEq>(
 
 /// Checks a row and splits it into prompt and answers: the explicit prompt, or the one TRL's
 /// `extract_prompt` finds. Standard answers get the EOS token appended where they lack it.
-pub fn split_pair<'a>(row: &'a PreferenceRow, eos_token: &str) -> Result<Pair<'a>, SkipReason> {
+/// Without an EOS token (None), a standard row is a `template_error`: TRL appends the EOS token to
+/// plain-text answers and fails without one.
+pub fn split_pair<'a>(
+    row: &'a PreferenceRow,
+    eos_token: Option<&str>,
+) -> Result<Pair<'a>, SkipReason> {
     let (Some(chosen), Some(rejected)) = (&row.chosen, &row.rejected) else {
         return Err(SkipReason::NullValue);
     };
@@ -107,7 +112,7 @@ pub fn split_pair<'a>(row: &'a PreferenceRow, eos_token: &str) -> Result<Pair<'a
                 Some(Turns::Text(p)) => Some(p.as_str()),
                 _ => None,
             };
-            split_text(prompt, c, r, eos_token)
+            split_text(prompt, c, r, eos_token.ok_or(SkipReason::TemplateError)?)
         }
         _ => Err(SkipReason::WrongType),
     }
@@ -149,7 +154,7 @@ fn split_chat<'a>(
     if prompt.is_empty() {
         return Err(SkipReason::EmptyPrompt);
     }
-    if a.content == b.content {
+    if a == b {
         return Err(SkipReason::IdenticalResponses);
     }
     Ok(Conversation {
@@ -289,7 +294,19 @@ impl PairTokenizer {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, add_generation_prompt)?;
+        self.encode_messages_with(messages, add_generation_prompt, &TemplateInputs::default())
+    }
+
+    /// [`Self::encode_messages`] with a row's `tools` and `chat_template_kwargs`.
+    pub fn encode_messages_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        inputs: &TemplateInputs,
+    ) -> Result<Vec<u32>> {
+        let text = self
+            .template
+            .render_with(messages, add_generation_prompt, inputs)?;
         self.encode(&text)
     }
 
@@ -312,16 +329,20 @@ impl PairTokenizer {
     }
 
     /// The token ids TRL 1.16 computes for a pair: (prompt, prompt + chosen, prompt + rejected).
-    fn encode_pair(&self, pair: &Pair) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+    fn encode_pair(
+        &self,
+        pair: &Pair,
+        inputs: &TemplateInputs,
+    ) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
         match pair {
             Pair::Chat(conv) => {
                 let with = |answer: &[Message]| {
                     let mut msgs = conv.prompt.to_vec();
                     msgs.extend_from_slice(answer);
-                    self.encode_messages(&msgs, false)
+                    self.encode_messages_with(&msgs, false, inputs)
                 };
                 Ok((
-                    self.encode_messages(conv.prompt, true)?,
+                    self.encode_messages_with(conv.prompt, true, inputs)?,
                     with(conv.chosen)?,
                     with(conv.rejected)?,
                 ))
@@ -348,9 +369,16 @@ impl PairTokenizer {
         &self,
         row: &PreferenceRow,
     ) -> Result<TokenizedPair, (SkipReason, Option<String>)> {
-        let pair = split_pair(row, self.template.eos_token()).map_err(|r| (r, None))?;
+        let pair = split_pair(row, self.template.eos_token()).map_err(|r| {
+            let why = (r == SkipReason::TemplateError).then(|| {
+                "tokenizer_config.json sets no `eos_token`: TRL appends it to plain-text answers \
+                 (and fails without one); set `eos_token` there"
+                    .to_string()
+            });
+            (r, why)
+        })?;
         let (prompt_ids, full_c, full_r) = self
-            .encode_pair(&pair)
+            .encode_pair(&pair, &row.template)
             .map_err(|e| (SkipReason::TemplateError, Some(e.to_string())))?;
         let skip = |r: SkipReason| Err((r, None));
         let k = common_prefix_length(&prompt_ids, &full_c)
@@ -438,9 +466,22 @@ mod tests {
         }
     }
 
+    /// Without an EOS token TRL fails on plain-text answers (it appends the token): such a row is
+    /// a `template_error`; a conversation needs none.
+    #[test]
+    fn standard_rows_without_an_eos_token_are_template_errors() {
+        let r = text(Some("Sky?"), " blue", " green");
+        assert_eq!(split_pair(&r, None).unwrap_err(), SkipReason::TemplateError);
+        let c = row(
+            Some(vec![("user", "q"), ("assistant", "a")]),
+            Some(vec![("user", "q"), ("assistant", "b")]),
+        );
+        assert!(split_pair(&c, None).is_ok());
+    }
+
     #[test]
     fn standard_rows_extract_the_prompt_and_get_eos_as_trl_does() {
-        let split = |r: &PreferenceRow| match split_pair(r, "</s>").unwrap() {
+        let split = |r: &PreferenceRow| match split_pair(r, Some("</s>")).unwrap() {
             Pair::Text {
                 prompt,
                 chosen,
@@ -463,7 +504,7 @@ mod tests {
         // An answer that already ends with EOS keeps one.
         let (p, c, _) = split(&text(Some("Q:"), " a</s>", " b"));
         assert_eq!((p.as_str(), c.as_str()), ("Q:", " a</s>"));
-        let skip = |r: PreferenceRow| split_pair(&r, "</s>").unwrap_err();
+        let skip = |r: PreferenceRow| split_pair(&r, Some("</s>")).unwrap_err();
         assert_eq!(
             skip(text(Some("Q"), " ", "b")),
             SkipReason::EmptyAssistantTurn
@@ -525,10 +566,10 @@ mod tests {
             ),
         ];
         for (r, want) in cases {
-            assert_eq!(split_pair(&r, "</s>").unwrap_err(), want);
+            assert_eq!(split_pair(&r, Some("</s>")).unwrap_err(), want);
         }
         let good = row(Some(ok), Some(vec![("user", "q"), ("assistant", "b")]));
-        let Ok(Pair::Chat(conv)) = split_pair(&good, "</s>") else {
+        let Ok(Pair::Chat(conv)) = split_pair(&good, Some("</s>")) else {
             panic!("a valid conversation")
         };
         assert_eq!(conv.rejected[0].content, "b");

@@ -3,10 +3,11 @@
 //! Python's `json.dumps`. The template comes from `chat_template.jinja` if the model has one,
 //! else from `tokenizer_config.json`'s `chat_template`, as transformers picks it.
 
-use crate::data::Message;
+use crate::data::{Message, TemplateInputs};
 use crate::error::{fs, Error, Result};
 use minijinja::{Environment, ErrorKind, Value};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Template instructions one rendering may run: far above any hub template's needs (ChatML
@@ -14,12 +15,24 @@ use std::path::Path;
 /// under a second.
 pub const FUEL: u64 = 2_000_000;
 
+/// The named special tokens transformers gives every template (its `special_tokens_map`: those
+/// `tokenizer_config.json` sets, not null).
+pub const SPECIAL_TOKENS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
+
 /// A compiled chat template plus the special tokens it may reference.
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
-    bos_token: String,
-    eos_token: String,
+    /// The named special tokens that are set, by name.
+    special: BTreeMap<String, String>,
     /// The most bytes one rendering may write (see [`ChatTemplate::limit_output`]).
     output_limit: usize,
 }
@@ -32,17 +45,33 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
-/// A `tokenizer_config.json` special token: a string or `{"content": ...}`.
-fn token_string(v: Option<&serde_json::Value>) -> String {
-    match v {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(serde_json::Value::Object(o)) => o
-            .get("content")
-            .and_then(|c| c.as_str())
-            .unwrap_or_default()
-            .to_string(),
-        _ => String::new(),
+/// A `tokenizer_config.json` special token: a string or `{"content": ...}`; None where null.
+fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => Some(o.get("content")?.as_str()?.to_string()),
+        _ => None,
     }
+}
+
+/// A message as transformers 5.24 gives it to a template: its keys whose value is null dropped
+/// (`_normalize_chat_messages`), then, where it has a reasoning field (`reasoning_content`,
+/// `thinking`, `reasoning`, the first set), that text also as its `reasoning_content`, and as its
+/// `thinking` unless it has one (`_alias_reasoning_fields`).
+fn aliased(m: &Message) -> Value {
+    const REASONING: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+    if m.extra.is_empty() {
+        return Value::from_serialize(m);
+    }
+    let mut m = m.clone();
+    m.extra.retain(|_, v| !v.is_null());
+    if let Some(r) = REASONING.iter().find_map(|k| m.extra.get(*k)).cloned() {
+        if !m.extra.contains_key("thinking") {
+            m.extra.insert("thinking".into(), r.clone());
+        }
+        m.extra.insert("reasoning_content".into(), r);
+    }
+    Value::from_serialize(&m)
 }
 
 impl ChatTemplate {
@@ -77,14 +106,44 @@ impl ChatTemplate {
                 }
             }
         };
-        Self::new(
-            &source,
-            &token_string(cfg.get("bos_token")),
-            &token_string(cfg.get("eos_token")),
-        )
+        // transformers gives a special token the config leaves out (not null: out) the default of
+        // the tokenizer class it names (GPT2Tokenizer's `<|endoftext|>`), which refdpo cannot
+        // know: the EOS token (TRL appends it to plain-text answers) and those the template uses.
+        let class = cfg.get("tokenizer_class").and_then(|c| c.as_str());
+        if let Some(class) =
+            class.filter(|c| !["PreTrainedTokenizerFast", "TokenizersBackend"].contains(c))
+        {
+            let obj = cfg.as_object();
+            let left_out = SPECIAL_TOKENS.iter().find(|k| {
+                obj.is_some_and(|o| !o.contains_key(**k))
+                    && (**k == "eos_token" || source.contains(**k))
+            });
+            if let Some(k) = left_out {
+                return Err(Error::Tokenize(format!(
+                    "`{}` leaves out `{k}`: transformers would take `{class}`'s own default for \
+                     it, which refdpo cannot know; write it into the file (null for none)",
+                    cfg_path.display()
+                )));
+            }
+        }
+        let special = SPECIAL_TOKENS
+            .iter()
+            .filter_map(|k| Some((k.to_string(), token_string(cfg.get(*k))?)))
+            .collect();
+        Self::with_tokens(&source, special)
     }
 
+    /// A template with only a BOS and an EOS token (empty: not set).
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        let special = [("bos_token", bos_token), ("eos_token", eos_token)]
+            .into_iter()
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(k, t)| (k.to_string(), t.to_string()))
+            .collect();
+        Self::with_tokens(source, special)
+    }
+
+    fn with_tokens(source: &str, special: BTreeMap<String, String>) -> Result<Self> {
         let mut env = Environment::new();
         // A template that recurses or loops without end stops with an error, never an abort.
         env.set_fuel(Some(FUEL));
@@ -106,8 +165,7 @@ impl ChatTemplate {
         Ok(Self {
             env,
             source: source.to_string(),
-            bos_token: bos_token.to_string(),
-            eos_token: eos_token.to_string(),
+            special,
             output_limit: usize::MAX,
         })
     }
@@ -121,18 +179,51 @@ impl ChatTemplate {
 
     /// Renders `messages`; `add_generation_prompt` appends the assistant header.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &TemplateInputs::default())
+    }
+
+    /// [`Self::render`] with a row's `tools` and `chat_template_kwargs`, as transformers renders
+    /// it: the special tokens, then the kwargs over them, then the messages (reasoning fields
+    /// aliased), `tools` (none where absent), `documents` (none) and `add_generation_prompt`.
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        inputs: &TemplateInputs,
+    ) -> Result<String> {
         let tmpl = self.env.get_template("chat").expect("template was added");
-        let ctx = minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-        };
+        let mut ctx: BTreeMap<String, Value> = self
+            .special
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+            .collect();
+        for (k, v) in &inputs.kwargs {
+            if matches!(
+                k.as_str(),
+                "messages" | "add_generation_prompt" | "documents"
+            ) {
+                return Err(Error::Tokenize(format!(
+                    "`chat_template_kwargs` sets `{k}`, which the template gets from refdpo (in \
+                     transformers it is an error too)"
+                )));
+            }
+            ctx.insert(k.clone(), Value::from_serialize(v));
+        }
+        let messages: Vec<Value> = messages.iter().map(aliased).collect();
+        ctx.insert("messages".into(), Value::from(messages));
+        if !inputs.kwargs.contains_key("tools") {
+            ctx.insert("tools".into(), Value::from_serialize(&inputs.tools));
+        }
+        ctx.insert("documents".into(), Value::from(()));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
         let mut out = Capped {
             text: Vec::new(),
             limit: self.output_limit,
         };
-        match tmpl.render_captured_to(ctx, &mut out) {
+        match tmpl.render_captured_to(Value::from(ctx), &mut out) {
             Ok(_) => String::from_utf8(out.text)
                 .map_err(|_| Error::Tokenize("the chat template wrote invalid UTF-8".into())),
             Err(_) if out.text.len() > self.output_limit => Err(Error::Tokenize(format!(
@@ -151,12 +242,13 @@ impl ChatTemplate {
         }
     }
 
-    /// SHA-256 of the template source (part of the cache fingerprint).
-    /// The EOS token's text (`tokenizer_config.json`), which TRL appends to standard answers.
-    pub fn eos_token(&self) -> &str {
-        &self.eos_token
+    /// The EOS token's text (`tokenizer_config.json`), which TRL appends to standard answers;
+    /// None where it is not set.
+    pub fn eos_token(&self) -> Option<&str> {
+        self.special.get("eos_token").map(String::as_str)
     }
 
+    /// SHA-256 of the template source (part of the cache fingerprint).
     pub fn sha256(&self) -> String {
         format!("{:x}", Sha256::digest(self.source.as_bytes()))
     }
@@ -291,6 +383,42 @@ mod tests {
             t.render(&msgs, true).unwrap(),
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    /// A special token left out of tokenizer_config.json (not null) while it names a tokenizer
+    /// class: transformers takes the class's own default, refdpo refuses by key. The EOS token
+    /// always counts (TRL appends it to plain-text answers); another only if the template uses it.
+    #[test]
+    fn a_special_token_left_to_a_class_default_is_refused_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |cfg: serde_json::Value| {
+            std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+            ChatTemplate::from_dir(dir.path())
+        };
+        let err =
+            load(serde_json::json!({"tokenizer_class": "GPT2Tokenizer", "chat_template": CHATML}))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("`eos_token`") && err.contains("GPT2Tokenizer"),
+            "{err}"
+        );
+        let uses_bos = format!("{{{{ bos_token }}}}{CHATML}");
+        let err = load(serde_json::json!({"tokenizer_class": "GPT2Tokenizer", "chat_template": uses_bos, "eos_token": "</s>"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`bos_token`"), "{err}");
+        // null is "none", and a class without defaults has none to take
+        let t = load(serde_json::json!({"tokenizer_class": "GPT2Tokenizer", "chat_template": uses_bos, "eos_token": null, "bos_token": null}))
+            .unwrap();
+        assert_eq!(t.eos_token(), None);
+        assert_eq!(
+            t.render(&[Message::new("user", "Hi")], false).unwrap(),
+            "<|im_start|>user\nHi<|im_end|>\n"
+        );
+        let t = load(serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": uses_bos}))
+            .unwrap();
+        assert_eq!(t.eos_token(), None);
     }
 
     #[test]

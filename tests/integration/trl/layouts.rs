@@ -217,3 +217,40 @@ fn every_layout_tokenizes_as_trl_does() {
         }
     }
 }
+
+/// What a chat template sees of a row besides `role` and `content`, as TRL 1.16 passes it to
+/// transformers 5.24 (tests/fixtures/template_inputs.json, made by
+/// gen_template_inputs_fixtures.py): the `tools` column (a list, or a JSON string of one), the
+/// `chat_template_kwargs` column (Qwen3's `enable_thinking`, any variable), each message whole
+/// (`tool_calls`, `name`, reasoning fields under transformers' aliases) and every named special
+/// token the tokenizer sets. The rendered prompt and prompt + chosen equal transformers' texts.
+#[test]
+fn rows_with_tools_and_template_kwargs_render_like_trl() {
+    let fx = super::fixture("template_inputs.json");
+    let mapping = refdpo::data::Mapping::new(&refdpo::config::DatasetConfig::default());
+    let cases = fx["cases"].as_array().unwrap();
+    assert!(cases.len() >= 6);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            case["tokenizer_config"].to_string(),
+        )
+        .unwrap();
+        let t = refdpo::tokenize::ChatTemplate::from_dir(dir.path()).unwrap();
+        let row = mapping
+            .row(0, None, case["row"].as_object().unwrap())
+            .unwrap_or_else(|r| panic!("{name}: skipped as {}", r.as_str()));
+        let Ok(refdpo::tokenize::pairs::Pair::Chat(conv)) =
+            refdpo::tokenize::pairs::split_pair(&row, t.eos_token())
+        else {
+            panic!("{name}: not a conversational pair")
+        };
+        let prompt = t.render_with(conv.prompt, true, &row.template).unwrap();
+        assert_eq!(prompt, case["prompt_text"].as_str().unwrap(), "{name}");
+        let full = [conv.prompt, conv.chosen].concat();
+        let full = t.render_with(&full, false, &row.template).unwrap();
+        assert_eq!(full, case["prompt_chosen_text"].as_str().unwrap(), "{name}");
+    }
+}
