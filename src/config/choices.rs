@@ -82,11 +82,14 @@ pub enum ReportTo {
     Tensorboard,
 }
 
-/// The learning-rate schedule after linear warmup (`train.lr_schedule`).
+/// The learning-rate schedule (`train.lr_schedule`), transformers' by name: each after a linear
+/// warmup over `warmup_ratio` of the steps, except `constant`, which (as transformers') has none.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LrSchedule {
     Constant,
+    #[serde(rename = "constant_with_warmup")]
+    ConstantWithWarmup,
     Linear,
     #[default]
     Cosine,

@@ -111,6 +111,18 @@ impl MetricsAccumulator {
         self.batches += 1;
     }
 
+    /// Adds another accumulator's micro-batches (a logging window over several steps: TRL
+    /// averages every metric over the micro-batches since its last log line).
+    pub fn merge(&mut self, other: &MetricsAccumulator) {
+        if self.sums.is_empty() {
+            self.sums = vec![0.0; other.sums.len()];
+        }
+        for (slot, v) in self.sums.iter_mut().zip(&other.sums) {
+            *slot += v;
+        }
+        self.batches += other.batches;
+    }
+
     /// No micro-batch added yet.
     pub fn is_empty(&self) -> bool {
         self.batches == 0

@@ -97,7 +97,8 @@ impl MetricsLog {
     }
 
     /// One optimizer step's line: TRL's names, plus `epoch` and `step_seconds`.
-    pub fn append_step(&self, step: usize, epoch: f64, r: &StepReport) -> Result<()> {
+    /// `r` covers the `steps` steps since the last line (the means over their micro-batches).
+    pub fn append_step(&self, step: usize, epoch: f64, r: &StepReport, steps: usize) -> Result<()> {
         let line = MetricsLine {
             step,
             epoch: Some(epoch),
@@ -105,7 +106,7 @@ impl MetricsLog {
             grad_norm: Some(r.grad_norm),
             learning_rate: Some(r.learning_rate),
             tokens_per_second: Some(r.tokens as f64 / r.seconds.max(1e-9)),
-            step_seconds: Some(r.seconds),
+            step_seconds: Some(r.seconds / steps.max(1) as f64),
         };
         self.append(line.to_json())
     }

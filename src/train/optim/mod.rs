@@ -292,7 +292,8 @@ fn hyper(p: AdamWParams, lr: f64, t: i32) -> adamw_step::Hyper {
 }
 
 /// transformers' schedules: linear warmup over ceil(ratio·total) steps, then constant, linear
-/// decay or cosine decay to 0. `step` is the 0-based optimizer step.
+/// decay or cosine decay to 0; `constant` has no warmup (transformers' `get_constant_schedule`
+/// never reads it). `step` is the 0-based optimizer step.
 pub fn learning_rate(
     schedule: LrSchedule,
     base: f64,
@@ -300,13 +301,16 @@ pub fn learning_rate(
     total: usize,
     warmup_ratio: f64,
 ) -> f64 {
-    let warmup = (warmup_ratio * total as f64).ceil() as usize;
+    let warmup = match schedule {
+        LrSchedule::Constant => 0,
+        _ => (warmup_ratio * total as f64).ceil() as usize,
+    };
     if step < warmup {
         return base * step as f64 / warmup.max(1) as f64;
     }
     let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
     match schedule {
-        LrSchedule::Constant => base,
+        LrSchedule::Constant | LrSchedule::ConstantWithWarmup => base,
         LrSchedule::Linear => base * (1.0 - progress).max(0.0),
         LrSchedule::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
     }

@@ -422,3 +422,46 @@ fn eight_bit_loops_equal_the_composed_ops() {
     }
     assert!(crate::test_util::max_abs_diff(&wl, &w0) > 0.0);
 }
+
+/// transformers 5.24's `get_scheduler(name, opt, num_warmup_steps=2, num_training_steps=10)`,
+/// its learning rate at each step from base 1 (printed by `get_last_lr()` before each step):
+/// `constant` never reads the warmup, the others ramp over it.
+#[test]
+fn schedules_are_transformers_own() {
+    use crate::config::LrSchedule;
+    let want: [(LrSchedule, [f64; 10]); 4] = [
+        (LrSchedule::Constant, [1.0; 10]),
+        (
+            LrSchedule::ConstantWithWarmup,
+            [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        ),
+        (
+            LrSchedule::Linear,
+            [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125],
+        ),
+        (
+            LrSchedule::Cosine,
+            [
+                0.0,
+                0.5,
+                1.0,
+                0.961939766256,
+                0.853553390593,
+                0.691341716183,
+                0.5,
+                0.308658283817,
+                0.146446609407,
+                0.038060233744,
+            ],
+        ),
+    ];
+    for (schedule, lrs) in want {
+        for (step, lr) in lrs.iter().enumerate() {
+            let got = learning_rate(schedule, 1.0, step, 10, 0.2);
+            assert!(
+                (got - lr).abs() < 1e-11,
+                "{schedule:?} step {step}: {got} vs {lr}"
+            );
+        }
+    }
+}

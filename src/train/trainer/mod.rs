@@ -41,6 +41,8 @@ pub struct Trainer<'a> {
     /// The newest checkpoint this run wrote or resumed from.
     last_checkpoint: Option<PathBuf>,
     last_train: MetricsAccumulator,
+    /// The steps since the last training line: their micro-batches, tokens, seconds and count.
+    window: (MetricsAccumulator, usize, f64, usize),
     /// The largest gradient storage seen (for the memory summary).
     grad_bytes: usize,
     quiet: bool,
@@ -175,6 +177,7 @@ impl<'a> Trainer<'a> {
             ),
             last_checkpoint: None,
             last_train: MetricsAccumulator::default(),
+            window: (MetricsAccumulator::default(), 0, 0.0, 0),
             grad_bytes: 0,
             quiet,
         })
@@ -365,10 +368,24 @@ impl<'a> Trainer<'a> {
         Ok(loss)
     }
 
-    fn log_step(&self, r: &StepReport) -> Result<()> {
+    /// Adds the step to the logging window and, at a logging step, writes its line: as TRL, the
+    /// means over every micro-batch since the last line, the last step's gradient norm and
+    /// learning rate, and the window's throughput.
+    fn log_step(&mut self, r: &StepReport) -> Result<()> {
         let step = self.state.global_step;
+        self.window.0.merge(&r.metrics);
+        self.window.1 += r.tokens;
+        self.window.2 += r.seconds;
+        self.window.3 += 1;
         if logs_at(step, self.cfg.train.log_every, self.state.max_steps) {
-            self.log.append_step(step, self.epoch(), r)?;
+            let (metrics, tokens, seconds, steps) = std::mem::take(&mut self.window);
+            let window = StepReport {
+                metrics,
+                tokens,
+                seconds,
+                ..*r
+            };
+            self.log.append_step(step, self.epoch(), &window, steps)?;
         }
         Ok(())
     }
@@ -521,10 +538,10 @@ fn total_steps(pairs: usize, t: &crate::config::TrainConfig) -> usize {
     t.epochs.saturating_mul(per_epoch)
 }
 
-/// Whether step `step` of `last` writes a `metrics.jsonl` line: the first, every `every`-th and
-/// the last (TRL logs its first step too).
+/// Whether step `step` of `last` writes a `metrics.jsonl` line: every `every`-th, as TRL's
+/// `logging_steps` (transformers' `logging_first_step` is off), and the last.
 fn logs_at(step: usize, every: usize, last: usize) -> bool {
-    step.is_multiple_of(every) || step == last || step == 1
+    step.is_multiple_of(every) || step == last
 }
 
 /// The LoRA dropout seed of one micro-batch: a function of the run's seed and its place in the run.
@@ -555,7 +572,7 @@ mod tests {
         t.epochs = usize::MAX;
         assert_eq!(total_steps(160, &t), usize::MAX, "saturates, no overflow");
         let logged: Vec<usize> = (1..=10).filter(|&s| logs_at(s, 4, 10)).collect();
-        assert_eq!(logged, [1, 4, 8, 10]);
+        assert_eq!(logged, [4, 8, 10]);
         let seeds: std::collections::HashSet<u64> = (0..4)
             .flat_map(|step| (0..4).map(move |micro| lora_dropout_seed(42, step, micro)))
             .collect();

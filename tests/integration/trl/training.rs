@@ -279,3 +279,59 @@ fn one_training_step_matches_trl() {
         );
     }
 }
+
+/// `train.log_every` > 1 logs as TRL logs `logging_steps`: each line's means are over every
+/// micro-batch since the previous line (transformers' `tr_loss / steps`, `DPOTrainer.log`'s means
+/// of the stored metrics), with the last step's gradient norm and learning rate. Checked against
+/// the same run logged every step.
+#[test]
+fn a_logging_window_averages_its_steps_as_trl() {
+    use crate::common::{precomputed, train_with};
+    let (tmp, cfg) = precomputed("max_steps = 7\nsave_every = 0\neval_every = 0");
+    let cfg_s = cfg.to_str().unwrap();
+    let lines = |run: &str, every: &str| -> Vec<Value> {
+        let out = format!("train.out={}", tmp.path().join(run).display());
+        train_with(cfg_s, tmp.path(), &[&out, every]);
+        std::fs::read_to_string(tmp.path().join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|v| v.get("loss").is_some())
+            .collect()
+    };
+    let each = lines("each", "train.log_every=1");
+    let windowed = lines("windowed", "train.log_every=3");
+    assert_eq!(each.len(), 7);
+    // steps 3, 6 and 7 (the last): windows [1, 2, 3], [4, 5, 6], [7]
+    let steps: Vec<u64> = windowed
+        .iter()
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [3, 6, 7]);
+    let windows = [0..3, 3..6, 6..7];
+    for (line, w) in windowed.iter().zip(windows) {
+        for key in [
+            "loss",
+            "rewards/chosen",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/rejected",
+        ] {
+            let mean = each[w.clone()]
+                .iter()
+                .map(|v| v[key].as_f64().unwrap())
+                .sum::<f64>()
+                / w.len() as f64;
+            let got = line[key].as_f64().unwrap();
+            assert!(
+                close(got, mean, 1e-9),
+                "step {}: {key} {got} vs mean {mean}",
+                line["step"]
+            );
+        }
+        for key in ["grad_norm", "learning_rate"] {
+            let last = each[w.end - 1][key].as_f64().unwrap();
+            assert!(close(line[key].as_f64().unwrap(), last, 1e-12), "{key}");
+        }
+    }
+}
