@@ -95,8 +95,10 @@ mod options_as_json_string {
 /// 1: on the CPU, every dtype computes in f32 over the weights rounded to it (before: bf16 and
 /// f16 computed in their own dtype).
 /// 2: config.json read as transformers reads it (family defaults for absent keys, RoPE
-/// precedence, linear RoPE scaling), and chat templates given a row's `tools`,
-/// `chat_template_kwargs` and every message key: models and rows that use them scored anew.
+/// precedence, linear RoPE scaling); chat templates given a row's `tools`,
+/// `chat_template_kwargs` and every message key; tokenizers built as transformers' class for
+/// them builds them (LlamaTokenizer's and GemmaTokenizer's pipelines, the class `config.json`'s
+/// `model_type` picks): models, tokenizers and rows that use them scored anew.
 pub const SCORING: u32 = 2;
 
 /// What stage one alone can know, having read the data: a run that reads no dataset does not
