@@ -171,6 +171,7 @@ pub fn model(id: &str, revision: &str) -> Result<RepoDir> {
                 | "special_tokens_map.json"
                 | "model.safetensors.index.json"
         ) || (f.ends_with(".safetensors") && !f.contains('/'))
+            || (f.starts_with("additional_chat_templates/") && f.ends_with(".jinja"))
     };
     let dir = resolve(
         id,

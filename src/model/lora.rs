@@ -57,6 +57,30 @@ pub fn target_modules(
     out
 }
 
+/// Every projection named in `train.lora.target_modules` exists in this family (PEFT passes
+/// over a name that matches nothing while another matches: Phi-3's fused `qkv_proj` leaves
+/// `q_proj` out, without a word). All-linear always holds.
+pub fn check_targets_exist(cfg: &TransformerConfig, targets: &TargetModules) -> Result<()> {
+    let TargetModules::Names(names) = targets else {
+        return Ok(());
+    };
+    let here: Vec<String> = target_modules(cfg, &TargetModules::AllLinear)
+        .iter()
+        .filter_map(|(m, _, _)| m.rsplit('.').next().map(String::from))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    match names.iter().find(|n| !here.contains(n)) {
+        None => Ok(()),
+        Some(n) => Err(Error::Config(format!(
+            "`train.lora.target_modules` names {n:?}, which this model ({:?}) does not have: its \
+             projections are {}",
+            cfg.arch,
+            here.join(", ")
+        ))),
+    }
+}
+
 /// Fresh adapters as PEFT initializes them: A Kaiming-uniform (torch's `nn.Linear` default,
 /// bound 1/√in, from a seeded stream), B zero, so the adapted model starts as the base.
 pub fn init_adapters(
@@ -309,6 +333,7 @@ pub fn write(
     lora: &LoraConfig,
     cfg: &TransformerConfig,
     base_model: &str,
+    revision: &str,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<()> {
     let mut projections: Vec<String> = target_modules(cfg, &lora.target_modules)
@@ -330,7 +355,8 @@ pub fn write(
         "r": lora.r,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "revision": null,
+        // PEFT's `AutoPeftModel` loads the base at this revision (none: the hub's default)
+        "revision": (revision != "main").then_some(revision),
         "target_modules": projections,
         "task_type": "CAUSAL_LM",
         "use_dora": false,

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 pub struct Base<'a> {
     pub dir: &'a Path,
     pub id: &'a str,
+    /// `model.revision` (an adapter records it for PEFT).
+    pub revision: &'a str,
 }
 
 /// Where training stands: enough to continue with the same data order.
@@ -31,12 +33,19 @@ pub struct TrainerState {
     pub batch_in_epoch: usize,
 }
 
-const MODEL_FILES: [&str; 4] = [
+/// The base's files every saved model carries beside its weights and config: the tokenizer's,
+/// and `generation_config.json` (the stop ids and sampling settings transformers' `generate`
+/// reads; without it they fall back to config.json's).
+const MODEL_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
     "special_tokens_map.json",
+    "generation_config.json",
 ];
+
+/// transformers' folder of named chat templates (`<name>.jinja`), copied whole where the base has it.
+const TEMPLATES_DIR: &str = "additional_chat_templates";
 
 /// Writes `dir` (atomically) from the policy, the optimizer and the model's own files. On an error
 /// (a full disk…) the partial `<dir>.tmp` is removed and an existing `dir` is left as it was.
@@ -82,7 +91,14 @@ fn write_into(
     fs::create_dir_all(tmp)?;
     match &policy.lora {
         Some(l) => {
-            lora::write(tmp, l, &policy.cfg, base.id, &policy.tensors())?;
+            lora::write(
+                tmp,
+                l,
+                &policy.cfg,
+                base.id,
+                base.revision,
+                &policy.tensors(),
+            )?;
             copy_model_files(tmp, base.dir)?;
         }
         None => write_model(tmp, &policy.tensors(), base.dir)?,
@@ -118,10 +134,28 @@ pub fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, model_dir: &Pa
 }
 
 fn copy_model_files(dir: &Path, model_dir: &Path) -> Result<()> {
+    let copy = |src: &Path, dst: &Path| {
+        std::fs::copy(src, dst).map_err(|e| Error::io("cannot copy into", dst, e))
+    };
     for f in MODEL_FILES {
-        let (src, dst) = (model_dir.join(f), dir.join(f));
-        if src.exists() {
-            std::fs::copy(&src, &dst).map_err(|e| Error::io("cannot copy into", &dst, e))?;
+        let src = model_dir.join(f);
+        if src.is_file() {
+            copy(&src, &dir.join(f))?;
+        }
+    }
+    let templates = model_dir.join(TEMPLATES_DIR);
+    if templates.is_dir() {
+        let into = dir.join(TEMPLATES_DIR);
+        fs::create_dir_all(&into)?;
+        let entries =
+            std::fs::read_dir(&templates).map_err(|e| Error::io("cannot read", &templates, e))?;
+        for entry in entries {
+            let src = entry
+                .map_err(|e| Error::io("cannot read", &templates, e))?
+                .path();
+            if src.is_file() && src.extension().is_some_and(|x| x == "jinja") {
+                copy(&src, &into.join(src.file_name().unwrap_or_default()))?;
+            }
         }
     }
     Ok(())

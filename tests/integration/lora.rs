@@ -389,3 +389,69 @@ fn dropout_masks_of_the_recompute_are_the_forwards() {
         }
     }
 }
+
+/// What a saved model carries for transformers and PEFT beyond its weights: the base's
+/// `generation_config.json` (stop ids, sampling settings) and `additional_chat_templates/`, in
+/// `checkpoint-N/` and `final/` alike; an adapter's `revision` is `model.revision` (PEFT's
+/// `AutoPeftModel` loads the base at it; none for the default "main"); a target projection the
+/// family lacks (Phi-3 fuses q/k/v) is an error naming the ones it has, not a silent skip.
+#[test]
+fn saved_models_carry_generation_config_templates_and_revision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 1\nsave_every = 1");
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    let model = tmp.path().join("demo/model");
+    let gen = r#"{"eos_token_id": [2, 5], "do_sample": true, "temperature": 0.7}"#;
+    std::fs::write(model.join("generation_config.json"), gen).unwrap();
+    std::fs::create_dir_all(model.join("additional_chat_templates")).unwrap();
+    std::fs::write(
+        model.join("additional_chat_templates/tool_use.jinja"),
+        "TOOL",
+    )
+    .unwrap();
+    train_with(cfg_s, tmp.path(), &[]);
+    for dir in ["run/final", "run/checkpoint-1"] {
+        let d = tmp.path().join(dir);
+        let got = std::fs::read_to_string(d.join("generation_config.json")).unwrap();
+        assert_eq!(got, gen, "{dir}");
+        let t = std::fs::read_to_string(d.join("additional_chat_templates/tool_use.jinja"));
+        assert_eq!(t.unwrap(), "TOOL", "{dir}");
+    }
+
+    let mcfg = TransformerConfig::from_file(&model.join("config.json")).unwrap();
+    let l = LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: TargetModules::AllLinear,
+        use_rslora: false,
+    };
+    let adapters =
+        lora::init_adapters(&lora::target_modules(&mcfg, &l.target_modules), 2, 0).unwrap();
+    for (revision, want) in [
+        ("v1.2", serde_json::json!("v1.2")),
+        ("main", serde_json::Value::Null),
+    ] {
+        let out = tmp.path().join(format!("adapter-{revision}"));
+        std::fs::create_dir_all(&out).unwrap();
+        lora::write(&out, &l, &mcfg, "base", revision, &adapters).unwrap();
+        assert_eq!(
+            read_json(&out.join("adapter_config.json"))["revision"],
+            want
+        );
+    }
+
+    let phi3 = TransformerConfig::from_json(
+        r#"{"model_type":"phi3","vocab_size":8,"hidden_size":8,"intermediate_size":8,
+        "num_hidden_layers":1,"num_attention_heads":2}"#,
+    )
+    .unwrap();
+    let names = TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]);
+    let e = lora::check_targets_exist(&phi3, &names)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"q_proj\"") && e.contains("qkv_proj"), "{e}");
+    let fine = TargetModules::Names(vec!["qkv_proj".into(), "down_proj".into()]);
+    lora::check_targets_exist(&phi3, &fine).unwrap();
+}

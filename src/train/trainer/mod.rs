@@ -109,6 +109,7 @@ impl<'a> Trainer<'a> {
             // the base once, in the compute dtype; fresh adapters as PEFT makes them
             let base = inputs.model.tensors(model_dtype, device)?;
             let modules = lora::target_modules(&inputs.model.cfg, &t.lora.target_modules);
+            lora::check_targets_exist(&inputs.model.cfg, &t.lora.target_modules)?;
             let adapters = lora::init_adapters(&modules, t.lora.r, t.seed)?;
             Policy::with_lora(&inputs.model.cfg, base, &t.lora, adapters, dtype, device)?
         } else {
@@ -447,6 +448,7 @@ impl<'a> Trainer<'a> {
         let base = checkpoint::Base {
             dir: &self.model_dir,
             id: &self.cfg.model.id,
+            revision: &self.cfg.model.revision,
         };
         checkpoint::save(dir, &self.policy, &self.optim, &self.state, &base)?;
         self.last_checkpoint = Some(dir.to_path_buf());

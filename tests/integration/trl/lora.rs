@@ -209,7 +209,15 @@ fn adapter_files_round_trip() {
         TransformerConfig::from_json(&model_config(&fixture("trl_smollm2_llama.json")).to_string())
             .unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    lora::write(tmp.path(), &saved.lora, &cfg, "base", &saved.tensors).unwrap();
+    lora::write(
+        tmp.path(),
+        &saved.lora,
+        &cfg,
+        "base",
+        "main",
+        &saved.tensors,
+    )
+    .unwrap();
     let back = lora::read(tmp.path()).unwrap();
     assert_eq!(back.lora, saved.lora);
     assert_eq!(back.base_model.as_deref(), Some("base"));
