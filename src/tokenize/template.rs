@@ -35,6 +35,8 @@ pub struct ChatTemplate {
     special: BTreeMap<String, String>,
     /// The most bytes one rendering may write (see [`ChatTemplate::limit_output`]).
     output_limit: usize,
+    /// Why there is no template (the model has none): every rendering fails with it.
+    missing: Option<String>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -45,6 +47,14 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// The named special tokens tokenizer_config.json sets.
+fn special_tokens(cfg: &serde_json::Value) -> BTreeMap<String, String> {
+    SPECIAL_TOKENS
+        .iter()
+        .filter_map(|k| Some((k.to_string(), token_string(cfg.get(*k))?)))
+        .collect()
+}
+
 /// A `tokenizer_config.json` special token: a string or `{"content": ...}`; None where null.
 fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
@@ -52,6 +62,43 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
         serde_json::Value::Object(o) => Some(o.get("content")?.as_str()?.to_string()),
         _ => None,
     }
+}
+
+/// transformers' `{% generation %}…{% endgeneration %}` (it marks the assistant's tokens for
+/// `return_assistant_tokens_mask` and renders its body as is) as `{% if true %}…{% endif %}`: a
+/// block tag for a block tag, so `trim_blocks` and `lstrip_blocks` treat it alike.
+fn generation_blocks_as_ifs(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let (lead, body) = match inner.strip_prefix(['-', '+']) {
+            Some(b) => (&inner[..1], b),
+            None => ("", inner),
+        };
+        let (body, trail) = match body.strip_suffix(['-', '+']) {
+            Some(b) => (b, &body[b.len()..]),
+            None => (body, ""),
+        };
+        let word = match body.trim() {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match word {
+            Some(w) => out.push_str(&format!("{{%{lead} {w} {trail}%}}")),
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A message as transformers 5.24 gives it to a template: its keys whose value is null dropped
@@ -95,17 +142,23 @@ impl ChatTemplate {
                     .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
                     .and_then(|t| t.get("template")?.as_str().map(String::from))
                     .ok_or_else(|| {
-                        Error::Tokenize(format!("`{}` has no template named \"default\"", cfg_path.display()))
+                        Error::Tokenize(format!(
+                            "`{}` has no template named \"default\"",
+                            cfg_path.display()
+                        ))
                     })?,
-                _ => {
-                    return Err(Error::Tokenize(format!(
-                        "no chat template in `{}`: add chat_template.jinja or a `chat_template` key to \
-                         tokenizer_config.json (refdpo tokenizes conversations as TRL does)",
-                        dir.display()
-                    )))
-                }
+                // plain-text rows need none (TRL tokenizes them without one); a conversation
+                // rendered with it fails with this message
+                _ => String::new(),
             }
         };
+        let missing = (source.is_empty() && !jinja.exists()).then(|| {
+            format!(
+                "no chat template in `{}`: add chat_template.jinja or a `chat_template` key to \
+                 tokenizer_config.json (conversations are rendered with it, as TRL renders them)",
+                dir.display()
+            )
+        });
         // transformers gives a special token the config leaves out (not null: out) the default of
         // the tokenizer class it names (GPT2Tokenizer's `<|endoftext|>`), which refdpo cannot
         // know: the EOS token (TRL appends it to plain-text answers) and those the template uses.
@@ -126,11 +179,9 @@ impl ChatTemplate {
                 )));
             }
         }
-        let special = SPECIAL_TOKENS
-            .iter()
-            .filter_map(|k| Some((k.to_string(), token_string(cfg.get(*k))?)))
-            .collect();
-        Self::with_tokens(&source, special)
+        let mut t = Self::with_tokens(&source, special_tokens(&cfg))?;
+        t.missing = missing;
+        Ok(t)
     }
 
     /// A template with only a BOS and an EOS token (empty: not set).
@@ -160,13 +211,14 @@ impl ChatTemplate {
             strftime_now(&fmt)
         });
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", source.to_string())
+        env.add_template_owned("chat", generation_blocks_as_ifs(source))
             .map_err(|e| Error::Tokenize(format!("the chat template does not compile: {e:#}")))?;
         Ok(Self {
             env,
             source: source.to_string(),
             special,
             output_limit: usize::MAX,
+            missing: None,
         })
     }
 
@@ -191,6 +243,9 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         inputs: &TemplateInputs,
     ) -> Result<String> {
+        if let Some(why) = &self.missing {
+            return Err(Error::Tokenize(why.clone()));
+        }
         let tmpl = self.env.get_template("chat").expect("template was added");
         let mut ctx: BTreeMap<String, Value> = self
             .special
@@ -419,6 +474,35 @@ mod tests {
         let t = load(serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": uses_bos}))
             .unwrap();
         assert_eq!(t.eos_token(), None);
+    }
+
+    /// transformers renders `{% generation %}` blocks' bodies as is (whitespace control
+    /// included); printed by transformers 5.24's `apply_chat_template` for this template.
+    #[test]
+    fn generation_blocks_render_their_body() {
+        let src = "{% for m in messages %}{% if m.role == 'assistant' %}\n{%- generation -%}\n  {{ m.content }}  \n{%- endgeneration %}\nEND{% else %}{{ m.content }}|{% endif %}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let msgs = [Message::new("user", "Hi"), Message::new("assistant", "Yo")];
+        assert_eq!(t.render(&msgs, false).unwrap(), "Hi|YoEND");
+    }
+
+    /// A model without a chat template still tokenizes plain-text rows (TRL needs none there);
+    /// rendering a conversation fails with the fix, a `template_error` for that row.
+    #[test]
+    fn no_template_is_an_error_only_for_conversations() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = serde_json::json!({"eos_token": "</s>"});
+        std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let t = ChatTemplate::from_dir(dir.path()).unwrap();
+        assert_eq!(t.eos_token(), Some("</s>"));
+        let e = t
+            .render(&[Message::new("user", "Hi")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no chat template") && e.contains("chat_template.jinja"),
+            "{e}"
+        );
     }
 
     #[test]
