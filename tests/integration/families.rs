@@ -25,6 +25,22 @@ fn ids(v: &serde_json::Value) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The summed completion log-probs of a family fixture's three sequences under `cfg`, its
+/// weights loaded in `dtype` (the fast op set, as precompute scores).
+fn fixture_scores(dir: &std::path::Path, cfg: &TransformerConfig, dtype: DType) -> Vec<f64> {
+    let tensors = weights::load(&weights::weight_files(dir).unwrap(), dtype, &Device::Cpu).unwrap();
+    let model = Transformer::new(cfg, &tensors).unwrap();
+    let meta = read_json(&dir.join("expected.json"));
+    let (prompts, completions) = (ids(&meta["prompts"]), ids(&meta["completions"]));
+    let seqs: Vec<(&[u32], &[u32])> = prompts
+        .iter()
+        .zip(&completions)
+        .map(|(p, c)| (p.as_slice(), c.as_slice()))
+        .collect();
+    let batch = SeqBatch::new(&seqs, 0, &Device::Cpu).unwrap();
+    refdpo::logprobs::score(&model, &batch, OpMode::Fast).unwrap()
+}
+
 fn check(family: &str) {
     let dir = repo().join("tests/fixtures/families").join(family);
     let cfg = TransformerConfig::from_file(&dir.join("config.json")).unwrap();
@@ -151,22 +167,7 @@ fn bf16_scoring_is_as_close_as_transformers_bf16() {
     for (family, f) in fx["families"].as_object().unwrap() {
         let dir = repo().join("tests/fixtures/families").join(family);
         let cfg = TransformerConfig::from_file(&dir.join("config.json")).unwrap();
-        let tensors = weights::load(
-            &weights::weight_files(&dir).unwrap(),
-            DType::BF16,
-            &Device::Cpu,
-        )
-        .unwrap();
-        let model = Transformer::new(&cfg, &tensors).unwrap();
-        let meta = read_json(&dir.join("expected.json"));
-        let (prompts, completions) = (ids(&meta["prompts"]), ids(&meta["completions"]));
-        let seqs: Vec<(&[u32], &[u32])> = prompts
-            .iter()
-            .zip(&completions)
-            .map(|(p, c)| (p.as_slice(), c.as_slice()))
-            .collect();
-        let batch = SeqBatch::new(&seqs, 0, &Device::Cpu).unwrap();
-        let got = refdpo::logprobs::score(&model, &batch, OpMode::Fast).unwrap();
+        let got = fixture_scores(&dir, &cfg, DType::BF16);
         let floats = |k: &str| -> Vec<f64> {
             f[k].as_array()
                 .unwrap()
@@ -218,22 +219,7 @@ fn config_variants_score_as_transformers() {
         }
         let cfg = TransformerConfig::from_json(&cfg.to_string())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let tensors = weights::load(
-            &weights::weight_files(&dir).unwrap(),
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
-        let model = Transformer::new(&cfg, &tensors).unwrap();
-        let meta = read_json(&dir.join("expected.json"));
-        let (prompts, completions) = (ids(&meta["prompts"]), ids(&meta["completions"]));
-        let seqs: Vec<(&[u32], &[u32])> = prompts
-            .iter()
-            .zip(&completions)
-            .map(|(p, c)| (p.as_slice(), c.as_slice()))
-            .collect();
-        let batch = SeqBatch::new(&seqs, 0, &Device::Cpu).unwrap();
-        let got = refdpo::logprobs::score(&model, &batch, OpMode::Fast).unwrap();
+        let got = fixture_scores(&dir, &cfg, DType::F32);
         for (g, w) in got.iter().zip(v["sum_logps"].as_array().unwrap()) {
             let w = w.as_f64().unwrap();
             assert!(
