@@ -58,7 +58,9 @@ pub fn generate(
     let window = model.cfg.sliding_window;
     let mut rngs: Vec<SplitMix> = prompts
         .iter()
-        .map(|(key, _)| SplitMix::new(sampling.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        // each prompt's own stream, its start hashed from (seed, key): streams of neighbouring
+        // keys are not shifts of one another (seed ^ key·φ was, at seed 0)
+        .map(|(key, _)| SplitMix::new(crate::rng::bits(sampling.seed, key.wrapping_add(1))))
         .collect();
     // room for the prompts and the first new tokens; longer runs grow it (a huge
     // --max-new-tokens is not allocated up front)

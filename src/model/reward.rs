@@ -113,10 +113,18 @@ impl RewardModel {
             // Right-padded: causal attention keeps each sequence's own tokens from the padding.
             let mut ids = Vec::with_capacity(chunk.len() * t);
             let mut last = Vec::with_capacity(chunk.len());
+            // transformers pools the rightmost token that is not `pad_token_id` (with pad = EOS,
+            // the one before a trailing EOS), position 0 if every token is; without a pad id,
+            // the last token
+            let pad = self.model.cfg.pad_token_id;
             for (b, s) in chunk.iter().enumerate() {
                 ids.extend_from_slice(s);
                 ids.resize((b + 1) * t, 0);
-                last.push((b * t + s.len() - 1) as u32);
+                let at = match pad {
+                    Some(p) => s.iter().rposition(|&id| id != p).unwrap_or(0),
+                    None => s.len() - 1,
+                };
+                last.push((b * t + at) as u32);
             }
             let ids = Tensor::from_vec(ids, (chunk.len(), t), &device)?;
             let hidden = self.model.forward_hidden(&ids, OpMode::scoring(&device))?;
@@ -167,6 +175,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// transformers pools the rightmost token that is not `pad_token_id`: with pad = EOS (a
+    /// common choice) a sequence ending in EOS is scored at the token before it, which equals the
+    /// score of the sequence without it (causal attention); every token pad: position 0.
+    #[test]
+    fn the_pooled_token_is_the_last_that_is_not_padding() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = fixtures().join("reward/llama");
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+        }
+        let cfg = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        v["pad_token_id"] = serde_json::json!(7);
+        std::fs::write(tmp.path().join("config.json"), v.to_string()).unwrap();
+        let rm = RewardModel::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
+        let (s, with_pad) = ([3u32, 9, 4, 5].as_slice(), [3u32, 9, 4, 5, 7, 7].as_slice());
+        let got = rm.score(&[s, with_pad, &[7, 7]], 3).unwrap();
+        assert!((got[0] - got[1]).abs() < 1e-6, "{got:?}");
+        let first = rm.score(&[&[7]], 1).unwrap();
+        assert!((got[2] - first[0]).abs() < 1e-6, "all pad: position 0");
     }
 
     #[test]

@@ -114,7 +114,7 @@ fn another_run_or_cache_is_refused_and_overwrite_replaces_it() {
 
 #[test]
 fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
-    let (tmp, cfg) = precomputed("save_every = 2\nlr_schedule = \"constant\"");
+    let (tmp, cfg) = precomputed("save_every = 2\nlr_schedule = \"constant_with_warmup\"");
     let cfg_s = cfg.to_str().unwrap();
     train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
     // A learning rate that overflows the weights: step 3's update, then step 4's loss is NaN.
