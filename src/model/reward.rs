@@ -152,6 +152,20 @@ mod tests {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
     }
 
+    /// The llama reward fixture copied, its config.json edited.
+    fn llama_with(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = fixtures().join("reward/llama");
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+        }
+        let cfg = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        edit(&mut v);
+        std::fs::write(tmp.path().join("config.json"), v.to_string()).unwrap();
+        tmp
+    }
+
     /// transformers' AutoModelForSequenceClassification on right- and left-padded batches
     /// (tests/fixtures/gen_reward_fixtures.py), three families.
     #[test]
@@ -182,15 +196,7 @@ mod tests {
     /// score of the sequence without it (causal attention); every token pad: position 0.
     #[test]
     fn the_pooled_token_is_the_last_that_is_not_padding() {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = fixtures().join("reward/llama");
-        for f in ["config.json", "model.safetensors"] {
-            std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
-        }
-        let cfg = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
-        let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-        v["pad_token_id"] = serde_json::json!(7);
-        std::fs::write(tmp.path().join("config.json"), v.to_string()).unwrap();
+        let tmp = llama_with(|v| v["pad_token_id"] = serde_json::json!(7));
         let rm = RewardModel::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
         let (s, with_pad) = ([3u32, 9, 4, 5].as_slice(), [3u32, 9, 4, 5, 7, 7].as_slice());
         let got = rm.score(&[s, with_pad, &[7, 7]], 3).unwrap();
@@ -210,16 +216,10 @@ mod tests {
             e.contains("ForSequenceClassification") && e.contains("config.json"),
             "{e}"
         );
-        let tmp = tempfile::tempdir().unwrap();
-        let src = fixtures().join("reward/llama");
-        for f in ["config.json", "model.safetensors"] {
-            std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
-        }
-        let cfg = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
-        let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-        v["id2label"] = serde_json::json!({"0": "bad", "1": "good"});
-        v.as_object_mut().unwrap().remove("num_labels");
-        std::fs::write(tmp.path().join("config.json"), v.to_string()).unwrap();
+        let tmp = llama_with(|v| {
+            v["id2label"] = serde_json::json!({"0": "bad", "1": "good"});
+            v.as_object_mut().unwrap().remove("num_labels");
+        });
         let e = RewardModel::load(tmp.path(), DType::F32, &Device::Cpu)
             .err()
             .unwrap()
