@@ -41,13 +41,8 @@ fn registered(model_type: &str) -> Option<&'static str> {
 /// (`MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`, the supported ones).
 const INCORRECT_HUB_CLASS: [&str; 2] = ["qwen2", "phi3"];
 
-/// Classes that run the file as is.
-const AS_IS: [&str; 4] = [
-    "TokenizersBackend",
-    "PythonBackend",
-    "PreTrainedTokenizer",
-    "PreTrainedTokenizerFast",
-];
+/// Classes that run the file as is ("Fast" left off: `PreTrainedTokenizerFast` is one).
+const AS_IS: [&str; 3] = ["TokenizersBackend", "PythonBackend", "PreTrainedTokenizer"];
 
 fn pipeline_of(class: &str) -> std::result::Result<Pipeline, String> {
     match class.trim_end_matches("Fast") {
@@ -55,7 +50,7 @@ fn pipeline_of(class: &str) -> std::result::Result<Pipeline, String> {
         "Qwen2Tokenizer" => Ok(Pipeline::Qwen2),
         "LlamaTokenizer" => Ok(Pipeline::Llama),
         "GemmaTokenizer" => Ok(Pipeline::Gemma),
-        c if AS_IS.contains(&c) || AS_IS.contains(&class) => Ok(Pipeline::AsIs),
+        c if AS_IS.contains(&c) => Ok(Pipeline::AsIs),
         _ => Err(format!(
             "`tokenizer_class` = {class:?}: transformers rebuilds that class's pipeline in a way \
              refdpo does not implement (it runs PreTrainedTokenizerFast/TokenizersBackend, \
@@ -219,20 +214,16 @@ fn added_token_flags(tok: &mut Value, cfg: &Value) -> bool {
 /// tokenizer.json lacks), and a `special_tokens_map.json` that transformers would read over
 /// tokenizer_config.json: refused by name, since refdpo runs the file's vocabulary.
 fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) -> Result<()> {
-    let content = |v: &Value| match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content")?.as_str().map(String::from),
-        _ => None,
-    };
-    let mut named: Vec<(String, String)> = super::template::SPECIAL_TOKENS
-        .iter()
-        .filter_map(|k| Some((format!("`{k}`"), content(cfg.get(*k)?)?)))
+    use super::template::{special_tokens, token_string};
+    let mut named: Vec<(String, String)> = special_tokens(cfg)
+        .into_iter()
+        .map(|(k, c)| (format!("`{k}`"), c))
         .collect();
     for key in ["additional_special_tokens", "extra_special_tokens"] {
         if let Some(list) = cfg.get(key).and_then(Value::as_array) {
             named.extend(
                 list.iter()
-                    .filter_map(content)
+                    .filter_map(|v| token_string(Some(v)))
                     .map(|c| (format!("`{key}`"), c)),
             );
         }
@@ -264,7 +255,7 @@ fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) ->
     if cfg.get("added_tokens_decoder").is_none() && map_path.is_file() {
         let map: Value = fs::read_json(&map_path)?;
         for k in super::template::SPECIAL_TOKENS {
-            let (m, c) = (map.get(k).and_then(content), cfg.get(k).and_then(content));
+            let (m, c) = (token_string(map.get(k)), token_string(cfg.get(k)));
             if m.is_some() && m != c {
                 return Err(Error::Tokenize(format!(
                     "`{}` says `{k}` is {:?}, tokenizer_config.json {:?}: transformers would take \

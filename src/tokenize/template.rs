@@ -48,7 +48,7 @@ impl std::fmt::Debug for ChatTemplate {
 }
 
 /// The named special tokens tokenizer_config.json sets.
-fn special_tokens(cfg: &serde_json::Value) -> BTreeMap<String, String> {
+pub(super) fn special_tokens(cfg: &serde_json::Value) -> BTreeMap<String, String> {
     SPECIAL_TOKENS
         .iter()
         .filter_map(|k| Some((k.to_string(), token_string(cfg.get(*k))?)))
@@ -56,7 +56,7 @@ fn special_tokens(cfg: &serde_json::Value) -> BTreeMap<String, String> {
 }
 
 /// A `tokenizer_config.json` special token: a string or `{"content": ...}`; None where null.
-fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
+pub(super) fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Object(o) => Some(o.get("content")?.as_str()?.to_string()),

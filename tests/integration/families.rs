@@ -25,6 +25,16 @@ fn ids(v: &serde_json::Value) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The fixture's sequences (prompt, completion) as one unpadded batch.
+fn fixture_batch(prompts: &[Vec<u32>], completions: &[Vec<u32>]) -> SeqBatch {
+    let seqs: Vec<(&[u32], &[u32])> = prompts
+        .iter()
+        .zip(completions)
+        .map(|(p, c)| (p.as_slice(), c.as_slice()))
+        .collect();
+    SeqBatch::new(&seqs, 0, &Device::Cpu).unwrap()
+}
+
 /// The summed completion log-probs of a family fixture's three sequences under `cfg`, its
 /// weights loaded in `dtype` (the fast op set, as precompute scores).
 fn fixture_scores(dir: &std::path::Path, cfg: &TransformerConfig, dtype: DType) -> Vec<f64> {
@@ -32,12 +42,7 @@ fn fixture_scores(dir: &std::path::Path, cfg: &TransformerConfig, dtype: DType) 
     let model = Transformer::new(cfg, &tensors).unwrap();
     let meta = read_json(&dir.join("expected.json"));
     let (prompts, completions) = (ids(&meta["prompts"]), ids(&meta["completions"]));
-    let seqs: Vec<(&[u32], &[u32])> = prompts
-        .iter()
-        .zip(&completions)
-        .map(|(p, c)| (p.as_slice(), c.as_slice()))
-        .collect();
-    let batch = SeqBatch::new(&seqs, 0, &Device::Cpu).unwrap();
+    let batch = fixture_batch(&prompts, &completions);
     refdpo::logprobs::score(&model, &batch, OpMode::Fast).unwrap()
 }
 
@@ -85,12 +90,7 @@ fn check(family: &str) {
     }
 
     // 2. summed completion log-probs and every parameter's gradient, as training computes them
-    let seqs: Vec<(&[u32], &[u32])> = prompts
-        .iter()
-        .zip(&completions)
-        .map(|(p, c)| (p.as_slice(), c.as_slice()))
-        .collect();
-    let batch = SeqBatch::new(&seqs, 0, &Device::Cpu).unwrap();
+    let batch = fixture_batch(&prompts, &completions);
     let policy = Policy::new(&cfg, tensors.clone(), DType::F32, DType::F32, &Device::Cpu).unwrap();
     let mut grads = policy.zero_grads(DType::F32);
     let sums = policy

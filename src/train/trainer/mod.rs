@@ -41,8 +41,8 @@ pub struct Trainer<'a> {
     /// The newest checkpoint this run wrote or resumed from.
     last_checkpoint: Option<PathBuf>,
     last_train: MetricsAccumulator,
-    /// The steps since the last training line: their micro-batches, tokens, seconds and count.
-    window: (MetricsAccumulator, usize, f64, usize),
+    /// The steps since the last training line.
+    window: LogWindow,
     /// The largest gradient storage seen (for the memory summary).
     grad_bytes: usize,
     quiet: bool,
@@ -178,7 +178,7 @@ impl<'a> Trainer<'a> {
             ),
             last_checkpoint: None,
             last_train: MetricsAccumulator::default(),
-            window: (MetricsAccumulator::default(), 0, 0.0, 0),
+            window: LogWindow::default(),
             grad_bytes: 0,
             quiet,
         })
@@ -374,19 +374,20 @@ impl<'a> Trainer<'a> {
     /// learning rate, and the window's throughput.
     fn log_step(&mut self, r: &StepReport) -> Result<()> {
         let step = self.state.global_step;
-        self.window.0.merge(&r.metrics);
-        self.window.1 += r.tokens;
-        self.window.2 += r.seconds;
-        self.window.3 += 1;
+        let w = &mut self.window;
+        w.metrics.merge(&r.metrics);
+        w.tokens += r.tokens;
+        w.seconds += r.seconds;
+        w.steps += 1;
         if logs_at(step, self.cfg.train.log_every, self.state.max_steps) {
-            let (metrics, tokens, seconds, steps) = std::mem::take(&mut self.window);
+            let w = std::mem::take(&mut self.window);
             let window = StepReport {
-                metrics,
-                tokens,
-                seconds,
+                metrics: w.metrics,
+                tokens: w.tokens,
+                seconds: w.seconds,
                 ..*r
             };
-            self.log.append_step(step, self.epoch(), &window, steps)?;
+            self.log.append_step(step, self.epoch(), &window, w.steps)?;
         }
         Ok(())
     }
@@ -538,6 +539,16 @@ fn total_steps(pairs: usize, t: &crate::config::TrainConfig) -> usize {
     }
     let per_epoch = pairs.div_ceil(t.batch_size).div_ceil(t.grad_accum).max(1);
     t.epochs.saturating_mul(per_epoch)
+}
+
+/// The optimizer steps since the last training line: their micro-batches' metrics, tokens,
+/// seconds and count (a run resumed mid-window starts a new one).
+#[derive(Default)]
+struct LogWindow {
+    metrics: MetricsAccumulator,
+    tokens: usize,
+    seconds: f64,
+    steps: usize,
 }
 
 /// Whether step `step` of `last` writes a `metrics.jsonl` line: every `every`-th, as TRL's
