@@ -97,12 +97,23 @@ impl MetricsLog {
     }
 
     /// One optimizer step's line: TRL's names, plus `epoch` and `step_seconds`.
-    /// `r` covers the `steps` steps since the last line (the means over their micro-batches).
-    pub fn append_step(&self, step: usize, epoch: f64, r: &StepReport, steps: usize) -> Result<()> {
+    /// `r` covers the `steps` steps since the last line (the means over their micro-batches),
+    /// and `loss` is the mean of those steps' losses (transformers' `tr_loss` over its steps:
+    /// with a short accumulation group it is not the micro-batches' mean).
+    pub fn append_step(
+        &self,
+        step: usize,
+        epoch: f64,
+        r: &StepReport,
+        steps: usize,
+        loss: f64,
+    ) -> Result<()> {
+        let mut means = r.metrics.to_json("");
+        means.insert(Metric::Loss.name().into(), json!(loss));
         let line = MetricsLine {
             step,
             epoch: Some(epoch),
-            means: r.metrics.to_json(""),
+            means,
             grad_norm: Some(r.grad_norm),
             learning_rate: Some(r.learning_rate),
             tokens_per_second: Some(r.tokens as f64 / r.seconds.max(1e-9)),

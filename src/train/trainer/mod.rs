@@ -370,12 +370,13 @@ impl<'a> Trainer<'a> {
     }
 
     /// Adds the step to the logging window and, at a logging step, writes its line: as TRL, the
-    /// means over every micro-batch since the last line, the last step's gradient norm and
-    /// learning rate, and the window's throughput.
+    /// means over every micro-batch since the last line (the loss: over every step), the last
+    /// step's gradient norm and learning rate, and the window's throughput.
     fn log_step(&mut self, r: &StepReport) -> Result<()> {
         let step = self.state.global_step;
         let w = &mut self.window;
         w.metrics.merge(&r.metrics);
+        w.loss += r.metrics.get(Metric::Loss);
         w.tokens += r.tokens;
         w.seconds += r.seconds;
         w.steps += 1;
@@ -387,7 +388,9 @@ impl<'a> Trainer<'a> {
                 seconds: w.seconds,
                 ..*r
             };
-            self.log.append_step(step, self.epoch(), &window, w.steps)?;
+            let loss = w.loss / w.steps as f64;
+            self.log
+                .append_step(step, self.epoch(), &window, w.steps, loss)?;
         }
         Ok(())
     }
@@ -406,7 +409,7 @@ impl<'a> Trainer<'a> {
         for idx in batches::eval_batches(&split.lengths, self.cfg.train.batch_size) {
             let mb = self.micro_batch(split, &idx, true)?;
             let x = mb.pair_logps(&self.policy.score(&mb.seqs)?);
-            metrics.add(&self.loss.loss(&x)?, &x);
+            metrics.add_pairs(&self.loss.loss(&x)?, &x);
             tokens += mb.tokens;
         }
         Ok((metrics, tokens))
@@ -541,11 +544,12 @@ fn total_steps(pairs: usize, t: &crate::config::TrainConfig) -> usize {
     t.epochs.saturating_mul(per_epoch)
 }
 
-/// The optimizer steps since the last training line: their micro-batches' metrics, tokens,
-/// seconds and count (a run resumed mid-window starts a new one).
+/// The optimizer steps since the last training line: their micro-batches' metrics, the sum of
+/// their losses, tokens, seconds and count (a run resumed mid-window starts a new one).
 #[derive(Default)]
 struct LogWindow {
     metrics: MetricsAccumulator,
+    loss: f64,
     tokens: usize,
     seconds: f64,
     steps: usize,

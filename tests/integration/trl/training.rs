@@ -280,14 +280,16 @@ fn one_training_step_matches_trl() {
     }
 }
 
-/// `train.log_every` > 1 logs as TRL logs `logging_steps`: each line's means are over every
-/// micro-batch since the previous line (transformers' `tr_loss / steps`, `DPOTrainer.log`'s means
-/// of the stored metrics), with the last step's gradient norm and learning rate. Checked against
-/// the same run logged every step.
+/// `train.log_every` > 1 logs as TRL logs `logging_steps`: each line's `loss` is the mean of the
+/// steps' losses since the previous line (transformers' `tr_loss / steps`), its other means are
+/// over every micro-batch since then (`DPOTrainer.log`'s means of the stored metrics), with the
+/// last step's gradient norm and learning rate. Checked against the same run logged every step,
+/// with steps of 4, 4 and 2 micro-batches (160 pairs, batch 16, accumulation 4), where the two
+/// means differ.
 #[test]
 fn a_logging_window_averages_its_steps_as_trl() {
     use crate::common::{precomputed, train_with};
-    let (tmp, cfg) = precomputed("max_steps = 7\nsave_every = 0\neval_every = 0");
+    let (tmp, cfg) = precomputed("max_steps = 7\ngrad_accum = 4\nsave_every = 0\neval_every = 0");
     let cfg_s = cfg.to_str().unwrap();
     let lines = |run: &str, every: &str| -> Vec<Value> {
         let out = format!("train.out={}", tmp.path().join(run).display());
@@ -308,6 +310,7 @@ fn a_logging_window_averages_its_steps_as_trl() {
         .map(|v| v["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, [3, 6, 7]);
+    let micro_batches = [4.0, 4.0, 2.0, 4.0, 4.0, 2.0, 4.0];
     let windows = [0..3, 3..6, 6..7];
     for (line, w) in windowed.iter().zip(windows) {
         for key in [
@@ -317,11 +320,13 @@ fn a_logging_window_averages_its_steps_as_trl() {
             "rewards/accuracies",
             "logps/rejected",
         ] {
-            let mean = each[w.clone()]
-                .iter()
-                .map(|v| v[key].as_f64().unwrap())
+            // the loss: each step once; the rest: each micro-batch once
+            let weight = |i: usize| if key == "loss" { 1.0 } else { micro_batches[i] };
+            let mean = w
+                .clone()
+                .map(|i| weight(i) * each[i][key].as_f64().unwrap())
                 .sum::<f64>()
-                / w.len() as f64;
+                / w.clone().map(weight).sum::<f64>();
             let got = line[key].as_f64().unwrap();
             assert!(
                 close(got, mean, 1e-9),
