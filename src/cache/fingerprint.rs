@@ -29,7 +29,8 @@ pub struct Fingerprint {
     /// The shard a shard's files hold ("i/n" on disk); `None` for a whole split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<Shard>,
-    /// The reference forward's compute dtype (informational: it does not bind a training run).
+    /// The reference forward's compute dtype: a training run in another dtype is refused (its
+    /// policy would not start as the reference, so the first loss would not be ln 2).
     pub dtype: Dtype,
     pub refdpo_version: String,
     /// The version of stage one's numerics that scored the cache ([`SCORING`]; 0 in caches
@@ -139,12 +140,12 @@ impl Fingerprint {
             })
     }
 
-    /// Everything a training run depends on — the dataset rows, the model, the tokenizer and the
-    /// tokenization (not the reference's compute dtype, nor the refdpo version or numerics that
-    /// wrote it: see [`Fingerprint::scoring`]).
+    /// Everything a training run depends on — the dataset rows, the model, the tokenizer, the
+    /// tokenization and the compute dtype (not the refdpo version or numerics that wrote it: see
+    /// [`Fingerprint::scoring`]).
     /// The first field that differs is named with both values.
     pub fn check_compatible(&self, expected: &Fingerprint, path: &Path) -> Result<()> {
-        let mut skip = vec!["dtype", "refdpo_version", "scoring"];
+        let mut skip = vec!["refdpo_version", "scoring"];
         skip.extend(READ_BY_STAGE_ONE);
         match self.first_difference(expected, &skip) {
             Some((name, cached, wanted)) => Err(stale(path, &name, &cached, &wanted)),
@@ -266,6 +267,13 @@ mod tests {
                     ..sample()
                 },
             ),
+            (
+                "dtype",
+                Fingerprint {
+                    dtype: Dtype::Bf16,
+                    ..sample()
+                },
+            ),
         ] {
             let err = a
                 .check_compatible(&b, Path::new("c.arrow"))
@@ -274,7 +282,7 @@ mod tests {
             assert!(err.contains(&format!("`{field}`")), "{err}");
         }
         let mut b = sample();
-        b.dtype = Dtype::Bf16; // the reference dtype does not bind training
+        b.refdpo_version = "0.0.1".into(); // another build's cache of the same inputs trains
         a.check_compatible(&b, Path::new("c.arrow")).unwrap();
     }
 
