@@ -3,9 +3,49 @@
 use super::Config;
 use crate::error::{Error, Result};
 
+/// Where a config's keys came from, for errors: the file, or a `--set` override.
+pub(super) struct Origin<'a> {
+    pub file: &'a str,
+    /// The dotted keys given by `--set`.
+    pub set: &'a [String],
+}
+
+impl Origin<'_> {
+    /// The `--set` key that gave `key` (a dotted path, or a section), if one did.
+    fn set_key(&self, key: &str) -> Option<&str> {
+        self.set
+            .iter()
+            .find(|k| {
+                key == k.as_str()
+                    || key.starts_with(&format!("{k}."))
+                    || key.starts_with(&format!("{k}["))
+                    || k.starts_with(&format!("{key}."))
+            })
+            .map(String::as_str)
+    }
+
+    /// "in `file`", or "given by `--set key=…`".
+    pub fn of(&self, key: &str) -> String {
+        match self.set_key(key) {
+            Some(k) => format!("given by `--set {k}=…`"),
+            None => format!("in `{}`", self.file),
+        }
+    }
+
+    /// A type error's hint: a `--set` value is read as TOML, so a string of digits needs quotes.
+    pub fn hint(&self, key: &str, message: &str) -> String {
+        match self.set_key(key) {
+            Some(k) if message.contains("expected a string") => {
+                format!("; a --set value is read as TOML, so quote a string: --set '{k}=\"…\"'")
+            }
+            _ => String::new(),
+        }
+    }
+}
+
 /// Applies one `section.key=value` override (deeper keys too: `dataset.columns.prompt=…`); the
-/// value is read as TOML, else taken as a string.
-pub fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
+/// value is read as TOML, else taken as a string. Returns the dotted key.
+pub fn apply_override(table: &mut toml::Table, item: &str) -> Result<String> {
     let (key, raw) = item
         .split_once('=')
         .ok_or_else(|| Error::Config(format!("--set `{item}`: expected section.key=value")))?;
@@ -29,7 +69,7 @@ pub fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
         current = next;
     }
     current.insert(name.to_string(), parse_value(raw.trim()));
-    Ok(())
+    Ok(path.join("."))
 }
 
 fn parse_value(raw: &str) -> toml::Value {
@@ -41,7 +81,7 @@ fn parse_value(raw: &str) -> toml::Value {
 }
 
 /// Unknown keys are an error that names the key and lists the known ones.
-pub(super) fn check_known_keys(table: &toml::Table, origin: &str) -> Result<()> {
+pub(super) fn check_known_keys(table: &toml::Table, origin: &Origin) -> Result<()> {
     let defaults = toml::Value::try_from(Config::default()).expect("default config serializes");
     let toml::Value::Table(known) = defaults else {
         unreachable!()
@@ -50,20 +90,23 @@ pub(super) fn check_known_keys(table: &toml::Table, origin: &str) -> Result<()> 
         let Some(toml::Value::Table(known_keys)) = known.get(section) else {
             let names: Vec<_> = known.keys().map(String::as_str).collect();
             return Err(Error::Config(format!(
-                "unknown section `[{section}]` in `{origin}`; known sections: {}",
+                "unknown section `[{section}]` {}; known sections: {}",
+                origin.of(section),
                 names.join(", ")
             )));
         };
         let toml::Value::Table(keys) = value else {
             return Err(Error::Config(format!(
-                "`{section}` in `{origin}` must be a table"
+                "`{section}` {} must be a table",
+                origin.of(section)
             )));
         };
         for key in keys.keys() {
             if !known_keys.contains_key(key) {
                 let names: Vec<_> = known_keys.keys().map(String::as_str).collect();
                 return Err(Error::Config(format!(
-                    "unknown key `{section}.{key}` in `{origin}`; known keys of [{section}]: {}",
+                    "unknown key `{section}.{key}` {}; known keys of [{section}]: {}",
+                    origin.of(&format!("{section}.{key}")),
                     names.join(", ")
                 )));
             }

@@ -13,7 +13,7 @@ pub use choices::{
 pub use keys::apply_override;
 
 use crate::error::{fs, Error, Result};
-use keys::check_known_keys;
+use keys::{check_known_keys, Origin};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -321,21 +321,41 @@ impl Config {
         let mut table: toml::Table = text
             .parse()
             .map_err(|e| Error::Config(format!("`{}` is not valid TOML: {e}", path.display())))?;
-        for item in overrides {
-            apply_override(&mut table, item)?;
-        }
-        Self::from_table(table, &path.display().to_string())
+        let set = overrides
+            .iter()
+            .map(|item| apply_override(&mut table, item))
+            .collect::<Result<Vec<_>>>()?;
+        let file = path.display().to_string();
+        Self::build(
+            table,
+            &Origin {
+                file: &file,
+                set: &set,
+            },
+        )
     }
 
     /// Builds a config from a TOML table; `origin` names it in errors.
     pub fn from_table(table: toml::Table, origin: &str) -> Result<Self> {
+        Self::build(
+            table,
+            &Origin {
+                file: origin,
+                set: &[],
+            },
+        )
+    }
+
+    fn build(table: toml::Table, origin: &Origin) -> Result<Self> {
         check_known_keys(&table, origin)?;
         let cfg: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let message = e.inner().message();
                 Error::Config(format!(
-                    "`{}` in `{origin}`: {}",
-                    e.path(),
-                    e.inner().message()
+                    "`{key}` {}: {message}{}",
+                    origin.of(&key),
+                    origin.hint(&key, message)
                 ))
             })?;
         cfg.validate()?;
@@ -389,6 +409,40 @@ mod tests {
         assert!(err.to_string().contains("`train.betta`"), "{err}");
         let err = Config::from_table(table("[trian]\nbeta=0.1"), "x.toml").unwrap_err();
         assert!(err.to_string().contains("`[trian]`"), "{err}");
+    }
+
+    #[test]
+    fn a_set_key_is_named_as_given_by_set_not_as_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "[dataset]\nid='d'\n[model]\nid='m'\n").unwrap();
+        let load = |set: &str| {
+            Config::load(&path, &[set.to_string()])
+                .unwrap_err()
+                .to_string()
+        };
+        let err = load("dataset.limt=3");
+        assert!(
+            err.contains("`dataset.limt` given by `--set dataset.limt=…`")
+                && !err.contains("run.toml"),
+            "{err}"
+        );
+        let err = load("model.revision=1234567");
+        assert!(
+            err.contains("given by `--set model.revision=…`") && err.contains("quote a string"),
+            "{err}"
+        );
+        let err = load("trian.beta=1");
+        assert!(
+            err.contains("`[trian]` given by `--set trian.beta=…`"),
+            "{err}"
+        );
+        std::fs::write(&path, "[dataset]\nid='d'\nlimt=3\n[model]\nid='m'\n").unwrap();
+        let err = load("train.beta=0.2");
+        assert!(
+            err.contains("`dataset.limt` in `") && err.contains("run.toml"),
+            "{err}"
+        );
     }
 
     #[test]
