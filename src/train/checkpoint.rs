@@ -203,6 +203,24 @@ pub fn finished(out: &Path, total: usize) -> Option<TrainerState> {
     (state.global_step >= total).then_some(state)
 }
 
+/// Where `--resume` continues from: the newest complete checkpoint, or `final/` when it holds
+/// more steps (a finished run given more steps, or one that saved no checkpoint before it).
+pub fn resumable(out: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
+    let latest = latest(out)?;
+    let last = RunDir::new(out).final_dir();
+    let Ok(state) = read_state(&last) else {
+        return Ok(latest);
+    };
+    let newer = latest
+        .as_ref()
+        .is_none_or(|(_, l)| state.global_step > l.global_step);
+    Ok(if newer && RunDir::optimizer(&last).is_file() {
+        Some((last, state))
+    } else {
+        latest
+    })
+}
+
 /// A checkpoint's `trainer_state.json`, or why it cannot be read.
 fn read_state(checkpoint: &Path) -> std::result::Result<TrainerState, String> {
     let text = crate::error::fs::read_to_string(RunDir::trainer_state(checkpoint))

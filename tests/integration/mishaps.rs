@@ -411,6 +411,74 @@ fn a_resume_under_changed_settings_names_them() {
     );
 }
 
+/// `--resume` continues from `final/` when the run saved no checkpoint (a finished run given more
+/// steps, as "nothing to resume" advises), and a run killed before any save starts over with a
+/// log of its own steps only; both end as the run that went straight to step 6 (it used to start
+/// from the base model and append to the old log: every step twice).
+#[test]
+fn resume_without_a_checkpoint_continues_from_final_or_starts_over_cleanly() {
+    let (tmp, cfg) = precomputed("lr_schedule = \"constant\"\neval_every = 0");
+    let cfg_s = cfg.to_str().unwrap();
+    let run = tmp.path().join("run");
+    let train_lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("loss").is_some())
+            .map(|mut v| {
+                for k in ["tokens_per_second", "step_seconds"] {
+                    v.as_object_mut().unwrap().remove(k);
+                }
+                v
+            })
+            .collect()
+    };
+    train_with(
+        cfg_s,
+        tmp.path(),
+        &["train.max_steps=6", "train.warmup_ratio=0"],
+    );
+    let (straight, straight_log) = (bytes(&run.join("final/model.safetensors")), train_lines());
+    assert_eq!(straight_log.len(), 6);
+
+    let three = ["train.max_steps=3", "train.warmup_ratio=0"];
+    for first in [
+        three.to_vec(),
+        [&three[..], &["train.save_final=false"]].concat(),
+    ] {
+        std::fs::remove_dir_all(&run).unwrap();
+        train_with(cfg_s, tmp.path(), &first);
+        assert!(!run.join("checkpoint-3").exists());
+        let mut args = vec!["train", "--config", cfg_s, "--resume"];
+        args.extend([
+            "--set",
+            "train.max_steps=6",
+            "--set",
+            "train.warmup_ratio=0",
+        ]);
+        let out = refdpo(&args, tmp.path());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let from_final = first.len() == 2;
+        assert_eq!(
+            err.contains("resuming from") && err.contains("final (step 3)"),
+            from_final,
+            "{err}"
+        );
+        assert_eq!(
+            err.contains("no checkpoint") && err.contains("starting fresh"),
+            !from_final,
+            "{err}"
+        );
+        assert_eq!(train_lines(), straight_log, "after {first:?}");
+        assert!(
+            bytes(&run.join("final/model.safetensors")) == straight,
+            "after {first:?}"
+        );
+    }
+}
+
 /// Chunks left by an interrupted stage one are reused only where they hold the very pairs this
 /// run scores: after a change of `precompute.chunk_pairs`, or with one chunk copied over another,
 /// the rerun scores them again and ends with a clean run's bytes (it used to take them as they

@@ -7,9 +7,11 @@ use crate::dirs::RunDir;
 use crate::error::{Error, Result};
 
 impl Trainer<'_> {
-    /// Continues from the newest complete checkpoint in `train.out` (weights, optimizer, data
-    /// order); the metrics log keeps its lines up to that step, less a final evaluation that the
-    /// resumed run makes again. Returns the summary instead when the run there had finished.
+    /// Continues from the newest complete checkpoint in `train.out` (or its `final/`, when a
+    /// finished run is given more steps): weights, optimizer, data order. The metrics log keeps
+    /// its lines up to that step, less a final evaluation that the resumed run makes again; with
+    /// nothing to continue from, the run starts over and keeps none. Returns the summary instead
+    /// when the run there had finished.
     pub fn resume(&mut self) -> Result<Option<String>> {
         let out = &self.cfg.train.out;
         if let Some(done) = checkpoint::finished(out, self.state.max_steps) {
@@ -21,7 +23,9 @@ impl Trainer<'_> {
                 RunDir::new(out).final_dir().display()
             )));
         }
-        let Some((dir, saved)) = checkpoint::latest(out)? else {
+        let Some((dir, saved)) = checkpoint::resumable(out)? else {
+            // Steps logged by a run killed before its first checkpoint are trained again.
+            self.log.truncate_after(0, true)?;
             if !self.quiet {
                 eprintln!(
                     "--resume: no checkpoint in {}, starting fresh",
@@ -104,7 +108,11 @@ impl Trainer<'_> {
     fn check_resumed(&self, dir: &std::path::Path) -> Result<()> {
         let s = &self.state;
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let named = RunDir::checkpoint_step(name.strip_suffix(".old").unwrap_or(name));
+        let named = if dir == RunDir::new(&self.cfg.train.out).final_dir() {
+            Some(s.global_step as u64) // `final/` holds whatever step the run ended on
+        } else {
+            RunDir::checkpoint_step(name.strip_suffix(".old").unwrap_or(name))
+        };
         let why = if named != Some(s.global_step as u64) {
             format!("its trainer_state.json says step {}", s.global_step)
         } else if self.optim.step != s.global_step as u64 {
