@@ -168,7 +168,9 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
                 cfg.dataset.limit
             ))
         })?;
-        if row.prompt_id != g.prompt_id {
+        // A source without `prompt_id`s has stage one's hashes of the prompts in the cache.
+        let row_id = crate::tokenize::pairs::prompt_id(row).unwrap_or_default();
+        if row_id != g.prompt_id {
             return Err(Error::Config(format!(
                 "`{}` line {}: prompt_id {} but row {} of split `{split}` has {}: the \
                  generations come from another dataset or split",
@@ -176,7 +178,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
                 i + 1,
                 g.prompt_id,
                 g.row,
-                row.prompt_id
+                row_id
             )));
         }
         let policy = g.policy.as_ref().expect("checked when read");

@@ -429,6 +429,18 @@ impl PairTokenizer {
     }
 }
 
+/// The `prompt_id` stage one gives `row`: the source's, or for a source without one the
+/// [`prompt_hash`] of its prompt (`None` for a row that is not a pair).
+pub fn prompt_id(row: &PreferenceRow) -> Option<String> {
+    if !row.prompt_id.is_empty() {
+        return Some(row.prompt_id.clone());
+    }
+    // The prompt does not depend on the EOS token (only the text answers end with it).
+    split_pair(row, Some(""))
+        .ok()
+        .map(|pair| prompt_hash(&pair))
+}
+
 /// SHA-256 of the prompt (its text, or its messages as JSON): the `prompt_id` of a source
 /// without one.
 fn prompt_hash(pair: &Pair) -> String {

@@ -338,3 +338,49 @@ fn judge_refuses_bad_input_by_name() {
     );
     assert!(e.contains("--config"), "{e}");
 }
+
+/// A source without `prompt_id`s (TRL's own layouts; here the column mapped to one the files
+/// lack): the cache and the generations carry stage one's hashes of the prompts, and judge
+/// matches them (it used to refuse every line as "from another dataset").
+#[test]
+fn judge_takes_a_source_without_prompt_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 2");
+    let cfg_s = cfg.to_str().unwrap();
+    let no_ids = "dataset.columns.prompt_id=\"absent\"";
+    ok(
+        &["precompute", "--config", cfg_s, "--quiet", "--set", no_ids],
+        tmp.path(),
+    );
+    train_with(cfg_s, tmp.path(), &[no_ids]);
+    let run = tmp.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let limit = ["--limit", "4", "--max-new-tokens", "4"];
+    ok(
+        &[
+            &["generate", "--config", cfg_s, "--set", no_ids][..],
+            &["--quiet", "--run", run_s],
+            &limit,
+        ]
+        .concat(),
+        tmp.path(),
+    );
+    let rm = tmp.path().join("demo/reward_model");
+    let args = [
+        "judge",
+        "--run",
+        run_s,
+        "--reward-model",
+        rm.to_str().unwrap(),
+    ];
+    ok(&args, tmp.path());
+    let per_prompt = lines(&run.join("judge-test_prefs.jsonl"));
+    assert_eq!(per_prompt.len(), 4);
+    for l in &per_prompt {
+        let id = l["prompt_id"].as_str().unwrap();
+        assert!(
+            id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit()),
+            "{id}"
+        );
+    }
+}
