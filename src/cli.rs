@@ -140,6 +140,14 @@ pub struct GenerateArgs {
     /// Nucleus sampling: the most likely tokens holding this share of the probability.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Sampling from the K most likely tokens only; 0 = all (default: the model's
+    /// `generation_config.json` `top_k`, else 50, as transformers).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// transformers' repetition penalty, greedy too; 1 = none (default: the model's
+    /// `generation_config.json` `repetition_penalty`, else 1).
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
     /// Sampling seed (with each prompt's row: the same continuation in any batch).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -218,6 +218,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ))
                 .into());
             }
+            if let Some(r) = a
+                .repetition_penalty
+                .filter(|r| !(r.is_finite() && *r > 0.0))
+            {
+                return Err(Error::Config(format!(
+                    "--repetition-penalty {r}: it must be a finite number above 0 (1 = none)"
+                ))
+                .into());
+            }
             let opts = crate::generate::Options {
                 run: a.run,
                 split: a.split,
@@ -226,6 +235,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 sampling: crate::generate::Sampling {
                     temperature: a.temperature,
                     top_p: a.top_p,
+                    top_k: a.top_k,
+                    repetition_penalty: a.repetition_penalty,
                     seed: a.seed,
                 },
                 out: a.out,

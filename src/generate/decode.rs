@@ -1,6 +1,7 @@
 //! Batched KV-cached decoding: one prefill forward of the prompts packed end to end (their keys
-//! and values then left-padded into one cache row each), then one token per step for every row, greedy or sampled (temperature, top-p) from a per-prompt seed, so
-//! a prompt's continuation does not depend on the batch it ran in.
+//! and values then left-padded into one cache row each), then one token per step for every row,
+//! greedy or sampled (repetition penalty, temperature, top-k, top-p) from a per-prompt seed, so a
+//! prompt's continuation does not depend on the batch it ran in.
 
 use crate::error::Result;
 use crate::model::Transformer;
@@ -11,14 +12,33 @@ use candle_core::{Device, Tensor};
 /// New-token slots a decoding cache holds before it first grows.
 const FIRST_NEW_SLOTS: usize = 512;
 
-/// How the next token is chosen.
+/// How the next token is chosen, in transformers' order: the repetition penalty on the logits
+/// (greedy too), then the temperature, top-k and top-p.
 #[derive(Debug, Clone, Copy)]
 pub struct Sampling {
     /// 0: greedy (the first of the highest logits, as `torch.argmax`).
     pub temperature: f64,
     /// Nucleus sampling: the smallest set of most likely tokens holding this much probability.
     pub top_p: f64,
+    /// Sampling from the `k` most likely tokens only (ties at the k-th kept, as transformers);
+    /// `None` or 0: from all (`generate::run` puts the model's default, 50, in its place).
+    pub top_k: Option<usize>,
+    /// transformers' `repetition_penalty`: the logit of every token already in the sequence
+    /// (prompt included) divided by it where positive, multiplied where negative; `None`: 1,
+    /// none (`generate::run` puts the model's `generation_config.json` value in its place).
+    pub repetition_penalty: Option<f64>,
     pub seed: u64,
+}
+
+impl Sampling {
+    /// Greedy decoding with no penalty.
+    pub const GREEDY: Sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: None,
+        repetition_penalty: None,
+        seed: 0,
+    };
 }
 
 /// One prompt's continuation.
@@ -65,6 +85,15 @@ pub fn generate(
     // room for the prompts and the first new tokens; longer runs grow it (a huge
     // --max-new-tokens is not allocated up front)
     let mut cache = KvCache::with_capacity(p + max_new.min(FIRST_NEW_SLOTS));
+    // each row's tokens so far, for the repetition penalty
+    let penalty = sampling.repetition_penalty.filter(|&r| r != 1.0);
+    let mut seen: Vec<std::collections::HashSet<u32>> = match penalty {
+        Some(_) => prompts
+            .iter()
+            .map(|(_, ids)| ids.iter().copied().collect())
+            .collect(),
+        None => Vec::new(),
+    };
     let texts: Vec<&[u32]> = prompts.iter().map(|(_, ids)| *ids).collect();
     let mut hidden = model.prefill(&texts, &mut cache)?;
     for n in 0..max_new {
@@ -75,7 +104,14 @@ pub fn generate(
             if out[i].finished {
                 continue;
             }
-            let tok = choose(row, sampling, &mut rngs[i]);
+            let tok = match penalty {
+                Some(r) => {
+                    let tok = choose(&penalized(row, &seen[i], r as f32), sampling, &mut rngs[i]);
+                    seen[i].insert(tok);
+                    tok
+                }
+                None => choose(row, sampling, &mut rngs[i]),
+            };
             out[i].ids.push(tok);
             out[i].finished = eos.contains(&tok);
             next[i] = tok;
@@ -95,7 +131,7 @@ pub fn generate(
 
 /// The next token from one row of logits: greedy, or sampled at the temperature from every token
 /// (top-p 1, in vocabulary order) or from the nucleus (the most likely tokens, most likely first,
-/// until they hold top-p of the probability).
+/// until they hold top-p of the probability), among the top-k where that is set.
 fn choose(logits: &[f32], s: &Sampling, rng: &mut SplitMix) -> u32 {
     if s.temperature <= 0.0 {
         let mut best = 0;
@@ -114,6 +150,10 @@ fn choose(logits: &[f32], s: &Sampling, rng: &mut SplitMix) -> u32 {
         .iter()
         .map(|&x| (f64::from(x) / s.temperature - max).exp())
         .collect();
+    let probs = match s.top_k.filter(|&k| k > 0 && k < probs.len()) {
+        Some(k) => top_k(probs, k),
+        None => probs,
+    };
     let total: f64 = probs.iter().sum();
     if s.top_p >= 1.0 {
         return walk(probs.iter().copied().enumerate(), rng.unit() * total);
@@ -121,6 +161,32 @@ fn choose(logits: &[f32], s: &Sampling, rng: &mut SplitMix) -> u32 {
     let nucleus = nucleus(&probs, total, s.top_p);
     let sum: f64 = nucleus.iter().map(|(_, p)| p).sum();
     walk(nucleus.iter().copied(), rng.unit() * sum)
+}
+
+/// `logits` with transformers' repetition penalty on every token of `seen` (in f32, as its
+/// processor computes).
+fn penalized(logits: &[f32], seen: &std::collections::HashSet<u32>, penalty: f32) -> Vec<f32> {
+    let mut out = logits.to_vec();
+    for &t in seen {
+        if let Some(x) = out.get_mut(t as usize) {
+            *x = if *x < 0.0 { *x * penalty } else { *x / penalty };
+        }
+    }
+    out
+}
+
+/// `probs` with every weight below the k-th largest set to 0 (ties at the k-th kept, as
+/// transformers' `TopKLogitsWarper` removes only the scores below it).
+fn top_k(mut probs: Vec<f64>, k: usize) -> Vec<f64> {
+    let mut sorted = probs.clone();
+    let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let kth = *kth;
+    for p in &mut probs {
+        if *p < kth {
+            *p = 0.0;
+        }
+    }
+    probs
 }
 
 /// The token at which `u` falls in the running sum of `items` (id, weight), in their order; the
@@ -174,18 +240,14 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_first_maximum_and_top_p_keeps_the_nucleus() {
-        let greedy = Sampling {
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-        };
+        let greedy = Sampling::GREEDY;
         let mut rng = SplitMix::new(1);
         assert_eq!(choose(&[0.1, 3.0, 3.0, -1.0], &greedy, &mut rng), 1);
         // one token holds nearly all the mass: top_p 0.5 keeps only it
         let nucleus = Sampling {
             temperature: 1.0,
             top_p: 0.5,
-            seed: 0,
+            ..Sampling::GREEDY
         };
         for _ in 0..50 {
             assert_eq!(choose(&[0.0, 9.0, 1.0], &nucleus, &mut rng), 1);
@@ -193,14 +255,36 @@ mod tests {
         // full sampling visits every token of a flat distribution
         let flat = Sampling {
             temperature: 1.0,
-            top_p: 1.0,
-            seed: 0,
+            ..Sampling::GREEDY
         };
         let mut seen = [false; 3];
         for _ in 0..200 {
             seen[choose(&[0.0, 0.0, 0.0], &flat, &mut rng) as usize] = true;
         }
         assert_eq!(seen, [true; 3]);
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_most_likely_and_the_penalty_scales_by_sign() {
+        let mut rng = SplitMix::new(2);
+        let two = Sampling {
+            temperature: 1.0,
+            top_k: Some(2),
+            ..Sampling::GREEDY
+        };
+        let mut seen = [0; 4];
+        for _ in 0..400 {
+            seen[choose(&[0.0, 3.0, 2.9, 1.0], &two, &mut rng) as usize] += 1;
+        }
+        assert!(
+            seen[0] == 0 && seen[3] == 0 && seen[1] > 0 && seen[2] > 0,
+            "{seen:?}"
+        );
+        // ties at the k-th are kept, as transformers'
+        assert_eq!(top_k(vec![0.1, 0.5, 0.5, 0.2], 2), [0.0, 0.5, 0.5, 0.0]);
+        assert_eq!(top_k(vec![0.1, 0.5, 0.3, 0.3], 2), [0.0, 0.5, 0.3, 0.3]);
+        let tokens = [0u32, 1, 9].into_iter().collect();
+        assert_eq!(penalized(&[2.0, -2.0, 1.0], &tokens, 2.0), [1.0, -4.0, 1.0]);
     }
 
     /// The nucleus by a whole sort, as `choose` found it until 2026-12-06.

@@ -3,6 +3,7 @@
 //! rambling where the reference did not?
 
 pub mod decode;
+pub mod defaults;
 pub mod line;
 pub mod summary;
 
@@ -15,9 +16,9 @@ use crate::progress::Progress;
 use crate::train::split::Split;
 use candle_core::Device;
 pub use decode::{Generated, Sampling};
+pub use defaults::ModelDefaults;
 pub use line::{Continuation, GenerationLine};
-use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 pub use summary::Summary;
 
 /// What `refdpo generate` was asked for.
@@ -31,6 +32,7 @@ pub struct Options {
     pub limit: usize,
     pub max_new_tokens: usize,
     pub sampling: Sampling,
+    /// Its `top_k` and `repetition_penalty`: `None` takes the model's (`generation_config.json`).
     /// Default: `<run>/generations-<split>.jsonl`, or `<cache>/generations-<split>.jsonl`.
     pub out: Option<PathBuf>,
     pub plot: Option<PathBuf>,
@@ -71,7 +73,25 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         Some(run) => Some(RunDir::new(run).load_policy(cfg, &inputs, dtype, device)?),
         None => None,
     };
-    let eos = eos_ids(&inputs.model.dir, &inputs.tokenizer.tokenizer)?;
+    let defaults = ModelDefaults::read(&inputs.model.dir, &inputs.tokenizer.tokenizer)?;
+    if !defaults.unapplied.is_empty() {
+        eprintln!(
+            "warning: `{}` sets {}, which refdpo's generate does not apply: its continuations \
+             may differ from transformers' generate",
+            inputs.model.dir.join("generation_config.json").display(),
+            defaults.unapplied.join(", ")
+        );
+    }
+    let sampling = Sampling {
+        top_k: Some(opts.sampling.top_k.unwrap_or(defaults.top_k)),
+        repetition_penalty: Some(
+            opts.sampling
+                .repetition_penalty
+                .unwrap_or(defaults.repetition_penalty),
+        ),
+        ..opts.sampling
+    };
+    let eos = defaults.eos;
     let out = opts
         .out
         .clone()
@@ -115,7 +135,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
                 &prompts,
                 opts.max_new_tokens,
                 &eos,
-                &opts.sampling,
+                &sampling,
                 device,
                 &mut on_tokens,
             )?);
@@ -153,52 +173,6 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         tokens: done,
         seconds,
     })
-}
-
-/// The ids that end a generation: `generation_config.json`'s `eos_token_id` (one or a list), else
-/// `config.json`'s, plus the tokenizer's EOS token.
-fn eos_ids(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<u32>> {
-    let mut ids = Vec::new();
-    for file in ["generation_config.json", "config.json"] {
-        let path = model_dir.join(file);
-        if !path.exists() {
-            continue;
-        }
-        let v: Value = fs::read_json(&path)?;
-        let listed = match &v["eos_token_id"] {
-            Value::Array(items) => items.clone(),
-            Value::Null => continue,
-            one => vec![one.clone()],
-        };
-        let vocab = tokenizer.get_vocab_size(true);
-        for id in listed {
-            // never a wrapped or dropped id: a generation would stop at another token, or not at all
-            match id.as_u64().filter(|&x| x < vocab as u64) {
-                Some(x) => ids.push(x as u32),
-                None => {
-                    return Err(Error::Model(format!(
-                        "`{}`: `eos_token_id` {id} is not a token id of this tokenizer ({vocab} \
-                         tokens): fix or remove it",
-                        path.display()
-                    )))
-                }
-            }
-        }
-        break;
-    }
-    let cfg_path = model_dir.join("tokenizer_config.json");
-    if cfg_path.exists() {
-        let v: Value = fs::read_json(&cfg_path)?;
-        let token = match &v["eos_token"] {
-            Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
-            _ => None,
-        };
-        ids.extend(token.and_then(|t| tokenizer.token_to_id(&t)));
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    Ok(ids)
 }
 
 /// One model's part of a JSONL line.

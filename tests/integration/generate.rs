@@ -3,18 +3,14 @@
 //! left padding) and on the real-data tiny Llama golden; seeded sampling reproducible and
 //! independent of the batch; the command's JSONL, summary and chart on the demo.
 
-use super::common::{ok, precomputed, read_json, realdata, repo, train_with};
+use super::common::{ok, precomputed, read_json, realdata, refdpo, repo, train_with};
 use candle_core::{DType, Device};
 use refdpo::generate::decode::{generate, Sampling};
 use refdpo::model::{init, weights, Transformer, TransformerConfig};
 use serde_json::Value;
 use std::path::Path;
 
-const GREEDY: Sampling = Sampling {
-    temperature: 0.0,
-    top_p: 1.0,
-    seed: 0,
-};
+const GREEDY: Sampling = Sampling::GREEDY;
 
 fn load(dir: &Path) -> Transformer {
     let cfg = TransformerConfig::from_file(&dir.join("config.json")).unwrap();
@@ -37,6 +33,18 @@ fn ids(v: &Value) -> Vec<u32> {
 
 /// Greedy continuations of `cases` (all in one left-padded batch) against their fixture ids.
 fn check_greedy(model: &Transformer, cases: &[Value], max_new: usize, eos: &[u32], what: &str) {
+    check_decoding(model, cases, max_new, eos, &GREEDY, what)
+}
+
+/// Continuations of `cases` under `sampling` (all in one left-padded batch) against their fixture ids.
+fn check_decoding(
+    model: &Transformer,
+    cases: &[Value],
+    max_new: usize,
+    eos: &[u32],
+    sampling: &Sampling,
+    what: &str,
+) {
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
     let batch: Vec<(u64, &[u32])> = prompts
         .iter()
@@ -48,7 +56,7 @@ fn check_greedy(model: &Transformer, cases: &[Value], max_new: usize, eos: &[u32
         &batch,
         max_new,
         eos,
-        &GREEDY,
+        sampling,
         &Device::Cpu,
         &mut |_| {},
     )
@@ -85,6 +93,20 @@ fn greedy_decoding_matches_transformers_for_every_family() {
             &eos,
             family,
         );
+        // transformers' repetition penalty, which its greedy decoding applies too
+        let penalty = Sampling {
+            repetition_penalty: fx["repetition_penalty"].as_f64(),
+            ..GREEDY
+        };
+        assert!(penalty.repetition_penalty.is_some());
+        check_decoding(
+            &model,
+            f["penalty_cases"].as_array().unwrap(),
+            max_new,
+            &eos,
+            &penalty,
+            &format!("{family} with repetition_penalty"),
+        );
     }
 }
 
@@ -117,7 +139,9 @@ fn seeded_sampling_is_reproducible_and_independent_of_the_batch() {
     let s = |seed| Sampling {
         temperature: 1.0,
         top_p: 0.9,
+        top_k: Some(50),
         seed,
+        ..Sampling::GREEDY
     };
     let run = |prompts: &[(u64, &[u32])], seed| {
         generate(
@@ -252,4 +276,43 @@ fn eos_ids_that_are_not_token_ids_are_refused_by_file() {
         );
     }
     assert!(run(r#"{"eos_token_id": [2]}"#).status.success());
+}
+
+/// The model's `generation_config.json`: its `repetition_penalty` applies (transformers' greedy
+/// decoding applies it), `--repetition-penalty` overrides it, and a setting refdpo does not apply
+/// is named in a warning.
+#[test]
+fn generate_takes_the_models_repetition_penalty_and_names_what_it_does_not_apply() {
+    let (tmp, cfg) = precomputed("");
+    let cfg_s = cfg.to_str().unwrap();
+    let generated = |extra: &[&str], name: &str| -> (Vec<Value>, String) {
+        let out = tmp.path().join(format!("{name}.jsonl"));
+        let mut args = vec!["generate", "--config", cfg_s, "--quiet", "--limit", "6"];
+        args.extend(["--max-new-tokens", "24", "--out", out.to_str().unwrap()]);
+        let r = refdpo(&[&args[..], extra].concat(), tmp.path());
+        let err = String::from_utf8_lossy(&r.stderr).into_owned();
+        assert!(r.status.success(), "{err}");
+        let ids = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["reference"]["ids"].clone())
+            .collect();
+        (ids, err)
+    };
+    let (plain, _) = generated(&[], "plain");
+    let (flag, _) = generated(&["--repetition-penalty", "1.5"], "flag");
+    assert_ne!(plain, flag, "the penalty changed nothing");
+    std::fs::write(
+        tmp.path().join("demo/model/generation_config.json"),
+        r#"{"repetition_penalty": 1.5, "no_repeat_ngram_size": 3}"#,
+    )
+    .unwrap();
+    let (model, err) = generated(&[], "model");
+    assert_eq!(model, flag);
+    assert!(
+        err.contains("generation_config.json") && err.contains("no_repeat_ngram_size = 3"),
+        "{err}"
+    );
+    let (off, _) = generated(&["--repetition-penalty", "1"], "off");
+    assert_eq!(off, plain);
 }

@@ -1,0 +1,132 @@
+//! What a model folder asks of `generate`, read as transformers' `GenerationConfig` reads it: the
+//! ids that end a generation, `repetition_penalty` (applied by transformers' greedy decoding too)
+//! and `top_k` (its sampling's default, 50), and the settings refdpo does not apply.
+
+use crate::error::{fs, Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// transformers' default `top_k` when sampling.
+pub const TOP_K: usize = 50;
+
+/// Settings of `generation_config.json` that change transformers' `generate` and that refdpo's
+/// does not apply, with the value that means "off" (besides null).
+const UNAPPLIED: [(&str, f64); 12] = [
+    ("no_repeat_ngram_size", 0.0),
+    ("min_length", 0.0),
+    ("min_new_tokens", 0.0),
+    ("bad_words_ids", f64::NAN),
+    ("suppress_tokens", f64::NAN),
+    ("begin_suppress_tokens", f64::NAN),
+    ("forced_bos_token_id", f64::NAN),
+    ("forced_eos_token_id", f64::NAN),
+    ("sequence_bias", f64::NAN),
+    ("min_p", 0.0),
+    ("typical_p", 1.0),
+    ("epsilon_cutoff", 0.0),
+];
+
+/// A model folder's generation settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDefaults {
+    /// `generation_config.json`'s `eos_token_id` (one or a list), else `config.json`'s, plus the
+    /// tokenizer's EOS token.
+    pub eos: Vec<u32>,
+    /// 1: none.
+    pub repetition_penalty: f64,
+    /// 0: none.
+    pub top_k: usize,
+    /// The settings present that refdpo does not apply (`key = value`).
+    pub unapplied: Vec<String>,
+}
+
+impl ModelDefaults {
+    pub fn read(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Self> {
+        let gen_path = model_dir.join("generation_config.json");
+        let gen: Value = if gen_path.exists() {
+            fs::read_json(&gen_path)?
+        } else {
+            Value::Null
+        };
+        let bad = |key: &str, v: &Value, want: &str| {
+            Error::Model(format!(
+                "`{}`: `{key}` is {v}, not {want}: fix or remove it",
+                gen_path.display()
+            ))
+        };
+        let repetition_penalty = match &gen["repetition_penalty"] {
+            Value::Null => 1.0,
+            v => v
+                .as_f64()
+                .filter(|p| p.is_finite() && *p > 0.0)
+                .ok_or_else(|| bad("repetition_penalty", v, "a number above 0"))?,
+        };
+        let top_k = match &gen["top_k"] {
+            Value::Null => TOP_K,
+            v => v
+                .as_u64()
+                .and_then(|k| usize::try_from(k).ok())
+                .ok_or_else(|| bad("top_k", v, "a whole number >= 0"))?,
+        };
+        let unapplied = UNAPPLIED
+            .iter()
+            .filter_map(|(key, off)| {
+                let v = &gen[*key];
+                let is_off = v.is_null() || v.as_f64() == Some(*off);
+                (!is_off).then(|| format!("{key} = {v}"))
+            })
+            .collect();
+        Ok(Self {
+            eos: eos_ids(model_dir, tokenizer)?,
+            repetition_penalty,
+            top_k,
+            unapplied,
+        })
+    }
+}
+
+/// The ids that end a generation: `generation_config.json`'s `eos_token_id` (one or a list), else
+/// `config.json`'s, plus the tokenizer's EOS token.
+fn eos_ids(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for file in ["generation_config.json", "config.json"] {
+        let path = model_dir.join(file);
+        if !path.exists() {
+            continue;
+        }
+        let v: Value = fs::read_json(&path)?;
+        let listed = match &v["eos_token_id"] {
+            Value::Array(items) => items.clone(),
+            Value::Null => continue,
+            one => vec![one.clone()],
+        };
+        let vocab = tokenizer.get_vocab_size(true);
+        for id in listed {
+            // never a wrapped or dropped id: a generation would stop at another token, or not at all
+            match id.as_u64().filter(|&x| x < vocab as u64) {
+                Some(x) => ids.push(x as u32),
+                None => {
+                    return Err(Error::Model(format!(
+                        "`{}`: `eos_token_id` {id} is not a token id of this tokenizer ({vocab} \
+                         tokens): fix or remove it",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        break;
+    }
+    let cfg_path = model_dir.join("tokenizer_config.json");
+    if cfg_path.exists() {
+        let v: Value = fs::read_json(&cfg_path)?;
+        let token = match &v["eos_token"] {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+            _ => None,
+        };
+        ids.extend(token.and_then(|t| tokenizer.token_to_id(&t)));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
