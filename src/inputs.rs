@@ -146,7 +146,21 @@ impl Inputs {
 /// it).
 fn check_vocabulary(tokenizer: &PairTokenizer, model: &ModelSource) -> Result<()> {
     let vocab = tokenizer.tokenizer.get_vocab(true);
-    let Some((token, &id)) = vocab.iter().max_by_key(|(_, &id)| id) else {
+    let post = tokenizer
+        .tokenizer
+        .get_post_processor()
+        .and_then(|p| serde_json::to_value(p).ok())
+        .map(|v| post_processor_ids(&v))
+        .unwrap_or_default();
+    let Some((token, id)) = vocab
+        .iter()
+        .map(|(t, &id)| (t.clone(), id))
+        .chain(
+            post.into_iter()
+                .map(|id| ("added by its post_processor".into(), id)),
+        )
+        .max_by_key(|(_, id)| *id)
+    else {
         return Ok(());
     };
     if id as usize >= model.cfg.vocab_size {
@@ -160,6 +174,34 @@ fn check_vocabulary(tokenizer: &PairTokenizer, model: &ModelSource) -> Result<()
         )));
     }
     Ok(())
+}
+
+/// The ids a tokenizer's post-processor adds (`TemplateProcessing`'s `special_tokens[*].ids`,
+/// BERT/RoBERTa's `cls` and `sep`), whatever its JSON nests them in.
+fn post_processor_ids(v: &serde_json::Value) -> Vec<u32> {
+    use serde_json::Value;
+    let ids = |v: &Value| -> Vec<u32> {
+        let items = match v {
+            Value::Array(a) => a.clone(),
+            other => vec![other.clone()],
+        };
+        items
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| u32::try_from(x).unwrap_or(u32::MAX))
+            .collect()
+    };
+    match v {
+        Value::Object(o) => o
+            .iter()
+            .flat_map(|(k, v)| match k.as_str() {
+                "ids" | "cls" | "sep" => ids(v),
+                _ => post_processor_ids(v),
+            })
+            .collect(),
+        Value::Array(a) => a.iter().flat_map(post_processor_ids).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// What else decides a split's rows (`data_files`, `test_size`, the column, message-key and role

@@ -6,6 +6,33 @@ use crate::error::{Error, Result};
 use crate::outputs::Existing;
 use candle_core::Device;
 
+/// Writes to standard output. A reader that went away (`refdpo stats … | head`) ends the
+/// process quietly with status 141 (128 + SIGPIPE), as `cat` does, instead of a panic; any
+/// other failure is an error.
+fn out(text: std::fmt::Arguments) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
+        Err(e) => Err(Error::io(
+            "cannot write",
+            std::path::Path::new("<stdout>"),
+            e,
+        )),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// `print!` through [`out`].
+macro_rules! say {
+    ($($t:tt)*) => { out(format_args!($($t)*))? };
+}
+
+/// `println!` through [`out`].
+macro_rules! sayln {
+    ($($t:tt)*) => { out(format_args!("{}\n", format_args!($($t)*)))? };
+}
+
 /// Parses `--device` (default: CUDA when built with it and present, else CPU). Nothing about
 /// the device is changed: see [`compute_device`].
 pub fn device(spec: Option<&str>) -> Result<Device> {
@@ -151,7 +178,7 @@ fn profiled(on: bool, device: &Device, stage: impl FnOnce() -> Result<String>) -
     }
     let summary = stage();
     let table = crate::profile::report();
-    println!("{}", summary?);
+    sayln!("{}", summary?);
     if let Some(table) = table {
         eprint!("{table}");
     }
@@ -190,7 +217,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let dev = device(spec.as_deref())?;
             let checks = crate::selftest::run(&dev)?;
             let (text, passed) = crate::selftest::report(&device_name(&dev), &checks);
-            println!("{text}");
+            sayln!("{text}");
             if !passed {
                 return Err(
                     Error::Model("selftest failed: see the FAIL lines above".into()).into(),
@@ -199,7 +226,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Plot { run, out } => {
             for f in crate::train::curves::plot(&run, &out)? {
-                println!("{}", f.display());
+                sayln!("{}", f.display());
             }
         }
         Command::Generate(a) => {
@@ -243,8 +270,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 plot: a.plot.clone(),
             };
             let r = crate::generate::run(&cfg, &opts, &dev, a.dev.quiet)?;
-            print!("{}", r.summary.text());
-            println!(
+            say!("{}", r.summary.text());
+            sayln!(
                 "{} tokens in {:.2} s ({:.0} tokens/s); generations in {}",
                 r.tokens,
                 r.seconds,
@@ -252,13 +279,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 r.path.display()
             );
             if let Some(dir) = a.plot {
-                println!("chart in {}", dir.join("generation_lengths.svg").display());
+                sayln!("chart in {}", dir.join("generation_lengths.svg").display());
             }
         }
         Command::Judge(a) => judge(a)?,
         Command::Merge { adapter, out, base } => {
             let base = crate::train::merge::merge(&adapter, base.as_deref(), &out)?;
-            println!(
+            sayln!(
                 "merged {} into {} ({}); wrote {}",
                 adapter.display(),
                 base.dir.display(),
@@ -273,7 +300,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let cfg = load(&config)?;
             let split = split.unwrap_or_else(|| cfg.dataset.train_split.clone());
-            print!("{}", crate::show::show(&cfg, &split, index)?);
+            say!("{}", crate::show::show(&cfg, &split, index)?);
         }
     }
     Ok(())
@@ -303,11 +330,11 @@ fn judge(a: JudgeArgs) -> Result<()> {
     };
     let j = crate::judge::run(&cfg, &opts, &dev, a.dev.quiet || a.json)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&j.to_json())?);
+        sayln!("{}", serde_json::to_string_pretty(&j.to_json())?);
     } else {
-        print!("{}", j.text());
+        say!("{}", j.text());
         if let Some(dir) = a.plot {
-            println!("charts in {}", dir.display());
+            sayln!("charts in {}", dir.display());
         }
     }
     Ok(())
@@ -341,6 +368,6 @@ fn stats(a: StatsArgs) -> Result<()> {
         config: cfg,
         device: compute_device(a.device.as_deref())?,
     };
-    print!("{}", crate::stats::run(&opts)?);
+    say!("{}", crate::stats::run(&opts)?);
     Ok(())
 }

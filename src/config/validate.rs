@@ -66,11 +66,13 @@ impl Config {
             x == 0.0 || (f64::from(f32::MIN_POSITIVE)..=f64::from(f32::MAX)).contains(&x.abs())
         };
         const IN_F32: &str = "a finite number > 0 within f32's range (1.2e-38 to 3.4e38; the optimizer computes in f32)";
+        const LOSS_F32: &str = "a finite number within f32's range (1.2e-38 to 3.4e38, or 0 where \
+                                0 is allowed; the policy's gradients are f32)";
         in_range(
             "train.beta",
             t.beta,
-            positive(t.beta),
-            "a finite number > 0",
+            positive(t.beta) && f32_range(t.beta),
+            LOSS_F32,
         )?;
         in_range(
             "train.learning_rate",
@@ -87,14 +89,14 @@ impl Config {
         in_range(
             "train.rpo_alpha",
             t.rpo_alpha,
-            non_negative(t.rpo_alpha),
-            "a finite number >= 0",
+            non_negative(t.rpo_alpha) && f32_range(t.rpo_alpha),
+            LOSS_F32,
         )?;
         in_range(
             "train.discopop_tau",
             t.discopop_tau,
-            positive(t.discopop_tau),
-            "a finite number > 0",
+            positive(t.discopop_tau) && f32_range(t.discopop_tau),
+            LOSS_F32,
         )?;
         if t.loss.0.is_empty() {
             return Err(Error::Config(
@@ -109,9 +111,10 @@ impl Config {
                 t.loss.0.len()
             )));
         }
-        if let Some(w) = t.loss_weights.iter().find(|w| !w.is_finite()) {
+        if let Some(w) = t.loss_weights.iter().find(|w| !f32_range(**w)) {
             return Err(Error::Config(format!(
-                "`train.loss_weights` holds {w}: weights must be finite."
+                "`train.loss_weights` holds {w}: weights must be 0 or finite numbers within f32's \
+                 range (1.2e-38 to 3.4e38 in size; the policy's gradients are f32)."
             )));
         }
         if t.loss.0.contains(&crate::dpo::LossKind::ExoPair) && t.label_smoothing <= 0.0 {
@@ -124,8 +127,8 @@ impl Config {
         in_range(
             "train.simpo_gamma",
             t.simpo_gamma,
-            non_negative(t.simpo_gamma),
-            "a finite number >= 0",
+            non_negative(t.simpo_gamma) && f32_range(t.simpo_gamma),
+            LOSS_F32,
         )?;
         in_range(
             "train.warmup_ratio",

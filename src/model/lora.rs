@@ -417,6 +417,14 @@ pub fn merge(
             .ok_or_else(|| Error::Model(format!("the base model has no `{name}`")))?;
         let delta = (ad.b.matmul(&ad.a)? * ad.scale)?.to_dtype(w.dtype())?;
         let merged = (w + delta.to_device(w.device())?)?;
+        // never a model of NaN or Inf weights (PEFT's `safe_merge` refuses them too)
+        if let Some(at) = crate::model::weights::non_finite_at(&merged)? {
+            return Err(Error::Model(format!(
+                "merging the adapter into `{name}` gives a NaN or Inf weight (element {at}): its \
+                 lora_A/lora_B of `{module}` or `lora_alpha` ({}) overflow; the adapter is damaged",
+                saved.lora.alpha
+            )));
+        }
         base.insert(name, merged);
         used += 2;
     }

@@ -432,7 +432,9 @@ impl Scorer<'_> {
         );
         let size = cfg.precompute.chunk_pairs;
         let chunks = split.pairs.len().div_ceil(size);
-        let (mut resumed, mut chunk, mut buf) = (0, 0, Vec::with_capacity(size));
+        // room for one chunk, or the whole split where that is smaller (`chunk_pairs` may be huge)
+        let room = size.min(split.pairs.len());
+        let (mut resumed, mut chunk, mut buf) = (0, 0, Vec::with_capacity(room));
         // the index of the next kept pair among the split's (the shard's first from its first row)
         let mut k = split.pairs.start;
         let mut finish = |buf: &mut Vec<TokenizedPair>| -> Result<()> {

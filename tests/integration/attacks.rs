@@ -84,8 +84,30 @@ fn numbers_at_the_ends_of_their_types_are_errors_not_panics() {
         tmp.path(),
         &["demo.train_rows", "1000000"],
     );
-    // optimizer numbers f32 cannot hold
-    for set in ["train.learning_rate=1e39", "train.adam_epsilon=1e-300"] {
+    // a chunk size no memory holds: the chunk is never larger than the split
+    let chunk = format!("precompute.out={}", tmp.path().join("c").display());
+    ok(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--set",
+            &chunk,
+            "--set",
+            "precompute.chunk_pairs=1099511627776",
+        ],
+        tmp.path(),
+    );
+    // optimizer and loss numbers f32 cannot hold (the loss's gradients are f32: 1e39 was a NaN
+    // blamed on the learning rate, 1e-320 a beta of 0 that trained nothing)
+    for set in [
+        "train.learning_rate=1e39",
+        "train.adam_epsilon=1e-300",
+        "train.beta=1e39",
+        "train.beta=1e-320",
+        "train.simpo_gamma=1e308",
+    ] {
         let key = set.split('=').next().unwrap();
         refused_within(
             60,
@@ -94,6 +116,26 @@ fn numbers_at_the_ends_of_their_types_are_errors_not_panics() {
             &[key, "f32"],
         );
     }
+}
+
+/// A reader that goes away (`refdpo stats … | head`) ends refdpo quietly with 128 + SIGPIPE, as
+/// `cat`; it used to panic ("failed printing to stdout").
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let (tmp, _cfg) = crate::common::precomputed("max_steps = 2");
+    let cache = tmp.path().join("cache");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_refdpo"))
+        .args(["stats", "--cache", cache.to_str().unwrap()])
+        .current_dir(tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader closes before refdpo writes
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]

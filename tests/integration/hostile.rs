@@ -121,6 +121,25 @@ fn damaged_models_and_tokenizers_are_refused_naming_the_key_or_tensor() {
         &model_set(&index),
         &["model.safetensors.index.json` is not valid JSON"],
     );
+    // a special token its post-processor adds, past the embedding (a candle index error before)
+    let post = model_copy(t, "post", |d| {
+        edit_json(&d.join("tokenizer.json"), |v| {
+            let special = json!({"SpecialToken": {"id": "<x>", "type_id": 0}});
+            let seq = |id: &str| json!({"Sequence": {"id": id, "type_id": 0}});
+            v["post_processor"] = json!({
+                "type": "TemplateProcessing",
+                "single": [special, seq("A")],
+                "pair": [special, seq("A"), seq("B")],
+                "special_tokens": {"<x>": {"id": "<x>", "ids": [1_000_000], "tokens": ["<x>"]}}
+            });
+        })
+    });
+    refused(
+        &cfg,
+        t,
+        &model_set(&post),
+        &["largest id is 1000000", "post_processor", "tokenizer.json"],
+    );
     // a count no weights could hold: refused before anything is listed or allocated per layer
     let many = config_edit("many", "num_hidden_layers", json!(1_000_000_000));
     refused(

@@ -131,6 +131,36 @@ fn demo_lora_trains_merges_and_reports() {
         tmp.path(),
     );
     assert!(err.contains("holds no LoRA adapter"), "{err}");
+    // an adapter whose scale overflows f32 when merged: refused naming the module, nothing written
+    let loud = tmp.path().join("loud");
+    std::fs::create_dir_all(&loud).unwrap();
+    for f in std::fs::read_dir(run.join("final")).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, loud.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut c = read_json(&loud.join("adapter_config.json"));
+    c["lora_alpha"] = 1e300.into();
+    std::fs::write(loud.join("adapter_config.json"), c.to_string()).unwrap();
+    let out = tmp.path().join("loud-merged");
+    let err = fails(
+        &[
+            "merge",
+            "--adapter",
+            loud.to_str().unwrap(),
+            "--base",
+            model_dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("NaN or Inf") && err.contains("lora_alpha"),
+        "{err}"
+    );
+    assert!(!out.exists());
 
     // stats --run scores the merged policy: its mean margin is the final eval's
     let json: serde_json::Value = serde_json::from_str(&ok(

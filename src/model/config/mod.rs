@@ -469,11 +469,19 @@ fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
         return Err("`rope_theta` is null: it must be a number".into());
     }
     for (key, value) in positive {
-        if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
-            return Err(format!("`{key}` = {v}: it must be a finite number above 0"));
+        if let Some(v) = value.filter(|v| !positive_f32(*v)) {
+            return Err(format!(
+                "`{key}` = {v}: it must be a finite number above 0 within f32's range (1.2e-38 \
+                 to 3.4e38; the model computes in f32)"
+            ));
         }
     }
     Ok(())
+}
+
+/// Above 0 and within f32's normal range (1e-300 would be 0 there, 1e39 infinite).
+pub(crate) fn positive_f32(v: f64) -> bool {
+    v.is_finite() && (f64::from(f32::MIN_POSITIVE)..=f64::from(f32::MAX)).contains(&v)
 }
 
 #[cfg(test)]

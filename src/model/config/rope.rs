@@ -160,9 +160,9 @@ fn one(
         let x = v
             .and_then(Value::as_f64)
             .ok_or_else(|| format!("`{at}` ({kind} RoPE scaling) lacks `{k}`"))?;
-        if !(x.is_finite() && x > 0.0) {
+        if !super::positive_f32(x) {
             return Err(format!(
-                "`{at}.{k}` = {x}: it must be a finite number above 0"
+                "`{at}.{k}` = {x}: it must be a finite number above 0 within f32's range"
             ));
         }
         Ok(x as f32)
