@@ -105,14 +105,64 @@ pub(super) fn check_known_keys(table: &toml::Table, origin: &Origin) -> Result<(
             if !known_keys.contains_key(key) {
                 let names: Vec<_> = known_keys.keys().map(String::as_str).collect();
                 return Err(Error::Config(format!(
-                    "unknown key `{section}.{key}` {}; known keys of [{section}]: {}",
+                    "unknown key `{section}.{key}` {}; {}known keys of [{section}]: {}",
                     origin.of(&format!("{section}.{key}")),
+                    trl_option(key)
+                        .map(|h| format!("{h}; "))
+                        .unwrap_or_default(),
                     names.join(", ")
                 )));
             }
         }
     }
     Ok(())
+}
+
+/// TRL 1.16 `DPOConfig` options that are not refdpo keys: refdpo's equivalent, or that it has none.
+const TRL_OPTIONS: [(&str, &str); 21] = [
+    ("max_length", "refdpo's is `tokenize.max_length`"),
+    ("truncation_mode", "refdpo's is `tokenize.truncation`"),
+    ("loss_type", "refdpo's is `train.loss`"),
+    (
+        "precompute_ref_log_probs",
+        "refdpo always precomputes them (`refdpo precompute`)",
+    ),
+    (
+        "precompute_ref_batch_size",
+        "refdpo's is `precompute.batch_size`",
+    ),
+    (
+        "per_device_train_batch_size",
+        "refdpo's is `train.batch_size`",
+    ),
+    (
+        "gradient_accumulation_steps",
+        "refdpo's is `train.grad_accum`",
+    ),
+    ("num_train_epochs", "refdpo's is `train.epochs`"),
+    ("lr_scheduler_type", "refdpo's is `train.lr_schedule`"),
+    ("logging_steps", "refdpo's is `train.log_every`"),
+    ("disable_dropout", "refdpo's models run without dropout"),
+    ("ld_alpha", NOT_IMPLEMENTED),
+    ("f_divergence_type", NOT_IMPLEMENTED),
+    ("f_alpha_divergence_coef", NOT_IMPLEMENTED),
+    ("use_weighting", NOT_IMPLEMENTED),
+    ("sync_ref_model", NOT_IMPLEMENTED),
+    ("ref_model_mixup_alpha", NOT_IMPLEMENTED),
+    ("ref_model_sync_steps", NOT_IMPLEMENTED),
+    ("padding_free", NOT_IMPLEMENTED),
+    ("pad_to_multiple_of", NOT_IMPLEMENTED),
+    ("activation_offloading", NOT_IMPLEMENTED),
+];
+
+const NOT_IMPLEMENTED: &str = "refdpo does not implement it";
+
+/// A hint for a key that is a TRL option.
+fn trl_option(key: &str) -> Option<String> {
+    TRL_OPTIONS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(k, what)| format!("`{k}` is TRL's DPOConfig option: {what}"))
 }
 
 /// The dotted keys whose values differ between two configurations' TOML (each key with its value

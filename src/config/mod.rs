@@ -432,6 +432,13 @@ mod tests {
             err.contains("given by `--set model.revision=…`") && err.contains("quote a string"),
             "{err}"
         );
+        let err = load("train.ld_alpha=0.5");
+        assert!(
+            err.contains("`ld_alpha` is TRL's DPOConfig option: refdpo does not implement it"),
+            "{err}"
+        );
+        let err = load("train.truncation_mode=keep_end");
+        assert!(err.contains("refdpo's is `tokenize.truncation`"), "{err}");
         let err = load("trian.beta=1");
         assert!(
             err.contains("`[trian]` given by `--set trian.beta=…`"),

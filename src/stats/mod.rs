@@ -68,10 +68,9 @@ pub fn run(opts: &StatsOptions) -> Result<String> {
     }
     // polars panics on some damaged footers the checksum (over the bytes before them) passes
     let first = files.first().map(PathBuf::as_path).unwrap_or(Path::new(""));
-    let mut stats =
-        crate::error::contain_panic(first, "reading the parquet cache", || {
-            queries::compute(&files)
-        })?;
+    let mut stats = crate::error::contain_panic(first, "reading the parquet cache", || {
+        queries::compute(&files)
+    })?;
     stats.add_dropped(&reports(&files, &split), &split);
     if let Some(run_dir) = &opts.run {
         let policy = policy::policy_bias(run_dir, &split, &files, &opts.device)?;

@@ -409,6 +409,28 @@ fn a_resume_under_changed_settings_names_them() {
             && !err.contains("max_steps"),
         "{err}"
     );
+    // a full fine-tuning checkpoint resumed as LoRA: refused, saying why
+    let out = refdpo(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--resume",
+            "--set",
+            "train.max_steps=6",
+            "--set",
+            "train.lora.r=4",
+        ],
+        tmp.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("train.lora.r 0 -> 4")
+            && err.contains("saved by a run with other settings"),
+        "{err}"
+    );
 }
 
 /// `--resume` continues from `final/` when the run saved no checkpoint (a finished run given more

@@ -34,11 +34,19 @@ impl Trainer<'_> {
             }
             return Ok(None);
         };
+        // said before the checkpoint is read: a changed `train.lora` is why it would not fit
+        self.warn_changed_config();
         let w = checkpoint::load_trained(&dir, &self.device)?;
         for (name, var) in self.policy.names.iter().zip(&self.policy.vars) {
-            let saved = w
-                .get(name)
-                .ok_or_else(|| Error::Train(format!("`{}` lacks `{name}`", dir.display())))?;
+            let saved = w.get(name).ok_or_else(|| {
+                Error::Train(format!(
+                    "`{}` lacks `{name}`: it was saved by a run with other settings (full \
+                     fine-tuning or LoRA, `train.lora.*`, or another model). Resume with the \
+                     settings the run began with (its config.toml), or train without --resume \
+                     (with --overwrite).",
+                    dir.display()
+                ))
+            })?;
             if saved.dims() != var.dims() {
                 return Err(Error::Train(format!(
                     "`{}` holds `{name}` of shape {:?}; this run's model has {:?}: the checkpoint \
@@ -59,7 +67,6 @@ impl Trainer<'_> {
         self.check_resumed(&dir)?;
         let last = self.state.global_step >= self.state.max_steps;
         self.log.truncate_after(self.state.global_step, last)?;
-        self.warn_changed_config();
         if !self.quiet {
             eprintln!(
                 "resuming from {} (step {})",
