@@ -1,7 +1,8 @@
 """Reading a refdpo cache directory (SPEC, "The cache"): a split is `<split>.arrow`, or its shards
 `<split>.shard-<i>-of-<n>.arrow` read in row order. Every file is verified as stage two verifies
-it before a row is used: the xxh3-64 of every byte before the Arrow footer, against the
-`refdpo.xxh3` value (`<len>:<hex>`) in the footer's metadata; the fingerprint is the schema's
+it before a row is used: the xxh3-64 of the whole file with the `refdpo.xxh3` value of its
+footer's metadata (`whole:<hex>`) read as `whole:????????????????` (files written before it:
+`<len>:<hex>`, of every byte before the footer); the fingerprint is the schema's
 `refdpo.fingerprint` (JSON).
 """
 
@@ -14,6 +15,8 @@ import pyarrow.ipc as ipc
 import xxhash
 
 CHECKSUM_KEY = b"refdpo.xxh3"
+WHOLE = b"whole:"
+PLACEHOLDER = b"whole:????????????????"
 FINGERPRINT_KEY = b"refdpo.fingerprint"
 
 
@@ -59,19 +62,44 @@ def _verify(path):
     stored = (reader.metadata or {}).get(CHECKSUM_KEY)
     if stored is None:
         raise CacheError(f"{path}: no `refdpo.xxh3` checksum in its footer: not a refdpo cache file")
-    try:
-        length, digest = stored.decode().split(":")
-        length, digest = int(length), int(digest, 16)
-    except ValueError as e:
-        raise CacheError(f"{path}: unreadable checksum {stored!r}") from e
-    with open(path, "rb") as f:
-        covered = f.read(length)
-    if len(covered) != length or xxhash.xxh3_64_intdigest(covered) != digest:
+    if stored.startswith(WHOLE):
+        ok = _whole_matches(path, stored)
+    else:
+        try:
+            length, digest = stored.decode().split(":")
+            length, digest = int(length), int(digest, 16)
+        except ValueError as e:
+            raise CacheError(f"{path}: unreadable checksum {stored!r}") from e
+        with open(path, "rb") as f:
+            covered = f.read(length)
+        ok = len(covered) == length and xxhash.xxh3_64_intdigest(covered) == digest
+    if not ok:
         raise CacheError(
             f"{path}: damaged: its bytes do not match their checksum; re-run `refdpo precompute` "
             "(it scores the damaged file again)"
         )
     return reader
+
+
+def _whole_matches(path, stored):
+    """The file hashed with its stored value read as the placeholder equals the value."""
+    try:
+        digest = int(stored[len(WHOLE):].decode(), 16)
+    except ValueError as e:
+        raise CacheError(f"{path}: unreadable checksum {stored!r}") from e
+    with open(path, "rb") as f:
+        data = f.read()
+    footer_len = int.from_bytes(data[-10:-6], "little", signed=True)
+    start = len(data) - 10 - footer_len
+    footer = data[start : len(data) - 10]
+    if len(stored) != len(PLACEHOLDER) or start < 0 or footer.count(stored) != 1:
+        return False
+    at = start + footer.index(stored)
+    h = xxhash.xxh3_64()
+    h.update(data[:at])
+    h.update(PLACEHOLDER)
+    h.update(data[at + len(stored) :])
+    return h.intdigest() == digest
 
 
 def _fingerprint(path, reader):

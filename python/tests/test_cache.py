@@ -96,6 +96,20 @@ def test_a_damaged_or_missing_file_is_refused_by_name(caches, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(refdpo.CacheError, match="train_prefs.arrow: damaged"):
         refdpo.load_cache(str(bad))
+    # the footer too: its column names swapped (prompts read as chosen answers), no byte of data changed
+    shutil.copy(os.path.join(whole, "train_prefs.arrow"), path)
+    data = bytearray(path.read_bytes())
+    footer_len = int.from_bytes(data[-10:-6], "little", signed=True)
+    start = len(data) - 10 - footer_len
+    footer = bytes(data[start : len(data) - 10])
+    mark = b"@" * 10
+    assert mark not in footer
+    swapped = footer.replace(b"prompt_ids", mark).replace(b"chosen_ids", b"prompt_ids").replace(mark, b"chosen_ids")
+    assert swapped != footer
+    data[start : len(data) - 10] = swapped
+    path.write_bytes(bytes(data))
+    with pytest.raises(refdpo.CacheError, match="train_prefs.arrow: damaged"):
+        refdpo.load_cache(str(bad))
     part = tmp_path / "part"
     shutil.copytree(sharded, part)
     os.remove(part / "train_prefs.shard-1-of-2.arrow")

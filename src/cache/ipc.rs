@@ -1,7 +1,7 @@
 //! `<split>.arrow`: the cache as an uncompressed Arrow IPC file, written by stage one and read by
 //! stage two through a memory map, zero-copy (after arrow-rs `examples/zero_copy_ipc.rs`).
 
-use super::checksum::{corrupt, Checksum, HashingWriter, CHECKSUM_KEY};
+use super::checksum::{corrupt, seal, Checksum, HashingWriter, CHECKSUM_KEY, PLACEHOLDER};
 use super::fingerprint::Fingerprint;
 use super::schema::{self, CacheBatch, CacheRow, FINGERPRINT_KEY};
 use crate::error::{fs, Error, Result};
@@ -13,8 +13,8 @@ use arrow::ipc::{root_as_footer, Block};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Writes `rows` as an Arrow IPC file (temporary name, fsync, rename), with the checksum of
-/// everything before the footer in the footer's metadata.
+/// Writes `rows` as an Arrow IPC file (temporary name, fsync, rename), with the checksum of the
+/// whole file in the footer's metadata.
 pub fn write(path: &Path, rows: &[CacheRow], fingerprint: &Fingerprint) -> Result<()> {
     write_rows(path, rows.iter().cloned().map(Ok), fingerprint)
 }
@@ -29,14 +29,15 @@ pub fn write_rows(
         let schema = schema::schema_with_fingerprint(&fingerprint.to_json());
         let mut writer = FileWriter::try_new_buffered(HashingWriter::new(file), &schema)?;
         schema::write_batches(rows, &schema, &mut |b| Ok(writer.write(b)?))?;
-        writer.flush()?;
-        let sum = writer.get_ref().get_ref().checksum();
-        writer.write_metadata(CHECKSUM_KEY, sum.to_metadata());
+        writer.write_metadata(CHECKSUM_KEY, PLACEHOLDER);
         let buffered = writer.into_inner()?;
         let hashing = buffered
             .into_inner()
             .map_err(|e| Error::io("cannot flush", tmp, e.into_error()))?;
-        Ok(hashing.into_inner())
+        let sum = hashing.checksum();
+        let mut file = hashing.into_inner();
+        seal(&mut file, tmp, sum)?;
+        Ok(file)
     })
 }
 
@@ -81,7 +82,7 @@ impl MappedCache {
                 .find(|kv| kv.key() == Some(CHECKSUM_KEY))
                 .and_then(|kv| kv.value())
         });
-        Checksum::verify_bytes(stored, &buffer[..len - 10 - footer_len], path)?;
+        Checksum::verify_bytes(stored, &buffer, len - 10 - footer_len..len - 10, path)?;
         let fb_schema = footer
             .schema()
             .ok_or_else(|| corrupt(path, "no schema in the footer"))?;

@@ -1,7 +1,7 @@
 //! `<split>.parquet`: the user-facing copy of the cache (zstd), with the fingerprint in its key-value
 //! metadata. Writer and reader in one place.
 
-use super::checksum::{Checksum, HashingWriter, CHECKSUM_KEY};
+use super::checksum::{seal, Checksum, HashingWriter, CHECKSUM_KEY, PLACEHOLDER};
 use super::fingerprint::Fingerprint;
 use super::schema::{self, CacheBatch, CacheRow, FINGERPRINT_KEY};
 use crate::error::{fs, Error, Result};
@@ -12,8 +12,8 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use std::path::Path;
 
-/// Writes `rows` to `path` (temporary name, fsync, rename), with the checksum of everything
-/// before the footer in the key-value metadata.
+/// Writes `rows` to `path` (temporary name, fsync, rename), with the checksum of the whole file
+/// in the key-value metadata.
 pub fn write(path: &Path, rows: &[CacheRow], fingerprint: &Fingerprint) -> Result<()> {
     write_rows(path, rows.iter().cloned().map(Ok), fingerprint)
 }
@@ -40,14 +40,15 @@ pub fn write_rows(
             Ok(writer.flush()?) // one row group per batch: nothing more is buffered
         })?;
         writer.flush()?; // the last row group
-                         // and every byte of it into the hashing writer
-        writer
-            .sync()
-            .map_err(|e| Error::io("cannot write", tmp, e))?;
-        let sum = writer.inner().checksum();
-        writer
-            .append_key_value_metadata(KeyValue::new(CHECKSUM_KEY.to_string(), sum.to_metadata()));
-        Ok(writer.into_inner()?.into_inner())
+        writer.append_key_value_metadata(KeyValue::new(
+            CHECKSUM_KEY.to_string(),
+            PLACEHOLDER.to_string(),
+        ));
+        let hashing = writer.into_inner()?;
+        let sum = hashing.checksum();
+        let mut file = hashing.into_inner();
+        seal(&mut file, tmp, sum)?;
+        Ok(file)
     })
 }
 

@@ -50,6 +50,43 @@ fn a_flipped_bit_is_refused_by_train_and_stats_and_rescored_by_precompute() {
     assert!(std::fs::read(&pq).unwrap() == clean.1, "parquet differs");
     ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
 
+    // The footers are covered too: the Arrow file's column names swapped (no data byte
+    // changed: it trained on prompts as chosen answers, exit 0), a bit of the Parquet footer.
+    let mut bytes = std::fs::read(&arrow).unwrap();
+    let footer_len =
+        i32::from_le_bytes(bytes[bytes.len() - 10..bytes.len() - 6].try_into().unwrap());
+    let start = bytes.len() - 10 - footer_len as usize;
+    let end = bytes.len() - 10;
+    let spots = |name: &[u8], bytes: &[u8]| -> Vec<usize> {
+        (start..end - name.len())
+            .filter(|&i| &bytes[i..i + name.len()] == name)
+            .collect()
+    };
+    let (p, c) = (spots(b"prompt_ids", &bytes), spots(b"chosen_ids", &bytes));
+    assert!(!p.is_empty() && !c.is_empty());
+    p.iter()
+        .for_each(|&i| bytes[i..i + 10].copy_from_slice(b"chosen_ids"));
+    c.iter()
+        .for_each(|&i| bytes[i..i + 10].copy_from_slice(b"prompt_ids"));
+    std::fs::write(&arrow, &bytes).unwrap();
+    let err = fails(
+        &["train", "--config", cfg_s, "--quiet", "--overwrite"],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("train_prefs.arrow") && err.contains("checksum"),
+        "{err}"
+    );
+    let mut bytes = std::fs::read(&pq).unwrap();
+    let at = bytes.len() - 20;
+    bytes[at] ^= 1;
+    std::fs::write(&pq, &bytes).unwrap();
+    let err = fails(&["stats", "--cache", out_s, "--json"], tmp.path());
+    assert!(err.contains("train_prefs.parquet"), "{err}");
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    assert!(std::fs::read(&arrow).unwrap() == clean.0, "arrow differs");
+    assert!(std::fs::read(&pq).unwrap() == clean.1, "parquet differs");
+
     // A token id outside the model's vocabulary, in a file whose checksum is valid: refused.
     rewrite_cache(&arrow, |rows| {
         rows[3].chosen_ids[0] = 2_139_062_175;
