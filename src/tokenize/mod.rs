@@ -1,6 +1,7 @@
 //! The tokenize stage: chat templates (minijinja) and TRL's prompt/completion split and truncation.
 
 pub mod backend;
+pub mod bounds;
 pub mod pairs;
 pub mod template;
 

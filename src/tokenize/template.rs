@@ -37,6 +37,9 @@ pub struct ChatTemplate {
     output_limit: usize,
     /// Why there is no template (the model has none): every rendering fails with it.
     missing: Option<String>,
+    /// A rendering ran past its time bound: the template is not run again (each row would wait
+    /// the bound out).
+    overran: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -200,7 +203,9 @@ impl ChatTemplate {
         env.set_fuel(Some(FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // Python's string and dict methods, and the filters whose one call can do hours of
+        // work or build gigabytes, bounded per rendering.
+        super::bounds::install(&mut env);
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<Value, minijinja::Error> {
@@ -219,6 +224,7 @@ impl ChatTemplate {
             special,
             output_limit: usize::MAX,
             missing: None,
+            overran: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -245,6 +251,12 @@ impl ChatTemplate {
     ) -> Result<String> {
         if let Some(why) = &self.missing {
             return Err(Error::Tokenize(why.clone()));
+        }
+        if self.overran.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Tokenize(format!(
+                "the chat template ran past {} s on an earlier conversation: it is not run again",
+                super::bounds::SECONDS
+            )));
         }
         let tmpl = self.env.get_template("chat").expect("template was added");
         let mut ctx: BTreeMap<String, Value> = self
@@ -278,7 +290,13 @@ impl ChatTemplate {
             text: Vec::new(),
             limit: self.output_limit,
         };
-        match tmpl.render_captured_to(Value::from(ctx), &mut out) {
+        let budget = super::bounds::Rendering::start(self.output_limit);
+        let result = tmpl.render_captured_to(Value::from(ctx), &mut out);
+        if result.is_err() && budget.overran() {
+            self.overran
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        match result {
             Ok(_) => String::from_utf8(out.text)
                 .map_err(|_| Error::Tokenize("the chat template wrote invalid UTF-8".into())),
             Err(_) if out.text.len() > self.output_limit => Err(Error::Tokenize(format!(
@@ -337,7 +355,7 @@ fn tojson(
     value: Value,
     kwargs: minijinja::value::Kwargs,
 ) -> std::result::Result<Value, minijinja::Error> {
-    let indent: Option<usize> = kwargs.get("indent")?;
+    let indent = super::bounds::indent_width(kwargs.get("indent")?)?;
     kwargs.assert_all_used()?;
     let json = serde_json::to_value(&value)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;

@@ -1,0 +1,207 @@
+//! What one chat-template rendering may cost besides its instructions (`FUEL`) and its output
+//! (`limit_output`): wall time, and the size of what a filter or a Python-style method builds.
+//! One instruction can do a lot of work (`l|sort` over a long list, `s.replace('a', 'aa')`,
+//! `x|indent(2000000000)`): each of those calls is checked against the rendering's deadline and
+//! its result against the output limit, so such a template is a `template_error`, not an hour
+//! per row or an abort for memory.
+
+use minijinja::value::{Kwargs, StringInput, Value};
+use minijinja::{Environment, Error, ErrorKind, State};
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+/// Wall time one rendering may take (ChatML over a long conversation takes well under 1 ms).
+pub const SECONDS: u64 = 10;
+
+/// The widest indent `indent` or `tojson` may be asked for.
+const MAX_INDENT: usize = 1024;
+
+thread_local! {
+    /// The rendering under way on this thread: its deadline and value limit.
+    static BUDGET: Cell<Option<(Instant, usize)>> = const { Cell::new(None) };
+    /// Whether it ran past its deadline.
+    static OVERRAN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The budget of the rendering that holds it, set until it drops.
+pub struct Rendering(());
+
+impl Rendering {
+    pub fn start(value_limit: usize) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(SECONDS);
+        BUDGET.with(|b| b.set(Some((deadline, value_limit))));
+        OVERRAN.with(|o| o.set(false));
+        Rendering(())
+    }
+
+    /// The rendering ran past its deadline (and failed for it).
+    pub fn overran(&self) -> bool {
+        OVERRAN.with(Cell::get)
+    }
+}
+
+impl Drop for Rendering {
+    fn drop(&mut self) {
+        BUDGET.with(|b| b.set(None));
+    }
+}
+
+fn bound(why: String) -> Error {
+    Error::new(ErrorKind::InvalidOperation, why)
+}
+
+/// Past the deadline: an error.
+fn in_time() -> Result<(), Error> {
+    match BUDGET.with(Cell::get) {
+        Some((deadline, _)) if Instant::now() > deadline => {
+            OVERRAN.with(|o| o.set(true));
+            Err(bound(format!(
+                "the template ran past {SECONDS} s for one conversation"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `result`, unless the deadline passed or it is a string or sequence beyond the value limit.
+fn checked(result: Result<Value, Error>) -> Result<Value, Error> {
+    let v = result?;
+    in_time()?;
+    let limit = BUDGET.with(Cell::get).map_or(usize::MAX, |(_, l)| l);
+    let size = v
+        .as_str()
+        .map(str::len)
+        .or_else(|| v.len().filter(|_| v.as_str().is_none()));
+    match size {
+        Some(n) if n > limit => Err(bound(format!(
+            "the template built a value of {n} bytes or items, beyond the {limit} it may write"
+        ))),
+        _ => Ok(v),
+    }
+}
+
+/// The indent width asked of `indent` or `tojson`, refused past [`MAX_INDENT`].
+pub fn indent_width(width: Option<usize>) -> Result<Option<usize>, Error> {
+    match width {
+        Some(w) if w > MAX_INDENT => {
+            Err(bound(format!("an indent of {w} (more than {MAX_INDENT})")))
+        }
+        w => Ok(w),
+    }
+}
+
+/// Puts the bounded filters and methods into `env`.
+pub fn install(env: &mut Environment) {
+    env.add_filter("sort", |s: &State, v: Value, k: Kwargs| {
+        in_time()?;
+        checked(minijinja::filters::sort(s, v, k))
+    });
+    env.add_filter("unique", |s: &State, v: Value, k: Kwargs| {
+        in_time()?;
+        checked(minijinja::filters::unique(s, v, k))
+    });
+    env.add_filter("join", join);
+    env.add_filter("replace", replace);
+    env.add_filter("indent", indent);
+    env.set_unknown_method_callback(|s, v, name, args| {
+        in_time()?;
+        checked(minijinja_contrib::pycompat::unknown_method_callback(
+            s, v, name, args,
+        ))
+    });
+}
+
+fn join(s: &State, v: &Value, joiner: Option<StringInput<'_>>) -> Result<Value, Error> {
+    in_time()?;
+    checked(minijinja::filters::join(s, v, joiner))
+}
+
+fn replace(
+    s: &State,
+    v: StringInput<'_>,
+    from: StringInput<'_>,
+    to: StringInput<'_>,
+) -> Result<Value, Error> {
+    in_time()?;
+    checked(minijinja::filters::replace(s, v, from, to))
+}
+
+fn indent(
+    v: StringInput<'_>,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> Result<Value, Error> {
+    in_time()?;
+    let width = indent_width(width)?;
+    checked(minijinja::filters::indent(v, width, first, blank, kwargs))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::data::Message;
+    use crate::tokenize::ChatTemplate;
+
+    fn fails(source: &str) -> String {
+        let t = ChatTemplate::new(source, "", "")
+            .unwrap()
+            .limit_output(1 << 20);
+        t.render(&[Message::new("user", "Hi")], false)
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// Values built by one filter or method call, which neither the fuel nor the output limit
+    /// bounded: they aborted the process for memory (one instruction each).
+    #[test]
+    fn a_value_past_the_output_limit_is_an_error_not_an_abort() {
+        let e = fails("{{ 'a\nb'|indent(2000000000) }}");
+        assert!(e.contains("an indent of 2000000000"), "{e}");
+        let e = fails("{{ messages|tojson(indent=1000000000) }}");
+        assert!(e.contains("an indent of 1000000000"), "{e}");
+        let e = fails(
+            "{% set ns = namespace(s='ab') %}{% for i in range(40) %}\
+             {% set ns.s = ns.s.replace('a', 'aa') %}{% endfor %}",
+        );
+        assert!(e.contains("built a value of"), "{e}");
+        let e = fails(
+            "{% set ns = namespace(s='ab') %}{% for i in range(40) %}\
+             {% set ns.s = ns.s|replace('b', 'bb') %}{% endfor %}",
+        );
+        assert!(e.contains("built a value of"), "{e}");
+        // what real templates do still works
+        let t = ChatTemplate::new(
+            "{{ messages[0].content|indent(2)|replace('H', 'h') }}{{ [3, 1]|sort|join(',') }}\
+             {{ messages[0].content.upper() }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[Message::new("user", "Hi")], false).unwrap(),
+            "hi1,3HI"
+        );
+    }
+
+    /// Sorting a long list in a loop stays under the fuel but took minutes per row: past the
+    /// deadline it stops, and the template is not run again (each row would wait it out).
+    #[test]
+    fn a_template_past_its_deadline_stops_and_is_not_run_again() {
+        let t = ChatTemplate::new(
+            "{% set l = range(100000)|list %}{% for i in range(100000) %}{% set x = l|sort %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let msgs = [Message::new("user", "Hi")];
+        let started = std::time::Instant::now();
+        let e = t.render(&msgs, false).unwrap_err().to_string();
+        assert!(e.contains("ran past 10 s"), "{e}");
+        assert!(started.elapsed().as_secs() < 30);
+        let again = std::time::Instant::now();
+        let e = t.render(&msgs, false).unwrap_err().to_string();
+        assert!(e.contains("on an earlier conversation"), "{e}");
+        assert!(again.elapsed().as_millis() < 100);
+    }
+}
