@@ -270,6 +270,44 @@ fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) ->
     Ok(())
 }
 
+/// How many times longer a normalizer can make a text, at most: a `Replace` its content's bytes
+/// per byte of its pattern (a regex may match one byte), a `Sequence` the product of its parts.
+fn normalizer_growth(v: &Value) -> f64 {
+    match v.get("type").and_then(Value::as_str) {
+        Some("Sequence") => v["normalizers"]
+            .as_array()
+            .map_or(1.0, |parts| parts.iter().map(normalizer_growth).product()),
+        Some("Replace") => {
+            let content = v["content"].as_str().map_or(0, str::len) as f64;
+            let pattern = v["pattern"]["String"].as_str().map_or(1, str::len).max(1) as f64;
+            (content / pattern).max(1.0)
+        }
+        _ => 1.0,
+    }
+}
+
+/// The most a normalizer may multiply a text's length (real ones: "▁" for " ", 3 bytes for 1).
+const MAX_GROWTH: f64 = 4096.0;
+
+/// A tokenizer refdpo can score with: the same ids on every run (no BPE dropout) and a text no
+/// normalizer blows up past memory.
+fn check_determinism_and_growth(tok: &Value) -> std::result::Result<(), String> {
+    if let Some(p) = tok["model"]["dropout"].as_f64().filter(|&p| p > 0.0) {
+        return Err(format!(
+            "its BPE `dropout` is {p}: every run would tokenize the rows differently (a cache \
+             must be the same each time); set `model.dropout` to null"
+        ));
+    }
+    let growth = normalizer_growth(&tok["normalizer"]);
+    if growth > MAX_GROWTH {
+        return Err(format!(
+            "its normalizer can make a text {growth:.0} times longer (its `Replace` contents), \
+             more than the {MAX_GROWTH:.0} any tokenizer needs: the file is damaged or hostile"
+        ));
+    }
+    Ok(())
+}
+
 /// Loads `<dir>/tokenizer.json` as transformers 5 would run it; also returns the file's bytes
 /// (the fingerprint hashes the file itself).
 pub fn load(dir: &Path) -> Result<(tokenizers::Tokenizer, Vec<u8>)> {
@@ -295,6 +333,7 @@ pub fn load(dir: &Path) -> Result<(tokenizers::Tokenizer, Vec<u8>)> {
     )
     .map_err(|why| Error::Tokenize(format!("`{}`: {why}", dir.display())))?;
     let mut json: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e))?;
+    check_determinism_and_growth(&json).map_err(|why| bad(&why))?;
     apply_class_pipeline(&mut json, pipeline, &cfg);
     let flags_changed = added_token_flags(&mut json, &cfg);
     let tokenizer = if pipeline == Pipeline::AsIs && !flags_changed {

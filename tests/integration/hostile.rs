@@ -140,6 +140,31 @@ fn damaged_models_and_tokenizers_are_refused_naming_the_key_or_tensor() {
         &model_set(&post),
         &["largest id is 1000000", "post_processor", "tokenizer.json"],
     );
+    // a normalizer that multiplies every text (it aborted for memory) and a BPE dropout (ids
+    // different on every run)
+    let bomb = model_copy(t, "bomb", |d| {
+        edit_json(&d.join("tokenizer.json"), |v| {
+            let grow = json!({"type": "Replace", "pattern": {"String": " "}, "content": " ".repeat(100_000)});
+            v["normalizer"] = json!({"type": "Sequence", "normalizers": [grow, grow, grow]});
+        })
+    });
+    refused(
+        &cfg,
+        t,
+        &model_set(&bomb),
+        &["tokenizer.json", "normalizer can make a text"],
+    );
+    let dropout = model_copy(t, "dropout", |d| {
+        edit_json(&d.join("tokenizer.json"), |v| {
+            v["model"]["dropout"] = json!(0.5)
+        })
+    });
+    refused(
+        &cfg,
+        t,
+        &model_set(&dropout),
+        &["tokenizer.json", "BPE `dropout` is 0.5"],
+    );
     // a count no weights could hold: refused before anything is listed or allocated per layer
     let many = config_edit("many", "num_hidden_layers", json!(1_000_000_000));
     refused(
