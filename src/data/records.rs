@@ -211,7 +211,8 @@ fn json_array(path: &Path, reader: impl Read, each: &mut dyn FnMut(Record) -> bo
     }
     const STOPPED: &str = "refdpo: enough rows";
     let mut de = serde_json::Deserializer::from_reader(reader);
-    match de.deserialize_seq(Elements(each)) {
+    // `de.end()`: nothing but whitespace after the array, as Python's json.load requires
+    match de.deserialize_seq(Elements(each)).and_then(|()| de.end()) {
         Ok(()) => Ok(()),
         Err(e) if e.to_string().starts_with(STOPPED) => Ok(()),
         Err(e) => Err(Error::schema(
@@ -463,5 +464,11 @@ mod tests {
         })
         .unwrap();
         assert_eq!(sizes, [Some(SkipReason::RowTooLarge), None]);
+        // whitespace may follow the array; anything else is refused, as Python's json.load does
+        std::fs::write(&j, "[{\"a\": 1}]\n \n").unwrap();
+        assert!(for_each(&j, 1000, &mut |_| true).is_ok());
+        std::fs::write(&j, "[{\"a\": 1}] garbage").unwrap();
+        let e = for_each(&j, 1000, &mut |_| true).unwrap_err().to_string();
+        assert!(e.contains("b.json") && e.contains("trailing characters"), "{e}");
     }
 }
