@@ -469,6 +469,9 @@ mod tests {
         assert!(for_each(&j, 1000, &mut |_| true).is_ok());
         std::fs::write(&j, "[{\"a\": 1}] garbage").unwrap();
         let e = for_each(&j, 1000, &mut |_| true).unwrap_err().to_string();
-        assert!(e.contains("b.json") && e.contains("trailing characters"), "{e}");
+        assert!(
+            e.contains("b.json") && e.contains("trailing characters"),
+            "{e}"
+        );
     }
 }

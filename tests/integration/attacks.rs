@@ -86,19 +86,11 @@ fn numbers_at_the_ends_of_their_types_are_errors_not_panics() {
     );
     // a chunk size no memory holds: the chunk is never larger than the split
     let chunk = format!("precompute.out={}", tmp.path().join("c").display());
-    ok(
-        &[
-            "precompute",
-            "--config",
-            cfg_s,
-            "--quiet",
-            "--set",
-            &chunk,
-            "--set",
-            "precompute.chunk_pairs=1099511627776",
-        ],
-        tmp.path(),
-    );
+    let mut args = vec!["precompute", "--config", cfg_s, "--quiet"];
+    for set in [chunk.as_str(), "precompute.chunk_pairs=1099511627776"] {
+        args.extend(["--set", set]);
+    }
+    ok(&args, tmp.path());
     // optimizer and loss numbers f32 cannot hold (the loss's gradients are f32: 1e39 was a NaN
     // blamed on the learning rate, 1e-320 a beta of 0 that trained nothing)
     for set in [
