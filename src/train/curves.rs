@@ -18,12 +18,14 @@ struct Run {
 impl Run {
     fn read(dir: &Path) -> Result<Self> {
         let path = crate::dirs::RunDir::new(dir).metrics();
-        let text = fs::read_to_string(&path).map_err(|_| {
-            Error::Config(format!(
+        if !path.is_file() {
+            return Err(Error::Config(format!(
                 "--run {}: no metrics.jsonl there; give a run directory (`train.out`)",
                 dir.display()
-            ))
-        })?;
+            )));
+        }
+        // a file that is there but unreadable (not UTF-8, no permission) is named with its cause
+        let text = fs::read_to_string(&path)?;
         let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
         for (i, line) in text.lines().enumerate() {
             let v: Value = serde_json::from_str(line)
