@@ -72,6 +72,12 @@ fn resolve(
         });
     }
     let what = kind_name(kind);
+    if local.exists() && !local.is_file() {
+        return Err(Error::Hub(format!(
+            "{what} `{id}` exists but is neither a directory nor a regular file (a FIFO, a device \
+             or a socket): give a data file or a folder"
+        )));
+    }
     if id.starts_with('.') || id.starts_with('/') || id.split('/').count() > 2 {
         return Err(Error::Hub(format!(
             "{what} `{id}` is neither an existing directory nor a hub id (owner/name): check the path"

@@ -158,6 +158,17 @@ fn files_that_are_not_files_are_refused_at_once() {
         tmp.path(),
         &["model.safetensors", "not a regular file"],
     );
+    // the dataset as a named pipe: said so, not "no such directory or hub id"
+    let data = format!("dataset.id={}", weights.display());
+    refused_within(
+        60,
+        &["precompute", "--config", cfg_s, "--set", &data],
+        tmp.path(),
+        &[
+            "model.safetensors",
+            "neither a directory nor a regular file",
+        ],
+    );
     // the pipeline file and the tokenizer's files as devices: no endless read
     refused_within(
         60,
