@@ -203,12 +203,18 @@ pub fn finished(out: &Path, total: usize) -> Option<TrainerState> {
     (state.global_step >= total).then_some(state)
 }
 
-/// Where `--resume` continues from: the newest complete checkpoint, or `final/` when it holds
-/// more steps (a finished run given more steps, or one that saved no checkpoint before it).
+/// Where `--resume` continues from: the newest complete checkpoint, or `final/` (or the
+/// `final.old/` a kill left while replacing it) when it holds more steps (a finished run given
+/// more steps, or one that saved no checkpoint before it).
 pub fn resumable(out: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
     let latest = latest(out)?;
     let last = RunDir::new(out).final_dir();
-    let Ok(state) = read_state(&last) else {
+    // `final.old/`: a kill while `final/` was replaced (the complete new one may still be
+    // `final.tmp/`, which is never trusted)
+    let found = [last.clone(), last.with_extension("old")]
+        .into_iter()
+        .find_map(|dir| read_state(&dir).ok().map(|s| (dir, s)));
+    let Some((last, state)) = found else {
         return Ok(latest);
     };
     let newer = latest

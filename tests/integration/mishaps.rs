@@ -434,9 +434,10 @@ fn a_resume_under_changed_settings_names_them() {
 }
 
 /// `--resume` continues from `final/` when the run saved no checkpoint (a finished run given more
-/// steps, as "nothing to resume" advises), and a run killed before any save starts over with a
-/// log of its own steps only; both end as the run that went straight to step 6 (it used to start
-/// from the base model and append to the old log: every step twice).
+/// steps, as "nothing to resume" advises), or from the `final.old/` a kill during its replacement
+/// left, and a run killed before any save starts over with a log of its own steps only; all end
+/// as the run that went straight to step 6 (it used to start from the base model and append to
+/// the old log: every step twice).
 #[test]
 fn resume_without_a_checkpoint_continues_from_final_or_starts_over_cleanly() {
     let (tmp, cfg) = precomputed("lr_schedule = \"constant\"\neval_every = 0");
@@ -465,13 +466,29 @@ fn resume_without_a_checkpoint_continues_from_final_or_starts_over_cleanly() {
     assert_eq!(straight_log.len(), 6);
 
     let three = ["train.max_steps=3", "train.warmup_ratio=0"];
-    for first in [
-        three.to_vec(),
-        [&three[..], &["train.save_final=false"]].concat(),
-    ] {
+    // (the first run's settings, what the first run leaves behind, what the resume says)
+    let cases: [(Vec<&str>, fn(&Path), &str); 3] = [
+        (three.to_vec(), |_| {}, "final (step 3)"),
+        (
+            [&three[..], &["train.save_final=false"]].concat(),
+            |_| {},
+            "no checkpoint",
+        ),
+        // killed while final/ was replaced: final.old/ stands in, a final.tmp/ is not trusted
+        (
+            three.to_vec(),
+            |run| {
+                std::fs::rename(run.join("final"), run.join("final.old")).unwrap();
+                std::fs::create_dir(run.join("final.tmp")).unwrap();
+            },
+            "final.old (step 3)",
+        ),
+    ];
+    for (first, left, said) in cases {
         std::fs::remove_dir_all(&run).unwrap();
         train_with(cfg_s, tmp.path(), &first);
         assert!(!run.join("checkpoint-3").exists());
+        left(&run);
         let mut args = vec!["train", "--config", cfg_s, "--resume"];
         args.extend([
             "--set",
@@ -481,22 +498,11 @@ fn resume_without_a_checkpoint_continues_from_final_or_starts_over_cleanly() {
         ]);
         let out = refdpo(&args, tmp.path());
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{err}");
-        let from_final = first.len() == 2;
-        assert_eq!(
-            err.contains("resuming from") && err.contains("final (step 3)"),
-            from_final,
-            "{err}"
-        );
-        assert_eq!(
-            err.contains("no checkpoint") && err.contains("starting fresh"),
-            !from_final,
-            "{err}"
-        );
-        assert_eq!(train_lines(), straight_log, "after {first:?}");
+        assert!(out.status.success() && err.contains(said), "{said}: {err}");
+        assert_eq!(train_lines(), straight_log, "{said}");
         assert!(
             bytes(&run.join("final/model.safetensors")) == straight,
-            "after {first:?}"
+            "{said}"
         );
     }
 }

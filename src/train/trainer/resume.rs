@@ -115,7 +115,8 @@ impl Trainer<'_> {
     fn check_resumed(&self, dir: &std::path::Path) -> Result<()> {
         let s = &self.state;
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let named = if dir == RunDir::new(&self.cfg.train.out).final_dir() {
+        let last = RunDir::new(&self.cfg.train.out).final_dir();
+        let named = if dir == last || dir == last.with_extension("old") {
             Some(s.global_step as u64) // `final/` holds whatever step the run ended on
         } else {
             RunDir::checkpoint_step(name.strip_suffix(".old").unwrap_or(name))
