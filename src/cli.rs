@@ -137,9 +137,10 @@ pub struct GenerateArgs {
     /// Sampling temperature; 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
-    /// Nucleus sampling: the most likely tokens holding this share of the probability.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
+    /// Nucleus sampling: the most likely tokens holding this share of the probability (default:
+    /// the model's `generation_config.json` `top_p`, else 1, as transformers).
+    #[arg(long)]
+    pub top_p: Option<f64>,
     /// Sampling from the K most likely tokens only; 0 = all (default: the model's
     /// `generation_config.json` `top_k`, else 50, as transformers).
     #[arg(long)]

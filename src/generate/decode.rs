@@ -18,8 +18,9 @@ const FIRST_NEW_SLOTS: usize = 512;
 pub struct Sampling {
     /// 0: greedy (the first of the highest logits, as `torch.argmax`).
     pub temperature: f64,
-    /// Nucleus sampling: the smallest set of most likely tokens holding this much probability.
-    pub top_p: f64,
+    /// Nucleus sampling: the smallest set of most likely tokens holding this much probability
+    /// (`None`: 1, all; `generate::run` puts the model's default in its place).
+    pub top_p: Option<f64>,
     /// Sampling from the `k` most likely tokens only (ties at the k-th kept, as transformers);
     /// `None` or 0: from all (`generate::run` puts the model's default, 50, in its place).
     pub top_k: Option<usize>,
@@ -34,7 +35,7 @@ impl Sampling {
     /// Greedy decoding with no penalty.
     pub const GREEDY: Sampling = Sampling {
         temperature: 0.0,
-        top_p: 1.0,
+        top_p: None,
         top_k: None,
         repetition_penalty: None,
         seed: 0,
@@ -155,10 +156,11 @@ fn choose(logits: &[f32], s: &Sampling, rng: &mut SplitMix) -> u32 {
         None => probs,
     };
     let total: f64 = probs.iter().sum();
-    if s.top_p >= 1.0 {
+    let top_p = s.top_p.unwrap_or(1.0);
+    if top_p >= 1.0 {
         return walk(probs.iter().copied().enumerate(), rng.unit() * total);
     }
-    let nucleus = nucleus(&probs, total, s.top_p);
+    let nucleus = nucleus(&probs, total, top_p);
     let sum: f64 = nucleus.iter().map(|(_, p)| p).sum();
     walk(nucleus.iter().copied(), rng.unit() * sum)
 }
@@ -246,7 +248,7 @@ mod tests {
         // one token holds nearly all the mass: top_p 0.5 keeps only it
         let nucleus = Sampling {
             temperature: 1.0,
-            top_p: 0.5,
+            top_p: Some(0.5),
             ..Sampling::GREEDY
         };
         for _ in 0..50 {

@@ -1,6 +1,6 @@
 //! What a model folder asks of `generate`, read as transformers' `GenerationConfig` reads it: the
-//! ids that end a generation, `repetition_penalty` (applied by transformers' greedy decoding too)
-//! and `top_k` (its sampling's default, 50), and the settings refdpo does not apply.
+//! ids that end a generation, `repetition_penalty` (applied by transformers' greedy decoding too),
+//! `top_k` (its sampling's default, 50) and `top_p`, and the settings refdpo does not apply.
 
 use crate::error::{fs, Error, Result};
 use serde_json::Value;
@@ -10,21 +10,52 @@ use std::path::Path;
 pub const TOP_K: usize = 50;
 
 /// Settings of `generation_config.json` that change transformers' `generate` and that refdpo's
-/// does not apply, with the value that means "off" (besides null).
-const UNAPPLIED: [(&str, f64); 12] = [
-    ("no_repeat_ngram_size", 0.0),
-    ("min_length", 0.0),
-    ("min_new_tokens", 0.0),
-    ("bad_words_ids", f64::NAN),
-    ("suppress_tokens", f64::NAN),
-    ("begin_suppress_tokens", f64::NAN),
-    ("forced_bos_token_id", f64::NAN),
-    ("forced_eos_token_id", f64::NAN),
-    ("sequence_bias", f64::NAN),
-    ("min_p", 0.0),
-    ("typical_p", 1.0),
-    ("epsilon_cutoff", 0.0),
+/// does not apply.
+const UNAPPLIED: [&str; 22] = [
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "penalty_alpha",
+    "no_repeat_ngram_size",
+    "min_length",
+    "min_new_tokens",
+    "bad_words_ids",
+    "force_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "sequence_bias",
+    "exponential_decay_length_penalty",
+    "guidance_scale",
+    "watermarking_config",
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "top_h",
 ];
+
+/// Whether `v` leaves `key` off, by transformers' own conditions for adding its processor.
+fn is_off(key: &str, v: &Value) -> bool {
+    let x = v.as_f64();
+    let empty =
+        v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(|o| o.is_empty());
+    v.is_null()
+        || empty
+        || match key {
+            "num_beams" | "num_beam_groups" | "guidance_scale" => x.is_some_and(|x| x <= 1.0),
+            "typical_p" => x.is_some_and(|x| x >= 1.0),
+            "epsilon_cutoff" | "eta_cutoff" => x.is_some_and(|x| !(x > 0.0 && x < 1.0)),
+            "diversity_penalty"
+            | "penalty_alpha"
+            | "no_repeat_ngram_size"
+            | "min_length"
+            | "min_new_tokens"
+            | "min_p" => x.is_some_and(|x| x <= 0.0),
+            _ => false,
+        }
+}
 
 /// A model folder's generation settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +67,8 @@ pub struct ModelDefaults {
     pub repetition_penalty: f64,
     /// 0: none.
     pub top_k: usize,
+    /// 1: none.
+    pub top_p: f64,
     /// The settings present that refdpo does not apply (`key = value`).
     pub unapplied: Vec<String>,
 }
@@ -68,18 +101,23 @@ impl ModelDefaults {
                 .and_then(|k| usize::try_from(k).ok())
                 .ok_or_else(|| bad("top_k", v, "a whole number >= 0"))?,
         };
+        let top_p = match &gen["top_p"] {
+            Value::Null => 1.0,
+            v => v
+                .as_f64()
+                .filter(|p| *p > 0.0 && *p <= 1.0)
+                .ok_or_else(|| bad("top_p", v, "a number in (0, 1]"))?,
+        };
         let unapplied = UNAPPLIED
             .iter()
-            .filter_map(|(key, off)| {
-                let v = &gen[*key];
-                let is_off = v.is_null() || v.as_f64() == Some(*off);
-                (!is_off).then(|| format!("{key} = {v}"))
-            })
+            .filter(|key| !is_off(key, &gen[**key]))
+            .map(|key| format!("{key} = {}", gen[*key]))
             .collect();
         Ok(Self {
             eos: eos_ids(model_dir, tokenizer)?,
             repetition_penalty,
             top_k,
+            top_p,
             unapplied,
         })
     }

@@ -32,7 +32,8 @@ pub struct Options {
     pub limit: usize,
     pub max_new_tokens: usize,
     pub sampling: Sampling,
-    /// Its `top_k` and `repetition_penalty`: `None` takes the model's (`generation_config.json`).
+    /// Its `top_k`, `top_p` and `repetition_penalty`: `None` takes the model's
+    /// (`generation_config.json`).
     /// Default: `<run>/generations-<split>.jsonl`, or `<cache>/generations-<split>.jsonl`.
     pub out: Option<PathBuf>,
     pub plot: Option<PathBuf>,
@@ -84,6 +85,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
     }
     let sampling = Sampling {
         top_k: Some(opts.sampling.top_k.unwrap_or(defaults.top_k)),
+        top_p: Some(opts.sampling.top_p.unwrap_or(defaults.top_p)),
         repetition_penalty: Some(
             opts.sampling
                 .repetition_penalty

@@ -138,7 +138,7 @@ fn seeded_sampling_is_reproducible_and_independent_of_the_batch() {
     let (a, b) = (vec![5u32, 9, 12, 3], vec![7u32, 7]);
     let s = |seed| Sampling {
         temperature: 1.0,
-        top_p: 0.9,
+        top_p: Some(0.9),
         top_k: Some(50),
         seed,
         ..Sampling::GREEDY
@@ -304,15 +304,31 @@ fn generate_takes_the_models_repetition_penalty_and_names_what_it_does_not_apply
     assert_ne!(plain, flag, "the penalty changed nothing");
     std::fs::write(
         tmp.path().join("demo/model/generation_config.json"),
-        r#"{"repetition_penalty": 1.5, "no_repeat_ngram_size": 3}"#,
+        r#"{"repetition_penalty": 1.5, "no_repeat_ngram_size": 3, "num_beams": 4,
+            "suppress_tokens": [], "typical_p": 1.0, "epsilon_cutoff": 1.0}"#,
     )
     .unwrap();
     let (model, err) = generated(&[], "model");
     assert_eq!(model, flag);
+    // named as transformers applies them: the off values (an empty list, a typical_p of 1, an
+    // epsilon_cutoff outside (0, 1)) are not
     assert!(
-        err.contains("generation_config.json") && err.contains("no_repeat_ngram_size = 3"),
+        err.contains("generation_config.json")
+            && err.contains("no_repeat_ngram_size = 3")
+            && err.contains("num_beams = 4")
+            && !err.contains("suppress_tokens")
+            && !err.contains("typical_p")
+            && !err.contains("epsilon_cutoff"),
         "{err}"
     );
     let (off, _) = generated(&["--repetition-penalty", "1"], "off");
     assert_eq!(off, plain);
+    // the file's top_p too: a nucleus of one token samples the greedy tokens
+    std::fs::write(
+        tmp.path().join("demo/model/generation_config.json"),
+        r#"{"repetition_penalty": 1.5, "top_p": 0.001}"#,
+    )
+    .unwrap();
+    let (sampled, _) = generated(&["--temperature", "1"], "sampled");
+    assert_eq!(sampled, flag);
 }
