@@ -57,7 +57,7 @@ def _verify(path):
     """The file's reader, after its checksum was verified."""
     try:
         reader = ipc.open_file(path)
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         raise CacheError(f"{path}: not a readable Arrow file ({e}): re-run `refdpo precompute`") from e
     stored = (reader.metadata or {}).get(CHECKSUM_KEY)
     if stored is None:

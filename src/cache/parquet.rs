@@ -9,7 +9,8 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 use std::path::Path;
 
 /// Writes `rows` to `path` (temporary name, fsync, rename), with the checksum of the whole file
@@ -27,6 +28,12 @@ pub fn write_rows(
     fs::write_file_atomic(path, |file, tmp| {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            // no min/max of the dataset's own strings in the footer: the checksum's placeholder
+            // must occur there once, whatever a `prompt_id` holds
+            .set_column_statistics_enabled(
+                ColumnPath::from(schema::col::PROMPT_ID),
+                EnabledStatistics::None,
+            )
             .set_key_value_metadata(Some(vec![KeyValue::new(
                 FINGERPRINT_KEY.to_string(),
                 fingerprint.to_json(),

@@ -270,24 +270,60 @@ fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) ->
     Ok(())
 }
 
-/// How many times longer a normalizer can make a text, at most: a `Replace` its content's bytes
-/// per byte of its pattern (a regex may match one byte), a `Sequence` the product of its parts.
-fn normalizer_growth(v: &Value) -> f64 {
+/// What a normalizer can make of a text of n bytes, at most: `factor`·n + `added` bytes, through
+/// `steps` normalizers. A `Replace` multiplies by its content's bytes per byte of its pattern (a
+/// regex may match one byte), `ByteLevel` by 2 (a byte becomes a character of up to 2 bytes),
+/// `Prepend` adds its bytes, a `Sequence` composes its parts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Growth {
+    factor: f64,
+    added: f64,
+    steps: usize,
+}
+
+fn normalizer_growth(v: &Value) -> Growth {
+    let one = Growth {
+        factor: 1.0,
+        added: 0.0,
+        steps: 1,
+    };
     match v.get("type").and_then(Value::as_str) {
-        Some("Sequence") => v["normalizers"]
-            .as_array()
-            .map_or(1.0, |parts| parts.iter().map(normalizer_growth).product()),
+        None => Growth { steps: 0, ..one },
+        Some("Sequence") => v["normalizers"].as_array().map_or(one, |parts| {
+            parts
+                .iter()
+                .map(normalizer_growth)
+                .fold(Growth { steps: 0, ..one }, |g, p| Growth {
+                    factor: g.factor * p.factor,
+                    added: g.added * p.factor + p.added,
+                    steps: g.steps + p.steps,
+                })
+        }),
         Some("Replace") => {
             let content = v["content"].as_str().map_or(0, str::len) as f64;
             let pattern = v["pattern"]["String"].as_str().map_or(1, str::len).max(1) as f64;
-            (content / pattern).max(1.0)
+            Growth {
+                factor: (content / pattern).max(1.0),
+                ..one
+            }
         }
-        _ => 1.0,
+        Some("ByteLevel") => Growth { factor: 2.0, ..one },
+        Some("Prepend") | Some("Append") => Growth {
+            added: v["prepend"]
+                .as_str()
+                .or(v["append"].as_str())
+                .map_or(0, str::len) as f64,
+            ..one
+        },
+        _ => one,
     }
 }
 
-/// The most a normalizer may multiply a text's length (real ones: "▁" for " ", 3 bytes for 1).
+/// The most a normalizer may multiply a text's length (real ones: "▁" for " ", 3 bytes for 1),
+/// the most bytes it may add, and the most normalizers it may chain (real ones: a few).
 const MAX_GROWTH: f64 = 4096.0;
+const MAX_ADDED: f64 = 65536.0;
+const MAX_STEPS: usize = 64;
 
 /// A tokenizer refdpo can score with: the same ids on every run (no BPE dropout) and a text no
 /// normalizer blows up past memory.
@@ -298,11 +334,13 @@ fn check_determinism_and_growth(tok: &Value) -> std::result::Result<(), String> 
              must be the same each time); set `model.dropout` to null"
         ));
     }
-    let growth = normalizer_growth(&tok["normalizer"]);
-    if growth > MAX_GROWTH {
+    let g = normalizer_growth(&tok["normalizer"]);
+    if g.factor > MAX_GROWTH || g.added > MAX_ADDED || g.steps > MAX_STEPS {
         return Err(format!(
-            "its normalizer can make a text {growth:.0} times longer (its `Replace` contents), \
-             more than the {MAX_GROWTH:.0} any tokenizer needs: the file is damaged or hostile"
+            "its normalizer can make a text of n bytes {:.0}·n + {:.0} bytes long through {} \
+             steps, more than any tokenizer needs ({MAX_GROWTH:.0}·n + {MAX_ADDED:.0}, \
+             {MAX_STEPS} steps): the file is damaged or hostile",
+            g.factor, g.added, g.steps
         ));
     }
     Ok(())

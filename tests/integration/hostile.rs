@@ -154,6 +154,18 @@ fn damaged_models_and_tokenizers_are_refused_naming_the_key_or_tensor() {
         &model_set(&bomb),
         &["tokenizer.json", "normalizer can make a text"],
     );
+    let doubling = model_copy(t, "doubling", |d| {
+        edit_json(&d.join("tokenizer.json"), |v| {
+            let byte_level = json!({"type": "ByteLevel"});
+            v["normalizer"] = json!({"type": "Sequence", "normalizers": vec![byte_level; 40]});
+        })
+    });
+    refused(
+        &cfg,
+        t,
+        &model_set(&doubling),
+        &["tokenizer.json", "40 steps"],
+    );
     let dropout = model_copy(t, "dropout", |d| {
         edit_json(&d.join("tokenizer.json"), |v| {
             v["model"]["dropout"] = json!(0.5)

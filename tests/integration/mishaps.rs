@@ -467,7 +467,8 @@ fn resume_without_a_checkpoint_continues_from_final_or_starts_over_cleanly() {
 
     let three = ["train.max_steps=3", "train.warmup_ratio=0"];
     // (the first run's settings, what the first run leaves behind, what the resume says)
-    let cases: [(Vec<&str>, fn(&Path), &str); 3] = [
+    type Case<'a> = (Vec<&'a str>, fn(&Path), &'a str);
+    let cases: [Case; 3] = [
         (three.to_vec(), |_| {}, "final (step 3)"),
         (
             [&three[..], &["train.save_final=false"]].concat(),
