@@ -81,9 +81,13 @@ impl Trainer<'_> {
     /// On resume: the keys set otherwise than when the run began (its `config.toml`), said on
     /// stderr, since the resumed run is then not the one that would have run uninterrupted (a
     /// batch size, accumulation or seed also changes the data order). Not refused: transformers'
-    /// Trainer resumes under changed arguments too. Lengths and logging cadence are left out.
+    /// Trainer resumes under changed arguments too. Lengths, logging cadence and the run's own
+    /// folder are left out.
     fn warn_changed_config(&self) {
-        const EXPECTED: [&str; 6] = [
+        // `train.out` is where the run was found: another spelling of it (absolute, or the
+        // folder moved) is the same run
+        const EXPECTED: [&str; 7] = [
+            "train.out",
             "train.max_steps",
             "train.epochs",
             "train.save_every",
