@@ -43,6 +43,22 @@ pub fn footer_range(len: u64, tail: &[u8]) -> Option<Range<u64>> {
     Some(end.checked_sub(footer_len)?..end)
 }
 
+/// The footer of the cache file `file` of `len` bytes ([`footer_range`]): where it starts, and its
+/// bytes; `None` where the file ends in no footer.
+fn read_footer(file: &mut std::fs::File, len: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+    let tail_len = len.min(10);
+    let mut tail = vec![0; tail_len as usize];
+    file.seek(SeekFrom::Start(len - tail_len))?;
+    file.read_exact(&mut tail)?;
+    let Some(footer) = footer_range(len, &tail) else {
+        return Ok(None);
+    };
+    let mut bytes = vec![0; (footer.end - footer.start) as usize];
+    file.seek(SeekFrom::Start(footer.start))?;
+    file.read_exact(&mut bytes)?;
+    Ok(Some((footer.start, bytes)))
+}
+
 /// The one place `value` occurs in `footer` (an offset into it).
 fn only_place(footer: &[u8], value: &str) -> Option<usize> {
     let mut at = footer
@@ -59,14 +75,9 @@ fn only_place(footer: &[u8], value: &str) -> Option<usize> {
 pub fn seal(file: &mut std::fs::File, tmp: &Path, sum: Checksum) -> Result<()> {
     let io = |e| Error::io("cannot seal", tmp, e);
     let mut read = std::fs::File::open(tmp).map_err(io)?;
-    let tail_len = sum.len.min(10);
-    let mut tail = vec![0; tail_len as usize];
-    read.seek(SeekFrom::Start(sum.len - tail_len)).map_err(io)?;
-    read.read_exact(&mut tail).map_err(io)?;
-    let footer = footer_range(sum.len, &tail).ok_or_else(|| corrupt(tmp, "no footer to seal"))?;
-    let mut bytes = vec![0; (footer.end - footer.start) as usize];
-    read.seek(SeekFrom::Start(footer.start)).map_err(io)?;
-    read.read_exact(&mut bytes).map_err(io)?;
+    let (start, bytes) = read_footer(&mut read, sum.len)
+        .map_err(io)?
+        .ok_or_else(|| corrupt(tmp, "no footer to seal"))?;
     let at = only_place(&bytes, PLACEHOLDER).ok_or_else(|| {
         Error::Config(format!(
             "`{}`: the checksum's placeholder is not once in its footer: does a dataset or model \
@@ -74,7 +85,7 @@ pub fn seal(file: &mut std::fs::File, tmp: &Path, sum: Checksum) -> Result<()> {
             tmp.display()
         ))
     })?;
-    file.seek(SeekFrom::Start(footer.start + at as u64))
+    file.seek(SeekFrom::Start(start + at as u64))
         .and_then(|_| file.write_all(sum.whole_value().as_bytes()))
         .map_err(io)
 }
@@ -230,18 +241,13 @@ impl Checksum {
         let io = |e| Error::io("cannot read", path, e);
         let mut file = crate::error::fs::open(path)?;
         let len = file.metadata().map_err(io)?.len();
-        let tail_len = len.min(10);
-        let mut tail = vec![0; tail_len as usize];
-        file.seek(SeekFrom::Start(len - tail_len)).map_err(io)?;
-        file.read_exact(&mut tail).map_err(io)?;
-        let footer = footer_range(len, &tail).ok_or_else(|| corrupt(path, "no footer"))?;
-        let mut bytes = vec![0; (footer.end - footer.start) as usize];
-        file.seek(SeekFrom::Start(footer.start)).map_err(io)?;
-        file.read_exact(&mut bytes).map_err(io)?;
+        let (start, bytes) = read_footer(&mut file, len)
+            .map_err(io)?
+            .ok_or_else(|| corrupt(path, "no footer"))?;
         let at = only_place(&bytes, stored)
             .ok_or_else(|| corrupt(path, "its checksum is not once in its footer"))?
             as u64
-            + footer.start;
+            + start;
         let mut h = Xxh3Default::new();
         let mut buf = vec![0u8; 1 << 20];
         file.seek(SeekFrom::Start(0)).map_err(io)?;

@@ -81,33 +81,27 @@ impl ModelDefaults {
         } else {
             Value::Null
         };
-        let bad = |key: &str, v: &Value, want: &str| {
-            Error::Model(format!(
-                "`{}`: `{key}` is {v}, not {want}: fix or remove it",
-                gen_path.display()
-            ))
+        // `key`'s value read by `read`, `default` where absent or null; else an error naming it
+        let setting = |key: &str, default, want: &str, read: &dyn Fn(&Value) -> Option<f64>| {
+            match &gen[key] {
+                Value::Null => Ok(default),
+                v => read(v).ok_or_else(|| {
+                    Error::Model(format!(
+                        "`{}`: `{key}` is {v}, not {want}: fix or remove it",
+                        gen_path.display()
+                    ))
+                }),
+            }
         };
-        let repetition_penalty = match &gen["repetition_penalty"] {
-            Value::Null => 1.0,
-            v => v
-                .as_f64()
-                .filter(|p| p.is_finite() && *p > 0.0)
-                .ok_or_else(|| bad("repetition_penalty", v, "a number above 0"))?,
-        };
-        let top_k = match &gen["top_k"] {
-            Value::Null => TOP_K,
-            v => v
-                .as_u64()
-                .and_then(|k| usize::try_from(k).ok())
-                .ok_or_else(|| bad("top_k", v, "a whole number >= 0"))?,
-        };
-        let top_p = match &gen["top_p"] {
-            Value::Null => 1.0,
-            v => v
-                .as_f64()
-                .filter(|p| *p > 0.0 && *p <= 1.0)
-                .ok_or_else(|| bad("top_p", v, "a number in (0, 1]"))?,
-        };
+        let repetition_penalty = setting("repetition_penalty", 1.0, "a number above 0", &|v| {
+            v.as_f64().filter(|p| p.is_finite() && *p > 0.0)
+        })?;
+        let top_k = setting("top_k", TOP_K as f64, "a whole number >= 0", &|v| {
+            v.as_u64().map(|k| k as f64)
+        })? as usize;
+        let top_p = setting("top_p", 1.0, "a number in (0, 1]", &|v| {
+            v.as_f64().filter(|p| *p > 0.0 && *p <= 1.0)
+        })?;
         let unapplied = UNAPPLIED
             .iter()
             .filter(|key| !is_off(key, &gen[**key]))
