@@ -214,6 +214,8 @@ pub struct StatsArgs {
     pub split: Option<String>,
     /// A training run directory: score its final policy on the split `--split` names (the train
     /// split by default; `--split test_prefs` for held-out pairs), for the length bias after training.
+    /// The run's own `config.toml` sets the model, β and tokenization; `--config` and `--set`
+    /// only choose the cache.
     #[arg(long)]
     pub run: Option<PathBuf>,
     /// Print one JSON object instead of tables.

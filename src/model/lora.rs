@@ -239,6 +239,17 @@ pub fn is_adapter(dir: &Path) -> bool {
     dir.join(CONFIG_FILE).exists()
 }
 
+/// The base model an adapter names (`base_model_name_or_path`), if its config reads and names
+/// one; [`read`] reports a damaged config.
+pub fn read_config_base(dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(&dir.join(CONFIG_FILE)).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    v["base_model_name_or_path"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+}
+
 /// Reads a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`). Settings
 /// refdpo does not implement (DoRA, per-module ranks, trained biases, extra saved modules) are
 /// refused by name.

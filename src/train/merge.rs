@@ -13,6 +13,15 @@ use std::path::Path;
 /// adapter (`<run>/config.toml`, revision included), else the adapter's `base_model_name_or_path`.
 fn resolve_base(adapter: &Path, base: Option<&str>) -> Result<ModelSource> {
     if let Some(id) = base {
+        let named = lora::read_config_base(adapter);
+        if let Some(named) = named.filter(|n| !same_model(n, id)) {
+            // PEFT merges into whatever base it is given too; a model of the same shapes but
+            // other weights gives a wrong merged model, so say which was asked for
+            eprintln!(
+                "note: the adapter names `{named}` as its base (`base_model_name_or_path`); \
+                 merging it into `{id}` as --base asks"
+            );
+        }
         return ModelSource::resolve(id, "main");
     }
     let run_config = adapter
@@ -30,6 +39,17 @@ fn resolve_base(adapter: &Path, base: Option<&str>) -> Result<ModelSource> {
             adapter.join(lora::CONFIG_FILE).display()
         ))),
     }
+}
+
+/// Whether two model ids or directories name the same model: the same last path component
+/// (`HuggingFaceTB/SmolLM2-135M-Instruct` and `./models/SmolLM2-135M-Instruct/`), case aside.
+fn same_model(a: &str, b: &str) -> bool {
+    let last = |s: &str| {
+        Path::new(s.trim_end_matches('/'))
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+    };
+    last(a).is_some() && last(a) == last(b)
 }
 
 /// Merges the adapter in `adapter` into its base ([`resolve_base`] of `base`) and writes the

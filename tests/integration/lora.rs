@@ -126,6 +126,26 @@ fn demo_lora_trains_merges_and_reports() {
         tmp.path(),
     );
     assert!(err.contains("not empty"), "{err}");
+    // a --base other than the adapter's own is merged into, as PEFT does, and said; the same
+    // model by another path is not
+    for (base, other) in [(&merged_s, true), (&model_dir.display().to_string(), false)] {
+        let out = tmp.path().join(format!("into-{other}"));
+        let run = super::common::refdpo(
+            &[
+                "merge",
+                "--adapter",
+                &final_s,
+                "--base",
+                base,
+                "--out",
+                &out.display().to_string(),
+            ],
+            tmp.path(),
+        );
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{stderr}");
+        assert_eq!(stderr.contains("the adapter names"), other, "{stderr}");
+    }
     let err = fails(
         &["merge", "--adapter", &merged_s, "--out", "elsewhere"],
         tmp.path(),
