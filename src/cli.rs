@@ -64,6 +64,10 @@ pub enum Command {
         /// `base_model_name_or_path`.
         #[arg(long)]
         base: Option<String>,
+        /// The base's hub revision; default: the run's `model.revision`, else the adapter's
+        /// `revision` (for its own base), else main.
+        #[arg(long)]
+        revision: Option<String>,
     },
     /// Print one example as raw messages, rendered chat text and token counts.
     Show {

@@ -284,8 +284,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Judge(a) => judge(a)?,
-        Command::Merge { adapter, out, base } => {
-            let base = crate::train::merge::merge(&adapter, base.as_deref(), &out)?;
+        Command::Merge {
+            adapter,
+            out,
+            base,
+            revision,
+        } => {
+            let base =
+                crate::train::merge::merge(&adapter, base.as_deref(), revision.as_deref(), &out)?;
             sayln!(
                 "merged {} into {} ({}); wrote {}",
                 adapter.display(),

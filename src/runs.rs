@@ -38,13 +38,20 @@ impl RunDir {
                 self.config().display()
             )));
         }
-        let (model_cfg, tensors) =
-            checkpoint::load_model(&self.final_dir(), &inputs.model, device)?;
-        // rounded to `dtype`, computing as the reference does ([`crate::inputs::compute_dtype`])
+        let dir = self.final_dir();
+        let (model_cfg, tensors) = checkpoint::load_model(&dir, &inputs.model, dtype, device)?;
+        // rounded to `dtype` (an adapter's base already is, and its f32 update is kept as
+        // training applied it), computing as the reference does
+        // ([`crate::inputs::compute_dtype`])
         let compute = crate::inputs::compute_dtype(dtype, device);
+        let store = if crate::model::lora::is_adapter(&dir) {
+            compute
+        } else {
+            dtype
+        };
         let tensors = tensors
             .into_iter()
-            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.to_dtype(compute)?)))
+            .map(|(k, t)| Ok((k, t.to_dtype(store)?.to_dtype(compute)?)))
             .collect::<Result<std::collections::HashMap<_, _>>>()?;
         Transformer::new(&model_cfg, &tensors)
     }

@@ -57,8 +57,9 @@ pub fn policy_bias(
         cached.check_compatible(&cache::shards::expected_for(f, split, &expected), f)?;
         rows.extend(cache::parquet::read(f)?);
     }
-    // a full checkpoint, or a LoRA adapter merged into the run's base model, in f32
-    let model = run.load_policy(&cfg, &inputs, candle_core::DType::F32, device)?;
+    // a full checkpoint, or a LoRA adapter merged into the run's base model, over the weights
+    // rounded to `model.dtype` as training scored them (the cache's reference was too)
+    let model = run.load_policy(&cfg, &inputs, cfg.model.dtype.candle(), device)?;
     let (l, t) = (cfg.tokenize.max_length, cfg.tokenize.truncation);
     let mut margins = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(cfg.precompute.batch_size.max(1)) {
@@ -88,16 +89,17 @@ pub fn policy_bias(
     let out = df
         .lazy()
         .select([
-            spearman_rank_corr(col("len_diff"), col("margin"), false)
-                .alias("margin_len_diff_spearman"),
+            super::queries::spearman("len_diff", "margin").alias("margin_len_diff_spearman"),
             pearson_corr(col("len_diff"), col("margin")).alias("margin_len_diff_pearson"),
             col("margin")
                 .gt(lit(0.0))
                 .cast(DataType::Float64)
                 .mean()
                 .alias("reward_accuracy"),
-            // Among pairs of unequal length: how often the policy's implicit reward favours the longer answer.
-            (col("margin").gt(lit(0.0)).eq(col("len_diff").gt(lit(0.0))))
+            // Among pairs of unequal length: how often the policy's implicit reward favours the
+            // longer answer (a margin of 0 favours neither)
+            (col("margin").gt(lit(0.0)).and(col("len_diff").gt(lit(0.0))))
+                .or(col("margin").lt(lit(0.0)).and(col("len_diff").lt(lit(0.0))))
                 .filter(col("len_diff").neq(lit(0.0)))
                 .cast(DataType::Float64)
                 .mean()

@@ -9,6 +9,16 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// Spearman's rank correlation of two columns (average ranks for ties), null where it is
+/// undefined, as scipy's is NaN: when either column holds one value only (polars would return
+/// the rounding noise of its ranks' mean, e.g. 0.0122 for 501 pairs of equal lengths).
+pub fn spearman(a: &str, b: &str) -> Expr {
+    let varies = |c: &str| col(c).drop_nulls().n_unique().gt(lit(1));
+    when(varies(a).and(varies(b)))
+        .then(spearman_rank_corr(col(a), col(b), false))
+        .otherwise(lit(NULL).cast(DataType::Float64))
+}
+
 /// A table for the terminal: header and string cells.
 pub struct Table {
     pub header: Vec<String>,
@@ -135,11 +145,9 @@ pub fn compute(files: &[PathBuf]) -> Result<Stats> {
         col("score_diff").max().alias("score_gap_max"),
         frac(col("chosen_truncated")).alias("chosen_truncated_frac"),
         frac(col("rejected_truncated")).alias("rejected_truncated_frac"),
-        spearman_rank_corr(col("len_diff"), col("score_diff"), false)
-            .alias("score_diff_len_diff_spearman"),
+        spearman("len_diff", "score_diff").alias("score_diff_len_diff_spearman"),
         pearson_corr(col("len_diff"), col("score_diff")).alias("score_diff_len_diff_pearson"),
-        spearman_rank_corr(col("len_diff"), col("ref_margin"), false)
-            .alias("ref_margin_len_diff_spearman"),
+        spearman("len_diff", "ref_margin").alias("ref_margin_len_diff_spearman"),
         pearson_corr(col("len_diff"), col("ref_margin")).alias("ref_margin_len_diff_pearson"),
         col("ref_margin").mean().alias("ref_margin_mean"),
         (col("ref_chosen") / col("chosen_len"))
@@ -420,5 +428,30 @@ impl Stats {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// scipy.stats.spearmanr([1, 2, 3, 4], [1, 3, 2, 4]) = 0.8; NaN with a constant side, where
+    /// polars' own rank correlation gives the noise of its ranks' mean (501 pairs: 0.0122).
+    #[test]
+    fn spearman_is_null_where_a_side_is_constant() {
+        let corr = |a: Vec<f64>, b: Vec<f64>| -> Option<f64> {
+            let df = df!("a" => &a, "b" => &b).unwrap();
+            let out = df
+                .lazy()
+                .select([spearman("a", "b").alias("s")])
+                .collect()
+                .unwrap();
+            out.column("s").unwrap().f64().unwrap().get(0)
+        };
+        let s = corr(vec![1.0, 2.0, 3.0, 4.0], vec![1.0, 3.0, 2.0, 4.0]).unwrap();
+        assert!((s - 0.8).abs() < 1e-12, "{s}");
+        let varying: Vec<f64> = (0..501).map(|i| ((i * 7919) % 501) as f64).collect();
+        assert_eq!(corr(vec![3.0; 501], varying.clone()), None);
+        assert_eq!(corr(varying, vec![-1.5; 501]), None);
     }
 }

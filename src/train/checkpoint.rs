@@ -172,10 +172,12 @@ pub fn load_trained(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
 }
 
 /// The whole model a checkpoint stands for, f32 on `device`: its own weights, or the adapter
-/// merged into `base` (the run's model).
+/// merged into `base` (the run's model) with the base's weights first rounded to `base_dtype`
+/// (`model.dtype`), as PEFT adds an f32 adapter to a base loaded in that dtype.
 pub fn load_model(
     dir: &Path,
     base: &ModelSource,
+    base_dtype: DType,
     device: &Device,
 ) -> Result<(TransformerConfig, HashMap<String, Tensor>)> {
     if !lora::is_adapter(dir) {
@@ -185,7 +187,10 @@ pub fn load_model(
         return Ok((cfg, weights::load(&files, DType::F32, device)?));
     }
     let adapter = lora::read(dir)?;
-    let mut tensors = weights::load(&base.weight_files, DType::F32, device)?;
+    let mut tensors = weights::load(&base.weight_files, base_dtype, device)?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
     lora::merge(&mut tensors, &base.cfg, &adapter)?;
     Ok((base.cfg.clone(), tensors))
 }

@@ -10,52 +10,93 @@ use candle_core::Device;
 use std::path::Path;
 
 /// Where an adapter's base model is: `base` if given, else the model of the run holding the
-/// adapter (`<run>/config.toml`, revision included), else the adapter's `base_model_name_or_path`.
-fn resolve_base(adapter: &Path, base: Option<&str>) -> Result<ModelSource> {
+/// adapter (`<run>/config.toml`, revision included), else the adapter's `base_model_name_or_path`
+/// at its `revision`, as PEFT's `AutoPeftModelForCausalLM` loads it. `revision` overrides the
+/// revision; without it, `base` is read at the adapter's revision when it is the adapter's own
+/// base, else at `main`.
+fn resolve_base(adapter: &Path, base: Option<&str>, revision: Option<&str>) -> Result<ModelSource> {
+    let named = lora::named_base(adapter)?;
+    let config = adapter.join(lora::CONFIG_FILE);
     if let Some(id) = base {
-        let named = lora::read_config_base(adapter);
-        if let Some(named) = named.filter(|n| !same_model(n, id)) {
+        let own = named.as_ref().filter(|n| same_model(&n.id, id));
+        if let (Some(n), None) = (&named, own) {
             // PEFT merges into whatever base it is given too; a model of the same shapes but
             // other weights gives a wrong merged model, so say which was asked for
             eprintln!(
-                "note: the adapter names `{named}` as its base (`base_model_name_or_path`); \
-                 merging it into `{id}` as --base asks"
+                "note: the adapter names `{}` as its base (`base_model_name_or_path`); merging \
+                 it into `{id}` as --base asks",
+                n.id
             );
         }
-        return ModelSource::resolve(id, "main");
+        let rev = revision
+            .or(own.and_then(|n| n.revision.as_deref()))
+            .unwrap_or("main");
+        return ModelSource::resolve(id, rev);
     }
     let run_config = adapter
         .parent()
         .map(|run| crate::dirs::RunDir::new(run).config());
     if let Some(path) = run_config.filter(|p| p.exists()) {
         let cfg = Config::load(&path, &[])?;
-        return ModelSource::resolve(&cfg.model.id, &cfg.model.revision);
+        let rev = revision.unwrap_or(&cfg.model.revision);
+        let from = format!("`model.id` of the run's `{}`", path.display());
+        return ModelSource::resolve(&cfg.model.id, rev).map_err(not_found(&cfg.model.id, from));
     }
-    match lora::read(adapter)?.base_model {
-        Some(id) if !id.is_empty() => ModelSource::resolve(&id, "main"),
-        _ => Err(Error::Model(format!(
+    match named {
+        Some(n) => {
+            let rev = revision.or(n.revision.as_deref()).unwrap_or("main");
+            let from = format!("`base_model_name_or_path` of `{}`", config.display());
+            ModelSource::resolve(&n.id, rev).map_err(not_found(&n.id, from))
+        }
+        None => Err(Error::Model(format!(
             "`{}` names no base model (`base_model_name_or_path`): pass --base with the model's \
              id or directory",
-            adapter.join(lora::CONFIG_FILE).display()
+            config.display()
         ))),
     }
 }
 
-/// Whether two model ids or directories name the same model: the same last path component
-/// (`HuggingFaceTB/SmolLM2-135M-Instruct` and `./models/SmolLM2-135M-Instruct/`), case aside.
-fn same_model(a: &str, b: &str) -> bool {
+/// An error opening the base model `id`, which `from` named, with the way out.
+fn not_found(id: &str, from: String) -> impl FnOnce(Error) -> Error + '_ {
+    move |e| {
+        Error::Model(format!(
+            "the base model `{id}` ({from}) cannot be opened: {e}; pass --base with the base \
+             model's id or directory"
+        ))
+    }
+}
+
+/// Whether the adapter's base `named` and `--base` name the same model: the same directory when
+/// both are directories here, the same id when neither is, else (a local copy of a hub model)
+/// the same last path component (`HuggingFaceTB/SmolLM2-135M-Instruct` and
+/// `./models/SmolLM2-135M-Instruct/`), case aside.
+fn same_model(named: &str, base: &str) -> bool {
+    let dir = |s: &str| {
+        Path::new(s)
+            .is_dir()
+            .then(|| Path::new(s).canonicalize().ok())
+    };
     let last = |s: &str| {
         Path::new(s.trim_end_matches('/'))
             .file_name()
             .map(|n| n.to_string_lossy().to_lowercase())
     };
-    last(a).is_some() && last(a) == last(b)
+    match (dir(named), dir(base)) {
+        (Some(a), Some(b)) => a.is_some() && a == b,
+        (None, None) => named.trim_end_matches('/') == base.trim_end_matches('/'),
+        _ => last(named).is_some() && last(named) == last(base),
+    }
 }
 
 /// Merges the adapter in `adapter` into its base ([`resolve_base`] of `base`) and writes the
 /// result into `out` (a new or empty directory; written under a temporary name and renamed).
 /// Returns the base it used.
-pub fn merge(adapter: &Path, base: Option<&str>, out: &Path) -> Result<ModelSource> {
+pub fn merge(
+    adapter: &Path,
+    base: Option<&str>,
+    revision: Option<&str>,
+    out: &Path,
+) -> Result<ModelSource> {
     if !lora::is_adapter(adapter) {
         return Err(Error::Model(format!(
             "`{}` holds no LoRA adapter (no {}): pass a run's `final/` or `checkpoint-N/` trained \
@@ -88,8 +129,9 @@ pub fn merge(adapter: &Path, base: Option<&str>, out: &Path) -> Result<ModelSour
             adapter.display()
         )));
     }
-    let base = resolve_base(adapter, base)?;
-    let (_, tensors) = checkpoint::load_model(adapter, &base, &Device::Cpu)?;
+    let base = resolve_base(adapter, base, revision)?;
+    let (_, tensors) =
+        checkpoint::load_model(adapter, &base, candle_core::DType::F32, &Device::Cpu)?;
     let tmp = fs::tmp_path(out);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("cannot remove", &tmp, e))?;

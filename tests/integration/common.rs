@@ -160,3 +160,17 @@ pub fn rewrite_cache(arrow: &Path, edit: impl FnOnce(&mut Vec<refdpo::cache::Cac
     edit(&mut rows);
     refdpo::cache::ipc::write(arrow, &rows, &fp).unwrap();
 }
+
+/// A copy of the folder `src` (recursively) at `dst`.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        let to = dst.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &to);
+        } else {
+            std::fs::copy(&p, &to).unwrap();
+        }
+    }
+}

@@ -8,7 +8,7 @@
 //! Needs `REFDPO_OLAH` (the `olah-cli` path: `export REFDPO_OLAH=$(bash tests/hub/install.sh)`);
 //! `.ci/run` installs it. Without it the test is ignored, except under `CI=true`.
 
-use super::common::{demo_config, ok, repo};
+use super::common::{copy_dir, demo_config, ok, repo};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -105,19 +105,6 @@ fn mirror(src: &Path, dst: &Path) -> String {
     git(dst, &["add", "-A"]);
     git(dst, &["commit", "-qm", "initial"]);
     git(dst, &["rev-parse", "HEAD"])
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        let to = dst.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &to);
-        } else {
-            std::fs::copy(&p, &to).unwrap();
-        }
-    }
 }
 
 /// `refdpo precompute` against the hub, with the overrides `sets`.

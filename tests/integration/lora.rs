@@ -2,7 +2,9 @@
 //! PEFT adapter that `merge` and `stats --run` read; resume with dropout is exact; the block-wise
 //! backward gives every adapter tensor autograd's gradient (fused Phi-3 projections included).
 
-use super::common::{demo_config, fails, max_abs, max_abs_diff, ok, read_json, train_with};
+use super::common::{
+    copy_dir, demo_config, fails, max_abs, max_abs_diff, ok, read_json, train_with,
+};
 use candle_core::{DType, Device, Tensor};
 use refdpo::cache::{self, MappedCache};
 use refdpo::config::{LoraConfig, TargetModules, Truncation};
@@ -126,17 +128,23 @@ fn demo_lora_trains_merges_and_reports() {
         tmp.path(),
     );
     assert!(err.contains("not empty"), "{err}");
-    // a --base other than the adapter's own is merged into, as PEFT does, and said; the same
-    // model by another path is not
-    for (base, other) in [(&merged_s, true), (&model_dir.display().to_string(), false)] {
-        let out = tmp.path().join(format!("into-{other}"));
+    // a --base other than the adapter's own is merged into, as PEFT does, and said (also when
+    // its folder has the same name); the same model by another spelling of its path is not
+    let alt = tmp.path().join("alt/model");
+    copy_dir(&merged, &alt);
+    let same = tmp.path().join("demo/../demo/model/");
+    for (i, (base, other)) in [(&merged, true), (&alt, true), (&same, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let out = tmp.path().join(format!("into-{i}"));
         let run = super::common::refdpo(
             &[
                 "merge",
                 "--adapter",
                 &final_s,
                 "--base",
-                base,
+                &base.display().to_string(),
                 "--out",
                 &out.display().to_string(),
             ],
@@ -144,7 +152,51 @@ fn demo_lora_trains_merges_and_reports() {
         );
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(run.status.success(), "{stderr}");
-        assert_eq!(stderr.contains("the adapter names"), other, "{stderr}");
+        assert_eq!(
+            stderr.contains("the adapter names"),
+            other,
+            "{base:?}: {stderr}"
+        );
+    }
+    // an adapter out of its run merges into its base at the adapter's `revision`, as PEFT's
+    // AutoPeftModelForCausalLM loads it; --revision chooses another
+    let hub = tmp.path().join("hf/hub/models--org--tiny");
+    for (commit, src, rev) in [("1", &model_dir, "main"), ("2", &alt, "v2")] {
+        copy_dir(src, &hub.join("snapshots").join(commit.repeat(40)));
+        std::fs::create_dir_all(hub.join("refs")).unwrap();
+        std::fs::write(hub.join("refs").join(rev), commit.repeat(40)).unwrap();
+    }
+    let copied = tmp.path().join("copied/final");
+    copy_dir(&run.join("final"), &copied);
+    let mut cfg = read_json(&copied.join("adapter_config.json"));
+    cfg["base_model_name_or_path"] = "org/tiny".into();
+    cfg["revision"] = "v2".into();
+    std::fs::write(copied.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let copied_s = copied.display().to_string();
+    for (i, (extra, rev)) in [
+        (vec![], "(v2)"),
+        (vec!["--base", "org/tiny"], "(v2)"),
+        (vec!["--base", "org/tiny", "--revision", "main"], "(main)"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = tmp.path().join(format!("rev-{i}")).display().to_string();
+        let mut args = vec!["merge", "--adapter", &copied_s, "--out", &out];
+        args.extend(extra);
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_refdpo"))
+            .args(&args)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", tmp.path().join("hf"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(stdout.contains(rev), "{args:?}: {stdout}");
     }
     let err = fails(
         &["merge", "--adapter", &merged_s, "--out", "elsewhere"],

@@ -1,6 +1,6 @@
 //! `refdpo stats` on small hand-made caches with answers worked out by hand, and on the demo.
 
-use super::common::{fails, ok, precomputed};
+use super::common::{demo_config, fails, ok, precomputed, train_with};
 use refdpo::cache::{self, CacheRow};
 use refdpo::stats::queries;
 
@@ -242,4 +242,42 @@ fn stats_on_real_rows_match_python_polars() {
         assert_eq!(d.abs_diff_max, w["abs_diff_max"].as_f64().unwrap());
         assert!((d.longer_wins - w["longer_wins"].as_f64().unwrap()).abs() < 1e-12);
     }
+}
+
+/// `stats --run` of a LoRA policy that is still the reference (bf16 weights, a learning rate that
+/// moves nothing): every implicit reward margin is 0 as in training's own evaluation, so no pair
+/// is won, no answer favoured, and the correlation with a constant margin is undefined (null, as
+/// scipy's NaN). Before, the adapter was merged into the unrounded f32 base (accuracy 0.45 on
+/// noise) and a margin of 0 counted as favouring the longer answer when the chosen was shorter.
+#[test]
+fn stats_run_of_an_untrained_bf16_lora_policy_is_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "max_steps = 1\n[train.lora]\nr = 8\nalpha = 16");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("dtype = \"f32\"", "dtype = \"bf16\"")).unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    train_with(cfg_s, tmp.path(), &["train.learning_rate=1e-30"]);
+    let run = tmp.path().join("run");
+    let json: serde_json::Value = serde_json::from_str(&ok(
+        &[
+            "stats",
+            "--config",
+            cfg_s,
+            "--split",
+            "test_prefs",
+            "--run",
+            run.to_str().unwrap(),
+            "--json",
+        ],
+        tmp.path(),
+    ))
+    .unwrap();
+    let p = &json["policy"];
+    assert_eq!(p["margin_mean"], 0.0, "{p}");
+    assert_eq!(p["reward_accuracy"], 0.0, "{p}");
+    assert_eq!(p["prefers_longer_frac"], 0.0, "{p}");
+    assert!(p["data_longer_chosen_frac"].as_f64().unwrap() < 1.0, "{p}");
+    assert!(p["margin_len_diff_spearman"].is_null(), "{p}");
+    assert!(p["margin_len_diff_pearson"].is_null(), "{p}");
 }

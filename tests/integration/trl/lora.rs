@@ -220,7 +220,8 @@ fn adapter_files_round_trip() {
     .unwrap();
     let back = lora::read(tmp.path()).unwrap();
     assert_eq!(back.lora, saved.lora);
-    assert_eq!(back.base_model.as_deref(), Some("base"));
+    let named = lora::named_base(tmp.path()).unwrap().unwrap();
+    assert_eq!((named.id.as_str(), named.revision), ("base", None));
     assert_eq!(back.tensors.len(), saved.tensors.len());
     for (k, t) in &saved.tensors {
         let (a, b): (Vec<f32>, Vec<f32>) = (

@@ -8,17 +8,17 @@ use super::linear_op::linear;
 use super::row_ops;
 use super::{cpu, init};
 use crate::config::{LoraConfig, TargetModules};
-use crate::error::{fs, Error, Result};
+use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
-use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::Path;
 
 pub use crate::config::PROJECTIONS;
 
-pub const CONFIG_FILE: &str = "adapter_config.json";
-pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+mod files;
+
+pub use files::{is_adapter, named_base, read, write, NamedBase, SavedAdapter};
+pub use files::{CONFIG_FILE, WEIGHTS_FILE};
 
 /// PEFT's saved names of a module's A and B (e.g. `model.layers.0.self_attn.q_proj`).
 pub fn peft_names(module: &str) -> (String, String) {
@@ -227,159 +227,6 @@ impl Proj {
     }
 }
 
-/// An adapter directory read back: its settings and its tensors (f32, on the CPU).
-pub struct SavedAdapter {
-    pub lora: LoraConfig,
-    pub base_model: Option<String>,
-    pub tensors: HashMap<String, Tensor>,
-}
-
-/// Whether `dir` holds a PEFT adapter rather than full weights.
-pub fn is_adapter(dir: &Path) -> bool {
-    dir.join(CONFIG_FILE).exists()
-}
-
-/// The base model an adapter names (`base_model_name_or_path`), if its config reads and names
-/// one; [`read`] reports a damaged config.
-pub fn read_config_base(dir: &Path) -> Option<String> {
-    let text = fs::read_to_string(&dir.join(CONFIG_FILE)).ok()?;
-    let v: Value = serde_json::from_str(&text).ok()?;
-    v["base_model_name_or_path"]
-        .as_str()
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-}
-
-/// Reads a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`). Settings
-/// refdpo does not implement (DoRA, per-module ranks, trained biases, extra saved modules) are
-/// refused by name.
-pub fn read(dir: &Path) -> Result<SavedAdapter> {
-    let path = dir.join(CONFIG_FILE);
-    let v: Value = serde_json::from_str(&fs::read_to_string(&path)?)
-        .map_err(|e| Error::Model(format!("`{}` is not JSON: {e}", path.display())))?;
-    let bad = |field: &str, why: &str| {
-        Error::Model(format!(
-            "`{}`: `{field}` {why}; refdpo reads plain LoRA adapters (PEFT `peft_type` LORA, no \
-             DoRA, one rank and alpha for all modules, bias \"none\")",
-            path.display()
-        ))
-    };
-    if v["peft_type"] != "LORA" {
-        return Err(bad("peft_type", &format!("is {}", v["peft_type"])));
-    }
-    if v["use_dora"] == true {
-        return Err(bad("use_dora", "is true"));
-    }
-    for field in ["rank_pattern", "alpha_pattern"] {
-        if v[field].as_object().is_some_and(|m| !m.is_empty()) {
-            return Err(bad(field, "is not empty"));
-        }
-    }
-    if !v["bias"].is_null() && v["bias"] != "none" {
-        return Err(bad("bias", &format!("is {}", v["bias"])));
-    }
-    if !v["modules_to_save"].is_null() {
-        return Err(bad("modules_to_save", "is set"));
-    }
-    // PEFT settings that change which weights adapt or how: null, false or empty by default
-    for field in [
-        "layers_to_transform",
-        "layers_pattern",
-        "exclude_modules",
-        "trainable_token_indices",
-        "layer_replication",
-        "target_parameters",
-        "alora_invocation_tokens",
-        "fan_in_fan_out",
-        "lora_bias",
-        "use_qalora",
-        "use_bdlora",
-    ] {
-        let x = &v[field];
-        let unset = x.is_null() || *x == false || x.as_array().is_some_and(Vec::is_empty);
-        if !unset {
-            return Err(bad(field, &format!("is {x}")));
-        }
-    }
-    let r = v["r"]
-        .as_u64()
-        .filter(|&r| r > 0)
-        .ok_or_else(|| bad("r", "is not a positive integer"))? as usize;
-    let alpha = v["lora_alpha"]
-        .as_f64()
-        .ok_or_else(|| bad("lora_alpha", "is not a number"))?;
-    let targets = match &v["target_modules"] {
-        Value::String(s) if s == "all-linear" => TargetModules::AllLinear,
-        Value::Array(items) => {
-            let mut names: Vec<String> = items
-                .iter()
-                .filter_map(|t| t.as_str())
-                .map(|t| t.rsplit('.').next().unwrap_or(t).to_string())
-                .collect();
-            names.sort();
-            names.dedup();
-            TargetModules::Names(names)
-        }
-        other => return Err(bad("target_modules", &format!("is {other} (a regex?)"))),
-    };
-    let weights = dir.join(WEIGHTS_FILE);
-    // checked as model weights are (header, NaN or Inf), then each tensor's shape in `merge`
-    let tensors = super::weights::load(std::slice::from_ref(&weights), DType::F32, &Device::Cpu)?;
-    Ok(SavedAdapter {
-        lora: LoraConfig {
-            r,
-            alpha,
-            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
-            target_modules: targets,
-            use_rslora: v["use_rslora"] == true,
-        },
-        base_model: v["base_model_name_or_path"].as_str().map(String::from),
-        tensors,
-    })
-}
-
-/// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (each atomically).
-pub fn write(
-    dir: &Path,
-    lora: &LoraConfig,
-    cfg: &TransformerConfig,
-    base_model: &str,
-    revision: &str,
-    tensors: &HashMap<String, Tensor>,
-) -> Result<()> {
-    let mut projections: Vec<String> = target_modules(cfg, &lora.target_modules)
-        .iter()
-        .filter_map(|(m, _, _)| m.rsplit('.').next().map(String::from))
-        .collect();
-    projections.sort();
-    projections.dedup();
-    let config = json!({
-        "base_model_name_or_path": base_model,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "init_lora_weights": true,
-        "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout,
-        "modules_to_save": null,
-        "peft_type": "LORA",
-        "r": lora.r,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        // PEFT's `AutoPeftModel` loads the base at this revision (none: the hub's default)
-        "revision": (revision != "main").then_some(revision),
-        "target_modules": projections,
-        "task_type": "CAUSAL_LM",
-        "use_dora": false,
-        "use_rslora": lora.use_rslora,
-    });
-    fs::write_atomic(
-        &dir.join(CONFIG_FILE),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )?;
-    super::weights::save(tensors, &dir.join(WEIGHTS_FILE))
-}
-
 /// The adapter of `module` from `tensors` (PEFT names), if it has one.
 pub fn adapter_of(
     tensors: &HashMap<String, Tensor>,
@@ -406,9 +253,13 @@ pub fn merge(
     let mut used = 0;
     for (module, fan_in, fan_out) in &modules {
         let ad = adapter_of(&saved.tensors, &saved.lora, module).ok_or_else(|| {
+            let (a, b) = peft_names(module);
+            let missing = if saved.tensors.contains_key(&a) { b } else { a };
             Error::Model(format!(
-                "the adapter targets `{module}` but holds no `{}`",
-                peft_names(module).0
+                "the adapter holds no `{missing}`, but refdpo adapts `{module}`: its \
+                 `target_modules` name a projection in every layer, so an adapter of only some \
+                 layers (`layers_to_transform`, full module names of one layer) is not read; or \
+                 the file is damaged"
             ))
         })?;
         let r = saved.lora.r;
@@ -454,8 +305,10 @@ pub fn merge(
             .cloned()
             .unwrap_or_default();
         return Err(Error::Model(format!(
-            "adapter tensor `{stray}` matches no targeted module of this model: is it the \
-             adapter of another base?"
+            "adapter tensor `{stray}` matches no targeted module of this model: refdpo adapts \
+             the decoder layers' linear projections ({}) with plain LoRA A and B only; is it \
+             another kind of adapter, or the adapter of another base?",
+            PROJECTIONS.join(", ")
         )));
     }
     Ok(())
