@@ -34,6 +34,15 @@ fn resolve_parquet(opts: &StatsOptions) -> Result<(String, Vec<PathBuf>)> {
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or_default();
+        // `<split>.parquet` or a shard's `<split>.shard-K-of-N.parquet`
+        let named = split.split(".shard-").next().unwrap_or_default();
+        if let Some(other) = opts.split.as_deref().filter(|&s| s != named) {
+            return Err(Error::Config(format!(
+                "--split {other} names another split than `{}` ({named}): pass the cache \
+                 directory with --split {other}, or that split's own file",
+                opts.cache.display()
+            )));
+        }
         return Ok((split.to_string(), vec![opts.cache.clone()]));
     }
     let split = opts
@@ -46,10 +55,30 @@ fn resolve_parquet(opts: &StatsOptions) -> Result<(String, Vec<PathBuf>)> {
             cache::shards::check_parquet(&files, &split)?;
             Ok((split, files))
         }
-        None => Err(Error::MissingCache {
-            path: cache::parquet_path(&opts.cache, &split),
-            msg: "pass --cache DIR (with --split NAME) or a .parquet file, or run `refdpo precompute`".into(),
-        }),
+        None => {
+            let mut there: Vec<String> = std::fs::read_dir(&opts.cache)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.ok()?.file_name().into_string().ok()?;
+                    let stem = name.strip_suffix(".parquet")?;
+                    Some(stem.split(".shard-").next()?.to_string())
+                })
+                .collect();
+            there.sort();
+            there.dedup();
+            let splits = match there.is_empty() {
+                true => String::new(),
+                false => format!(" (this cache holds {})", there.join(", ")),
+            };
+            Err(Error::MissingCache {
+                path: cache::parquet_path(&opts.cache, &split),
+                msg: format!(
+                    "pass --cache DIR (with --split NAME{splits}) or a .parquet file, or run \
+                     `refdpo precompute`"
+                ),
+            })
+        }
     }
 }
 

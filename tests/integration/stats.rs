@@ -126,6 +126,33 @@ fn stats_command_prints_tables_json_and_charts() {
     ] {
         assert!(!json[k].is_null(), "--json lacks {k}");
     }
+    // a split the cache lacks names those it holds; a file and another --split is refused
+    let err = fails(
+        &[
+            "stats",
+            "--cache",
+            cache_dir.to_str().unwrap(),
+            "--split",
+            "nope",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("this cache holds test_prefs, train_prefs"),
+        "{err}"
+    );
+    let file = cache_dir.join("train_prefs.parquet");
+    let err = fails(
+        &[
+            "stats",
+            "--cache",
+            file.to_str().unwrap(),
+            "--split",
+            "test_prefs",
+        ],
+        tmp.path(),
+    );
+    assert!(err.contains("names another split"), "{err}");
     // The demo's chosen answers are longer by construction.
     assert!(json["chosen_longer_frac"].as_f64().unwrap() > 0.6);
     // --run: the trained policy's margin vs length.
