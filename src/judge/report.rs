@@ -11,6 +11,9 @@ use std::path::PathBuf;
 /// Bootstrap resamples of the win rate's interval.
 pub const RESAMPLES: usize = 1000;
 
+/// Below this many prompts the interval carries a warning.
+const MIN_PROMPTS_FOR_CI: usize = 20;
+
 /// One judged prompt (a line of `judge-<split>.jsonl`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JudgeLine {
@@ -44,6 +47,9 @@ pub struct Judgement {
     pub quintiles: Vec<(f64, f64, f64, usize)>,
     pub reward_length_correlation: f64,
     pub reward_model_accuracy: f64,
+    /// The pairs whose chosen and rejected answers the reward model scores equal (neither is
+    /// counted as agreeing in `reward_model_accuracy`, TRL's strict rule).
+    pub reward_model_ties: usize,
     /// Prompts left out because a sequence of theirs is longer than the reward model reads, and
     /// its positions.
     pub too_long: (usize, usize),
@@ -96,6 +102,10 @@ impl Judgement {
             quintiles: winrate::quintiles(&wins, &d),
             reward_length_correlation: winrate::pearson(&gaps, &d),
             reward_model_accuracy: accuracy,
+            reward_model_ties: lines
+                .iter()
+                .filter(|l| l.chosen_reward == l.rejected_reward)
+                .count(),
             too_long: (0, 0),
             split,
             generations,
@@ -103,6 +113,20 @@ impl Judgement {
             out,
             seed,
             lines,
+        }
+    }
+
+    /// Why the bootstrap interval claims more certainty than the prompts give, if it does: a
+    /// percentile bootstrap never leaves the observed outcomes, so all alike give an interval
+    /// of no width, and a handful of prompts one far too narrow.
+    pub fn win_rate_ci_note(&self) -> Option<&'static str> {
+        let first = self.lines.first().map(|l| l.win);
+        if self.lines.iter().all(|l| Some(l.win) == first) {
+            Some("every prompt has the same outcome: the interval has no width, not certainty")
+        } else if self.lines.len() < MIN_PROMPTS_FOR_CI {
+            Some("fewer than 20 prompts: a bootstrap interval this small understates the uncertainty")
+        } else {
+            None
         }
     }
 
@@ -134,6 +158,7 @@ impl Judgement {
             "mean_tokens_policy": num(self.mean_tokens("policy")),
             "win_rate": num(self.win_rate),
             "win_rate_ci": [num(self.win_rate_ci.0), num(self.win_rate_ci.1)],
+            "win_rate_ci_note": self.win_rate_ci_note(),
             "bootstrap": {"resamples": RESAMPLES, "seed": self.seed},
             "lc_win_rate": num(self.lc.lc_win_rate),
             "lc_fit": {"a": num(self.lc.a), "b": num(self.lc.b), "note": self.lc.note},
@@ -143,6 +168,7 @@ impl Judgement {
             "reward_length_correlation": num(self.reward_length_correlation),
             "reward_model_accuracy": num(self.reward_model_accuracy),
             "reward_model_pairs": self.lines.len(),
+            "reward_model_ties": self.reward_model_ties,
             "skipped_too_long": self.too_long.0,
         })
     }
@@ -196,6 +222,9 @@ impl Judgement {
              (bootstrap, {RESAMPLES} resamples, seed {})",
             self.win_rate, self.win_rate_ci.0, self.win_rate_ci.1, self.seed
         );
+        if let Some(note) = self.win_rate_ci_note() {
+            let _ = writeln!(o, "{:<43}(the interval: {note})", "");
+        }
         let lc = match self.lc.note {
             None => format!(
                 "{:.3}  (σ(a), a = {:.4}, b = {:.4})",
@@ -209,10 +238,14 @@ impl Judgement {
             "correlation of reward gap and length gap   {:.3}",
             self.reward_length_correlation
         );
+        let ties = match self.reward_model_ties {
+            0 => String::new(),
+            n => format!(", {n} scored equal, counted as disagreeing"),
+        };
         let _ = writeln!(
             o,
-            "reward model's accuracy on the pairs       {:.3}  ({} pairs: does it agree with \
-             the annotators?)",
+            "reward model's accuracy on the pairs       {:.3}  ({} pairs{ties}: does it agree \
+             with the annotators?)",
             self.reward_model_accuracy,
             self.lines.len()
         );
@@ -230,5 +263,55 @@ impl Judgement {
         }
         let _ = writeln!(o, "\nper prompt: {}", self.out.display());
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn judged(wins: &[f64], tie_pairs: usize) -> Judgement {
+        let lines = wins
+            .iter()
+            .enumerate()
+            .map(|(i, &win)| JudgeLine {
+                row: i as u64,
+                prompt_id: i.to_string(),
+                reference_reward: 0.0,
+                policy_reward: win,
+                reference_tokens: 3,
+                policy_tokens: 3 + i,
+                win,
+                chosen_reward: 1.0,
+                rejected_reward: if i < tie_pairs { 1.0 } else { 0.0 },
+            })
+            .collect();
+        Judgement::of(lines, 0, "t".into(), "g".into(), "rm".into(), "o".into())
+    }
+
+    /// A percentile bootstrap of outcomes all alike is [w, w]; of two prompts, almost as
+    /// narrow: both are said, so a zero-width interval is not read as certainty.
+    #[test]
+    fn an_interval_that_claims_certainty_says_why_not() {
+        let all_won = judged(&[1.0; 30], 0);
+        assert_eq!(all_won.win_rate_ci, (1.0, 1.0));
+        assert!(all_won.win_rate_ci_note().unwrap().contains("same outcome"));
+        assert!(all_won.text().contains("no width"));
+        let few = judged(&[1.0, 0.0, 1.0], 0);
+        assert!(few.win_rate_ci_note().unwrap().contains("fewer than 20"));
+        let mixed: Vec<f64> = (0..40).map(|i| (i % 3 == 0) as u8 as f64).collect();
+        assert_eq!(judged(&mixed, 0).win_rate_ci_note(), None);
+        assert!(judged(&mixed, 0).to_json()["win_rate_ci_note"].is_null());
+    }
+
+    /// A judge with no opinion on a pair neither agrees nor is silent about it.
+    #[test]
+    fn pairs_the_reward_model_scores_equal_are_counted() {
+        let mixed: Vec<f64> = (0..40).map(|i| (i % 3 == 0) as u8 as f64).collect();
+        let j = judged(&mixed, 10);
+        assert_eq!(j.reward_model_accuracy, 0.75);
+        assert_eq!(j.to_json()["reward_model_ties"], 10);
+        assert!(j.text().contains("10 scored equal"), "{}", j.text());
+        assert!(!judged(&mixed, 0).text().contains("scored equal"));
     }
 }
