@@ -22,6 +22,8 @@ pub struct ModelSource {
     pub cfg: TransformerConfig,
     pub weight_files: Vec<PathBuf>,
     pub weights_sha256: String,
+    /// SHA-256 of `config.json`.
+    pub config_sha256: String,
     /// The hub commit the revision resolved to; `None` for a local directory.
     pub commit: Option<String>,
 }
@@ -37,12 +39,14 @@ impl ModelSource {
         let weight_files = weights::weight_files(&m.dir)?;
         shapes::check_files(&mut cfg, &weight_files, &m.dir)?;
         let weights_sha256 = weights::hash_files(&weight_files)?;
+        let config_sha256 = crate::error::fs::sha256(&m.dir.join("config.json"))?;
         Ok(Self {
             dir: m.dir,
             revision: m.revision,
             cfg,
             weight_files,
             weights_sha256,
+            config_sha256,
             commit: m.commit,
         })
     }
@@ -127,6 +131,8 @@ impl Inputs {
             weights_sha256: self.model.weights_sha256.clone(),
             tokenizer_sha256: self.tokenizer.tokenizer_sha256().to_string(),
             chat_template_sha256: self.tokenizer.template.sha256(),
+            model_config_sha256: self.model.config_sha256.clone(),
+            tokenizer_config_sha256: self.tokenizer.tokenizer_config_sha256().to_string(),
             max_length: cfg.tokenize.max_length,
             truncation: cfg.tokenize.truncation,
             shard: None,

@@ -78,6 +78,29 @@ def tokenizer_sha256(name_or_path):
     return _sha256([os.path.join(d, "tokenizer.json")])
 
 
+def model_config_sha256(name_or_path):
+    """refdpo's `model_config_sha256`: SHA-256 of the model's `config.json`."""
+    d = _local_dir(name_or_path, ["config.json"])
+    return _sha256([os.path.join(d, "config.json")])
+
+
+SETTINGS_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_config_sha256(name_or_path):
+    """refdpo's `tokenizer_config_sha256`: SHA-256 over `tokenizer_config.json` and
+    `special_tokens_map.json` (those present, each as its name, a NUL byte and its bytes)."""
+    d = _local_dir(name_or_path, list(SETTINGS_FILES))
+    h = hashlib.sha256()
+    for name in SETTINGS_FILES:
+        path = os.path.join(d, name)
+        if os.path.isfile(path):
+            h.update(name.encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
 def _model_path(model):
     config = getattr(model, "config", None)
     path = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
@@ -91,7 +114,8 @@ def _model_path(model):
 
 def check(fingerprint, model, tokenizer, args, name="train"):
     """Raises `CacheMismatch` naming the first field where the cache's fingerprint differs from
-    the trainer's model, tokenizer, chat template, `max_length` or `truncation_mode`."""
+    the trainer's model (weights and `config.json`), tokenizer (and its settings files), chat
+    template, `max_length` or `truncation_mode`."""
     template = getattr(tokenizer, "chat_template", None) or ""
     ours = {
         "max_length": args.max_length,
@@ -99,6 +123,8 @@ def check(fingerprint, model, tokenizer, args, name="train"):
         "tokenizer_sha256": lambda: tokenizer_sha256(tokenizer.name_or_path),
         "chat_template_sha256": lambda: hashlib.sha256(template.encode()).hexdigest(),
         "weights_sha256": lambda: weights_sha256(_model_path(model)),
+        "model_config_sha256": lambda: model_config_sha256(_model_path(model)),
+        "tokenizer_config_sha256": lambda: tokenizer_config_sha256(tokenizer.name_or_path),
     }
     for field, value in ours.items():
         value = value() if callable(value) else value

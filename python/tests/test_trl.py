@@ -179,6 +179,26 @@ def test_a_cache_of_other_inputs_is_refused_by_name(setup, tmp_path):
             model=AutoModelForCausalLM.from_pretrained(other), args=config(tmp_path / "c"), train_dataset=train,
             processing_class=tok,
         )
+    # the same weights under another config.json (refdpo's reference would score otherwise)
+    edited = tmp_path / "edited"
+    shutil.copytree(model_dir, edited)
+    cfg = json.loads((edited / "config.json").read_text())
+    cfg["rms_norm_eps"] = 0.5
+    (edited / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CacheMismatch, match="model_config_sha256"):
+        CachedReferenceDPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(edited), args=config(tmp_path / "e"), train_dataset=train,
+            processing_class=tok,
+        )
+    # another tokenizer_config.json (the EOS appended to plain answers, the BOS added)
+    settings = tmp_path / "settings"
+    shutil.copytree(model_dir, settings)
+    (settings / "tokenizer_config.json").write_text((model_dir / "tokenizer_config.json").read_text() + "\n")
+    with pytest.raises(CacheMismatch, match="tokenizer_config_sha256"):
+        CachedReferenceDPOTrainer(
+            model=model, args=config(tmp_path / "f"), train_dataset=train,
+            processing_class=AutoTokenizer.from_pretrained(settings),
+        )
     # not a cache at all
     with pytest.raises(ValueError, match="not a refdpo cache"):
         CachedReferenceDPOTrainer(

@@ -24,6 +24,14 @@ pub struct Fingerprint {
     /// SHA-256 of `tokenizer.json`.
     pub tokenizer_sha256: String,
     pub chat_template_sha256: String,
+    /// SHA-256 of the model's `config.json`: its RoPE, norms, windows and soft caps shape the
+    /// reference's log-probs ("" in caches made before it was recorded, which are then stale).
+    #[serde(default)]
+    pub model_config_sha256: String,
+    /// SHA-256 over `tokenizer_config.json` and `special_tokens_map.json` (those present, each
+    /// as its name, a NUL byte and its bytes): the EOS appended to plain answers, the BOS added.
+    #[serde(default)]
+    pub tokenizer_config_sha256: String,
     pub max_length: usize,
     pub truncation: Truncation,
     /// The shard a shard's files hold ("i/n" on disk); `None` for a whole split.
@@ -187,6 +195,10 @@ impl Fingerprint {
 }
 
 fn stale(path: &Path, field: &str, cached: &str, wanted: &str) -> Error {
+    let cached = match cached {
+        "\"\"" => "not recorded (the cache predates the field)",
+        other => other,
+    };
     Error::StaleCache {
         path: path.to_path_buf(),
         msg: format!(
@@ -209,6 +221,8 @@ pub(crate) fn sample() -> Fingerprint {
         weights_sha256: "w".into(),
         tokenizer_sha256: "t".into(),
         chat_template_sha256: "c".into(),
+        model_config_sha256: "mc".into(),
+        tokenizer_config_sha256: "tc".into(),
         max_length: 1024,
         truncation: Truncation::KeepStart,
         shard: None,

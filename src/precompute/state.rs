@@ -35,9 +35,17 @@ pub(super) fn claim_split(out: &Path, split: &Prepared, existing: Existing) -> R
     let other = found.iter().find_map(|(path, fp)| {
         // new contents of the same data, or the same inputs scored by other numerics, are this
         // cache's to replace, not another's
+        let fp = fp.as_ref()?;
         let mut skip = cache::fingerprint::READ_BY_STAGE_ONE.to_vec();
         skip.push("scoring");
-        let diff = fp.as_ref()?.first_difference(&split.fingerprint, &skip)?;
+        // a cache made before these hashes were recorded is scored again, not another's
+        if fp.model_config_sha256.is_empty() {
+            skip.push("model_config_sha256");
+        }
+        if fp.tokenizer_config_sha256.is_empty() {
+            skip.push("tokenizer_config_sha256");
+        }
+        let diff = fp.first_difference(&split.fingerprint, &skip)?;
         Some((path, diff))
     });
     let Some((path, (field, theirs, ours))) = other else {
@@ -107,6 +115,9 @@ pub(super) fn cache_state(pq: &Path, arrow: &Path, fingerprint: &Fingerprint) ->
                     "the data changed since it was scored ({})",
                     changed.join(", ")
                 )
+            }
+            Some((field, theirs, _)) if field.ends_with("config_sha256") && theirs == "\"\"" => {
+                format!("it was made before refdpo recorded `{field}`")
             }
             Some((field, _, _)) if field == "scoring" => format!(
                 "it was scored by other numerics (stage one's version {} there, {} in this build)",
@@ -202,6 +213,27 @@ mod tests {
         json.as_object_mut().unwrap().remove("scoring");
         let old = Fingerprint::from_json(&json.to_string(), Path::new("f")).unwrap();
         assert_eq!(old.scoring, 0);
+        // a cache from before the config hashes were recorded reads them as "": scored again,
+        // saying why, and this config's to replace
+        let mut json: serde_json::Value = serde_json::from_str(&fp.to_json()).unwrap();
+        for k in ["model_config_sha256", "tokenizer_config_sha256"] {
+            json.as_object_mut().unwrap().remove(k);
+        }
+        let before = Fingerprint::from_json(&json.to_string(), Path::new("f")).unwrap();
+        assert_eq!(before.model_config_sha256, "");
+        std::fs::remove_file(&pq).unwrap();
+        std::fs::remove_file(&arrow).unwrap();
+        cache::parquet::write(&pq, &rows(), &before).unwrap();
+        cache::ipc::write(&arrow, &rows(), &before).unwrap();
+        match cache_state(&pq, &arrow, &fp) {
+            CacheState::Broken(why) => assert!(why.contains("before refdpo recorded"), "{why}"),
+            _ => panic!("a cache without the config hashes is not up to date"),
+        }
+        claim_split(dir.path(), &prepared(fp.clone()), Existing::Refuse).unwrap();
+        std::fs::remove_file(&pq).unwrap();
+        std::fs::remove_file(&arrow).unwrap();
+        cache::parquet::write(&pq, &rows(), &fp).unwrap();
+        cache::ipc::write(&arrow, &rows(), &fp).unwrap();
         let other = Fingerprint {
             max_length: 512,
             ..fp.clone()

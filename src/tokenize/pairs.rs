@@ -266,6 +266,25 @@ pub struct PairTokenizer {
     pub max_length: usize,
     pub truncation: Truncation,
     tokenizer_sha256: String,
+    tokenizer_config_sha256: String,
+}
+
+/// The tokenizer's settings files besides `tokenizer.json`, hashed into the cache fingerprint.
+pub const SETTINGS_FILES: [&str; 2] = ["tokenizer_config.json", "special_tokens_map.json"];
+
+/// SHA-256 over the [`SETTINGS_FILES`] present in `dir`, each as its name, a NUL byte and its
+/// bytes (the Python package's `tokenizer_config_sha256` computes the same).
+fn settings_sha256(dir: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    for name in SETTINGS_FILES {
+        let path = dir.join(name);
+        if path.is_file() {
+            h.update(name.as_bytes());
+            h.update([0u8]);
+            h.update(crate::error::fs::read(&path)?);
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
 }
 
 impl PairTokenizer {
@@ -281,11 +300,16 @@ impl PairTokenizer {
             max_length,
             truncation,
             tokenizer_sha256: format!("{:x}", Sha256::digest(&bytes)),
+            tokenizer_config_sha256: settings_sha256(dir)?,
         })
     }
 
     pub fn tokenizer_sha256(&self) -> &str {
         &self.tokenizer_sha256
+    }
+
+    pub fn tokenizer_config_sha256(&self) -> &str {
+        &self.tokenizer_config_sha256
     }
 
     /// Renders and tokenizes messages (no special tokens added: the template carries them).

@@ -219,3 +219,48 @@ fn bad_inputs_fail_fast_with_named_causes() {
     );
     assert!(!out.status.success());
 }
+
+/// The model's `config.json` and the tokenizer's settings files shape the cached log-probs and
+/// ids as the weights do: an edit of either makes the cache stale (stage two refuses it naming
+/// the field, precompute scores it again). Before, the edited config trained from a cache of the
+/// old one with a first loss of 0.6825, not ln 2.
+#[test]
+fn an_edited_model_config_or_tokenizer_config_makes_the_cache_stale() {
+    let (tmp, cfg) = precomputed("max_steps = 1");
+    let cfg_s = cfg.to_str().unwrap();
+    let model = tmp.path().join("demo/model");
+    let report =
+        || read_json(&tmp.path().join("cache/report.json"))["train_prefs"]["up_to_date"].clone();
+    for (file, field) in [
+        ("config.json", "model_config_sha256"),
+        ("tokenizer_config.json", "tokenizer_config_sha256"),
+    ] {
+        let path = model.join(file);
+        let mut v = read_json(&path);
+        if file == "config.json" {
+            v["rms_norm_eps"] = 0.5.into();
+        } else {
+            v["eos_token"] = "<|im_start|>".into();
+        }
+        std::fs::write(&path, v.to_string()).unwrap();
+        let err = fails(&["train", "--config", cfg_s, "--quiet"], tmp.path());
+        assert!(err.contains(field), "{err}");
+        // as for other weights: another model's cache, replaced only when asked
+        let err = fails(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+        assert!(err.contains(field) && err.contains("--overwrite"), "{err}");
+        ok(
+            &["precompute", "--config", cfg_s, "--quiet", "--overwrite"],
+            tmp.path(),
+        );
+        assert_eq!(report(), false, "{file}: the cache was kept");
+        ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+        assert_eq!(report(), true);
+    }
+    ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
+    let line = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+    let loss = serde_json::from_str::<serde_json::Value>(line.lines().next().unwrap()).unwrap()
+        ["loss"]
+        .as_f64()
+        .unwrap();
+    assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{loss}");
+}
