@@ -157,16 +157,23 @@ impl RunDir {
         name.strip_prefix(Self::CHECKPOINT)?.parse().ok()
     }
 
-    /// Whether a directory entry is one of a run's outputs (or its temporary or old copy).
+    /// Whether a directory entry is one of a run's outputs (or its temporary or old copy),
+    /// `generate`'s and `judge`'s files of its policy included.
     pub fn is_output(name: &str) -> bool {
         let base = name
             .strip_suffix(".tmp")
             .or_else(|| name.strip_suffix(".old"))
             .unwrap_or(name);
+        let of_policy = |prefix: &str| {
+            base.strip_prefix(prefix)
+                .is_some_and(|rest| rest.ends_with(".jsonl"))
+        };
         matches!(
             base,
             Self::CONFIG | Self::METRICS | Self::FINAL | Self::TENSORBOARD
         ) || Self::checkpoint_step(base).is_some()
+            || of_policy("generations-")
+            || of_policy("judge-")
     }
 
     /// `trainer_state.json` of a checkpoint.
@@ -227,10 +234,17 @@ mod tests {
             "checkpoint-64.old",
             "final.tmp",
             "runs",
+            "generations-test_prefs.jsonl",
+            "judge-test_prefs.jsonl.tmp",
         ] {
             assert!(RunDir::is_output(name), "{name}");
         }
-        for name in ["checkpoint-x", "notes.txt", ".refdpo-train.lock"] {
+        for name in [
+            "checkpoint-x",
+            "notes.txt",
+            ".refdpo-train.lock",
+            "generations.txt",
+        ] {
             assert!(!RunDir::is_output(name), "{name}");
         }
     }

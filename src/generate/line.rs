@@ -1,7 +1,9 @@
 //! One line of a generations file (`generations-<split>.jsonl`): the prompt and each model's
 //! continuation. `generate` writes these and `stats --run` reads them back, through this one type.
 
+use crate::error::{fs, Error, Result};
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 /// What one model wrote for a prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,6 +25,29 @@ pub struct GenerationLine {
     /// With `--run`: the trained policy's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<Continuation>,
+    /// The step of the run's `final/` policy that wrote `policy` (absent in files written
+    /// before it was recorded): a later `--resume` or `--overwrite` makes the file stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_step: Option<usize>,
+}
+
+/// The lines of a generations file (blank lines skipped), each a [`GenerationLine`].
+pub fn read_lines(path: &Path) -> Result<Vec<(usize, GenerationLine)>> {
+    let text = fs::read_to_string(path)?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let line = serde_json::from_str(l).map_err(|e| {
+                Error::Config(format!(
+                    "`{}` line {}: not a line of `refdpo generate` ({e})",
+                    path.display(),
+                    i + 1
+                ))
+            })?;
+            Ok((i + 1, line))
+        })
+        .collect()
 }
 
 impl GenerationLine {

@@ -74,6 +74,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         Some(run) => Some(RunDir::new(run).load_policy(cfg, &inputs, dtype, device)?),
         None => None,
     };
+    let policy_step = opts.run.as_ref().and_then(|r| RunDir::new(r).final_step());
     let defaults = ModelDefaults::read(&inputs.model.dir, &inputs.tokenizer.tokenizer)?;
     if !defaults.unapplied.is_empty() {
         eprintln!(
@@ -151,6 +152,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
                 prompt_ids: prompt.clone(),
                 reference: entry(tok, &outputs[0][k])?,
                 policy: outputs.get(1).map(|g| entry(tok, &g[k])).transpose()?,
+                policy_step,
             });
         }
     }

@@ -3,7 +3,7 @@
 
 use super::line::GenerationLine;
 use crate::charts;
-use crate::error::{fs, Error, Result};
+use crate::error::{fs, Result};
 use serde_json::{json, Map, Value};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -43,28 +43,23 @@ impl Summary {
 
     /// Reads a generations file (the token limit is taken as the longest generation seen).
     pub fn read(path: &Path) -> Result<Self> {
-        let text = fs::read_to_string(path)?;
-        let lines = text
-            .lines()
-            .enumerate()
-            .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|e| {
-                    Error::Config(format!(
-                        "`{}` line {}: not a line of `refdpo generate` ({e})",
-                        path.display(),
-                        i + 1
-                    ))
-                })
-            })
-            .collect::<Result<Vec<GenerationLine>>>()?;
-        let mut s = Self::of_lines(&lines, 0);
+        let lines: Vec<GenerationLine> = super::line::read_lines(path)?
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect();
+        Ok(Self::of_read(&lines))
+    }
+
+    /// The summary of lines read back (the token limit is taken as the longest generation seen).
+    pub fn of_read(lines: &[GenerationLine]) -> Self {
+        let mut s = Self::of_lines(lines, 0);
         s.max_new_tokens = s
             .models
             .iter()
             .flat_map(|(_, t, _)| t.iter().copied())
             .max()
             .unwrap_or(0);
-        Ok(s)
+        s
     }
 
     /// The figures, as one JSON object per model plus the comparison.

@@ -41,30 +41,24 @@ pub struct Options {
 
 /// Reads a generations file; every line must hold the policy's continuation.
 fn read_generations(path: &Path) -> Result<Vec<GenerationLine>> {
-    let text = fs::read_to_string(path)?;
+    if !path.exists() {
+        return Err(Error::Config(format!(
+            "no generations at `{}`: make them first with `refdpo generate --run RUN` (the \
+             run's trained policy and the reference, on the split judged)",
+            path.display()
+        )));
+    }
     let mut lines = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for (i, l) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let line: GenerationLine = serde_json::from_str(l).map_err(|e| {
-            Error::Config(format!(
-                "`{}` line {}: not a line of `refdpo generate` ({e})",
-                path.display(),
-                i + 1
-            ))
-        })?;
+    for (n, line) in crate::generate::line::read_lines(path)? {
         if line.policy.is_none() {
             return Err(Error::Config(format!(
-                "`{}` line {}: no policy continuation to judge: generate with the trained \
+                "`{}` line {n}: no policy continuation to judge: generate with the trained \
                  policy (`refdpo generate --run DIR`)",
                 path.display(),
-                i + 1
             )));
         }
-        let at = format!("`{}` line {}", path.display(), i + 1);
+        let at = format!("`{}` line {n}", path.display());
         for (model, c) in [
             ("reference", Some(&line.reference)),
             ("policy", line.policy.as_ref()),
@@ -134,6 +128,9 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
             .join(format!("judge-{split}.jsonl"))
     });
     let lines = read_generations(&generations)?;
+    if let Some(run) = &opts.run {
+        RunDir::new(run).check_generations(&generations, &lines)?;
+    }
     let rows = split_rows(cfg, &split)?;
 
     let rm_dir = crate::hub::model(&opts.reward_model, "main")?.dir;

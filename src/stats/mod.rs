@@ -106,7 +106,16 @@ pub fn run(opts: &StatsOptions) -> Result<String> {
         stats.policy = Some(policy);
         let generations = crate::dirs::RunDir::new(run_dir).generations(&split);
         if generations.exists() {
-            stats.generations = Some(crate::generate::Summary::read(&generations)?);
+            let lines: Vec<_> = crate::generate::line::read_lines(&generations)?
+                .into_iter()
+                .map(|(_, l)| l)
+                .collect();
+            match crate::dirs::RunDir::new(run_dir).check_generations(&generations, &lines) {
+                Ok(()) => {
+                    stats.generations = Some(crate::generate::Summary::of_read(&lines));
+                }
+                Err(e) => eprintln!("warning: generation lengths left out: {e}"),
+            }
         }
     }
     if let Some(dir) = &opts.plot {

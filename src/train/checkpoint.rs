@@ -232,6 +232,11 @@ pub fn resumable(out: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
     })
 }
 
+/// The step a checkpoint (or `final/`) was saved at, if its state reads.
+pub fn final_step(dir: &Path) -> Option<usize> {
+    read_state(dir).ok().map(|s| s.global_step)
+}
+
 /// A checkpoint's `trainer_state.json`, or why it cannot be read.
 fn read_state(checkpoint: &Path) -> std::result::Result<TrainerState, String> {
     let text = crate::error::fs::read_to_string(RunDir::trainer_state(checkpoint))

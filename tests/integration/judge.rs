@@ -236,6 +236,52 @@ fn judge_scores_a_demo_run_and_its_figures_follow_from_its_lines() {
         !out.status.success() && err.contains("every prompt"),
         "{err}"
     );
+    // the generations name the policy that wrote them: after a resume they are another
+    // policy's (judge refuses, stats leaves their lengths out), and --overwrite removes them
+    assert!(generations.iter().all(|g| g["policy_step"] == 12));
+    ok(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--resume",
+            "--set",
+            "train.max_steps=14",
+        ],
+        tmp.path(),
+    );
+    let err = super::common::fails(
+        &["judge", "--run", run_s, "--reward-model", rm_s],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("policy at step 12") && err.contains("step 14") && err.contains("generate"),
+        "{err}"
+    );
+    let out = refdpo(
+        &[
+            "stats",
+            "--config",
+            cfg_s,
+            "--split",
+            "test_prefs",
+            "--run",
+            run_s,
+        ],
+        tmp.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("generation lengths left out"),
+        "{err}"
+    );
+    ok(
+        &["train", "--config", cfg_s, "--quiet", "--overwrite"],
+        tmp.path(),
+    );
+    assert!(!run.join("generations-test_prefs.jsonl").exists());
+    assert!(!run.join("judge-test_prefs.jsonl").exists());
 }
 
 #[test]
