@@ -113,8 +113,8 @@ pub struct RunDir(pub PathBuf);
 
 impl RunDir {
     pub const LOCK: &'static str = "train";
-    const METRICS: &'static str = "metrics.jsonl";
-    const CONFIG: &'static str = "config.toml";
+    pub(crate) const METRICS: &'static str = "metrics.jsonl";
+    pub(crate) const CONFIG: &'static str = "config.toml";
     const FINAL: &'static str = "final";
     const CHECKPOINT: &'static str = "checkpoint-";
     const TENSORBOARD: &'static str = "runs";

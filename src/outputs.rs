@@ -134,6 +134,7 @@ pub fn run_outputs(dir: &Path) -> Vec<PathBuf> {
 /// Makes `dir` ready for a new run: empty of run outputs, or refused (see [`Existing`]). A run
 /// that stopped before its first step left only its `config.toml`: nothing to lose, so no refusal.
 pub fn claim_run_dir(dir: &Path, existing: Existing) -> Result<()> {
+    refuse_inside_another(dir)?;
     let found = run_outputs(dir);
     let progress = found
         .iter()
@@ -161,6 +162,35 @@ pub fn claim_run_dir(dir: &Path, existing: Existing) -> Result<()> {
         });
     }
     found.iter().try_for_each(|p| remove(p))
+}
+
+/// A run never goes into (or below) a model or checkpoint folder, or below another run's folder:
+/// its files would mix with theirs (a `final/` that is no longer a clean HF checkpoint).
+fn refuse_inside_another(dir: &Path) -> Result<()> {
+    let abs = std::env::current_dir().unwrap_or_default().join(dir);
+    for (i, at) in abs.ancestors().enumerate() {
+        let has = |f: &str| at.join(f).is_file();
+        let what = if has("adapter_config.json")
+            || (has("config.json")
+                && (has("model.safetensors") || has("model.safetensors.index.json")))
+        {
+            "a model or checkpoint folder"
+        } else if i > 0 && has(crate::dirs::RunDir::METRICS) && has(crate::dirs::RunDir::CONFIG) {
+            "another run's folder"
+        } else {
+            continue;
+        };
+        return Err(Error::Occupied {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "is {}{what} (`{}`): a run there would mix its files with it; choose \
+                 `train.out` outside it",
+                if i == 0 { "" } else { "inside " },
+                at.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Removes a file or a directory tree.
@@ -233,5 +263,37 @@ mod tests {
         let mut left = left;
         left.sort();
         assert_eq!(left, [".refdpo-train.lock", "checkpoint-x", "notes.txt"]);
+    }
+}
+
+#[cfg(test)]
+mod inside_tests {
+    use super::*;
+
+    /// `train.out` in a run's `final/` (an HF checkpoint) or below another run: refused, naming
+    /// the folder; beside them: allowed.
+    #[test]
+    fn a_run_is_not_written_into_a_model_or_another_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("runs/a");
+        std::fs::create_dir_all(run.join("final")).unwrap();
+        for f in ["config.toml", "metrics.jsonl"] {
+            std::fs::write(run.join(f), "x").unwrap();
+        }
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::write(run.join("final").join(f), "x").unwrap();
+        }
+        for (dir, said) in [
+            (run.join("final"), "is a model or checkpoint folder"),
+            (run.join("final/sub"), "inside a model or checkpoint folder"),
+            (run.join("b"), "inside another run's folder"),
+        ] {
+            let err = claim_run_dir(&dir, Existing::Overwrite)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(said), "{err}");
+        }
+        claim_run_dir(&tmp.path().join("runs/b"), Existing::Refuse).unwrap();
+        claim_run_dir(&run, Existing::Resume).unwrap();
     }
 }

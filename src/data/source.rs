@@ -43,6 +43,20 @@ impl DataSource {
                 commit: None,
             });
         }
+        // a data file's name is never a hub id: say it is missing, not that the hub is
+        let data_file = matches!(
+            id.extension().and_then(|e| e.to_str()),
+            Some("parquet" | "jsonl" | "ndjson" | "json" | "csv")
+        );
+        if data_file && !id.exists() {
+            let cwd = std::env::current_dir().unwrap_or_default();
+            return Err(Error::Config(format!(
+                "`dataset.id`: no file `{}` (relative paths are read from `{}`): check the path; \
+                 `dataset.id` takes a .parquet, .jsonl or .json file, a folder, or a hub id",
+                cfg.id,
+                cwd.display()
+            )));
+        }
         let patterns: Vec<String> = splits.iter().map(|s| pattern(cfg, s)).collect();
         let wanted = |f: &str| patterns.iter().any(|p| glob_match(p, f));
         let repo = hub::dataset(&cfg.id, &cfg.revision, &wanted)?;

@@ -184,6 +184,7 @@ mod tests {
             prompt_ids: vec![1],
             reference: c(r, rf),
             policy: Some(c(p, pf)),
+            policy_step: Some(4),
         };
         let lines = [
             line(3, true, 8, false),
