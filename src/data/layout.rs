@@ -88,18 +88,22 @@ impl Mapping {
             }
         };
         let (chosen, rejected) = (answer(&self.chosen)?, answer(&self.rejected)?);
+        // a prompt column's null (or a message of it with no content) is a missing prompt,
+        // which TRL fails on: never a prompt taken from the answers instead
         let prompt = match fields.get(&self.prompt) {
             None if self.prompt_required => return Err(SkipReason::MissingField),
-            None | Some(Value::Null) => None,
-            Some(v) => self.turns(v)?,
+            None => None,
+            Some(Value::Null) => return Err(SkipReason::NullValue),
+            Some(v) => Some(self.turns(v)?.ok_or(SkipReason::NullValue)?),
         };
-        // TRL's `maybe_extract_prompt`: a prompt of the other kind than the answers (the H4
-        // UltraFeedback layout: a string prompt beside full conversations) is ignored, and the
-        // prompt is extracted from the answers.
-        let prompt = prompt.filter(|p| match &chosen {
-            Some(c) => matches!(p, Turns::Messages(_)) == matches!(c, Turns::Messages(_)),
-            None => true,
-        });
+        // TRL's `maybe_extract_prompt`: a string prompt beside full conversations (the H4
+        // UltraFeedback layout) is ignored, and the prompt is extracted from the answers; a
+        // conversation prompt beside plain-text answers is no layout TRL reads (it fails).
+        let prompt = match (prompt, &chosen) {
+            (Some(Turns::Text(_)), Some(Turns::Messages(_))) => None,
+            (Some(Turns::Messages(_)), Some(Turns::Text(_))) => return Err(SkipReason::WrongType),
+            (p, _) => p,
+        };
         let prompt_id = match fields.get(&self.prompt_id) {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
@@ -151,8 +155,12 @@ impl Mapping {
     /// A message object through `message_keys` and `roles`; `None` when role or content is
     /// missing or null (the row is then skipped as `null_value`).
     fn message(&self, m: &Map<String, Value>) -> std::result::Result<Option<Message>, SkipReason> {
+        // a tool call's turn may have no content (OpenAI's exports write null): transformers
+        // drops the key and the template renders the call
+        let calls = m.get("tool_calls").is_some_and(|v| !v.is_null());
         let (role, content) = match (m.get(&self.role), m.get(&self.content)) {
-            (Some(Value::String(r)), Some(Value::String(c))) => (r, c),
+            (Some(Value::String(r)), Some(Value::String(c))) => (r, c.as_str()),
+            (Some(Value::String(r)), None | Some(Value::Null)) if calls => (r, ""),
             (None | Some(Value::Null), _) | (_, None | Some(Value::Null)) => return Ok(None),
             _ => return Err(SkipReason::WrongType),
         };
@@ -300,5 +308,65 @@ mod tests {
         assert_eq!(score(json!(9.5), json!(3)), (Some(9.5), Some(3.0)));
         assert_eq!(score(json!(" 9.5"), json!("x")), (Some(9.5), None));
         assert_eq!(score(json!("NaN"), json!(null)), (None, None));
+    }
+}
+
+#[cfg(test)]
+mod prompt_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(v: Value) -> std::result::Result<PreferenceRow, SkipReason> {
+        Mapping::new(&DatasetConfig::default()).row(0, None, v.as_object().unwrap())
+    }
+
+    /// A prompt the file holds is never replaced by one taken from the answers: a null one,
+    /// or a conversation beside plain-text answers (TRL fails on both), is a counted skip;
+    /// the H4 layout's string prompt beside full conversations is still ignored as TRL does.
+    #[test]
+    fn a_prompt_of_the_file_is_used_or_the_row_skipped() {
+        let text = json!({"prompt": null, "chosen": " The sky is blue.", "rejected": " The sky is green."});
+        assert_eq!(row(text).unwrap_err(), SkipReason::NullValue);
+        let mixed = json!({
+            "prompt": [{"role": "user", "content": "Question?"}],
+            "chosen": "The answer is 1.", "rejected": "The answer is 2.",
+        });
+        assert_eq!(row(mixed).unwrap_err(), SkipReason::WrongType);
+        let null_turn = json!({
+            "prompt": [{"role": "user", "content": null}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        });
+        assert_eq!(row(null_turn).unwrap_err(), SkipReason::NullValue);
+        let h4 = json!({
+            "prompt": "q",
+            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+        });
+        assert_eq!(row(h4).unwrap().prompt, None);
+    }
+
+    /// OpenAI's export of a tool call: `content: null` beside `tool_calls`, read as an empty
+    /// content (transformers drops the key; the template renders the call).
+    #[test]
+    fn a_tool_call_turn_without_content_is_read() {
+        let calls = json!([{"type": "function", "function": {"name": "f", "arguments": {}}}]);
+        let r = row(json!({
+            "prompt": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": null, "tool_calls": calls},
+                {"role": "tool", "content": "sunny"},
+            ],
+            "chosen": [{"role": "assistant", "content": "Sunny."}],
+            "rejected": [{"role": "assistant", "content": "Rain."}],
+        }))
+        .unwrap();
+        let Some(Turns::Messages(p)) = r.prompt else {
+            panic!("a conversation prompt")
+        };
+        assert_eq!(
+            (p[1].content.as_str(), &p[1].extra["tool_calls"]),
+            ("", &calls)
+        );
     }
 }
