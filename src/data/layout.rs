@@ -48,7 +48,23 @@ impl Mapping {
         }
     }
 
-    /// Checks a split's first row: the answer columns (and a mapped prompt) must be there. The
+    /// Whether a row's `column` is one this mapping reads (the columns, and TRL's `tools` and
+    /// `chat_template_kwargs`).
+    pub fn reads(&self, column: &str) -> bool {
+        [
+            &self.prompt,
+            &self.chosen,
+            &self.rejected,
+            &self.prompt_id,
+            &self.score_chosen,
+            &self.score_rejected,
+        ]
+        .iter()
+        .any(|c| c.as_str() == column)
+            || matches!(column, "tools" | "chat_template_kwargs")
+    }
+
+    /// Checks a row's columns: the answer columns (and a mapped prompt) must be there. The
     /// error names what was found and the keys that fix it.
     pub fn check_columns(&self, fields: &Map<String, Value>, path: &Path) -> Result<()> {
         let mut needed = vec![

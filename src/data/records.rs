@@ -44,8 +44,14 @@ impl Format {
 
 /// Calls `each` with every record of `path` in order, until it returns false. A record larger
 /// than `max_bytes` (a JSON Lines line, or the text values of a Parquet or JSON array row) is a
-/// `row_too_large` skip; a JSON Lines line of it is never held in memory.
-pub fn for_each(path: &Path, max_bytes: usize, each: &mut dyn FnMut(Record) -> bool) -> Result<()> {
+/// `row_too_large` skip; a JSON Lines line of it is never held in memory. A Parquet column of a
+/// type refdpo does not convert is an error when `read` says a mapping reads it, else null.
+pub fn for_each(
+    path: &Path,
+    max_bytes: usize,
+    read: &dyn Fn(&str) -> bool,
+    each: &mut dyn FnMut(Record) -> bool,
+) -> Result<()> {
     let mut bounded = |mut r: Record| {
         if r.fields.as_ref().is_ok_and(|f| object_bytes(f) > max_bytes) {
             r.fields = Err(SkipReason::RowTooLarge);
@@ -53,7 +59,7 @@ pub fn for_each(path: &Path, max_bytes: usize, each: &mut dyn FnMut(Record) -> b
         each(r)
     };
     match Format::of(path)? {
-        Format::Parquet => parquet_records(path, &mut bounded),
+        Format::Parquet => parquet_records(path, read, &mut bounded),
         Format::JsonLines => json_lines(path, open(path)?, max_bytes, each),
         Format::Json => {
             let mut reader = open(path)?;
@@ -222,7 +228,11 @@ fn json_array(path: &Path, reader: impl Read, each: &mut dyn FnMut(Record) -> bo
     }
 }
 
-fn parquet_records(path: &Path, each: &mut dyn FnMut(Record) -> bool) -> Result<()> {
+fn parquet_records(
+    path: &Path,
+    read: &dyn Fn(&str) -> bool,
+    each: &mut dyn FnMut(Record) -> bool,
+) -> Result<()> {
     let file = crate::error::fs::open(path)?;
     // parquet-rs panics on some damaged files: each call into it is contained
     let mut reader = contain_panic(path, "reading the parquet footer", || {
@@ -241,7 +251,12 @@ fn parquet_records(path: &Path, each: &mut dyn FnMut(Record) -> bool) -> Result<
             .columns()
             .iter()
             .zip(schema.fields())
-            .map(|(c, f)| values(c.as_ref()).map_err(|t| unsupported(path, f.name(), &t)))
+            .map(|(c, f)| match values(c.as_ref()) {
+                Ok(v) => Ok(v),
+                // a column no mapping reads (embeddings, image bytes) is not converted
+                Err(_) if !read(f.name()) => Ok(vec![Value::Null; c.len()]),
+                Err(t) => Err(unsupported(path, f.name(), &t)),
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut columns: Vec<_> = columns.into_iter().map(Vec::into_iter).collect();
         for _ in 0..batch.num_rows() {
@@ -359,7 +374,16 @@ fn values(col: &dyn Array) -> std::result::Result<Vec<Value>, DataType> {
                 })
                 .collect()
         }
-        other => return Err(other.clone()),
+        // a pandas category column: its values
+        DataType::Dictionary(_, value) => {
+            let c = arrow::compute::cast(col, value).map_err(|_| col.data_type().clone())?;
+            return values(c.as_ref());
+        }
+        // timestamps, dates, decimals: as text, as `datasets` prints them
+        other => match arrow::compute::cast(col, &DataType::Utf8) {
+            Ok(c) => return values(c.as_ref()),
+            Err(_) => return Err(other.clone()),
+        },
     };
     Ok(out)
 }
@@ -394,7 +418,7 @@ mod tests {
 
     fn collect(path: &Path) -> Vec<Record> {
         let mut out = Vec::new();
-        for_each(path, 1 << 20, &mut |r| {
+        for_each(path, 1 << 20, &|_| true, &mut |r| {
             out.push(r);
             true
         })
@@ -458,7 +482,7 @@ mod tests {
         )
         .unwrap();
         let mut sizes = Vec::new();
-        for_each(&j, 1000, &mut |r| {
+        for_each(&j, 1000, &|_| true, &mut |r| {
             sizes.push(r.fields.err());
             true
         })
@@ -466,12 +490,72 @@ mod tests {
         assert_eq!(sizes, [Some(SkipReason::RowTooLarge), None]);
         // whitespace may follow the array; anything else is refused, as Python's json.load does
         std::fs::write(&j, "[{\"a\": 1}]\n \n").unwrap();
-        assert!(for_each(&j, 1000, &mut |_| true).is_ok());
+        assert!(for_each(&j, 1000, &|_| true, &mut |_| true).is_ok());
         std::fs::write(&j, "[{\"a\": 1}] garbage").unwrap();
-        let e = for_each(&j, 1000, &mut |_| true).unwrap_err().to_string();
+        let e = for_each(&j, 1000, &|_| true, &mut |_| true)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("b.json") && e.contains("trailing characters"),
             "{e}"
         );
+    }
+
+    /// Columns of types refdpo does not convert as such: a category column is its values, a
+    /// timestamp or decimal its text; one no mapping reads (embeddings, image bytes) is null,
+    /// not an unreadable file. `datasets` reads them all.
+    #[test]
+    fn odd_parquet_column_types_are_read_or_left_out() {
+        use arrow::array::{
+            ArrayRef, BinaryArray, DictionaryArray, FixedSizeListArray, Int8Array, StringArray,
+            TimestampMicrosecondArray,
+        };
+        use arrow::datatypes::Int8Type;
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("odd.parquet");
+        let keys = Int8Array::from(vec![0, 1]);
+        let category = DictionaryArray::<Int8Type>::try_new(
+            keys,
+            Arc::new(StringArray::from(vec!["web", "book"])),
+        )
+        .unwrap();
+        let embedding = FixedSizeListArray::from_iter_primitive::<
+            arrow::datatypes::Float32Type,
+            _,
+            _,
+        >(vec![Some(vec![Some(1.0f32), Some(2.0)]), None], 2);
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("prompt", Arc::new(category)),
+            (
+                "when",
+                Arc::new(TimestampMicrosecondArray::from(vec![0, 1_000_000])),
+            ),
+            (
+                "image",
+                Arc::new(BinaryArray::from(vec![&b"\xff"[..], b"x"])),
+            ),
+            ("embedding", Arc::new(embedding)),
+        ];
+        let batch = arrow::record_batch::RecordBatch::try_from_iter(columns).unwrap();
+        let file = std::fs::File::create(&p).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let read = |used: &dyn Fn(&str) -> bool| {
+            let mut rows = Vec::new();
+            for_each(&p, 1 << 20, used, &mut |r| {
+                rows.push(r.fields.unwrap());
+                true
+            })
+            .map(|_| rows)
+        };
+        let rows = read(&|c| c == "prompt" || c == "when").unwrap();
+        assert_eq!(rows[1]["prompt"], "book");
+        assert_eq!(rows[1]["when"], "1970-01-01T00:00:01");
+        assert!(rows[0]["embedding"].is_null() && rows[0]["image"].is_null());
+        // a column a mapping reads that cannot be converted still names itself
+        let e = read(&|c| c == "embedding").unwrap_err().to_string();
+        assert!(e.contains("column `embedding`"), "{e}");
     }
 }

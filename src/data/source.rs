@@ -211,22 +211,32 @@ pub fn for_each_row(
         None => true,
     };
     let mapping = Mapping::new(cfg);
+    let mut pending_columns_error = None;
     let (mut n, mut read) = (0u64, 0usize);
     let mut stop = false;
     for file in &files {
-        let mut checked = false;
+        // the columns are the file's when a row of its first ones has them: a mapping that
+        // misses in each of the first rows is refused, naming what they hold; one bad row
+        // among good ones is a counted skip
+        let (mut columns_found, mut lacking) = (false, 0usize);
         let mut failure = None;
-        records::for_each(file, src.max_row_bytes, &mut |rec| {
+        records::for_each(file, src.max_row_bytes, &|c| mapping.reads(c), &mut |rec| {
             let row = n;
             n += 1;
             let result = match &rec.fields {
                 Ok(fields) => {
-                    if !checked {
-                        if let Err(e) = mapping.check_columns(fields, file) {
-                            failure = Some(e);
-                            return false;
+                    if !columns_found {
+                        match mapping.check_columns(fields, file) {
+                            Ok(()) => columns_found = true,
+                            Err(e) => {
+                                lacking += 1;
+                                if lacking >= COLUMN_PROBE_ROWS {
+                                    failure = Some(e);
+                                    return false;
+                                }
+                                pending_columns_error = Some(e);
+                            }
                         }
-                        checked = true;
                     }
                     mapping.row(row, rec.line, fields)
                 }
@@ -257,6 +267,10 @@ pub fn for_each_row(
         if let Some(e) = failure {
             return Err(e);
         }
+        // a file shorter than the probe whose every row lacks the columns
+        if let Some(e) = pending_columns_error.take().filter(|_| !columns_found) {
+            return Err(e);
+        }
         if stop || (limit > 0 && n as usize >= limit) {
             break;
         }
@@ -264,11 +278,14 @@ pub fn for_each_row(
     Ok(read)
 }
 
+/// How many of a file's first rows may lack the mapped columns before the mapping is refused.
+const COLUMN_PROBE_ROWS: usize = 100;
+
 /// Records in `files`, up to `limit` (0 = all).
 fn count_records(files: &[PathBuf], limit: usize, max_bytes: usize) -> Result<usize> {
     let mut n = 0usize;
     for file in files {
-        records::for_each(file, max_bytes, &mut |_| {
+        records::for_each(file, max_bytes, &|_| false, &mut |_| {
             n += 1;
             limit == 0 || n < limit
         })?;

@@ -204,7 +204,7 @@ fn mutated_inputs_never_panic_abort_or_hang_a_reader() {
     // data files, read as stage one reads them (every record, bounded rows)
     let records = |p: &Path| {
         let mut n = 0;
-        refdpo::data::records::for_each(p, 1 << 16, &mut |_| {
+        refdpo::data::records::for_each(p, 1 << 16, &|_| true, &mut |_| {
             n += 1;
             true
         })

@@ -151,3 +151,51 @@ fn a_jsonl_file_with_bad_lines_and_a_held_out_split() {
         "{out}"
     );
 }
+
+/// A file's first row that lacks a column is one counted skip, as any other row is; a mapping
+/// that no row of the file's first ones matches is refused, naming what they hold. A data file
+/// that does not exist is named as one, not looked up on the hub.
+#[test]
+fn a_bad_first_row_is_a_skip_and_a_wrong_mapping_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let cfg_s = cfg.to_str().unwrap();
+    let file = tmp.path().join("pairs.jsonl");
+    let mut lines = vec![json!({"prompt": "p", "chosen": " y"}).to_string()];
+    for i in 0..20 {
+        lines.push(
+            json!({"prompt": format!("Q{i}?"), "chosen": format!(" {i}"), "rejected": " no"})
+                .to_string(),
+        );
+    }
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let id = format!("dataset.id={}", file.display());
+    ok(
+        &["precompute", "--config", cfg_s, "--quiet", "--set", &id],
+        tmp.path(),
+    );
+    let report = read_json(&tmp.path().join("cache/report.json"));
+    assert_eq!(
+        report["train_prefs"]["dropped"]["missing_field"], 1,
+        "{report}"
+    );
+    assert_eq!(report["train_prefs"]["rows_kept"], 20, "{report}");
+    let run = |sets: &[&str]| {
+        let mut args = vec!["precompute", "--config", cfg_s, "--quiet"];
+        args.extend(["--set", "precompute.out=other"]);
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let out = refdpo(&args, tmp.path());
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[&id, "dataset.columns.rejected=worse"]);
+    assert!(
+        err.contains("column `worse` is missing")
+            && err.contains("found: prompt, chosen, rejected"),
+        "{err}"
+    );
+    let err = run(&["dataset.id=nope.jsonl"]);
+    assert!(err.contains("no file `nope.jsonl`"), "{err}");
+}
