@@ -81,6 +81,19 @@ impl DataSource {
         self.single_file.is_none() && self.cfg.data_files.is_empty()
     }
 
+    /// With `test_size`: how many files of the source's own test split the hold-out replaces
+    /// (0 without `test_size`, or for a source with no test split).
+    pub fn replaced_test_files(&self) -> usize {
+        let test = &self.cfg.test_split;
+        let single = self.single_file.is_some() && !self.cfg.data_files.contains_key(test);
+        if self.cfg.test_size <= 0.0 || single {
+            return 0;
+        }
+        let mut files = Vec::new();
+        let _ = list_matching(&self.dir, &self.dir, &pattern(&self.cfg, test), &mut files);
+        files.len()
+    }
+
     /// The files holding `split` (for the held-out test split: the train split's files).
     pub fn files(&self, split: &str) -> Result<Vec<PathBuf>> {
         let split = self.source_split(split);

@@ -122,6 +122,13 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     ];
     let (source, inputs) = Inputs::with_dataset(cfg, &splits)?;
     let mut splits = splits.to_vec();
+    if source.replaced_test_files() > 0 {
+        eprintln!(
+            "warning: `{}` has its own `{}` split, which `dataset.test_size` = {} replaces with \
+             rows held out of `{}`: leave `test_size` at 0 to evaluate on the published split",
+            cfg.dataset.id, cfg.dataset.test_split, cfg.dataset.test_size, cfg.dataset.train_split
+        );
+    }
     if !source.has_split(&cfg.dataset.test_split) {
         if !quiet {
             eprintln!(

@@ -199,3 +199,25 @@ fn a_bad_first_row_is_a_skip_and_a_wrong_mapping_an_error() {
     let err = run(&["dataset.id=nope.jsonl"]);
     assert!(err.contains("no file `nope.jsonl`"), "{err}");
 }
+
+/// `dataset.test_size` on a source with its own test split replaces it with held-out train
+/// rows: said, since a published test split is what evaluations are usually compared on.
+#[test]
+fn a_hold_out_that_replaces_the_sources_test_split_is_said() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let out = refdpo(
+        &[
+            "precompute",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            "dataset.test_size=0.1",
+        ],
+        tmp.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("has its own `test_prefs` split"), "{err}");
+}
