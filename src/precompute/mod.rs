@@ -225,10 +225,25 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
                 format!("; the first, {at}: {}{detail}", s.reason)
             })
             .unwrap_or_default();
+        // the reasons a mapping, not the data, usually causes: what to set
+        let keys = &cfg.dataset.message_keys;
+        let hint = match skipped.first().map(|s| s.reason) {
+            Some("null_value") => format!(
+                ". Every row lacking a value often means messages under other keys than \
+                 `{}`/`{}`: map them with `dataset.message_keys` (e.g. role = \"from\", \
+                 content = \"value\"); `refdpo show --index 0` prints the row as read",
+                keys.role.as_deref().unwrap_or("role"),
+                keys.content.as_deref().unwrap_or("content")
+            ),
+            Some("unknown_role") => ". Roles other than system, user, assistant and tool: map \
+                 them with `dataset.roles` (e.g. human = \"user\", gpt = \"assistant\")"
+                .into(),
+            _ => String::new(),
+        };
         return Err(Error::Schema {
             path: source.files(split)?[0].clone(),
             msg: format!(
-                "split `{split}`: no row survived validation (skipped: {dropped:?}{first})"
+                "split `{split}`: no row survived validation (skipped: {dropped:?}{first}){hint}"
             ),
         });
     }

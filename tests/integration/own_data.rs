@@ -221,3 +221,49 @@ fn a_hold_out_that_replaces_the_sources_test_split_is_said() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("has its own `test_prefs` split"), "{err}");
 }
+
+/// ShareGPT rows mapped halfway: each missing key names the one to set.
+#[test]
+fn a_half_mapped_sharegpt_file_names_the_keys_to_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let file = tmp.path().join("sharegpt.json");
+    let rows: Vec<Value> = (0..5)
+        .map(|i| {
+            json!({
+                "conversations": [{"from": "human", "value": format!("Q{i}?")}],
+                "chosen": {"from": "gpt", "value": "yes"},
+                "rejected": {"from": "gpt", "value": "no"},
+            })
+        })
+        .collect();
+    std::fs::write(&file, serde_json::to_string(&rows).unwrap()).unwrap();
+    let id = format!("dataset.id={}", file.display());
+    let run = |sets: &[&str]| {
+        let mut args = vec!["precompute", "--config", cfg.to_str().unwrap(), "--quiet"];
+        for s in [
+            &["dataset.columns.prompt=conversations", id.as_str()][..],
+            sets,
+        ]
+        .concat()
+        {
+            args.extend(["--set", s]);
+        }
+        let out = refdpo(&args, tmp.path());
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[]);
+    assert!(
+        err.contains("null_value") && err.contains("dataset.message_keys"),
+        "{err}"
+    );
+    let err = run(&[
+        "dataset.message_keys.role=from",
+        "dataset.message_keys.content=value",
+    ]);
+    assert!(
+        err.contains("unknown_role") && err.contains("dataset.roles"),
+        "{err}"
+    );
+}
