@@ -7,6 +7,7 @@ footer's metadata (`whole:<hex>`) read as `whole:????????????????` (files writte
 """
 
 import json
+import mmap
 import os
 import re
 
@@ -56,7 +57,8 @@ def cache_files(path, split="train_prefs"):
 def _verify(path):
     """The file's reader, after its checksum was verified."""
     try:
-        reader = ipc.open_file(path)
+        # memory-mapped: the rows are read in place, shared with the page cache by every process
+        reader = ipc.open_file(pa.memory_map(str(path), "r"))
     except (pa.ArrowException, OSError) as e:
         raise CacheError(f"{path}: not a readable Arrow file ({e}): re-run `refdpo precompute`") from e
     stored = (reader.metadata or {}).get(CHECKSUM_KEY)
@@ -88,18 +90,25 @@ def _whole_matches(path, stored):
     except ValueError as e:
         raise CacheError(f"{path}: unreadable checksum {stored!r}") from e
     with open(path, "rb") as f:
-        data = f.read()
-    footer_len = int.from_bytes(data[-10:-6], "little", signed=True)
-    start = len(data) - 10 - footer_len
-    footer = data[start : len(data) - 10]
-    if len(stored) != len(PLACEHOLDER) or start < 0 or footer.count(stored) != 1:
-        return False
-    at = start + footer.index(stored)
-    h = xxhash.xxh3_64()
-    h.update(data[:at])
-    h.update(PLACEHOLDER)
-    h.update(data[at + len(stored) :])
-    return h.intdigest() == digest
+        if os.fstat(f.fileno()).st_size < 10:
+            return False
+        # hashed through a memory map: the file is never copied into the process
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            data = memoryview(m)
+            try:
+                footer_len = int.from_bytes(data[-10:-6], "little", signed=True)
+                start = len(data) - 10 - footer_len
+                footer = bytes(data[start : len(data) - 10]) if start >= 0 else b""
+                if len(stored) != len(PLACEHOLDER) or start < 0 or footer.count(stored) != 1:
+                    return False
+                at = start + footer.index(stored)
+                h = xxhash.xxh3_64()
+                h.update(data[:at])
+                h.update(PLACEHOLDER)
+                h.update(data[at + len(stored) :])
+                return h.intdigest() == digest
+            finally:
+                data.release()
 
 
 def _fingerprint(path, reader):
