@@ -119,7 +119,7 @@ pub(super) fn check_known_keys(table: &toml::Table, origin: &Origin) -> Result<(
 }
 
 /// TRL 1.16 `DPOConfig` options that are not refdpo keys: refdpo's equivalent, or that it has none.
-const TRL_OPTIONS: [(&str, &str); 21] = [
+const TRL_OPTIONS: [(&str, &str); 28] = [
     ("max_length", "refdpo's is `tokenize.max_length`"),
     ("truncation_mode", "refdpo's is `tokenize.truncation`"),
     ("loss_type", "refdpo's is `train.loss`"),
@@ -139,9 +139,25 @@ const TRL_OPTIONS: [(&str, &str); 21] = [
         "gradient_accumulation_steps",
         "refdpo's is `train.grad_accum`",
     ),
-    ("num_train_epochs", "refdpo's is `train.epochs`"),
     ("lr_scheduler_type", "refdpo's is `train.lr_schedule`"),
     ("logging_steps", "refdpo's is `train.log_every`"),
+    ("eval_steps", "refdpo's is `train.eval_every`"),
+    ("save_steps", "refdpo's is `train.save_every`"),
+    (
+        "warmup_steps",
+        "refdpo's is `train.warmup_ratio` (a fraction of the steps)",
+    ),
+    (
+        "bf16",
+        "refdpo's is `model.dtype = \"bf16\"` (with `train.master_dtype` for f32 masters)",
+    ),
+    ("fp16", "refdpo's is `model.dtype = \"f16\"`"),
+    ("output_dir", "refdpo's is `train.out`"),
+    (
+        "per_device_eval_batch_size",
+        "refdpo evaluates with `train.batch_size`",
+    ),
+    ("num_train_epochs", "refdpo's is `train.epochs`"),
     ("disable_dropout", "refdpo's models run without dropout"),
     ("ld_alpha", NOT_IMPLEMENTED),
     ("f_divergence_type", NOT_IMPLEMENTED),

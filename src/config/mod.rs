@@ -439,6 +439,14 @@ mod tests {
         );
         let err = load("train.truncation_mode=keep_end");
         assert!(err.contains("refdpo's is `tokenize.truncation`"), "{err}");
+        for (set, hint) in [
+            ("train.eval_steps=10", "`train.eval_every`"),
+            ("train.warmup_steps=10", "`train.warmup_ratio`"),
+            ("train.bf16=true", "`model.dtype = \"bf16\"`"),
+        ] {
+            let err = load(set);
+            assert!(err.contains(hint), "{set}: {err}");
+        }
         let err = load("trian.beta=1");
         assert!(
             err.contains("`[trian]` given by `--set trian.beta=…`"),
