@@ -26,12 +26,11 @@ impl Trainer<'_> {
         let Some((dir, saved)) = checkpoint::resumable(out)? else {
             // Steps logged by a run killed before its first checkpoint are trained again.
             self.log.truncate_after(0, true)?;
-            if !self.quiet {
-                eprintln!(
-                    "--resume: no checkpoint in {}, starting fresh",
-                    out.display()
-                );
-            }
+            // a warning, not progress: said under --quiet too
+            eprintln!(
+                "warning: --resume: no checkpoint in {}, starting fresh from step 0",
+                out.display()
+            );
             return Ok(None);
         };
         // said before the checkpoint is read: a changed `train.lora` is why it would not fit
