@@ -49,6 +49,20 @@ impl RunDir {
         dtype: DType,
         device: &Device,
     ) -> Result<Transformer> {
+        let dir = self.final_dir();
+        if !self.root().is_dir() {
+            return Err(Error::Config(format!(
+                "no run at `{}`: pass a `train.out` directory",
+                self.root().display()
+            )));
+        }
+        if !dir.is_dir() {
+            return Err(Error::Config(format!(
+                "run `{}` has no `final/` policy: it has not finished, or trained with \
+                 `train.save_final = false`; finish it with `refdpo train --resume`",
+                self.root().display()
+            )));
+        }
         let run_cfg = self.load_config()?;
         if (&run_cfg.model.id, &run_cfg.model.revision) != (&cfg.model.id, &cfg.model.revision) {
             return Err(Error::Config(format!(
@@ -62,7 +76,6 @@ impl RunDir {
                 self.config().display()
             )));
         }
-        let dir = self.final_dir();
         let (model_cfg, tensors) = checkpoint::load_model(&dir, &inputs.model, dtype, device)?;
         // rounded to `dtype` (an adapter's base already is, and its f32 update is kept as
         // training applied it), computing as the reference does

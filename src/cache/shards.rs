@@ -169,3 +169,30 @@ mod tests {
         }
     }
 }
+
+/// The splits a cache directory holds (by its `.parquet` and `.arrow` files, shards as their
+/// split), sorted: named in the error for a split it lacks.
+pub fn splits_in(dir: &Path) -> Vec<String> {
+    let mut there: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let stem = name
+                .strip_suffix(".parquet")
+                .or_else(|| name.strip_suffix(".arrow"))?;
+            Some(stem.split(".shard-").next()?.to_string())
+        })
+        .collect();
+    there.sort();
+    there.dedup();
+    there
+}
+
+/// ` (this cache holds a, b)` for a directory that holds splits, else nothing.
+pub fn held_splits_note(dir: &Path) -> String {
+    match splits_in(dir) {
+        s if s.is_empty() => String::new(),
+        s => format!(" (this cache holds {})", s.join(", ")),
+    }
+}

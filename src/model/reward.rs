@@ -30,7 +30,7 @@ fn check_config(dir: &Path) -> Result<usize> {
         .unwrap_or("");
     if !arch.ends_with("ForSequenceClassification") {
         return Err(Error::Model(format!(
-            "`{}`: architectures is {:?}, not a `*ForSequenceClassification` reward model \
+            "`{}`: architectures is {}, not a `*ForSequenceClassification` reward model \
              (a causal LM has no score head: pass a reward model)",
             path.display(),
             raw["architectures"]

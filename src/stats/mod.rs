@@ -29,6 +29,13 @@ pub struct StatsOptions {
 /// all of that split's shards.
 fn resolve_parquet(opts: &StatsOptions) -> Result<(String, Vec<PathBuf>)> {
     if opts.cache.is_file() {
+        if opts.cache.extension().is_some_and(|e| e != "parquet") {
+            return Err(Error::Config(format!(
+                "`{}` is not a split's `.parquet`: stats reads the Parquet file; pass it, or the \
+                 cache directory with --split",
+                opts.cache.display()
+            )));
+        }
         let split = opts
             .cache
             .file_stem()
@@ -56,21 +63,7 @@ fn resolve_parquet(opts: &StatsOptions) -> Result<(String, Vec<PathBuf>)> {
             Ok((split, files))
         }
         None => {
-            let mut there: Vec<String> = std::fs::read_dir(&opts.cache)
-                .into_iter()
-                .flatten()
-                .filter_map(|e| {
-                    let name = e.ok()?.file_name().into_string().ok()?;
-                    let stem = name.strip_suffix(".parquet")?;
-                    Some(stem.split(".shard-").next()?.to_string())
-                })
-                .collect();
-            there.sort();
-            there.dedup();
-            let splits = match there.is_empty() {
-                true => String::new(),
-                false => format!(" (this cache holds {})", there.join(", ")),
-            };
+            let splits = cache::shards::held_splits_note(&opts.cache);
             Err(Error::MissingCache {
                 path: cache::parquet_path(&opts.cache, &split),
                 msg: format!(

@@ -31,7 +31,10 @@ impl Split {
         let Some(cache) = cache::shards::open(dir, split, expected)? else {
             return Err(Error::MissingCache {
                 path,
-                msg: "run `refdpo precompute` with this config first".into(),
+                msg: format!(
+                    "run `refdpo precompute` with this config first{}",
+                    cache::shards::held_splits_note(dir)
+                ),
             });
         };
         cache.fingerprint.check_data(&path)?;

@@ -153,6 +153,34 @@ fn stats_command_prints_tables_json_and_charts() {
         tmp.path(),
     );
     assert!(err.contains("names another split"), "{err}");
+    let arrow = cache_dir.join("train_prefs.arrow");
+    let err = fails(&["stats", "--cache", arrow.to_str().unwrap()], tmp.path());
+    assert!(err.contains("not a split's `.parquet`"), "{err}");
+    // stage two names the splits a cache holds too, and a run without its policy says why
+    let err = fails(
+        &[
+            "generate", "--config", cfg_s, "--split", "train", "--limit", "1",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("this cache holds test_prefs, train_prefs"),
+        "{err}"
+    );
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let err = fails(
+        &[
+            "generate",
+            "--config",
+            cfg_s,
+            "--run",
+            run.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(err.contains("has no `final/` policy"), "{err}");
+    std::fs::remove_dir(&run).unwrap();
     // The demo's chosen answers are longer by construction.
     assert!(json["chosen_longer_frac"].as_f64().unwrap() > 0.6);
     // --run: the trained policy's margin vs length.
