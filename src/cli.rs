@@ -86,7 +86,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
     /// Pipeline file (TOML).
-    #[arg(long, short = 'c', default_value = "pipelines/demo.toml")]
+    #[arg(long, short = 'c', default_value = crate::config::DEFAULT_PIPELINE)]
     pub config: PathBuf,
     /// Override a config key, e.g. `--set dataset.limit=64` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]

@@ -314,9 +314,21 @@ impl TrainConfig {
     }
 }
 
+/// The `--config` of a command given none: the demo pipeline, in the checkout.
+pub const DEFAULT_PIPELINE: &str = "pipelines/demo.toml";
+
 impl Config {
     /// Reads `path`, applies `--set section.key=value` overrides, validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        // the default `--config` is the checkout's demo pipeline, relative to the directory
+        if !path.exists() && path == Path::new(DEFAULT_PIPELINE) {
+            return Err(Error::Config(format!(
+                "no `{DEFAULT_PIPELINE}` here ({}): run from the refdpo checkout, or pass \
+                 `--config FILE` (a pipeline TOML; every key has a default, see the README's \
+                 \"Configuration\")",
+                std::env::current_dir().unwrap_or_default().display()
+            )));
+        }
         let text = fs::read_to_string(path)?;
         let mut table: toml::Table = text
             .parse()

@@ -264,3 +264,14 @@ fn an_edited_model_config_or_tokenizer_config_makes_the_cache_stale() {
         .unwrap();
     assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{loss}");
 }
+
+/// Outside the checkout the default pipeline is not there: said, with the way out.
+#[test]
+fn the_default_pipeline_outside_the_checkout_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fails(&["precompute", "--quiet"], tmp.path());
+    assert!(
+        err.contains("no `pipelines/demo.toml` here") && err.contains("--config FILE"),
+        "{err}"
+    );
+}
