@@ -199,8 +199,14 @@ impl TransformerConfig {
         let raw: Raw = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
-            if key == "." || inner.is_syntax() || inner.is_eof() {
+            if inner.is_syntax() || inner.is_eof() {
                 format!("not valid JSON: {inner}")
+            } else if key == "." {
+                // a size key left out, which transformers' config class would default: refdpo
+                // does not guess a model's shape
+                format!(
+                    "{inner}: write it into the file (refdpo takes no default for a model's sizes)"
+                )
             } else {
                 format!("`{key}`: {inner}")
             }

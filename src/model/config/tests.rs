@@ -179,6 +179,11 @@ fn sizes_out_of_range_are_refused_by_key() {
     }
     let e = TransformerConfig::from_json("{\"vocab_size\": 8,").unwrap_err();
     assert!(e.starts_with("not valid JSON"), "{e}");
+    let e = TransformerConfig::from_json(r#"{"model_type":"llama","hidden_size":8}"#).unwrap_err();
+    assert!(
+        e.contains("missing field") && e.contains("write it into the file") && !e.contains("JSON"),
+        "{e}"
+    );
 }
 
 #[test]
