@@ -25,19 +25,30 @@ pub fn files(dir: &Path, split: &str, ext: &str) -> Result<Option<Vec<PathBuf>>>
         "parquet" => CacheDir::new(dir).parquet(split),
         _ => CacheDir::new(dir).arrow(split),
     };
-    if whole.exists() {
-        return Ok(Some(vec![whole]));
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(None);
-    };
-    let mut found: Vec<(Shard, PathBuf)> = entries
+    let mut found: Vec<(Shard, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter_map(|p| {
             let name = p.file_name()?.to_str()?.to_string();
             Some((parse(&name, split, ext)?, p))
         })
         .collect();
+    if whole.exists() {
+        // two versions of one split: which one a reader took would be a guess (the Python
+        // reader refuses them too)
+        if let Some((_, shard)) = found.first() {
+            return Err(Error::StaleCache {
+                path: whole,
+                msg: format!(
+                    "is beside shards of the same split (`{}`, …): remove the whole file or the \
+                     shards, whichever is not the cache meant",
+                    shard.display()
+                ),
+            });
+        }
+        return Ok(Some(vec![whole]));
+    }
     if found.is_empty() {
         return Ok(None);
     }
@@ -118,6 +129,33 @@ pub fn open(dir: &Path, split: &str, expected: &Fingerprint) -> Result<Option<Ma
     Ok(Some(MappedCache::concat(parts)))
 }
 
+/// The splits a cache directory holds (by its `.parquet` and `.arrow` files, shards as their
+/// split), sorted: named in the error for a split it lacks.
+pub fn splits_in(dir: &Path) -> Vec<String> {
+    let mut there: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let stem = name
+                .strip_suffix(".parquet")
+                .or_else(|| name.strip_suffix(".arrow"))?;
+            Some(stem.split(".shard-").next()?.to_string())
+        })
+        .collect();
+    there.sort();
+    there.dedup();
+    there
+}
+
+/// ` (this cache holds a, b)` for a directory that holds splits, else nothing.
+pub fn held_splits_note(dir: &Path) -> String {
+    match splits_in(dir) {
+        s if s.is_empty() => String::new(),
+        s => format!(" (this cache holds {})", s.join(", ")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +192,11 @@ mod tests {
         std::fs::write(dir.path().join("t.shard-0-of-2.arrow"), b"").unwrap();
         let err = files(dir.path(), "t", "arrow").unwrap_err().to_string();
         assert!(err.contains("another sharding"), "{err}");
+        // a whole split beside shards of it: neither is taken
+        std::fs::remove_file(dir.path().join("t.shard-0-of-2.arrow")).unwrap();
+        std::fs::write(dir.path().join("t.arrow"), b"").unwrap();
+        let err = files(dir.path(), "t", "arrow").unwrap_err().to_string();
+        assert!(err.contains("beside shards of the same split"), "{err}");
     }
 
     #[test]
@@ -167,32 +210,5 @@ mod tests {
             }
             assert_eq!(next, n);
         }
-    }
-}
-
-/// The splits a cache directory holds (by its `.parquet` and `.arrow` files, shards as their
-/// split), sorted: named in the error for a split it lacks.
-pub fn splits_in(dir: &Path) -> Vec<String> {
-    let mut there: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            let stem = name
-                .strip_suffix(".parquet")
-                .or_else(|| name.strip_suffix(".arrow"))?;
-            Some(stem.split(".shard-").next()?.to_string())
-        })
-        .collect();
-    there.sort();
-    there.dedup();
-    there
-}
-
-/// ` (this cache holds a, b)` for a directory that holds splits, else nothing.
-pub fn held_splits_note(dir: &Path) -> String {
-    match splits_in(dir) {
-        s if s.is_empty() => String::new(),
-        s => format!(" (this cache holds {})", s.join(", ")),
     }
 }
