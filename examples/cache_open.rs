@@ -43,6 +43,8 @@ fn main() -> refdpo::Result<()> {
         weights_sha256: String::new(),
         tokenizer_sha256: String::new(),
         chat_template_sha256: String::new(),
+        model_config_sha256: String::new(),
+        tokenizer_config_sha256: String::new(),
         max_length: 1024,
         truncation: Truncation::KeepStart,
         shard: None,

@@ -72,7 +72,7 @@ fn main() -> refdpo::Result<()> {
         "../shared/realdata/ultrafeedback_binarized_sample/data/train_prefs-00000-of-00001.parquet",
     );
     let mut lines = Vec::new();
-    refdpo::data::records::for_each(&real, usize::MAX, &mut |r| {
+    refdpo::data::records::for_each(&real, usize::MAX, &|_| true, &mut |r| {
         if let Ok(fields) = r.fields {
             lines.push(serde_json::Value::Object(fields).to_string());
         }

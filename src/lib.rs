@@ -114,7 +114,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         &["error", "config", "logprobs", "model", "train"],
     ),
     ("show", &["error", "config", "data", "inputs", "tokenize"]),
-    ("cli", &[]),
+    ("cli", &["config"]),
     (
         "run",
         &[

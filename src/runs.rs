@@ -4,34 +4,15 @@
 use crate::config::Config;
 use crate::dirs::RunDir;
 use crate::error::{Error, Result};
-use crate::generate::line::GenerationLine;
 use crate::inputs::Inputs;
 use crate::model::Transformer;
 use crate::train::checkpoint;
 use candle_core::{DType, Device};
-use std::path::Path;
 
 impl RunDir {
     /// The step of the run's `final/` policy, if it has one.
     pub fn final_step(&self) -> Option<usize> {
         checkpoint::final_step(&self.final_dir())
-    }
-
-    /// Generations (`lines`, read from `path`) whose policy continuations the run's current
-    /// `final/` wrote: a `--resume` or `--overwrite` since then made them another policy's.
-    pub fn check_generations(&self, path: &Path, lines: &[GenerationLine]) -> Result<()> {
-        let now = self.final_step();
-        match lines.iter().find_map(|l| l.policy_step) {
-            Some(then) if Some(then) != now => Err(Error::Config(format!(
-                "`{}` holds the continuations of the policy at step {then}, but `{}` now holds \
-                 {}: generate them again with `refdpo generate --run {}`",
-                path.display(),
-                self.final_dir().display(),
-                now.map_or("no policy".into(), |s| format!("the policy at step {s}")),
-                self.root().display()
-            ))),
-            _ => Ok(()),
-        }
     }
 
     /// The run's resolved configuration (`config.toml`).

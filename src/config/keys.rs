@@ -38,6 +38,9 @@ impl Origin<'_> {
             Some(k) if message.contains("expected a string") => {
                 format!("; a --set value is read as TOML, so quote a string: --set '{k}=\"…\"'")
             }
+            Some(k) if message.contains("expected a sequence") => {
+                format!("; a --set value is read as TOML, so write a list: --set '{k}=[\"…\"]'")
+            }
             _ => String::new(),
         }
     }

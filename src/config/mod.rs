@@ -455,6 +455,7 @@ mod tests {
             ("train.eval_steps=10", "`train.eval_every`"),
             ("train.warmup_steps=10", "`train.warmup_ratio`"),
             ("train.bf16=true", "`model.dtype = \"bf16\"`"),
+            ("train.report_to=tensorboard", "so write a list"),
         ] {
             let err = load(set);
             assert!(err.contains(hint), "{set}: {err}");

@@ -201,9 +201,17 @@ impl Config {
                     ));
                 }
                 if let Some(bad) = names.iter().find(|n| !PROJECTIONS.contains(&n.as_str())) {
+                    // `--set 'train.lora.target_modules=[q_proj,v_proj]'` is no TOML list
+                    let quoting = match bad.starts_with('[') {
+                        true => {
+                            " A --set value is read as TOML: quote the names, --set \
+                                 'train.lora.target_modules=[\"q_proj\", \"v_proj\"]'."
+                        }
+                        false => "",
+                    };
                     return Err(Error::Config(format!(
                         "`train.lora.target_modules` names `{bad}`, which is not a projection \
-                         refdpo adapts; choose from {} or \"all-linear\".",
+                         refdpo adapts; choose from {} or \"all-linear\".{quoting}",
                         PROJECTIONS.join(", ")
                     )));
                 }

@@ -1,6 +1,7 @@
 //! One line of a generations file (`generations-<split>.jsonl`): the prompt and each model's
 //! continuation. `generate` writes these and `stats --run` reads them back, through this one type.
 
+use crate::dirs::RunDir;
 use crate::error::{fs, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -58,5 +59,22 @@ impl GenerationLine {
             "policy" => self.policy.as_ref(),
             _ => None,
         }
+    }
+}
+
+/// Generations (`lines`, read from `path`) whose policy continuations `run`'s current `final/`
+/// wrote: a `--resume` or `--overwrite` since then made them another policy's.
+pub fn check_current(run: &RunDir, path: &Path, lines: &[GenerationLine]) -> Result<()> {
+    let now = run.final_step();
+    match lines.iter().find_map(|l| l.policy_step) {
+        Some(then) if Some(then) != now => Err(Error::Config(format!(
+            "`{}` holds the continuations of the policy at step {then}, but `{}` now holds \
+             {}: generate them again with `refdpo generate --run {}`",
+            path.display(),
+            run.final_dir().display(),
+            now.map_or("no policy".into(), |s| format!("the policy at step {s}")),
+            run.root().display()
+        ))),
+        _ => Ok(()),
     }
 }

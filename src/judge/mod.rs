@@ -129,7 +129,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
     });
     let lines = read_generations(&generations)?;
     if let Some(run) = &opts.run {
-        RunDir::new(run).check_generations(&generations, &lines)?;
+        crate::generate::line::check_current(&RunDir::new(run), &generations, &lines)?;
     }
     let rows = split_rows(cfg, &split)?;
 

@@ -103,7 +103,8 @@ pub fn run(opts: &StatsOptions) -> Result<String> {
                 .into_iter()
                 .map(|(_, l)| l)
                 .collect();
-            match crate::dirs::RunDir::new(run_dir).check_generations(&generations, &lines) {
+            let run = crate::dirs::RunDir::new(run_dir);
+            match crate::generate::line::check_current(&run, &generations, &lines) {
                 Ok(()) => {
                     stats.generations = Some(crate::generate::Summary::of_read(&lines));
                 }
