@@ -186,20 +186,7 @@ fn stats_command_prints_tables_json_and_charts() {
     // --run: the trained policy's margin vs length.
     ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
     let run = tmp.path().join("run");
-    let json: serde_json::Value = serde_json::from_str(&ok(
-        &[
-            "stats",
-            "--config",
-            cfg_s,
-            "--split",
-            "test_prefs",
-            "--run",
-            run.to_str().unwrap(),
-            "--json",
-        ],
-        tmp.path(),
-    ))
-    .unwrap();
+    let json = policy_stats(cfg_s, &run, tmp.path());
     assert!(
         json["policy"]["margin_len_diff_spearman"].is_number(),
         "{json}"
@@ -314,20 +301,7 @@ fn stats_run_of_an_untrained_bf16_lora_policy_is_the_reference() {
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     train_with(cfg_s, tmp.path(), &["train.learning_rate=1e-30"]);
     let run = tmp.path().join("run");
-    let json: serde_json::Value = serde_json::from_str(&ok(
-        &[
-            "stats",
-            "--config",
-            cfg_s,
-            "--split",
-            "test_prefs",
-            "--run",
-            run.to_str().unwrap(),
-            "--json",
-        ],
-        tmp.path(),
-    ))
-    .unwrap();
+    let json = policy_stats(cfg_s, &run, tmp.path());
     let p = &json["policy"];
     assert_eq!(p["margin_mean"], 0.0, "{p}");
     assert_eq!(p["reward_accuracy"], 0.0, "{p}");
@@ -335,4 +309,19 @@ fn stats_run_of_an_untrained_bf16_lora_policy_is_the_reference() {
     assert!(p["data_longer_chosen_frac"].as_f64().unwrap() < 1.0, "{p}");
     assert!(p["margin_len_diff_spearman"].is_null(), "{p}");
     assert!(p["margin_len_diff_pearson"].is_null(), "{p}");
+}
+
+/// `stats --json` of the test split with the run's policy.
+fn policy_stats(cfg: &str, run: &std::path::Path, cwd: &std::path::Path) -> serde_json::Value {
+    let args = [
+        "stats",
+        "--config",
+        cfg,
+        "--split",
+        "test_prefs",
+        "--run",
+        run.to_str().unwrap(),
+        "--json",
+    ];
+    serde_json::from_str(&ok(&args, cwd)).unwrap()
 }
