@@ -193,6 +193,22 @@ fn refuse_inside_another(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes `dir` when it holds nothing but refdpo's lock files (a command that made it and then
+/// stopped before writing anything).
+pub fn remove_if_only_locks(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let only_locks = entries.filter_map(|e| e.ok()).all(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.starts_with(".refdpo-") && name.ends_with(".lock")
+    });
+    if only_locks {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// Removes a file or a directory tree.
 pub fn remove(path: &Path) -> Result<()> {
     let result = if path.is_dir() {

@@ -28,6 +28,17 @@ pub use trainer::Trainer;
 /// Runs stage two into `train.out`: a new run (another run there is refused unless `existing` is
 /// `Overwrite`), or with `Resume` the run that is there. Returns a one-paragraph summary.
 pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Result<String> {
+    let out = &cfg.train.out;
+    let created = !out.exists();
+    let result = run_locked(cfg, device, existing, quiet);
+    // a run refused before writing anything (a stale or missing cache) leaves no folder behind
+    if result.is_err() && created {
+        outputs::remove_if_only_locks(out);
+    }
+    result
+}
+
+fn run_locked(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Result<String> {
     let _lock = DirLock::acquire(&cfg.train.out, "train")?;
     outputs::claim_run_dir(&cfg.train.out, existing)?;
     let mut trainer = Trainer::new(cfg, device, quiet)?;

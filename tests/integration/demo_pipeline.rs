@@ -275,3 +275,17 @@ fn the_default_pipeline_outside_the_checkout_is_named() {
         "{err}"
     );
 }
+
+/// A `train` refused before it writes anything (here: no cache yet) leaves no `train.out`
+/// behind, lock file included.
+#[test]
+fn a_refused_train_leaves_no_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = demo_config(tmp.path(), "");
+    let err = fails(
+        &["train", "--config", cfg.to_str().unwrap(), "--quiet"],
+        tmp.path(),
+    );
+    assert!(err.contains("no cache"), "{err}");
+    assert!(!tmp.path().join("run").exists());
+}
