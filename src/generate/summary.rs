@@ -116,10 +116,11 @@ impl Summary {
                 out,
                 "{:<10} {:>8} {:>12.1} {:>14.1} {:>16}",
                 name,
-                m["prompts"],
+                // as text: a JSON value's Display ignores the width
+                m["prompts"].to_string(),
                 m["mean_tokens"].as_f64().unwrap_or(0.0),
                 m["median_tokens"].as_f64().unwrap_or(0.0),
-                m["hit_token_limit"]
+                m["hit_token_limit"].to_string()
             );
         }
         if let Some(c) = f.get("policy_vs_reference") {
@@ -192,6 +193,10 @@ mod tests {
             line(8, false, 2, true),
             line(4, true, 6, true),
         ];
+        // the table's columns line up under their headers
+        let text = Summary::of_lines(&lines, 8).text();
+        let widths: Vec<usize> = text.lines().take(3).map(str::len).collect();
+        assert_eq!(widths, [widths[0]; 3], "{text}");
         let f = Summary::of_lines(&lines, 8).figures();
         assert_eq!(f["reference"]["mean_tokens"], 5.0);
         assert_eq!(f["reference"]["median_tokens"], 4.5);
