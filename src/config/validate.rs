@@ -248,8 +248,14 @@ fn in_range(key: &str, value: impl Display, ok: bool, allowed: &str) -> Result<(
     if ok {
         Ok(())
     } else {
+        // 1e39 as 1e39, not forty digits
+        let shown = value.to_string();
+        let shown = match shown.parse::<f64>() {
+            Ok(x) if shown.len() > 16 => format!("{x:e}"),
+            _ => shown,
+        };
         Err(Error::Config(format!(
-            "`{key}` = {value} is not allowed: it must be {allowed}."
+            "`{key}` = {shown} is not allowed: it must be {allowed}."
         )))
     }
 }
@@ -382,6 +388,10 @@ mod tests {
         ] {
             let err = with(&[set]).unwrap_err().to_string();
             assert!(err.contains(&format!("`{key}`")), "{set}: {err}");
+            if set.ends_with("=1e39") || set.ends_with("=1e-300") {
+                let written = set.split('=').nth(1).unwrap();
+                assert!(err.contains(&format!("= {written} ")), "{set}: {err}");
+            }
         }
         // max_steps alone is a run.
         with(&["train.epochs=0", "train.max_steps=3"]).unwrap();

@@ -477,12 +477,24 @@ fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
     for (key, value) in positive {
         if let Some(v) = value.filter(|v| !positive_f32(*v)) {
             return Err(format!(
-                "`{key}` = {v}: it must be a finite number above 0 within f32's range (1.2e-38 \
-                 to 3.4e38; the model computes in f32)"
+                "`{key}` = {}: it must be a finite number above 0 within f32's range (1.2e-38 \
+                 to 3.4e38; the model computes in f32)",
+                short(v)
             ));
         }
     }
     Ok(())
+}
+
+/// A number as written, or in exponent form where that would run past 16 characters (1e-300
+/// as 1e-300, not three hundred digits).
+fn short(v: f64) -> String {
+    let s = v.to_string();
+    if s.len() > 16 {
+        format!("{v:e}")
+    } else {
+        s
+    }
 }
 
 /// Above 0 and within f32's normal range (1e-300 would be 0 there, 1e39 infinite).
