@@ -90,7 +90,7 @@ pub fn policy_bias(
         .lazy()
         .select([
             super::queries::spearman("len_diff", "margin").alias("margin_len_diff_spearman"),
-            pearson_corr(col("len_diff"), col("margin")).alias("margin_len_diff_pearson"),
+            super::queries::pearson("len_diff", "margin").alias("margin_len_diff_pearson"),
             col("margin")
                 .gt(lit(0.0))
                 .cast(DataType::Float64)

@@ -19,6 +19,14 @@ pub fn spearman(a: &str, b: &str) -> Expr {
         .otherwise(lit(NULL).cast(DataType::Float64))
 }
 
+/// Pearson's correlation of two columns, each first divided by its largest magnitude (which
+/// leaves the correlation as it is): polars' products of deviations overflow past ~1e154 and
+/// gave 0 where scipy gives the value.
+pub fn pearson(a: &str, b: &str) -> Expr {
+    let scaled = |c: &str| col(c) / col(c).abs().max();
+    pearson_corr(scaled(a), scaled(b))
+}
+
 /// A table for the terminal: header and string cells.
 pub struct Table {
     pub header: Vec<String>,
@@ -146,9 +154,9 @@ pub fn compute(files: &[PathBuf]) -> Result<Stats> {
         frac(col("chosen_truncated")).alias("chosen_truncated_frac"),
         frac(col("rejected_truncated")).alias("rejected_truncated_frac"),
         spearman("len_diff", "score_diff").alias("score_diff_len_diff_spearman"),
-        pearson_corr(col("len_diff"), col("score_diff")).alias("score_diff_len_diff_pearson"),
+        pearson("len_diff", "score_diff").alias("score_diff_len_diff_pearson"),
         spearman("len_diff", "ref_margin").alias("ref_margin_len_diff_spearman"),
-        pearson_corr(col("len_diff"), col("ref_margin")).alias("ref_margin_len_diff_pearson"),
+        pearson("len_diff", "ref_margin").alias("ref_margin_len_diff_pearson"),
         col("ref_margin").mean().alias("ref_margin_mean"),
         (col("ref_chosen") / col("chosen_len"))
             .mean()
@@ -453,5 +461,21 @@ mod tests {
         let varying: Vec<f64> = (0..501).map(|i| ((i * 7919) % 501) as f64).collect();
         assert_eq!(corr(vec![3.0; 501], varying.clone()), None);
         assert_eq!(corr(varying, vec![-1.5; 501]), None);
+        // scipy.stats.pearsonr([1, 2, 3, 4], [1, 3, 2, 4]) = 0.8, at any scale
+        let pearson_of = |scale: f64| -> f64 {
+            let (a, b) = (vec![1.0, 2.0, 3.0, 4.0], vec![1.0, 3.0, 2.0, 4.0]);
+            let b: Vec<f64> = b.into_iter().map(|x| x * scale).collect();
+            let df = df!("a" => &a, "b" => &b).unwrap();
+            let out = df
+                .lazy()
+                .select([pearson("a", "b").alias("p")])
+                .collect()
+                .unwrap();
+            out.column("p").unwrap().f64().unwrap().get(0).unwrap()
+        };
+        for scale in [1.0, -1e160, 1e300] {
+            let want = if scale < 0.0 { -0.8 } else { 0.8 };
+            assert!((pearson_of(scale) - want).abs() < 1e-12, "{scale}");
+        }
     }
 }
