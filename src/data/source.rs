@@ -224,7 +224,6 @@ pub fn for_each_row(
         None => true,
     };
     let mapping = Mapping::new(cfg);
-    let mut pending_columns_error = None;
     let (mut n, mut read) = (0u64, 0usize);
     let mut stop = false;
     for file in &files {
@@ -232,6 +231,7 @@ pub fn for_each_row(
         // misses in each of the first rows is refused, naming what they hold; one bad row
         // among good ones is a counted skip
         let (mut columns_found, mut lacking) = (false, 0usize);
+        let mut pending_columns_error = None;
         let mut failure = None;
         records::for_each(file, src.max_row_bytes, &|c| mapping.reads(c), &mut |rec| {
             let row = n;
@@ -281,7 +281,7 @@ pub fn for_each_row(
             return Err(e);
         }
         // a file shorter than the probe whose every row lacks the columns
-        if let Some(e) = pending_columns_error.take().filter(|_| !columns_found) {
+        if let Some(e) = pending_columns_error.filter(|_| !columns_found) {
             return Err(e);
         }
         if stop || (limit > 0 && n as usize >= limit) {

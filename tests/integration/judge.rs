@@ -239,19 +239,8 @@ fn judge_scores_a_demo_run_and_its_figures_follow_from_its_lines() {
     // the generations name the policy that wrote them: after a resume they are another
     // policy's (judge refuses, stats leaves their lengths out), and --overwrite removes them
     assert!(generations.iter().all(|g| g["policy_step"] == 12));
-    ok(
-        &[
-            "train",
-            "--config",
-            cfg_s,
-            "--quiet",
-            "--resume",
-            "--set",
-            "train.max_steps=14",
-        ],
-        tmp.path(),
-    );
-    let err = super::common::fails(
+    train_with(cfg_s, tmp.path(), &["--resume", "train.max_steps=14"]);
+    let err = fails(
         &["judge", "--run", run_s, "--reward-model", rm_s],
         tmp.path(),
     );
@@ -276,10 +265,7 @@ fn judge_scores_a_demo_run_and_its_figures_follow_from_its_lines() {
         out.status.success() && err.contains("generation lengths left out"),
         "{err}"
     );
-    ok(
-        &["train", "--config", cfg_s, "--quiet", "--overwrite"],
-        tmp.path(),
-    );
+    train_with(cfg_s, tmp.path(), &["--overwrite"]);
     assert!(!run.join("generations-test_prefs.jsonl").exists());
     assert!(!run.join("judge-test_prefs.jsonl").exists());
 }
