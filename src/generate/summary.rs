@@ -41,15 +41,6 @@ impl Summary {
         }
     }
 
-    /// Reads a generations file (the token limit is taken as the longest generation seen).
-    pub fn read(path: &Path) -> Result<Self> {
-        let lines: Vec<GenerationLine> = super::line::read_lines(path)?
-            .into_iter()
-            .map(|(_, l)| l)
-            .collect();
-        Ok(Self::of_read(&lines))
-    }
-
     /// The summary of lines read back (the token limit is taken as the longest generation seen).
     pub fn of_read(lines: &[GenerationLine]) -> Self {
         let mut s = Self::of_lines(lines, 0);
