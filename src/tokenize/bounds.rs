@@ -3,7 +3,10 @@
 //! One instruction can do a lot of work (`l|sort` over a long list, `s.replace('a', 'aa')`,
 //! `x|indent(2000000000)`): each of those calls is checked against the rendering's deadline and
 //! its result against the output limit, so such a template is a `template_error`, not an hour
-//! per row or an abort for memory.
+//! per row or an abort for memory. What no call of refdpo's sees (`s ~ s` in a recursive macro,
+//! `ns.s + ns.s` in a loop, a list copied whole on each turn) is bounded by the allocator: a
+//! rendering may keep 16 times its output limit (at least 256 MiB) and take [`BACKSTOP`] seconds
+//! before the process stops with an error naming the template (`profile::heap::cap_thread`).
 
 use minijinja::value::{Kwargs, StringInput, Value};
 use minijinja::{Environment, Error, ErrorKind, State};
@@ -12,6 +15,10 @@ use std::time::{Duration, Instant};
 
 /// Wall time one rendering may take (ChatML over a long conversation takes well under 1 ms).
 pub const SECONDS: u64 = 10;
+
+/// Wall time one rendering may take before the allocator stops the process: past [`SECONDS`],
+/// so that a template whose calls refdpo sees fails there, as one row's `template_error`.
+pub const BACKSTOP: u64 = SECONDS + 5;
 
 /// The widest indent `indent` or `tojson` may be asked for.
 const MAX_INDENT: usize = 1024;
@@ -23,15 +30,28 @@ thread_local! {
     static OVERRAN: Cell<bool> = const { Cell::new(false) };
 }
 
+/// What the allocator says of a rendering that kept more than its cap.
+const RUNAWAY: &str = "the chat template ran away rendering one conversation (a string or list \
+    that doubles, or one copied whole on every turn of a loop): fix or replace the model's chat \
+    template (`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`)";
+
 /// The budget of the rendering that holds it, set until it drops.
-pub struct Rendering(());
+pub struct Rendering {
+    _cap: crate::profile::heap::ThreadCap,
+}
 
 impl Rendering {
     pub fn start(value_limit: usize) -> Self {
         let deadline = Instant::now() + Duration::from_secs(SECONDS);
         BUDGET.with(|b| b.set(Some((deadline, value_limit))));
         OVERRAN.with(|o| o.set(false));
-        Rendering(())
+        Rendering {
+            _cap: crate::profile::heap::cap_thread(
+                value_limit.saturating_mul(16),
+                BACKSTOP,
+                RUNAWAY,
+            ),
+        }
     }
 
     /// The rendering ran past its deadline (and failed for it).

@@ -411,6 +411,50 @@ fn runaway_templates_are_errors_that_quote_the_template_message() {
             "wrote more than 2097152 bytes",
         ],
     );
+    // Values that double without being written, where neither the fuel nor the output limit
+    // nor a filter's check sees them: they aborted the process for memory (signal 6 at ~5 GB);
+    // and a list materialized whole on each of 100,000 turns ran for hours.
+    for (name, source) in [
+        (
+            "macro",
+            "{% macro d(s, n) %}{% if n > 0 %}{{ d(s ~ s, n - 1) }}{% endif %}{% endmacro %}\
+             {{ d('ab', 40) }}",
+        ),
+        (
+            "namespace",
+            "{% set ns = namespace(s='ab') %}{% for i in range(40) %}\
+             {% set ns.s = ns.s + ns.s %}{% endfor %}",
+        ),
+        (
+            "loop",
+            "{% for x in ['ab'] recursive %}{% if x|length < 10**11 %}{{ loop([x ~ x]) }}\
+             {% endif %}{% endfor %}",
+        ),
+        (
+            "list",
+            "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}\
+             {% set ns.l = ns.l + ['x'] %}{% endfor %}{{ ns.l|length }}",
+        ),
+        (
+            "strings",
+            "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}\
+             {% set ns.l = ns.l + ['x' * (90000000 + i)] %}{% endfor %}{{ ns.l|length }}",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let err = refused(
+            &cfg,
+            t,
+            &model_set(&template(name, source)),
+            &["the chat template ran away", "chat_template.jinja"],
+        );
+        let bound = match name {
+            "list" => "(it ran past 15 s)",
+            _ => "(it kept more than 256 MiB)",
+        };
+        assert!(err.contains(bound), "{name}: {err}");
+        assert!(started.elapsed().as_secs() < 60, "{name}");
+    }
 }
 
 /// 30 good conversational rows, each a JSON line.
