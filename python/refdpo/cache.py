@@ -118,11 +118,43 @@ def _fingerprint(path, reader):
     return json.loads(raw)
 
 
+def _shard_of(path, split):
+    """The shard a file's name says it holds ("i/n"), or None for the whole split."""
+    m = re.match(rf"^{re.escape(split)}\.shard-(\d+)-of-(\d+)\.arrow$", os.path.basename(path))
+    return f"{int(m.group(1))}/{int(m.group(2))}" if m else None
+
+
+def _check_identity(files, fingerprints, split):
+    """Each file holds what its name says, as stage two checks it: the split asked for, the shard
+    its name gives, and one cache's fingerprint besides (a file copied over another is refused,
+    naming it)."""
+    base = {k: v for k, v in fingerprints[0].items() if k != "shard"}
+    for f, fp in zip(files, fingerprints):
+        if fp.get("split") != split:
+            raise CacheError(
+                f"{f}: holds split {fp.get('split')!r}, not {split!r}: a file copied or renamed; "
+                "re-run `refdpo precompute` (with --overwrite)"
+            )
+        if fp.get("shard") != _shard_of(f, split):
+            raise CacheError(
+                f"{f}: holds shard {fp.get('shard')!r} of {split!r}, not the {_shard_of(f, split)!r} "
+                "its name says: a file copied or renamed; re-run that shard's `refdpo precompute`"
+            )
+        other = sorted(k for k in set(base) | set(fp) if k != "shard" and base.get(k) != fp.get(k))
+        if other:
+            raise CacheError(
+                f"{f}: made from other inputs than {files[0]} (fingerprint field `{other[0]}`): "
+                "re-run its shard's `refdpo precompute` with the same config"
+            )
+
+
 def read_fingerprint(path, split="train_prefs"):
     """What made the split's cache (model, tokenizer, chat template, max_length, ...) as a dict:
-    its first file's, verified."""
+    its first file's, verified, and checked to hold `split`."""
     first = cache_files(path, split)[0]
-    return _fingerprint(first, _verify(first))
+    fingerprint = _fingerprint(first, _verify(first))
+    _check_identity([first], [fingerprint], split)
+    return fingerprint
 
 
 def load_cache(path, split="train_prefs"):
@@ -133,7 +165,9 @@ def load_cache(path, split="train_prefs"):
 
     files = cache_files(path, split)
     readers = [_verify(f) for f in files]
-    fingerprint = _fingerprint(files[0], readers[0])
+    fingerprints = [_fingerprint(f, r) for f, r in zip(files, readers)]
+    _check_identity(files, fingerprints, split)
+    fingerprint = fingerprints[0]
     table = pa.concat_tables([r.read_all() for r in readers]).replace_schema_metadata(None)
     # The fingerprint rides in the dataset's info, which `select`, `shuffle` and `filter` keep, so
     # `refdpo.trl.CachedReferenceDPOTrainer` can check the cache against its model and config.

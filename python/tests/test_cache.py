@@ -86,6 +86,31 @@ def test_shards_read_in_row_order_equal_the_whole_split(caches):
         assert a[col] == b[col], col
 
 
+def test_a_file_holding_another_split_or_shard_is_refused_by_name(caches, tmp_path):
+    """Each file's checksum holds, so only its fingerprint tells: the test split copied over the
+    train split read 32 test rows as `train_prefs`, and shard 0 copied over shard 1 read shard 0
+    twice (the second half of the split never seen), as stage two refuses both."""
+    whole, sharded = caches
+    swap = tmp_path / "swap"
+    shutil.copytree(whole, swap)
+    shutil.copy(swap / "test_prefs.arrow", swap / "train_prefs.arrow")
+    for read in (refdpo.load_cache, refdpo.read_fingerprint):
+        with pytest.raises(refdpo.CacheError, match=r"train_prefs.arrow: holds split 'test_prefs', not 'train_prefs'"):
+            read(str(swap), "train_prefs")
+    assert len(refdpo.load_cache(str(swap), "test_prefs")) == len(refdpo.load_cache(str(whole), "test_prefs"))
+    copied = tmp_path / "copied"
+    shutil.copytree(sharded, copied)
+    shutil.copy(copied / "train_prefs.shard-0-of-2.arrow", copied / "train_prefs.shard-1-of-2.arrow")
+    with pytest.raises(refdpo.CacheError, match=r"shard-1-of-2.arrow: holds shard '0/2' of 'train_prefs', not the '1/2'"):
+        refdpo.load_cache(str(copied))
+    # a shard of another cache (other inputs): named by its first differing field
+    other = tmp_path / "other"
+    shutil.copytree(sharded, other)
+    shutil.copy(os.path.join(whole, "train_prefs.arrow"), other / "train_prefs.shard-1-of-2.arrow")
+    with pytest.raises(refdpo.CacheError, match=r"shard-1-of-2.arrow: holds shard None"):
+        refdpo.load_cache(str(other))
+
+
 def test_a_damaged_or_missing_file_is_refused_by_name(caches, tmp_path):
     whole, sharded = caches
     bad = tmp_path / "bad"

@@ -96,14 +96,15 @@ pub fn expected_for(path: &Path, split: &str, expected: &Fingerprint) -> Fingerp
 }
 
 /// The Parquet files of `split` (as [`files`] lists them) read without a config, as `stats
-/// --cache` reads them: each carries the shard its name says, and all carry one cache's
-/// fingerprint besides (a shard file copied over another is refused, naming it).
+/// --cache` reads them: each carries `split` and the shard its name says, and all carry one
+/// cache's fingerprint besides (a file copied over another is refused, naming it).
 pub fn check_parquet(paths: &[PathBuf], split: &str) -> Result<()> {
     let Some(first) = paths.first() else {
         return Ok(());
     };
     let base = Fingerprint {
         shard: None,
+        split: split.to_string(),
         ..super::parquet::read_fingerprint(first)?
     };
     for p in paths {

@@ -107,6 +107,23 @@ fn two_shard_processes_equal_the_unsharded_cache() {
         "{err}"
     );
 
+    // ... and a split's files holding another split: stats read the test split as
+    // `train_prefs` (its pairs beside the train split's row count), exit 0
+    let swapped = tmp.path().join("swapped");
+    std::fs::create_dir_all(&swapped).unwrap();
+    for split in ["train_prefs", "test_prefs"] {
+        std::fs::copy(
+            whole.join("test_prefs.parquet"),
+            swapped.join(format!("{split}.parquet")),
+        )
+        .unwrap();
+    }
+    let err = fails(&["stats", "--cache", swapped.to_str().unwrap()], tmp.path());
+    assert!(
+        err.contains("train_prefs.parquet") && err.contains("split"),
+        "{err}"
+    );
+
     // a missing shard is refused by name
     for ext in ["parquet", "arrow"] {
         std::fs::remove_file(sharded.join(format!("train_prefs.shard-1-of-2.{ext}"))).unwrap();
