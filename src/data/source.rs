@@ -334,22 +334,30 @@ fn pattern(cfg: &DatasetConfig, split: &str) -> String {
         .unwrap_or_else(|| format!("data/{split}-*.parquet"))
 }
 
-/// Files under `dir` whose path relative to `root` matches `pattern`.
+/// Files under `dir` whose path relative to `root` matches `pattern`. As `datasets` resolves a
+/// pattern, a link to a folder is not followed (a link back up walked the tree without end, a
+/// `latest -> data` alias read every file twice); a link to a file is read. A pattern without
+/// `**` is matched no deeper than its own folders.
 fn list_matching(root: &Path, dir: &Path, pattern: &str, out: &mut Vec<PathBuf>) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if dir == root => return Err(Error::io("cannot list", dir, e)),
         Err(_) => return Ok(()),
     };
+    let max_depth = (!pattern.contains("**")).then(|| pattern.matches('/').count());
     for entry in entries.flatten() {
         let path = entry.path();
         let rel = path.strip_prefix(root).unwrap_or(&path);
+        let depth = rel.components().count();
         let rel = rel.to_string_lossy().replace('\\', "/");
-        if path.is_dir() {
-            if !rel.starts_with('.') {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            if !rel.starts_with('.') && max_depth.is_none_or(|d| depth <= d) {
                 list_matching(root, &path, pattern, out)?;
             }
-        } else if glob_match(pattern, &rel) {
+        } else if !(kind.is_symlink() && path.is_dir()) && glob_match(pattern, &rel) {
             out.push(path);
         }
     }
@@ -357,22 +365,46 @@ fn list_matching(root: &Path, dir: &Path, pattern: &str, out: &mut Vec<PathBuf>)
 }
 
 /// `*` (any run of characters but `/`), `**` (any run, `/` included) and `?` (one character but
-/// `/`); everything else literally.
+/// `/`); everything else literally. Matched a pattern element at a time over every prefix of the
+/// path at once: O(pattern × path), where backtracking took exponential time in the `**`s.
 pub fn glob_match(pattern: &str, path: &str) -> bool {
-    fn go(p: &[char], s: &[char]) -> bool {
-        match p {
-            [] => s.is_empty(),
-            ['*', '*', rest @ ..] => (0..=s.len()).any(|i| go(rest, &s[i..])),
-            ['*', rest @ ..] => (0..=s.len())
-                .take_while(|&i| i == 0 || s[i - 1] != '/')
-                .any(|i| go(rest, &s[i..])),
-            ['?', rest @ ..] => !s.is_empty() && s[0] != '/' && go(rest, &s[1..]),
-            [c, rest @ ..] => s.first() == Some(c) && go(rest, &s[1..]),
-        }
-    }
     let p: Vec<char> = pattern.trim_start_matches("./").chars().collect();
     let s: Vec<char> = path.chars().collect();
-    go(&p, &s)
+    // at[j]: the pattern so far matches s[..j]
+    let mut at = vec![false; s.len() + 1];
+    at[0] = true;
+    let mut i = 0;
+    while i < p.len() {
+        let mut next = vec![false; s.len() + 1];
+        match p[i] {
+            '*' if p.get(i + 1) == Some(&'*') => {
+                let mut on = false;
+                for j in 0..=s.len() {
+                    on |= at[j];
+                    next[j] = on;
+                }
+                i += 1;
+            }
+            '*' => {
+                let mut on = false;
+                for j in 0..=s.len() {
+                    if j > 0 && s[j - 1] == '/' {
+                        on = false;
+                    }
+                    on |= at[j];
+                    next[j] = on;
+                }
+            }
+            c => {
+                for j in 0..s.len() {
+                    next[j + 1] = at[j] && if c == '?' { s[j] != '/' } else { s[j] == c };
+                }
+            }
+        }
+        at = next;
+        i += 1;
+    }
+    at[s.len()]
 }
 
 #[cfg(test)]
@@ -391,6 +423,46 @@ mod tests {
         assert!(glob_match("./pairs.jsonl", "pairs.jsonl"));
         assert!(
             glob_match("part-?.json", "part-1.json") && !glob_match("part-?.json", "part-12.json")
+        );
+        assert!(glob_match("**a**", "xa/y") && !glob_match("*a*", "xa/y"));
+        assert!(glob_match("data/**.parquet", "data/a/b.parquet"));
+        assert!(!glob_match("**/*.jsonl", "a.jsonl"), "`**/` needs a folder");
+        assert!(glob_match("***", "a/b"), "`**` then `*`");
+        // Eight `**`s against a 68-character name: backtracking took minutes.
+        let name = format!("{}.parquet", "a".repeat(60));
+        let started = std::time::Instant::now();
+        assert!(!glob_match(
+            &format!("{}**b.parquet", "**a".repeat(8)),
+            &name
+        ));
+        assert!(glob_match(&format!("{}**.parquet", "**a".repeat(8)), &name));
+        assert!(started.elapsed().as_secs_f64() < 0.5);
+    }
+
+    /// Links to folders are not followed, as `datasets` resolves patterns: a link back up walked
+    /// the tree without end, an alias read each file twice. A link to a file is read.
+    #[cfg(unix)]
+    #[test]
+    fn links_to_folders_are_not_walked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::fs::create_dir_all(root.join("extra")).unwrap();
+        std::fs::write(root.join("data/train-0.parquet"), b"").unwrap();
+        std::fs::write(root.join("other.parquet"), b"").unwrap();
+        std::os::unix::fs::symlink("..", root.join("extra/up")).unwrap();
+        std::os::unix::fs::symlink(".", root.join("extra/self")).unwrap();
+        std::os::unix::fs::symlink("data", root.join("latest")).unwrap();
+        std::os::unix::fs::symlink("../other.parquet", root.join("data/linked.parquet")).unwrap();
+        let mut out = Vec::new();
+        list_matching(root, root, "**/*.parquet", &mut out).unwrap();
+        out.sort();
+        assert_eq!(
+            out,
+            [
+                root.join("data/linked.parquet"),
+                root.join("data/train-0.parquet")
+            ]
         );
     }
 
