@@ -316,6 +316,28 @@ pub mod fs {
         std::fs::rename(from, to).map_err(|e| Error::io("cannot rename into place", to, e))
     }
 
+    /// Gives `path` the mode a file created here gets, 0666 less the umask. safetensors' writer
+    /// makes its files 0600, so trained weights were unreadable to a teammate or to a serving
+    /// job under another user. The umask is read from `/proc/self/status` (Linux), as setting it
+    /// to read it would race other threads; where it cannot be read the mode is left as it is.
+    pub fn as_created(path: &Path) -> Result<()> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let umask = std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| {
+                    let line = s.lines().find(|l| l.starts_with("Umask:"))?;
+                    u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+                });
+            if let Some(umask) = umask {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask))
+                    .map_err(|e| Error::io("cannot set the permissions of", path, e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The temporary name a file is written under before it is renamed into place.
     pub fn tmp_path(path: &Path) -> std::path::PathBuf {
         let mut name = path.file_name().unwrap_or_default().to_os_string();

@@ -221,6 +221,15 @@ fn json_array(path: &Path, reader: impl Read, each: &mut dyn FnMut(Record) -> bo
     match de.deserialize_seq(Elements(each)).and_then(|()| de.end()) {
         Ok(()) => Ok(()),
         Err(e) if e.to_string().starts_with(STOPPED) => Ok(()),
+        // one row too deep fails the whole array: in JSON Lines it is one `bad_json` skip
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err(Error::schema(
+            path,
+            format!(
+                "a row nests deeper than 128 levels ({e}); a .json array is read as one value, \
+                 so one such row fails the file: write the rows as JSON Lines (one object a \
+                 line, named .jsonl), where it is one `bad_json` skip"
+            ),
+        )),
         Err(e) => Err(Error::schema(
             path,
             format!("not valid JSON ({e}); for one object a line, name it .jsonl"),
@@ -446,6 +455,24 @@ mod tests {
         assert_eq!(r.len(), 3);
         assert_eq!(r[1].fields.as_ref().unwrap_err(), &SkipReason::WrongType);
         assert!(Format::of(&dir.path().join("c.csv")).is_err());
+        // one row nested past serde's 128 levels fails an array whole: the error says so, and
+        // that JSON Lines would skip it (not "name it .jsonl" for a file that is an array)
+        std::fs::write(
+            &j,
+            format!(
+                "[{{\"a\":1}}, {{\"a\":{}1{}}}]",
+                "[".repeat(200),
+                "]".repeat(200)
+            ),
+        )
+        .unwrap();
+        let err = for_each(&j, 1 << 20, &|_| true, &mut |_| true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nests deeper than 128 levels") && err.contains("JSON Lines"),
+            "{err}"
+        );
     }
 
     #[test]

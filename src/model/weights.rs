@@ -178,7 +178,7 @@ pub fn load(files: &[PathBuf], dtype: DType, device: &Device) -> Result<HashMap<
             if let Some(at) = non_finite_at(&t)? {
                 return Err(Error::Model(format!(
                     "`{}`: tensor `{name}` ({:?}) holds a NaN or Inf at element {at}: the \
-                     checkpoint is damaged (re-download or re-convert it)",
+                     checkpoint is damaged{REFETCH}",
                     file.display(),
                     view.shape()
                 )));
@@ -209,18 +209,41 @@ pub fn hash_files(files: &[PathBuf]) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
+/// The way on from a damaged weights file of a model as downloaded or converted (a run's own
+/// checkpoint has another: `--resume` says it instead).
+pub const REFETCH: &str = " (re-download or re-convert it)";
+
 /// Writes named tensors as one safetensors file (temporary name, fsync, rename).
 pub fn save(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let cpu: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    fs::write_path_atomic(path, |tmp| Ok(candle_core::safetensors::save(&cpu, tmp)?))
+    fs::write_path_atomic(path, |tmp| {
+        candle_core::safetensors::save(&cpu, tmp)?;
+        fs::as_created(tmp)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Saved weights get the mode any file created here gets (0666 less the umask), not
+    /// safetensors' 0600: a teammate or a serving job under another user reads the policy.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn saved_weights_are_as_readable_as_other_outputs() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let other = tmp.path().join("config.json");
+        std::fs::write(&other, "{}").unwrap();
+        let path = tmp.path().join("model.safetensors");
+        let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        save(&HashMap::from([("w".to_string(), t)]), &path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&other));
+    }
 
     #[test]
     fn an_index_naming_a_path_out_of_the_folder_is_refused() {

@@ -159,6 +159,25 @@ fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
         err.contains("is NaN at step") && err.contains("this run has saved no checkpoint"),
         "{err}"
     );
+    // Before the first update the learning rate cannot be the cause (and clipping is on): the
+    // hint names β, which scales the loss's gradient past f32.
+    let err = fails(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--overwrite",
+            "--set",
+            "train.beta=1e30",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("at step 1")
+            && err.contains("lower train.beta (1e30)")
+            && !err.contains("learning_rate"),
+        "{err}"
+    );
     // An update overflows the weights (a finite loss and norm before it; step 1 is warmup, at
     // rate 0): neither its checkpoint nor `final/` is written, and the error names the last good
     // checkpoint.
@@ -220,7 +239,7 @@ fn a_damaged_checkpoint_is_refused_by_name_on_resume() {
         edit(&mut v);
         std::fs::write(&path, v.to_string()).unwrap();
     };
-    let cases: [Case<'_>; 9] = [
+    let cases: [Case<'_>; 10] = [
         (
             "a weight of another shape",
             Box::new(|| {
@@ -244,6 +263,20 @@ fn a_damaged_checkpoint_is_refused_by_name_on_resume() {
                 edit("optimizer.safetensors", "step", t)
             }),
             &["optimizer.safetensors", "`step`", "-5"],
+        ),
+        (
+            "a NaN in a first moment (its own file's advice is for a downloaded model)",
+            Box::new(|| {
+                let t = candle_core::Tensor::full(f32::NAN, (64, 128), &cpu).unwrap();
+                edit("optimizer.safetensors", &format!("m.{weight}"), t)
+            }),
+            &[
+                "checkpoint `",
+                "is damaged",
+                "optimizer.safetensors",
+                "NaN",
+                "Delete it to resume",
+            ],
         ),
         (
             "an unreadable trainer state",
@@ -301,7 +334,10 @@ fn a_damaged_checkpoint_is_refused_by_name_on_resume() {
             tmp.path(),
         );
         assert!(
-            err.starts_with("error: ") && !err.contains("panicked") && !err.contains("0: "),
+            err.starts_with("error: ")
+                && !err.contains("panicked")
+                && !err.contains("stack backtrace")
+                && !err.contains("re-download"),
             "{what}: {err}"
         );
         for name in names {

@@ -283,10 +283,7 @@ impl<'a> Trainer<'a> {
             tokens += mb.tokens;
             let loss = self.train_micro(&mb, &mut grads, 1.0 / group as f64, &mut metrics)?;
             if !loss.is_finite() {
-                return Err(self.diverged(
-                    &format!("loss is {loss}"),
-                    "lower train.learning_rate, or set train.max_grad_norm",
-                ));
+                return Err(self.diverged(&format!("loss is {loss}"), &self.divergence_hint()));
             }
         }
         let learning_rate = optim::learning_rate(
@@ -303,7 +300,7 @@ impl<'a> Trainer<'a> {
         if !grad_norm.is_finite() {
             return Err(self.diverged(
                 &format!("gradient norm is {grad_norm}"),
-                "lower train.learning_rate or set train.max_grad_norm",
+                &self.divergence_hint(),
             ));
         }
         Ok(StepReport {
@@ -317,6 +314,33 @@ impl<'a> Trainer<'a> {
 
     /// The error for a non-finite loss or gradient in the step under way: it names this run's
     /// last good checkpoint.
+    /// What to change for a loss or gradient that is not finite. Before the first update the
+    /// policy is the model as loaded, so the learning rate cannot be the cause: the loss's own
+    /// scales are (or the weights). The norm is taken before clipping, so clipping that is on
+    /// does not help.
+    fn divergence_hint(&self) -> String {
+        let t = &self.cfg.train;
+        // 1e30 as 1e30, not thirty-one digits
+        let shown = |x: f64| match x.abs() {
+            a if a >= 1e6 => format!("{x:e}"),
+            _ => x.to_string(),
+        };
+        if self.state.global_step == 0 {
+            return format!(
+                "no update has been made yet, so the learning rate is not the cause: lower \
+                 train.beta ({}) or the loss's other scales (train.rpo_alpha {}, \
+                 train.loss_weights), or check the model's weights",
+                shown(t.beta),
+                shown(t.rpo_alpha)
+            );
+        }
+        if t.max_grad_norm > 0.0 {
+            "lower train.learning_rate".into()
+        } else {
+            "lower train.learning_rate, or set train.max_grad_norm".into()
+        }
+    }
+
     fn diverged(&self, what: &str, hint: &str) -> Error {
         self.diverged_at(self.state.global_step + 1, what, hint)
     }

@@ -35,7 +35,7 @@ impl Trainer<'_> {
         };
         // said before the checkpoint is read: a changed `train.lora` is why it would not fit
         self.warn_changed_config();
-        let w = checkpoint::load_trained(&dir, &self.device)?;
+        let w = checkpoint::load_trained(&dir, &self.device).map_err(|e| damaged(&dir, e))?;
         for (name, var) in self.policy.names.iter().zip(&self.policy.vars) {
             let saved = w.get(name).ok_or_else(|| {
                 Error::Train(format!(
@@ -57,7 +57,9 @@ impl Trainer<'_> {
             }
             var.set(&saved.to_dtype(var.dtype())?)?;
         }
-        self.optim.load(&self.policy, &RunDir::optimizer(&dir))?;
+        self.optim
+            .load(&self.policy, &RunDir::optimizer(&dir))
+            .map_err(|e| damaged(&dir, e))?;
         self.state = TrainerState {
             max_steps: self.state.max_steps,
             ..saved
@@ -142,10 +144,17 @@ impl Trainer<'_> {
         } else {
             return Ok(());
         };
-        Err(Error::Train(format!(
-            "checkpoint `{}` is damaged: {why}. Delete it to resume from an earlier checkpoint, \
-             or train without --resume (with --overwrite).",
-            dir.display()
-        )))
+        Err(damaged(dir, why))
     }
+}
+
+/// A checkpoint that cannot be resumed from, with the way on: one of its files is damaged (a
+/// weights file's own advice is for a downloaded model, not a run's checkpoint).
+fn damaged(dir: &std::path::Path, why: impl std::fmt::Display) -> Error {
+    let why = why.to_string().replace(crate::model::weights::REFETCH, "");
+    Error::Train(format!(
+        "checkpoint `{}` is damaged: {why}. Delete it to resume from an earlier checkpoint, or \
+         train without --resume (with --overwrite).",
+        dir.display()
+    ))
 }
