@@ -59,7 +59,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("cache", &["error", "config", "dirs"]),
     ("model", &["error", "config", "profile", "rng"]),
     ("data", &["error", "config", "hub", "model", "rng"]),
-    ("tokenize", &["error", "config", "data"]),
+    ("tokenize", &["error", "config", "data", "profile"]),
     (
         "logprobs",
         &["error", "config", "model", "profile", "tokenize"],
