@@ -138,19 +138,19 @@ pub fn token_logps_lse(
             lses.push(lse);
             continue;
         }
+        // [len, V] logits in f32, through Gemma 2's final soft cap where it has one
         let logits = rows.narrow(0, start, len)?.matmul(&lm_head.t()?)?;
-        if cap.is_none() && cpu::logits::covers(&logits) {
-            // one pass per row on the CPU, in SIMD lanes (no graph: training's forward of the
-            // log-probs too, whose backward is [`token_logps_backward`])
+        let logits = softcap(logits.to_dtype(DType::F32)?, cap)?;
+        if cpu::logits::covers(&logits) {
+            // one pass per row on the CPU, in SIMD lanes summed in f64 (no graph: training's
+            // forward of the log-probs too, whose backward is [`token_logps_backward`])
             let (lp, lse) = cpu::logits::logp_lse(&logits, &tgt)?;
             logps.push(lp);
             lses.push(lse);
             continue;
         }
-        // [len, V] logits in f32; log p(target) = logit[target] − lse, lse = max + log Σ
-        // exp(logit − max), without writing a second [len, V] tensor for the log-softmax.
-        let logits = logits.to_dtype(DType::F32)?;
-        let logits = softcap(logits, cap)?;
+        // log p(target) = logit[target] − lse, lse = max + log Σ exp(logit − max), without
+        // writing a second [len, V] tensor for the log-softmax.
         let max = logits.max_keepdim(D::Minus1)?; // [len, 1]
         let lse = (logits
             .broadcast_sub(&max)?
