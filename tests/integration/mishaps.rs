@@ -141,37 +141,23 @@ fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
             )),
         "{err}"
     );
+    // A new run over this one with `sets`: its error.
+    let overwrite = |sets: &[&str]| {
+        let mut args = vec!["train", "--config", cfg_s, "--overwrite"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        fails(&args, tmp.path())
+    };
     // A new run into the same directory (it must be asked for) has no checkpoint of its own.
-    let err = fails(
-        &[
-            "train",
-            "--config",
-            cfg_s,
-            "--overwrite",
-            "--set",
-            "train.learning_rate=1e30",
-            "--set",
-            "train.save_every=10",
-        ],
-        tmp.path(),
-    );
+    let err = overwrite(&["train.learning_rate=1e30", "train.save_every=10"]);
     assert!(
         err.contains("is NaN at step") && err.contains("this run has saved no checkpoint"),
         "{err}"
     );
     // Before the first update the learning rate cannot be the cause (and clipping is on): the
     // hint names β, which scales the loss's gradient past f32.
-    let err = fails(
-        &[
-            "train",
-            "--config",
-            cfg_s,
-            "--overwrite",
-            "--set",
-            "train.beta=1e30",
-        ],
-        tmp.path(),
-    );
+    let err = overwrite(&["train.beta=1e30"]);
     assert!(
         err.contains("at step 1")
             && err.contains("lower train.beta (1e30)")
@@ -181,23 +167,12 @@ fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
     // An update overflows the weights (a finite loss and norm before it; step 1 is warmup, at
     // rate 0): neither its checkpoint nor `final/` is written, and the error names the last good
     // checkpoint.
-    let err = fails(
-        &[
-            "train",
-            "--config",
-            cfg_s,
-            "--overwrite",
-            "--set",
-            "train.max_steps=3",
-            "--set",
-            "train.save_every=1",
-            "--set",
-            "train.learning_rate=3e38",
-            "--set",
-            "train.weight_decay=0.01",
-        ],
-        tmp.path(),
-    );
+    let err = overwrite(&[
+        "train.max_steps=3",
+        "train.save_every=1",
+        "train.learning_rate=3e38",
+        "train.weight_decay=0.01",
+    ]);
     assert!(
         err.contains("the update made `")
             && err.contains("NaN or Inf (nothing of it is saved) at step 2")
