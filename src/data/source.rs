@@ -90,7 +90,7 @@ impl DataSource {
             return 0;
         }
         let mut files = Vec::new();
-        let _ = list_matching(&self.dir, &self.dir, &pattern(&self.cfg, test), &mut files);
+        let _ = list_matching(&self.dir, &pattern(&self.cfg, test), &mut files);
         files.len()
     }
 
@@ -104,7 +104,7 @@ impl DataSource {
         }
         let pattern = pattern(&self.cfg, split);
         let mut files = Vec::new();
-        list_matching(&self.dir, &self.dir, &pattern, &mut files)?;
+        list_matching(&self.dir, &pattern, &mut files)?;
         files.sort();
         if files.is_empty() {
             return Err(Error::schema(
@@ -334,17 +334,33 @@ fn pattern(cfg: &DatasetConfig, split: &str) -> String {
         .unwrap_or_else(|| format!("data/{split}-*.parquet"))
 }
 
-/// Files under `dir` whose path relative to `root` matches `pattern`. As `datasets` resolves a
-/// pattern, a link to a folder is not followed (a link back up walked the tree without end, a
-/// `latest -> data` alias read every file twice); a link to a file is read. A pattern without
-/// `**` is matched no deeper than its own folders.
-fn list_matching(root: &Path, dir: &Path, pattern: &str, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Files under `root` whose path relative to it matches `pattern`, found as `datasets`
+/// (fsspec's glob) finds them: from the pattern's literal folders (`data/` of
+/// `data/train-*.parquet`, entered even where it is a link), through real folders only below
+/// them: a link back up walked the tree without end, and a `latest -> data` alias read every
+/// file twice. A link to a file is read. A pattern without `**` goes no deeper than its folders.
+fn list_matching(root: &Path, pattern: &str, out: &mut Vec<PathBuf>) -> Result<()> {
+    let parts: Vec<&str> = pattern.trim_start_matches("./").split('/').collect();
+    let literal = parts[..parts.len() - 1]
+        .iter()
+        .take_while(|c| !c.is_empty() && !c.contains(['*', '?']) && !matches!(**c, "." | ".."))
+        .fold(root.to_path_buf(), |dir, c| dir.join(c));
+    let max_depth = (!pattern.contains("**")).then(|| pattern.matches('/').count());
+    walk(root, &literal, pattern, max_depth, out)
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    pattern: &str,
+    max_depth: Option<usize>,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if dir == root => return Err(Error::io("cannot list", dir, e)),
         Err(_) => return Ok(()),
     };
-    let max_depth = (!pattern.contains("**")).then(|| pattern.matches('/').count());
     for entry in entries.flatten() {
         let path = entry.path();
         let rel = path.strip_prefix(root).unwrap_or(&path);
@@ -355,7 +371,7 @@ fn list_matching(root: &Path, dir: &Path, pattern: &str, out: &mut Vec<PathBuf>)
         };
         if kind.is_dir() {
             if !rel.starts_with('.') && max_depth.is_none_or(|d| depth <= d) {
-                list_matching(root, &path, pattern, out)?;
+                walk(root, &path, pattern, max_depth, out)?;
             }
         } else if !(kind.is_symlink() && path.is_dir()) && glob_match(pattern, &rel) {
             out.push(path);
@@ -439,8 +455,9 @@ mod tests {
         assert!(started.elapsed().as_secs_f64() < 0.5);
     }
 
-    /// Links to folders are not followed, as `datasets` resolves patterns: a link back up walked
-    /// the tree without end, an alias read each file twice. A link to a file is read.
+    /// Links to folders below a pattern's own folders are not followed, as `datasets` resolves
+    /// patterns: a link back up walked the tree without end, an alias read each file twice. A
+    /// link to a file is read.
     #[cfg(unix)]
     #[test]
     fn links_to_folders_are_not_walked() {
@@ -454,16 +471,26 @@ mod tests {
         std::os::unix::fs::symlink(".", root.join("extra/self")).unwrap();
         std::os::unix::fs::symlink("data", root.join("latest")).unwrap();
         std::os::unix::fs::symlink("../other.parquet", root.join("data/linked.parquet")).unwrap();
-        let mut out = Vec::new();
-        list_matching(root, root, "**/*.parquet", &mut out).unwrap();
-        out.sort();
+        let matching = |pattern: &str| {
+            let mut out = Vec::new();
+            list_matching(root, pattern, &mut out).unwrap();
+            out.sort();
+            out
+        };
         assert_eq!(
-            out,
+            matching("**/*.parquet"),
             [
                 root.join("data/linked.parquet"),
                 root.join("data/train-0.parquet")
             ]
         );
+        // a pattern's own folders are entered even where they are links, as fsspec's glob
+        // starts from them: a `data` folder linked from elsewhere is read
+        assert_eq!(
+            matching("latest/train-*.parquet"),
+            [root.join("latest/train-0.parquet")]
+        );
+        assert_eq!(matching("data/*.parquet").len(), 2);
     }
 
     #[test]
