@@ -259,7 +259,7 @@ fn backward_by_vocab_chunks(
                 let z = rows.matmul(&w.t()?)?.to_dtype(DType::F32)?; // [N, len]
                 let (logits, tanh) = match cap {
                     Some(c) => {
-                        let t = (&z / c)?.tanh()?;
+                        let t = softcap::tanh_over(&z, c)?;
                         ((&t * c)?, Some(t))
                     }
                     None => (z, None),

@@ -478,7 +478,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
         if let Some(cap) = self.softcap {
-            scores = ((scores / cap)?.tanh()? * cap)?;
+            scores = (super::softcap::tanh_over(&scores, cap)? * cap)?;
         }
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
         let probs = match mode {

@@ -79,7 +79,7 @@ pub fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: Params) -> Resu
     };
     let mut s = (q.matmul(&repeat(k)?.t()?)? * f64::from(p.scale))?;
     if let Some(cap) = p.softcap {
-        s = ((s / f64::from(cap))?.tanh()? * f64::from(cap))?;
+        s = (crate::model::softcap::tanh_over(&s, f64::from(cap))? * f64::from(cap))?;
     }
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| {
