@@ -62,7 +62,8 @@ thread_local! {
 pub fn cap_thread(bytes: usize, seconds: u64, what: &'static str) -> ThreadCap {
     let before = CAP.with(Cell::get);
     let cap = Cap {
-        limit: bytes.max(MIN_CAP),
+        // at most isize::MAX: `live` is compared as isize (usize::MAX would read as -1)
+        limit: bytes.clamp(MIN_CAP, isize::MAX as usize),
         live: 0,
         seconds,
         until: Instant::now() + Duration::from_secs(seconds),
@@ -197,4 +198,24 @@ pub fn live() -> usize {
 /// The high-water mark since the last call, which restarts it from the bytes live now.
 pub fn take_peak() -> usize {
     PEAK.swap(LIVE.load(Relaxed), Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No limit (usize::MAX, a template without an output bound) is no cap, not a cap of -1
+    /// bytes: a thread under it allocates as any other. (The library's tests run without the
+    /// counting allocator, so `on_thread` is called here by hand.)
+    #[test]
+    fn an_unbounded_cap_never_stops_the_thread() {
+        let _cap = cap_thread(usize::MAX, 3600, "test");
+        on_thread(1 << 20);
+        on_thread(-(1 << 20));
+        let cap = CAP.with(Cell::get).expect("the cap is in force");
+        assert_eq!(
+            (cap.limit, cap.live, cap.allocs),
+            (isize::MAX as usize, 0, 1)
+        );
+    }
 }
