@@ -47,7 +47,7 @@ impl RmsNorm {
         }
         if self.scale_in_f32 {
             let xf = x.to_dtype(DType::F32)?;
-            let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+            let ms = mean_last(&xf.sqr()?)?;
             let normed = xf.broadcast_div(&(ms + f64::from(self.eps))?.sqrt()?)?;
             return Ok(normed.broadcast_mul(&self.weight)?.to_dtype(x.dtype())?);
         }
@@ -56,6 +56,14 @@ impl RmsNorm {
             _ => rms_norm_composed(x, &self.weight, self.eps)?,
         })
     }
+}
+
+/// The mean over the last dimension, the sum divided by its length as torch divides: candle's
+/// `mean_keepdim` and `x / f64` multiply by the length's rounded reciprocal, which scales every
+/// row's mean the same way (the pattern that put Gemma 2's soft-capped log-probs on one side).
+fn mean_last(x: &Tensor) -> Result<Tensor> {
+    let n = Tensor::new(x.dim(D::Minus1)? as f64, x.device())?.to_dtype(x.dtype())?;
+    Ok(x.sum_keepdim(D::Minus1)?.broadcast_div(&n)?)
 }
 
 /// candle-nn's `rms_norm_slow`, op for op, but the scale by `w` as one node whose weight
@@ -67,9 +75,51 @@ fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
         DType::F16 | DType::BF16 => DType::F32,
         d => d,
     };
-    let hidden = x.dim(D::Minus1)?;
     let xi = x.to_dtype(internal)?;
-    let ms = (xi.sqr()?.sum_keepdim(D::Minus1)? / hidden as f64)?;
+    let ms = mean_last(&xi.sqr()?)?;
     let normed = xi.broadcast_div(&(ms + f64::from(eps))?.sqrt()?)?;
     Ok(row_ops::scale_rows(&normed.to_dtype(dtype)?, w)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Each row's mean is its sum divided by the length, as torch's `mean` divides, not the sum
+    /// times the length's rounded reciprocal (which `mean_keepdim` gives on some rows here).
+    #[test]
+    fn the_mean_divides_by_the_length() {
+        let (rows, h) = (64, 96);
+        let xs: Vec<f32> = (0..rows * h)
+            .map(|i| ((i * 7919) % 1000) as f32 / 37.0)
+            .collect();
+        let x = Tensor::from_vec(xs, (rows, h), &Device::Cpu).unwrap();
+        let sums: Vec<f32> = x
+            .sum_keepdim(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = sums.iter().map(|s| s / h as f32).collect();
+        let got: Vec<f32> = mean_last(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got, want);
+        let reciprocal: Vec<f32> = x
+            .mean_keepdim(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_ne!(
+            reciprocal, want,
+            "candle's mean is the multiply this replaces"
+        );
+    }
 }
