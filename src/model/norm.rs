@@ -95,28 +95,11 @@ mod tests {
             .map(|i| ((i * 7919) % 1000) as f32 / 37.0)
             .collect();
         let x = Tensor::from_vec(xs, (rows, h), &Device::Cpu).unwrap();
-        let sums: Vec<f32> = x
-            .sum_keepdim(D::Minus1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let values = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let sums = values(x.sum_keepdim(D::Minus1).unwrap());
         let want: Vec<f32> = sums.iter().map(|s| s / h as f32).collect();
-        let got: Vec<f32> = mean_last(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(got, want);
-        let reciprocal: Vec<f32> = x
-            .mean_keepdim(D::Minus1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        assert_eq!(values(mean_last(&x).unwrap()), want);
+        let reciprocal = values(x.mean_keepdim(D::Minus1).unwrap());
         assert_ne!(
             reciprocal, want,
             "candle's mean is the multiply this replaces"
