@@ -2,9 +2,9 @@
 // `fused/launch.rs`. Each kernel mirrors a CPU implementation in `fused/*.rs` loop for loop (the
 // tests hold those to the composed candle ops), and this very source also runs on the CPU
 // (`emulator/`: built by the host's C++ compiler, held to torch, checked for shared-memory races
-// under ThreadSanitizer); every reduction accumulates in f32, and a result
-// is rounded to the compute dtype where transformers rounds it. Element counts are 32-bit: the
-// callers keep every tensor below 2^31 elements.
+// under ThreadSanitizer); every reduction accumulates in f32 (a vocabulary row's sum of exps in
+// f64), and a result is rounded to the compute dtype where transformers rounds it. Element counts
+// are 32-bit: the callers keep every tensor below 2^31 elements.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -45,27 +45,31 @@ __device__ float block_sum(float v) {
     return warp_sum(v);
 }
 
-// Online softmax state (running max m, sum s of exp(x - m)) merged with another.
-__device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
+// Online softmax state (running max m, sum s of exp(x - m) in S) merged with another. S is f32 for
+// a row of attention scores, f64 for a vocabulary row: there the thread holding the row's top
+// logit has s near 1 and would drop, in f32, every exp(x − m) below 2^-25, so the log-sum-exp
+// came out low on every row (a one-sided error, measured on real SmolLM2-135M logits; BENCHMARKS.md).
+template <typename S> __device__ __forceinline__ void merge(float &m, S &s, float m2, S s2) {
     const float mx = fmaxf(m, m2);
     if (mx == -INFINITY) return; // both empty
-    s = s * expf(m - mx) + s2 * expf(m2 - mx);
+    s = s * (S)expf(m - mx) + s2 * (S)expf(m2 - mx);
     m = mx;
 }
 
-__device__ __forceinline__ void push(float &m, float &s, float v) {
+template <typename S> __device__ __forceinline__ void push(float &m, S &s, float v) {
     if (v == -INFINITY) return; // adds exp(−inf) = 0; and −inf − −inf would be NaN
     if (v > m) {
-        s = s * expf(m - v) + 1.f;
+        s = s * (S)expf(m - v) + (S)1;
         m = v;
     } else {
-        s += expf(v - m);
+        s += (S)expf(v - m);
     }
 }
 
 // The block's (max, sum of exp(x - max)) in every thread.
-__device__ void block_max_sum(float &m, float &s) {
-    __shared__ float pm[32], ps[32];
+template <typename S> __device__ void block_max_sum(float &m, S &s) {
+    __shared__ float pm[32];
+    __shared__ S ps[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int o = 16; o > 0; o >>= 1)
         merge(m, s, __shfl_xor_sync(FULL_MASK, m, o), __shfl_xor_sync(FULL_MASK, s, o));
@@ -77,7 +81,7 @@ __device__ void block_max_sum(float &m, float &s) {
     __syncthreads();
     const bool live = lane < (int)(blockDim.x >> 5);
     m = live ? pm[lane] : -INFINITY;
-    s = live ? ps[lane] : 0.f;
+    s = live ? ps[lane] : (S)0;
     for (int o = 16; o > 0; o >>= 1)
         merge(m, s, __shfl_xor_sync(FULL_MASK, m, o), __shfl_xor_sync(FULL_MASK, s, o));
 }
@@ -207,14 +211,15 @@ __device__ void swiglu_bwd(const T *gate, const T *up, const T *dy, T *out, uint
 template <typename T>
 __device__ void logp_lse(const T *z, const uint32_t *target, float *out, uint32_t n, uint32_t v) {
     const size_t at = (size_t)blockIdx.x * v;
-    float m = -INFINITY, s = 0.f;
+    float m = -INFINITY;
+    double s = 0.0;
     for (uint32_t j = threadIdx.x; j < v; j += blockDim.x) push(m, s, load(z, at + j));
     block_max_sum(m, s);
     if (threadIdx.x == 0) {
-        const float lse = m + logf(s);
+        const double lse = (double)m + log(s);
         const uint32_t t = target[blockIdx.x];
-        out[blockIdx.x] = t < v ? load(z, at + t) - lse : NAN;
-        out[n + blockIdx.x] = lse;
+        out[blockIdx.x] = t < v ? (float)((double)load(z, at + t) - lse) : NAN;
+        out[n + blockIdx.x] = (float)lse;
     }
 }
 

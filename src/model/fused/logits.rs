@@ -27,9 +27,15 @@ fn logp_lse<T: Elem>(z: &[T], targets: &[u32], v: usize) -> Vec<f32> {
         .par_chunks(v)
         .zip(targets)
         .map(|(zr, &t)| {
+            // The exps summed in f64, as the kernel does: in f32 the top logit's share drops
+            // every term below half an ulp of 1, and the log-sum-exp comes out low.
             let m = zr.iter().fold(f32::NEG_INFINITY, |a, b| a.max(b.f()));
-            let lse = m + zr.iter().map(|x| (x.f() - m).exp()).sum::<f32>().ln();
-            (zr.get(t as usize).map_or(f32::NAN, |x| x.f() - lse), lse)
+            let s: f64 = zr.iter().map(|x| f64::from((x.f() - m).exp())).sum();
+            let lse = f64::from(m) + s.ln();
+            let logp = zr
+                .get(t as usize)
+                .map_or(f32::NAN, |x| (f64::from(x.f()) - lse) as f32);
+            (logp, lse as f32)
         })
         .collect();
     let (mut out, lses): (Vec<f32>, Vec<f32>) = rows.into_iter().unzip();
@@ -215,5 +221,28 @@ mod tests {
             .apply_op2_no_bwd(&Tensor::new(&[3u32], &dev).unwrap(), &LogpLse)
             .unwrap();
         assert!(out.get(0).unwrap().to_vec1::<f32>().unwrap()[0].is_nan());
+    }
+
+    #[test]
+    fn a_vocabularys_small_terms_are_kept() {
+        // One logit of 0 and 49,151 of -16.7: each exp(-16.7) is below half an f32 ulp of 1, so an
+        // f32 sum after the top term drops them all (the log-sum-exp 2.7e-3 low).
+        let v = 49_152;
+        let mut row = vec![-16.7f32; v];
+        row[0] = 0.0;
+        let z = Tensor::from_vec(row, (1, v), &Device::Cpu).unwrap();
+        let t = Tensor::new(&[0u32], &Device::Cpu).unwrap();
+        let out = z
+            .apply_op2_no_bwd(&t, &LogpLse)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let exact = ((v - 1) as f64 * f64::from(-16.7f32).exp()).ln_1p();
+        assert!(
+            (f64::from(out[1][0]) - exact).abs() < 1e-8,
+            "{} vs {exact}",
+            out[1][0]
+        );
+        assert!((f64::from(out[0][0]) + exact).abs() < 1e-8);
     }
 }

@@ -23,7 +23,7 @@ namespace {
 
 std::unique_ptr<std::barrier<>> block_barrier;
 std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-std::vector<float> shfl_slots;
+std::vector<double> shfl_slots; // a float lane's value widened exactly
 
 template <typename... A, std::size_t... I>
 void call(void (*k)(A...), void **args, std::index_sequence<I...>) {
@@ -63,12 +63,12 @@ const std::vector<Entry> &kernels() {
 
 void __syncthreads() { block_barrier->arrive_and_wait(); }
 
-float emu_shfl_xor(float v, int lane_mask) {
+double emu_shfl_xor(double v, int lane_mask) {
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float *slot = &shfl_slots[warp * 32];
+    double *slot = &shfl_slots[warp * 32];
     slot[lane] = v;
     warp_barriers[warp]->arrive_and_wait();
-    const float other = slot[lane ^ (unsigned)lane_mask];
+    const double other = slot[lane ^ (unsigned)lane_mask];
     warp_barriers[warp]->arrive_and_wait(); // every lane has read before the next write
     return other;
 }
@@ -94,7 +94,7 @@ int emu_launch(const char *name, unsigned grid, unsigned block, void **args) {
     warp_barriers.clear();
     for (unsigned w = 0; w < block / 32; ++w)
         warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-    shfl_slots.assign(block, 0.f);
+    shfl_slots.assign(block, 0.0);
     std::vector<std::thread> threads;
     for (unsigned t = 0; t < block; ++t)
         threads.emplace_back([k, t, grid, args] {

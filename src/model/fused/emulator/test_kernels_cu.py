@@ -279,6 +279,27 @@ def test_logp_lse(emu, suffix, v, block):
     assert out[0][2].isnan()
 
 
+@pytest.mark.parametrize("block", [None, 32])
+def test_logp_lse_keeps_a_vocabularys_small_terms(emu, block):
+    """One logit of 0 and 49,151 of -16.7: each exp(-16.7) = 5.6e-8 is below half an f32 ulp of the
+    top thread's running sum (about 1), so summing in f32 dropped that thread's share (47 terms at
+    a block of 1,024, 1,535 at 32) and the log-sum-exp came out low, on every row alike. In f64
+    the sum keeps them: the log-sum-exp is within a twentieth of that loss of the exact one."""
+    v = 49_152
+    z = torch.full((2, v), -16.7)
+    z[0, 0] = 0.0
+    z[1, v - 1] = 0.0  # the top logit in the last thread's share
+    target = torch.tensor([0, 5], dtype=torch.int32)
+    out = nan_like((2, 2), torch.float32)
+    emu.launch("logp_lse_f32", 2, block or row_threads(v), z, target, out, U32(2), U32(v))
+    lse = torch.logsumexp(z.double(), -1)
+    dropped = 47 * math.exp(-16.7)  # the least the f32 sum lost (block 1,024)
+    assert (out[1].double() - lse).abs().max() < dropped / 20, (out[1].double() - lse, dropped)
+    logp = z.double().gather(-1, target.long()[:, None])[:, 0] - lse
+    half_ulp = logp.abs() * 2 ** -24  # the log-prob's own rounding to f32
+    assert ((out[0].double() - logp).abs() <= half_ulp + dropped / 20).all()
+
+
 @pytest.mark.parametrize("suffix", DTYPES)
 @pytest.mark.parametrize("launch", ["rust", "small grid"])
 def test_logp_grad(emu, suffix, launch):

@@ -29,9 +29,14 @@ extern thread_local uint3 threadIdx, blockIdx;
 extern uint3 blockDim, gridDim;
 
 void __syncthreads();
-float emu_shfl_xor(float v, int lane_mask);
+double emu_shfl_xor(double v, int lane_mask);
 
+// A float travels widened to double and back, which keeps every value (NaNs as NaNs).
 inline float __shfl_xor_sync(unsigned /*mask: the kernels pass the full warp*/, float v, int o) {
+    return (float)emu_shfl_xor(v, o);
+}
+
+inline double __shfl_xor_sync(unsigned /*mask: the kernels pass the full warp*/, double v, int o) {
     return emu_shfl_xor(v, o);
 }
 
