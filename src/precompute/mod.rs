@@ -7,26 +7,25 @@
 //! Ctrl-C or SIGTERM while scoring stops at the next batch, keeping the finished chunks.
 
 mod report;
+mod scorer;
 mod state;
 
-use crate::cache::{self, CacheRow, Fingerprint, MappedCache};
+use crate::cache::{self, Fingerprint, MappedCache};
 use crate::config::Config;
 use crate::data::{self, DataSource, PreferenceRow, Skipped};
 use crate::dirs::CacheDir;
 use crate::error::{fs, Error, Result};
 use crate::inputs::Inputs;
-use crate::logprobs;
 use crate::model::Transformer;
 use crate::outputs::{DirLock, Existing};
-use crate::progress::Progress;
 use crate::signals::StopRequest;
 use crate::tokenize::{window, TokenizedPair};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use report::{describe, update_report, Report, SplitReport};
+use scorer::{chunk_path, Scorer};
 use state::{cache_state, claim_split, partial_dir, CacheState};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// One split (or this process's shard of it), read and tokenized once, ready to score: counts,
@@ -400,206 +399,6 @@ fn sequence_tokens(p: &TokenizedPair, cfg: &Config) -> usize {
     let (pc, c) = window(&p.prompt_ids, &p.chosen_ids, l, t);
     let (pr, r) = window(&p.prompt_ids, &p.rejected_ids, l, t);
     pc.len() + c.len() + pr.len() + r.len()
-}
-
-/// Whether a finished chunk holds exactly these pairs, in this order: their source rows and ids.
-fn holds(chunk: &MappedCache, pairs: &[TokenizedPair]) -> bool {
-    chunk.len() == pairs.len()
-        && pairs.iter().enumerate().all(|(i, p)| {
-            let r = chunk.to_row(i);
-            r.row == p.row
-                && r.prompt_ids == p.prompt_ids
-                && r.chosen_ids == p.chosen_ids
-                && r.rejected_ids == p.rejected_ids
-        })
-}
-
-fn chunk_path(partial: &Path, c: usize) -> PathBuf {
-    CacheDir::chunk(partial, c)
-}
-
-/// The reference model, where the pairs come from, and how to batch them.
-struct Scorer<'a> {
-    scoring: &'a Scoring<'a>,
-    model: &'a Transformer,
-}
-
-impl Scorer<'_> {
-    /// Streams the split's pairs again and scores every chunk of this shard not yet on disk;
-    /// returns how many were already there (resumed). One chunk of pairs is in memory at a time.
-    /// A stop request ends it at the next batch: an error saying which chunks are kept.
-    fn score_chunks(&self, split: &Prepared, partial: &Path) -> Result<usize> {
-        let Scoring {
-            cfg,
-            source,
-            inputs,
-            quiet,
-            ..
-        } = *self.scoring;
-        let fp = &split.fingerprint;
-        let fp_path = CacheDir::partial_fingerprint(partial);
-        if partial.exists() {
-            let same = crate::error::fs::read_to_string(&fp_path).is_ok_and(|t| t == fp.to_json());
-            if !same {
-                std::fs::remove_dir_all(partial)
-                    .map_err(|e| Error::io("cannot remove stale", partial, e))?;
-            }
-        }
-        fs::create_dir_all(partial)?;
-        fs::write_atomic(&fp_path, fp.to_json().as_bytes())?;
-        let progress = Progress::new(
-            split.pairs.len() as u64,
-            &format!("precompute {}", split.stem),
-            quiet,
-        );
-        let size = cfg.precompute.chunk_pairs;
-        let chunks = split.pairs.len().div_ceil(size);
-        // room for one chunk, or the whole split where that is smaller (`chunk_pairs` may be huge)
-        let room = size.min(split.pairs.len());
-        let (mut resumed, mut chunk, mut buf) = (0, 0, Vec::with_capacity(room));
-        // the index of the next kept pair among the split's (the shard's first from its first row)
-        let mut k = split.pairs.start;
-        let mut finish = |buf: &mut Vec<TokenizedPair>| -> Result<()> {
-            let path = chunk_path(partial, chunk);
-            chunk += 1;
-            // A chunk that does not verify (a torn or corrupted file) or holds other pairs (another
-            // `chunk_pairs`, a file copied over it) is scored again.
-            if MappedCache::open(&path).is_ok_and(|m| m.fingerprint == *fp && holds(&m, buf)) {
-                resumed += 1;
-                progress.inc(buf.len() as u64);
-            } else {
-                let Some(rows) = self.score_chunk(buf, &progress)? else {
-                    progress.finish();
-                    return Err(stopped(&split.stem, chunk - 1, chunks, partial));
-                };
-                cache::ipc::write(&path, &rows, fp)?;
-            }
-            buf.clear();
-            Ok(())
-        };
-        if !split.pairs.is_empty() {
-            for_each_pair(
-                cfg,
-                source,
-                inputs,
-                &split.name,
-                split.first_row,
-                &mut |r| {
-                    let Ok(pair) = r else { return Ok(true) };
-                    buf.push(pair);
-                    k += 1;
-                    if buf.len() == size || k == split.pairs.end {
-                        finish(&mut buf)?;
-                    }
-                    Ok(k < split.pairs.end)
-                },
-            )?;
-        }
-        progress.finish();
-        if k != split.pairs.end {
-            return Err(Error::Schema {
-                path: source.files(&split.name)?[0].clone(),
-                msg: format!(
-                    "split `{}` gave {} pairs on the second read, {} on the first: did its files \
-                     change while stage one ran?",
-                    split.name,
-                    k - split.pairs.start,
-                    split.pairs.len()
-                ),
-            });
-        }
-        Ok(resumed)
-    }
-
-    /// A pair whose reference log-prob is NaN or infinite: never cached, an error naming it.
-    fn non_finite(&self, p: &TokenizedPair, (c, r): (f64, f64)) -> Error {
-        let dtype = self.scoring.cfg.model.dtype.candle();
-        let hint = match crate::inputs::compute_dtype(dtype, self.scoring.device) {
-            DType::F16 => {
-                " f16 ends at 65504, the likely cause: set `model.dtype = \"bf16\"` (or \"f32\")"
-            }
-            DType::F32 => {
-                " The weights are finite, so the forward overflowed even in f32: some weights are \
-                 far too large (check the model's largest magnitudes)"
-            }
-            _ => " The weights are finite, so the forward overflowed: try `model.dtype = \"f32\"`",
-        };
-        Error::Model(format!(
-            "source row {} (prompt_id {}): the reference log-probs are {c} (chosen) and {r} \
-             (rejected), not finite numbers, so no cache is written.{hint}",
-            p.row, p.prompt_id
-        ))
-    }
-
-    /// Scores one chunk in length-bucketed batches; rows come back in source order. None: a stop
-    /// was requested before the chunk was done.
-    fn score_chunk(
-        &self,
-        pairs: &[TokenizedPair],
-        progress: &Progress,
-    ) -> Result<Option<Vec<CacheRow>>> {
-        let Scoring {
-            cfg, device, stop, ..
-        } = *self.scoring;
-        let (l, t) = (cfg.tokenize.max_length, cfg.tokenize.truncation);
-        let mut order: Vec<usize> = (0..pairs.len()).collect();
-        // Longest first, so padding is small and the largest batch (peak memory) comes first.
-        order.sort_by_cached_key(|&i| std::cmp::Reverse(sequence_tokens(&pairs[i], cfg)));
-        let mut logps = vec![(0.0, 0.0); pairs.len()];
-        for batch in order.chunks(cfg.precompute.batch_size) {
-            if stop.requested() {
-                return Ok(None);
-            }
-            let ids: Vec<_> = batch
-                .iter()
-                .map(|&i| {
-                    let p = &pairs[i];
-                    (
-                        p.prompt_ids.as_slice(),
-                        p.chosen_ids.as_slice(),
-                        p.rejected_ids.as_slice(),
-                    )
-                })
-                .collect();
-            let scores = logprobs::score_pairs(self.model, &ids, l, t, device)?;
-            for (&i, s) in batch.iter().zip(scores) {
-                if !(s.0.is_finite() && s.1.is_finite()) {
-                    return Err(self.non_finite(&pairs[i], s));
-                }
-                logps[i] = s;
-            }
-            progress.inc(batch.len() as u64);
-        }
-        Ok(Some(
-            pairs
-                .iter()
-                .zip(logps)
-                .map(|(p, (c, r))| CacheRow {
-                    prompt_id: p.prompt_id.clone(),
-                    row: p.row,
-                    prompt_ids: p.prompt_ids.clone(),
-                    chosen_ids: p.chosen_ids.clone(),
-                    rejected_ids: p.rejected_ids.clone(),
-                    ref_chosen_logps: c,
-                    ref_rejected_logps: r,
-                    score_chosen: p.score_chosen,
-                    score_rejected: p.score_rejected,
-                    chosen_truncated: p.chosen_truncated,
-                    rejected_truncated: p.rejected_truncated,
-                })
-                .collect(),
-        ))
-    }
-}
-
-/// After Ctrl-C / SIGTERM while scoring chunk `at` (0-based) of `chunks`: what is kept.
-fn stopped(stem: &str, at: usize, chunks: usize, partial: &Path) -> Error {
-    Error::Interrupted(format!(
-        "stopped while scoring chunk {} of {chunks} of `{stem}`; the {at} finished before it are \
-         kept in {}: run the same `refdpo precompute` to go on from there",
-        at + 1,
-        partial.display()
-    ))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod bounds;
 pub mod pairs;
+mod python;
 pub mod template;
 
 pub use pairs::{window, PairTokenizer, SkipReason, TokenizedPair};
