@@ -121,16 +121,18 @@ kernels-cpu:
 DEVICE ?= cpu
 STAGE ?= precompute
 MODELS ?= qwen2-0.5b,qwen2-1.5b,smollm2-1.7b
+# On the CPU, `make bench REFDPO=path/to/refdpo` measures that binary instead of building one.
+BENCH_BIN = $(if $(filter command line environment,$(origin REFDPO)),REFDPO_BIN="$(REFDPO)")
 bench:
 ifeq ($(DEVICE),cuda)
 	python3 bench/gpu.py $(STAGE) --models $(MODELS)
 else
-	bash bench/run.sh
+	$(BENCH_BIN) bash bench/run.sh
 endif
 
 # Stage one with the real SmolLM2-135M-Instruct on the CPU against transformers' forward alone
 bench-real:
-	bash bench/stage_one_real.sh
+	$(BENCH_BIN) bash bench/stage_one_real.sh
 
 # Regenerate the TRL/transformers fixtures (needs pip; see tests/fixtures/README.md).
 fixtures:  # needs tests/fixtures/requirements.txt installed

@@ -10,7 +10,8 @@
 #              64 new tokens, batches of 8, decoding tokens/s and identical continuations
 # Knobs: THREADS (2), PAIRS (32 per split), MAXLEN (512), PROFILE (dev: dependencies — candle's
 # kernels included — are always optimized; `release` also optimizes refdpo's own crate),
-# PYTHON (an interpreter that already has bench/requirements.txt; else bench/.venv is made).
+# PYTHON (an interpreter that already has bench/requirements.txt; else bench/.venv is made),
+# REFDPO_BIN (a built refdpo binary to measure instead of building one: `make bench REFDPO=...`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
@@ -36,8 +37,12 @@ rm -rf "$W"
 mkdir -p "$W" bench/results
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 "$PY" bench/make_model.py "$W/model" --preset cpu-bench
-cargo build --profile "$PROFILE" --quiet --bin refdpo
-REFDPO=(cargo run --profile "$PROFILE" --quiet --bin refdpo --)
+if [ -n "${REFDPO_BIN:-}" ]; then
+  REFDPO=("$REFDPO_BIN")
+else
+  cargo build --profile "$PROFILE" --quiet --bin refdpo
+  REFDPO=(cargo run --profile "$PROFILE" --quiet --bin refdpo --)
+fi
 cat > "$W/bench.toml" <<TOML
 [dataset]
 id = "$REAL/ultrafeedback_binarized_sample"

@@ -6,7 +6,8 @@
 # The model is SmolLM2-135M-Instruct as scripts/real_smollm2.py makes it (from its PyPI GGUF).
 # Knobs: THREADS (2), PAIRS (32 per split), MAXLEN (512), PROFILE (release), PYTHON (an
 # interpreter with torch, transformers and gguf; else tests/python/install.sh's venv),
-# ARGS (more `refdpo precompute` flags, e.g. --profile). refdpo runs twice: as it scores by default
+# ARGS (more `refdpo precompute` flags, e.g. --profile), REFDPO_BIN (a built refdpo binary to
+# measure instead of building one: `make bench-real REFDPO=...`). refdpo runs twice: as it scores by default
 # (each pair's prompt computed once) and with REFDPO_SHARE_PROMPTS=0 (every sequence whole, as the
 # peer computes it); the ratio is the first's.
 set -euo pipefail
@@ -28,7 +29,12 @@ W=bench/work-real
 rm -rf "$W"
 mkdir -p "$W" bench/results
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
-cargo build --profile "$PROFILE" --quiet --bin refdpo
+if [ -n "${REFDPO_BIN:-}" ]; then
+  REFDPO=("$REFDPO_BIN")
+else
+  cargo build --profile "$PROFILE" --quiet --bin refdpo
+  REFDPO=(cargo run --profile "$PROFILE" --quiet --bin refdpo --)
+fi
 cat > "$W/bench.toml" <<TOML
 [dataset]
 id = "$REAL/ultrafeedback_binarized_sample"
@@ -44,11 +50,11 @@ out = "$W/cache"
 TOML
 sed -e "s#$W/cache#$W/cache-whole#" "$W/bench.toml" > "$W/whole.toml"
 echo "== refdpo precompute (whole process: load, tokenize, forward, write)"
-ours=$("$PY" bench/measure.py -- cargo run --profile "$PROFILE" --quiet --bin refdpo -- \
+ours=$("$PY" bench/measure.py -- "${REFDPO[@]}" \
   precompute --config "$W/bench.toml" --quiet ${ARGS:-})
 echo "== the same, every sequence whole (REFDPO_SHARE_PROMPTS=0)"
-whole=$(REFDPO_SHARE_PROMPTS=0 "$PY" bench/measure.py -- cargo run --profile "$PROFILE" --quiet \
-  --bin refdpo -- precompute --config "$W/whole.toml" --quiet ${ARGS:-})
+whole=$(REFDPO_SHARE_PROMPTS=0 "$PY" bench/measure.py -- "${REFDPO[@]}" \
+  precompute --config "$W/whole.toml" --quiet ${ARGS:-})
 peers=()
 for batch in 1 8; do
   echo "== transformers forward + log-probs, batch $batch"

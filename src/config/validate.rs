@@ -179,42 +179,42 @@ impl Config {
                 self.model.dtype.as_str()
             )));
         }
-        if lora.enabled() {
-            in_range(
-                "train.lora.alpha",
-                lora.alpha,
-                positive(lora.alpha),
-                "a finite number > 0",
-            )?;
-            in_range(
-                "train.lora.dropout",
-                lora.dropout,
-                unit(lora.dropout),
-                "in [0, 1)",
-            )?;
-            if let TargetModules::Names(names) = &lora.target_modules {
-                if names.is_empty() {
-                    return Err(Error::Config(
-                        "`train.lora.target_modules` is an empty list: name projections \
-                         (e.g. [\"q_proj\", \"v_proj\"]) or use \"all-linear\"."
-                            .into(),
-                    ));
-                }
-                if let Some(bad) = names.iter().find(|n| !PROJECTIONS.contains(&n.as_str())) {
-                    // `--set 'train.lora.target_modules=[q_proj,v_proj]'` is no TOML list
-                    let quoting = match bad.starts_with('[') {
-                        true => {
-                            " A --set value is read as TOML: quote the names, --set \
-                                 'train.lora.target_modules=[\"q_proj\", \"v_proj\"]'."
-                        }
-                        false => "",
-                    };
-                    return Err(Error::Config(format!(
-                        "`train.lora.target_modules` names `{bad}`, which is not a projection \
-                         refdpo adapts; choose from {} or \"all-linear\".{quoting}",
-                        PROJECTIONS.join(", ")
-                    )));
-                }
+        // Checked with LoRA off too (`r` = 0), as every other key: a bad value is a mistake
+        // whether or not it acts yet, and the run's saved config.toml keeps it.
+        in_range(
+            "train.lora.alpha",
+            lora.alpha,
+            positive(lora.alpha),
+            "a finite number > 0",
+        )?;
+        in_range(
+            "train.lora.dropout",
+            lora.dropout,
+            unit(lora.dropout),
+            "in [0, 1)",
+        )?;
+        if let TargetModules::Names(names) = &lora.target_modules {
+            if names.is_empty() {
+                return Err(Error::Config(
+                    "`train.lora.target_modules` is an empty list: name projections \
+                     (e.g. [\"q_proj\", \"v_proj\"]) or use \"all-linear\"."
+                        .into(),
+                ));
+            }
+            if let Some(bad) = names.iter().find(|n| !PROJECTIONS.contains(&n.as_str())) {
+                // `--set 'train.lora.target_modules=[q_proj,v_proj]'` is no TOML list
+                let quoting = match bad.starts_with('[') {
+                    true => {
+                        " A --set value is read as TOML: quote the names, --set \
+                             'train.lora.target_modules=[\"q_proj\", \"v_proj\"]'."
+                    }
+                    false => "",
+                };
+                return Err(Error::Config(format!(
+                    "`train.lora.target_modules` names `{bad}`, which is not a projection \
+                     refdpo adapts; choose from {} or \"all-linear\".{quoting}",
+                    PROJECTIONS.join(", ")
+                )));
             }
         }
         in_range(
@@ -410,7 +410,7 @@ mod tests {
     }
 
     #[test]
-    fn lora_settings_are_checked_when_lora_is_on() {
+    fn lora_settings_are_checked_on_and_off() {
         for (sets, key) in [
             (
                 &["train.lora.r=8", "train.lora.alpha=0.0"][..],
@@ -445,7 +445,12 @@ mod tests {
         assert!(!c.train.lora.target_modules.includes("o_proj"));
         let c = with(&["train.lora.r=8"]).unwrap();
         assert_eq!(c.train.lora.target_modules, TargetModules::AllLinear);
-        // off: nothing else is looked at
-        with(&["train.lora.alpha=0.0"]).unwrap();
+        // off (r = 0): still checked
+        let err = with(&["train.lora.alpha=0.0"]).unwrap_err().to_string();
+        assert!(err.contains("`train.lora.alpha`"), "{err}");
+        let err = with(&["train.lora.target_modules=[\"foo\"]"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`train.lora.target_modules`"), "{err}");
     }
 }
