@@ -303,6 +303,10 @@ pub mod fs {
 
     fn commit(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let tmp = tmp_path(path);
+        // Held until the rename is done: a second process writing the same path is refused
+        // instead of writing into the same temporary (the one that renamed it could publish
+        // the other's bytes, or a mix of both).
+        let _held = hold(&tmp, path)?;
         let result = write(&tmp)
             .map_err(|e| e.writing(path))
             .and_then(|()| rename(&tmp, path));
@@ -310,6 +314,49 @@ pub mod fs {
             let _ = std::fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// An exclusive lock on the temporary `tmp` (created empty if missing) that `path` is written
+    /// under. One left by a process that is gone is taken over (the OS released its lock); one
+    /// held by a live process is an error naming `path`. The lock is on the file's inode, so a
+    /// file that was renamed into place between opening and locking is let go and `tmp` opened
+    /// again. Writers truncate the held file in place; safetensors replaces it with its own
+    /// temporary, so weights are written only inside a locked directory (a cache, a run, a
+    /// merge's output).
+    fn hold(tmp: &Path, path: &Path) -> Result<File> {
+        use fs4::FileExt;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        for _ in 0..8 {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(tmp)
+                .map_err(|e| Error::io("cannot create", tmp, e))?;
+            match FileExt::try_lock(&file) {
+                Ok(()) => {}
+                Err(fs4::TryLockError::WouldBlock) => {
+                    return Err(Error::Locked {
+                        path: path.to_path_buf(),
+                        msg: format!(
+                            "another refdpo process is writing it (through {}); wait for it to \
+                             end, or write elsewhere",
+                            tmp.display()
+                        ),
+                    })
+                }
+                Err(fs4::TryLockError::Error(e)) => return Err(Error::io("cannot lock", tmp, e)),
+            }
+            let same = |m: std::fs::Metadata| file.metadata().is_ok_and(|f| f.ino() == m.ino());
+            if std::fs::symlink_metadata(tmp).is_ok_and(same) {
+                return Ok(file);
+            }
+        }
+        Err(Error::Locked {
+            path: path.to_path_buf(),
+            msg: format!("{} keeps being replaced by another process", tmp.display()),
+        })
     }
 
     pub fn rename(from: &Path, to: &Path) -> Result<()> {
@@ -348,6 +395,37 @@ pub mod fs {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_file_being_written_by_another_process_is_refused() {
+        use fs4::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("judge.jsonl");
+        let tmp = super::fs::tmp_path(&out);
+        // another writer: its own open file description holds the temporary
+        let other = std::fs::File::create(&tmp).unwrap();
+        FileExt::try_lock(&other).unwrap();
+        let err = super::fs::write_atomic(&out, b"mine")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is in use") && err.contains("judge.jsonl.tmp"),
+            "{err}"
+        );
+        assert!(!out.exists());
+        // gone (a killed process: the OS released its lock): its leftover is taken over
+        std::fs::write(&tmp, b"a killed writer's longer leftover").unwrap();
+        drop(other);
+        super::fs::write_atomic(&out, b"mine").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"mine");
+        assert!(!tmp.exists());
+        // never through a link at the temporary's name
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        std::os::unix::fs::symlink(&target, &tmp).unwrap();
+        assert!(super::fs::write_atomic(&out, b"other").is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    }
+
     #[test]
     fn long_lines_are_clipped_by_characters() {
         let line = "é".repeat(10);

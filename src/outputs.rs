@@ -29,11 +29,16 @@ pub struct DirLock {
 }
 
 impl DirLock {
+    /// The lock file's name in the directory it holds.
+    pub fn file_name(what: &str) -> String {
+        format!(".refdpo-{what}.lock")
+    }
+
     /// Creates `dir` and takes `<dir>/.refdpo-<what>.lock`. Held by a live process: refused at
     /// once, naming its pid. Left by a process that is gone: taken over (the OS released it).
     pub fn acquire(dir: &Path, what: &str) -> Result<Self> {
         fs::create_dir_all(dir)?;
-        let path = dir.join(format!(".refdpo-{what}.lock"));
+        let path = dir.join(Self::file_name(what));
         // Never through a symlink (it would overwrite its target with a pid), and only a
         // regular file: O_NOFOLLOW fails on a link, and a pipe or device is refused below.
         let mut file = std::fs::OpenOptions::new()

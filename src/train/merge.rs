@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::error::{fs, Error, Result};
 use crate::inputs::ModelSource;
 use crate::model::lora;
+use crate::outputs::{self, DirLock};
 use candle_core::Device;
 use std::path::Path;
 
@@ -132,15 +133,25 @@ pub fn merge(
     let base = resolve_base(adapter, base, revision)?;
     let (_, tensors) =
         checkpoint::load_model(adapter, &base, candle_core::DType::F32, &Device::Cpu)?;
+    // One merge into `out` at a time: its temporary folder holds a lock, so a second merge is
+    // refused instead of writing into the same folder (whichever renamed it could publish the
+    // other's weights). The lock moves with the folder and is removed once it is in place.
     let tmp = fs::tmp_path(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("cannot remove", &tmp, e))?;
+    let lock = DirLock::acquire(&tmp, "merge")?;
+    let lock_name = DirLock::file_name("merge");
+    // what a killed merge left
+    for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io("cannot read", &tmp, e))? {
+        let entry = entry.map_err(|e| Error::io("cannot read", &tmp, e))?;
+        if entry.file_name() != lock_name.as_str() {
+            outputs::remove(&entry.path())?;
+        }
     }
-    fs::create_dir_all(&tmp)?;
     checkpoint::write_model(&tmp, &tensors, &base.dir)?;
     if out.exists() {
         std::fs::remove_dir(out).map_err(|e| Error::io("cannot replace", out, e))?;
     }
     fs::rename(&tmp, out)?;
+    let _ = std::fs::remove_file(out.join(&lock_name));
+    drop(lock);
     Ok(base)
 }

@@ -79,6 +79,35 @@ fn demo_lora_trains_merges_and_reports() {
         tmp.path(),
     );
     assert!(merged.join("config.json").exists());
+    assert!(
+        !merged.join(".refdpo-merge.lock").exists(),
+        "the lock stays behind"
+    );
+    // a second merge into one --out while the first writes is refused (a helper once found the
+    // one that exited 0 publishing the other's weights); a killed merge's leftovers are cleared
+    let second = tmp.path().join("merged2");
+    let tmp_dir = tmp.path().join("merged2.tmp");
+    let held = refdpo::outputs::DirLock::acquire(&tmp_dir, "merge").unwrap();
+    std::fs::write(tmp_dir.join("model.safetensors"), b"half-written").unwrap();
+    let second_s = second.display().to_string();
+    let err = super::common::fails(
+        &["merge", "--adapter", &final_s, "--out", &second_s],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("is in use") && err.contains("refdpo merge"),
+        "{err}"
+    );
+    drop(held);
+    ok(
+        &["merge", "--adapter", &final_s, "--out", &second_s],
+        tmp.path(),
+    );
+    assert_eq!(
+        std::fs::read(second.join("model.safetensors")).unwrap(),
+        std::fs::read(merged.join("model.safetensors")).unwrap()
+    );
+    assert!(!tmp_dir.exists());
     // never into the adapter's own folder (it would read as the checkpoint's weights)
     let inside = run.join("final/sub").display().to_string();
     let err = super::common::fails(
