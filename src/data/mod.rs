@@ -5,6 +5,7 @@ pub mod demo;
 pub mod layout;
 pub mod records;
 pub mod source;
+pub mod stamp;
 
 use serde::{Deserialize, Serialize};
 

@@ -23,7 +23,7 @@ use crate::tokenize::{window, TokenizedPair};
 use candle_core::Device;
 use report::{describe, update_report, Report, SplitReport};
 use scorer::{chunk_path, Scorer};
-use state::{cache_state, claim_split, partial_dir, CacheState};
+use state::{cache_state, claim_split, open_partial, partial_dir, CacheState};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -47,6 +47,8 @@ struct Prepared {
     fingerprint: Fingerprint,
     /// Reading and tokenizing it.
     prepare_seconds: f64,
+    /// Its files' stamps, taken before they were hashed: compared once it is scored.
+    stamps: Vec<(std::path::PathBuf, data::stamp::FileStamp)>,
 }
 
 /// Rows tokenized at once (in parallel) while a split streams through.
@@ -150,6 +152,13 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     for split in &prepared {
         claim_split(out, split, existing)?;
     }
+    for split in &prepared {
+        // (files that are there but stale or torn are found when the split is scored, and a
+        // reader refuses them meanwhile)
+        if !(dir.parquet(&split.stem).exists() && dir.arrow(&split.stem).exists()) {
+            open_partial(&partial_dir(out, &split.stem), &split.fingerprint)?;
+        }
+    }
     // From here on, a stop request ends scoring at the next batch with the finished chunks kept.
     let stop = StopRequest::install()?;
     // Loaded on first use: a cache that is already up to date needs no model.
@@ -188,6 +197,7 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
     // One pass keeps, per kept pair, its source row and token count; and the skips.
     let (mut kept_rows, mut kept_tokens, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     // the data files' hashes (the fingerprint's record of the data), beside the reading pass
+    let stamps = data::stamp::stamps(&source.files(split)?)?;
     let (data_sha256, total_read) = std::thread::scope(|scope| {
         let hashing = scope.spawn(|| source.hash_files(split));
         let read = for_each_pair(cfg, source, inputs, split, 0, &mut |r| {
@@ -203,6 +213,7 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
         (hashing.join().expect("hashing does not panic"), read)
     });
     let (data_sha256, total_read) = (data_sha256?, total_read?);
+    data::stamp::unchanged(&stamps)?;
     let all_pairs = kept_rows.len();
     if all_pairs == 0 {
         let mut dropped = BTreeMap::new();
@@ -281,6 +292,7 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
         skipped,
         fingerprint,
         prepare_seconds: started.elapsed().as_secs_f64(),
+        stamps,
     })
 }
 
@@ -351,6 +363,8 @@ fn score_split(
         let scoring_started = Instant::now();
         let scorer = Scorer { scoring, model };
         resumed = scorer.score_chunks(&split, &partial)?;
+        // what was scored is what was hashed
+        data::stamp::unchanged(&split.stamps)?;
         score_seconds = scoring_started.elapsed().as_secs_f64();
         // the final files from the chunk files, a few thousand rows in memory at a time
         let chunks = split.pairs.len().div_ceil(cfg.precompute.chunk_pairs);

@@ -2,10 +2,11 @@
 //! pairs not yet on disk put through the reference model and written under the split's partial
 //! folder, a finished chunk checked to hold exactly the pairs it should before it is reused.
 
+use super::state::open_partial;
 use super::{for_each_pair, sequence_tokens, Prepared, Scoring};
 use crate::cache::{self, CacheRow, MappedCache};
 use crate::dirs::CacheDir;
-use crate::error::{fs, Error, Result};
+use crate::error::{Error, Result};
 use crate::logprobs;
 use crate::model::Transformer;
 use crate::progress::Progress;
@@ -48,16 +49,7 @@ impl Scorer<'_> {
             ..
         } = *self.scoring;
         let fp = &split.fingerprint;
-        let fp_path = CacheDir::partial_fingerprint(partial);
-        if partial.exists() {
-            let same = crate::error::fs::read_to_string(&fp_path).is_ok_and(|t| t == fp.to_json());
-            if !same {
-                std::fs::remove_dir_all(partial)
-                    .map_err(|e| Error::io("cannot remove stale", partial, e))?;
-            }
-        }
-        fs::create_dir_all(partial)?;
-        fs::write_atomic(&fp_path, fp.to_json().as_bytes())?;
+        open_partial(partial, fp)?;
         let progress = Progress::new(
             split.pairs.len() as u64,
             &format!("precompute {}", split.stem),

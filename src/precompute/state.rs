@@ -71,6 +71,23 @@ pub(super) fn partial_dir(out: &Path, split: &str) -> PathBuf {
     CacheDir::new(out).partial(split)
 }
 
+/// The folder of a split's finished chunks, for these inputs: kept if it was made for them
+/// (an interrupted run's), else emptied. Made for every split to score before the first is
+/// scored, so that a run stopped between splits leaves the next one visibly unfinished (train
+/// refuses it) rather than absent (a cache without that split).
+pub(super) fn open_partial(partial: &Path, fp: &Fingerprint) -> Result<()> {
+    let fp_path = CacheDir::partial_fingerprint(partial);
+    if partial.exists() {
+        let same = crate::error::fs::read_to_string(&fp_path).is_ok_and(|t| t == fp.to_json());
+        if !same {
+            std::fs::remove_dir_all(partial)
+                .map_err(|e| Error::io("cannot remove stale", partial, e))?;
+        }
+    }
+    crate::error::fs::create_dir_all(partial)?;
+    crate::error::fs::write_atomic(&fp_path, fp.to_json().as_bytes())
+}
+
 /// What a split's cache files hold, against the fingerprint this config expects.
 pub(super) enum CacheState {
     /// Neither file.
@@ -163,6 +180,7 @@ mod tests {
             skipped: Vec::new(),
             fingerprint,
             prepare_seconds: 0.0,
+            stamps: Vec::new(),
         }
     }
 

@@ -105,8 +105,17 @@ fn killed_precompute_resumes_to_identical_outputs() {
     for k in [0, 2, 3] {
         spawn_and_kill_after(&chunk("train_prefs", k));
     }
+    // every split to score is begun before the first is scored: a run stopped between splits
+    // leaves the next one unfinished, not absent
+    assert!(out.join(".partial-test_prefs/fingerprint.json").exists());
     // This run finishes the train split from the 4 chunks on disk, then dies in the test split.
     spawn_and_kill_after(&chunk("test_prefs", 0));
+    // training on it is refused (it once trained without evaluation, with only a note)
+    let err = fails(&["train", "--config", cfg_s], tmp.path());
+    assert!(
+        err.contains("has not finished the `test_prefs` split"),
+        "{err}"
+    );
     let report = read_json(&out.join("report.json"));
     let resumed = report["train_prefs"]["resumed_chunks"].as_u64().unwrap();
     assert!(

@@ -83,6 +83,16 @@ impl<'a> Trainer<'a> {
         }
         let test = if cache::shards::files(cache_dir, &cfg.dataset.test_split, "arrow")?.is_some() {
             Some(open(&cfg.dataset.test_split)?)
+        } else if let Some(partial) = unfinished(cache_dir, &cfg.dataset.test_split) {
+            // stage one stopped before this split was done: not a cache without one
+            return Err(Error::StaleCache {
+                path: partial,
+                msg: format!(
+                    "stage one has not finished the `{}` split (its finished chunks are here): \
+                     run the same `refdpo precompute` to finish it, then train",
+                    cfg.dataset.test_split
+                ),
+            });
         } else {
             None
         };
@@ -569,4 +579,19 @@ struct LogWindow {
     tokens: usize,
     seconds: f64,
     steps: usize,
+}
+
+/// A split stage one has begun and not finished in `cache_dir`: its `.partial-<split>` folder (or
+/// a shard's, `.partial-<split>.shard-<i>-of-<n>`).
+fn unfinished(cache_dir: &std::path::Path, split: &str) -> Option<PathBuf> {
+    let whole = crate::dirs::CacheDir::new(cache_dir).partial(split);
+    let name = whole.file_name()?.to_str()?.to_string();
+    let shard = format!("{name}.shard-");
+    std::fs::read_dir(cache_dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            p.is_dir() && (n == name || n.starts_with(&shard))
+        })
 }
