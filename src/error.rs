@@ -200,6 +200,17 @@ pub fn clip_lines(text: &str, max: usize) -> String {
 }
 
 /// Small helpers for file I/O that keep the path in the error.
+/// `eprintln!` that never panics: a line stderr cannot take (a full disk, a closed pipe) is
+/// dropped, as there is nowhere else to say it, and the command goes on. `eprintln!` panicked
+/// there, so every command exited 101 before doing any work.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+pub(crate) use note;
+
 pub mod fs {
     use super::{Error, Result};
     use std::fs::File;

@@ -8,6 +8,10 @@
 //! use, all of them earlier in the list, so the graph has no cycle by construction. A test reads
 //! every `crate::…` path in the sources and fails on an edge the table does not allow.
 
+// Messages on stderr go through `error::note!`: `eprintln!` panics when stderr cannot be written (on
+// a full disk, a closed pipe), which made every command exit 101 before doing any work.
+#![deny(clippy::print_stderr)]
+
 pub mod cache;
 pub mod charts;
 pub mod cli;

@@ -11,7 +11,10 @@ fn main() -> std::process::ExitCode {
     match refdpo::run::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!(
+            // not eprintln!, which panics where stderr cannot be written
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
                 "error: {}",
                 refdpo::error::clip_lines(&format!("{err:#}"), 2000)
             );

@@ -264,7 +264,7 @@ static NOTES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 pub fn note_once(msg: String) {
     let mut notes = NOTES.lock().unwrap_or_else(|e| e.into_inner());
     if !notes.contains(&msg) {
-        eprintln!("note: {msg}");
+        crate::error::note!("note: {msg}");
         notes.push(msg);
     }
 }

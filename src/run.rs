@@ -154,7 +154,7 @@ fn device_name(device: &Device) -> String {
 /// Where a run computes: the first thing it says (on stderr).
 fn announce(command: &str, device: &Device, quiet: bool) {
     if !quiet {
-        eprintln!("refdpo {command} on {}", device_name(device));
+        crate::error::note!("refdpo {command} on {}", device_name(device));
     }
 }
 
@@ -180,7 +180,8 @@ fn profiled(on: bool, device: &Device, stage: impl FnOnce() -> Result<String>) -
     let table = crate::profile::report();
     sayln!("{}", summary?);
     if let Some(table) = table {
-        eprint!("{table}");
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), "{table}");
     }
     Ok(())
 }

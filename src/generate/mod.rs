@@ -77,7 +77,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
     let policy_step = opts.run.as_ref().and_then(|r| RunDir::new(r).final_step());
     let defaults = ModelDefaults::read(&inputs.model.dir, &inputs.tokenizer.tokenizer)?;
     if !defaults.unapplied.is_empty() {
-        eprintln!(
+        crate::error::note!(
             "warning: `{}` sets {}, which refdpo's generate does not apply: its continuations \
              may differ from transformers' generate",
             inputs.model.dir.join("generation_config.json").display(),

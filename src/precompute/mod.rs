@@ -124,18 +124,23 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     let (source, inputs) = Inputs::with_dataset(cfg, &splits)?;
     let mut splits = splits.to_vec();
     if source.replaced_test_files() > 0 {
-        eprintln!(
+        crate::error::note!(
             "warning: `{}` has its own `{}` split, which `dataset.test_size` = {} replaces with \
              rows held out of `{}`: leave `test_size` at 0 to evaluate on the published split",
-            cfg.dataset.id, cfg.dataset.test_split, cfg.dataset.test_size, cfg.dataset.train_split
+            cfg.dataset.id,
+            cfg.dataset.test_split,
+            cfg.dataset.test_size,
+            cfg.dataset.train_split
         );
     }
     if !source.has_split(&cfg.dataset.test_split) {
         if !quiet {
-            eprintln!(
+            crate::error::note!(
                 "no `{}` split in `{}`: no held-out evaluation. Set `dataset.test_size` (e.g. \
                  0.05) or `dataset.data_files.{}` for one",
-                cfg.dataset.test_split, cfg.dataset.id, cfg.dataset.test_split
+                cfg.dataset.test_split,
+                cfg.dataset.id,
+                cfg.dataset.test_split
             );
         }
         splits.pop();
@@ -348,7 +353,7 @@ fn score_split(
         CacheState::UpToDate => true,
         CacheState::Nothing => false,
         CacheState::Broken(why) => {
-            eprintln!("{name}: scoring again: {why}");
+            crate::error::note!("{name}: scoring again: {why}");
             false
         }
     };

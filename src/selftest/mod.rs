@@ -317,7 +317,7 @@ impl Search {
             return true;
         }
         if !self.ran_out.replace(true) {
-            eprintln!(
+            crate::error::note!(
                 "note: selftest: the search for the kernel behind failing model checks ran out \
                  of time; the families after it name none"
             );

@@ -108,7 +108,7 @@ pub fn run(opts: &StatsOptions) -> Result<String> {
                 Ok(()) => {
                     stats.generations = Some(crate::generate::Summary::of_read(&lines));
                 }
-                Err(e) => eprintln!("warning: generation lengths left out: {e}"),
+                Err(e) => crate::error::note!("warning: generation lengths left out: {e}"),
             }
         }
     }

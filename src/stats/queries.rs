@@ -274,7 +274,9 @@ impl Stats {
             let entry = match crate::cache::report::read(report) {
                 Ok(mut r) => r.remove(split),
                 Err(e) if report.exists() => {
-                    eprintln!("warning: {e:#}; the rows stage one skipped are not counted");
+                    crate::error::note!(
+                        "warning: {e:#}; the rows stage one skipped are not counted"
+                    );
                     None
                 }
                 Err(_) => None,

@@ -23,7 +23,7 @@ fn resolve_base(adapter: &Path, base: Option<&str>, revision: Option<&str>) -> R
         if let (Some(n), None) = (&named, own) {
             // PEFT merges into whatever base it is given too; a model of the same shapes but
             // other weights gives a wrong merged model, so say which was asked for
-            eprintln!(
+            crate::error::note!(
                 "note: the adapter names `{}` as its base (`base_model_name_or_path`); merging \
                  it into `{id}` as --base asks",
                 n.id

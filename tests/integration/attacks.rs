@@ -130,6 +130,39 @@ fn a_closed_stdout_ends_the_command_quietly() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// stderr on a full device (`2>/dev/full`): the command runs and exits as it would, its messages
+/// dropped; `eprintln!` used to panic there, so every command exited 101 before doing any work.
+#[test]
+fn a_full_stderr_drops_messages_not_the_command() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        eprintln!("skipped: no /dev/full on this machine");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let status = |args: &[&str], err: std::fs::File| {
+        Command::new(env!("CARGO_BIN_EXE_refdpo"))
+            .args(args)
+            .current_dir(tmp.path())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .status()
+            .unwrap()
+            .code()
+    };
+    // an error (exit 1) and a run that writes a line on stderr ("refdpo precompute on cpu…")
+    let missing = status(
+        &["stats", "--cache", "no-such-cache"],
+        full.try_clone().unwrap(),
+    );
+    assert_eq!(missing, Some(1));
+    let cfg = demo_config(tmp.path(), "");
+    assert_eq!(
+        status(&["precompute", "--config", cfg.to_str().unwrap()], full),
+        Some(0)
+    );
+    assert!(tmp.path().join("cache/train_prefs.arrow").exists());
+}
+
 #[test]
 fn files_that_are_not_files_are_refused_at_once() {
     let tmp = tempfile::tempdir().unwrap();

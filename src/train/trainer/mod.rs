@@ -64,7 +64,7 @@ impl<'a> Trainer<'a> {
         let scored = train.cache.fingerprint.scoring;
         if scored != cache::fingerprint::SCORING {
             // not refused: a run begun on this cache may be resumed on it
-            eprintln!(
+            crate::error::note!(
                 "warning: `{}` was scored by other numerics than this build's (stage one's \
                  version {scored}, this build {}): the policy may not start exactly as that \
                  reference. For a new run, `refdpo precompute` scores it again.",
@@ -99,14 +99,14 @@ impl<'a> Trainer<'a> {
         // a test split of no pairs (stage one kept none of its rows) evaluates nothing
         let test = test.filter(|t: &Split| !t.is_empty());
         if test.is_none() && !quiet {
-            eprintln!(
+            crate::error::note!(
                 "note: the cache in {} holds no `{}` pairs: training without evaluation",
                 cache_dir.display(),
                 cfg.dataset.test_split
             );
         }
         if test.is_some() && cfg.dataset.test_split == cfg.dataset.train_split && !quiet {
-            eprintln!(
+            crate::error::note!(
                 "note: dataset.test_split is the train split (`{}`): the eval/ metrics score \
                  training pairs",
                 cfg.dataset.train_split

@@ -27,7 +27,7 @@ impl Trainer<'_> {
             // Steps logged by a run killed before its first checkpoint are trained again.
             self.log.truncate_after(0, true)?;
             // a warning, not progress: said under --quiet too
-            eprintln!(
+            crate::error::note!(
                 "warning: --resume: no checkpoint in {}, starting fresh from step 0",
                 out.display()
             );
@@ -69,7 +69,7 @@ impl Trainer<'_> {
         let last = self.state.global_step >= self.state.max_steps;
         self.log.truncate_after(self.state.global_step, last)?;
         if !self.quiet {
-            eprintln!(
+            crate::error::note!(
                 "resuming from {} (step {})",
                 dir.display(),
                 self.state.global_step
@@ -106,7 +106,7 @@ impl Trainer<'_> {
             .map(|(k, old, new)| format!("{k} {old} -> {new}"))
             .collect();
         if !changed.is_empty() {
-            eprintln!(
+            crate::error::note!(
                 "warning: resuming with settings other than the run began with ({}): the \
                  resumed run is not the one that would have run uninterrupted",
                 changed.join(", ")
