@@ -49,6 +49,13 @@ pub fn err(path: &Path) -> impl Fn(String) -> Error + '_ {
     }
 }
 
+/// Writes the chart `draw` makes (given the path to draw into) as every output is written: under
+/// a temporary name, renamed into `path` once whole, so a full disk leaves no truncated SVG
+/// there (nor replaces a good one).
+pub fn write(path: &Path, draw: impl FnOnce(&Path) -> Res) -> Result<()> {
+    crate::error::fs::write_path_atomic(path, |tmp| draw(tmp).map_err(err(path)))
+}
+
 /// A white canvas of `height` pixels (900 wide) drawing into `path`.
 pub fn canvas(path: &Path, height: u32) -> std::result::Result<Canvas<'_>, String> {
     let root = SVGBackend::new(path, (900, height)).into_drawing_area();
@@ -97,7 +104,7 @@ pub fn histogram(
     y_desc: &str,
     series: &[Values],
 ) -> Result<()> {
-    draw_histogram(path, title, x_desc, y_desc, series).map_err(err(path))
+    write(path, |p| draw_histogram(p, title, x_desc, y_desc, series))
 }
 
 fn draw_histogram(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Values]) -> Res {
@@ -148,4 +155,37 @@ fn draw_histogram(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: 
     }
     legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chart_that_fails_midway_leaves_the_last_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        std::fs::write(&path, "<svg>good</svg>").unwrap();
+        // the drawing writes part of its file, then fails (as a full disk does)
+        let err = write(&path, |p| {
+            std::fs::write(p, "<svg><line opacity=\"0.1\" stroke=\"#0").unwrap();
+            Err("No space left on device".into())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("loss.svg"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "<svg>good</svg>");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
+        // and a whole one replaces it
+        write(&path, |p| {
+            let root = canvas(p, 100)?;
+            root.present().map_err(e)
+        })
+        .unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().starts_with("<svg"));
+    }
 }

@@ -114,7 +114,7 @@ impl Error {
     /// Names the output file a writer error happened on (an I/O error names it already).
     pub fn writing(self, path: &std::path::Path) -> Self {
         match self {
-            e @ (Error::Io { .. } | Error::Write { .. }) => e,
+            e @ (Error::Io { .. } | Error::Write { .. } | Error::Plot { .. }) => e,
             // A writer's own I/O error: name the file, keep the OS's cause (full disk…).
             Error::Arrow(arrow::error::ArrowError::IoError(_, e))
             | Error::Candle(candle_core::Error::Io(e))

@@ -62,7 +62,10 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("outputs", &["error", "dirs"]),
     ("cache", &["error", "config", "dirs"]),
     ("model", &["error", "config", "profile", "rng"]),
-    ("data", &["error", "config", "hub", "model", "rng"]),
+    (
+        "data",
+        &["error", "config", "hub", "model", "outputs", "rng"],
+    ),
     ("tokenize", &["error", "config", "data", "profile"]),
     (
         "logprobs",

@@ -85,6 +85,54 @@ impl DirLock {
     }
 }
 
+/// An output folder being built under its temporary name (`<out>.tmp`) by this process alone: a
+/// lock inside it refuses a second writer (which would write into the same folder, so that
+/// whichever renamed it could publish the other's files); what a killed writer left is cleared.
+/// [`Building::publish`] renames it into place, the lock with it, and removes the lock file.
+#[derive(Debug)]
+pub struct Building {
+    dir: PathBuf,
+    what: &'static str,
+    lock: DirLock,
+}
+
+impl Building {
+    /// Takes `<out>.tmp` for `refdpo <what>`, emptied.
+    pub fn start(out: &Path, what: &'static str) -> Result<Self> {
+        let dir = fs::tmp_path(out);
+        let lock = DirLock::acquire(&dir, what)?;
+        let name = DirLock::file_name(what);
+        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io("cannot read", &dir, e))? {
+            let entry = entry.map_err(|e| Error::io("cannot read", &dir, e))?;
+            if entry.file_name() != name.as_str() {
+                remove(&entry.path())?;
+            }
+        }
+        Ok(Self { dir, what, lock })
+    }
+
+    /// The folder to write into.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Moves the finished folder to `out` (which must not exist, or be an empty folder).
+    pub fn publish(self, out: &Path) -> Result<()> {
+        if out.exists() {
+            std::fs::remove_dir(out).map_err(|e| Error::io("cannot replace", out, e))?;
+        }
+        fs::rename(&self.dir, out)?;
+        let _ = std::fs::remove_file(out.join(DirLock::file_name(self.what)));
+        drop(self.lock);
+        Ok(())
+    }
+
+    /// Gives the folder up, removing it (after an error: nothing is left behind).
+    pub fn abandon(self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// An `--out` file of JSON lines (`generate`, `judge`) must be named `*.jsonl`, and replaces an
 /// existing file only if that holds the command's own lines (`own` takes its first line): so a
 /// mistyped path cannot replace a cache, a checkpoint, a dataset or a run's `metrics.jsonl`.
@@ -96,7 +144,10 @@ pub fn check_jsonl_out(out: &Path, own: impl Fn(&str) -> bool) -> Result<()> {
             out.display()
         )))
     };
-    if out.extension().is_none_or(|e| e != "jsonl") || out.is_dir() {
+    if out.is_dir() {
+        return refuse("it is a directory; the output is a file of JSON lines");
+    }
+    if out.extension().is_none_or(|e| e != "jsonl") {
         return refuse("the output is JSON lines, so its name must end in `.jsonl`");
     }
     if out.exists() {

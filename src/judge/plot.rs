@@ -3,7 +3,7 @@
 //! length-controlled win rates.
 
 use super::report::Judgement;
-use crate::charts::{canvas, e, err, frame, legend, Res, CHOSEN, POLICY, REFERENCE};
+use crate::charts::{self, canvas, e, frame, legend, Res, CHOSEN, POLICY, REFERENCE};
 use crate::error::{fs, Result};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -15,8 +15,8 @@ pub fn write_all(dir: &Path, j: &Judgement) -> Result<Vec<PathBuf>> {
         dir.join("judge_reward_vs_length.svg"),
         dir.join("judge_win_rate_by_length.svg"),
     ];
-    gaps(&files[0], j).map_err(err(&files[0]))?;
-    quintiles(&files[1], j).map_err(err(&files[1]))?;
+    charts::write(&files[0], |p| gaps(p, j))?;
+    charts::write(&files[1], |p| quintiles(p, j))?;
     Ok(files)
 }
 

@@ -2,7 +2,7 @@
 //! longer answer's win rate per length-difference decile, and margin vs length difference.
 
 use super::queries::Stats;
-use crate::charts::{self, canvas, e, err, frame, legend, Res, CHOSEN, POLICY, REJECTED};
+use crate::charts::{self, canvas, e, frame, legend, Res, CHOSEN, POLICY, REJECTED};
 use crate::error::{fs, Result};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -16,8 +16,8 @@ pub fn write_all(dir: &Path, s: &Stats) -> Result<Vec<PathBuf>> {
         dir.join("margin_vs_length.svg"),
     ];
     lengths(&files[0], s)?;
-    win_rate(&files[1], s).map_err(err(&files[1]))?;
-    margins(&files[2], s).map_err(err(&files[2]))?;
+    charts::write(&files[1], |p| win_rate(p, s))?;
+    charts::write(&files[2], |p| margins(p, s))?;
     Ok(files)
 }
 

@@ -1,7 +1,7 @@
 //! `refdpo plot`: training and eval curves of one or more runs (their `metrics.jsonl`), overlaid
 //! run by run, one SVG per metric, so a sweep over one cache compares at a glance.
 
-use crate::charts::{canvas, e, err, frame, legend, Res, TAB10};
+use crate::charts::{self, canvas, e, frame, legend, Res, TAB10};
 use crate::dpo::Metric;
 use crate::error::{fs, Error, Result};
 use plotters::prelude::*;
@@ -64,7 +64,7 @@ pub fn plot(runs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
             continue;
         }
         let path = out.join(format!("{}.svg", metric.replace('/', "_")));
-        draw(&path, metric, &eval, &runs).map_err(err(&path))?;
+        charts::write(&path, |p| draw(p, metric, &eval, &runs))?;
         files.push(path);
     }
     Ok(files)

@@ -3,10 +3,10 @@
 
 use super::checkpoint;
 use crate::config::Config;
-use crate::error::{fs, Error, Result};
+use crate::error::{Error, Result};
 use crate::inputs::ModelSource;
 use crate::model::lora;
-use crate::outputs::{self, DirLock};
+use crate::outputs::Building;
 use candle_core::Device;
 use std::path::Path;
 
@@ -108,8 +108,13 @@ pub fn merge(
     }
     let occupied = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
     if occupied || out.is_file() {
+        let what = if occupied {
+            "is not empty"
+        } else {
+            "is a file"
+        };
         return Err(Error::Model(format!(
-            "`{}` is not empty: choose a new --out directory",
+            "`{}` {what}: choose a new --out directory",
             out.display()
         )));
     }
@@ -136,22 +141,11 @@ pub fn merge(
     // One merge into `out` at a time: its temporary folder holds a lock, so a second merge is
     // refused instead of writing into the same folder (whichever renamed it could publish the
     // other's weights). The lock moves with the folder and is removed once it is in place.
-    let tmp = fs::tmp_path(out);
-    let lock = DirLock::acquire(&tmp, "merge")?;
-    let lock_name = DirLock::file_name("merge");
-    // what a killed merge left
-    for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io("cannot read", &tmp, e))? {
-        let entry = entry.map_err(|e| Error::io("cannot read", &tmp, e))?;
-        if entry.file_name() != lock_name.as_str() {
-            outputs::remove(&entry.path())?;
-        }
+    let building = Building::start(out, "merge")?;
+    if let Err(e) = checkpoint::write_model(building.path(), &tensors, &base.dir) {
+        building.abandon(); // a full disk leaves nothing behind
+        return Err(e);
     }
-    checkpoint::write_model(&tmp, &tensors, &base.dir)?;
-    if out.exists() {
-        std::fs::remove_dir(out).map_err(|e| Error::io("cannot replace", out, e))?;
-    }
-    fs::rename(&tmp, out)?;
-    let _ = std::fs::remove_file(out.join(&lock_name));
-    drop(lock);
+    building.publish(out)?;
     Ok(base)
 }

@@ -13,6 +13,7 @@ pub mod reward;
 use crate::config::DemoConfig;
 use crate::error::{fs, Error, Result};
 use crate::model::init;
+use crate::outputs::Building;
 use crate::rng::SplitMix;
 use arrow::array::{ArrayRef, Float64Array, ListArray, RecordBatch, StringArray, StructArray};
 use arrow::buffer::OffsetBuffer;
@@ -325,15 +326,45 @@ pub fn ensure(cfg: &DemoConfig) -> Result<()> {
     let stamp = json!({"generator": GENERATOR_VERSION, "seed": cfg.seed,
                        "train_rows": cfg.train_rows, "test_rows": cfg.test_rows});
     let stamp_path = cfg.dir.join("demo.json");
-    if crate::error::fs::read_to_string(&stamp_path)
-        .is_ok_and(|t| serde_json::from_str::<serde_json::Value>(&t).ok() == Some(stamp.clone()))
-    {
+    let made = || {
+        crate::error::fs::read_to_string(&stamp_path).is_ok_and(|t| {
+            serde_json::from_str::<serde_json::Value>(&t).ok() == Some(stamp.clone())
+        })
+    };
+    if made() {
         return Ok(());
     }
-    let tmp = fs::tmp_path(&cfg.dir);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("cannot remove", &tmp, e))?;
+    // Another process generating them (two commands started together): wait for it, then
+    // find them made; the generation is deterministic, so either one's is the same.
+    let started = std::time::Instant::now();
+    let building = loop {
+        match Building::start(&cfg.dir, "demo") {
+            Err(Error::Locked { .. }) if started.elapsed().as_secs() < 600 => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            b => break b?,
+        }
+    };
+    if made() {
+        building.abandon();
+        return Ok(());
     }
+    let generated = generate(cfg, &stamp, building.path());
+    if generated.is_err() {
+        building.abandon();
+        return generated;
+    }
+    if let Some(parent) = cfg.dir.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    if cfg.dir.exists() {
+        std::fs::remove_dir_all(&cfg.dir).map_err(|e| Error::io("cannot replace", &cfg.dir, e))?;
+    }
+    building.publish(&cfg.dir)
+}
+
+/// The demo assets into `tmp`, `demo.json` last.
+fn generate(cfg: &DemoConfig, stamp: &serde_json::Value, tmp: &Path) -> Result<()> {
     let (data, model) = (tmp.join("dataset/data"), tmp.join("model"));
     fs::create_dir_all(&data)?;
     fs::create_dir_all(&model)?;
@@ -379,14 +410,7 @@ pub fn ensure(cfg: &DemoConfig) -> Result<()> {
         fs::write_atomic(&rm.join(f), &fs::read(model.join(f))?)?;
     }
     reward::write(&rm, &polarity(&vocab))?;
-    fs::write_atomic(&tmp.join("demo.json"), pretty(&stamp).as_bytes())?;
-    if cfg.dir.exists() {
-        std::fs::remove_dir_all(&cfg.dir).map_err(|e| Error::io("cannot replace", &cfg.dir, e))?;
-    }
-    if let Some(parent) = cfg.dir.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    fs::rename(&tmp, &cfg.dir)
+    fs::write_atomic(&tmp.join("demo.json"), pretty(stamp).as_bytes())
 }
 
 #[cfg(test)]
@@ -418,5 +442,29 @@ mod tests {
                 assert!(w.trim().is_empty() || vocab.iter().any(|v| v == w), "{w}");
             }
         }
+    }
+
+    #[test]
+    fn two_commands_generating_at_once_both_get_the_assets() {
+        // each once failed, naming the temporary folder the other had removed
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = DemoConfig {
+            generate: true,
+            dir: tmp.path().join("demo"),
+            train_rows: 40,
+            test_rows: 8,
+            ..Default::default()
+        };
+        std::thread::scope(|s| {
+            let a = s.spawn(|| ensure(&cfg));
+            let b = s.spawn(|| ensure(&cfg));
+            a.join().unwrap().unwrap();
+            b.join().unwrap().unwrap();
+        });
+        assert!(cfg.dir.join("demo.json").exists());
+        assert!(cfg.dir.join("model/model.safetensors").exists());
+        assert!(!cfg.dir.join(".refdpo-demo.lock").exists());
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "only demo/ is left: {left:?}");
     }
 }
