@@ -51,7 +51,7 @@ mod test_util;
 pub const LAYERS: &[(&str, &[&str])] = &[
     ("error", &[]),
     ("rng", &[]),
-    ("profile", &[]),
+    ("profile", &["error"]),
     ("progress", &[]),
     ("signals", &["error"]),
     ("hub", &["error"]),
