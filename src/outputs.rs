@@ -116,12 +116,28 @@ impl Building {
         &self.dir
     }
 
-    /// Moves the finished folder to `out` (which must not exist, or be an empty folder).
+    /// Moves the finished folder to `out` (which must not exist, or be an empty folder). Where
+    /// that fails (another writer put its own folder there after this one began), the folder is
+    /// removed: nothing is left behind.
     pub fn publish(self, out: &Path) -> Result<()> {
-        if out.exists() {
-            std::fs::remove_dir(out).map_err(|e| Error::io("cannot replace", out, e))?;
+        let placed = match std::fs::remove_dir(out) {
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => Err(Error::Locked {
+                path: out.to_path_buf(),
+                msg: format!(
+                    "another `refdpo {}` wrote it while this one ran; this one's output is \
+                     removed. Choose a new --out, or delete it and run again",
+                    self.what
+                ),
+            }),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io("cannot replace", out, e))
+            }
+            _ => fs::rename(&self.dir, out),
+        };
+        if placed.is_err() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            return placed;
         }
-        fs::rename(&self.dir, out)?;
         let _ = std::fs::remove_file(out.join(DirLock::file_name(self.what)));
         drop(self.lock);
         Ok(())
@@ -367,5 +383,36 @@ mod inside_tests {
         }
         claim_run_dir(&tmp.path().join("runs/b"), Existing::Refuse).unwrap();
         claim_run_dir(&run, Existing::Resume).unwrap();
+    }
+
+    #[test]
+    fn a_folder_built_under_a_lock_is_published_whole_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("merged");
+        let b = Building::start(&out, "merge").unwrap();
+        std::fs::write(b.path().join("model.safetensors"), b"mine").unwrap();
+        // a second writer while it builds
+        let err = Building::start(&out, "merge").unwrap_err().to_string();
+        assert!(err.contains("is in use"), "{err}");
+        // another writer's folder landed at `out` meanwhile: this one is removed, not left
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("model.safetensors"), b"theirs").unwrap();
+        let err = b.publish(&out).unwrap_err().to_string();
+        assert!(err.contains("wrote it while this one ran"), "{err}");
+        assert!(!fs::tmp_path(&out).exists());
+        assert_eq!(
+            std::fs::read(out.join("model.safetensors")).unwrap(),
+            b"theirs"
+        );
+        // into a fresh place: published, its lock file gone
+        let fresh = dir.path().join("fresh");
+        let b = Building::start(&fresh, "merge").unwrap();
+        std::fs::write(b.path().join("model.safetensors"), b"mine").unwrap();
+        b.publish(&fresh).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&fresh)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["model.safetensors"]);
     }
 }
