@@ -38,6 +38,10 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// An input changed while it was read (the message says what to do).
+    #[error("`{path}` {msg}")]
+    Changed { path: PathBuf, msg: String },
+
     /// A directory holds outputs of another run or cache.
     #[error("`{path}` {msg}")]
     Occupied { path: PathBuf, msg: String },
@@ -199,7 +203,6 @@ pub fn clip_lines(text: &str, max: usize) -> String {
         .join("\n")
 }
 
-/// Small helpers for file I/O that keep the path in the error.
 /// `eprintln!` that never panics: a line stderr cannot take (a full disk, a closed pipe) is
 /// dropped, as there is nowhere else to say it, and the command goes on. `eprintln!` panicked
 /// there, so every command exited 101 before doing any work.
@@ -211,6 +214,7 @@ macro_rules! note {
 }
 pub(crate) use note;
 
+/// Small helpers for file I/O that keep the path in the error.
 pub mod fs {
     use super::{Error, Result};
     use std::fs::File;

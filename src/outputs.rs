@@ -352,6 +352,37 @@ mod tests {
         left.sort();
         assert_eq!(left, [".refdpo-train.lock", "checkpoint-x", "notes.txt"]);
     }
+
+    #[test]
+    fn a_folder_built_under_a_lock_is_published_whole_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("merged");
+        let b = Building::start(&out, "merge").unwrap();
+        std::fs::write(b.path().join("model.safetensors"), b"mine").unwrap();
+        // a second writer while it builds
+        let err = Building::start(&out, "merge").unwrap_err().to_string();
+        assert!(err.contains("is in use"), "{err}");
+        // another writer's folder landed at `out` meanwhile: this one is removed, not left
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("model.safetensors"), b"theirs").unwrap();
+        let err = b.publish(&out).unwrap_err().to_string();
+        assert!(err.contains("wrote it while this one ran"), "{err}");
+        assert!(!fs::tmp_path(&out).exists());
+        assert_eq!(
+            std::fs::read(out.join("model.safetensors")).unwrap(),
+            b"theirs"
+        );
+        // into a fresh place: published, its lock file gone
+        let fresh = dir.path().join("fresh");
+        let b = Building::start(&fresh, "merge").unwrap();
+        std::fs::write(b.path().join("model.safetensors"), b"mine").unwrap();
+        b.publish(&fresh).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&fresh)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["model.safetensors"]);
+    }
 }
 
 #[cfg(test)]
@@ -383,36 +414,5 @@ mod inside_tests {
         }
         claim_run_dir(&tmp.path().join("runs/b"), Existing::Refuse).unwrap();
         claim_run_dir(&run, Existing::Resume).unwrap();
-    }
-
-    #[test]
-    fn a_folder_built_under_a_lock_is_published_whole_or_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("merged");
-        let b = Building::start(&out, "merge").unwrap();
-        std::fs::write(b.path().join("model.safetensors"), b"mine").unwrap();
-        // a second writer while it builds
-        let err = Building::start(&out, "merge").unwrap_err().to_string();
-        assert!(err.contains("is in use"), "{err}");
-        // another writer's folder landed at `out` meanwhile: this one is removed, not left
-        std::fs::create_dir(&out).unwrap();
-        std::fs::write(out.join("model.safetensors"), b"theirs").unwrap();
-        let err = b.publish(&out).unwrap_err().to_string();
-        assert!(err.contains("wrote it while this one ran"), "{err}");
-        assert!(!fs::tmp_path(&out).exists());
-        assert_eq!(
-            std::fs::read(out.join("model.safetensors")).unwrap(),
-            b"theirs"
-        );
-        // into a fresh place: published, its lock file gone
-        let fresh = dir.path().join("fresh");
-        let b = Building::start(&fresh, "merge").unwrap();
-        std::fs::write(b.path().join("model.safetensors"), b"mine").unwrap();
-        b.publish(&fresh).unwrap();
-        let names: Vec<_> = std::fs::read_dir(&fresh)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, ["model.safetensors"]);
     }
 }

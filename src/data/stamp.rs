@@ -42,7 +42,7 @@ pub fn stamps(files: &[PathBuf]) -> Result<Vec<(PathBuf, FileStamp)>> {
 pub fn unchanged(stamps: &[(PathBuf, FileStamp)]) -> Result<()> {
     for (path, then) in stamps {
         if FileStamp::of(path).ok().as_ref() != Some(then) {
-            return Err(Error::Schema {
+            return Err(Error::Changed {
                 path: path.clone(),
                 msg: "changed while stage one read it (it was replaced, rewritten or removed \
                       since it was hashed): the cache would record the hash of other bytes than \
