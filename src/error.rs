@@ -138,6 +138,41 @@ impl Error {
             msg: msg.into(),
         }
     }
+
+    /// Whether this is the system refusing to let this process write a file (a read-only file
+    /// system, a folder of another user), rather than anything about the file.
+    pub fn is_not_writable(&self) -> bool {
+        matches!(self, Error::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::EROFS | libc::EACCES | libc::EPERM)))
+    }
+
+    /// A parquet reader's error on `path`: the system's (too many open files, a read that
+    /// failed), found in the error's causes or its text, as that I/O error; anything else as a
+    /// file that is not readable parquet.
+    pub fn parquet(path: &std::path::Path, e: impl std::error::Error + 'static) -> Self {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                let io = match io.raw_os_error() {
+                    Some(code) => std::io::Error::from_raw_os_error(code),
+                    None => std::io::Error::new(io.kind(), io.to_string()),
+                };
+                return Error::io("cannot read", path, io);
+            }
+            cause = c.source();
+        }
+        // parquet-rs passes some of the system's errors on as text only ("External: Too many
+        // open files (os error 24)"): the code in that text is the system's
+        let text = e.to_string();
+        let code = text
+            .rsplit_once("(os error ")
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .and_then(|(code, _)| code.parse::<i32>().ok());
+        match code {
+            Some(code) => Error::io("cannot read", path, std::io::Error::from_raw_os_error(code)),
+            None => Error::schema(path, format!("not a readable parquet file: {text}")),
+        }
+    }
 }
 
 thread_local! {

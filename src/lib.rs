@@ -60,7 +60,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("config", &["error", "dpo"]),
     ("dirs", &["config"]),
     ("outputs", &["error", "dirs"]),
-    ("cache", &["error", "config", "dirs"]),
+    ("cache", &["error", "config", "dirs", "signals"]),
     ("model", &["error", "config", "profile", "rng"]),
     (
         "data",
@@ -93,7 +93,9 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "runs",
-        &["error", "config", "dirs", "inputs", "model", "train"],
+        &[
+            "error", "config", "dirs", "inputs", "model", "outputs", "train",
+        ],
     ),
     (
         "generate",

@@ -34,6 +34,25 @@ impl DirLock {
         format!(".refdpo-{what}.lock")
     }
 
+    /// The pid of the process that holds `<dir>/.refdpo-<what>.lock` now, as the kernel lists
+    /// it in `/proc/locks`. Nothing is taken, so a writer starting meanwhile is not disturbed:
+    /// this is for messages. None where no process holds it, or the system does not say.
+    pub fn holder(dir: &Path, what: &str) -> Option<u32> {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::symlink_metadata(dir.join(Self::file_name(what)))
+            .ok()?
+            .ino();
+        let locks = std::fs::read_to_string("/proc/locks").ok()?;
+        // "1: FLOCK  ADVISORY  WRITE 4242 00:2a:1234 0 EOF" (a waiter's line has "->" first)
+        locks.lines().find_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "FLOCK")?;
+            let (pid, file) = (words.get(at + 3)?, words.get(at + 4)?);
+            let held = file.rsplit(':').next()?.parse::<u64>().ok()? == ino;
+            held.then(|| pid.parse().ok()).flatten()
+        })
+    }
+
     /// Creates `dir` and takes `<dir>/.refdpo-<what>.lock`. Held by a live process: refused at
     /// once, naming its pid. Left by a process that is gone: taken over (the OS released it).
     pub fn acquire(dir: &Path, what: &str) -> Result<Self> {
@@ -310,6 +329,21 @@ mod tests {
         DirLock::acquire(dir.path(), "precompute").unwrap();
         drop(held);
         DirLock::acquire(dir.path(), "train").unwrap();
+    }
+
+    /// The holder is read off the kernel's lock table while the lock lives, and is gone with it.
+    #[test]
+    fn the_holder_of_a_lock_is_named_while_it_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(DirLock::holder(dir.path(), "train"), None);
+        let held = DirLock::acquire(dir.path(), "train").unwrap();
+        assert_eq!(
+            DirLock::holder(dir.path(), "train"),
+            Some(std::process::id())
+        );
+        assert_eq!(DirLock::holder(dir.path(), "precompute"), None);
+        drop(held);
+        assert_eq!(DirLock::holder(dir.path(), "train"), None);
     }
 
     #[test]

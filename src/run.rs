@@ -33,6 +33,24 @@ macro_rules! sayln {
     ($($t:tt)*) => { out(format_args!("{}\n", format_args!($($t)*)))? };
 }
 
+/// Starts the worker threads (rayon's global pool: `RAYON_NUM_THREADS`, else one per core) now,
+/// so that a system that refuses them (a memory or process limit) is an error here, not a panic
+/// in the first parallel loop. A pool already started (a test that ran before) is kept.
+fn start_threads() -> anyhow::Result<()> {
+    match rayon::ThreadPoolBuilder::new().build_global() {
+        Err(e) if std::error::Error::source(&e).is_some() => Err(anyhow::anyhow!(
+            "cannot start {} worker threads: {e}: run fewer (`RAYON_NUM_THREADS=1`), or raise \
+             the process's limits (`ulimit -v`, `ulimit -u`)",
+            std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Parses `--device` (default: CUDA when built with it and present, else CPU). Nothing about
 /// the device is changed: see [`compute_device`].
 pub fn device(spec: Option<&str>) -> Result<Device> {
@@ -188,6 +206,7 @@ fn profiled(on: bool, device: &Device, stage: impl FnOnce() -> Result<String>) -
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::signals::file_size_limit_as_error();
+    start_threads()?;
     crate::model::fused::setting::check()?;
     crate::logprobs::check_share_setting()?;
     match cli.command {

@@ -38,6 +38,13 @@ impl RunDir {
             )));
         }
         if !dir.is_dir() {
+            if let Some(pid) = crate::outputs::DirLock::holder(self.root(), "train") {
+                return Err(Error::Config(format!(
+                    "run `{}` has no `final/` policy yet: `refdpo train` (pid {pid}) is training \
+                     it; wait for it to end",
+                    self.root().display()
+                )));
+            }
             return Err(Error::Config(format!(
                 "run `{}` has no `final/` policy: it has not finished, or trained with \
                  `train.save_final = false`; finish it with `refdpo train --resume`",

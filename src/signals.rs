@@ -1,6 +1,9 @@
 //! Signals: Ctrl-C and SIGTERM ask training to stop cleanly after the current step (a second one,
 //! half a second or more later, stops at once, saying so); SIGXFSZ (a file-size limit) becomes a write error that names the file instead
-//! of killing the process without a word.
+//! of killing the process without a word; SIGBUS in a memory-mapped cache that shrank names the
+//! file ([`mapped`]).
+
+pub mod mapped;
 
 use crate::error::{Error, Result};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGXFSZ};

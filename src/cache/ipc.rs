@@ -57,10 +57,11 @@ impl MappedCache {
         let file = crate::error::fs::open(path)?;
         // SAFETY: the map is read-only and refdpo never writes a cache in place: stage one writes a
         // temporary file and renames it, so the mapped inode is not modified while we hold it. The
-        // one remaining hazard — another program truncating the file under us — is documented in
-        // the README (do not edit a cache while training reads it).
+        // one remaining hazard — another program truncating the file under us — ends the process
+        // with an error naming the file (`signals::mapped`), as the README says.
         let mmap =
             unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("cannot map", path, e))?;
+        let mmap = crate::signals::mapped::watch(mmap, path);
         let buffer = Buffer::from(bytes::Bytes::from_owner(mmap));
         Self::from_buffer(path, buffer)
     }

@@ -88,8 +88,7 @@ pub fn read_fingerprint(path: &Path) -> Result<Fingerprint> {
 fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<std::fs::File>> {
     let file = crate::error::fs::open(path)?;
     crate::error::contain_panic(path, "reading the parquet footer", || {
-        ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| Error::schema(path, format!("not a readable parquet file: {e}")))
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))
     })
 }
 

@@ -246,14 +246,14 @@ fn parquet_records(
     // parquet-rs panics on some damaged files: each call into it is contained
     let mut reader = contain_panic(path, "reading the parquet footer", || {
         Ok(ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| Error::schema(path, format!("not a readable parquet file: {e}")))?
+            .map_err(|e| Error::parquet(path, e))?
             .build()?)
     })?;
     while let Some(batch) = contain_panic(path, "decoding a parquet row group", || {
         reader
             .next()
             .transpose()
-            .map_err(|e| Error::schema(path, format!("not a readable parquet file: {e}")))
+            .map_err(|e| Error::parquet(path, e))
     })? {
         let schema = batch.schema();
         let columns = batch

@@ -153,7 +153,28 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     let shard = cfg.precompute.shard;
     // shards of one cache run side by side: each holds its own lock and writes its own report
     let dir = CacheDir::new(out);
-    let _lock = DirLock::acquire(out, &CacheDir::lock_name(shard))?;
+    let lock = match DirLock::acquire(out, &CacheDir::lock_name(shard)) {
+        Ok(lock) => Some(lock),
+        // A cache this process may not write (a read-only file system, another user's folder)
+        // that is up to date needs no writing: it is reported as such, and nothing is written.
+        Err(e)
+            if e.is_not_writable()
+                && existing != Existing::Overwrite
+                && prepared.iter().all(|split| {
+                    matches!(
+                        cache_state(
+                            &dir.parquet(&split.stem),
+                            &dir.arrow(&split.stem),
+                            &split.fingerprint
+                        ),
+                        CacheState::UpToDate
+                    )
+                }) =>
+        {
+            None
+        }
+        Err(e) => return Err(e),
+    };
     for split in &prepared {
         claim_split(out, split, existing)?;
     }
@@ -182,7 +203,17 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
         let report = score_split(&scoring, &mut model, split)?;
         all_up_to_date &= report.entry.up_to_date;
         let _ = writeln!(summary, "{}", describe(&report));
-        update_report(&dir.report(shard), &report)?;
+        if lock.is_some() {
+            update_report(&dir.report(shard), &report)?;
+        }
+    }
+    if lock.is_none() {
+        let _ = write!(
+            summary,
+            "cache up to date in {} (not writable here: nothing written)",
+            out.display()
+        );
+        return Ok(summary);
     }
     fs::write_atomic(&dir.config(), cfg.to_toml().as_bytes())?;
     let done = if all_up_to_date {

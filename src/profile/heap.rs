@@ -10,6 +10,10 @@
 //! not freed are counted and its allocations timed, and past either cap the process stops with
 //! an `error:` saying what ran away (exit code 1), where it would otherwise abort for memory or
 //! run on.
+//!
+//! And where the system has no memory left to give (a container's limit, `ulimit -v`), the
+//! process stops with an `error:` saying so and what to lower (exit code 1), not with Rust's
+//! abort ("memory allocation of N bytes failed", SIGABRT, a core dump).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -98,7 +102,7 @@ fn on_thread(delta: isize) {
         c.set(Some(cap));
         if cap.live > cap.limit as isize {
             c.set(None);
-            over_cap(format_args!(
+            exit_with(format_args!(
                 "{} (it kept more than {} MiB)",
                 cap.what,
                 cap.limit >> 20
@@ -106,15 +110,30 @@ fn on_thread(delta: isize) {
         }
         if cap.allocs % CLOCK_EVERY == 0 && Instant::now() > cap.until {
             c.set(None);
-            over_cap(format_args!("{} (it ran past {} s)", cap.what, cap.seconds));
+            exit_with(format_args!("{} (it ran past {} s)", cap.what, cap.seconds));
         }
     });
 }
 
-/// Says what passed its cap and exits, from inside the allocator: the message is formatted on
-/// the stack and written straight to stderr, nothing is allocated and no destructor runs.
+/// The system refused `bytes`: says so, with what to lower, and exits (see [`exit_with`]).
+///
+/// Every failed request ends here, `try_reserve`'s too: refdpo recovers from none, and a library
+/// that would is still better stopped with this line than left to fail further on.
 #[cold]
-fn over_cap(why: std::fmt::Arguments<'_>) -> ! {
+fn out_of_memory(bytes: usize) -> ! {
+    exit_with(format_args!(
+        "out of memory: the system refused {bytes} bytes with {} MiB of refdpo's heap in use. \
+         Lower what a step holds at once (`precompute.batch_size`, `train.batch_size` with a \
+         larger `train.grad_accum`, `tokenize.max_length`), or raise the memory limit \
+         (`ulimit -v`, the container's)",
+        live() >> 20
+    ))
+}
+
+/// Says why and exits, from inside the allocator: the message is formatted on the stack and
+/// written straight to stderr, nothing is allocated and no destructor runs.
+#[cold]
+fn exit_with(why: std::fmt::Arguments<'_>) -> ! {
     struct Line {
         bytes: [u8; 1024],
         len: usize,
@@ -140,16 +159,18 @@ fn over_cap(why: std::fmt::Arguments<'_>) -> ! {
     }
 }
 
-// SAFETY: every call is forwarded to `System` unchanged; the counters only observe sizes (and a
-// thread past its cap ends the process before the call is made).
+// SAFETY: every call is forwarded to `System` unchanged; the counters only observe sizes (a
+// thread past its cap ends the process before the call is made, and a refused call ends it
+// after, never returning null).
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         on_thread(layout.size() as isize);
         // SAFETY: the caller's contract for `alloc` is passed on as is.
         let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
+        if p.is_null() {
+            out_of_memory(layout.size());
         }
+        grew(layout.size());
         p
     }
 
@@ -157,9 +178,10 @@ unsafe impl GlobalAlloc for Counting {
         on_thread(layout.size() as isize);
         // SAFETY: as for `alloc`.
         let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grew(layout.size());
+        if p.is_null() {
+            out_of_memory(layout.size());
         }
+        grew(layout.size());
         p
     }
 
@@ -174,12 +196,13 @@ unsafe impl GlobalAlloc for Counting {
         on_thread(new_size as isize - layout.size() as isize);
         // SAFETY: as for `dealloc`; `System` keeps the block when it returns null.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                grew(new_size - layout.size());
-            } else {
-                shrank(layout.size() - new_size);
-            }
+        if p.is_null() {
+            out_of_memory(new_size);
+        }
+        if new_size >= layout.size() {
+            grew(new_size - layout.size());
+        } else {
+            shrank(layout.size() - new_size);
         }
         p
     }

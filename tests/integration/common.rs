@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -173,4 +174,20 @@ pub fn copy_dir(src: &Path, dst: &Path) {
             std::fs::copy(&p, &to).unwrap();
         }
     }
+}
+
+/// Waits until `ready()`, while `child` runs.
+pub fn wait_until(child: &mut Child, what: &str, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !ready() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until `path` holds at least `lines` lines, while `child` runs.
+pub fn wait_for_lines(child: &mut Child, path: &Path, lines: usize) {
+    let count = || std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
+    wait_until(child, &path.display().to_string(), || count() >= lines);
 }

@@ -2,10 +2,12 @@
 //! at its next batch with the finished chunks kept; either resumes to an uninterrupted run's bytes.
 //! A second writer into the same directory is refused while the first runs.
 
-use super::common::{cache_files, demo_config, fails, ok, precomputed, read_json, train_with};
+use super::common::{
+    cache_files, demo_config, fails, ok, precomputed, read_json, train_with, wait_for_lines,
+    wait_until,
+};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 fn bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -18,22 +20,6 @@ fn signal(child: &Child, signal: &str) {
         .status()
         .unwrap();
     assert!(sent.success());
-}
-
-/// Waits until `ready()`, while `child` runs.
-fn wait_until(child: &mut Child, what: &str, ready: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !ready() {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Waits until `path` holds at least `lines` lines, while `child` runs.
-fn wait_for_lines(child: &mut Child, path: &Path, lines: usize) {
-    let count = || std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
-    wait_until(child, &path.display().to_string(), || count() >= lines);
 }
 
 #[test]
@@ -67,6 +53,18 @@ fn one_writer_at_a_time_and_ctrl_c_checkpoints_and_resumes_exactly() {
     // A second train into the same run is refused, naming the running one's pid.
     let err = fails(&["train", "--config", cfg_s, "--resume"], tmp.path());
     assert!(err.contains(&format!("pid {pid}")), "{err}");
+    // `generate --run` says the run is still training (not "finish it with --resume").
+    let run_s = run.to_str().unwrap();
+    let err = fails(
+        &[
+            "generate", "--config", cfg_s, "--run", run_s, "--limit", "1",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains(&format!("`refdpo train` (pid {pid}) is training it")),
+        "{err}"
+    );
 
     // Ctrl-C: the step finishes, a checkpoint is written, the exit is non-zero.
     signal(&child, "-INT");

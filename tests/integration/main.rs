@@ -17,6 +17,7 @@ mod integrity;
 mod interrupts;
 mod judge;
 mod kernels;
+mod limits;
 mod lora;
 mod mishaps;
 mod own_data;
