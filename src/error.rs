@@ -222,6 +222,26 @@ pub fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String>
     })
 }
 
+/// What to do about an error whose cause chain (`text`) holds a device's out-of-memory code,
+/// which names no setting: a line to print after it.
+pub fn hint(text: &str) -> Option<&'static str> {
+    const DEVICE_OUT_OF_MEMORY: [&str; 3] = [
+        "CUDA_ERROR_OUT_OF_MEMORY",
+        "CUBLAS_STATUS_ALLOC_FAILED",
+        "cudaErrorMemoryAllocation",
+    ];
+    DEVICE_OUT_OF_MEMORY
+        .iter()
+        .any(|code| text.contains(code))
+        .then_some(
+            "hint: the GPU ran out of memory. Lower what a step holds at once \
+             (`precompute.batch_size`, `train.batch_size` with a larger `train.grad_accum`, \
+             `tokenize.max_length`), keep `train.gradient_checkpointing = true`, or store less \
+             per parameter (`train.state_dtype = \"bf16\"`, `train.optim = \"adamw_8bit\"`, \
+             `train.lora.r`); `--profile` gives each phase's peak",
+        )
+}
+
 /// `text` for a terminal: each line cut to its first `max` characters, saying how many were left
 /// out. An error may quote its input (a TOML line, a `--set` value), which can be megabytes.
 pub fn clip_lines(text: &str, max: usize) -> String {
@@ -445,6 +465,41 @@ pub mod fs {
 
 #[cfg(test)]
 mod tests {
+    /// A device's out-of-memory code, as cudarc and cuBLAS print it inside candle's error, gets
+    /// the line of settings to lower; other errors none.
+    #[test]
+    fn a_device_out_of_memory_gets_a_hint() {
+        let cuda = "train: candle: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        assert!(super::hint(cuda).is_some_and(|h| h.contains("`train.batch_size`")));
+        assert!(super::hint("cublas: CUBLAS_STATUS_ALLOC_FAILED").is_some());
+        assert_eq!(super::hint("cannot read `x.parquet`: No such file"), None);
+    }
+
+    /// The system's error inside a parquet reader's (as an I/O cause, or only as text) is that
+    /// I/O error on the file; anything else is a file that is not readable parquet.
+    #[test]
+    fn a_parquet_readers_system_error_is_an_io_error() {
+        use parquet::errors::ParquetError;
+        let path = std::path::Path::new("d.parquet");
+        let io = std::io::Error::from_raw_os_error(libc::EMFILE);
+        for e in [
+            ParquetError::External(Box::new(io)),
+            ParquetError::General("External: Too many open files (os error 24)".into()),
+        ] {
+            match super::Error::parquet(path, e) {
+                super::Error::Io { source, .. } => {
+                    assert_eq!(source.raw_os_error(), Some(libc::EMFILE))
+                }
+                e => panic!("{e}"),
+            }
+        }
+        let e = super::Error::parquet(path, ParquetError::General("bad magic".into()));
+        assert!(
+            e.to_string().contains("not a readable parquet file: "),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_file_being_written_by_another_process_is_refused() {
         use fs4::FileExt;

@@ -13,11 +13,15 @@ fn main() -> std::process::ExitCode {
         Err(err) => {
             // not eprintln!, which panics where stderr cannot be written
             use std::io::Write as _;
+            let text = format!("{err:#}");
             let _ = writeln!(
                 std::io::stderr(),
                 "error: {}",
-                refdpo::error::clip_lines(&format!("{err:#}"), 2000)
+                refdpo::error::clip_lines(&text, 2000)
             );
+            if let Some(hint) = refdpo::error::hint(&text) {
+                let _ = writeln!(std::io::stderr(), "{hint}");
+            }
             std::process::ExitCode::FAILURE
         }
     }
