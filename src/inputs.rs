@@ -147,6 +147,23 @@ impl Inputs {
     }
 }
 
+/// `cached` with the fields a config declares set from `cfg` (the dataset, its revision, limit
+/// and options; the model's id; the tokenization and the dtype): what a cache made under `cfg`
+/// records, as far as that is known without reading the model or the data.
+pub fn declared(cfg: &Config, cached: &Fingerprint) -> Fingerprint {
+    Fingerprint {
+        dataset_id: cfg.dataset.id.clone(),
+        dataset_revision: hub::revision_label(&cfg.dataset.id, &cfg.dataset.revision),
+        limit: cfg.dataset.limit,
+        dataset_options: dataset_options(&cfg.dataset),
+        model_id: cfg.model.id.clone(),
+        max_length: cfg.tokenize.max_length,
+        truncation: cfg.tokenize.truncation,
+        dtype: cfg.model.dtype,
+        ..cached.clone()
+    }
+}
+
 /// Every id the tokenizer can produce indexes a row of the model's embedding: a tokenizer from
 /// another model would otherwise fail deep inside the embedding lookup (or, on a GPU, read past
 /// it).

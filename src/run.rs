@@ -393,6 +393,7 @@ fn stats(a: StatsArgs) -> Result<()> {
         json: a.json,
         plot: a.plot,
         config: cfg,
+        cache_of_config: a.cache.is_none(),
         device: compute_device(a.device.as_deref())?,
     };
     say!("{}", crate::stats::run(&opts)?);

@@ -161,6 +161,23 @@ impl Fingerprint {
         }
     }
 
+    /// A cache read for a config (`stats --config`) whose fingerprint differs from what the
+    /// config declares (`inputs::declared`: the cache's own with those fields set) is
+    /// another cache: refused naming the first field, as stage two refuses it.
+    pub fn check_declared(&self, declared: &Fingerprint, path: &Path) -> Result<()> {
+        match self.first_difference(declared, &[]) {
+            Some((field, cached, wanted)) => Err(Error::StaleCache {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "fingerprint field `{field}` is {cached} in the cache but {wanted} for this \
+                     config: it was made from other inputs. Re-run `refdpo precompute` with \
+                     this config, or name the cache with --cache"
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The local data files this cache was made from, where they still exist: each must hash as
     /// it did, or the cache holds other rows' log-probs (refused, naming the file). A file that
     /// is gone is not an error: a cache outlives the data it was made from.

@@ -22,6 +22,9 @@ pub struct StatsOptions {
     pub json: bool,
     pub plot: Option<PathBuf>,
     pub config: Option<Config>,
+    /// Whether `config` chose the cache (`--config` without `--cache`): the cache must then be
+    /// of the inputs it declares.
+    pub cache_of_config: bool,
     pub device: Device,
 }
 
@@ -87,6 +90,10 @@ pub fn run(opts: &StatsOptions) -> Result<String> {
     let (split, files) = resolve_parquet(opts)?;
     for f in &files {
         cache::parquet::verify(f)?;
+    }
+    if let (Some(cfg), true, Some(first)) = (&opts.config, opts.cache_of_config, files.first()) {
+        let cached = cache::parquet::read_fingerprint(first)?;
+        cached.check_declared(&crate::inputs::declared(cfg, &cached), first)?;
     }
     // polars panics on some damaged footers the checksum (over the bytes before them) passes
     let first = files.first().map(PathBuf::as_path).unwrap_or(Path::new(""));

@@ -110,7 +110,35 @@ fn stats_command_prints_tables_json_and_charts() {
         let svg = std::fs::read_to_string(plots.join(f)).unwrap();
         assert!(svg.contains("<svg") && svg.contains("</svg>"), "{f}");
     }
+    // The cache a config chooses must be of the inputs it declares, as stage two's; named with
+    // --cache, it is read as it is.
+    let err = fails(
+        &[
+            "stats",
+            "--config",
+            cfg_s,
+            "--set",
+            "tokenize.max_length=80",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("stale cache") && err.contains("`max_length` is 96 in the cache but 80"),
+        "{err}"
+    );
     let cache_dir = tmp.path().join("cache");
+    ok(
+        &[
+            "stats",
+            "--config",
+            cfg_s,
+            "--set",
+            "tokenize.max_length=80",
+            "--cache",
+            cache_dir.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
     let json: serde_json::Value = serde_json::from_str(&ok(
         &["stats", "--cache", cache_dir.to_str().unwrap(), "--json"],
         tmp.path(),
