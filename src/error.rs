@@ -326,10 +326,14 @@ pub mod fs {
 
     /// SHA-256 of a file's bytes (hex), streamed.
     pub fn sha256(path: &Path) -> Result<String> {
+        sha256_of(open(path)?, path)
+    }
+
+    /// The SHA-256 of what `file` (opened from `path`) holds from where it stands.
+    pub fn sha256_of(mut file: File, path: &Path) -> Result<String> {
         use sha2::{Digest, Sha256};
-        let mut f = open(path)?;
         let mut h = Sha256::new();
-        std::io::copy(&mut f, &mut h).map_err(|e| Error::io("cannot read", path, e))?;
+        std::io::copy(&mut file, &mut h).map_err(|e| Error::io("cannot read", path, e))?;
         Ok(format!("{:x}", h.finalize()))
     }
 

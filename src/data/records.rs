@@ -121,7 +121,7 @@ fn read_line_bounded(
 }
 
 fn open(path: &Path) -> Result<BufReader<std::fs::File>> {
-    let f = crate::error::fs::open(path)?;
+    let f = super::stamp::open(path)?;
     Ok(BufReader::with_capacity(1 << 20, f))
 }
 
@@ -242,7 +242,7 @@ fn parquet_records(
     read: &dyn Fn(&str) -> bool,
     each: &mut dyn FnMut(Record) -> bool,
 ) -> Result<()> {
-    let file = crate::error::fs::open(path)?;
+    let file = super::stamp::open(path)?;
     // parquet-rs panics on some damaged files: each call into it is contained
     let mut reader = contain_panic(path, "reading the parquet footer", || {
         Ok(ParquetRecordBatchReaderBuilder::try_new(file)

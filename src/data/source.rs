@@ -140,7 +140,7 @@ impl DataSource {
             .map(|f| {
                 let rel = f.strip_prefix(&self.dir).unwrap_or(f);
                 let rel = rel.to_string_lossy().replace('\\', "/");
-                Ok((rel, crate::error::fs::sha256(f)?))
+                Ok((rel, crate::error::fs::sha256_of(super::stamp::open(f)?, f)?))
             })
             .collect()
     }

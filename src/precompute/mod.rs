@@ -47,8 +47,9 @@ struct Prepared {
     fingerprint: Fingerprint,
     /// Reading and tokenizing it.
     prepare_seconds: f64,
-    /// Its files' stamps, taken before they were hashed: compared once it is scored.
-    stamps: Vec<(std::path::PathBuf, data::stamp::FileStamp)>,
+    /// Its files, pinned before they were hashed: every reading checks it reads them, and
+    /// their stamps are compared once it is scored.
+    stamps: data::stamp::Pinned,
 }
 
 /// Rows tokenized at once (in parallel) while a split streams through.
@@ -233,7 +234,7 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
     // One pass keeps, per kept pair, its source row and token count; and the skips.
     let (mut kept_rows, mut kept_tokens, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     // the data files' hashes (the fingerprint's record of the data), beside the reading pass
-    let stamps = data::stamp::stamps(&source.files(split)?)?;
+    let stamps = data::stamp::pin(&source.files(split)?)?;
     let (data_sha256, total_read) = std::thread::scope(|scope| {
         let hashing = scope.spawn(|| source.hash_files(split));
         let read = for_each_pair(cfg, source, inputs, split, 0, &mut |r| {
@@ -249,7 +250,7 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
         (hashing.join().expect("hashing does not panic"), read)
     });
     let (data_sha256, total_read) = (data_sha256?, total_read?);
-    data::stamp::unchanged(&stamps)?;
+    stamps.unchanged()?;
     let all_pairs = kept_rows.len();
     if all_pairs == 0 {
         let mut dropped = BTreeMap::new();
@@ -400,7 +401,7 @@ fn score_split(
         let scorer = Scorer { scoring, model };
         resumed = scorer.score_chunks(&split, &partial)?;
         // what was scored is what was hashed
-        data::stamp::unchanged(&split.stamps)?;
+        split.stamps.unchanged()?;
         score_seconds = scoring_started.elapsed().as_secs_f64();
         // the final files from the chunk files, a few thousand rows in memory at a time
         let chunks = split.pairs.len().div_ceil(cfg.precompute.chunk_pairs);

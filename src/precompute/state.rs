@@ -180,7 +180,7 @@ mod tests {
             skipped: Vec::new(),
             fingerprint,
             prepare_seconds: 0.0,
-            stamps: Vec::new(),
+            stamps: Default::default(),
         }
     }
 
