@@ -32,6 +32,19 @@ pub fn refdpo(args: &[&str], cwd: &Path) -> Output {
         .expect("run refdpo")
 }
 
+/// refdpo under the shell's `ulimit LIMIT` (e.g. `-d 12288`).
+pub fn refdpo_under(limit: &str, args: &[&str], cwd: &Path) -> Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!("ulimit {limit} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_refdpo"))
+        .args(args)
+        .current_dir(cwd)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
 /// Runs refdpo and asserts success, returning stdout.
 pub fn ok(args: &[&str], cwd: &Path) -> String {
     let out = refdpo(args, cwd);

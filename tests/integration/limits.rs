@@ -2,23 +2,9 @@
 //! and a cache truncated while `train` maps it each end with an `error:` that says what happened
 //! (exit code 1), never a signal, an abort or a misnamed cause.
 
-use super::common::{fails, ok, precomputed, wait_for_lines};
-use std::path::Path;
+use super::common::{fails, precomputed, refdpo_under, train_with, wait_for_lines};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-/// refdpo under the shell's `ulimit LIMIT` (e.g. `-d 12288`).
-fn refdpo_under(limit: &str, args: &[&str], cwd: &Path) -> Output {
-    Command::new("bash")
-        .arg("-c")
-        .arg(format!("ulimit {limit} && exec \"$0\" \"$@\""))
-        .arg(env!("CARGO_BIN_EXE_refdpo"))
-        .args(args)
-        .current_dir(cwd)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap()
-}
 
 /// An exit of 1 with one `error:` line, not a signal (SIGABRT 134, SIGSEGV 139, SIGBUS 135) or
 /// a panic (101).
@@ -64,17 +50,7 @@ fn a_memory_limit_is_an_error_that_says_what_to_lower() {
         "{stderr}"
     );
     // The same command without the limit trains: the limit was the cause.
-    ok(
-        &[
-            "train",
-            "--config",
-            cfg,
-            "--quiet",
-            "--set",
-            "train.max_steps=2",
-        ],
-        tmp.path(),
-    );
+    train_with(cfg, tmp.path(), &["train.max_steps=2"]);
 }
 
 /// Under small descriptor limits, stage one fails naming the file and the system's reason

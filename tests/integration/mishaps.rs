@@ -2,30 +2,17 @@
 //! Ctrl-C, a full disk (simulated with a file-size limit). Nothing is lost or silently mixed.
 
 use super::common::{
-    cache_files, demo_config, fails, ok, precomputed, read_json, refdpo, train_with,
+    cache_files, demo_config, fails, ok, precomputed, read_json, refdpo, refdpo_under, train_with,
 };
 use refdpo::cache;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 /// `train`'s arguments after the config that resume a run of 2 steps to 4.
 const RESUME_TO_STEP_4: [&str; 4] = ["--quiet", "--resume", "--set", "train.max_steps=4"];
 
 fn bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-/// refdpo under `ulimit -f KIB`: a write past the limit fails (refdpo turns SIGXFSZ into EFBIG).
-fn refdpo_with_file_limit(kib: u64, args: &[&str], cwd: &Path) -> Output {
-    Command::new("bash")
-        .arg("-c")
-        .arg(format!("ulimit -f {kib} && exec \"$0\" \"$@\""))
-        .arg(env!("CARGO_BIN_EXE_refdpo"))
-        .args(args)
-        .current_dir(cwd)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap()
 }
 
 #[test]
@@ -343,8 +330,8 @@ fn a_full_disk_names_the_file_keeps_earlier_outputs_and_the_rerun_matches() {
 
     // Stage one at a 30 KiB file limit: the 10 KiB chunks and the 16 KiB parquet fit, the 48 KiB
     // train_prefs.arrow does not.
-    let r = refdpo_with_file_limit(
-        30,
+    let r = refdpo_under(
+        "-f 30",
         &["precompute", "--config", cfg_s, "--quiet"],
         tmp.path(),
     );
@@ -377,8 +364,8 @@ fn a_full_disk_names_the_file_keeps_earlier_outputs_and_the_rerun_matches() {
     train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
     let run = tmp.path().join("run");
     let ckpt2 = bytes(&run.join("checkpoint-2/optimizer.safetensors"));
-    let r = refdpo_with_file_limit(
-        500,
+    let r = refdpo_under(
+        "-f 500",
         &[&["train", "--config", cfg_s][..], &RESUME_TO_STEP_4].concat(),
         tmp.path(),
     );
@@ -546,7 +533,7 @@ fn leftover_chunks_of_other_pairs_are_scored_again() {
     let interrupted = || {
         let _ = std::fs::remove_dir_all(&out);
         let args = ["precompute", "--config", cfg_s, "--quiet"];
-        let r = refdpo_with_file_limit(30, &args, tmp.path());
+        let r = refdpo_under("-f 30", &args, tmp.path());
         assert!(!r.status.success());
         assert!(partial.join("chunk-00004.arrow").exists());
     };
