@@ -139,11 +139,11 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Nucleus sampling: the most likely tokens holding this share of the probability (default:
     /// the model's `generation_config.json` `top_p`, else 1, as transformers).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f64>,
     /// Sampling from the K most likely tokens only; 0 = all (default: the model's
     /// `generation_config.json` `top_k`, else 50, as transformers).
@@ -151,9 +151,9 @@ pub struct GenerateArgs {
     pub top_k: Option<usize>,
     /// transformers' repetition penalty, greedy too; 1 = none (default: the model's
     /// `generation_config.json` `repetition_penalty`, else 1).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub repetition_penalty: Option<f64>,
-    /// Sampling seed (with each prompt's row: the same continuation in any batch).
+    /// Sampling seed (with each prompt's place in the split: the same continuation in any batch).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// JSONL output (default: <run>/generations-<split>.jsonl, else in the cache directory).

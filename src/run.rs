@@ -253,28 +253,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = load(&a.config)?;
             let dev = compute_device(a.dev.device.as_deref())?;
             announce("generate", &dev, a.dev.quiet);
-            let top_p = a.top_p.unwrap_or(1.0);
-            let valid = (0.0..=1.0).contains(&top_p)
-                && top_p > 0.0
-                && a.temperature.is_finite()
-                && a.temperature >= 0.0;
-            if !valid {
-                return Err(Error::Config(format!(
-                    "--top-p {top_p} / --temperature {}: top-p must be in (0, 1] and the \
-                     temperature a finite number >= 0 (0 = greedy)",
-                    a.temperature
-                ))
-                .into());
-            }
-            if let Some(r) = a
-                .repetition_penalty
-                .filter(|r| !(r.is_finite() && *r > 0.0))
-            {
-                return Err(Error::Config(format!(
-                    "--repetition-penalty {r}: it must be a finite number above 0 (1 = none)"
-                ))
-                .into());
-            }
             let opts = crate::generate::Options {
                 run: a.run,
                 split: a.split,

@@ -135,26 +135,28 @@ pub fn generate(
 /// until they hold top-p of the probability), among the top-k where that is set.
 fn choose(logits: &[f32], s: &Sampling, rng: &mut SplitMix) -> u32 {
     if s.temperature <= 0.0 {
-        let mut best = 0;
-        for (i, &x) in logits.iter().enumerate() {
-            if x > logits[best] {
-                best = i;
-            }
-        }
-        return best as u32;
+        return argmax(logits);
     }
-    let max = logits
+    let scaled: Vec<f64> = logits
         .iter()
         .map(|&x| f64::from(x) / s.temperature)
-        .fold(f64::NEG_INFINITY, f64::max);
-    let probs: Vec<f64> = logits
-        .iter()
-        .map(|&x| (f64::from(x) / s.temperature - max).exp())
         .collect();
-    let probs = match s.top_k.filter(|&k| k > 0 && k < probs.len()) {
-        Some(k) => top_k(probs, k),
-        None => probs,
-    };
+    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        // a temperature so small that the logits overflow: sampling's limit there is greedy
+        // (transformers' f32 division raises instead)
+        return argmax(logits);
+    }
+    let mut probs: Vec<f64> = scaled.iter().map(|&z| (z - max).exp()).collect();
+    if let Some(k) = s.top_k.filter(|&k| k > 0 && k < probs.len()) {
+        // on the scores, not the weights: at a huge temperature every weight rounds to 1
+        let kth = kth_largest(&scaled, k);
+        for (p, &z) in probs.iter_mut().zip(&scaled) {
+            if z < kth {
+                *p = 0.0;
+            }
+        }
+    }
     let total: f64 = probs.iter().sum();
     let top_p = s.top_p.unwrap_or(1.0);
     if top_p >= 1.0 {
@@ -163,6 +165,17 @@ fn choose(logits: &[f32], s: &Sampling, rng: &mut SplitMix) -> u32 {
     let nucleus = nucleus(&probs, total, top_p);
     let sum: f64 = nucleus.iter().map(|(_, p)| p).sum();
     walk(nucleus.iter().copied(), rng.unit() * sum)
+}
+
+/// The first of the highest logits, as `torch.argmax`.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// `logits` with transformers' repetition penalty on every token of `seen` (in f32, as its
@@ -177,18 +190,12 @@ fn penalized(logits: &[f32], seen: &std::collections::HashSet<u32>, penalty: f32
     out
 }
 
-/// `probs` with every weight below the k-th largest set to 0 (ties at the k-th kept, as
-/// transformers' `TopKLogitsWarper` removes only the scores below it).
-fn top_k(mut probs: Vec<f64>, k: usize) -> Vec<f64> {
-    let mut sorted = probs.clone();
+/// The k-th largest of `scores`: every score below it is left out, ties at the k-th kept, as
+/// transformers' `TopKLogitsWarper` removes only the scores below it.
+fn kth_largest(scores: &[f64], k: usize) -> f64 {
+    let mut sorted = scores.to_vec();
     let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    let kth = *kth;
-    for p in &mut probs {
-        if *p < kth {
-            *p = 0.0;
-        }
-    }
-    probs
+    *kth
 }
 
 /// The token at which `u` falls in the running sum of `items` (id, weight), in their order; the
@@ -283,8 +290,27 @@ mod tests {
             "{seen:?}"
         );
         // ties at the k-th are kept, as transformers'
-        assert_eq!(top_k(vec![0.1, 0.5, 0.5, 0.2], 2), [0.0, 0.5, 0.5, 0.0]);
-        assert_eq!(top_k(vec![0.1, 0.5, 0.3, 0.3], 2), [0.0, 0.5, 0.3, 0.3]);
+        assert_eq!(kth_largest(&[0.1, 0.5, 0.5, 0.2], 2), 0.5);
+        assert_eq!(kth_largest(&[0.1, 0.5, 0.3, 0.3], 2), 0.3);
+        // at a huge temperature every weight rounds to 1, and top-k still keeps the top two
+        // scores; at a tiny one the scaled logits overflow, and sampling is greedy
+        let hot = Sampling {
+            temperature: 1e20,
+            ..two
+        };
+        let cold = Sampling {
+            temperature: 1e-310,
+            ..two
+        };
+        let mut seen = [0; 4];
+        for _ in 0..400 {
+            seen[choose(&[0.0, 3.0, 2.9, 1.0], &hot, &mut rng) as usize] += 1;
+            assert_eq!(choose(&[0.0, 3.0, 2.9, 1.0], &cold, &mut rng), 1);
+        }
+        assert!(
+            seen[0] == 0 && seen[3] == 0 && seen[1] > 150 && seen[2] > 150,
+            "{seen:?}"
+        );
         let tokens = [0u32, 1, 9].into_iter().collect();
         assert_eq!(penalized(&[2.0, -2.0, 1.0], &tokens, 2.0), [1.0, -4.0, 1.0]);
     }

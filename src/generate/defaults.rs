@@ -10,13 +10,16 @@ use std::path::Path;
 pub const TOP_K: usize = 50;
 
 /// Settings of `generation_config.json` that change transformers' `generate` and that refdpo's
-/// does not apply.
-const UNAPPLIED: [&str; 22] = [
+/// does not apply. (transformers gives a decoder-only model's prompt as its encoder input too, so
+/// the `encoder_` settings apply to it.)
+const UNAPPLIED: [&str; 26] = [
     "num_beams",
     "num_beam_groups",
     "diversity_penalty",
     "penalty_alpha",
     "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "encoder_repetition_penalty",
     "min_length",
     "min_new_tokens",
     "bad_words_ids",
@@ -34,22 +37,27 @@ const UNAPPLIED: [&str; 22] = [
     "epsilon_cutoff",
     "eta_cutoff",
     "top_h",
+    "stop_strings",
+    "max_time",
 ];
 
 /// Whether `v` leaves `key` off, by transformers' own conditions for adding its processor.
 fn is_off(key: &str, v: &Value) -> bool {
     let x = v.as_f64();
-    let empty =
-        v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(|o| o.is_empty());
+    let empty = v.as_array().is_some_and(Vec::is_empty)
+        || v.as_object().is_some_and(|o| o.is_empty())
+        || v.as_str().is_some_and(str::is_empty);
     v.is_null()
         || empty
         || match key {
             "num_beams" | "num_beam_groups" | "guidance_scale" => x.is_some_and(|x| x <= 1.0),
+            "encoder_repetition_penalty" => x == Some(1.0),
             "typical_p" => x.is_some_and(|x| x >= 1.0),
             "epsilon_cutoff" | "eta_cutoff" => x.is_some_and(|x| !(x > 0.0 && x < 1.0)),
             "diversity_penalty"
             | "penalty_alpha"
             | "no_repeat_ngram_size"
+            | "encoder_no_repeat_ngram_size"
             | "min_length"
             | "min_new_tokens"
             | "min_p" => x.is_some_and(|x| x <= 0.0),
@@ -71,10 +79,19 @@ pub struct ModelDefaults {
     pub top_p: f64,
     /// The settings present that refdpo does not apply (`key = value`).
     pub unapplied: Vec<String>,
+    /// The file's sampling settings where it sets `do_sample = true` (`key = value`):
+    /// transformers' `generate()` then samples by default, refdpo only with `--temperature`.
+    pub samples_by_default: Option<String>,
 }
 
 impl ModelDefaults {
-    pub fn read(model_dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Self> {
+    /// `sampling`: whether `top_k` and `top_p` will be used. transformers checks them only
+    /// then; greedy decoding ignores them (defaults in their place), valid or not.
+    pub fn read(
+        model_dir: &Path,
+        tokenizer: &tokenizers::Tokenizer,
+        sampling: bool,
+    ) -> Result<Self> {
         let gen_path = model_dir.join("generation_config.json");
         let gen: Value = if gen_path.exists() {
             fs::read_json(&gen_path)?
@@ -96,12 +113,25 @@ impl ModelDefaults {
         let repetition_penalty = setting("repetition_penalty", 1.0, "a number above 0", &|v| {
             v.as_f64().filter(|p| p.is_finite() && *p > 0.0)
         })?;
-        let top_k = setting("top_k", TOP_K as f64, "a whole number >= 0", &|v| {
-            v.as_u64().map(|k| k as f64)
-        })? as usize;
-        let top_p = setting("top_p", 1.0, "a number in (0, 1]", &|v| {
-            v.as_f64().filter(|p| *p > 0.0 && *p <= 1.0)
-        })?;
+        let (top_k, top_p) = if sampling {
+            let top_k = setting("top_k", TOP_K as f64, "a whole number >= 0", &|v| {
+                v.as_u64().map(|k| k as f64)
+            })? as usize;
+            let top_p = setting("top_p", 1.0, "a number in [0, 1]", &|v| {
+                v.as_f64().filter(|p| (0.0..=1.0).contains(p))
+            })?;
+            (top_k, top_p)
+        } else {
+            (TOP_K, 1.0)
+        };
+        let samples_by_default = (gen["do_sample"] == Value::Bool(true)).then(|| {
+            ["do_sample", "temperature", "top_k", "top_p"]
+                .iter()
+                .filter(|key| !gen[**key].is_null())
+                .map(|key| format!("{key} = {}", gen[*key]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
         let unapplied = UNAPPLIED
             .iter()
             .filter(|key| !is_off(key, &gen[**key]))
@@ -113,6 +143,7 @@ impl ModelDefaults {
             top_k,
             top_p,
             unapplied,
+            samples_by_default,
         })
     }
 }

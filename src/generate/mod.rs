@@ -31,9 +31,9 @@ pub struct Options {
     /// First N prompts; 0 = all.
     pub limit: usize,
     pub max_new_tokens: usize,
-    pub sampling: Sampling,
     /// Its `top_k`, `top_p` and `repetition_penalty`: `None` takes the model's
     /// (`generation_config.json`).
+    pub sampling: Sampling,
     /// Default: `<run>/generations-<split>.jsonl`, or `<cache>/generations-<split>.jsonl`.
     pub out: Option<PathBuf>,
     pub plot: Option<PathBuf>,
@@ -48,8 +48,52 @@ pub struct Report {
     pub seconds: f64,
 }
 
+/// The flags' values, checked before anything is loaded: each wrong one is an error naming it.
+/// `--top-k` or `--top-p` given for greedy decoding is a note: they apply only when sampling.
+fn check(opts: &Options) -> Result<()> {
+    let s = &opts.sampling;
+    let flag = |name: &str, value: f64, want: &str| {
+        Err(Error::Config(format!(
+            "--{name} {value}: it must be {want}"
+        )))
+    };
+    if opts.max_new_tokens == 0 {
+        return Err(Error::Config(
+            "--max-new-tokens 0: it must be at least 1".into(),
+        ));
+    }
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        return flag(
+            "temperature",
+            s.temperature,
+            "a finite number >= 0 (0 = greedy)",
+        );
+    }
+    if let Some(p) = s.top_p.filter(|p| !(0.0..=1.0).contains(p)) {
+        return flag("top-p", p, "in [0, 1] (1 = all tokens)");
+    }
+    if let Some(r) = s
+        .repetition_penalty
+        .filter(|r| !(r.is_finite() && *r > 0.0))
+    {
+        return flag(
+            "repetition-penalty",
+            r,
+            "a finite number above 0 (1 = none)",
+        );
+    }
+    if s.temperature == 0.0 && (s.top_k.is_some() || s.top_p.is_some()) {
+        crate::error::note!(
+            "note: --top-k and --top-p apply only when sampling (--temperature above 0): \
+             decoding greedily"
+        );
+    }
+    Ok(())
+}
+
 /// Generates for every prompt of the split and writes the JSONL file.
 pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result<Report> {
+    check(opts)?;
     if let Some(out) = &opts.out {
         crate::outputs::check_jsonl_out(out, |l| {
             serde_json::from_str::<line::GenerationLine>(l).is_ok()
@@ -75,7 +119,15 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         None => None,
     };
     let policy_step = opts.run.as_ref().and_then(|r| RunDir::new(r).final_step());
-    let defaults = ModelDefaults::read(&inputs.model.dir, &inputs.tokenizer.tokenizer)?;
+    let sampling = opts.sampling.temperature > 0.0;
+    let defaults = ModelDefaults::read(&inputs.model.dir, &inputs.tokenizer.tokenizer, sampling)?;
+    if let (Some(settings), false) = (&defaults.samples_by_default, sampling) {
+        crate::error::note!(
+            "warning: `{}` sets {settings}: transformers' generate() samples with it by \
+             default, and refdpo decodes greedily unless --temperature is given",
+            inputs.model.dir.join("generation_config.json").display()
+        );
+    }
     if !defaults.unapplied.is_empty() {
         crate::error::note!(
             "warning: `{}` sets {}, which refdpo's generate does not apply: its continuations \
@@ -190,4 +242,67 @@ fn entry(tokenizer: &tokenizers::Tokenizer, g: &Generated) -> Result<Continuatio
         tokens: g.ids.len(),
         finished: g.finished,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each flag out of its range is refused naming it (transformers raises for each), and
+    /// top-p takes [0, 1] as its `TopPLogitsWarper` does.
+    #[test]
+    fn flags_out_of_range_are_named() {
+        let opts = |max_new_tokens, sampling| Options {
+            run: None,
+            split: None,
+            limit: 0,
+            max_new_tokens,
+            sampling,
+            out: None,
+            plot: None,
+        };
+        let hot = |temperature| Sampling {
+            temperature,
+            ..Sampling::GREEDY
+        };
+        let refused = [
+            (opts(0, Sampling::GREEDY), "--max-new-tokens 0"),
+            (opts(8, hot(-1.0)), "--temperature -1"),
+            (opts(8, hot(f64::NAN)), "--temperature NaN"),
+            (opts(8, hot(f64::INFINITY)), "--temperature inf"),
+            (
+                opts(
+                    8,
+                    Sampling {
+                        top_p: Some(1.5),
+                        ..hot(1.0)
+                    },
+                ),
+                "--top-p 1.5",
+            ),
+            (
+                opts(
+                    8,
+                    Sampling {
+                        repetition_penalty: Some(0.0),
+                        ..hot(1.0)
+                    },
+                ),
+                "--repetition-penalty 0",
+            ),
+        ];
+        for (o, named) in refused {
+            let err = check(&o).unwrap_err().to_string();
+            assert!(err.contains(named), "{named}: {err}");
+        }
+        check(&opts(
+            1,
+            Sampling {
+                top_p: Some(0.0),
+                ..hot(1e-3)
+            },
+        ))
+        .unwrap();
+        check(&opts(1, Sampling::GREEDY)).unwrap();
+    }
 }

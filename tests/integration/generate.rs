@@ -3,7 +3,7 @@
 //! left padding) and on the real-data tiny Llama golden; seeded sampling reproducible and
 //! independent of the batch; the command's JSONL, summary and chart on the demo.
 
-use super::common::{ok, precomputed, read_json, realdata, refdpo, repo, train_with};
+use super::common::{fails, ok, precomputed, read_json, realdata, refdpo, repo, train_with};
 use candle_core::{DType, Device};
 use refdpo::generate::decode::{generate, Sampling};
 use refdpo::model::{init, weights, Transformer, TransformerConfig};
@@ -305,7 +305,9 @@ fn generate_takes_the_models_repetition_penalty_and_names_what_it_does_not_apply
     std::fs::write(
         tmp.path().join("demo/model/generation_config.json"),
         r#"{"repetition_penalty": 1.5, "no_repeat_ngram_size": 3, "num_beams": 4,
-            "suppress_tokens": [], "typical_p": 1.0, "epsilon_cutoff": 1.0}"#,
+            "suppress_tokens": [], "typical_p": 1.0, "epsilon_cutoff": 1.0,
+            "encoder_repetition_penalty": 3.0, "encoder_no_repeat_ngram_size": 0,
+            "stop_strings": ["Conversation"]}"#,
     )
     .unwrap();
     let (model, err) = generated(&[], "model");
@@ -316,6 +318,9 @@ fn generate_takes_the_models_repetition_penalty_and_names_what_it_does_not_apply
         err.contains("generation_config.json")
             && err.contains("no_repeat_ngram_size = 3")
             && err.contains("num_beams = 4")
+            && err.contains("encoder_repetition_penalty = 3.0")
+            && err.contains("stop_strings = [\"Conversation\"]")
+            && !err.contains("encoder_no_repeat_ngram_size")
             && !err.contains("suppress_tokens")
             && !err.contains("typical_p")
             && !err.contains("epsilon_cutoff"),
@@ -331,4 +336,30 @@ fn generate_takes_the_models_repetition_penalty_and_names_what_it_does_not_apply
     .unwrap();
     let (sampled, _) = generated(&["--temperature", "1"], "sampled");
     assert_eq!(sampled, flag);
+    // A file that samples by default is said to; its top_k and top_p are checked only where
+    // they are used (as transformers: greedy decoding ignores them, valid or not).
+    std::fs::write(
+        tmp.path().join("demo/model/generation_config.json"),
+        r#"{"do_sample": true, "temperature": 0.7, "top_k": 50.0, "top_p": 0}"#,
+    )
+    .unwrap();
+    let (greedy, err) = generated(&[], "greedy");
+    assert_eq!(greedy, plain);
+    assert!(
+        err.contains("do_sample = true") && err.contains("decodes greedily unless --temperature"),
+        "{err}"
+    );
+    let err = fails(
+        &[
+            "generate",
+            "--config",
+            cfg_s,
+            "--limit",
+            "1",
+            "--temperature",
+            "1",
+        ],
+        tmp.path(),
+    );
+    assert!(err.contains("`top_k` is 50.0"), "{err}");
 }
