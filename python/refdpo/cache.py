@@ -177,11 +177,47 @@ def load_cache(path, split="train_prefs"):
 
 FINGERPRINT_INFO = "refdpo cache; fingerprint: "
 
+# What a cache's reference log-probs depend on: datasets joined from caches that agree on these
+# (other splits, other data) hold one reference's log-probs.
+REFERENCE_FIELDS = (
+    "model_id", "model_revision", "weights_sha256", "model_config_sha256", "tokenizer_sha256",
+    "tokenizer_config_sha256", "chat_template_sha256", "max_length", "truncation", "dtype", "scoring",
+)
+
 
 def fingerprint_of(dataset):
     """The fingerprint of a dataset `load_cache` made (kept through `select`, `shuffle`, ...), or
-    None for any other dataset."""
+    None for any other dataset. Datasets concatenated from caches of one reference
+    (`datasets.concatenate_datasets`, which joins their descriptions: other splits, other data, the
+    same model, tokenizer and tokenization) have the first's fingerprint with `split` naming them
+    all ("train_prefs+test_prefs"); from caches of different references, a `CacheError` naming the
+    field."""
     text = getattr(getattr(dataset, "info", None), "description", None) or ""
     if not text.startswith(FINGERPRINT_INFO):
         return None
-    return json.loads(text[len(FINGERPRINT_INFO):])
+    parts = text.split("\n\n" + FINGERPRINT_INFO)
+    parts[0] = parts[0][len(FINGERPRINT_INFO):]
+    try:
+        fingerprints = [json.loads(p) for p in parts]
+    except json.JSONDecodeError as e:
+        raise CacheError(
+            f"the dataset's description starts as a refdpo cache's but does not hold its fingerprint ({e}): "
+            "read the cache with refdpo.load_cache and concatenate only such datasets"
+        ) from None
+    first = fingerprints[0]
+    for other in fingerprints[1:]:
+        differs = [k for k in REFERENCE_FIELDS if first.get(k) != other.get(k)]
+        if differs:
+            raise CacheError(
+                f"the dataset joins caches made from other inputs (fingerprint field `{differs[0]}`: "
+                f"{first.get(differs[0])!r} and {other.get(differs[0])!r}): their reference log-probs are of "
+                "different references; concatenate splits of one cache only"
+            )
+    if len(fingerprints) > 1:
+        splits = []
+        for fp in fingerprints:
+            if fp.get("split") not in splits:
+                splits.append(fp.get("split"))
+        first = dict(first, split="+".join(splits))
+        first.pop("shard", None)
+    return first

@@ -112,10 +112,56 @@ def _model_path(model):
     return path
 
 
-def check(fingerprint, model, tokenizer, args, name="train"):
+def _unwrapped_name(name):
+    """A parameter's name as the checkpoint has it: PEFT's `base_model.model.` prefix and its
+    `base_layer` wrapper taken off."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    return name.replace(".base_layer.", ".")
+
+
+def check_weights_in_memory(model, path):
+    """Raises `CacheMismatch` where the model in memory does not hold the weights of `path`'s
+    safetensors, which the fingerprint's hash covers: a model made with `from_config` (transformers
+    keeps the path in its config) or changed after loading. Compares the first and last tensors
+    of the checkpoint that the model holds, each rounded to the model's dtype; parameters that
+    hold no values here (sharded by DeepSpeed ZeRO-3, quantized) are not compared."""
+    import torch
+    from safetensors import safe_open
+
+    d = _local_dir(path, ["*.safetensors", "model.safetensors.index.json"])
+    single = os.path.join(d, "model.safetensors")
+    if os.path.exists(single):
+        where = {}
+        with safe_open(single, "pt") as f:
+            where = {k: single for k in f.keys()}
+    else:
+        with open(os.path.join(d, "model.safetensors.index.json")) as f:
+            where = {k: os.path.join(d, v) for k, v in json.load(f)["weight_map"].items()}
+    params = {_unwrapped_name(n): p for n, p in model.named_parameters()}
+    names = [n for n in sorted(where) if n in params]
+    for name in {names[0], names[-1]} if names else ():
+        p = params[name]
+        if not p.is_floating_point() or p.numel() == 0:
+            continue
+        with safe_open(where[name], "pt") as f:
+            saved = f.get_tensor(name)
+        if saved.shape != p.shape:
+            continue
+        if not torch.equal(saved.to(dtype=p.dtype), p.detach().to("cpu")):
+            raise CacheMismatch(
+                f"the model's `{name}` in memory is not the one in {where[name]}, whose weights the "
+                "cache's `weights_sha256` covers: a model made with from_config (transformers keeps "
+                "the path in its config) or changed after loading. Load the reference with "
+                "from_pretrained(path), as the cache was made from"
+            )
+
+
+def check(fingerprint, model, tokenizer, args, name="train", in_memory=True):
     """Raises `CacheMismatch` naming the first field where the cache's fingerprint differs from
     the trainer's model (weights and `config.json`), tokenizer (and its settings files), chat
-    template, `max_length` or `truncation_mode`."""
+    template, `max_length` or `truncation_mode`; with `in_memory`, also where the model's weights
+    in memory are not its files' (`check_weights_in_memory`)."""
     template = getattr(tokenizer, "chat_template", None) or ""
     ours = {
         "max_length": args.max_length,
@@ -135,6 +181,8 @@ def check(fingerprint, model, tokenizer, args, name="train"):
                 f"{fingerprint.get('model_id')!r}); precompute a cache for this model, tokenizer and "
                 f"DPOConfig, or train with the ones the cache names"
             )
+    if in_memory:
+        check_weights_in_memory(model, _model_path(model))
 
 
 class CachedReferenceDPOTrainer(DPOTrainer):
@@ -149,22 +197,50 @@ class CachedReferenceDPOTrainer(DPOTrainer):
             )
         if ref_model is not None:
             raise ValueError("CachedReferenceDPOTrainer runs no reference model: pass ref_model=None")
-        self._refdpo_fingerprints = {}
+        if getattr(args, "ld_alpha", None) is not None:
+            raise ValueError(
+                f"DPOConfig(ld_alpha={args.ld_alpha}): LD-DPO weighs each answer's tokens past the "
+                "length it shares with the other answer, in the reference's log-probs too; the cache "
+                "holds whole sums, as refdpo's stage one makes them. Train without ld_alpha, or "
+                "with TRL's own reference pass"
+            )
         super().__init__(
             model=model, ref_model=None, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs
         )
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        fingerprint = fingerprint_of(dataset)
         missing = [c for c in COLUMNS if c not in dataset.column_names]
-        if fingerprint is None or missing:
+        if fingerprint_of(dataset) is None or missing:
             raise ValueError(
                 f"the {dataset_name} dataset is not a refdpo cache (read it with "
                 f"refdpo.load_cache(path, split)); missing: {missing or 'its fingerprint'}"
             )
-        self._refdpo_fingerprints[dataset_name] = fingerprint
         return dataset
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        check(self._refdpo_fingerprints[name], self.model, self.processing_class, self.args, name)
+        # the dataset's own fingerprint (the one `_prepare_dataset` returned: its info kept); the
+        # weights in memory are the reference's only until training moves them
+        untrained = getattr(getattr(self, "state", None), "global_step", 0) == 0
+        check(fingerprint_of(dataset), self.model, self.processing_class, self.args, name, in_memory=untrained)
         return dataset
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """TRL's `evaluate`, and for a cache passed here also after training has begun: its
+        reference log-probs are in the cache, so TRL's refusal there (it would need the reference
+        model, which full fine-tuning no longer holds) does not apply."""
+        if eval_dataset is None or isinstance(eval_dataset, str):
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        from transformers import Trainer
+
+        named = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
+        metrics = {}
+        for key, dataset in named.items():
+            name = "eval" if key is None else key
+            dataset = self._precompute_ref_logps(
+                self._prepare_dataset(dataset, self.processing_class, self.args, name), name, 0
+            )
+            prefix = metric_key_prefix if key is None else f"{metric_key_prefix}_{key}"
+            metrics.update(
+                Trainer.evaluate(self, eval_dataset=dataset, ignore_keys=ignore_keys, metric_key_prefix=prefix)
+            )
+        return metrics

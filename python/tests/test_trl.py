@@ -207,6 +207,46 @@ def test_a_cache_of_other_inputs_is_refused_by_name(setup, tmp_path):
         )
 
 
+def test_what_the_cache_cannot_stand_for_is_refused_and_evaluation_runs_after_training(setup, tmp_path):
+    """LD-DPO's weighted reference, a model whose weights in memory are not its files', a train
+    cache judged by an eval cache's fingerprint, caches of other inputs joined: each refused by
+    name. Splits of one cache joined train, and `evaluate` takes a cache after training."""
+    from datasets import concatenate_datasets
+    from transformers import AutoConfig
+
+    d, model_dir, cache = setup
+    train, test = refdpo.load_cache(cache), refdpo.load_cache(cache, "test_prefs")
+    model, tok = load(model_dir)
+    with pytest.raises(ValueError, match="ld_alpha=0.5"):
+        CachedReferenceDPOTrainer(model=model, args=config(tmp_path / "a", ld_alpha=0.5), train_dataset=train,
+                                  processing_class=tok)
+    # transformers keeps the path in a from_config model's config: its random weights are not the files'
+    torch.manual_seed(5)
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    assert fresh.config._name_or_path == str(model_dir)
+    with pytest.raises(CacheMismatch, match="in memory is not the one in"):
+        CachedReferenceDPOTrainer(model=fresh, args=config(tmp_path / "b"), train_dataset=train,
+                                  processing_class=tok)
+    # a train cache of other weights, beside an eval cache named "train"
+    other = train.select(range(len(train)))
+    fp = refdpo.fingerprint_of(train)
+    other._info.description = refdpo.cache.FINGERPRINT_INFO + json.dumps(dict(fp, weights_sha256="0" * 64))
+    with pytest.raises(CacheMismatch, match="weights_sha256"):
+        CachedReferenceDPOTrainer(model=model, args=config(tmp_path / "c"), train_dataset=other,
+                                  eval_dataset={"train": test}, processing_class=tok)
+    with pytest.raises(refdpo.CacheError, match="weights_sha256"):
+        refdpo.fingerprint_of(concatenate_datasets([train, other]))
+    # train and test of one cache, joined, train; evaluation after a step reads the cache
+    both = concatenate_datasets([train, test])
+    assert refdpo.fingerprint_of(both)["split"] == "train_prefs+test_prefs"
+    trainer = CachedReferenceDPOTrainer(model=model, args=config(tmp_path / "d", max_steps=1), train_dataset=both,
+                                        processing_class=tok)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    metrics = trainer.evaluate(eval_dataset=test)
+    assert math.isfinite(metrics["eval_loss"]), metrics
+
+
 def test_two_accelerate_processes_train_as_one_on_a_sharded_cache(setup, tmp_path):
     """`accelerate launch --num_processes 2` on the CPU (gloo) over a cache written by two `--shard i/2`
     processes: the single process's loss curve at the same global batch (4 × 2 processes against
