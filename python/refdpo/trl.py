@@ -14,7 +14,7 @@ TRL 1.16 cannot take such a dataset as it stands: its `_prepare_dataset` tokeniz
 `chosen` / `rejected` text (the cache holds ids), and with `precompute_ref_log_probs=True` its
 `_precompute_ref_logps` runs the reference again (or reads its own fingerprinted file) and then
 fails in `concatenate_datasets` on the columns the cache already has. This subclass overrides
-those two steps and nothing else:
+those two steps (and `evaluate`, which TRL refuses for a new dataset once training has begun):
 
 - `_prepare_dataset` takes the cache's rows as they are: `prompt_ids`, `chosen_ids`,
   `rejected_ids` are TRL's tokenization (refdpo's stage one tokenizes as TRL 1.16 does);
