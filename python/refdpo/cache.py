@@ -128,7 +128,8 @@ def _check_identity(files, fingerprints, split):
     """Each file holds what its name says, as stage two checks it: the split asked for, the shard
     its name gives, and one cache's fingerprint besides (a file copied over another is refused,
     naming it)."""
-    base = {k: v for k, v in fingerprints[0].items() if k != "shard"}
+    own = ("shard", "shard_pairs")  # each shard's own
+    base = {k: v for k, v in fingerprints[0].items() if k not in own}
     for f, fp in zip(files, fingerprints):
         if fp.get("split") != split:
             raise CacheError(
@@ -140,12 +141,39 @@ def _check_identity(files, fingerprints, split):
                 f"{f}: holds shard {fp.get('shard')!r} of {split!r}, not the {_shard_of(f, split)!r} "
                 "its name says: a file copied or renamed; re-run that shard's `refdpo precompute`"
             )
-        other = sorted(k for k in set(base) | set(fp) if k != "shard" and base.get(k) != fp.get(k))
+        other = sorted(k for k in set(base) | set(fp) if k not in own and base.get(k) != fp.get(k))
         if other:
             raise CacheError(
                 f"{f}: made from other inputs than {files[0]} (fingerprint field `{other[0]}`): "
                 "re-run its shard's `refdpo precompute` with the same config"
             )
+
+
+def _check_tiling(files, fingerprints, split):
+    """A split's shards, in order, hold its pairs once each: their `shard_pairs` ("start..end of
+    n") tile 0..n, as stage two checks it. Shards scored under different `precompute.chunk_pairs`
+    would read as a split with pairs missing or repeated. (Shards made before the span was
+    recorded carry none and are not checked.)"""
+    spans = [fp.get("shard_pairs") for fp in fingerprints]
+    if len(files) < 2 or not all(spans):
+        return
+    parsed = []
+    for f, s in zip(files, spans):
+        m = re.fullmatch(r"(\d+)\.\.(\d+) of (\d+)", s)
+        if not m:
+            raise CacheError(f"{f}: `shard_pairs` is {s!r}, not 'start..end of n'")
+        parsed.append(tuple(int(x) for x in m.groups()))
+    total, end = parsed[0][2], 0
+    for f, (a, b, n) in zip(files, parsed):
+        if a != end or n != total or b < a:
+            raise CacheError(
+                f"{f}: holds pairs {a}..{b} of {n} of {split!r}, where the shards before it end at pair "
+                f"{end} of {total}: the shards were scored under different `precompute.chunk_pairs`; re-run "
+                "every shard's `refdpo precompute` with one config"
+            )
+        end = b
+    if end != total:
+        raise CacheError(f"{files[-1]}: the shards of {split!r} end at pair {end} of {total}: re-run every shard")
 
 
 def read_fingerprint(path, split="train_prefs"):
@@ -167,7 +195,8 @@ def load_cache(path, split="train_prefs"):
     readers = [_verify(f) for f in files]
     fingerprints = [_fingerprint(f, r) for f, r in zip(files, readers)]
     _check_identity(files, fingerprints, split)
-    fingerprint = fingerprints[0]
+    _check_tiling(files, fingerprints, split)
+    fingerprint = {k: v for k, v in fingerprints[0].items() if k not in ("shard", "shard_pairs")}
     table = pa.concat_tables([r.read_all() for r in readers]).replace_schema_metadata(None)
     # The fingerprint rides in the dataset's info, which `select`, `shuffle` and `filter` keep, so
     # `refdpo.trl.CachedReferenceDPOTrainer` can check the cache against its model and config.

@@ -142,3 +142,17 @@ def test_a_damaged_or_missing_file_is_refused_by_name(caches, tmp_path):
         refdpo.load_cache(str(part))
     with pytest.raises(refdpo.CacheError, match="no such cache file"):
         refdpo.load_cache(str(tmp_path), "train_prefs")
+
+
+def test_shards_of_different_chunk_pairs_are_refused(caches, tmp_path):
+    """Shards scored under different `precompute.chunk_pairs` do not tile the split (pairs missing
+    or repeated): refused by name, as stage two refuses them."""
+    whole, sharded = caches
+    mixed = tmp_path / "mixed"
+    shutil.copytree(sharded, mixed)
+    d = os.path.dirname(whole)
+    precompute(pipeline(d, str(mixed)), "--shard", "1/2", "--set", "precompute.chunk_pairs=40")
+    with pytest.raises(refdpo.CacheError, match=r"shard-1-of-2.arrow: holds pairs 40.*end at pair 48.*chunk_pairs"):
+        refdpo.load_cache(str(mixed))
+    # the good sharded cache reads, its fingerprint the whole split's
+    assert "shard_pairs" not in refdpo.fingerprint_of(refdpo.load_cache(sharded))

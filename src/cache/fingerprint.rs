@@ -37,6 +37,13 @@ pub struct Fingerprint {
     /// The shard a shard's files hold ("i/n" on disk); `None` for a whole split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<Shard>,
+    /// The split's pairs a shard's files hold, as indices among all its kept pairs:
+    /// `"start..end of n"` (empty for a whole split, and in shards made before it was recorded).
+    /// A split's shards must tile `0..n` ([`super::shards`] checks it): shards scored under
+    /// different `precompute.chunk_pairs` would otherwise read as a split with pairs missing or
+    /// repeated.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub shard_pairs: String,
     /// The reference forward's compute dtype: a training run in another dtype is refused (its
     /// policy would not start as the reference, so the first loss would not be ln 2).
     pub dtype: Dtype,
@@ -153,7 +160,8 @@ impl Fingerprint {
     /// [`Fingerprint::scoring`]).
     /// The first field that differs is named with both values.
     pub fn check_compatible(&self, expected: &Fingerprint, path: &Path) -> Result<()> {
-        let mut skip = vec!["refdpo_version", "scoring"];
+        // (a split's shards are checked against each other: `shards::check_tiling`)
+        let mut skip = vec!["refdpo_version", "scoring", "shard_pairs"];
         skip.extend(READ_BY_STAGE_ONE);
         match self.first_difference(expected, &skip) {
             Some((name, cached, wanted)) => Err(stale(path, &name, &cached, &wanted)),
@@ -249,6 +257,7 @@ pub(crate) fn sample() -> Fingerprint {
         data_sha256: BTreeMap::new(),
         dataset_commit: String::new(),
         model_commit: String::new(),
+        shard_pairs: String::new(),
     }
 }
 

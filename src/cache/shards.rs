@@ -107,8 +107,66 @@ pub fn check_parquet(paths: &[PathBuf], split: &str) -> Result<()> {
         split: split.to_string(),
         ..super::parquet::read_fingerprint(first)?
     };
+    let mut fingerprints = Vec::with_capacity(paths.len());
     for p in paths {
-        super::parquet::read_fingerprint(p)?.check_compatible(&expected_for(p, split, &base), p)?;
+        let fp = super::parquet::read_fingerprint(p)?;
+        fp.check_compatible(&expected_for(p, split, &base), p)?;
+        fingerprints.push(fp);
+    }
+    check_tiling(paths, &fingerprints, split)
+}
+
+/// A split's shards, in order, hold its pairs once each: their `shard_pairs` tile `0..n`. Shards
+/// scored under different `precompute.chunk_pairs` would read as a split with pairs missing or
+/// repeated. (Shards made before the span was recorded carry none and are not checked.)
+pub fn check_tiling(paths: &[PathBuf], fingerprints: &[Fingerprint], split: &str) -> Result<()> {
+    if paths.len() < 2 || fingerprints.iter().any(|f| f.shard_pairs.is_empty()) {
+        return Ok(());
+    }
+    let span = |s: &str| -> Option<(usize, usize, usize)> {
+        let (range, n) = s.split_once(" of ")?;
+        let (a, b) = range.split_once("..")?;
+        Some((a.parse().ok()?, b.parse().ok()?, n.parse().ok()?))
+    };
+    let mut spans = Vec::with_capacity(paths.len());
+    for (p, fp) in paths.iter().zip(fingerprints) {
+        match span(&fp.shard_pairs) {
+            Some(s) => spans.push(s),
+            None => {
+                return Err(Error::CorruptCache {
+                    path: p.clone(),
+                    msg: format!(
+                        "`shard_pairs` is {:?}, not \"start..end of n\"",
+                        fp.shard_pairs
+                    ),
+                })
+            }
+        }
+    }
+    let total = spans[0].2;
+    let mut end = 0;
+    for (p, &(a, b, n)) in paths.iter().zip(&spans) {
+        if a != end || n != total || b < a {
+            return Err(Error::StaleCache {
+                path: p.clone(),
+                msg: format!(
+                    "holds pairs {a}..{b} of {n} of `{split}`, where the shards before it end at \
+                     pair {end} of {total}: the shards were scored under different \
+                     `precompute.chunk_pairs`, so the split would read with pairs missing or \
+                     repeated. Re-run every shard's `refdpo precompute` with one config"
+                ),
+            });
+        }
+        end = b;
+    }
+    if end != total {
+        return Err(Error::StaleCache {
+            path: paths[paths.len() - 1].clone(),
+            msg: format!(
+                "the shards of `{split}` end at pair {end} of {total}: re-run every shard's \
+                 `refdpo precompute` with one config"
+            ),
+        });
     }
     Ok(())
 }
@@ -127,6 +185,8 @@ pub fn open(dir: &Path, split: &str, expected: &Fingerprint) -> Result<Option<Ma
             .check_compatible(&expected_for(p, split, expected), p)?;
         parts.push(cache);
     }
+    let fingerprints: Vec<Fingerprint> = parts.iter().map(|c| c.fingerprint.clone()).collect();
+    check_tiling(&paths, &fingerprints, split)?;
     Ok(Some(MappedCache::concat(parts)))
 }
 

@@ -317,6 +317,7 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
     fingerprint.dataset_commit = source.commit.clone().unwrap_or_default();
     if !shard.is_whole() {
         fingerprint.shard = Some(shard);
+        fingerprint.shard_pairs = format!("{p0}..{p1} of {}", kept_rows.len());
     }
     Ok(Prepared {
         name: split.to_string(),

@@ -37,7 +37,8 @@ pub(super) fn claim_split(out: &Path, split: &Prepared, existing: Existing) -> R
         // cache's to replace, not another's
         let fp = fp.as_ref()?;
         let mut skip = cache::fingerprint::READ_BY_STAGE_ONE.to_vec();
-        skip.push("scoring");
+        // (another `chunk_pairs` gives a shard other pairs of the same inputs: scored again)
+        skip.extend(["scoring", "shard_pairs"]);
         // a cache made before these hashes were recorded is scored again, not another's
         if fp.model_config_sha256.is_empty() {
             skip.push("model_config_sha256");

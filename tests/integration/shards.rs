@@ -164,6 +164,59 @@ fn two_shard_processes_equal_the_unsharded_cache() {
     assert!(err.contains("0 <= i < n"), "{err}");
 }
 
+/// Shards scored under different `precompute.chunk_pairs` hold ranges of the split that do not
+/// tile it (here pairs 0..64 and 80..160 of 160: 16 missing); every reader refuses the split,
+/// naming the shard, where it read 144 pairs as the split. Rescored under one setting, it reads.
+#[test]
+fn shards_of_different_chunk_pairs_are_refused_by_every_reader() {
+    let (tmp, cfg) = precomputed("max_steps = 1");
+    let cfg_s = cfg.to_str().unwrap();
+    let sharded = tmp.path().join("sharded");
+    let out = format!("precompute.out={}", sharded.display());
+    let shard = |i: &str, chunk: &str| {
+        let chunk = format!("precompute.chunk_pairs={chunk}");
+        ok(
+            &[
+                "precompute",
+                "--config",
+                cfg_s,
+                "--quiet",
+                "--set",
+                &out,
+                "--set",
+                &chunk,
+                "--shard",
+                i,
+            ],
+            tmp.path(),
+        );
+    };
+    shard("0/2", "32");
+    shard("1/2", "16");
+    let cache_set = format!("train.cache={}", sharded.display());
+    let run = format!("train.out={}", tmp.path().join("run-mixed").display());
+    for err in [
+        fails(&["stats", "--cache", sharded.to_str().unwrap()], tmp.path()),
+        fails(
+            &[
+                "train", "--config", cfg_s, "--set", &cache_set, "--set", &run,
+            ],
+            tmp.path(),
+        ),
+    ] {
+        assert!(
+            err.contains("train_prefs.shard-1-of-2")
+                && err.contains("holds pairs 80..")
+                && err.contains("end at pair 64")
+                && err.contains("precompute.chunk_pairs"),
+            "{err}"
+        );
+    }
+    // shard 1 again under shard 0's setting: the split reads whole
+    shard("1/2", "32");
+    ok(&["stats", "--cache", sharded.to_str().unwrap()], tmp.path());
+}
+
 /// Equal JSON, numbers within 1e-12 relative.
 fn assert_close(a: &serde_json::Value, b: &serde_json::Value, at: &str) {
     use serde_json::Value;
