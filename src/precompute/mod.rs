@@ -174,6 +174,19 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
         {
             None
         }
+        Err(e) if e.is_not_writable() => {
+            return Err(Error::Config(format!(
+                "`{}` cannot be written here ({}), and its cache is not up to date for this \
+                 config{}: write it elsewhere with --set precompute.out=DIR",
+                out.display(),
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string),
+                if existing == Existing::Overwrite {
+                    " (--overwrite replaces it)"
+                } else {
+                    ""
+                }
+            )))
+        }
         Err(e) => return Err(e),
     };
     for split in &prepared {

@@ -142,7 +142,12 @@ fn a_read_only_cache_that_is_up_to_date_needs_no_writing() {
         "tokenize.max_length=80",
     ]);
     let stderr = assert_plain_error(&out, "a stale read-only cache");
-    assert!(stderr.contains("Read-only file system"), "{stderr}");
+    assert!(
+        stderr.contains("cannot be written here (Read-only file system")
+            && stderr.contains("not up to date")
+            && stderr.contains("--set precompute.out=DIR"),
+        "{stderr}"
+    );
 }
 
 /// A cache truncated by another program while `train` reads it through its memory map ends the
