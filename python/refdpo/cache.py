@@ -152,11 +152,17 @@ def _check_identity(files, fingerprints, split):
 def _check_tiling(files, fingerprints, split):
     """A split's shards, in order, hold its pairs once each: their `shard_pairs` ("start..end of
     n") tile 0..n, as stage two checks it. Shards scored under different `precompute.chunk_pairs`
-    would read as a split with pairs missing or repeated. (Shards made before the span was
-    recorded carry none and are not checked.)"""
+    would read as a split with pairs missing or repeated. (Shards that all predate the span carry
+    none and are not checked; one of them among shards that carry it is refused.)"""
     spans = [fp.get("shard_pairs") for fp in fingerprints]
-    if len(files) < 2 or not all(spans):
+    if len(files) < 2 or not any(spans):
         return
+    for f, s in zip(files, spans):
+        if not s:
+            raise CacheError(
+                f"{f}: was made before shards recorded the pairs they hold, unlike the other shards of "
+                f"{split!r}: re-run this shard's `refdpo precompute` with the others' config"
+            )
     parsed = []
     for f, s in zip(files, spans):
         m = re.fullmatch(r"(\d+)\.\.(\d+) of (\d+)", s)
@@ -206,10 +212,11 @@ def load_cache(path, split="train_prefs"):
 
 FINGERPRINT_INFO = "refdpo cache; fingerprint: "
 
-# What a cache's reference log-probs depend on: datasets joined from caches that agree on these
-# (other splits, other data) hold one reference's log-probs.
+# What a cache's reference log-probs depend on (the files' hashes, not the names they were loaded
+# by): datasets joined from caches that agree on these (other splits, other data) hold one
+# reference's log-probs.
 REFERENCE_FIELDS = (
-    "model_id", "model_revision", "weights_sha256", "model_config_sha256", "tokenizer_sha256",
+    "weights_sha256", "model_config_sha256", "tokenizer_sha256",
     "tokenizer_config_sha256", "chat_template_sha256", "max_length", "truncation", "dtype", "scoring",
 )
 

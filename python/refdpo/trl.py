@@ -176,7 +176,7 @@ def check(fingerprint, model, tokenizer, args, name="train", in_memory=True):
         value = value() if callable(value) else value
         if fingerprint.get(field) != value:
             raise CacheMismatch(
-                f"the {name} cache's `{field}` is {fingerprint.get(field)!r} but the trainer's is "
+                f"the cache given as {name!r}: its `{field}` is {fingerprint.get(field)!r} but the trainer's is "
                 f"{value!r}: the cache was made by `refdpo precompute` from other inputs (model "
                 f"{fingerprint.get('model_id')!r}); precompute a cache for this model, tokenizer and "
                 f"DPOConfig, or train with the ones the cache names"

@@ -156,3 +156,19 @@ def test_shards_of_different_chunk_pairs_are_refused(caches, tmp_path):
         refdpo.load_cache(str(mixed))
     # the good sharded cache reads, its fingerprint the whole split's
     assert "shard_pairs" not in refdpo.fingerprint_of(refdpo.load_cache(sharded))
+
+
+def test_shard_spans_must_tile_the_split():
+    """The tiling check itself: a gap, an overlap, a shard without a span among shards with one."""
+    from refdpo.cache import _check_tiling
+
+    files = ["t.shard-0-of-2.arrow", "t.shard-1-of-2.arrow"]
+    _check_tiling(files, [{"shard_pairs": "0..9 of 27"}, {"shard_pairs": "9..27 of 27"}], "t")
+    _check_tiling(files, [{}, {}], "t")
+    for spans, says in [
+        (["0..9 of 27", "12..27 of 27"], "end at pair 9"),
+        (["0..12 of 27", "9..27 of 27"], "end at pair 12"),
+        (["0..9 of 27", None], "made before shards recorded"),
+    ]:
+        with pytest.raises(refdpo.CacheError, match=says):
+            _check_tiling(files, [{"shard_pairs": s} if s else {} for s in spans], "t")

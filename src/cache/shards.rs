@@ -118,10 +118,27 @@ pub fn check_parquet(paths: &[PathBuf], split: &str) -> Result<()> {
 
 /// A split's shards, in order, hold its pairs once each: their `shard_pairs` tile `0..n`. Shards
 /// scored under different `precompute.chunk_pairs` would read as a split with pairs missing or
-/// repeated. (Shards made before the span was recorded carry none and are not checked.)
+/// repeated. (Shards that all predate the span carry none and are not checked; one of them among
+/// shards that carry it is refused.)
 pub fn check_tiling(paths: &[PathBuf], fingerprints: &[Fingerprint], split: &str) -> Result<()> {
-    if paths.len() < 2 || fingerprints.iter().any(|f| f.shard_pairs.is_empty()) {
+    if paths.len() < 2 || fingerprints.iter().all(|f| f.shard_pairs.is_empty()) {
         return Ok(());
+    }
+    // shards that record their pairs beside ones made before they did: the old ones could hold
+    // any range, so the split cannot be read whole
+    if let Some((p, _)) = paths
+        .iter()
+        .zip(fingerprints)
+        .find(|(_, f)| f.shard_pairs.is_empty())
+    {
+        return Err(Error::StaleCache {
+            path: p.clone(),
+            msg: format!(
+                "was made before shards recorded the pairs they hold, unlike the other shards of \
+                 `{split}`: the split cannot be checked whole. Re-run this shard's `refdpo \
+                 precompute` with the others' config"
+            ),
+        });
     }
     let span = |s: &str| -> Option<(usize, usize, usize)> {
         let (range, n) = s.split_once(" of ")?;
@@ -270,6 +287,52 @@ mod tests {
                 next = r.end;
             }
             assert_eq!(next, n);
+        }
+    }
+
+    use crate::cache::fingerprint::sample;
+
+    fn shards(spans: &[&str]) -> (Vec<PathBuf>, Vec<Fingerprint>) {
+        let paths = (0..spans.len())
+            .map(|i| PathBuf::from(format!("t.shard-{i}-of-{}.arrow", spans.len())))
+            .collect();
+        let fps = spans
+            .iter()
+            .map(|s| Fingerprint {
+                shard_pairs: s.to_string(),
+                ..sample()
+            })
+            .collect();
+        (paths, fps)
+    }
+
+    /// Shards tile their split, or are refused naming the first that does not: a gap, an
+    /// overlap, another total, a short end, one without a span among shards with one. Shards
+    /// that all predate the span are read as before.
+    #[test]
+    fn shards_must_tile_the_split() {
+        for ok in [
+            &["0..9 of 27", "9..18 of 27", "18..27 of 27"][..],
+            &["0..27 of 27", "27..27 of 27"],
+            &["", ""],
+        ] {
+            let (p, f) = shards(ok);
+            check_tiling(&p, &f, "t").unwrap();
+        }
+        for (bad, named, says) in [
+            (&["0..9 of 27", "12..27 of 27"][..], 1, "end at pair 9"),
+            (&["0..12 of 27", "9..27 of 27"], 1, "end at pair 12"),
+            (&["0..9 of 27", "9..30 of 30"], 1, "of 30"),
+            (&["0..9 of 27", "9..20 of 27"], 1, "end at pair 20 of 27"),
+            (&["0..9 of 27", ""], 1, "made before shards recorded"),
+            (&["", "9..27 of 27"], 0, "made before shards recorded"),
+        ] {
+            let (p, f) = shards(bad);
+            let err = check_tiling(&p, &f, "t").unwrap_err().to_string();
+            assert!(
+                err.contains(&p[named].display().to_string()) && err.contains(says),
+                "{bad:?}: {err}"
+            );
         }
     }
 }
