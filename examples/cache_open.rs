@@ -48,7 +48,7 @@ fn main() -> refdpo::Result<()> {
         max_length: 1024,
         truncation: Truncation::KeepStart,
         shard: None,
-        shard_pairs: String::new(),
+        shard_pairs: None,
         dtype: Dtype::Bf16,
         refdpo_version: env!("CARGO_PKG_VERSION").into(),
         scoring: refdpo::cache::fingerprint::SCORING,

@@ -143,7 +143,7 @@ impl Inputs {
             data_sha256: Default::default(),
             dataset_commit: String::new(),
             model_commit: self.model.commit.clone().unwrap_or_default(),
-            shard_pairs: String::new(),
+            shard_pairs: None,
         }
     }
 }

@@ -255,5 +255,4 @@ def fingerprint_of(dataset):
             if fp.get("split") not in splits:
                 splits.append(fp.get("split"))
         first = dict(first, split="+".join(splits))
-        first.pop("shard", None)
     return first

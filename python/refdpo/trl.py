@@ -132,7 +132,6 @@ def check_weights_in_memory(model, path):
     d = _local_dir(path, ["*.safetensors", "model.safetensors.index.json"])
     single = os.path.join(d, "model.safetensors")
     if os.path.exists(single):
-        where = {}
         with safe_open(single, "pt") as f:
             where = {k: single for k in f.keys()}
     else:

@@ -38,12 +38,13 @@ pub struct Fingerprint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<Shard>,
     /// The split's pairs a shard's files hold, as indices among all its kept pairs:
-    /// `"start..end of n"` (empty for a whole split, and in shards made before it was recorded).
+    /// `"start..end of n"` on disk (`None` for a whole split, and in shards made before it was
+    /// recorded).
     /// A split's shards must tile `0..n` ([`super::shards`] checks it): shards scored under
     /// different `precompute.chunk_pairs` would otherwise read as a split with pairs missing or
     /// repeated.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub shard_pairs: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_pairs: Option<super::shards::ShardPairs>,
     /// The reference forward's compute dtype: a training run in another dtype is refused (its
     /// policy would not start as the reference, so the first loss would not be ln 2).
     pub dtype: Dtype,
@@ -257,7 +258,7 @@ pub(crate) fn sample() -> Fingerprint {
         data_sha256: BTreeMap::new(),
         dataset_commit: String::new(),
         model_commit: String::new(),
-        shard_pairs: String::new(),
+        shard_pairs: None,
     }
 }
 

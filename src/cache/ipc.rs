@@ -146,7 +146,7 @@ impl MappedCache {
         let mut parts = parts.into_iter();
         let mut out = parts.next().expect("at least one part");
         out.fingerprint.shard = None;
-        out.fingerprint.shard_pairs.clear();
+        out.fingerprint.shard_pairs = None;
         for p in parts {
             let base = out.batches.len() as u32;
             out.index

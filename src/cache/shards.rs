@@ -107,85 +107,113 @@ pub fn check_parquet(paths: &[PathBuf], split: &str) -> Result<()> {
         split: split.to_string(),
         ..super::parquet::read_fingerprint(first)?
     };
-    let mut fingerprints = Vec::with_capacity(paths.len());
+    let mut spans = Vec::with_capacity(paths.len());
     for p in paths {
         let fp = super::parquet::read_fingerprint(p)?;
         fp.check_compatible(&expected_for(p, split, &base), p)?;
-        fingerprints.push(fp);
+        spans.push(fp.shard_pairs);
     }
-    check_tiling(paths, &fingerprints, split)
+    check_tiling(paths, &spans, split)
+}
+
+/// The pairs of a split a shard's files hold, as indices among all its kept pairs: `start..end`
+/// of `total` (`"start..end of n"` on disk, in the fingerprint's `shard_pairs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardPairs {
+    pub start: usize,
+    pub end: usize,
+    pub total: usize,
+}
+
+impl std::fmt::Display for ShardPairs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..{} of {}", self.start, self.end, self.total)
+    }
+}
+
+impl std::str::FromStr for ShardPairs {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parse = || {
+            let (range, total) = s.split_once(" of ")?;
+            let (start, end) = range.split_once("..")?;
+            Some(Self {
+                start: start.parse().ok()?,
+                end: end.parse().ok()?,
+                total: total.parse().ok()?,
+            })
+        };
+        parse().ok_or_else(|| format!("`{s}` is not \"start..end of n\""))
+    }
+}
+
+impl serde::Serialize for ShardPairs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ShardPairs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// A split's shards, in order, hold its pairs once each: their `shard_pairs` tile `0..n`. Shards
 /// scored under different `precompute.chunk_pairs` would read as a split with pairs missing or
 /// repeated. (Shards that all predate the span carry none and are not checked; one of them among
 /// shards that carry it is refused.)
-pub fn check_tiling(paths: &[PathBuf], fingerprints: &[Fingerprint], split: &str) -> Result<()> {
-    if paths.len() < 2 || fingerprints.iter().all(|f| f.shard_pairs.is_empty()) {
+pub fn check_tiling(paths: &[PathBuf], spans: &[Option<ShardPairs>], split: &str) -> Result<()> {
+    if paths.len() < 2 || spans.iter().all(Option::is_none) {
         return Ok(());
     }
-    // shards that record their pairs beside ones made before they did: the old ones could hold
-    // any range, so the split cannot be read whole
-    if let Some((p, _)) = paths
-        .iter()
-        .zip(fingerprints)
-        .find(|(_, f)| f.shard_pairs.is_empty())
-    {
-        return Err(Error::StaleCache {
-            path: p.clone(),
-            msg: format!(
-                "was made before shards recorded the pairs they hold, unlike the other shards of \
-                 `{split}`: the split cannot be checked whole. Re-run this shard's `refdpo \
-                 precompute` with the others' config"
-            ),
-        });
-    }
-    let span = |s: &str| -> Option<(usize, usize, usize)> {
-        let (range, n) = s.split_once(" of ")?;
-        let (a, b) = range.split_once("..")?;
-        Some((a.parse().ok()?, b.parse().ok()?, n.parse().ok()?))
-    };
-    let mut spans = Vec::with_capacity(paths.len());
-    for (p, fp) in paths.iter().zip(fingerprints) {
-        match span(&fp.shard_pairs) {
-            Some(s) => spans.push(s),
-            None => {
-                return Err(Error::CorruptCache {
-                    path: p.clone(),
-                    msg: format!(
-                        "`shard_pairs` is {:?}, not \"start..end of n\"",
-                        fp.shard_pairs
-                    ),
-                })
-            }
-        }
-    }
-    let total = spans[0].2;
+    let mut total = None;
     let mut end = 0;
-    for (p, &(a, b, n)) in paths.iter().zip(&spans) {
-        if a != end || n != total || b < a {
+    for (p, span) in paths.iter().zip(spans) {
+        // shards that record their pairs beside ones made before they did: the old ones could
+        // hold any range, so the split cannot be read whole
+        let Some(ShardPairs {
+            start,
+            end: to,
+            total: n,
+        }) = *span
+        else {
             return Err(Error::StaleCache {
                 path: p.clone(),
                 msg: format!(
-                    "holds pairs {a}..{b} of {n} of `{split}`, where the shards before it end at \
-                     pair {end} of {total}: the shards were scored under different \
+                    "was made before shards recorded the pairs they hold, unlike the other \
+                     shards of `{split}`: the split cannot be checked whole. Re-run this shard's \
+                     `refdpo precompute` with the others' config"
+                ),
+            });
+        };
+        let total = *total.get_or_insert(n);
+        if start != end || n != total || to < start {
+            return Err(Error::StaleCache {
+                path: p.clone(),
+                msg: format!(
+                    "holds pairs {start}..{to} of {n} of `{split}`, where the shards before it \
+                     end at pair {end} of {total}: the shards were scored under different \
                      `precompute.chunk_pairs`, so the split would read with pairs missing or \
                      repeated. Re-run every shard's `refdpo precompute` with one config"
                 ),
             });
         }
-        end = b;
+        end = to;
     }
-    if end != total {
-        return Err(Error::StaleCache {
+    match total {
+        Some(total) if end != total => Err(Error::StaleCache {
             path: paths[paths.len() - 1].clone(),
             msg: format!(
                 "the shards of `{split}` end at pair {end} of {total}: re-run every shard's \
                  `refdpo precompute` with one config"
             ),
-        });
+        }),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// The Arrow cache of `split` in `dir`, whole or from all its shards (each memory-mapped and
@@ -202,8 +230,8 @@ pub fn open(dir: &Path, split: &str, expected: &Fingerprint) -> Result<Option<Ma
             .check_compatible(&expected_for(p, split, expected), p)?;
         parts.push(cache);
     }
-    let fingerprints: Vec<Fingerprint> = parts.iter().map(|c| c.fingerprint.clone()).collect();
-    check_tiling(&paths, &fingerprints, split)?;
+    let spans: Vec<_> = parts.iter().map(|c| c.fingerprint.shard_pairs).collect();
+    check_tiling(&paths, &spans, split)?;
     Ok(Some(MappedCache::concat(parts)))
 }
 
@@ -290,20 +318,16 @@ mod tests {
         }
     }
 
-    use crate::cache::fingerprint::sample;
-
-    fn shards(spans: &[&str]) -> (Vec<PathBuf>, Vec<Fingerprint>) {
+    /// Shard files' paths and spans ("" for none).
+    fn shards(spans: &[&str]) -> (Vec<PathBuf>, Vec<Option<ShardPairs>>) {
         let paths = (0..spans.len())
             .map(|i| PathBuf::from(format!("t.shard-{i}-of-{}.arrow", spans.len())))
             .collect();
-        let fps = spans
+        let spans = spans
             .iter()
-            .map(|s| Fingerprint {
-                shard_pairs: s.to_string(),
-                ..sample()
-            })
+            .map(|s| (!s.is_empty()).then(|| s.parse().unwrap()))
             .collect();
-        (paths, fps)
+        (paths, spans)
     }
 
     /// Shards tile their split, or are refused naming the first that does not: a gap, an
@@ -311,6 +335,9 @@ mod tests {
     /// that all predate the span are read as before.
     #[test]
     fn shards_must_tile_the_split() {
+        let span: ShardPairs = "9..18 of 27".parse().unwrap();
+        assert_eq!(span.to_string(), "9..18 of 27");
+        assert!("9..18".parse::<ShardPairs>().is_err());
         for ok in [
             &["0..9 of 27", "9..18 of 27", "18..27 of 27"][..],
             &["0..27 of 27", "27..27 of 27"],

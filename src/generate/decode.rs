@@ -137,25 +137,27 @@ fn choose(logits: &[f32], s: &Sampling, rng: &mut SplitMix) -> u32 {
     if s.temperature <= 0.0 {
         return argmax(logits);
     }
-    let scaled: Vec<f64> = logits
+    // the scaled scores, then in place their weights
+    let mut probs: Vec<f64> = logits
         .iter()
         .map(|&x| f64::from(x) / s.temperature)
         .collect();
-    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let max = probs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if !max.is_finite() {
         // a temperature so small that the logits overflow: sampling's limit there is greedy
         // (transformers' f32 division raises instead)
         return argmax(logits);
     }
-    let mut probs: Vec<f64> = scaled.iter().map(|&z| (z - max).exp()).collect();
-    if let Some(k) = s.top_k.filter(|&k| k > 0 && k < probs.len()) {
-        // on the scores, not the weights: at a huge temperature every weight rounds to 1
-        let kth = kth_largest(&scaled, k);
-        for (p, &z) in probs.iter_mut().zip(&scaled) {
-            if z < kth {
-                *p = 0.0;
-            }
-        }
+    // top-k on the scores, not the weights: at a huge temperature every weight rounds to 1
+    let kth = s
+        .top_k
+        .filter(|&k| k > 0 && k < probs.len())
+        .map(|k| kth_largest(&probs, k));
+    for z in &mut probs {
+        *z = match kth {
+            Some(kth) if *z < kth => 0.0,
+            _ => (*z - max).exp(),
+        };
     }
     let total: f64 = probs.iter().sum();
     let top_p = s.top_p.unwrap_or(1.0);

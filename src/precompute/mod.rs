@@ -330,7 +330,11 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
     fingerprint.dataset_commit = source.commit.clone().unwrap_or_default();
     if !shard.is_whole() {
         fingerprint.shard = Some(shard);
-        fingerprint.shard_pairs = format!("{p0}..{p1} of {}", kept_rows.len());
+        fingerprint.shard_pairs = Some(cache::shards::ShardPairs {
+            start: p0,
+            end: p1,
+            total: kept_rows.len(),
+        });
     }
     Ok(Prepared {
         name: split.to_string(),

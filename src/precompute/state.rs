@@ -136,15 +136,19 @@ pub(super) fn cache_state(pq: &Path, arrow: &Path, fingerprint: &Fingerprint) ->
             }
             Some((field, theirs, _))
                 if (field.ends_with("config_sha256") && theirs == "\"\"")
-                    || (field == "shard_pairs" && other.shard_pairs.is_empty()) =>
+                    || (field == "shard_pairs" && other.shard_pairs.is_none()) =>
             {
                 format!("it was made before refdpo recorded `{field}`")
             }
-            Some((field, _, _)) if field == "shard_pairs" => format!(
-                "it holds pairs {} of the split, where this shard holds {} (another \
-                 `precompute.chunk_pairs`)",
-                other.shard_pairs, fingerprint.shard_pairs
-            ),
+            Some((field, _, _)) if field == "shard_pairs" => {
+                let span = |f: &Fingerprint| f.shard_pairs.map_or(String::new(), |p| p.to_string());
+                format!(
+                    "it holds pairs {} of the split, where this shard holds {} (another \
+                     `precompute.chunk_pairs`)",
+                    span(&other),
+                    span(fingerprint)
+                )
+            }
             Some((field, _, _)) if field == "scoring" => format!(
                 "it was scored by other numerics (stage one's version {} there, {} in this build)",
                 other.scoring, fingerprint.scoring
