@@ -110,9 +110,17 @@ impl ModelDefaults {
                 }),
             }
         };
-        let repetition_penalty = setting("repetition_penalty", 1.0, "a number above 0", &|v| {
-            v.as_f64().filter(|p| p.is_finite() && *p > 0.0)
-        })?;
+        // transformers refuses a whole number other than 1 ("`penalty` has to be a strictly
+        // positive float"): 2 where 2.0 was meant
+        let repetition_penalty = setting(
+            "repetition_penalty",
+            1.0,
+            "a decimal number above 0 (transformers refuses a whole number: write 2.0 for 2)",
+            &|v| {
+                v.as_f64()
+                    .filter(|p| p.is_finite() && *p > 0.0 && (v.is_f64() || *p == 1.0))
+            },
+        )?;
         let (top_k, top_p) = if sampling {
             let top_k = setting("top_k", TOP_K as f64, "a whole number >= 0", &|v| {
                 v.as_u64().map(|k| k as f64)

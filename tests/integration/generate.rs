@@ -336,6 +336,22 @@ fn generate_takes_the_models_repetition_penalty_and_names_what_it_does_not_apply
     .unwrap();
     let (sampled, _) = generated(&["--temperature", "1"], "sampled");
     assert_eq!(sampled, flag);
+    // a whole number: transformers refuses any but 1
+    for (penalty, refused) in [("2", true), ("1", false), ("2.0", false)] {
+        std::fs::write(
+            tmp.path().join("demo/model/generation_config.json"),
+            format!(r#"{{"repetition_penalty": {penalty}}}"#),
+        )
+        .unwrap();
+        let out = tmp.path().join(format!("penalty-{penalty}.jsonl"));
+        let args = [
+            "generate", "--config", cfg_s, "--quiet", "--limit", "1", "--out",
+        ];
+        let r = refdpo(&[&args[..], &[out.to_str().unwrap()]].concat(), tmp.path());
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(!r.status.success(), refused, "{penalty}: {err}");
+        assert!(!refused || err.contains("write 2.0 for 2"), "{err}");
+    }
     // A file that samples by default is said to; its top_k and top_p are checked only where
     // they are used (as transformers: greedy decoding ignores them, valid or not).
     std::fs::write(
