@@ -59,6 +59,10 @@ struct Tensorboard {
     writer: Option<EventWriter>,
     /// A resumed run's first rewritten step: the new file opens with it.
     restart_at: Option<u64>,
+    /// Kept lines at `restart_at` that the new file writes again before its own: the restart
+    /// drops every older event from that step on, and a final evaluation done again shares its
+    /// step with the training line kept before it.
+    replay: Vec<Map<String, Value>>,
 }
 
 /// What one optimizer step measured.
@@ -77,6 +81,17 @@ pub struct EvalReport {
     pub seconds: f64,
 }
 
+/// One `metrics.jsonl` line's numbers as TensorBoard scalars at its step.
+fn write_scalars(w: &mut EventWriter, line: &Map<String, Value>) -> Result<()> {
+    let step = line.get("step").and_then(Value::as_u64).unwrap_or(0);
+    let scalars: Vec<(String, f64)> = line
+        .iter()
+        .filter(|(k, _)| *k != "step")
+        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+        .collect();
+    w.scalars(step, &scalars)
+}
+
 impl MetricsLog {
     /// The log at `path`, mirrored into TensorBoard event files in `tensorboard` when given.
     pub fn new(path: PathBuf, tensorboard: Option<PathBuf>) -> Self {
@@ -87,6 +102,7 @@ impl MetricsLog {
                     dir,
                     writer: None,
                     restart_at: None,
+                    replay: Vec::new(),
                 })
             }),
         }
@@ -145,19 +161,18 @@ impl MetricsLog {
     fn append(&self, line: Map<String, Value>) -> Result<()> {
         if let Some(tb) = &self.tensorboard {
             let mut tb = tb.lock().unwrap_or_else(|e| e.into_inner());
-            let step = line.get("step").and_then(Value::as_u64).unwrap_or(0);
-            let scalars: Vec<(String, f64)> = line
-                .iter()
-                .filter(|(k, _)| *k != "step")
-                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
-                .collect();
-            if tb.writer.is_none() {
-                let writer = EventWriter::create(&tb.dir, tb.restart_at)?;
-                tb.writer = Some(writer);
-            }
-            if let Some(w) = &mut tb.writer {
-                w.scalars(step, &scalars)?;
-            }
+            let tb = &mut *tb;
+            let writer = match &mut tb.writer {
+                Some(w) => w,
+                None => {
+                    let mut w = EventWriter::create(&tb.dir, tb.restart_at)?;
+                    for kept in std::mem::take(&mut tb.replay) {
+                        write_scalars(&mut w, &kept)?;
+                    }
+                    tb.writer.insert(w)
+                }
+            };
+            write_scalars(writer, &line)?;
         }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -171,26 +186,35 @@ impl MetricsLog {
     /// Keeps only the lines up to `step` (a resumed run rewrites what came after), less the
     /// evaluation line at `step` when `drop_eval_at_step` (the final one, which a resumed run makes
     /// again); TensorBoard's readers drop the events after it when the new event file opens.
+    /// TensorBoard's new file restarts at the first step rewritten: `step + 1`, or `step` itself
+    /// when its evaluation is dropped, the kept training line at `step` then written again.
     pub fn truncate_after(&self, step: usize, drop_eval_at_step: bool) -> Result<()> {
-        if let Some(tb) = &self.tensorboard {
-            tb.lock().unwrap_or_else(|e| e.into_inner()).restart_at = Some(step as u64 + 1);
-        }
-        let Ok(text) = crate::error::fs::read_to_string(&self.path) else {
-            return Ok(());
-        };
-        let kept: String = text
+        let text = crate::error::fs::read_to_string(&self.path).unwrap_or_default();
+        let kept: Vec<(&str, Map<String, Value>)> = text
             .lines()
-            .filter(|l| {
-                let Ok(v) = serde_json::from_str::<Value>(l) else {
-                    return false;
-                };
-                let eval = v.get(format!("eval/{}", Metric::Loss.name())).is_some();
+            .filter_map(|l| Some((l, serde_json::from_str::<Map<String, Value>>(l).ok()?)))
+            .filter(|(_, v)| {
+                let eval = v.contains_key(&format!("eval/{}", Metric::Loss.name()));
                 v.get("step").and_then(Value::as_u64).is_some_and(|s| {
                     (s as usize) < step || (s as usize == step && !(drop_eval_at_step && eval))
                 })
             })
-            .map(|l| format!("{l}\n"))
             .collect();
+        if let Some(tb) = &self.tensorboard {
+            let mut tb = tb.lock().unwrap_or_else(|e| e.into_inner());
+            let at_step = |v: &Map<String, Value>| v["step"].as_u64() == Some(step as u64);
+            (tb.restart_at, tb.replay) = if drop_eval_at_step {
+                let replay = kept.iter().map(|(_, v)| v).filter(|v| at_step(v));
+                let replay = replay.cloned().collect();
+                (Some(step as u64), replay)
+            } else {
+                (Some(step as u64 + 1), Vec::new())
+            };
+        }
+        if text.is_empty() {
+            return Ok(());
+        }
+        let kept: String = kept.iter().map(|(l, _)| format!("{l}\n")).collect();
         fs::write_atomic(&self.path, kept.as_bytes())
     }
 }

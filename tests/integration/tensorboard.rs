@@ -1,6 +1,7 @@
 //! `train.report_to = ["tensorboard"]`: TensorBoard's own reader (`EventAccumulator`, from the
 //! `tensorboard` package) returns every scalar of `metrics.jsonl`, under its name and step, as
-//! f32; after a resume from an earlier checkpoint it returns each step once, the rewritten one.
+//! f32; after a resume from an earlier checkpoint, or one that makes the final evaluation again,
+//! it returns each step once, the rewritten one.
 //!
 //! Needs `REFDPO_PYTHON` (`export REFDPO_PYTHON=$(bash tests/python/install.sh)`); `.ci/run`
 //! installs it. Without it the test is ignored, except under `CI=true`.
@@ -103,5 +104,26 @@ fn tensorboard_reads_back_every_logged_scalar_and_a_resume_rewrites_its_steps() 
     assert_eq!(
         got, want,
         "TensorBoard's scalars differ from metrics.jsonl after the resume"
+    );
+
+    // Killed while `final/` was replaced, after the last step: the resumed run evaluates step 5
+    // again, and TensorBoard keeps that evaluation once and step 5's training line.
+    std::fs::rename(run.join("final"), run.join("final.old")).unwrap();
+    train_with(
+        cfg_s,
+        tmp.path(),
+        &["--resume", &steps("5"), "train.warmup_ratio=0"],
+    );
+    let (got, want) = (read_events(&run.join("runs")), expected(&run));
+    let steps_of = |tag: &str| got[tag].iter().map(|(s, _)| *s).collect::<Vec<u64>>();
+    assert_eq!(
+        steps_of("eval/loss"),
+        [2, 4, 5],
+        "the final evaluation once"
+    );
+    assert_eq!(steps_of("loss"), [1, 2, 3, 4, 5]);
+    assert_eq!(
+        got, want,
+        "TensorBoard's scalars differ from metrics.jsonl after the final evaluation's resume"
     );
 }
