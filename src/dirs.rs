@@ -181,6 +181,12 @@ impl RunDir {
         checkpoint.join("trainer_state.json")
     }
 
+    /// `training_config.toml` of a checkpoint: the resolved configuration that trained it (the
+    /// run's `config.toml` is its latest start's).
+    pub fn training_config(checkpoint: &Path) -> PathBuf {
+        checkpoint.join("training_config.toml")
+    }
+
     /// `optimizer.safetensors` of a checkpoint.
     pub fn optimizer(checkpoint: &Path) -> PathBuf {
         checkpoint.join("optimizer.safetensors")

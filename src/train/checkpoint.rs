@@ -1,6 +1,6 @@
 //! Checkpoints in HF layout (`model.safetensors` with HF tensor names, `config.json`, tokenizer
 //! files), or with LoRA a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), plus
-//! `trainer_state.json` and `optimizer.safetensors` for `--resume`. A checkpoint is written into
+//! `trainer_state.json`, `optimizer.safetensors` and `training_config.toml` for `--resume`. A checkpoint is written into
 //! `<name>.tmp/` and renamed when complete, so a kill mid-save leaves the previous one.
 
 use super::optim::AdamW;
@@ -49,18 +49,21 @@ const TEMPLATES_DIR: &str = "additional_chat_templates";
 
 /// Writes `dir` (atomically) from the policy, the optimizer and the model's own files. On an error
 /// (a full disk…) the partial `<dir>.tmp` is removed and an existing `dir` is left as it was.
+/// `settings`: the resolved configuration (TOML) the run trains under.
 pub fn save(
     dir: &Path,
     policy: &Policy,
     optim: &AdamW,
     state: &TrainerState,
     base: &Base,
+    settings: &str,
 ) -> Result<()> {
     let tmp = fs::tmp_path(dir);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("cannot remove", &tmp, e))?;
     }
-    let written = write_into(&tmp, policy, optim, state, base);
+    let written = write_into(&tmp, policy, optim, state, base)
+        .and_then(|()| fs::write_atomic(&RunDir::training_config(&tmp), settings.as_bytes()));
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }

@@ -55,6 +55,7 @@ fn demo_lora_trains_merges_and_reports() {
             "tokenizer.json",
             "trainer_state.json",
             "optimizer.safetensors",
+            "training_config.toml",
         ] {
             assert!(run.join(dir).join(f).exists(), "{dir}/{f}");
         }

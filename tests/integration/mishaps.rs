@@ -201,7 +201,7 @@ fn a_damaged_checkpoint_is_refused_by_name_on_resume() {
         edit(&mut v);
         std::fs::write(&path, v.to_string()).unwrap();
     };
-    let cases: [Case<'_>; 10] = [
+    let cases: [Case<'_>; 12] = [
         (
             "a weight of another shape",
             Box::new(|| {
@@ -277,6 +277,22 @@ fn a_damaged_checkpoint_is_refused_by_name_on_resume() {
             "a place past the epoch's micro-batches",
             Box::new(|| state(&|v| v["batch_in_epoch"] = 1_000_000_000_000_000u64.into())),
             &["checkpoint-2", "damaged", "micro-batch 1000000000000000"],
+        ),
+        // in range, but not where 2 steps of one micro-batch each end: another data order
+        (
+            "an epoch other than the steps reach",
+            Box::new(|| state(&|v| v["epoch"] = 1.into())),
+            &[
+                "checkpoint-2",
+                "damaged",
+                "puts step 2 at epoch 1, micro-batch 2",
+                "end at epoch 0, micro-batch 2",
+            ],
+        ),
+        (
+            "a micro-batch other than the steps reach",
+            Box::new(|| state(&|v| v["batch_in_epoch"] = 10.into())),
+            &["checkpoint-2", "damaged", "epoch 0, micro-batch 10"],
         ),
     ];
     for (what, damage, names) in cases {
@@ -406,11 +422,28 @@ fn a_resume_under_changed_settings_names_them() {
     assert!(!err.contains("warning: resuming"), "{err}");
     let err = resume(&["train.max_steps=5", "train.batch_size=8", "train.beta=0.2"]);
     assert!(
-        err.contains("warning: resuming with settings other than the run began with")
-            && err.contains("train.batch_size 16 -> 8")
+        err.contains("warning: resuming with settings other than those that trained `")
+            && err.contains("checkpoint-4` (train.batch_size 16 -> 8")
             && err.contains("train.beta 0.1 -> 0.2")
             && !err.contains("max_steps"),
         "{err}"
+    );
+    // Compared with the checkpoint's own settings, not the run's latest start: checkpoint-4
+    // resumed as it was trained is the uninterrupted run, said by no warning.
+    std::fs::remove_dir_all(tmp.path().join("run/final")).unwrap();
+    let err = resume(&["train.max_steps=5"]);
+    assert!(!err.contains("warning: resuming"), "{err}");
+    // A batch size whose epoch is shorter than the steps done: the run goes on from where its
+    // steps reach in the new epochs (2 micro-batches of the 160 pairs: 4 steps are 2 epochs), as
+    // transformers' Trainer resumes, and step 5 is half into the third epoch.
+    std::fs::remove_dir_all(tmp.path().join("run/final")).unwrap();
+    let err = resume(&["train.max_steps=5", "train.batch_size=80"]);
+    assert!(err.contains("train.batch_size 16 -> 80"), "{err}");
+    let log = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["step"].as_u64(), last["epoch"].as_f64()),
+        (Some(5), Some(2.5))
     );
     // a full fine-tuning checkpoint resumed as LoRA: refused, saying why
     let out = refdpo(

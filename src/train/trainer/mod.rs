@@ -490,7 +490,15 @@ impl<'a> Trainer<'a> {
             id: &self.cfg.model.id,
             revision: &self.cfg.model.revision,
         };
-        checkpoint::save(dir, &self.policy, &self.optim, &self.state, &base)?;
+        let settings = self.cfg.to_toml();
+        checkpoint::save(
+            dir,
+            &self.policy,
+            &self.optim,
+            &self.state,
+            &base,
+            &settings,
+        )?;
         self.last_checkpoint = Some(dir.to_path_buf());
         Ok(())
     }

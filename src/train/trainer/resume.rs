@@ -2,9 +2,12 @@
 //! against the run they continue; a run that had finished is left as it is.
 
 use super::super::checkpoint::{self, TrainerState};
+use super::schedule::{place, same_place};
 use super::Trainer;
+use crate::config::TrainConfig;
 use crate::dirs::RunDir;
 use crate::error::{Error, Result};
+use std::path::Path;
 
 impl Trainer<'_> {
     /// Continues from the newest complete checkpoint in `train.out` (or its `final/`, when a
@@ -33,8 +36,9 @@ impl Trainer<'_> {
             );
             return Ok(None);
         };
+        let trained_with = trained_with(&dir, &self.cfg.train.out);
         // said before the checkpoint is read: a changed `train.lora` is why it would not fit
-        self.warn_changed_config();
+        self.warn_changed_config(&dir, trained_with.as_ref().map(|(text, _)| text.as_str()));
         let w = checkpoint::load_trained(&dir, &self.device).map_err(|e| damaged(&dir, e))?;
         for (name, var) in self.policy.names.iter().zip(&self.policy.vars) {
             let saved = w.get(name).ok_or_else(|| {
@@ -64,8 +68,9 @@ impl Trainer<'_> {
             max_steps: self.state.max_steps,
             ..saved
         };
-        self.epoch_batches = self.batches_of(self.state.epoch);
         self.check_resumed(&dir)?;
+        self.place_resumed(&dir, trained_with.and_then(|(_, then)| then))?;
+        self.epoch_batches = self.batches_of(self.state.epoch);
         let last = self.state.global_step >= self.state.max_steps;
         self.log.truncate_after(self.state.global_step, last)?;
         if !self.quiet {
@@ -79,12 +84,12 @@ impl Trainer<'_> {
         Ok(None)
     }
 
-    /// On resume: the keys set otherwise than when the run began (its `config.toml`), said on
-    /// stderr, since the resumed run is then not the one that would have run uninterrupted (a
-    /// batch size, accumulation or seed also changes the data order). Not refused: transformers'
-    /// Trainer resumes under changed arguments too. Lengths, logging cadence and the run's own
-    /// folder are left out.
-    fn warn_changed_config(&self) {
+    /// On resume: the keys set otherwise than in the settings that trained the checkpoint
+    /// (`old`), said on stderr, since the resumed run is then not the one that would have run
+    /// uninterrupted (a batch size, accumulation or seed also changes the data order). Not
+    /// refused: transformers' Trainer resumes under changed arguments too. Lengths, logging
+    /// cadence and the run's own folder are left out.
+    fn warn_changed_config(&self, dir: &Path, old: Option<&str>) {
         // `train.out` is where the run was found: another spelling of it (absolute, or the
         // folder moved) is the same run
         const EXPECTED: [&str; 7] = [
@@ -96,28 +101,27 @@ impl Trainer<'_> {
             "train.log_every",
             "train.save_final",
         ];
-        let path = RunDir::new(&self.cfg.train.out).config();
-        let Ok(old) = crate::error::fs::read_to_string(&path) else {
+        let Some(old) = old else {
             return;
         };
-        let changed: Vec<String> = crate::config::keys::differences(&old, &self.cfg.to_toml())
+        let changed: Vec<String> = crate::config::keys::differences(old, &self.cfg.to_toml())
             .into_iter()
             .filter(|(k, _, _)| !EXPECTED.contains(&k.as_str()))
             .map(|(k, old, new)| format!("{k} {old} -> {new}"))
             .collect();
         if !changed.is_empty() {
             crate::error::note!(
-                "warning: resuming with settings other than the run began with ({}): the \
+                "warning: resuming with settings other than those that trained `{}` ({}): the \
                  resumed run is not the one that would have run uninterrupted",
+                dir.display(),
                 changed.join(", ")
             );
         }
     }
 
-    /// The loaded state against itself: the step in the checkpoint's name, the optimizer's step
-    /// count, an epoch no later than the steps allow (each epoch ends on a step) and a place
-    /// within the epoch's micro-batches. Anything else is a damaged checkpoint, refused.
-    fn check_resumed(&self, dir: &std::path::Path) -> Result<()> {
+    /// The loaded state against itself: the step in the checkpoint's name and the optimizer's
+    /// step count. Anything else is a damaged checkpoint, refused.
+    fn check_resumed(&self, dir: &Path) -> Result<()> {
         let s = &self.state;
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         let last = RunDir::new(&self.cfg.train.out).final_dir();
@@ -133,24 +137,65 @@ impl Trainer<'_> {
                 "its optimizer state counts {} steps, its trainer_state.json {}",
                 self.optim.step, s.global_step
             )
-        } else if s.epoch > s.global_step {
-            format!("epoch {} after {} steps", s.epoch, s.global_step)
-        } else if s.batch_in_epoch > self.epoch_batches.len() {
-            format!(
-                "micro-batch {} of an epoch of {}",
-                s.batch_in_epoch,
-                self.epoch_batches.len()
-            )
         } else {
             return Ok(());
         };
         Err(damaged(dir, why))
     }
+
+    /// The checkpoint's place in the data (epoch, micro-batch) must be the one its steps reach
+    /// under the batch size and accumulation that trained it; else the checkpoint is damaged,
+    /// refused. Under another batch size or accumulation the run goes on from the place its steps
+    /// reach under this run's, as transformers' Trainer resumes (epochs done and the steps into
+    /// the next, from the global step).
+    fn place_resumed(&mut self, dir: &Path, then: Option<TrainConfig>) -> Result<()> {
+        let t = &self.cfg.train;
+        let pairs = self.train.lengths.len();
+        let layout = then.map_or((t.batch_size, t.grad_accum), |c| {
+            (c.batch_size, c.grad_accum)
+        });
+        let (batches, grad_accum) = (pairs.div_ceil(layout.0), layout.1);
+        let s = &mut self.state;
+        let want = place(s.global_step, batches, grad_accum);
+        if !same_place((s.epoch, s.batch_in_epoch), want, batches) {
+            return Err(damaged(
+                dir,
+                format!(
+                    "its trainer_state.json puts step {} at epoch {}, micro-batch {}, where {} \
+                     steps of {grad_accum} micro-batches over epochs of {batches} end at epoch \
+                     {}, micro-batch {}",
+                    s.global_step, s.epoch, s.batch_in_epoch, s.global_step, want.0, want.1
+                ),
+            ));
+        }
+        if layout != (t.batch_size, t.grad_accum) {
+            let batches = pairs.div_ceil(t.batch_size);
+            (s.epoch, s.batch_in_epoch) = place(s.global_step, batches, t.grad_accum);
+        }
+        Ok(())
+    }
+}
+
+/// The settings that trained checkpoint `dir`: its `training_config.toml` (text, and read where
+/// it is a valid config), else the run's `config.toml` (a checkpoint saved before checkpoints
+/// kept their own); none where neither is there.
+fn trained_with(dir: &Path, out: &Path) -> Option<(String, Option<TrainConfig>)> {
+    let own = RunDir::training_config(dir);
+    let path = if own.exists() {
+        own
+    } else {
+        RunDir::new(out).config()
+    };
+    let text = crate::error::fs::read_to_string(&path).ok()?;
+    let cfg = text.parse::<toml::Table>().ok().and_then(|table| {
+        crate::config::Config::from_table(table, &path.display().to_string()).ok()
+    });
+    Some((text, cfg.map(|c| c.train)))
 }
 
 /// A checkpoint that cannot be resumed from, with the way on: one of its files is damaged (a
 /// weights file's own advice is for a downloaded model, not a run's checkpoint).
-fn damaged(dir: &std::path::Path, why: impl std::fmt::Display) -> Error {
+fn damaged(dir: &Path, why: impl std::fmt::Display) -> Error {
     let why = why.to_string().replace(crate::model::weights::REFETCH, "");
     Error::Train(format!(
         "checkpoint `{}` is damaged: {why}. Delete it to resume from an earlier checkpoint, or \

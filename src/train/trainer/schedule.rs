@@ -11,6 +11,24 @@ pub(super) fn total_steps(pairs: usize, t: &crate::config::TrainConfig) -> usize
     t.epochs.saturating_mul(per_epoch)
 }
 
+/// Where a run stands after `step` optimizer steps over epochs of `batches` micro-batches, taken
+/// `grad_accum` at a time (a step never spans two epochs): (epoch, micro-batches of it done). An
+/// epoch's end is (that epoch, `batches`), as the loop leaves it before it turns to the next.
+pub(super) fn place(step: usize, batches: usize, grad_accum: usize) -> (usize, usize) {
+    let per_epoch = batches.div_ceil(grad_accum).max(1);
+    match (step / per_epoch, step % per_epoch) {
+        (0, 0) => (0, 0),
+        (epoch, 0) => (epoch - 1, batches),
+        (epoch, k) => (epoch, (k * grad_accum).min(batches)),
+    }
+}
+
+/// A place with an epoch's end written as the next epoch's start: the two are one place.
+pub(super) fn same_place(a: (usize, usize), b: (usize, usize), batches: usize) -> bool {
+    let norm = |(e, k): (usize, usize)| if k >= batches { (e + 1, 0) } else { (e, k) };
+    norm(a) == norm(b)
+}
+
 /// Whether step `step` of `last` writes a `metrics.jsonl` line: every `every`-th, as TRL's
 /// `logging_steps` (transformers' `logging_first_step` is off), and the last.
 pub(super) fn logs_at(step: usize, every: usize, last: usize) -> bool {
@@ -52,5 +70,37 @@ mod tests {
         assert_eq!(seeds.len(), 16, "a seed per micro-batch");
         assert_eq!(lora_dropout_seed(42, 1, 2), lora_dropout_seed(42, 1, 2));
         assert_ne!(lora_dropout_seed(42, 1, 2), lora_dropout_seed(43, 1, 2));
+    }
+
+    /// The place after each step, against a replay of the trainer's loop (`next_batch` and the
+    /// group that never spans two epochs).
+    #[test]
+    fn place_follows_the_loop() {
+        for (batches, grad_accum) in [(10, 1), (10, 3), (10, 10), (10, 16), (1, 1), (7, 2)] {
+            let (mut epoch, mut done) = (0, 0);
+            for step in 1..=40 {
+                let left = match batches - done.min(batches) {
+                    0 => batches,
+                    n => n,
+                };
+                for _ in 0..grad_accum.min(left) {
+                    if done >= batches {
+                        epoch += 1;
+                        done = 0;
+                    }
+                    done += 1;
+                }
+                let want = (epoch, done);
+                assert_eq!(
+                    place(step, batches, grad_accum),
+                    want,
+                    "{batches} {grad_accum} {step}"
+                );
+            }
+        }
+        assert_eq!(place(0, 10, 3), (0, 0));
+        assert!(same_place((0, 10), (1, 0), 10));
+        assert!(!same_place((0, 9), (1, 0), 10));
+        assert!(!same_place((1, 10), (1, 0), 10));
     }
 }
