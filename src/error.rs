@@ -139,6 +139,15 @@ impl Error {
         }
     }
 
+    /// The message without its kind (`model: `, `train: `…), for a caller whose own message
+    /// says what is at fault (a checkpoint's optimizer file is no model).
+    pub fn detail(&self) -> String {
+        match self {
+            Error::Config(m) | Error::Tokenize(m) | Error::Model(m) | Error::Train(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// Whether this is the system refusing to let this process write a file (a read-only file
     /// system, a folder of another user), rather than anything about the file.
     pub fn is_not_writable(&self) -> bool {

@@ -235,6 +235,28 @@ pub fn resumable(out: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
     })
 }
 
+/// Removes the `checkpoint-N.tmp/` and `final.tmp/` folders under `out`: saves a second Ctrl-C
+/// or a kill cut short, never complete, never read (the caller holds the run's lock).
+pub fn remove_unfinished(out: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    let final_name = RunDir::new(out).final_dir();
+    let final_name = final_name.file_name().and_then(|n| n.to_str());
+    for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let Some(saved) = name.strip_suffix(".tmp") else {
+            continue;
+        };
+        let of_a_save = RunDir::checkpoint_step(saved).is_some() || Some(saved) == final_name;
+        // a folder, not a link to one: only what a save made is removed
+        if of_a_save && p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            std::fs::remove_dir_all(&p).map_err(|e| Error::io("cannot remove", &p, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// The step a checkpoint (or `final/`) was saved at, if its state reads.
 pub fn final_step(dir: &Path) -> Option<usize> {
     read_state(dir).ok().map(|s| s.global_step)

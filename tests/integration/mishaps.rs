@@ -315,7 +315,10 @@ fn a_damaged_checkpoint_is_refused_by_name_on_resume() {
             err.starts_with("error: ")
                 && !err.contains("panicked")
                 && !err.contains("stack backtrace")
-                && !err.contains("re-download"),
+                && !err.contains("re-download")
+                // the checkpoint is at fault, not "model:" (an optimizer file) or "train:"
+                && !err.contains("damaged: model:")
+                && !err.contains("damaged: train:"),
             "{what}: {err}"
         );
         for name in names {
@@ -465,6 +468,26 @@ fn a_resume_under_changed_settings_names_them() {
         !out.status.success()
             && err.contains("train.lora.r 0 -> 4")
             && err.contains("saved by a run with other settings"),
+        "{err}"
+    );
+    // A config that ends before the checkpoint (a resume without the run's longer max_steps):
+    // `final/` at the checkpoint's step, and a warning naming the settings that train on.
+    std::fs::remove_dir_all(tmp.path().join("run/final")).unwrap();
+    // and saves a second Ctrl-C cut short are cleared away
+    for unfinished in ["checkpoint-9.tmp", "final.tmp"] {
+        std::fs::create_dir_all(tmp.path().join("run").join(unfinished).join("x")).unwrap();
+    }
+    let err = resume(&["train.max_steps=3"]);
+    for unfinished in ["checkpoint-9.tmp", "final.tmp"] {
+        assert!(
+            !tmp.path().join("run").join(unfinished).exists(),
+            "{unfinished}"
+        );
+    }
+    assert!(
+        err.contains("this config ends at step 3, where `")
+            && err.contains("checkpoint-4` was trained toward 4 steps")
+            && err.contains("checkpoint-4/training_config.toml"),
         "{err}"
     );
 }

@@ -96,16 +96,17 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
-        // a test split of no pairs (stage one kept none of its rows) evaluates nothing
+        // a test split of no pairs (stage one kept none of its rows) evaluates nothing; said
+        // under --quiet too, as what the run measures, not progress
         let test = test.filter(|t: &Split| !t.is_empty());
-        if test.is_none() && !quiet {
+        if test.is_none() {
             crate::error::note!(
                 "note: the cache in {} holds no `{}` pairs: training without evaluation",
                 cache_dir.display(),
                 cfg.dataset.test_split
             );
         }
-        if test.is_some() && cfg.dataset.test_split == cfg.dataset.train_split && !quiet {
+        if test.is_some() && cfg.dataset.test_split == cfg.dataset.train_split {
             crate::error::note!(
                 "note: dataset.test_split is the train split (`{}`): the eval/ metrics score \
                  training pairs",
@@ -246,7 +247,8 @@ impl<'a> Trainer<'a> {
         Error::Interrupted(match saved {
             Ok(()) => format!(
                 "stopped after step {step} of {}; checkpoint in {}: continue with `refdpo train \
-                 --resume` and the same config",
+                 --resume` and the same --config and --set flags (the settings it trained with \
+                 are its training_config.toml)",
                 self.state.max_steps,
                 dir.display()
             ),

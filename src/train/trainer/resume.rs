@@ -2,7 +2,7 @@
 //! against the run they continue; a run that had finished is left as it is.
 
 use super::super::checkpoint::{self, TrainerState};
-use super::schedule::{place, same_place};
+use super::schedule::{place, same_place, total_steps};
 use super::Trainer;
 use crate::config::TrainConfig;
 use crate::dirs::RunDir;
@@ -17,6 +17,7 @@ impl Trainer<'_> {
     /// when the run there had finished.
     pub fn resume(&mut self) -> Result<Option<String>> {
         let out = &self.cfg.train.out;
+        checkpoint::remove_unfinished(out)?;
         if let Some(done) = checkpoint::finished(out, self.state.max_steps) {
             return Ok(Some(format!(
                 "nothing to resume: {} finished its {} steps (final policy and evaluation in {}); \
@@ -39,14 +40,15 @@ impl Trainer<'_> {
         let trained_with = trained_with(&dir, &self.cfg.train.out);
         // said before the checkpoint is read: a changed `train.lora` is why it would not fit
         self.warn_changed_config(&dir, trained_with.as_ref().map(|(text, _)| text.as_str()));
-        let w = checkpoint::load_trained(&dir, &self.device).map_err(|e| damaged(&dir, e))?;
+        let w =
+            checkpoint::load_trained(&dir, &self.device).map_err(|e| damaged(&dir, e.detail()))?;
         for (name, var) in self.policy.names.iter().zip(&self.policy.vars) {
             let saved = w.get(name).ok_or_else(|| {
                 Error::Train(format!(
                     "`{}` lacks `{name}`: it was saved by a run with other settings (full \
                      fine-tuning or LoRA, `train.lora.*`, or another model). Resume with the \
-                     settings the run began with (its config.toml), or train without --resume \
-                     (with --overwrite).",
+                     settings that trained it (its training_config.toml), or train without \
+                     --resume (with --overwrite).",
                     dir.display()
                 ))
             })?;
@@ -63,13 +65,17 @@ impl Trainer<'_> {
         }
         self.optim
             .load(&self.policy, &RunDir::optimizer(&dir))
-            .map_err(|e| damaged(&dir, e))?;
+            .map_err(|e| damaged(&dir, e.detail()))?;
         self.state = TrainerState {
             max_steps: self.state.max_steps,
             ..saved
         };
         self.check_resumed(&dir)?;
-        self.place_resumed(&dir, trained_with.and_then(|(_, then)| then))?;
+        let then = trained_with.and_then(|(_, then)| then);
+        if let Some(then) = &then {
+            self.warn_ends_sooner(&dir, then);
+        }
+        self.place_resumed(&dir, then)?;
         self.epoch_batches = self.batches_of(self.state.epoch);
         let last = self.state.global_step >= self.state.max_steps;
         self.log.truncate_after(self.state.global_step, last)?;
@@ -115,6 +121,26 @@ impl Trainer<'_> {
                  resumed run is not the one that would have run uninterrupted",
                 dir.display(),
                 changed.join(", ")
+            );
+        }
+    }
+
+    /// A config that ends at or before the checkpoint's step, where the settings that trained it
+    /// went further (a resume without the run's `--set train.epochs=…`): nothing is left to
+    /// train and `final/` is written at that step, said with the way on.
+    fn warn_ends_sooner(&self, dir: &Path, then: &TrainConfig) {
+        let step = self.state.global_step;
+        let (total, toward) = (
+            self.state.max_steps,
+            total_steps(self.train.lengths.len(), then),
+        );
+        if step >= total && toward > total {
+            crate::error::note!(
+                "warning: this config ends at step {total}, where `{}` was trained toward {toward} \
+                 steps: nothing is left to train, and `final/` is written at step {step}. To \
+                 train on, resume with the settings that trained it (--config {})",
+                dir.display(),
+                RunDir::training_config(dir).display()
             );
         }
     }
