@@ -56,9 +56,10 @@ selftest:
 	$(NEEDS_NVCC)
 	$(REFDPO) selftest $(ON_DEVICE) $(ARGS)
 
-# Training curves: make plot ARGS="--run data/runs/a --run data/runs/b --out data/plots/ab"
+# Training curves: of RUN into PLOTS, or of several runs,
+# make plot ARGS="--run data/runs/a --run data/runs/b --out data/plots/ab"
 plot:
-	$(REFDPO) plot $(ARGS)
+	$(REFDPO) plot $(or $(ARGS),--run $(RUN) --out $(PLOTS))
 
 # Continuations of the test split's prompts, by the reference and (once RUN has a final/) the
 # trained policy

@@ -314,7 +314,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn judge(a: JudgeArgs) -> Result<()> {
     let config = match (&a.config, &a.run) {
         (Some(c), _) => c.clone(),
-        (None, Some(run)) => crate::dirs::RunDir::new(run).config(),
+        (None, Some(run)) => crate::dirs::RunDir::new(run).config_file()?,
         (None, None) => {
             return Err(Error::Config(
                 "judge needs --run DIR, or --generations FILE with --config FILE".into(),
@@ -346,6 +346,13 @@ fn judge(a: JudgeArgs) -> Result<()> {
 }
 
 fn stats(a: StatsArgs) -> Result<()> {
+    if a.config.is_none() && !a.overrides.is_empty() {
+        return Err(Error::Config(format!(
+            "--set {} changes --config's settings, and none is given: stats --cache reads the \
+             cache as it is; pass --config FILE with --set",
+            a.overrides[0]
+        )));
+    }
     let (cache, cfg) = match (&a.cache, &a.config) {
         (Some(c), _) => (
             c.clone(),

@@ -17,7 +17,25 @@ impl RunDir {
 
     /// The run's resolved configuration (`config.toml`).
     pub fn load_config(&self) -> Result<Config> {
-        Config::load(&self.config(), &[])
+        Config::load(&self.config_file()?, &[])
+    }
+
+    /// The path of the run's `config.toml`; a folder without one is no run, said with the way on.
+    pub fn config_file(&self) -> Result<std::path::PathBuf> {
+        let path = self.config();
+        if !path.exists() {
+            let what = if self.root().is_dir() {
+                "is not a training run (it has no config.toml)"
+            } else {
+                "does not exist"
+            };
+            return Err(Error::Config(format!(
+                "`{}` {what}: train first (`refdpo train`, which writes it), or pass a `train.out` \
+                 directory with --run",
+                self.root().display()
+            )));
+        }
+        Ok(path)
     }
 
     /// The run's `final/` as a whole model with its weights rounded to `dtype`, computing as

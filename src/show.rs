@@ -5,7 +5,7 @@ use crate::data;
 use crate::data::Turns;
 use crate::error::{Error, Result};
 use crate::inputs::Inputs;
-use crate::tokenize::pairs::{split_pair, Pair};
+use crate::tokenize::pairs::{prompt_id, split_pair, Pair};
 use std::fmt::Write;
 
 pub fn show(cfg: &Config, split: &str, index: usize) -> Result<String> {
@@ -34,7 +34,9 @@ skipped: {}
         )));
     };
     let mut out = String::new();
-    let _ = writeln!(out, "# {split} row {index} (prompt_id {})", row.prompt_id);
+    // the cache's: the source's, or the prompt's SHA-256 where the source has none
+    let prompt_id = prompt_id(row).unwrap_or_else(|| "none: not a preference pair".into());
+    let _ = writeln!(out, "# {split} row {index} (prompt_id {prompt_id})");
     if let Some(p) = &row.prompt {
         let _ = writeln!(out, "\n## prompt");
         write_turns(&mut out, p);

@@ -66,8 +66,10 @@ impl Config {
             x == 0.0 || (f64::from(f32::MIN_POSITIVE)..=f64::from(f32::MAX)).contains(&x.abs())
         };
         const IN_F32: &str = "a finite number > 0 within f32's range (1.2e-38 to 3.4e38; the optimizer computes in f32)";
-        const LOSS_F32: &str = "a finite number within f32's range (1.2e-38 to 3.4e38, or 0 where \
-                                0 is allowed; the policy's gradients are f32)";
+        const LOSS_F32: &str = "a finite number > 0 within f32's range (1.2e-38 to 3.4e38; the \
+                                policy's gradients are f32)";
+        const LOSS_F32_OR_0: &str = "0 or a finite number > 0 within f32's range (1.2e-38 to \
+                                     3.4e38; the policy's gradients are f32)";
         in_range(
             "train.beta",
             t.beta,
@@ -90,7 +92,7 @@ impl Config {
             "train.rpo_alpha",
             t.rpo_alpha,
             non_negative(t.rpo_alpha) && f32_range(t.rpo_alpha),
-            LOSS_F32,
+            LOSS_F32_OR_0,
         )?;
         in_range(
             "train.discopop_tau",
@@ -128,7 +130,7 @@ impl Config {
             "train.simpo_gamma",
             t.simpo_gamma,
             non_negative(t.simpo_gamma) && f32_range(t.simpo_gamma),
-            LOSS_F32,
+            LOSS_F32_OR_0,
         )?;
         in_range(
             "train.warmup_ratio",
@@ -393,6 +395,11 @@ mod tests {
                 assert!(err.contains(&format!("= {written} ")), "{set}: {err}");
             }
         }
+        // the rule said is the rule checked: > 0 where 0 is refused, 0 or > 0 where it is not
+        let err = with(&["train.beta=-1"]).unwrap_err().to_string();
+        assert!(err.contains("a finite number > 0 within"), "{err}");
+        let err = with(&["train.rpo_alpha=-1.0"]).unwrap_err().to_string();
+        assert!(err.contains("0 or a finite number > 0"), "{err}");
         // max_steps alone is a run.
         with(&["train.epochs=0", "train.max_steps=3"]).unwrap();
     }

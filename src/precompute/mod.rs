@@ -135,15 +135,14 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
         );
     }
     if !source.has_split(&cfg.dataset.test_split) {
-        if !quiet {
-            crate::error::note!(
-                "no `{}` split in `{}`: no held-out evaluation. Set `dataset.test_size` (e.g. \
-                 0.05) or `dataset.data_files.{}` for one",
-                cfg.dataset.test_split,
-                cfg.dataset.id,
-                cfg.dataset.test_split
-            );
-        }
+        // under --quiet too: what the run will not measure, not progress
+        crate::error::note!(
+            "no `{}` split in `{}`: no held-out evaluation. Set `dataset.test_size` (e.g. \
+             0.05) or `dataset.data_files.{}` for one",
+            cfg.dataset.test_split,
+            cfg.dataset.id,
+            cfg.dataset.test_split
+        );
         splits.pop();
     }
     let prepared = splits

@@ -103,6 +103,13 @@ fn a_jsonl_file_with_bad_lines_and_a_held_out_split() {
         out.contains("prompt text (standard layout") && out.contains("It is 4."),
         "{out}"
     );
+    // the file has no prompt_id column: the prompt's SHA-256, as the cache stores it
+    use sha2::Digest;
+    let hash = format!("{:x}", sha2::Sha256::digest(b"What is 2 plus 2?"));
+    assert!(
+        out.starts_with(&format!("# train_prefs row 2 (prompt_id {hash})")),
+        "{out}"
+    );
     let out = show("3");
     assert!(
         out.contains("[user] Name the number after 3.") && out.contains("rendered prompt"),

@@ -208,6 +208,34 @@ fn stats_command_prints_tables_json_and_charts() {
         tmp.path(),
     );
     assert!(err.contains("has no `final/` policy"), "{err}");
+    // stats --run and judge --run before training: no run there yet, and the way on
+    for (args, what) in [
+        (
+            vec!["stats", "--config", cfg_s, "--run"],
+            "is not a training run",
+        ),
+        (
+            vec!["judge", "--reward-model", "rm", "--run"],
+            "is not a training run",
+        ),
+        (vec!["stats", "--config", cfg_s, "--run"], "does not exist"),
+    ] {
+        let at = if what == "does not exist" {
+            tmp.path().join("nothere")
+        } else {
+            run.clone()
+        };
+        let err = fails(&[&args[..], &[at.to_str().unwrap()]].concat(), tmp.path());
+        assert!(
+            err.contains(what) && err.contains("train first"),
+            "{args:?}: {err}"
+        );
+    }
+    let err = fails(
+        &["stats", "--cache", "cache", "--set", "train.beta=0.2"],
+        tmp.path(),
+    );
+    assert!(err.contains("pass --config FILE with --set"), "{err}");
     std::fs::remove_dir(&run).unwrap();
     // The demo's chosen answers are longer by construction.
     assert!(json["chosen_longer_frac"].as_f64().unwrap() > 0.6);
