@@ -620,3 +620,41 @@ fn leftover_chunks_of_other_pairs_are_scored_again() {
     .unwrap();
     assert!(rerun(&[]) == clean_32, "a chunk copied over another reused");
 }
+
+/// A checkpoint saved before checkpoints kept their settings (no `training_config.toml`) whose
+/// run's `config.toml` a later, killed start under another batch size rewrote: resumed as it was
+/// trained, it ends as the uninterrupted run. An own `training_config.toml` that does not read
+/// is a damaged checkpoint.
+#[test]
+fn a_checkpoint_without_its_own_settings_resumes_under_either_layout() {
+    let (tmp, cfg) = precomputed("save_every = 2\neval_every = 0");
+    let cfg_s = cfg.to_str().unwrap();
+    let run = tmp.path().join("run");
+    train_with(cfg_s, tmp.path(), &["train.max_steps=4"]);
+    let uninterrupted = bytes(&run.join("final/model.safetensors"));
+    for stale in ["final", "checkpoint-4"] {
+        std::fs::remove_dir_all(run.join(stale)).unwrap();
+    }
+    std::fs::remove_file(run.join("checkpoint-2/training_config.toml")).unwrap();
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    // (2 steps of 2 micro-batches would end at micro-batch 4, where the checkpoint is at 2)
+    assert!(config.contains("grad_accum = 1"), "{config}");
+    std::fs::write(
+        run.join("config.toml"),
+        config.replace("grad_accum = 1", "grad_accum = 2"),
+    )
+    .unwrap();
+    train_with(cfg_s, tmp.path(), &["--resume", "train.max_steps=4"]);
+    assert!(bytes(&run.join("final/model.safetensors")) == uninterrupted);
+
+    std::fs::remove_dir_all(run.join("final")).unwrap();
+    std::fs::write(run.join("checkpoint-4/training_config.toml"), "[train\n").unwrap();
+    let err = fails(
+        &[&["train", "--config", cfg_s][..], &RESUME_TO_STEP_4].concat(),
+        tmp.path(),
+    );
+    assert!(
+        err.contains("checkpoint-4` is damaged: its training_config.toml does not read"),
+        "{err}"
+    );
+}

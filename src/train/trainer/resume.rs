@@ -37,9 +37,9 @@ impl Trainer<'_> {
             );
             return Ok(None);
         };
-        let trained_with = trained_with(&dir, &self.cfg.train.out);
+        let trained_with = TrainedWith::read(&dir, &self.cfg.train.out)?;
         // said before the checkpoint is read: a changed `train.lora` is why it would not fit
-        self.warn_changed_config(&dir, trained_with.as_ref().map(|(text, _)| text.as_str()));
+        self.warn_changed_config(&dir, trained_with.text.as_deref());
         let w =
             checkpoint::load_trained(&dir, &self.device).map_err(|e| damaged(&dir, e.detail()))?;
         for (name, var) in self.policy.names.iter().zip(&self.policy.vars) {
@@ -71,11 +71,10 @@ impl Trainer<'_> {
             ..saved
         };
         self.check_resumed(&dir)?;
-        let then = trained_with.and_then(|(_, then)| then);
-        if let Some(then) = &then {
+        if let Some(then) = &trained_with.train {
             self.warn_ends_sooner(&dir, then);
         }
-        self.place_resumed(&dir, then)?;
+        self.place_resumed(&dir, &trained_with)?;
         self.epoch_batches = self.batches_of(self.state.epoch);
         let last = self.state.global_step >= self.state.max_steps;
         self.log.truncate_after(self.state.global_step, last)?;
@@ -173,17 +172,31 @@ impl Trainer<'_> {
     /// under the batch size and accumulation that trained it; else the checkpoint is damaged,
     /// refused. Under another batch size or accumulation the run goes on from the place its steps
     /// reach under this run's, as transformers' Trainer resumes (epochs done and the steps into
-    /// the next, from the global step).
-    fn place_resumed(&mut self, dir: &Path, then: Option<TrainConfig>) -> Result<()> {
+    /// the next, from the global step). A checkpoint saved without its own settings may have
+    /// been trained under this run's or the run's `config.toml`'s: either place is its.
+    fn place_resumed(&mut self, dir: &Path, then: &TrainedWith) -> Result<()> {
         let t = &self.cfg.train;
+        let now = (t.batch_size, t.grad_accum);
+        let mut layouts: Vec<(usize, usize)> = then
+            .train
+            .iter()
+            .map(|c| (c.batch_size, c.grad_accum))
+            .collect();
+        if !then.own {
+            layouts.insert(0, now);
+        }
         let pairs = self.train.lengths.len();
-        let layout = then.map_or((t.batch_size, t.grad_accum), |c| {
-            (c.batch_size, c.grad_accum)
-        });
-        let (batches, grad_accum) = (pairs.div_ceil(layout.0), layout.1);
         let s = &mut self.state;
-        let want = place(s.global_step, batches, grad_accum);
-        if !same_place((s.epoch, s.batch_in_epoch), want, batches) {
+        let reached = |(batch_size, grad_accum): (usize, usize)| {
+            let batches = pairs.div_ceil(batch_size);
+            let want = place(s.global_step, batches, grad_accum);
+            (want, batches, grad_accum)
+        };
+        let Some(&layout) = layouts.iter().find(|&&l| {
+            let (want, batches, _) = reached(l);
+            same_place((s.epoch, s.batch_in_epoch), want, batches)
+        }) else {
+            let (want, batches, grad_accum) = reached(layouts[0]);
             return Err(damaged(
                 dir,
                 format!(
@@ -193,30 +206,59 @@ impl Trainer<'_> {
                     s.global_step, s.epoch, s.batch_in_epoch, s.global_step, want.0, want.1
                 ),
             ));
-        }
-        if layout != (t.batch_size, t.grad_accum) {
-            let batches = pairs.div_ceil(t.batch_size);
-            (s.epoch, s.batch_in_epoch) = place(s.global_step, batches, t.grad_accum);
+        };
+        if layout != now {
+            (s.epoch, s.batch_in_epoch) = reached(now).0;
         }
         Ok(())
     }
 }
 
-/// The settings that trained checkpoint `dir`: its `training_config.toml` (text, and read where
-/// it is a valid config), else the run's `config.toml` (a checkpoint saved before checkpoints
-/// kept their own); none where neither is there.
-fn trained_with(dir: &Path, out: &Path) -> Option<(String, Option<TrainConfig>)> {
-    let own = RunDir::training_config(dir);
-    let path = if own.exists() {
-        own
-    } else {
-        RunDir::new(out).config()
-    };
-    let text = crate::error::fs::read_to_string(&path).ok()?;
-    let cfg = text.parse::<toml::Table>().ok().and_then(|table| {
-        crate::config::Config::from_table(table, &path.display().to_string()).ok()
-    });
-    Some((text, cfg.map(|c| c.train)))
+/// The settings that trained a checkpoint, as far as the run's files say.
+struct TrainedWith {
+    /// Their TOML, for the changed-settings warning.
+    text: Option<String>,
+    train: Option<TrainConfig>,
+    /// Whether they are the checkpoint's own (`training_config.toml`), not the run's
+    /// `config.toml`, which a later start rewrites.
+    own: bool,
+}
+
+impl TrainedWith {
+    /// Checkpoint `dir`'s `training_config.toml` (one that does not read as a config is a
+    /// damaged checkpoint), else the run's `config.toml` (a checkpoint saved before checkpoints
+    /// kept their own), else nothing.
+    fn read(dir: &Path, out: &Path) -> Result<Self> {
+        let own = RunDir::training_config(dir);
+        let parse = |path: &Path, text: &str| -> Result<TrainConfig> {
+            let table = text
+                .parse::<toml::Table>()
+                .map_err(|e| Error::Config(format!("not TOML: {e}")))?;
+            Ok(crate::config::Config::from_table(table, &path.display().to_string())?.train)
+        };
+        if own.exists() {
+            let text = crate::error::fs::read_to_string(&own).map_err(|e| damaged(dir, e))?;
+            let train = parse(&own, &text).map_err(|e| {
+                damaged(
+                    dir,
+                    format!("its training_config.toml does not read: {}", e.detail()),
+                )
+            })?;
+            return Ok(Self {
+                text: Some(text),
+                train: Some(train),
+                own: true,
+            });
+        }
+        let path = RunDir::new(out).config();
+        let text = crate::error::fs::read_to_string(&path).ok();
+        let train = text.as_deref().and_then(|t| parse(&path, t).ok());
+        Ok(Self {
+            text,
+            train,
+            own: false,
+        })
+    }
 }
 
 /// A checkpoint that cannot be resumed from, with the way on: one of its files is damaged (a

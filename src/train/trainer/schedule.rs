@@ -25,7 +25,13 @@ pub(super) fn place(step: usize, batches: usize, grad_accum: usize) -> (usize, u
 
 /// A place with an epoch's end written as the next epoch's start: the two are one place.
 pub(super) fn same_place(a: (usize, usize), b: (usize, usize), batches: usize) -> bool {
-    let norm = |(e, k): (usize, usize)| if k >= batches { (e + 1, 0) } else { (e, k) };
+    let norm = |(e, k): (usize, usize)| {
+        if k == batches {
+            (e.saturating_add(1), 0)
+        } else {
+            (e, k)
+        }
+    };
     norm(a) == norm(b)
 }
 
@@ -102,5 +108,8 @@ mod tests {
         assert!(same_place((0, 10), (1, 0), 10));
         assert!(!same_place((0, 9), (1, 0), 10));
         assert!(!same_place((1, 10), (1, 0), 10));
+        // past the epoch's end is no place
+        assert!(!same_place((0, 11), (1, 0), 10));
+        assert!(!same_place((0, usize::MAX), (1, 0), 10));
     }
 }
