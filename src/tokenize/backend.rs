@@ -270,6 +270,46 @@ fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) ->
     Ok(())
 }
 
+/// A class that rebuilds the pipeline (Qwen2, Llama, Gemma) keeps only the added tokens
+/// `added_tokens_decoder` lists, where the config has one: a token tokenizer.json adds beyond
+/// them (`</s>` in a Qwen2 folder) is then plain text to transformers, and one token to
+/// refdpo's file. Refused by name; GPT2Tokenizer and the file-as-is classes keep every one.
+fn check_added_tokens_listed(
+    tok: &Value,
+    cfg: &Value,
+    pipeline: Pipeline,
+    dir: &Path,
+) -> Result<()> {
+    if !matches!(
+        pipeline,
+        Pipeline::Qwen2 | Pipeline::Llama | Pipeline::Gemma
+    ) {
+        return Ok(());
+    }
+    let Some(decoder) = cfg.get("added_tokens_decoder").and_then(Value::as_object) else {
+        return Ok(());
+    };
+    let added = tok.get("added_tokens").and_then(Value::as_array);
+    for entry in added.into_iter().flatten() {
+        let (Some(id), Some(content)) = (
+            entry.get("id").and_then(Value::as_u64),
+            entry.get("content").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        if !decoder.contains_key(&id.to_string()) {
+            return Err(Error::Tokenize(format!(
+                "`{}` adds {content:?} (id {id}), which `added_tokens_decoder` in \
+                 tokenizer_config.json does not list: transformers' {pipeline:?} tokenizer drops \
+                 it and reads the text as plain characters; save the tokenizer with transformers \
+                 so both files agree",
+                dir.join("tokenizer.json").display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What a normalizer can make of a text of n bytes, at most: `factor`·n + `added` bytes, through
 /// `steps` normalizers. A `Replace` multiplies by its content's bytes per byte of its pattern (a
 /// regex may match one byte), `ByteLevel` by 2 (a byte becomes a character of up to 2 bytes),
@@ -372,6 +412,7 @@ pub fn load(dir: &Path) -> Result<(tokenizers::Tokenizer, Vec<u8>)> {
     .map_err(|why| Error::Tokenize(format!("`{}`: {why}", dir.display())))?;
     let mut json: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e))?;
     check_determinism_and_growth(&json).map_err(|why| bad(&why))?;
+    check_added_tokens_listed(&json, &cfg, pipeline, dir)?;
     apply_class_pipeline(&mut json, pipeline, &cfg);
     let flags_changed = added_token_flags(&mut json, &cfg);
     let tokenizer = if pipeline == Pipeline::AsIs && !flags_changed {
@@ -462,6 +503,28 @@ mod tests {
             }
         }
         assert_eq!(pipelines.len(), 5, "{pipelines:?}");
+    }
+
+    #[test]
+    fn an_added_token_the_config_does_not_list_is_refused_where_the_class_drops_it() {
+        let tok = json!({"added_tokens": [
+            {"id": 0, "content": "<|im_end|>"}, {"id": 2, "content": "</s>"}
+        ]});
+        let listed = |ids: &[u64]| {
+            let d: serde_json::Map<String, Value> = ids
+                .iter()
+                .map(|i| (i.to_string(), json!({"content": "x"})))
+                .collect();
+            json!({ "added_tokens_decoder": d })
+        };
+        let dir = Path::new("m");
+        let e = check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::Qwen2, dir).unwrap_err();
+        assert!(e.to_string().contains("\"</s>\" (id 2)"), "{e}");
+        check_added_tokens_listed(&tok, &listed(&[0, 2]), Pipeline::Qwen2, dir).unwrap();
+        // no list: the file's tokens; GPT2Tokenizer and the file as is keep every one
+        check_added_tokens_listed(&tok, &json!({}), Pipeline::Llama, dir).unwrap();
+        check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::Gpt2, dir).unwrap();
+        check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::AsIs, dir).unwrap();
     }
 
     #[test]

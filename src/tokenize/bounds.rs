@@ -123,12 +123,31 @@ pub fn install(env: &mut Environment) {
     env.add_filter("join", join);
     env.add_filter("replace", replace);
     env.add_filter("indent", indent);
+    env.add_filter("trim", trim);
     env.set_unknown_method_callback(|s, v, name, args| {
         in_time()?;
+        if let Some(done) = v
+            .as_str()
+            .and_then(|text| super::python::whitespace_method(text, name, args))
+        {
+            return checked(Ok(done));
+        }
         checked(minijinja_contrib::pycompat::unknown_method_callback(
             s, v, name, args,
         ))
     });
+}
+
+/// Jinja2's `trim`: Python's `str.strip(chars)`, whitespace as Python has it.
+fn trim(v: StringInput<'_>, chars: Option<StringInput<'_>>) -> Value {
+    let out = match chars {
+        Some(chars) => {
+            let set: Vec<char> = chars.as_str().chars().collect();
+            v.as_str().trim_matches(&set[..]).to_string()
+        }
+        None => v.as_str().trim_matches(super::python::py_space).to_string(),
+    };
+    v.preserve_safety(out)
 }
 
 fn join(s: &State, v: &Value, joiner: Option<StringInput<'_>>) -> Result<Value, Error> {

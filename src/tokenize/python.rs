@@ -1,5 +1,7 @@
 //! The Python that chat templates call through transformers: `tojson` as `json.dumps` writes,
-//! and `strftime_now` as `datetime.now().strftime` for the date formats templates use.
+//! `strftime_now` as `datetime.now().strftime` for the date formats templates use, and the
+//! string methods whose idea of whitespace is Python's (`str.isspace`, which Rust's
+//! `char::is_whitespace` lacks U+001C–U+001F of).
 
 use minijinja::{ErrorKind, Value};
 
@@ -23,6 +25,7 @@ fn write_py_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out
     let (open, close, items): (char, char, Vec<(Option<&String>, &J)>) = match v {
         J::Array(a) => ('[', ']', a.iter().map(|x| (None, x)).collect()),
         J::Object(m) => ('{', '}', m.iter().map(|(k, x)| (Some(k), x)).collect()),
+        J::Number(n) if n.is_f64() => return out.push_str(&py_float(n.as_f64().unwrap_or(0.0))),
         other => return out.push_str(&other.to_string()),
     };
     out.push(open);
@@ -48,6 +51,136 @@ fn write_py_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out
         out.push_str(&format!("\n{}", pad(level)));
     }
     out.push(close);
+}
+
+/// `repr(float)`: the shortest digits that read back, in fixed notation for decimal exponents
+/// -4 to 15 (with a `.0` where whole), else as `1e-05` or `1.5e+20`.
+fn py_float(x: f64) -> String {
+    if !x.is_finite() {
+        // json.dumps writes NaN and Infinity; a JSON value never holds them
+        return if x.is_nan() {
+            "NaN".into()
+        } else if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    let sci = format!("{:e}", x.abs()); // shortest round-trip digits: "1.5e-7"
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    let sign = if x.is_sign_negative() { "-" } else { "" };
+    if (-4..16).contains(&exp) {
+        let point = exp + 1; // digits before the decimal point
+        let text = if point <= 0 {
+            format!("0.{}{digits}", "0".repeat((-point) as usize))
+        } else if point as usize >= digits.len() {
+            format!("{digits}{}.0", "0".repeat(point as usize - digits.len()))
+        } else {
+            format!(
+                "{}.{}",
+                &digits[..point as usize],
+                &digits[point as usize..]
+            )
+        };
+        return format!("{sign}{text}");
+    }
+    let mantissa = match digits.split_at(1) {
+        (first, "") => first.to_string(),
+        (first, rest) => format!("{first}.{rest}"),
+    };
+    let exp_sign = if exp < 0 { '-' } else { '+' };
+    format!("{sign}{mantissa}e{exp_sign}{:02}", exp.abs())
+}
+
+/// Python's `str.isspace` of one character: Rust's whitespace and the four separators
+/// U+001C–U+001F.
+pub fn py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// `str.splitlines`'s line boundaries.
+fn py_line_break(c: char) -> bool {
+    matches!(
+        c,
+        '\n' | '\r'
+            | '\u{0b}'
+            | '\u{0c}'
+            | '\u{1c}'
+            | '\u{1d}'
+            | '\u{1e}'
+            | '\u{85}'
+            | '\u{2028}'
+            | '\u{2029}'
+    )
+}
+
+/// The string methods (and `trim`) whose result depends on Python's whitespace, called with
+/// their default arguments: `strip`, `lstrip`, `rstrip`, `split`, `splitlines`, `isspace`.
+/// `None` where `name` or the arguments are not such a call (others take it).
+pub fn whitespace_method(text: &str, name: &str, args: &[Value]) -> Option<Value> {
+    let none = |i: usize| args.get(i).is_none_or(Value::is_none);
+    match (name, args.len()) {
+        ("strip", 0 | 1) if none(0) => Some(Value::from(text.trim_matches(py_space))),
+        ("lstrip", 0 | 1) if none(0) => Some(Value::from(text.trim_start_matches(py_space))),
+        ("rstrip", 0 | 1) if none(0) => Some(Value::from(text.trim_end_matches(py_space))),
+        ("isspace", 0) => Some(Value::from(!text.is_empty() && text.chars().all(py_space))),
+        ("split", 0..=2) if none(0) => {
+            let max = match args.get(1) {
+                None => None,
+                Some(v) => Some(i64::try_from(v.clone()).ok()?),
+            };
+            Some(py_split(text, max.filter(|&m| m >= 0).map(|m| m as usize)))
+        }
+        ("splitlines", 0 | 1) => {
+            let keep = match args.first() {
+                None => false,
+                Some(v) => bool::try_from(v.clone()).ok()?,
+            };
+            Some(py_splitlines(text, keep))
+        }
+        _ => None,
+    }
+}
+
+/// `str.split()` / `str.split(None, max)`: runs of whitespace separate, none at either end.
+fn py_split(text: &str, max: Option<usize>) -> Value {
+    let mut parts = Vec::new();
+    let mut rest = text.trim_start_matches(py_space);
+    while !rest.is_empty() {
+        if max.is_some_and(|m| parts.len() == m) {
+            parts.push(Value::from(rest));
+            break;
+        }
+        let end = rest.find(py_space).unwrap_or(rest.len());
+        parts.push(Value::from(&rest[..end]));
+        rest = rest[end..].trim_start_matches(py_space);
+    }
+    Value::from(parts)
+}
+
+/// `str.splitlines(keepends)`: `\r\n` is one break.
+fn py_splitlines(text: &str, keep: bool) -> Value {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if !py_line_break(c) {
+            continue;
+        }
+        let mut end = i + c.len_utf8();
+        if c == '\r' && chars.peek().is_some_and(|&(_, n)| n == '\n') {
+            chars.next();
+            end += 1;
+        }
+        lines.push(Value::from(&text[start..if keep { end } else { i }]));
+        start = end;
+    }
+    if start < text.len() {
+        lines.push(Value::from(&text[start..]));
+    }
+    Value::from(lines)
 }
 
 /// `strftime_now` for templates that print today's date (Llama-3's "Today Date").
@@ -95,6 +228,66 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Against CPython 3.11's `repr` of the same floats.
+    #[test]
+    fn floats_as_python_writes_them() {
+        for (x, py) in [
+            (1e-05, "1e-05"),
+            (1.5e-07, "1.5e-07"),
+            (0.0001, "0.0001"),
+            (0.00012345, "0.00012345"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (123.456, "123.456"),
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (-2.5e-10, "-2.5e-10"),
+            (1e20, "1e+20"),
+            (1.7976931348623157e308, "1.7976931348623157e+308"),
+            (5e-324, "5e-324"),
+            (0.0, "0.0"),
+            (-0.0, "-0.0"),
+            (100.0, "100.0"),
+            (12345678901234567.0, "1.2345678901234568e+16"),
+            (1234567890123456.0, "1234567890123456.0"),
+            (2.71, "2.71"),
+            (9.5367431640625e-07, "9.5367431640625e-07"),
+        ] {
+            assert_eq!(py_float(x), py, "{x}");
+        }
+    }
+
+    /// Against CPython 3.11: `"\x1f a\u3000b \x1c".strip()`, `.split()`, `.splitlines()`, ….
+    #[test]
+    fn whitespace_as_python_sees_it() {
+        let call = |t: &str, name: &str, args: &[Value]| {
+            whitespace_method(t, name, args).map(|v| v.to_string())
+        };
+        let t = "\x1f a\u{3000}b \x1c";
+        assert_eq!(call(t, "strip", &[]).unwrap(), "a\u{3000}b");
+        assert_eq!(call(t, "strip", &[Value::from(())]).unwrap(), "a\u{3000}b");
+        assert_eq!(call(t, "lstrip", &[]).unwrap(), "a\u{3000}b \x1c");
+        assert_eq!(call(t, "rstrip", &[]).unwrap(), "\x1f a\u{3000}b");
+        assert_eq!(call(t, "split", &[]).unwrap(), r#"["a", "b"]"#);
+        assert_eq!(
+            call("  a b  c ", "split", &[Value::from(()), Value::from(1)]).unwrap(),
+            r#"["a", "b  c "]"#
+        );
+        assert_eq!(call("\x1d\t", "isspace", &[]).unwrap(), "True");
+        assert_eq!(call("", "isspace", &[]).unwrap(), "False");
+        assert_eq!(
+            call("a\r\nb\rc\x1ed\n", "splitlines", &[]).unwrap(),
+            r#"["a", "b", "c", "d"]"#
+        );
+        assert_eq!(
+            call("a\r\nb", "splitlines", &[Value::from(true)]).unwrap(),
+            r#"["a\r\n", "b"]"#
+        );
+        // characters to strip, or a separator: not this call
+        assert!(call(t, "strip", &[Value::from("x")]).is_none());
+        assert!(call(t, "split", &[Value::from(",")]).is_none());
+    }
 
     #[test]
     fn civil_dates() {

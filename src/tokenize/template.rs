@@ -199,6 +199,9 @@ impl ChatTemplate {
     }
 
     fn with_tokens(source: &str, special: BTreeMap<String, String>) -> Result<Self> {
+        // Jinja2's lexer reads every `\r\n` and `\r` of a template's source as `\n` (a template
+        // saved with Windows line ends renders as the original)
+        let source = &source.replace("\r\n", "\n").replace('\r', "\n");
         let mut env = Environment::new();
         // A template that recurses or loops without end stops with an error, never an abort.
         env.set_fuel(Some(FUEL));

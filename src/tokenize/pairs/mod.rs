@@ -123,6 +123,7 @@ fn split_chat<'a>(
     c: &'a [Message],
     r: &'a [Message],
 ) -> Result<Conversation<'a>, SkipReason> {
+    let explicit = prompt.is_some();
     let (prompt, chosen, rejected) = match prompt {
         Some(p) => (p, c, r),
         None => match extract_prompt(c, r, |_| false) {
@@ -151,14 +152,16 @@ fn split_chat<'a>(
     if empty(a) || empty(b) {
         return Err(SkipReason::EmptyAssistantTurn);
     }
-    // More than the answer left after the prompt: the turns before the answers differ.
-    if chosen.len() > 1 || rejected.len() > 1 {
+    // More than the answer left after a prompt taken from the conversations: the turns before
+    // the answers differ. After an explicit prompt, every turn is the completion, as TRL
+    // tokenizes it (an agent's tool calls, their results and its answer).
+    if !explicit && (chosen.len() > 1 || rejected.len() > 1) {
         return Err(SkipReason::PromptMismatch);
     }
     if prompt.is_empty() {
         return Err(SkipReason::EmptyPrompt);
     }
-    if a == b {
+    if chosen == rejected {
         return Err(SkipReason::IdenticalResponses);
     }
     Ok(Conversation {
