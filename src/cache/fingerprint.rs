@@ -116,7 +116,10 @@ mod options_as_json_string {
 /// `chat_template_kwargs` and every message key; tokenizers built as transformers' class for
 /// them builds them (LlamaTokenizer's and GemmaTokenizer's pipelines, the class `config.json`'s
 /// `model_type` picks): models, tokenizers and rows that use them scored anew.
-pub const SCORING: u32 = 2;
+/// 3: chat templates read as Jinja2 reads them (Windows line ends as `\n`; Python's whitespace
+/// in `trim`, `strip()`, `split()`; `tojson` floats as Python's `repr`), and after an explicit
+/// prompt an answer of several turns kept as the completion (a `prompt_mismatch` skip before).
+pub const SCORING: u32 = 3;
 
 /// What stage one alone can know, having read the data: a run that reads no dataset does not
 /// compare these, and checks local data files with [`Fingerprint::check_data`] instead.
