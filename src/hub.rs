@@ -21,11 +21,58 @@ fn snapshot_commit(dir: &Path) -> Option<String> {
     Some(dir.file_name()?.to_str()?.to_string())
 }
 
+/// `HF_HUB_OFFLINE` or `TRANSFORMERS_OFFLINE` set to a true value, as huggingface_hub reads
+/// them (`1`, `ON`, `YES`, `TRUE`, in any case).
 fn offline() -> bool {
-    matches!(
-        std::env::var("HF_HUB_OFFLINE").as_deref(),
-        Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes")
-    )
+    let on = |k: &str| {
+        std::env::var(k).is_ok_and(|v| {
+            matches!(
+                v.trim().to_ascii_uppercase().as_str(),
+                "1" | "ON" | "YES" | "TRUE"
+            )
+        })
+    };
+    on("HF_HUB_OFFLINE") || on("TRANSFORMERS_OFFLINE")
+}
+
+/// A non-empty environment variable, a leading `~/` expanded as Python's `expanduser` does.
+fn env_path(key: &str) -> Option<PathBuf> {
+    let v = std::env::var(key).ok().filter(|v| !v.is_empty())?;
+    match (v.strip_prefix("~/"), std::env::var("HOME")) {
+        (Some(rest), Ok(home)) => Some(Path::new(&home).join(rest)),
+        _ => Some(v.into()),
+    }
+}
+
+/// The HF hub cache as huggingface_hub finds it: `HF_HUB_CACHE` (or the older
+/// `HUGGINGFACE_HUB_CACHE`), else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+fn cache() -> Cache {
+    if let Some(p) = env_path("HF_HUB_CACHE").or_else(|| env_path("HUGGINGFACE_HUB_CACHE")) {
+        return Cache::new(p);
+    }
+    match env_path("HF_HOME") {
+        Some(home) => Cache::new(home.join("hub")),
+        None => Cache::default(),
+    }
+}
+
+/// The token as huggingface_hub finds it: a non-empty `HF_TOKEN`, else the file at
+/// `HF_TOKEN_PATH` or `$HF_HOME/token` (an empty `HF_TOKEN`, as CI gives an unset secret, is
+/// no token, not an empty one).
+fn token() -> Option<String> {
+    if let Ok(t) = std::env::var("HF_TOKEN") {
+        if !t.trim().is_empty() {
+            return Some(t.trim().to_string());
+        }
+    }
+    let home = env_path("HF_HOME").or_else(|| {
+        std::env::var("HOME")
+            .ok()
+            .map(|h| Path::new(&h).join(".cache/huggingface"))
+    });
+    let path = env_path("HF_TOKEN_PATH").or_else(|| home.map(|h| h.join("token")))?;
+    let t = std::fs::read_to_string(path).ok()?;
+    (!t.trim().is_empty()).then(|| t.trim().to_string())
 }
 
 fn kind_name(kind: RepoType) -> &'static str {
@@ -38,7 +85,7 @@ fn kind_name(kind: RepoType) -> &'static str {
 
 /// Where a repo's snapshot lives in the HF cache, if its revision was fetched before.
 fn cached_snapshot(repo: &Repo, revision: &str) -> Option<PathBuf> {
-    let root = Cache::from_env().path().join(repo.folder_name());
+    let root = cache().path().join(repo.folder_name());
     let commit = crate::error::fs::read_to_string(root.join("refs").join(revision))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| revision.to_string());
@@ -55,12 +102,41 @@ pub fn revision_label(id: &str, revision: &str) -> String {
     }
 }
 
-/// Resolves `id` to a directory holding the files `wanted` selects (called with each repo path).
+/// Which repo files to fetch: `first` from the repo's listing, then `then` from those fetched
+/// (a sharded model's index names its shards).
+struct Selection<'a> {
+    first: &'a dyn Fn(&str, &[String]) -> bool,
+    then: &'a dyn Fn(&Path) -> Vec<String>,
+}
+
+/// Files of a cached snapshot that huggingface_hub's listing of its commit
+/// (`trees/<commit>.json`) has and the snapshot lacks: a download cut short, a link removed.
+fn missing_from_snapshot(root: &Path, snap: &Path, wanted: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let Some(commit) = snap.file_name() else {
+        return Vec::new();
+    };
+    let tree = root.join("trees").join(commit).with_extension("json");
+    let Ok(v) = crate::error::fs::read_json::<serde_json::Value>(&tree) else {
+        return Vec::new();
+    };
+    if v["format_version"] != 1 {
+        return Vec::new();
+    }
+    v["files"]
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.keys())
+        .filter(|f| stays_inside(f) && wanted(f) && !snap.join(f).exists())
+        .cloned()
+        .collect()
+}
+
+/// Resolves `id` to a directory holding the files `select` picks.
 fn resolve(
     id: &str,
     revision: &str,
     kind: RepoType,
-    wanted: &dyn Fn(&str) -> bool,
+    select: &Selection,
     required: &[&str],
 ) -> Result<RepoDir> {
     let local = Path::new(id);
@@ -84,23 +160,46 @@ fn resolve(
         )));
     }
     let repo = Repo::with_revision(id.to_string(), kind, revision.to_string());
+    let cache = cache();
+    let root = cache.path().join(repo.folder_name());
     if offline() {
         return match cached_snapshot(&repo, revision) {
-            Some(dir) if required.iter().all(|f| dir.join(f).exists()) => Ok(RepoDir {
-                commit: snapshot_commit(&dir),
-                dir,
-                revision: revision.into(),
-            }),
+            Some(dir) if required.iter().all(|f| dir.join(f).exists()) => {
+                let missing = missing_from_snapshot(&root, &dir, &|f| (select.first)(f, &[]));
+                if let Some(f) = missing.first() {
+                    return Err(Error::Hub(format!(
+                        "{what} `{id}` (revision `{revision}`) is incomplete in the HF cache: \
+                         `{}` lacks `{f}`{} (a download cut short?), and HF_HUB_OFFLINE is set: \
+                         run once with network access to complete it",
+                        dir.display(),
+                        match missing.len() {
+                            1 => String::new(),
+                            n => format!(" and {} more", n - 1),
+                        }
+                    )));
+                }
+                Ok(RepoDir {
+                    commit: snapshot_commit(&dir),
+                    dir,
+                    revision: revision.into(),
+                })
+            }
             _ => Err(Error::Hub(format!(
                 "{what} `{id}` (revision `{revision}`) is not in the HF cache ({}) and HF_HUB_OFFLINE is set: \
                  run once with network access, or set the id to a local directory in the hub layout",
-                Cache::from_env().path().display()
+                cache.path().display()
             ))),
         };
     }
-    let mut builder = ApiBuilder::from_env().with_progress(false);
-    if let Ok(token) = std::env::var("HF_TOKEN") {
-        builder = builder.with_token(Some(token));
+    let mut builder = ApiBuilder::from_cache(cache.clone())
+        .with_progress(false)
+        .with_token(token());
+    // huggingface_hub strips a trailing slash (`…/` would make every path `//api/…`)
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        let endpoint = endpoint.trim().trim_end_matches('/');
+        if !endpoint.is_empty() {
+            builder = builder.with_endpoint(endpoint.to_string());
+        }
     }
     let api = builder
         .build()
@@ -114,11 +213,23 @@ fn resolve(
         ))
     };
     let info = api_repo.info().map_err(|e| unreachable(&e))?;
-    let files: Vec<String> = info
+    // Every file is read at the commit the revision names now, as huggingface_hub does: a branch
+    // that moved is fetched anew, never the older snapshot the cache's ref still points at.
+    let commit = if info.sha.is_empty() {
+        revision.to_string()
+    } else {
+        info.sha.clone()
+    };
+    let listed: Vec<String> = info
         .siblings
         .into_iter()
         .map(|s| s.rfilename)
-        .filter(|f| stays_inside(f) && wanted(f))
+        .filter(|f| stays_inside(f))
+        .collect();
+    let files: Vec<String> = listed
+        .iter()
+        .filter(|f| (select.first)(f, &listed))
+        .cloned()
         .collect();
     for req in required {
         if !files.iter().any(|f| f == req) {
@@ -127,22 +238,39 @@ fn resolve(
             )));
         }
     }
-    let mut dir = None;
-    for f in &files {
-        let path = api_repo.get(f).map_err(|e| unreachable(&e))?;
-        // The snapshot root is the downloaded path minus the repo-relative file name.
-        dir.get_or_insert_with(|| {
-            let depth = Path::new(f).components().count();
-            path.ancestors()
-                .nth(depth)
-                .map(Path::to_path_buf)
-                .unwrap_or_default()
-        });
+    if files.is_empty() {
+        return Err(Error::Hub(format!(
+            "{what} `{id}` at `{revision}` has no usable files"
+        )));
     }
-    let dir = dir
-        .ok_or_else(|| Error::Hub(format!("{what} `{id}` at `{revision}` has no usable files")))?;
+    let pinned = api.repo(Repo::with_revision(id.to_string(), kind, commit.clone()));
+    let dir = root.join("snapshots").join(&commit);
+    let fetch = |f: &str| -> Result<()> {
+        if !dir.join(f).exists() {
+            pinned.get(f).map_err(|e| unreachable(&e))?;
+        }
+        Ok(())
+    };
+    files.iter().try_for_each(|f| fetch(f))?;
+    for f in (select.then)(&dir) {
+        if !listed.contains(&f) {
+            return Err(Error::Hub(format!(
+                "{what} `{id}` at `{revision}` names `{f}`, which the repository does not hold"
+            )));
+        }
+        fetch(&f)?;
+    }
+    // The revision's ref points at the commit only once every file is in (as huggingface_hub
+    // writes it), so an interrupted fetch never leaves a ref to a partial snapshot.
+    if commit != revision {
+        let r = root.join("refs").join(revision);
+        if let Some(parent) = r.parent() {
+            crate::error::fs::create_dir_all(parent)?;
+        }
+        crate::error::fs::write_atomic(&r, commit.as_bytes())?;
+    }
     Ok(RepoDir {
-        commit: snapshot_commit(&dir),
+        commit: Some(commit),
         dir,
         revision: revision_label(id, revision),
     })
@@ -161,12 +289,19 @@ fn stays_inside(name: &str) -> bool {
 
 /// A dataset: the repo files `wanted` selects (the splits' `data_files` patterns).
 pub fn dataset(id: &str, revision: &str, wanted: &dyn Fn(&str) -> bool) -> Result<RepoDir> {
-    resolve(id, revision, RepoType::Dataset, wanted, &[])
+    let select = Selection {
+        first: &|f, _| wanted(f),
+        then: &|_| Vec::new(),
+    };
+    resolve(id, revision, RepoType::Dataset, &select, &[])
 }
 
-/// A model: config, tokenizer files, chat template and safetensors weights.
+/// A model: config, tokenizer files, chat template and the safetensors weights the loader reads:
+/// `model.safetensors`, else the index and the shards it names (never a
+/// `consolidated.safetensors` or other copy beside them).
 pub fn model(id: &str, revision: &str) -> Result<RepoDir> {
-    let wanted = |f: &str| {
+    let first = |f: &str, listed: &[String]| {
+        let single = listed.is_empty() || listed.iter().any(|l| l == "model.safetensors");
         matches!(
             f,
             "config.json"
@@ -175,15 +310,29 @@ pub fn model(id: &str, revision: &str) -> Result<RepoDir> {
                 | "chat_template.jinja"
                 | "generation_config.json"
                 | "special_tokens_map.json"
-                | "model.safetensors.index.json"
-        ) || (f.ends_with(".safetensors") && !f.contains('/'))
+        ) || (f == "model.safetensors")
+            || (f == "model.safetensors.index.json" && !single)
             || (f.starts_with("additional_chat_templates/") && f.ends_with(".jinja"))
+    };
+    let shards = |dir: &Path| -> Vec<String> {
+        if dir.join("model.safetensors").exists() {
+            return Vec::new();
+        }
+        crate::model::weights::weight_files(dir)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str().map(String::from))
+            .collect()
+    };
+    let select = Selection {
+        first: &first,
+        then: &shards,
     };
     let dir = resolve(
         id,
         revision,
         RepoType::Model,
-        &wanted,
+        &select,
         &["config.json", "tokenizer.json"],
     )?;
     for f in ["config.json", "tokenizer.json"] {
@@ -205,11 +354,15 @@ mod tests {
     #[test]
     fn local_directory_is_used_as_is() {
         let d = tempfile::tempdir().unwrap();
+        let select = Selection {
+            first: &|_, _| true,
+            then: &|_| Vec::new(),
+        };
         let r = resolve(
             d.path().to_str().unwrap(),
             "main",
             RepoType::Dataset,
-            &|_| true,
+            &select,
             &[],
         )
         .unwrap();

@@ -269,7 +269,8 @@ fn stage_one_through_a_hub_server() {
         "server down",
     );
     let mut offline = env.clone();
-    offline.push(("HF_HUB_OFFLINE", "1".into()));
+    // any of huggingface_hub's true values
+    offline.push(("HF_HUB_OFFLINE", "True".into()));
     succeeded(&precompute(&cfg, t, &offline, &[out("c5")]), "offline");
     // back up: the interrupted online run completes
     hub.restart();
@@ -280,5 +281,47 @@ fn stage_one_through_a_hub_server() {
         std::fs::read(ids("c1")).unwrap(),
         std::fs::read(ids("c6")).unwrap(),
         "the same cache, byte for byte"
+    );
+
+    // A branch that moves is read at its new commit online (not the snapshot the cache's ref
+    // names), through an endpoint written with a trailing slash.
+    git(&model_repo, &["checkout", "-q", "dev"]);
+    std::fs::write(
+        model_repo.join("generation_config.json"),
+        r#"{"eos_token_id": 1}"#,
+    )
+    .unwrap();
+    git(&model_repo, &["commit", "-qam", "another eos"]);
+    let moved_sha = git(&model_repo, &["rev-parse", "HEAD"]);
+    git(&model_repo, &["checkout", "-q", "main"]);
+    hub.restart();
+    let mut slash = env.clone();
+    slash[0].1 = format!("{}/", hub.endpoint);
+    succeeded(
+        &precompute(&cfg, t, &slash, &[out("c7"), "model.revision=dev".into()]),
+        "moved branch",
+    );
+    let fp = refdpo::cache::parquet::read_fingerprint(&t.join("c7/train_prefs.parquet")).unwrap();
+    assert_eq!(fp.model_commit, moved_sha);
+    let dev_ref = std::fs::read_to_string(model_cache.join("refs/dev")).unwrap();
+    assert_eq!(dev_ref.trim(), moved_sha);
+
+    // A snapshot that lacks a file huggingface_hub's listing of its commit names (a link
+    // removed, a download cut short) is refused offline, naming the file.
+    let data_cache = hf_home.join("hub/datasets--demo-org--prefs");
+    let shard = "data/train_prefs-00000-of-00001.parquet";
+    std::fs::create_dir_all(data_cache.join("trees")).unwrap();
+    std::fs::write(
+        data_cache.join("trees").join(format!("{data_sha}.json")),
+        format!(
+            r#"{{"format_version": 1, "files": {{"{shard}": {{"size": 1, "blob_id": "x"}}}}}}"#
+        ),
+    )
+    .unwrap();
+    std::fs::remove_file(data_cache.join("snapshots").join(&data_sha).join(shard)).unwrap();
+    failed_with(
+        &precompute(&cfg, t, &offline, &[out("c8")]),
+        &format!("lacks `{shard}`"),
+        "incomplete snapshot",
     );
 }
