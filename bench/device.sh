@@ -8,7 +8,8 @@
 #      benchmarks; if no kernel was named, again with every sequence whole
 #      (REFDPO_SHARE_PROMPTS=0: each pair's prompt is computed once by default, new and never
 #      run on a GPU); if that fails too, with the composed ops everywhere (REFDPO_FUSED=0); if
-#      that fails too, stop: fix first;
+#      that fails too, the benchmarks still run (the peers' figures need no refdpo), with the
+#      composed ops, marked unverified in stages.txt;
 #   2. precompute tokens/s against transformers (bf16, SDPA) on the Qwen2-0.5B and Qwen2-1.5B
 #      architectures, with the bf16 matmul ceiling, then Qwen2-0.5B with every sequence whole;
 #   3. one training setup (Qwen2-0.5B, 8 pairs × max_length 1024): refdpo cached with bf16
@@ -35,6 +36,11 @@
 # shapes, into $OUT/flash_tune.json: what flash_attn.CONFIGS should say.
 # Dry run on a CPU (tiny models, no figures): `bash bench/device.sh --cpu`, with REFDPO set to a
 # refdpo command and a Python that has bench/requirements.txt and TRL (PYTHON).
+# The device tool returns at most 8 files: $OUT gets log.txt (every stage's output), stages.txt
+# (the card, each stage's exit and time, the ops chosen), flash_check.json or flash_tune.json,
+# gpu-precompute.json, gpu-train.json and with --profile two profile-*.txt. Do not tee into $OUT.
+# One deadline (BUDGET seconds from the start, default 530, for a call of ~560 s): each stage's
+# limit is cut to what is left, so the last stage ends under its own timeout, not the tool's kill.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
@@ -44,6 +50,7 @@ SIZE=()
 EXTRA=()
 FLASH_ONLY=
 FLASH_ARGS=()
+NO_FLASH=
 # in the order they run: each comparison's pair first, so a stage cut off by its limit keeps one
 TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_8bit,refdpo_cached_bf16_masters,refdpo_cached_lora,trl_live_lora,refdpo_live_bf16_state,trl_precompute
 for arg in "$@"; do
@@ -51,29 +58,39 @@ for arg in "$@"; do
     --flash) FLASH_ONLY=1 ;;
     --tune) FLASH_ONLY=1 FLASH_ARGS=(--tune) ;;
     --cpu) DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256) ;;
-    --profile) PRE_MODELS=${PRE_MODELS%%,*} EXTRA=(--profile) TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live ;;
-    --lora) PRE_MODELS="" TRAIN_SETUPS=refdpo_cached_lora,trl_live_lora,refdpo_cached_bf16_state,trl_live ;;
-    --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_8bit,refdpo_cached_bf16_masters ;;
+    --profile) PRE_MODELS=${PRE_MODELS%%,*} EXTRA=(--profile) TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live NO_FLASH=1 ;;
+    --lora) PRE_MODELS="" TRAIN_SETUPS=refdpo_cached_lora,trl_live_lora,refdpo_cached_bf16_state,trl_live NO_FLASH=1 ;;
+    --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_8bit,refdpo_cached_bf16_masters NO_FLASH=1 ;;
     *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora] [--big] [--flash] [--tune]" >&2; exit 2 ;;
   esac
 done
 SIZE+=(--setups "$TRAIN_SETUPS")
 export OUT=${OUT:-bench/results/device} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+END=$((SECONDS + ${BUDGET:-530}))
 PY=${PYTHON:-python3}
 # stage and selftest_ladder
 # shellcheck source=bench/device_lib.sh
 source bench/device_lib.sh
-# The tiled attention first: its cubins are committed, so it needs no refdpo binary.
+# The tiled attention first: its cubins are committed, so it needs no refdpo binary. Its JIT
+# tests (which the interpreter runs on the CPU) only where the call is the flash check alone.
 if [ "$DEVICE" = cuda ]; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-  stage flash "$([ -n "${FLASH_ARGS[*]}" ] && echo 240 || echo 180)" "$PY" src/model/fused/triton/device_check.py --out "$OUT" "${FLASH_ARGS[@]}"
-  [ -z "$FLASH_ONLY" ] || { ls -la "$OUT"; exit 0; }
+  echo "card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)" >> "$OUT/stages.txt"
+  if [ -n "$FLASH_ONLY" ]; then
+    stage flash "$([ -n "${FLASH_ARGS[*]}" ] && echo 240 || echo 180)" "$PY" src/model/fused/triton/device_check.py --out "$OUT" "${FLASH_ARGS[@]}"
+    exit 0
+  fi
+  [ -n "$NO_FLASH" ] || stage flash 120 "$PY" src/model/fused/triton/device_check.py --out "$OUT" --skip-tests
 fi
 if [ "$DEVICE" = cuda ]; then
+  # only the TRL and PEFT peers need the wheels: a failed install costs those setups, not the call
   if [ -d .whl ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl >> "$OUT/log.txt" 2>&1; then
+      export PYTHONPATH=/tmp/site
+    else
+      echo "wheels not installed (log.txt): the TRL and PEFT setups will fail" >> "$OUT/stages.txt"
+    fi
   fi
   NV=$("$PY" -c "import nvidia,os;print(next(p for p in nvidia.__path__ if os.path.isdir(p+'/cu13/lib')))")
   export LD_LIBRARY_PATH=$NV/cu13/lib:${LD_LIBRARY_PATH:-}
@@ -83,10 +100,13 @@ if [ "$DEVICE" = cuda ]; then
 fi
 export REFDPO=${REFDPO:?set REFDPO to the refdpo command}
 # The selftest with the fused ops, then without the kernels that failed, then with the composed
-# ops (bench/device_lib.sh); a failed selftest of all stops the benchmark, but the --profile
-# follow-up (a diagnosis) goes on.
-selftest_ladder || { echo "selftest failed" >&2; [ ${#EXTRA[@]} -gt 0 ] || exit 1; }
+# ops (bench/device_lib.sh). When every rung fails the benchmarks still run, with the composed
+# ops, marked unverified: the peers' figures need no refdpo.
+selftest_ladder
+case $? in
+  1) echo "ops: REFDPO_FUSED=0, unverified (every selftest rung failed): refdpo's figures are not results" | tee -a "$OUT/stages.txt" ;;
+esac
 [ -z "$PRE_MODELS" ] ||
-  stage precompute 270 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS" "${SIZE[@]}" "${EXTRA[@]}"
+  stage precompute 200 "$PY" bench/gpu.py precompute --device "$DEVICE" --models "$PRE_MODELS" "${SIZE[@]}" "${EXTRA[@]}"
 stage train 270 "$PY" bench/gpu.py train --device "$DEVICE" --models "$TRAIN_MODELS" --batch 8 "${SIZE[@]}" "${EXTRA[@]}"
 ls -la "$OUT"

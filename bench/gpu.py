@@ -190,6 +190,14 @@ def common_prefix(a, b):
     return n
 
 
+def write_json(path, res):
+    """The results so far, written whole (a temporary renamed): a stage killed at its limit
+    leaves the last complete file, never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def attempt(name, fn):
     """fn()'s result, or {"error": why} when it fails (a command's failure, a missing file): one
     model or setup that fails must not cost the call the others' figures."""
@@ -204,7 +212,10 @@ def stage_precompute():
     # which refdpo kernels ran: unset (every fused one), REFDPO_FUSED=-name,… or 0 (bench/device.sh)
     res = {"setup": vars(a), "refdpo_fused": os.environ.get("REFDPO_FUSED"), "models": {}}
     if cuda:
-        res["matmul_bf16_flops"] = matmul()
+        # a CUDA error here (a busy card) costs the ceiling, not the models' figures
+        ceiling = attempt("matmul", matmul)
+        if not isinstance(ceiling, dict):
+            res["matmul_bf16_flops"] = ceiling
 
     def one(preset):
         model = make_model(preset)
@@ -219,7 +230,8 @@ def stage_precompute():
         peer_out, _ = MemorySampler().run([sys.executable, HERE / "peer_precompute.py", model,
                                            WORK / f"cache-{preset}" / "train_prefs.parquet", "--batch", "16",
                                            "--device", a.device, "--dtype", "bfloat16" if cuda else "float32"])
-        peer = json.loads(peer_out)
+        # its last line: a stray line from torch or transformers must not cost the row
+        peer = json.loads(peer_out.strip().splitlines()[-1])
         # forward FLOPs of the peer's work (every position through every block and lm_head), plus
         # causal attention (QKᵀ and PV: 2·T²·H per layer per sequence, halved by the mask)
         rows = pq.read_table(WORK / f"cache-{preset}" / "train_prefs.parquet").to_pylist()
@@ -265,12 +277,12 @@ def stage_precompute():
 
     for preset in a.models.split(","):
         res["models"][preset] = attempt(preset, lambda: one(preset))
-        (OUT / "gpu-precompute.json").write_text(json.dumps(res, indent=1) + "\n")
+        write_json(OUT / "gpu-precompute.json", res)
     # last, so that it can cost no other figure: the first model's scoring with every sequence whole
     first = a.models.split(",")[0]
     if "error" not in res["models"][first]:
         res["models"][first]["whole_sequences"] = attempt(f"{first} whole", lambda: whole(first))
-        (OUT / "gpu-precompute.json").write_text(json.dumps(res, indent=1) + "\n")
+        write_json(OUT / "gpu-precompute.json", res)
     ceiling = res.get("matmul_bf16_flops")
     print("| model | tokens | refdpo tok/s | transformers tok/s | ratio | refdpo TFLOP/s | % of bf16 matmul |")
     print("|---|---|---|---|---|---|---|")
@@ -359,14 +371,14 @@ def stage_train():
             r[name] = attempt(f"{preset} {name}", lambda: ours(name) if name in ours_extra else peer(name))
             log(f"{preset} {name}: {r[name]}")
             res["models"][preset] = r
-            (OUT / "gpu-train.json").write_text(json.dumps(res, indent=1) + "\n")
+            write_json(OUT / "gpu-train.json", res)
         if a.profile:
             toml = pipeline(model, preset, pairs, **common, state_dtype="bf16")
             attempt(f"profile train {preset}", lambda: profiled(f"train-{preset}", WORK / "run-profile", "train",
                                                                 "--config", toml, "--set",
                                                                 f'train.out="{WORK / "run-profile"}"'))
         res["models"][preset] = r
-    (OUT / "gpu-train.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_json(OUT / "gpu-train.json", res)
     # "vs TRL live": LoRA rows against TRL + PEFT live
     print("| model | setup | peak GiB (device) | vs TRL live | median step s | vs TRL live | first loss − ln 2 |")
     print("|---|---|---|---|---|---|---|")

@@ -2,15 +2,20 @@
 //! with a stand-in refdpo whose failing report is the real one's text: the kernels a selftest
 //! names are left out for the second check and the benchmarks; when none is named, every
 //! sequence whole (`REFDPO_SHARE_PROMPTS=0`); when that fails too, the composed ops
-//! (`REFDPO_FUSED=0`).
+//! (`REFDPO_FUSED=0`). A selftest cut off at its time limit is no failing kernel: no rung runs.
 
 use super::common::repo;
 use refdpo::model::fused::Kernel;
 use refdpo::selftest::{report, Check};
 use std::process::Command;
 
-/// The ladder's outcome: (REFDPO_FUSED it exported, $OUT/ops.txt, the stages that ran).
-fn ladder(first_report: &str, second_passes: bool) -> (String, String, String) {
+/// The ladder's outcome: (its return code and what it exported, the last `ops:` line of
+/// $OUT/stages.txt, $OUT/stages.txt), with the first selftest ending in `first_exit`.
+fn ladder_ending(
+    first_report: &str,
+    first_exit: i32,
+    second_passes: bool,
+) -> (String, String, String) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
@@ -23,11 +28,12 @@ fn ladder(first_report: &str, second_passes: bool) -> (String, String, String) {
         format!(
             "#!/usr/bin/env bash\n\
              case \"${{REFDPO_FUSED-}}/${{REFDPO_SHARE_PROMPTS-}}\" in\n\
-             /) cat '{}'; exit 1 ;;\n\
+             /) cat '{}'; exit {} ;;\n\
              0/) echo 'selftest on cuda:0: 9 passed, 0 failed' ;;\n\
              *) echo \"selftest with $REFDPO_FUSED\"; exit {} ;;\n\
              esac\n",
             tmp.path().join("first.txt").display(),
+            first_exit,
             if second_passes { 0 } else { 1 }
         ),
     )
@@ -46,9 +52,27 @@ fn ladder(first_report: &str, second_passes: bool) -> (String, String, String) {
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     let last = stdout.lines().last().unwrap_or_default().to_string();
-    assert!(last.starts_with("rc=0 "), "{stdout}");
-    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap_or_default();
-    (last, read("ops.txt"), read("stages.txt"))
+    // the device tool returns 8 files at most: the ladder writes two, whatever it runs
+    let files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let stages = std::fs::read_to_string(out.join("stages.txt")).unwrap_or_default();
+    let ops = stages
+        .lines()
+        .filter_map(|l| l.strip_prefix("ops: "))
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    (last, ops, stages)
+}
+
+/// [`ladder_ending`] with a failing first selftest, the ladder passing in the end.
+fn ladder(first_report: &str, second_passes: bool) -> (String, String, String) {
+    let (last, ops, stages) = ladder_ending(first_report, 1, second_passes);
+    assert!(last.starts_with("rc=0 "), "{last}");
+    (last, ops, stages)
 }
 
 fn failing(kernel: Option<Kernel>) -> String {
@@ -78,23 +102,34 @@ fn the_device_script_leaves_out_the_kernels_the_selftest_names() {
     // rope's own check and a model check blamed on adamw8: both left out, and that passes
     let (last, ops, stages) = ladder(&failing(Some(Kernel::Adamw8)), true);
     assert!(last.ends_with("fused=-rope,-adamw8"), "{last}");
-    assert_eq!(ops.trim(), "REFDPO_FUSED=-rope,-adamw8");
+    assert_eq!(ops, "REFDPO_FUSED=-rope,-adamw8");
     assert!(stages.contains("== selftest-without: exit 0"), "{stages}");
     assert!(!stages.contains("selftest-composed"), "{stages}");
     // still failing without them: the composed ops
     let (last, ops, stages) = ladder(&failing(Some(Kernel::Adamw8)), false);
     assert!(last.ends_with("fused=0"), "{last}");
-    assert_eq!(ops.trim(), "REFDPO_FUSED=0");
+    assert_eq!(ops, "REFDPO_FUSED=0");
     assert!(stages.contains("== selftest-composed: exit 0"), "{stages}");
     // no kernel named: every sequence whole, and that passes
     let (last, ops, stages) = ladder(&failing(None), true);
     assert!(last.ends_with("share=0 fused=unset"), "{last}");
-    assert_eq!(ops.trim(), "REFDPO_SHARE_PROMPTS=0");
+    assert_eq!(ops, "REFDPO_SHARE_PROMPTS=0");
     assert!(stages.contains("== selftest-whole: exit 0"), "{stages}");
     assert!(!stages.contains("selftest-without"), "{stages}");
     // still failing: the composed ops, prompts shared again
     let (last, ops, stages) = ladder(&failing(None), false);
     assert!(last.ends_with("share=unset fused=0"), "{last}");
-    assert_eq!(ops.trim(), "REFDPO_FUSED=0");
+    assert_eq!(ops, "REFDPO_FUSED=0");
     assert!(stages.contains("== selftest-whole: exit 1"), "{stages}");
+}
+
+#[test]
+fn a_selftest_cut_off_at_its_limit_runs_no_rung() {
+    let (last, ops, stages) = ladder_ending("still checking", 124, true);
+    assert!(
+        last.starts_with("rc=2 ") && last.ends_with("share=unset fused=unset"),
+        "{last}"
+    );
+    assert!(ops.starts_with("fused (the selftest was cut off"), "{ops}");
+    assert!(!stages.contains("selftest-"), "{stages}");
 }
