@@ -5,6 +5,96 @@ use crate::error::{Error, Result};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// hf-hub's client sets no read timeout: a hub that keeps the connection open and sends nothing
+/// would hang the run. The watchdog ends the process with an error once no byte has come for
+/// `HF_HUB_DOWNLOAD_TIMEOUT` seconds (huggingface_hub's variable; default 60 here, where
+/// huggingface_hub gives up after 5 tries of 10 s). What was downloaded stays in the cache's
+/// `.part` file, and a rerun resumes it.
+struct Watchdog {
+    done: Arc<AtomicBool>,
+    /// Milliseconds since `start` at the last sign of life.
+    last: Arc<AtomicU64>,
+    start: Instant,
+    /// What is being fetched.
+    what: Arc<Mutex<String>>,
+}
+
+impl Watchdog {
+    fn start(endpoint: String) -> Self {
+        let limit = std::env::var("HF_HUB_DOWNLOAD_TIMEOUT")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .unwrap_or(60.0);
+        let dog = Self {
+            done: Arc::default(),
+            last: Arc::default(),
+            start: Instant::now(),
+            what: Arc::default(),
+        };
+        let (done, last, what, start) = (
+            dog.done.clone(),
+            dog.last.clone(),
+            dog.what.clone(),
+            dog.start,
+        );
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = start.elapsed().as_millis() as u64;
+                let quiet = now.saturating_sub(last.load(Ordering::Relaxed));
+                if quiet as f64 > limit * 1e3 && !done.load(Ordering::Relaxed) {
+                    let what = what.lock().map(|w| w.clone()).unwrap_or_default();
+                    crate::error::note!(
+                        "error: the hub at {endpoint} stopped answering: nothing came for {limit} s \
+                         while fetching {what}. Check the network and HF_ENDPOINT (a rerun resumes \
+                         the download; HF_HUB_DOWNLOAD_TIMEOUT sets the wait)"
+                    );
+                    std::process::exit(1);
+                }
+            }
+        });
+        dog
+    }
+
+    /// A sign of life: a request begins, or bytes came.
+    fn alive(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    fn fetching(&self, what: String) {
+        if let Ok(mut w) = self.what.lock() {
+            *w = what;
+        }
+        self.alive();
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
+}
+
+/// hf-hub's download progress as the watchdog's signs of life.
+struct Alive<'a>(&'a Watchdog);
+
+impl hf_hub::api::Progress for Alive<'_> {
+    fn init(&mut self, _size: usize, _filename: &str) {
+        self.0.alive();
+    }
+    fn update(&mut self, _size: usize) {
+        self.0.alive();
+    }
+    fn finish(&mut self) {
+        self.0.alive();
+    }
+}
 
 /// A directory laid out like the hub repository (a local directory or a cache snapshot).
 #[derive(Debug, Clone)]
@@ -195,12 +285,15 @@ fn resolve(
         .with_progress(false)
         .with_token(token());
     // huggingface_hub strips a trailing slash (`…/` would make every path `//api/…`)
-    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
-        let endpoint = endpoint.trim().trim_end_matches('/');
-        if !endpoint.is_empty() {
-            builder = builder.with_endpoint(endpoint.to_string());
+    let mut endpoint = "https://huggingface.co".to_string();
+    if let Ok(e) = std::env::var("HF_ENDPOINT") {
+        let e = e.trim().trim_end_matches('/');
+        if !e.is_empty() {
+            endpoint = e.to_string();
+            builder = builder.with_endpoint(endpoint.clone());
         }
     }
+    let watchdog = Watchdog::start(endpoint);
     let api = builder
         .build()
         .map_err(|e| Error::Hub(format!("cannot set up the hub client: {e}")))?;
@@ -212,6 +305,7 @@ fn resolve(
              filled cache / a local directory"
         ))
     };
+    watchdog.fetching(format!("the listing of {what} `{id}` at `{revision}`"));
     let info = api_repo.info().map_err(|e| unreachable(&e))?;
     // Every file is read at the commit the revision names now, as huggingface_hub does: a branch
     // that moved is fetched anew, never the older snapshot the cache's ref still points at.
@@ -247,7 +341,10 @@ fn resolve(
     let dir = root.join("snapshots").join(&commit);
     let fetch = |f: &str| -> Result<()> {
         if !dir.join(f).exists() {
-            pinned.get(f).map_err(|e| unreachable(&e))?;
+            watchdog.fetching(format!("`{f}` of {what} `{id}`"));
+            pinned
+                .download_with_progress(f, Alive(&watchdog))
+                .map_err(|e| unreachable(&e))?;
         }
         Ok(())
     };

@@ -283,6 +283,26 @@ fn stage_one_through_a_hub_server() {
         "the same cache, byte for byte"
     );
 
+    // A hub that keeps the connection open and sends nothing: an error naming it after
+    // HF_HUB_DOWNLOAD_TIMEOUT seconds, not a hang.
+    let signal = |sig: &str| {
+        for pid in &hub.pids {
+            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+        }
+    };
+    signal("-STOP");
+    let mut stalled = env.clone();
+    stalled.push(("HF_HUB_DOWNLOAD_TIMEOUT", "2".into()));
+    let t0 = std::time::Instant::now();
+    let out_stalled = precompute(&cfg, t, &stalled, &[out("c9")]);
+    signal("-CONT");
+    failed_with(
+        &out_stalled,
+        "stopped answering: nothing came for 2 s",
+        "stalled hub",
+    );
+    assert!(t0.elapsed().as_secs() < 30, "{:?}", t0.elapsed());
+
     // A branch that moves is read at its new commit online (not the snapshot the cache's ref
     // names), through an endpoint written with a trailing slash.
     git(&model_repo, &["checkout", "-q", "dev"]);
