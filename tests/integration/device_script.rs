@@ -61,8 +61,8 @@ fn ladder_ending(
     let stages = std::fs::read_to_string(out.join("stages.txt")).unwrap_or_default();
     let ops = stages
         .lines()
-        .filter_map(|l| l.strip_prefix("ops: "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("ops: "))
         .unwrap_or_default()
         .to_string();
     (last, ops, stages)
