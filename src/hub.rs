@@ -2,7 +2,7 @@
 //! `HF_TOKEN`, `HF_ENDPOINT`, `HF_HUB_OFFLINE`) or a local directory in the same layout.
 
 use crate::error::{Error, Result};
-use hf_hub::api::sync::ApiBuilder;
+use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -340,11 +340,37 @@ fn resolve(
     let pinned = api.repo(Repo::with_revision(id.to_string(), kind, commit.clone()));
     let dir = root.join("snapshots").join(&commit);
     let fetch = |f: &str| -> Result<()> {
-        if !dir.join(f).exists() {
+        let mut tries = 0;
+        while !dir.join(f).exists() {
             watchdog.fetching(format!("`{f}` of {what} `{id}`"));
-            pinned
-                .download_with_progress(f, Alive(&watchdog))
-                .map_err(|e| unreachable(&e))?;
+            tries += 1;
+            match pinned.download_with_progress(f, Alive(&watchdog)) {
+                // another process downloads the same file (hf-hub waits 5 s for its lock):
+                // wait for it, as huggingface_hub does, the watchdog fed meanwhile
+                Err(ApiError::LockAcquisition(_)) if tries < 720 => {
+                    if tries == 1 {
+                        crate::error::note!(
+                            "waiting for another process that downloads `{f}` of {what} `{id}`"
+                        );
+                    }
+                }
+                Err(e) => return Err(unreachable(&e)),
+                // a file whose name in the cache is its SHA-256 (a large one, stored by LFS) is
+                // checked: a damaged `.part` resumed would otherwise be kept for good
+                Ok(path) if !content_matches_name(&path)? => {
+                    let blob = std::fs::canonicalize(&path).unwrap_or_default();
+                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(&blob);
+                    if tries >= 2 {
+                        return Err(Error::Hub(format!(
+                            "`{f}` of {what} `{id}` was downloaded twice and is not the file the \
+                             hub names (its SHA-256 differs): removed from the cache; check the \
+                             network or HF_ENDPOINT's server"
+                        )));
+                    }
+                }
+                Ok(_) => {}
+            }
         }
         Ok(())
     };
@@ -371,6 +397,23 @@ fn resolve(
         dir,
         revision: revision_label(id, revision),
     })
+}
+
+/// Whether a downloaded file whose cache blob is named by a SHA-256 (hf-hub names a blob by the
+/// hub's ETag, which is the content's SHA-256 for an LFS file) has that content; a blob of
+/// another name (a git object's id) is not checked.
+fn content_matches_name(path: &Path) -> Result<bool> {
+    let Ok(blob) = std::fs::canonicalize(path) else {
+        return Ok(true);
+    };
+    let name = blob
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(true);
+    }
+    Ok(crate::error::fs::sha256(&blob)? == name.to_ascii_lowercase())
 }
 
 /// Whether a repo file name, as the hub lists it, is a path inside the snapshot: relative, with
@@ -483,6 +526,26 @@ mod tests {
         ] {
             assert!(!stays_inside(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_blob_named_by_a_sha256_is_checked_against_its_content() {
+        let d = tempfile::tempdir().unwrap();
+        let sha = crate::error::fs::sha256(&{
+            let p = d.path().join("x");
+            std::fs::write(&p, b"weights").unwrap();
+            p
+        })
+        .unwrap();
+        let blob = d.path().join(&sha);
+        std::fs::write(&blob, b"weights").unwrap();
+        assert!(content_matches_name(&blob).unwrap());
+        std::fs::write(&blob, b"weightsX").unwrap();
+        assert!(!content_matches_name(&blob).unwrap());
+        // a git object's id (40 hex digits) or any other name: not checked
+        let other = d.path().join("a".repeat(40));
+        std::fs::write(&other, b"anything").unwrap();
+        assert!(content_matches_name(&other).unwrap());
     }
 
     #[test]
