@@ -458,11 +458,22 @@ pub fn model(id: &str, revision: &str) -> Result<RepoDir> {
         if dir.join("model.safetensors").exists() {
             return Vec::new();
         }
-        crate::model::weights::weight_files(dir)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|p| p.file_name()?.to_str().map(String::from))
-            .collect()
+        // the shards the index names (the loader checks the index itself, later)
+        let index = dir.join("model.safetensors.index.json");
+        let Ok(v) = crate::error::fs::read_json::<serde_json::Value>(&index) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = v["weight_map"]
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|x| x.as_str())
+            .filter(|n| stays_inside(n) && !n.contains('/'))
+            .map(String::from)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     };
     let select = Selection {
         first: &first,
