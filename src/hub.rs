@@ -255,7 +255,14 @@ fn resolve(
     if offline() {
         return match cached_snapshot(&repo, revision) {
             Some(dir) if required.iter().all(|f| dir.join(f).exists()) => {
-                let missing = missing_from_snapshot(&root, &dir, &|f| (select.first)(f, &[]));
+                // a generation config or a named extra template is no part of the cache's
+                // numbers: a snapshot a filtered download left without them still serves
+                let needed = |f: &str| {
+                    (select.first)(f, &[])
+                        && f != "generation_config.json"
+                        && !f.starts_with("additional_chat_templates/")
+                };
+                let missing = missing_from_snapshot(&root, &dir, &needed);
                 if let Some(f) = missing.first() {
                     return Err(Error::Hub(format!(
                         "{what} `{id}` (revision `{revision}`) is incomplete in the HF cache: \

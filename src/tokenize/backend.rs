@@ -289,6 +289,18 @@ fn check_added_tokens_listed(
     let Some(decoder) = cfg.get("added_tokens_decoder").and_then(Value::as_object) else {
         return Ok(());
     };
+    // a token the config names (`eos_token`, `unk_token`, …, `additional_special_tokens`) is
+    // added back by transformers whatever the list says
+    let named: Vec<String> = super::template::special_tokens(cfg)
+        .into_values()
+        .chain(
+            ["additional_special_tokens", "extra_special_tokens"]
+                .iter()
+                .filter_map(|k| cfg.get(*k).and_then(Value::as_array))
+                .flatten()
+                .filter_map(|v| super::template::token_string(Some(v))),
+        )
+        .collect();
     let added = tok.get("added_tokens").and_then(Value::as_array);
     for entry in added.into_iter().flatten() {
         let (Some(id), Some(content)) = (
@@ -297,7 +309,7 @@ fn check_added_tokens_listed(
         ) else {
             continue;
         };
-        if !decoder.contains_key(&id.to_string()) {
+        if !decoder.contains_key(&id.to_string()) && !named.iter().any(|n| n == content) {
             return Err(Error::Tokenize(format!(
                 "`{}` adds {content:?} (id {id}), which `added_tokens_decoder` in \
                  tokenizer_config.json does not list: transformers' {pipeline:?} tokenizer drops \
@@ -521,6 +533,10 @@ mod tests {
         let e = check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::Qwen2, dir).unwrap_err();
         assert!(e.to_string().contains("\"</s>\" (id 2)"), "{e}");
         check_added_tokens_listed(&tok, &listed(&[0, 2]), Pipeline::Qwen2, dir).unwrap();
+        // one the config names as a special token is kept by transformers (a Llama's `</s>`)
+        let mut named = listed(&[0]);
+        named["eos_token"] = json!("</s>");
+        check_added_tokens_listed(&tok, &named, Pipeline::Llama, dir).unwrap();
         // no list: the file's tokens; GPT2Tokenizer and the file as is keep every one
         check_added_tokens_listed(&tok, &json!({}), Pipeline::Llama, dir).unwrap();
         check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::Gpt2, dir).unwrap();

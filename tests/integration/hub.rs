@@ -326,6 +326,31 @@ fn stage_one_through_a_hub_server() {
     let dev_ref = std::fs::read_to_string(model_cache.join("refs/dev")).unwrap();
     assert_eq!(dev_ref.trim(), moved_sha);
 
+    // A snapshot without a generation config its listing names (huggingface_hub's download
+    // with a file filter) still serves stage one offline: no number of the cache comes from it.
+    std::fs::create_dir_all(model_cache.join("trees")).unwrap();
+    std::fs::write(
+        model_cache.join("trees").join(format!("{moved_sha}.json")),
+        r#"{"format_version": 1, "files": {"generation_config.json": {"size": 1, "blob_id": "x"}}}"#,
+    )
+    .unwrap();
+    std::fs::remove_file(
+        model_cache
+            .join("snapshots")
+            .join(&moved_sha)
+            .join("generation_config.json"),
+    )
+    .unwrap();
+    succeeded(
+        &precompute(
+            &cfg,
+            t,
+            &offline,
+            &[out("c10"), "model.revision=dev".into()],
+        ),
+        "offline without a generation config",
+    );
+
     // A snapshot that lacks a file huggingface_hub's listing of its commit names (a link
     // removed, a download cut short) is refused offline, naming the file.
     let data_cache = hf_home.join("hub/datasets--demo-org--prefs");

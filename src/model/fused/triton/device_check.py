@@ -356,14 +356,23 @@ def main():
         return
     # What has never run on a GPU first (the committed cubins, then their timings); the JIT
     # tests, which the interpreter already runs on the CPU, last.
-    cubins = Cubins()
-    report["arch"] = cubins.arch
-    section("correctness", lambda: correctness(cubins))
+    try:
+        cubins = Cubins()
+        report["arch"] = cubins.arch
+    except Exception:  # noqa: BLE001 - the cubins cannot load here: said, and the JIT tests still run
+        report["cubins"] = {"error": traceback.format_exc(limit=2)[-600:]}
+        cubins = None
+    save("flash_check.json")
+    if cubins is None:
+        for key in ("correctness", "adamw_cubins", "adamw8_cubins"):
+            report[key] = {"error": "the cubins did not load"}
+    else:
+        section("correctness", lambda: correctness(cubins))
     # The optimizer's committed cubins: f32 state bit for bit against the composed ops' op
     # order, the norm against f64, a non-finite norm changing nothing; then the 8-bit moments'
     # cubins in the launch sequence refdpo makes: bitsandbytes' codes, the CPU loops' bits beside
     # a dense tensor, bf16 weights and a non-finite norm.
-    for key, label, cases in (
+    for key, label, cases in () if cubins is None else (
         ("adamw_cubins", "AdamW cubins", (test_adamw.test_f32_state_equals_the_composed_ops_and_torch_adamw,
                                           test_adamw.test_a_non_finite_norm_changes_nothing,
                                           test_adamw.test_bf16_weights_round_stochastically)),
@@ -379,8 +388,9 @@ def main():
 
         section(key, run_cases)
         print(f"{label}:", report[key], flush=True)
-    section("speed", lambda: speed(cubins))
-    section("optimizer_speed", lambda: optimizer_speed(cubins))
+    if cubins is not None:
+        section("speed", lambda: speed(cubins))
+        section("optimizer_speed", lambda: optimizer_speed(cubins))
     if not args.skip_tests:
         def jit():
             passed, failures, skipped = jit_tests()
