@@ -23,6 +23,7 @@ mod mishaps;
 mod own_data;
 mod precision;
 mod python_package;
+mod resumes;
 mod shards;
 mod stats;
 mod tensorboard;
