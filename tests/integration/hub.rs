@@ -351,6 +351,29 @@ fn stage_one_through_a_hub_server() {
         "offline without a generation config",
     );
 
+    // A fetch cut short (its marker left in `.locks/`, where hf-hub wrote the commit's ref with
+    // the first file) is refused offline, even pinned to the commit; an online run completes it.
+    let marker = hf_home
+        .join("hub/.locks/models--demo-org--tiny-llama")
+        .join(format!("refdpo-fetching-{main_sha}"));
+    std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+    std::fs::write(&marker, "").unwrap();
+    let pinned = format!("model.revision={main_sha}");
+    failed_with(
+        &precompute(&cfg, t, &offline, &[out("c11"), pinned.clone()]),
+        "was cut short",
+        "offline after a fetch cut short",
+    );
+    succeeded(
+        &precompute(&cfg, t, &env, &[out("c11"), pinned.clone()]),
+        "online, completing the fetch",
+    );
+    assert!(!marker.exists());
+    succeeded(
+        &precompute(&cfg, t, &offline, &[out("c12"), pinned]),
+        "offline after the fetch completed",
+    );
+
     // A snapshot that lacks a file huggingface_hub's listing of its commit names (a link
     // removed, a download cut short) is refused offline, naming the file.
     let data_cache = hf_home.join("hub/datasets--demo-org--prefs");

@@ -5,96 +5,9 @@ use crate::error::{Error, Result};
 use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use watchdog::{Alive, Watchdog};
 
-/// hf-hub's client sets no read timeout: a hub that keeps the connection open and sends nothing
-/// would hang the run. The watchdog ends the process with an error once no byte has come for
-/// `HF_HUB_DOWNLOAD_TIMEOUT` seconds (huggingface_hub's variable; default 60 here, where
-/// huggingface_hub gives up after 5 tries of 10 s). What was downloaded stays in the cache's
-/// `.part` file, and a rerun resumes it.
-struct Watchdog {
-    done: Arc<AtomicBool>,
-    /// Milliseconds since `start` at the last sign of life.
-    last: Arc<AtomicU64>,
-    start: Instant,
-    /// What is being fetched.
-    what: Arc<Mutex<String>>,
-}
-
-impl Watchdog {
-    fn start(endpoint: String) -> Self {
-        let limit = std::env::var("HF_HUB_DOWNLOAD_TIMEOUT")
-            .ok()
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .unwrap_or(60.0);
-        let dog = Self {
-            done: Arc::default(),
-            last: Arc::default(),
-            start: Instant::now(),
-            what: Arc::default(),
-        };
-        let (done, last, what, start) = (
-            dog.done.clone(),
-            dog.last.clone(),
-            dog.what.clone(),
-            dog.start,
-        );
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(250));
-                let now = start.elapsed().as_millis() as u64;
-                let quiet = now.saturating_sub(last.load(Ordering::Relaxed));
-                if quiet as f64 > limit * 1e3 && !done.load(Ordering::Relaxed) {
-                    let what = what.lock().map(|w| w.clone()).unwrap_or_default();
-                    crate::error::note!(
-                        "error: the hub at {endpoint} stopped answering: nothing came for {limit} s \
-                         while fetching {what}. Check the network and HF_ENDPOINT (a rerun resumes \
-                         the download; HF_HUB_DOWNLOAD_TIMEOUT sets the wait)"
-                    );
-                    std::process::exit(1);
-                }
-            }
-        });
-        dog
-    }
-
-    /// A sign of life: a request begins, or bytes came.
-    fn alive(&self) {
-        let now = self.start.elapsed().as_millis() as u64;
-        self.last.store(now, Ordering::Relaxed);
-    }
-
-    fn fetching(&self, what: String) {
-        if let Ok(mut w) = self.what.lock() {
-            *w = what;
-        }
-        self.alive();
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Relaxed);
-    }
-}
-
-/// hf-hub's download progress as the watchdog's signs of life.
-struct Alive<'a>(&'a Watchdog);
-
-impl hf_hub::api::Progress for Alive<'_> {
-    fn init(&mut self, _size: usize, _filename: &str) {
-        self.0.alive();
-    }
-    fn update(&mut self, _size: usize) {
-        self.0.alive();
-    }
-    fn finish(&mut self) {
-        self.0.alive();
-    }
-}
+mod watchdog;
 
 /// A directory laid out like the hub repository (a local directory or a cache snapshot).
 #[derive(Debug, Clone)]
@@ -174,6 +87,16 @@ fn kind_name(kind: RepoType) -> &'static str {
 }
 
 /// Where a repo's snapshot lives in the HF cache, if its revision was fetched before.
+/// The file that says a fetch of `commit` is under way or was cut short, kept in the cache's
+/// `.locks/` folder (where huggingface_hub keeps its locks and its cache scan never looks).
+fn fetching_marker(cache: &Cache, repo: &Repo, commit: &str) -> PathBuf {
+    cache
+        .path()
+        .join(".locks")
+        .join(repo.folder_name())
+        .join(format!("refdpo-fetching-{commit}"))
+}
+
 fn cached_snapshot(repo: &Repo, revision: &str) -> Option<PathBuf> {
     let root = cache().path().join(repo.folder_name());
     let commit = crate::error::fs::read_to_string(root.join("refs").join(revision))
@@ -262,6 +185,15 @@ fn resolve(
                         && f != "generation_config.json"
                         && !f.starts_with("additional_chat_templates/")
                 };
+                let commit = snapshot_commit(&dir).unwrap_or_default();
+                if fetching_marker(&cache, &repo, &commit).exists() {
+                    return Err(Error::Hub(format!(
+                        "{what} `{id}` (revision `{revision}`) is incomplete in the HF cache: a \
+                         download into `{}` was cut short (or runs now), and HF_HUB_OFFLINE is \
+                         set: run once with network access to complete it",
+                        dir.display()
+                    )));
+                }
                 let missing = missing_from_snapshot(&root, &dir, &needed);
                 if let Some(f) = missing.first() {
                     return Err(Error::Hub(format!(
@@ -345,6 +277,13 @@ fn resolve(
         )));
     }
     let pinned = api.repo(Repo::with_revision(id.to_string(), kind, commit.clone()));
+    // Said to offline runs until every file is in: hf-hub writes a commit's ref with its first
+    // file, so a fetch cut short would otherwise leave a snapshot that looks whole.
+    let fetching = fetching_marker(&cache, &repo, &commit);
+    if let Some(parent) = fetching.parent() {
+        crate::error::fs::create_dir_all(parent)?;
+    }
+    crate::error::fs::write_atomic(&fetching, b"")?;
     let dir = root.join("snapshots").join(&commit);
     let fetch = |f: &str| -> Result<()> {
         let mut tries = 0;
@@ -390,6 +329,7 @@ fn resolve(
         }
         fetch(&f)?;
     }
+    let _ = std::fs::remove_file(&fetching);
     // The revision's ref points at the commit only once every file is in (as huggingface_hub
     // writes it), so an interrupted fetch never leaves a ref to a partial snapshot.
     if commit != revision {
