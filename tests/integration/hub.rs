@@ -314,6 +314,7 @@ fn stage_one_through_a_hub_server() {
     git(&model_repo, &["commit", "-qam", "another eos"]);
     let moved_sha = git(&model_repo, &["rev-parse", "HEAD"]);
     git(&model_repo, &["checkout", "-q", "main"]);
+    hub.stop();
     hub.restart();
     let mut slash = env.clone();
     slash[0].1 = format!("{}/", hub.endpoint);
