@@ -185,16 +185,17 @@ impl MetricsLog {
 
     /// Keeps only the lines up to `step` (a resumed run rewrites what came after), less the
     /// evaluation line at `step` when `drop_eval_at_step` (the final one, which a resumed run makes
-    /// again); TensorBoard's readers drop the events after it when the new event file opens.
-    /// TensorBoard's new file restarts at the first step rewritten: `step + 1`, or `step` itself
-    /// when its evaluation is dropped, the kept training line at `step` then written again.
+    /// again). TensorBoard's new file restarts at the first step rewritten, where its readers drop
+    /// the older events: `step + 1`, or `step` itself when its evaluation is dropped, the kept
+    /// training line at `step` then written again.
     pub fn truncate_after(&self, step: usize, drop_eval_at_step: bool) -> Result<()> {
         let text = crate::error::fs::read_to_string(&self.path).unwrap_or_default();
+        let eval_loss = format!("eval/{}", Metric::Loss.name());
         let kept: Vec<(&str, Map<String, Value>)> = text
             .lines()
             .filter_map(|l| Some((l, serde_json::from_str::<Map<String, Value>>(l).ok()?)))
             .filter(|(_, v)| {
-                let eval = v.contains_key(&format!("eval/{}", Metric::Loss.name()));
+                let eval = v.contains_key(&eval_loss);
                 v.get("step").and_then(Value::as_u64).is_some_and(|s| {
                     (s as usize) < step || (s as usize == step && !(drop_eval_at_step && eval))
                 })
