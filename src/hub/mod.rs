@@ -245,7 +245,15 @@ fn resolve(
         ))
     };
     watchdog.fetching(format!("the listing of {what} `{id}` at `{revision}`"));
-    let info = api_repo.info().map_err(|e| unreachable(&e))?;
+    // with each file's blob id, as huggingface_hub's `files_metadata` asks: a file a moved
+    // branch still holds unchanged is linked to the blob already in the cache, not fetched again
+    let info: Listing = api_repo
+        .info_request()
+        .query("blobs", "true")
+        .call()
+        .map_err(|e| unreachable(&e))?
+        .into_json()
+        .map_err(|e| unreachable(&e))?;
     // Every file is read at the commit the revision names now, as huggingface_hub does: a branch
     // that moved is fetched anew, never the older snapshot the cache's ref still points at.
     let commit = if info.sha.is_empty() {
@@ -255,8 +263,8 @@ fn resolve(
     };
     let listed: Vec<String> = info
         .siblings
-        .into_iter()
-        .map(|s| s.rfilename)
+        .iter()
+        .map(|s| s.rfilename.clone())
         .filter(|f| stays_inside(f))
         .collect();
     let files: Vec<String> = listed
@@ -286,6 +294,9 @@ fn resolve(
     crate::error::fs::write_atomic(&fetching, b"")?;
     let dir = root.join("snapshots").join(&commit);
     let fetch = |f: &str| -> Result<()> {
+        if let Some(sibling) = info.siblings.iter().find(|s| s.rfilename == f) {
+            link_cached_blob(&root, &dir, sibling);
+        }
         let mut tries = 0;
         while !dir.join(f).exists() {
             watchdog.fetching(format!("`{f}` of {what} `{id}`"));
@@ -344,6 +355,73 @@ fn resolve(
         dir,
         revision: revision_label(id, revision),
     })
+}
+
+/// A repo's listing at a revision, each file with its blob's name in the cache where the hub
+/// gives it (`?blobs=true`; a mirror may not).
+#[derive(serde::Deserialize)]
+struct Listing {
+    #[serde(default)]
+    sha: String,
+    #[serde(default)]
+    siblings: Vec<Sibling>,
+}
+
+#[derive(serde::Deserialize)]
+struct Sibling {
+    rfilename: String,
+    #[serde(rename = "blobId")]
+    blob_id: Option<String>,
+    size: Option<u64>,
+    lfs: Option<Lfs>,
+}
+
+#[derive(serde::Deserialize)]
+struct Lfs {
+    sha256: String,
+    size: u64,
+}
+
+impl Sibling {
+    /// The name of the file's blob in the cache (the ETag hf-hub and huggingface_hub name it
+    /// by: the SHA-256 of an LFS file, else the git object's id) and its size, where listed.
+    fn blob(&self) -> Option<(&str, u64)> {
+        match (&self.lfs, &self.blob_id, self.size) {
+            (Some(lfs), _, _) => Some((&lfs.sha256, lfs.size)),
+            (None, Some(id), Some(size)) => Some((id, size)),
+            _ => None,
+        }
+    }
+}
+
+/// Links `snap/<file>` to the blob the cache already holds for it (a moved branch whose file did
+/// not change, or the same file in another repo revision), as huggingface_hub does instead of a
+/// second download. Only a blob of the listed name and size is taken; anything else is left to
+/// the download.
+fn link_cached_blob(root: &Path, snap: &Path, sibling: &Sibling) {
+    let f = &sibling.rfilename;
+    let Some((name, size)) = sibling.blob() else {
+        return;
+    };
+    let hex =
+        |n: &str| (n.len() == 40 || n.len() == 64) && n.bytes().all(|b| b.is_ascii_hexdigit());
+    let dst = snap.join(f);
+    if !hex(name) || !stays_inside(f) || dst.exists() {
+        return;
+    }
+    let blob = root.join("blobs").join(name);
+    if !std::fs::metadata(&blob).is_ok_and(|m| m.is_file() && m.len() == size) {
+        return;
+    }
+    // from the link's folder up to the repo's cache folder: snapshots/<commit>/<f's folders>
+    let up = "../".repeat(1 + Path::new(f).components().count());
+    let Some(parent) = dst.parent() else {
+        return;
+    };
+    if std::fs::create_dir_all(parent).is_ok() {
+        #[cfg(unix)]
+        let _ = std::os::unix::fs::symlink(format!("{up}blobs/{name}"), &dst);
+    }
 }
 
 /// Whether a downloaded file whose cache blob is named by a SHA-256 (hf-hub names a blob by the
@@ -504,6 +582,53 @@ mod tests {
         let other = d.path().join("a".repeat(40));
         std::fs::write(&other, b"anything").unwrap();
         assert!(content_matches_name(&other).unwrap());
+    }
+
+    #[test]
+    fn a_listed_blob_already_in_the_cache_is_linked_not_fetched() {
+        // the shape of the hub's `?blobs=true` listing (hf-hub's own `detailed_info` test)
+        let listing: Listing = serde_json::from_value(serde_json::json!({
+            "sha": "8b3861f6931c4026b0cd22b38dbc09e7668983ac",
+            "siblings": [
+                {"blobId": "6d34772f5ca361021038b404fb913ec8dc0b1a5a", "rfilename": "config.json", "size": 5},
+                {"blobId": "cd1c6d8bde5006076655711a49feae66f07d707e", "rfilename": "sub/model.safetensors", "size": 7,
+                 "lfs": {"pointerSize": 127, "size": 7,
+                         "sha256": "f9343d7d7ec5c3d8bcced056c438fc9f1d3819e9ca3d42418a40857050e10e20"}},
+                {"blobId": "8ab39654695136173fee29cba0193f679dfbd652", "rfilename": "tokenizer.json", "size": 9},
+                {"rfilename": "mirror.json"}
+            ]
+        }))
+        .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let snap = root.join("snapshots").join(&listing.sha);
+        std::fs::create_dir_all(root.join("blobs")).unwrap();
+        let blob =
+            |name: &str, body: &[u8]| std::fs::write(root.join("blobs").join(name), body).unwrap();
+        blob("6d34772f5ca361021038b404fb913ec8dc0b1a5a", b"{...}");
+        blob(
+            "f9343d7d7ec5c3d8bcced056c438fc9f1d3819e9ca3d42418a40857050e10e20",
+            b"weights",
+        );
+        // a blob of another size than listed (a download cut short) is not taken
+        blob("8ab39654695136173fee29cba0193f679dfbd652", b"tok");
+        for s in &listing.siblings {
+            link_cached_blob(root, &snap, s);
+        }
+        assert_eq!(std::fs::read(snap.join("config.json")).unwrap(), b"{...}");
+        assert_eq!(
+            std::fs::read(snap.join("sub/model.safetensors")).unwrap(),
+            b"weights"
+        );
+        let link = std::fs::read_link(snap.join("sub/model.safetensors")).unwrap();
+        assert_eq!(
+            link,
+            Path::new(
+                "../../../blobs/f9343d7d7ec5c3d8bcced056c438fc9f1d3819e9ca3d42418a40857050e10e20"
+            )
+        );
+        assert!(!snap.join("tokenizer.json").exists());
+        assert!(!snap.join("mirror.json").exists());
     }
 
     #[test]
