@@ -284,13 +284,13 @@ def optimizer_speed(cubins, n=1 << 25):
     return r
 
 
-def tune():
+def tune(rows, saved=lambda: None):
     """Forward and forward+backward milliseconds per tile configuration (TUNE) at the benchmark
     shapes, through Triton's JIT with each configuration's warps and stages: the compiler the
-    cubins come from, so the fastest is what flash_attn.CONFIGS should say."""
+    cubins come from, so the fastest is what flash_attn.CONFIGS should say. Each configuration's
+    row is appended to `rows` and `saved()` is called, so a call cut off keeps what it timed."""
     import flash_attn
 
-    rows = []
     for name, b, t, hq, hkv, d in SHAPES[:2]:
         q, k, v, do = make(b, t, hq, hkv, d, "bthd", torch.bfloat16)
         cu = offsets(b, t, None).cuda()
@@ -318,10 +318,10 @@ def tune():
             finally:
                 patch.restore()
             rows.append(r)
+            saved()
             print(f"tune {name} {r['config']}: " + (
                 f"fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['step_ms']:.2f} ms" if "error" not in r else r["error"]),
                 flush=True)
-    return rows
 
 
 def main():
@@ -351,7 +351,8 @@ def main():
         save("flash_check.json")
 
     if args.tune:
-        report["tune"] = tune()
+        report["tune"] = []
+        tune(report["tune"], lambda: save("flash_tune.json"))
         save("flash_tune.json")
         return
     # What has never run on a GPU first (the committed cubins, then their timings); the JIT
