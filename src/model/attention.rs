@@ -299,12 +299,13 @@ impl Attention {
         let mut outs = Vec::with_capacity(b.div_ceil(step));
         for start in (0..b).step_by(step) {
             let len = step.min(b - start);
-            outs.push(self.attend(
+            outs.push(self.attend_heads(
                 &q.narrow(0, start, len)?,
                 &k.narrow(0, start, len)?,
                 &v.narrow(0, start, len)?,
                 mask,
                 mode,
+                scores_budget(q.device()),
             )?);
         }
         Ok(if outs.len() == 1 {
@@ -312,6 +313,42 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 0)?
         })
+    }
+
+    /// [`Self::attend`], a few key-value heads (with their query heads) at a time where one
+    /// chunk's scores alone pass `budget` elements: a long sequence (32 heads × 8192² is 2^31
+    /// scores, past the CUDA kernels' 32-bit element count) in bounded memory. Each head's
+    /// scores are the same either way.
+    fn attend_heads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        mode: OpMode,
+        budget: usize,
+    ) -> Result<Tensor> {
+        let (b, nh, tq, _) = q.dims4()?;
+        let (kv, tk) = (k.dim(1)?, k.dim(2)?);
+        let rep = nh / kv.max(1);
+        let per_kv_head = b * rep * tq * tk;
+        let heads = (budget / per_kv_head.max(1)).max(1);
+        if heads >= kv {
+            return self.attend(q, k, v, mask, mode);
+        }
+        let mut outs = Vec::with_capacity(kv.div_ceil(heads));
+        for h0 in (0..kv).step_by(heads) {
+            let n = heads.min(kv - h0);
+            let part = |x: &Tensor, at: usize, n: usize| x.narrow(1, at, n)?.contiguous();
+            outs.push(self.attend(
+                &part(q, h0 * rep, n * rep)?,
+                &part(k, h0, n)?,
+                &part(v, h0, n)?,
+                mask,
+                mode,
+            )?);
+        }
+        Ok(Tensor::cat(&outs, 1)?)
     }
 
     /// Whether this attention takes the tiled op: refdpo's fused ops where it covers them, and a
@@ -533,4 +570,50 @@ fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
     Ok(x.unsqueeze(2)?
         .expand((b, n, rep, t, d))?
         .reshape((b, n * rep, t, d))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::TransformerConfig;
+    use crate::model::{init, Transformer};
+
+    /// A sequence whose scores pass the budget goes a few key-value heads at a time, each with
+    /// its query heads: the same output as all heads at once, in every op mode.
+    #[test]
+    fn heads_in_groups_equal_all_heads_at_once() {
+        let cfg = TransformerConfig::from_json(
+            r#"{"model_type":"qwen2","vocab_size":29,"hidden_size":32,"intermediate_size":24,
+            "num_hidden_layers":1,"num_attention_heads":8,"num_key_value_heads":4,
+            "rms_norm_eps":1e-6,"rope_theta":10000.0}"#,
+        )
+        .unwrap();
+        let model = Transformer::new(&cfg, &init::init_weights(&cfg, 5, 0.3).unwrap()).unwrap();
+        let attn = &model.blocks[0].attn;
+        let (t, dev) = (23, Device::Cpu);
+        let q = Tensor::randn(0f32, 1., (1, 8, t, 4), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (1, 4, t, 4), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, 4, t, 4), &dev).unwrap();
+        let mask = crate::model::tables::additive_mask(t, usize::MAX, &dev).unwrap();
+        for mode in [OpMode::Fast, OpMode::Differentiable, OpMode::Fused] {
+            // the composed ops take repeated key-value heads, the fused row op the grouped ones
+            let (k, v) = if attn.row_op(mode) {
+                (k.clone(), v.clone())
+            } else {
+                (
+                    repeat_kv(k.clone(), 2).unwrap(),
+                    repeat_kv(v.clone(), 2).unwrap(),
+                )
+            };
+            let whole = attn
+                .attend_heads(&q, &k, &v, &mask, mode, usize::MAX)
+                .unwrap();
+            // one key-value head's scores at a time, then three
+            for budget in [1, 3 * 2 * t * t] {
+                let parts = attn.attend_heads(&q, &k, &v, &mask, mode, budget).unwrap();
+                let diff = crate::test_util::max_abs_diff(&whole, &parts);
+                assert!(diff < 1e-6, "{mode:?}, budget {budget}: {diff}");
+            }
+        }
+    }
 }

@@ -87,11 +87,32 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     }
 }
 
-/// Why these slots cannot take the step over all tensors at once (None: they can): one device,
-/// weights in one dtype and moments and gradients in one state dtype (each f32 or bf16),
-/// contiguous, each under 2^31 elements (the kernels' offsets).
+/// The most elements a tensor may have: a chunk's lanes reach `start + CHUNK - 1` in the
+/// kernels' 32-bit offsets, which must not wrap past 2^31.
+const MAX_ELEMS: usize = i32::MAX as usize - CHUNK;
+
+/// Why the step's kernels cannot run on `device` (None: they can): a GPU the cubins were not
+/// compiled for (they are for sm_80 and sm_90) takes the composed ops, as the attention does.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn uncovered_device(device: &Device) -> Option<String> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => super::cubins::launch::arch(dev)
+            .err()
+            .map(|e| e.to_string()),
+        _ => None,
+    }
+}
+
+/// Why these slots cannot take the step over all tensors at once (None: they can): one device
+/// the kernels were compiled for, weights in one dtype and moments and gradients in one state
+/// dtype (each f32 or bf16), contiguous, each under 2^31 elements less a chunk (the kernels'
+/// offsets).
 pub fn unsupported(slots: &[Slot<'_>]) -> Option<String> {
     let first = slots.first()?;
+    if let Some(why) = uncovered_device(first.w.device()) {
+        return Some(why);
+    }
     let (state, weights) = (first.m.dtype(), first.w.dtype());
     for (what, dtype) in [("moments", state), ("weights", weights)] {
         if !matches!(dtype, DType::F32 | DType::BF16) {
@@ -122,9 +143,9 @@ pub fn unsupported(slots: &[Slot<'_>]) -> Option<String> {
                 ));
             }
         }
-        if s.w.elem_count() > i32::MAX as usize {
+        if s.w.elem_count() > MAX_ELEMS {
             return Some(format!(
-                "a tensor of {} elements (over 2^31)",
+                "a tensor of {} elements (the kernels' offsets take under 2^31 - 2^16)",
                 s.w.elem_count()
             ));
         }
@@ -133,8 +154,9 @@ pub fn unsupported(slots: &[Slot<'_>]) -> Option<String> {
 }
 
 /// Why `eight` cannot join a step whose dense slots are `dense` on CUDA (None: it can): each
-/// tensor on the dense ones' device, weights and gradients in their dtypes (each f32 or bf16),
-/// codes u8 and absmax f32 of the weights' length, contiguous, under 2^31 elements.
+/// tensor on the dense ones' device (one the kernels were compiled for), weights and gradients
+/// in their dtypes (each f32 or bf16), codes u8 and absmax f32 of the weights' length,
+/// contiguous, under 2^31 elements less a chunk.
 pub fn unsupported_8bit(dense: &[Slot<'_>], eight: &Eight<'_>) -> Option<String> {
     let first = eight.slots.first()?;
     let (weights, grads) = dense
@@ -143,6 +165,9 @@ pub fn unsupported_8bit(dense: &[Slot<'_>], eight: &Eight<'_>) -> Option<String>
             (d.w.dtype(), d.g.dtype())
         });
     let device = dense.first().map_or(first.w.device(), |d| d.w.device());
+    if let Some(why) = uncovered_device(device) {
+        return Some(why);
+    }
     for (what, dtype) in [("weights", weights), ("gradients", grads)] {
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Some(format!("8-bit moments beside {what} in {dtype:?}"));
@@ -178,8 +203,10 @@ pub fn unsupported_8bit(dense: &[Slot<'_>], eight: &Eight<'_>) -> Option<String>
                 return Some("tensors on several devices".into());
             }
         }
-        if n > i32::MAX as usize {
-            return Some(format!("a tensor of {n} elements (over 2^31)"));
+        if n > MAX_ELEMS {
+            return Some(format!(
+                "a tensor of {n} elements (the kernels' offsets take under 2^31 - 2^16)"
+            ));
         }
     }
     None
