@@ -334,6 +334,7 @@ pub fn ensure(cfg: &DemoConfig) -> Result<()> {
     if made() {
         return Ok(());
     }
+    replaceable(&cfg.dir)?;
     // Another process generating them (two commands started together): wait for it, then
     // find them made; the generation is deterministic, so either one's is the same.
     let started = std::time::Instant::now();
@@ -361,6 +362,46 @@ pub fn ensure(cfg: &DemoConfig) -> Result<()> {
         std::fs::remove_dir_all(&cfg.dir).map_err(|e| Error::io("cannot replace", &cfg.dir, e))?;
     }
     building.publish(&cfg.dir)
+}
+
+/// What a demo folder holds: a folder with anything else is not refdpo's to replace.
+const DEMO_ENTRIES: [&str; 4] = ["dataset", "model", "reward_model", "demo.json"];
+
+/// Refuses to replace `dir` unless it is absent, empty, or an earlier demo's folder (its
+/// `demo.json` stamp and nothing but the demo's own entries): `demo.dir` set to a model, a data
+/// folder or `.` must not be deleted to make room for the demo.
+fn replaceable(dir: &Path) -> Result<()> {
+    let refuse = |why: String| {
+        Err(Error::Config(format!(
+            "demo.dir `{}` {why}: generating the demo would replace that folder. Set demo.dir              to a new folder (or an earlier demo's), or set demo.generate = false",
+            dir.display()
+        )))
+    };
+    if !dir.exists() {
+        return Ok(());
+    }
+    if !dir.is_dir() {
+        return refuse("exists and is not a folder".into());
+    }
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io("cannot read", dir, e))? {
+        let entry = entry.map_err(|e| Error::io("cannot read", dir, e))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    if names.is_empty() {
+        return Ok(());
+    }
+    if let Some(other) = names.iter().find(|n| !DEMO_ENTRIES.contains(&n.as_str())) {
+        return refuse(format!("holds `{other}`, which the demo did not make"));
+    }
+    let stamped = crate::error::fs::read_to_string(&dir.join("demo.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("generator").is_some());
+    if !stamped {
+        return refuse("has no demo stamp (`demo.json`) of an earlier demo".into());
+    }
+    Ok(())
 }
 
 /// The demo assets into `tmp`, `demo.json` last.
@@ -466,5 +507,45 @@ mod tests {
         assert!(!cfg.dir.join(".refdpo-demo.lock").exists());
         let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "only demo/ is left: {left:?}");
+    }
+
+    #[test]
+    fn only_an_earlier_demo_folder_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = DemoConfig {
+            generate: true,
+            dir: tmp.path().join("mine"),
+            train_rows: 40,
+            test_rows: 8,
+            ..Default::default()
+        };
+        // a folder of the user's own (a model, `.`): refused, left as it was
+        std::fs::create_dir_all(&cfg.dir).unwrap();
+        std::fs::write(cfg.dir.join("precious.txt"), b"keep").unwrap();
+        let err = ensure(&cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("precious.txt") && err.contains("demo.dir"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(cfg.dir.join("precious.txt")).unwrap(),
+            b"keep"
+        );
+        // the demo's own entry names without its stamp: refused too
+        std::fs::remove_file(cfg.dir.join("precious.txt")).unwrap();
+        std::fs::create_dir(cfg.dir.join("model")).unwrap();
+        let err = ensure(&cfg).unwrap_err().to_string();
+        assert!(err.contains("demo.json"), "{err}");
+        // an empty folder, then an earlier demo of another seed: made, then replaced
+        std::fs::remove_dir(cfg.dir.join("model")).unwrap();
+        ensure(&cfg).unwrap();
+        cfg.seed += 1;
+        ensure(&cfg).unwrap();
+        let stamp = std::fs::read_to_string(cfg.dir.join("demo.json")).unwrap();
+        assert!(
+            stamp.contains(&format!("\"seed\": {}", cfg.seed))
+                || stamp.contains(&format!("\"seed\":{}", cfg.seed)),
+            "{stamp}"
+        );
     }
 }
