@@ -27,6 +27,25 @@ impl Config {
             ts == 0.0 || (ts.is_finite() && ts > 0.0 && (ts < 1.0 || ts.fract() == 0.0)),
             "0 (no held-out split), a fraction in (0, 1), or a whole number of rows",
         )?;
+        let d = &self.dataset;
+        for (key, name) in [
+            ("dataset.train_split", d.train_split.as_str()),
+            ("dataset.test_split", d.test_split.as_str()),
+        ]
+        .into_iter()
+        .chain(
+            d.data_files
+                .keys()
+                .map(|k| ("dataset.data_files", k.as_str())),
+        ) {
+            split_name(key, name)?;
+        }
+        if ts > 0.0 && d.test_split == d.train_split {
+            return Err(Error::Config(format!(
+                "`dataset.test_size` = {ts} holds rows of `{}` out as the test split, and                  `dataset.test_split` names the train split itself: the held-out rows would                  replace the train split's cache. Give the held-out split another name (the                  default is `test_prefs`), or set dataset.test_size = 0 to evaluate on the train                  split",
+                d.train_split
+            )));
+        }
         if same_dir(&self.train.out, &self.precompute.out)
             || same_dir(&self.train.out, self.train.cache_dir(&self.precompute))
         {
@@ -239,6 +258,21 @@ fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
     plain(a) == plain(b) || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
+/// A split name as `datasets` allows it (`\w+(\.\w+)*`: letters, digits and `_`, in parts
+/// joined by dots): it names the cache's files, so `/`, `..`, a leading dot or an empty name
+/// would put them elsewhere or hide them.
+fn split_name(key: &str, name: &str) -> Result<()> {
+    let word =
+        |part: &str| !part.is_empty() && part.chars().all(|c| c.is_alphanumeric() || c == '_');
+    if name.split('.').all(word) {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "`{key}` names split {name:?}: a split name is letters, digits and `_`, in parts \
+         joined by dots (as `datasets` allows; it names the cache's files), e.g. `train_prefs`"
+    )))
+}
+
 /// The most rows a demo split may have: it is generated in memory, for trying refdpo out.
 const DEMO_ROWS: usize = 1_000_000;
 
@@ -281,6 +315,40 @@ mod tests {
             apply_override(&mut t, s)?;
         }
         Config::from_table(t, "t")
+    }
+
+    #[test]
+    fn split_names_are_file_prefixes_and_the_held_out_split_has_its_own() {
+        for bad in [
+            "../../escaped",
+            "",
+            "a/b",
+            ".hidden",
+            "a..b",
+            "x\\y",
+            "tr ain",
+        ] {
+            let err = with(&[&format!("dataset.train_split={bad:?}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("dataset.train_split"), "{bad}: {err}");
+        }
+        let err = with(&["dataset.data_files={\"../x\" = \"a.jsonl\"}"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dataset.data_files"), "{err}");
+        for ok in ["train_prefs", "train.v2", "train_sft", "tëst"] {
+            with(&[&format!("dataset.test_split={ok:?}")]).unwrap();
+        }
+        let err = with(&["dataset.test_split='train_prefs'", "dataset.test_size=0.1"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dataset.test_size") && err.contains("test_prefs"),
+            "{err}"
+        );
+        // without a held-out split, evaluating on the train split is a choice (said as a note)
+        with(&["dataset.test_split='train_prefs'"]).unwrap();
     }
 
     #[test]
