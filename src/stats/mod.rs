@@ -98,6 +98,7 @@ pub fn run(opts: &StatsOptions) -> Result<String> {
     // polars panics on some damaged footers the checksum (over the bytes before them) passes
     let first = files.first().map(PathBuf::as_path).unwrap_or(Path::new(""));
     let mut stats = crate::error::contain_panic(first, "reading the parquet cache", || {
+        queries::check_pairs(&files)?;
         queries::compute(&files)
     })?;
     stats.add_dropped(&reports(&files, &split), &split);

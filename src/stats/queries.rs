@@ -134,6 +134,44 @@ fn q(name: &str, p: f64) -> Expr {
     col(name).quantile(lit(p), QuantileMethod::Linear)
 }
 
+/// Refuses a file with an impossible pair ([`cache::impossible_pair`]), by file and pair, as
+/// training does: statistics over the rest would leave it out unsaid.
+pub fn check_pairs(files: &[PathBuf]) -> Result<()> {
+    for file in files {
+        let df = frame(std::slice::from_ref(file))?
+            .select([
+                col("prompt_len"),
+                col("chosen_len"),
+                col("rejected_len"),
+                col("ref_chosen"),
+                col("ref_rejected"),
+            ])
+            .collect()?;
+        let [p, c, r, rc, rr] = [
+            "prompt_len",
+            "chosen_len",
+            "rejected_len",
+            "ref_chosen",
+            "ref_rejected",
+        ]
+        .map(|name| floats(&df, name));
+        let (p, c, r, rc, rr) = (p?, c?, r?, rc?, rr?);
+        // a missing length (null) reads as NaN: no sequence
+        let len = |x: f64| if x.is_finite() { x as usize } else { 0 };
+        for i in 0..p.len() {
+            if let Some(what) =
+                cache::impossible_pair([len(p[i]), len(c[i]), len(r[i])], [rc[i], rr[i]])
+            {
+                return Err(cache::checksum::corrupt(
+                    file,
+                    format!("pair {i} has {what}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn compute(files: &[PathBuf]) -> Result<Stats> {
     let lf = frame(files)?;
     let frac = |e: Expr| e.cast(DataType::Float64).mean();

@@ -7,11 +7,6 @@ use crate::cache::{self, checksum, CacheBatch, Fingerprint, MappedCache};
 use crate::error::{Error, Result};
 use std::path::Path;
 
-/// The largest reference log-probability sum a pair may have: 0, with room for rounding (a GPU's
-/// fast `log` may put a near-certain token's log-prob a few 1e-7 above 0; 1e-2 allows for tens
-/// of thousands of them).
-const MAX_LOGP: f64 = 1e-2;
-
 pub struct Split {
     pub cache: MappedCache,
     /// Prompt + the longer completion, per pair.
@@ -52,17 +47,10 @@ impl Split {
                 b.chosen_ids(r).len(),
                 b.rejected_ids(r).len(),
             );
-            let bad = if prompt == 0 || chosen == 0 || rejected == 0 {
-                Some(format!(
-                    "an empty sequence ({prompt} prompt, {chosen} chosen, {rejected} rejected ids)"
-                ))
-            } else {
-                let refs = [b.ref_chosen(r), b.ref_rejected(r)];
-                // a sum of log-probabilities is finite and at most 0
-                refs.iter()
-                    .any(|l| !(l.is_finite() && *l <= MAX_LOGP))
-                    .then(|| format!("reference log-probs {refs:?}, not finite sums at most 0"))
-            };
+            let bad = cache::impossible_pair(
+                [prompt, chosen, rejected],
+                [b.ref_chosen(r), b.ref_rejected(r)],
+            );
             if let Some(what) = bad {
                 return Err(checksum::corrupt(&path, format!("pair {i} has {what}")));
             }

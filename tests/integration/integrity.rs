@@ -135,6 +135,10 @@ fn impossible_rows_under_a_valid_checksum_are_refused_by_pair() {
         ),
         (Box::new(|r| r.clear()), "the training split has no pairs"),
     ];
+    let pq = cache::parquet_path(&tmp.path().join("cache"), "train_prefs");
+    let clean_pq = std::fs::read(&pq).unwrap();
+    let dir = tmp.path().join("cache");
+    let dir_s = dir.to_str().unwrap();
     for (edit, said) in edits {
         std::fs::write(&arrow, &clean).unwrap();
         rewrite_cache(&arrow, |rows| edit(rows));
@@ -146,7 +150,42 @@ fn impossible_rows_under_a_valid_checksum_are_refused_by_pair() {
             err.contains(said) && err.contains("train_prefs.arrow") && !err.contains("panicked"),
             "{said}: {err}"
         );
+        // `stats` reads the Parquet file: the same pairs refused there, not left out unsaid
+        // (a vocabulary it does not know, and an empty split, are training's to judge)
+        if said.starts_with("pair") {
+            std::fs::write(&pq, &clean_pq).unwrap();
+            let fp = cache::parquet::read_fingerprint(&pq).unwrap();
+            let mut rows = cache::parquet::read(&pq).unwrap();
+            edit(&mut rows);
+            cache::parquet::write(&pq, &rows, &fp).unwrap();
+            let err = fails(&["stats", "--cache", dir_s, "--json"], tmp.path());
+            assert!(
+                err.contains(said) && err.contains("train_prefs.parquet"),
+                "stats, {said}: {err}"
+            );
+        }
     }
+    std::fs::write(&pq, &clean_pq).unwrap();
+    ok(&["stats", "--cache", dir_s, "--json"], tmp.path());
+}
+
+/// A test split whose Parquet file is there and whose Arrow file is not (removed, lost) is a
+/// damaged cache to stage two, not one without evaluation; stage one writes it again.
+#[test]
+fn a_test_split_without_its_arrow_file_is_refused_and_written_again() {
+    let (tmp, cfg) = precomputed("max_steps = 1");
+    let cfg_s = cfg.to_str().unwrap();
+    let arrow = cache::arrow_path(&tmp.path().join("cache"), "test_prefs");
+    let clean = std::fs::read(&arrow).unwrap();
+    std::fs::remove_file(&arrow).unwrap();
+    let err = fails(&["train", "--config", cfg_s, "--quiet"], tmp.path());
+    assert!(
+        err.contains("test_prefs") && err.contains("Arrow") && err.contains("refdpo precompute"),
+        "{err}"
+    );
+    ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
+    assert!(std::fs::read(&arrow).unwrap() == clean, "arrow differs");
+    ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
 }
 
 /// A cache scored by older numerics (here: made before the version was recorded, so 0): stage

@@ -93,6 +93,17 @@ impl<'a> Trainer<'a> {
                     cfg.dataset.test_split
                 ),
             });
+        } else if let Some(parquet) =
+            cache::shards::files(cache_dir, &cfg.dataset.test_split, "parquet")?
+        {
+            // its Parquet file says the split was scored: the Arrow file beside it is lost
+            return Err(Error::StaleCache {
+                path: parquet.into_iter().next().unwrap_or_default(),
+                msg: format!(
+                    "the `{}` split has no Arrow file beside it (removed or lost): the cache is                      incomplete, and training would run without its evaluation. Run the same                      `refdpo precompute` to write it again, then train",
+                    cfg.dataset.test_split
+                ),
+            });
         } else {
             None
         };
