@@ -288,12 +288,21 @@ pub fn latest(out: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
             continue;
         }
         let path = RunDir::trainer_state(&p);
-        match read_state(&p) {
+        // a state of another step than the folder's name is as damaged as one that does not
+        // read: passed over, an earlier checkpoint would be resumed unsaid
+        let named = RunDir::checkpoint_step(current);
+        let state = read_state(&p)
+            .map_err(|why| format!("cannot be read ({why})"))
+            .and_then(|s| match named == Some(s.global_step as u64) {
+                true => Ok(s),
+                false => Err(format!("says step {}", s.global_step)),
+            });
+        match state {
             Ok(state) => found.push((p, state, !name.ends_with(".old"))),
             Err(_) if name.ends_with(".old") => {}
             Err(why) => {
                 return Err(Error::Train(format!(
-                    "`{}` cannot be read ({why}): checkpoint `{}` is damaged. Delete it to resume \
+                    "`{}` {why}: checkpoint `{}` is damaged. Delete it to resume \
                      from an earlier checkpoint, or train without --resume (with --overwrite).",
                     path.display(),
                     p.display()

@@ -377,3 +377,34 @@ fn a_checkpoint_without_its_own_settings_resumes_under_either_layout() {
         "{err}"
     );
 }
+
+/// A newest checkpoint whose `trainer_state.json` names another step than its folder is damaged,
+/// refused by name: it was passed over before, and the run resumed from the one before it unsaid.
+#[test]
+fn a_newest_checkpoint_of_another_step_is_refused_not_passed_over() {
+    let (tmp, cfg) = precomputed("save_every = 2\nsave_final = false");
+    let cfg_s = cfg.to_str().unwrap();
+    train_with(cfg_s, tmp.path(), &["train.max_steps=4"]);
+    let path = tmp.path().join("run/checkpoint-4/trainer_state.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["global_step"] = 0.into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    let err = fails(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--resume",
+            "--set",
+            "train.max_steps=6",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("checkpoint-4") && err.contains("says step 0") && err.contains("damaged"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("run/checkpoint-6").exists());
+}
