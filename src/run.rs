@@ -33,10 +33,27 @@ macro_rules! sayln {
     ($($t:tt)*) => { out(format_args!("{}\n", format_args!($($t)*)))? };
 }
 
+/// The most worker threads per core `RAYON_NUM_THREADS` may ask for.
+const MAX_THREADS_PER_CORE: usize = 16;
+
 /// Starts the worker threads (rayon's global pool: `RAYON_NUM_THREADS`, else one per core) now,
 /// so that a system that refuses them (a memory or process limit) is an error here, not a panic
 /// in the first parallel loop. A pool already started (a test that ran before) is kept.
 fn start_threads() -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let most = MAX_THREADS_PER_CORE * cores.max(16);
+    let asked = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    if let Some(n) = asked.filter(|&n| n > most as u64) {
+        // thousands of threads take minutes to start (each its stack) before any work, then
+        // only contend for the cores
+        anyhow::bail!(
+            "RAYON_NUM_THREADS={n} asks for more worker threads than refdpo starts ({most}, \
+             {MAX_THREADS_PER_CORE} per core of at least 16; this machine has {cores}): set it \
+             to at most {most}, or leave it unset for one per core"
+        );
+    }
     match rayon::ThreadPoolBuilder::new().build_global() {
         Err(e) if std::error::Error::source(&e).is_some() => Err(anyhow::anyhow!(
             "cannot start {} worker threads: {e}: run fewer (`RAYON_NUM_THREADS=1`), or raise \

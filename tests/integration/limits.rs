@@ -53,6 +53,30 @@ fn a_memory_limit_is_an_error_that_says_what_to_lower() {
     train_with(cfg, tmp.path(), &["train.max_steps=2"]);
 }
 
+/// `RAYON_NUM_THREADS` far past the cores (100,000) is refused at once, naming it and the most
+/// refdpo starts: those threads took minutes to start before any work or error.
+#[test]
+fn thousands_of_worker_threads_are_refused_at_once() {
+    let (tmp, cfg) = precomputed("");
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_refdpo"))
+        .args(["train", "--config", cfg.to_str().unwrap(), "--quiet"])
+        .env("RAYON_NUM_THREADS", "100000")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let stderr = assert_plain_error(&out, "RAYON_NUM_THREADS=100000");
+    assert!(
+        stderr.contains("RAYON_NUM_THREADS=100000") && stderr.contains("at most"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// Under small descriptor limits, stage one fails naming the file and the system's reason
 /// ("Too many open files"), not calling a good dataset "not a readable parquet file"; with
 /// enough descriptors the same command succeeds.
