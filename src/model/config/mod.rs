@@ -212,6 +212,7 @@ impl TransformerConfig {
             }
         })?;
         check_ranges(&raw)?;
+        check_types(text, &raw)?;
         let family = family::find(raw.model_type.as_deref(), raw.architectures.as_deref())
             .ok_or_else(|| {
                 let names: Vec<&str> = family::FAMILIES.iter().map(|f| f.model_type).collect();
@@ -482,6 +483,55 @@ fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
                 short(v)
             ));
         }
+    }
+    Ok(())
+}
+
+/// Values transformers' config classes refuse (their strict validators) and refdpo would
+/// otherwise read around: a null name or activation, a RoPE setting that is not an object, a
+/// position count or pad id that is not an integer; and a quantization config, which would make
+/// transformers compute with other weights than the file's.
+fn check_types(text: &str, raw: &Raw) -> std::result::Result<(), String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    for key in ["model_type", "hidden_act", "hidden_activation"] {
+        if v.get(key).is_some_and(serde_json::Value::is_null) {
+            return Err(format!("`{key}` is null: it must be a string"));
+        }
+    }
+    for (key, value) in [
+        ("rope_scaling", raw.rope_scaling.as_ref()),
+        ("rope_parameters", raw.rope_parameters.as_ref()),
+    ] {
+        if let Some(v) = value.filter(|v| !v.is_object()) {
+            return Err(format!(
+                "`{key}` = {v}: it must be an object of RoPE settings"
+            ));
+        }
+    }
+    if let Some(v) = raw.rest.get("max_position_embeddings") {
+        if !v.as_u64().is_some_and(|n| n >= 1) {
+            return Err(format!(
+                "`max_position_embeddings` = {v}: it must be a whole number of at least 1"
+            ));
+        }
+    }
+    if let Field::Set(v) = &raw.pad_token_id {
+        if v.as_i64().is_none() && v.as_u64().is_none() {
+            return Err(format!(
+                "`pad_token_id` = {v}: it must be a token id (an integer) or null"
+            ));
+        }
+    }
+    if let Some(q) = raw.rest.get("quantization_config").filter(|q| !q.is_null()) {
+        let method = q
+            .get("quant_method")
+            .and_then(|m| m.as_str())
+            .unwrap_or("quantized");
+        return Err(format!(
+            "`quantization_config` is set ({method}): transformers would load the weights \
+             quantized, and refdpo computes with the file's f32/bf16/f16 weights as they are. \
+             Give the unquantized model"
+        ));
     }
     Ok(())
 }

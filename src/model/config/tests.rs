@@ -221,3 +221,50 @@ fn layer_patterns_and_rope_bases_default_as_transformers() {
     .unwrap_err();
     assert!(e.contains("use_bidirectional_attention"), "{e}");
 }
+
+/// Values transformers' strict config validators refuse are refused by key, not read around.
+#[test]
+fn wrong_types_transformers_refuses_are_refused_by_key() {
+    for (extra, key) in [
+        (
+            r#","model_type":null,"architectures":["LlamaForCausalLM"]"#,
+            "model_type",
+        ),
+        (r#","model_type":"llama","hidden_act":null"#, "hidden_act"),
+        (
+            r#","model_type":"llama","max_position_embeddings":"x""#,
+            "max_position_embeddings",
+        ),
+        (
+            r#","model_type":"llama","max_position_embeddings":null"#,
+            "max_position_embeddings",
+        ),
+        (
+            r#","model_type":"llama","max_position_embeddings":0"#,
+            "max_position_embeddings",
+        ),
+        (r#","model_type":"phi3","rope_scaling":"x""#, "rope_scaling"),
+        (
+            r#","model_type":"llama","rope_parameters":[1]"#,
+            "rope_parameters",
+        ),
+        (
+            r#","model_type":"llama","pad_token_id":"x""#,
+            "pad_token_id",
+        ),
+        (
+            r#","model_type":"llama","quantization_config":{"quant_method":"bitsandbytes","load_in_4bit":true}"#,
+            "quantization_config",
+        ),
+    ] {
+        let err = config(extra).unwrap_err();
+        assert!(err.contains(key), "{extra}: {err}");
+    }
+    // what real configs hold passes: a null rope_scaling, a negative pad id (pads nothing)
+    for extra in [
+        r#","model_type":"llama","rope_scaling":null,"max_position_embeddings":2048"#,
+        r#","model_type":"llama","pad_token_id":-1,"quantization_config":null"#,
+    ] {
+        config(extra).unwrap();
+    }
+}
