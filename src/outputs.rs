@@ -225,7 +225,7 @@ pub fn run_outputs(dir: &Path) -> Vec<PathBuf> {
 /// Makes `dir` ready for a new run: empty of run outputs, or refused (see [`Existing`]). A run
 /// that stopped before its first step left only its `config.toml`: nothing to lose, so no refusal.
 pub fn claim_run_dir(dir: &Path, existing: Existing) -> Result<()> {
-    refuse_inside_another(dir)?;
+    refuse_inside_another(dir, "train.out", true)?;
     let found = run_outputs(dir);
     let progress = found
         .iter()
@@ -255,9 +255,38 @@ pub fn claim_run_dir(dir: &Path, existing: Existing) -> Result<()> {
     found.iter().try_for_each(|p| remove(p))
 }
 
-/// A run never goes into (or below) a model or checkpoint folder, or below another run's folder:
-/// its files would mix with theirs (a `final/` that is no longer a clean HF checkpoint).
-fn refuse_inside_another(dir: &Path) -> Result<()> {
+/// A cache (`precompute.out`) never goes into (or below) a model or checkpoint folder, or the
+/// dataset's folder: its files would mix with theirs (a split's Parquet file matched as data by
+/// a `data_files` glob, a model folder no longer a clean HF checkpoint).
+pub fn refuse_cache_inside(dir: &Path, dataset_dir: Option<&Path>) -> Result<()> {
+    refuse_inside_another(dir, "precompute.out", false)?;
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let real = |p: &Path| std::fs::canonicalize(cwd.join(p)).ok();
+    let Some(data) = dataset_dir.and_then(real) else {
+        return Ok(());
+    };
+    // the nearest existing folder of `dir` (a cache not made yet is inside its parent's)
+    let Some(at) = cwd.join(dir).ancestors().find_map(real) else {
+        return Ok(());
+    };
+    if at.starts_with(&data) {
+        return Err(Error::Occupied {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "is the dataset's folder or inside it (`{}`): the cache's files would mix with \
+                 the data (a glob of `dataset.data_files` could read them as rows); choose \
+                 `precompute.out` outside it",
+                data.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A run never goes into (or below) a model or checkpoint folder, or below another run's folder
+/// (`runs`): its files would mix with theirs (a `final/` that is no longer a clean HF
+/// checkpoint). `key` is the setting that names `dir`.
+fn refuse_inside_another(dir: &Path, key: &str, runs: bool) -> Result<()> {
     let abs = std::env::current_dir().unwrap_or_default().join(dir);
     for (i, at) in abs.ancestors().enumerate() {
         let has = |f: &str| at.join(f).is_file();
@@ -266,7 +295,11 @@ fn refuse_inside_another(dir: &Path) -> Result<()> {
                 && (has("model.safetensors") || has("model.safetensors.index.json")))
         {
             "a model or checkpoint folder"
-        } else if i > 0 && has(crate::dirs::RunDir::METRICS) && has(crate::dirs::RunDir::CONFIG) {
+        } else if runs
+            && i > 0
+            && has(crate::dirs::RunDir::METRICS)
+            && has(crate::dirs::RunDir::CONFIG)
+        {
             "another run's folder"
         } else {
             continue;
@@ -274,10 +307,11 @@ fn refuse_inside_another(dir: &Path) -> Result<()> {
         return Err(Error::Occupied {
             path: dir.to_path_buf(),
             msg: format!(
-                "is {}{what} (`{}`): a run there would mix its files with it; choose \
-                 `train.out` outside it",
+                "is {}{what} (`{}`): {} there would mix its files with it; choose `{key}` \
+                 outside it",
                 if i == 0 { "" } else { "inside " },
-                at.display()
+                at.display(),
+                if runs { "a run" } else { "a cache" }
             ),
         });
     }
@@ -448,5 +482,34 @@ mod inside_tests {
         }
         claim_run_dir(&tmp.path().join("runs/b"), Existing::Refuse).unwrap();
         claim_run_dir(&run, Existing::Resume).unwrap();
+    }
+
+    /// `precompute.out` in a model folder or in the dataset's folder (made or not yet):
+    /// refused, naming the folder; beside them: allowed.
+    #[test]
+    fn a_cache_is_not_written_into_a_model_or_the_dataset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::create_dir_all(data.join("data")).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::write(model.join(f), "x").unwrap();
+        }
+        for (dir, said) in [
+            (model.clone(), "is a model or checkpoint folder"),
+            (data.clone(), "the dataset's folder"),
+            (data.join("data"), "the dataset's folder"),
+            (data.join("not/yet"), "the dataset's folder"),
+        ] {
+            let err = refuse_cache_inside(&dir, Some(&data))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(said) && err.contains("precompute.out"),
+                "{err}"
+            );
+        }
+        refuse_cache_inside(&tmp.path().join("cache"), Some(&data)).unwrap();
+        refuse_cache_inside(&data, None).unwrap();
     }
 }

@@ -251,7 +251,12 @@ impl<'de> Deserialize<'de> for TargetModules {
         }
         match Raw::deserialize(d)? {
             Raw::One(s) if s == "all-linear" => Ok(TargetModules::AllLinear),
-            Raw::One(s) => Ok(TargetModules::Names(vec![s])),
+            // PEFT reads any other string as a regular expression that must match a module's
+            // whole name (`model.layers.0.self_attn.q_proj`): "q_proj" would adapt nothing there
+            Raw::One(s) => Err(serde::de::Error::custom(format!(
+                "{s:?} is a string, which PEFT reads as a regular expression over whole module \
+                 names (matching none here): write a list, [{s:?}], or \"all-linear\""
+            ))),
             Raw::Many(names) => Ok(TargetModules::Names(names)),
         }
     }

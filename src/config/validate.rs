@@ -318,6 +318,19 @@ mod tests {
     }
 
     #[test]
+    fn a_target_modules_string_is_all_linear_or_refused_as_peft_would_read_it() {
+        let err = with(&["train.lora.target_modules='q_proj'"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.lora.target_modules") && err.contains("[\"q_proj\"]"),
+            "{err}"
+        );
+        with(&["train.lora.target_modules='all-linear'"]).unwrap();
+        with(&["train.lora.target_modules=['q_proj']"]).unwrap();
+    }
+
+    #[test]
     fn split_names_are_file_prefixes_and_the_held_out_split_has_its_own() {
         for bad in [
             "../../escaped",

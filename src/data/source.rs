@@ -28,6 +28,12 @@ pub struct DataSource {
 }
 
 impl DataSource {
+    /// The folder the dataset is, where `dataset.id` names a folder (or a hub snapshot), not a
+    /// single file.
+    pub fn data_folder(&self) -> Option<&Path> {
+        self.single_file.is_none().then_some(self.dir.as_path())
+    }
+
     /// Resolves `dataset.id`: a local file or directory as is, a hub id by downloading the files
     /// `splits` need (the `data_files` patterns, else `data/<split>-*.parquet`).
     pub fn resolve(cfg: &DatasetConfig, splits: &[&str]) -> Result<Self> {

@@ -98,6 +98,24 @@ impl ModelDefaults {
         } else {
             Value::Null
         };
+        let refuse = |what: String| {
+            Error::Model(format!(
+                "`{}`: {what}, as transformers' GenerationConfig refuses it: fix or remove it",
+                gen_path.display()
+            ))
+        };
+        if !(gen.is_object() || gen.is_null()) {
+            return Err(refuse(format!(
+                "the file holds {}, not an object of settings",
+                kind(&gen)
+            )));
+        }
+        if !(gen["do_sample"].is_boolean() || gen["do_sample"].is_null()) {
+            return Err(refuse(format!(
+                "`do_sample` is {}, not true or false",
+                gen["do_sample"]
+            )));
+        }
         // `key`'s value read by `read`, `default` where absent or null; else an error naming it
         let setting = |key: &str, default, want: &str, read: &dyn Fn(&Value) -> Option<f64>| {
             match &gen[key] {
@@ -153,6 +171,18 @@ impl ModelDefaults {
             unapplied,
             samples_by_default,
         })
+    }
+}
+
+/// A JSON value's kind, as an error names it.
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Array(_) => "a list",
+        Value::String(_) => "a string",
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Null => "null",
+        Value::Object(_) => "an object",
     }
 }
 

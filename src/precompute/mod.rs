@@ -123,6 +123,7 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
         cfg.dataset.test_split.as_str(),
     ];
     let (source, inputs) = Inputs::with_dataset(cfg, &splits)?;
+    crate::outputs::refuse_cache_inside(&cfg.precompute.out, source.data_folder())?;
     let mut splits = splits.to_vec();
     if source.replaced_test_files() > 0 {
         crate::error::note!(

@@ -232,7 +232,8 @@ fn generate_writes_both_models_lines_a_summary_and_a_chart() {
 }
 
 /// The EOS ids of `generation_config.json` are token ids or an error naming the file: never one
-/// wrapped to 32 bits (4294967298 would stop at id 2) or silently dropped.
+/// wrapped to 32 bits (4294967298 would stop at id 2) or silently dropped; a file that is not
+/// an object of settings, or a `do_sample` that is not a boolean, is refused too.
 #[test]
 fn eos_ids_that_are_not_token_ids_are_refused_by_file() {
     let (tmp, cfg) = precomputed("");
@@ -266,6 +267,12 @@ fn eos_ids_that_are_not_token_ids_are_refused_by_file() {
             "`eos_token_id` \"x\" is not a token id",
         ),
         ("garbage{", "is not valid JSON"),
+        // what transformers' GenerationConfig refuses too
+        ("[1, 2]", "holds a list, not an object"),
+        (
+            r#"{"do_sample": "yes"}"#,
+            "`do_sample` is \"yes\", not true or false",
+        ),
     ] {
         let out = run(text);
         let err = String::from_utf8_lossy(&out.stderr);
