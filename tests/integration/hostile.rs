@@ -69,10 +69,12 @@ fn refused(cfg: &Path, cwd: &Path, sets: &[String], names: &[&str]) -> String {
     err
 }
 
+/// The model folder `dir`, its cache beside it (`<dir>.cache`: a cache inside a model folder
+/// is refused).
 fn model_set(dir: &Path) -> Vec<String> {
     vec![
         format!("model.id={}", dir.display()),
-        format!("precompute.out={}/cache", dir.display()),
+        format!("precompute.out={}.cache", dir.display()),
     ]
 }
 
@@ -246,7 +248,9 @@ fn damaged_models_and_tokenizers_are_refused_naming_the_key_or_tensor() {
         ],
     );
     assert!(
-        !nan.join("cache/train_prefs.arrow").exists(),
+        !nan.with_extension("cache")
+            .join("train_prefs.arrow")
+            .exists(),
         "no cache of NaN log-probs"
     );
     let vocab = model_copy(t, "vocab", |d| {
@@ -292,7 +296,10 @@ fn an_overflowing_forward_is_an_error_naming_the_row_never_a_cache_of_nan() {
             "even in f32",
         ],
     );
-    assert!(!huge.join("cache/train_prefs.arrow").exists());
+    assert!(!huge
+        .with_extension("cache")
+        .join("train_prefs.arrow")
+        .exists());
     // weights within f16's range whose logits pass its 65504: the CPU computes in f32 over the
     // weights rounded to f16, so the cache is finite (a GPU computing in f16 refuses it, naming
     // f16's range: `non_finite`'s hint)
@@ -305,7 +312,10 @@ fn an_overflowing_forward_is_an_error_naming_the_row_never_a_cache_of_nan() {
     let mut sets = model_set(&loud);
     sets.push("model.dtype=f16".into());
     ok(&args("precompute", &cfg, &sets), t);
-    assert!(loud.join("cache/train_prefs.arrow").exists());
+    assert!(loud
+        .with_extension("cache")
+        .join("train_prefs.arrow")
+        .exists());
     // weights past f16's range are refused by name when they are cast
     let past = model_copy(t, "past", |d| {
         edit_weights(d, |w| {
@@ -357,7 +367,7 @@ fn a_template_error_on_some_rows_is_a_skip_with_the_template_message() {
     ]
     .concat();
     ok(&args("precompute", &cfg, &sets), t);
-    let report = read_json(&picky.join("cache/report.json"));
+    let report = read_json(&picky.with_extension("cache").join("report.json"));
     let skipped = &report["train_prefs"]["skipped_rows"];
     assert_eq!(skipped.as_array().unwrap().len(), 1, "{report}");
     assert_eq!(skipped[0]["line"], 8);
