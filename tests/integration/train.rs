@@ -2,7 +2,7 @@
 //! equal the cache (first loss ln 2); the demo learns; resume is exact; bad caches are refused.
 
 use super::common::{
-    demo_config, fails, max_abs, max_abs_diff, ok, precomputed, read_json, rewrite_cache,
+    demo_config, fails, max_abs, max_abs_diff, ok, precomputed, read_json, refdpo, rewrite_cache,
     train_with,
 };
 use candle_core::{DType, Device, Tensor};
@@ -567,4 +567,38 @@ fn an_accumulation_group_ends_with_its_epoch() {
         (after - (1.0 + 3.0 / batches as f64)).abs() < 1e-12,
         "{by_three:?}"
     );
+}
+
+/// `label_smoothing` with the `sigmoid` loss trains conservative DPO, which TRL 1.16's `sigmoid`
+/// does not (it ignores the setting): said at the start, under --quiet too; `robust` reads it as
+/// TRL does, unsaid.
+#[test]
+fn label_smoothing_with_sigmoid_says_it_is_not_trl_1_16s() {
+    let (tmp, cfg) = precomputed("max_steps = 1\neval_every = 0\nsave_final = false");
+    let cfg_s = cfg.to_str().unwrap();
+    let run = |loss: &str, out: &str| {
+        let o = refdpo(
+            &[
+                "train",
+                "--config",
+                cfg_s,
+                "--quiet",
+                "--set",
+                "train.label_smoothing=0.1",
+                "--set",
+                &format!("train.loss={loss}"),
+                "--set",
+                &format!("train.out={out}"),
+            ],
+            tmp.path(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let said = run("sigmoid", "run-sigmoid");
+    assert!(
+        said.contains("conservative DPO") && said.contains("TRL 1.16"),
+        "{said}"
+    );
+    assert!(!run("robust", "run-robust").contains("conservative DPO"));
 }

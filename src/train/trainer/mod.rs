@@ -117,6 +117,14 @@ impl<'a> Trainer<'a> {
                 cfg.dataset.test_split
             );
         }
+        if t.label_smoothing > 0.0 && t.loss.0.contains(&crate::dpo::LossKind::Sigmoid) {
+            crate::error::note!(
+                "warning: train.label_smoothing = {} with the `sigmoid` loss trains conservative \
+                 DPO (cDPO, TRL's `sigmoid` before 1.0); TRL 1.16's `sigmoid` ignores \
+                 label_smoothing: set it to 0 for TRL 1.16's numbers",
+                t.label_smoothing
+            );
+        }
         if test.is_some() && cfg.dataset.test_split == cfg.dataset.train_split {
             crate::error::note!(
                 "note: dataset.test_split is the train split (`{}`): the eval/ metrics score \
