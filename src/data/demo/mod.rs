@@ -394,7 +394,7 @@ fn replaceable(dir: &Path) -> Result<()> {
     if let Some(other) = names.iter().find(|n| !DEMO_ENTRIES.contains(&n.as_str())) {
         return refuse(format!("holds `{other}`, which the demo did not make"));
     }
-    let stamped = crate::error::fs::read_to_string(&dir.join("demo.json"))
+    let stamped = crate::error::fs::read_to_string(dir.join("demo.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .is_some_and(|v| v.get("generator").is_some());

@@ -509,7 +509,7 @@ fn check_types(text: &str, raw: &Raw) -> std::result::Result<(), String> {
         }
     }
     if let Some(v) = raw.rest.get("max_position_embeddings") {
-        if !v.as_u64().is_some_and(|n| n >= 1) {
+        if v.as_u64().is_none_or(|n| n < 1) {
             return Err(format!(
                 "`max_position_embeddings` = {v}: it must be a whole number of at least 1"
             ));
