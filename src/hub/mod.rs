@@ -220,8 +220,11 @@ fn resolve(
             ))),
         };
     }
+    // a download cut by the network resumes where it stopped, up to 5 times with a backoff, as
+    // huggingface_hub's `http_get` does
     let mut builder = ApiBuilder::from_cache(cache.clone())
         .with_progress(false)
+        .with_retries(5)
         .with_token(token());
     // huggingface_hub strips a trailing slash (`…/` would make every path `//api/…`)
     let mut endpoint = "https://huggingface.co".to_string();
