@@ -56,6 +56,8 @@ pub struct TensorInfo {
     /// The safetensors dtype name (`F32`, `BF16`, …).
     pub dtype: String,
     pub shape: Vec<usize>,
+    /// Where its bytes are in the file (from its start).
+    pub bytes: std::ops::Range<u64>,
 }
 
 /// A safetensors file's header: its tensors, read without the data.
@@ -141,12 +143,33 @@ pub fn read_header(path: &Path) -> Result<Header> {
             name,
             dtype: dtype.to_string(),
             shape,
+            bytes: 8 + n + start..8 + n + end,
         });
     }
     Ok(Header {
         path: path.to_path_buf(),
         tensors,
     })
+}
+
+/// The one F64 value of tensor `name` in `path`, read alone (an optimizer's step count, without
+/// its moments); None where the file has no such scalar.
+pub fn read_f64_scalar(path: &Path, name: &str) -> Result<Option<f64>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let header = read_header(path)?;
+    let Some(t) = header
+        .tensors
+        .iter()
+        .find(|t| t.name == name && t.dtype == "F64" && t.shape.iter().product::<usize>() == 1)
+    else {
+        return Ok(None);
+    };
+    let mut f = crate::error::fs::open(path)?;
+    let mut b = [0u8; 8];
+    f.seek(SeekFrom::Start(t.bytes.start))
+        .and_then(|_| f.read_exact(&mut b))
+        .map_err(|e| Error::io("cannot read", path, e))?;
+    Ok(Some(f64::from_le_bytes(b)))
 }
 
 /// The first element of `t` (on the CPU) that is NaN or ±Inf, if any: one f32 sum in candle's

@@ -408,3 +408,35 @@ fn a_newest_checkpoint_of_another_step_is_refused_not_passed_over() {
     );
     assert!(!tmp.path().join("run/checkpoint-6").exists());
 }
+
+/// A `final/` whose state names more steps than its optimizer took (2^63 in a run of 2): a
+/// damaged checkpoint, not a finished run to leave as it is.
+#[test]
+fn a_final_state_past_its_optimizers_steps_is_refused() {
+    let (tmp, cfg) = precomputed("eval_every = 0");
+    let cfg_s = cfg.to_str().unwrap();
+    train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
+    let path = tmp.path().join("run/final/trainer_state.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["global_step"] = 9_223_372_036_854_775_808u64.into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    let err = fails(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--resume",
+            "--set",
+            "train.max_steps=4",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("final")
+            && err.contains("damaged")
+            && err.contains("its optimizer state 2 steps"),
+        "{err}"
+    );
+}

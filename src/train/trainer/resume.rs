@@ -19,6 +19,24 @@ impl Trainer<'_> {
         let out = &self.cfg.train.out;
         checkpoint::remove_unfinished(out)?;
         if let Some(done) = checkpoint::finished(out, self.state.max_steps) {
+            // a `final/` whose state names more steps than its optimizer took is damaged, not
+            // a run that trained them
+            let last = RunDir::new(out).final_dir();
+            let optimizer = RunDir::optimizer(&last);
+            if optimizer.is_file() {
+                let took = crate::model::weights::read_f64_scalar(&optimizer, "step")
+                    .map_err(|e| damaged(&last, e.detail()))?;
+                if took != Some(done.global_step as f64) {
+                    return Err(damaged(
+                        &last,
+                        format!(
+                            "its trainer_state.json says step {}, its optimizer state {}",
+                            done.global_step,
+                            took.map_or("no step count".into(), |s| format!("{s} steps"))
+                        ),
+                    ));
+                }
+            }
             return Ok(Some(format!(
                 "nothing to resume: {} finished its {} steps (final policy and evaluation in {}); \
                  raise train.max_steps or train.epochs to train on",
