@@ -259,10 +259,12 @@ fn resolve(
         .map_err(|e| unreachable(&e))?;
     // Every file is read at the commit the revision names now, as huggingface_hub does: a branch
     // that moved is fetched anew, never the older snapshot the cache's ref still points at.
-    let commit = if info.sha.is_empty() {
-        revision.to_string()
-    } else {
-        info.sha.clone()
+    let Some(commit) = listed_commit(&info.sha, revision) else {
+        return Err(Error::Hub(format!(
+            "the hub's listing of {what} `{id}` at `{revision}` names commit {:?}, not a commit \
+             id (40 hex digits): check HF_ENDPOINT's server",
+            info.sha
+        )));
     };
     let listed: Vec<String> = info
         .siblings
@@ -358,6 +360,18 @@ fn resolve(
         dir,
         revision: revision_label(id, revision),
     })
+}
+
+/// The commit a listing resolves `revision` to (the revision itself where the listing names
+/// none and it is one): a commit id, 40 hex digits, as huggingface_hub accepts, since it names
+/// the snapshot's folder; never a path a hostile listing makes up.
+fn listed_commit(sha: &str, revision: &str) -> Option<String> {
+    let is_commit = |s: &str| s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match sha {
+        "" if is_commit(revision) => Some(revision.to_string()),
+        sha if is_commit(sha) => Some(sha.to_string()),
+        _ => None,
+    }
 }
 
 /// A repo's listing at a revision, each file with its blob's name in the cache where the hub
@@ -632,6 +646,16 @@ mod tests {
         );
         assert!(!snap.join("tokenizer.json").exists());
         assert!(!snap.join("mirror.json").exists());
+    }
+
+    #[test]
+    fn only_a_commit_id_names_a_snapshot() {
+        let c = "8b3861f6931c4026b0cd22b38dbc09e7668983ac";
+        assert_eq!(listed_commit(c, "main").as_deref(), Some(c));
+        assert_eq!(listed_commit("", c).as_deref(), Some(c));
+        for sha in ["../../../../ESC2", "", "main", &c[..39], &format!("{c}0")] {
+            assert_eq!(listed_commit(sha, "main"), None, "{sha}");
+        }
     }
 
     #[test]
