@@ -42,17 +42,24 @@ const MAX_THREADS_PER_CORE: usize = 16;
 fn start_threads() -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let most = MAX_THREADS_PER_CORE * cores.max(16);
-    let asked = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|n| n.trim().parse::<u64>().ok());
-    if let Some(n) = asked.filter(|&n| n > most as u64) {
-        // thousands of threads take minutes to start (each its stack) before any work, then
-        // only contend for the cores
-        anyhow::bail!(
-            "RAYON_NUM_THREADS={n} asks for more worker threads than refdpo starts ({most}, \
-             {MAX_THREADS_PER_CORE} per core of at least 16; this machine has {cores}): set it \
-             to at most {most}, or leave it unset for one per core"
-        );
+    // rayon's two names (the older one still read) and polars' pool (`stats`)
+    for key in [
+        "RAYON_NUM_THREADS",
+        "RAYON_RS_NUM_CPUS",
+        "POLARS_MAX_THREADS",
+    ] {
+        let asked = std::env::var(key)
+            .ok()
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        if let Some(n) = asked.filter(|&n| n > most as u64) {
+            // thousands of threads take minutes to start (each its stack) before any work, then
+            // only contend for the cores
+            anyhow::bail!(
+                "{key}={n} asks for more worker threads than refdpo starts ({most}, \
+                 {MAX_THREADS_PER_CORE} per core of at least 16; this machine has {cores}): set \
+                 it to at most {most}, or leave it unset for one per core"
+            );
+        }
     }
     match rayon::ThreadPoolBuilder::new().build_global() {
         Err(e) if std::error::Error::source(&e).is_some() => Err(anyhow::anyhow!(

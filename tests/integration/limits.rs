@@ -75,6 +75,17 @@ fn thousands_of_worker_threads_are_refused_at_once() {
         "{:?}",
         started.elapsed()
     );
+    // rayon's older name, and polars' pool (`stats`)
+    for key in ["RAYON_RS_NUM_CPUS", "POLARS_MAX_THREADS"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_refdpo"))
+            .args(["stats", "--config", cfg.to_str().unwrap(), "--json"])
+            .env(key, "5000")
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        let stderr = assert_plain_error(&out, key);
+        assert!(stderr.contains(&format!("{key}=5000")), "{stderr}");
+    }
 }
 
 /// Under small descriptor limits, stage one fails naming the file and the system's reason
