@@ -250,12 +250,15 @@ impl<'de> Deserialize<'de> for TargetModules {
             Many(Vec<String>),
         }
         match Raw::deserialize(d)? {
-            Raw::One(s) if s == "all-linear" => Ok(TargetModules::AllLinear),
+            // PEFT compares the shorthand without case
+            Raw::One(s) if s.eq_ignore_ascii_case("all-linear") => Ok(TargetModules::AllLinear),
             // PEFT reads any other string as a regular expression that must match a module's
-            // whole name (`model.layers.0.self_attn.q_proj`): "q_proj" would adapt nothing there
+            // whole name (`model.layers.0.self_attn.q_proj`), which refdpo does not take
             Raw::One(s) => Err(serde::de::Error::custom(format!(
-                "{s:?} is a string, which PEFT reads as a regular expression over whole module \
-                 names (matching none here): write a list, [{s:?}], or \"all-linear\""
+                "{s:?} is a string other than \"all-linear\", which PEFT reads as a regular \
+                 expression over whole module names (\"q_proj\" alone matches none of them); \
+                 refdpo takes a list of projections instead: write [\"q_proj\", …], or \
+                 \"all-linear\""
             ))),
             Raw::Many(names) => Ok(TargetModules::Names(names)),
         }

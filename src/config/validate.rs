@@ -42,7 +42,11 @@ impl Config {
         }
         if ts > 0.0 && d.test_split == d.train_split {
             return Err(Error::Config(format!(
-                "`dataset.test_size` = {ts} holds rows of `{}` out as the test split, and                  `dataset.test_split` names the train split itself: the held-out rows would                  replace the train split's cache. Give the held-out split another name (the                  default is `test_prefs`), or set dataset.test_size = 0 to evaluate on the train                  split",
+                "`dataset.test_size` = {ts} holds rows of `{}` out as the test split, and \
+                 `dataset.test_split` names the train split itself: the held-out rows would \
+                 replace the train split's cache. Give the held-out split another name (the \
+                 default is `test_prefs`), or set dataset.test_size = 0 to evaluate on the train \
+                 split",
                 d.train_split
             )));
         }
@@ -323,10 +327,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("train.lora.target_modules") && err.contains("[\"q_proj\"]"),
+            err.contains("train.lora.target_modules") && err.contains("regular expression"),
             "{err}"
         );
         with(&["train.lora.target_modules='all-linear'"]).unwrap();
+        let c = with(&["train.lora.target_modules='ALL-LINEAR'"]).unwrap();
+        assert_eq!(c.train.lora.target_modules, TargetModules::AllLinear);
         with(&["train.lora.target_modules=['q_proj']"]).unwrap();
     }
 

@@ -98,22 +98,12 @@ impl ModelDefaults {
         } else {
             Value::Null
         };
-        let refuse = |what: String| {
-            Error::Model(format!(
-                "`{}`: {what}, as transformers' GenerationConfig refuses it: fix or remove it",
-                gen_path.display()
-            ))
-        };
-        if !(gen.is_object() || gen.is_null()) {
-            return Err(refuse(format!(
-                "the file holds {}, not an object of settings",
+        if gen_path.exists() && !gen.is_object() {
+            return Err(Error::Model(format!(
+                "`{}`: the file holds {}, not an object of settings (transformers' \
+                 GenerationConfig refuses it too): fix or remove it",
+                gen_path.display(),
                 kind(&gen)
-            )));
-        }
-        if !(gen["do_sample"].is_boolean() || gen["do_sample"].is_null()) {
-            return Err(refuse(format!(
-                "`do_sample` is {}, not true or false",
-                gen["do_sample"]
             )));
         }
         // `key`'s value read by `read`, `default` where absent or null; else an error naming it
@@ -150,7 +140,7 @@ impl ModelDefaults {
         } else {
             (TOP_K, 1.0)
         };
-        let samples_by_default = (gen["do_sample"] == Value::Bool(true)).then(|| {
+        let samples_by_default = truthy(&gen["do_sample"]).then(|| {
             ["do_sample", "temperature", "top_k", "top_p"]
                 .iter()
                 .filter(|key| !gen[**key].is_null())
@@ -171,6 +161,19 @@ impl ModelDefaults {
             unapplied,
             samples_by_default,
         })
+    }
+}
+
+/// Whether Python reads the value as true (`if generation_config.do_sample:`): a non-empty
+/// string or list, a number other than 0, true.
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|x| x != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        Value::Null => false,
     }
 }
 

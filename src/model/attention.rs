@@ -315,10 +315,10 @@ impl Attention {
         })
     }
 
-    /// [`Self::attend`], a few key-value heads (with their query heads) at a time where one
-    /// chunk's scores alone pass `budget` elements: a long sequence (32 heads × 8192² is 2^31
-    /// scores, past the CUDA kernels' 32-bit element count) in bounded memory. Each head's
-    /// scores are the same either way.
+    /// [`Self::attend`], a few key-value heads (with their query heads), or a few query heads of
+    /// one key-value head, at a time where one chunk's scores alone pass `budget` elements: a
+    /// long sequence (32 heads × 8192² is 2^31 scores, past the CUDA kernels' 32-bit element
+    /// count) in bounded memory. Each head's scores are the same either way.
     fn attend_heads(
         &self,
         q: &Tensor,
@@ -331,17 +331,37 @@ impl Attention {
         let (b, nh, tq, _) = q.dims4()?;
         let (kv, tk) = (k.dim(1)?, k.dim(2)?);
         let rep = nh / kv.max(1);
-        let per_kv_head = b * rep * tq * tk;
-        let heads = (budget / per_kv_head.max(1)).max(1);
-        if heads >= kv {
+        // query heads whose scores fit the budget (at least one)
+        let fit = (budget / (b * tq * tk).max(1)).max(1);
+        if fit >= nh {
             return self.attend(q, k, v, mask, mode);
         }
-        let mut outs = Vec::with_capacity(kv.div_ceil(heads));
-        for h0 in (0..kv).step_by(heads) {
-            let n = heads.min(kv - h0);
-            let part = |x: &Tensor, at: usize, n: usize| x.narrow(1, at, n)?.contiguous();
+        let part = |x: &Tensor, at: usize, n: usize| x.narrow(1, at, n)?.contiguous();
+        // (first key-value head, how many, first query head of the first, how many)
+        let chunks: Vec<(usize, usize, usize, usize)> = if fit >= rep {
+            // whole groups: a few key-value heads with all their query heads
+            let heads = fit / rep;
+            (0..kv)
+                .step_by(heads)
+                .map(|h0| {
+                    let n = heads.min(kv - h0);
+                    (h0, n, h0 * rep, n * rep)
+                })
+                .collect()
+        } else {
+            // one key-value head, a few of its query heads at a time (many per group, long rows)
+            (0..kv)
+                .flat_map(|h| {
+                    (0..rep)
+                        .step_by(fit)
+                        .map(move |j| (h, 1, h * rep + j, fit.min(rep - j)))
+                })
+                .collect()
+        };
+        let mut outs = Vec::with_capacity(chunks.len());
+        for (h0, n, q0, m) in chunks {
             outs.push(self.attend(
-                &part(q, h0 * rep, n * rep)?,
+                &part(q, q0, m)?,
                 &part(k, h0, n)?,
                 &part(v, h0, n)?,
                 mask,
@@ -608,8 +628,9 @@ mod tests {
             let whole = attn
                 .attend_heads(&q, &k, &v, &mask, mode, usize::MAX)
                 .unwrap();
-            // one key-value head's scores at a time, then three
-            for budget in [1, 3 * 2 * t * t] {
+            // one query head's scores at a time, three, then three key-value heads' (grouped:
+            // a group of two split, then whole groups)
+            for budget in [1, 3 * t * t, 3 * 2 * t * t] {
                 let parts = attn.attend_heads(&q, &k, &v, &mask, mode, budget).unwrap();
                 let diff = crate::test_util::max_abs_diff(&whole, &parts);
                 assert!(diff < 1e-6, "{mode:?}, budget {budget}: {diff}");

@@ -373,7 +373,8 @@ const DEMO_ENTRIES: [&str; 4] = ["dataset", "model", "reward_model", "demo.json"
 fn replaceable(dir: &Path) -> Result<()> {
     let refuse = |why: String| {
         Err(Error::Config(format!(
-            "demo.dir `{}` {why}: generating the demo would replace that folder. Set demo.dir              to a new folder (or an earlier demo's), or set demo.generate = false",
+            "demo.dir `{}` {why}: generating the demo would replace that folder. Set demo.dir \
+             to a new folder (or an earlier demo's), or set demo.generate = false",
             dir.display()
         )))
     };

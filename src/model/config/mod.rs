@@ -247,6 +247,18 @@ impl TransformerConfig {
             "hidden_activation" => raw.hidden_activation.as_deref(),
             _ => raw.hidden_act.as_deref(),
         };
+        // null where the family reads it: transformers' validator refuses it (the other key
+        // is not read, null or not)
+        let null = |key: &str| {
+            serde_json::from_str::<serde_json::Value>(text)
+                .is_ok_and(|v| v.get(key).is_some_and(serde_json::Value::is_null))
+        };
+        if null(family.activation_key) {
+            return Err(format!(
+                "`{}` is null: it must be a string",
+                family.activation_key
+            ));
+        }
         let activation = match act.unwrap_or(family.activation) {
             "silu" => Activation::Silu,
             "gelu_pytorch_tanh" => Activation::GeluTanh,
@@ -493,10 +505,8 @@ fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
 /// transformers compute with other weights than the file's.
 fn check_types(text: &str, raw: &Raw) -> std::result::Result<(), String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    for key in ["model_type", "hidden_act", "hidden_activation"] {
-        if v.get(key).is_some_and(serde_json::Value::is_null) {
-            return Err(format!("`{key}` is null: it must be a string"));
-        }
+    if v.get("model_type").is_some_and(serde_json::Value::is_null) {
+        return Err("`model_type` is null: it must be a string".into());
     }
     for (key, value) in [
         ("rope_scaling", raw.rope_scaling.as_ref()),

@@ -232,6 +232,10 @@ fn wrong_types_transformers_refuses_are_refused_by_key() {
         ),
         (r#","model_type":"llama","hidden_act":null"#, "hidden_act"),
         (
+            r#","model_type":"gemma2","hidden_activation":null,"head_dim":4"#,
+            "hidden_activation",
+        ),
+        (
             r#","model_type":"llama","max_position_embeddings":"x""#,
             "max_position_embeddings",
         ),
@@ -262,6 +266,9 @@ fn wrong_types_transformers_refuses_are_refused_by_key() {
     }
     // what real configs hold passes: a null rope_scaling, a negative pad id (pads nothing)
     for extra in [
+        // the activation key the family does not read may be null
+        r#","model_type":"llama","hidden_activation":null"#,
+        r#","model_type":"gemma2","hidden_act":null,"head_dim":4"#,
         r#","model_type":"llama","rope_scaling":null,"max_position_embeddings":2048"#,
         r#","model_type":"llama","pad_token_id":-1,"quantization_config":null"#,
     ] {

@@ -100,7 +100,9 @@ impl<'a> Trainer<'a> {
             return Err(Error::StaleCache {
                 path: parquet.into_iter().next().unwrap_or_default(),
                 msg: format!(
-                    "the `{}` split has no Arrow file beside it (removed or lost): the cache is                      incomplete, and training would run without its evaluation. Run the same                      `refdpo precompute` to write it again, then train",
+                    "the `{}` split has no Arrow file beside it (removed or lost): the cache is \
+                     incomplete, and training would run without its evaluation. Run the same \
+                     `refdpo precompute` to write it again, then train",
                     cfg.dataset.test_split
                 ),
             });
