@@ -262,11 +262,13 @@ pub fn refuse_cache_inside(dir: &Path, dataset_dir: Option<&Path>) -> Result<()>
     refuse_inside_another(dir, "precompute.out", false)?;
     let cwd = std::env::current_dir().unwrap_or_default();
     let real = |p: &Path| std::fs::canonicalize(cwd.join(p)).ok();
-    let Some(data) = dataset_dir.and_then(real) else {
+    // the nearest existing folder of `dir`, links resolved (a cache not made yet is inside its
+    // parent's; a link to a model's subfolder is inside the model)
+    let Some(at) = cwd.join(dir).ancestors().find_map(real) else {
         return Ok(());
     };
-    // the nearest existing folder of `dir` (a cache not made yet is inside its parent's)
-    let Some(at) = cwd.join(dir).ancestors().find_map(real) else {
+    refuse_inside_another(&at, "precompute.out", false)?;
+    let Some(data) = dataset_dir.and_then(real) else {
         return Ok(());
     };
     if at.starts_with(&data) {
@@ -508,6 +510,15 @@ mod inside_tests {
                 err.contains(said) && err.contains("precompute.out"),
                 "{err}"
             );
+        }
+        // a link to a model's subfolder is inside the model
+        std::fs::create_dir(model.join("sub")).unwrap();
+        #[cfg(unix)]
+        {
+            let link = tmp.path().join("link");
+            std::os::unix::fs::symlink(model.join("sub"), &link).unwrap();
+            let err = refuse_cache_inside(&link, None).unwrap_err().to_string();
+            assert!(err.contains("model or checkpoint folder"), "{err}");
         }
         refuse_cache_inside(&tmp.path().join("cache"), Some(&data)).unwrap();
         refuse_cache_inside(&data, None).unwrap();

@@ -63,6 +63,13 @@ impl Config {
         at_least("precompute.batch_size", self.precompute.batch_size, 1)?;
         at_least("precompute.chunk_pairs", self.precompute.chunk_pairs, 1)?;
         if self.demo.generate {
+            if self.demo.dir.as_os_str().is_empty() {
+                return Err(Error::Config(
+                    "`demo.dir` is empty: name the folder to generate the demo into (the default \
+                     is data/demo)"
+                        .into(),
+                ));
+            }
             for (key, rows) in [
                 ("demo.train_rows", self.demo.train_rows),
                 ("demo.test_rows", self.demo.test_rows),

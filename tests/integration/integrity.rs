@@ -186,6 +186,17 @@ fn a_test_split_without_its_arrow_file_is_refused_and_written_again() {
     ok(&["precompute", "--config", cfg_s, "--quiet"], tmp.path());
     assert!(std::fs::read(&arrow).unwrap() == clean, "arrow differs");
     ok(&["train", "--config", cfg_s, "--quiet"], tmp.path());
+    // both of its files gone, while the report counts its pairs: refused too
+    std::fs::remove_file(&arrow).unwrap();
+    std::fs::remove_file(arrow.with_extension("parquet")).unwrap();
+    let err = fails(
+        &["train", "--config", cfg_s, "--quiet", "--overwrite"],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("report.json") && err.contains("`test_prefs` split"),
+        "{err}"
+    );
 }
 
 /// A cache scored by older numerics (here: made before the version was recorded, so 0): stage

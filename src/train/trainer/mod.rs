@@ -106,6 +106,17 @@ impl<'a> Trainer<'a> {
                     cfg.dataset.test_split
                 ),
             });
+        } else if let Some(kept) = reported_pairs(cache_dir, &cfg.dataset.test_split) {
+            // stage one's report counts the split's pairs: its files are lost
+            return Err(Error::StaleCache {
+                path: crate::dirs::CacheDir::new(cache_dir).report(Default::default()),
+                msg: format!(
+                    "counts {kept} pairs of the `{}` split, whose files are not in the cache \
+                     (removed or lost): training would run without its evaluation. Run the \
+                     same `refdpo precompute` to write them again, then train",
+                    cfg.dataset.test_split
+                ),
+            });
         } else {
             None
         };
@@ -625,4 +636,11 @@ fn unfinished(cache_dir: &std::path::Path, split: &str) -> Option<PathBuf> {
             let n = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             p.is_dir() && (n == name || n.starts_with(&shard))
         })
+}
+
+/// The pairs stage one's report (`report.json`) says it kept of `split`, where it kept any.
+fn reported_pairs(cache_dir: &std::path::Path, split: &str) -> Option<usize> {
+    let path = crate::dirs::CacheDir::new(cache_dir).report(Default::default());
+    let report = cache::report::read(&path).ok()?;
+    report.get(split).map(|r| r.rows_kept).filter(|&n| n > 0)
 }
