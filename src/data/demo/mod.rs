@@ -21,7 +21,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema};
 use parquet::arrow::ArrowWriter;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Bump when the generated assets change, so old demo directories are regenerated.
@@ -359,6 +359,22 @@ pub fn ensure(cfg: &DemoConfig) -> Result<()> {
         fs::create_dir_all(parent)?;
     }
     if cfg.dir.exists() {
+        // an earlier demo's folder holds only what a demo makes: a file put inside it (notes in
+        // `model/`) is the user's, not the demo's to delete
+        let made = files_under(building.path());
+        if let Some(other) = files_under(&cfg.dir)
+            .into_iter()
+            .find(|f| !made.contains(f))
+        {
+            building.abandon();
+            return Err(Error::Config(format!(
+                "demo.dir `{}` holds `{}`, which the demo did not make: generating the demo \
+                 would replace that folder. Set demo.dir to a new folder, or move the file out \
+                 (or delete the folder, if all of it is an older demo's)",
+                cfg.dir.display(),
+                other.display()
+            )));
+        }
         std::fs::remove_dir_all(&cfg.dir).map_err(|e| Error::io("cannot replace", &cfg.dir, e))?;
     }
     building.publish(&cfg.dir)
@@ -403,6 +419,26 @@ fn replaceable(dir: &Path) -> Result<()> {
         return refuse("has no demo stamp (`demo.json`) of an earlier demo".into());
     }
     Ok(())
+}
+
+/// Every file and link below `dir` (relative to it; links not followed), refdpo's lock files
+/// left out.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(at) = todo.pop() {
+        for entry in std::fs::read_dir(&at).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_dir {
+                todo.push(path);
+            } else if !(name.starts_with(".refdpo-") && name.ends_with(".lock")) {
+                found.push(path.strip_prefix(dir).unwrap_or(&path).to_path_buf());
+            }
+        }
+    }
+    found
 }
 
 /// The demo assets into `tmp`, `demo.json` last.
@@ -541,6 +577,17 @@ mod tests {
         std::fs::remove_dir(cfg.dir.join("model")).unwrap();
         ensure(&cfg).unwrap();
         cfg.seed += 1;
+        ensure(&cfg).unwrap();
+        // a file of the user's inside an earlier demo's folder: refused, kept
+        std::fs::write(cfg.dir.join("model/notes.txt"), b"mine").unwrap();
+        cfg.seed += 1;
+        let err = ensure(&cfg).unwrap_err().to_string();
+        assert!(err.contains("notes.txt"), "{err}");
+        assert_eq!(
+            std::fs::read(cfg.dir.join("model/notes.txt")).unwrap(),
+            b"mine"
+        );
+        std::fs::remove_file(cfg.dir.join("model/notes.txt")).unwrap();
         ensure(&cfg).unwrap();
         let stamp = std::fs::read_to_string(cfg.dir.join("demo.json")).unwrap();
         assert!(
