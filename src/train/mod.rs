@@ -2,6 +2,7 @@
 //! with `train.ref = "live"` from a reference model run every step (the baseline for comparisons).
 
 pub mod adamw8;
+pub mod backprop;
 pub mod batches;
 pub mod checkpoint;
 pub mod curves;

@@ -19,6 +19,7 @@
 //! Peak activation memory is the block inputs plus one sub-batch's graph of one block, and
 //! full-vocabulary logits never exist for more than one chunk of rows.
 
+use super::backprop::backprop;
 use super::grads::Grads;
 use super::recompute::{
     sub_batches, Limit, Sub, GRAPH_HIDDEN_ROWS, GRAPH_MLP_ROWS, RECOMPUTE_BYTES,
@@ -566,13 +567,6 @@ impl Policy {
         let lp = logprobs::token_logps(&rows, &head.lm_head, &batch.targets, cap, mode)?; // [N]
         batch.sequence_sums(&lp)
     }
-}
-
-/// Gradients of Σ out·g (g: the upstream gradient of `out`, same shape) for every tracked
-/// tensor `out` depends on.
-fn backprop(out: &Tensor, g: &Tensor) -> Result<GradStore> {
-    let _phase = profile::scope(Phase::Backward);
-    Ok((out * g)?.sum_all()?.backward()?)
 }
 
 /// The gradient reaching a block input, detached: candle leaves a variable's gradient attached
