@@ -78,14 +78,7 @@ mod tests {
         let want = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let got = backprop(&out, &g).unwrap();
         let (a, b) = (want.get(&w).unwrap(), got.get(&w).unwrap());
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::test_util::max_abs_diff(a, b);
         assert_eq!(diff, 0.0);
         assert!(backprop(&out, &g.t().unwrap()).is_err());
     }

@@ -378,60 +378,59 @@ fn a_checkpoint_without_its_own_settings_resumes_under_either_layout() {
     );
 }
 
+/// Sets `global_step` in the `trainer_state.json` of `run/<saved>`, then resumes toward
+/// `steps`: the error.
+fn resume_with_step(saved: &str, step: u64, steps: u64, train_sets: &str, extra: &str) -> String {
+    let (tmp, cfg) = precomputed(extra);
+    let cfg_s = cfg.to_str().unwrap();
+    train_with(cfg_s, tmp.path(), &[train_sets]);
+    let path = tmp
+        .path()
+        .join("run")
+        .join(saved)
+        .join("trainer_state.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["global_step"] = step.into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    let max = format!("train.max_steps={steps}");
+    let err = fails(
+        &[
+            "train", "--config", cfg_s, "--quiet", "--resume", "--set", &max,
+        ],
+        tmp.path(),
+    );
+    assert!(!tmp.path().join(format!("run/checkpoint-{steps}")).exists());
+    err
+}
+
 /// A newest checkpoint whose `trainer_state.json` names another step than its folder is damaged,
 /// refused by name: it was passed over before, and the run resumed from the one before it unsaid.
 #[test]
 fn a_newest_checkpoint_of_another_step_is_refused_not_passed_over() {
-    let (tmp, cfg) = precomputed("save_every = 2\nsave_final = false");
-    let cfg_s = cfg.to_str().unwrap();
-    train_with(cfg_s, tmp.path(), &["train.max_steps=4"]);
-    let path = tmp.path().join("run/checkpoint-4/trainer_state.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    v["global_step"] = 0.into();
-    std::fs::write(&path, v.to_string()).unwrap();
-    let err = fails(
-        &[
-            "train",
-            "--config",
-            cfg_s,
-            "--quiet",
-            "--resume",
-            "--set",
-            "train.max_steps=6",
-        ],
-        tmp.path(),
+    let err = resume_with_step(
+        "checkpoint-4",
+        0,
+        6,
+        "train.max_steps=4",
+        "save_every = 2\nsave_final = false",
     );
     assert!(
         err.contains("checkpoint-4") && err.contains("says step 0") && err.contains("damaged"),
         "{err}"
     );
-    assert!(!tmp.path().join("run/checkpoint-6").exists());
 }
 
 /// A `final/` whose state names more steps than its optimizer took (2^63 in a run of 2): a
 /// damaged checkpoint, not a finished run to leave as it is.
 #[test]
 fn a_final_state_past_its_optimizers_steps_is_refused() {
-    let (tmp, cfg) = precomputed("eval_every = 0");
-    let cfg_s = cfg.to_str().unwrap();
-    train_with(cfg_s, tmp.path(), &["train.max_steps=2"]);
-    let path = tmp.path().join("run/final/trainer_state.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    v["global_step"] = 9_223_372_036_854_775_808u64.into();
-    std::fs::write(&path, v.to_string()).unwrap();
-    let err = fails(
-        &[
-            "train",
-            "--config",
-            cfg_s,
-            "--quiet",
-            "--resume",
-            "--set",
-            "train.max_steps=4",
-        ],
-        tmp.path(),
+    let err = resume_with_step(
+        "final",
+        9_223_372_036_854_775_808,
+        4,
+        "train.max_steps=2",
+        "eval_every = 0",
     );
     assert!(
         err.contains("final")
