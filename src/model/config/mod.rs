@@ -212,7 +212,11 @@ impl TransformerConfig {
             }
         })?;
         check_ranges(&raw)?;
-        check_types(text, &raw)?;
+        // the same text as a plain value: which keys are null (the typed fields read null as
+        // absent)
+        let json: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let null = |key: &str| json.get(key).is_some_and(serde_json::Value::is_null);
+        check_types(&raw, null("model_type"))?;
         let family = family::find(raw.model_type.as_deref(), raw.architectures.as_deref())
             .ok_or_else(|| {
                 let names: Vec<&str> = family::FAMILIES.iter().map(|f| f.model_type).collect();
@@ -249,10 +253,6 @@ impl TransformerConfig {
         };
         // null where the family reads it: transformers' validator refuses it (the other key
         // is not read, null or not)
-        let null = |key: &str| {
-            serde_json::from_str::<serde_json::Value>(text)
-                .is_ok_and(|v| v.get(key).is_some_and(serde_json::Value::is_null))
-        };
         if null(family.activation_key) {
             return Err(format!(
                 "`{}` is null: it must be a string",
@@ -503,9 +503,8 @@ fn check_ranges(raw: &Raw) -> std::result::Result<(), String> {
 /// otherwise read around: a null name or activation, a RoPE setting that is not an object, a
 /// position count or pad id that is not an integer; and a quantization config, which would make
 /// transformers compute with other weights than the file's.
-fn check_types(text: &str, raw: &Raw) -> std::result::Result<(), String> {
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    if v.get("model_type").is_some_and(serde_json::Value::is_null) {
+fn check_types(raw: &Raw, null_model_type: bool) -> std::result::Result<(), String> {
+    if null_model_type {
         return Err("`model_type` is null: it must be a string".into());
     }
     for (key, value) in [
