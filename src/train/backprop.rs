@@ -82,4 +82,30 @@ mod tests {
         assert_eq!(diff, 0.0);
         assert!(backprop(&out, &g.t().unwrap()).is_err());
     }
+
+    /// candle's backward as refdpo patches it (`vendor/candle-core/PATCH.md`) stores the first
+    /// gradient reaching a tensor as it came, with no tensor of zeros added into: through
+    /// out = x + z, x's gradient is the seed's own storage, so a change made to the seed in place
+    /// shows in it (a sum made from zeros would not change).
+    #[test]
+    fn the_first_gradient_is_stored_not_added_into_zeros() {
+        let dev = Device::Cpu;
+        let (x, z) = (
+            Var::zeros((2, 3), candle_core::DType::F32, &dev).unwrap(),
+            Var::zeros((2, 3), candle_core::DType::F32, &dev).unwrap(),
+        );
+        let out = (x.as_tensor() + z.as_tensor()).unwrap();
+        let g = Tensor::ones((2, 3), candle_core::DType::F32, &dev).unwrap();
+        let store = backprop(&out, &g).unwrap();
+        crate::model::fused::accumulate(&g, &g.ones_like().unwrap()).unwrap();
+        for v in [&x, &z] {
+            let got = store.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(got, vec![vec![2f32; 3]; 2]);
+        }
+        // a tensor reached twice still gets the sum: d(x + x)/dx = 2g
+        let twice = (x.as_tensor() + x.as_tensor()).unwrap();
+        let store = backprop(&twice, &g).unwrap();
+        let got = store.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(got, vec![vec![4f32; 3]; 2]);
+    }
 }
