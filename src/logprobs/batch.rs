@@ -4,6 +4,7 @@
 
 use crate::config::Truncation;
 use crate::error::{Error, Result};
+use crate::model::gather_rows::{gather_rows, RowMap};
 use crate::model::{Piece, SeqContext, Sharing};
 use crate::tokenize::window;
 use candle_core::{DType, Device, Tensor};
@@ -19,6 +20,8 @@ pub struct SeqBatch {
     /// [N] u32: flat index (b·T + t, or the packed offset) of the position predicting each
     /// completion token.
     pub gather_idx: Tensor,
+    /// The same indices on the host (a tracked gather builds its backward's maps from them).
+    pub gather_host: Vec<u32>,
     /// [N] u32: the completion tokens.
     pub targets: Tensor,
     /// Completion tokens per sequence (sums to N).
@@ -87,7 +90,8 @@ impl SeqBatch {
         Ok(Self {
             input_ids: Tensor::from_slice(&ids, shape, device)?,
             host_ids: ids,
-            gather_idx: Tensor::from_vec(gather, n, device)?,
+            gather_idx: Tensor::from_slice(&gather, n, device)?,
+            gather_host: gather,
             targets: Tensor::from_vec(targets, n, device)?,
             counts,
             seq_len,
@@ -106,12 +110,18 @@ impl SeqBatch {
         }
     }
 
-    /// hidden [B, T, H] → the rows that predict completion tokens [N, H].
+    /// hidden [B, T, H] → the rows that predict completion tokens [N, H]. Tracked, as one node
+    /// whose backward is gathers ([`gather_rows`]): candle's `index_select` backward fills a
+    /// [B·T, H] zero tensor and `index_add`s into it, one CUDA thread walking all N rows per
+    /// element.
     pub fn gather_rows(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
-        Ok(hidden
-            .reshape((b * t, h))?
-            .index_select(&self.gather_idx, 0)?)
+        let flat = hidden.reshape((b * t, h))?;
+        if !flat.track_op() {
+            return Ok(flat.index_select(&self.gather_idx, 0)?);
+        }
+        let map = RowMap::new(&self.gather_host, b * t, hidden.device())?;
+        Ok(gather_rows(&flat, &map, 0)?)
     }
 
     /// Sums token log-probs [N] per sequence, in f64 on the host.
@@ -238,7 +248,8 @@ impl SeqBatch {
         Ok(Self {
             input_ids: Tensor::from_slice(&ids, (1, rows), device)?,
             host_ids: ids,
-            gather_idx: Tensor::from_vec(gather, n, device)?,
+            gather_idx: Tensor::from_slice(&gather, n, device)?,
+            gather_host: gather,
             targets: Tensor::from_vec(targets, n, device)?,
             counts,
             seq_len: lens.iter().copied().max().unwrap_or(0),
