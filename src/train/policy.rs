@@ -448,10 +448,13 @@ impl Policy {
         self.accumulate(grads, &store)?;
         let mut g = grad_of(&store, &last)?; // [2B, T, H]
         drop((store, last));
+        let mut subs = None;
         while let Some(s) = saved.pop() {
             let i = saved.len();
             g = match s {
-                Saved::Input(input) => self.block_backward(i, &input, &g, (&ctx, &full), grads)?,
+                Saved::Input(input) => {
+                    self.block_backward(i, (&input, &g), (&ctx, &full), &mut subs, grads)?
+                }
                 Saved::Graph { input, out } => {
                     let store = backprop(&out, &g)?;
                     self.accumulate(grads, &store)?;
@@ -468,18 +471,31 @@ impl Policy {
     /// Recomputes block `i` from its input x [2B, T, H] (or [1, Σ, H] packed) a sub-batch of
     /// sequences at a time and backpropagates the upstream gradient g of x's shape; returns
     /// d input. `ctx` is the forward's context, `full` the unpacked tables it was made from.
+    /// `cached` keeps the last block's sub-batches, taken again while the limit is the same
+    /// (it is in every layer of a uniform model): their contexts are built once per
+    /// micro-batch, not once per layer.
     fn block_backward(
         &self,
         i: usize,
-        x: &Tensor,
-        g: &Tensor,
+        (x, g): (&Tensor, &Tensor),
         (ctx, full): (&SeqContext, &SeqContext),
+        cached: &mut Option<(Limit, usize, Vec<Sub>)>,
         grads: &mut Grads,
     ) -> Result<Tensor> {
         let block = self.block(i, true)?;
         let limit = self.recompute_limit(&block, x, full)?;
-        let (dim, subs) = sub_batches(limit, x, (ctx, full))?;
-        // This block's gradients summed over sub-batches in f32, stored once.
+        let (dim, subs) = match cached {
+            Some((l, dim, subs)) if *l == limit => (*dim, subs.clone()),
+            _ => {
+                let (dim, subs) = sub_batches(limit, x, (ctx, full))?;
+                *cached = Some((limit, dim, subs.clone()));
+                (dim, subs)
+            }
+        };
+        // Over several sub-batches, this block's gradients are summed in f32 and stored once;
+        // one sub-batch's go straight into `grads` (the same numbers, without an f32 copy of
+        // each weight's gradient and its cast back).
+        let several = subs.len() > 1;
         let mut local = self.zero_grads(DType::F32);
         let mut g_in = Vec::with_capacity(subs.len());
         for Sub {
@@ -498,10 +514,12 @@ impl Policy {
             });
             let out = block.forward(input.as_tensor(), &sub, self.training_mode())?;
             let store = backprop(&out, &g.narrow(dim, start, len)?)?;
-            self.accumulate(&mut local, &store)?;
+            self.accumulate(if several { &mut local } else { grads }, &store)?;
             g_in.push(grad_of(&store, &input)?);
         }
-        grads.merge(local)?;
+        if several {
+            grads.merge(local)?;
+        }
         Ok(Tensor::cat(&g_in, dim)?)
     }
 

@@ -73,6 +73,7 @@ impl Limit {
 
 /// One recomputed sub-batch: its first sequence (for its dropout masks), its positions along
 /// the batch's dim, and its context.
+#[derive(Clone)]
 pub struct Sub {
     pub first_seq: usize,
     pub start: usize,
