@@ -35,7 +35,7 @@ strip -o .gpu/refdpo "$TARGET/release/refdpo"
 rm -f .gpu/refdpo.xz
 xz -9 -T 2 .gpu/refdpo
 commit=$(git rev-parse HEAD)
-git diff --quiet HEAD -- src Cargo.toml Cargo.lock build.rs || commit="$commit+changes"
+git diff --quiet HEAD -- src vendor Cargo.toml Cargo.lock build.rs || commit="$commit+changes"
 echo "$commit" > .gpu/COMMIT
 if [ -d "$SHARED/realdata" ]; then
   rm -rf .gpu/realdata
