@@ -116,7 +116,7 @@ impl Policy {
         }
         Self::from_parts(
             cfg,
-            &tensors,
+            tensors,
             names,
             HashMap::new(),
             None,
@@ -166,7 +166,7 @@ impl Policy {
             .collect::<Result<_>>()?;
         Self::from_parts(
             cfg,
-            &adapters,
+            adapters,
             names,
             frozen,
             Some(lora.clone()),
@@ -175,9 +175,11 @@ impl Policy {
         )
     }
 
+    /// Each of `tensors` named in `names` becomes a `Var` (a copy in `master` on `device`) and
+    /// is dropped as it does, so the two copies of the whole model never coexist.
     fn from_parts(
         cfg: &TransformerConfig,
-        tensors: &HashMap<String, Tensor>,
+        mut tensors: HashMap<String, Tensor>,
         mut names: Vec<String>,
         frozen: HashMap<String, Tensor>,
         lora: Option<LoraConfig>,
@@ -193,11 +195,13 @@ impl Policy {
         let vars = names
             .iter()
             .map(|n| {
-                Ok(Var::from_tensor(
-                    &tensors[n].to_dtype(master)?.to_device(device)?,
-                )?)
+                let t = tensors
+                    .remove(n)
+                    .ok_or_else(|| Error::Model(format!("no tensor `{n}` to train")))?;
+                Ok(Var::from_tensor(&t.to_dtype(master)?.to_device(device)?)?)
             })
             .collect::<Result<Vec<_>>>()?;
+        drop(tensors);
         let index = names
             .iter()
             .enumerate()

@@ -21,7 +21,7 @@ use crate::inputs::{self, Inputs};
 use crate::model::{lora, weights, Transformer};
 use crate::progress::Progress;
 use crate::signals::StopRequest;
-use candle_core::{DType, Device};
+use candle_core::Device;
 use schedule::{logs_at, lora_dropout_seed, total_steps};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -158,12 +158,15 @@ impl<'a> Trainer<'a> {
             let adapters = lora::init_adapters(&modules, t.lora.r, t.seed)?;
             Policy::with_lora(&inputs.model.cfg, base, &t.lora, adapters, dtype, device)?
         } else {
+            let masters = t.master_dtype.candle();
+            // On an accelerator each weight is cast to the masters' dtype on the host, one
+            // tensor at a time, then uploaded: bf16 masters never exist as f32 on the device
+            // (the whole model in f32 at once had been 4 bytes per parameter of transient peak).
             let master = if device.is_cpu() {
                 inputs.model.tensors(model_dtype, device)?
             } else {
-                weights::load(&inputs.model.weight_files, DType::F32, device)?
+                weights::load(&inputs.model.weight_files, masters, device)?
             };
-            let masters = t.master_dtype.candle();
             Policy::new(&inputs.model.cfg, master, dtype, masters, device)?
         };
         let reference = match t.reference {
