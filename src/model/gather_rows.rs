@@ -10,18 +10,21 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// Which source row each gathered row reads (`rows`, [M] u32), and its transpose as gathers:
 /// each of `back` ([N] u32, N the source's rows) picks, for every source row, one of the M
-/// gathered rows that read it, or M (a zero row) where it has no more readers. A source row's
-/// gradient is the sum over `back` of the picked rows' gradients.
+/// gathered rows that read it, or [`NO_ROW`] (a row of zeros: candle's `index_select` writes
+/// zeros for `u32::MAX`, on the CPU and in its CUDA kernel) where it has no more readers. A
+/// source row's gradient is the sum over `back` of the picked rows' gradients.
 #[derive(Debug, Clone)]
 pub struct RowMap {
     pub rows: Tensor,
     pub back: Vec<Tensor>,
 }
 
+/// A row of zeros in a gather: candle's `index_select` sentinel.
+pub const NO_ROW: u32 = u32::MAX;
+
 impl RowMap {
     /// The map gathering `rows` (each < `sources`), with its transpose.
     pub fn new(rows: &[u32], sources: usize, device: &candle_core::Device) -> Result<Self> {
-        let m = rows.len() as u32;
         let mut back: Vec<Vec<u32>> = Vec::new();
         let mut readers = vec![0usize; sources];
         for (i, &r) in rows.iter().enumerate() {
@@ -30,7 +33,7 @@ impl RowMap {
                 candle_core::bail!("row map: row {r} of {sources} sources")
             }
             if readers[r] == back.len() {
-                back.push(vec![m; sources]);
+                back.push(vec![NO_ROW; sources]);
             }
             back[readers[r]][r] = i as u32;
             readers[r] += 1;
@@ -112,13 +115,9 @@ impl CustomOp2 for Gather {
         _out: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut one_row = g.dims().to_vec();
-        one_row[self.dim] = 1;
-        let zero = Tensor::zeros(one_row, g.dtype(), g.device())?;
-        let padded = Tensor::cat(&[g, &zero], self.dim)?;
         let mut sum: Option<Tensor> = None;
         for back in &self.back {
-            let part = padded.index_select(back, self.dim)?;
+            let part = g.index_select(back, self.dim)?;
             sum = Some(match sum {
                 Some(s) => (s + part)?,
                 None => part,

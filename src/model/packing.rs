@@ -179,8 +179,9 @@ mod tests {
         assert_eq!(v(&s.to_own.rows), [0, 1, 2, 3, 4, 8, 9, 10]);
         // the transposes: rows 0-2 read twice, the whole layout's repeated ones by none
         assert_eq!(s.to_whole.back.len(), 2);
-        assert_eq!(v(&s.to_whole.back[1]), [5, 6, 7, 11, 11, 11, 11, 11]);
-        assert_eq!(v(&s.to_own.back[0]), [0, 1, 2, 3, 4, 8, 8, 8, 5, 6, 7]);
+        let none = crate::model::gather_rows::NO_ROW;
+        assert_eq!(v(&s.to_whole.back[1]), [5, 6, 7, none, none, none, none, none]);
+        assert_eq!(v(&s.to_own.back[0]), [0, 1, 2, 3, 4, none, none, none, 5, 6, 7]);
         assert_eq!(s.positions, [0, 1, 2, 3, 4, 3, 4, 0]);
         assert_eq!(s.lens(), [5, 5, 1]);
         assert_eq!(s.rows(), 8);
