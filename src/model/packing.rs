@@ -180,8 +180,14 @@ mod tests {
         // the transposes: rows 0-2 read twice, the whole layout's repeated ones by none
         assert_eq!(s.to_whole.back.len(), 2);
         let none = crate::model::gather_rows::NO_ROW;
-        assert_eq!(v(&s.to_whole.back[1]), [5, 6, 7, none, none, none, none, none]);
-        assert_eq!(v(&s.to_own.back[0]), [0, 1, 2, 3, 4, none, none, none, 5, 6, 7]);
+        assert_eq!(
+            v(&s.to_whole.back[1]),
+            [5, 6, 7, none, none, none, none, none]
+        );
+        assert_eq!(
+            v(&s.to_own.back[0]),
+            [0, 1, 2, 3, 4, none, none, none, 5, 6, 7]
+        );
         assert_eq!(s.positions, [0, 1, 2, 3, 4, 3, 4, 0]);
         assert_eq!(s.lens(), [5, 5, 1]);
         assert_eq!(s.rows(), 8);

@@ -1,9 +1,10 @@
 //! Stage one: dataset + reference model → `<split>.parquet`, `<split>.arrow` and `report.json`.
 //! Every split is read and tokenized once before any is scored, so a missing or malformed split
-//! fails at once; that pass keeps only counts. Scoring reads and tokenizes the split again as a
-//! stream, in fixed chunks of pairs written under `<out>/.partial-<split>/` as they finish, so
-//! memory stays at one chunk whatever the split's size, and an interrupted run resumes where it
-//! stopped and ends with byte-identical outputs. The final files are written from the chunks.
+//! fails at once; that pass keeps counts, and the pairs only while they fit one chunk. A split
+//! of one chunk is scored from them; a larger one is read and tokenized again as a stream (on a
+//! thread of its own, a chunk ahead of the scoring), in fixed chunks of pairs written under
+//! `<out>/.partial-<split>/` as they finish, so memory stays at two chunks whatever the split's
+//! size, and an interrupted run resumes where it stopped and ends with byte-identical outputs. The final files are written from the chunks.
 //! Ctrl-C or SIGTERM while scoring stops at the next batch, keeping the finished chunks.
 
 mod report;
@@ -29,7 +30,7 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 /// One split (or this process's shard of it), read and tokenized once, ready to score: counts,
-/// not pairs.
+/// and the pairs themselves only where they fit one chunk.
 struct Prepared {
     name: String,
     /// The file stem: the split, or `<split>.shard-<i>-of-<n>`.
@@ -50,6 +51,10 @@ struct Prepared {
     /// Its files, pinned before they were hashed: every reading checks it reads them, and
     /// their stamps are compared once it is scored.
     stamps: data::stamp::Pinned,
+    /// This shard's pairs as the first read tokenized them, where the split's kept pairs fit
+    /// one chunk (`precompute.chunk_pairs`): scored without reading and tokenizing it again.
+    /// None for a larger split, which is streamed again a chunk at a time.
+    kept: Option<Vec<TokenizedPair>>,
 }
 
 /// Rows tokenized at once (in parallel) while a split streams through.
@@ -246,6 +251,8 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
     let started = Instant::now();
     // One pass keeps, per kept pair, its source row and token count; and the skips.
     let (mut kept_rows, mut kept_tokens, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    // the pairs themselves while they fit one chunk (then nothing more is kept)
+    let mut kept = Some(Vec::new());
     // the data files' hashes (the fingerprint's record of the data), beside the reading pass
     let stamps = data::stamp::pin(&source.files(split)?)?;
     let (data_sha256, total_read) = std::thread::scope(|scope| {
@@ -255,6 +262,13 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
                 Ok(p) => {
                     kept_rows.push(p.row);
                     kept_tokens.push(sequence_tokens(&p, cfg));
+                    kept = kept
+                        .take()
+                        .filter(|k| k.len() < cfg.precompute.chunk_pairs)
+                        .map(|mut k| {
+                            k.push(p);
+                            k
+                        });
                 }
                 Err(s) => skipped.push(s),
             }
@@ -348,6 +362,11 @@ fn prepare(cfg: &Config, source: &DataSource, inputs: &Inputs, split: &str) -> R
         fingerprint,
         prepare_seconds: started.elapsed().as_secs_f64(),
         stamps,
+        kept: kept.map(|mut k| {
+            k.truncate(p1);
+            k.drain(..p0);
+            k
+        }),
     })
 }
 

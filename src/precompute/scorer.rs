@@ -1,4 +1,5 @@
-//! Scoring one split's chunks: the split streamed again through the tokenizer, each chunk of
+//! Scoring one split's chunks: the pairs its first read kept (one chunk), or the split streamed
+//! again through the tokenizer a chunk ahead of the scoring; each chunk of
 //! pairs not yet on disk put through the reference model and written under the split's partial
 //! folder, a finished chunk checked to hold exactly the pairs it should before it is reused.
 
@@ -37,9 +38,12 @@ pub(super) struct Scorer<'a> {
 }
 
 impl Scorer<'_> {
-    /// Streams the split's pairs again and scores every chunk of this shard not yet on disk;
-    /// returns how many were already there (resumed). One chunk of pairs is in memory at a time.
-    /// A stop request ends it at the next batch: an error saying which chunks are kept.
+    /// Scores every chunk of this shard not yet on disk; returns how many were already there
+    /// (resumed). A split of one chunk is the pairs its first read kept; a larger one is
+    /// streamed again, its reading and tokenizing on a thread of their own a chunk ahead of the
+    /// scoring, so the device is not idle while the next rows are tokenized: two chunks of
+    /// pairs are in memory at a time. A stop request ends it at the
+    /// next batch: an error saying which chunks are kept.
     pub(super) fn score_chunks(&self, split: &Prepared, partial: &Path) -> Result<usize> {
         let Scoring {
             cfg,
@@ -57,12 +61,8 @@ impl Scorer<'_> {
         );
         let size = cfg.precompute.chunk_pairs;
         let chunks = split.pairs.len().div_ceil(size);
-        // room for one chunk, or the whole split where that is smaller (`chunk_pairs` may be huge)
-        let room = size.min(split.pairs.len());
-        let (mut resumed, mut chunk, mut buf) = (0, 0, Vec::with_capacity(room));
-        // the index of the next kept pair among the split's (the shard's first from its first row)
-        let mut k = split.pairs.start;
-        let mut finish = |buf: &mut Vec<TokenizedPair>| -> Result<()> {
+        let (mut resumed, mut chunk) = (0, 0);
+        let mut finish = |buf: &[TokenizedPair]| -> Result<()> {
             let path = chunk_path(partial, chunk);
             chunk += 1;
             // A chunk that does not verify (a torn or corrupted file) or holds other pairs (another
@@ -77,27 +77,59 @@ impl Scorer<'_> {
                 };
                 cache::ipc::write(&path, &rows, fp)?;
             }
-            buf.clear();
             Ok(())
         };
-        if !split.pairs.is_empty() {
-            for_each_pair(
-                cfg,
-                source,
-                inputs,
-                &split.name,
-                split.first_row,
-                &mut |r| {
-                    let Ok(pair) = r else { return Ok(true) };
-                    buf.push(pair);
-                    k += 1;
-                    if buf.len() == size || k == split.pairs.end {
-                        finish(&mut buf)?;
-                    }
-                    Ok(k < split.pairs.end)
-                },
-            )?;
-        }
+        // the index of the next kept pair among the split's (the shard's first from its first row)
+        let k = if let Some(pairs) = &split.kept {
+            // one chunk, kept from the first read
+            if !pairs.is_empty() {
+                finish(pairs)?;
+            }
+            split.pairs.start + pairs.len()
+        } else if split.pairs.is_empty() {
+            split.pairs.start
+        } else {
+            std::thread::scope(|scope| -> Result<usize> {
+                // a chunk handed over only when the scoring takes it: one more in the making
+                let (chunks_out, chunks_in) =
+                    std::sync::mpsc::sync_channel::<Vec<TokenizedPair>>(0);
+                let reader = scope.spawn(move || -> Result<usize> {
+                    // room for one chunk, or the whole split where that is smaller
+                    // (`chunk_pairs` may be huge)
+                    let room = size.min(split.pairs.len());
+                    let (mut k, mut buf) = (split.pairs.start, Vec::with_capacity(room));
+                    for_each_pair(
+                        cfg,
+                        source,
+                        inputs,
+                        &split.name,
+                        split.first_row,
+                        &mut |r| {
+                            let Ok(pair) = r else { return Ok(true) };
+                            buf.push(pair);
+                            k += 1;
+                            if buf.len() == size || k == split.pairs.end {
+                                let full = std::mem::replace(&mut buf, Vec::with_capacity(room));
+                                // the scoring stopped (an error, a stop request): read no further
+                                if chunks_out.send(full).is_err() {
+                                    return Ok(false);
+                                }
+                            }
+                            Ok(k < split.pairs.end)
+                        },
+                    )?;
+                    Ok(k)
+                });
+                let scored = chunks_in.iter().try_for_each(|buf| finish(&buf));
+                // the reader ends at its next chunk once the scoring stops taking them
+                drop(chunks_in);
+                let read = reader
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                scored?;
+                read
+            })?
+        };
         progress.finish();
         if k != split.pairs.end {
             return Err(Error::Schema {

@@ -194,6 +194,7 @@ mod tests {
             fingerprint,
             prepare_seconds: 0.0,
             stamps: Default::default(),
+            kept: None,
         }
     }
 
