@@ -207,6 +207,39 @@ impl State {
     }
 }
 
+/// The high-water marks of a CUDA device's memory pool, where candle allocates: bytes held by
+/// allocations, and bytes the pool reserved from the driver (blocks it keeps after a free and
+/// fragmentation included; refdpo sets it to keep everything, `run.rs`). None elsewhere.
+fn pool_high_water(device: &Device) -> Option<(u64, u64)> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            use candle_core::cuda_backend::cudarc::driver::{result, sys};
+            let ordinal = d.cuda_stream().context().ordinal();
+            /// SAFETY (callers): `pool` is a valid pool; both attributes read are u64.
+            unsafe fn get(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> Option<u64> {
+                let mut v = 0u64;
+                // SAFETY: as the function's contract says
+                unsafe { result::mem_pool::get_attribute(pool, attr, (&mut v as *mut u64).cast()) }
+                    .ok()?;
+                Some(v)
+            }
+            // SAFETY: the pool handle comes from the driver for this device, and
+            // USED_MEM_HIGH and RESERVED_MEM_HIGH are cuuint64_t attributes.
+            unsafe {
+                let dev = result::device::get(ordinal as i32).ok()?;
+                let pool = result::device::get_mem_pool(dev).ok()?;
+                use sys::CUmemPool_attribute::*;
+                Some((
+                    get(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+                    get(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+                ))
+            }
+        }
+        _ => None,
+    }
+}
+
 /// Device memory in use on a CUDA device (the driver's total − free); None elsewhere.
 fn device_used(device: &Device) -> Option<usize> {
     match device {
@@ -274,6 +307,16 @@ pub fn report() -> Option<String> {
     ENABLED.store(false, Ordering::Release);
     let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner()).take()?;
     let mut table = state.table();
+    if let Some((used, reserved)) = pool_high_water(&state.device) {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        table += &format!(
+            "\ndevice memory pool: at most {:.1} MiB held by tensors, {:.1} MiB reserved from the \
+             driver (the pool's own high-water marks; the column above is the driver's total − \
+             free, the CUDA context included)",
+            mib(used),
+            mib(reserved)
+        );
+    }
     for note in NOTES.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         table += &format!("\nnote: {note}");
     }
