@@ -383,6 +383,13 @@ pub fn ensure(cfg: &DemoConfig) -> Result<()> {
 /// What a demo folder holds: a folder with anything else is not refdpo's to replace.
 const DEMO_ENTRIES: [&str; 4] = ["dataset", "model", "reward_model", "demo.json"];
 
+/// Files a desktop's file manager leaves in a folder it has shown (macOS Finder's `.DS_Store`
+/// and `._*`, Windows Explorer's `Thumbs.db` and `desktop.ini`): not the user's work, so they
+/// do not keep an earlier demo's folder from being replaced.
+fn litter(name: &str) -> bool {
+    matches!(name, ".DS_Store" | "Thumbs.db" | "desktop.ini") || name.starts_with("._")
+}
+
 /// Refuses to replace `dir` unless it is absent, empty, or an earlier demo's folder (its
 /// `demo.json` stamp and nothing but the demo's own entries): `demo.dir` set to a model, a data
 /// folder or `.` must not be deleted to make room for the demo.
@@ -408,6 +415,10 @@ fn replaceable(dir: &Path) -> Result<()> {
     if names.is_empty() {
         return Ok(());
     }
+    names.retain(|n| !litter(n));
+    if names.is_empty() {
+        return Ok(());
+    }
     if let Some(other) = names.iter().find(|n| !DEMO_ENTRIES.contains(&n.as_str())) {
         return refuse(format!("holds `{other}`, which the demo did not make"));
     }
@@ -422,7 +433,7 @@ fn replaceable(dir: &Path) -> Result<()> {
 }
 
 /// Every file and link below `dir` (relative to it; links not followed), refdpo's lock files
-/// left out.
+/// and a file manager's [`litter`] left out.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
@@ -433,7 +444,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
             let name = entry.file_name().to_string_lossy().into_owned();
             if is_dir {
                 todo.push(path);
-            } else if !(name.starts_with(".refdpo-") && name.ends_with(".lock")) {
+            } else if !(name.starts_with(".refdpo-") && name.ends_with(".lock") || litter(&name)) {
                 found.push(path.strip_prefix(dir).unwrap_or(&path).to_path_buf());
             }
         }
@@ -588,6 +599,9 @@ mod tests {
             b"mine"
         );
         std::fs::remove_file(cfg.dir.join("model/notes.txt")).unwrap();
+        // a file manager's litter, beside the demo and inside it: replaced with it
+        std::fs::write(cfg.dir.join(".DS_Store"), b"finder").unwrap();
+        std::fs::write(cfg.dir.join("model/Thumbs.db"), b"explorer").unwrap();
         ensure(&cfg).unwrap();
         let stamp = std::fs::read_to_string(cfg.dir.join("demo.json")).unwrap();
         assert!(
