@@ -14,6 +14,7 @@ use crate::model::fused::cubins::{dtype_name, Kernel, Want};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
+use std::rc::Rc;
 
 /// (batch, token, head) strides of a contiguous [B, H, T, D] tensor with `h` heads.
 fn strides<'r, 'v>(n: Dims, h: usize) -> Result<[Arg<'r, 'v>; 3]> {
@@ -32,14 +33,37 @@ struct Seqs {
     longest: usize,
 }
 
-fn seqs(dev: &CudaDevice, n: Dims, lens: Option<&[usize]>) -> Result<Seqs> {
+/// Uploaded offsets with the lengths they were made from and the device's ordinal.
+type Uploaded = (Vec<usize>, usize, Rc<Seqs>);
+
+thread_local! {
+    /// The offsets last uploaded: every layer's forward, recompute and backward of a
+    /// micro-batch take the same, uploaded once (refdpo runs its CUDA work on one thread).
+    static LAST_SEQS: std::cell::RefCell<Option<Uploaded>> = const { std::cell::RefCell::new(None) };
+}
+
+fn seqs(dev: &CudaDevice, n: Dims, lens: Option<&[usize]>) -> Result<Rc<Seqs>> {
     let lens: Vec<usize> = match lens {
         Some(lens) => lens.to_vec(),
         None => vec![n.t; n.b],
     };
+    let ordinal = dev.cuda_stream().context().ordinal();
+    if let Some(hit) = LAST_SEQS.with_borrow(|last| {
+        last.as_ref()
+            .filter(|(l, o, _)| *l == lens && *o == ordinal)
+            .map(|(_, _, s)| s.clone())
+    }) {
+        return Ok(hit);
+    }
+    let made = Rc::new(upload(dev, &lens)?);
+    LAST_SEQS.set(Some((lens, ordinal, made.clone())));
+    Ok(made)
+}
+
+fn upload(dev: &CudaDevice, lens: &[usize]) -> Result<Seqs> {
     let mut cu = vec![0i32];
     let mut at = 0;
-    for len in &lens {
+    for len in lens {
         at += len;
         cu.push(i32_of("tokens", at)?);
     }
