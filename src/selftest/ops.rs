@@ -346,6 +346,35 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
                 Ok(())
             },
         )?;
+        // an embedding's gradient: 7 rows of 5 tokens (two repeated, one the skipped pad id)
+        // into a [9, 33] table
+        let ids = [4u32, 0, 4, 8, 2, 0, 4];
+        let rows = values(&[7, 33], 36)?;
+        let keep: Vec<u32> = ids.iter().map(|&t| u32::from(t != 8)).collect();
+        let masked = rows.broadcast_mul(
+            &Tensor::new(keep, &Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .unsqueeze(1)?,
+        )?;
+        let want = acc0.index_add(&Tensor::new(&ids, &Device::Cpu)?, &masked, 0)?;
+        let name = format!("fused embedding gradient in place {d}");
+        guarded(
+            checks,
+            device,
+            name.clone(),
+            Some(Kernel::Accumulate),
+            |checks| {
+                let table = acc0.to_dtype(dtype)?.to_device(device)?.copy()?;
+                fused::embed_grad(
+                    &table,
+                    &ids,
+                    Some(8),
+                    &rows.to_dtype(dtype)?.to_device(device)?,
+                )?;
+                checks.push(Check::compare(name, &table, &want, tol)?.of(Kernel::Accumulate));
+                Ok(())
+            },
+        )?;
     }
     // completion log-probs: [6, 97] logits, their targets, an upstream gradient
     let logits = (values(&[6, 97], 10)? * 8.0)?;

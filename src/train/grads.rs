@@ -104,8 +104,8 @@ impl Grads {
     /// embedding's gradient), on top of what the slot holds, in place: rows of the same id are
     /// summed in f32 first, then each touched row of the slot gets its sum, in f32, stored once
     /// in the slot's dtype. Rows whose id is `skip` add nothing (the pad row, as HF's
-    /// `padding_idx`). Besides the slot, only [distinct ids, H] exists: no full-size
-    /// temporaries.
+    /// `padding_idx`). The fused op does it in one pass ([`fused::embed_grad`]); composed
+    /// (`REFDPO_FUSED=-accumulate`), only [distinct ids, H] exists besides the slot.
     pub fn index_add(
         &mut self,
         i: usize,
@@ -139,6 +139,10 @@ impl Grads {
                 "embedding gradient: token id {bad} is outside the {}-row table",
                 shape.0
             )));
+        }
+        if !fused::leaves_out(fused::Kernel::Accumulate) {
+            // one launch: each token's rows summed and added into its row
+            return Ok(fused::embed_grad(&acc, ids, skip, &rows.detach())?);
         }
         let at: Vec<u32> = ids
             .iter()

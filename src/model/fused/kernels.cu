@@ -244,6 +244,24 @@ __device__ void accumulate(T *acc, const float *g, uint32_t n) {
         store(acc, i, load(acc, i) + g[i]);
 }
 
+// An embedding's gradient added into its table in place: the rows of g [n, h] (f32) of each
+// distinct token summed in f32, in row order, and added into the table's row of that token,
+// rounded once to the table's dtype. `order` lists g's rows grouped by token, `starts` [u + 1]
+// where each token's rows begin in it, `tokens` [u] the table rows; one block per token. It
+// replaces a zero-fill, candle's index_add (one thread per column walking all n rows), a gather,
+// casts, an add and a scatter.
+template <typename T>
+__device__ void embed_grad(T *acc, const float *g, const uint32_t *order, const uint32_t *starts,
+                           const uint32_t *tokens, uint32_t h) {
+    const uint32_t s0 = starts[blockIdx.x], s1 = starts[blockIdx.x + 1];
+    const size_t dst = (size_t)tokens[blockIdx.x] * h;
+    for (uint32_t j = threadIdx.x; j < h; j += blockDim.x) {
+        float sum = 0.f;
+        for (uint32_t r = s0; r < s1; ++r) sum += g[(size_t)order[r] * h + j];
+        store(acc, dst + j, load(acc, dst + j) + sum);
+    }
+}
+
 } // namespace
 
 #define FOR_FLOATS(M) M(float, f32) M(__nv_bfloat16, bf16) M(__half, f16)
@@ -284,6 +302,11 @@ __device__ void accumulate(T *acc, const float *g, uint32_t n) {
     }                                                                                              \
     extern "C" __global__ void accumulate_##S(T *acc, const float *g, uint32_t n) {               \
         accumulate<T>(acc, g, n);                                                                  \
+    }                                                                                              \
+    extern "C" __global__ void embed_grad_##S(T *acc, const float *g, const uint32_t *order,      \
+                                             const uint32_t *starts, const uint32_t *tokens,       \
+                                             uint32_t h) {                                         \
+        embed_grad<T>(acc, g, order, starts, tokens, h);                                           \
     }                                                                                              \
     extern "C" __global__ void logp_grad_##S(const T *z, const uint32_t *target, const float *lg,  \
                                             T *dz, uint32_t n, uint32_t len, uint32_t v0) {        \

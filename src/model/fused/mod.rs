@@ -93,6 +93,24 @@ pub fn logp_grad(logits: &Tensor, targets: &Tensor, lse_g: &Tensor, v0: usize) -
         .apply_op3_no_bwd(&targets.contiguous()?, lse_g, &logits::LogpGrad { v0 })
 }
 
+/// table [V, H] += each distinct id's rows of g [n, H] (any float dtype), in place: the rows of
+/// a token summed in f32 in row order, added into its row and rounded once to the table's
+/// dtype; rows whose id is `skip` add nothing. `table` must be contiguous and held by nothing
+/// else. One launch on CUDA (`REFDPO_FUSED=-accumulate` leaves it out: the caller composes).
+pub fn embed_grad(table: &Tensor, ids: &[u32], skip: Option<u32>, g: &Tensor) -> Result<()> {
+    if ids.len() != g.dim(0)? {
+        candle_core::bail!(
+            "fused embedding gradient: {} ids for {:?} rows",
+            ids.len(),
+            g.dims()
+        )
+    }
+    table.inplace_op2(
+        &g.to_dtype(DType::F32)?.contiguous()?,
+        &accumulate::EmbedGrad::of(ids, skip),
+    )
+}
+
 /// acc += g in place (g any float dtype; the sum in f32, stored in acc's dtype). `acc` must be
 /// contiguous and held by nothing else: every tensor sharing its storage sees the change.
 /// Without the kernel (`REFDPO_FUSED=-accumulate` or `0`), the sum is composed and copied in.

@@ -51,6 +51,7 @@ struct Entry {
     ENTRY(swiglu_bwd_##S)                                                                          \
     ENTRY(logp_lse_##S)                                                                            \
     ENTRY(accumulate_##S)                                                                          \
+    ENTRY(embed_grad_##S)                                                                          \
     ENTRY(logp_grad_##S)
 #define ENTRIES_WF32(T, S) ENTRY(rms_norm_fwd_##S##_wf32) ENTRY(rms_norm_bwd_##S##_wf32)
 

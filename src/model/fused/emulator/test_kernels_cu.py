@@ -75,7 +75,7 @@ def test_every_kernel_in_kernels_cu_is_registered(emu):
         src = f.read()
     floats = re.findall(r"__global__ void (\w+)_##S\(", src)
     halves = re.findall(r"__global__ void (\w+)_##S##_wf32\(", src)
-    assert len(floats) == 10 and len(halves) == 2, (floats, halves)
+    assert len(floats) == 11 and len(halves) == 2, (floats, halves)
     want = {f"{k}_{s}" for k in floats for s in DTYPES}
     want |= {f"{k}_{s}_wf32" for k in halves for s in ("bf16", "f16")}
     assert emu.kernels() == want
@@ -334,6 +334,36 @@ def test_accumulate_rounds_once(emu, suffix, launch):
     grid, block = elementwise(n) if launch == "rust" else (1, 32)
     emu.launch(f"accumulate_{suffix}", grid, block, acc, g, U32(n))
     assert torch.equal(acc, ref)
+
+
+@pytest.mark.parametrize("suffix", DTYPES)
+@pytest.mark.parametrize("block", [None, 32])
+def test_embed_grad_sums_each_tokens_rows_in_f32_and_rounds_once(emu, suffix, block):
+    """The embedding's gradient: each distinct token's rows of g summed in row order in f32,
+    added into its table row, rounded once; other rows untouched."""
+    dtype = DTYPES[suffix]
+    vocab, h, n = 50, 99, 300
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 12, (n,), generator=gen)
+    ids[::7] = 40  # a frequent token: a long sum
+    table = torch.randn(vocab, h, generator=gen).to(dtype)
+    g = torch.randn(n, h, generator=gen) * 1e-2
+    tokens = torch.unique(ids)
+    order = torch.cat([torch.nonzero(ids == t)[:, 0] for t in tokens])
+    counts = torch.tensor([int((ids == t).sum()) for t in tokens])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    ref = table.clone()
+    for t, s0, s1 in zip(tokens.tolist(), starts[:-1].tolist(), starts[1:].tolist()):
+        s = torch.zeros(h, dtype=torch.float32)
+        for r in order[s0:s1].tolist():
+            s = s + g[r]  # f32, in row order, as the kernel adds
+        ref[t] = (table[t].float() + s).to(dtype)
+    acc = table.clone()
+    grid, threads = per_row(len(tokens), h)
+    emu.launch(f"embed_grad_{suffix}", grid, block or threads, acc, g,
+               order.to(torch.int32), starts.to(torch.int32), tokens.to(torch.int32), U32(h))
+    assert torch.equal(acc, ref)
+    assert torch.equal(acc[41:], table[41:]) and torch.equal(acc[12:40], table[12:40])
 
 
 def test_every_kernel_ran(emu):
