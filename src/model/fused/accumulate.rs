@@ -131,9 +131,17 @@ impl EmbedGrad {
         let bad = self.tokens.iter().any(|&t| t as usize >= v)
             || self.order.iter().any(|&r| r as usize >= n)
             || self.starts.len() != self.tokens.len() + 1;
-        if bad {
+        // each token once (its row is written by one block), each group within `order`
+        let malformed = self.tokens.windows(2).any(|w| w[0] >= w[1])
+            || self.starts.windows(2).any(|w| w[0] > w[1])
+            || self
+                .starts
+                .last()
+                .is_some_and(|&e| e as usize > self.order.len());
+        if bad || malformed {
             return Err(candle_core::Error::Msg(format!(
-                "fused {EMBED}: a token or row outside the table's {v} rows or g's {n}"
+                "fused {EMBED}: a token or row outside the table's {v} rows or g's {n}, or \
+                 tokens not distinct and ascending"
             )));
         }
         Ok(h)
@@ -194,11 +202,14 @@ impl InplaceOp2 for EmbedGrad {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<()> {
-        use super::launch::{count, launch_in_place, per_row, view};
+        use super::launch::{launch_in_place, per_row, view};
         let h = self.check(al, gl, g.dtype())?;
-        count(EMBED, al.shape().elem_count())?;
-        count(EMBED, gl.shape().elem_count())?;
-        let hu = h as u32;
+        if self.tokens.is_empty() {
+            return Ok(());
+        }
+        // the kernel indexes rows in 64 bits: a table past 2^31 elements is fine; h is u32
+        let hu = u32::try_from(h)
+            .map_err(|_| candle_core::Error::Msg(format!("fused {EMBED}: rows of {h}")))?;
         let (a, b) = super::elem::offsets(EMBED, al)?;
         let dev = acc.device.clone();
         let kernel = format!("embed_grad_{}", acc.dtype().as_str());
@@ -271,6 +282,14 @@ mod tests {
         let outside = EmbedGrad::of(&[7], None);
         assert!(table
             .inplace_op2(&g.narrow(0, 0, 1).unwrap(), &outside)
+            .is_err());
+        let twice = EmbedGrad {
+            order: vec![0, 1],
+            starts: vec![0, 1, 2],
+            tokens: vec![2, 2],
+        };
+        assert!(table
+            .inplace_op2(&g.narrow(0, 0, 2).unwrap(), &twice)
             .is_err());
     }
 }
