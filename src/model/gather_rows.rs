@@ -115,6 +115,8 @@ impl CustomOp2 for Gather {
         _out: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // index_select reads contiguous sources only
+        let g = g.contiguous()?;
         let mut sum: Option<Tensor> = None;
         for back in &self.back {
             let part = g.index_select(back, self.dim)?;

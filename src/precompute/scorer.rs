@@ -79,6 +79,8 @@ impl Scorer<'_> {
             }
             Ok(())
         };
+        // set once the scoring has stopped taking chunks (an error, a stop request)
+        let quit = std::sync::atomic::AtomicBool::new(false);
         // the index of the next kept pair among the split's (the shard's first from its first row)
         let k = if let Some(pairs) = &split.kept {
             // one chunk, kept from the first read
@@ -93,6 +95,7 @@ impl Scorer<'_> {
                 // a chunk handed over only when the scoring takes it: one more in the making
                 let (chunks_out, chunks_in) =
                     std::sync::mpsc::sync_channel::<Vec<TokenizedPair>>(0);
+                let quit = &quit;
                 let reader = scope.spawn(move || -> Result<usize> {
                     // room for one chunk, or the whole split where that is smaller
                     // (`chunk_pairs` may be huge)
@@ -105,6 +108,9 @@ impl Scorer<'_> {
                         &split.name,
                         split.first_row,
                         &mut |r| {
+                            if quit.load(std::sync::atomic::Ordering::Relaxed) {
+                                return Ok(false);
+                            }
                             let Ok(pair) = r else { return Ok(true) };
                             buf.push(pair);
                             k += 1;
@@ -121,7 +127,9 @@ impl Scorer<'_> {
                     Ok(k)
                 });
                 let scored = chunks_in.iter().try_for_each(|buf| finish(&buf));
-                // the reader ends at its next chunk once the scoring stops taking them
+                // the reader ends at its next pair (or its next chunk's hand-over) once the
+                // scoring stops taking them
+                quit.store(true, std::sync::atomic::Ordering::Relaxed);
                 drop(chunks_in);
                 let read = reader
                     .join()
