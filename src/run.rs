@@ -233,6 +233,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     start_threads()?;
     crate::model::fused::setting::check()?;
     crate::logprobs::check_share_setting()?;
+    crate::train::recompute::budget_setting()?;
     match cli.command {
         Command::Precompute { run: a, shard } => {
             let mut cfg = load(&a.config)?;

@@ -22,7 +22,7 @@
 use super::backprop::backprop;
 use super::grads::Grads;
 use super::recompute::{
-    sub_batches, Limit, Sub, GRAPH_HIDDEN_ROWS, GRAPH_MLP_ROWS, RECOMPUTE_BYTES,
+    budget_setting, sub_batches, Limit, Sub, GRAPH_HIDDEN_ROWS, GRAPH_MLP_ROWS, RECOMPUTE_BYTES,
     RECOMPUTE_BYTES_CPU,
 };
 use crate::config::LoraConfig;
@@ -542,10 +542,10 @@ impl Policy {
         if !block.scores_free(device, x.dtype(), tokens, self.training_mode()) {
             return Ok(Limit::Seqs(full.attn_seqs));
         }
-        let budget = if device.is_cpu() {
-            RECOMPUTE_BYTES_CPU
-        } else {
-            RECOMPUTE_BYTES
+        let budget = match budget_setting()? {
+            Some(bytes) => bytes,
+            None if device.is_cpu() => RECOMPUTE_BYTES_CPU,
+            None => RECOMPUTE_BYTES,
         };
         let (h, m) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let per_token = (GRAPH_HIDDEN_ROWS * h + GRAPH_MLP_ROWS * m) * x.dtype().size_in_bytes();

@@ -21,6 +21,28 @@ pub const RECOMPUTE_BYTES: usize = 1 << 29;
 /// or two sub-batches at SmolLM2-135M in f32.
 pub const RECOMPUTE_BYTES_CPU: usize = 1 << 28;
 
+/// `REFDPO_RECOMPUTE_MIB`: another budget for one recomputed block's graph, in MiB (to measure
+/// another sub-batching on a device); unset, [`RECOMPUTE_BYTES`] ([`RECOMPUTE_BYTES_CPU`] on the
+/// CPU).
+pub fn budget_setting() -> Result<Option<usize>> {
+    match std::env::var("REFDPO_RECOMPUTE_MIB") {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(v)) => budget_of(&v.to_string_lossy()).map(Some),
+        Ok(v) => budget_of(&v).map(Some),
+    }
+}
+
+/// A budget in bytes from its setting in MiB: a whole number from 1 to 1 TiB's worth.
+fn budget_of(v: &str) -> Result<usize> {
+    match v.trim().parse::<usize>() {
+        Ok(mib @ 1..=1_048_576) => Ok(mib << 20),
+        _ => Err(crate::error::Error::Config(format!(
+            "REFDPO_RECOMPUTE_MIB={v:?}: it takes a whole number of MiB from 1 to 1048576, the \
+             memory one recomputed block's graph may take (unset: 512 on a GPU, 256 on the CPU)"
+        ))),
+    }
+}
+
 /// Rows of the hidden size (x, norms, q, k, v, attention output, projections, residuals) and of
 /// the MLP's intermediate size (gate, up, their product) one token keeps in a block's graph:
 /// an upper estimate for the families refdpo runs.
@@ -142,6 +164,24 @@ pub fn sub_batches(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_budget_setting_takes_whole_mib() {
+        assert_eq!(budget_of("1024").unwrap(), 1 << 30);
+        assert_eq!(budget_of(" 1 ").unwrap(), 1 << 20);
+        for bad in [
+            "0",
+            "-5",
+            "1.5",
+            "",
+            "lots",
+            "1048577",
+            "99999999999999999999999",
+        ] {
+            let err = budget_of(bad).unwrap_err().to_string();
+            assert!(err.contains("REFDPO_RECOMPUTE_MIB"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn sub_batches_keep_order_and_cover_every_sequence() {
