@@ -60,7 +60,7 @@ for arg in "$@"; do
     --cpu) DEVICE=cpu PRE_MODELS=tiny TRAIN_MODELS=tiny SIZE=(--pairs 16 --steps 3 --max-length 256) ;;
     --profile) PRE_MODELS=${PRE_MODELS%%,*} EXTRA=(--profile) TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live NO_FLASH=1 ;;
     --lora) PRE_MODELS="" TRAIN_SETUPS=refdpo_cached_lora,trl_live_lora,refdpo_cached_bf16_state,trl_live NO_FLASH=1 ;;
-    --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_8bit,refdpo_cached_bf16_masters NO_FLASH=1 ;;
+    --big) PRE_MODELS="" TRAIN_MODELS=smollm2-1.7b TRAIN_SETUPS=refdpo_cached_bf16_state,trl_live,refdpo_cached_8bit,refdpo_cached_bf16_masters,refdpo_cached_bf16_masters_1gib NO_FLASH=1 ;;
     *) echo "usage: bench/device.sh [--cpu] [--profile] [--lora] [--big] [--flash] [--tune]" >&2; exit 2 ;;
   esac
 done

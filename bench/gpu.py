@@ -38,7 +38,8 @@ p.add_argument("--max-length", type=int, default=1024)
 p.add_argument("--work", default="/tmp/refdpo-gpu-bench")
 # HuggingFaceH4/ultrafeedback_binarized's train_prefs split: the rows issue 24 extrapolates stage one to
 TRAIN_PREFS_ROWS = 61_135
-SETUPS = ["refdpo_cached_bf16_state", "refdpo_cached_bf16_masters", "refdpo_cached_8bit", "refdpo_cached_f32_state", "refdpo_live_bf16_state",
+SETUPS = ["refdpo_cached_bf16_state", "refdpo_cached_bf16_masters", "refdpo_cached_bf16_masters_1gib",
+          "refdpo_cached_8bit", "refdpo_cached_f32_state", "refdpo_live_bf16_state",
           "trl_live", "trl_precompute", "refdpo_cached_lora", "trl_live_lora"]
 # LoRA setups: r 16, alpha 32, all linear projections, a bf16 base (refdpo: frozen in bf16 with
 # f32 adapters; TRL + PEFT: the base loaded in bf16, PEFT's f32 adapters, the adapter-disabled
@@ -330,6 +331,10 @@ def stage_train():
         ours_extra = {
             "refdpo_cached_bf16_state": {"state_dtype": "bf16"},
             "refdpo_cached_bf16_masters": {"state_dtype": "bf16", "master_dtype": "bf16"},
+            # the same with a 1 GiB recompute budget (512 MiB by default): one sub-batch where the
+            # default takes two (SmolLM2-1.7B at real lengths), time against memory
+            "refdpo_cached_bf16_masters_1gib": {"state_dtype": "bf16", "master_dtype": "bf16",
+                                                "env": {"REFDPO_RECOMPUTE_MIB": "1024"}},
             # bitsandbytes' AdamW8bit moments (TRL's optim="adamw_8bit"); the peer keeps
             # adamw_torch: bitsandbytes is not installed there
             "refdpo_cached_8bit": {"state_dtype": "bf16", "master_dtype": "bf16", "optim": "adamw_8bit"},
@@ -341,7 +346,20 @@ def stage_train():
                       "trl_live_lora": ["--lora", str(LORA_R), "--lora-alpha", str(LORA_ALPHA)]}
 
         def ours(name):
-            extra = ours_extra[name]
+            env = ours_extra[name].get("env", {})
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                return ours_with(name)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+
+        def ours_with(name):
+            extra = {k: v for k, v in ours_extra[name].items() if k != "env"}
             if extra.get("master_dtype") == "bf16" and not cuda:
                 # bf16 masters need a bf16 reference: the CPU dry run's cache is f32
                 toml = pipeline(model, preset, pairs, model_dtype="bf16", **common, **extra)
