@@ -24,6 +24,19 @@ fn check(acc: &Layout, g: &Layout, g_dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// Calls `$f` (a closure, generic in the element type) on elements `$range` of the CPU storage
+/// `$acc`, a slice of its float type.
+macro_rules! on_floats {
+    ($acc:expr, $range:expr, $name:expr, $f:expr) => {
+        match $acc {
+            CpuStorage::F32(v) => $f(&mut v[$range]),
+            CpuStorage::BF16(v) => $f(&mut v[$range]),
+            CpuStorage::F16(v) => $f(&mut v[$range]),
+            other => return Err(super::elem::unsupported($name, other.dtype())),
+        }
+    };
+}
+
 fn add_into<T: Elem>(acc: &mut [T], g: &[f32]) {
     for (a, g) in acc.iter_mut().zip(g) {
         *a = T::of(a.f() + g);
@@ -45,12 +58,7 @@ impl InplaceOp2 for Accumulate {
         check(al, gl, g.dtype())?;
         let (a, b) = super::elem::offsets(NAME, al)?;
         let g = slice::<f32>(NAME, g, gl)?;
-        match acc {
-            CpuStorage::F32(v) => add_into(&mut v[a..b], g),
-            CpuStorage::BF16(v) => add_into(&mut v[a..b], g),
-            CpuStorage::F16(v) => add_into(&mut v[a..b], g),
-            other => return Err(super::elem::unsupported(NAME, other.dtype())),
-        }
+        on_floats!(acc, a..b, NAME, |v| add_into(v, g));
         Ok(())
     }
 
@@ -185,12 +193,7 @@ impl InplaceOp2 for EmbedGrad {
         let h = self.check(al, gl, g.dtype())?;
         let (a, b) = super::elem::offsets(EMBED, al)?;
         let g = slice::<f32>(EMBED, g, gl)?;
-        match acc {
-            CpuStorage::F32(v) => embed_into(&mut v[a..b], g, self, h),
-            CpuStorage::BF16(v) => embed_into(&mut v[a..b], g, self, h),
-            CpuStorage::F16(v) => embed_into(&mut v[a..b], g, self, h),
-            other => return Err(super::elem::unsupported(EMBED, other.dtype())),
-        }
+        on_floats!(acc, a..b, EMBED, |v| embed_into(v, g, self, h));
         Ok(())
     }
 
