@@ -158,14 +158,16 @@ impl EmbedGrad {
 
 fn embed_into<T: Elem + Send>(table: &mut [T], g: &[f32], op: &EmbedGrad, h: usize) {
     use rayon::prelude::*;
-    // each token's row of the table is its own: split the table into rows, pick the tokens'
-    let mut rows: Vec<Option<&mut [T]>> = table.chunks_mut(h).map(Some).collect();
-    let mine: Vec<(usize, &mut [T])> = op
-        .tokens
-        .iter()
-        .enumerate()
-        .map(|(u, &t)| (u, rows[t as usize].take().expect("distinct tokens")))
-        .collect();
+    // each token's row of the table is its own: the tokens ascend (checked), so each row is
+    // carved off the rest of the table in turn, with nothing allocated per table row
+    let mut mine: Vec<(usize, &mut [T])> = Vec::with_capacity(op.tokens.len());
+    let (mut rest, mut at) = (table, 0);
+    for (u, &t) in op.tokens.iter().enumerate() {
+        let (_, from) = rest.split_at_mut((t as usize - at) * h);
+        let (row, after) = from.split_at_mut(h);
+        mine.push((u, row));
+        (rest, at) = (after, t as usize + 1);
+    }
     mine.into_par_iter().for_each(|(u, row)| {
         let group = &op.order[op.starts[u] as usize..op.starts[u + 1] as usize];
         for (j, a) in row.iter_mut().enumerate() {
