@@ -33,3 +33,9 @@ if trainer.accelerator.is_main_process:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "losses.json").write_text(json.dumps(losses))
+# Every rank leaves the process group together before exiting: otherwise gloo's threads can
+# abort a rank at interpreter exit ("terminate called without an active exception", exit -6),
+# after training finished, and the launcher reports the run as failed.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
