@@ -4,6 +4,7 @@
 use super::optim::{bf16_weights_step, eight_bit_step, optimizer_step, quantized_round_trip};
 use super::{dtype_name, guarded, tolerance, values, Check};
 use crate::error::{Error, Result};
+use crate::model::fused::tiled::Order;
 use crate::model::fused::{self, AttnSoftmax, Kernel};
 use candle_core::{DType, Device, Tensor, Var, D};
 
@@ -137,6 +138,14 @@ struct FusedCase {
     composed: OpFn,
 }
 
+/// x in [B, H, T, D] from `order` (or back: the swap is its own inverse).
+fn in_bhtd(x: &Tensor, order: Order) -> Result<Tensor> {
+    Ok(match order {
+        Order::Bhtd => x.clone(),
+        Order::Bthd => x.transpose(1, 2)?.contiguous()?,
+    })
+}
+
 /// refdpo's fused ops on `device` in `dtype`, forward and backward, against the composed ops on
 /// the CPU in f32: each check its kernel's own, none of a kernel `REFDPO_FUSED` leaves out.
 pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) -> Result<()> {
@@ -146,6 +155,7 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         let f = values(&[17, 8], 5)?;
         (f.cos()?, f.sin()?)
     };
+    let (cos_t, sin_t) = (cos.clone(), sin.clone());
     // 2 kv heads with 2 query heads each over T = 17: scores [b, kv, 2·17, 17]
     let attention = |window: usize| AttnSoftmax {
         scale: 0.25,
@@ -190,6 +200,19 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
         fused: Box::new(|t| Ok(fused::rope(&t[0], &t[1], &t[2])?)),
         composed: Box::new(|t| Ok(candle_nn::rotary_emb::rope_slow(&t[0], &t[1], &t[2])?)),
     });
+    // [b, t, heads, d]: the order the tiled attention's path keeps (no transposes)
+    cases.push(FusedCase {
+        name: "rope, positions before heads",
+        kernel: Kernel::Rope,
+        inputs: vec![values(&[2, 17, 3, 16], 4)?, cos_t, sin_t],
+        tracked: 1,
+        fused: Box::new(|t| Ok(fused::rope_in(Order::Bthd, &t[0], &t[1], &t[2])?)),
+        composed: Box::new(|t| {
+            let heads_first = t[0].transpose(1, 2)?.contiguous()?;
+            let y = candle_nn::rotary_emb::rope_slow(&heads_first, &t[1], &t[2])?;
+            Ok(y.transpose(1, 2)?)
+        }),
+    });
     cases.push(FusedCase {
         name: "swiglu",
         kernel: Kernel::Swiglu,
@@ -201,11 +224,35 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
     // The tiled attention, where it runs (every dtype on the CPU; bf16/f16 on CUDA): 4 query
     // heads over 2 kv heads in compiled tiles: heads 128 wide over T = 17 (one diagonal tile),
     // and 64 wide over T = 70, past the first 64-query tile (a key tile seen whole, unmasked).
-    for (name, window, softcap, d, t) in [
-        ("tiled attention", 0, None, 128, 17),
-        ("tiled attention, window 5", 5, None, 128, 17),
-        ("tiled attention, soft cap 5", 0, Some(5.0f32), 128, 17),
-        ("tiled attention, heads 64 wide, T 70", 0, None, 64, 70),
+    // The last in [B, T, H, D] (the kernels' strides for each position's heads together).
+    let bhtd = Order::Bhtd;
+    for (name, window, softcap, d, t, order) in [
+        ("tiled attention", 0, None, 128, 17, bhtd),
+        ("tiled attention, window 5", 5, None, 128, 17, bhtd),
+        (
+            "tiled attention, soft cap 5",
+            0,
+            Some(5.0f32),
+            128,
+            17,
+            bhtd,
+        ),
+        (
+            "tiled attention, heads 64 wide, T 70",
+            0,
+            None,
+            64,
+            70,
+            bhtd,
+        ),
+        (
+            "tiled attention, positions before heads, T 70",
+            3,
+            None,
+            64,
+            70,
+            Order::Bthd,
+        ),
     ] {
         if fused::tiled::uncovered(device, dtype, d, softcap.is_some(), 1 << 20).is_some() {
             continue;
@@ -215,18 +262,28 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
             window,
             softcap,
         };
+        let shape = |h| match order {
+            Order::Bhtd => [2, h, t, d],
+            Order::Bthd => [2, t, h, d],
+        };
         cases.push(FusedCase {
             name,
             kernel: Kernel::Tiled,
             inputs: vec![
-                values(&[2, 4, t, d], 12)?,
-                values(&[2, 2, t, d], 13)?,
-                values(&[2, 2, t, d], 14)?,
+                values(&shape(4), 12)?,
+                values(&shape(2), 13)?,
+                values(&shape(2), 14)?,
             ],
             tracked: 3,
-            fused: Box::new(move |t| Ok(fused::tiled::tiled_attention(&t[0], &t[1], &t[2], p)?)),
+            fused: Box::new(move |t| {
+                Ok(fused::tiled::tiled_attention_packed(
+                    &t[0], &t[1], &t[2], p, None, order,
+                )?)
+            }),
             composed: Box::new(move |t| {
-                Ok(fused::tiled::composed_attention(&t[0], &t[1], &t[2], p)?)
+                let x = |i: usize| in_bhtd(&t[i], order);
+                let o = fused::tiled::composed_attention(&x(0)?, &x(1)?, &x(2)?, p)?;
+                in_bhtd(&o, order)
             }),
         });
     }
@@ -256,6 +313,7 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
                     &t[2],
                     p,
                     Some(packed.clone()),
+                    Order::Bhtd,
                 )?)
             }),
             composed: Box::new(move |t| {

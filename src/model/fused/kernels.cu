@@ -171,14 +171,15 @@ __device__ void rms_norm_bwd(const T *x, const W *w, const T *g, float *out, uin
     }
 }
 
-// RoPE, rotate-half form, over x [b, heads, t, 2·half] with cos, sin [t, half]; each product
-// rounded to T as transformers does. sign −1 is the backward (rope with −sin).
+// RoPE, rotate-half form, over x [b, heads, t, 2·half] (inner 1) or [b, t, heads, 2·half]
+// (inner = heads: that many rows per position) with cos, sin [t, half]; each product rounded to T
+// as transformers does. sign −1 is the backward (rope with −sin).
 template <typename T>
 __device__ void rope(const T *x, const T *cos, const T *sin, T *y, uint32_t pairs, uint32_t t,
-                     uint32_t half, float sign) {
+                     uint32_t inner, uint32_t half, float sign) {
     for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += blockDim.x * gridDim.x) {
         const uint32_t k = i % half, row = i / half;
-        const size_t base = (size_t)row * 2 * half, tab = (size_t)(row % t) * half + k;
+        const size_t base = (size_t)row * 2 * half, tab = (size_t)(row / inner % t) * half + k;
         const float x1 = load(x, base + k), x2 = load(x, base + half + k);
         const float c = load(cos, tab), s = sign * load(sin, tab);
         store(y, base + k, round_to<T>(x1 * c) - round_to<T>(x2 * s));
@@ -286,8 +287,9 @@ __device__ void embed_grad(T *acc, const float *g, const uint32_t *order, const 
         rms_norm_bwd<T, T>(x, w, g, out, rows, h, eps);                                            \
     }                                                                                              \
     extern "C" __global__ void rope_##S(const T *x, const T *cos, const T *sin, T *y,              \
-                                       uint32_t pairs, uint32_t t, uint32_t half, float sign) {    \
-        rope<T>(x, cos, sin, y, pairs, t, half, sign);                                             \
+                                       uint32_t pairs, uint32_t t, uint32_t inner, uint32_t half,  \
+                                       float sign) {                                               \
+        rope<T>(x, cos, sin, y, pairs, t, inner, half, sign);                                      \
     }                                                                                              \
     extern "C" __global__ void swiglu_fwd_##S(const T *gate, const T *up, T *y, uint32_t n) {      \
         swiglu_fwd<T>(gate, up, y, n);                                                             \

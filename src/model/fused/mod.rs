@@ -58,10 +58,16 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 
 /// RoPE of x [b, heads, t, d] with cos and sin [t, d/2].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_in(tiled::Order::Bhtd, x, cos, sin)
+}
+
+/// RoPE of x with its axes in `order` ([b, t, heads, d] in [`tiled::Order::Bthd`]), cos and
+/// sin [t, d/2].
+pub fn rope_in(order: tiled::Order, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &cos.contiguous()?,
         &sin.contiguous()?,
-        rope::RopeOp { sign: 1.0 },
+        rope::RopeOp { sign: 1.0, order },
     )
 }
 

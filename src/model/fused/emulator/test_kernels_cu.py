@@ -208,18 +208,24 @@ def test_rms_norm_bwd(emu, suffix, wf32, rows, h, blocks, block):
 @pytest.mark.parametrize("suffix", DTYPES)
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("launch", ["rust", "small grid"])
-def test_rope(emu, suffix, sign, launch):
+@pytest.mark.parametrize("order", ["bhtd", "bthd"])
+def test_rope(emu, suffix, sign, launch, order):
     dtype = DTYPES[suffix]
     b, heads, t, half = 2, 3, 7, 16
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(b, heads, t, 2 * half, generator=gen).to(dtype)
     ang = torch.arange(t)[:, None] * (10000 ** (-torch.arange(half) / half))[None, :]
     cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
-    y = nan_like(x.shape, dtype)
+    # [b, t, heads, d] is the same rows with each position's heads together (inner = heads)
+    xin = x if order == "bhtd" else x.transpose(1, 2).contiguous()
+    inner = 1 if order == "bhtd" else heads
+    y = nan_like(xin.shape, dtype)
     pairs = x.numel() // 2
     grid, block = elementwise(pairs) if launch == "rust" else (2, 32)
-    emu.launch(f"rope_{suffix}", grid, block, x, cos, sin, y, U32(pairs), U32(t), U32(half),
-               F32(sign))
+    emu.launch(f"rope_{suffix}", grid, block, xin, cos, sin, y, U32(pairs), U32(t), U32(inner),
+               U32(half), F32(sign))
+    if order == "bthd":
+        y = y.transpose(1, 2)
 
     def r(v):
         return v.to(dtype).float()

@@ -3,13 +3,26 @@
 //! the decoder's use of it are tested without a GPU; the kernels themselves are checked by
 //! Triton's interpreter.
 //!
-//! Tensors are [B, H, T, D] contiguous; the log-sum-exp is f32 [Hq, B·T] as the kernels write it.
+//! Tensors are contiguous, [B, H, T, D] or [B, T, H, D] ([`Order`]); the log-sum-exp is f32
+//! [Hq, B·T] as the kernels write it.
 
 use super::op::Params;
 use crate::model::fused::elem::Elem;
 use rayon::prelude::*;
 
-/// The attention's shape: batch, query heads, kv heads, positions, head size.
+/// Where the heads axis sits in q, k, v and o (the head dim last and contiguous either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    /// [B, H, T, D]: each head's positions together.
+    #[default]
+    Bhtd,
+    /// [B, T, H, D]: each position's heads together, as a projection's output [B, T, H·D]
+    /// reshapes to, with no transpose (`host.py`'s "bthd").
+    Bthd,
+}
+
+/// The attention's shape: batch, query heads, kv heads, positions, head size, and the order of
+/// the axes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dims {
     pub b: usize,
@@ -17,6 +30,7 @@ pub struct Dims {
     pub hkv: usize,
     pub t: usize,
     pub d: usize,
+    pub order: Order,
 }
 
 impl Dims {
@@ -24,14 +38,39 @@ impl Dims {
         self.hq / self.hkv
     }
 
+    /// The row (of `d` elements) holding position `i` of head `h` in batch row `b`, in a tensor
+    /// of `heads` heads.
+    pub fn row(&self, heads: usize, b: usize, h: usize, i: usize) -> usize {
+        match self.order {
+            Order::Bhtd => (b * heads + h) * self.t + i,
+            Order::Bthd => (b * self.t + i) * heads + h,
+        }
+    }
+
+    /// (b, h, i) of row `r` in a tensor of `heads` heads: [`Self::row`]'s inverse.
+    pub fn unrow(&self, heads: usize, r: usize) -> (usize, usize, usize) {
+        match self.order {
+            Order::Bhtd => (r / (heads * self.t), r / self.t % heads, r % self.t),
+            Order::Bthd => (r / (heads * self.t), r % heads, r / heads % self.t),
+        }
+    }
+
+    /// Elements between one position's row and the next in a tensor of `heads` heads.
+    pub fn position_stride(&self, heads: usize) -> usize {
+        match self.order {
+            Order::Bhtd => self.d,
+            Order::Bthd => heads * self.d,
+        }
+    }
+
     /// Offset of position `i` of query head `h` in sequence `b`.
     fn q_row(&self, b: usize, h: usize, i: usize) -> usize {
-        ((b * self.hq + h) * self.t + i) * self.d
+        self.row(self.hq, b, h, i) * self.d
     }
 
     /// Offset of position `j` of kv head `h` in sequence `b`.
     fn kv_row(&self, b: usize, h: usize, j: usize) -> usize {
-        ((b * self.hkv + h) * self.t + j) * self.d
+        self.row(self.hkv, b, h, j) * self.d
     }
 
     /// The log-sum-exp's index of (b, h, i): [Hq, B·T].
@@ -110,7 +149,7 @@ impl Params {
     }
 }
 
-/// (o [B, Hq, T, D], lse [Hq, B·T]).
+/// (o [B, Hq, T, D] in `n.order`, lse [Hq, B·T]).
 pub fn forward<T: Elem>(
     q: &[T],
     k: &[T],
@@ -121,9 +160,9 @@ pub fn forward<T: Elem>(
 ) -> (Vec<T>, Vec<f32>) {
     let sp = Spans::new(n.t, lens);
     let mut o = vec![T::zero(); q.len()];
-    let rows: Vec<(usize, usize, usize)> = (0..n.b)
-        .flat_map(|b| (0..n.hq).flat_map(move |h| (0..n.t).map(move |i| (b, h, i))))
-        .collect();
+    // (b, h, i) of each row of o, in memory order
+    let rows: Vec<(usize, usize, usize)> =
+        (0..n.b * n.hq * n.t).map(|r| n.unrow(n.hq, r)).collect();
     let lse_rows: Vec<f32> = o
         .par_chunks_mut(n.d)
         .zip(rows.par_iter())
@@ -176,7 +215,7 @@ pub fn backward<T: Elem>(
         .zip(g.par_chunks(n.d))
         .map(|(a, b)| dot(a, b))
         .collect();
-    let row = |b: usize, h: usize, i: usize| (b * n.hq + h) * n.t + i;
+    let row = |b: usize, h: usize, i: usize| n.row(n.hq, b, h, i);
     // dS of (query row i of head h, key j): p · (dp − delta) · cap'.
     let ds = |b: usize, h: usize, i: usize, j: usize| -> (f32, f32) {
         let kvh = h / n.groups();
@@ -191,7 +230,7 @@ pub fn backward<T: Elem>(
     };
     let mut dq = vec![T::zero(); q.len()];
     dq.par_chunks_mut(n.d).enumerate().for_each(|(r, out)| {
-        let (b, h, i) = (r / (n.hq * n.t), r / n.t % n.hq, r % n.t);
+        let (b, h, i) = n.unrow(n.hq, r);
         let kvh = h / n.groups();
         let mut acc = vec![0f32; n.d];
         for j in p.keys(i, &sp) {
@@ -210,7 +249,7 @@ pub fn backward<T: Elem>(
         .zip(dv.par_chunks_mut(n.d))
         .enumerate()
         .for_each(|(r, (dk_row, dv_row))| {
-            let (b, kvh, j) = (r / (n.hkv * n.t), r / n.t % n.hkv, r % n.t);
+            let (b, kvh, j) = n.unrow(n.hkv, r);
             let (mut ak, mut av) = (vec![0f32; n.d], vec![0f32; n.d]);
             for h in kvh * n.groups()..(kvh + 1) * n.groups() {
                 for i in p.queries(j, &sp) {

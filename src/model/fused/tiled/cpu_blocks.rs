@@ -25,21 +25,38 @@ struct Mat<'a> {
 }
 
 impl<'a> Mat<'a> {
-    fn rows(data: &'a [f32], width: usize) -> Self {
+    /// Rows `stride` elements apart (the row's width when packed).
+    fn rows(data: &'a [f32], stride: usize) -> Self {
         Self {
             data,
             cs: 1,
-            rs: width,
+            rs: stride,
         }
     }
 
-    /// The transpose of a row-major matrix of `width` columns.
-    fn t(data: &'a [f32], width: usize) -> Self {
+    /// The transpose of a matrix whose rows are `stride` elements apart.
+    fn t(data: &'a [f32], stride: usize) -> Self {
         Self {
             data,
-            cs: width,
+            cs: stride,
             rs: 1,
         }
+    }
+}
+
+/// `rows` rows of `d` elements from `at`, `stride` apart.
+fn rows_at(x: &[f32], at: usize, rows: usize, d: usize, stride: usize) -> &[f32] {
+    &x[at..at + extent(rows, d, 1, stride)]
+}
+
+/// The packed rows of `src` (`d` elements each) into `dst` from `at`, `stride` apart.
+fn scatter(dst: &mut [f32], at: usize, stride: usize, src: &[f32], d: usize) {
+    if stride == d {
+        dst[at..at + src.len()].copy_from_slice(src);
+        return;
+    }
+    for (r, row) in src.chunks_exact(d).enumerate() {
+        dst[at + r * stride..][..d].copy_from_slice(row);
     }
 }
 
@@ -165,11 +182,11 @@ fn blocks(task: Task, p: &Params) -> impl Iterator<Item = Block> + '_ {
     })
 }
 
-/// The block's capped scores (tanh kept in `tanh` for the backward, when capped), masked to
+/// The block's capped scores (q's block and k's block transposed) (tanh kept in `tanh` for the backward, when capped), masked to
 /// -inf where a query does not see a key: [rows × keys] in `s`.
 fn scores(
     (s, tanh): (&mut Vec<f32>, &mut Vec<f32>),
-    (qb, kb): (&[f32], &[f32]),
+    (qb, kb): (Mat, Mat),
     blk: &Block,
     task: Task,
     p: &Params,
@@ -178,14 +195,7 @@ fn scores(
     let keys = blk.khi - blk.klo;
     s.clear();
     s.resize(blk.rows * keys, 0.0);
-    mm(
-        (blk.rows, keys, d),
-        s,
-        false,
-        Mat::rows(qb, d),
-        Mat::t(kb, d),
-        p.scale,
-    );
+    mm((blk.rows, keys, d), s, false, qb, kb, p.scale);
     if let Some(cap) = p.softcap {
         tanh.clear();
         tanh.extend(s.iter().map(|x| (x / cap).tanh()));
@@ -216,6 +226,7 @@ pub fn forward(
 ) -> (Vec<f32>, Vec<f32>) {
     let d = n.d;
     let g = n.hq / n.hkv;
+    let (qs, ks) = (n.position_stride(n.hq), n.position_stride(n.hkv));
     let work = tasks(n, lens);
     // per task: o of its query heads' rows [g × len × d], their lse [g × len]
     let parts: Vec<(Vec<f32>, Vec<f32>)> = work
@@ -223,15 +234,17 @@ pub fn forward(
         .map(|&task| {
             let (mut o, mut lse) = (vec![0f32; g * task.len * d], vec![0f32; g * task.len]);
             let (mut s, mut tanh) = (Vec::new(), Vec::new());
-            let kv_at = |j: usize| ((task.b * n.hkv + task.kvh) * n.t + j) * d;
+            let kv_at = |j: usize| n.row(n.hkv, task.b, task.kvh, j) * d;
             for hi in 0..g {
                 let h = task.kvh * g + hi;
                 for blk in blocks(task, p) {
-                    let q_at = ((task.b * n.hq + h) * n.t + blk.i0) * d;
-                    let qb = &q[q_at..q_at + blk.rows * d];
-                    let (ka, kz) = (kv_at(blk.klo), kv_at(blk.khi));
-                    scores((&mut s, &mut tanh), (qb, &k[ka..kz]), &blk, task, p, d);
+                    let q_at = n.row(n.hq, task.b, h, blk.i0) * d;
+                    let qb = rows_at(q, q_at, blk.rows, d, qs);
                     let keys = blk.khi - blk.klo;
+                    let ka = kv_at(blk.klo);
+                    let (kb, vb) = (rows_at(k, ka, keys, d, ks), rows_at(v, ka, keys, d, ks));
+                    let qk = (Mat::rows(qb, qs), Mat::t(kb, ks));
+                    scores((&mut s, &mut tanh), qk, &blk, task, p, d);
                     for (r, row) in s.chunks_exact_mut(keys).enumerate() {
                         let m = exp::max(row);
                         let sum = exp::exp_shifted_sum(row, m);
@@ -247,7 +260,7 @@ pub fn forward(
                         &mut o[at..at + blk.rows * d],
                         false,
                         Mat::rows(&s, keys),
-                        Mat::rows(&v[ka..kz], d),
+                        Mat::rows(vb, ks),
                         1.0,
                     );
                 }
@@ -260,8 +273,8 @@ pub fn forward(
     for (task, (to, tl)) in work.iter().zip(parts) {
         for hi in 0..g {
             let h = task.kvh * g + hi;
-            let at = ((task.b * n.hq + h) * n.t + task.start) * d;
-            o[at..at + task.len * d].copy_from_slice(&to[hi * task.len * d..][..task.len * d]);
+            let at = n.row(n.hq, task.b, h, task.start) * d;
+            scatter(&mut o, at, qs, &to[hi * task.len * d..][..task.len * d], d);
             let at = h * n.b * n.t + task.b * n.t + task.start;
             lse[at..at + task.len].copy_from_slice(&tl[hi * task.len..][..task.len]);
         }
@@ -284,6 +297,7 @@ pub fn backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = n.d;
     let g = n.hq / n.hkv;
+    let (qs, ks) = (n.position_stride(n.hq), n.position_stride(n.hkv));
     let work = tasks(n, lens);
     // per task: dq of its query heads' rows [g × len × d], dk and dv of its kv rows [len × d]
     type Part = (Vec<f32>, Vec<f32>, Vec<f32>);
@@ -293,16 +307,18 @@ pub fn backward(
             let mut dq = vec![0f32; g * task.len * d];
             let (mut dk, mut dv) = (vec![0f32; task.len * d], vec![0f32; task.len * d]);
             let (mut s, mut tanh, mut dp) = (Vec::new(), Vec::new(), Vec::new());
-            let kv_at = |j: usize| ((task.b * n.hkv + task.kvh) * n.t + j) * d;
+            let kv_at = |j: usize| n.row(n.hkv, task.b, task.kvh, j) * d;
             for hi in 0..g {
                 let h = task.kvh * g + hi;
                 for blk in blocks(task, p) {
-                    let q_at = ((task.b * n.hq + h) * n.t + blk.i0) * d;
-                    let rows = q_at..q_at + blk.rows * d;
-                    let (qb, gb, ob) = (&q[rows.clone()], &grad[rows.clone()], &o[rows]);
-                    let (ka, kz) = (kv_at(blk.klo), kv_at(blk.khi));
+                    let q_at = n.row(n.hq, task.b, h, blk.i0) * d;
+                    let at = |x| rows_at(x, q_at, blk.rows, d, qs);
+                    let (qb, gb, ob) = (at(q), at(grad), at(o));
                     let keys = blk.khi - blk.klo;
-                    scores((&mut s, &mut tanh), (qb, &k[ka..kz]), &blk, task, p, d);
+                    let ka = kv_at(blk.klo);
+                    let (kb, vb) = (rows_at(k, ka, keys, d, ks), rows_at(v, ka, keys, d, ks));
+                    let qk = (Mat::rows(qb, qs), Mat::t(kb, ks));
+                    scores((&mut s, &mut tanh), qk, &blk, task, p, d);
                     // P = exp(s − lse)
                     for (r, row) in s.chunks_exact_mut(keys).enumerate() {
                         let l = lse[h * n.b * n.t + task.b * n.t + blk.i0 + r];
@@ -315,7 +331,7 @@ pub fn backward(
                         &mut dv[ra..rz],
                         true,
                         Mat::t(&s, keys),
-                        Mat::rows(gb, d),
+                        Mat::rows(gb, qs),
                         1.0,
                     );
                     // dP = dO · Vᵀ; dS = P ∘ (dP − delta) ∘ cap'
@@ -325,8 +341,8 @@ pub fn backward(
                         (blk.rows, keys, d),
                         &mut dp,
                         false,
-                        Mat::rows(gb, d),
-                        Mat::t(&v[ka..kz], d),
+                        Mat::rows(gb, qs),
+                        Mat::t(vb, ks),
                         1.0,
                     );
                     for (r, (dp_row, p_row)) in dp
@@ -334,7 +350,7 @@ pub fn backward(
                         .zip(s.chunks_exact(keys))
                         .enumerate()
                     {
-                        let (gr, or) = (&gb[r * d..][..d], &ob[r * d..][..d]);
+                        let (gr, or) = (&gb[r * qs..][..d], &ob[r * qs..][..d]);
                         let delta: f32 = gr.iter().zip(or).map(|(a, b)| a * b).sum();
                         for (x, pr) in dp_row.iter_mut().zip(p_row) {
                             *x = pr * (*x - delta);
@@ -352,7 +368,7 @@ pub fn backward(
                         &mut dq[at..at + blk.rows * d],
                         false,
                         Mat::rows(&dp, keys),
-                        Mat::rows(&k[ka..kz], d),
+                        Mat::rows(kb, ks),
                         p.scale,
                     );
                     mm(
@@ -360,7 +376,7 @@ pub fn backward(
                         &mut dk[ra..rz],
                         true,
                         Mat::t(&dp, keys),
-                        Mat::rows(qb, d),
+                        Mat::rows(qb, qs),
                         p.scale,
                     );
                 }
@@ -373,12 +389,12 @@ pub fn backward(
     for (task, (tq, tk, tv)) in work.iter().zip(parts) {
         for hi in 0..g {
             let h = task.kvh * g + hi;
-            let at = ((task.b * n.hq + h) * n.t + task.start) * d;
-            dq[at..at + task.len * d].copy_from_slice(&tq[hi * task.len * d..][..task.len * d]);
+            let at = n.row(n.hq, task.b, h, task.start) * d;
+            scatter(&mut dq, at, qs, &tq[hi * task.len * d..][..task.len * d], d);
         }
-        let at = ((task.b * n.hkv + task.kvh) * n.t + task.start) * d;
-        dk[at..at + task.len * d].copy_from_slice(&tk);
-        dv[at..at + task.len * d].copy_from_slice(&tv);
+        let at = n.row(n.hkv, task.b, task.kvh, task.start) * d;
+        scatter(&mut dk, at, ks, &tk, d);
+        scatter(&mut dv, at, ks, &tv, d);
     }
     (dq, dk, dv)
 }
@@ -446,7 +462,7 @@ cpu_tiled!(half::f16, super::cpu::forward, super::cpu::backward);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fused::tiled::cpu;
+    use crate::model::fused::tiled::cpu::{self, Order};
 
     fn values(len: usize, seed: u64) -> Vec<f32> {
         (0..len as u64)
@@ -474,6 +490,7 @@ mod tests {
                     hkv: 2,
                     t: 150,
                     d: 16,
+                    order: Order::Bhtd,
                 },
                 None,
                 Params {
@@ -489,6 +506,7 @@ mod tests {
                     hkv: 2,
                     t: 200,
                     d: 8,
+                    order: Order::Bhtd,
                 },
                 Some(vec![70, 1, 129]),
                 Params {
@@ -504,6 +522,7 @@ mod tests {
                     hkv: 1,
                     t: 160,
                     d: 8,
+                    order: Order::Bhtd,
                 },
                 Some(vec![100, 60]),
                 Params {
@@ -519,6 +538,7 @@ mod tests {
                     hkv: 2,
                     t: 90,
                     d: 8,
+                    order: Order::Bhtd,
                 },
                 None,
                 Params {
@@ -528,33 +548,41 @@ mod tests {
                 },
             ),
         ];
+        let orders = [Order::Bhtd, Order::Bthd];
         for (case, (n, lens, p)) in cases.iter().enumerate() {
-            let qn = n.b * n.hq * n.t * n.d;
-            let kn = n.b * n.hkv * n.t * n.d;
-            let (q, k, v, g) = (values(qn, 1), values(kn, 2), values(kn, 3), values(qn, 4));
-            let lens = lens.as_deref();
-            let (o, lse) = forward(&q, &k, &v, *n, p, lens);
-            let (ro, rlse) = cpu::forward::<f32>(&q, &k, &v, *n, p, lens);
-            assert!(
-                max_diff(&o, &ro) < 1e-5,
-                "case {case}: o {}",
-                max_diff(&o, &ro)
-            );
-            assert!(max_diff(&lse, &rlse) < 1e-5, "case {case}: lse");
-            let got = backward(&q, &k, &v, &o, &g, &lse, *n, p, lens);
-            let want = cpu::backward::<f32>(&q, &k, &v, &ro, &g, &rlse, *n, p, lens);
-            for (what, a, b) in [
-                ("dq", &got.0, &want.0),
-                ("dk", &got.1, &want.1),
-                ("dv", &got.2, &want.2),
-            ] {
-                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-                assert!(
-                    max_diff(a, b) < 1e-5 * scale.max(1.0),
-                    "case {case}: {what} {}",
-                    max_diff(a, b)
-                );
+            for order in orders {
+                let n = Dims { order, ..*n };
+                let case = format!("{case} {order:?}");
+                blocks_equal_the_loops_in(&case, n, lens.as_deref(), p);
             }
+        }
+    }
+
+    fn blocks_equal_the_loops_in(case: &str, n: Dims, lens: Option<&[usize]>, p: &Params) {
+        let qn = n.b * n.hq * n.t * n.d;
+        let kn = n.b * n.hkv * n.t * n.d;
+        let (q, k, v, g) = (values(qn, 1), values(kn, 2), values(kn, 3), values(qn, 4));
+        let (o, lse) = forward(&q, &k, &v, n, p, lens);
+        let (ro, rlse) = cpu::forward::<f32>(&q, &k, &v, n, p, lens);
+        assert!(
+            max_diff(&o, &ro) < 1e-5,
+            "case {case}: o {}",
+            max_diff(&o, &ro)
+        );
+        assert!(max_diff(&lse, &rlse) < 1e-5, "case {case}: lse");
+        let got = backward(&q, &k, &v, &o, &g, &lse, n, p, lens);
+        let want = cpu::backward::<f32>(&q, &k, &v, &ro, &g, &rlse, n, p, lens);
+        for (what, a, b) in [
+            ("dq", &got.0, &want.0),
+            ("dk", &got.1, &want.1),
+            ("dv", &got.2, &want.2),
+        ] {
+            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(
+                max_diff(a, b) < 1e-5 * scale.max(1.0),
+                "case {case}: {what} {}",
+                max_diff(a, b)
+            );
         }
     }
 }

@@ -4,10 +4,11 @@
 //! num_warps × 32 threads, the manifest's dynamic shared memory. `../triton/cubin.py` launches
 //! the same bytes the same way from Python, which is how a GPU host checks them.
 //!
-//! Tensors are [B, H, T, D] contiguous; sequence s is positions [s·T, (s+1)·T) of the flat token
-//! axis, or, packed (B = 1), the positions of its length after the sequences before it.
+//! Tensors are contiguous, [B, H, T, D] or [B, T, H, D] ([`super::Order`]); sequence s is
+//! positions [s·T, (s+1)·T) of the flat token axis, or, packed (B = 1), the positions of its
+//! length after the sequences before it.
 
-use super::cpu::Dims;
+use super::cpu::{Dims, Order};
 use super::op::Params;
 use crate::model::fused::cubins::launch::{arch, err, i32_of, launch, view, Arg, KernelElem};
 use crate::model::fused::cubins::{dtype_name, Kernel, Want};
@@ -16,12 +17,16 @@ use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 use std::rc::Rc;
 
-/// (batch, token, head) strides of a contiguous [B, H, T, D] tensor with `h` heads.
+/// (batch, token, head) strides of a contiguous tensor with `h` heads in `n.order`.
 fn strides<'r, 'v>(n: Dims, h: usize) -> Result<[Arg<'r, 'v>; 3]> {
+    let head = match n.order {
+        Order::Bhtd => n.t * n.d,
+        Order::Bthd => n.d,
+    };
     Ok([
         Arg::I32(i32_of("batch stride", h * n.t * n.d)?),
-        Arg::I32(i32_of("position stride", n.d)?),
-        Arg::I32(i32_of("head stride", n.t * n.d)?),
+        Arg::I32(i32_of("position stride", n.position_stride(h))?),
+        Arg::I32(i32_of("head stride", head)?),
     ])
 }
 

@@ -14,6 +14,7 @@ mod cpu_blocks;
 mod cuda;
 mod op;
 
+pub use cpu::Order;
 pub use op::{composed_attention, tiled_attention, tiled_attention_packed, Params};
 
 use super::cubins::{Manifest, Want};
@@ -52,7 +53,8 @@ pub fn uncovered(
 
 /// Why `manifest` has no tiled attention for these inputs on `arch`: the four kernels compiled
 /// for the dtype, head tile and soft cap, a head dim that is a multiple of 16 (so are the
-/// strides of contiguous [B, H, T, D] tensors, as the kernels were compiled to assume), and
+/// strides of contiguous [B, H, T, D] and [B, T, H, D] tensors, as the kernels were compiled to
+/// assume), and
 /// every tensor under 2^31 elements.
 pub fn compiled_for(
     manifest: &Manifest,

@@ -2,7 +2,7 @@
 //! log-sum-exp (f32 [Hq, B·T]) for the backward, which is one op writing dq, dk and dv into one
 //! buffer (the kernels' delta, dK/dV and dQ passes on CUDA).
 
-use super::cpu::Dims;
+use super::cpu::{Dims, Order};
 use super::cpu_blocks::CpuTiled;
 use crate::model::fused::elem::{slice, with_float};
 use candle_core::backend::BackendStorage;
@@ -25,10 +25,11 @@ pub struct Params {
 /// softmax(mask(cap(q·kᵀ·scale)))·v for q [B, Hq, T, D] and k, v [B, Hkv, T, D] (Hkv dividing
 /// Hq; K and V not repeated) → [B, Hq, T, D], differentiable in all three.
 pub fn tiled_attention(q: &Tensor, k: &Tensor, v: &Tensor, params: Params) -> Result<Tensor> {
-    tiled_attention_packed(q, k, v, params, None)
+    tiled_attention_packed(q, k, v, params, None, Order::Bhtd)
 }
 
-/// [`tiled_attention`] of sequences packed end to end in one row (B = 1) when `lens` is given:
+/// [`tiled_attention`] with the axes in `order` (q [B, T, Hq, D] → o [B, T, Hq, D] in
+/// [`Order::Bthd`]), of sequences packed end to end in one row (B = 1) when `lens` is given:
 /// each attends within itself (causal and windowed from its own first token), in one launch of
 /// each kernel (their sequence offsets), with no sequence's scores against another's.
 pub fn tiled_attention_packed(
@@ -37,9 +38,12 @@ pub fn tiled_attention_packed(
     v: &Tensor,
     params: Params,
     lens: Option<Arc<[usize]>>,
+    order: Order,
 ) -> Result<Tensor> {
     if let Some(lens) = &lens {
-        let (b, _, t, _) = q.dims4()?;
+        let (b, t) = match (order, q.dims4()?) {
+            (Order::Bhtd, (b, _, t, _)) | (Order::Bthd, (b, t, _, _)) => (b, t),
+        };
         let total: usize = lens.iter().sum();
         if b != 1 || total != t {
             return Err(candle_core::Error::Msg(format!(
@@ -50,6 +54,7 @@ pub fn tiled_attention_packed(
     let op = TiledAttention {
         params,
         lens,
+        order,
         lse: Mutex::new(None),
     };
     aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
@@ -101,19 +106,23 @@ struct TiledAttention {
     params: Params,
     /// Packed sequences' lengths (one row), or one sequence per batch row.
     lens: Option<Arc<[usize]>>,
+    order: Order,
     /// The forward's log-sum-exp, for the backward.
     lse: Mutex<Option<Tensor>>,
 }
 
-/// The dims of q, k and v, checked against each other.
-pub(super) fn dims(q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
+/// The dims of q, k and v in `order`, checked against each other.
+pub(super) fn dims(q: &Layout, k: &Layout, v: &Layout, order: Order) -> Result<Dims> {
     let bad = |why: String| candle_core::Error::Msg(format!("{NAME}: {why}"));
-    let [b, hq, t, d] = q.dims() else {
-        return Err(bad(format!("q is {:?}, not [B, H, T, D]", q.dims())));
+    let axes = |x: &Layout, what: &str| -> Result<[usize; 4]> {
+        match (order, x.dims()) {
+            (Order::Bhtd, &[b, h, t, d]) => Ok([b, h, t, d]),
+            (Order::Bthd, &[b, t, h, d]) => Ok([b, h, t, d]),
+            (_, other) => Err(bad(format!("{what} is {other:?}, not {order:?}"))),
+        }
     };
-    let [kb, hkv, kt, kd] = k.dims() else {
-        return Err(bad(format!("k is {:?}, not [B, H, T, D]", k.dims())));
-    };
+    let [b, hq, t, d] = &axes(q, "q")?;
+    let [kb, hkv, kt, kd] = &axes(k, "k")?;
     if (kb, kt, kd) != (b, t, d) || v.dims() != k.dims() || *hkv == 0 || hq % hkv != 0 {
         return Err(bad(format!(
             "q {:?}, k {:?}, v {:?} do not fit",
@@ -128,6 +137,7 @@ pub(super) fn dims(q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
         hkv: *hkv,
         t: *t,
         d: *d,
+        order,
     })
 }
 
@@ -151,7 +161,7 @@ impl CustomOp3 for TiledAttention {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let n = dims(ql, kl, vl)?;
+        let n = dims(ql, kl, vl, self.order)?;
         with_float!(q.dtype(), NAME, T => {
             let (o, lse) = <T as CpuTiled>::forward(
                 slice(NAME, q, ql)?,
@@ -176,7 +186,7 @@ impl CustomOp3 for TiledAttention {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let n = dims(ql, kl, vl)?;
+        let n = dims(ql, kl, vl, self.order)?;
         let x = super::cuda::Qkv {
             q,
             ql,
@@ -207,6 +217,7 @@ impl CustomOp3 for TiledAttention {
         let back = TiledAttentionBackward {
             params: self.params,
             lens: self.lens.clone(),
+            order: self.order,
             o: aligned(o)?,
             grad: aligned(grad)?,
             lse,
@@ -225,6 +236,7 @@ impl CustomOp3 for TiledAttention {
 struct TiledAttentionBackward {
     params: Params,
     lens: Option<Arc<[usize]>>,
+    order: Order,
     o: Tensor,
     grad: Tensor,
     lse: Tensor,
@@ -255,7 +267,7 @@ impl CustomOp3 for TiledAttentionBackward {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let n = dims(ql, kl, vl)?;
+        let n = dims(ql, kl, vl, self.order)?;
         with_float!(q.dtype(), NAME, T => {
             let (dq, dk, dv) = with_cpu(&self.o, |os, ol| {
                 with_cpu(&self.grad, |gs, gl| {
@@ -292,7 +304,7 @@ impl CustomOp3 for TiledAttentionBackward {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let n = dims(ql, kl, vl)?;
+        let n = dims(ql, kl, vl, self.order)?;
         let saved = super::cuda::Saved {
             o: &self.o,
             grad: &self.grad,
@@ -373,7 +385,8 @@ mod tests {
             };
             let (q, k, v) = (var(hq), var(hkv), var(hkv));
             let up = Tensor::randn(0f32, 1.0, (1, hq, t, 8), &dev).unwrap();
-            let packed = tiled_attention_packed(&q, &k, &v, p, Some(lens.into())).unwrap();
+            let packed =
+                tiled_attention_packed(&q, &k, &v, p, Some(lens.into()), Order::Bhtd).unwrap();
             // each sequence alone through the composed ops, stitched back together
             let mut at = 0;
             let mut alone = Vec::new();
@@ -409,10 +422,80 @@ mod tests {
             window: 0,
             softcap: None,
         };
-        let e = tiled_attention_packed(&x, &x, &x, p, Some([2usize, 3].into()))
+        let e = tiled_attention_packed(&x, &x, &x, p, Some([2usize, 3].into()), Order::Bhtd)
             .unwrap_err()
             .to_string();
         assert!(e.contains("summing to 5"), "{e}");
+    }
+
+    #[test]
+    fn positions_before_heads_equal_heads_before_positions_forward_and_gradients() {
+        // [B, T, H, D] in and out is [B, H, T, D] transposed: f32 (the gemm blocks) and bf16
+        // (the loops), padded rows and packed sequences, GQA with a window and a cap
+        let dev = Device::Cpu;
+        let swap = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+        // (batch, positions, packed lengths, window, cap)
+        type Case = (usize, usize, Option<Vec<usize>>, usize, Option<f32>);
+        let cases: [Case; 3] = [
+            (2, 70, None, 0, None),
+            (1, 83, Some(vec![5, 66, 12]), 7, None),
+            (2, 40, None, 0, Some(2.0)),
+        ];
+        for dtype in [DType::F32, DType::BF16] {
+            for (b, t, lens, window, softcap) in &cases {
+                let p = Params {
+                    scale: 0.3,
+                    window: *window,
+                    softcap: *softcap,
+                };
+                let lens: Option<Arc<[usize]>> = lens.as_ref().map(|l| l.as_slice().into());
+                let var = |h| {
+                    let x = Tensor::randn(0f32, 1.0, (*b, h, *t, 16), &dev).unwrap();
+                    Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap()
+                };
+                let (q, k, v) = (var(6), var(2), var(2));
+                let up = Tensor::randn(0f32, 1.0, (*b, 6, *t, 16), &dev).unwrap();
+                let up = up.to_dtype(dtype).unwrap();
+                let heads = tiled_attention_packed(&q, &k, &v, p, lens.clone(), Order::Bhtd);
+                let heads = heads.unwrap();
+                let (qt, kt, vt) = (
+                    Var::from_tensor(&swap(&q)).unwrap(),
+                    Var::from_tensor(&swap(&k)).unwrap(),
+                    Var::from_tensor(&swap(&v)).unwrap(),
+                );
+                let tokens = tiled_attention_packed(&qt, &kt, &vt, p, lens, Order::Bthd).unwrap();
+                let what = format!("{dtype:?} {b}x{t} window {window} cap {softcap:?}");
+                let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+                assert_eq!(
+                    max_abs_diff(&f32(&heads), &f32(&swap(&tokens))),
+                    0.0,
+                    "{what}"
+                );
+                let gh = (heads * &up)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let gt = (tokens * swap(&up)).unwrap().sum_all().unwrap();
+                let gt = gt.backward().unwrap();
+                for (name, a, b) in [("q", &q, &qt), ("k", &k, &kt), ("v", &v, &vt)] {
+                    let (a, b) = (gh.get(a).unwrap(), gt.get(b).unwrap());
+                    let diff = max_abs_diff(&f32(a), &f32(&swap(b)));
+                    assert!(diff < 1e-5, "d{name} {what}: {diff}");
+                }
+            }
+        }
+        // a tensor that is not 4-D is named with the order it was not in
+        let x = Tensor::zeros((2, 6, 8), DType::F32, &dev).unwrap();
+        let p = Params {
+            scale: 1.0,
+            window: 0,
+            softcap: None,
+        };
+        let e = tiled_attention_packed(&x, &x, &x, p, None, Order::Bthd);
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("not Bthd"), "{e}");
     }
 
     #[test]
