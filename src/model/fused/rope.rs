@@ -156,26 +156,35 @@ mod tests {
     use crate::test_util::max_abs_diff;
     use candle_core::{DType, Device, Var};
 
-    #[test]
-    fn forward_and_backward_equal_the_composed_ops() {
+    /// The op in `order` on x of `shape` equals candle's `rope_slow` (on x made [b, heads, t, d]),
+    /// forward and backward, with θ over `t` positions.
+    fn equals_rope_slow(order: Order, shape: (usize, usize, usize, usize), t: usize) {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();
-        let theta = Tensor::randn(0f32, 2.0, (5, 4), &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
+        let theta = Tensor::randn(0f32, 2.0, (t, shape.3 / 2), &dev).unwrap();
         let (cos, sin) = (theta.cos().unwrap(), theta.sin().unwrap());
-        let up = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
-        let want = candle_nn::rotary_emb::rope_slow(x.as_tensor(), &cos, &sin).unwrap();
-        let got = x
-            .as_tensor()
-            .apply_op3(&cos, &sin, RopeOp::FORWARD)
-            .unwrap();
-        assert!(max_abs_diff(&want, &got) < 1e-6);
+        let up = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let swap = |x: &Tensor| match order {
+            Order::Bhtd => x.clone(),
+            Order::Bthd => x.transpose(1, 2).unwrap().contiguous().unwrap(),
+        };
+        let want = candle_nn::rotary_emb::rope_slow(&swap(x.as_tensor()), &cos, &sin).unwrap();
+        let want = swap(&want);
+        let op = RopeOp { sign: 1.0, order };
+        let got = x.as_tensor().apply_op3(&cos, &sin, op).unwrap();
+        assert!(max_abs_diff(&want, &got) < 1e-6, "{order:?}");
         let gw = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let gg = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let d = max_abs_diff(
             gw.get(x.as_tensor()).unwrap(),
             gg.get(x.as_tensor()).unwrap(),
         );
-        assert!(d < 1e-6, "{d}");
+        assert!(d < 1e-6, "{order:?}: {d}");
+    }
+
+    #[test]
+    fn forward_and_backward_equal_the_composed_ops() {
+        equals_rope_slow(Order::Bhtd, (2, 3, 5, 8), 5);
     }
 
     #[test]
@@ -195,30 +204,17 @@ mod tests {
     #[test]
     fn positions_before_heads_rotate_each_head_at_its_position() {
         // [b, t, heads, d] rotated, forward and backward, is [b, heads, t, d] rotated, transposed
+        equals_rope_slow(Order::Bthd, (2, 5, 3, 8), 5);
+        // a rank that is not [b, t, heads, d] is named
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 3, 8), &dev).unwrap()).unwrap();
-        let theta = Tensor::randn(0f32, 2.0, (5, 4), &dev).unwrap();
-        let (cos, sin) = (theta.cos().unwrap(), theta.sin().unwrap());
-        let up = Tensor::randn(0f32, 1.0, (2, 5, 3, 8), &dev).unwrap();
-        let heads_first = x.as_tensor().transpose(1, 2).unwrap();
-        let want = candle_nn::rotary_emb::rope_slow(&heads_first.contiguous().unwrap(), &cos, &sin)
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap();
+        let (cos, sin) = (
+            Tensor::ones((5, 4), DType::F32, &dev).unwrap(),
+            Tensor::zeros((5, 4), DType::F32, &dev).unwrap(),
+        );
         let op = RopeOp {
             sign: 1.0,
             order: Order::Bthd,
         };
-        let got = x.as_tensor().apply_op3(&cos, &sin, op).unwrap();
-        assert!(max_abs_diff(&want, &got) < 1e-6);
-        let gw = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let gg = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let d = max_abs_diff(
-            gw.get(x.as_tensor()).unwrap(),
-            gg.get(x.as_tensor()).unwrap(),
-        );
-        assert!(d < 1e-6, "{d}");
-        // a rank that is not [b, t, heads, d] is named
         let flat = Tensor::zeros((5, 8), DType::F32, &dev).unwrap();
         let e = flat.apply_op3(&cos, &sin, op).unwrap_err().to_string();
         assert!(e.contains("[b, t, heads, even head_dim]"), "{e}");
