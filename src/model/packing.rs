@@ -58,6 +58,20 @@ pub struct Sharing {
 }
 
 impl Sharing {
+    /// Each sequence's own rows (its queries: its last positions), where they follow one
+    /// another in the packed row in the pieces' order, as the tiled attention's query offsets
+    /// take them; `None` for another order.
+    pub fn queries(&self) -> Option<Arc<[usize]>> {
+        let mut at = 0;
+        for p in self.pieces.iter() {
+            if p.start != at {
+                return None;
+            }
+            at += p.len;
+        }
+        Some(self.pieces.iter().map(|p| p.len).collect())
+    }
+
     /// `pieces` in whole-layout order. Their own rows must cover the packed row once each, and
     /// each shared range must be the first positions of a sequence without shared positions of
     /// its own (so that row i of the range is position i there).

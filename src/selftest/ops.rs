@@ -146,6 +146,57 @@ fn in_bhtd(x: &Tensor, order: Order) -> Result<Tensor> {
     })
 }
 
+/// The tiled attention with fewer queries than keys, as a shared prompt runs it: sequences of
+/// 17, 70 and 5 keys in [1, T, H, D] whose last 17, 30 and 2 positions are queries (the kernels'
+/// query offsets), against the composed attention over each whole sequence, the other
+/// positions' queries zero and their outputs dropped.
+fn shared_prompts_case() -> Result<FusedCase> {
+    let (lens, queries) = ([17usize, 70, 5], [17usize, 30, 2]);
+    let p = fused::tiled::Params {
+        scale: 0.125,
+        window: 0,
+        softcap: None,
+    };
+    let packing = (
+        std::sync::Arc::from(&lens[..]),
+        std::sync::Arc::from(&queries[..]),
+    );
+    let (t, tq) = (lens.iter().sum::<usize>(), queries.iter().sum::<usize>());
+    Ok(FusedCase {
+        name: "tiled attention, fewer queries than keys (shared prompts)",
+        kernel: Kernel::Tiled,
+        inputs: vec![
+            values(&[1, tq, 4, 64], 20)?,
+            values(&[1, t, 2, 64], 21)?,
+            values(&[1, t, 2, 64], 22)?,
+        ],
+        tracked: 3,
+        fused: Box::new(move |t| {
+            Ok(fused::tiled::tiled_attention_shared(
+                &t[0],
+                &t[1],
+                &t[2],
+                p,
+                packing.clone(),
+                Order::Bthd,
+            )?)
+        }),
+        composed: Box::new(move |t| {
+            let (mut at, mut q_at, mut outs) = (0, 0, Vec::new());
+            for (&n, &m) in lens.iter().zip(&queries) {
+                let part = |x: &Tensor| in_bhtd(&x.narrow(1, at, n)?, Order::Bthd);
+                let own = t[0].narrow(1, q_at, m)?;
+                let zeros = Tensor::zeros((1, n - m, 4, 64), own.dtype(), own.device())?;
+                let q = in_bhtd(&Tensor::cat(&[&zeros, &own], 1)?, Order::Bthd)?;
+                let o = fused::tiled::composed_attention(&q, &part(&t[1])?, &part(&t[2])?, p)?;
+                outs.push(in_bhtd(&o, Order::Bthd)?.narrow(1, n - m, m)?);
+                (at, q_at) = (at + n, q_at + m);
+            }
+            Ok(Tensor::cat(&outs, 1)?)
+        }),
+    })
+}
+
 /// refdpo's fused ops on `device` in `dtype`, forward and backward, against the composed ops on
 /// the CPU in f32: each check its kernel's own, none of a kernel `REFDPO_FUSED` leaves out.
 pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) -> Result<()> {
@@ -332,6 +383,7 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
                 Ok(Tensor::cat(&outs, 2)?)
             }),
         });
+        cases.push(shared_prompts_case()?);
     }
     for case in cases.iter().filter(|c| !fused::leaves_out(c.kernel)) {
         let run = |dev: &Device, dt: DType, f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {

@@ -8,7 +8,7 @@
 
 use super::config::QkNorm;
 use super::cpu;
-use super::fused::tiled::{tiled_attention_packed, Order};
+use super::fused::tiled::{tiled_attention_packed, tiled_attention_shared, Order};
 use super::fused::{self, Kernel};
 use super::gather_rows::gather_rows;
 use super::kv_cache::LayerKv;
@@ -184,13 +184,23 @@ impl Attention {
         check_packed(ctx, b, t)?;
         let p = self.tiled_params();
         let out = match (&ctx.shared, &ctx.segments) {
-            // shared first positions: each sequence whole for the attention, then each packed
-            // row's own output (as [`Self::attend_shared`])
+            // shared first positions: each sequence's keys and values whole, its own rows the
+            // queries (none attended twice); in another order of rows, every position a query
+            // and each packed row's own output kept (as [`Self::attend_shared`])
             (Some(shared), Some(lens)) => {
                 let whole = |x: &Tensor| gather_rows(x, &shared.to_whole, 1);
-                let (q, k, v) = (whole(&q)?, whole(&k)?, whole(&v)?);
-                let out = tiled_attention_packed(&q, &k, &v, p, Some(lens.clone()), order)?;
-                gather_rows(&out, &shared.to_own, 1)?
+                let (k, v) = (whole(&k)?, whole(&v)?);
+                match shared.queries() {
+                    Some(queries) => {
+                        let packing = (lens.clone(), queries);
+                        tiled_attention_shared(&q, &k, &v, p, packing, order)?
+                    }
+                    None => {
+                        let lens = Some(lens.clone());
+                        let out = tiled_attention_packed(&whole(&q)?, &k, &v, p, lens, order)?;
+                        gather_rows(&out, &shared.to_own, 1)?
+                    }
+                }
             }
             (_, lens) => tiled_attention_packed(&q, &k, &v, p, lens.clone(), order)?,
         };

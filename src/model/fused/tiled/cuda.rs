@@ -6,7 +6,16 @@
 //!
 //! Tensors are contiguous, [B, H, T, D] or [B, T, H, D] ([`super::Order`]); sequence s is
 //! positions [s·T, (s+1)·T) of the flat token axis, or, packed (B = 1), the positions of its
-//! length after the sequences before it.
+//! length after the sequences before it. Queries may be fewer ([`Queries`]): each sequence's
+//! last positions, on their own axis of Tq positions (q, o, dq and the log-sum-exp).
+
+/// Each sequence's query count (its last positions) and the query positions per batch row,
+/// where the queries are fewer than the keys.
+#[derive(Clone, Copy)]
+pub struct Queries<'a> {
+    pub lens: &'a [usize],
+    pub t: usize,
+}
 
 use super::cpu::{Dims, Order};
 use super::op::Params;
@@ -17,14 +26,15 @@ use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 use std::rc::Rc;
 
-/// (batch, token, head) strides of a contiguous tensor with `h` heads in `n.order`.
-fn strides<'r, 'v>(n: Dims, h: usize) -> Result<[Arg<'r, 'v>; 3]> {
+/// (batch, token, head) strides of a contiguous tensor with `h` heads over `t` positions in
+/// `n.order`.
+fn strides<'r, 'v>(n: Dims, h: usize, t: usize) -> Result<[Arg<'r, 'v>; 3]> {
     let head = match n.order {
-        Order::Bhtd => n.t * n.d,
+        Order::Bhtd => t * n.d,
         Order::Bthd => n.d,
     };
     Ok([
-        Arg::I32(i32_of("batch stride", h * n.t * n.d)?),
+        Arg::I32(i32_of("batch stride", h * t * n.d)?),
         Arg::I32(i32_of("position stride", n.position_stride(h))?),
         Arg::I32(i32_of("head stride", head)?),
     ])
@@ -42,26 +52,49 @@ struct Seqs {
 type Uploaded = (Vec<usize>, usize, Rc<Seqs>);
 
 thread_local! {
-    /// The offsets last uploaded: every layer's forward, recompute and backward of a
-    /// micro-batch take the same, uploaded once (refdpo runs its CUDA work on one thread).
-    static LAST_SEQS: std::cell::RefCell<Option<Uploaded>> = const { std::cell::RefCell::new(None) };
+    /// The offsets last uploaded (the keys' and the queries'): every layer's forward, recompute
+    /// and backward of a micro-batch take the same, uploaded once (refdpo runs its CUDA work on
+    /// one thread).
+    static LAST_SEQS: std::cell::RefCell<Vec<Uploaded>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The keys' sequence offsets: `lens` packed, else one sequence per batch row.
 fn seqs(dev: &CudaDevice, n: Dims, lens: Option<&[usize]>) -> Result<Rc<Seqs>> {
-    let lens: Vec<usize> = match lens {
-        Some(lens) => lens.to_vec(),
-        None => vec![n.t; n.b],
-    };
+    match lens {
+        Some(lens) => offsets(dev, lens),
+        None => offsets(dev, &vec![n.t; n.b]),
+    }
+}
+
+/// The queries' offsets: their own where they are fewer, else the keys'.
+fn query_seqs(
+    dev: &CudaDevice,
+    n: Dims,
+    lens: Option<&[usize]>,
+    queries: Option<Queries>,
+) -> Result<Rc<Seqs>> {
+    match queries {
+        Some(q) => offsets(dev, q.lens),
+        None => seqs(dev, n, lens),
+    }
+}
+
+fn offsets(dev: &CudaDevice, lens: &[usize]) -> Result<Rc<Seqs>> {
     let ordinal = dev.cuda_stream().context().ordinal();
     if let Some(hit) = LAST_SEQS.with_borrow(|last| {
-        last.as_ref()
-            .filter(|(l, o, _)| *l == lens && *o == ordinal)
+        last.iter()
+            .find(|(l, o, _)| l == lens && *o == ordinal)
             .map(|(_, _, s)| s.clone())
     }) {
         return Ok(hit);
     }
-    let made = Rc::new(upload(dev, &lens)?);
-    LAST_SEQS.set(Some((lens, ordinal, made.clone())));
+    let made = Rc::new(upload(dev, lens)?);
+    LAST_SEQS.with_borrow_mut(|last| {
+        if last.len() == 2 {
+            last.remove(0);
+        }
+        last.push((lens.to_vec(), ordinal, made.clone()));
+    });
     Ok(made)
 }
 
@@ -113,11 +146,13 @@ fn tiles(sq: &Seqs, block: usize) -> Result<u32> {
     Ok(i32_of("tiles", sq.longest.div_ceil(block))? as u32)
 }
 
-/// The scalar arguments every attention kernel ends with.
-fn scalars<'r, 'v>(n: Dims, p: &Params) -> Result<[Arg<'r, 'v>; 7]> {
+/// The scalar arguments every attention kernel but the delta ends with (`tq` query positions
+/// per batch row).
+fn scalars<'r, 'v>(n: Dims, tq: usize, p: &Params) -> Result<[Arg<'r, 'v>; 8]> {
     Ok([
         Arg::I32(i32_of("positions", n.t)?),
-        Arg::I32(i32_of("tokens", n.b * n.t)?),
+        Arg::I32(i32_of("query positions", tq)?),
+        Arg::I32(i32_of("query tokens", n.b * tq)?),
         Arg::I32(i32_of("head dim", n.d)?),
         Arg::I32(i32_of("groups", n.hq / n.hkv)?),
         Arg::I32(i32_of("window", p.window)?),
@@ -140,16 +175,17 @@ fn unsupported(dtype: DType) -> candle_core::Error {
     err(format!("{dtype:?} inputs (the kernels take bf16 and f16)"))
 }
 
-/// (o, lse [Hq, B·T] f32) of bf16/f16 q, k, v.
+/// (o, lse [Hq, B·Tq] f32) of bf16/f16 q, k, v.
 pub fn forward(
     x: Qkv<'_>,
     n: Dims,
     p: &Params,
     lens: Option<&[usize]>,
+    queries: Option<Queries>,
 ) -> Result<(CudaStorage, Tensor)> {
     match x.q.dtype() {
-        DType::BF16 => forward_t::<half::bf16>(x, n, p, lens),
-        DType::F16 => forward_t::<half::f16>(x, n, p, lens),
+        DType::BF16 => forward_t::<half::bf16>(x, n, p, lens, queries),
+        DType::F16 => forward_t::<half::f16>(x, n, p, lens, queries),
         other => Err(unsupported(other)),
     }
 }
@@ -159,6 +195,7 @@ fn forward_t<T: KernelElem>(
     n: Dims,
     p: &Params,
     lens: Option<&[usize]>,
+    queries: Option<Queries>,
 ) -> Result<(CudaStorage, Tensor)> {
     let dev = &x.q.device;
     let kern = kernel(dev, "flash_fwd", x.q.dtype(), n, p)?;
@@ -167,12 +204,13 @@ fn forward_t<T: KernelElem>(
         view::<T>(x.k, x.kl)?,
         view::<T>(x.v, x.vl)?,
     );
-    let nq = n.b * n.hq * n.t * n.d;
-    // SAFETY: the forward writes every row of every sequence, and the offsets cover all B·T
-    // tokens, so no element of o or lse is read unwritten.
+    let tq = queries.map_or(n.t, |q| q.t);
+    let nq = n.b * n.hq * tq * n.d;
+    // SAFETY: the forward writes every query row of every sequence, and the offsets cover all
+    // B·Tq query tokens, so no element of o or lse is read unwritten.
     let mut o = unsafe { dev.alloc::<T>(nq)? };
-    let mut lse = unsafe { dev.alloc::<f32>(n.hq * n.b * n.t)? };
-    let sq = seqs(dev, n, lens)?;
+    let mut lse = unsafe { dev.alloc::<f32>(n.hq * n.b * tq)? };
+    let (sk, sq) = (seqs(dev, n, lens)?, query_seqs(dev, n, lens, queries)?);
     {
         let (mut ov, mut lv) = (o.slice_mut(..), lse.slice_mut(..));
         let mut args = vec![
@@ -181,18 +219,21 @@ fn forward_t<T: KernelElem>(
             T::arg(&vv),
             T::arg_mut(&mut ov),
             Arg::F32Mut(&mut lv),
+            Arg::Offsets(&sk.cu),
             Arg::Offsets(&sq.cu),
         ];
-        for h in [n.hq, n.hkv, n.hkv, n.hq] {
-            args.extend(strides(n, h)?);
+        for (h, t) in [(n.hq, tq), (n.hkv, n.t), (n.hkv, n.t), (n.hq, tq)] {
+            args.extend(strides(n, h, t)?);
         }
-        args.extend(scalars(n, p)?);
-        let grid = (tiles(&sq, block(kern, "BLOCK_M")?)?, sq.count, n.hq as u32);
+        args.extend(scalars(n, tq, p)?);
+        // a program per query tile of each sequence's positions (those before its queries
+        // return at once)
+        let grid = (tiles(&sk, block(kern, "BLOCK_M")?)?, sk.count, n.hq as u32);
         launch(dev, kern, grid, &mut args)?;
     }
     let lse = Tensor::from_storage(
         Storage::Cuda(CudaStorage::wrap_cuda_slice(lse, dev.clone())),
-        (n.hq, n.b * n.t),
+        (n.hq, n.b * tq),
         candle_core::op::BackpropOp::none(),
         false,
     );
@@ -213,10 +254,11 @@ pub fn backward(
     n: Dims,
     p: &Params,
     lens: Option<&[usize]>,
+    queries: Option<Queries>,
 ) -> Result<CudaStorage> {
     match x.q.dtype() {
-        DType::BF16 => backward_t::<half::bf16>(x, saved, n, p, lens),
-        DType::F16 => backward_t::<half::f16>(x, saved, n, p, lens),
+        DType::BF16 => backward_t::<half::bf16>(x, saved, n, p, lens, queries),
+        DType::F16 => backward_t::<half::f16>(x, saved, n, p, lens, queries),
         other => Err(unsupported(other)),
     }
 }
@@ -236,6 +278,7 @@ fn backward_t<T: KernelElem>(
     n: Dims,
     p: &Params,
     lens: Option<&[usize]>,
+    queries: Option<Queries>,
 ) -> Result<CudaStorage> {
     let dev = &x.q.device;
     let dtype = x.q.dtype();
@@ -244,18 +287,19 @@ fn backward_t<T: KernelElem>(
         kernel(dev, "flash_bwd_dkdv", dtype, n, p)?,
         kernel(dev, "flash_bwd_dq", dtype, n, p)?,
     );
-    let (nq, nk) = (n.b * n.hq * n.t * n.d, n.b * n.hkv * n.t * n.d);
-    let sq = seqs(dev, n, lens)?;
-    // SAFETY: each pass writes every element of its output (delta per row, dK/dV per key row,
-    // dQ per query row), the offsets covering all B·T tokens.
-    let mut delta = unsafe { dev.alloc::<f32>(n.hq * n.b * n.t)? };
+    let tq = queries.map_or(n.t, |q| q.t);
+    let (nq, nk) = (n.b * n.hq * tq * n.d, n.b * n.hkv * n.t * n.d);
+    let (sk, sq) = (seqs(dev, n, lens)?, query_seqs(dev, n, lens, queries)?);
+    // SAFETY: each pass writes every element of its output (delta per query row, dK/dV per key
+    // row, dQ per query row), the offsets covering all B·Tq query and B·T key tokens.
+    let mut delta = unsafe { dev.alloc::<f32>(n.hq * n.b * tq)? };
     let mut all = unsafe { dev.alloc::<T>(nq + 2 * nk)? };
     with_cuda(saved.o, |os, ol| {
         with_cuda(saved.grad, |gs, gl| {
             with_cuda(saved.lse, |ls, ll| {
                 let (ov, gv) = (view::<T>(os, ol)?, view::<T>(gs, gl)?);
                 let lse = view::<f32>(ls, ll)?;
-                // delta = Σ_d o · do per row.
+                // delta = Σ_d o · do per query row, on the queries' axis.
                 {
                     let mut deltav = delta.slice_mut(..);
                     let mut args = vec![
@@ -264,11 +308,11 @@ fn backward_t<T: KernelElem>(
                         Arg::F32Mut(&mut deltav),
                         Arg::Offsets(&sq.cu),
                     ];
-                    args.extend(strides(n, n.hq)?);
-                    args.extend(strides(n, n.hq)?);
+                    args.extend(strides(n, n.hq, tq)?);
+                    args.extend(strides(n, n.hq, tq)?);
                     args.extend([
-                        Arg::I32(i32_of("positions", n.t)?),
-                        Arg::I32(i32_of("tokens", n.b * n.t)?),
+                        Arg::I32(i32_of("query positions", tq)?),
+                        Arg::I32(i32_of("query tokens", n.b * tq)?),
                         Arg::I32(i32_of("head dim", n.d)?),
                     ]);
                     let grid = (
@@ -286,9 +330,9 @@ fn backward_t<T: KernelElem>(
                 let deltav = delta.slice(..);
                 let (mut dq, mut rest) = all.split_at_mut(nq);
                 let (mut dk, mut dv) = rest.split_at_mut(nk);
-                // Q, K, V, dO, LSE, DELTA, then the outputs, CU and the inputs' strides.
+                // Q, K, V, dO, LSE, DELTA, then the outputs, CU, CU_Q and the inputs' strides.
                 let ins = [&qv, &kv, &vv, &gv];
-                let input_strides = [n.hq, n.hkv, n.hkv, n.hq];
+                let input_strides = [(n.hq, tq), (n.hkv, n.t), (n.hkv, n.t), (n.hq, tq)];
                 // dK and dV: grid over the key tiles of each kv head.
                 {
                     let mut args: Vec<Arg<'_, '_>> = ins.iter().map(|v| T::arg(v)).collect();
@@ -296,28 +340,33 @@ fn backward_t<T: KernelElem>(
                     args.extend([
                         T::arg_mut(&mut dk),
                         T::arg_mut(&mut dv),
+                        Arg::Offsets(&sk.cu),
                         Arg::Offsets(&sq.cu),
                     ]);
-                    for h in input_strides.into_iter().chain([n.hkv, n.hkv]) {
-                        args.extend(strides(n, h)?);
+                    for (h, t) in input_strides.into_iter().chain([(n.hkv, n.t); 2]) {
+                        args.extend(strides(n, h, t)?);
                     }
-                    args.extend(scalars(n, p)?);
+                    args.extend(scalars(n, tq, p)?);
                     let grid = (
-                        tiles(&sq, block(k_dkdv, "BLOCK_N")?)?,
-                        sq.count,
+                        tiles(&sk, block(k_dkdv, "BLOCK_N")?)?,
+                        sk.count,
                         n.hkv as u32,
                     );
                     launch(dev, k_dkdv, grid, &mut args)?;
                 }
-                // dQ: grid over the query tiles of each head.
+                // dQ: grid over the query tiles of each head's sequence positions.
                 let mut args: Vec<Arg<'_, '_>> = ins.iter().map(|v| T::arg(v)).collect();
                 args.extend([Arg::F32(&lse), Arg::F32(&deltav)]);
-                args.extend([T::arg_mut(&mut dq), Arg::Offsets(&sq.cu)]);
-                for h in input_strides.into_iter().chain([n.hq]) {
-                    args.extend(strides(n, h)?);
+                args.extend([
+                    T::arg_mut(&mut dq),
+                    Arg::Offsets(&sk.cu),
+                    Arg::Offsets(&sq.cu),
+                ]);
+                for (h, t) in input_strides.into_iter().chain([(n.hq, tq)]) {
+                    args.extend(strides(n, h, t)?);
                 }
-                args.extend(scalars(n, p)?);
-                let grid = (tiles(&sq, block(k_dq, "BLOCK_M")?)?, sq.count, n.hq as u32);
+                args.extend(scalars(n, tq, p)?);
+                let grid = (tiles(&sk, block(k_dq, "BLOCK_M")?)?, sk.count, n.hq as u32);
                 launch(dev, k_dq, grid, &mut args)
             })
         })

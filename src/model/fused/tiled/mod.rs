@@ -15,7 +15,9 @@ mod cuda;
 mod op;
 
 pub use cpu::Order;
-pub use op::{composed_attention, tiled_attention, tiled_attention_packed, Params};
+pub use op::{
+    composed_attention, tiled_attention, tiled_attention_packed, tiled_attention_shared, Params,
+};
 
 use super::cubins::{Manifest, Want};
 use candle_core::{DType, Device};

@@ -4,7 +4,7 @@
 
 use super::cpu::{Dims, Order};
 use super::cpu_blocks::CpuTiled;
-use crate::model::fused::elem::{slice, with_float};
+use crate::model::fused::elem::{slice, with_float, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
@@ -41,23 +41,62 @@ pub fn tiled_attention_packed(
     order: Order,
 ) -> Result<Tensor> {
     if let Some(lens) = &lens {
-        let (b, t) = match (order, q.dims4()?) {
-            (Order::Bhtd, (b, _, t, _)) | (Order::Bthd, (b, t, _, _)) => (b, t),
-        };
-        let total: usize = lens.iter().sum();
-        if b != 1 || total != t {
-            return Err(candle_core::Error::Msg(format!(
-                "{NAME}: packed sequences are one row of all of them: [{b}, .., {t}, ..] against lengths summing to {total}"
-            )));
-        }
+        packed_row(k, lens, order, "k")?;
     }
     let op = TiledAttention {
         params,
         lens,
+        queries: None,
         order,
         lse: Mutex::new(None),
     };
     aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
+}
+
+/// [`tiled_attention_packed`] with fewer queries than keys: sequence s of `lens` keys (k and
+/// v [1, Σ lens, Hkv, D] in [`Order::Bthd`]) has `queries[s]` queries, its last positions, on
+/// the queries' own axis (q [1, Σ queries, Hq, D] → o of q's shape). A pair sharing its
+/// prompt: the rejected sequence's keys are the whole sequence (the prompt's gathered from the
+/// chosen one's), its queries only its own tokens, so no query is computed twice.
+pub fn tiled_attention_shared(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    params: Params,
+    (lens, queries): (Arc<[usize]>, Arc<[usize]>),
+    order: Order,
+) -> Result<Tensor> {
+    packed_row(k, &lens, order, "k")?;
+    packed_row(q, &queries, order, "q")?;
+    if lens.len() != queries.len() || lens.iter().zip(queries.iter()).any(|(n, m)| m > n) {
+        return Err(candle_core::Error::Msg(format!(
+            "{NAME}: {} sequences' queries {queries:?} are not at most their {} sequences' keys {lens:?}",
+            queries.len(),
+            lens.len()
+        )));
+    }
+    let op = TiledAttention {
+        params,
+        lens: Some(lens),
+        queries: Some(queries),
+        order,
+        lse: Mutex::new(None),
+    };
+    aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
+}
+
+/// x [B, .., T, ..] in `order` is one packed row of `lens`: B = 1, T their sum.
+fn packed_row(x: &Tensor, lens: &[usize], order: Order, what: &str) -> Result<()> {
+    let (b, t) = match (order, x.dims4()?) {
+        (Order::Bhtd, (b, _, t, _)) | (Order::Bthd, (b, t, _, _)) => (b, t),
+    };
+    let total: usize = lens.iter().sum();
+    if b != 1 || total != t {
+        return Err(candle_core::Error::Msg(format!(
+            "{NAME}: packed sequences are one row of all of them: {what} [{b}, .., {t}, ..] against lengths summing to {total}"
+        )));
+    }
+    Ok(())
 }
 
 /// `x` contiguous and starting on a 16-byte boundary, as the compiled kernels assume of every
@@ -106,13 +145,22 @@ struct TiledAttention {
     params: Params,
     /// Packed sequences' lengths (one row), or one sequence per batch row.
     lens: Option<Arc<[usize]>>,
+    /// Each packed sequence's queries (its last positions), where fewer than its keys.
+    queries: Option<Arc<[usize]>>,
     order: Order,
     /// The forward's log-sum-exp, for the backward.
     lse: Mutex<Option<Tensor>>,
 }
 
-/// The dims of q, k and v in `order`, checked against each other.
-pub(super) fn dims(q: &Layout, k: &Layout, v: &Layout, order: Order) -> Result<Dims> {
+/// The dims of k and v (`t` their positions) in `order`, and q's positions: the same, unless
+/// the queries are `fewer`; checked against each other.
+pub(super) fn dims(
+    q: &Layout,
+    k: &Layout,
+    v: &Layout,
+    order: Order,
+    fewer: bool,
+) -> Result<(Dims, usize)> {
     let bad = |why: String| candle_core::Error::Msg(format!("{NAME}: {why}"));
     let axes = |x: &Layout, what: &str| -> Result<[usize; 4]> {
         match (order, x.dims()) {
@@ -123,7 +171,12 @@ pub(super) fn dims(q: &Layout, k: &Layout, v: &Layout, order: Order) -> Result<D
     };
     let [b, hq, t, d] = &axes(q, "q")?;
     let [kb, hkv, kt, kd] = &axes(k, "k")?;
-    if (kb, kt, kd) != (b, t, d) || v.dims() != k.dims() || *hkv == 0 || hq % hkv != 0 {
+    if (kb, kd) != (b, d)
+        || (kt != t && !fewer)
+        || v.dims() != k.dims()
+        || *hkv == 0
+        || hq % hkv != 0
+    {
         return Err(bad(format!(
             "q {:?}, k {:?}, v {:?} do not fit",
             q.dims(),
@@ -131,20 +184,78 @@ pub(super) fn dims(q: &Layout, k: &Layout, v: &Layout, order: Order) -> Result<D
             v.dims()
         )));
     }
-    Ok(Dims {
+    let n = Dims {
         b: *b,
         hq: *hq,
         hkv: *hkv,
-        t: *t,
+        t: *kt,
         d: *d,
         order,
-    })
+    };
+    Ok((n, *t))
 }
 
 impl TiledAttention {
     fn keep(&self, lse: Tensor) {
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
     }
+
+    fn query_positions(&self) -> Option<Vec<usize>> {
+        query_positions(self.lens.as_deref(), self.queries.as_deref())
+    }
+}
+
+/// Where fewer queries than keys: each query's position on the keys' axis of the one packed row
+/// (sequence s's queries its last `queries[s]` of `lens[s]` positions).
+fn query_positions(lens: Option<&[usize]>, queries: Option<&[usize]>) -> Option<Vec<usize>> {
+    let (lens, queries) = (lens?, queries?);
+    let mut at = 0;
+    let mut out = Vec::with_capacity(queries.iter().sum());
+    for (&n, &m) in lens.iter().zip(queries) {
+        out.extend(at + n - m..at + n);
+        at += n;
+    }
+    Some(out)
+}
+
+/// The log-sum-exp's layout [Hq, T] as rows of one element in [`Order::Bhtd`].
+fn stats(n: Dims) -> Dims {
+    Dims {
+        d: 1,
+        hkv: n.hq,
+        order: Order::Bhtd,
+        ..n
+    }
+}
+
+/// Rows of x on the queries' axis (one packed row, `heads` heads of `n.d`) at their positions
+/// `at` on the keys' axis of `n.t` positions, `fill` elsewhere.
+fn spread<T: Copy>(x: &[T], n: Dims, heads: usize, at: &[usize], fill: T) -> Vec<T> {
+    let nq = Dims { t: at.len(), ..n };
+    let mut out = vec![fill; heads * n.t * n.d];
+    for h in 0..heads {
+        for (r, &p) in at.iter().enumerate() {
+            let (src, dst) = (nq.row(heads, 0, h, r) * n.d, n.row(heads, 0, h, p) * n.d);
+            out[dst..dst + n.d].copy_from_slice(&x[src..src + n.d]);
+        }
+    }
+    out
+}
+
+/// [`spread`]'s inverse: the rows at positions `at` of x on the keys' axis.
+fn pick<T: Copy>(x: &[T], n: Dims, heads: usize, at: &[usize]) -> Vec<T> {
+    let nq = Dims { t: at.len(), ..n };
+    let Some(&any) = x.first() else {
+        return Vec::new();
+    };
+    let mut out = vec![any; heads * at.len() * n.d];
+    for h in 0..heads {
+        for (r, &p) in at.iter().enumerate() {
+            let (src, dst) = (n.row(heads, 0, h, p) * n.d, nq.row(heads, 0, h, r) * n.d);
+            out[dst..dst + n.d].copy_from_slice(&x[src..src + n.d]);
+        }
+    }
+    out
 }
 
 impl CustomOp3 for TiledAttention {
@@ -161,17 +272,26 @@ impl CustomOp3 for TiledAttention {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let n = dims(ql, kl, vl, self.order)?;
+        let (n, tq) = dims(ql, kl, vl, self.order, self.queries.is_some())?;
+        let at = self.query_positions();
         with_float!(q.dtype(), NAME, T => {
+            let q = slice::<T>(NAME, q, ql)?;
+            // fewer queries: each at its position among the keys, the others zero; their rows
+            // of the output are dropped
+            let whole = at.as_ref().map(|at| spread(q, n, n.hq, at, T::of(0.0)));
             let (o, lse) = <T as CpuTiled>::forward(
-                slice(NAME, q, ql)?,
+                whole.as_deref().unwrap_or(q),
                 slice(NAME, k, kl)?,
                 slice(NAME, v, vl)?,
                 n,
                 &self.params,
                 self.lens.as_deref(),
             );
-            self.keep(Tensor::from_vec(lse, (n.hq, n.b * n.t), &Device::Cpu)?);
+            let (o, lse) = match &at {
+                Some(at) => (pick(&o, n, n.hq, at), pick(&lse, stats(n), n.hq, at)),
+                None => (o, lse),
+            };
+            self.keep(Tensor::from_vec(lse, (n.hq, n.b * tq), &Device::Cpu)?);
             Ok((T::to_cpu_storage_owned(o), ql.shape().clone()))
         })
     }
@@ -186,7 +306,7 @@ impl CustomOp3 for TiledAttention {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let n = dims(ql, kl, vl, self.order)?;
+        let (n, tq) = dims(ql, kl, vl, self.order, self.queries.is_some())?;
         let x = super::cuda::Qkv {
             q,
             ql,
@@ -195,7 +315,11 @@ impl CustomOp3 for TiledAttention {
             v,
             vl,
         };
-        let (o, lse) = super::cuda::forward(x, n, &self.params, self.lens.as_deref())?;
+        let queries = self
+            .queries
+            .as_deref()
+            .map(|lens| super::cuda::Queries { lens, t: tq });
+        let (o, lse) = super::cuda::forward(x, n, &self.params, self.lens.as_deref(), queries)?;
         self.keep(lse);
         Ok((o, ql.shape().clone()))
     }
@@ -217,6 +341,7 @@ impl CustomOp3 for TiledAttention {
         let back = TiledAttentionBackward {
             params: self.params,
             lens: self.lens.clone(),
+            queries: self.queries.clone(),
             order: self.order,
             o: aligned(o)?,
             grad: aligned(grad)?,
@@ -236,6 +361,7 @@ impl CustomOp3 for TiledAttention {
 struct TiledAttentionBackward {
     params: Params,
     lens: Option<Arc<[usize]>>,
+    queries: Option<Arc<[usize]>>,
     order: Order,
     o: Tensor,
     grad: Tensor,
@@ -267,22 +393,40 @@ impl CustomOp3 for TiledAttentionBackward {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let n = dims(ql, kl, vl, self.order)?;
+        let (n, _) = dims(ql, kl, vl, self.order, self.queries.is_some())?;
+        let at = query_positions(self.lens.as_deref(), self.queries.as_deref());
         with_float!(q.dtype(), NAME, T => {
             let (dq, dk, dv) = with_cpu(&self.o, |os, ol| {
                 with_cpu(&self.grad, |gs, gl| {
                     with_cpu(&self.lse, |ls, ll| {
-                        Ok(<T as CpuTiled>::backward(
-                            slice(NAME, q, ql)?,
+                        let (q, o) = (slice::<T>(NAME, q, ql)?, slice::<T>(NAME, os, ol)?);
+                        let (g, lse) = (slice::<T>(NAME, gs, gl)?, slice::<f32>(NAME, ls, ll)?);
+                        // fewer queries: the others at their positions with no output gradient
+                        // and an infinite log-sum-exp (probability 0), so they add nothing
+                        let whole = at.as_ref().map(|at| {
+                            let rows = |x| spread(x, n, n.hq, at, T::of(0.0));
+                            (rows(q), rows(o), rows(g), spread(lse, stats(n), n.hq, at, f32::INFINITY))
+                        });
+                        let (q, o, g, lse) = match &whole {
+                            Some((q, o, g, lse)) => (&q[..], &o[..], &g[..], &lse[..]),
+                            None => (q, o, g, lse),
+                        };
+                        let (dq, dk, dv) = <T as CpuTiled>::backward(
+                            q,
                             slice(NAME, k, kl)?,
                             slice(NAME, v, vl)?,
-                            slice(NAME, os, ol)?,
-                            slice(NAME, gs, gl)?,
-                            slice::<f32>(NAME, ls, ll)?,
+                            o,
+                            g,
+                            lse,
                             n,
                             &self.params,
                             self.lens.as_deref(),
-                        ))
+                        );
+                        let dq = match &at {
+                            Some(at) => pick(&dq, n, n.hq, at),
+                            None => dq,
+                        };
+                        Ok((dq, dk, dv))
                     })
                 })
             })?;
@@ -304,7 +448,11 @@ impl CustomOp3 for TiledAttentionBackward {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let n = dims(ql, kl, vl, self.order)?;
+        let (n, tq) = dims(ql, kl, vl, self.order, self.queries.is_some())?;
+        let queries = self
+            .queries
+            .as_deref()
+            .map(|lens| super::cuda::Queries { lens, t: tq });
         let saved = super::cuda::Saved {
             o: &self.o,
             grad: &self.grad,
@@ -318,7 +466,7 @@ impl CustomOp3 for TiledAttentionBackward {
             v,
             vl,
         };
-        let all = super::cuda::backward(x, saved, n, &self.params, self.lens.as_deref())?;
+        let all = super::cuda::backward(x, saved, n, &self.params, self.lens.as_deref(), queries)?;
         Ok((
             all,
             Shape::from(ql.shape().elem_count() + 2 * kl.shape().elem_count()),
@@ -496,6 +644,67 @@ mod tests {
         let e = tiled_attention_packed(&x, &x, &x, p, None, Order::Bthd);
         let e = e.unwrap_err().to_string();
         assert!(e.contains("not Bthd"), "{e}");
+    }
+
+    #[test]
+    fn fewer_queries_equal_the_whole_sequences_rows_forward_and_gradients() {
+        // a shared prompt: sequences of 9, 14 and 6 keys whose last 9, 5 and 1 positions are
+        // queries; against every position a query and only those rows' outputs taken
+        let dev = Device::Cpu;
+        let (lens, queries) = ([9usize, 14, 6], [9usize, 5, 1]);
+        let t: usize = lens.iter().sum();
+        let at = query_positions(Some(&lens), Some(&queries)).unwrap();
+        let rows = Tensor::from_vec(at.iter().map(|&p| p as u32).collect(), at.len(), &dev);
+        let rows = rows.unwrap();
+        for (dtype, window, softcap) in [
+            (DType::F32, 0, None),
+            (DType::F32, 4, Some(2.0)),
+            (DType::BF16, 0, None),
+        ] {
+            let p = Params {
+                scale: 0.3,
+                window,
+                softcap,
+            };
+            let var = |h, t| {
+                let x = Tensor::randn(0f32, 1.0, (1, t, h, 16), &dev).unwrap();
+                Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap()
+            };
+            let (q, k, v) = (var(4, t), var(2, t), var(2, t));
+            let own = |x: &Tensor| x.index_select(&rows, 1).unwrap();
+            let qo = Var::from_tensor(&own(&q)).unwrap();
+            let up = Tensor::randn(0f32, 1.0, (1, at.len(), 4, 16), &dev).unwrap();
+            let up = up.to_dtype(dtype).unwrap();
+            let whole = Some(Arc::from(lens.as_slice()));
+            let want = tiled_attention_packed(&q, &k, &v, p, whole, Order::Bthd).unwrap();
+            let want = own(&want);
+            let packing = (Arc::from(lens.as_slice()), Arc::from(queries.as_slice()));
+            let got = tiled_attention_shared(&qo, &k, &v, p, packing, Order::Bthd).unwrap();
+            let what = format!("{dtype:?} window {window} cap {softcap:?}");
+            let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            assert!(max_abs_diff(&f32(&want), &f32(&got)) < 1e-6, "{what}");
+            let gw = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gg = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let dq = max_abs_diff(&f32(&own(gw.get(&q).unwrap())), &f32(gg.get(&qo).unwrap()));
+            assert!(dq < 1e-6, "dq {what}: {dq}");
+            for (name, x) in [("k", &k), ("v", &v)] {
+                let d = max_abs_diff(&f32(gw.get(x).unwrap()), &f32(gg.get(x).unwrap()));
+                assert!(d < 1e-5, "d{name} {what}: {d}");
+            }
+        }
+        // more queries than keys, or lengths that are not the rows, are named
+        let x = Tensor::zeros((1, 6, 2, 16), DType::F32, &dev).unwrap();
+        let p = Params {
+            scale: 1.0,
+            window: 0,
+            softcap: None,
+        };
+        let bad = (Arc::from(&[2usize, 4][..]), Arc::from(&[3usize, 3][..]));
+        let e = tiled_attention_shared(&x, &x, &x, p, bad, Order::Bthd);
+        assert!(e.unwrap_err().to_string().contains("not at most"));
+        let bad = (Arc::from(&[2usize, 4][..]), Arc::from(&[2usize, 2][..]));
+        let e = tiled_attention_shared(&x, &x, &x, p, bad, Order::Bthd);
+        assert!(e.unwrap_err().to_string().contains("q [1, .., 6, ..]"));
     }
 
     #[test]

@@ -65,7 +65,7 @@ def attention_multiples(name):
 def attention_types(dtype):
     """Tensors of the input dtype, f32 statistics, i32 offsets and sizes, f32 scale and cap."""
     def types(name):
-        if name == "CU":
+        if name in ("CU", "CU_Q"):
             return "*i32"
         if name in ("LSE", "DELTA"):
             return "*fp32"

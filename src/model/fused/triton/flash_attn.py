@@ -11,10 +11,17 @@ h // groups, K and V never repeated); Gemma 2's soft cap (cap * tanh(s / cap) on
 scores); and variable-length batches: sequence s is the tokens [cu[s], cu[s+1]) of a flat token
 axis, which covers a padded batch (cu = 0, T, 2T, ...) and sequences packed end to end alike.
 
+Queries may be fewer than keys: sequence s's queries are the tokens [cu_q[s], cu_q[s+1]) of the
+queries' own flat axis, its last positions (query r at position first + r, first = the keys'
+length less the queries'), as FlashAttention's varlen causal mask aligns them bottom-right.
+That is a pair sharing its prompt: the rejected sequence's keys are the whole sequence and its
+queries only its own tokens. With cu_q = cu every position is a query.
+
 Layout: a token n of the flat axis sits in batch row n // row_len at position n % row_len, so
 q [B, T, H, D] and [B, H, T, D] both work through their strides (the head dim contiguous). A
-sequence never crosses a batch row. The log-sum-exp and the backward's delta are f32 [Hq, N]
-(N = B * row_len tokens).
+sequence never crosses a batch row. Q, O and their gradients live on the queries' axis (rows of
+q_row_len), K, V and theirs on the keys'. The log-sum-exp and the backward's delta are f32
+[Hq, N] (N = B * q_row_len query tokens).
 
 This file is the single source of the kernels: `test_flash_attn.py` runs these very functions on
 CPU tensors under TRITON_INTERPRET=1, and `compile.py` compiles them ahead of time to the cubins
@@ -70,6 +77,20 @@ def _tile(base, pos, stride, length, dims, dmask):
 def _store_tile(base, pos, stride, length, dims, dmask, value):
     mask = (pos < length)[:, None] & dmask[None, :]
     tl.store(base + pos[:, None] * stride + dims[None, :], value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _query_tile(base, local, stride, rmask, dims, dmask):
+    """Query rows `local` (on the queries' axis) of a sequence's [Tq, D] slice at `base`: zero
+    where `rmask` is off (positions before its first query, or past its end) or past the head."""
+    mask = rmask[:, None] & dmask[None, :]
+    return tl.load(base + local[:, None] * stride + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_query_tile(base, local, stride, rmask, dims, dmask, value):
+    mask = rmask[:, None] & dmask[None, :]
+    tl.store(base + local[:, None] * stride + dims[None, :], value.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -134,25 +155,29 @@ def _seq(CU, row_len, seq):
 
 @triton.jit
 def flash_fwd(
-    Q, K, V, O, LSE, CU,
+    Q, K, V, O, LSE, CU, CU_Q,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
-    row_len, n_tokens, head_dim, groups, window, scale, softcap,
+    row_len, q_row_len, n_tokens, head_dim, groups, window, scale, softcap,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr,
 ):
-    """O = softmax(mask(cap(Q Kᵀ · scale))) V and LSE, one program per (query tile, seq, head)."""
+    """O = softmax(mask(cap(Q Kᵀ · scale))) V and LSE, one program per (query tile, seq, head);
+    the tile's rows are positions of the sequence, those before its first query skipped."""
     m0 = tl.program_id(0) * BLOCK_M
     seq = tl.program_id(1)
     h = tl.program_id(2)
     start, length, b, t0 = _seq(CU, row_len, seq)
-    if m0 >= length:
+    q_start, q_len, qb, q_t0 = _seq(CU_Q, q_row_len, seq)
+    first = length - q_len
+    if (m0 >= length) | (m0 + BLOCK_M <= first):
         return
     kvh = h // groups
     rows = m0 + tl.arange(0, BLOCK_M)
+    local = rows - first
     dims = tl.arange(0, BLOCK_D)
     dmask = dims < head_dim
-    rmask = rows < length
-    q = _tile(Q + b * sq_b + h * sq_h + t0 * sq_t, rows, sq_t, length, dims, dmask)
+    rmask = (rows >= first) & (rows < length)
+    q = _query_tile(Q + qb * sq_b + h * sq_h + q_t0 * sq_t, local, sq_t, rmask, dims, dmask)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -179,9 +204,9 @@ def flash_fwd(
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
-    _store_tile(O + b * so_b + h * so_h + t0 * so_t, rows, so_t, length, dims, dmask, acc)
+    _store_query_tile(O + qb * so_b + h * so_h + q_t0 * so_t, local, so_t, rmask, dims, dmask, acc)
     lse = (m_i + tl.log2(l_safe)) / LOG2E
-    tl.store(LSE + h * n_tokens + start + rows, lse, mask=rmask)
+    tl.store(LSE + h * n_tokens + q_start + local, lse, mask=rmask)
 
 
 @triton.jit
@@ -191,7 +216,8 @@ def flash_bwd_delta(
     row_len, n_tokens, head_dim,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta = Σ_d O · dO per row (f32), what every probability's gradient subtracts."""
+    """delta = Σ_d O · dO per row (f32), what every probability's gradient subtracts. On the
+    queries' axis: CU and row_len are the queries' offsets and rows."""
     m0 = tl.program_id(0) * BLOCK_M
     seq = tl.program_id(1)
     h = tl.program_id(2)
@@ -209,10 +235,10 @@ def flash_bwd_delta(
 
 @triton.jit
 def flash_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, CU_Q,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
     sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
-    row_len, n_tokens, head_dim, groups, window, scale, softcap,
+    row_len, q_row_len, n_tokens, head_dim, groups, window, scale, softcap,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr,
 ):
@@ -222,6 +248,8 @@ def flash_bwd_dkdv(
     seq = tl.program_id(1)
     kvh = tl.program_id(2)
     start, length, b, t0 = _seq(CU, row_len, seq)
+    q_start, q_len, qb, q_t0 = _seq(CU_Q, q_row_len, seq)
+    first = length - q_len
     if n0 >= length:
         return
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -233,18 +261,24 @@ def flash_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # Query tiles that see these keys: from the diagonal on, within the window; only the
     # diagonal, the window's edge and the sequence's end are masked.
+    # No tile wholly before the first query. The rows before it in the tile that holds it load
+    # zero queries and output gradients: their P·dO and dS add nothing.
     lo, hi, a, z = _queries_seeing(n0, length, window, BLOCK_M, BLOCK_N)
+    lo = tl.maximum(lo, first // BLOCK_M * BLOCK_M)
+    a = tl.maximum(a, lo)
+    z = tl.maximum(a, z)
     for g in range(0, groups):
         h = kvh * groups + g
-        q_base = Q + b * sq_b + h * sq_h + t0 * sq_t
-        do_base = DO + b * sdo_b + h * sdo_h + t0 * sdo_t
+        q_base = Q + qb * sq_b + h * sq_h + q_t0 * sq_t
+        do_base = DO + qb * sdo_b + h * sdo_h + q_t0 * sdo_t
         for m0 in range(lo, hi, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
-            rmask = rows < length
-            q = _tile(q_base, rows, sq_t, length, dims, dmask)
-            do = _tile(do_base, rows, sdo_t, length, dims, dmask)
-            lse = tl.load(LSE + h * n_tokens + start + rows, mask=rmask, other=0.0)
-            delta = tl.load(DELTA + h * n_tokens + start + rows, mask=rmask, other=0.0)
+            local = rows - first
+            rmask = (rows >= first) & (rows < length)
+            q = _query_tile(q_base, local, sq_t, rmask, dims, dmask)
+            do = _query_tile(do_base, local, sdo_t, rmask, dims, dmask)
+            lse = tl.load(LSE + h * n_tokens + q_start + local, mask=rmask, other=0.0)
+            delta = tl.load(DELTA + h * n_tokens + q_start + local, mask=rmask, other=0.0)
             masked = (m0 < a) | (m0 >= z)
             p, ds = _probs_and_grads(q, k, v, do, lse, delta, rows, cols, length, window, scale, softcap,
                                      masked, SOFTCAP)
@@ -256,10 +290,10 @@ def flash_bwd_dkdv(
 
 @triton.jit
 def flash_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, CU,
+    Q, K, V, DO, LSE, DELTA, DQ, CU, CU_Q,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
     sdq_b, sdq_t, sdq_h,
-    row_len, n_tokens, head_dim, groups, window, scale, softcap,
+    row_len, q_row_len, n_tokens, head_dim, groups, window, scale, softcap,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr,
 ):
@@ -268,17 +302,20 @@ def flash_bwd_dq(
     seq = tl.program_id(1)
     h = tl.program_id(2)
     start, length, b, t0 = _seq(CU, row_len, seq)
-    if m0 >= length:
+    q_start, q_len, qb, q_t0 = _seq(CU_Q, q_row_len, seq)
+    first = length - q_len
+    if (m0 >= length) | (m0 + BLOCK_M <= first):
         return
     kvh = h // groups
     rows = m0 + tl.arange(0, BLOCK_M)
+    local = rows - first
     dims = tl.arange(0, BLOCK_D)
     dmask = dims < head_dim
-    rmask = rows < length
-    q = _tile(Q + b * sq_b + h * sq_h + t0 * sq_t, rows, sq_t, length, dims, dmask)
-    do = _tile(DO + b * sdo_b + h * sdo_h + t0 * sdo_t, rows, sdo_t, length, dims, dmask)
-    lse = tl.load(LSE + h * n_tokens + start + rows, mask=rmask, other=0.0)
-    delta = tl.load(DELTA + h * n_tokens + start + rows, mask=rmask, other=0.0)
+    rmask = (rows >= first) & (rows < length)
+    q = _query_tile(Q + qb * sq_b + h * sq_h + q_t0 * sq_t, local, sq_t, rmask, dims, dmask)
+    do = _query_tile(DO + qb * sdo_b + h * sdo_h + q_t0 * sdo_t, local, sdo_t, rmask, dims, dmask)
+    lse = tl.load(LSE + h * n_tokens + q_start + local, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + h * n_tokens + q_start + local, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi, a, z = _keys_seen(m0, length, window, BLOCK_M, BLOCK_N)
     k_base = K + b * sk_b + kvh * sk_h + t0 * sk_t
@@ -291,4 +328,5 @@ def flash_bwd_dq(
         _, ds = _probs_and_grads(q, k, v, do, lse, delta, rows, cols, length, window, scale, softcap,
                                  masked, SOFTCAP)
         dq += tl.dot(ds.to(k.dtype), k)
-    _store_tile(DQ + b * sdq_b + h * sdq_h + t0 * sdq_t, rows, sdq_t, length, dims, dmask, dq * scale)
+    _store_query_tile(DQ + qb * sdq_b + h * sdq_h + q_t0 * sdq_t, local, sdq_t, rmask, dims, dmask,
+                      dq * scale)

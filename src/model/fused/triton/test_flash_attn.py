@@ -1,7 +1,8 @@
 """The tiled attention's own source (flash_attn.py), run on CPU tensors by Triton's interpreter,
 against the composed ops: scores, soft cap, mask and softmax written out in float64 per
 sequence, as transformers' eager attention computes them. Forward and every input's gradient;
-causal, sliding-window, grouped-query, soft-capped, padded and packed batches, both layouts.
+causal, sliding-window, grouped-query, soft-capped, padded and packed batches, both layouts, and
+fewer queries than keys (a shared prompt).
 
     TRITON_INTERPRET=1 python -m pytest src/model/fused/triton -q
 
@@ -202,3 +203,63 @@ def test_unequal_query_and_key_tiles(monkeypatch, tiles, name):
     want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), do.double()))
     errors = [rel(a, b) for a, b in zip(got, want)]
     assert max(errors) < 3e-6, errors
+
+
+SHARED = {
+    # name: (Hq, Hkv, D, keys per sequence, queries per sequence (its last), window, softcap, layout)
+    "shared_prompts": (4, 2, 16, [30, 25, 40, 1], [30, 12, 1, 1], 0, 0.0, "bthd"),
+    "shared_window_cap": (2, 1, 16, [41, 37], [41, 20], 9, 3.0, "bhtd"),
+    "shared_across_tiles": (2, 2, 16, [70, 66], [70, 30], 0, 0.0, "bthd"),
+}
+
+
+def query_rows(lens, queries):
+    """The positions of each sequence's queries (its last ones) on the keys' flat axis."""
+    rows, start = [], 0
+    for n, m in zip(lens, queries):
+        rows += list(range(start + n - m, start + n))
+        start += n
+    return torch.tensor(rows)
+
+
+def shared_case(name, dtype, tiles=None, monkeypatch=None):
+    """The kernels with fewer queries than keys (`cu_q`) against the reference over whole
+    sequences whose other positions have no gradient: the same outputs and every gradient."""
+    if tiles is not None:
+        import host
+
+        monkeypatch.setattr(host, "tiles", lambda d, interpret=False: tiles)
+    hq, hkv, d, lens, queries, window, softcap, layout = SHARED[name]
+    t = sum(lens)
+    q, k, v, do = make(1, t, hq, hkv, d, layout, dtype, 3.0 if softcap else 1.0)
+    rows = query_rows(lens, queries).to(DEVICE)
+    axis = 1 if layout == "bthd" else 2
+    own = lambda x: x.index_select(axis, rows)  # noqa: E731
+    cu = offsets(1, t, lens).to(DEVICE)
+    cu_q = offsets(1, sum(queries), queries).to(DEVICE)
+    qo, do_o = own(q).clone().requires_grad_(), own(do)
+    k, v = k.clone().requires_grad_(), v.clone().requires_grad_()
+    o = flash_attention(qo, k, v, cu, layout, window, d ** -0.5, softcap, INTERPRET, cu_q=cu_q)
+    got = (o, *torch.autograd.grad(o, (qo, k, v), do_o))
+    # the reference: every position a query, the others' output gradient zero
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = reference(q64, k64, v64, cu.cpu(), layout, window, d ** -0.5, softcap)
+    do64 = torch.zeros_like(ref).index_copy(axis, rows.cpu(), do_o.double().cpu())
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), do64)
+    want = (own(ref), own(rq), rk, rv)
+    return [rel(a, b) for a, b in zip(got, want)]
+
+
+@pytest.mark.parametrize("name", sorted(SHARED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_queries_fewer_than_keys_equal_the_whole_sequences(name, dtype):
+    errors = shared_case(name, dtype)
+    assert max(errors) < (3e-6 if dtype == torch.float32 else 2e-2), (name, errors)
+
+
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16), (64, 64)])
+def test_queries_fewer_than_keys_in_other_tiles(monkeypatch, tiles):
+    # the first query inside a tile, on its edge, past several tiles: 30, 25 and 40 positions
+    for name in SHARED:
+        errors = shared_case(name, torch.float32, tiles, monkeypatch)
+        assert max(errors) < 3e-6, (name, tiles, errors)
