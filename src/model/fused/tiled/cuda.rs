@@ -9,14 +9,6 @@
 //! length after the sequences before it. Queries may be fewer ([`Queries`]): each sequence's
 //! last positions, on their own axis of Tq positions (q, o, dq and the log-sum-exp).
 
-/// Each sequence's query count (its last positions) and the query positions per batch row,
-/// where the queries are fewer than the keys.
-#[derive(Clone, Copy)]
-pub struct Queries<'a> {
-    pub lens: &'a [usize],
-    pub t: usize,
-}
-
 use super::cpu::{Dims, Order};
 use super::op::Params;
 use crate::model::fused::cubins::launch::{arch, err, i32_of, launch, view, Arg, KernelElem};
@@ -25,6 +17,14 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 use std::rc::Rc;
+
+/// Each sequence's query count (its last positions) and the query positions per batch row,
+/// where the queries are fewer than the keys.
+#[derive(Clone, Copy)]
+pub struct Queries<'a> {
+    pub lens: &'a [usize],
+    pub t: usize,
+}
 
 /// (batch, token, head) strides of a contiguous tensor with `h` heads over `t` positions in
 /// `n.order`.
