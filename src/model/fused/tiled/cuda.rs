@@ -9,8 +9,9 @@
 //! length after the sequences before it. Queries may be fewer ([`Queries`]): each sequence's
 //! last positions, on their own axis of Tq positions (q, o, dq and the log-sum-exp).
 
-use super::cpu::{Dims, Order};
+use super::cpu::Dims;
 use super::op::Params;
+use super::plan::{self, Launch, Shape, Tiles, Value};
 use crate::model::fused::cubins::launch::{arch, err, i32_of, launch, view, Arg, KernelElem};
 use crate::model::fused::cubins::{dtype_name, Kernel, Want};
 use candle_core::backend::BackendStorage;
@@ -26,26 +27,9 @@ pub struct Queries<'a> {
     pub t: usize,
 }
 
-/// (batch, token, head) strides of a contiguous tensor with `h` heads over `t` positions in
-/// `n.order`.
-fn strides<'r, 'v>(n: Dims, h: usize, t: usize) -> Result<[Arg<'r, 'v>; 3]> {
-    let head = match n.order {
-        Order::Bhtd => t * n.d,
-        Order::Bthd => n.d,
-    };
-    Ok([
-        Arg::I32(i32_of("batch stride", h * t * n.d)?),
-        Arg::I32(i32_of("position stride", n.position_stride(h))?),
-        Arg::I32(i32_of("head stride", head)?),
-    ])
-}
-
-/// The sequences on the flat token axis: their offsets on the device (0, T, 2T, …, B·T, or the
-/// running sums of packed lengths), how many, and the longest.
+/// Sequence offsets on the device: 0 and the running sums of the lengths.
 struct Seqs {
     cu: CudaSlice<i32>,
-    count: u32,
-    longest: usize,
 }
 
 /// Uploaded offsets with the lengths they were made from and the device's ordinal.
@@ -58,27 +42,6 @@ thread_local! {
     static LAST_SEQS: std::cell::RefCell<Vec<Uploaded>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The keys' sequence offsets: `lens` packed, else one sequence per batch row.
-fn seqs(dev: &CudaDevice, n: Dims, lens: Option<&[usize]>) -> Result<Rc<Seqs>> {
-    match lens {
-        Some(lens) => offsets(dev, lens),
-        None => offsets(dev, &vec![n.t; n.b]),
-    }
-}
-
-/// The queries' offsets: their own where they are fewer, else the keys'.
-fn query_seqs(
-    dev: &CudaDevice,
-    n: Dims,
-    lens: Option<&[usize]>,
-    queries: Option<Queries>,
-) -> Result<Rc<Seqs>> {
-    match queries {
-        Some(q) => offsets(dev, q.lens),
-        None => seqs(dev, n, lens),
-    }
-}
-
 fn offsets(dev: &CudaDevice, lens: &[usize]) -> Result<Rc<Seqs>> {
     let ordinal = dev.cuda_stream().context().ordinal();
     if let Some(hit) = LAST_SEQS.with_borrow(|last| {
@@ -88,7 +51,15 @@ fn offsets(dev: &CudaDevice, lens: &[usize]) -> Result<Rc<Seqs>> {
     }) {
         return Ok(hit);
     }
-    let made = Rc::new(upload(dev, lens)?);
+    let mut cu = vec![0i32];
+    let mut at = 0;
+    for len in lens {
+        at += len;
+        cu.push(i32_of("tokens", at)?);
+    }
+    let made = Rc::new(Seqs {
+        cu: dev.clone_htod(&cu)?,
+    });
     LAST_SEQS.with_borrow_mut(|last| {
         if last.len() == 2 {
             last.remove(0);
@@ -98,18 +69,12 @@ fn offsets(dev: &CudaDevice, lens: &[usize]) -> Result<Rc<Seqs>> {
     Ok(made)
 }
 
-fn upload(dev: &CudaDevice, lens: &[usize]) -> Result<Seqs> {
-    let mut cu = vec![0i32];
-    let mut at = 0;
-    for len in lens {
-        at += len;
-        cu.push(i32_of("tokens", at)?);
-    }
-    Ok(Seqs {
-        cu: dev.clone_htod(&cu)?,
-        count: i32_of("sequences", lens.len())? as u32,
-        longest: lens.iter().copied().max().unwrap_or(0),
-    })
+/// The keys' and the queries' lengths: `lens` packed, else one sequence per batch row; the
+/// queries' own where they are fewer, else the keys'.
+fn lengths(n: Dims, lens: Option<&[usize]>, queries: Option<Queries>) -> (Vec<usize>, Vec<usize>) {
+    let keys = lens.map_or_else(|| vec![n.t; n.b], <[usize]>::to_vec);
+    let qs = queries.map_or_else(|| keys.clone(), |q| q.lens.to_vec());
+    (keys, qs)
 }
 
 /// The attention kernel `name` for these inputs, or why there is none.
@@ -141,24 +106,37 @@ fn block(k: &Kernel, name: &str) -> Result<usize> {
         .ok_or_else(|| err(format!("{}: no {name} in the manifest", k.name)))
 }
 
-/// Grid rows per sequence: ⌈longest / block⌉ (a shorter sequence's extra programs return).
-fn tiles(sq: &Seqs, block: usize) -> Result<u32> {
-    Ok(i32_of("tiles", sq.longest.div_ceil(block))? as u32)
-}
-
-/// The scalar arguments every attention kernel but the delta ends with (`tq` query positions
-/// per batch row).
-fn scalars<'r, 'v>(n: Dims, tq: usize, p: &Params) -> Result<[Arg<'r, 'v>; 8]> {
-    Ok([
-        Arg::I32(i32_of("positions", n.t)?),
-        Arg::I32(i32_of("query positions", tq)?),
-        Arg::I32(i32_of("query tokens", n.b * tq)?),
-        Arg::I32(i32_of("head dim", n.d)?),
-        Arg::I32(i32_of("groups", n.hq / n.hkv)?),
-        Arg::I32(i32_of("window", p.window)?),
-        Arg::Float(p.scale),
-        Arg::Float(p.softcap.unwrap_or(1.0)),
-    ])
+/// Launches `plan` on `kern`, each named buffer taken from `bufs` (each used once).
+fn run<'r, 'v>(
+    dev: &CudaDevice,
+    kern: &Kernel,
+    plan: &Launch,
+    mut bufs: Vec<(&'static str, Arg<'r, 'v>)>,
+) -> Result<()> {
+    let mut args = Vec::with_capacity(plan.args.len());
+    for (i, value) in plan.args.iter().enumerate() {
+        args.push(match value {
+            Value::Buf(name) => {
+                let at = bufs.iter().position(|(b, _)| b == name).ok_or_else(|| {
+                    err(format!(
+                        "{}: no buffer {name} for argument {i}",
+                        plan.kernel
+                    ))
+                })?;
+                bufs.swap_remove(at).1
+            }
+            Value::Int(v) => Arg::I32(i32_of(&format!("{} argument {i}", plan.kernel), *v)?),
+            Value::Float(v) => Arg::Float(*v),
+        });
+    }
+    let [x, y, z] = plan.grid;
+    let what = |axis| format!("{} grid {axis}", plan.kernel);
+    let grid = (
+        i32_of(&what("x"), x)? as u32,
+        i32_of(&what("y"), y)? as u32,
+        i32_of(&what("z"), z)? as u32,
+    );
+    launch(dev, kern, grid, &mut args)
 }
 
 /// The inputs: q, k and v with their layouts.
@@ -205,31 +183,31 @@ fn forward_t<T: KernelElem>(
         view::<T>(x.v, x.vl)?,
     );
     let tq = queries.map_or(n.t, |q| q.t);
-    let nq = n.b * n.hq * tq * n.d;
+    let (keys, qs) = lengths(n, lens, queries);
+    let shape = Shape {
+        n,
+        tq,
+        keys: &keys,
+        queries: &qs,
+    };
+    let plan = plan::forward(&shape, p, block(kern, "BLOCK_M")?);
     // SAFETY: the forward writes every query row of every sequence, and the offsets cover all
     // B·Tq query tokens, so no element of o or lse is read unwritten.
-    let mut o = unsafe { dev.alloc::<T>(nq)? };
+    let mut o = unsafe { dev.alloc::<T>(n.b * n.hq * tq * n.d)? };
     let mut lse = unsafe { dev.alloc::<f32>(n.hq * n.b * tq)? };
-    let (sk, sq) = (seqs(dev, n, lens)?, query_seqs(dev, n, lens, queries)?);
+    let (cu, cu_q) = (offsets(dev, &keys)?, offsets(dev, &qs)?);
     {
         let (mut ov, mut lv) = (o.slice_mut(..), lse.slice_mut(..));
-        let mut args = vec![
-            T::arg(&qv),
-            T::arg(&kv),
-            T::arg(&vv),
-            T::arg_mut(&mut ov),
-            Arg::F32Mut(&mut lv),
-            Arg::Offsets(&sk.cu),
-            Arg::Offsets(&sq.cu),
+        let bufs = vec![
+            ("Q", T::arg(&qv)),
+            ("K", T::arg(&kv)),
+            ("V", T::arg(&vv)),
+            ("O", T::arg_mut(&mut ov)),
+            ("LSE", Arg::F32Mut(&mut lv)),
+            ("CU", Arg::Offsets(&cu.cu)),
+            ("CU_Q", Arg::Offsets(&cu_q.cu)),
         ];
-        for (h, t) in [(n.hq, tq), (n.hkv, n.t), (n.hkv, n.t), (n.hq, tq)] {
-            args.extend(strides(n, h, t)?);
-        }
-        args.extend(scalars(n, tq, p)?);
-        // a program per query tile of each sequence's positions (those before its queries
-        // return at once)
-        let grid = (tiles(&sk, block(kern, "BLOCK_M")?)?, sk.count, n.hq as u32);
-        launch(dev, kern, grid, &mut args)?;
+        run(dev, kern, &plan, bufs)?;
     }
     let lse = Tensor::from_storage(
         Storage::Cuda(CudaStorage::wrap_cuda_slice(lse, dev.clone())),
@@ -288,8 +266,21 @@ fn backward_t<T: KernelElem>(
         kernel(dev, "flash_bwd_dq", dtype, n, p)?,
     );
     let tq = queries.map_or(n.t, |q| q.t);
+    let (keys, qs) = lengths(n, lens, queries);
+    let shape = Shape {
+        n,
+        tq,
+        keys: &keys,
+        queries: &qs,
+    };
+    let tiles = Tiles {
+        delta_m: block(k_delta, "BLOCK_M")?,
+        dkdv_n: block(k_dkdv, "BLOCK_N")?,
+        dq_m: block(k_dq, "BLOCK_M")?,
+    };
+    let [p_delta, p_dkdv, p_dq] = plan::backward(&shape, p, &tiles);
     let (nq, nk) = (n.b * n.hq * tq * n.d, n.b * n.hkv * n.t * n.d);
-    let (sk, sq) = (seqs(dev, n, lens)?, query_seqs(dev, n, lens, queries)?);
+    let (cu, cu_q) = (offsets(dev, &keys)?, offsets(dev, &qs)?);
     // SAFETY: each pass writes every element of its output (delta per query row, dK/dV per key
     // row, dQ per query row), the offsets covering all B·Tq query and B·T key tokens.
     let mut delta = unsafe { dev.alloc::<f32>(n.hq * n.b * tq)? };
@@ -299,28 +290,15 @@ fn backward_t<T: KernelElem>(
             with_cuda(saved.lse, |ls, ll| {
                 let (ov, gv) = (view::<T>(os, ol)?, view::<T>(gs, gl)?);
                 let lse = view::<f32>(ls, ll)?;
-                // delta = Σ_d o · do per query row, on the queries' axis.
                 {
                     let mut deltav = delta.slice_mut(..);
-                    let mut args = vec![
-                        T::arg(&ov),
-                        T::arg(&gv),
-                        Arg::F32Mut(&mut deltav),
-                        Arg::Offsets(&sq.cu),
+                    let bufs = vec![
+                        ("O", T::arg(&ov)),
+                        ("DO", T::arg(&gv)),
+                        ("DELTA", Arg::F32Mut(&mut deltav)),
+                        ("CU_Q", Arg::Offsets(&cu_q.cu)),
                     ];
-                    args.extend(strides(n, n.hq, tq)?);
-                    args.extend(strides(n, n.hq, tq)?);
-                    args.extend([
-                        Arg::I32(i32_of("query positions", tq)?),
-                        Arg::I32(i32_of("query tokens", n.b * tq)?),
-                        Arg::I32(i32_of("head dim", n.d)?),
-                    ]);
-                    let grid = (
-                        tiles(&sq, block(k_delta, "BLOCK_M")?)?,
-                        sq.count,
-                        n.hq as u32,
-                    );
-                    launch(dev, k_delta, grid, &mut args)?;
+                    run(dev, k_delta, &p_delta, bufs)?;
                 }
                 let (qv, kv, vv) = (
                     view::<T>(x.q, x.ql)?,
@@ -330,44 +308,24 @@ fn backward_t<T: KernelElem>(
                 let deltav = delta.slice(..);
                 let (mut dq, mut rest) = all.split_at_mut(nq);
                 let (mut dk, mut dv) = rest.split_at_mut(nk);
-                // Q, K, V, dO, LSE, DELTA, then the outputs, CU, CU_Q and the inputs' strides.
-                let ins = [&qv, &kv, &vv, &gv];
-                let input_strides = [(n.hq, tq), (n.hkv, n.t), (n.hkv, n.t), (n.hq, tq)];
-                // dK and dV: grid over the key tiles of each kv head.
-                {
-                    let mut args: Vec<Arg<'_, '_>> = ins.iter().map(|v| T::arg(v)).collect();
-                    args.extend([Arg::F32(&lse), Arg::F32(&deltav)]);
-                    args.extend([
-                        T::arg_mut(&mut dk),
-                        T::arg_mut(&mut dv),
-                        Arg::Offsets(&sk.cu),
-                        Arg::Offsets(&sq.cu),
-                    ]);
-                    for (h, t) in input_strides.into_iter().chain([(n.hkv, n.t); 2]) {
-                        args.extend(strides(n, h, t)?);
-                    }
-                    args.extend(scalars(n, tq, p)?);
-                    let grid = (
-                        tiles(&sk, block(k_dkdv, "BLOCK_N")?)?,
-                        sk.count,
-                        n.hkv as u32,
-                    );
-                    launch(dev, k_dkdv, grid, &mut args)?;
-                }
-                // dQ: grid over the query tiles of each head's sequence positions.
-                let mut args: Vec<Arg<'_, '_>> = ins.iter().map(|v| T::arg(v)).collect();
-                args.extend([Arg::F32(&lse), Arg::F32(&deltav)]);
-                args.extend([
-                    T::arg_mut(&mut dq),
-                    Arg::Offsets(&sk.cu),
-                    Arg::Offsets(&sq.cu),
-                ]);
-                for (h, t) in input_strides.into_iter().chain([(n.hq, tq)]) {
-                    args.extend(strides(n, h, t)?);
-                }
-                args.extend(scalars(n, tq, p)?);
-                let grid = (tiles(&sk, block(k_dq, "BLOCK_M")?)?, sk.count, n.hq as u32);
-                launch(dev, k_dq, grid, &mut args)
+                let inputs = || {
+                    vec![
+                        ("Q", T::arg(&qv)),
+                        ("K", T::arg(&kv)),
+                        ("V", T::arg(&vv)),
+                        ("DO", T::arg(&gv)),
+                        ("LSE", Arg::F32(&lse)),
+                        ("DELTA", Arg::F32(&deltav)),
+                        ("CU", Arg::Offsets(&cu.cu)),
+                        ("CU_Q", Arg::Offsets(&cu_q.cu)),
+                    ]
+                };
+                let mut bufs = inputs();
+                bufs.extend([("DK", T::arg_mut(&mut dk)), ("DV", T::arg_mut(&mut dv))]);
+                run(dev, k_dkdv, &p_dkdv, bufs)?;
+                let mut bufs = inputs();
+                bufs.push(("DQ", T::arg_mut(&mut dq)));
+                run(dev, k_dq, &p_dq, bufs)
             })
         })
     })?;

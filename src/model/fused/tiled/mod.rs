@@ -13,6 +13,8 @@ mod cpu_blocks;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod op;
+#[cfg(any(feature = "cuda", test))]
+mod plan;
 
 pub use cpu::Order;
 pub use op::{
