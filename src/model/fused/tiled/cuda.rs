@@ -69,12 +69,34 @@ fn offsets(dev: &CudaDevice, lens: &[usize]) -> Result<Rc<Seqs>> {
     Ok(made)
 }
 
-/// The keys' and the queries' lengths: `lens` packed, else one sequence per batch row; the
-/// queries' own where they are fewer, else the keys'.
-fn lengths(n: Dims, lens: Option<&[usize]>, queries: Option<Queries>) -> (Vec<usize>, Vec<usize>) {
-    let keys = lens.map_or_else(|| vec![n.t; n.b], <[usize]>::to_vec);
-    let qs = queries.map_or_else(|| keys.clone(), |q| q.lens.to_vec());
-    (keys, qs)
+/// Each sequence's keys (`lens` packed, else one sequence per batch row) and queries (their
+/// own where they are fewer, else the keys'), and the queries' positions per batch row.
+struct Lengths {
+    n: Dims,
+    tq: usize,
+    keys: Vec<usize>,
+    queries: Vec<usize>,
+}
+
+impl Lengths {
+    fn new(n: Dims, lens: Option<&[usize]>, queries: Option<Queries>) -> Self {
+        let keys = lens.map_or_else(|| vec![n.t; n.b], <[usize]>::to_vec);
+        Self {
+            n,
+            tq: queries.map_or(n.t, |q| q.t),
+            queries: queries.map_or_else(|| keys.clone(), |q| q.lens.to_vec()),
+            keys,
+        }
+    }
+
+    fn shape(&self) -> Shape<'_> {
+        Shape {
+            n: self.n,
+            tq: self.tq,
+            keys: &self.keys,
+            queries: &self.queries,
+        }
+    }
 }
 
 /// The attention kernel `name` for these inputs, or why there is none.
@@ -182,20 +204,14 @@ fn forward_t<T: KernelElem>(
         view::<T>(x.k, x.kl)?,
         view::<T>(x.v, x.vl)?,
     );
-    let tq = queries.map_or(n.t, |q| q.t);
-    let (keys, qs) = lengths(n, lens, queries);
-    let shape = Shape {
-        n,
-        tq,
-        keys: &keys,
-        queries: &qs,
-    };
-    let plan = plan::forward(&shape, p, block(kern, "BLOCK_M")?);
+    let lengths = Lengths::new(n, lens, queries);
+    let (tq, keys, qs) = (lengths.tq, &lengths.keys, &lengths.queries);
+    let plan = plan::forward(&lengths.shape(), p, block(kern, "BLOCK_M")?);
     // SAFETY: the forward writes every query row of every sequence, and the offsets cover all
     // B·Tq query tokens, so no element of o or lse is read unwritten.
     let mut o = unsafe { dev.alloc::<T>(n.b * n.hq * tq * n.d)? };
     let mut lse = unsafe { dev.alloc::<f32>(n.hq * n.b * tq)? };
-    let (cu, cu_q) = (offsets(dev, &keys)?, offsets(dev, &qs)?);
+    let (cu, cu_q) = (offsets(dev, keys)?, offsets(dev, qs)?);
     {
         let (mut ov, mut lv) = (o.slice_mut(..), lse.slice_mut(..));
         let bufs = vec![
@@ -265,22 +281,16 @@ fn backward_t<T: KernelElem>(
         kernel(dev, "flash_bwd_dkdv", dtype, n, p)?,
         kernel(dev, "flash_bwd_dq", dtype, n, p)?,
     );
-    let tq = queries.map_or(n.t, |q| q.t);
-    let (keys, qs) = lengths(n, lens, queries);
-    let shape = Shape {
-        n,
-        tq,
-        keys: &keys,
-        queries: &qs,
-    };
+    let lengths = Lengths::new(n, lens, queries);
+    let (tq, keys, qs) = (lengths.tq, &lengths.keys, &lengths.queries);
     let tiles = Tiles {
         delta_m: block(k_delta, "BLOCK_M")?,
         dkdv_n: block(k_dkdv, "BLOCK_N")?,
         dq_m: block(k_dq, "BLOCK_M")?,
     };
-    let [p_delta, p_dkdv, p_dq] = plan::backward(&shape, p, &tiles);
+    let [p_delta, p_dkdv, p_dq] = plan::backward(&lengths.shape(), p, &tiles);
     let (nq, nk) = (n.b * n.hq * tq * n.d, n.b * n.hkv * n.t * n.d);
-    let (cu, cu_q) = (offsets(dev, &keys)?, offsets(dev, &qs)?);
+    let (cu, cu_q) = (offsets(dev, keys)?, offsets(dev, qs)?);
     // SAFETY: each pass writes every element of its output (delta per query row, dK/dV per key
     // row, dQ per query row), the offsets covering all B·Tq query and B·T key tokens.
     let mut delta = unsafe { dev.alloc::<f32>(n.hq * n.b * tq)? };
