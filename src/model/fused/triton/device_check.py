@@ -133,40 +133,55 @@ def jit_tests():
     return passed, failures, skipped
 
 
-def run(q, k, v, do, cu, window, softcap, launch):
+def run(q, k, v, do, cu, window, softcap, launch, cu_q=None):
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    o = host.flash_attention(q, k, v, cu, "bthd", window, q.shape[-1] ** -0.5, softcap, False, launch)
+    o = host.flash_attention(q, k, v, cu, "bthd", window, q.shape[-1] ** -0.5, softcap, False, launch, cu_q)
     return (o, *torch.autograd.grad(o, (q, k, v), do))
 
 
-def correctness(cubins):
+CORRECTNESS = [
+    # (head dim, Hq, Hkv, lengths, window, softcap, queries per sequence (None: every position))
+    (64, 14, 2, [300, 77, 500, 147], 0, 0.0, None),
+    (64, 8, 8, [1024], 0, 0.0, None),
+    (128, 12, 2, [513, 511], 0, 0.0, None),
+    (128, 8, 4, [700, 324], 4096 // 16, 0.0, None),
+    (128, 8, 4, [640, 384], 0, 50.0, None),
+    (256, 8, 4, [333, 691], 200, 50.0, None),
+    (96, 32, 32, [257, 255], 0, 0.0, None),
+    # shared prompts: each rejected sequence's queries its own last positions
+    (64, 14, 2, [300, 280, 500, 470], 0, 0.0, [300, 90, 500, 131]),
+    (128, 8, 4, [640, 384], 0, 50.0, [640, 100]),
+]
+
+
+def correctness(cubins, device="cuda"):
     rows = []
-    cases = [
-        # (head dim, Hq, Hkv, lengths, window, softcap)
-        (64, 14, 2, [300, 77, 500, 147], 0, 0.0),
-        (64, 8, 8, [1024], 0, 0.0),
-        (128, 12, 2, [513, 511], 0, 0.0),
-        (128, 8, 4, [700, 324], 4096 // 16, 0.0),
-        (128, 8, 4, [640, 384], 0, 50.0),
-        (256, 8, 4, [333, 691], 200, 50.0),
-        (96, 32, 32, [257, 255], 0, 0.0),
-    ]
-    for d, hq, hkv, lengths, window, softcap in cases:
+    for d, hq, hkv, lengths, window, softcap, queries in CORRECTNESS:
         for dtype in (torch.bfloat16, torch.float16):
             t = sum(lengths)
             q, k, v, do = make(1, t, hq, hkv, d, "bthd", dtype, 3.0 if softcap else 1.0)
-            cu = offsets(1, t, lengths).cuda()
-            got = run(q, k, v, do, cu, window, softcap, cubins)
-            jit = run(q, k, v, do, cu, window, softcap, host.jit)
+            cu = offsets(1, t, lengths).to(device)
+            cu_q, own = None, (lambda x: x)
+            if queries is not None:
+                rows_q = tests.query_rows(lengths, queries).to(device)
+                cu_q = offsets(1, sum(queries), queries).to(device)
+                own = lambda x, rows_q=rows_q: x.index_select(1, rows_q)  # noqa: E731
+            qo, doo = own(q), own(do)
+            # the output gradient of every position that is not a query: zero
+            do = torch.zeros_like(do).index_copy(1, rows_q, doo) if queries is not None else do
+            got = run(qo, k, v, doo, cu, window, softcap, cubins, cu_q)
+            jit = run(qo, k, v, doo, cu, window, softcap, host.jit, cu_q)
             q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
             ref = reference(q64, k64, v64, cu.cpu(), "bthd", window, d ** -0.5, softcap)
-            want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), do.double()))
+            rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+            want = (own(ref), own(rq), rk, rv)
             qc, kc, vc = (x.detach().requires_grad_() for x in (q, k, v))
             comp = reference(qc, kc, vc, cu.cpu(), "bthd", window, d ** -0.5, softcap, dtype)
-            eager = (comp, *torch.autograd.grad(comp, (qc, kc, vc), do))
+            cq, ck, cv = torch.autograd.grad(comp, (qc, kc, vc), do)
+            eager = (own(comp), own(cq), ck, cv)
             row = {
-                "head_dim": d, "heads": [hq, hkv], "lengths": lengths, "window": window,
-                "softcap": softcap, "dtype": str(dtype).split(".")[1],
+                "head_dim": d, "heads": [hq, hkv], "lengths": lengths, "queries": queries,
+                "window": window, "softcap": softcap, "dtype": str(dtype).split(".")[1],
                 "cubin_vs_f64": [rel(a, b) for a, b in zip(got, want)],
                 "eager_vs_f64": [rel(a, b) for a, b in zip(eager, want)],
                 "cubin_vs_jit": [rel(a, b) for a, b in zip(got, jit)],
