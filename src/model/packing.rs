@@ -55,23 +55,13 @@ pub struct Sharing {
     pub to_own: RowMap,
     /// Each packed row's position within its sequence.
     pub positions: Vec<u32>,
+    /// Each sequence's own rows (its queries: its last positions), where they follow one
+    /// another in the packed row in the pieces' order, as the tiled attention's query offsets
+    /// take them (how batches lay them out); `None` for another order.
+    pub queries: Option<Arc<[usize]>>,
 }
 
 impl Sharing {
-    /// Each sequence's own rows (its queries: its last positions), where they follow one
-    /// another in the packed row in the pieces' order, as the tiled attention's query offsets
-    /// take them; `None` for another order.
-    pub fn queries(&self) -> Option<Arc<[usize]>> {
-        let mut at = 0;
-        for p in self.pieces.iter() {
-            if p.start != at {
-                return None;
-            }
-            at += p.len;
-        }
-        Some(self.pieces.iter().map(|p| p.len).collect())
-    }
-
     /// `pieces` in whole-layout order. Their own rows must cover the packed row once each, and
     /// each shared range must be the first positions of a sequence without shared positions of
     /// its own (so that row i of the range is position i there).
@@ -106,7 +96,16 @@ impl Sharing {
             }
         }
         let n = whole_rows.len();
+        let in_order = pieces
+            .iter()
+            .scan(0, |at, p| {
+                let ok = p.start == *at;
+                *at += p.len;
+                Some(ok)
+            })
+            .all(|ok| ok);
         Ok(Self {
+            queries: in_order.then(|| pieces.iter().map(|p| p.len).collect()),
             pieces: pieces.into(),
             to_whole: RowMap::new(&whole_rows, rows, device)?,
             to_own: RowMap::new(&place, n, device)?,

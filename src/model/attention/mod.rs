@@ -64,8 +64,7 @@ impl Attention {
         mode: OpMode,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (q, k, v) = self.project_tokens(x, dropout, mode)?;
-        let heads = |y: Tensor| -> Result<Tensor> { Ok(y.transpose(1, 2)?.contiguous()?) };
-        Ok((heads(q)?, heads(k)?, heads(v)?))
+        Ok((heads_first(&q)?, heads_first(&k)?, heads_first(&v)?))
     }
 
     /// [`Self::project`] with each position's heads together: q [B, T, nh, hd], k and v
@@ -121,8 +120,7 @@ impl Attention {
         if mode.fuses(&q, Kernel::Rope) && self.tiled_for(&q, &k, mode) {
             return self.forward_tokens((q, k, v), (cos, sin), ctx, keep);
         }
-        let heads = |y: Tensor| -> Result<Tensor> { Ok(y.transpose(1, 2)?.contiguous()?) };
-        let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
+        let (q, k, v) = (heads_first(&q)?, heads_first(&k)?, heads_first(&v)?);
         let (q, k) = if mode.fuses(&q, Kernel::Rope) {
             (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?)
         } else if mode == OpMode::Fast {
@@ -178,8 +176,7 @@ impl Attention {
             fused::rope_in(order, &k, cos, sin)?,
         );
         if let Some(keep) = keep {
-            let heads = |y: &Tensor| -> Result<Tensor> { Ok(y.transpose(1, 2)?.contiguous()?) };
-            keep(&heads(&k)?, &heads(&v)?)?;
+            keep(&heads_first(&k)?, &heads_first(&v)?)?;
         }
         check_packed(ctx, b, t)?;
         let p = self.tiled_params();
@@ -190,9 +187,9 @@ impl Attention {
             (Some(shared), Some(lens)) => {
                 let whole = |x: &Tensor| gather_rows(x, &shared.to_whole, 1);
                 let (k, v) = (whole(&k)?, whole(&v)?);
-                match shared.queries() {
+                match &shared.queries {
                     Some(queries) => {
-                        let packing = (lens.clone(), queries);
+                        let packing = (lens.clone(), queries.clone());
                         tiled_attention_shared(&q, &k, &v, p, packing, order)?
                     }
                     None => {
@@ -433,6 +430,11 @@ fn segments(ctx: &SeqContext, b: usize, t: usize) -> Vec<cpu::attention::Segment
             .collect(),
         None => (0..b).map(|row| Segment::whole(row, 0, t)).collect(),
     }
+}
+
+/// y [B, T, heads, hd] → [B, heads, T, hd], contiguous (a copy).
+fn heads_first(y: &Tensor) -> Result<Tensor> {
+    Ok(y.transpose(1, 2)?.contiguous()?)
 }
 
 /// A packed batch is one row holding all its sequences' positions (each sequence whole, or
