@@ -228,32 +228,31 @@ fn stats(n: Dims) -> Dims {
     }
 }
 
-/// Rows of x on the queries' axis (one packed row, `heads` heads of `n.d`) at their positions
-/// `at` on the keys' axis of `n.t` positions, `fill` elsewhere.
-fn spread<T: Copy>(x: &[T], n: Dims, heads: usize, at: &[usize], fill: T) -> Vec<T> {
+/// The element offsets of each query row on the queries' axis and of its position `at` on the
+/// keys' axis of `n.t` positions (one packed row, `heads` heads of `n.d`).
+fn query_rows(n: Dims, heads: usize, at: &[usize]) -> impl Iterator<Item = (usize, usize)> + '_ {
     let nq = Dims { t: at.len(), ..n };
+    (0..heads).flat_map(move |h| {
+        at.iter()
+            .enumerate()
+            .map(move |(r, &p)| (nq.row(heads, 0, h, r) * n.d, n.row(heads, 0, h, p) * n.d))
+    })
+}
+
+/// Rows of x on the queries' axis at their positions `at` on the keys' axis, `fill` elsewhere.
+fn spread<T: Copy>(x: &[T], n: Dims, heads: usize, at: &[usize], fill: T) -> Vec<T> {
     let mut out = vec![fill; heads * n.t * n.d];
-    for h in 0..heads {
-        for (r, &p) in at.iter().enumerate() {
-            let (src, dst) = (nq.row(heads, 0, h, r) * n.d, n.row(heads, 0, h, p) * n.d);
-            out[dst..dst + n.d].copy_from_slice(&x[src..src + n.d]);
-        }
+    for (q, k) in query_rows(n, heads, at) {
+        out[k..k + n.d].copy_from_slice(&x[q..q + n.d]);
     }
     out
 }
 
 /// [`spread`]'s inverse: the rows at positions `at` of x on the keys' axis.
-fn pick<T: Copy>(x: &[T], n: Dims, heads: usize, at: &[usize]) -> Vec<T> {
-    let nq = Dims { t: at.len(), ..n };
-    let Some(&any) = x.first() else {
-        return Vec::new();
-    };
-    let mut out = vec![any; heads * at.len() * n.d];
-    for h in 0..heads {
-        for (r, &p) in at.iter().enumerate() {
-            let (src, dst) = (n.row(heads, 0, h, p) * n.d, nq.row(heads, 0, h, r) * n.d);
-            out[dst..dst + n.d].copy_from_slice(&x[src..src + n.d]);
-        }
+fn pick<T: Copy + Default>(x: &[T], n: Dims, heads: usize, at: &[usize]) -> Vec<T> {
+    let mut out = vec![T::default(); heads * at.len() * n.d];
+    for (q, k) in query_rows(n, heads, at) {
+        out[q..q + n.d].copy_from_slice(&x[k..k + n.d]);
     }
     out
 }

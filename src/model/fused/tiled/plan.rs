@@ -164,28 +164,14 @@ mod tests {
         m.find(&want).unwrap().tile(name).unwrap()
     }
 
-    fn value(v: &Json, same_queries: bool) -> Value {
+    /// A value of the plan as launches.json writes it: buffers by name, integers, floats;
+    /// where every position is a query, the queries' offsets are the keys' (one tensor there).
+    fn json(v: &Value, same_queries: bool) -> Json {
         match v {
-            // where every position is a query, the queries' offsets are the keys'
-            Json::String(b) if b == "CU_Q" && same_queries => Value::Buf("CU"),
-            Json::String(b) => Value::Buf(match b.as_str() {
-                "Q" => "Q",
-                "K" => "K",
-                "V" => "V",
-                "O" => "O",
-                "LSE" => "LSE",
-                "CU" => "CU",
-                "CU_Q" => "CU_Q",
-                "DO" => "DO",
-                "DELTA" => "DELTA",
-                "DK" => "DK",
-                "DV" => "DV",
-                "DQ" => "DQ",
-                other => panic!("unknown buffer {other}"),
-            }),
-            Json::Number(n) if n.is_f64() => Value::Float(n.as_f64().unwrap() as f32),
-            Json::Number(n) => Value::Int(n.as_u64().unwrap() as usize),
-            other => panic!("unexpected {other}"),
+            Value::Buf("CU_Q") if same_queries => Json::from("CU"),
+            Value::Buf(name) => Json::from(*name),
+            Value::Int(i) => Json::from(*i),
+            Value::Float(f) => Json::from(f64::from(*f)),
         }
     }
 
@@ -258,21 +244,8 @@ mod tests {
                     .map(|v| v.as_u64().unwrap() as usize)
                     .collect();
                 assert_eq!(ours.grid.to_vec(), grid, "{what}: grid");
-                let args: Vec<Value> = theirs["args"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| value(v, same_queries))
-                    .collect();
-                let ours: Vec<Value> = ours
-                    .args
-                    .iter()
-                    .map(|v| match v {
-                        Value::Buf("CU_Q") if same_queries => Value::Buf("CU"),
-                        v => v.clone(),
-                    })
-                    .collect();
-                assert_eq!(ours, args, "{what}: arguments");
+                let ours: Vec<Json> = ours.args.iter().map(|v| json(v, same_queries)).collect();
+                assert_eq!(&Json::from(ours), &theirs["args"], "{what}: arguments");
             }
         }
     }
