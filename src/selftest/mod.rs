@@ -4,6 +4,7 @@
 //! log-probs and every parameter's gradient — in f32 and bf16. One line per check with its error
 //! and tolerance; the command fails unless every check passes.
 
+mod fused;
 mod models;
 mod ops;
 mod optim;
@@ -12,8 +13,9 @@ use crate::error::{Error, Result};
 use crate::model::fused::setting::{self, Kernel};
 use crate::model::init;
 use candle_core::{DType, Device, Tensor};
+use fused::fused_ops;
 use models::{decode, lora, model};
-use ops::{fused_ops, ops};
+use ops::ops;
 use std::fmt::Write;
 
 /// One comparison: the largest error relative to the reference's largest magnitude.
