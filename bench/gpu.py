@@ -229,7 +229,7 @@ def stage_precompute():
         _, wall = MemorySampler().run(refdpo("precompute", "--config", toml))
         rep = json.loads((WORK / f"cache-{preset}" / "report.json").read_text())["train_prefs"]
         peer_out, _ = MemorySampler().run([sys.executable, HERE / "peer_precompute.py", model,
-                                           WORK / f"cache-{preset}" / "train_prefs.parquet", "--batch", "16",
+                                           WORK / f"cache-{preset}" / "train_prefs.parquet", "--batch", "8,16,32",
                                            "--device", a.device, "--dtype", "bfloat16" if cuda else "float32"])
         # its last line: a stray line from torch or transformers must not cost the row
         peer = json.loads(peer_out.strip().splitlines()[-1])
@@ -253,6 +253,8 @@ def stage_precompute():
             "tokens": rep["tokens"], "refdpo_score_seconds": ours_s, "refdpo_process_seconds": wall,
             "refdpo_tokens_per_second": rep["tokens"] / ours_s, "peer_tokens_per_second": peer["tokens_per_second"],
             "ratio": (rep["tokens"] / ours_s) / peer["tokens_per_second"], "max_rel_diff": peer["max_rel_diff"],
+            # transformers at its best batch of 8, 16 and 32 pairs (issue 24), and each one's tokens/s
+            "peer_batch": peer.get("batch"), "peer_tokens_per_second_by_batch": peer.get("by_batch"),
             # model FLOP/s: refdpo's own work (shared positions once), and the peer's
             "refdpo_flops_per_second": ours_flops / ours_s, "peer_flops_per_second": flops / peer["seconds"],
             "shared_token_fraction": sum(shared) / sum(lens),
@@ -285,14 +287,14 @@ def stage_precompute():
         res["models"][first]["whole_sequences"] = attempt(f"{first} whole", lambda: whole(first))
         write_json(OUT / "gpu-precompute.json", res)
     ceiling = res.get("matmul_bf16_flops")
-    print("| model | tokens | refdpo tok/s | transformers tok/s | ratio | refdpo TFLOP/s | % of bf16 matmul |")
+    print("| model | tokens | refdpo tok/s | transformers tok/s (best batch) | ratio | refdpo TFLOP/s | % of bf16 matmul |")
     print("|---|---|---|---|---|---|---|")
     for m, r in res["models"].items():
         if "error" in r:
             print(f"| {m} | failed: {r['error']} | | | | | |")
             continue
         pct = f"{100 * r['refdpo_flops_per_second'] / ceiling:.0f}%" if ceiling else "-"
-        print(f"| {m} | {r['tokens']} | {r['refdpo_tokens_per_second']:.0f} | {r['peer_tokens_per_second']:.0f} | "
+        print(f"| {m} | {r['tokens']} | {r['refdpo_tokens_per_second']:.0f} | {r['peer_tokens_per_second']:.0f} ({r.get('peer_batch')}) | "
               f"**{r['ratio']:.2f}×** | {r['refdpo_flops_per_second'] / 1e12:.0f} | {pct} |")
     if ceiling:
         print(f"bf16 matmul ceiling (torch, 8192³): {ceiling / 1e12:.0f} TFLOP/s")
