@@ -132,6 +132,12 @@ pub fn install(env: &mut Environment) {
         {
             return checked(Ok(done));
         }
+        if let Some(done) = v
+            .as_str()
+            .and_then(|text| super::python::empty_needle(text, name, args))
+        {
+            return done;
+        }
         checked(minijinja_contrib::pycompat::unknown_method_callback(
             s, v, name, args,
         ))
@@ -242,5 +248,64 @@ mod tests {
         let e = t.render(&msgs, false).unwrap_err().to_string();
         assert!(e.contains("on an earlier conversation"), "{e}");
         assert!(again.elapsed().as_millis() < 100);
+    }
+
+    fn renders(source: &str) -> String {
+        let t = ChatTemplate::new(source, "", "").unwrap();
+        t.render(&[Message::new("user", "Hi")], false).unwrap()
+    }
+
+    /// A namespace is the one value a template can change: one holding itself, or a value nested
+    /// a level deeper on every pass of a loop, overflowed the stack when printed, serialized or
+    /// compared (an abort). vendor/minijinja refuses to store such a value.
+    #[test]
+    fn a_namespace_holding_itself_or_nested_without_end_is_an_error_not_an_abort() {
+        for sink in ["{{ ns }}", "{{ ns|tojson }}", "{{ [ns]|sort }}", "{{ ns == ns }}"] {
+            let e = fails(&format!(
+                "{{% set ns = namespace(a=1) %}}{{% set ns.me = ns %}}{sink}"
+            ));
+            assert!(e.contains("cannot store a namespace in itself"), "{sink}: {e}");
+        }
+        let e = fails(
+            "{% set a = namespace() %}{% set b = namespace(x=[a]) %}{% set a.y = {'b': b} %}{{ a }}",
+        );
+        assert!(e.contains("cannot store a namespace in itself"), "{e}");
+        let e = fails(
+            "{% set ns = namespace(x=1) %}{% for i in range(100000) %}{% set ns.x = [ns.x] %}\
+             {% endfor %}{{ ns.x }}",
+        );
+        assert!(e.contains("nested more than 64 deep"), "{e}");
+        // what chat templates store in namespaces still renders
+        assert_eq!(
+            renders(
+                "{% set ns = namespace(found=false, m=[]) %}{% for m in messages %}\
+                 {% set ns.found = true %}{% set ns.m = ns.m + [m] %}{% endfor %}\
+                 {% set other = namespace(n=3) %}{% set ns.o = [other.n] %}\
+                 {{ ns.found }}{{ ns.m[0]['content'] }}{{ ns.o }}"
+            ),
+            "TrueHi[3]"
+        );
+    }
+
+    /// minijinja panicked on these (a panic in a worker thread ended the run).
+    #[test]
+    fn a_template_minijinja_panics_on_is_an_error() {
+        for source in [
+            "{% for m in messages %}{{ loop.cycle() }}{% endfor %}",
+            "{{ '%.65536f'|format(1.0) }}",
+        ] {
+            let e = fails(source);
+            assert!(e.contains("minijinja stopped on it"), "{source}: {e}");
+        }
+    }
+
+    /// `count('')` never returned (minijinja-contrib's loop did not advance); Python counts
+    /// len + 1, and `split('')` is Python's ValueError.
+    #[test]
+    fn an_empty_needle_is_counted_as_python_counts_it() {
+        assert_eq!(renders("{{ 'abc'.count('') }} {{ 'abcab'.count('ab') }}"), "4 2");
+        assert_eq!(renders("{{ 'ä€'.count('') }}"), "3");
+        let e = fails("{{ 'abc'.split('') }}");
+        assert!(e.contains("empty separator"), "{e}");
     }
 }

@@ -3,7 +3,7 @@
 //! string methods whose idea of whitespace is Python's (`str.isspace`, which Rust's
 //! `char::is_whitespace` lacks U+001C–U+001F of).
 
-use minijinja::{ErrorKind, Value};
+use minijinja::{Error, ErrorKind, Value};
 
 /// `json.dumps(value, ensure_ascii=False[, indent=N])`: separators `", "` and `": "` (`","` before a
 /// newline when indented), insertion order kept.
@@ -140,6 +140,24 @@ pub fn whitespace_method(text: &str, name: &str, args: &[Value]) -> Option<Value
             };
             Some(py_splitlines(text, keep))
         }
+        _ => None,
+    }
+}
+
+/// Python's answer where a string method's needle is the empty string and minijinja-contrib's
+/// is not: `count('')` is the number of characters + 1 (its loop never advanced: a render that
+/// never ended), `split('')` is Python's `ValueError: empty separator`. `None` for every other
+/// call.
+pub fn empty_needle(text: &str, name: &str, args: &[Value]) -> Option<Result<Value, Error>> {
+    if args.len() != 1 || args[0].as_str() != Some("") {
+        return None;
+    }
+    match name {
+        "count" => Some(Ok(Value::from(text.chars().count() + 1))),
+        "split" => Some(Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "str.split('') has an empty separator (a ValueError in Python)",
+        ))),
         _ => None,
     }
 }

@@ -295,7 +295,18 @@ impl ChatTemplate {
             limit: self.output_limit,
         };
         let budget = super::bounds::Rendering::start(self.output_limit);
-        let result = tmpl.render_captured_to(Value::from(ctx), &mut out);
+        // minijinja panics on some hostile templates (`loop.cycle()` with no arguments, a format
+        // precision over 65535): an error for this conversation, as its other errors are
+        let result = match crate::error::catch_quietly(|| {
+            tmpl.render_captured_to(Value::from(ctx), &mut out)
+        }) {
+            Ok(result) => result,
+            Err(panic) => {
+                return Err(Error::Tokenize(format!(
+                    "rendering the chat template failed: minijinja stopped on it ({panic})"
+                )))
+            }
+        };
         if result.is_err() && budget.overran() {
             self.overran
                 .store(true, std::sync::atomic::Ordering::Relaxed);
