@@ -255,6 +255,29 @@ pub fn claim_run_dir(dir: &Path, existing: Existing) -> Result<()> {
     found.iter().try_for_each(|p| remove(p))
 }
 
+/// Refuses when a file a command would write (`writes`) is one of its inputs (`inputs`, each with
+/// what it is): `--overwrite` replaces outputs, never the files a run reads (a dataset file named
+/// as a cache split's file, a `--config` file named `config.toml` in the output folder). The same
+/// file is the same device and inode, so links and hard links are found too.
+pub fn refuse_writing_over(writes: &[PathBuf], inputs: &[(PathBuf, &str)]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    for w in writes {
+        let Some(at) = id(w) else { continue };
+        if let Some((input, what)) = inputs.iter().find(|(i, _)| id(i) == Some(at)) {
+            return Err(Error::Occupied {
+                path: w.clone(),
+                msg: format!(
+                    "is {what} (`{}`), which this command would write over: choose another \
+                     output folder, or move the input out of it",
+                    input.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A cache (`precompute.out`) never goes into (or below) a model or checkpoint folder, or the
 /// dataset's folder: its files would mix with theirs (a split's Parquet file matched as data by
 /// a `data_files` glob, a model folder no longer a clean HF checkpoint).

@@ -2,6 +2,7 @@
 
 use crate::cli::{Cli, Command, ConfigArgs, JudgeArgs, StatsArgs};
 use crate::config::Config;
+use crate::dirs::{CacheDir, RunDir};
 use crate::error::{Error, Result};
 use crate::outputs::Existing;
 use candle_core::Device;
@@ -204,6 +205,12 @@ fn load(args: &ConfigArgs) -> Result<Config> {
     Config::load(&args.config, &args.overrides)
 }
 
+/// Refuses a command whose resolved config (`written`, saved beside its outputs) would replace
+/// the `--config` file it was given.
+fn keeps_config(args: &ConfigArgs, written: std::path::PathBuf) -> Result<()> {
+    crate::outputs::refuse_writing_over(&[written], &[(args.config.clone(), "the --config file")])
+}
+
 /// What to do with outputs already there: `--resume` continues them, `--overwrite` replaces them.
 fn existing(resume: bool, overwrite: bool) -> Existing {
     match (resume, overwrite) {
@@ -244,6 +251,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let dev = compute_device(a.dev.device.as_deref())?;
             announce("precompute", &dev, a.dev.quiet);
             let mode = existing(false, a.overwrite);
+            keeps_config(&a.config, CacheDir::new(&cfg.precompute.out).config())?;
             profiled(a.profile, &dev, || {
                 crate::precompute::run(&cfg, &dev, mode, a.dev.quiet)
             })?;
@@ -253,6 +261,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let dev = compute_device(run.dev.device.as_deref())?;
             announce("train", &dev, run.dev.quiet);
             let mode = existing(resume, run.overwrite);
+            keeps_config(&run.config, RunDir::new(&cfg.train.out).config())?;
             profiled(run.profile, &dev, || {
                 crate::train::run(&cfg, &dev, mode, run.dev.quiet)
             })?;

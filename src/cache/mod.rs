@@ -20,9 +20,22 @@ use std::path::{Path, PathBuf};
 /// of thousands of them).
 pub const MAX_REF_LOGP: f64 = 1e-2;
 
+/// The lowest mean reference log-probability per completion token a pair may have: a token's
+/// probability e^-10000. A uniform guess over a 256k vocabulary is -12.5 per token; no model's
+/// forward gets near this, while a sum like -1e308 (a hand-edited cache) trained nothing: every
+/// reward saturated the loss at 0 and the gradient with it.
+pub const MIN_REF_LOGP_PER_TOKEN: f64 = -1e4;
+
+/// Whether `logp` is a possible reference log-prob sum over `tokens` completion tokens: finite,
+/// at most 0 ([`MAX_REF_LOGP`]) and at least [`MIN_REF_LOGP_PER_TOKEN`] per token.
+pub fn possible_ref_logp(logp: f64, tokens: usize) -> bool {
+    logp.is_finite() && logp <= MAX_REF_LOGP && logp >= MIN_REF_LOGP_PER_TOKEN * tokens as f64
+}
+
 /// What makes a cached pair impossible (None: nothing): an empty sequence, or reference
-/// log-probs that are not finite sums at most 0. Every reader of a cache checks each pair with
-/// it (training, `stats`), so a hand-edited or foreign file is refused by pair, not read around.
+/// log-probs that are not possible sums ([`possible_ref_logp`]). Every reader of a cache checks
+/// each pair with it (training, `stats`), so a hand-edited or foreign file is refused by pair,
+/// not read around.
 pub fn impossible_pair(lens: [usize; 3], refs: [f64; 2]) -> Option<String> {
     let [prompt, chosen, rejected] = lens;
     if prompt == 0 || chosen == 0 || rejected == 0 {
@@ -30,9 +43,12 @@ pub fn impossible_pair(lens: [usize; 3], refs: [f64; 2]) -> Option<String> {
             "an empty sequence ({prompt} prompt, {chosen} chosen, {rejected} rejected ids)"
         ));
     }
-    refs.iter()
-        .any(|l| !(l.is_finite() && *l <= MAX_REF_LOGP))
-        .then(|| format!("reference log-probs {refs:?}, not finite sums at most 0"))
+    (!(possible_ref_logp(refs[0], chosen) && possible_ref_logp(refs[1], rejected))).then(|| {
+        format!(
+            "reference log-probs {refs:?} over {chosen} and {rejected} completion tokens, not \
+             finite sums between {MIN_REF_LOGP_PER_TOKEN} per token and 0"
+        )
+    })
 }
 
 /// `<dir>/<split>.parquet` ([`CacheDir::parquet`]).

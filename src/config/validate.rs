@@ -50,6 +50,16 @@ impl Config {
                 d.train_split
             )));
         }
+        for (key, dir) in [
+            ("precompute.out", &self.precompute.out),
+            ("train.out", &self.train.out),
+        ] {
+            if dir.as_os_str().is_empty() {
+                return Err(Error::Config(format!(
+                    "`{key}` is empty: name the folder to write into (\".\" for this one)"
+                )));
+            }
+        }
         if same_dir(&self.train.out, &self.precompute.out)
             || same_dir(&self.train.out, self.train.cache_dir(&self.precompute))
         {

@@ -159,6 +159,7 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     let shard = cfg.precompute.shard;
     // shards of one cache run side by side: each holds its own lock and writes its own report
     let dir = CacheDir::new(out);
+    refuse_writing_inputs(&dir, shard, &prepared, &source)?;
     let lock = match DirLock::acquire(out, &CacheDir::lock_name(shard)) {
         Ok(lock) => Some(lock),
         // A cache this process may not write (a read-only file system, another user's folder)
@@ -242,6 +243,25 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
     };
     let _ = write!(summary, "{done} {}", out.display());
     Ok(summary)
+}
+
+/// Refuses a cache whose files would replace a data file of the dataset (a single-file dataset
+/// named `train_prefs.parquet` with `precompute.out` its own folder).
+fn refuse_writing_inputs(
+    dir: &CacheDir,
+    shard: crate::config::Shard,
+    prepared: &[Prepared],
+    source: &DataSource,
+) -> Result<()> {
+    let mut writes = vec![dir.report(shard), dir.config()];
+    let mut inputs = Vec::new();
+    for split in prepared {
+        writes.extend([dir.parquet(&split.stem), dir.arrow(&split.stem)]);
+        for f in source.files(&split.name)? {
+            inputs.push((f, "a data file of the dataset"));
+        }
+    }
+    crate::outputs::refuse_writing_over(&writes, &inputs)
 }
 
 /// How many skipped rows `report.json` lists one by one (all are counted by reason).

@@ -206,8 +206,23 @@ impl Scorer<'_> {
                 .collect();
             let scores = logprobs::score_pairs(self.model, &ids, l, t, device)?;
             for (&i, s) in batch.iter().zip(scores) {
+                let p = &pairs[i];
                 if !(s.0.is_finite() && s.1.is_finite()) {
-                    return Err(self.non_finite(&pairs[i], s));
+                    return Err(self.non_finite(p, s));
+                }
+                let (c, r) = (p.chosen_ids.len(), p.rejected_ids.len());
+                if !(cache::possible_ref_logp(s.0, c) && cache::possible_ref_logp(s.1, r)) {
+                    return Err(Error::Model(format!(
+                        "source row {} (prompt_id {}): the reference log-probs are {} (chosen, \
+                         {c} tokens) and {} (rejected, {r} tokens), not sums between {} per \
+                         token and 0, so no cache is written: the model's forward is broken \
+                         (check its weights' magnitudes)",
+                        p.row,
+                        p.prompt_id,
+                        s.0,
+                        s.1,
+                        cache::MIN_REF_LOGP_PER_TOKEN
+                    )));
                 }
                 logps[i] = s;
             }

@@ -260,11 +260,19 @@ mod tests {
     /// compared (an abort). vendor/minijinja refuses to store such a value.
     #[test]
     fn a_namespace_holding_itself_or_nested_without_end_is_an_error_not_an_abort() {
-        for sink in ["{{ ns }}", "{{ ns|tojson }}", "{{ [ns]|sort }}", "{{ ns == ns }}"] {
+        for sink in [
+            "{{ ns }}",
+            "{{ ns|tojson }}",
+            "{{ [ns]|sort }}",
+            "{{ ns == ns }}",
+        ] {
             let e = fails(&format!(
                 "{{% set ns = namespace(a=1) %}}{{% set ns.me = ns %}}{sink}"
             ));
-            assert!(e.contains("cannot store a namespace in itself"), "{sink}: {e}");
+            assert!(
+                e.contains("cannot store a namespace in itself"),
+                "{sink}: {e}"
+            );
         }
         let e = fails(
             "{% set a = namespace() %}{% set b = namespace(x=[a]) %}{% set a.y = {'b': b} %}{{ a }}",
@@ -303,7 +311,10 @@ mod tests {
     /// len + 1, and `split('')` is Python's ValueError.
     #[test]
     fn an_empty_needle_is_counted_as_python_counts_it() {
-        assert_eq!(renders("{{ 'abc'.count('') }} {{ 'abcab'.count('ab') }}"), "4 2");
+        assert_eq!(
+            renders("{{ 'abc'.count('') }} {{ 'abcab'.count('ab') }}"),
+            "4 2"
+        );
         assert_eq!(renders("{{ 'ä€'.count('') }}"), "3");
         let e = fails("{{ 'abc'.split('') }}");
         assert!(e.contains("empty separator"), "{e}");

@@ -301,8 +301,9 @@ fn an_overflowing_forward_is_an_error_naming_the_row_never_a_cache_of_nan() {
         .join("train_prefs.arrow")
         .exists());
     // weights within f16's range whose logits pass its 65504: the CPU computes in f32 over the
-    // weights rounded to f16, so the cache is finite (a GPU computing in f16 refuses it, naming
-    // f16's range: `non_finite`'s hint)
+    // weights rounded to f16, so the log-probs are finite (a GPU computing in f16 refuses them,
+    // naming f16's range: `non_finite`'s hint), and far below any forward's (about -4e5 per
+    // token): refused too, by row, as no training could learn from them
     let loud = model_copy(t, "loud", |d| {
         edit_weights(d, |w| {
             let head = (&w["lm_head.weight"] * 1e6).unwrap();
@@ -311,8 +312,13 @@ fn an_overflowing_forward_is_an_error_naming_the_row_never_a_cache_of_nan() {
     });
     let mut sets = model_set(&loud);
     sets.push("model.dtype=f16".into());
-    ok(&args("precompute", &cfg, &sets), t);
-    assert!(loud
+    refused(
+        &cfg,
+        t,
+        &sets,
+        &["source row", "-10000 per token", "no cache is written"],
+    );
+    assert!(!loud
         .with_extension("cache")
         .join("train_prefs.arrow")
         .exists());

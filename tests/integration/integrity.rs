@@ -133,6 +133,11 @@ fn impossible_rows_under_a_valid_checksum_are_refused_by_pair() {
             Box::new(|r| r[3].ref_chosen_logps = 5.0),
             "pair 3 has reference log-probs",
         ),
+        // finite, and no forward's: every reward saturated, a run of zero gradients (fuzzer)
+        (
+            Box::new(|r| r[3].ref_chosen_logps = -1e308),
+            "pair 3 has reference log-probs",
+        ),
         (Box::new(|r| r.clear()), "the training split has no pairs"),
     ];
     let pq = cache::parquet_path(&tmp.path().join("cache"), "train_prefs");

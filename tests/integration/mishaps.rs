@@ -293,3 +293,65 @@ fn leftover_chunks_of_other_pairs_are_scored_again() {
     .unwrap();
     assert!(rerun(&[]) == clean_32, "a chunk copied over another reused");
 }
+
+/// Outputs never replace the files a run reads: a single-file dataset named as a cache split's
+/// file in `precompute.out`, or the `--config` file itself named `config.toml` there (found
+/// with the fuzzer; both had been written over, with exit 0 and no `--overwrite`).
+#[test]
+fn outputs_never_replace_the_dataset_file_or_the_config_file() {
+    let (tmp, cfg) = precomputed("");
+    let t = tmp.path();
+    let mine = t.join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    let data = mine.join("train_prefs.parquet");
+    std::fs::copy(
+        t.join("demo/dataset/data/train_prefs-00000-of-00001.parquet"),
+        &data,
+    )
+    .unwrap();
+    let before = bytes(&data);
+    let cfg_s = cfg.to_str().unwrap();
+    for extra in [&[][..], &["--overwrite"][..]] {
+        let mut args = vec![
+            "precompute",
+            "--config",
+            cfg_s,
+            "--set",
+            "dataset.id=mine/train_prefs.parquet",
+            "--set",
+            "precompute.out=\"mine\"",
+        ];
+        args.extend(extra);
+        let err = fails(&args, t);
+        assert!(err.contains("is a data file of the dataset"), "{err}");
+        assert_eq!(bytes(&data), before, "{extra:?}: the data file changed");
+    }
+
+    // the pipeline file itself, `config.toml` in the folder it names for its outputs
+    let text = std::fs::read_to_string(&cfg).unwrap() + "\n# my notes\n";
+    for (command, key) in [("precompute", "precompute.out"), ("train", "train.out")] {
+        let dir = t.join(format!("own-{command}"));
+        std::fs::create_dir(&dir).unwrap();
+        let own = dir.join("config.toml");
+        std::fs::write(&own, &text).unwrap();
+        let set = format!("{key}=\"{}\"", dir.display());
+        let err = fails(
+            &[command, "--config", own.to_str().unwrap(), "--set", &set],
+            t,
+        );
+        assert!(err.contains("is the --config file"), "{command}: {err}");
+        assert_eq!(std::fs::read_to_string(&own).unwrap(), text, "{command}");
+    }
+
+    let err = fails(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--set",
+            "precompute.out=\"\"",
+        ],
+        t,
+    );
+    assert!(err.contains("`precompute.out` is empty"), "{err}");
+}
