@@ -224,9 +224,17 @@ impl Fingerprint {
 }
 
 fn stale(path: &Path, field: &str, cached: &str, wanted: &str) -> Error {
-    let cached = match cached {
-        "\"\"" => "not recorded (the cache predates the field)",
-        other => other,
+    // default dataset options are recorded as nothing (a cache of defaults keeps its old bytes)
+    let defaults =
+        "the defaults (`data_files`, `test_size`, `columns`, `message_keys` and `roles` unset)";
+    let cached = match (field, cached) {
+        ("dataset_options", "\"\"") => defaults,
+        (_, "\"\"") => "not recorded (the cache predates the field)",
+        (_, other) => other,
+    };
+    let wanted = match (field, wanted) {
+        ("dataset_options", "\"\"") => defaults,
+        (_, other) => other,
     };
     Error::StaleCache {
         path: path.to_path_buf(),
@@ -379,6 +387,33 @@ mod tests {
             "{json}"
         );
         assert_eq!(Fingerprint::from_json(&json, Path::new("x")).unwrap(), fp);
+    }
+
+    /// Default dataset options are recorded as nothing: a cache of them is not one that
+    /// "predates the field" (fuzzer: said of a cache written a moment before).
+    #[test]
+    fn default_dataset_options_are_named_as_defaults() {
+        let cached = sample();
+        let mut wanted = sample();
+        wanted.dataset_options = Some(DatasetOptions {
+            data_files: BTreeMap::new(),
+            test_size: 0.0,
+            columns: Columns::default(),
+            message_keys: MessageKeys::default(),
+            roles: [("human".to_string(), crate::config::Role::User)].into(),
+        });
+        for (a, b) in [(&cached, &wanted), (&wanted, &cached)] {
+            let err = a
+                .check_compatible(b, Path::new("c.arrow"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`dataset_options`")
+                    && err.contains("the defaults (`data_files`")
+                    && !err.contains("predates"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

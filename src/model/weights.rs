@@ -146,6 +146,42 @@ pub fn read_header(path: &Path) -> Result<Header> {
             bytes: 8 + n + start..8 + n + end,
         });
     }
+    // the tensors tile the data end to end, as the safetensors crate requires (its error names
+    // whichever tensor it reached, not the damaged one)
+    let mut order: Vec<&TensorInfo> = tensors.iter().collect();
+    order.sort_by_key(|t| (t.bytes.start, t.bytes.end));
+    let mut at = 8 + n;
+    let mut last: Option<&str> = None;
+    for t in order {
+        let after = last.map_or_else(String::new, |l| format!(" (after tensor `{l}`)"));
+        if t.bytes.start < at {
+            return Err(bad(format!(
+                "tensor `{}` claims bytes {}..{}, which overlap the tensor before it{after}: the \
+                 file is damaged",
+                t.name,
+                t.bytes.start - 8 - n,
+                t.bytes.end - 8 - n
+            )));
+        }
+        if t.bytes.start > at {
+            return Err(bad(format!(
+                "data bytes {}..{} belong to no tensor{after}, before tensor `{}`: the file is \
+                 damaged",
+                at - 8 - n,
+                t.bytes.start - 8 - n,
+                t.name
+            )));
+        }
+        at = t.bytes.end;
+        last = Some(&t.name);
+    }
+    if at != len {
+        return Err(bad(format!(
+            "data bytes {}..{data_len} belong to no tensor (after the last one): the file is \
+             damaged",
+            at - 8 - n
+        )));
+    }
     Ok(Header {
         path: path.to_path_buf(),
         tensors,
@@ -176,6 +212,14 @@ pub fn read_f64_scalar(path: &Path, name: &str) -> Result<Option<f64>> {
 /// optimized kernels (a NaN or an Inf makes it non-finite), and only when it is, the element
 /// itself (a finite tensor whose sum overflows then comes out clean).
 pub fn non_finite_at(t: &Tensor) -> Result<Option<usize>> {
+    if t.dtype() == DType::F64 {
+        // in f64: a finite value past f32's range is not a NaN or an Inf (the cast says so)
+        let t = t.flatten_all()?;
+        if t.sum_all()?.to_scalar::<f64>()?.is_finite() {
+            return Ok(None);
+        }
+        return Ok(t.to_vec1::<f64>()?.iter().position(|x| !x.is_finite()));
+    }
     let t = t.flatten_all()?.to_dtype(DType::F32)?;
     if t.sum_all()?.to_scalar::<f32>()?.is_finite() {
         return Ok(None);
@@ -207,11 +251,20 @@ pub fn load(files: &[PathBuf], dtype: DType, device: &Device) -> Result<HashMap<
                 )));
             }
             let cast = t.to_dtype(dtype)?;
-            if dtype == DType::F16 && t.dtype() != DType::F16 {
+            if cast.dtype() != t.dtype() {
                 if let Some(at) = non_finite_at(&cast)? {
+                    let why = match dtype {
+                        DType::F16 => "beyond f16's range (65504): set `model.dtype = \"bf16\"` \
+                                       (or \"f32\")"
+                            .to_string(),
+                        other => format!(
+                            "finite in the file's {:?} and beyond {other:?}'s range (3.4e38): no \
+                             model's weight is that large, the checkpoint is damaged{REFETCH}",
+                            t.dtype()
+                        ),
+                    };
                     return Err(Error::Model(format!(
-                        "`{}`: tensor `{name}` element {at} is beyond f16's range (65504): set \
-                         `model.dtype = \"bf16\"` (or \"f32\")",
+                        "`{}`: tensor `{name}` element {at} is {why}",
                         file.display()
                     )));
                 }
@@ -309,5 +362,61 @@ mod tests {
             .to_dtype(DType::F16)
             .unwrap();
         assert_eq!(non_finite_at(&t).unwrap(), None);
+    }
+
+    /// A finite f64 weight past f32's range is not called a NaN or an Inf: the cast to the compute
+    /// dtype names its range (fuzzer: "holds a NaN or Inf" for 1e300).
+    #[test]
+    fn a_finite_f64_weight_past_f32s_range_is_named_as_such() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("model.safetensors");
+        let t = Tensor::new(vec![1.0f64, 1e300, 2.0], &Device::Cpu).unwrap();
+        assert_eq!(non_finite_at(&t).unwrap(), None);
+        save(&HashMap::from([("w".to_string(), t)]), &path).unwrap();
+        let e = load(&[path.clone()], DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tensor `w` element 1 is finite in the file's F64 and beyond F32's range"),
+            "{e}"
+        );
+        let nan = Tensor::new(vec![1.0f64, f64::NAN], &Device::Cpu).unwrap();
+        assert_eq!(non_finite_at(&nan).unwrap(), Some(1));
+    }
+
+    /// Tensors whose bytes overlap, leave a gap, or stop short of the file's end are refused by
+    /// name (the safetensors crate named whichever tensor it reached).
+    #[test]
+    fn tensors_that_do_not_tile_the_data_are_refused_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("model.safetensors");
+        let write = |header: serde_json::Value, data: usize| {
+            let h = header.to_string().into_bytes();
+            let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+            bytes.extend(h);
+            bytes.extend(vec![0u8; data]);
+            std::fs::write(&path, bytes).unwrap();
+            read_header(&path).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let t = |s: u64, e: u64| serde_json::json!({"dtype": "F32", "shape": [(e - s) / 4], "data_offsets": [s, e]});
+        let ok = write(serde_json::json!({"a": t(0, 8), "b": t(8, 16)}), 16);
+        assert!(ok.is_ok(), "{ok:?}");
+        let e = write(
+            serde_json::json!({"a": t(0, 8), "b": t(4, 12), "c": t(12, 16)}),
+            16,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("tensor `b` claims bytes 4..12, which overlap")
+                && e.contains("after tensor `a`"),
+            "{e}"
+        );
+        let e = write(serde_json::json!({"a": t(0, 8), "b": t(12, 16)}), 16).unwrap_err();
+        assert!(
+            e.contains("data bytes 8..12 belong to no tensor") && e.contains("before tensor `b`"),
+            "{e}"
+        );
+        let e = write(serde_json::json!({"a": t(0, 8)}), 16).unwrap_err();
+        assert!(e.contains("data bytes 8..16 belong to no tensor"), "{e}");
     }
 }

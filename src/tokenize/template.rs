@@ -153,7 +153,14 @@ impl ChatTemplate {
                     })?,
                 // plain-text rows need none (TRL tokenizes them without one); a conversation
                 // rendered with it fails with this message
-                _ => String::new(),
+                None | Some(serde_json::Value::Null) => String::new(),
+                Some(other) => {
+                    return Err(Error::Tokenize(format!(
+                        "`chat_template` in `{}` is {other}, not a template (a string, or a list \
+                         of named templates)",
+                        cfg_path.display()
+                    )))
+                }
             }
         };
         let missing = (source.is_empty() && !jinja.exists()).then(|| {
@@ -418,6 +425,24 @@ mod tests {
         let t = load(serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": uses_bos}))
             .unwrap();
         assert_eq!(t.eos_token(), None);
+        // a template of another type is refused by key, not taken for none (fuzzer)
+        for wrong in [
+            serde_json::json!(5),
+            serde_json::json!({"x": 1}),
+            serde_json::json!(true),
+        ] {
+            let err = load(serde_json::json!({"chat_template": wrong}))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains("`chat_template` in") && err.contains("not a template"),
+                "{err}"
+            );
+        }
+        let t = load(serde_json::json!({"chat_template": null})).unwrap();
+        let err = t.render(&[Message::new("user", "Hi")], false).unwrap_err();
+        assert!(err.to_string().contains("no chat template"), "{err}");
     }
 
     /// transformers renders `{% generation %}` blocks' bodies as is (whitespace control

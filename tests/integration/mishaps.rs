@@ -150,6 +150,13 @@ fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
             && !err.contains("learning_rate"),
         "{err}"
     );
+    // A weight decay that, with the learning rate, scales every weight past -1 per step: the
+    // hint names it (fuzzer: it said only "lower train.learning_rate")
+    let err = overwrite(&["train.weight_decay=1e30"]);
+    assert!(
+        err.contains("is NaN at step") && err.contains("lower train.weight_decay (1e30)"),
+        "{err}"
+    );
     // An update overflows the weights (a finite loss and norm before it; step 1 is warmup, at
     // rate 0): neither its checkpoint nor `final/` is written, and the error names the last good
     // checkpoint.

@@ -384,6 +384,18 @@ impl<'a> Trainer<'a> {
                 shown(t.rpo_alpha)
             );
         }
+        // AdamW's decoupled decay scales every weight by 1 - lr·wd per step: past 1 the weights
+        // change sign and grow
+        let decay = t.learning_rate * t.weight_decay;
+        if decay >= 1.0 {
+            return format!(
+                "lower train.weight_decay ({}): with train.learning_rate ({}) it scales every \
+                 weight by 1 - {} per step",
+                shown(t.weight_decay),
+                shown(t.learning_rate),
+                shown(decay)
+            );
+        }
         if t.max_grad_norm > 0.0 {
             "lower train.learning_rate".into()
         } else {
