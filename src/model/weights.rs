@@ -373,7 +373,7 @@ mod tests {
         let t = Tensor::new(vec![1.0f64, 1e300, 2.0], &Device::Cpu).unwrap();
         assert_eq!(non_finite_at(&t).unwrap(), None);
         save(&HashMap::from([("w".to_string(), t)]), &path).unwrap();
-        let e = load(&[path.clone()], DType::F32, &Device::Cpu)
+        let e = load(std::slice::from_ref(&path), DType::F32, &Device::Cpu)
             .unwrap_err()
             .to_string();
         assert!(
