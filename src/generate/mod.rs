@@ -147,6 +147,23 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         ..opts.sampling
     };
     let eos = defaults.eos;
+    if let Some(max) = inputs.model.cfg.max_positions {
+        let longest = (0..n)
+            .map(|i| {
+                let (b, r) = split.pair(i);
+                b.prompt_ids(r).len()
+            })
+            .max()
+            .unwrap_or(0);
+        if longest.saturating_add(opts.max_new_tokens) > max {
+            crate::error::note!(
+                "warning: the longest prompt ({longest} tokens) and --max-new-tokens {} pass the \
+                 model's `max_position_embeddings` ({max}); transformers' generate() warns the \
+                 same: positions past it were never trained, and the continuations may degrade",
+                opts.max_new_tokens
+            );
+        }
+    }
     let out = opts
         .out
         .clone()

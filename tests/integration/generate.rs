@@ -229,6 +229,36 @@ fn generate_writes_both_models_lines_a_summary_and_a_chart() {
         json["generations"]["policy_vs_reference"]["policy_longer_frac"].is_number(),
         "{json}"
     );
+    // past the model's `max_position_embeddings` (the demo's 512): said, as transformers says
+    // it (fuzzer: it decoded on without a word); within it, nothing is said
+    let max_position = read_json(&tmp.path().join("demo/model/config.json"))
+        ["max_position_embeddings"]
+        .as_u64()
+        .unwrap();
+    for (tokens, warned) in [(max_position, true), (8, false)] {
+        let tokens = tokens.to_string();
+        let out = tmp.path().join(format!("gen-{tokens}.jsonl"));
+        let args = [
+            "generate",
+            "--config",
+            cfg_s,
+            "--quiet",
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            &tokens,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let o = refdpo(&args, tmp.path());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert_eq!(
+            err.contains("pass the model's `max_position_embeddings` (512)"),
+            warned,
+            "{tokens}: {err}"
+        );
+    }
 }
 
 /// The EOS ids of `generation_config.json` are token ids or an error naming the file: never one

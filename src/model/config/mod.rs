@@ -105,6 +105,8 @@ pub struct TransformerConfig {
     pub attn_softcap: Option<f64>,
     /// Gemma 2: logits → cap · tanh(logits / cap) before the log-softmax.
     pub final_softcap: Option<f64>,
+    /// `max_position_embeddings`, where set: `generate` warns past it, as transformers does.
+    pub max_positions: Option<usize>,
 }
 
 /// A key's three states in config.json: absent (the family's default applies), null, or set.
@@ -401,6 +403,11 @@ impl TransformerConfig {
                     .or(family.final_logit_softcapping),
                 false => None,
             },
+            max_positions: raw
+                .rest
+                .get("max_position_embeddings")
+                .and_then(serde_json::Value::as_u64)
+                .map(|n| n as usize),
         })
     }
 }
