@@ -12,6 +12,7 @@ pub use fingerprint::Fingerprint;
 pub use ipc::MappedCache;
 pub use schema::{CacheBatch, CacheRow};
 
+use crate::config::Truncation;
 use crate::dirs::CacheDir;
 use std::path::{Path, PathBuf};
 
@@ -32,15 +33,33 @@ pub fn possible_ref_logp(logp: f64, tokens: usize) -> bool {
     logp.is_finite() && logp <= MAX_REF_LOGP && logp >= MIN_REF_LOGP_PER_TOKEN * tokens as f64
 }
 
-/// What makes a cached pair impossible (None: nothing): an empty sequence, or reference
-/// log-probs that are not possible sums ([`possible_ref_logp`]). Every reader of a cache checks
+/// What makes a cached pair impossible (None: nothing): an empty sequence, answers longer than
+/// the cache's truncation keeps (its `max_length` and mode), or reference log-probs that are not
+/// possible sums ([`possible_ref_logp`]). Every reader of a cache checks
 /// each pair with it (training, `stats`), so a hand-edited or foreign file is refused by pair,
 /// not read around.
-pub fn impossible_pair(lens: [usize; 3], refs: [f64; 2]) -> Option<String> {
+pub fn impossible_pair(
+    lens: [usize; 3],
+    refs: [f64; 2],
+    (max_length, truncation): (usize, Truncation),
+) -> Option<String> {
     let [prompt, chosen, rejected] = lens;
     if prompt == 0 || chosen == 0 || rejected == 0 {
         return Some(format!(
             "an empty sequence ({prompt} prompt, {chosen} chosen, {rejected} rejected ids)"
+        ));
+    }
+    // what stage one's truncation keeps of an answer (`tokenize::pairs::kept_completion`): a
+    // longer one would be cut again by training's window, its reference sum over other tokens
+    let room = match truncation {
+        Truncation::KeepStart => max_length.saturating_sub(prompt),
+        Truncation::KeepEnd => max_length,
+    };
+    if chosen.max(rejected) > room {
+        return Some(format!(
+            "answers of {chosen} and {rejected} ids after a {prompt}-id prompt, more than \
+             `max_length` {max_length} keeps ({})",
+            truncation.as_str()
         ));
     }
     (!(possible_ref_logp(refs[0], chosen) && possible_ref_logp(refs[1], rejected))).then(|| {

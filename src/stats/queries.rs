@@ -156,11 +156,13 @@ pub fn check_pairs(files: &[PathBuf]) -> Result<()> {
         ]
         .map(|name| floats(&df, name));
         let (p, c, r, rc, rr) = (p?, c?, r?, rc?, rr?);
+        let fp = cache::parquet::read_fingerprint(file)?;
+        let window = (fp.max_length, fp.truncation);
         // a missing length (null) reads as NaN: no sequence
         let len = |x: f64| if x.is_finite() { x as usize } else { 0 };
         for i in 0..p.len() {
             if let Some(what) =
-                cache::impossible_pair([len(p[i]), len(c[i]), len(r[i])], [rc[i], rr[i]])
+                cache::impossible_pair([len(p[i]), len(c[i]), len(r[i])], [rc[i], rr[i]], window)
             {
                 return Err(cache::checksum::corrupt(
                     file,

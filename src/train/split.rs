@@ -39,6 +39,7 @@ impl Split {
                 format!("token id {max} is outside the model's vocabulary of {vocab_size}"),
             ));
         }
+        let window = (cache.fingerprint.max_length, cache.fingerprint.truncation);
         let mut lengths = Vec::with_capacity(cache.len());
         for i in 0..cache.len() {
             let (b, r) = cache.locate(i);
@@ -50,6 +51,7 @@ impl Split {
             let bad = cache::impossible_pair(
                 [prompt, chosen, rejected],
                 [b.ref_chosen(r), b.ref_rejected(r)],
+                window,
             );
             if let Some(what) = bad {
                 return Err(checksum::corrupt(&path, format!("pair {i} has {what}")));

@@ -133,6 +133,12 @@ fn impossible_rows_under_a_valid_checksum_are_refused_by_pair() {
             Box::new(|r| r[3].ref_chosen_logps = 5.0),
             "pair 3 has reference log-probs",
         ),
+        // an answer longer than the cache's truncation keeps: training's window would cut it
+        // again, against a reference sum over the whole of it (fuzzer)
+        (
+            Box::new(|r| r[3].chosen_ids = r[3].chosen_ids.repeat(20)),
+            "pair 3 has answers of",
+        ),
         // finite, and no forward's: every reward saturated, a run of zero gradients (fuzzer)
         (
             Box::new(|r| r[3].ref_chosen_logps = -1e308),
