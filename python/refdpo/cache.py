@@ -7,11 +7,13 @@ footer's metadata (`whole:<hex>`) read as `whole:????????????????` (files writte
 """
 
 import json
+import math
 import mmap
 import os
 import re
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import xxhash
 
@@ -46,11 +48,14 @@ def cache_files(path, split="train_prefs"):
     if len(counts) != 1:
         raise CacheError(f"{path}: shards of {split} from different counts {sorted(counts)}: remove the stale ones")
     n = counts.pop()
-    missing = [f"{split}.shard-{i}-of-{n}.arrow" for i in range(n) if (i, n) not in shards]
-    if missing:
-        raise CacheError(
-            f"{os.path.join(path, missing[0])}: missing: run `refdpo precompute --shard {missing[0].split('-')[1]}/{n}`"
-        )
+    # the first missing shard, found among the ones there (a name may claim 2^64 shards)
+    missing = next((i for i in range(len(shards) + 1) if (i, n) not in shards), None)
+    if missing is not None and missing < n:
+        name = f"{split}.shard-{missing}-of-{n}.arrow"
+        raise CacheError(f"{os.path.join(path, name)}: missing: run `refdpo precompute --shard {missing}/{n}`")
+    stray = sorted(i for i, _ in shards if i >= n)
+    if stray:
+        raise CacheError(f"{shards[(stray[0], n)]}: shard {stray[0]} of {n} does not exist: remove it")
     return [shards[(i, n)] for i in range(n)]
 
 
@@ -111,11 +116,75 @@ def _whole_matches(path, stored):
                 data.release()
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _fingerprint(path, reader):
     raw = (reader.schema.metadata or {}).get(FINGERPRINT_KEY)
     if raw is None:
         raise CacheError(f"{path}: no `refdpo.fingerprint` in its schema: re-run `refdpo precompute`")
-    return json.loads(raw)
+    try:
+        fingerprint = json.loads(raw, parse_constant=_no_constant)
+    except ValueError as e:  # JSONDecodeError, a bad UTF-8 byte, NaN or Infinity
+        raise CacheError(f"{path}: its fingerprint is not JSON ({e}): re-run `refdpo precompute`") from None
+    if not isinstance(fingerprint, dict):
+        raise CacheError(
+            f"{path}: its fingerprint is a JSON {type(fingerprint).__name__}, not an object: re-run `refdpo precompute`"
+        )
+    return fingerprint
+
+
+# Stage two's bounds on a pair (`cache::impossible_pair` in refdpo's source): a reference log-prob
+# sum is at most MAX_REF_LOGP and at least MIN_REF_LOGP_PER_TOKEN per completion token.
+MAX_REF_LOGP = 1e-2
+MIN_REF_LOGP_PER_TOKEN = -1e4
+COLLATOR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
+
+
+def _impossible(prompt, chosen, rejected, refs, max_length, truncation):
+    """Why a pair cannot be stage one's (None: it can), as stage two judges it."""
+    if not (prompt and chosen and rejected):
+        return f"an empty sequence ({prompt} prompt, {chosen} chosen, {rejected} rejected ids)"
+    room = (max_length - prompt if truncation == "keep_start" else max_length) if isinstance(max_length, int) else None
+    if room is not None and max(chosen, rejected) > room:
+        return (
+            f"answers of {chosen} and {rejected} ids after a {prompt}-id prompt, more than `max_length` "
+            f"{max_length} keeps ({truncation})"
+        )
+    for logp, tokens in zip(refs, (chosen, rejected)):
+        if not (
+            isinstance(logp, float)
+            and math.isfinite(logp)
+            and MIN_REF_LOGP_PER_TOKEN * tokens <= logp <= MAX_REF_LOGP
+        ):
+            return (
+                f"reference log-probs {list(refs)} over {chosen} and {rejected} completion tokens, not finite sums "
+                f"between {MIN_REF_LOGP_PER_TOKEN:g} per token and 0"
+            )
+    return None
+
+
+def _check_rows(files, tables, fingerprint):
+    """Every pair of the split possible, as stage two checks each before training: the collator's
+    columns there, no empty sequence, answers within the truncation's `max_length`, reference sums
+    finite and within bounds. TRL would train on such rows without a word."""
+    first = 0
+    for f, t in zip(files, tables):
+        missing = [c for c in COLLATOR_COLUMNS if c not in t.column_names]
+        if missing:
+            raise CacheError(f"{f}: cache column `{missing[0]}` is missing: re-run `refdpo precompute`")
+        lens = [pc.list_value_length(t[c]).fill_null(0).to_pylist() for c in COLLATOR_COLUMNS[:3]]
+        refs = [t[c].to_pylist() for c in COLLATOR_COLUMNS[3:]]
+        for i, (p, c, r, rc, rr) in enumerate(zip(*lens, *refs)):
+            why = _impossible(
+                p, c, r, (rc, rr), fingerprint.get("max_length"), fingerprint.get("truncation", "keep_start")
+            )
+            if why:
+                raise CacheError(
+                    f"{f}: pair {first + i} has {why}: the file is damaged or not stage one's; re-run `refdpo precompute`"
+                )
+        first += t.num_rows
 
 
 def _shard_of(path, split):
@@ -203,7 +272,11 @@ def load_cache(path, split="train_prefs"):
     _check_identity(files, fingerprints, split)
     _check_tiling(files, fingerprints, split)
     fingerprint = {k: v for k, v in fingerprints[0].items() if k not in ("shard", "shard_pairs")}
-    table = pa.concat_tables([r.read_all() for r in readers]).replace_schema_metadata(None)
+    tables = [r.read_all() for r in readers]
+    _check_rows(files, tables, fingerprint)
+    if sum(t.num_rows for t in tables) == 0:
+        raise CacheError(f"{files[0]}: the split {split!r} holds no pairs: re-run `refdpo precompute` on data with some")
+    table = pa.concat_tables(tables).replace_schema_metadata(None)
     # The fingerprint rides in the dataset's info, which `select`, `shuffle` and `filter` keep, so
     # `refdpo.trl.CachedReferenceDPOTrainer` can check the cache against its model and config.
     info = datasets.DatasetInfo(description=FINGERPRINT_INFO + json.dumps(fingerprint, sort_keys=True))

@@ -172,3 +172,54 @@ def test_shard_spans_must_tile_the_split():
     ]:
         with pytest.raises(refdpo.CacheError, match=says):
             _check_tiling(files, [{"shard_pairs": s} if s else {} for s in spans], "t")
+
+
+def test_impossible_rows_under_a_valid_checksum_are_refused_by_pair(caches):
+    """The rows stage two refuses (`cache::impossible_pair`), refused here too: TRL would train on
+    them. The check itself, over the cache's own rows edited (a re-sealed file reads the same)."""
+    import pyarrow as pa
+
+    from refdpo.cache import _check_rows
+
+    whole, _ = caches
+    path = os.path.join(whole, "train_prefs.arrow")
+    fp = refdpo.read_fingerprint(whole)
+    rows = refdpo.load_cache(whole).data.table.to_pylist()
+    _check_rows([path], [pa.Table.from_pylist(rows)], fp)
+    edits = [
+        (lambda r: r.update(ref_chosen_logps=float("nan")), "pair 3 has reference log-probs"),
+        (lambda r: r.update(ref_chosen_logps=5.0), "pair 3 has reference log-probs"),
+        (lambda r: r.update(ref_rejected_logps=-1e300), "pair 3 has reference log-probs"),
+        (lambda r: r.update(prompt_ids=[]), "pair 3 has an empty sequence"),
+        (lambda r: r.update(chosen_ids=r["chosen_ids"] * 20), r"pair 3 has answers of .* more than `max_length` 96"),
+    ]
+    for edit, says in edits:
+        bad = [dict(r) for r in rows]
+        edit(bad[3])
+        with pytest.raises(refdpo.CacheError, match=says):
+            _check_rows([path], [pa.Table.from_pylist(bad)], fp)
+    dropped = pa.Table.from_pylist(rows).drop_columns(["ref_rejected_logps"])
+    with pytest.raises(refdpo.CacheError, match="cache column `ref_rejected_logps` is missing"):
+        _check_rows([path], [dropped], fp)
+
+
+def test_a_damaged_fingerprint_or_a_shard_count_past_any_is_a_cache_error(tmp_path):
+    """Raised as CacheError naming the file, not as JSON's or Python's own errors; a shard name
+    claiming 2^64 shards names the first missing one at once (it had listed them all)."""
+    from refdpo.cache import FINGERPRINT_KEY, _fingerprint, cache_files
+
+    class Reader:
+        def __init__(self, raw):
+            self.schema = type("S", (), {"metadata": {FINGERPRINT_KEY: raw}})()
+
+    for raw, says in [
+        (b"not json {", "is not JSON"),
+        (b'{"limit": NaN}', "is not JSON"),
+        (b"[1, 2]", "is a JSON list, not an object"),
+    ]:
+        with pytest.raises(refdpo.CacheError, match=f"f.arrow: its fingerprint {says}"):
+            _fingerprint("f.arrow", Reader(raw))
+    n = 2**64 - 1
+    (tmp_path / f"train_prefs.shard-0-of-{n}.arrow").write_bytes(b"")
+    with pytest.raises(refdpo.CacheError, match=f"shard-1-of-{n}.arrow: missing"):
+        cache_files(str(tmp_path))
