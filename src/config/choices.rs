@@ -292,7 +292,11 @@ impl Shard {
         at(self.index)..at(self.index + 1)
     }
 
-    /// Parses "i/n" with 0 <= i < n.
+    /// The most shards a split may be scored in: far more than any cluster's jobs, and few enough
+    /// that a reader listing a split's shards stays small.
+    pub const MAX_COUNT: usize = 65_536;
+
+    /// Parses "i/n" with 0 <= i < n <= [`Self::MAX_COUNT`].
     pub fn parse(s: &str) -> Result<Self, String> {
         let parsed = s.split_once('/').and_then(|(i, n)| {
             Some(Self {
@@ -301,6 +305,11 @@ impl Shard {
             })
         });
         match parsed {
+            Some(sh) if sh.count > Self::MAX_COUNT => Err(format!(
+                "shard `{s}` is one of {} shards, more than {}: score the split in fewer",
+                sh.count,
+                Self::MAX_COUNT
+            )),
             Some(sh) if sh.count >= 1 && sh.index < sh.count => Ok(sh),
             _ => Err(format!(
                 "shard `{s}` is not \"i/n\" with 0 <= i < n (e.g. \"0/4\" for the first of four)"

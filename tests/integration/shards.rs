@@ -162,6 +162,18 @@ fn two_shard_processes_equal_the_unsharded_cache() {
         tmp.path(),
     );
     assert!(err.contains("0 <= i < n"), "{err}");
+    // a count past any use (the fuzzer's 2^64 - 1 wrote empty shards a reader listed one by one)
+    let err = fails(
+        &[
+            "precompute",
+            "--config",
+            cfg_s,
+            "--shard",
+            "0/18446744073709551615",
+        ],
+        tmp.path(),
+    );
+    assert!(err.contains("more than 65536"), "{err}");
 }
 
 /// Shards scored under different `precompute.chunk_pairs` hold ranges of the split that do not
