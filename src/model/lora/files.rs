@@ -69,9 +69,17 @@ pub fn read(dir: &Path) -> Result<SavedAdapter> {
     if v["peft_type"] != "LORA" {
         return Err(bad("peft_type", &format!("is {}", v["peft_type"])));
     }
-    if v["use_dora"] == true {
+    // PEFT reads these with Python's truthiness (1, "false" are true there): refdpo reads the
+    // booleans PEFT writes, and refuses anything else by name rather than guess
+    let flag = |field: &str| match &v[field] {
+        Value::Null => Ok(false),
+        Value::Bool(b) => Ok(*b),
+        other => Err(bad(field, &format!("is {other}, not true or false"))),
+    };
+    if flag("use_dora")? {
         return Err(bad("use_dora", "is true"));
     }
+    let use_rslora = flag("use_rslora")?;
     for field in ["rank_pattern", "alpha_pattern"] {
         if v[field].as_object().is_some_and(|m| !m.is_empty()) {
             return Err(bad(field, "is not empty"));
@@ -181,7 +189,7 @@ pub fn read(dir: &Path) -> Result<SavedAdapter> {
             alpha,
             dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
             target_modules: targets,
-            use_rslora: v["use_rslora"] == true,
+            use_rslora,
         },
         tensors,
     })
@@ -282,6 +290,26 @@ mod tests {
         // PEFT's empty list is no module to save
         read(adapter(|v| v["modules_to_save"] = json!([])).path()).unwrap();
         assert!(refusal(|v| v["modules_to_save"] = json!(["lm_head"])).contains("modules_to_save"));
+    }
+
+    /// PEFT reads `use_rslora` and `use_dora` with Python's truthiness (`1` and `"false"` are
+    /// true): a value other than a boolean is refused by name, never merged at alpha / r (fuzzer).
+    #[test]
+    fn rslora_and_dora_flags_are_booleans_or_refused() {
+        for field in ["use_rslora", "use_dora"] {
+            for odd in [json!(1), json!("false"), json!("true"), json!([true])] {
+                let e = refusal(|v| v[field] = odd.clone());
+                assert!(
+                    e.contains(&format!("`{field}` is {odd}, not true or false")),
+                    "{e}"
+                );
+            }
+        }
+        assert!(refusal(|v| v["use_dora"] = json!(true)).contains("`use_dora` is true"));
+        let rs = read(adapter(|v| v["use_rslora"] = json!(true)).path()).unwrap();
+        assert!(rs.lora.use_rslora);
+        let plain = read(adapter(|v| v["use_rslora"] = json!(null)).path()).unwrap();
+        assert!(!plain.lora.use_rslora);
     }
 
     #[test]
