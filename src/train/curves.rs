@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// One run's logged values: metric → (step, value) in file order.
+/// One run's logged values: metric → (step, value) in step order.
 struct Run {
     label: String,
     series: BTreeMap<String, Vec<(f64, f64)>>,
@@ -27,9 +27,27 @@ impl Run {
         // a file that is there but unreadable (not UTF-8, no permission) is named with its cause
         let text = fs::read_to_string(&path)?;
         let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        let lines = text.lines().count();
         for (i, line) in text.lines().enumerate() {
-            let v: Value = serde_json::from_str(line)
-                .map_err(|e| Error::schema(&path, format!("line {} is not JSON ({e})", i + 1)))?;
+            let v: Value = match serde_json::from_str(line) {
+                Ok(v) => v,
+                // the last line of a run being written (or stopped mid-line) is drawn without
+                Err(_) if i + 1 == lines && !text.ends_with('\n') => {
+                    crate::error::note!(
+                        "note: `{}`: line {} is cut short (a run writing it, or stopped mid-line): \
+                         drawn without it",
+                        path.display(),
+                        i + 1
+                    );
+                    break;
+                }
+                Err(e) => {
+                    return Err(Error::schema(
+                        &path,
+                        format!("line {} is not JSON ({e})", i + 1),
+                    ))
+                }
+            };
             // Values past what an axis can span (a hand-edited or diverged log) are left out:
             // the chart's tick search does not end on a range of 1e308.
             let drawable = |x: &f64| x.abs() <= 1e300;
@@ -41,6 +59,11 @@ impl Run {
                     series.entry(k.clone()).or_default().push((step, x));
                 }
             }
+        }
+        // in step order: lines appended out of order (a hand-edited or concatenated log) would
+        // draw a line that doubles back
+        for points in series.values_mut() {
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
         }
         let label = dir
             .file_name()
@@ -66,6 +89,12 @@ pub fn plot(runs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
         let path = out.join(format!("{}.svg", metric.replace('/', "_")));
         charts::write(&path, |p| draw(p, metric, &eval, &runs))?;
         files.push(path);
+    }
+    if files.is_empty() {
+        return Err(Error::Config(format!(
+            "nothing to plot: no run's metrics.jsonl logs {} (a run with no logged step yet?)",
+            Metric::PLOTTED.map(Metric::name).join(", ")
+        )));
     }
     Ok(files)
 }
@@ -176,5 +205,30 @@ mod tests {
         std::fs::write(tmp.path().join("metrics.jsonl"), lines.join("\n")).unwrap();
         let files = plot(&[tmp.path().to_path_buf()], &tmp.path().join("plots")).unwrap();
         assert_eq!(files.len(), 1);
+    }
+
+    /// Lines out of step order are drawn in step order; a last line cut short is left out; a log
+    /// with nothing to draw is an error, not an empty folder and exit 0 (fuzzer).
+    #[test]
+    fn steps_are_drawn_in_order_a_cut_last_line_is_left_out_and_nothing_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lines = [
+            r#"{"step":3,"loss":0.3}"#,
+            r#"{"step":1,"loss":0.1}"#,
+            r#"{"step":2,"loss":0.2}"#,
+            r#"{"step":4,"lo"#,
+        ];
+        std::fs::write(tmp.path().join("metrics.jsonl"), lines.join("\n")).unwrap();
+        let run = Run::read(tmp.path()).unwrap();
+        assert_eq!(run.series["loss"], [(1.0, 0.1), (2.0, 0.2), (3.0, 0.3)]);
+        // cut short in the middle of the file: damaged, named
+        std::fs::write(tmp.path().join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+        let err = Run::read(tmp.path()).err().unwrap().to_string();
+        assert!(err.contains("line 4 is not JSON"), "{err}");
+        std::fs::write(tmp.path().join("metrics.jsonl"), "{\"step\":1,\"foo\":2}\n").unwrap();
+        let err = plot(&[tmp.path().to_path_buf()], &tmp.path().join("plots"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nothing to plot"), "{err}");
     }
 }
