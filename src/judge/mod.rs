@@ -89,6 +89,41 @@ fn read_generations(path: &Path) -> Result<Vec<GenerationLine>> {
     Ok(lines)
 }
 
+/// Each continuation's text is its ids as `generate` decoded them (the pipeline model's
+/// tokenizer, special tokens left out): the reward model reads the text, so a text edited apart
+/// from its ids would be judged as what the policy never wrote.
+fn check_texts(cfg: &Config, path: &Path, lines: &[GenerationLine]) -> Result<()> {
+    let dir = crate::hub::model(&cfg.model.id, &cfg.model.revision)?.dir;
+    let tokenizer =
+        PairTokenizer::from_dir(&dir, cfg.tokenize.max_length, cfg.tokenize.truncation)?.tokenizer;
+    for (n, line) in lines.iter().enumerate() {
+        for (model, c) in [
+            ("reference", Some(&line.reference)),
+            ("policy", line.policy.as_ref()),
+        ] {
+            let Some(c) = c else { continue };
+            let decoded = tokenizer.decode(&c.ids, true).map_err(|e| {
+                Error::Config(format!(
+                    "`{}` line {}: the {model} continuation's ids do not decode ({e})",
+                    path.display(),
+                    n + 1
+                ))
+            })?;
+            if decoded != c.text {
+                return Err(Error::Config(format!(
+                    "`{}` line {}: the {model} continuation's text is not its ids decoded by \
+                     `{}`'s tokenizer: the file is edited, or was generated with another model; \
+                     generate it again with this config",
+                    path.display(),
+                    n + 1,
+                    dir.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The split's rows by row index, as `generate`'s cache read them.
 fn split_rows(cfg: &Config, split: &str) -> Result<HashMap<u64, PreferenceRow>> {
     if cfg.demo.generate {
@@ -131,6 +166,7 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
     if let Some(run) = &opts.run {
         crate::generate::line::check_current(&RunDir::new(run), &generations, &lines)?;
     }
+    check_texts(cfg, &generations, &lines)?;
     let rows = split_rows(cfg, &split)?;
 
     let rm_dir = crate::hub::model(&opts.reward_model, "main")?.dir;

@@ -363,6 +363,17 @@ fn judge_refuses_bad_input_by_name() {
         e.contains("line 1") && e.contains("policy continuation counts"),
         "{e}"
     );
+    // a text edited apart from its ids: the reward model would judge words the policy never
+    // wrote (fuzzer: "useful " fifty times moved the mean reward from 0.53 to 0.98)
+    let mut edited: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    edited["policy"]["text"] = "useful ".repeat(50).into();
+    let retexted = tmp.path().join("retexted.jsonl");
+    std::fs::write(&retexted, format!("{edited}\n")).unwrap();
+    let e = judge_fails(&retexted);
+    assert!(
+        e.contains("line 1") && e.contains("policy continuation's text is not its ids decoded"),
+        "{e}"
+    );
     // --generations needs the config it was made with
     let e = fails(
         &["judge", "--generations", g, "--reward-model", rm_s],
