@@ -362,3 +362,42 @@ fn outputs_never_replace_the_dataset_file_or_the_config_file() {
     );
     assert!(err.contains("`precompute.out` is empty"), "{err}");
 }
+
+/// A checkpoint whose optimizer state is finite and absurd (a first moment of 3e38): the first
+/// step after resuming from it overflows, and the error says that checkpoint may be what is
+/// wrong, not that it is "this run's last good checkpoint" (fuzzer).
+#[test]
+fn a_divergence_right_after_a_resume_names_the_checkpoint_as_a_suspect() {
+    use candle_core::{DType, Device};
+    use refdpo::model::weights;
+    let (tmp, cfg) = precomputed("save_every = 1\nlr_schedule = \"constant\"");
+    let cfg_s = cfg.to_str().unwrap();
+    train_with(cfg_s, tmp.path(), &["train.max_steps=1"]);
+    let ckpt = tmp.path().join("run/checkpoint-1");
+    let file = ckpt.join("optimizer.safetensors");
+    let mut w = weights::load(std::slice::from_ref(&file), DType::F32, &Device::Cpu).unwrap();
+    let key = "m.model.norm.weight";
+    let m = w[key].ones_like().unwrap().affine(3e38, 0.0).unwrap();
+    w.insert(key.into(), m.to_dtype(w[key].dtype()).unwrap());
+    weights::save(&w, &file).unwrap();
+    let err = fails(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--resume",
+            "--set",
+            "train.max_steps=3",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        err.contains("at step 2")
+            && err.contains(&format!(
+                "the first step after resuming from {}",
+                ckpt.display()
+            ))
+            && !err.contains("last good checkpoint"),
+        "{err}"
+    );
+}

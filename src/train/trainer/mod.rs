@@ -43,6 +43,8 @@ pub struct Trainer<'a> {
     epoch_batches: Vec<Vec<usize>>,
     /// The newest checkpoint this run wrote or resumed from.
     last_checkpoint: Option<PathBuf>,
+    /// The step this run resumed at, if it resumed.
+    resumed_at: Option<usize>,
     last_train: MetricsAccumulator,
     /// The steps since the last training line.
     window: LogWindow,
@@ -226,6 +228,7 @@ impl<'a> Trainer<'a> {
                     .then(|| RunDir::new(&t.out).tensorboard()),
             ),
             last_checkpoint: None,
+            resumed_at: None,
             last_train: MetricsAccumulator::default(),
             window: LogWindow::default(),
             grad_bytes: 0,
@@ -408,10 +411,16 @@ impl<'a> Trainer<'a> {
     }
 
     fn diverged_at(&self, step: usize, what: &str, hint: &str) -> Error {
-        let last = self.last_checkpoint.as_ref().map_or_else(
-            || "this run has saved no checkpoint".to_string(),
-            |p| format!("this run's last good checkpoint is {}", p.display()),
-        );
+        let last = match (&self.last_checkpoint, self.resumed_at) {
+            (None, _) => "this run has saved no checkpoint".to_string(),
+            // the first step after a resume: the checkpoint itself may be what is wrong
+            (Some(p), Some(at)) if step == at + 1 => format!(
+                "this is the first step after resuming from {}: if the hint below is not the \
+                 cause, that checkpoint may be damaged (resume from an earlier one)",
+                p.display()
+            ),
+            (Some(p), _) => format!("this run's last good checkpoint is {}", p.display()),
+        };
         Error::Train(format!(
             "{what} at step {step}: stopping; {last}. To fix: {hint}"
         ))

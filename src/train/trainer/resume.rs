@@ -104,6 +104,7 @@ impl Trainer<'_> {
             );
         }
         self.last_checkpoint = Some(dir);
+        self.resumed_at = Some(self.state.global_step);
         Ok(None)
     }
 
