@@ -214,7 +214,20 @@ fn added_token_flags(tok: &mut Value, cfg: &Value) -> bool {
 /// tokenizer.json lacks), and a `special_tokens_map.json` that transformers would read over
 /// tokenizer_config.json: refused by name, since refdpo runs the file's vocabulary.
 fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) -> Result<()> {
-    use super::template::{special_tokens, token_string};
+    use super::template::{special_tokens, token_string, SPECIAL_TOKENS};
+    // a named special token is a string, `{"content": ...}` or null; transformers refuses others
+    // ("Cannot set a non-string value"), where refdpo had read one as no token at all
+    for key in SPECIAL_TOKENS {
+        if let Some(v) = cfg
+            .get(key)
+            .filter(|v| !v.is_null() && token_string(Some(v)).is_none())
+        {
+            return Err(Error::Tokenize(format!(
+                "`{}`: `{key}` is {v}, not a token (a string, or an object with its `content`)",
+                dir.join("tokenizer_config.json").display()
+            )));
+        }
+    }
     let mut named: Vec<(String, String)> = special_tokens(cfg)
         .into_iter()
         .map(|(k, c)| (format!("`{k}`"), c))
@@ -541,6 +554,29 @@ mod tests {
         check_added_tokens_listed(&tok, &json!({}), Pipeline::Llama, dir).unwrap();
         check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::Gpt2, dir).unwrap();
         check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::AsIs, dir).unwrap();
+    }
+
+    /// A named special token that is neither a string nor `{"content": ...}` is refused by key,
+    /// as transformers refuses it; refdpo had read `eos_token: 5` as no EOS at all (fuzzer).
+    #[test]
+    fn a_special_token_that_is_not_a_token_is_refused_by_key() {
+        let tok = tokenizers::Tokenizer::from_bytes(
+            json!({"model": {"type": "WordLevel", "vocab": {"a": 0, "</s>": 1}, "unk_token": "a"}})
+                .to_string(),
+        )
+        .unwrap();
+        let dir = Path::new("m");
+        for odd in [json!(5), json!(true), json!(["</s>"]), json!({"id": 1})] {
+            let e = check_special_tokens(&tok, &json!({ "eos_token": odd }), dir).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("`eos_token` is {odd}, not a token")),
+                "{e}"
+            );
+        }
+        for fine in [json!("</s>"), json!({"content": "</s>"}), json!(null)] {
+            check_special_tokens(&tok, &json!({ "eos_token": fine }), dir).unwrap();
+        }
     }
 
     #[test]
