@@ -109,23 +109,20 @@ pub(super) fn fused_ops(device: &Device, dtype: DType, checks: &mut Vec<Check>) 
             composed: Box::new(move |t| Ok(op.composed(&t[0])?)),
         });
     }
-    cases.push(FusedCase {
-        name: "rms_norm",
-        kernel: Kernel::Norm,
-        inputs: vec![values(&[2, 17, 48], 2)?, (values(&[48], 3)? + 1.5)?],
-        tracked: 2,
-        fused: Box::new(|t| Ok(fused::rms_norm(&t[0], &t[1], 1e-5)?)),
-        composed: Box::new(|t| Ok(candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5)?)),
-    });
-    // many rows: the weight's gradient from many blocks' partial sums (a batch's thousands)
-    cases.push(FusedCase {
-        name: "rms_norm, 8192 rows",
-        kernel: Kernel::Norm,
-        inputs: vec![values(&[1, 8192, 48], 39)?, (values(&[48], 3)? + 1.5)?],
-        tracked: 2,
-        fused: Box::new(|t| Ok(fused::rms_norm(&t[0], &t[1], 1e-5)?)),
-        composed: Box::new(|t| Ok(candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5)?)),
-    });
+    // and many rows: the weight's gradient from many blocks' partial sums (a batch's thousands)
+    for (name, x) in [
+        ("rms_norm", values(&[2, 17, 48], 2)?),
+        ("rms_norm, 8192 rows", values(&[1, 8192, 48], 39)?),
+    ] {
+        cases.push(FusedCase {
+            name,
+            kernel: Kernel::Norm,
+            inputs: vec![x, (values(&[48], 3)? + 1.5)?],
+            tracked: 2,
+            fused: Box::new(|t| Ok(fused::rms_norm(&t[0], &t[1], 1e-5)?)),
+            composed: Box::new(|t| Ok(candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5)?)),
+        });
+    }
     cases.push(FusedCase {
         name: "rope",
         kernel: Kernel::Rope,
