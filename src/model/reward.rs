@@ -36,7 +36,14 @@ fn check_config(dir: &Path) -> Result<usize> {
             raw["architectures"]
         )));
     }
-    let labels = raw["num_labels"]
+    let given = &raw["num_labels"];
+    if !given.is_null() && given.as_u64().is_none() {
+        return Err(Error::Model(format!(
+            "`{}`: `num_labels` is {given}, not a number of labels (transformers refuses it too)",
+            path.display()
+        )));
+    }
+    let labels = given
         .as_u64()
         .or_else(|| raw["id2label"].as_object().map(|m| m.len() as u64))
         .unwrap_or(2);
@@ -225,5 +232,21 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("2 labels"), "{e}");
+        // a count that is not one is refused by key, not read from `id2label` (fuzzer)
+        for odd in [
+            serde_json::json!(-1),
+            serde_json::json!("1"),
+            serde_json::json!(1.5),
+        ] {
+            let tmp = llama_with(|v| {
+                v["id2label"] = serde_json::json!({"0": "score"});
+                v["num_labels"] = odd.clone();
+            });
+            let e = RewardModel::load(tmp.path(), DType::F32, &Device::Cpu)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains(&format!("`num_labels` is {odd}")), "{e}");
+        }
     }
 }
