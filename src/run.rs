@@ -49,10 +49,16 @@ fn start_threads() -> anyhow::Result<()> {
         "RAYON_RS_NUM_CPUS",
         "POLARS_MAX_THREADS",
     ] {
-        let asked = std::env::var(key)
-            .ok()
-            .and_then(|n| n.trim().parse::<u64>().ok());
-        if let Some(n) = asked.filter(|&n| n > most as u64) {
+        let set = std::env::var(key).ok().filter(|v| !v.trim().is_empty());
+        let asked = set.as_deref().map(|n| n.trim().parse::<u64>());
+        if let (Some(v), Some(Err(_))) = (&set, &asked) {
+            // rayon and polars read such a value as unset: say so rather than run otherwise
+            anyhow::bail!(
+                "{key}={v:?} is not a number of threads: set a whole number (at most {most}; 0 \
+                 or unset for one per core)"
+            );
+        }
+        if let Some(n) = asked.and_then(|r| r.ok()).filter(|&n| n > most as u64) {
             // thousands of threads take minutes to start (each its stack) before any work, then
             // only contend for the cores
             anyhow::bail!(

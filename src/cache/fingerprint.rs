@@ -119,7 +119,11 @@ mod options_as_json_string {
 /// 3: chat templates read as Jinja2 reads them (Windows line ends as `\n`; Python's whitespace
 /// in `trim`, `strip()`, `split()`; `tojson` floats as Python's `repr`), and after an explicit
 /// prompt an answer of several turns kept as the completion (a `prompt_mismatch` skip before).
-pub const SCORING: u32 = 3;
+/// 4: tokenizers built as transformers 5.24 builds them for more inputs: every named special
+/// token added at load (matched whole), a model's own `*_token` keys and `extra_special_tokens`
+/// given to the template, GPT2's and Qwen2's BPE without the file's `unk_token` and
+/// `ignore_merges`; a null `content` no key to the template.
+pub const SCORING: u32 = 4;
 
 /// What stage one alone can know, having read the data: a run that reads no dataset does not
 /// compare these, and checks local data files with [`Fingerprint::check_data`] instead.

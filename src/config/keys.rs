@@ -79,6 +79,9 @@ fn parse_value(raw: &str) -> toml::Value {
     format!("v = {raw}")
         .parse::<toml::Table>()
         .ok()
+        // a value with more TOML after a newline (`4\nbeta = 9`) is not one value: read as a
+        // string, which a key of another type refuses by name (the rest had been dropped)
+        .filter(|t| t.len() == 1)
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()))
 }
@@ -240,5 +243,17 @@ mod tests {
             ]
         );
         assert!(super::differences("not toml [", new).is_empty());
+    }
+
+    /// More TOML after a newline in a `--set` value is not silently dropped: the whole text is
+    /// one string, which a numeric key refuses (fuzzer).
+    #[test]
+    fn a_set_value_with_more_toml_is_one_string() {
+        assert_eq!(super::parse_value("4"), toml::Value::Integer(4));
+        assert_eq!(
+            super::parse_value("4\nprecompute.chunk_pairs = 3"),
+            toml::Value::String("4\nprecompute.chunk_pairs = 3".into())
+        );
+        assert_eq!(super::parse_value("abc"), toml::Value::String("abc".into()));
     }
 }

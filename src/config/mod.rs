@@ -329,6 +329,19 @@ impl Config {
                 std::env::current_dir().unwrap_or_default().display()
             )));
         }
+        // a pipeline is a few kB: a file past this is not one (it had been read whole, 1 GB)
+        const MAX_BYTES: u64 = 4 << 20;
+        if let Some(n) = std::fs::metadata(path)
+            .ok()
+            .map(|m| m.len())
+            .filter(|&n| n > MAX_BYTES)
+        {
+            return Err(Error::Config(format!(
+                "`{}` is {n} bytes, not a pipeline file (at most {MAX_BYTES} bytes): check \
+                 --config",
+                path.display()
+            )));
+        }
         let text = fs::read_to_string(path)?;
         let mut table: toml::Table = text
             .parse()

@@ -172,7 +172,8 @@ impl Mapping {
     /// missing or null (the row is then skipped as `null_value`).
     fn message(&self, m: &Map<String, Value>) -> std::result::Result<Option<Message>, SkipReason> {
         // a tool call's turn may have no content (OpenAI's exports write null): transformers
-        // drops the key and the template renders the call
+        // drops the key, and a template that checks for it renders the call (one that reads it
+        // unchecked fails: a `template_error` skip, as TRL fails on it)
         let calls = m.get("tool_calls").is_some_and(|v| !v.is_null());
         let (role, content) = match (m.get(&self.role), m.get(&self.content)) {
             (Some(Value::String(r)), Some(Value::String(c))) => (r, c.as_str()),
@@ -182,6 +183,7 @@ impl Mapping {
         };
         let role = self.roles.get(role).unwrap_or(role);
         let mut message = Message::new(role, content);
+        message.content_is_null = !matches!(m.get(&self.content), Some(Value::String(_)));
         message.extra = m
             .iter()
             .filter(|(k, _)| **k != self.role && **k != self.content)
@@ -384,5 +386,6 @@ mod prompt_tests {
             (p[1].content.as_str(), &p[1].extra["tool_calls"]),
             ("", &calls)
         );
+        assert!(p[1].content_is_null && !p[0].content_is_null);
     }
 }

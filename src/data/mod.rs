@@ -21,6 +21,10 @@ pub struct Message {
     pub content: String,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// The source's `content` was null (a tool call's turn): `content` is empty here, and the
+    /// chat template sees no `content` key, as transformers drops a null key.
+    #[serde(skip)]
+    pub content_is_null: bool,
 }
 
 impl Message {
@@ -29,6 +33,7 @@ impl Message {
             role: role.into(),
             content: content.into(),
             extra: serde_json::Map::new(),
+            content_is_null: false,
         }
     }
 }

@@ -103,6 +103,10 @@ pub fn apply_class_pipeline(tok: &mut Value, pipeline: Pipeline, cfg: &Value) {
                 ("end_of_word_suffix", json!("")),
                 ("fuse_unk", json!(false)),
                 ("byte_fallback", json!(false)),
+                // `BPE(...)`'s own defaults, which the classes do not pass: no unknown token (an
+                // unknown byte is dropped), merges never skipped for a word in the vocabulary
+                ("unk_token", Value::Null),
+                ("ignore_merges", json!(false)),
             ] {
                 m.insert(k.into(), v);
             }
@@ -283,20 +287,18 @@ fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) ->
     Ok(())
 }
 
-/// A class that rebuilds the pipeline (Qwen2, Llama, Gemma) keeps only the added tokens
+/// A class that rebuilds the pipeline (GPT2, Qwen2, Llama, Gemma) keeps only the added tokens
 /// `added_tokens_decoder` lists, where the config has one: a token tokenizer.json adds beyond
 /// them (`</s>` in a Qwen2 folder) is then plain text to transformers, and one token to
-/// refdpo's file. Refused by name; GPT2Tokenizer and the file-as-is classes keep every one.
+/// refdpo's file. Refused by name; the file-as-is classes keep every one. (transformers 5.24's
+/// GPT2Tokenizer drops them too: checked on SmolLM2's tokenizer with a `<|tool|>` added.)
 fn check_added_tokens_listed(
     tok: &Value,
     cfg: &Value,
     pipeline: Pipeline,
     dir: &Path,
 ) -> Result<()> {
-    if !matches!(
-        pipeline,
-        Pipeline::Qwen2 | Pipeline::Llama | Pipeline::Gemma
-    ) {
+    if pipeline == Pipeline::AsIs {
         return Ok(());
     }
     let Some(decoder) = cfg.get("added_tokens_decoder").and_then(Value::as_object) else {
@@ -304,16 +306,7 @@ fn check_added_tokens_listed(
     };
     // a token the config names (`eos_token`, `unk_token`, …, `additional_special_tokens`) is
     // added back by transformers whatever the list says
-    let named: Vec<String> = super::template::special_tokens(cfg)
-        .into_values()
-        .chain(
-            ["additional_special_tokens", "extra_special_tokens"]
-                .iter()
-                .filter_map(|k| cfg.get(*k).and_then(Value::as_array))
-                .flatten()
-                .filter_map(|v| super::template::token_string(Some(v))),
-        )
-        .collect();
+    let named = super::template::named_special_tokens(cfg);
     let added = tok.get("added_tokens").and_then(Value::as_array);
     for entry in added.into_iter().flatten() {
         let (Some(id), Some(content)) = (
@@ -447,6 +440,26 @@ pub fn load(dir: &Path) -> Result<(tokenizers::Tokenizer, Vec<u8>)> {
     };
     let mut tokenizer = tokenizer;
     check_special_tokens(&tokenizer, &cfg, dir)?;
+    // transformers adds every named special token at load: one the vocabulary holds and
+    // tokenizer.json does not add is then matched whole wherever it stands (even inside a word)
+    let added: std::collections::HashSet<String> = tokenizer
+        .get_added_tokens_decoder()
+        .into_values()
+        .map(|t| t.content)
+        .collect();
+    let named: Vec<tokenizers::AddedToken> = super::template::named_special_tokens(&cfg)
+        .into_iter()
+        .filter(|c| !added.contains(c))
+        .map(|c| tokenizers::AddedToken::from(c, true))
+        .collect();
+    if !named.is_empty() {
+        tokenizer.add_special_tokens(named).map_err(|e| {
+            Error::Tokenize(format!(
+                "`{}`: cannot add its named special tokens: {e}",
+                dir.display()
+            ))
+        })?;
+    }
     // transformers' `split_special_tokens`: special tokens in the text are split like any text
     if cfg.get("split_special_tokens").and_then(Value::as_bool) == Some(true) {
         tokenizer.set_encode_special_tokens(true);
@@ -550,9 +563,9 @@ mod tests {
         let mut named = listed(&[0]);
         named["eos_token"] = json!("</s>");
         check_added_tokens_listed(&tok, &named, Pipeline::Llama, dir).unwrap();
-        // no list: the file's tokens; GPT2Tokenizer and the file as is keep every one
+        // no list: the file's tokens; the file as is keeps every one, GPT2Tokenizer does not
         check_added_tokens_listed(&tok, &json!({}), Pipeline::Llama, dir).unwrap();
-        check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::Gpt2, dir).unwrap();
+        check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::Gpt2, dir).unwrap_err();
         check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::AsIs, dir).unwrap();
     }
 

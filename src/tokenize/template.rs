@@ -16,8 +16,8 @@ use std::path::Path;
 /// under a second.
 pub const FUEL: u64 = 2_000_000;
 
-/// The named special tokens transformers gives every template (its `special_tokens_map`: those
-/// `tokenizer_config.json` sets, not null).
+/// The standard named special tokens (transformers' `special_tokens_map` gives every template
+/// these and the model's own `*_token`s: [`special_tokens`]).
 pub const SPECIAL_TOKENS: [&str; 7] = [
     "bos_token",
     "eos_token",
@@ -51,12 +51,33 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
-/// The named special tokens tokenizer_config.json sets.
+/// The named special tokens tokenizer_config.json sets, as transformers 5 names them for the
+/// template: the standard ones ([`SPECIAL_TOKENS`]), every other top-level `*_token` key that
+/// holds a token (Gemma 3's `boi_token`, a `sep_think_token`), and `extra_special_tokens`' map
+/// entries.
 pub(super) fn special_tokens(cfg: &serde_json::Value) -> BTreeMap<String, String> {
-    SPECIAL_TOKENS
-        .iter()
-        .filter_map(|k| Some((k.to_string(), token_string(cfg.get(*k))?)))
+    let top = cfg.as_object().into_iter().flatten();
+    let extra = cfg
+        .get("extra_special_tokens")
+        .and_then(serde_json::Value::as_object)
+        .into_iter()
+        .flatten();
+    top.filter(|(k, _)| k.ends_with("_token"))
+        .chain(extra)
+        .filter_map(|(k, v)| Some((k.clone(), token_string(Some(v))?)))
         .collect()
+}
+
+/// Every special token tokenizer_config.json names ([`special_tokens`], and the unnamed lists
+/// `additional_special_tokens` and `extra_special_tokens`): transformers adds each to the
+/// tokenizer as a special token at load, matched whole wherever it stands in a text.
+pub(super) fn named_special_tokens(cfg: &serde_json::Value) -> Vec<String> {
+    let lists = ["additional_special_tokens", "extra_special_tokens"]
+        .iter()
+        .filter_map(|k| cfg.get(*k).and_then(serde_json::Value::as_array))
+        .flatten()
+        .filter_map(|v| token_string(Some(v)));
+    special_tokens(cfg).into_values().chain(lists).collect()
 }
 
 /// A `tokenizer_config.json` special token: a string or `{"content": ...}`; None where null.
@@ -111,7 +132,7 @@ fn generation_blocks_as_ifs(source: &str) -> String {
 /// `thinking` unless it has one (`_alias_reasoning_fields`).
 fn aliased(m: &Message) -> Value {
     const REASONING: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
-    if m.extra.is_empty() {
+    if m.extra.is_empty() && !m.content_is_null {
         return Value::from_serialize(m);
     }
     let mut m = m.clone();
@@ -121,6 +142,14 @@ fn aliased(m: &Message) -> Value {
             m.extra.insert("thinking".into(), r.clone());
         }
         m.extra.insert("reasoning_content".into(), r);
+    }
+    if m.content_is_null {
+        // transformers drops a null key: the template sees no `content` at all
+        let mut v = serde_json::to_value(&m).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("content");
+        }
+        return Value::from_serialize(&v);
     }
     Value::from_serialize(&m)
 }
@@ -389,6 +418,56 @@ mod tests {
             t.render(&msgs, true).unwrap(),
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    /// transformers 5.24 gives the template a model's own `*_token` keys and the names of
+    /// `extra_special_tokens`' map (run on SmolLM2's tokenizer with this template:
+    /// `[<|endoftext|>|<|im_end|>|]hi`); refdpo had left them undefined (fuzzer).
+    #[test]
+    fn a_models_own_named_tokens_reach_the_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = serde_json::json!({
+            "chat_template": "[{{ image_token }}|{{ sep_think_token }}|{{ boi_token }}]{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            "extra_special_tokens": {"image_token": "<|endoftext|>"},
+            "sep_think_token": "<|im_end|>",
+            "add_bos_token": true,
+        });
+        std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let t = ChatTemplate::from_dir(dir.path()).unwrap();
+        assert_eq!(
+            t.render(&[Message::new("user", "hi")], false).unwrap(),
+            "[<|endoftext|>|<|im_end|>|]hi"
+        );
+    }
+
+    /// A null `content` (a tool call's turn) is no key at all to the template, as transformers
+    /// drops a null key: a template that checks for it renders the call, one that reads it
+    /// unchecked fails as in transformers (it had rendered an empty answer; fuzzer).
+    #[test]
+    fn a_null_content_is_no_content_key() {
+        let mut call = Message::new("assistant", "");
+        call.content_is_null = true;
+        call.extra
+            .insert("tool_calls".into(), serde_json::json!([{"name": "f"}]));
+        let msgs = [Message::new("user", "Hi"), call];
+        let checked = ChatTemplate::new(
+            "{% for m in messages %}{{ m.role }}:{% if m.content is defined %}[{{ m.content }}]\
+             {% endif %}{% if m.tool_calls %}{{ m.tool_calls[0].name }}{% endif %};{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            checked.render(&msgs, false).unwrap(),
+            "user:[Hi];assistant:f;"
+        );
+        let unchecked = ChatTemplate::new(
+            "{% for m in messages %}{{ m['content'] + '|' }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(unchecked.render(&msgs, false).is_err());
     }
 
     /// A special token left out of tokenizer_config.json (not null) while it names a tokenizer

@@ -86,6 +86,23 @@ fn thousands_of_worker_threads_are_refused_at_once() {
         let stderr = assert_plain_error(&out, key);
         assert!(stderr.contains(&format!("{key}=5000")), "{stderr}");
     }
+    // a value rayon would read as unset (one per core) is refused by name, as is a count past
+    // u64 (fuzzer: both ran with the default)
+    for odd in ["abc", "-1", "99999999999999999999"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_refdpo"))
+            .args(["stats", "--config", cfg.to_str().unwrap(), "--json"])
+            .env("RAYON_NUM_THREADS", odd)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        let stderr = assert_plain_error(&out, odd);
+        assert!(
+            stderr.contains(&format!(
+                "RAYON_NUM_THREADS=\"{odd}\" is not a number of threads"
+            )),
+            "{stderr}"
+        );
+    }
 }
 
 /// Under small descriptor limits, stage one fails naming the file and the system's reason
