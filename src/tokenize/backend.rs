@@ -218,7 +218,7 @@ fn added_token_flags(tok: &mut Value, cfg: &Value) -> bool {
 /// tokenizer.json lacks), and a `special_tokens_map.json` that transformers would read over
 /// tokenizer_config.json: refused by name, since refdpo runs the file's vocabulary.
 fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) -> Result<()> {
-    use super::template::{special_tokens, token_string, SPECIAL_TOKENS};
+    use super::template::{named_special_tokens, token_string, SPECIAL_TOKENS};
     // a named special token is a string, `{"content": ...}` or null; transformers refuses others
     // ("Cannot set a non-string value"), where refdpo had read one as no token at all
     for key in SPECIAL_TOKENS {
@@ -232,19 +232,7 @@ fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) ->
             )));
         }
     }
-    let mut named: Vec<(String, String)> = special_tokens(cfg)
-        .into_iter()
-        .map(|(k, c)| (format!("`{k}`"), c))
-        .collect();
-    for key in ["additional_special_tokens", "extra_special_tokens"] {
-        if let Some(list) = cfg.get(key).and_then(Value::as_array) {
-            named.extend(
-                list.iter()
-                    .filter_map(|v| token_string(Some(v)))
-                    .map(|c| (format!("`{key}`"), c)),
-            );
-        }
-    }
+    let named = named_special_tokens(cfg);
     if let Some(decoder) = cfg.get("added_tokens_decoder").and_then(Value::as_object) {
         for (id, entry) in decoder {
             if let Some(c) = entry.get("content").and_then(Value::as_str) {
@@ -262,7 +250,7 @@ fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) ->
     }
     if let Some((key, c)) = named.iter().find(|(_, c)| tok.token_to_id(c).is_none()) {
         return Err(Error::Tokenize(format!(
-            "`{}`: {key} {c:?} is not a token of tokenizer.json: transformers would add it as a \
+            "`{}`: `{key}` {c:?} is not a token of tokenizer.json: transformers would add it as a \
              new token; add it to the tokenizer (and the model's embeddings) first",
             dir.join("tokenizer_config.json").display()
         )));
@@ -287,6 +275,34 @@ fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) ->
     Ok(())
 }
 
+/// transformers adds every named special token at load: one the vocabulary holds and
+/// tokenizer.json does not add is then matched whole wherever it stands (even inside a word).
+fn add_named_special_tokens(
+    tokenizer: &mut tokenizers::Tokenizer,
+    cfg: &Value,
+    dir: &Path,
+) -> Result<()> {
+    let added: std::collections::HashSet<String> = tokenizer
+        .get_added_tokens_decoder()
+        .into_values()
+        .map(|t| t.content)
+        .collect();
+    let named: Vec<tokenizers::AddedToken> = super::template::named_special_tokens(cfg)
+        .into_iter()
+        .filter(|(_, c)| !added.contains(c))
+        .map(|(_, c)| tokenizers::AddedToken::from(c, true))
+        .collect();
+    if !named.is_empty() {
+        tokenizer.add_special_tokens(named).map_err(|e| {
+            Error::Tokenize(format!(
+                "`{}`: cannot add its named special tokens: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// A class that rebuilds the pipeline (GPT2, Qwen2, Llama, Gemma) keeps only the added tokens
 /// `added_tokens_decoder` lists, where the config has one: a token tokenizer.json adds beyond
 /// them (`</s>` in a Qwen2 folder) is then plain text to transformers, and one token to
@@ -306,7 +322,10 @@ fn check_added_tokens_listed(
     };
     // a token the config names (`eos_token`, `unk_token`, …, `additional_special_tokens`) is
     // added back by transformers whatever the list says
-    let named = super::template::named_special_tokens(cfg);
+    let named: Vec<String> = super::template::named_special_tokens(cfg)
+        .into_iter()
+        .map(|(_, c)| c)
+        .collect();
     let added = tok.get("added_tokens").and_then(Value::as_array);
     for entry in added.into_iter().flatten() {
         let (Some(id), Some(content)) = (
@@ -440,26 +459,7 @@ pub fn load(dir: &Path) -> Result<(tokenizers::Tokenizer, Vec<u8>)> {
     };
     let mut tokenizer = tokenizer;
     check_special_tokens(&tokenizer, &cfg, dir)?;
-    // transformers adds every named special token at load: one the vocabulary holds and
-    // tokenizer.json does not add is then matched whole wherever it stands (even inside a word)
-    let added: std::collections::HashSet<String> = tokenizer
-        .get_added_tokens_decoder()
-        .into_values()
-        .map(|t| t.content)
-        .collect();
-    let named: Vec<tokenizers::AddedToken> = super::template::named_special_tokens(&cfg)
-        .into_iter()
-        .filter(|c| !added.contains(c))
-        .map(|c| tokenizers::AddedToken::from(c, true))
-        .collect();
-    if !named.is_empty() {
-        tokenizer.add_special_tokens(named).map_err(|e| {
-            Error::Tokenize(format!(
-                "`{}`: cannot add its named special tokens: {e}",
-                dir.display()
-            ))
-        })?;
-    }
+    add_named_special_tokens(&mut tokenizer, &cfg, dir)?;
     // transformers' `split_special_tokens`: special tokens in the text are split like any text
     if cfg.get("split_special_tokens").and_then(Value::as_bool) == Some(true) {
         tokenizer.set_encode_special_tokens(true);

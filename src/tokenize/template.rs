@@ -71,13 +71,17 @@ pub(super) fn special_tokens(cfg: &serde_json::Value) -> BTreeMap<String, String
 /// Every special token tokenizer_config.json names ([`special_tokens`], and the unnamed lists
 /// `additional_special_tokens` and `extra_special_tokens`): transformers adds each to the
 /// tokenizer as a special token at load, matched whole wherever it stands in a text.
-pub(super) fn named_special_tokens(cfg: &serde_json::Value) -> Vec<String> {
+/// Each as (the key that names it, its content).
+pub(super) fn named_special_tokens(cfg: &serde_json::Value) -> Vec<(String, String)> {
     let lists = ["additional_special_tokens", "extra_special_tokens"]
-        .iter()
-        .filter_map(|k| cfg.get(*k).and_then(serde_json::Value::as_array))
-        .flatten()
-        .filter_map(|v| token_string(Some(v)));
-    special_tokens(cfg).into_values().chain(lists).collect()
+        .into_iter()
+        .filter_map(|k| Some((k, cfg.get(k)?.as_array()?)))
+        .flat_map(|(k, list)| {
+            list.iter()
+                .filter_map(move |v| Some((k, token_string(Some(v))?)))
+        })
+        .map(|(k, c)| (k.to_string(), c));
+    special_tokens(cfg).into_iter().chain(lists).collect()
 }
 
 /// A `tokenizer_config.json` special token: a string or `{"content": ...}`; None where null.
