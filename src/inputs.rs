@@ -12,6 +12,7 @@ use crate::model::{shapes, weights, Transformer, TransformerConfig};
 use crate::tokenize::PairTokenizer;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
+use std::path::Path;
 use std::path::PathBuf;
 
 /// A resolved model: its directory (hub snapshot or local), config and weight files.
@@ -114,7 +115,7 @@ impl Inputs {
         let model = ModelSource::resolve(&cfg.model.id, &cfg.model.revision)?;
         let tokenizer =
             PairTokenizer::from_dir(&model.dir, cfg.tokenize.max_length, cfg.tokenize.truncation)?;
-        check_vocabulary(&tokenizer, &model)?;
+        check_vocabulary(&tokenizer, &model.dir, model.cfg.vocab_size)?;
         Ok(Self { model, tokenizer })
     }
 
@@ -165,10 +166,10 @@ pub fn declared(cfg: &Config, cached: &Fingerprint) -> Fingerprint {
     }
 }
 
-/// Every id the tokenizer can produce indexes a row of the model's embedding: a tokenizer from
-/// another model would otherwise fail deep inside the embedding lookup (or, on a GPU, read past
-/// it).
-fn check_vocabulary(tokenizer: &PairTokenizer, model: &ModelSource) -> Result<()> {
+/// Every id the tokenizer can produce indexes a row of the model's embedding (`vocab_size`
+/// rows, the model in `dir`): a tokenizer from another model would otherwise fail deep inside the
+/// embedding lookup (or, on a GPU, read past it).
+pub fn check_vocabulary(tokenizer: &PairTokenizer, dir: &Path, vocab_size: usize) -> Result<()> {
     let vocab = tokenizer.tokenizer.get_vocab(true);
     let post = tokenizer
         .tokenizer
@@ -187,14 +188,13 @@ fn check_vocabulary(tokenizer: &PairTokenizer, model: &ModelSource) -> Result<()
     else {
         return Ok(());
     };
-    if id as usize >= model.cfg.vocab_size {
+    if id as usize >= vocab_size {
         return Err(crate::error::Error::Model(format!(
             "`{}`: the tokenizer's largest id is {id} ({token:?}), but the model's embedding has \
-             {} rows (`vocab_size` in `{}`): the tokenizer belongs to another model (use the \
-             model's own tokenizer.json)",
-            model.dir.join("tokenizer.json").display(),
-            model.cfg.vocab_size,
-            model.dir.join("config.json").display(),
+             {vocab_size} rows (`vocab_size` in `{}`): the tokenizer belongs to another model \
+             (use the model's own tokenizer.json)",
+            dir.join("tokenizer.json").display(),
+            dir.join("config.json").display(),
         )));
     }
     Ok(())

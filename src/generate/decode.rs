@@ -3,7 +3,7 @@
 //! greedy or sampled (repetition penalty, temperature, top-k, top-p) from a per-prompt seed, so a
 //! prompt's continuation does not depend on the batch it ran in.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::Transformer;
 use crate::model::{DecodeStep, KvCache};
 use crate::rng::SplitMix;
@@ -104,6 +104,18 @@ pub fn generate(
         for (i, row) in logits.iter().enumerate() {
             if out[i].finished {
                 continue;
+            }
+            if let Some(x) = row.iter().find(|x| x.is_nan() || **x == f32::INFINITY) {
+                // greedy would take the first token and sampling nothing sane (transformers'
+                // sampling raises on such probabilities)
+                return Err(Error::Model(format!(
+                    "the model's logits for prompt {} are {x} at new token {}: the forward \
+                     overflowed (weights far too large, a RoPE setting that makes positions \
+                     overflow, or a dtype too narrow for them); try `--set model.dtype=f32`, or \
+                     check the model's weights and config.json",
+                    prompts[i].0,
+                    n + 1
+                )));
             }
             let tok = match penalty {
                 Some(r) => {
@@ -248,6 +260,40 @@ fn nucleus(probs: &[f64], total: f64, top_p: f64) -> Vec<(usize, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Logits that are NaN (a forward that overflowed) are an error naming the prompt, not a
+    /// continuation of token 0 (fuzzer: a RoPE factor of 3e-37, a norm weight of 3e38).
+    #[test]
+    fn logits_that_are_not_finite_are_an_error() {
+        let cfg = crate::model::TransformerConfig::from_json(
+            r#"{"model_type":"llama","vocab_size":61,"hidden_size":16,"intermediate_size":24,
+            "num_hidden_layers":1,"num_attention_heads":4,"num_key_value_heads":2,
+            "rms_norm_eps":1e-6,"rope_theta":10000.0}"#,
+        )
+        .unwrap();
+        let mut w = crate::model::init::init_weights(&cfg, 5, 0.2).unwrap();
+        let run = |w: &std::collections::HashMap<String, Tensor>| {
+            let model = Transformer::new(&cfg, w).unwrap();
+            let prompt = [1u32, 2, 3];
+            generate(
+                &model,
+                &[(7, &prompt)],
+                4,
+                &[],
+                &Sampling::GREEDY,
+                &Device::Cpu,
+                &mut |_| {},
+            )
+        };
+        assert_eq!(run(&w).unwrap()[0].ids.len(), 4);
+        let norm = w["model.norm.weight"].affine(0.0, f64::NAN).unwrap();
+        w.insert("model.norm.weight".into(), norm);
+        let err = run(&w).unwrap_err().to_string();
+        assert!(
+            err.contains("logits for prompt 7 are NaN at new token 1"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum_and_top_p_keeps_the_nucleus() {

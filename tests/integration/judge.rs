@@ -2,7 +2,7 @@
 //! with every demo pair; the command's figures follow from its own per-prompt lines; bad input
 //! (no policy, a causal LM, foreign generations, a damaged line) is refused by name.
 
-use super::common::{demo_config, fails, ok, precomputed, refdpo, train_with};
+use super::common::{copy_dir, demo_config, fails, ok, precomputed, read_json, refdpo, train_with};
 use candle_core::{DType, Device};
 use refdpo::config::{Config, Truncation};
 use refdpo::data::{self, demo, DataSource};
@@ -380,6 +380,36 @@ fn judge_refuses_bad_input_by_name() {
         tmp.path(),
     );
     assert!(e.contains("--config"), "{e}");
+    // a reward model whose tokenizer gives an id past its embedding is refused by file and
+    // key, as the policy's is (fuzzer: candle's bare "index-select invalid index")
+    let past = tmp.path().join("past_rm");
+    copy_dir(&rm, &past);
+    let vocab = read_json(&past.join("config.json"))["vocab_size"].clone();
+    let mut tok = read_json(&past.join("tokenizer.json"));
+    tok["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": vocab, "content": "<past>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    std::fs::write(past.join("tokenizer.json"), tok.to_string()).unwrap();
+    let e = fails(
+        &[
+            "judge",
+            "--run",
+            run_s,
+            "--reward-model",
+            past.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(
+        e.contains("largest id is")
+            && e.contains("past_rm/tokenizer.json")
+            && e.contains("vocab_size"),
+        "{e}"
+    );
 }
 
 /// A source without `prompt_id`s (TRL's own layouts; here the column mapped to one the files

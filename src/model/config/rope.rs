@@ -55,18 +55,21 @@ pub(super) fn resolve(
 ) -> Result<(RopeConfig, Option<RopeConfig>), String> {
     if gemma3 {
         let nested = keys.rope_parameters.and_then(Value::as_object);
-        let entry = |kind: &str| -> Map<String, Value> {
-            nested
-                .and_then(|p| p.get(kind))
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default()
+        let entry = |kind: &str| -> Result<Map<String, Value>, String> {
+            match nested.and_then(|p| p.get(kind)) {
+                None | Some(Value::Null) => Ok(Map::new()),
+                Some(Value::Object(m)) => Ok(m.clone()),
+                Some(v) => Err(format!(
+                    "`rope_parameters.{kind}` = {v}: it must be an object of RoPE settings \
+                     (`rope_type`, `rope_theta`, …)"
+                )),
+            }
         };
-        let mut full = entry("full_attention");
+        let mut full = entry("full_attention")?;
         if let Some(legacy) = keys.rope_scaling.and_then(Value::as_object) {
             full.extend(legacy.clone());
         }
-        let mut sliding = entry("sliding_attention");
+        let mut sliding = entry("sliding_attention")?;
         let base = |m: &mut Map<String, Value>, fallback: f64| {
             if !m.contains_key("rope_theta") {
                 m.insert("rope_theta".into(), fallback.into());
@@ -118,14 +121,16 @@ fn one(
             m["rope_theta"]
         )
     })?;
-    if !(theta > 0.0 && (theta as f32).is_finite()) {
+    if !super::positive_f32(theta) {
         let key = if at == "rope_parameters.sliding_attention" {
             "local rope_theta"
         } else {
             "rope_theta"
         };
         return Err(format!(
-            "`{key}` = {theta}: it must be a number above 0 that f32 holds (up to 3.4e38)"
+            "`{key}` = {}: it must be a number above 0 within f32's range (1.2e-38 to \
+             3.4e38)",
+            m["rope_theta"]
         ));
     }
     // Phi-3.5/Phi-4-mini rotate only part of each head (transformers 5 writes the factor into
@@ -151,11 +156,21 @@ fn one(
             ));
         }
     }
-    let kind = m
+    // transformers reads `rope_type`, else `type`, and refuses a name it lacks (null too)
+    let kind = match m
         .get("rope_type")
-        .or_else(|| m.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+        .map(|v| ("rope_type", v))
+        .or_else(|| m.get("type").map(|v| ("type", v)))
+    {
+        None => "default",
+        Some((_, Value::String(kind))) => kind.as_str(),
+        Some((key, v)) => {
+            return Err(format!(
+                "`{at}.{key}` = {v}: it must name a RoPE type (\"default\", \"linear\", \
+                 \"llama3\", …)"
+            ))
+        }
+    };
     let num = |k: &str, v: Option<&Value>| -> Result<f32, String> {
         let x = v
             .and_then(Value::as_f64)

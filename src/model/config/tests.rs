@@ -96,6 +96,19 @@ fn fields_that_change_the_math_and_are_not_implemented_are_refused_by_name() {
             "rms_norm_eps",
         ),
         (r#","model_type":"llama","rope_theta":null"#, "rope_theta"),
+        // a RoPE type that is no name: transformers' KeyError (it had been no scaling; fuzzer)
+        (
+            r#","model_type":"llama","rope_scaling":{"type":5,"factor":2.0}"#,
+            "rope_scaling.type",
+        ),
+        (
+            r#","model_type":"llama","rope_scaling":{"rope_type":null,"factor":2.0}"#,
+            "rope_scaling.rope_type",
+        ),
+        (
+            r#","model_type":"gemma3_text","rope_parameters":{"full_attention":[1]}"#,
+            "rope_parameters.full_attention",
+        ),
     ] {
         let e = config(extra).unwrap_err();
         assert!(e.contains(&format!("`{field}`")), "{extra}: {e}");
@@ -147,6 +160,12 @@ fn sizes_out_of_range_are_refused_by_key() {
             "rope_parameters",
             r#"{"rope_theta": -5}"#,
             "`rope_theta` = -5",
+        ),
+        // below f32's smallest normal: 0 as f32 (fuzzer)
+        (
+            "rope_parameters",
+            r#"{"rope_theta": 1e-300}"#,
+            "`rope_theta` = 1e-300",
         ),
         (
             "num_hidden_layers",

@@ -81,8 +81,11 @@ pub fn read(dir: &Path) -> Result<SavedAdapter> {
     }
     let use_rslora = flag("use_rslora")?;
     for field in ["rank_pattern", "alpha_pattern"] {
-        if v[field].as_object().is_some_and(|m| !m.is_empty()) {
-            return Err(bad(field, "is not empty"));
+        match &v[field] {
+            Value::Null => {}
+            Value::Object(m) if m.is_empty() => {}
+            Value::Object(_) => return Err(bad(field, "is not empty")),
+            other => return Err(bad(field, &format!("is {other}, not an object"))),
         }
     }
     if !v["bias"].is_null() && v["bias"] != "none" {
@@ -139,9 +142,22 @@ pub fn read(dir: &Path) -> Result<SavedAdapter> {
     let alpha = v["lora_alpha"]
         .as_f64()
         .ok_or_else(|| bad("lora_alpha", "is not a number"))?;
+    if alpha.abs() > f64::from(f32::MAX) {
+        // its scale (alpha / r) would be beyond the f32 weights it multiplies
+        return Err(bad(
+            "lora_alpha",
+            &format!("is {}, beyond f32's range (3.4e38)", v["lora_alpha"]),
+        ));
+    }
     let targets = match &v["target_modules"] {
         Value::String(s) if s == "all-linear" => TargetModules::AllLinear,
         Value::Array(items) => {
+            if let Some(other) = items.iter().find(|t| !t.is_string()) {
+                return Err(bad(
+                    "target_modules",
+                    &format!("holds {other}, not a module name"),
+                ));
+            }
             let mut names: Vec<String> = items
                 .iter()
                 .filter_map(|t| t.as_str())
@@ -180,7 +196,22 @@ pub fn read(dir: &Path) -> Result<SavedAdapter> {
             dir.display()
         )));
     }
-    // checked as model weights are (header, NaN or Inf), then each tensor's shape in `merge`
+    // checked as model weights are (header, NaN or Inf, a float dtype), then each tensor's
+    // shape in `merge`
+    let header = crate::model::weights::read_header(&weights)?;
+    if let Some(t) = header
+        .tensors
+        .iter()
+        .find(|t| !matches!(t.dtype.as_str(), "F32" | "BF16" | "F16" | "F64"))
+    {
+        return Err(Error::Model(format!(
+            "`{}`: tensor `{}` is {}, not a float: a LoRA factor is F32, BF16 or F16; the \
+             adapter is damaged or not a LoRA adapter",
+            weights.display(),
+            t.name,
+            t.dtype
+        )));
+    }
     let tensors =
         crate::model::weights::load(std::slice::from_ref(&weights), DType::F32, &Device::Cpu)?;
     Ok(SavedAdapter {
@@ -310,6 +341,52 @@ mod tests {
         assert!(rs.lora.use_rslora);
         let plain = read(adapter(|v| v["use_rslora"] = json!(null)).path()).unwrap();
         assert!(!plain.lora.use_rslora);
+    }
+
+    /// Values PEFT would refuse or read otherwise, and factors that are not floats, are refused
+    /// by name (fuzzer: `rank_pattern: ["x"]` ignored, an I32 factor cast and merged, an alpha of
+    /// 1e39 merged into weights of 5e36).
+    #[test]
+    fn odd_patterns_alphas_targets_and_integer_factors_are_refused_by_name() {
+        for (field, odd, said) in [
+            (
+                "rank_pattern",
+                json!(["x"]),
+                "`rank_pattern` is [\"x\"], not an object",
+            ),
+            (
+                "alpha_pattern",
+                json!("x"),
+                "`alpha_pattern` is \"x\", not an object",
+            ),
+            (
+                "lora_alpha",
+                json!(1e39),
+                "`lora_alpha` is 1e+39, beyond f32's range",
+            ),
+            (
+                "target_modules",
+                json!(["q_proj", 3]),
+                "`target_modules` holds 3",
+            ),
+        ] {
+            let e = refusal(|v| v[field] = odd.clone());
+            assert!(e.contains(said), "{e}");
+        }
+        read(adapter(|v| v["rank_pattern"] = json!({})).path()).unwrap();
+        let dir = adapter(|_| {});
+        let factor = Tensor::zeros((4, 8), DType::I64, &Device::Cpu).unwrap();
+        let name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+        crate::model::weights::save(
+            &HashMap::from([(name.to_string(), factor)]),
+            &dir.path().join(WEIGHTS_FILE),
+        )
+        .unwrap();
+        let e = read(dir.path()).err().unwrap().to_string();
+        assert!(
+            e.contains(&format!("tensor `{name}` is I64, not a float")),
+            "{e}"
+        );
     }
 
     #[test]
