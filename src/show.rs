@@ -120,7 +120,7 @@ fn write_turns(out: &mut String, turns: &Turns) {
         }
         Turns::Messages(ms) => {
             for m in ms {
-                let _ = writeln!(out, "[{}] {}", m.role, m.content);
+                let _ = writeln!(out, "[{}] {}", m.role, m.content.text());
             }
         }
     }

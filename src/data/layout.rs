@@ -3,7 +3,7 @@
 //! in (conversational or standard, explicit or implicit prompt) is read off its values here; the
 //! prompt is extracted and checked in the tokenize stage.
 
-use super::{Message, PreferenceRow, SkipReason, TemplateInputs, Turns};
+use super::{Content, Message, PreferenceRow, SkipReason, TemplateInputs, Turns};
 use crate::config::DatasetConfig;
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
@@ -169,27 +169,34 @@ impl Mapping {
     }
 
     /// A message object through `message_keys` and `roles`; `None` when role or content is
-    /// missing or null (the row is then skipped as `null_value`).
+    /// missing or null (the row is then skipped as `null_value`). A `content` list is a list
+    /// of parts, each an object (another item is a `wrong_type` skip).
     fn message(&self, m: &Map<String, Value>) -> std::result::Result<Option<Message>, SkipReason> {
         // a tool call's turn may have no content (OpenAI's exports write null): transformers
         // drops the key, and a template that checks for it renders the call (one that reads it
         // unchecked fails: a `template_error` skip, as TRL fails on it)
         let calls = m.get("tool_calls").is_some_and(|v| !v.is_null());
         let (role, content) = match (m.get(&self.role), m.get(&self.content)) {
-            (Some(Value::String(r)), Some(Value::String(c))) => (r, c.as_str()),
-            (Some(Value::String(r)), None | Some(Value::Null)) if calls => (r, ""),
+            (Some(Value::String(r)), Some(Value::String(c))) => (r, Content::Text(c.clone())),
+            (Some(Value::String(r)), Some(Value::Array(parts)))
+                if parts.iter().all(Value::is_object) =>
+            {
+                (r, Content::Parts(parts.clone()))
+            }
+            (Some(Value::String(r)), None | Some(Value::Null)) if calls => (r, Content::Null),
             (None | Some(Value::Null), _) | (_, None | Some(Value::Null)) => return Ok(None),
             _ => return Err(SkipReason::WrongType),
         };
         let role = self.roles.get(role).unwrap_or(role);
-        let mut message = Message::new(role, content);
-        message.content_is_null = !matches!(m.get(&self.content), Some(Value::String(_)));
-        message.extra = m
-            .iter()
-            .filter(|(k, _)| **k != self.role && **k != self.content)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        Ok(Some(message))
+        Ok(Some(Message {
+            role: role.clone(),
+            content,
+            extra: m
+                .iter()
+                .filter(|(k, _)| **k != self.role && **k != self.content)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }))
     }
 }
 
@@ -383,9 +390,39 @@ mod prompt_tests {
             panic!("a conversation prompt")
         };
         assert_eq!(
-            (p[1].content.as_str(), &p[1].extra["tool_calls"]),
-            ("", &calls)
+            (&p[1].content, &p[1].extra["tool_calls"]),
+            (&Content::Null, &calls)
         );
-        assert!(p[1].content_is_null && !p[0].content_is_null);
+        assert_eq!(p[0].content, Content::Text("weather?".into()));
+    }
+
+    /// A `content` list of parts is read as it is (TRL passes it to the template); a list
+    /// holding something other than objects is a `wrong_type` skip.
+    #[test]
+    fn a_content_list_of_parts_is_read() {
+        let parts = json!([{"type": "text", "text": "Hi"}, {"type": "image"}]);
+        let r = row(json!({
+            "prompt": [{"role": "user", "content": parts}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "A"}]}],
+            "rejected": [{"role": "assistant", "content": "B"}],
+        }))
+        .unwrap();
+        let Some(Turns::Messages(p)) = r.prompt else {
+            panic!("a conversation prompt")
+        };
+        assert_eq!(
+            p[0].content,
+            Content::Parts(parts.as_array().unwrap().clone())
+        );
+        assert_eq!(
+            (p[0].content.text(), p[0].content.is_blank()),
+            ("Hi".into(), false)
+        );
+        let bad = row(json!({
+            "prompt": [{"role": "user", "content": ["Hi"]}],
+            "chosen": [{"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "assistant", "content": "B"}],
+        }));
+        assert_eq!(bad.unwrap_err(), SkipReason::WrongType);
     }
 }

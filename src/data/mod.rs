@@ -18,22 +18,60 @@ pub use source::{for_each_row, read_split, DataSource, ReadSplit};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
-    pub content: String,
+    pub content: Content,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
-    /// The source's `content` was null (a tool call's turn): `content` is empty here, and the
-    /// chat template sees no `content` key, as transformers drops a null key.
-    #[serde(skip)]
-    pub content_is_null: bool,
+}
+
+/// A message's `content` as the source gives it. The chat template sees it as it is, as
+/// transformers passes it: text, or the list of parts (a template that prints the list prints
+/// Python's `repr` of it, as Jinja2 does); a null `content` is no key at all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    /// `[{"type": "text", "text": …}, …]`, as multimodal and OpenAI-style datasets write it.
+    Parts(Vec<serde_json::Value>),
+    /// Null (a tool call's turn, as OpenAI's exports write it).
+    Null,
+}
+
+impl Content {
+    /// The text a reader sees: the text itself, or the `text` of each `"type": "text"` part.
+    pub fn text(&self) -> String {
+        match self {
+            Content::Text(t) => t.clone(),
+            Content::Parts(parts) => parts
+                .iter()
+                .filter(|p| p.get("type").and_then(|t| t.as_str()) == Some("text"))
+                .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
+                .collect(),
+            Content::Null => String::new(),
+        }
+    }
+
+    /// Nothing to train on: blank text, no parts, or only text parts that are blank (a part of
+    /// another type, an image, is something).
+    pub fn is_blank(&self) -> bool {
+        match self {
+            Content::Text(t) => t.trim().is_empty(),
+            Content::Parts(parts) => parts.iter().all(|p| {
+                p.get("type").and_then(|t| t.as_str()) == Some("text")
+                    && p.get("text")
+                        .and_then(|t| t.as_str())
+                        .is_none_or(|t| t.trim().is_empty())
+            }),
+            Content::Null => true,
+        }
+    }
 }
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
         Self {
             role: role.into(),
-            content: content.into(),
+            content: Content::Text(content.into()),
             extra: serde_json::Map::new(),
-            content_is_null: false,
         }
     }
 }

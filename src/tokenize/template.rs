@@ -4,7 +4,7 @@
 //! else from `tokenizer_config.json`'s `chat_template`, as transformers picks it.
 
 use super::python::{strftime_now, tojson};
-use crate::data::{Message, TemplateInputs};
+use crate::data::{Content, Message, TemplateInputs};
 use crate::error::{fs, Error, Result};
 use minijinja::{Environment, ErrorKind, Value};
 use sha2::{Digest, Sha256};
@@ -131,12 +131,12 @@ fn generation_blocks_as_ifs(source: &str) -> String {
 }
 
 /// A message as transformers 5.24 gives it to a template: its keys whose value is null dropped
-/// (`_normalize_chat_messages`), then, where it has a reasoning field (`reasoning_content`,
-/// `thinking`, `reasoning`, the first set), that text also as its `reasoning_content`, and as its
-/// `thinking` unless it has one (`_alias_reasoning_fields`).
+/// (`_normalize_chat_messages`; a null `content` is no key), then, where it has a reasoning field
+/// (`reasoning_content`, `thinking`, `reasoning`, the first set), that text also as its
+/// `reasoning_content`, and as its `thinking` unless it has one (`_alias_reasoning_fields`).
 fn aliased(m: &Message) -> Value {
     const REASONING: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
-    if m.extra.is_empty() && !m.content_is_null {
+    if m.extra.is_empty() && m.content != Content::Null {
         return Value::from_serialize(m);
     }
     let mut m = m.clone();
@@ -147,15 +147,11 @@ fn aliased(m: &Message) -> Value {
         }
         m.extra.insert("reasoning_content".into(), r);
     }
-    if m.content_is_null {
-        // transformers drops a null key: the template sees no `content` at all
-        let mut v = serde_json::to_value(&m).unwrap_or_default();
-        if let Some(o) = v.as_object_mut() {
-            o.remove("content");
-        }
-        return Value::from_serialize(&v);
+    let mut v = serde_json::to_value(&m).unwrap_or_default();
+    if let (Some(o), Content::Null) = (v.as_object_mut(), &m.content) {
+        o.remove("content");
     }
-    Value::from_serialize(&m)
+    Value::from_serialize(&v)
 }
 
 impl ChatTemplate {
@@ -450,7 +446,7 @@ mod tests {
     #[test]
     fn a_null_content_is_no_content_key() {
         let mut call = Message::new("assistant", "");
-        call.content_is_null = true;
+        call.content = Content::Null;
         call.extra
             .insert("tool_calls".into(), serde_json::json!([{"name": "f"}]));
         let msgs = [Message::new("user", "Hi"), call];

@@ -146,9 +146,8 @@ fn split_chat<'a>(
         return Err(SkipReason::FinalTurnNotAssistant);
     }
     // an answer that only calls a tool is not empty: the template renders the call
-    let empty = |m: &Message| {
-        m.content.trim().is_empty() && m.extra.get("tool_calls").is_none_or(|v| v.is_null())
-    };
+    let empty =
+        |m: &Message| m.content.is_blank() && m.extra.get("tool_calls").is_none_or(|v| v.is_null());
     if empty(a) || empty(b) {
         return Err(SkipReason::EmptyAssistantTurn);
     }

@@ -128,7 +128,7 @@ fn each_skip_reason() {
     let Ok(Pair::Chat(conv)) = split_pair(&good, Some("</s>")) else {
         panic!("a valid conversation")
     };
-    assert_eq!(conv.rejected[0].content, "b");
+    assert_eq!(conv.rejected[0].content.text(), "b");
 }
 
 #[test]

@@ -219,6 +219,7 @@ pub use crate::value::argtypes::{
     from_args, ArgType, FunctionArgs, FunctionResult, Kwargs, Rest, StringInput,
 };
 pub use crate::value::merge_object::merge_maps;
+pub use crate::value::pyrepr::float_repr;
 pub use crate::value::object::{DynObject, Enumerator, Object, ObjectExt, ObjectRepr};
 pub(crate) use crate::value::serialize::StaticKeyMap;
 
@@ -231,6 +232,8 @@ pub(crate) mod merge_object;
 pub(crate) mod namespace_object;
 mod object;
 pub(crate) mod ops;
+mod py_unprintable;
+pub(crate) mod pyrepr;
 mod serialize;
 
 #[cfg(feature = "deserialization")]
@@ -794,19 +797,8 @@ impl fmt::Display for Value {
             ValueRepr::Bool(val) => f.write_str(if val { "True" } else { "False" }),
             ValueRepr::U64(val) => val.fmt(f),
             ValueRepr::I64(val) => val.fmt(f),
-            ValueRepr::F64(val) => {
-                if val.is_nan() {
-                    f.write_str("NaN")
-                } else if val.is_infinite() {
-                    write!(f, "{}inf", if val.is_sign_negative() { "-" } else { "" })
-                } else {
-                    let mut num = val.to_string();
-                    if !num.contains('.') {
-                        num.push_str(".0");
-                    }
-                    write!(f, "{num}")
-                }
-            }
+            // as Python's `str(float)` (refdpo's patch, `PATCH.md`)
+            ValueRepr::F64(val) => f.write_str(&pyrepr::float_repr(val)),
             ValueRepr::None => f.write_str("None"),
             ValueRepr::Invalid(ref val) => write!(f, "<invalid value: {val}>"),
             ValueRepr::I128(val) => write!(f, "{}", { val.0 }),

@@ -295,17 +295,17 @@ pub trait Object: fmt::Debug + Send + Sync {
         Self: Sized + 'static,
     {
         match self.repr() {
+            // a dict and a list as Python's `repr` (refdpo's patch, `PATCH.md`)
             ObjectRepr::Map => {
-                let mut dbg = f.debug_map();
-                for (key, value) in self.try_iter_pairs().into_iter().flatten() {
-                    dbg.entry(&key, &value);
-                }
-                dbg.finish()
+                crate::value::pyrepr::write_dict(self.try_iter_pairs().into_iter().flatten(), f)
+            }
+            ObjectRepr::Seq if self.enumerator_len().is_some() => {
+                crate::value::pyrepr::write_list(self.try_iter().into_iter().flatten(), f)
             }
             // for either sequences or iterables, a length is needed, otherwise we
             // don't want to risk iteration during printing and fall back to the
             // debug print.
-            ObjectRepr::Seq | ObjectRepr::Iterable if self.enumerator_len().is_some() => {
+            ObjectRepr::Iterable if self.enumerator_len().is_some() => {
                 let mut dbg = f.debug_list();
                 for value in self.try_iter().into_iter().flatten() {
                     dbg.entry(&value);
