@@ -534,6 +534,30 @@ mod tests {
         assert_eq!(t.render(&msgs, false).unwrap(), "Hi|YoEND");
     }
 
+    /// A division by zero is Python's `ZeroDivisionError` (a `template_error` for the row, as
+    /// TRL fails on it), where minijinja wrote `inf` or `NaN`; the rest divide as before.
+    #[test]
+    fn a_division_by_zero_is_an_error_as_in_python() {
+        let msgs = [Message::new("user", "Hi")];
+        for src in [
+            "{{ 1 / 0 }}",
+            "{{ 1.5 / 0.0 }}",
+            "{{ 1.5 // 0.0 }}",
+            "{{ 1.5 % 0.0 }}",
+            "{{ 1 % 0 }}",
+        ] {
+            let t = ChatTemplate::new(src, "", "").unwrap();
+            let err = t.render(&msgs, false).unwrap_err().to_string();
+            assert!(
+                err.contains("rendering the chat template failed"),
+                "{src}: {err}"
+            );
+        }
+        let t = ChatTemplate::new("{{ 7 / 2 }} {{ 7 // 2 }} {{ 7 % 3 }} {{ 7.5 % 2 }}", "", "")
+            .unwrap();
+        assert_eq!(t.render(&msgs, false).unwrap(), "3.5 3 1 1.5");
+    }
+
     /// A model without a chat template still tokenizes plain-text rows (TRL needs none there);
     /// rendering a conversation fails with the fix, a `template_error` for that row.
     #[test]

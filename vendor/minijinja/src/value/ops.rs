@@ -251,6 +251,15 @@ fn impossible_op(op: &str, lhs: &Value, rhs: &Value) -> Error {
     )
 }
 
+/// Python's `ZeroDivisionError`, where minijinja gave `inf` or `NaN` (refdpo's patch,
+/// `PATCH.md`).
+fn zero_division(op: &str, lhs: &Value, rhs: &Value) -> Error {
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("division by zero: {lhs} {op} {rhs}"),
+    )
+}
+
 fn failed_op(op: &str, lhs: &Value, rhs: &Value) -> Error {
     Error::new(
         ErrorKind::InvalidOperation,
@@ -266,6 +275,10 @@ macro_rules! math_binop {
                     Some(val) => Ok(int_as_value(val)),
                     None => Err(failed_op(stringify!($float), lhs, rhs))
                 },
+                // Python raises on a float `%` by zero (refdpo's patch, `PATCH.md`)
+                Some(CoerceResult::F64(_, b)) if b == 0.0 && stringify!($float) == "%" => {
+                    Err(zero_division(stringify!($float), lhs, rhs))
+                }
                 Some(CoerceResult::F64(a, b)) => Ok((a $float b).into()),
                 _ => Err(impossible_op(stringify!($float), lhs, rhs))
             }
@@ -401,6 +414,9 @@ pub fn div(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
         let b = some!(as_f64(rhs, true));
         Some((a / b).into())
     }
+    if as_f64(rhs, true) == Some(0.0) && as_f64(lhs, true).is_some() {
+        return Err(zero_division("/", lhs, rhs));
+    }
     do_it(lhs, rhs).ok_or_else(|| impossible_op("/", lhs, rhs))
 }
 
@@ -415,6 +431,7 @@ pub fn int_div(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
                 Err(failed_op("//", lhs, rhs))
             }
         }
+        Some(CoerceResult::F64(_, b)) if b == 0.0 => Err(zero_division("//", lhs, rhs)),
         Some(CoerceResult::F64(a, b)) => Ok(a.div_euclid(b).into()),
         _ => Err(impossible_op("//", lhs, rhs)),
     }
