@@ -12,7 +12,6 @@ use crate::model::{shapes, weights, Transformer, TransformerConfig};
 use crate::tokenize::PairTokenizer;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::path::Path;
 use std::path::PathBuf;
 
 /// A resolved model: its directory (hub snapshot or local), config and weight files.
@@ -115,7 +114,7 @@ impl Inputs {
         let model = ModelSource::resolve(&cfg.model.id, &cfg.model.revision)?;
         let tokenizer =
             PairTokenizer::from_dir(&model.dir, cfg.tokenize.max_length, cfg.tokenize.truncation)?;
-        check_vocabulary(&tokenizer, &model.dir, model.cfg.vocab_size)?;
+        tokenizer.check_vocabulary(&model.dir, model.cfg.vocab_size)?;
         Ok(Self { model, tokenizer })
     }
 
@@ -163,68 +162,6 @@ pub fn declared(cfg: &Config, cached: &Fingerprint) -> Fingerprint {
         truncation: cfg.tokenize.truncation,
         dtype: cfg.model.dtype,
         ..cached.clone()
-    }
-}
-
-/// Every id the tokenizer can produce indexes a row of the model's embedding (`vocab_size`
-/// rows, the model in `dir`): a tokenizer from another model would otherwise fail deep inside the
-/// embedding lookup (or, on a GPU, read past it).
-pub fn check_vocabulary(tokenizer: &PairTokenizer, dir: &Path, vocab_size: usize) -> Result<()> {
-    let vocab = tokenizer.tokenizer.get_vocab(true);
-    let post = tokenizer
-        .tokenizer
-        .get_post_processor()
-        .and_then(|p| serde_json::to_value(p).ok())
-        .map(|v| post_processor_ids(&v))
-        .unwrap_or_default();
-    let Some((token, id)) = vocab
-        .iter()
-        .map(|(t, &id)| (t.clone(), id))
-        .chain(
-            post.into_iter()
-                .map(|id| ("added by its post_processor".into(), id)),
-        )
-        .max_by_key(|(_, id)| *id)
-    else {
-        return Ok(());
-    };
-    if id as usize >= vocab_size {
-        return Err(crate::error::Error::Model(format!(
-            "`{}`: the tokenizer's largest id is {id} ({token:?}), but the model's embedding has \
-             {vocab_size} rows (`vocab_size` in `{}`): the tokenizer belongs to another model \
-             (use the model's own tokenizer.json)",
-            dir.join("tokenizer.json").display(),
-            dir.join("config.json").display(),
-        )));
-    }
-    Ok(())
-}
-
-/// The ids a tokenizer's post-processor adds (`TemplateProcessing`'s `special_tokens[*].ids`,
-/// BERT/RoBERTa's `cls` and `sep`), whatever its JSON nests them in.
-fn post_processor_ids(v: &serde_json::Value) -> Vec<u32> {
-    use serde_json::Value;
-    let ids = |v: &Value| -> Vec<u32> {
-        let items = match v {
-            Value::Array(a) => a.clone(),
-            other => vec![other.clone()],
-        };
-        items
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| u32::try_from(x).unwrap_or(u32::MAX))
-            .collect()
-    };
-    match v {
-        Value::Object(o) => o
-            .iter()
-            .flat_map(|(k, v)| match k.as_str() {
-                "ids" | "cls" | "sep" => ids(v),
-                _ => post_processor_ids(v),
-            })
-            .collect(),
-        Value::Array(a) => a.iter().flat_map(post_processor_ids).collect(),
-        _ => Vec::new(),
     }
 }
 

@@ -184,7 +184,9 @@ pub fn run(cfg: &Config, opts: &Options, device: &Device, quiet: bool) -> Result
         )?,
         max_positions: model.max_positions,
     };
-    crate::inputs::check_vocabulary(&reader.tokenizer, &rm_dir, model.vocab_size())?;
+    reader
+        .tokenizer
+        .check_vocabulary(&rm_dir, model.vocab_size())?;
 
     // Four sequences per prompt: reference, policy, chosen, rejected. A prompt with one longer
     // than the reward model reads is left out of every figure, counted.

@@ -5,6 +5,7 @@ pub mod bounds;
 pub mod pairs;
 mod python;
 pub mod template;
+mod vocabulary;
 
 pub use pairs::{window, PairTokenizer, SkipReason, TokenizedPair};
 pub use template::ChatTemplate;
