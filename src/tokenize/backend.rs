@@ -178,175 +178,6 @@ pub fn apply_class_pipeline(tok: &mut Value, pipeline: Pipeline, cfg: &Value) {
     }
 }
 
-/// transformers re-adds each `added_tokens_decoder` entry of tokenizer_config.json whose flags
-/// (lstrip, rstrip, normalized, single_word, special) differ from tokenizer.json's, so the
-/// config's flags win: they are written into the file's entry of the same id and content.
-/// Returns whether any changed.
-fn added_token_flags(tok: &mut Value, cfg: &Value) -> bool {
-    let Some(decoder) = cfg.get("added_tokens_decoder").and_then(Value::as_object) else {
-        return false;
-    };
-    let Some(added) = tok.get_mut("added_tokens").and_then(Value::as_array_mut) else {
-        return false;
-    };
-    let mut changed = false;
-    for entry in added.iter_mut() {
-        let id = entry
-            .get("id")
-            .and_then(Value::as_u64)
-            .map(|i| i.to_string());
-        let Some(want) = id.and_then(|i| decoder.get(&i)) else {
-            continue;
-        };
-        if want.get("content") != entry.get("content") {
-            continue;
-        }
-        for k in ["lstrip", "rstrip", "normalized", "single_word", "special"] {
-            if let Some(v) = want.get(k).filter(|v| v.is_boolean()) {
-                if entry.get(k) != Some(v) {
-                    entry[k] = v.clone();
-                    changed = true;
-                }
-            }
-        }
-    }
-    changed
-}
-
-/// A token transformers would add to the vocabulary at load (a named special token, or an
-/// `added_tokens_decoder`, `additional_special_tokens` or `extra_special_tokens` entry that
-/// tokenizer.json lacks), and a `special_tokens_map.json` that transformers would read over
-/// tokenizer_config.json: refused by name, since refdpo runs the file's vocabulary.
-fn check_special_tokens(tok: &tokenizers::Tokenizer, cfg: &Value, dir: &Path) -> Result<()> {
-    use super::template::{named_special_tokens, token_string, SPECIAL_TOKENS};
-    // a named special token is a string, `{"content": ...}` or null; transformers refuses others
-    // ("Cannot set a non-string value"), where refdpo had read one as no token at all
-    for key in SPECIAL_TOKENS {
-        if let Some(v) = cfg
-            .get(key)
-            .filter(|v| !v.is_null() && token_string(Some(v)).is_none())
-        {
-            return Err(Error::Tokenize(format!(
-                "`{}`: `{key}` is {v}, not a token (a string, or an object with its `content`)",
-                dir.join("tokenizer_config.json").display()
-            )));
-        }
-    }
-    let named = named_special_tokens(cfg);
-    if let Some(decoder) = cfg.get("added_tokens_decoder").and_then(Value::as_object) {
-        for (id, entry) in decoder {
-            if let Some(c) = entry.get("content").and_then(Value::as_str) {
-                let here = id.parse::<u32>().ok().and_then(|i| tok.id_to_token(i));
-                if here.as_deref() != Some(c) {
-                    return Err(Error::Tokenize(format!(
-                        "`{}`: `added_tokens_decoder` gives id {id} to {c:?}, which \
-                         tokenizer.json does not: transformers would add it; save the tokenizer \
-                         with transformers so both files agree",
-                        dir.join("tokenizer_config.json").display()
-                    )));
-                }
-            }
-        }
-    }
-    if let Some((key, c)) = named.iter().find(|(_, c)| tok.token_to_id(c).is_none()) {
-        return Err(Error::Tokenize(format!(
-            "`{}`: `{key}` {c:?} is not a token of tokenizer.json: transformers would add it as a \
-             new token; add it to the tokenizer (and the model's embeddings) first",
-            dir.join("tokenizer_config.json").display()
-        )));
-    }
-    // without `added_tokens_decoder`, transformers reads special_tokens_map.json over the config
-    let map_path = dir.join("special_tokens_map.json");
-    if cfg.get("added_tokens_decoder").is_none() && map_path.is_file() {
-        let map: Value = fs::read_json(&map_path)?;
-        for k in super::template::SPECIAL_TOKENS {
-            let (m, c) = (token_string(map.get(k)), token_string(cfg.get(k)));
-            if m.is_some() && m != c {
-                return Err(Error::Tokenize(format!(
-                    "`{}` says `{k}` is {:?}, tokenizer_config.json {:?}: transformers would take \
-                     the first; make the two files agree",
-                    map_path.display(),
-                    m.unwrap_or_default(),
-                    c.unwrap_or_default()
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// transformers adds every named special token at load: one the vocabulary holds and
-/// tokenizer.json does not add is then matched whole wherever it stands (even inside a word).
-fn add_named_special_tokens(
-    tokenizer: &mut tokenizers::Tokenizer,
-    cfg: &Value,
-    dir: &Path,
-) -> Result<()> {
-    let added: std::collections::HashSet<String> = tokenizer
-        .get_added_tokens_decoder()
-        .into_values()
-        .map(|t| t.content)
-        .collect();
-    let named: Vec<tokenizers::AddedToken> = super::template::named_special_tokens(cfg)
-        .into_iter()
-        .filter(|(_, c)| !added.contains(c))
-        .map(|(_, c)| tokenizers::AddedToken::from(c, true))
-        .collect();
-    if !named.is_empty() {
-        tokenizer.add_special_tokens(named).map_err(|e| {
-            Error::Tokenize(format!(
-                "`{}`: cannot add its named special tokens: {e}",
-                dir.display()
-            ))
-        })?;
-    }
-    Ok(())
-}
-
-/// A class that rebuilds the pipeline (GPT2, Qwen2, Llama, Gemma) keeps only the added tokens
-/// `added_tokens_decoder` lists, where the config has one: a token tokenizer.json adds beyond
-/// them (`</s>` in a Qwen2 folder) is then plain text to transformers, and one token to
-/// refdpo's file. Refused by name; the file-as-is classes keep every one. (transformers 5.24's
-/// GPT2Tokenizer drops them too: checked on SmolLM2's tokenizer with a `<|tool|>` added.)
-fn check_added_tokens_listed(
-    tok: &Value,
-    cfg: &Value,
-    pipeline: Pipeline,
-    dir: &Path,
-) -> Result<()> {
-    if pipeline == Pipeline::AsIs {
-        return Ok(());
-    }
-    let Some(decoder) = cfg.get("added_tokens_decoder").and_then(Value::as_object) else {
-        return Ok(());
-    };
-    // a token the config names (`eos_token`, `unk_token`, …, `additional_special_tokens`) is
-    // added back by transformers whatever the list says
-    let named: Vec<String> = super::template::named_special_tokens(cfg)
-        .into_iter()
-        .map(|(_, c)| c)
-        .collect();
-    let added = tok.get("added_tokens").and_then(Value::as_array);
-    for entry in added.into_iter().flatten() {
-        let (Some(id), Some(content)) = (
-            entry.get("id").and_then(Value::as_u64),
-            entry.get("content").and_then(Value::as_str),
-        ) else {
-            continue;
-        };
-        if !decoder.contains_key(&id.to_string()) && !named.iter().any(|n| n == content) {
-            return Err(Error::Tokenize(format!(
-                "`{}` adds {content:?} (id {id}), which `added_tokens_decoder` in \
-                 tokenizer_config.json does not list: transformers' {pipeline:?} tokenizer drops \
-                 it and reads the text as plain characters; save the tokenizer with transformers \
-                 so both files agree",
-                dir.join("tokenizer.json").display()
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// What a normalizer can make of a text of n bytes, at most: `factor`·n + `added` bytes, through
 /// `steps` normalizers. A `Replace` multiplies by its content's bytes per byte of its pattern (a
 /// regex may match one byte), `ByteLevel` by 2 (a byte becomes a character of up to 2 bytes),
@@ -405,6 +236,25 @@ const MAX_STEPS: usize = 64;
 /// A tokenizer refdpo can score with: the same ids on every run (no BPE dropout) and a text no
 /// normalizer blows up past memory.
 fn check_determinism_and_growth(tok: &Value) -> std::result::Result<(), String> {
+    // tokenizers strips the prefix from each merge's second part unchecked: a part that does
+    // not start with it panicked, or cut a character in two
+    if let Some(prefix) = tok["model"]["continuing_subword_prefix"]
+        .as_str()
+        .filter(|p| !p.is_empty() && tok["model"]["type"] == "BPE")
+    {
+        let merges = tok["model"]["merges"].as_array().into_iter().flatten();
+        let second = |m: &Value| match m {
+            Value::String(s) => s.split_once(' ').map(|(_, b)| b.to_string()),
+            Value::Array(pair) => pair.get(1).and_then(Value::as_str).map(String::from),
+            _ => None,
+        };
+        if let Some(b) = merges.filter_map(second).find(|b| !b.starts_with(prefix)) {
+            return Err(format!(
+                "its BPE `continuing_subword_prefix` is {prefix:?}, but the merge part {b:?} does \
+                 not start with it: the merges belong to another tokenizer"
+            ));
+        }
+    }
     if let Some(p) = tok["model"]["dropout"].as_f64().filter(|&p| p > 0.0) {
         return Err(format!(
             "its BPE `dropout` is {p}: every run would tokenize the rows differently (a cache \
@@ -449,17 +299,22 @@ pub fn load(dir: &Path) -> Result<(tokenizers::Tokenizer, Vec<u8>)> {
     .map_err(|why| Error::Tokenize(format!("`{}`: {why}", dir.display())))?;
     let mut json: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e))?;
     check_determinism_and_growth(&json).map_err(|why| bad(&why))?;
-    check_added_tokens_listed(&json, &cfg, pipeline, dir)?;
+    super::added::check_added_tokens_listed(&json, &cfg, pipeline, dir)?;
     apply_class_pipeline(&mut json, pipeline, &cfg);
-    let flags_changed = added_token_flags(&mut json, &cfg);
-    let tokenizer = if pipeline == Pipeline::AsIs && !flags_changed {
-        tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(&e))?
+    let flags_changed = super::added::added_token_flags(&mut json, &cfg);
+    let file = if pipeline == Pipeline::AsIs && !flags_changed {
+        bytes.clone()
     } else {
-        tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&json)?).map_err(|e| bad(&e))?
+        serde_json::to_vec(&json)?
     };
+    // tokenizers panics on some damaged files (a `Precompiled` normalizer whose map does not
+    // parse): an error naming the file, as its other load errors are
+    let tokenizer = crate::error::catch_quietly(|| tokenizers::Tokenizer::from_bytes(&file))
+        .map_err(|panic| bad(&format!("the tokenizers library stopped on it ({panic})")))?
+        .map_err(|e| bad(&e))?;
     let mut tokenizer = tokenizer;
-    check_special_tokens(&tokenizer, &cfg, dir)?;
-    add_named_special_tokens(&mut tokenizer, &cfg, dir)?;
+    super::added::check_special_tokens(&tokenizer, &cfg, dir)?;
+    super::added::add_named_special_tokens(&mut tokenizer, &cfg, dir)?;
     // transformers' `split_special_tokens`: special tokens in the text are split like any text
     if cfg.get("split_special_tokens").and_then(Value::as_bool) == Some(true) {
         tokenizer.set_encode_special_tokens(true);
@@ -543,53 +398,32 @@ mod tests {
         assert_eq!(pipelines.len(), 5, "{pipelines:?}");
     }
 
+    /// Files the tokenizers library panics on are an error naming the file (fuzzer: exit 101):
+    /// a `Precompiled` normalizer whose map does not parse, and BPE merges whose second part
+    /// lacks the `continuing_subword_prefix` (tokenizers strips it unchecked).
     #[test]
-    fn an_added_token_the_config_does_not_list_is_refused_where_the_class_drops_it() {
-        let tok = json!({"added_tokens": [
-            {"id": 0, "content": "<|im_end|>"}, {"id": 2, "content": "</s>"}
-        ]});
-        let listed = |ids: &[u64]| {
-            let d: serde_json::Map<String, Value> = ids
-                .iter()
-                .map(|i| (i.to_string(), json!({"content": "x"})))
-                .collect();
-            json!({ "added_tokens_decoder": d })
+    fn files_the_tokenizers_library_panics_on_are_errors() {
+        let bpe = |prefix: &str| {
+            json!({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "##b": 2, "ab": 3},
+                "merges": ["a ##b"], "continuing_subword_prefix": prefix}})
         };
-        let dir = Path::new("m");
-        let e = check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::Qwen2, dir).unwrap_err();
-        assert!(e.to_string().contains("\"</s>\" (id 2)"), "{e}");
-        check_added_tokens_listed(&tok, &listed(&[0, 2]), Pipeline::Qwen2, dir).unwrap();
-        // one the config names as a special token is kept by transformers (a Llama's `</s>`)
-        let mut named = listed(&[0]);
-        named["eos_token"] = json!("</s>");
-        check_added_tokens_listed(&tok, &named, Pipeline::Llama, dir).unwrap();
-        // no list: the file's tokens; the file as is keeps every one, GPT2Tokenizer does not
-        check_added_tokens_listed(&tok, &json!({}), Pipeline::Llama, dir).unwrap();
-        check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::Gpt2, dir).unwrap_err();
-        check_added_tokens_listed(&tok, &listed(&[0]), Pipeline::AsIs, dir).unwrap();
-    }
-
-    /// A named special token that is neither a string nor `{"content": ...}` is refused by key,
-    /// as transformers refuses it; refdpo had read `eos_token: 5` as no EOS at all (fuzzer).
-    #[test]
-    fn a_special_token_that_is_not_a_token_is_refused_by_key() {
-        let tok = tokenizers::Tokenizer::from_bytes(
-            json!({"model": {"type": "WordLevel", "vocab": {"a": 0, "</s>": 1}, "unk_token": "a"}})
-                .to_string(),
-        )
-        .unwrap();
-        let dir = Path::new("m");
-        for odd in [json!(5), json!(true), json!(["</s>"]), json!({"id": 1})] {
-            let e = check_special_tokens(&tok, &json!({ "eos_token": odd }), dir).unwrap_err();
-            assert!(
-                e.to_string()
-                    .contains(&format!("`eos_token` is {odd}, not a token")),
-                "{e}"
-            );
+        let cases = [
+            (
+                json!({"normalizer": {"type": "Precompiled", "precompiled_charsmap": "AAAA"},
+                    "model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}),
+                "the tokenizers library stopped on it",
+            ),
+            (bpe("#!"), "the merge part \"##b\" does not start with it"),
+        ];
+        for (file, said) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("tokenizer.json"), file.to_string()).unwrap();
+            let e = load(dir.path()).err().unwrap().to_string();
+            assert!(e.contains("tokenizer.json") && e.contains(said), "{e}");
         }
-        for fine in [json!("</s>"), json!({"content": "</s>"}), json!(null)] {
-            check_special_tokens(&tok, &json!({ "eos_token": fine }), dir).unwrap();
-        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), bpe("##").to_string()).unwrap();
+        load(dir.path()).unwrap();
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The tokenize stage: chat templates (minijinja) and TRL's prompt/completion split and truncation.
 
+mod added;
 pub mod backend;
 pub mod bounds;
 pub mod pairs;
