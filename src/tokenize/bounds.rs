@@ -171,16 +171,44 @@ fn replace(
     checked(minijinja::filters::replace(s, v, from, to))
 }
 
+/// Jinja2's `indent` (`python::py_indent`: a trailing newline kept, minijinja's drops it), its
+/// width a number of spaces or a string.
 fn indent(
     v: StringInput<'_>,
-    width: Option<usize>,
+    width: Option<Value>,
     first: Option<bool>,
     blank: Option<bool>,
     kwargs: Kwargs,
 ) -> Result<Value, Error> {
     in_time()?;
-    let width = indent_width(width)?;
-    checked(minijinja::filters::indent(v, width, first, blank, kwargs))
+    let width = match width {
+        Some(w) => Some(w),
+        None => kwargs.get::<Option<Value>>("width")?,
+    };
+    let first = first
+        .or(kwargs.get::<Option<bool>>("first")?)
+        .unwrap_or(false);
+    let blank = blank
+        .or(kwargs.get::<Option<bool>>("blank")?)
+        .unwrap_or(false);
+    kwargs.assert_all_used()?;
+    let indention = match width {
+        None => " ".repeat(4),
+        Some(w) => match w.as_str() {
+            Some(s) => s.to_string(),
+            None => {
+                let n = usize::try_from(w.clone()).map_err(|_| {
+                    Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("indent's width is {w}, not a count of spaces or a string"),
+                    )
+                })?;
+                " ".repeat(indent_width(Some(n))?.unwrap_or(4))
+            }
+        },
+    };
+    let out = super::python::py_indent(v.as_str(), &indention, first, blank);
+    checked(Ok(v.preserve_safety(out)))
 }
 
 #[cfg(test)]

@@ -155,6 +155,11 @@ fn py_split(text: &str, max: Option<usize>) -> Value {
 
 /// `str.splitlines(keepends)`: `\r\n` is one break.
 fn py_splitlines(text: &str, keep: bool) -> Value {
+    Value::from_iter(py_lines(text, keep).into_iter().map(Value::from))
+}
+
+/// `str.splitlines(keepends)` as slices of `text`.
+fn py_lines(text: &str, keep: bool) -> Vec<&str> {
     let mut lines = Vec::new();
     let mut start = 0;
     let mut chars = text.char_indices().peekable();
@@ -167,13 +172,45 @@ fn py_splitlines(text: &str, keep: bool) -> Value {
             chars.next();
             end += 1;
         }
-        lines.push(Value::from(&text[start..if keep { end } else { i }]));
+        lines.push(&text[start..if keep { end } else { i }]);
         start = end;
     }
     if start < text.len() {
-        lines.push(Value::from(&text[start..]));
+        lines.push(&text[start..]);
     }
-    Value::from(lines)
+    lines
+}
+
+/// Jinja2 3.1's `indent` filter (`do_indent`): the text and a newline split by `splitlines`,
+/// so a trailing newline is kept and every Python line break ends a line; lines after the first
+/// (and the first with `first`) get `indention`, blank ones only with `blank`.
+pub fn py_indent(text: &str, indention: &str, first: bool, blank: bool) -> String {
+    let text = format!("{text}\n");
+    let lines = py_lines(&text, false);
+    let mut out = if blank {
+        lines.join(&format!("\n{indention}"))
+    } else {
+        let mut out = lines.first().copied().unwrap_or_default().to_string();
+        if lines.len() > 1 {
+            out.push('\n');
+            let rest: Vec<String> = lines[1..]
+                .iter()
+                .map(|l| {
+                    if l.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{indention}{l}")
+                    }
+                })
+                .collect();
+            out.push_str(&rest.join("\n"));
+        }
+        out
+    };
+    if first {
+        out.insert_str(0, indention);
+    }
+    out
 }
 
 /// `strftime_now` for templates that print today's date (Llama-3's "Today Date").
