@@ -140,6 +140,7 @@ fixtures:  # needs tests/fixtures/requirements.txt installed
 	python3 tests/fixtures/gen_trl_fixtures.py
 	python3 tests/fixtures/gen_template_fixtures.py
 	python3 tests/fixtures/gen_template_inputs_fixtures.py
+	python3 tests/fixtures/gen_template_features_fixtures.py
 	python3 tests/fixtures/gen_lora_fixtures.py
 	python3 tests/fixtures/gen_generate_fixtures.py
 	python3 tests/fixtures/gen_family_bf16.py

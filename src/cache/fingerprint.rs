@@ -123,10 +123,11 @@ mod options_as_json_string {
 /// token added at load (matched whole), a model's own `*_token` keys and `extra_special_tokens`
 /// given to the template, GPT2's and Qwen2's BPE without the file's `unk_token` and
 /// `ignore_merges`; a null `content` no key to the template.
-/// 5: chat templates print lists, dicts and floats as Jinja2 does (Python's `repr`), `indent` as
-/// Jinja2's, a division by zero fails; a `content` list of parts reaches the template (a
-/// `wrong_type` skip before); a named special token in the vocabulary only is added with the
-/// config's `lstrip`, `rstrip` and `single_word`.
+/// 5: chat templates print lists, dicts and floats as Jinja2 does (Python's `repr`), `indent`,
+/// `int`, `float`, `//`, `%` and string formatting as Jinja2's, a division by zero fails, the
+/// Python string methods and Jinja2 filters minijinja lacks are refdpo's; a `content` list of
+/// parts reaches the template (a `wrong_type` skip before); a named special token in the
+/// vocabulary only is added with the config's `lstrip`, `rstrip` and `single_word`.
 pub const SCORING: u32 = 5;
 
 /// What stage one alone can know, having read the data: a run that reads no dataset does not

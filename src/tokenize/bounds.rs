@@ -124,6 +124,28 @@ pub fn install(env: &mut Environment) {
     env.add_filter("replace", replace);
     env.add_filter("indent", indent);
     env.add_filter("trim", trim);
+    env.add_filter("int", super::pystr::int_filter);
+    env.add_filter("float", super::pystr::float_filter);
+    env.add_filter("wordcount", |v: StringInput<'_>| {
+        super::pystr::wordcount(v.as_str())
+    });
+    env.add_filter("striptags", |v: StringInput<'_>| {
+        super::pystr::striptags(v.as_str()).map(Value::from)
+    });
+    env.add_filter("center", |v: StringInput<'_>, width: Option<usize>| {
+        super::pystr::center_filter(v.as_str(), width).map(Value::from)
+    });
+    env.add_filter(
+        "truncate",
+        |v: StringInput<'_>,
+         length: Option<usize>,
+         killwords: Option<bool>,
+         end: Option<String>,
+         leeway: Option<usize>| {
+            in_time()?;
+            super::pystr::truncate(v.as_str(), length, killwords, end, leeway).map(Value::from)
+        },
+    );
     env.set_unknown_method_callback(|s, v, name, args| {
         in_time()?;
         if let Some(done) = v
@@ -137,6 +159,16 @@ pub fn install(env: &mut Environment) {
             .and_then(|text| super::python::empty_needle(text, name, args))
         {
             return done;
+        }
+        if let Some(done) = v
+            .as_str()
+            .and_then(|text| super::pystr::method(text, name, args))
+        {
+            return checked(done);
+        }
+        // a dict's `items()` as Python's (key, value) tuples
+        if name == "items" && args.is_empty() && v.kind() == minijinja::value::ValueKind::Map {
+            return checked(minijinja::filters::items(v));
         }
         checked(minijinja_contrib::pycompat::unknown_method_callback(
             s, v, name, args,

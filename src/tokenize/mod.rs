@@ -4,6 +4,7 @@ mod added;
 pub mod backend;
 pub mod bounds;
 pub mod pairs;
+mod pystr;
 mod python;
 pub mod template;
 mod vocabulary;

@@ -363,7 +363,11 @@ mod builtins {
             cmp_helper(a, b, case_sensitive, reverse)
         })?;
         kwargs.assert_all_used()?;
-        Ok(rv.into_iter().map(|(k, v)| Value::from([k, v])).collect())
+        // pairs as Python's tuples (refdpo's patch, `PATCH.md`)
+        Ok(rv
+            .into_iter()
+            .map(|(k, v)| crate::value::PyTuple::value(vec![k, v]))
+            .collect())
     }
 
     /// Returns an iterable of pairs (items) from a mapping.
@@ -388,7 +392,10 @@ mod builtins {
         if v.kind() == ValueKind::Map {
             Ok(Value::make_object_iterable(v.clone(), |v| {
                 match v.as_object().and_then(|v| v.try_iter_pairs()) {
-                    Some(iter) => Box::new(iter.map(|(key, value)| Value::from([key, value]))),
+                    // pairs as Python's tuples (refdpo's patch, `PATCH.md`)
+                    Some(iter) => Box::new(
+                        iter.map(|(key, value)| crate::value::PyTuple::value(vec![key, value])),
+                    ),
                     None => Box::new(
                         // this really should not happen unless the object changes it's shape
                         // after the initial check

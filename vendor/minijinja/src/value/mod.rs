@@ -219,7 +219,7 @@ pub use crate::value::argtypes::{
     from_args, ArgType, FunctionArgs, FunctionResult, Kwargs, Rest, StringInput,
 };
 pub use crate::value::merge_object::merge_maps;
-pub use crate::value::pyrepr::float_repr;
+pub use crate::value::pyrepr::{float_repr, PyTuple};
 pub use crate::value::object::{DynObject, Enumerator, Object, ObjectExt, ObjectRepr};
 pub(crate) use crate::value::serialize::StaticKeyMap;
 
@@ -233,6 +233,7 @@ pub(crate) mod namespace_object;
 mod object;
 pub(crate) mod ops;
 mod py_unprintable;
+pub(crate) mod pyformat;
 pub(crate) mod pyrepr;
 mod serialize;
 

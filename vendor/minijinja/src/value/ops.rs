@@ -275,10 +275,6 @@ macro_rules! math_binop {
                     Some(val) => Ok(int_as_value(val)),
                     None => Err(failed_op(stringify!($float), lhs, rhs))
                 },
-                // Python raises on a float `%` by zero (refdpo's patch, `PATCH.md`)
-                Some(CoerceResult::F64(_, b)) if b == 0.0 && stringify!($float) == "%" => {
-                    Err(zero_division(stringify!($float), lhs, rhs))
-                }
                 Some(CoerceResult::F64(a, b)) => Ok((a $float b).into()),
                 _ => Err(impossible_op(stringify!($float), lhs, rhs))
             }
@@ -330,7 +326,61 @@ pub fn add(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
 }
 
 math_binop!(sub, checked_sub, -);
-math_binop!(rem, checked_rem_euclid, %);
+/// Python's `divmod` of two floats (CPython's `float_divmod`): the remainder takes the divisor's
+/// sign, the quotient is floored (refdpo's patch, `PATCH.md`).
+fn py_float_divmod(a: f64, b: f64) -> (f64, f64) {
+    let mut m = a % b;
+    let mut div = (a - m) / b;
+    if m != 0.0 {
+        if (b < 0.0) != (m < 0.0) {
+            m += b;
+            div -= 1.0;
+        }
+    } else {
+        m = 0f64.copysign(b);
+    }
+    let floordiv = if div != 0.0 {
+        let f = div.floor();
+        if div - f > 0.5 {
+            f + 1.0
+        } else {
+            f
+        }
+    } else {
+        0f64.copysign(a / b)
+    };
+    (floordiv, m)
+}
+
+/// Python's floored `//` and `%` of two integers (Rust's `div_euclid` and `rem_euclid` differ
+/// for a negative divisor); `None` on overflow.
+fn py_int_divmod(a: i128, b: i128) -> Option<(i128, i128)> {
+    let q = a.checked_div(b)?;
+    let r = a.checked_rem(b)?;
+    if r != 0 && ((r < 0) != (b < 0)) {
+        Some((q - 1, r + b))
+    } else {
+        Some((q, r))
+    }
+}
+
+/// `%` as Python computes it: the remainder takes the divisor's sign, a division by zero
+/// fails, and a string on the left is formatted (refdpo's patch, `PATCH.md`).
+pub fn rem(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
+    // `text % args`: Python's printf-style formatting
+    if let Some(text) = lhs.as_str() {
+        return crate::value::pyformat::format(text, rhs);
+    }
+    match coerce(lhs, rhs, true) {
+        Some(CoerceResult::I128(_, 0)) => Err(zero_division("%", lhs, rhs)),
+        Some(CoerceResult::I128(a, b)) => py_int_divmod(a, b)
+            .map(|(_, r)| int_as_value(r))
+            .ok_or_else(|| failed_op("%", lhs, rhs)),
+        Some(CoerceResult::F64(_, b)) if b == 0.0 => Err(zero_division("%", lhs, rhs)),
+        Some(CoerceResult::F64(a, b)) => Ok(py_float_divmod(a, b).1.into()),
+        _ => Err(impossible_op("%", lhs, rhs)),
+    }
+}
 
 pub fn mul(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
     if let Some((s, n)) = lhs
@@ -422,17 +472,13 @@ pub fn div(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
 
 pub fn int_div(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
     match coerce(lhs, rhs, true) {
-        Some(CoerceResult::I128(a, b)) => {
-            if b != 0 {
-                a.checked_div_euclid(b)
-                    .ok_or_else(|| failed_op("//", lhs, rhs))
-                    .map(int_as_value)
-            } else {
-                Err(failed_op("//", lhs, rhs))
-            }
-        }
+        // floored, as Python's (refdpo's patch, `PATCH.md`)
+        Some(CoerceResult::I128(_, 0)) => Err(zero_division("//", lhs, rhs)),
+        Some(CoerceResult::I128(a, b)) => py_int_divmod(a, b)
+            .map(|(q, _)| int_as_value(q))
+            .ok_or_else(|| failed_op("//", lhs, rhs)),
         Some(CoerceResult::F64(_, b)) if b == 0.0 => Err(zero_division("//", lhs, rhs)),
-        Some(CoerceResult::F64(a, b)) => Ok(a.div_euclid(b).into()),
+        Some(CoerceResult::F64(a, b)) => Ok(py_float_divmod(a, b).0.into()),
         _ => Err(impossible_op("//", lhs, rhs)),
     }
 }

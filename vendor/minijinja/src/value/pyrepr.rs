@@ -4,9 +4,50 @@
 //! arguments or a float then writes the text transformers writes.
 
 use std::fmt::{self, Write};
+use std::sync::Arc;
 
 use super::py_unprintable::UNPRINTABLE;
-use super::{Value, ValueRepr};
+use super::{Enumerator, Object, ObjectRepr, Value, ValueRepr};
+
+/// A Python tuple, as `dictsort`, `items` and `str.partition` make them: a sequence that prints
+/// as `(a, b)` (`(a,)` with one item), where a list prints as `[a, b]`.
+#[derive(Debug, Clone)]
+pub struct PyTuple(pub Vec<Value>);
+
+impl PyTuple {
+    /// The tuple as a value.
+    pub fn value(items: Vec<Value>) -> Value {
+        Value::from_object(PyTuple(items))
+    }
+}
+
+impl Object for PyTuple {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Seq
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.0.get(key.as_usize()?).cloned()
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Seq(self.0.len())
+    }
+
+    fn render(self: &Arc<Self>, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_char('(')?;
+        for (i, item) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write_repr(item, f)?;
+        }
+        if self.0.len() == 1 {
+            f.write_char(',')?;
+        }
+        f.write_char(')')
+    }
+}
 
 /// Python's `repr(float)` (which `str` equals): the shortest digits that read back, in fixed
 /// notation for decimal exponents -4 to 15 (with a `.0` where whole), else as `1e-05` or
