@@ -82,6 +82,13 @@ fn build_builtin_filters() -> BTreeMap<Cow<'static, str>, Value> {
         rv.insert("length".into(), length.clone());
         rv.insert("count".into(), length);
         rv.insert("dictsort".into(), Value::from_function(filters::dictsort));
+        // a tuple literal's items as a Python tuple (refdpo's patch, `PATCH.md`)
+        rv.insert(
+            "__tuple__".into(),
+            Value::from_function(|v: &Value| -> Result<Value, Error> {
+                Ok(crate::value::PyTuple::value(ok!(v.try_iter()).collect()))
+            }),
+        );
         rv.insert("items".into(), Value::from_function(filters::items));
         rv.insert("reverse".into(), Value::from_function(filters::reverse));
         rv.insert("trim".into(), Value::from_function(filters::trim));

@@ -794,14 +794,26 @@ impl<'a> Parser<'a> {
         )))
     }
 
+    /// A list made a Python tuple (refdpo's patch, `PATCH.md`): the list through the builtin
+    /// `__tuple__` filter, so it prints as `(a, b)`.
+    fn tuple_of(&mut self, items: Vec<ast::Expr<'a>>, span: Span) -> ast::Expr<'a> {
+        let span = self.stream.expand_span(span);
+        let list = ast::Expr::List(Spanned::new(ast::List { items }, span));
+        ast::Expr::Filter(Spanned::new(
+            ast::Filter {
+                name: "__tuple__",
+                expr: Some(list),
+                args: Vec::new(),
+            },
+            span,
+        ))
+    }
+
     fn parse_tuple_or_expression(&mut self, span: Span) -> Result<ast::Expr<'a>, Error> {
-        // MiniJinja does not really have tuples, but it treats the tuple
-        // syntax the same as lists.
+        // MiniJinja does not really have tuples; refdpo's patch makes the tuple syntax a
+        // `PyTuple` (a sequence that prints as Python's tuple).
         if skip_token!(self, Token::ParenClose) {
-            return Ok(ast::Expr::List(Spanned::new(
-                ast::List { items: vec![] },
-                self.stream.expand_span(span),
-            )));
+            return Ok(self.tuple_of(vec![], span));
         }
         let mut expr = ok!(self.parse_expr());
         if matches_token!(self, Token::Comma) {
@@ -816,10 +828,7 @@ impl<'a> Parser<'a> {
                 }
                 items.push(ok!(self.parse_expr()));
             }
-            expr = ast::Expr::List(Spanned::new(
-                ast::List { items },
-                self.stream.expand_span(span),
-            ));
+            expr = self.tuple_of(items, span);
         } else {
             expect_token!(self, Token::ParenClose, "`)`");
         }

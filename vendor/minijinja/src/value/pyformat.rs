@@ -1,11 +1,11 @@
 //! `text % args` as Python's printf-style formatting (refdpo's patch, `PATCH.md`): Jinja2
 //! evaluates `'%s and %d' % (a, 3)` with Python's `str.__mod__`, where minijinja had no `%` for
-//! strings. A sequence on the right is the arguments (minijinja's tuple literals are lists); a
-//! map is the mapping of `%(key)s`, or one argument where the text names no key.
+//! strings. A tuple on the right is the arguments; a map is the mapping of `%(key)s`; any other
+//! value is one argument.
 
 use std::fmt::Write;
 
-use super::pyrepr::write_repr;
+use super::pyrepr::{write_repr, PyTuple};
 use super::{Value, ValueKind};
 use crate::error::{Error, ErrorKind};
 
@@ -31,8 +31,9 @@ const MAX_FIELD: usize = 100_000;
 /// `format % rhs`.
 pub(crate) fn format(text: &str, rhs: &Value) -> Result<Value, Error> {
     let keyed = text.contains("%(");
-    let args: Vec<Value> = match rhs.kind() {
-        ValueKind::Seq | ValueKind::Iterable if !keyed => ok!(rhs.try_iter()).collect(),
+    // a tuple is the arguments; any other value (a list, a dict) is one argument
+    let args: Vec<Value> = match rhs.downcast_object_ref::<PyTuple>() {
+        Some(t) if !keyed => t.0.clone(),
         _ => vec![rhs.clone()],
     };
     let mut next = args.iter();
