@@ -20,11 +20,12 @@ FEATURES =
 ON_DEVICE =
 NEEDS_NVCC = @true
 endif
-# The run `generate` and `judge` read: the config's `[train] out` (its default, data/runs/default,
-# when the config leaves it out); `generate` takes it as --run once it has a final/ policy.
-# REWARD_MODEL judges (the demo's hand-set one by default).
+# The run `generate` and `judge` read: a `--set train.out=DIR` in ARGS, else the config's
+# `[train] out` (its default, data/runs/default, when the config leaves it out); `generate` takes
+# it as --run once it has a final/ policy. REWARD_MODEL judges (the demo's hand-set one by default).
 CONFIG_RUN := $(shell awk -F'"' '/^\[/ { s = $$0 } s == "[train]" && /^out *=/ { print $$2; exit }' $(CONFIG))
-RUN ?= $(or $(CONFIG_RUN),data/runs/default)
+ARGS_RUN = $(subst ",,$(lastword $(patsubst train.out=%,%,$(filter train.out=%,$(ARGS)))))
+RUN ?= $(or $(ARGS_RUN),$(CONFIG_RUN),data/runs/default)
 RUN_ARG = $(if $(wildcard $(RUN)/final),--run $(RUN))
 REWARD_MODEL ?= data/demo/reward_model
 REFDPO = $(CARGO) run --profile $(PROFILE) --quiet $(FEATURES) --bin refdpo --
