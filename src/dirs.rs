@@ -34,7 +34,9 @@ impl CacheDir {
             .strip_suffix(ext)?
             .strip_suffix('.')?;
         let (i, n) = rest.split_once("-of-")?;
-        Shard::parse(&format!("{i}/{n}")).ok()
+        let shard = Shard::parse(&format!("{i}/{n}")).ok()?;
+        // only the name refdpo writes (`01` or `+1` is another file, not this shard again)
+        (format!("{}-of-{}", shard.index, shard.count) == rest).then_some(shard)
     }
 
     /// `<stem>.parquet`
@@ -218,6 +220,16 @@ mod tests {
             CacheDir::shard_of("train_prefs.shard-4-of-4.arrow", "train_prefs", "arrow"),
             None
         );
+        // a name refdpo never writes is no shard (fuzzer: a copy named `01` was read as shard 1
+        // again)
+        for odd in ["shard-02-of-4", "shard-2-of-04", "shard-+2-of-4"] {
+            let name = format!("train_prefs.{odd}.arrow");
+            assert_eq!(
+                CacheDir::shard_of(&name, "train_prefs", "arrow"),
+                None,
+                "{odd}"
+            );
+        }
         let c = CacheDir::new("c");
         assert_eq!(
             CacheDir::report_beside(&c.parquet("t.shard-1-of-2"), "t"),

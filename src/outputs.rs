@@ -222,6 +222,12 @@ pub fn run_outputs(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// A run's folder is not a model or checkpoint folder, nor inside one or inside another run:
+/// checked before its lock is taken, so a refused folder gets no lock file either (fuzzer).
+pub fn refuse_run_inside(dir: &Path) -> Result<()> {
+    refuse_inside_another(dir, "train.out", true)
+}
+
 /// Makes `dir` ready for a new run: empty of run outputs, or refused (see [`Existing`]). A run
 /// that stopped before its first step left only its `config.toml`: nothing to lose, so no refusal.
 pub fn claim_run_dir(dir: &Path, existing: Existing) -> Result<()> {

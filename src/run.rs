@@ -58,6 +58,12 @@ fn start_threads() -> anyhow::Result<()> {
                  or unset for one per core)"
             );
         }
+        if key == "POLARS_MAX_THREADS" && asked.as_ref().is_some_and(|r| r.as_ref() == Ok(&0)) {
+            // polars refuses 0 ("Worker threads cannot be set to 0") where rayon reads it as one
+            // per core: unset, it is one per core for both, as said (before any thread reads it)
+            std::env::remove_var(key);
+            continue;
+        }
         if let Some(n) = asked.and_then(|r| r.ok()).filter(|&n| n > most as u64) {
             // thousands of threads take minutes to start (each its stack) before any work, then
             // only contend for the cores

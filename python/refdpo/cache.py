@@ -30,7 +30,8 @@ class CacheError(Exception):
 def cache_files(path, split="train_prefs"):
     """The Arrow files of `split` in `path`, in row order (one file, or all n shards)."""
     whole = os.path.join(path, f"{split}.arrow")
-    shard = re.compile(rf"^{re.escape(split)}\.shard-(\d+)-of-(\d+)\.arrow$")
+    # only the names refdpo writes (`01` is another file, as the Rust reader reads it)
+    shard = re.compile(rf"^{re.escape(split)}\.shard-(0|[1-9]\d*)-of-([1-9]\d*)\.arrow$")
     shards = {}
     for name in os.listdir(path) if os.path.isdir(path) else []:
         m = shard.match(name)
@@ -75,6 +76,8 @@ def _verify(path):
         try:
             length, digest = stored.decode().split(":")
             length, digest = int(length), int(digest, 16)
+            if not 0 <= length <= os.path.getsize(path):
+                raise ValueError(f"a length of {length} bytes")
         except ValueError as e:
             raise CacheError(f"{path}: unreadable checksum {stored!r}") from e
         with open(path, "rb") as f:

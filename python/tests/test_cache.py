@@ -135,8 +135,20 @@ def test_a_damaged_or_missing_file_is_refused_by_name(caches, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(refdpo.CacheError, match="train_prefs.arrow: damaged"):
         refdpo.load_cache(str(bad))
+    # a checksum value of the older `<length>:<hex>` form with a length past any file: a
+    # CacheError, not Python's OverflowError (fuzzer)
+    shutil.copy(os.path.join(whole, "train_prefs.arrow"), path)
+    data = path.read_bytes()
+    stored = data[data.index(b"whole:") : data.index(b"whole:") + 22]
+    path.write_bytes(data.replace(stored, b"9" * 20 + b":0"))
+    with pytest.raises(refdpo.CacheError, match="unreadable checksum"):
+        refdpo.load_cache(str(bad))
     part = tmp_path / "part"
     shutil.copytree(sharded, part)
+    # a copy under a name refdpo never writes (`01`) is no shard, to Python as to Rust (fuzzer)
+    shutil.copy(part / "train_prefs.shard-1-of-2.arrow", part / "train_prefs.shard-01-of-2.arrow")
+    assert refdpo.load_cache(str(part)).num_rows == refdpo.load_cache(str(sharded)).num_rows
+    os.remove(part / "train_prefs.shard-01-of-2.arrow")
     os.remove(part / "train_prefs.shard-1-of-2.arrow")
     with pytest.raises(refdpo.CacheError, match=r"shard-1-of-2.arrow: missing: run `refdpo precompute --shard 1/2`"):
         refdpo.load_cache(str(part))

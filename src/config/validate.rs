@@ -223,11 +223,12 @@ impl Config {
         }
         // Checked with LoRA off too (`r` = 0), as every other key: a bad value is a mistake
         // whether or not it acts yet, and the run's saved config.toml keeps it.
+        // its scale alpha / r multiplies f32 adapters: 1e-300 had trained nothing, 1e39 NaN
         in_range(
             "train.lora.alpha",
             lora.alpha,
-            positive(lora.alpha),
-            "a finite number > 0",
+            positive(lora.alpha) && f32_range(lora.alpha),
+            "a finite number > 0 within f32's range (1.2e-38 to 3.4e38; the adapters compute in f32)",
         )?;
         in_range(
             "train.lora.dropout",

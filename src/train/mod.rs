@@ -40,6 +40,7 @@ pub fn run(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Re
 }
 
 fn run_locked(cfg: &Config, device: &Device, existing: Existing, quiet: bool) -> Result<String> {
+    outputs::refuse_run_inside(&cfg.train.out)?;
     let _lock = DirLock::acquire(&cfg.train.out, "train")?;
     outputs::claim_run_dir(&cfg.train.out, existing)?;
     let mut trainer = Trainer::new(cfg, device, quiet)?;
@@ -49,4 +50,31 @@ fn run_locked(cfg: &Config, device: &Device, existing: Existing, quiet: bool) ->
         }
     }
     trainer.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `train.out` that is a model folder is refused before the run's lock is taken: the
+    /// refused folder gets no lock file (fuzzer: `.refdpo-train.lock` in the model folder).
+    #[test]
+    fn a_refused_run_folder_gets_no_lock_file() {
+        let model = tempfile::tempdir().unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::write(model.path().join(f), "x").unwrap();
+        }
+        let mut cfg = Config::default();
+        cfg.train.out = model.path().to_path_buf();
+        let err = run(&cfg, &Device::Cpu, Existing::Refuse, true).unwrap_err();
+        assert!(
+            err.to_string().contains("a model or checkpoint folder"),
+            "{err}"
+        );
+        let names: Vec<_> = std::fs::read_dir(model.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
 }

@@ -86,6 +86,19 @@ fn thousands_of_worker_threads_are_refused_at_once() {
         let stderr = assert_plain_error(&out, key);
         assert!(stderr.contains(&format!("{key}=5000")), "{stderr}");
     }
+    // 0 is one per core, as said, for polars too (it refuses 0 itself: the cache had been called
+    // damaged; fuzzer)
+    let out = Command::new(env!("CARGO_BIN_EXE_refdpo"))
+        .args(["stats", "--config", cfg.to_str().unwrap(), "--json"])
+        .env("POLARS_MAX_THREADS", "0")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // a value rayon would read as unset (one per core) is refused by name, as is a count past
     // u64 (fuzzer: both ran with the default)
     for odd in ["abc", "-1", "99999999999999999999"] {

@@ -150,6 +150,12 @@ fn a_nonfinite_stop_names_a_checkpoint_of_this_run_only() {
             && !err.contains("learning_rate"),
         "{err}"
     );
+    // DiscoPOP's temperature at the low end of its range: the hint names it, not only β (fuzzer)
+    let err = overwrite(&["train.loss=\"discopop\"", "train.discopop_tau=1e-37"]);
+    assert!(
+        err.contains("at step 1") && err.contains("raise train.discopop_tau (1e-37)"),
+        "{err}"
+    );
     // A weight decay that, with the learning rate, scales every weight past -1 per step: the
     // hint names it (fuzzer: it said only "lower train.learning_rate")
     let err = overwrite(&["train.weight_decay=1e30"]);

@@ -373,18 +373,29 @@ impl<'a> Trainer<'a> {
     /// does not help.
     fn divergence_hint(&self) -> String {
         let t = &self.cfg.train;
-        // 1e30 as 1e30, not thirty-one digits
+        // 1e30 as 1e30 and 1e-37 as 1e-37, not dozens of digits
         let shown = |x: f64| match x.abs() {
-            a if a >= 1e6 => format!("{x:e}"),
+            a if a >= 1e6 || (a > 0.0 && a < 1e-4) => format!("{x:e}"),
             _ => x.to_string(),
         };
         if self.state.global_step == 0 {
+            // DiscoPOP divides by its temperature, a LoRA adapter's output is scaled by alpha / r
+            let mut others = vec![format!("train.rpo_alpha {}", shown(t.rpo_alpha))];
+            if t.loss.0.contains(&crate::dpo::LossKind::Discopop) {
+                others.insert(
+                    0,
+                    format!("raise train.discopop_tau ({})", shown(t.discopop_tau)),
+                );
+            }
+            if t.lora.enabled() {
+                others.push(format!("train.lora.alpha {}", shown(t.lora.alpha)));
+            }
             return format!(
                 "no update has been made yet, so the learning rate is not the cause: lower \
-                 train.beta ({}) or the loss's other scales (train.rpo_alpha {}, \
-                 train.loss_weights), or check the model's weights",
+                 train.beta ({}) or the loss's other scales ({}, train.loss_weights), or check \
+                 the model's weights",
                 shown(t.beta),
-                shown(t.rpo_alpha)
+                others.join(", ")
             );
         }
         // AdamW's decoupled decay scales every weight by 1 - lr·wd per step: past 1 the weights
