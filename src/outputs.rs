@@ -42,15 +42,19 @@ impl DirLock {
         let ino = std::fs::symlink_metadata(dir.join(Self::file_name(what)))
             .ok()?
             .ino();
-        let locks = std::fs::read_to_string("/proc/locks").ok()?;
         // "1: FLOCK  ADVISORY  WRITE 4242 00:2a:1234 0 EOF" (a waiter's line has "->" first)
-        locks.lines().find_map(|line| {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let at = words.iter().position(|w| *w == "FLOCK")?;
-            let (pid, file) = (words.get(at + 3)?, words.get(at + 4)?);
-            let held = file.rsplit(':').next()?.parse::<u64>().ok()? == ino;
-            held.then(|| pid.parse().ok()).flatten()
-        })
+        let find = |locks: &str| {
+            locks.lines().find_map(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let at = words.iter().position(|w| *w == "FLOCK")?;
+                let (pid, file) = (words.get(at + 3)?, words.get(at + 4)?);
+                let held = file.rsplit(':').next()?.parse::<u64>().ok()? == ino;
+                held.then(|| pid.parse().ok()).flatten()
+            })
+        };
+        // /proc/locks is made a page at a time: a list changing under the read (other locks
+        // taken and released) can skip a line, so a lock not seen is looked for again
+        (0..3).find_map(|_| find(&std::fs::read_to_string("/proc/locks").ok()?))
     }
 
     /// Creates `dir` and takes `<dir>/.refdpo-<what>.lock`. Held by a live process: refused at
