@@ -55,12 +55,12 @@ impl Content {
     pub fn is_blank(&self) -> bool {
         match self {
             Content::Text(t) => t.trim().is_empty(),
-            Content::Parts(parts) => parts.iter().all(|p| {
-                p.get("type").and_then(|t| t.as_str()) == Some("text")
-                    && p.get("text")
-                        .and_then(|t| t.as_str())
-                        .is_none_or(|t| t.trim().is_empty())
-            }),
+            Content::Parts(parts) => {
+                parts
+                    .iter()
+                    .all(|p| p.get("type").and_then(|t| t.as_str()) == Some("text"))
+                    && self.text().trim().is_empty()
+            }
             Content::Null => true,
         }
     }

@@ -59,13 +59,13 @@ fn check_config(dir: &Path) -> Result<usize> {
 }
 
 impl RewardModel {
-    /// Loads the reward model in `dir` (config.json and safetensors weights), its tensors checked
-    /// against config.json before any is read, in `dtype` on `device`.
     /// Rows of its embedding: the ids its tokenizer may give.
     pub fn vocab_size(&self) -> usize {
         self.model.cfg.vocab_size
     }
 
+    /// Loads the reward model in `dir` (config.json and safetensors weights), its tensors checked
+    /// against config.json before any is read, in `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let max_positions = check_config(dir)?;
         let mut cfg = TransformerConfig::from_file(&dir.join("config.json"))?;

@@ -121,21 +121,8 @@ fn with_config_flags(mut token: tokenizers::AddedToken, cfg: &Value) -> tokenize
         .and_then(Value::as_object)
         .into_iter()
         .flat_map(|m| m.values());
-    let named = cfg
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(k, _)| k.ends_with("_token"))
-        .map(|(_, v)| v);
-    let listed = ["additional_special_tokens", "extra_special_tokens"]
-        .into_iter()
-        .filter_map(|k| cfg.get(k))
-        .flat_map(|v| match v {
-            Value::Array(items) => items.iter().collect::<Vec<_>>(),
-            Value::Object(m) => m.values().collect(),
-            _ => Vec::new(),
-        });
-    let Some(flags) = decoder.chain(named).chain(listed).find(holds) else {
+    let named = super::template::named_special_values(cfg);
+    let Some(flags) = decoder.chain(named.iter().map(|(_, v)| *v)).find(holds) else {
         return token;
     };
     let flag = |k: &str| flags.get(k).and_then(Value::as_bool);

@@ -1,8 +1,9 @@
 //! Python's string methods and Jinja2's filters that chat templates call and minijinja (with
 //! minijinja-contrib's `pycompat`) lacks or reads otherwise: `rsplit`, `removeprefix`,
 //! `removesuffix`, `partition`, `rpartition`, `center`, `ljust`, `rjust`, `zfill`, `index`,
-//! `rindex`; Jinja2's `int`, `float`, `wordcount`, `center`, `truncate` and `striptags`. Each as CPython 3.11
-//! and Jinja2 3.1 compute it (checked in `tokenize::template::tests::jinja2_features_render_as_transformers`).
+//! `rindex`; Jinja2's `int`, `float`, `wordcount`, `center`, `truncate` and `striptags`. Each as
+//! CPython 3.11 and Jinja2 3.1 compute it (checked in
+//! `tokenize::template::tests::jinja2_features_render_as_transformers`).
 
 use super::python::py_space;
 use minijinja::value::{Kwargs, Value};
@@ -196,16 +197,10 @@ fn py_int(text: &str, base: u32) -> Option<i128> {
 /// Python's `float(text)`: whitespace around, `_` between digits, `nan`, `inf`, `infinity`.
 fn py_float(text: &str) -> Option<f64> {
     let t = text.trim_matches(py_space);
+    // Rust reads `nan`, `inf` and `infinity` (any case, signed) as Python does
     let bare = t.trim_start_matches(['+', '-']).to_ascii_lowercase();
     if matches!(bare.as_str(), "nan" | "inf" | "infinity") {
-        return t.parse::<f64>().ok().or_else(|| {
-            let neg = t.starts_with('-');
-            Some(match (bare.as_str(), neg) {
-                ("nan", _) => f64::NAN,
-                (_, true) => f64::NEG_INFINITY,
-                _ => f64::INFINITY,
-            })
-        });
+        return t.parse::<f64>().ok();
     }
     let ok = |c: char| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-');
     if t.is_empty() || !t.chars().all(|c| ok(c) || c == '_') {

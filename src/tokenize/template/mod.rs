@@ -73,15 +73,38 @@ pub(super) fn special_tokens(cfg: &serde_json::Value) -> BTreeMap<String, String
 /// tokenizer as a special token at load, matched whole wherever it stands in a text.
 /// Each as (the key that names it, its content).
 pub(super) fn named_special_tokens(cfg: &serde_json::Value) -> Vec<(String, String)> {
+    named_special_values(cfg)
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, token_string(Some(v))?)))
+        .collect()
+}
+
+/// [`named_special_tokens`] as their values in tokenizer_config.json (a string, or an
+/// `AddedToken` object with its flags).
+pub(super) fn named_special_values(cfg: &serde_json::Value) -> Vec<(String, &serde_json::Value)> {
+    let holds_token = |v: &&serde_json::Value| token_string(Some(v)).is_some();
+    let top = cfg.as_object().into_iter().flatten();
+    let extra = cfg
+        .get("extra_special_tokens")
+        .and_then(serde_json::Value::as_object)
+        .into_iter()
+        .flatten();
+    // by key, as [`special_tokens`] (a map entry over a top-level key of the same name)
+    let named: BTreeMap<String, &serde_json::Value> = top
+        .filter(|(k, _)| k.ends_with("_token"))
+        .chain(extra)
+        .filter(|(_, v)| holds_token(v))
+        .map(|(k, v)| (k.clone(), v))
+        .collect();
     let lists = ["additional_special_tokens", "extra_special_tokens"]
         .into_iter()
         .filter_map(|k| Some((k, cfg.get(k)?.as_array()?)))
         .flat_map(|(k, list)| {
             list.iter()
-                .filter_map(move |v| Some((k, token_string(Some(v))?)))
-        })
-        .map(|(k, c)| (k.to_string(), c));
-    special_tokens(cfg).into_iter().chain(lists).collect()
+                .filter(holds_token)
+                .map(move |v| (k.to_string(), v))
+        });
+    named.into_iter().chain(lists).collect()
 }
 
 /// A `tokenizer_config.json` special token: a string or `{"content": ...}`; None where null.
